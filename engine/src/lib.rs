@@ -1,0 +1,17 @@
+//! The fedtune engine: Llama-family models on burn, their loaders, tokenizers and chat
+//! templates, datasets, LoRA/QLoRA, supervised fine-tuning, DPO, evaluation, generation and
+//! PEFT-format adapter I/O. The engine never sees a socket.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::LlamaModel;
+pub mod template;
+pub mod tokenizer;
+
+pub use template::Message;
+pub use tokenizer::{Encoded, Tokenizer};

@@ -1,0 +1,75 @@
+//! One pre-norm decoder block:
+//! `h = x + attn(norm₁(x))`, `y = h + mlp(norm₂(h))`.
+//!
+//! # Shapes
+//! - input and output `[batch, seq, hidden]`.
+
+use burn::tensor::Tensor;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::Loader;
+use crate::model::attention::{Attention, MaskSpec};
+use crate::model::cache::LayerCache;
+use crate::model::mlp::Mlp;
+use crate::model::norm::RmsNorm;
+
+/// A decoder block; field names are the Hugging Face module names.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+    /// `mlp`.
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// Loads `model.layers.{index}`.
+    pub fn load(loader: &Loader<'_>, cfg: &ModelConfig, index: usize) -> Result<Self> {
+        let prefix = format!("model.layers.{index}");
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Block {
+            input_layernorm: RmsNorm::load(loader, &format!("{prefix}.input_layernorm"), h, eps)?,
+            self_attn: Attention::load(
+                loader,
+                &format!("{prefix}.self_attn"),
+                cfg,
+                cfg.sliding_window.get(index).copied().flatten(),
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                loader,
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
+            mlp: Mlp::load(loader, &format!("{prefix}.mlp"), cfg)?,
+        })
+    }
+
+    /// Applies the block.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: MaskSpec<'_>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let attn = self.self_attn.forward(
+            self.input_layernorm.forward(x.clone()),
+            cos,
+            sin,
+            mask,
+            cache,
+        );
+        let h = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(h.clone()));
+        h + mlp
+    }
+}
