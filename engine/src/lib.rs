@@ -15,3 +15,8 @@ pub mod tokenizer;
 
 pub use template::Message;
 pub use tokenizer::{Encoded, Tokenizer};
+pub mod adapter;
+
+pub use adapter::{Adapter, HostTensor, LoraConfig};
+pub mod dpo;
+pub mod eval;

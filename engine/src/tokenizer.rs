@@ -303,3 +303,42 @@ fn find_content(text: &str, from: usize, content: &str) -> Option<(usize, usize)
     }
     hay.find(trimmed).map(|p| (from + p, trimmed.len()))
 }
+
+/// A preference pair tokenised for DPO: prompt, chosen and rejected completion ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPair {
+    /// Prompt ids (rendered with the generation prompt).
+    pub prompt: Vec<u32>,
+    /// Chosen completion ids, ending with the end-of-turn token.
+    pub chosen: Vec<u32>,
+    /// Rejected completion ids, ending with the end-of-turn token.
+    pub rejected: Vec<u32>,
+}
+
+impl EncodedPair {
+    /// `prompt + chosen` and `prompt + rejected` with the completions trained.
+    pub fn sequences(&self) -> (Encoded, Encoded) {
+        let seq = |c: &[u32]| {
+            let mut ids = self.prompt.clone();
+            ids.extend_from_slice(c);
+            let mut mask = vec![0u8; self.prompt.len()];
+            mask.resize(ids.len(), 1);
+            Encoded { ids, mask }
+        };
+        (seq(&self.chosen), seq(&self.rejected))
+    }
+}
+
+impl Tokenizer {
+    /// Tokenises a completion for DPO: its text followed by the end-of-turn (EOS) token,
+    /// without added special tokens.
+    pub fn encode_completion(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let Some(eos) = self.eos_id
+            && ids.last() != Some(&eos)
+        {
+            ids.push(eos);
+        }
+        Ok(ids)
+    }
+}

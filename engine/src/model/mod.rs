@@ -174,3 +174,100 @@ impl LlamaModel {
         self.logits(hidden)
     }
 }
+
+impl LlamaModel {
+    /// Every projection with its module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Mutable access to every projection with its module path.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Attaches a PEFT adapter (replacing any attached one). Every adapter module must name a
+    /// projection of this model with matching shapes.
+    pub fn attach_adapter(&mut self, adapter: &crate::adapter::Adapter) -> Result<()> {
+        self.detach_adapter();
+        let device = self.device.clone();
+        let dtype = self.dtype;
+        let dropout = adapter.config.lora_dropout;
+        let mut linears: std::collections::HashMap<String, &mut Linear> =
+            self.linears_mut().into_iter().collect();
+        for (module, m) in &adapter.modules {
+            let lin = linears.get_mut(module).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "adapter module `{module}` is not a projection of this model"
+                ))
+            })?;
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let r = m.rank();
+            if m.a.shape != [r, inp] || m.b.shape != [out, r] {
+                return Err(Error::Invalid(format!(
+                    "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
+                    m.a.shape, m.b.shape
+                )));
+            }
+            let t = |h: &crate::adapter::HostTensor| {
+                Tensor::<2>::from_data(
+                    TensorData::new(h.data.clone(), [h.shape[0], h.shape[1]]),
+                    (&device, dtype),
+                )
+            };
+            lin.lora = Some(LoraWeights {
+                a: t(&m.a),
+                b: t(&m.b),
+                scale: m.scale,
+                dropout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes every LoRA branch.
+    pub fn detach_adapter(&mut self) {
+        for (_, lin) in self.linears_mut() {
+            lin.lora = None;
+        }
+    }
+
+    /// A copy of this model without its adapter (shares the base weights).
+    pub fn without_adapter(&self) -> Self {
+        let mut m = self.clone();
+        m.detach_adapter();
+        m
+    }
+}

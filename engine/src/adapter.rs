@@ -1,0 +1,498 @@
+//! LoRA adapters in PEFT's on-disk format: `adapter_config.json` plus
+//! `adapter_model.safetensors` with keys
+//! `base_model.model.{module}.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
+//!
+//! An [`Adapter`] is host data (no device): it can be attached to a model, written, read,
+//! sent over the network or aggregated without touching the engine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::weights::{to_f32_vec, view_to_data};
+
+/// The seven projections of a Llama block, PEFT's usual `target_modules`.
+pub const ALL_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A dense host tensor in f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, `shape.iter().product()` of them.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// A tensor of `shape` with `data`.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: Vec<usize>) -> Self {
+        let n = shape.iter().product();
+        HostTensor {
+            shape,
+            data: vec![0.0; n],
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// The fields of PEFT's `LoraConfig` that fedtune reads and writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Module names (last path component) that carry adapters.
+    pub target_modules: Vec<String>,
+    /// Scale `α/√r` instead of `α/r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// The base model the adapter was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Per-module rank overrides (PEFT `rank_pattern`), keyed by a module-name suffix.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (PEFT `alpha_pattern`).
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl LoraConfig {
+    /// A config for all seven projections.
+    pub fn new(r: usize, lora_alpha: f64) -> Self {
+        LoraConfig {
+            r,
+            lora_alpha,
+            lora_dropout: 0.0,
+            target_modules: ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+            base_model_name_or_path: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+
+    /// The scale of a module of rank `r`, honouring `alpha_pattern` and rsLoRA.
+    pub fn scale_for(&self, module: &str, r: usize) -> f64 {
+        let alpha = pattern_lookup(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// The rank of a module, honouring `rank_pattern`.
+    pub fn rank_for(&self, module: &str) -> usize {
+        pattern_lookup(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// Whether a module path (`model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn targets(&self, module: &str) -> bool {
+        let last = module.rsplit('.').next().unwrap_or(module);
+        self.target_modules
+            .iter()
+            .any(|t| t == last || t == "all-linear" || module.ends_with(&format!(".{t}")))
+    }
+}
+
+/// PEFT matches pattern keys as module-path suffixes.
+fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T> {
+    map.iter()
+        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .map(|(_, v)| *v)
+}
+
+/// The LoRA factors of one module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    /// `lora_A.weight` `[r, in]`.
+    pub a: HostTensor,
+    /// `lora_B.weight` `[out, r]`.
+    pub b: HostTensor,
+    /// Scale applied to `B·A`.
+    pub scale: f64,
+}
+
+impl LoraModule {
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.shape[0]
+    }
+}
+
+/// A LoRA adapter: its config and its modules keyed by module path
+/// (`model.layers.0.self_attn.q_proj`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    /// The PEFT config.
+    pub config: LoraConfig,
+    /// Modules by path.
+    pub modules: BTreeMap<String, LoraModule>,
+    /// Extra fields for `adapter_config.json` (e.g. the quantisation of the training base).
+    pub extra_config: serde_json::Map<String, Value>,
+}
+
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// Splits a PEFT key into (module path, `A` or `B`).
+fn parse_key(key: &str) -> Option<(String, char)> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, 'A')
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        (m, 'B')
+    } else if let Some(m) = rest.strip_suffix(".lora_A.default.weight") {
+        (m, 'A')
+    } else {
+        (rest.strip_suffix(".lora_B.default.weight")?, 'B')
+    };
+    Some((module.to_string(), which))
+}
+
+impl Adapter {
+    /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
+        let config = parse_config(&raw, &cfg_path)?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+        let (modules, _) = Self::parse_weights(&bytes, &weights_path, &config)?;
+        let mut extra_config = serde_json::Map::new();
+        if let Some(q) = raw.get("fedtune_quantization") {
+            extra_config.insert("fedtune_quantization".into(), q.clone());
+        }
+        Ok(Adapter {
+            config,
+            modules,
+            extra_config,
+        })
+    }
+
+    /// Parses PEFT safetensors bytes into modules; returns also the file's metadata.
+    pub fn parse_weights(
+        bytes: &[u8],
+        path: &Path,
+        config: &LoraConfig,
+    ) -> Result<(BTreeMap<String, LoraModule>, BTreeMap<String, String>)> {
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::parse(path, e))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::parse(path, e))?;
+        let mut halves: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>)> =
+            BTreeMap::new();
+        for (key, view) in st.tensors() {
+            let Some((module, which)) = parse_key(&key) else {
+                return Err(Error::tensor(
+                    path,
+                    &key,
+                    "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight; \
+                     modules_to_save, DoRA and embedding adapters are not supported)",
+                ));
+            };
+            let data = view_to_data(path, &key, &view)?;
+            let shape = data.shape().as_slice().to_vec();
+            if shape.len() != 2 {
+                return Err(Error::tensor(
+                    path,
+                    &key,
+                    format!("rank {:?} is not 2-D", shape),
+                ));
+            }
+            let values = to_f32_vec(data);
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(Error::tensor(path, &key, "contains NaN or Inf"));
+            }
+            let t = HostTensor::new(shape, values);
+            let entry = halves.entry(module).or_default();
+            if which == 'A' {
+                entry.0 = Some(t);
+            } else {
+                entry.1 = Some(t);
+            }
+        }
+        let mut modules = BTreeMap::new();
+        for (module, (a, b)) in halves {
+            let a = a.ok_or_else(|| {
+                Error::tensor(
+                    path,
+                    format!("{KEY_PREFIX}{module}.lora_A.weight"),
+                    "missing",
+                )
+            })?;
+            let b = b.ok_or_else(|| {
+                Error::tensor(
+                    path,
+                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
+                    "missing",
+                )
+            })?;
+            if a.shape[0] != b.shape[1] {
+                return Err(Error::tensor(
+                    path,
+                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
+                    format!("rank {} does not match lora_A's {}", b.shape[1], a.shape[0]),
+                ));
+            }
+            let scale = config.scale_for(&module, a.shape[0]);
+            modules.insert(module, LoraModule { a, b, scale });
+        }
+        Ok((
+            modules,
+            meta.metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        ))
+    }
+
+    /// Serialises the weights as PEFT's `adapter_model.safetensors` bytes.
+    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
+        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (module, m) in &self.modules {
+            for (which, t) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+                let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                entries.push((
+                    format!("{KEY_PREFIX}{module}.{which}.weight"),
+                    t.shape.clone(),
+                    bytes,
+                ));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::Invalid(format!("tensor {k}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::Invalid(format!("serialising adapter: {e}")))
+    }
+
+    /// The `adapter_config.json` document, in PEFT's schema.
+    pub fn config_json(&self) -> Value {
+        let c = &self.config;
+        let mut targets = c.target_modules.clone();
+        targets.sort();
+        let mut v = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": c.r,
+            "lora_alpha": c.lora_alpha,
+            "lora_dropout": c.lora_dropout,
+            "target_modules": targets,
+            "use_rslora": c.use_rslora,
+            "base_model_name_or_path": c.base_model_name_or_path,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "rank_pattern": c.rank_pattern,
+            "alpha_pattern": c.alpha_pattern,
+            "use_dora": false,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "revision": null,
+        });
+        if let Value::Object(obj) = &mut v {
+            for (k, val) in &self.extra_config {
+                obj.insert(k.clone(), val.clone());
+            }
+        }
+        v
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created when
+    /// missing). Each file is written to a temporary name and renamed, so a crash never leaves
+    /// a half-written adapter behind.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = serde_json::to_string_pretty(&self.config_json())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())?;
+        write_atomic(
+            &dir.join("adapter_model.safetensors"),
+            &self.weights_bytes()?,
+        )
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.modules.values().map(|m| m.a.len() + m.b.len()).sum()
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(parent) = path.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads PEFT's `adapter_config.json` (the fields fedtune supports; unsupported features are
+/// errors naming their field).
+pub fn parse_config(raw: &Value, path: &Path) -> Result<LoraConfig> {
+    let peft_type = raw
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(Error::config(
+            path,
+            "peft_type",
+            format!("`{peft_type}` is not LORA"),
+        ));
+    }
+    for (field, bad) in [
+        (
+            "use_dora",
+            raw.get("use_dora").and_then(Value::as_bool) == Some(true),
+        ),
+        (
+            "fan_in_fan_out",
+            raw.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true),
+        ),
+        (
+            "modules_to_save",
+            raw.get("modules_to_save").is_some_and(|v| !v.is_null()),
+        ),
+        (
+            "bias",
+            raw.get("bias")
+                .and_then(Value::as_str)
+                .is_some_and(|b| b != "none"),
+        ),
+    ] {
+        if bad {
+            return Err(Error::config(path, field, "is not supported by fedtune"));
+        }
+    }
+    let r = raw
+        .get("r")
+        .and_then(Value::as_u64)
+        .filter(|&r| r > 0)
+        .ok_or_else(|| Error::config(path, "r", "missing or not a positive integer"))?
+        as usize;
+    let lora_alpha = raw
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| Error::config(path, "lora_alpha", "missing or not a number"))?;
+    let target_modules = match raw.get("target_modules") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| Error::config(path, "target_modules", "entries must be strings"))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(Value::String(s)) if s == "all-linear" => {
+            ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect()
+        }
+        Some(Value::String(s)) => {
+            // A regex in PEFT; fedtune accepts the projection names it mentions.
+            let names: Vec<String> = ALL_PROJECTIONS
+                .iter()
+                .filter(|p| s.contains(*p))
+                .map(|s| s.to_string())
+                .collect();
+            if names.is_empty() {
+                return Err(Error::config(
+                    path,
+                    "target_modules",
+                    format!("pattern `{s}` names none of {ALL_PROJECTIONS:?}"),
+                ));
+            }
+            names
+        }
+        _ => return Err(Error::config(path, "target_modules", "missing")),
+    };
+    let map_usize = |field: &str| -> BTreeMap<String, usize> {
+        raw.get(field)
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|v| (k.clone(), v as usize)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let alpha_pattern = raw
+        .get("alpha_pattern")
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(LoraConfig {
+        r,
+        lora_alpha,
+        lora_dropout: raw
+            .get("lora_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        target_modules,
+        use_rslora: raw
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        base_model_name_or_path: raw
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        rank_pattern: map_usize("rank_pattern"),
+        alpha_pattern,
+    })
+}
