@@ -18,5 +18,6 @@ pub use tokenizer::{Encoded, Tokenizer};
 pub mod adapter;
 
 pub use adapter::{Adapter, HostTensor, LoraConfig};
+pub mod data;
 pub mod dpo;
 pub mod eval;

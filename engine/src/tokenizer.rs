@@ -200,6 +200,29 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// Encodes text adding the tokenizer's own special tokens (e.g. Llama's BOS), as
+    /// transformers does for plain text.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Encodes plain text for language modelling: every token trained, EOS appended.
+    pub fn encode_text(&self, text: &str) -> Result<Encoded> {
+        let mut ids = self.encode_with_special(text)?;
+        if let Some(eos) = self.eos_id
+            && ids.last() != Some(&eos)
+        {
+            ids.push(eos);
+        }
+        let mask = vec![1u8; ids.len()];
+        Ok(Encoded { ids, mask })
+    }
+
     /// Decodes ids, optionally dropping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
@@ -215,18 +238,30 @@ impl Tokenizer {
     /// Encodes a conversation; trained tokens are each assistant message's content and the
     /// end-of-turn token that follows it.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Encoded> {
+        self.encode_chat_from(messages, 0)
+    }
+
+    /// Like [`Tokenizer::encode_chat`], training only assistant messages at index
+    /// `train_from` or later (conversational prompt/completion data).
+    pub fn encode_chat_from(&self, messages: &[Message], train_from: usize) -> Result<Encoded> {
         let text = self.render(messages, false)?;
         // Byte spans of assistant contents in the rendered text, found in order.
         let mut spans = Vec::new();
         let mut cursor = 0;
-        for m in messages.iter().filter(|m| m.role == "assistant") {
+        for (i, m) in messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == "assistant")
+        {
             let (start, len) = find_content(&text, cursor, &m.content).ok_or_else(|| {
                 Error::Template(format!(
                     "the rendered conversation does not contain the assistant message {:?}",
                     truncate(&m.content, 60)
                 ))
             })?;
-            spans.push((start, start + len));
+            if i >= train_from {
+                spans.push((start, start + len));
+            }
             cursor = start + len;
         }
         let enc = self
@@ -268,7 +303,7 @@ impl Tokenizer {
     /// Encodes `prompt` (not trained) followed by `completion` (trained) and the EOS token
     /// (trained), as TRL does for prompt/completion data.
     pub fn encode_prompt_completion(&self, prompt: &str, completion: &str) -> Result<Encoded> {
-        let p = self.encode(prompt)?;
+        let p = self.encode_with_special(prompt)?;
         let mut c = self.encode(completion)?;
         if let Some(eos) = self.eos_id
             && c.last() != Some(&eos)

@@ -1,0 +1,275 @@
+//! Datasets: one loader for the common formats (see [`formats`]), detected per record or
+//! forced, from JSONL, JSON arrays and CSV; and their tokenisation for SFT and DPO.
+//!
+//! Invalid records are errors naming `file:line` and the field; with `skip_invalid` they are
+//! reported in [`Dataset::skipped`] and left out.
+
+pub mod formats;
+pub mod read;
+
+use std::path::{Path, PathBuf};
+
+pub use formats::Format;
+
+use crate::error::{Error, Result};
+use crate::template::Message;
+use crate::tokenizer::{Encoded, EncodedPair, Tokenizer};
+
+/// A prompt: raw text or a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Raw text.
+    Text(String),
+    /// Messages, rendered with the chat template and a generation prompt.
+    Chat(Vec<Message>),
+}
+
+/// One training or evaluation example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Example {
+    /// A conversation; assistant messages from index `train_from` on are trained.
+    Chat {
+        /// The messages.
+        messages: Vec<Message>,
+        /// First message index whose assistant turns are trained.
+        train_from: usize,
+    },
+    /// Raw prompt and completion strings; the completion (and EOS) is trained.
+    PromptCompletion {
+        /// Untrained prefix.
+        prompt: String,
+        /// Trained continuation.
+        completion: String,
+    },
+    /// Plain text; every token is trained.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// A preference pair.
+    Preference {
+        /// Shared prompt.
+        prompt: Prompt,
+        /// Preferred answer.
+        chosen: String,
+        /// Dispreferred answer.
+        rejected: String,
+    },
+}
+
+/// A loaded dataset.
+#[derive(Debug)]
+pub struct Dataset {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Examples with the line each came from.
+    pub examples: Vec<(usize, Example)>,
+    /// Records left out under `skip_invalid`, with their errors.
+    pub skipped: Vec<Error>,
+}
+
+/// How to read a dataset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Force a format instead of detecting it per record.
+    pub format: Option<Format>,
+    /// Report and skip invalid records instead of failing.
+    pub skip_invalid: bool,
+}
+
+impl Dataset {
+    /// Reads `path`.
+    pub fn load(path: &Path, opts: LoadOptions) -> Result<Self> {
+        let (records, mut errors) = read::read_records(path)?;
+        let mut examples = Vec::with_capacity(records.len());
+        for r in records {
+            let converted = match opts.format.or_else(|| formats::detect(&r.value)) {
+                Some(f) => formats::convert(&r.value, f),
+                None => Err(
+                    "no known format: expected messages, conversations, instruction+output, \
+                     instruction+response, prompt+completion, text, or chosen+rejected fields"
+                        .into(),
+                ),
+            };
+            match converted {
+                Ok(ex) => examples.push((r.line, ex)),
+                Err(message) => errors.push(Error::Data {
+                    path: path.to_path_buf(),
+                    line: r.line,
+                    message,
+                }),
+            }
+        }
+        errors.sort_by_key(|e| match e {
+            Error::Data { line, .. } => *line,
+            _ => 0,
+        });
+        if !opts.skip_invalid && !errors.is_empty() {
+            return Err(errors.swap_remove(0));
+        }
+        if examples.is_empty() && !opts.skip_invalid {
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                line: 0,
+                message: "no records".into(),
+            });
+        }
+        let skipped = if opts.skip_invalid {
+            errors
+        } else {
+            Vec::new()
+        };
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            examples,
+            skipped,
+        })
+    }
+
+    /// Whether every example is a preference pair.
+    pub fn is_preference(&self) -> bool {
+        !self.examples.is_empty()
+            && self
+                .examples
+                .iter()
+                .all(|(_, e)| matches!(e, Example::Preference { .. }))
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// Whether the dataset has no examples.
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    fn data_error(&self, line: usize, e: Error) -> Error {
+        Error::Data {
+            path: self.path.clone(),
+            line,
+            message: e.to_string(),
+        }
+    }
+
+    /// Tokenises every example for SFT (preference pairs train on prompt + chosen), truncated
+    /// to `max_len` tokens (right truncation, as TRL).
+    pub fn encode_sft(&self, tok: &Tokenizer, max_len: Option<usize>) -> Result<Vec<Encoded>> {
+        self.examples
+            .iter()
+            .map(|(line, ex)| {
+                let mut enc = encode_sft(ex, tok).map_err(|e| self.data_error(*line, e))?;
+                if let Some(m) = max_len {
+                    enc.ids.truncate(m);
+                    enc.mask.truncate(m);
+                }
+                Ok(enc)
+            })
+            .collect()
+    }
+
+    /// Tokenises every preference pair for DPO. Prompts longer than `max_prompt_len` lose
+    /// tokens from the left; completions are cut to fit `max_len` (TRL's `keep_start`).
+    pub fn encode_pairs(
+        &self,
+        tok: &Tokenizer,
+        max_prompt_len: Option<usize>,
+        max_len: Option<usize>,
+    ) -> Result<(Vec<EncodedPair>, Truncation)> {
+        let mut out = Vec::with_capacity(self.examples.len());
+        let mut trunc = Truncation::default();
+        for (line, ex) in &self.examples {
+            let Example::Preference {
+                prompt,
+                chosen,
+                rejected,
+            } = ex
+            else {
+                return Err(Error::Data {
+                    path: self.path.clone(),
+                    line: *line,
+                    message: "not a preference pair (needs chosen and rejected)".into(),
+                });
+            };
+            let mut pair = encode_pair(prompt, chosen, rejected, tok)
+                .map_err(|e| self.data_error(*line, e))?;
+            if let Some(m) = max_prompt_len
+                && pair.prompt.len() > m
+            {
+                pair.prompt.drain(..pair.prompt.len() - m);
+                trunc.prompts += 1;
+            }
+            if let Some(m) = max_len {
+                let room = m.saturating_sub(pair.prompt.len());
+                if pair.chosen.len() > room || pair.rejected.len() > room {
+                    trunc.completions += 1;
+                }
+                pair.chosen.truncate(room);
+                pair.rejected.truncate(room);
+                if room == 0 {
+                    return Err(Error::Data {
+                        path: self.path.clone(),
+                        line: *line,
+                        message: format!(
+                            "the prompt leaves no room for a completion within max_length {m}"
+                        ),
+                    });
+                }
+            }
+            out.push(pair);
+        }
+        Ok((out, trunc))
+    }
+}
+
+/// How many pairs were truncated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Truncation {
+    /// Prompts cut from the left.
+    pub prompts: usize,
+    /// Pairs whose completions were cut.
+    pub completions: usize,
+}
+
+/// Tokenises one example for SFT.
+pub fn encode_sft(ex: &Example, tok: &Tokenizer) -> Result<Encoded> {
+    match ex {
+        Example::Chat {
+            messages,
+            train_from,
+        } => tok.encode_chat_from(messages, *train_from),
+        Example::PromptCompletion { prompt, completion } => {
+            tok.encode_prompt_completion(prompt, completion)
+        }
+        Example::Text { text } => tok.encode_text(text),
+        Example::Preference { prompt, chosen, .. } => match prompt {
+            Prompt::Text(p) => tok.encode_prompt_completion(p, chosen),
+            Prompt::Chat(msgs) => {
+                let mut m = msgs.clone();
+                let from = m.len();
+                m.push(Message::new("assistant", chosen.clone()));
+                tok.encode_chat_from(&m, from)
+            }
+        },
+    }
+}
+
+/// Tokenises a preference pair: the prompt rendered with a generation prompt (or raw), the
+/// completions as text plus the end-of-turn token.
+pub fn encode_pair(
+    prompt: &Prompt,
+    chosen: &str,
+    rejected: &str,
+    tok: &Tokenizer,
+) -> Result<EncodedPair> {
+    let prompt = match prompt {
+        Prompt::Text(p) => tok.encode_with_special(p)?,
+        Prompt::Chat(m) => tok.encode(&tok.render(m, true)?)?,
+    };
+    Ok(EncodedPair {
+        prompt,
+        chosen: tok.encode_completion(chosen)?,
+        rejected: tok.encode_completion(rejected)?,
+    })
+}
