@@ -103,6 +103,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// RoPE frequency scaling.
     pub rope_scaling: RopeScaling,
+    /// Per-frequency divisors of the inverse frequencies (GGUF `rope_freqs.weight`, which
+    /// llama.cpp stores instead of Llama 3 scaling parameters).
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// Whether q/k/v projections carry a bias (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
     /// Whether the output projection carries a bias (Llama with `attention_bias`).
@@ -274,6 +278,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            rope_freq_factors: None,
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
             mlp_bias: architecture == Architecture::Llama && raw.mlp_bias.unwrap_or(false),

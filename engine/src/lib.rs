@@ -21,3 +21,8 @@ pub use adapter::{Adapter, HostTensor, LoraConfig};
 pub mod data;
 pub mod dpo;
 pub mod eval;
+pub mod gguf;
+pub mod loader;
+
+pub use loader::{LoadedModel, load_model};
+pub mod generate;

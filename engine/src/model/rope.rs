@@ -29,6 +29,10 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             (1.0 / (cfg.rope_theta.powf(exponent) as f32) as f64) as f32
         })
         .collect();
+    let base = match &cfg.rope_freq_factors {
+        Some(f) => base.iter().zip(f).map(|(b, f)| b / f).collect(),
+        None => base,
+    };
     match cfg.rope_scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),

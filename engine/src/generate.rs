@@ -1,0 +1,172 @@
+//! Text generation with a KV cache: greedy decoding, or sampling with temperature, top-k and
+//! top-p (nucleus) filtering in the order transformers applies them, from a seeded RNG.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::{KvCache, LlamaModel, MaskSpec, Positions};
+use crate::weights::to_f32_vec;
+
+/// Decoding options.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Softmax temperature; `0` means greedy decoding.
+    pub temperature: f64,
+    /// Keep the `top_k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    pub top_p: f64,
+    /// RNG seed for sampling.
+    pub seed: u64,
+    /// Generation stops after any of these ids.
+    pub stop_ids: Vec<u32>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop_ids: Vec::new(),
+        }
+    }
+}
+
+/// Picks the next token from `logits` under `cfg`.
+pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 { (i, v) } else { best }
+            })
+            .0 as u32
+    };
+    if cfg.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut cand: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(i, &v)| (i as u32, v as f64 / cfg.temperature))
+        .collect();
+    cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+    if cfg.top_k > 0 {
+        cand.truncate(cfg.top_k);
+    }
+    let max = cand.first().map_or(0.0, |c| c.1);
+    let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if cfg.top_p < 1.0 {
+        // Keep tokens while the mass *before* them is below top_p (at least one).
+        let mut mass = 0.0;
+        let keep = probs
+            .iter()
+            .take_while(|&&p| {
+                let before = mass;
+                mass += p;
+                before < cfg.top_p
+            })
+            .count()
+            .max(1);
+        probs.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= s);
+    }
+    let mut u: f64 = rng.random();
+    for (c, p) in cand.iter().zip(&probs) {
+        if u < *p {
+            return c.0;
+        }
+        u -= p;
+    }
+    cand[probs.len() - 1].0
+}
+
+/// Generates a continuation of `prompt`; `on_token` sees each new id as it is produced.
+/// Returns the new ids (including the stop token when one was produced).
+pub fn generate(
+    model: &LlamaModel,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    mut on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let vocab = model.config.vocab_size;
+    while out.len() < cfg.max_new_tokens && !input.is_empty() {
+        let len = input.len();
+        let positions = Positions::Range {
+            start: cache.seen,
+            len,
+            batch: 1,
+        };
+        let hidden = model.forward_hidden(
+            model.ids_tensor(&input, 1, len),
+            &positions,
+            MaskSpec { segments: None },
+            Some(&mut cache),
+        );
+        let h = model.config.hidden_size;
+        let last = hidden.slice([0..1, len - 1..len, 0..h]);
+        let logits = to_f32_vec(model.logits(last).reshape([vocab]).into_data());
+        let next = sample(&logits, cfg, &mut rng);
+        out.push(next);
+        on_token(next);
+        if cfg.stop_ids.contains(&next) {
+            break;
+        }
+        input = vec![next];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_the_argmax_and_top_k_one_is_greedy() {
+        let logits = [0.1, 3.0, 2.0, -1.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(sample(&logits, &GenerationConfig::default(), &mut rng), 1);
+        let cfg = GenerationConfig {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        for _ in 0..20 {
+            assert_eq!(sample(&logits, &cfg, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // softmax([10, 9, 0, 0]) ≈ [0.73, 0.27, 3e-5, 3e-5]: top_p 0.9 keeps two tokens.
+        let logits = [10.0, 9.0, 0.0, 0.0];
+        let cfg = GenerationConfig {
+            temperature: 1.0,
+            top_p: 0.9,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut seen = [0usize; 4];
+        for _ in 0..400 {
+            seen[sample(&logits, &cfg, &mut rng) as usize] += 1;
+        }
+        assert!(
+            seen[0] > 0 && seen[1] > 0 && seen[2] == 0 && seen[3] == 0,
+            "{seen:?}"
+        );
+    }
+}
