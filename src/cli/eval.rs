@@ -1,0 +1,114 @@
+//! `fedtune eval`: loss, perplexity and, for preference data with `--beta`, DPO metrics.
+//! With `--json` the last line of stdout is one JSON object (a stable contract).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::dpo::{DpoMetrics, PairLogps};
+use fedtune_engine::eval::{TokenBatch, sequence_logprobs, sft_loss};
+use serde_json::json;
+
+use super::common::ModelArgs;
+
+/// Arguments of `fedtune eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Dataset (JSONL, JSON or CSV).
+    #[arg(long)]
+    data: PathBuf,
+    /// Force a dataset format instead of detecting it per record.
+    #[arg(long)]
+    format: Option<Format>,
+    /// DPO temperature: with preference data, also report dpo_loss, reward_margin and
+    /// reward_accuracy against the model with its adapter disabled.
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Truncate SFT sequences to this many tokens.
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    /// Truncate DPO prompts from the left to this many tokens.
+    #[arg(long)]
+    max_prompt_length: Option<usize>,
+    /// Truncate DPO prompt + completion to this many tokens.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Report and skip invalid records instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Print one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `fedtune eval`.
+pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    let m = a.model.load()?;
+    let data = Dataset::load(
+        &a.data,
+        LoadOptions {
+            format: a.format,
+            skip_invalid: a.skip_invalid,
+        },
+    )?;
+    for e in &data.skipped {
+        eprintln!("skipped: {e}");
+    }
+    let seqs = data.encode_sft(&m.tokenizer, a.max_seq_length)?;
+    let loss = sft_loss(&m.model, &seqs, a.batch_size, m.tokenizer.pad_id);
+    let mut out = json!({
+        "loss": loss.mean(),
+        "perplexity": loss.mean().exp(),
+        "tokens": loss.tokens,
+        "examples": seqs.len(),
+        "skipped": data.skipped.len(),
+    });
+    if let Some(beta) = a.beta {
+        anyhow::ensure!(
+            data.is_preference(),
+            "--beta needs preference data (prompt/chosen/rejected)"
+        );
+        let (pairs, trunc) = data.encode_pairs(&m.tokenizer, a.max_prompt_length, a.max_length)?;
+        let reference = m.model.without_adapter();
+        let mut logps = Vec::with_capacity(pairs.len());
+        let per_batch = a.batch_size.max(2) / 2;
+        for chunk in pairs.chunks(per_batch) {
+            let seqs: Vec<_> = chunk.iter().map(|p| p.sequences()).collect();
+            let refs: Vec<_> = seqs.iter().flat_map(|(c, r)| [c, r]).collect();
+            let batch = TokenBatch::pad(&refs, m.tokenizer.pad_id);
+            let (pol, _) = sequence_logprobs(&m.model, &batch);
+            let (rf, _) = sequence_logprobs(&reference, &batch);
+            for i in 0..chunk.len() {
+                logps.push(PairLogps {
+                    policy_chosen: pol[2 * i],
+                    policy_rejected: pol[2 * i + 1],
+                    reference_chosen: rf[2 * i],
+                    reference_rejected: rf[2 * i + 1],
+                });
+            }
+        }
+        let metrics = DpoMetrics::sigmoid(&logps, beta);
+        if let (Some(o), serde_json::Value::Object(d)) = (out.as_object_mut(), metrics.to_json()) {
+            o.extend(d);
+            o.insert("beta".into(), json!(beta));
+            o.insert("truncated_prompts".into(), json!(trunc.prompts));
+            o.insert("truncated_completions".into(), json!(trunc.completions));
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{:<24} value", "metric");
+        if let Some(o) = out.as_object() {
+            for (k, v) in o {
+                println!("{k:<24} {v}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `fedtune generate`: text generation from a prompt, streamed to stdout.
+
+use std::io::Write;
+
+use clap::Args;
+use fedtune_engine::Message;
+use fedtune_engine::generate::{GenerationConfig, generate};
+
+use super::common::ModelArgs;
+
+/// Arguments of `fedtune generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Top-p (nucleus) sampling.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Top-k sampling (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs `fedtune generate`.
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let m = a.model.load()?;
+    let text = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s.clone()));
+        }
+        msgs.push(Message::new("user", a.prompt.clone()));
+        m.tokenizer.render(&msgs, true)?
+    } else {
+        a.prompt.clone()
+    };
+    let ids = if a.chat {
+        m.tokenizer.encode(&text)?
+    } else {
+        m.tokenizer.encode_with_special(&text)?
+    };
+    let mut stop: Vec<u32> = m.model.config.eos_token_ids.clone();
+    stop.extend(m.tokenizer.eos_id);
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop_ids: stop,
+    };
+    let mut out = Vec::new();
+    let mut printed = 0;
+    let stdout = std::io::stdout();
+    generate(&m.model, &ids, &cfg, |id| {
+        out.push(id);
+        // Print the decoded suffix so multi-byte characters appear when complete.
+        if let Ok(s) = m.tokenizer.decode(&out, true)
+            && s.len() > printed
+            && s.is_char_boundary(printed)
+        {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(&s.as_bytes()[printed..]);
+            let _ = lock.flush();
+            printed = s.len();
+        }
+    });
+    println!();
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Command-line interface: one module per subcommand, each a thin layer over a library crate.
+
+mod common;
+mod eval;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+/// Federated fine-tuning of language models: local LoRA/QLoRA SFT and DPO, signed adapter
+/// updates over QUIC, exact and robust aggregation.
+#[derive(Debug, Parser)]
+#[command(name = "fedtune", version, about)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Evaluate a model (and adapter) on a dataset: loss, perplexity, and DPO metrics.
+    Eval(eval::EvalArgs),
+    /// Generate text from a prompt.
+    Generate(generate::GenerateArgs),
+}
+
+/// Sets up `tracing` on stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
+    }
+}

@@ -1,0 +1,114 @@
+//! `fedtune eval --json` as a stable contract, checked against the reference numbers of
+//! transformers/PEFT (`testdata/tiny-llama/reference.json`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-llama")
+}
+
+fn eval(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .arg("eval")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(testdata().join("reference.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn eval_json_reports_the_reference_sft_loss_with_and_without_adapter() {
+    let t = testdata();
+    let model = t.join("model");
+    let data = t.join("conversation.jsonl");
+    let r = reference();
+    let base = eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let want = r["sft"]["assistant_only_mean_loss_base"].as_f64().unwrap();
+    assert!(
+        (base["loss"].as_f64().unwrap() - want).abs() < 1e-4,
+        "{base}"
+    );
+    assert_eq!(base["tokens"], 34);
+    assert!((base["perplexity"].as_f64().unwrap() - want.exp()).abs() / want.exp() < 1e-4);
+    let adapter = t.join("adapter");
+    let with = eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let want = r["sft"]["assistant_only_mean_loss_adapter"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (with["loss"].as_f64().unwrap() - want).abs() < 1e-4,
+        "{with}"
+    );
+}
+
+#[test]
+fn eval_beta_reports_the_reference_dpo_loss_and_margin() {
+    let t = testdata();
+    let r = reference();
+    let out = eval(&[
+        "--model",
+        t.join("model").to_str().unwrap(),
+        "--adapter",
+        t.join("adapter").to_str().unwrap(),
+        "--data",
+        t.join("dpo_pair.jsonl").to_str().unwrap(),
+        "--beta",
+        "0.1",
+    ]);
+    let dpo = &r["dpo"];
+    for (got, want) in [("dpo_loss", "loss"), ("reward_margin", "reward_margin")] {
+        let g = out[got].as_f64().unwrap();
+        let w = dpo[want].as_f64().unwrap();
+        assert!((g - w).abs() < 1e-4, "{got}: {g} vs {w}");
+    }
+    assert_eq!(out["reward_accuracy"], 0.0);
+    assert!(
+        (out["logps/chosen"].as_f64().unwrap() - dpo["policy_chosen_logp"].as_f64().unwrap()).abs()
+            < 1e-3
+    );
+}
+
+#[test]
+fn bad_data_is_a_clear_error_naming_file_line_and_field() {
+    let bad = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/formats/bad.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(["eval", "--model"])
+        .arg(testdata().join("model"))
+        .arg("--data")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("`output`"),
+        "{err}"
+    );
+}
