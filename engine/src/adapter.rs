@@ -2,18 +2,20 @@
 //! `adapter_model.safetensors` with keys
 //! `base_model.model.{module}.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
 //!
-//! An [`Adapter`] is host data (no device): it can be attached to a model, written, read,
-//! sent over the network or aggregated without touching the engine.
+//! A [`PeftAdapter`] is host data (no device): its weights are the workspace's one adapter
+//! type ([`fedtune_aggregation::Adapter`]), which the protocol sends and the coordinator
+//! aggregates without touching the engine. The safetensors layout is
+//! [`fedtune_protocol::peft`]'s.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::SafeTensors;
+use fedtune_aggregation::Adapter;
+use fedtune_protocol::peft;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::weights::{to_f32_vec, view_to_data};
 
 /// The seven projections of a Llama block, PEFT's usual `target_modules`.
 pub const ALL_PROJECTIONS: [&str; 7] = [
@@ -25,42 +27,6 @@ pub const ALL_PROJECTIONS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-/// A dense host tensor in f32, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Values, `shape.iter().product()` of them.
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    /// A tensor of `shape` with `data`.
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape, data }
-    }
-
-    /// A tensor of zeros.
-    pub fn zeros(shape: Vec<usize>) -> Self {
-        let n = shape.iter().product();
-        HostTensor {
-            shape,
-            data: vec![0.0; n],
-        }
-    }
-
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// Whether the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
 
 /// The fields of PEFT's `LoraConfig` that fedtune reads and writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,54 +100,19 @@ fn pattern_lookup<T: Copy>(map: &BTreeMap<String, T>, module: &str) -> Option<T>
         .map(|(_, v)| *v)
 }
 
-/// The LoRA factors of one module.
+/// A PEFT LoRA adapter: its config and its weights (host data shared with the aggregation
+/// and protocol crates).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoraModule {
-    /// `lora_A.weight` `[r, in]`.
-    pub a: HostTensor,
-    /// `lora_B.weight` `[out, r]`.
-    pub b: HostTensor,
-    /// Scale applied to `B·A`.
-    pub scale: f64,
-}
-
-impl LoraModule {
-    /// Rank.
-    pub fn rank(&self) -> usize {
-        self.a.shape[0]
-    }
-}
-
-/// A LoRA adapter: its config and its modules keyed by module path
-/// (`model.layers.0.self_attn.q_proj`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Adapter {
+pub struct PeftAdapter {
     /// The PEFT config.
     pub config: LoraConfig,
-    /// Modules by path.
-    pub modules: BTreeMap<String, LoraModule>,
+    /// Modules by path (`model.layers.0.self_attn.q_proj`) with their scales.
+    pub weights: Adapter,
     /// Extra fields for `adapter_config.json` (e.g. the quantisation of the training base).
     pub extra_config: serde_json::Map<String, Value>,
 }
 
-const KEY_PREFIX: &str = "base_model.model.";
-
-/// Splits a PEFT key into (module path, `A` or `B`).
-fn parse_key(key: &str) -> Option<(String, char)> {
-    let rest = key.strip_prefix(KEY_PREFIX)?;
-    let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
-        (m, 'A')
-    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
-        (m, 'B')
-    } else if let Some(m) = rest.strip_suffix(".lora_A.default.weight") {
-        (m, 'A')
-    } else {
-        (rest.strip_suffix(".lora_B.default.weight")?, 'B')
-    };
-    Some((module.to_string(), which))
-}
-
-impl Adapter {
+impl PeftAdapter {
     /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
@@ -190,126 +121,61 @@ impl Adapter {
         let config = parse_config(&raw, &cfg_path)?;
         let weights_path = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-        let (modules, _) = Self::parse_weights(&bytes, &weights_path, &config)?;
+        let weights = peft::decode(&bytes, &peft::Limits::default(), |m, r| {
+            config.scale_for(m, r) as f32
+        })
+        .map_err(|e| Error::parse(&weights_path, e))?;
+        if let Some(name) = weights.dense.keys().next() {
+            return Err(Error::tensor(
+                &weights_path,
+                name,
+                "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight; \
+                 modules_to_save, DoRA and embedding adapters are not supported)",
+            ));
+        }
+        for (module, m) in &weights.modules {
+            if m.a.data.iter().chain(&m.b.data).any(|v| !v.is_finite()) {
+                return Err(Error::tensor(
+                    &weights_path,
+                    peft::lora_key(module, 'A'),
+                    "contains NaN or Inf",
+                ));
+            }
+        }
         let mut extra_config = serde_json::Map::new();
         if let Some(q) = raw.get("fedtune_quantization") {
             extra_config.insert("fedtune_quantization".into(), q.clone());
         }
-        Ok(Adapter {
+        Ok(PeftAdapter {
             config,
-            modules,
+            weights,
             extra_config,
         })
     }
 
-    /// Parses PEFT safetensors bytes into modules; returns also the file's metadata.
-    pub fn parse_weights(
-        bytes: &[u8],
-        path: &Path,
-        config: &LoraConfig,
-    ) -> Result<(BTreeMap<String, LoraModule>, BTreeMap<String, String>)> {
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::parse(path, e))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::parse(path, e))?;
-        let mut halves: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>)> =
-            BTreeMap::new();
-        for (key, view) in st.tensors() {
-            let Some((module, which)) = parse_key(&key) else {
-                return Err(Error::tensor(
-                    path,
-                    &key,
-                    "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight; \
-                     modules_to_save, DoRA and embedding adapters are not supported)",
-                ));
-            };
-            let data = view_to_data(path, &key, &view)?;
-            let shape = data.shape().as_slice().to_vec();
-            if shape.len() != 2 {
-                return Err(Error::tensor(
-                    path,
-                    &key,
-                    format!("rank {:?} is not 2-D", shape),
-                ));
-            }
-            let values = to_f32_vec(data);
-            if values.iter().any(|v| !v.is_finite()) {
-                return Err(Error::tensor(path, &key, "contains NaN or Inf"));
-            }
-            let t = HostTensor::new(shape, values);
-            let entry = halves.entry(module).or_default();
-            if which == 'A' {
-                entry.0 = Some(t);
-            } else {
-                entry.1 = Some(t);
-            }
-        }
-        let mut modules = BTreeMap::new();
-        for (module, (a, b)) in halves {
-            let a = a.ok_or_else(|| {
-                Error::tensor(
-                    path,
-                    format!("{KEY_PREFIX}{module}.lora_A.weight"),
-                    "missing",
-                )
-            })?;
-            let b = b.ok_or_else(|| {
-                Error::tensor(
-                    path,
-                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
-                    "missing",
-                )
-            })?;
-            if a.shape[0] != b.shape[1] {
-                return Err(Error::tensor(
-                    path,
-                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
-                    format!("rank {} does not match lora_A's {}", b.shape[1], a.shape[0]),
-                ));
-            }
-            let scale = config.scale_for(&module, a.shape[0]);
-            modules.insert(module, LoraModule { a, b, scale });
-        }
-        Ok((
-            modules,
-            meta.metadata()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-        ))
-    }
-
-    /// Serialises the weights as PEFT's `adapter_model.safetensors` bytes.
-    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
-        let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (module, m) in &self.modules {
-            for (which, t) in [("lora_A", &m.a), ("lora_B", &m.b)] {
-                let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                entries.push((
-                    format!("{KEY_PREFIX}{module}.{which}.weight"),
-                    t.shape.clone(),
-                    bytes,
-                ));
-            }
-        }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
-            .iter()
-            .map(|(k, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::Invalid(format!("tensor {k}: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::Invalid(format!("serialising adapter: {e}")))
-    }
-
-    /// The `adapter_config.json` document, in PEFT's schema.
+    /// The `adapter_config.json` document, in PEFT's schema. Modules whose rank or scale
+    /// differ from `r`/`lora_alpha` get `rank_pattern`/`alpha_pattern` entries.
     pub fn config_json(&self) -> Value {
         let c = &self.config;
         let mut targets = c.target_modules.clone();
         targets.sort();
+        let mut rank_pattern = c.rank_pattern.clone();
+        let mut alpha_pattern = c.alpha_pattern.clone();
+        for (module, m) in &self.weights.modules {
+            let r = m.rank();
+            if r != c.rank_for(module) {
+                rank_pattern.insert(module.clone(), r);
+            }
+            let expected = c.scale_for(module, r) as f32;
+            if (expected - m.scale).abs() > 1e-6 * m.scale.abs().max(1.0) {
+                let alpha = if c.use_rslora {
+                    m.scale as f64 * (r as f64).sqrt()
+                } else {
+                    m.scale as f64 * r as f64
+                };
+                alpha_pattern.insert(module.clone(), alpha);
+            }
+        }
         let mut v = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -324,8 +190,8 @@ impl Adapter {
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": null,
-            "rank_pattern": c.rank_pattern,
-            "alpha_pattern": c.alpha_pattern,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
             "use_dora": false,
             "layers_to_transform": null,
             "layers_pattern": null,
@@ -349,13 +215,13 @@ impl Adapter {
         write_atomic(&dir.join("adapter_config.json"), cfg.as_bytes())?;
         write_atomic(
             &dir.join("adapter_model.safetensors"),
-            &self.weights_bytes()?,
+            &peft::encode(&self.weights),
         )
     }
 
     /// Number of trainable parameters.
     pub fn num_parameters(&self) -> usize {
-        self.modules.values().map(|m| m.a.len() + m.b.len()).sum()
+        self.weights.num_parameters()
     }
 }
 

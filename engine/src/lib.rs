@@ -17,7 +17,7 @@ pub use template::Message;
 pub use tokenizer::{Encoded, Tokenizer};
 pub mod adapter;
 
-pub use adapter::{Adapter, HostTensor, LoraConfig};
+pub use adapter::{LoraConfig, PeftAdapter};
 pub mod data;
 pub mod dpo;
 pub mod eval;

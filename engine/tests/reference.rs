@@ -9,7 +9,7 @@ use fedtune_engine::dpo::{DpoMetrics, PairLogps};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs, sft_loss};
 use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::weights::{SafetensorsSource, TensorSource, to_f32_vec};
-use fedtune_engine::{Adapter, LlamaModel, Message, ModelConfig, Tokenizer};
+use fedtune_engine::{LlamaModel, Message, ModelConfig, PeftAdapter, Tokenizer};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
@@ -61,7 +61,7 @@ impl Fixture {
 
     fn with_adapter(&self) -> LlamaModel {
         let mut m = self.model.clone();
-        m.attach_adapter(&Adapter::load(&dir().join("adapter")).unwrap())
+        m.attach_adapter(&PeftAdapter::load(&dir().join("adapter")).unwrap())
             .unwrap();
         m
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burn::tensor::{DType, Device};
 use clap::Args;
-use fedtune_engine::{Adapter, LoadedModel, load_model};
+use fedtune_engine::{LoadedModel, PeftAdapter, load_model};
 
 /// Which model to load and where to run it.
 #[derive(Debug, Clone, Args)]
@@ -82,7 +82,7 @@ impl ModelArgs {
         }
         if let Some(a) = &self.adapter {
             let adapter =
-                Adapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
+                PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
             m.model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("applying adapter {}", a.display()))?;

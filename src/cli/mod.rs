@@ -3,6 +3,7 @@
 mod common;
 mod eval;
 mod generate;
+mod merge;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,11 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Merge full-weight safetensors files (mergekit semantics: linear, task_arithmetic, ties,
+    /// dare_ties, dare_linear).
+    Merge(merge::MergeArgs),
+    /// Combine PEFT adapters into one PEFT adapter with an aggregation rule.
+    MergeAdapters(merge::MergeAdaptersArgs),
 }
 
 /// Sets up `tracing` on stderr.
@@ -46,5 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run_merge(a),
+        Command::MergeAdapters(a) => merge::run_merge_adapters(a),
     }
 }

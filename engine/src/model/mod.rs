@@ -220,11 +220,24 @@ impl LlamaModel {
 
     /// Attaches a PEFT adapter (replacing any attached one). Every adapter module must name a
     /// projection of this model with matching shapes.
-    pub fn attach_adapter(&mut self, adapter: &crate::adapter::Adapter) -> Result<()> {
+    pub fn attach_adapter(&mut self, adapter: &crate::adapter::PeftAdapter) -> Result<()> {
+        self.attach_weights(&adapter.weights, adapter.config.lora_dropout)
+    }
+
+    /// Attaches adapter weights with a LoRA dropout for training.
+    pub fn attach_weights(
+        &mut self,
+        adapter: &fedtune_aggregation::Adapter,
+        dropout: f64,
+    ) -> Result<()> {
         self.detach_adapter();
         let device = self.device.clone();
         let dtype = self.dtype;
-        let dropout = adapter.config.lora_dropout;
+        if let Some(name) = adapter.dense.keys().next() {
+            return Err(Error::Invalid(format!(
+                "adapter tensor `{name}` is not a LoRA factor"
+            )));
+        }
         let mut linears: std::collections::HashMap<String, &mut Linear> =
             self.linears_mut().into_iter().collect();
         for (module, m) in &adapter.modules {
@@ -235,22 +248,23 @@ impl LlamaModel {
             })?;
             let (out, inp) = (lin.out_features(), lin.in_features());
             let r = m.rank();
-            if m.a.shape != [r, inp] || m.b.shape != [out, r] {
+            if m.a.shape() != (r, inp) || m.b.shape() != (out, r) {
                 return Err(Error::Invalid(format!(
                     "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
-                    m.a.shape, m.b.shape
+                    m.a.shape(),
+                    m.b.shape()
                 )));
             }
-            let t = |h: &crate::adapter::HostTensor| {
+            let t = |h: &fedtune_aggregation::Matrix| {
                 Tensor::<2>::from_data(
-                    TensorData::new(h.data.clone(), [h.shape[0], h.shape[1]]),
+                    TensorData::new(h.data.clone(), [h.rows, h.cols]),
                     (&device, dtype),
                 )
             };
             lin.lora = Some(LoraWeights {
                 a: t(&m.a),
                 b: t(&m.b),
-                scale: m.scale,
+                scale: m.scale as f64,
                 dropout,
             });
         }

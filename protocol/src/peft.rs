@@ -1,0 +1,256 @@
+//! The adapter payload: PEFT's `adapter_model.safetensors` layout
+//! (`base_model.model.{module}.lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]`), which
+//! is both the file users load in PEFT and the byte stream clients upload. Per-module scales,
+//! which PEFT derives from `adapter_config.json`, travel in the safetensors metadata under
+//! `fedtune.scales` (PEFT ignores it). Dense tensors use their own names.
+//!
+//! Decoding is total: any byte string yields an adapter or an error, within [`Limits`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{ProtocolError, Result};
+
+const PREFIX: &str = "base_model.model.";
+const SCALES_KEY: &str = "fedtune.scales";
+
+/// Bounds on what a decoder accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload in bytes.
+    pub max_bytes: u64,
+    /// Largest number of tensors.
+    pub max_tensors: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 4 << 30,
+            max_tensors: 100_000,
+        }
+    }
+}
+
+/// Splits a key into (module, `A` | `B`) when it is a LoRA factor.
+pub fn parse_lora_key(key: &str) -> Option<(&str, char)> {
+    let rest = key.strip_prefix(PREFIX)?;
+    for (suffix, which) in [
+        (".lora_A.weight", 'A'),
+        (".lora_B.weight", 'B'),
+        (".lora_A.default.weight", 'A'),
+        (".lora_B.default.weight", 'B'),
+    ] {
+        if let Some(m) = rest.strip_suffix(suffix) {
+            return Some((m, which));
+        }
+    }
+    None
+}
+
+/// The PEFT key of a module's factor.
+pub fn lora_key(module: &str, which: char) -> String {
+    format!("{PREFIX}{module}.lora_{which}.weight")
+}
+
+fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
+    let shape = view.shape();
+    let (rows, cols) = match shape {
+        [r, c] => (*r, *c),
+        [n] => (1, *n),
+        other => {
+            return Err(ProtocolError::malformed(
+                "adapter",
+                format!("tensor `{key}` has shape {other:?}, expected 1-D or 2-D"),
+            ));
+        }
+    };
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(ProtocolError::malformed(
+                "adapter",
+                format!("tensor `{key}` has dtype {other:?} (F32, BF16, F16 accepted)"),
+            ));
+        }
+    };
+    if data.len() != rows * cols {
+        return Err(ProtocolError::malformed(
+            "adapter",
+            format!("tensor `{key}`: data does not match its shape"),
+        ));
+    }
+    Ok(Matrix::new(rows, cols, data))
+}
+
+/// Decodes PEFT safetensors bytes. `scale_of(module, rank)` gives the scale of modules whose
+/// scale is not in the metadata (PEFT files: `α/r` from the config).
+pub fn decode(
+    bytes: &[u8],
+    limits: &Limits,
+    scale_of: impl Fn(&str, usize) -> f32,
+) -> Result<Adapter> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(ProtocolError::TooLarge {
+            what: "adapter payload",
+            size: bytes.len() as u64,
+            limit: limits.max_bytes,
+        });
+    }
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| ProtocolError::malformed("adapter", e))?;
+    if meta.tensors().len() > limits.max_tensors {
+        return Err(ProtocolError::TooLarge {
+            what: "adapter tensor count",
+            size: meta.tensors().len() as u64,
+            limit: limits.max_tensors as u64,
+        });
+    }
+    let scales: HashMap<String, f32> = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(SCALES_KEY))
+        .map(|s| serde_json::from_str(s))
+        .transpose()
+        .map_err(|e| ProtocolError::malformed("adapter", format!("{SCALES_KEY}: {e}")))?
+        .unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ProtocolError::malformed("adapter", e))?;
+    let mut halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
+    let mut dense = BTreeMap::new();
+    for (key, view) in st.tensors() {
+        let m = to_matrix(&key, &view)?;
+        match parse_lora_key(&key) {
+            Some((module, 'A')) => halves.entry(module.to_string()).or_default().0 = Some(m),
+            Some((module, _)) => halves.entry(module.to_string()).or_default().1 = Some(m),
+            None => {
+                dense.insert(key.clone(), m);
+            }
+        }
+    }
+    let mut modules = BTreeMap::new();
+    for (module, (a, b)) in halves {
+        let a = a.ok_or_else(|| {
+            ProtocolError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'A')))
+        })?;
+        let b = b.ok_or_else(|| {
+            ProtocolError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'B')))
+        })?;
+        if a.rows != b.cols {
+            return Err(ProtocolError::malformed(
+                "adapter",
+                format!(
+                    "module `{module}`: lora_A has rank {} but lora_B {}",
+                    a.rows, b.cols
+                ),
+            ));
+        }
+        let scale = scales
+            .get(&module)
+            .copied()
+            .unwrap_or_else(|| scale_of(&module, a.rows));
+        modules.insert(module, LoraFactors { a, b, scale });
+    }
+    Ok(Adapter { modules, dense })
+}
+
+/// Encodes an adapter as PEFT safetensors bytes (f32), with scales in the metadata.
+pub fn encode(adapter: &Adapter) -> Vec<u8> {
+    let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes_of =
+        |m: &Matrix| -> Vec<u8> { m.data.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    for (module, f) in &adapter.modules {
+        entries.push((
+            lora_key(module, 'A'),
+            vec![f.a.rows, f.a.cols],
+            bytes_of(&f.a),
+        ));
+        entries.push((
+            lora_key(module, 'B'),
+            vec![f.b.rows, f.b.cols],
+            bytes_of(&f.b),
+        ));
+    }
+    for (name, d) in &adapter.dense {
+        entries.push((name.clone(), vec![d.rows, d.cols], bytes_of(d)));
+    }
+    let views: Vec<(String, TensorView<'_>)> = entries
+        .iter()
+        .map(|(k, shape, data)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), data).expect("shape matches data"),
+            )
+        })
+        .collect();
+    let scales: BTreeMap<&String, f32> =
+        adapter.modules.iter().map(|(k, f)| (k, f.scale)).collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        SCALES_KEY.to_string(),
+        serde_json::to_string(&scales).expect("scales serialise"),
+    );
+    safetensors::tensor::serialize(views, Some(meta)).expect("views are consistent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Adapter {
+        let mut a = Adapter::default();
+        a.modules.insert(
+            "model.layers.0.self_attn.q_proj".into(),
+            LoraFactors {
+                a: Matrix::new(2, 3, vec![1., 2., 3., 4., 5., 6.]),
+                b: Matrix::new(4, 2, vec![0.5; 8]),
+                scale: 4.0,
+            },
+        );
+        a
+    }
+
+    #[test]
+    fn encode_then_decode_is_the_identity() {
+        let a = sample();
+        let back = decode(&encode(&a), &Limits::default(), |_, _| 1.0).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn limits_and_garbage_are_errors() {
+        let bytes = encode(&sample());
+        let tight = Limits {
+            max_bytes: 10,
+            max_tensors: 10,
+        };
+        assert!(matches!(
+            decode(&bytes, &tight, |_, _| 1.0),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        assert!(
+            decode(
+                b"\xff\xff\xff\xff\xff\xff\xff\x7f garbage",
+                &Limits::default(),
+                |_, _| 1.0
+            )
+            .is_err()
+        );
+        assert!(decode(&bytes[..bytes.len() - 3], &Limits::default(), |_, _| 1.0).is_err());
+    }
+}

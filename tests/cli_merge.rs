@@ -1,0 +1,161 @@
+//! `fedtune merge` against mergekit's output and `fedtune merge-adapters` on PEFT adapters.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fedtune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fedtune(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn f32s(view: &TensorView<'_>) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Writes the reference tensor `key` as a one-tensor file with the name `weight`.
+fn split(st: &SafeTensors<'_>, key: &str, dir: &Path) -> PathBuf {
+    let v = st.tensor(key).unwrap();
+    let view = TensorView::new(Dtype::F32, v.shape().to_vec(), v.data()).unwrap();
+    let path = dir.join(format!("{key}.safetensors"));
+    safetensors::serialize_to_file([("model.weight", view)], None, &path).unwrap();
+    path
+}
+
+#[test]
+fn merge_ties_reproduces_mergekit() {
+    let bytes = std::fs::read(testdata().join("merge/merge_reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let dir = tmpdir("merge");
+    let base = split(&st, "base", &dir);
+    let clients: Vec<PathBuf> = (0..3)
+        .map(|i| split(&st, &format!("client{i}"), &dir))
+        .collect();
+    let out = dir.join("out.safetensors");
+    let mut args: Vec<String> = ["merge", "--method", "ties", "--base"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(base.display().to_string());
+    args.extend(["--weights", "0.5,0.3,0.2", "--density", "0.4", "--out"].map(String::from));
+    args.push(out.display().to_string());
+    args.extend(clients.iter().map(|c| c.display().to_string()));
+    let res = fedtune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let got_bytes = std::fs::read(&out).unwrap();
+    let got = SafeTensors::deserialize(&got_bytes).unwrap();
+    let got = f32s(&got.tensor("model.weight").unwrap());
+    let want = f32s(&st.tensor("ties").unwrap());
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-6, "{d}");
+}
+
+#[test]
+fn merge_rejects_mismatched_inputs_naming_the_tensor() {
+    let bytes = std::fs::read(testdata().join("merge/merge_reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let dir = tmpdir("merge-bad");
+    let base = split(&st, "base", &dir);
+    let other = dir.join("other.safetensors");
+    let data = vec![0u8; 4 * 6];
+    let view = TensorView::new(Dtype::F32, vec![2, 3], &data).unwrap();
+    safetensors::serialize_to_file([("model.weight", view)], None, &other).unwrap();
+    let res = fedtune(&[
+        "merge",
+        "--method",
+        "linear",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        dir.join("o.safetensors").to_str().unwrap(),
+        other.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("model.weight") && err.contains("shape"),
+        "{err}"
+    );
+}
+
+fn eval_loss(adapter: &Path) -> f64 {
+    let t = testdata().join("tiny-llama");
+    let out = fedtune(&[
+        "eval",
+        "--model",
+        t.join("model").to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        t.join("conversation.jsonl").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn merge_adapters_of_copies_gives_back_the_adapter() {
+    let adapter = testdata().join("tiny-llama/adapter");
+    let want = eval_loss(&adapter);
+    for method in ["fedavg-exact", "fedavg-factors", "median", "ties"] {
+        let out = tmpdir(&format!("ma-{method}"));
+        let res = fedtune(&[
+            "merge-adapters",
+            "--method",
+            method,
+            "--density",
+            "1.0",
+            "--output",
+            out.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+        ]);
+        assert!(
+            res.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let cfg: HashMap<String, serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        let got = eval_loss(&out);
+        assert!((got - want).abs() < 1e-4, "{method}: {got} vs {want}");
+    }
+}
