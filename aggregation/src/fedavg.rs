@@ -16,6 +16,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use crate::error::{AggregationError, Result};
 use crate::lowrank::{combination_norm_sq, combine};
 use crate::matrix::Matrix;
@@ -45,15 +47,42 @@ impl Input<'_> {
     }
 }
 
+/// `Σ wₖxₖ` over same-length slices: one streaming pass, parallel over chunks that stay in
+/// L1 while every input is added (f32 accumulation, vectorised; no `mul_add`, which is a
+/// library call on targets without FMA).
+pub fn weighted_average(inputs: &[&[f32]], weights: &[f64]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 13;
+    let n = inputs.first().map_or(0, |x| x.len());
+    let w: Vec<f32> = weights.iter().map(|w| *w as f32).collect();
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let start = c * CHUNK;
+        // Write before reading: a fresh allocation's first read would map the shared zero
+        // page and fault again on the write.
+        match inputs.first() {
+            Some(x0) => {
+                let x0 = &x0[start..start + o.len()];
+                for (o, v) in o.iter_mut().zip(x0) {
+                    *o = v * w[0];
+                }
+            }
+            None => return,
+        }
+        for (x, &wk) in inputs.iter().zip(&w).skip(1) {
+            let x = &x[start..start + o.len()];
+            for (o, v) in o.iter_mut().zip(x) {
+                *o += v * wk;
+            }
+        }
+    });
+    out
+}
+
 fn weighted_sum(parts: &[(f64, &Matrix)]) -> Matrix {
     let (rows, cols) = parts[0].1.shape();
-    let mut out = vec![0f64; rows * cols];
-    for (w, m) in parts {
-        for (o, v) in out.iter_mut().zip(&m.data) {
-            *o += w * *v as f64;
-        }
-    }
-    Matrix::new(rows, cols, out.into_iter().map(|v| v as f32).collect())
+    let inputs: Vec<&[f32]> = parts.iter().map(|(_, m)| m.data.as_slice()).collect();
+    let weights: Vec<f64> = parts.iter().map(|(w, _)| *w).collect();
+    Matrix::new(rows, cols, weighted_average(&inputs, &weights))
 }
 
 /// Example-weighted mean of the dense tensors (shared by every rule that averages).
@@ -127,28 +156,31 @@ pub fn fedavg_exact(
     coefficients: &[f64],
     rank: Option<usize>,
 ) -> (Adapter, f64) {
-    let mut modules = BTreeMap::new();
-    let mut min_energy = 1.0f64;
     let kept: f64 = input
         .weights
         .iter()
         .zip(coefficients)
         .map(|(p, c)| p * c)
         .sum();
-    for name in input.module_names() {
-        let mut terms: Vec<(f64, &LoraFactors)> = (0..input.results.len())
-            .map(|k| (input.weights[k] * coefficients[k], input.module(k, &name)))
-            .collect();
-        if let Some(g) = input.global.modules.get(&name)
-            && (1.0 - kept).abs() > 1e-12
-        {
-            terms.push((1.0 - kept, g));
-        }
-        let scale = terms[0].1.scale;
-        let (factors, energy) = combine(&terms, rank, scale);
-        min_energy = min_energy.min(energy);
-        modules.insert(name, factors);
-    }
+    let names = input.module_names();
+    let done: Vec<(String, LoraFactors, f64)> = names
+        .par_iter()
+        .map(|name| {
+            let mut terms: Vec<(f64, &LoraFactors)> = (0..input.results.len())
+                .map(|k| (input.weights[k] * coefficients[k], input.module(k, name)))
+                .collect();
+            if let Some(g) = input.global.modules.get(name)
+                && (1.0 - kept).abs() > 1e-12
+            {
+                terms.push((1.0 - kept, g));
+            }
+            let scale = terms[0].1.scale;
+            let (factors, energy) = combine(&terms, rank, scale);
+            (name.clone(), factors, energy)
+        })
+        .collect();
+    let min_energy = done.iter().map(|d| d.2).fold(1.0f64, f64::min);
+    let modules: BTreeMap<String, LoraFactors> = done.into_iter().map(|(n, f, _)| (n, f)).collect();
     (
         Adapter {
             modules,

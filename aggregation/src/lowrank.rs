@@ -60,12 +60,37 @@ pub fn combination_norm_sq(terms: &[(f64, &LoraFactors)]) -> f64 {
 /// The exact stacked factors of `Σ cₖ·sₖ·Bₖ·Aₖ`: `A* = vcat(cₖAₖ)`, `B* = hcat(sₖBₖ)`, so that
 /// `B*A* = Σ cₖsₖBₖAₖ` at rank `Σ rₖ` (scale 1).
 pub fn stack(terms: &[(f64, &LoraFactors)]) -> LoraFactors {
-    let a_parts: Vec<Matrix> = terms.iter().map(|(c, f)| f.a.scaled(*c as f32)).collect();
-    let b_parts: Vec<Matrix> = terms.iter().map(|(_, f)| f.b.scaled(f.scale)).collect();
+    stack_scaled(terms, 1.0)
+}
+
+/// [`stack`] with `B*` divided by `scale` (so that `scale·B*A* = Σ cₖsₖBₖAₖ`), in one copy.
+pub fn stack_scaled(terms: &[(f64, &LoraFactors)], scale: f32) -> LoraFactors {
+    let inp = terms.first().map_or(0, |t| t.1.a.cols);
+    let out = terms.first().map_or(0, |t| t.1.b.rows);
+    let rank: usize = terms.iter().map(|t| t.1.rank()).sum();
+    let mut a = Vec::with_capacity(rank * inp);
+    for (c, f) in terms {
+        let c = *c as f32;
+        a.extend(f.a.data.iter().map(|v| v * c));
+    }
+    let mut b = vec![0f32; out * rank];
+    b.par_chunks_mut(rank.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            let mut col = 0;
+            for (_, f) in terms {
+                let s = f.scale / scale;
+                let r = f.rank();
+                for (dst, v) in row[col..col + r].iter_mut().zip(f.b.row(i)) {
+                    *dst = v * s;
+                }
+                col += r;
+            }
+        });
     LoraFactors {
-        a: Matrix::vcat(&a_parts.iter().collect::<Vec<_>>()),
-        b: Matrix::hcat(&b_parts.iter().collect::<Vec<_>>()),
-        scale: 1.0,
+        a: Matrix::new(rank, inp, a),
+        b: Matrix::new(out, rank, b),
+        scale,
     }
 }
 
@@ -77,9 +102,12 @@ pub fn combine(
     rank: Option<usize>,
     scale: f32,
 ) -> (LoraFactors, f64) {
+    if rank.is_none() {
+        return (stack_scaled(terms, scale), 1.0);
+    }
     let stacked = stack(terms);
     let (b, a, energy) = match rank {
-        None => (stacked.b, stacked.a, 1.0),
+        None => unreachable!("handled above"),
         Some(r) => {
             let Refactored {
                 a,

@@ -104,10 +104,161 @@ impl MergeParams {
     }
 }
 
-const CHUNK: usize = 1 << 14;
+const CHUNK: usize = 1 << 12;
 
-/// The smallest magnitude kept when trimming `τ = x − base` to its `keep` largest magnitudes.
+/// For every client, the smallest magnitude kept when trimming `τₖ = xₖ − base` to its
+/// `keep` largest magnitudes.
+///
+/// A sample of 2^20 magnitudes per client (16-element runs at a regular stride) brackets its
+/// threshold; one pass over all
+/// clients together (reading the base once) counts the values above each bracket and collects
+/// those inside it, and a selection inside the bracket gives the exact value. When a sample's
+/// bracket misses (a vanishing probability) or the tensor is small, the exact histogram method
+/// ([`trim_threshold`]) decides.
+fn trim_thresholds(models: &[&[f32]], base: Option<&[f32]>, keep: usize) -> Vec<f32> {
+    const SAMPLE: usize = 1 << 20;
+    let n = models[0].len();
+    if keep >= n {
+        return vec![0.0; models.len()];
+    }
+    if n <= 8 * SAMPLE {
+        return models
+            .iter()
+            .map(|m| trim_threshold(m, base, keep))
+            .collect();
+    }
+    let p = keep as f64 / n as f64;
+    // The ±0.2% bracket around the target quantile is ≈ 5 standard errors of a 2^20 sample.
+    let brackets: Vec<(f32, f32)> = models
+        .par_iter()
+        .map(|x| {
+            // 16-element runs at a regular stride: one cache line per 16 samples.
+            const RUN: usize = 16;
+            let stride = n / (SAMPLE / RUN);
+            let mut sample: Vec<f32> = (0..SAMPLE)
+                .map(|s| {
+                    let i = (s / RUN) * stride + s % RUN;
+                    (x[i] - base.map_or(0.0, |b| b[i])).abs()
+                })
+                .collect();
+            // Ranks counted from the largest.
+            let rank = |q: f64| ((q * SAMPLE as f64) as usize).min(SAMPLE - 1);
+            let (hi_rank, lo_rank) = (rank((p - 0.002).max(0.0)), rank((p + 0.002).min(1.0)));
+            let desc = |a: &f32, b: &f32| b.total_cmp(a);
+            let lo = *sample.select_nth_unstable_by(lo_rank, desc).1;
+            let hi = *sample[..lo_rank.max(1)]
+                .select_nth_unstable_by(hi_rank.min(lo_rank.max(1) - 1), desc)
+                .1;
+            (lo, hi.max(lo))
+        })
+        .collect();
+    let k_n = models.len();
+    // Per chunk of 16 Ki elements: counts and candidates for every client. Collected once and
+    // concatenated once (a tree reduction would copy the candidates at every level).
+    const BIG: usize = CHUNK * 4;
+    let per_chunk: Vec<(Vec<usize>, Vec<Vec<f32>>)> = (0..n.div_ceil(BIG))
+        .into_par_iter()
+        .map(|c| {
+            let r = c * BIG..((c + 1) * BIG).min(n);
+            let b = base.map(|b| &b[r.clone()]);
+            let mut above = vec![0usize; k_n];
+            let mut inside = Vec::with_capacity(k_n);
+            for (k, x) in models.iter().enumerate() {
+                let (lo, hi) = brackets[k];
+                let (a, i) = count_bracket(&x[r.clone()], b, lo, hi);
+                above[k] = a;
+                inside.push(i);
+            }
+            (above, inside)
+        })
+        .collect();
+    let above: Vec<usize> = (0..k_n)
+        .map(|k| per_chunk.iter().map(|(a, _)| a[k]).sum())
+        .collect();
+    let inside: Vec<Vec<f32>> = (0..k_n)
+        .into_par_iter()
+        .map(|k| {
+            let mut v = Vec::with_capacity(per_chunk.iter().map(|(_, i)| i[k].len()).sum());
+            for (_, i) in &per_chunk {
+                v.extend_from_slice(&i[k]);
+            }
+            v
+        })
+        .collect();
+    let mut inside = inside;
+    (0..k_n)
+        .map(|k| {
+            let (a, mut ins) = (above[k], std::mem::take(&mut inside[k]));
+            if a < keep && a + ins.len() >= keep {
+                let idx = ins.len() - (keep - a);
+                let (_, v, _) = ins.select_nth_unstable_by(idx, f32::total_cmp);
+                *v
+            } else {
+                trim_threshold(models[k], base, keep)
+            }
+        })
+        .collect()
+}
+
+/// The smallest magnitude kept when trimming `τ = x − base` to its `keep` largest magnitudes
+/// (exact, from a histogram of the float bit patterns).
 fn trim_threshold(x: &[f32], base: Option<&[f32]>, keep: usize) -> f32 {
+    trim_threshold_histogram(x, base, keep)
+}
+
+/// Counts `|x − b| > hi` and collects the magnitudes in `[lo, hi]`.
+fn count_bracket(x: &[f32], b: Option<&[f32]>, lo: f32, hi: f32) -> (usize, Vec<f32>) {
+    #[inline(always)]
+    fn body(x: &[f32], b: Option<&[f32]>, lo: f32, hi: f32) -> (usize, Vec<f32>) {
+        let zero;
+        let b = match b {
+            Some(b) => b,
+            None => {
+                zero = vec![0f32; x.len()];
+                &zero
+            }
+        };
+        // Vectorised pass: count above the bracket, mark candidates with a byte flag; then scan
+        // the flags 8 at a time as u64 words (candidates are rare, so few words are non-zero).
+        let mut above = 0u32;
+        let mut flags = vec![0u8; x.len()];
+        for ((f, v), bb) in flags.iter_mut().zip(x).zip(b) {
+            let m = (v - bb).abs();
+            above += u32::from(m > hi);
+            *f = u8::from(m >= lo && m <= hi);
+        }
+        let mut inside = Vec::new();
+        for (w, word) in flags.chunks(8).enumerate() {
+            let bits = match <[u8; 8]>::try_from(word) {
+                Ok(bytes) => u64::from_ne_bytes(bytes),
+                Err(_) => 1, // the short tail: just scan it
+            };
+            if bits != 0 {
+                for (j, f) in word.iter().enumerate() {
+                    if *f != 0 {
+                        let i = w * 8 + j;
+                        inside.push((x[i] - b[i]).abs());
+                    }
+                }
+            }
+        }
+        (above as usize, inside)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(x: &[f32], b: Option<&[f32]>, lo: f32, hi: f32) -> (usize, Vec<f32>) {
+        body(x, b, lo, hi)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { avx2(x, b, lo, hi) };
+    }
+    body(x, b, lo, hi)
+}
+
+/// Exact threshold from a histogram of the float bit patterns (two passes).
+fn trim_threshold_histogram(x: &[f32], base: Option<&[f32]>, keep: usize) -> f32 {
     let n = x.len();
     if keep >= n {
         return 0.0;
@@ -119,16 +270,19 @@ fn trim_threshold(x: &[f32], base: Option<&[f32]>, keep: usize) -> f32 {
         let t = x[i] - base.map_or(0.0, |b| b[i]);
         t.abs().to_bits()
     };
-    // Pass 1: histogram of the top 16 bits of |τ| (monotone in |τ| for non-negative floats).
+    // Pass 1: histogram of the top 16 bits of |τ| (monotone in |τ| for non-negative floats),
+    // one histogram per worker.
     let hist = (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| {
-            let mut h = vec![0u32; 1 << 16];
-            for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
-                h[(mag(i) >> 16) as usize] += 1;
-            }
-            h
-        })
+        .fold(
+            || vec![0u32; 1 << 16],
+            |mut h, c| {
+                for i in c * CHUNK..((c + 1) * CHUNK).min(n) {
+                    h[(mag(i) >> 16) as usize] += 1;
+                }
+                h
+            },
+        )
         .reduce(
             || vec![0u32; 1 << 16],
             |mut a, b| {
@@ -209,86 +363,199 @@ pub fn merge(
                 params.density
             )));
         }
-        models
-            .iter()
-            .map(|m| trim_threshold(m, base, keep))
-            .collect()
+        trim_thresholds(models, base, keep)
     } else {
         vec![0.0; models.len()]
     };
-    let keep_p = 1.0 - params.drop_rate;
+    let ctx = Chunked {
+        models,
+        base,
+        w32: weights.iter().map(|w| *w as f32).collect(),
+        thresholds,
+        weight_sum: weights.iter().sum(),
+        params: *params,
+        tensor,
+        dare,
+        consensus,
+    };
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (c, out)| {
+            ctx.run(c, out, scratch)
+        });
+    Ok(out)
+}
+
+/// Per-thread buffers of the merge kernel (reused across chunks).
+#[derive(Default)]
+struct Scratch {
+    tasks: Vec<f32>,
+    sum: Vec<f32>,
+    sign: Vec<f32>,
+    mixed: Vec<f32>,
+    div: Vec<f32>,
+}
+
+/// Everything one chunk of a merge needs.
+struct Chunked<'a> {
+    models: &'a [&'a [f32]],
+    base: Option<&'a [f32]>,
+    w32: Vec<f32>,
+    thresholds: Vec<f32>,
+    weight_sum: f64,
+    params: MergeParams,
+    tensor: u64,
+    dare: bool,
+    consensus: bool,
+}
+
+impl Chunked<'_> {
+    /// Runs chunk `c` with the widest vector instructions the CPU has.
+    fn run(&self, c: usize, out: &mut [f32], scratch: &mut Scratch) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected at run time.
+            unsafe { self.chunk_avx2(c, out, scratch) };
+            return;
+        }
+        self.chunk(c, out, scratch);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chunk_avx2(&self, c: usize, out: &mut [f32], scratch: &mut Scratch) {
+        self.chunk(c, out, scratch);
+    }
+
+    /// The weighted, DARE-masked task vector of client `k` over chunk `c`.
+    #[inline(always)]
+    fn dare_task(&self, k: usize, c: usize, b: &[f32], buf: &mut [f32]) {
+        let start = c * CHUNK;
+        let x = &self.models[k][start..start + buf.len()];
+        let w = self.w32[k];
+        let keep_p = 1.0 - self.params.drop_rate;
+        let inv_keep = (1.0 / keep_p) as f32;
+        let mut rng = dare_rng(self.params.seed, self.tensor, k, c);
+        for ((t, v), bb) in buf.iter_mut().zip(x).zip(b) {
+            let keep = rng.random::<f64>() < keep_p;
+            *t = if keep { w * (v - bb) * inv_keep } else { 0.0 };
+        }
+    }
+
+    #[inline(always)]
+    fn chunk(&self, c: usize, out: &mut [f32], scratch: &mut Scratch) {
+        let p = &self.params;
         let start = c * CHUNK;
         let len = out.len();
-        // DARE masks for this chunk, one stream per client.
-        let masks: Vec<Vec<bool>> = if dare && params.drop_rate > 0.0 {
-            (0..models.len())
-                .map(|k| {
-                    let mut rng = dare_rng(params.seed, tensor, k, c);
-                    (0..len).map(|_| rng.random::<f64>() < keep_p).collect()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut wt = vec![0f64; models.len()];
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = start + j;
-            let b = base.map_or(0.0, |b| b[i]);
-            if params.method == MergeMethod::Linear {
-                let mut s = 0f64;
-                let mut w = 0f64;
-                for (m, wk) in models.iter().zip(weights) {
-                    s += wk * m[i] as f64;
-                    w += wk;
-                }
-                let w = if params.normalize && w.abs() >= 1e-8 {
-                    w
+        let lambda = p.lambda as f32;
+        if p.method == MergeMethod::Linear {
+            // Σ wₖxₖ / Σ wₖ (written before read: see `fedavg::weighted_average`).
+            let div = if p.normalize && self.weight_sum.abs() >= 1e-8 {
+                self.weight_sum
+            } else {
+                1.0
+            };
+            let inv = (1.0 / div) as f32;
+            for (k, m) in self.models.iter().enumerate() {
+                let (x, w) = (&m[start..start + len], self.w32[k] * inv);
+                if k == 0 {
+                    for (o, v) in out.iter_mut().zip(x) {
+                        *o = w * v;
+                    }
                 } else {
-                    1.0
-                };
-                *o = (s / w) as f32;
-                continue;
-            }
-            for (k, m) in models.iter().enumerate() {
-                let mut t = (m[i] - b) as f64;
-                if ties && (t.abs() as f32) < thresholds[k] {
-                    t = 0.0;
-                }
-                if !masks.is_empty() {
-                    t = if masks[k][j] { t / keep_p } else { 0.0 };
-                }
-                wt[k] = weights[k] * t;
-            }
-            let (mixed, divisor) = if consensus {
-                let sign = if wt.iter().sum::<f64>() >= 0.0 {
-                    1.0
-                } else {
-                    -1.0
-                };
-                let mut mixed = 0.0;
-                let mut div = 0.0;
-                for (k, v) in wt.iter().enumerate() {
-                    if *v != 0.0 && v.signum() == sign {
-                        mixed += v;
-                        div += weights[k];
+                    for (o, v) in out.iter_mut().zip(x) {
+                        *o += w * v;
                     }
                 }
-                (mixed, if div == 0.0 { 1.0 } else { div })
-            } else {
-                let div: f64 = weights.iter().sum();
-                (wt.iter().sum(), if div.abs() < 1e-8 { 1.0 } else { div })
-            };
-            let mixed = if params.normalize {
-                mixed / divisor
-            } else {
-                mixed
-            };
-            *o = (b as f64 + params.lambda * mixed) as f32;
+            }
+            return;
         }
-    });
-    Ok(out)
+        let zero;
+        let b: &[f32] = match self.base {
+            Some(b) => &b[start..start + len],
+            None => {
+                zero = vec![0f32; len];
+                &zero
+            }
+        };
+        let k_n = self.models.len();
+        scratch.tasks.resize(k_n * CHUNK, 0.0);
+        scratch.sum.resize(CHUNK, 0.0);
+        let sum = &mut scratch.sum[..len];
+        // Each client's weighted, sparsified task vector, computed once.
+        for k in 0..k_n {
+            let t = &mut scratch.tasks[k * CHUNK..k * CHUNK + len];
+            if self.dare && p.drop_rate > 0.0 {
+                self.dare_task(k, c, b, t);
+            } else {
+                let (x, w, thr) = (
+                    &self.models[k][start..start + len],
+                    self.w32[k],
+                    self.thresholds[k],
+                );
+                for ((t, v), bb) in t.iter_mut().zip(x).zip(b) {
+                    let d = v - bb;
+                    *t = if d.abs() >= thr { w * d } else { 0.0 };
+                }
+            }
+            if k == 0 {
+                sum.copy_from_slice(t);
+            } else {
+                for (s, t) in sum.iter_mut().zip(t.iter()) {
+                    *s += t;
+                }
+            }
+        }
+        if self.consensus {
+            // sign(Σ) with 0 counting as +; a term agrees when t·sign > 0.
+            scratch.sign.resize(CHUNK, 0.0);
+            scratch.mixed.resize(CHUNK, 0.0);
+            scratch.div.resize(CHUNK, 0.0);
+            let sign = &mut scratch.sign[..len];
+            for (g, s) in sign.iter_mut().zip(sum.iter()) {
+                *g = if *s >= 0.0 { 1.0 } else { -1.0 };
+            }
+            let mixed = &mut scratch.mixed[..len];
+            let div = &mut scratch.div[..len];
+            mixed.fill(0.0);
+            div.fill(0.0);
+            for k in 0..k_n {
+                let t = &scratch.tasks[k * CHUNK..k * CHUNK + len];
+                let w = self.w32[k];
+                for (((m, dv), t), g) in
+                    mixed.iter_mut().zip(div.iter_mut()).zip(t).zip(sign.iter())
+                {
+                    let agreeing = (t * g).max(0.0);
+                    *m += agreeing;
+                    *dv += if agreeing > 0.0 { w } else { 0.0 };
+                }
+            }
+            for ((((o, m), dv), bb), g) in out
+                .iter_mut()
+                .zip(mixed.iter())
+                .zip(div.iter())
+                .zip(b)
+                .zip(sign.iter())
+            {
+                let d = if *dv == 0.0 { 1.0 } else { *dv };
+                let m = m * g;
+                let m = if p.normalize { m / d } else { m };
+                *o = bb + lambda * m;
+            }
+        } else {
+            let d = if self.weight_sum.abs() < 1e-8 {
+                1.0
+            } else {
+                self.weight_sum
+            } as f32;
+            for ((o, s), bb) in out.iter_mut().zip(sum.iter()).zip(b) {
+                let m = if p.normalize { s / d } else { *s };
+                *o = bb + lambda * m;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +575,24 @@ mod tests {
                 mags[keep - 1],
                 "keep {keep}"
             );
+        }
+    }
+
+    #[test]
+    fn sampled_thresholds_equal_the_exact_histogram_ones() {
+        let n = 9 << 20; // above 8·2^20: the sampled path
+        let mk = |seed: u64| -> Vec<f32> {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+        };
+        let (a, b, base) = (mk(1), mk(2), mk(3));
+        for keep in [1, 1000, n / 5, n / 2 + 3, n - 1] {
+            let fast = trim_thresholds(&[&a, &b], Some(&base), keep);
+            let exact = [
+                trim_threshold(&a, Some(&base), keep),
+                trim_threshold(&b, Some(&base), keep),
+            ];
+            assert_eq!(fast, exact, "keep {keep}");
         }
     }
 
