@@ -26,3 +26,4 @@ pub mod loader;
 
 pub use loader::{LoadedModel, load_model};
 pub mod generate;
+pub mod nf4;
