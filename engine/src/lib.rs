@@ -27,3 +27,4 @@ pub mod loader;
 pub use loader::{LoadedModel, load_model};
 pub mod generate;
 pub mod nf4;
+pub mod train;

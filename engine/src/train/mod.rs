@@ -1,0 +1,3 @@
+//! Training: a hand-written forward/backward over burn tensors ([`step`], [`ops`]).
+pub mod ops;
+pub mod step;

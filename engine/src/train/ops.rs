@@ -1,0 +1,172 @@
+//! Forward and backward of the decoder's building blocks, written out by hand on burn tensors.
+//! Training does not record an autodiff graph: each block keeps exactly what its backward needs
+//! (see [`super::step`]), which bounds memory, and frozen weights never enter a graph.
+//!
+//! Derivatives (rows are tokens):
+//! - RMSNorm `y = w ⊙ x̂`, `x̂ = x·r`, `r = (mean(x²)+ε)^-½`:
+//!   `dx = r ⊙ (g − x̂ ⊙ mean(g ⊙ x̂))` with `g = dy ⊙ w`; `dw = Σ_rows dy ⊙ x̂`.
+//! - RoPE `q' = q ⊙ cos + R(q) ⊙ sin`, `R([a, b]) = [−b, a]`: `dq = dq' ⊙ cos + Rᵀ(dq' ⊙ sin)`,
+//!   `Rᵀ([a, b]) = [b, −a]`.
+//! - Attention `P = softmax(s·QKᵀ + M)`, `O = PV`: `dV = PᵀdO`, `dP = dO·Vᵀ`,
+//!   `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = s·dS·K`, `dK = s·dSᵀ·Q`.
+//! - SwiGLU `a = silu(g) ⊙ u`: `du = da ⊙ silu(g)`,
+//!   `dg = da ⊙ u ⊙ σ(g)·(1 + g·(1 − σ(g)))`.
+//! - LoRA linear `y = xWᵀ + b + s·(xAᵀ)Bᵀ`: `dx = dy·W + s·(dy·B)·A`, `dB = s·dyᵀ(xAᵀ)`,
+//!   `dA = s·(dy·B)ᵀx`, `dW = dyᵀx`, `db = Σ_rows dy`.
+//! - Log-probability of a target under the LM head, `ℓ = (hWᵀ)_y − logsumexp(hWᵀ)`:
+//!   `dℓ/dh = W_y − softmax(hWᵀ)·W`, computed in the forward pass (rows of logits never
+//!   outlive their chunk) so that backward is a scale per row.
+
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+/// RMSNorm forward: returns `y` and the per-row `r = (mean(x²)+ε)^-½` `[n, 1]`.
+pub fn rmsnorm(x: &Tensor<2>, w: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
+    let r = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+    let y = x.clone() * r.clone() * w.clone().unsqueeze::<2>();
+    (y, r)
+}
+
+/// RMSNorm backward: `dx` and, when wanted, `dw` `[d]`.
+pub fn rmsnorm_backward(
+    x: &Tensor<2>,
+    r: &Tensor<2>,
+    w: &Tensor<1>,
+    dy: Tensor<2>,
+    want_dw: bool,
+) -> (Tensor<2>, Option<Tensor<1>>) {
+    let xhat = x.clone() * r.clone();
+    let dw = want_dw.then(|| (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0));
+    let g = dy * w.clone().unsqueeze::<2>();
+    let m = (g.clone() * xhat.clone()).mean_dim(1);
+    let dx = r.clone() * (g - xhat * m);
+    (dx, dw)
+}
+
+/// `[a, b] → [−b, a]` on the last dimension.
+fn rotate(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..t, d / 2..d]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+/// `[a, b] → [b, −a]` (the transpose of [`rotate`]).
+fn rotate_t(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..t, d / 2..d]);
+    Tensor::cat(vec![x2, x1.neg()], 3)
+}
+
+/// RoPE forward.
+pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    x.clone() * cos.clone() + rotate(x) * sin.clone()
+}
+
+/// RoPE backward.
+pub fn rope_backward(dy: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    dy.clone() * cos.clone() + rotate_t(dy * sin.clone())
+}
+
+/// Repeats KV heads for GQA: `[b, kv, t, d] → [b, kv·g, t, d]`.
+pub fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, groups, t, d])
+        .reshape([b, kv * groups, t, d])
+}
+
+/// Sums the gradients of repeated KV heads: `[b, kv·g, t, d] → [b, kv, t, d]`.
+pub fn sum_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, h, t, d] = x.dims();
+    x.reshape([b, h / groups, groups, t, d])
+        .sum_dim(2)
+        .reshape([b, h / groups, t, d])
+}
+
+/// Attention probabilities `softmax(s·QKᵀ + mask)` `[b, h, tq, tk]`; `mask` is `true` where
+/// hidden.
+pub fn attention_probs(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    scale: f64,
+    mask: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    let s = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale;
+    softmax(s.mask_fill(mask.clone(), f32::NEG_INFINITY), 3)
+}
+
+/// Attention backward from recomputed probabilities: returns `(dQ, dK, dV)` per query head.
+pub fn attention_backward(
+    p: Tensor<4>,
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    d_out: Tensor<4>,
+    scale: f64,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let dv = p.clone().swap_dims(2, 3).matmul(d_out.clone());
+    let dp = d_out.matmul(v.clone().swap_dims(2, 3));
+    let rowsum = (dp.clone() * p.clone()).sum_dim(3);
+    let ds = p * (dp - rowsum);
+    let dq = ds.clone().matmul(k.clone()) * scale;
+    let dk = ds.swap_dims(2, 3).matmul(q.clone()) * scale;
+    (dq, dk, dv)
+}
+
+/// SwiGLU forward `silu(g) ⊙ u`.
+pub fn swiglu(g: &Tensor<2>, u: &Tensor<2>) -> Tensor<2> {
+    silu(g.clone()) * u.clone()
+}
+
+/// SwiGLU backward: `(dg, du)`.
+pub fn swiglu_backward(g: &Tensor<2>, u: &Tensor<2>, da: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+    let sig = sigmoid(g.clone());
+    let silu_g = g.clone() * sig.clone();
+    let du = da.clone() * silu_g;
+    let dsilu = sig.clone() * ((sig.neg() + 1.0) * g.clone() + 1.0);
+    let dg = da * u.clone() * dsilu;
+    (dg, du)
+}
+
+/// Log-probabilities of `targets` for hidden rows `h` `[n, hidden]` under the LM head `w`
+/// `[vocab, hidden]`, with `dℓ/dh` per row, in chunks of `chunk` rows.
+pub fn target_logprobs_with_grad(
+    h: &Tensor<2>,
+    w: &Tensor<2>,
+    targets: &[u32],
+    chunk: usize,
+) -> (Tensor<1>, Tensor<2>) {
+    let n = targets.len();
+    let hidden = h.dims()[1];
+    let device = h.device();
+    let wt = w.clone().transpose();
+    let mut lps = Vec::new();
+    let mut grads = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let end = (start + chunk).min(n);
+        let hc = h.clone().slice([start..end, 0..hidden]);
+        let logits = hc.matmul(wt.clone());
+        let p = softmax(logits.clone(), 1);
+        let idx: Vec<i64> = targets[start..end].iter().map(|&t| t as i64).collect();
+        let idx1 =
+            Tensor::<1, Int>::from_data(TensorData::new(idx.clone(), [end - start]), &device);
+        let idx2 = Tensor::<2, Int>::from_data(TensorData::new(idx, [end - start, 1]), &device);
+        // log p(y) = logit_y − logsumexp; logsumexp = max + log Σ exp(· − max)
+        let max = logits.clone().max_dim(1);
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        lps.push((logits.gather(1, idx2) - lse).reshape([end - start]));
+        let wy = w.clone().select(0, idx1);
+        grads.push(wy - p.matmul(w.clone()));
+        start = end;
+    }
+    (Tensor::cat(lps, 0), Tensor::cat(grads, 0))
+}

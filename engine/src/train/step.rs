@@ -1,0 +1,632 @@
+//! One training forward and backward pass through the decoder, by hand (see [`super::ops`]).
+//!
+//! What each layer keeps for backward (per token): its input `x`, the two RMSNorm factors, the
+//! rotated `q`/`k` and `v`, the attention output `o`, the residual `h`, the MLP's `gate` and `up`,
+//! and the small `x·Aᵀ` of every LoRA branch. Normalised inputs, attention probabilities, and
+//! the SwiGLU product are recomputed in backward. The LM head runs only on trained positions,
+//! in chunks, and keeps one `[n_targets, hidden]` gradient direction instead of logits.
+//!
+//! Gradients flow only where something is trained: below the lowest trained layer nothing is
+//! computed, and the first layer's input gradient is skipped unless the embedding is trained.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::ops;
+use crate::model::{Linear, LlamaModel, Positions};
+
+/// Which parameters receive gradients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trainable {
+    /// LoRA factors of every projection that has an adapter attached.
+    pub lora: bool,
+    /// Blocks whose own weights (projections, norms) are trained, `first..num_layers`.
+    pub first_full_layer: Option<usize>,
+    /// The final norm.
+    pub final_norm: bool,
+    /// The LM head (the embedding when tied).
+    pub head: bool,
+    /// The input embedding (full fine-tuning).
+    pub embedding: bool,
+}
+
+impl Trainable {
+    /// LoRA only.
+    pub fn lora() -> Self {
+        Trainable {
+            lora: true,
+            first_full_layer: None,
+            final_norm: false,
+            head: false,
+            embedding: false,
+        }
+    }
+
+    /// Everything (full fine-tuning).
+    pub fn full() -> Self {
+        Trainable {
+            lora: false,
+            first_full_layer: Some(0),
+            final_norm: true,
+            head: true,
+            embedding: true,
+        }
+    }
+
+    /// The last `n` blocks, the final norm and the head.
+    pub fn last_layers(n: usize, num_layers: usize) -> Self {
+        Trainable {
+            lora: false,
+            first_full_layer: Some(num_layers.saturating_sub(n)),
+            final_norm: true,
+            head: true,
+            embedding: false,
+        }
+    }
+
+    fn layer_full(&self, i: usize) -> bool {
+        self.first_full_layer.is_some_and(|f| i >= f)
+    }
+
+    /// The lowest layer gradients must reach.
+    fn lowest(&self, num_layers: usize) -> usize {
+        if self.lora || self.embedding {
+            0
+        } else {
+            self.first_full_layer.unwrap_or(num_layers)
+        }
+    }
+}
+
+/// A trained position: the flat index `row·len + t` whose hidden state predicts `id`, and the
+/// sequence it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Flat index of the predicting position.
+    pub pos: usize,
+    /// Target token.
+    pub id: u32,
+    /// Sequence index in the batch (for per-sequence losses such as DPO).
+    pub seq: usize,
+}
+
+/// A batch ready for a training step.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    /// Ids `[batch·len]`.
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Padded length.
+    pub len: usize,
+    /// Positions of the tokens.
+    pub positions: Positions,
+    /// Segment per token (packing; 0 = padding), or `None` for one sequence per row.
+    pub segments: Option<Vec<u32>>,
+    /// Trained positions.
+    pub targets: Vec<Target>,
+}
+
+/// Gradients by parameter name: LoRA factors as `{module}.lora_A` / `.lora_B`, other weights
+/// under their Hugging Face key. Vectors (norms, biases) are `[1, d]`.
+pub type Grads = BTreeMap<String, Tensor<2>>;
+
+struct LoraIn {
+    /// `x·Aᵀ` (after dropout when active) `[n, r]`.
+    u: Tensor<2>,
+    /// The dropout mask applied to `x` (already divided by the keep probability).
+    mask: Option<Tensor<2>>,
+}
+
+struct LayerSaved {
+    x: Tensor<2>,
+    r1: Tensor<2>,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    o: Tensor<2>,
+    h: Tensor<2>,
+    r2: Tensor<2>,
+    gate: Tensor<2>,
+    up: Tensor<2>,
+    lora: BTreeMap<&'static str, LoraIn>,
+}
+
+/// The state a forward pass leaves for backward.
+pub struct Forward {
+    layers: Vec<LayerSaved>,
+    x_final: Tensor<2>,
+    r_final: Tensor<2>,
+    mask: Tensor<4, Bool>,
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    /// `log p(target)` per target `[n_targets]`.
+    pub target_logps: Tensor<1>,
+    /// `dℓ/dh` per target `[n_targets, hidden]`.
+    grad_dirs: Tensor<2>,
+    /// Final hidden rows of the targets (kept only when the head is trained).
+    target_hidden: Option<Tensor<2>>,
+    rows: Tensor<1, Int>,
+    ids: Tensor<1, Int>,
+    targets: Vec<Target>,
+}
+
+/// Rows of logits computed at once in the LM head.
+const HEAD_CHUNK: usize = 256;
+
+fn lin_forward(
+    lin: &Linear,
+    x: &Tensor<2>,
+    dropout_seed: Option<u64>,
+) -> (Tensor<2>, Option<LoraIn>) {
+    let mut y = x.clone().matmul(lin.weight.clone().transpose());
+    if let Some(b) = &lin.bias {
+        y = y + b.clone().unsqueeze::<2>();
+    }
+    let Some(lora) = &lin.lora else {
+        return (y, None);
+    };
+    let mask = match dropout_seed {
+        Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, seed)),
+        _ => None,
+    };
+    let xin = match &mask {
+        Some(m) => x.clone() * m.clone(),
+        None => x.clone(),
+    };
+    let u = xin.matmul(lora.a.clone().transpose());
+    y = y + u.clone().matmul(lora.b.clone().transpose()) * lora.scale;
+    (y, Some(LoraIn { u, mask }))
+}
+
+/// An inverted-dropout mask (`keep/(1−p)` or 0) from a counter-based seed, so that the same
+/// step regenerates the same mask.
+fn dropout_mask(x: &Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
+    use rand::{Rng, SeedableRng};
+    let [n, d] = x.dims();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let m: Vec<f32> = (0..n * d)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(m, [n, d]), &x.device())
+}
+
+/// Backward of a projection: returns `dx` when wanted and adds parameter gradients to `grads`.
+#[allow(clippy::too_many_arguments)]
+fn lin_backward(
+    lin: &Linear,
+    name: &str,
+    x: &Tensor<2>,
+    saved: Option<&LoraIn>,
+    dy: Tensor<2>,
+    want_dx: bool,
+    train_lora: bool,
+    train_full: bool,
+    grads: &mut Grads,
+) -> Option<Tensor<2>> {
+    let mut dx = want_dx.then(|| dy.clone().matmul(lin.weight.clone()));
+    if train_full {
+        grads.insert(
+            format!("{name}.weight"),
+            dy.clone().transpose().matmul(x.clone()),
+        );
+        if lin.bias.is_some() {
+            grads.insert(format!("{name}.bias"), dy.clone().sum_dim(0));
+        }
+    }
+    if let (Some(lora), Some(saved)) = (&lin.lora, saved) {
+        let s = lora.scale;
+        let dyb = dy.clone().matmul(lora.b.clone()); // [n, r]
+        if train_lora {
+            grads.insert(
+                format!("{name}.lora_B"),
+                dy.transpose().matmul(saved.u.clone()) * s,
+            );
+            let xin = match &saved.mask {
+                Some(m) => x.clone() * m.clone(),
+                None => x.clone(),
+            };
+            grads.insert(
+                format!("{name}.lora_A"),
+                dyb.clone().transpose().matmul(xin) * s,
+            );
+        }
+        if let Some(d) = dx.take() {
+            let mut lora_dx = dyb.matmul(lora.a.clone()) * s;
+            if let Some(m) = &saved.mask {
+                lora_dx = lora_dx * m.clone();
+            }
+            dx = Some(d + lora_dx);
+        }
+    }
+    dx
+}
+
+/// Boolean attention mask `[b, 1→heads, t, t]` (true = hidden): causal, within segment.
+fn train_mask(
+    batch: &StepBatch,
+    heads: usize,
+    window: Option<usize>,
+    device: &burn::tensor::Device,
+) -> Tensor<4, Bool> {
+    let (b, t) = (batch.batch, batch.len);
+    let mut m = vec![false; b * t * t];
+    for bi in 0..b {
+        for qi in 0..t {
+            for ki in 0..t {
+                let mut hide = ki > qi;
+                if let Some(w) = window {
+                    hide |= qi >= ki + w;
+                }
+                if let Some(seg) = &batch.segments {
+                    let (sq, sk) = (seg[bi * t + qi], seg[bi * t + ki]);
+                    hide |= sk == 0 || sq != sk;
+                    if sq == 0 {
+                        hide = ki != qi;
+                    }
+                }
+                m[(bi * t + qi) * t + ki] = hide;
+            }
+        }
+    }
+    Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), device).expand([b, heads, t, t])
+}
+
+fn heads_of(x: Tensor<2>, b: usize, t: usize, h: usize, d: usize) -> Tensor<4> {
+    x.reshape([b, t, h, d]).swap_dims(1, 2)
+}
+
+fn rows_of(x: Tensor<4>) -> Tensor<2> {
+    let [b, h, t, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b * t, h * d])
+}
+
+/// The forward pass. `dropout_seed` seeds LoRA dropout (None disables it).
+pub fn forward(
+    model: &LlamaModel,
+    batch: &StepBatch,
+    trainable: &Trainable,
+    dropout_seed: Option<u64>,
+) -> Forward {
+    let cfg = &model.config;
+    let (b, t) = (batch.batch, batch.len);
+    let n = b * t;
+    let (hq, hkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let groups = hq / hkv;
+    let device = &model.device;
+    let ids = model.ids_tensor(&batch.ids, b, t);
+    let flat_ids = ids.clone().reshape([n]);
+    let mut x = burn::tensor::module::embedding(model.embed_tokens.clone(), ids)
+        .reshape([n, cfg.hidden_size]);
+    let (cos, sin) = model.rope.tables(&batch.positions, device);
+    let window = cfg.sliding_window.iter().flatten().next().copied();
+    let mask = train_mask(batch, hq, window, device);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut layers = Vec::with_capacity(model.layers.len());
+    let lowest = trainable.lowest(model.layers.len());
+    for (li, layer) in model.layers.iter().enumerate() {
+        let seed = |m: u64| {
+            dropout_seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        };
+        let a = &layer.self_attn;
+        let (n1, r1) = ops::rmsnorm(&x, &layer.input_layernorm.weight, layer.input_layernorm.eps);
+        let (q, lq) = lin_forward(&a.q_proj, &n1, seed(0));
+        let (k, lk) = lin_forward(&a.k_proj, &n1, seed(1));
+        let (v, lv) = lin_forward(&a.v_proj, &n1, seed(2));
+        let q = ops::rope(heads_of(q, b, t, hq, d), &cos, &sin);
+        let k = ops::rope(heads_of(k, b, t, hkv, d), &cos, &sin);
+        let v = heads_of(v, b, t, hkv, d);
+        let p = ops::attention_probs(&q, &ops::repeat_kv(k.clone(), groups), scale, &mask);
+        let o = rows_of(p.matmul(ops::repeat_kv(v.clone(), groups)));
+        let (attn, lo) = lin_forward(&a.o_proj, &o, seed(3));
+        let h = x.clone() + attn;
+        let m = &layer.mlp;
+        let (n2, r2) = ops::rmsnorm(
+            &h,
+            &layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.eps,
+        );
+        let (gate, lg) = lin_forward(&m.gate_proj, &n2, seed(4));
+        let (up, lu) = lin_forward(&m.up_proj, &n2, seed(5));
+        let act = ops::swiglu(&gate, &up);
+        let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
+        let y = h.clone() + down;
+        if li >= lowest {
+            let mut lora = BTreeMap::new();
+            for (k_, v_) in [
+                ("q_proj", lq),
+                ("k_proj", lk),
+                ("v_proj", lv),
+                ("o_proj", lo),
+                ("gate_proj", lg),
+                ("up_proj", lu),
+                ("down_proj", ld),
+            ] {
+                if let Some(v_) = v_ {
+                    lora.insert(k_, v_);
+                }
+            }
+            layers.push(LayerSaved {
+                x,
+                r1,
+                q,
+                k,
+                v,
+                o,
+                h,
+                r2,
+                gate,
+                up,
+                lora,
+            });
+        }
+        x = y;
+    }
+    let (hidden, r_final) = ops::rmsnorm(&x, &model.norm.weight, model.norm.eps);
+    let rows_v: Vec<i64> = batch.targets.iter().map(|t| t.pos as i64).collect();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
+    let target_h = hidden.select(0, rows.clone());
+    let ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
+    let (target_logps, grad_dirs) =
+        ops::target_logprobs_with_grad(&target_h, &model.lm_head_weight(), &ids, HEAD_CHUNK);
+    Forward {
+        layers,
+        x_final: x,
+        r_final,
+        mask,
+        cos,
+        sin,
+        target_logps,
+        grad_dirs,
+        target_hidden: trainable.head.then_some(target_h),
+        rows,
+        ids: flat_ids,
+        targets: batch.targets.clone(),
+    }
+}
+
+/// Gradient of the LM head for target rows with upstream `g` per row:
+/// `dW = Σᵢ gᵢ·(e_{yᵢ} − pᵢ)ᵀ hᵢ` (logits recomputed chunk by chunk).
+fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1>) -> Tensor<2> {
+    let w = model.lm_head_weight();
+    let [vocab, hidden] = w.dims();
+    let device = h.device();
+    let mut dw = Tensor::<2>::zeros([vocab, hidden], &device);
+    let n = targets.len();
+    let mut start = 0;
+    while start < n {
+        let end = (start + HEAD_CHUNK).min(n);
+        let hc = h.clone().slice([start..end, 0..hidden]);
+        let gc = g.clone().narrow(0, start, end - start).unsqueeze_dim::<2>(1);
+        let p = burn::tensor::activation::softmax(hc.clone().matmul(w.clone().transpose()), 1);
+        // dlogits = g·(onehot − p)
+        let idx: Vec<i64> = targets[start..end].iter().map(|t| t.id as i64).collect();
+        let idx2 = Tensor::<2, Int>::from_data(TensorData::new(idx, [end - start, 1]), &device);
+        let onehot = Tensor::<2>::zeros([end - start, vocab], &device).scatter(
+            1,
+            idx2,
+            Tensor::ones([end - start, 1], &device),
+            IndexingUpdateOp::Add,
+        );
+        let dlogits = (onehot - p) * gc;
+        dw = dw + dlogits.transpose().matmul(hc);
+        start = end;
+    }
+    dw
+}
+
+/// The backward pass for upstream gradients `d_logps` (one per target, `∂loss/∂log p`).
+pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &Trainable) -> Grads {
+    let cfg = &model.config;
+    let device = &model.device;
+    let mut grads = Grads::new();
+    let n_t = d_logps.len();
+    let g = Tensor::<1>::from_data(TensorData::new(d_logps.to_vec(), [n_t]), device);
+    if trainable.head
+        && let Some(h) = &fwd.target_hidden
+    {
+        let key = if model.lm_head.is_some() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        grads.insert(key.into(), head_grad(model, h, &fwd.targets, &g));
+    }
+    let d_rows = fwd.grad_dirs * g.unsqueeze_dim::<2>(1);
+    let [n, hidden] = fwd.x_final.dims();
+    let d_hidden = Tensor::<2>::zeros([n, hidden], device).select_assign(
+        0,
+        fwd.rows,
+        d_rows,
+        IndexingUpdateOp::Add,
+    );
+    let (mut dx, dw) = ops::rmsnorm_backward(
+        &fwd.x_final,
+        &fwd.r_final,
+        &model.norm.weight,
+        d_hidden,
+        trainable.final_norm,
+    );
+    if let Some(dw) = dw {
+        grads.insert("model.norm.weight".into(), dw.unsqueeze::<2>());
+    }
+    let (hq, hkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let groups = hq / hkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let lowest = trainable.lowest(model.layers.len());
+    let mut saved_layers = fwd.layers;
+    for li in (lowest..model.layers.len()).rev() {
+        let s = saved_layers
+            .pop()
+            .expect("one saved state per trained layer");
+        let layer = &model.layers[li];
+        let full = trainable.layer_full(li);
+        let lora = trainable.lora;
+        // The projections' input gradient feeds the layers below, the embedding, and this
+        // layer's own input-norm weight.
+        let want_input_dx = li > lowest || trainable.embedding || full;
+        let prefix = format!("model.layers.{li}");
+        let [b, _, t, _] = s.q.dims();
+        // MLP
+        let m = &layer.mlp;
+        let act = ops::swiglu(&s.gate, &s.up);
+        let da = lin_backward(
+            &m.down_proj,
+            &format!("{prefix}.mlp.down_proj"),
+            &act,
+            s.lora.get("down_proj"),
+            dx.clone(),
+            true,
+            lora,
+            full,
+            &mut grads,
+        )
+        .expect("dx wanted");
+        drop(act);
+        let (dg, du) = ops::swiglu_backward(&s.gate, &s.up, da);
+        let ln2 = &layer.post_attention_layernorm;
+        let (n2, _) = ops::rmsnorm(&s.h, &ln2.weight, ln2.eps);
+        let dn2_g = lin_backward(
+            &m.gate_proj,
+            &format!("{prefix}.mlp.gate_proj"),
+            &n2,
+            s.lora.get("gate_proj"),
+            dg,
+            true,
+            lora,
+            full,
+            &mut grads,
+        )
+        .expect("dx wanted");
+        let dn2_u = lin_backward(
+            &m.up_proj,
+            &format!("{prefix}.mlp.up_proj"),
+            &n2,
+            s.lora.get("up_proj"),
+            du,
+            true,
+            lora,
+            full,
+            &mut grads,
+        )
+        .expect("dx wanted");
+        drop(n2);
+        let (dh_norm, dw2) = ops::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2_g + dn2_u, full);
+        if let Some(dw) = dw2 {
+            grads.insert(
+                format!("{prefix}.post_attention_layernorm.weight"),
+                dw.unsqueeze::<2>(),
+            );
+        }
+        let dh = dx + dh_norm;
+        // Attention
+        let a = &layer.self_attn;
+        let do_rows = lin_backward(
+            &a.o_proj,
+            &format!("{prefix}.self_attn.o_proj"),
+            &s.o,
+            s.lora.get("o_proj"),
+            dh.clone(),
+            true,
+            lora,
+            full,
+            &mut grads,
+        )
+        .expect("dx wanted");
+        let kr = ops::repeat_kv(s.k.clone(), groups);
+        let vr = ops::repeat_kv(s.v.clone(), groups);
+        let p = ops::attention_probs(&s.q, &kr, scale, &fwd.mask);
+        let (dq, dkr, dvr) =
+            ops::attention_backward(p, &s.q, &kr, &vr, heads_of(do_rows, b, t, hq, d), scale);
+        let dq = rows_of(ops::rope_backward(dq, &fwd.cos, &fwd.sin));
+        let dk = rows_of(ops::rope_backward(
+            ops::sum_kv(dkr, groups),
+            &fwd.cos,
+            &fwd.sin,
+        ));
+        let dv = rows_of(ops::sum_kv(dvr, groups));
+        let ln1 = &layer.input_layernorm;
+        let (n1, _) = ops::rmsnorm(&s.x, &ln1.weight, ln1.eps);
+        let dn1q = lin_backward(
+            &a.q_proj,
+            &format!("{prefix}.self_attn.q_proj"),
+            &n1,
+            s.lora.get("q_proj"),
+            dq,
+            want_input_dx,
+            lora,
+            full,
+            &mut grads,
+        );
+        let dn1k = lin_backward(
+            &a.k_proj,
+            &format!("{prefix}.self_attn.k_proj"),
+            &n1,
+            s.lora.get("k_proj"),
+            dk,
+            want_input_dx,
+            lora,
+            full,
+            &mut grads,
+        );
+        let dn1v = lin_backward(
+            &a.v_proj,
+            &format!("{prefix}.self_attn.v_proj"),
+            &n1,
+            s.lora.get("v_proj"),
+            dv,
+            want_input_dx,
+            lora,
+            full,
+            &mut grads,
+        );
+        drop(n1);
+        match (dn1q, dn1k, dn1v) {
+            (Some(q), Some(k), Some(v)) => {
+                let (dx_norm, dw1) =
+                    ops::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, q + k + v, full);
+                if let Some(dw) = dw1 {
+                    grads.insert(
+                        format!("{prefix}.input_layernorm.weight"),
+                        dw.unsqueeze::<2>(),
+                    );
+                }
+                dx = dh + dx_norm;
+            }
+            _ => dx = dh,
+        }
+    }
+    if trainable.embedding {
+        let [vocab, _] = model.embed_tokens.dims();
+        let de = Tensor::<2>::zeros([vocab, hidden], device).select_assign(
+            0,
+            fwd.ids,
+            dx,
+            IndexingUpdateOp::Add,
+        );
+        let key = "model.embed_tokens.weight".to_string();
+        let total = match grads.remove(&key) {
+            Some(head) => head + de,
+            None => de,
+        };
+        grads.insert(key, total);
+    }
+    grads
+}
