@@ -26,5 +26,6 @@ pub mod loader;
 
 pub use loader::{LoadedModel, load_model};
 pub mod generate;
+pub mod kernels;
 pub mod nf4;
 pub mod train;

@@ -111,6 +111,32 @@ impl RotaryEmbedding {
         }
     }
 
+    /// `cos`/`sin` per token, row-major `[batch·seq, head_dim]` (for the CPU kernels).
+    pub fn rows(&self, positions: &Positions) -> (Vec<f32>, Vec<f32>) {
+        let (batch, len) = positions.dims();
+        let pos: Vec<usize> = match positions {
+            Positions::Range { start, len, .. } => {
+                (0..batch).flat_map(|_| *start..start + len).collect()
+            }
+            Positions::Explicit { ids, .. } => ids.clone(),
+        };
+        debug_assert_eq!(pos.len(), batch * len);
+        let dim = self.head_dim;
+        let half = dim / 2;
+        let mut cos = vec![0f32; pos.len() * dim];
+        let mut sin = vec![0f32; pos.len() * dim];
+        for (r, &p) in pos.iter().enumerate() {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let (s, c) = ((p as f32 * f) as f64).sin_cos();
+                cos[r * dim + i] = c as f32;
+                cos[r * dim + i + half] = c as f32;
+                sin[r * dim + i] = s as f32;
+                sin[r * dim + i + half] = s as f32;
+            }
+        }
+        (cos, sin)
+    }
+
     /// Applies the rotation to `x` `[batch, heads, seq, head_dim]`.
     pub fn apply(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         let [b, h, t, d] = x.dims();

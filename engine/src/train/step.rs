@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::ops;
+use super::{fused, ops};
+use crate::kernels;
 use crate::model::{Linear, LlamaModel, Positions};
 
 /// Which parameters receive gradients.
@@ -122,10 +123,13 @@ struct LoraIn {
 struct LayerSaved {
     x: Tensor<2>,
     r1: Tensor<2>,
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
+    /// Rotated queries `[n, hq·d]`.
+    q: Tensor<2>,
+    /// Rotated keys `[n, hkv·d]`.
+    k: Tensor<2>,
+    v: Tensor<2>,
     o: Tensor<2>,
+    lse: Option<Vec<f32>>,
     h: Tensor<2>,
     r2: Tensor<2>,
     gate: Tensor<2>,
@@ -138,9 +142,13 @@ pub struct Forward {
     layers: Vec<LayerSaved>,
     x_final: Tensor<2>,
     r_final: Tensor<2>,
-    mask: Tensor<4, Bool>,
-    cos: Tensor<4>,
-    sin: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    rope: fused::Rope,
+    batch: usize,
+    len: usize,
+    segments: Option<Vec<u32>>,
+    window: Option<usize>,
+    cpu: bool,
     /// `log p(target)` per target `[n_targets]`.
     pub target_logps: Tensor<1>,
     /// `dℓ/dh` per target `[n_targets, hidden]`.
@@ -281,15 +289,6 @@ fn train_mask(
     Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), device).expand([b, heads, t, t])
 }
 
-fn heads_of(x: Tensor<2>, b: usize, t: usize, h: usize, d: usize) -> Tensor<4> {
-    x.reshape([b, t, h, d]).swap_dims(1, 2)
-}
-
-fn rows_of(x: Tensor<4>) -> Tensor<2> {
-    let [b, h, t, d] = x.dims();
-    x.swap_dims(1, 2).reshape([b * t, h * d])
-}
-
 /// The forward pass. `dropout_seed` seeds LoRA dropout (None disables it).
 pub fn forward(
     model: &LlamaModel,
@@ -305,16 +304,36 @@ pub fn forward(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let groups = hq / hkv;
     let device = &model.device;
     let ids = model.ids_tensor(&batch.ids, b, t);
     let flat_ids = ids.clone().reshape([n]);
     let mut x = burn::tensor::module::embedding(model.embed_tokens.clone(), ids)
         .reshape([n, cfg.hidden_size]);
     let (cos, sin) = model.rope.tables(&batch.positions, device);
+    let (cos_rows, sin_rows) = model.rope.rows(&batch.positions);
+    let rope = fused::Rope {
+        cos,
+        sin,
+        cos_rows,
+        sin_rows,
+    };
     let window = cfg.sliding_window.iter().flatten().next().copied();
-    let mask = train_mask(batch, hq, window, device);
-    let scale = 1.0 / (d as f64).sqrt();
+    let cpu = kernels::available(device);
+    let mask = (!cpu).then(|| train_mask(batch, hq, window, device));
+    let ctx = fused::AttnCtx {
+        shape: kernels::attention::Shape {
+            batch: b,
+            len: t,
+            hq,
+            hkv,
+            d,
+        },
+        segments: batch.segments.as_deref(),
+        window,
+        scale: 1.0 / (d as f64).sqrt(),
+        mask: mask.clone(),
+        cpu,
+    };
     let mut layers = Vec::with_capacity(model.layers.len());
     let lowest = trainable.lowest(model.layers.len());
     for (li, layer) in model.layers.iter().enumerate() {
@@ -322,31 +341,30 @@ pub fn forward(
             dropout_seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         let a = &layer.self_attn;
-        let (n1, r1) = ops::rmsnorm(&x, &layer.input_layernorm.weight, layer.input_layernorm.eps);
+        let ln1 = &layer.input_layernorm;
+        let (n1, r1) = fused::rmsnorm(&x, &ln1.weight, ln1.eps);
         let (q, lq) = lin_forward(&a.q_proj, &n1, seed(0));
         let (k, lk) = lin_forward(&a.k_proj, &n1, seed(1));
         let (v, lv) = lin_forward(&a.v_proj, &n1, seed(2));
-        let q = ops::rope(heads_of(q, b, t, hq, d), &cos, &sin);
-        let k = ops::rope(heads_of(k, b, t, hkv, d), &cos, &sin);
-        let v = heads_of(v, b, t, hkv, d);
-        let p = ops::attention_probs(&q, &ops::repeat_kv(k.clone(), groups), scale, &mask);
-        let o = rows_of(p.matmul(ops::repeat_kv(v.clone(), groups)));
+        drop(n1);
+        let q = fused::rope(q, hq, &ctx, &rope, false);
+        let k = fused::rope(k, hkv, &ctx, &rope, false);
+        let (o, lse) = fused::attention(&q, &k, &v, &ctx);
         let (attn, lo) = lin_forward(&a.o_proj, &o, seed(3));
         let h = x.clone() + attn;
         let m = &layer.mlp;
-        let (n2, r2) = ops::rmsnorm(
-            &h,
-            &layer.post_attention_layernorm.weight,
-            layer.post_attention_layernorm.eps,
-        );
+        let ln2 = &layer.post_attention_layernorm;
+        let (n2, r2) = fused::rmsnorm(&h, &ln2.weight, ln2.eps);
         let (gate, lg) = lin_forward(&m.gate_proj, &n2, seed(4));
         let (up, lu) = lin_forward(&m.up_proj, &n2, seed(5));
-        let act = ops::swiglu(&gate, &up);
+        drop(n2);
+        let act = fused::swiglu(&gate, &up);
         let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
+        drop(act);
         let y = h.clone() + down;
         if li >= lowest {
             let mut lora = BTreeMap::new();
-            for (k_, v_) in [
+            for (name, saved) in [
                 ("q_proj", lq),
                 ("k_proj", lk),
                 ("v_proj", lv),
@@ -355,8 +373,8 @@ pub fn forward(
                 ("up_proj", lu),
                 ("down_proj", ld),
             ] {
-                if let Some(v_) = v_ {
-                    lora.insert(k_, v_);
+                if let Some(saved) = saved {
+                    lora.insert(name, saved);
                 }
             }
             layers.push(LayerSaved {
@@ -366,6 +384,7 @@ pub fn forward(
                 k,
                 v,
                 o,
+                lse,
                 h,
                 r2,
                 gate,
@@ -375,7 +394,7 @@ pub fn forward(
         }
         x = y;
     }
-    let (hidden, r_final) = ops::rmsnorm(&x, &model.norm.weight, model.norm.eps);
+    let (hidden, r_final) = fused::rmsnorm(&x, &model.norm.weight, model.norm.eps);
     let rows_v: Vec<i64> = batch.targets.iter().map(|t| t.pos as i64).collect();
     let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
     let target_h = hidden.select(0, rows.clone());
@@ -387,8 +406,12 @@ pub fn forward(
         x_final: x,
         r_final,
         mask,
-        cos,
-        sin,
+        rope,
+        batch: b,
+        len: t,
+        segments: batch.segments.clone(),
+        window,
+        cpu,
         target_logps,
         grad_dirs,
         target_hidden: trainable.head.then_some(target_h),
@@ -410,7 +433,10 @@ fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1
     while start < n {
         let end = (start + HEAD_CHUNK).min(n);
         let hc = h.clone().slice([start..end, 0..hidden]);
-        let gc = g.clone().narrow(0, start, end - start).unsqueeze_dim::<2>(1);
+        let gc = g
+            .clone()
+            .narrow(0, start, end - start)
+            .unsqueeze_dim::<2>(1);
         let p = burn::tensor::activation::softmax(hc.clone().matmul(w.clone().transpose()), 1);
         // dlogits = g·(onehot − p)
         let idx: Vec<i64> = targets[start..end].iter().map(|t| t.id as i64).collect();
@@ -453,7 +479,7 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         d_rows,
         IndexingUpdateOp::Add,
     );
-    let (mut dx, dw) = ops::rmsnorm_backward(
+    let (mut dx, dw) = fused::rmsnorm_backward(
         &fwd.x_final,
         &fwd.r_final,
         &model.norm.weight,
@@ -468,8 +494,20 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let groups = hq / hkv;
-    let scale = 1.0 / (d as f64).sqrt();
+    let ctx = fused::AttnCtx {
+        shape: kernels::attention::Shape {
+            batch: fwd.batch,
+            len: fwd.len,
+            hq,
+            hkv,
+            d,
+        },
+        segments: fwd.segments.as_deref(),
+        window: fwd.window,
+        scale: 1.0 / (d as f64).sqrt(),
+        mask: fwd.mask.clone(),
+        cpu: fwd.cpu,
+    };
     let lowest = trainable.lowest(model.layers.len());
     let mut saved_layers = fwd.layers;
     for li in (lowest..model.layers.len()).rev() {
@@ -483,52 +521,46 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         // layer's own input-norm weight.
         let want_input_dx = li > lowest || trainable.embedding || full;
         let prefix = format!("model.layers.{li}");
-        let [b, _, t, _] = s.q.dims();
+        let bw = |lin: &Linear,
+                  name: &str,
+                  x: &Tensor<2>,
+                  dy: Tensor<2>,
+                  want: bool,
+                  grads: &mut Grads| {
+            let module = name.rsplit('.').next().unwrap_or(name);
+            lin_backward(
+                lin,
+                &format!("{prefix}.{name}"),
+                x,
+                s.lora.get(module),
+                dy,
+                want,
+                lora,
+                full,
+                grads,
+            )
+        };
         // MLP
         let m = &layer.mlp;
-        let act = ops::swiglu(&s.gate, &s.up);
-        let da = lin_backward(
+        let act = fused::swiglu(&s.gate, &s.up);
+        let da = bw(
             &m.down_proj,
-            &format!("{prefix}.mlp.down_proj"),
+            "mlp.down_proj",
             &act,
-            s.lora.get("down_proj"),
             dx.clone(),
             true,
-            lora,
-            full,
             &mut grads,
         )
         .expect("dx wanted");
         drop(act);
-        let (dg, du) = ops::swiglu_backward(&s.gate, &s.up, da);
+        let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, da);
         let ln2 = &layer.post_attention_layernorm;
-        let (n2, _) = ops::rmsnorm(&s.h, &ln2.weight, ln2.eps);
-        let dn2_g = lin_backward(
-            &m.gate_proj,
-            &format!("{prefix}.mlp.gate_proj"),
-            &n2,
-            s.lora.get("gate_proj"),
-            dg,
-            true,
-            lora,
-            full,
-            &mut grads,
-        )
-        .expect("dx wanted");
-        let dn2_u = lin_backward(
-            &m.up_proj,
-            &format!("{prefix}.mlp.up_proj"),
-            &n2,
-            s.lora.get("up_proj"),
-            du,
-            true,
-            lora,
-            full,
-            &mut grads,
-        )
-        .expect("dx wanted");
+        let (n2, _) = fused::rmsnorm(&s.h, &ln2.weight, ln2.eps);
+        let dn2_g =
+            bw(&m.gate_proj, "mlp.gate_proj", &n2, dg, true, &mut grads).expect("dx wanted");
+        let dn2_u = bw(&m.up_proj, "mlp.up_proj", &n2, du, true, &mut grads).expect("dx wanted");
         drop(n2);
-        let (dh_norm, dw2) = ops::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2_g + dn2_u, full);
+        let (dh_norm, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2_g + dn2_u, full);
         if let Some(dw) = dw2 {
             grads.insert(
                 format!("{prefix}.post_attention_layernorm.weight"),
@@ -538,70 +570,50 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         let dh = dx + dh_norm;
         // Attention
         let a = &layer.self_attn;
-        let do_rows = lin_backward(
+        let d_o = bw(
             &a.o_proj,
-            &format!("{prefix}.self_attn.o_proj"),
+            "self_attn.o_proj",
             &s.o,
-            s.lora.get("o_proj"),
             dh.clone(),
             true,
-            lora,
-            full,
             &mut grads,
         )
         .expect("dx wanted");
-        let kr = ops::repeat_kv(s.k.clone(), groups);
-        let vr = ops::repeat_kv(s.v.clone(), groups);
-        let p = ops::attention_probs(&s.q, &kr, scale, &fwd.mask);
-        let (dq, dkr, dvr) =
-            ops::attention_backward(p, &s.q, &kr, &vr, heads_of(do_rows, b, t, hq, d), scale);
-        let dq = rows_of(ops::rope_backward(dq, &fwd.cos, &fwd.sin));
-        let dk = rows_of(ops::rope_backward(
-            ops::sum_kv(dkr, groups),
-            &fwd.cos,
-            &fwd.sin,
-        ));
-        let dv = rows_of(ops::sum_kv(dvr, groups));
+        let (dq, dk, dv) =
+            fused::attention_backward(&s.q, &s.k, &s.v, &s.o, d_o, s.lse.as_deref(), &ctx);
+        let dq = fused::rope(dq, hq, &ctx, &fwd.rope, true);
+        let dk = fused::rope(dk, hkv, &ctx, &fwd.rope, true);
         let ln1 = &layer.input_layernorm;
-        let (n1, _) = ops::rmsnorm(&s.x, &ln1.weight, ln1.eps);
-        let dn1q = lin_backward(
+        let (n1, _) = fused::rmsnorm(&s.x, &ln1.weight, ln1.eps);
+        let dn1q = bw(
             &a.q_proj,
-            &format!("{prefix}.self_attn.q_proj"),
+            "self_attn.q_proj",
             &n1,
-            s.lora.get("q_proj"),
             dq,
             want_input_dx,
-            lora,
-            full,
             &mut grads,
         );
-        let dn1k = lin_backward(
+        let dn1k = bw(
             &a.k_proj,
-            &format!("{prefix}.self_attn.k_proj"),
+            "self_attn.k_proj",
             &n1,
-            s.lora.get("k_proj"),
             dk,
             want_input_dx,
-            lora,
-            full,
             &mut grads,
         );
-        let dn1v = lin_backward(
+        let dn1v = bw(
             &a.v_proj,
-            &format!("{prefix}.self_attn.v_proj"),
+            "self_attn.v_proj",
             &n1,
-            s.lora.get("v_proj"),
             dv,
             want_input_dx,
-            lora,
-            full,
             &mut grads,
         );
         drop(n1);
         match (dn1q, dn1k, dn1v) {
             (Some(q), Some(k), Some(v)) => {
                 let (dx_norm, dw1) =
-                    ops::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, q + k + v, full);
+                    fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, q + k + v, full);
                 if let Some(dw) = dw1 {
                     grads.insert(
                         format!("{prefix}.input_layernorm.weight"),

@@ -1,0 +1,419 @@
+//! Causal self-attention forward and backward on the `[tokens, heads·d]` row layout, without
+//! transposes or materialised `[heads, t, t]` tensors.
+//!
+//! For each (sequence, KV head) task and each block of 64 queries, only keys up to the block's
+//! last query are touched (half the work of a full `QKᵀ`). Forward keeps `lse = log Σ exp(s)`
+//! per query; backward recomputes `P = exp(S − lse)` block by block:
+//! `dV += PᵀdO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = s·dS·K`, `dK += s·dSᵀQ`.
+//! Masks: causal, optional packing segments (a query sees keys of its own segment; segment 0
+//! is padding) and an optional sliding window. Query heads sharing a KV head run in the same
+//! task, so their `dK`/`dV` contributions never race.
+
+use rayon::prelude::*;
+
+use super::fastmath;
+
+/// Query rows per block.
+const QB: usize = 64;
+
+/// Sizes of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub len: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// KV heads.
+    pub hkv: usize,
+    /// Head width.
+    pub d: usize,
+}
+
+/// Which keys each query may see beyond causality.
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a> {
+    /// Segment per token `[batch·len]` (0 = padding), or all one segment.
+    pub segments: Option<&'a [u32]>,
+    /// Sliding window.
+    pub window: Option<usize>,
+}
+
+impl Mask<'_> {
+    /// The keys query `qi` of sequence `b` sees: a contiguous range `lo..=qi` (segments are
+    /// contiguous runs; padding sees only itself; the window bounds `lo`).
+    fn visible(&self, b: usize, len: usize, qi: usize) -> (usize, usize) {
+        let mut lo = 0;
+        if let Some(w) = self.window {
+            lo = (qi + 1).saturating_sub(w);
+        }
+        if let Some(seg) = self.segments {
+            let row = &seg[b * len..(b + 1) * len];
+            let sq = row[qi];
+            if sq == 0 {
+                return (qi, qi);
+            }
+            let mut start = qi;
+            while start > lo && row[start - 1] == sq {
+                start -= 1;
+            }
+            lo = lo.max(start);
+        }
+        (lo, qi)
+    }
+
+    /// Visible ranges of queries `q0..q0+rows`.
+    fn ranges(&self, b: usize, len: usize, q0: usize, rows: usize) -> Vec<(usize, usize)> {
+        (q0..q0 + rows).map(|qi| self.visible(b, len, qi)).collect()
+    }
+}
+
+/// `dst[m×n] (= or +=) beta · lhs[m×k] · rhs[k×n]` with explicit strides (elements).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm dst bounds");
+    if k > 0 {
+        assert!(
+            (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+            "gemm lhs bounds"
+        );
+        assert!(
+            (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+            "gemm rhs bounds"
+        );
+    }
+    // SAFETY: every index the call touches was bounds-checked above; slices do not alias
+    // (dst is &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+crate::simd! {
+    /// Softmax of score rows `[rows, cols]` over each row's visible range `lo..=hi` (zero
+    /// elsewhere), in place; writes the log-sum-exp per row.
+    fn softmax_block(s: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &mut [f32]) {
+        for ((row, &(lo, hi)), l) in s.chunks_mut(cols).zip(ranges).zip(lse.iter_mut()) {
+            let vis = &mut row[lo..=hi];
+            let max = vis.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            let mut sum = 0.0f32;
+            for v in vis.iter_mut() {
+                let e = fastmath::exp(*v - max);
+                *v = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for v in vis.iter_mut() {
+                *v *= inv;
+            }
+            row[..lo].fill(0.0);
+            row[hi + 1..].fill(0.0);
+            *l = max + sum.ln();
+        }
+    }
+}
+
+crate::simd! {
+    /// `P = exp(S − lse)` on visible ranges (0 elsewhere), then `dS = P ⊙ (dP − D)` in place
+    /// of `dp`.
+    fn probs_and_ds(s: &mut [f32], dp: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &[f32], dsum: &[f32]) {
+        for ((((row, drow), &(lo, hi)), &l), &dd) in s
+            .chunks_mut(cols)
+            .zip(dp.chunks_mut(cols))
+            .zip(ranges)
+            .zip(lse)
+            .zip(dsum)
+        {
+            for (p, g) in row[lo..=hi].iter_mut().zip(drow[lo..=hi].iter_mut()) {
+                let e = fastmath::exp(*p - l);
+                *p = e;
+                *g = e * (*g - dd);
+            }
+            row[..lo].fill(0.0);
+            row[hi + 1..].fill(0.0);
+            drow[..lo].fill(0.0);
+            drow[hi + 1..].fill(0.0);
+        }
+    }
+}
+
+/// Forward: returns `o` `[batch·len, hq·d]` and `lse` `[batch, hq, len]`.
+pub fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: Shape,
+    mask: Mask<'_>,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let Shape {
+        batch,
+        len,
+        hq,
+        hkv,
+        d,
+    } = sh;
+    let groups = hq / hkv;
+    let (qs, ks) = (hq * d, hkv * d);
+    let tasks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..hq).map(move |h| (b, h)))
+        .collect();
+    let outs: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(b, h)| {
+            let kh = h / groups;
+            let qb = &q[b * len * qs + h * d..];
+            let kb = &k[b * len * ks + kh * d..];
+            let vb = &v[b * len * ks + kh * d..];
+            let mut o = vec![0f32; len * d];
+            let mut lse = vec![0f32; len];
+            let mut s = vec![0f32; QB * len];
+            for q0 in (0..len).step_by(QB) {
+                let rows = QB.min(len - q0);
+                let kmax = q0 + rows; // causal: keys up to the block's last query
+                let s = &mut s[..rows * kmax];
+                // S = scale · Q_blk · Kᵀ
+                gemm(
+                    rows,
+                    kmax,
+                    d,
+                    s,
+                    kmax,
+                    false,
+                    &qb[q0 * qs..],
+                    qs,
+                    1,
+                    kb,
+                    1,
+                    ks,
+                    scale,
+                );
+                let ranges = mask.ranges(b, len, q0, rows);
+                softmax_block(s, kmax, &ranges, &mut lse[q0..q0 + rows]);
+                // O_blk = P · V
+                gemm(
+                    rows,
+                    d,
+                    kmax,
+                    &mut o[q0 * d..],
+                    d,
+                    false,
+                    s,
+                    kmax,
+                    1,
+                    vb,
+                    ks,
+                    1,
+                    1.0,
+                );
+            }
+            (o, lse)
+        })
+        .collect();
+    let mut o = vec![0f32; batch * len * qs];
+    let mut lse = vec![0f32; batch * hq * len];
+    for ((b, h), (ob, lb)) in tasks.iter().zip(outs) {
+        for t in 0..len {
+            o[(b * len + t) * qs + h * d..(b * len + t) * qs + (h + 1) * d]
+                .copy_from_slice(&ob[t * d..(t + 1) * d]);
+        }
+        lse[(b * hq + h) * len..(b * hq + h + 1) * len].copy_from_slice(&lb);
+    }
+    (o, lse)
+}
+
+/// Backward: returns `(dq, dk, dv)` in the row layouts of `q`, `k`, `v`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    lse: &[f32],
+    sh: Shape,
+    mask: Mask<'_>,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Shape {
+        batch,
+        len,
+        hq,
+        hkv,
+        d,
+    } = sh;
+    let groups = hq / hkv;
+    let (qs, ks) = (hq * d, hkv * d);
+    let tasks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+        .collect();
+    type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let outs: Vec<Out> = tasks
+        .par_iter()
+        .map(|&(b, kh)| {
+            let kb = &k[b * len * ks + kh * d..];
+            let vb = &v[b * len * ks + kh * d..];
+            let mut dq = vec![0f32; groups * len * d];
+            let mut dk = vec![0f32; len * d];
+            let mut dv = vec![0f32; len * d];
+            let mut s = vec![0f32; QB * len];
+            let mut dp = vec![0f32; QB * len];
+            let mut dsum = vec![0f32; QB];
+            for g in 0..groups {
+                let h = kh * groups + g;
+                let qb = &q[b * len * qs + h * d..];
+                let ob = &o[b * len * qs + h * d..];
+                let dob = &d_o[b * len * qs + h * d..];
+                let lb = &lse[(b * hq + h) * len..(b * hq + h + 1) * len];
+                for q0 in (0..len).step_by(QB) {
+                    let rows = QB.min(len - q0);
+                    let kmax = q0 + rows;
+                    let s = &mut s[..rows * kmax];
+                    let dp = &mut dp[..rows * kmax];
+                    for (i, ds) in dsum[..rows].iter_mut().enumerate() {
+                        let r = (q0 + i) * qs;
+                        *ds = (0..d).map(|j| dob[r + j] * ob[r + j]).sum();
+                    }
+                    gemm(
+                        rows,
+                        kmax,
+                        d,
+                        s,
+                        kmax,
+                        false,
+                        &qb[q0 * qs..],
+                        qs,
+                        1,
+                        kb,
+                        1,
+                        ks,
+                        scale,
+                    );
+                    // dP = dO_blk · Vᵀ
+                    gemm(
+                        rows,
+                        kmax,
+                        d,
+                        dp,
+                        kmax,
+                        false,
+                        &dob[q0 * qs..],
+                        qs,
+                        1,
+                        vb,
+                        1,
+                        ks,
+                        1.0,
+                    );
+                    let ranges = mask.ranges(b, len, q0, rows);
+                    probs_and_ds(s, dp, kmax, &ranges, &lb[q0..q0 + rows], &dsum[..rows]);
+                    // dV[0..kmax] += Pᵀ · dO_blk
+                    gemm(
+                        kmax,
+                        d,
+                        rows,
+                        &mut dv,
+                        d,
+                        true,
+                        s,
+                        1,
+                        kmax,
+                        &dob[q0 * qs..],
+                        qs,
+                        1,
+                        1.0,
+                    );
+                    // dQ_blk = scale · dS · K
+                    gemm(
+                        rows,
+                        d,
+                        kmax,
+                        &mut dq[(g * len + q0) * d..],
+                        d,
+                        false,
+                        dp,
+                        kmax,
+                        1,
+                        kb,
+                        ks,
+                        1,
+                        scale,
+                    );
+                    // dK[0..kmax] += scale · dSᵀ · Q_blk
+                    gemm(
+                        kmax,
+                        d,
+                        rows,
+                        &mut dk,
+                        d,
+                        true,
+                        dp,
+                        1,
+                        kmax,
+                        &qb[q0 * qs..],
+                        qs,
+                        1,
+                        scale,
+                    );
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0f32; batch * len * qs];
+    let mut dk = vec![0f32; batch * len * ks];
+    let mut dv = vec![0f32; batch * len * ks];
+    for ((b, kh), (dqb, dkb, dvb)) in tasks.iter().zip(outs) {
+        for t in 0..len {
+            let row = b * len + t;
+            for g in 0..groups {
+                let h = kh * groups + g;
+                dq[row * qs + h * d..row * qs + (h + 1) * d]
+                    .copy_from_slice(&dqb[(g * len + t) * d..(g * len + t + 1) * d]);
+            }
+            dk[row * ks + kh * d..row * ks + (kh + 1) * d]
+                .copy_from_slice(&dkb[t * d..(t + 1) * d]);
+            dv[row * ks + kh * d..row * ks + (kh + 1) * d]
+                .copy_from_slice(&dvb[t * d..(t + 1) * d]);
+        }
+    }
+    (dq, dk, dv)
+}
