@@ -133,13 +133,8 @@ crate::simd! {
     fn softmax_block(s: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &mut [f32]) {
         for ((row, &(lo, hi)), l) in s.chunks_mut(cols).zip(ranges).zip(lse.iter_mut()) {
             let vis = &mut row[lo..=hi];
-            let max = vis.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-            let mut sum = 0.0f32;
-            for v in vis.iter_mut() {
-                let e = fastmath::exp(*v - max);
-                *v = e;
-                sum += e;
-            }
+            let max = fastmath::max(vis);
+            let sum = fastmath::exp_shift_sum(vis, max);
             let inv = 1.0 / sum;
             for v in vis.iter_mut() {
                 *v *= inv;
@@ -310,7 +305,7 @@ pub fn backward(
                     let dp = &mut dp[..rows * kmax];
                     for (i, ds) in dsum[..rows].iter_mut().enumerate() {
                         let r = (q0 + i) * qs;
-                        *ds = (0..d).map(|j| dob[r + j] * ob[r + j]).sum();
+                        *ds = fastmath::dot(&dob[r..r + d], &ob[r..r + d]);
                     }
                     gemm(
                         rows,

@@ -12,7 +12,7 @@ crate::simd! {
     fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], r: &mut [f32]) {
         let d = w.len();
         for ((xr, yr), rr) in x.chunks(d).zip(y.chunks_mut(d)).zip(r.iter_mut()) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let ms = fastmath::dot(xr, xr) / d as f32;
             let inv = 1.0 / (ms + eps).sqrt();
             *rr = inv;
             for ((o, v), g) in yr.iter_mut().zip(xr).zip(w) {
@@ -35,16 +35,26 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     (y, r)
 }
 
+/// `Σ aᵢbᵢcᵢ` with 16 partial sums.
+#[inline(always)]
+fn weighted_dot(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for j in 0..16 {
+            acc[j] += a[i + j] * b[i + j] * c[i + j];
+        }
+    }
+    let tail: f32 = (n..a.len()).map(|i| a[i] * b[i] * c[i]).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 crate::simd! {
     fn rms_back_rows(x: &[f32], r: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
         let d = w.len();
         for (((xr, &rr), dyr), dxr) in x.chunks(d).zip(r).zip(dy.chunks(d)).zip(dx.chunks_mut(d)) {
             // g = dy ⊙ w; m = mean(g ⊙ x̂); dx = r (g − x̂ m)
-            let mut m = 0.0f32;
-            for ((v, g), wv) in xr.iter().zip(dyr).zip(w) {
-                m += g * wv * v * rr;
-            }
-            m /= d as f32;
+            let m = weighted_dot(dyr, w, xr) * rr / d as f32;
             for ((((o, v), g), wv), acc) in dxr.iter_mut().zip(xr).zip(dyr).zip(w).zip(dw.iter_mut()) {
                 let xh = v * rr;
                 *o = rr * (g * wv - xh * m);
@@ -143,13 +153,8 @@ pub fn rope_rows(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]
 
 crate::simd! {
     fn softmax_row(row: &mut [f32]) -> f32 {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            let e = fastmath::exp(*v - max);
-            *v = e;
-            sum += e;
-        }
+        let max = fastmath::max(row);
+        let sum = fastmath::exp_shift_sum(row, max);
         let inv = 1.0 / sum;
         for v in row.iter_mut() {
             *v *= inv;

@@ -19,9 +19,89 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) << 23) as u32);
+    // SAFETY: `k` is an integer-valued float in [-126, 128] because `xc` is clamped.
+    let ki: i32 = unsafe { k.to_int_unchecked() };
+    let scale = f32::from_bits(((ki + 127) << 23) as u32);
     let y = e * scale;
     if x < -87.3 { 0.0 } else { y }
+}
+
+/// Lanes of the explicit accumulators below: strict IEEE order forbids the compiler from
+/// vectorising a running `sum += v`, so reductions keep 16 partial results.
+const LANES: usize = 16;
+
+/// `Σ x` with 16 partial sums.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ xᵢyᵢ` with 16 partial sums.
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut xc = x.chunks_exact(LANES);
+    let mut yc = y.chunks_exact(LANES);
+    for (a, b) in (&mut xc).zip(&mut yc) {
+        for i in 0..LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max x` (NaN-free inputs) with 16 partial maxima.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let m = acc
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, b| if *b > a { *b } else { a });
+    chunks
+        .remainder()
+        .iter()
+        .fold(m, |a, b| if *b > a { *b } else { a })
+}
+
+/// `x ← exp(x − m)` in place, returning `Σ exp(x − m)`.
+#[inline(always)]
+pub fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let e = exp(c[i] - m);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        let e = exp(*v - m);
+        *v = e;
+        tail += e;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `σ(x) = 1/(1+e⁻ˣ)`.

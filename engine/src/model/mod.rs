@@ -285,3 +285,142 @@ impl LlamaModel {
         m
     }
 }
+
+/// Which weight of a projection a parameter name refers to.
+enum ProjPart {
+    LoraA,
+    LoraB,
+    Weight,
+    Bias,
+}
+
+impl LlamaModel {
+    fn proj_part(name: &str) -> Option<(&str, ProjPart)> {
+        for (suffix, part) in [
+            (".lora_A", ProjPart::LoraA),
+            (".lora_B", ProjPart::LoraB),
+            (".weight", ProjPart::Weight),
+            (".bias", ProjPart::Bias),
+        ] {
+            if let Some(m) = name.strip_suffix(suffix) {
+                return Some((m, part));
+            }
+        }
+        None
+    }
+
+    /// A parameter by name, as a matrix (vectors are `[1, d]`): `{module}.lora_A|lora_B`,
+    /// `{module}.weight|bias`, `model.layers.{i}.{input,post_attention}_layernorm.weight`,
+    /// `model.norm.weight`, `model.embed_tokens.weight`, `lm_head.weight`.
+    pub fn param(&self, name: &str) -> Option<Tensor<2>> {
+        match name {
+            "model.embed_tokens.weight" => return Some(self.embed_tokens.clone()),
+            "lm_head.weight" => return self.lm_head.clone(),
+            "model.norm.weight" => return Some(self.norm.weight.clone().unsqueeze()),
+            _ => {}
+        }
+        if let Some(rest) = name.strip_prefix("model.layers.")
+            && let Some((i, tail)) = rest.split_once('.')
+            && let Ok(i) = i.parse::<usize>()
+        {
+            let l = self.layers.get(i)?;
+            match tail {
+                "input_layernorm.weight" => {
+                    return Some(l.input_layernorm.weight.clone().unsqueeze());
+                }
+                "post_attention_layernorm.weight" => {
+                    return Some(l.post_attention_layernorm.weight.clone().unsqueeze());
+                }
+                _ => {}
+            }
+        }
+        let (module, part) = Self::proj_part(name)?;
+        let (_, lin) = self.linears().into_iter().find(|(n, _)| n == module)?;
+        match part {
+            ProjPart::LoraA => lin.lora.as_ref().map(|l| l.a.clone()),
+            ProjPart::LoraB => lin.lora.as_ref().map(|l| l.b.clone()),
+            ProjPart::Weight => Some(lin.weight.clone()),
+            ProjPart::Bias => lin.bias.clone().map(|b| b.unsqueeze()),
+        }
+    }
+
+    /// Replaces a parameter by name; returns false when there is no such parameter.
+    pub fn set_param(&mut self, name: &str, t: Tensor<2>) -> bool {
+        let vec = |t: Tensor<2>| -> Tensor<1> {
+            let n = t.dims()[1];
+            t.reshape([n])
+        };
+        match name {
+            "model.embed_tokens.weight" => {
+                self.embed_tokens = t;
+                return true;
+            }
+            "lm_head.weight" => {
+                if self.lm_head.is_some() {
+                    self.lm_head = Some(t);
+                    return true;
+                }
+                return false;
+            }
+            "model.norm.weight" => {
+                self.norm.weight = vec(t);
+                return true;
+            }
+            _ => {}
+        }
+        if let Some(rest) = name.strip_prefix("model.layers.")
+            && let Some((i, tail)) = rest.split_once('.')
+            && let Ok(i) = i.parse::<usize>()
+            && let Some(l) = self.layers.get_mut(i)
+        {
+            match tail {
+                "input_layernorm.weight" => {
+                    l.input_layernorm.weight = vec(t);
+                    return true;
+                }
+                "post_attention_layernorm.weight" => {
+                    l.post_attention_layernorm.weight = vec(t);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        let Some((module, part)) = Self::proj_part(name) else {
+            return false;
+        };
+        let module = module.to_string();
+        let Some((_, lin)) = self.linears_mut().into_iter().find(|(n, _)| *n == module) else {
+            return false;
+        };
+        match (part, lin.lora.as_mut()) {
+            (ProjPart::LoraA, Some(l)) => l.a = t,
+            (ProjPart::LoraB, Some(l)) => l.b = t,
+            (ProjPart::Weight, _) => lin.weight = t,
+            (ProjPart::Bias, _) if lin.bias.is_some() => lin.bias = Some(vec(t)),
+            _ => return false,
+        }
+        true
+    }
+
+    /// The current LoRA weights as host data (for saving or sending).
+    pub fn lora_weights(&self) -> fedtune_aggregation::Adapter {
+        let mut out = fedtune_aggregation::Adapter::default();
+        for (name, lin) in self.linears() {
+            if let Some(l) = &lin.lora {
+                let m = |t: &Tensor<2>| {
+                    let [r, c] = t.dims();
+                    fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()))
+                };
+                out.modules.insert(
+                    name,
+                    fedtune_aggregation::LoraFactors {
+                        a: m(&l.a),
+                        b: m(&l.b),
+                        scale: l.scale as f32,
+                    },
+                );
+            }
+        }
+        out
+    }
+}

@@ -1,4 +1,13 @@
 //! Training: a hand-written forward/backward over burn tensors ([`step`], [`ops`]).
+pub mod batches;
+pub mod checkpoint;
+pub mod config;
 pub mod fused;
+pub mod lora;
 pub mod ops;
+pub mod optim;
+pub mod sft;
 pub mod step;
+
+pub use config::TrainConfig;
+pub use sft::{Callback, LogEntry, NoCallback, SftRun, TrainSummary, TrainerState, train_sft};

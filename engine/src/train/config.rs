@@ -1,0 +1,145 @@
+//! Training options, named as TRL/PEFT name them so that users recognise them; read from a
+//! TOML file and overridden by command-line flags.
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::Schedule;
+use crate::adapter::ALL_PROJECTIONS;
+
+/// Options of `fedtune train sft` (and of the local training a federated client runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA α (scale α/r, or α/√r with rsLoRA).
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input.
+    pub lora_dropout: f64,
+    /// Projections that get adapters.
+    pub target_modules: Vec<String>,
+    /// Scale α/√r (rsLoRA).
+    pub use_rslora: bool,
+    /// Full fine-tuning instead of LoRA.
+    pub full: bool,
+    /// Train the last N blocks, the final norm and the head instead of LoRA.
+    pub train_last_layers: Option<usize>,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Epochs (fractions allowed).
+    pub num_train_epochs: f64,
+    /// Optimiser steps (overrides epochs).
+    pub max_steps: Option<u64>,
+    /// Sequences (or packed rows) per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub gradient_accumulation_steps: usize,
+    /// Longest sequence (longer ones are truncated on the right).
+    pub max_seq_length: usize,
+    /// Pack sequences into rows of `max_seq_length`.
+    pub packing: bool,
+    /// Learning-rate schedule.
+    pub lr_scheduler_type: Schedule,
+    /// Fraction of steps used for linear warm-up.
+    pub warmup_ratio: f64,
+    /// Gradient clipping norm (0 disables).
+    pub max_grad_norm: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Seed of data order, adapter initialisation and dropout.
+    pub seed: u64,
+    /// Fraction of the training data held out for evaluation when no eval file is given.
+    pub eval_split: Option<f64>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_steps: Option<u64>,
+    /// Save a checkpoint every this many steps.
+    pub save_steps: Option<u64>,
+    /// Log every this many steps.
+    pub logging_steps: u64,
+    /// QLoRA: the base's projections in NF4.
+    pub load_in_4bit: bool,
+    /// Double-quantise NF4 scales.
+    pub bnb_4bit_use_double_quant: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+            full: false,
+            train_last_layers: None,
+            learning_rate: 2e-4,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            max_seq_length: 1024,
+            packing: false,
+            lr_scheduler_type: Schedule::Linear,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            seed: 42,
+            eval_split: None,
+            eval_steps: None,
+            save_steps: None,
+            logging_steps: 1,
+            load_in_4bit: false,
+            bnb_4bit_use_double_quant: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks value ranges; the message names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(msg.to_string()) };
+        check(self.lora_r > 0, "lora_r must be positive")?;
+        check(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "lora_dropout must be in [0, 1)",
+        )?;
+        check(self.learning_rate > 0.0, "learning_rate must be positive")?;
+        check(
+            self.max_steps.is_some() || self.num_train_epochs > 0.0,
+            "num_train_epochs must be positive (or give max_steps)",
+        )?;
+        check(
+            self.per_device_train_batch_size > 0,
+            "per_device_train_batch_size must be positive",
+        )?;
+        check(
+            self.gradient_accumulation_steps > 0,
+            "gradient_accumulation_steps must be positive",
+        )?;
+        check(self.max_seq_length > 1, "max_seq_length must be at least 2")?;
+        check(
+            (0.0..1.0).contains(&self.warmup_ratio),
+            "warmup_ratio must be in [0, 1)",
+        )?;
+        check(
+            self.eval_split.is_none_or(|f| f > 0.0 && f < 1.0),
+            "eval_split must be in (0, 1)",
+        )?;
+        check(
+            !(self.full && self.train_last_layers.is_some()),
+            "full and train_last_layers exclude each other",
+        )?;
+        for t in &self.target_modules {
+            check(
+                ALL_PROJECTIONS.contains(&t.as_str()),
+                &format!("target_modules: `{t}` is not one of {ALL_PROJECTIONS:?}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether the run trains LoRA adapters (as opposed to weights).
+    pub fn is_lora(&self) -> bool {
+        !self.full && self.train_last_layers.is_none()
+    }
+}

@@ -1,0 +1,79 @@
+//! Fresh LoRA adapters as PEFT initialises them (`init_lora_weights=True`): `A` from
+//! `kaiming_uniform_(a=√5)`, i.e. `U(−1/√in, 1/√in)`, and `B = 0`, so that the adapted model
+//! starts exactly at the base model. Seeded, so every run and every client starting from the
+//! same seed gets the same `A` (FFA-LoRA relies on this).
+
+use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::TrainConfig;
+use crate::adapter::{LoraConfig, PeftAdapter};
+use crate::model::LlamaModel;
+
+/// A fresh adapter for every targeted projection of `model`.
+pub fn init_adapter(model: &LlamaModel, cfg: &TrainConfig) -> Adapter {
+    let lc = lora_config(cfg, None);
+    let mut out = Adapter::default();
+    for (i, (name, lin)) in model.linears().into_iter().enumerate() {
+        if !lc.targets(&name) {
+            continue;
+        }
+        let (o, inp) = (lin.out_features(), lin.in_features());
+        let r = lc.rank_for(&name);
+        let bound = 1.0 / (inp as f32).sqrt();
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(cfg.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let a = Matrix::new(
+            r,
+            inp,
+            (0..r * inp)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect(),
+        );
+        out.modules.insert(
+            name.clone(),
+            LoraFactors {
+                a,
+                b: Matrix::zeros(o, r),
+                scale: lc.scale_for(&name, r) as f32,
+            },
+        );
+    }
+    out
+}
+
+/// The PEFT config of a run.
+pub fn lora_config(cfg: &TrainConfig, base: Option<String>) -> LoraConfig {
+    LoraConfig {
+        r: cfg.lora_r,
+        lora_alpha: cfg.lora_alpha,
+        lora_dropout: cfg.lora_dropout,
+        target_modules: cfg.target_modules.clone(),
+        use_rslora: cfg.use_rslora,
+        base_model_name_or_path: base,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+    }
+}
+
+/// The model's current adapter in PEFT form, recording a quantised base when there is one.
+pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> PeftAdapter {
+    let mut extra = serde_json::Map::new();
+    if cfg.load_in_4bit {
+        extra.insert(
+            "fedtune_quantization".into(),
+            serde_json::json!({
+                "load_in_4bit": true,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": cfg.bnb_4bit_use_double_quant,
+                "blocksize": crate::nf4::BLOCK,
+            }),
+        );
+    }
+    PeftAdapter {
+        config: lora_config(cfg, base),
+        weights: model.lora_weights(),
+        extra_config: extra,
+    }
+}

@@ -1,0 +1,223 @@
+//! AdamW, learning-rate schedules and gradient clipping with the semantics of
+//! `torch.optim.AdamW` and transformers' `get_scheduler` / `clip_grad_norm_`, which HF
+//! Trainer and TRL use.
+//!
+//! AdamW step `t` with gradient `g`:
+//! `p ← p − lr·wd·p`; `m ← β₁m + (1−β₁)g`; `v ← β₂v + (1−β₂)g²`;
+//! `p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)`.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// AdamW hyper-parameters (transformers' defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Moments of one parameter.
+#[derive(Debug, Clone)]
+pub struct Moments {
+    /// First moment.
+    pub m: Tensor<2>,
+    /// Second moment.
+    pub v: Tensor<2>,
+}
+
+/// AdamW with its state.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: AdamWConfig,
+    /// Moments by parameter name.
+    pub state: BTreeMap<String, Moments>,
+    /// Steps taken.
+    pub step: u64,
+}
+
+impl AdamW {
+    /// A fresh optimiser.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            state: BTreeMap::new(),
+            step: 0,
+        }
+    }
+
+    /// Advances the step counter (once per optimiser step, before [`AdamW::update`] calls).
+    pub fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Returns the updated parameter. `decay` says whether weight decay applies (transformers
+    /// exempts biases and norm weights).
+    pub fn update(
+        &mut self,
+        name: &str,
+        p: Tensor<2>,
+        g: Tensor<2>,
+        lr: f64,
+        decay: bool,
+    ) -> Tensor<2> {
+        let c = self.config;
+        let t = self.step.max(1) as i32;
+        let mom = self
+            .state
+            .entry(name.to_string())
+            .or_insert_with(|| Moments {
+                m: g.zeros_like(),
+                v: g.zeros_like(),
+            });
+        let m = mom.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+        let v = mom.v.clone() * c.beta2 + g.square() * (1.0 - c.beta2);
+        mom.m = m.clone();
+        mom.v = v.clone();
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let p = if decay && c.weight_decay > 0.0 {
+            p.clone() - p * (lr * c.weight_decay)
+        } else {
+            p
+        };
+        let denom = v.sqrt() / bc2.sqrt() + c.eps;
+        p - m / denom * (lr / bc1)
+    }
+
+    /// Moves the moments to `device` (after restoring a checkpoint).
+    pub fn to_device(&mut self, device: &Device) {
+        for mom in self.state.values_mut() {
+            mom.m = mom.m.clone().to_device(device);
+            mom.v = mom.v.clone().to_device(device);
+        }
+    }
+}
+
+/// Learning-rate schedules (transformers' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warm-up, then linear decay to 0.
+    Linear,
+    /// Linear warm-up, then half a cosine to 0.
+    Cosine,
+    /// Linear warm-up, then constant.
+    Constant,
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            "constant" | "constant_with_warmup" => Ok(Schedule::Constant),
+            other => Err(format!(
+                "unknown lr scheduler `{other}` (linear, cosine, constant)"
+            )),
+        }
+    }
+}
+
+impl Schedule {
+    /// The learning rate before optimiser step `step` (0-based) of `total`, with `warmup`
+    /// warm-up steps and peak `lr` (`LambdaLR` semantics: the factor at the current step count).
+    pub fn lr(self, lr: f64, step: u64, total: u64, warmup: u64) -> f64 {
+        let s = step as f64;
+        if step < warmup {
+            return lr * s / warmup.max(1) as f64;
+        }
+        let progress = (s - warmup as f64) / (total.saturating_sub(warmup)).max(1) as f64;
+        match self {
+            Schedule::Linear => {
+                lr * ((total as f64 - s) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
+            }
+            Schedule::Cosine => lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
+            Schedule::Constant => lr,
+        }
+    }
+}
+
+/// Warm-up steps for a ratio, as transformers computes them (`ceil(ratio·total)`).
+pub fn warmup_steps(ratio: f64, total: u64) -> u64 {
+    (ratio * total as f64).ceil() as u64
+}
+
+/// Global L2 norm of gradients (f64 accumulation).
+pub fn global_norm(grads: &BTreeMap<String, Tensor<2>>) -> f64 {
+    grads
+        .values()
+        .map(|g| {
+            let s: f32 = g.clone().square().sum().into_scalar();
+            s as f64
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `torch.nn.utils.clip_grad_norm_`: scales by `max/(norm+1e-6)` when the norm exceeds `max`.
+/// Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor<2>>, max: f64) -> f64 {
+    let norm = global_norm(grads);
+    let coef = max / (norm + 1e-6);
+    if max > 0.0 && coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = g.clone() * coef;
+        }
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_transformers() {
+        // get_linear_schedule_with_warmup(10 warm-up, 100 total) at steps 0, 5, 10, 55, 100.
+        let lr = |s| Schedule::Linear.lr(1.0, s, 100, 10);
+        assert_eq!((lr(0), lr(5), lr(10)), (0.0, 0.5, 1.0));
+        assert!((lr(55) - 0.5).abs() < 1e-12);
+        assert_eq!(lr(100), 0.0);
+        let c = |s| Schedule::Cosine.lr(1.0, s, 110, 10);
+        assert!((c(60) - 0.5).abs() < 1e-12 && c(110).abs() < 1e-12);
+        assert_eq!(warmup_steps(0.03, 100), 3);
+    }
+
+    #[test]
+    fn adamw_first_step_matches_torch() {
+        // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01) with p=1, g=0.5, one step:
+        // p ← 1 − 0.1·0.01·1 = 0.999; m̂ = 0.5, v̂ = 0.25 → p ← 0.999 − 0.1·0.5/(0.5+1e-8).
+        let dev = Device::flex();
+        let mut opt = AdamW::new(AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        });
+        opt.begin_step();
+        let p = Tensor::<2>::from_floats([[1.0]], &dev);
+        let g = Tensor::<2>::from_floats([[0.5]], &dev);
+        let out: f32 = opt.update("p", p, g, 0.1, true).into_scalar();
+        let want = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8);
+        assert!((out as f64 - want).abs() < 1e-6, "{out}");
+    }
+}
