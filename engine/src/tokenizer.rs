@@ -160,6 +160,11 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// The Jinja source of the chat template, if any.
+    pub fn template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(|t| t.source.as_str())
+    }
+
     /// Whether a chat template is available.
     pub fn has_template(&self) -> bool {
         self.template.is_some()

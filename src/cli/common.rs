@@ -65,6 +65,26 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 impl ModelArgs {
+    /// Loads the model for training: NF4-quantised projections with `load_in_4bit` (QLoRA).
+    pub fn load_for_training(
+        &self,
+        cfg: &fedtune_engine::train::TrainConfig,
+    ) -> anyhow::Result<LoadedModel> {
+        let mut m = self.load()?;
+        if cfg.load_in_4bit {
+            anyhow::ensure!(
+                cfg.is_lora(),
+                "--load-in-4bit trains LoRA adapters on a frozen NF4 base; it excludes --full and --train-last-layers"
+            );
+            let (params, bytes) = m.model.quantize_nf4(cfg.bnb_4bit_use_double_quant);
+            tracing::info!(
+                "NF4 base: {params} parameters in {bytes} bytes ({:.3} bits each)",
+                bytes as f64 * 8.0 / params as f64
+            );
+        }
+        Ok(m)
+    }
+
     /// Loads the model, its tokenizer and the adapter.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let device = parse_device(&self.device)?;

@@ -2,8 +2,10 @@
 
 mod common;
 mod eval;
+mod export;
 mod generate;
 mod merge;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,11 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Train locally (supervised fine-tuning; LoRA, QLoRA or full).
+    #[command(subcommand)]
+    Train(Box<train::TrainCommand>),
+    /// Merge an adapter into its base and write a transformers-loadable model directory.
+    Export(export::ExportArgs),
     /// Merge full-weight safetensors files (mergekit semantics: linear, task_arithmetic, ties,
     /// dare_ties, dare_linear).
     Merge(merge::MergeArgs),
@@ -52,6 +59,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Train(c) => train::run(*c),
+        Command::Export(a) => export::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::MergeAdapters(a) => merge::run_merge_adapters(a),
     }

@@ -8,10 +8,27 @@
 //! # Shapes
 //! - input `[batch, seq, in]`, output `[batch, seq, out]`.
 
-use burn::tensor::{Distribution, Tensor};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::Result;
 use crate::model::Loader;
+use crate::nf4::Nf4Tensor;
+
+/// A frozen base weight: dense, or NF4-quantised (QLoRA) and dequantised on each use.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// `[out, in]` in the compute dtype.
+    Dense(Tensor<2>),
+    /// Packed NF4 codes and block scales on the host; `[out, in]` when dequantised.
+    Nf4 {
+        /// The quantised weight.
+        q: Arc<Nf4Tensor>,
+        /// Where dequantised copies go.
+        device: Device,
+    },
+}
 
 /// The low-rank adapter of one projection.
 #[derive(Debug, Clone)]
@@ -30,7 +47,7 @@ pub struct LoraWeights {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Base weight `[out, in]` (Hugging Face layout).
-    pub weight: Tensor<2>,
+    pub base: BaseWeight,
     /// Optional bias `[out]`.
     pub bias: Option<Tensor<1>>,
     /// Optional LoRA branch.
@@ -55,28 +72,69 @@ impl Linear {
             None
         };
         Ok(Linear {
-            weight,
+            base: BaseWeight::Dense(weight),
             bias,
             lora: None,
             training: false,
         })
     }
 
+    /// The base weight `[out, in]`: the tensor itself, or a fresh dequantised copy (freed by
+    /// the caller after use, so NF4 weights are never kept dense).
+    pub fn weight(&self) -> Tensor<2> {
+        match &self.base {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Nf4 { q, device } => {
+                let (o, i) = q.shape;
+                crate::kernels::tensor(q.dequantize(), [o, i], device)
+            }
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match &self.base {
+            BaseWeight::Dense(w) => {
+                let [o, i] = w.dims();
+                (o, i)
+            }
+            BaseWeight::Nf4 { q, .. } => q.shape,
+        }
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.shape().0
     }
 
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.shape().1
+    }
+
+    /// Quantises the base weight to NF4 (QLoRA); returns the bytes it now takes.
+    pub fn quantize_nf4(&mut self, double_quant: bool) -> usize {
+        if let BaseWeight::Dense(w) = &self.base {
+            let [o, i] = w.dims();
+            let device = w.device();
+            let values = crate::weights::to_f32_vec(w.to_data());
+            let q = crate::nf4::quantize(&values, o, i, double_quant);
+            self.base = BaseWeight::Nf4 {
+                q: Arc::new(q),
+                device,
+            };
+        }
+        match &self.base {
+            BaseWeight::Nf4 { q, .. } => q.bytes_at_rest(),
+            BaseWeight::Dense(w) => w.shape().num_elements() * 4,
+        }
     }
 
     /// Applies the projection (and the LoRA branch when present).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, inp] = x.dims();
         let x2 = x.reshape([b * t, inp]);
-        let mut y = x2.clone().matmul(self.weight.clone().transpose());
+        let mut y = x2.clone().matmul(self.weight().transpose());
         if let Some(bias) = &self.bias {
             y = y + bias.clone().unsqueeze::<2>();
         }

@@ -21,7 +21,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 pub use attention::MaskSpec;
 pub use block::Block;
 pub use cache::KvCache;
-pub use linear::{Linear, LoraWeights};
+pub use linear::{BaseWeight, Linear, LoraWeights};
 pub use norm::RmsNorm;
 pub use rope::{Positions, RotaryEmbedding};
 
@@ -339,7 +339,7 @@ impl LlamaModel {
         match part {
             ProjPart::LoraA => lin.lora.as_ref().map(|l| l.a.clone()),
             ProjPart::LoraB => lin.lora.as_ref().map(|l| l.b.clone()),
-            ProjPart::Weight => Some(lin.weight.clone()),
+            ProjPart::Weight => Some(lin.weight()),
             ProjPart::Bias => lin.bias.clone().map(|b| b.unsqueeze()),
         }
     }
@@ -395,7 +395,7 @@ impl LlamaModel {
         match (part, lin.lora.as_mut()) {
             (ProjPart::LoraA, Some(l)) => l.a = t,
             (ProjPart::LoraB, Some(l)) => l.b = t,
-            (ProjPart::Weight, _) => lin.weight = t,
+            (ProjPart::Weight, _) => lin.base = linear::BaseWeight::Dense(t),
             (ProjPart::Bias, _) if lin.bias.is_some() => lin.bias = Some(vec(t)),
             _ => return false,
         }
@@ -422,5 +422,35 @@ impl LlamaModel {
             }
         }
         out
+    }
+}
+
+impl LlamaModel {
+    /// Quantises every projection's base weight to NF4 (QLoRA; embeddings, norms and the head
+    /// stay in the compute dtype, as bitsandbytes does). Returns `(quantised parameters,
+    /// bytes at rest)`.
+    pub fn quantize_nf4(&mut self, double_quant: bool) -> (usize, usize) {
+        let mut params = 0;
+        let mut bytes = 0;
+        for (_, lin) in self.linears_mut() {
+            params += lin.out_features() * lin.in_features();
+            bytes += lin.quantize_nf4(double_quant);
+        }
+        (params, bytes)
+    }
+
+    /// Merges every LoRA branch into its base weight (`W ← W + s·B·A`, PEFT's
+    /// `merge_and_unload`). Fails on NF4 bases, which cannot hold the merged weight.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        for (name, lin) in self.linears_mut() {
+            let Some(l) = lin.lora.take() else { continue };
+            let BaseWeight::Dense(w) = &lin.base else {
+                return Err(Error::Invalid(format!(
+                    "{name}: cannot merge an adapter into an NF4 base; load the model unquantised"
+                )));
+            };
+            lin.base = BaseWeight::Dense(w.clone() + l.b.matmul(l.a) * l.scale);
+        }
+        Ok(())
     }
 }

@@ -104,7 +104,7 @@ pub fn packed(seqs: &[&Encoded], rows: &[Vec<usize>], max_len: usize, pad: u32) 
             at += n;
             seq += 1;
         }
-        // Padding keeps counting positions so that every position stays in range.
+        // Padding is its own segment (0), never trained, with positions counted from 0.
         for (p, t) in positions[at..(r + 1) * len].iter_mut().zip(0..) {
             *p = t;
         }
@@ -181,7 +181,7 @@ mod tests {
             &[1, 1, 1, 2, 2, 1, 1, 1, 1, 0]
         );
         match &batch.positions {
-            Positions::Explicit { ids, .. } => assert_eq!(ids, &[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]),
+            Positions::Explicit { ids, .. } => assert_eq!(ids, &[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]),
             other => panic!("{other:?}"),
         }
         let t: Vec<(usize, u32, usize)> =

@@ -168,7 +168,7 @@ fn lin_forward(
     x: &Tensor<2>,
     dropout_seed: Option<u64>,
 ) -> (Tensor<2>, Option<LoraIn>) {
-    let mut y = x.clone().matmul(lin.weight.clone().transpose());
+    let mut y = x.clone().matmul(lin.weight().transpose());
     if let Some(b) = &lin.bias {
         y = y + b.clone().unsqueeze::<2>();
     }
@@ -221,7 +221,7 @@ fn lin_backward(
     train_full: bool,
     grads: &mut Grads,
 ) -> Option<Tensor<2>> {
-    let mut dx = want_dx.then(|| dy.clone().matmul(lin.weight.clone()));
+    let mut dx = want_dx.then(|| dy.clone().matmul(lin.weight()));
     if train_full {
         grads.insert(
             format!("{name}.weight"),

@@ -1,0 +1,340 @@
+//! `fedtune train sft`: local LoRA/QLoRA/full supervised fine-tuning with TRL-style options,
+//! from flags or a TOML file (flags win), writing a PEFT adapter (or a full model) with the
+//! tokenizer files, a JSONL log and a summary. Ctrl-C saves a checkpoint and exits cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::train::lora::{init_adapter, to_peft};
+use fedtune_engine::train::optim::Schedule;
+use fedtune_engine::train::{Callback, LogEntry, SftRun, TrainConfig, TrainerState, train_sft};
+use fedtune_engine::{Encoded, LoadedModel};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::common::ModelArgs;
+use super::export::write_model_dir;
+
+/// `fedtune train ...`.
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// Supervised fine-tuning (LoRA by default; QLoRA with --load-in-4bit; --full or
+    /// --train-last-layers N).
+    Sft(SftArgs),
+}
+
+/// Options that override the TOML config (TRL/PEFT names).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TrainOverrides {
+    /// LoRA rank.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Projections with adapters (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    /// rsLoRA scaling (alpha/sqrt(r)).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Full fine-tuning.
+    #[arg(long)]
+    pub full: bool,
+    /// Train the last N blocks, final norm and head.
+    #[arg(long)]
+    pub train_last_layers: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Epochs.
+    #[arg(long)]
+    pub num_train_epochs: Option<f64>,
+    /// Optimiser steps (overrides epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per optimiser step.
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Longest sequence.
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// Pack sequences into rows of max-seq-length.
+    #[arg(long)]
+    pub packing: bool,
+    /// linear, cosine or constant.
+    #[arg(long)]
+    pub lr_scheduler_type: Option<Schedule>,
+    /// Warm-up fraction.
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Gradient clipping norm (0 disables).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Hold out this fraction of the training data for evaluation.
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    pub eval_steps: Option<u64>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    pub save_steps: Option<u64>,
+    /// Log every N steps.
+    #[arg(long)]
+    pub logging_steps: Option<u64>,
+    /// QLoRA: NF4 base projections.
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// Double-quantise NF4 scales.
+    #[arg(long)]
+    pub bnb_4bit_use_double_quant: bool,
+}
+
+impl TrainOverrides {
+    /// Applies the flags given on top of `c`.
+    pub fn apply(&self, c: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f.clone() { c.$f = v; })* };
+        }
+        set!(
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            learning_rate,
+            num_train_epochs,
+            per_device_train_batch_size,
+            gradient_accumulation_steps,
+            max_seq_length,
+            lr_scheduler_type,
+            warmup_ratio,
+            max_grad_norm,
+            weight_decay,
+            seed,
+            logging_steps
+        );
+        macro_rules! opt {
+            ($($f:ident),*) => { $(if self.$f.is_some() { c.$f = self.$f; })* };
+        }
+        opt!(
+            train_last_layers,
+            max_steps,
+            eval_split,
+            eval_steps,
+            save_steps
+        );
+        c.use_rslora |= self.use_rslora;
+        c.full |= self.full;
+        c.packing |= self.packing;
+        c.load_in_4bit |= self.load_in_4bit;
+        c.bnb_4bit_use_double_quant |= self.bnb_4bit_use_double_quant;
+    }
+}
+
+/// Arguments of `fedtune train sft`.
+#[derive(Debug, Args)]
+pub struct SftArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Training data.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// TOML file with the options below (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Force a dataset format.
+    #[arg(long)]
+    format: Option<Format>,
+    /// Evaluation data.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Report and skip invalid records.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Resume from this checkpoint directory.
+    #[arg(long)]
+    resume_from_checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: TrainOverrides,
+}
+
+/// Reads a TOML training config.
+pub fn read_config(path: &Path) -> anyhow::Result<TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
+/// Runs `fedtune train`.
+pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
+    match cmd {
+        TrainCommand::Sft(a) => run_sft(a),
+    }
+}
+
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Callback for Bar {
+    fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
+        self.bar.set_length(state.total_steps);
+        self.bar.set_position(e.step);
+        if let (Some(loss), Some(lr), Some(tps)) = (e.loss, e.learning_rate, e.tokens_per_second) {
+            self.bar
+                .set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        }
+        if let Some(el) = e.eval_loss {
+            self.bar
+                .println(format!("step {}: eval_loss {el:.4}", e.step));
+        }
+    }
+}
+
+fn split_eval(seqs: Vec<Encoded>, frac: f64, seed: u64) -> (Vec<Encoded>, Vec<Encoded>) {
+    let order = fedtune_engine::train::batches::epoch_order(seqs.len(), seed, u64::MAX);
+    let n_eval =
+        ((seqs.len() as f64 * frac).round() as usize).clamp(1, seqs.len().saturating_sub(1).max(1));
+    let mut eval = Vec::new();
+    let mut train = Vec::new();
+    let held: std::collections::HashSet<usize> = order[..n_eval].iter().copied().collect();
+    for (i, s) in seqs.into_iter().enumerate() {
+        if held.contains(&i) {
+            eval.push(s)
+        } else {
+            train.push(s)
+        }
+    }
+    (train, eval)
+}
+
+/// Loads, tokenises and trains; shared with the client daemon's command-line wrapper.
+fn run_sft(a: SftArgs) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => read_config(p)?,
+        None => TrainConfig::default(),
+    };
+    a.overrides.apply(&mut cfg);
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("training options")?;
+    let mut m: LoadedModel = a.model.load_for_training(&cfg)?;
+    let opts = LoadOptions {
+        format: a.format,
+        skip_invalid: a.skip_invalid,
+    };
+    let data = Dataset::load(&a.data, opts)?;
+    for e in &data.skipped {
+        eprintln!("skipped: {e}");
+    }
+    let seqs = data.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?;
+    let (train, eval) = match (&a.eval_data, cfg.eval_split) {
+        (Some(p), _) => (
+            seqs,
+            Dataset::load(p, opts)?.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?,
+        ),
+        (None, Some(f)) => split_eval(seqs, f, cfg.seed),
+        (None, None) => (seqs, Vec::new()),
+    };
+    if cfg.is_lora() && a.model.adapter.is_none() {
+        let adapter = init_adapter(&m.model, &cfg);
+        m.model.attach_weights(&adapter, cfg.lora_dropout)?;
+    }
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: saving a checkpoint after the current step");
+            c.store(true, Ordering::SeqCst);
+        });
+    }
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let run = SftRun {
+        config: &cfg,
+        train: &train,
+        eval: &eval,
+        pad: m.tokenizer.pad_id,
+        output: Some(&a.output),
+        resume: a.resume_from_checkpoint.as_deref(),
+        cancel: Some(&cancel),
+    };
+    let started = std::time::Instant::now();
+    let summary = train_sft(&mut m.model, &run, &mut Bar { bar: bar.clone() })?;
+    bar.finish_and_clear();
+    if summary.cancelled {
+        eprintln!(
+            "stopped at step {}; resume with --resume-from-checkpoint {}",
+            summary.steps,
+            a.output
+                .join(format!("checkpoint-{}", summary.steps))
+                .display()
+        );
+        return Ok(());
+    }
+    let base = Some(a.model.model.display().to_string());
+    if cfg.is_lora() {
+        to_peft(&m.model, &cfg, base).save(&a.output)?;
+        super::export::copy_tokenizer(&m, &a.model.model, &a.output)?;
+    } else {
+        write_model_dir(&m, &a.model.model, &a.output)?;
+    }
+    let report = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "model": a.model.model,
+        "train_examples": train.len(),
+        "eval_examples": eval.len(),
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "peak_rss_bytes": peak_rss(),
+    });
+    std::fs::write(
+        a.output.join("training_summary.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "trained {} steps: loss {:.4}{}; wrote {}",
+        summary.steps,
+        summary.final_loss.unwrap_or(f64::NAN),
+        summary
+            .eval_loss
+            .map(|l| format!(", eval_loss {l:.4}"))
+            .unwrap_or_default(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
