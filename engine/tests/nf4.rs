@@ -68,3 +68,40 @@ fn double_quantisation_is_bit_identical() {
     let bits_per_weight = q.bytes_at_rest() as f64 * 8.0 / (96.0 * 256.0);
     assert!(bits_per_weight < 4.2, "{bits_per_weight}");
 }
+
+/// A model with an NF4 base (QLoRA): at most 4.2 bits per quantised parameter at rest with
+/// double quantisation, its forward equals a dense model holding the dequantised weights, and
+/// its logits stay near the original's (the tiny model's random weights are the worst case).
+#[test]
+fn an_nf4_base_is_compact_and_close_to_the_dense_model() {
+    use burn::tensor::{DType, Device};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/tiny-llama/model");
+    let dense = fedtune_engine::load_model(&dir, &Device::flex(), DType::F32).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 2000).collect();
+    let want = to_f32_vec(dense.model.forward(&ids, 1, ids.len()).into_data());
+    for double in [false, true] {
+        let mut q = dense.model.clone();
+        let (params, bytes) = q.quantize_nf4(double);
+        let bits = bytes as f64 * 8.0 / params as f64;
+        assert!(bits <= 4.2 || !double, "{bits} bits per parameter");
+        assert!(bits <= 4.6, "{bits} bits per parameter");
+        let got = to_f32_vec(q.forward(&ids, 1, ids.len()).into_data());
+        let dot: f64 = got.iter().zip(&want).map(|(a, b)| (a * b) as f64).sum();
+        let na: f64 = got.iter().map(|a| (a * a) as f64).sum::<f64>().sqrt();
+        let nb: f64 = want.iter().map(|b| (b * b) as f64).sum::<f64>().sqrt();
+        let cos = dot / (na * nb);
+        assert!(cos > 0.9, "cosine {cos} between NF4 and dense logits");
+        assert_ne!(got, want, "the NF4 base must actually be used");
+        let mut dq = q.clone();
+        for (_, lin) in dq.linears_mut() {
+            lin.base = fedtune_engine::model::linear::BaseWeight::Dense(lin.weight());
+        }
+        let exact = to_f32_vec(dq.forward(&ids, 1, ids.len()).into_data());
+        let worst = got
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "NF4 forward vs dequantised dense: {worst}");
+    }
+}

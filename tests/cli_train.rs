@@ -1,0 +1,231 @@
+//! `fedtune train sft` and `fedtune export` end to end on the tiny model: the adapter directory
+//! is PEFT's, training lowers the loss, QLoRA trains on an NF4 base, a TOML config is read and
+//! flags override it, and the exported model gives the logits of base + adapter.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model() -> PathBuf {
+    root().join("testdata/tiny-llama/model")
+}
+
+fn data() -> PathBuf {
+    root().join("testdata/demo/hospital.jsonl")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fedtune-cli-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fedtune(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fedtune {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
+    let mut args = vec![
+        "eval".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--data".into(),
+        data().display().to_string(),
+        "--json".into(),
+    ];
+    if let Some(a) = adapter {
+        args.push("--adapter".into());
+        args.push(a.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = fedtune(&args);
+    let v: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn train_sft_writes_a_peft_adapter_that_lowers_the_loss_and_exports_exactly() {
+    let out = tmpdir("lora");
+    let adapter = out.join("adapter");
+    fedtune(&[
+        "train",
+        "sft",
+        "--model",
+        model().to_str().unwrap(),
+        "--data",
+        data().to_str().unwrap(),
+        "--output",
+        adapter.to_str().unwrap(),
+        "--max-steps",
+        "12",
+        "--learning-rate",
+        "5e-3",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--per-device-train-batch-size",
+        "4",
+        "--seed",
+        "7",
+    ]);
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "training_summary.json",
+        "train_log.jsonl",
+    ] {
+        assert!(adapter.join(f).is_file(), "{f} missing");
+    }
+    let cfg = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"].as_f64(), Some(16.0));
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a = st
+        .tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        .unwrap();
+    assert_eq!(a.shape()[0], 8);
+    let b = st
+        .tensor("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight")
+        .unwrap();
+    assert_eq!(b.shape()[1], 8);
+
+    let base = eval_loss(&model(), None);
+    let tuned = eval_loss(&model(), Some(&adapter));
+    assert!(tuned < base * 0.8, "base {base}, tuned {tuned}");
+
+    let merged = out.join("merged");
+    fedtune(&[
+        "export",
+        "--model",
+        model().to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    let exported = eval_loss(&merged, None);
+    assert!(
+        (exported - tuned).abs() < 1e-4,
+        "exported {exported} vs base+adapter {tuned}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn qlora_trains_on_an_nf4_base_from_a_toml_config_with_flag_overrides() {
+    let out = tmpdir("qlora");
+    let toml = out.join("train.toml");
+    std::fs::write(
+        &toml,
+        "lora_r = 4\nlora_alpha = 8.0\nlearning_rate = 5e-3\nmax_steps = 10\n\
+         per_device_train_batch_size = 4\nload_in_4bit = true\nbnb_4bit_use_double_quant = true\n",
+    )
+    .unwrap();
+    let adapter = out.join("adapter");
+    fedtune(&[
+        "train",
+        "sft",
+        "--model",
+        model().to_str().unwrap(),
+        "--data",
+        data().to_str().unwrap(),
+        "--output",
+        adapter.to_str().unwrap(),
+        "--config",
+        toml.to_str().unwrap(),
+        "--lora-r",
+        "6",
+    ]);
+    let cfg = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(cfg["r"], 6, "the flag overrides the TOML file");
+    assert_eq!(cfg["lora_alpha"].as_f64(), Some(8.0));
+    let q = &cfg["fedtune_quantization"];
+    assert_eq!(q["bnb_4bit_quant_type"], "nf4", "{cfg}");
+    assert_eq!(q["bnb_4bit_use_double_quant"], true);
+    let summary = read_json(&adapter.join("training_summary.json"));
+    assert_eq!(summary["summary"]["steps"], 10);
+    let log: Vec<Value> = std::fs::read_to_string(adapter.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = log.iter().filter_map(|e| e["loss"].as_f64()).collect();
+    assert!(losses.len() >= 2, "{log:?}");
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.9),
+        "QLoRA loss did not fall: {losses:?}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn bad_options_and_data_are_clear_errors() {
+    let out = tmpdir("bad");
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            model().to_str().unwrap(),
+            "--data",
+            root().join("testdata/formats/bad.jsonl").to_str().unwrap(),
+            "--output",
+            out.join("a").to_str().unwrap(),
+            "--max-steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("field"),
+        "{err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            model().to_str().unwrap(),
+            "--data",
+            data().to_str().unwrap(),
+            "--output",
+            out.join("b").to_str().unwrap(),
+            "--full",
+            "--load-in-4bit",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--load-in-4bit"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}
