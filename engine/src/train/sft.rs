@@ -7,6 +7,7 @@
 //! change the result. Everything random (data order, adapter initialisation, dropout) derives
 //! from the seed and the step, so a resumed run continues the same loss curve.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -25,7 +26,7 @@ use crate::model::LlamaModel;
 use crate::tokenizer::Encoded;
 
 /// One line of the training log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LogEntry {
     /// Optimiser step (1-based).
     pub step: u64,
@@ -52,6 +53,10 @@ pub struct LogEntry {
     /// Evaluation perplexity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_perplexity: Option<f64>,
+    /// Objective-specific metrics under TRL's names (`rewards/chosen`, ...; `eval_` prefixed
+    /// in evaluation entries).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// Where a run stands (saved in checkpoints).
@@ -169,43 +174,148 @@ fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("norm.weight"))
 }
 
-fn add_grads(acc: &mut Grads, g: Grads) {
+/// What one optimiser step's micro-batches produced.
+pub struct StepOutput {
+    /// The step's loss.
+    pub loss: f64,
+    /// Gradients of the loss.
+    pub grads: Grads,
+    /// Trained tokens.
+    pub trained: usize,
+    /// Positions processed (including untrained ones).
+    pub tokens: usize,
+    /// Objective-specific metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A micro-batch: the rows of a step and the examples they came from.
+pub struct MicroBatch {
+    /// The rows.
+    pub batch: StepBatch,
+    /// Indices of the examples (SFT: sequences; DPO: pairs).
+    pub examples: Vec<usize>,
+}
+
+/// What a training run minimises: SFT cross-entropy, a preference loss, ...
+pub trait Objective {
+    /// Number of training examples (the seeded order permutes them).
+    fn num_examples(&self) -> usize;
+    /// The micro-batches of one epoch, visiting examples in `order`.
+    fn batches(&self, order: &[usize]) -> Vec<MicroBatch>;
+    /// Loss and gradients of one optimiser step.
+    fn step(
+        &self,
+        model: &LlamaModel,
+        micro: &[MicroBatch],
+        trainable: &Trainable,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepOutput>;
+    /// Evaluation: `(loss, metrics)`, or `None` without evaluation data.
+    fn evaluate(&self, model: &LlamaModel) -> Result<Option<(f64, BTreeMap<String, f64>)>>;
+}
+
+/// Supervised fine-tuning: mean cross-entropy over every trained token of the step.
+pub struct SftObjective<'a> {
+    seqs: Vec<Encoded>,
+    eval: &'a [Encoded],
+    batch_size: usize,
+    packing: Option<usize>,
+    pad: u32,
+}
+
+impl<'a> SftObjective<'a> {
+    /// Examples truncated to `max_seq_length`; those without a trained token are dropped.
+    pub fn new(cfg: &TrainConfig, train: &[Encoded], eval: &'a [Encoded], pad: u32) -> Self {
+        let seqs = train
+            .iter()
+            .filter(|s| s.trained() > 0)
+            .map(|s| {
+                let mut s = s.clone();
+                s.ids.truncate(cfg.max_seq_length);
+                s.mask.truncate(cfg.max_seq_length);
+                s
+            })
+            .filter(|s| s.mask.iter().skip(1).any(|m| *m == 1))
+            .collect();
+        SftObjective {
+            seqs,
+            eval,
+            batch_size: cfg.per_device_train_batch_size,
+            packing: cfg.packing.then_some(cfg.max_seq_length),
+            pad,
+        }
+    }
+}
+
+impl Objective for SftObjective<'_> {
+    fn num_examples(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn batches(&self, order: &[usize]) -> Vec<MicroBatch> {
+        epoch_batches(&self.seqs, order, self.batch_size, self.packing, self.pad)
+            .into_iter()
+            .map(|batch| MicroBatch {
+                batch,
+                examples: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn step(
+        &self,
+        model: &LlamaModel,
+        micro: &[MicroBatch],
+        trainable: &Trainable,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepOutput> {
+        let trained: usize = micro.iter().map(|b| b.batch.targets.len()).sum();
+        let tokens: usize = micro.iter().map(|b| b.batch.batch * b.batch.len).sum();
+        let mut grads = Grads::new();
+        let mut nll = 0.0f64;
+        let coef = -1.0 / trained.max(1) as f32;
+        for (i, b) in micro.iter().enumerate() {
+            let b = &b.batch;
+            if b.targets.is_empty() {
+                continue;
+            }
+            let fwd = forward(
+                model,
+                b,
+                trainable,
+                dropout_seed.map(|s| s ^ (i as u64) << 48),
+            );
+            let lp: Vec<f32> = crate::weights::to_f32_vec(fwd.target_logps.to_data());
+            nll -= lp.iter().map(|v| *v as f64).sum::<f64>();
+            let d = vec![coef; lp.len()];
+            add_grads(&mut grads, backward(model, fwd, &d, trainable));
+        }
+        Ok(StepOutput {
+            loss: nll / trained.max(1) as f64,
+            grads,
+            trained,
+            tokens,
+            metrics: BTreeMap::new(),
+        })
+    }
+
+    fn evaluate(&self, model: &LlamaModel) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let l = sft_loss(model, self.eval, self.batch_size, self.pad).mean();
+        Ok(Some((l, BTreeMap::new())))
+    }
+}
+
+/// Adds `g` into `acc`.
+pub fn add_grads(acc: &mut Grads, g: Grads) {
     for (k, v) in g {
         match acc.remove(&k) {
             Some(a) => acc.insert(k, a + v),
             None => acc.insert(k, v),
         };
     }
-}
-
-/// Runs one optimiser step's micro-batches; returns (loss, grads, trained tokens, positions).
-fn accumulate(
-    model: &LlamaModel,
-    micro: &[StepBatch],
-    trainable: &Trainable,
-    dropout_seed: Option<u64>,
-) -> (f64, Grads, usize, usize) {
-    let trained: usize = micro.iter().map(|b| b.targets.len()).sum();
-    let tokens: usize = micro.iter().map(|b| b.batch * b.len).sum();
-    let mut grads = Grads::new();
-    let mut nll = 0.0f64;
-    let coef = -1.0 / trained.max(1) as f32;
-    for (i, b) in micro.iter().enumerate() {
-        if b.targets.is_empty() {
-            continue;
-        }
-        let fwd = forward(
-            model,
-            b,
-            trainable,
-            dropout_seed.map(|s| s ^ (i as u64) << 48),
-        );
-        let lp: Vec<f32> = crate::weights::to_f32_vec(fwd.target_logps.to_data());
-        nll -= lp.iter().map(|v| *v as f64).sum::<f64>();
-        let d = vec![coef; lp.len()];
-        add_grads(&mut grads, backward(model, fwd, &d, trainable));
-    }
-    (nll / trained.max(1) as f64, grads, trained, tokens)
 }
 
 /// How a run trains: LoRA adapters or weights.
@@ -219,10 +329,39 @@ pub fn trainable_for(config: &TrainConfig, num_layers: usize) -> Trainable {
     }
 }
 
-/// Trains `model` in place (its attached adapter, or its weights).
+/// Trains `model` in place (its attached adapter, or its weights) with SFT.
 pub fn train_sft(
     model: &mut LlamaModel,
     run: &SftRun<'_>,
+    cb: &mut dyn Callback,
+) -> Result<TrainSummary> {
+    let objective = SftObjective::new(run.config, run.train, run.eval, run.pad);
+    let opts = RunOptions {
+        config: run.config,
+        output: run.output,
+        resume: run.resume,
+        cancel: run.cancel,
+    };
+    train(model, &opts, &objective, cb)
+}
+
+/// Options of a run that do not depend on the objective.
+pub struct RunOptions<'a> {
+    /// Options.
+    pub config: &'a TrainConfig,
+    /// Output directory (log, checkpoints); `None` keeps everything in memory.
+    pub output: Option<&'a Path>,
+    /// Checkpoint to resume from.
+    pub resume: Option<&'a Path>,
+    /// Set to stop at the next step boundary (a checkpoint is saved).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// The training loop: trains `model` in place on `objective`.
+pub fn train(
+    model: &mut LlamaModel,
+    run: &RunOptions<'_>,
+    objective: &dyn Objective,
     cb: &mut dyn Callback,
 ) -> Result<TrainSummary> {
     let cfg = run.config;
@@ -234,32 +373,15 @@ pub fn train_sft(
         ));
     }
     let names = trainable_names(model, &trainable);
-    let seqs: Vec<Encoded> = run
-        .train
-        .iter()
-        .filter(|s| s.trained() > 0)
-        .map(|s| {
-            let mut s = s.clone();
-            s.ids.truncate(cfg.max_seq_length);
-            s.mask.truncate(cfg.max_seq_length);
-            s
-        })
-        .filter(|s| s.mask.iter().skip(1).any(|m| *m == 1))
-        .collect();
-    if seqs.is_empty() {
+    let n_examples = objective.num_examples();
+    if n_examples == 0 {
         return Err(Error::Invalid(
             "no training example has a trained token".into(),
         ));
     }
-    let packing = cfg.packing.then_some(cfg.max_seq_length);
-    let micro_per_epoch = epoch_batches(
-        &seqs,
-        &epoch_order(seqs.len(), cfg.seed, 0),
-        cfg.per_device_train_batch_size,
-        packing,
-        run.pad,
-    )
-    .len();
+    let micro_per_epoch = objective
+        .batches(&epoch_order(n_examples, cfg.seed, 0))
+        .len();
     let steps_per_epoch = micro_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
     let total = cfg
         .max_steps
@@ -305,14 +427,8 @@ pub fn train_sft(
         Ok(())
     };
     'epochs: while state.global_step < total {
-        let order = epoch_order(seqs.len(), cfg.seed, state.epoch);
-        let batches = epoch_batches(
-            &seqs,
-            &order,
-            cfg.per_device_train_batch_size,
-            packing,
-            run.pad,
-        );
+        let order = epoch_order(n_examples, cfg.seed, state.epoch);
+        let batches = objective.batches(&order);
         while state.batch_in_epoch < batches.len() {
             if state.global_step >= total {
                 break 'epochs;
@@ -326,7 +442,13 @@ pub fn train_sft(
             let started = Instant::now();
             let seed =
                 dropout.then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step);
-            let (loss, mut grads, trained, tokens) = accumulate(model, micro, &trainable, seed);
+            let StepOutput {
+                loss,
+                mut grads,
+                trained,
+                tokens,
+                metrics,
+            } = objective.step(model, micro, &trainable, seed)?;
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
             let lr = cfg
                 .lr_scheduler_type
@@ -359,33 +481,32 @@ pub fn train_sft(
                         grad_norm: Some(grad_norm),
                         tokens_per_second: Some(tokens as f64 / secs.max(1e-9)),
                         trained_tokens: Some(trained),
-                        eval_loss: None,
-                        eval_perplexity: None,
+                        metrics,
+                        ..Default::default()
                     },
                     &mut state,
                     cb,
                 )?;
             }
             let last = state.global_step == total;
-            if !run.eval.is_empty()
-                && (cfg
-                    .eval_steps
-                    .is_some_and(|e| state.global_step.is_multiple_of(e))
-                    || last)
+            if (cfg
+                .eval_steps
+                .is_some_and(|e| state.global_step.is_multiple_of(e))
+                || last)
+                && let Some((l, metrics)) = objective.evaluate(model)?
             {
-                let l = sft_loss(model, run.eval, cfg.per_device_train_batch_size, run.pad).mean();
                 summary.eval_loss = Some(l);
                 emit(
                     LogEntry {
                         step: state.global_step,
                         epoch: epoch_f,
-                        loss: None,
-                        learning_rate: None,
-                        grad_norm: None,
-                        tokens_per_second: None,
-                        trained_tokens: None,
                         eval_loss: Some(l),
-                        eval_perplexity: Some(l.exp()),
+                        eval_perplexity: metrics.is_empty().then(|| l.exp()),
+                        metrics: metrics
+                            .into_iter()
+                            .map(|(k, v)| (format!("eval_{k}"), v))
+                            .collect(),
+                        ..Default::default()
                     },
                     &mut state,
                     cb,

@@ -1,0 +1,374 @@
+//! Preference training (DPO, IPO, hinge, SimPO, ORPO) as an [`Objective`] of the training
+//! loop.
+//!
+//! Each pair gives two rows, prompt + chosen and prompt + rejected, whose completion tokens are
+//! the trained targets; their summed log-probabilities under the policy feed
+//! [`crate::dpo::pair_loss`], whose gradients flow back through the same hand-written backward
+//! pass as SFT. The reference is the policy with its adapter disabled (PEFT + TRL's behaviour
+//! for a new adapter): evaluated in every step, or once before training with
+//! `precompute_ref_log_probs` (the reference is frozen, so both give the same numbers).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::batches::padded;
+use super::sft::{MicroBatch, Objective, StepOutput, add_grads};
+use super::step::{Grads, Trainable, backward, forward};
+use crate::dpo::{PairStats, PreferenceLoss, batch_metrics, pair_loss};
+use crate::error::Result;
+use crate::eval::{TokenBatch, sequence_logprobs};
+use crate::model::LlamaModel;
+use crate::tokenizer::{Encoded, EncodedPair};
+
+/// Options of preference training (TRL's names and defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoOptions {
+    /// Temperature β.
+    pub beta: f64,
+    /// The loss.
+    pub loss_type: LossType,
+    /// SimPO's target margin γ.
+    pub simpo_gamma: f64,
+    /// ORPO's weight λ of the odds-ratio term.
+    pub orpo_lambda: f64,
+    /// cDPO label smoothing ε (sigmoid and simpo).
+    pub label_smoothing: f64,
+    /// Prompts longer than this lose tokens on the left.
+    pub max_prompt_length: usize,
+    /// Prompt + completion are cut to this length.
+    pub max_length: usize,
+    /// Compute reference log-probabilities once before training.
+    pub precompute_ref_log_probs: bool,
+}
+
+impl Default for DpoOptions {
+    fn default() -> Self {
+        DpoOptions {
+            beta: 0.1,
+            loss_type: LossType::Sigmoid,
+            simpo_gamma: 0.5,
+            orpo_lambda: 0.1,
+            label_smoothing: 0.0,
+            max_prompt_length: 512,
+            max_length: 1024,
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// `--loss-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    /// DPO.
+    Sigmoid,
+    /// IPO.
+    Ipo,
+    /// Hinge.
+    Hinge,
+    /// SimPO (no reference).
+    Simpo,
+    /// ORPO (no reference).
+    Orpo,
+}
+
+impl std::str::FromStr for LossType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "sigmoid" | "dpo" => LossType::Sigmoid,
+            "ipo" => LossType::Ipo,
+            "hinge" => LossType::Hinge,
+            "simpo" => LossType::Simpo,
+            "orpo" => LossType::Orpo,
+            other => {
+                return Err(format!(
+                    "unknown loss type {other:?} (sigmoid, ipo, hinge, simpo, orpo)"
+                ));
+            }
+        })
+    }
+}
+
+impl DpoOptions {
+    /// The loss with its parameters.
+    pub fn loss(&self) -> PreferenceLoss {
+        match self.loss_type {
+            LossType::Sigmoid => PreferenceLoss::Sigmoid,
+            LossType::Ipo => PreferenceLoss::Ipo,
+            LossType::Hinge => PreferenceLoss::Hinge,
+            LossType::Simpo => PreferenceLoss::Simpo {
+                gamma: self.simpo_gamma,
+            },
+            LossType::Orpo => PreferenceLoss::Orpo {
+                lambda: self.orpo_lambda,
+            },
+        }
+    }
+
+    /// Checks ranges; the message names the option.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.beta.is_nan() || self.beta <= 0.0 {
+            return Err("beta must be positive".into());
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err("label_smoothing must be in [0, 0.5)".into());
+        }
+        if self.max_prompt_length == 0 || self.max_length < 2 {
+            return Err("max_prompt_length must be positive and max_length at least 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reference sums `(chosen, rejected)` per pair, computed before training.
+struct Precomputed {
+    train: Vec<(f64, f64)>,
+    eval: Vec<(f64, f64)>,
+}
+
+/// Preference pairs as a training objective.
+pub struct DpoObjective {
+    pairs: Vec<EncodedPair>,
+    eval: Vec<EncodedPair>,
+    options: DpoOptions,
+    batch_size: usize,
+    pad: u32,
+    reference: Option<Precomputed>,
+}
+
+fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
+    pairs
+        .iter()
+        .flat_map(|p| {
+            let (c, r) = p.sequences();
+            [c, r]
+        })
+        .collect()
+}
+
+/// Reference (adapter disabled) sums for `pairs`, in batches of `batch_size` pairs.
+fn reference_sums(
+    model: &LlamaModel,
+    pairs: &[EncodedPair],
+    batch_size: usize,
+    pad: u32,
+) -> Vec<(f64, f64)> {
+    let reference = model.without_adapter();
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let refs: Vec<&EncodedPair> = chunk.iter().collect();
+        let seqs = rows(&refs);
+        let seq_refs: Vec<&Encoded> = seqs.iter().collect();
+        let (sums, _) = sequence_logprobs(&reference, &TokenBatch::pad(&seq_refs, pad));
+        out.extend(sums.chunks(2).map(|c| (c[0], c[1])));
+    }
+    out
+}
+
+impl DpoObjective {
+    /// An objective over `pairs` (evaluation on `eval`); with `precompute_ref_log_probs` the
+    /// reference sums are computed here, from `model` with its adapter disabled.
+    pub fn new(
+        model: &LlamaModel,
+        options: DpoOptions,
+        pairs: Vec<EncodedPair>,
+        eval: Vec<EncodedPair>,
+        batch_size: usize,
+        pad: u32,
+    ) -> Self {
+        let reference = (options.precompute_ref_log_probs && options.loss().needs_reference())
+            .then(|| Precomputed {
+                train: reference_sums(model, &pairs, batch_size, pad),
+                eval: reference_sums(model, &eval, batch_size, pad),
+            });
+        DpoObjective {
+            pairs,
+            eval,
+            options,
+            batch_size,
+            pad,
+            reference,
+        }
+    }
+
+    /// Pair statistics of `pairs` (indices into `set`) under `model`, without gradients.
+    fn stats(
+        &self,
+        model: &LlamaModel,
+        set: &[EncodedPair],
+        precomputed: Option<&Vec<(f64, f64)>>,
+        idx: &[usize],
+    ) -> Vec<PairStats> {
+        let chosen: Vec<&EncodedPair> = idx.iter().map(|&i| &set[i]).collect();
+        let seqs = rows(&chosen);
+        let seq_refs: Vec<&Encoded> = seqs.iter().collect();
+        let batch = TokenBatch::pad(&seq_refs, self.pad);
+        let (policy, counts) = sequence_logprobs(model, &batch);
+        let reference = self.reference_for(model, &batch, precomputed, idx);
+        (0..idx.len())
+            .map(|k| PairStats {
+                policy_chosen: policy[2 * k],
+                policy_rejected: policy[2 * k + 1],
+                reference_chosen: reference[2 * k],
+                reference_rejected: reference[2 * k + 1],
+                n_chosen: counts[2 * k],
+                n_rejected: counts[2 * k + 1],
+            })
+            .collect()
+    }
+
+    /// Reference sums per row (zeros for reference-free losses).
+    fn reference_for(
+        &self,
+        model: &LlamaModel,
+        batch: &TokenBatch,
+        precomputed: Option<&Vec<(f64, f64)>>,
+        idx: &[usize],
+    ) -> Vec<f64> {
+        if !self.options.loss().needs_reference() {
+            return vec![0.0; batch.batch];
+        }
+        match precomputed {
+            Some(p) => idx.iter().flat_map(|&i| [p[i].0, p[i].1]).collect(),
+            None => sequence_logprobs(&model.without_adapter(), batch).0,
+        }
+    }
+}
+
+impl Objective for DpoObjective {
+    fn num_examples(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn batches(&self, order: &[usize]) -> Vec<MicroBatch> {
+        order
+            .chunks(self.batch_size.max(1))
+            .map(|idx| {
+                let pairs: Vec<&EncodedPair> = idx.iter().map(|&i| &self.pairs[i]).collect();
+                let seqs = rows(&pairs);
+                let refs: Vec<&Encoded> = seqs.iter().collect();
+                MicroBatch {
+                    batch: padded(&refs, self.pad),
+                    examples: idx.to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    fn step(
+        &self,
+        model: &LlamaModel,
+        micro: &[MicroBatch],
+        trainable: &Trainable,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepOutput> {
+        let kind = self.options.loss();
+        let (beta, eps) = (self.options.beta, self.options.label_smoothing);
+        let n_pairs: usize = micro.iter().map(|m| m.examples.len()).sum();
+        // ORPO's NLL is the mean over every chosen token of the step.
+        let chosen_tokens: usize = micro
+            .iter()
+            .map(|m| m.batch.targets.iter().filter(|t| t.seq % 2 == 0).count())
+            .sum();
+        let mut grads = Grads::new();
+        let mut all = Vec::with_capacity(n_pairs);
+        let (mut trained, mut tokens) = (0, 0);
+        for (i, m) in micro.iter().enumerate() {
+            let b = &m.batch;
+            trained += b.targets.len();
+            tokens += b.batch * b.len;
+            let tb = TokenBatch {
+                ids: b.ids.clone(),
+                mask: {
+                    let mut mask = vec![0u8; b.ids.len()];
+                    for t in &b.targets {
+                        mask[t.pos + 1] = 1;
+                    }
+                    mask
+                },
+                batch: b.batch,
+                len: b.len,
+            };
+            let reference = self.reference_for(
+                model,
+                &tb,
+                self.reference.as_ref().map(|r| &r.train),
+                &m.examples,
+            );
+            let fwd = forward(
+                model,
+                b,
+                trainable,
+                dropout_seed.map(|s| s ^ (i as u64) << 48),
+            );
+            let lp = crate::weights::to_f32_vec(fwd.target_logps.to_data());
+            let mut sums = vec![0f64; b.batch];
+            let mut counts = vec![0usize; b.batch];
+            for (t, v) in b.targets.iter().zip(&lp) {
+                sums[t.seq] += *v as f64;
+                counts[t.seq] += 1;
+            }
+            let mut d_row = vec![0f64; b.batch];
+            for k in 0..m.examples.len() {
+                let s = PairStats {
+                    policy_chosen: sums[2 * k],
+                    policy_rejected: sums[2 * k + 1],
+                    reference_chosen: reference[2 * k],
+                    reference_rejected: reference[2 * k + 1],
+                    n_chosen: counts[2 * k],
+                    n_rejected: counts[2 * k + 1],
+                };
+                let l = pair_loss(kind, &s, beta, eps);
+                d_row[2 * k] = l.d_chosen / n_pairs as f64;
+                d_row[2 * k + 1] = l.d_rejected / n_pairs as f64;
+                if let PreferenceLoss::Orpo { .. } = kind {
+                    d_row[2 * k] -= 1.0 / chosen_tokens.max(1) as f64;
+                }
+                all.push(s);
+            }
+            let d: Vec<f32> = b.targets.iter().map(|t| d_row[t.seq] as f32).collect();
+            add_grads(&mut grads, backward(model, fwd, &d, trainable));
+        }
+        let (loss, metrics) = batch_metrics(kind, &all, beta, eps);
+        Ok(StepOutput {
+            loss,
+            grads,
+            trained,
+            tokens,
+            metrics,
+        })
+    }
+
+    fn evaluate(&self, model: &LlamaModel) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.metrics_on(model, true)))
+    }
+}
+
+impl DpoObjective {
+    /// Loss and TRL metrics of the whole training (`eval == false`) or evaluation set under
+    /// `model`, without gradients.
+    pub fn metrics_on(&self, model: &LlamaModel, eval: bool) -> (f64, BTreeMap<String, f64>) {
+        let (set, pre) = if eval {
+            (&self.eval, self.reference.as_ref().map(|r| &r.eval))
+        } else {
+            (&self.pairs, self.reference.as_ref().map(|r| &r.train))
+        };
+        let idx: Vec<usize> = (0..set.len()).collect();
+        let mut stats = Vec::with_capacity(set.len());
+        for chunk in idx.chunks(self.batch_size.max(1)) {
+            stats.extend(self.stats(model, set, pre, chunk));
+        }
+        batch_metrics(
+            self.options.loss(),
+            &stats,
+            self.options.beta,
+            self.options.label_smoothing,
+        )
+    }
+}
