@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand, each a thin layer over a library crate.
 
 mod common;
+mod dpo;
 mod eval;
 mod export;
 mod generate;
@@ -27,7 +28,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
-    /// Train locally (supervised fine-tuning; LoRA, QLoRA or full).
+    /// Train locally: supervised fine-tuning (LoRA, QLoRA, full) or preference alignment (DPO).
     #[command(subcommand)]
     Train(Box<train::TrainCommand>),
     /// Merge an adapter into its base and write a transformers-loadable model directory.

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use fedtune_engine::LoadedModel;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
 use fedtune_engine::train::lora::{init_adapter, to_peft};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::{Callback, LogEntry, SftRun, TrainConfig, TrainerState, train_sft};
-use fedtune_engine::{Encoded, LoadedModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::common::ModelArgs;
@@ -24,6 +24,9 @@ pub enum TrainCommand {
     /// Supervised fine-tuning (LoRA by default; QLoRA with --load-in-4bit; --full or
     /// --train-last-layers N).
     Sft(SftArgs),
+    /// Preference alignment (DPO and relatives) of a fresh LoRA adapter, optionally on top of
+    /// an SFT adapter merged into the base.
+    Dpo(super::dpo::DpoArgs),
 }
 
 /// Options that override the TOML config (TRL/PEFT names).
@@ -188,11 +191,12 @@ pub fn read_config(path: &Path) -> anyhow::Result<TrainConfig> {
 pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
     match cmd {
         TrainCommand::Sft(a) => run_sft(a),
+        TrainCommand::Dpo(a) => super::dpo::run(a),
     }
 }
 
-struct Bar {
-    bar: ProgressBar,
+pub(crate) struct Bar {
+    pub(crate) bar: ProgressBar,
 }
 
 impl Callback for Bar {
@@ -210,7 +214,7 @@ impl Callback for Bar {
     }
 }
 
-fn split_eval(seqs: Vec<Encoded>, frac: f64, seed: u64) -> (Vec<Encoded>, Vec<Encoded>) {
+pub(crate) fn split_eval<T>(seqs: Vec<T>, frac: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let order = fedtune_engine::train::batches::epoch_order(seqs.len(), seed, u64::MAX);
     let n_eval =
         ((seqs.len() as f64 * frac).round() as usize).clamp(1, seqs.len().saturating_sub(1).max(1));
@@ -261,21 +265,8 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || {
-            eprintln!("\ninterrupted: saving a checkpoint after the current step");
-            c.store(true, Ordering::SeqCst);
-        });
-    }
-    let bar = ProgressBar::new(1);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
-        )
-        .expect("valid template"),
-    );
+    let cancel = cancel_on_ctrl_c();
+    let bar = progress_bar();
     let run = SftRun {
         config: &cfg,
         train: &train,
@@ -329,6 +320,29 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// A flag set by Ctrl-C (the loop then checkpoints and stops).
+pub(crate) fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: saving a checkpoint after the current step");
+        c.store(true, Ordering::SeqCst);
+    });
+    cancel
+}
+
+/// The training progress bar.
+pub(crate) fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
 }
 
 /// Peak resident set size of this process (Linux), in bytes.

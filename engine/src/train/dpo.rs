@@ -108,6 +108,11 @@ impl DpoOptions {
         }
     }
 
+    /// TRL's name of the loss.
+    pub fn loss_type_name(&self) -> &'static str {
+        self.loss().name()
+    }
+
     /// Checks ranges; the message names the option.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.beta.is_nan() || self.beta <= 0.0 {

@@ -1,0 +1,292 @@
+//! `fedtune train dpo`: preference alignment of a fresh LoRA adapter (DPO, IPO, hinge, SimPO,
+//! ORPO) with TRL's option names, from flags or a TOML file (flags win). With `--sft-adapter`
+//! the SFT adapter is merged into the base in memory first, so policy and reference both start
+//! from the SFT model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use fedtune_engine::PeftAdapter;
+use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
+use fedtune_engine::train::lora::{init_adapter, to_peft};
+use fedtune_engine::train::sft::{RunOptions, train};
+use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
+
+use super::common::ModelArgs;
+use super::train::{Bar, TrainOverrides, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
+
+/// Arguments of `fedtune train dpo`.
+#[derive(Debug, Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An SFT adapter merged into the base before training (base → SFT → DPO).
+    #[arg(long)]
+    sft_adapter: Option<PathBuf>,
+    /// Preference pairs (prompt/chosen/rejected, ShareGPT-style conversations + chosen +
+    /// rejected, ...).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// TOML file with the training and DPO options (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Force a dataset format.
+    #[arg(long)]
+    format: Option<Format>,
+    /// Evaluation pairs.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Report and skip invalid records.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Resume from this checkpoint directory.
+    #[arg(long)]
+    resume_from_checkpoint: Option<PathBuf>,
+    /// Temperature β (default 0.1).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// sigmoid (DPO), ipo, hinge, simpo or orpo.
+    #[arg(long)]
+    loss_type: Option<LossType>,
+    /// SimPO's target margin γ (default 0.5).
+    #[arg(long)]
+    simpo_gamma: Option<f64>,
+    /// ORPO's odds-ratio weight λ (default 0.1).
+    #[arg(long)]
+    orpo_lambda: Option<f64>,
+    /// cDPO label smoothing (sigmoid and simpo).
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Prompts longer than this lose tokens on the left (default 512).
+    #[arg(long)]
+    max_prompt_length: Option<usize>,
+    /// Prompt + completion are cut to this length (default 1024).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Compute reference log-probabilities once before training.
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
+    #[command(flatten)]
+    overrides: TrainOverrides,
+}
+
+const DPO_KEYS: &[&str] = &[
+    "beta",
+    "loss_type",
+    "simpo_gamma",
+    "orpo_lambda",
+    "label_smoothing",
+    "max_prompt_length",
+    "max_length",
+    "precompute_ref_log_probs",
+];
+
+/// Splits a TOML file into the training options and the DPO options. Without a learning rate
+/// the DPO default is TRL's DPOConfig's, 1e-6.
+fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptions)> {
+    let mut table = match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            text.parse::<toml::Table>()
+                .with_context(|| format!("{}", p.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let mut dpo = toml::Table::new();
+    for k in DPO_KEYS {
+        if let Some(v) = table.remove(*k) {
+            dpo.insert(k.to_string(), v);
+        }
+    }
+    let where_ = path.map(|p| p.display().to_string()).unwrap_or_default();
+    let has_lr = table.contains_key("learning_rate");
+    let mut cfg: TrainConfig = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| where_.clone())?;
+    if !has_lr {
+        cfg.learning_rate = 1e-6;
+    }
+    let opts: DpoOptions = toml::Value::Table(dpo)
+        .try_into()
+        .with_context(|| where_.clone())?;
+    Ok((cfg, opts))
+}
+
+struct Both<'a>(&'a mut Bar);
+impl Callback for Both<'_> {
+    fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
+        self.0.on_log(e, state);
+        if let Some(acc) = e.metrics.get("rewards/accuracies") {
+            let margin = e
+                .metrics
+                .get("rewards/margins")
+                .copied()
+                .unwrap_or(f64::NAN);
+            self.0.bar.set_message(format!(
+                "loss {:.4} margin {margin:.3} acc {acc:.2} {:.0} tok/s",
+                e.loss.unwrap_or(f64::NAN),
+                e.tokens_per_second.unwrap_or(0.0)
+            ));
+        }
+    }
+}
+
+/// Runs `fedtune train dpo`.
+pub fn run(a: DpoArgs) -> anyhow::Result<()> {
+    let (mut cfg, mut opts) = read_configs(a.config.as_ref())?;
+    a.overrides.apply(&mut cfg);
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = a.$f { opts.$f = v; })* };
+    }
+    set!(
+        beta,
+        loss_type,
+        simpo_gamma,
+        orpo_lambda,
+        label_smoothing,
+        max_prompt_length,
+        max_length
+    );
+    opts.precompute_ref_log_probs |= a.precompute_ref_log_probs;
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("training options")?;
+    opts.validate()
+        .map_err(anyhow::Error::msg)
+        .context("DPO options")?;
+    anyhow::ensure!(
+        cfg.is_lora() && !cfg.packing,
+        "train dpo trains a fresh LoRA adapter (the reference is the model with it disabled): \
+         --full, --train-last-layers and --packing do not apply"
+    );
+    anyhow::ensure!(
+        a.model.adapter.is_none(),
+        "train dpo: give the SFT adapter as --sft-adapter (it is merged into the base and a \
+         fresh adapter is trained)"
+    );
+    let mut m = a.model.load()?;
+    if let Some(p) = &a.sft_adapter {
+        let sft =
+            PeftAdapter::load(p).with_context(|| format!("loading SFT adapter {}", p.display()))?;
+        m.model
+            .attach_adapter(&sft)
+            .with_context(|| format!("applying SFT adapter {}", p.display()))?;
+        m.model.merge_adapter()?;
+    }
+    if cfg.load_in_4bit {
+        m.model.quantize_nf4(cfg.bnb_4bit_use_double_quant);
+    }
+    let load = LoadOptions {
+        format: a.format,
+        skip_invalid: a.skip_invalid,
+    };
+    let encode = |path: &PathBuf| -> anyhow::Result<_> {
+        let d = Dataset::load(path, load)?;
+        for e in &d.skipped {
+            eprintln!("skipped: {e}");
+        }
+        Ok(d.encode_pairs(
+            &m.tokenizer,
+            Some(opts.max_prompt_length),
+            Some(opts.max_length),
+        )?)
+    };
+    let (pairs, truncated) = encode(&a.data)?;
+    let (train_pairs, eval_pairs) = match (&a.eval_data, cfg.eval_split) {
+        (Some(p), _) => (pairs, encode(p)?.0),
+        (None, Some(f)) => split_eval(pairs, f, cfg.seed),
+        (None, None) => (pairs, Vec::new()),
+    };
+    if truncated.prompts + truncated.completions > 0 {
+        eprintln!(
+            "truncated: {} prompts (from the left, to {} tokens), {} pairs' completions (to fit {} tokens)",
+            truncated.prompts, opts.max_prompt_length, truncated.completions, opts.max_length
+        );
+    }
+    let adapter = init_adapter(&m.model, &cfg);
+    m.model.attach_weights(&adapter, cfg.lora_dropout)?;
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
+    let objective = DpoObjective::new(
+        &m.model,
+        opts,
+        train_pairs,
+        eval_pairs,
+        cfg.per_device_train_batch_size,
+        m.tokenizer.pad_id,
+    );
+    let cancel = cancel_on_ctrl_c();
+    let bar = progress_bar();
+    let run = RunOptions {
+        config: &cfg,
+        output: Some(&a.output),
+        resume: a.resume_from_checkpoint.as_deref(),
+        cancel: Some(&cancel),
+    };
+    let started = std::time::Instant::now();
+    let mut b = Bar { bar: bar.clone() };
+    let summary = train(&mut m.model, &run, &objective, &mut Both(&mut b))?;
+    bar.finish_and_clear();
+    if summary.cancelled {
+        eprintln!(
+            "stopped at step {}; resume with --resume-from-checkpoint {}",
+            summary.steps,
+            a.output
+                .join(format!("checkpoint-{}", summary.steps))
+                .display()
+        );
+        return Ok(());
+    }
+    let mut peft = to_peft(&m.model, &cfg, Some(a.model.model.display().to_string()));
+    if let Some(p) = &a.sft_adapter {
+        peft.extra_config.insert(
+            "fedtune_merged_sft_adapter".into(),
+            serde_json::Value::String(p.display().to_string()),
+        );
+    }
+    peft.save(&a.output)?;
+    super::export::copy_tokenizer(&m, &a.model.model, &a.output)?;
+    let (final_loss, final_metrics) = objective.metrics_on(&m.model, false);
+    let report = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "dpo": opts,
+        "model": a.model.model,
+        "sft_adapter": a.sft_adapter,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "truncated_prompts": truncated.prompts,
+        "truncated_completions": truncated.completions,
+        "final_train_loss": final_loss,
+        "final_train_metrics": final_metrics,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "peak_rss_bytes": peak_rss(),
+    });
+    std::fs::write(
+        a.output.join("training_summary.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "trained {} steps ({}): loss {:.4}, rewards/accuracies {:.2}{}; wrote {}",
+        summary.steps,
+        opts.loss_type_name(),
+        final_loss,
+        final_metrics
+            .get("rewards/accuracies")
+            .copied()
+            .unwrap_or(f64::NAN),
+        summary
+            .eval_loss
+            .map(|l| format!(", eval_loss {l:.4}"))
+            .unwrap_or_default(),
+        a.output.display()
+    );
+    Ok(())
+}
