@@ -177,5 +177,6 @@ fn dpo_training_improves_held_out_pairs() {
         "held-out DPO loss {before} -> {after}; train {train_losses:?}"
     );
     assert!(ev.metrics["eval_rewards/accuracies"] > 0.5, "{ev:?}");
+    assert!(ev.metrics["eval_rewards/margins"] > 0.1, "{ev:?}");
     assert!(log.0[0].metrics.contains_key("rewards/chosen"));
 }

@@ -3,8 +3,27 @@
 //!
 //! - [`peft`]: the adapter payload (PEFT's safetensors layout), shared with the files users
 //!   load in PEFT.
+//! - [`identity`]: ed25519 identities.
+//! - [`envelope`]: signed headers and the checks run before and after reading a payload.
+//! - [`messages`]: control messages (`postcard`) and framing.
+//! - [`rejection`]: why an update was refused.
+//!
+//! Control messages use `postcard`, not `bincode`: bincode 3.0.0 is an empty crate that
+//! refuses to compile, and 2.0.1 is unmaintained (RUSTSEC-2025-0141) and aborts the process on
+//! a hostile length prefix.
 
+pub mod envelope;
 pub mod error;
+pub mod identity;
+pub mod messages;
 pub mod peft;
+pub mod rejection;
 
+pub use envelope::{Digest, Header, PayloadKind, SignedHeader, digest};
 pub use error::{ProtocolError, Result};
+pub use identity::{Identity, PublicKey};
+pub use messages::{Hyper, Phase, RoundPlan, ToClient, ToCoordinator};
+pub use rejection::Rejection;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;

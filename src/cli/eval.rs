@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
 use fedtune_engine::dpo::{DpoMetrics, PairLogps};
@@ -26,6 +27,10 @@ pub struct EvalArgs {
     /// reward_accuracy against the model with its adapter disabled.
     #[arg(long)]
     beta: Option<f64>,
+    /// Reference model for `--beta` (TRL's `ref_model`) instead of the model with its adapter
+    /// disabled.
+    #[arg(long)]
+    ref_model: Option<PathBuf>,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -74,7 +79,18 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "--beta needs preference data (prompt/chosen/rejected)"
         );
         let (pairs, trunc) = data.encode_pairs(&m.tokenizer, a.max_prompt_length, a.max_length)?;
-        let reference = m.model.without_adapter();
+        let reference = match &a.ref_model {
+            Some(p) => {
+                fedtune_engine::load_model(
+                    p,
+                    &super::common::parse_device(&a.model.device)?,
+                    super::common::parse_dtype(&a.model.dtype)?,
+                )
+                .with_context(|| format!("loading reference model {}", p.display()))?
+                .model
+            }
+            None => m.model.without_adapter(),
+        };
         let mut logps = Vec::with_capacity(pairs.len());
         let per_batch = a.batch_size.max(2) / 2;
         for chunk in pairs.chunks(per_batch) {
@@ -93,8 +109,21 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             }
         }
         let metrics = DpoMetrics::sigmoid(&logps, beta);
+        let n = logps.len().max(1) as f64;
+        let logp_margin = logps
+            .iter()
+            .map(|p| p.policy_chosen - p.policy_rejected)
+            .sum::<f64>()
+            / n;
+        let logp_accuracy = logps
+            .iter()
+            .filter(|p| p.policy_chosen > p.policy_rejected)
+            .count() as f64
+            / n;
         if let (Some(o), serde_json::Value::Object(d)) = (out.as_object_mut(), metrics.to_json()) {
             o.extend(d);
+            o.insert("logps/margin".into(), json!(logp_margin));
+            o.insert("logps/accuracy".into(), json!(logp_accuracy));
             o.insert("beta".into(), json!(beta));
             o.insert("truncated_prompts".into(), json!(trunc.prompts));
             o.insert("truncated_completions".into(), json!(trunc.completions));

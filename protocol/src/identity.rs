@@ -1,0 +1,119 @@
+//! Identities: ed25519 keys (ed25519-dalek). A client is known by its public key; the
+//! coordinator's key is pinned by clients.
+
+use std::fmt;
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ProtocolError, Result};
+
+/// An ed25519 public key: the identity of a client or coordinator on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Lower-case hex, the form used in configs, logs and as the aggregation client id.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<Self> {
+        let bytes = hex::decode(s.trim()).map_err(|e| ProtocolError::malformed("public key", e))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| ProtocolError::malformed("public key", "expected 32 bytes"))?;
+        Ok(PublicKey(arr))
+    }
+
+    /// Verifies `sig` over `msg`; false for keys that are not valid curve points.
+    pub fn verify(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
+        VerifyingKey::from_bytes(&self.0)
+            .map(|k| k.verify(msg, &Signature::from_bytes(sig)).is_ok())
+            .unwrap_or(false)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({}…)", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A signing identity.
+#[derive(Clone)]
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({:?})", self.public())
+    }
+}
+
+impl Identity {
+    /// The identity with this 32-byte secret seed.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Identity {
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// A fresh identity from the operating system's randomness.
+    pub fn generate() -> Result<Self> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| ProtocolError::malformed("randomness", e))?;
+        Ok(Self::from_seed(seed))
+    }
+
+    /// The public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.key.verifying_key().to_bytes())
+    }
+
+    /// Signs `msg`.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.key.sign(msg).to_bytes()
+    }
+
+    /// Writes the secret seed as hex to `path`, readable by the owner only.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(path)?;
+        f.write_all(hex::encode(self.key.to_bytes()).as_bytes())?;
+        f.sync_all()
+    }
+
+    /// Reads a key written by [`Identity::save`]; the error names the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ProtocolError::malformed("identity key", format!("{}: {e}", path.display()))
+        })?;
+        let bytes = hex::decode(text.trim()).map_err(|e| {
+            ProtocolError::malformed("identity key", format!("{}: {e}", path.display()))
+        })?;
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| {
+            ProtocolError::malformed(
+                "identity key",
+                format!("{}: expected 32 bytes", path.display()),
+            )
+        })?;
+        Ok(Self::from_seed(seed))
+    }
+}

@@ -1,0 +1,196 @@
+//! Control messages and their codec: `postcard` with a hard size limit checked before
+//! decoding, and length-prefixed frames for byte streams.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Digest, SignedHeader};
+use crate::error::{ProtocolError, Result};
+use crate::identity::PublicKey;
+
+/// Largest control message (everything but adapter payloads).
+pub const MAX_CONTROL: usize = 1 << 20;
+
+/// The local training phase of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Supervised fine-tuning.
+    Sft,
+    /// Preference alignment.
+    Dpo,
+}
+
+/// Local training hyperparameters sent with a round plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Local optimiser steps.
+    pub local_steps: u64,
+    /// Micro-batch size.
+    pub batch_size: usize,
+    /// DPO temperature (DPO phase).
+    pub beta: f64,
+    /// Seed of local data order and initialisation.
+    pub seed: u64,
+}
+
+/// What a sampled client must do in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    /// Federation id.
+    pub federation: String,
+    /// Round number (1-based).
+    pub round: u64,
+    /// SFT or DPO.
+    pub phase: Phase,
+    /// Hyperparameters.
+    pub hyper: Hyper,
+    /// LoRA rank to train at.
+    pub rank: usize,
+    /// Digest of the global adapter to start from.
+    pub global_digest: Digest,
+    /// Deadline, milliseconds since the Unix epoch.
+    pub deadline_ms: u64,
+}
+
+/// Coordinator → client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToClient {
+    /// Registration accepted.
+    Welcome {
+        /// The coordinator's key (clients compare it with their pinned key).
+        coordinator: PublicKey,
+        /// Federation id.
+        federation: String,
+    },
+    /// A round plan with the signed global adapter (PEFT safetensors bytes).
+    Plan {
+        /// The plan.
+        plan: RoundPlan,
+        /// Signed header of the global adapter.
+        global: SignedHeader,
+        /// The global adapter.
+        payload: Vec<u8>,
+    },
+    /// The update of `round` is durably stored.
+    Accepted {
+        /// Round.
+        round: u64,
+    },
+    /// The update of `round` was rejected.
+    Rejected {
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The federation finished; the last global adapter has this digest.
+    Finished {
+        /// Digest of the final global adapter.
+        global_digest: Digest,
+    },
+}
+
+/// Client → coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    /// Registration.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// The client's key.
+        client: PublicKey,
+    },
+    /// A signed update (PEFT safetensors bytes).
+    Update {
+        /// Signed header.
+        header: SignedHeader,
+        /// The adapter.
+        payload: Vec<u8>,
+    },
+    /// The client cannot take part in `round`.
+    Decline {
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Encodes a message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_stdvec(msg).expect("messages always encode")
+}
+
+/// Decodes a message of at most `limit` bytes; hostile input gives an error, never a panic or
+/// an allocation beyond the input's size.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize, what: &'static str) -> Result<T> {
+    if bytes.len() > limit {
+        return Err(ProtocolError::TooLarge {
+            what,
+            size: bytes.len() as u64,
+            limit: limit as u64,
+        });
+    }
+    let (v, rest) =
+        postcard::take_from_bytes(bytes).map_err(|e| ProtocolError::malformed(what, e))?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::malformed(
+            what,
+            format!("{} trailing bytes", rest.len()),
+        ));
+    }
+    Ok(v)
+}
+
+/// Prefixes `body` with its length (u32, little endian).
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reassembles length-prefixed frames from a byte stream, refusing frames over a limit before
+/// buffering them.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder refusing frames over `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Adds bytes; returns the complete frames now available.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            if self.buf.len() < 4 {
+                break;
+            }
+            let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+            if len > self.limit {
+                return Err(ProtocolError::TooLarge {
+                    what: "frame",
+                    size: len as u64,
+                    limit: self.limit as u64,
+                });
+            }
+            if self.buf.len() < 4 + len {
+                break;
+            }
+            out.push(self.buf[4..4 + len].to_vec());
+            self.buf.drain(..4 + len);
+        }
+        Ok(out)
+    }
+}
