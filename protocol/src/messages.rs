@@ -69,7 +69,7 @@ pub enum ToClient {
         /// The plan.
         plan: RoundPlan,
         /// Signed header of the global adapter.
-        global: SignedHeader,
+        global: Box<SignedHeader>,
         /// The global adapter.
         payload: Vec<u8>,
     },
@@ -105,7 +105,7 @@ pub enum ToCoordinator {
     /// A signed update (PEFT safetensors bytes).
     Update {
         /// Signed header.
-        header: SignedHeader,
+        header: Box<SignedHeader>,
         /// The adapter.
         payload: Vec<u8>,
     },
