@@ -1,1 +1,9 @@
-//! The client daemon: a sans-IO state machine that receives round plans, trains locally and uploads signed updates.
+//! The client: a sans-IO state machine ([`machine::Client`]) that verifies round plans and
+//! global adapters and signs updates, and the local training job it asks its driver to run
+//! ([`trainer`], through the real engine). The QUIC driver comes later; the simulator drives
+//! the same machine in memory.
+
+pub mod machine;
+pub mod trainer;
+
+pub use machine::{Client, ClientAction, ClientConfig, TrainJob};

@@ -1,1 +1,12 @@
-//! The coordinator daemon: a sans-IO round state machine and the thin driver that runs it over QUIC.
+//! The coordinator: a sans-IO round state machine ([`Coordinator`]) and, later, the thin
+//! driver that runs it over QUIC.
+//!
+//! Inputs are `handle_*` calls with the current time; outputs are [`Action`]s taken with
+//! [`Coordinator::poll_action`], in order. A driver must carry out each
+//! [`Action::Persist`] durably (write, fsync, atomic rename) before the actions after it: an
+//! update is acknowledged only after it is stored, and [`Coordinator::recover`] rebuilds the
+//! machine, open round and accepted updates included, from what was persisted.
+
+pub mod machine;
+
+pub use machine::{Action, CoordConfig, Coordinator, CoordinatorError};

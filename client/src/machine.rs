@@ -1,0 +1,243 @@
+//! The client state machine: hello → welcome (the coordinator's key must be the pinned one) →
+//! for each plan: verify the signed global adapter (signature by the pinned key, federation,
+//! plan hash, digest), ask the driver to train, sign and send the update → finished.
+
+use std::collections::VecDeque;
+
+use fedtune_aggregation::Adapter;
+use fedtune_protocol::envelope::{Digest, PayloadKind, Seal, check_payload_digest, seal};
+use fedtune_protocol::{
+    Identity, PROTOCOL_VERSION, PublicKey, RoundPlan, SignedHeader, ToClient, ToCoordinator, peft,
+};
+
+/// What a client knows before it connects.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Federation id.
+    pub federation: String,
+    /// The coordinator's pinned key.
+    pub coordinator: PublicKey,
+    /// Hash of the base model and LoRA configuration.
+    pub plan_hash: Digest,
+    /// Validity of the headers it signs.
+    pub header_ttl_ms: u64,
+    /// Largest global adapter accepted.
+    pub max_payload: u64,
+    /// LoRA α (scale α/r of decoded adapters).
+    pub lora_alpha: f64,
+}
+
+/// A local training job.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// The round plan.
+    pub plan: RoundPlan,
+    /// The verified global adapter to start from.
+    pub global: Adapter,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone)]
+pub enum ClientAction {
+    /// Send a message to the coordinator.
+    Send(ToCoordinator),
+    /// Run local training, then call [`Client::handle_trained`].
+    Train(Box<TrainJob>),
+    /// Append to the local log.
+    Log(serde_json::Value),
+    /// The federation finished with this global adapter digest.
+    Finished(Digest),
+}
+
+/// The client state machine.
+pub struct Client {
+    cfg: ClientConfig,
+    id: Identity,
+    actions: VecDeque<ClientAction>,
+    welcomed: bool,
+    /// Round being trained or uploaded.
+    current: Option<RoundPlan>,
+    nonce: u64,
+    /// Rounds whose update the coordinator stored.
+    pub accepted: Vec<u64>,
+}
+
+impl Client {
+    /// A client with identity `id`.
+    pub fn new(cfg: ClientConfig, id: Identity) -> Self {
+        Client {
+            cfg,
+            id,
+            actions: VecDeque::new(),
+            welcomed: false,
+            current: None,
+            nonce: 0,
+            accepted: Vec::new(),
+        }
+    }
+
+    /// The client's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.id.public()
+    }
+
+    /// Connected (or reconnected): say hello.
+    pub fn handle_connected(&mut self, _now_ms: u64) {
+        self.welcomed = false;
+        self.actions
+            .push_back(ClientAction::Send(ToCoordinator::Hello {
+                version: PROTOCOL_VERSION,
+                client: self.id.public(),
+            }));
+    }
+
+    /// The next action.
+    pub fn poll_action(&mut self) -> Option<ClientAction> {
+        self.actions.pop_front()
+    }
+
+    fn log(&mut self, v: serde_json::Value) {
+        self.actions.push_back(ClientAction::Log(v));
+    }
+
+    fn verify_global(
+        &self,
+        plan: &RoundPlan,
+        h: &SignedHeader,
+        payload: &[u8],
+    ) -> Result<Adapter, String> {
+        let hd = &h.header;
+        if hd.signer != self.cfg.coordinator || !h.signature_valid() {
+            return Err("global adapter not signed by the pinned coordinator key".into());
+        }
+        if hd.kind != PayloadKind::Global
+            || hd.federation != self.cfg.federation
+            || plan.federation != self.cfg.federation
+        {
+            return Err("global adapter or plan of another federation".into());
+        }
+        if hd.plan_hash != self.cfg.plan_hash {
+            return Err("global adapter for another base model or LoRA configuration".into());
+        }
+        if hd.payload_len > self.cfg.max_payload {
+            return Err(format!(
+                "global adapter of {} bytes is too large",
+                hd.payload_len
+            ));
+        }
+        check_payload_digest(hd, payload).map_err(|e| e.to_string())?;
+        if hd.payload_digest != plan.global_digest {
+            return Err("the plan names another global adapter".into());
+        }
+        let alpha = self.cfg.lora_alpha;
+        peft::decode(payload, &peft::Limits::default(), |_, r| {
+            (alpha / r.max(1) as f64) as f32
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// A message from the coordinator.
+    pub fn handle_message(&mut self, _now_ms: u64, msg: ToClient) {
+        match msg {
+            ToClient::Welcome { coordinator, .. } => {
+                if coordinator == self.cfg.coordinator {
+                    self.welcomed = true;
+                } else {
+                    self.log(serde_json::json!({"event": "error", "reason": "coordinator key differs from the pinned key"}));
+                }
+            }
+            ToClient::Plan {
+                plan,
+                global,
+                payload,
+            } => {
+                if !self.welcomed {
+                    return;
+                }
+                if self.current.as_ref().is_some_and(|p| p.round == plan.round)
+                    || self.accepted.contains(&plan.round)
+                {
+                    return;
+                }
+                match self.verify_global(&plan, &global, &payload) {
+                    Ok(adapter) => {
+                        self.current = Some(plan.clone());
+                        self.log(serde_json::json!({"event": "plan", "round": plan.round}));
+                        self.actions
+                            .push_back(ClientAction::Train(Box::new(TrainJob {
+                                plan,
+                                global: adapter,
+                            })));
+                    }
+                    Err(reason) => {
+                        self.log(serde_json::json!({"event": "plan_rejected", "round": plan.round, "reason": reason}));
+                        self.actions
+                            .push_back(ClientAction::Send(ToCoordinator::Decline {
+                                round: plan.round,
+                                reason,
+                            }));
+                    }
+                }
+            }
+            ToClient::Accepted { round } => {
+                self.accepted.push(round);
+                if self.current.as_ref().is_some_and(|p| p.round == round) {
+                    self.current = None;
+                }
+                self.log(serde_json::json!({"event": "accepted", "round": round}));
+            }
+            ToClient::Rejected { round, reason } => {
+                if self.current.as_ref().is_some_and(|p| p.round == round) {
+                    self.current = None;
+                }
+                self.log(
+                    serde_json::json!({"event": "rejected", "round": round, "reason": reason}),
+                );
+            }
+            ToClient::Finished { global_digest } => {
+                self.actions
+                    .push_back(ClientAction::Finished(global_digest));
+            }
+        }
+    }
+
+    /// Local training of `round` finished: sign and send the update.
+    pub fn handle_trained(
+        &mut self,
+        now_ms: u64,
+        round: u64,
+        adapter: &Adapter,
+        num_examples: u64,
+        metrics: Vec<(String, f64)>,
+    ) {
+        let Some(plan) = self.current.clone().filter(|p| p.round == round) else {
+            return;
+        };
+        let payload = peft::encode(adapter);
+        self.nonce += 1;
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&self.nonce.to_le_bytes());
+        nonce[8..].copy_from_slice(&round.to_le_bytes());
+        let header = seal(
+            &self.id,
+            Seal {
+                kind: PayloadKind::Update,
+                federation: &self.cfg.federation,
+                round,
+                plan_hash: self.cfg.plan_hash,
+                parent: plan.global_digest,
+                nonce,
+                now_ms,
+                ttl_ms: self.cfg.header_ttl_ms,
+                num_examples,
+                metrics,
+            },
+            &payload,
+        );
+        self.actions
+            .push_back(ClientAction::Send(ToCoordinator::Update {
+                header: Box::new(header),
+                payload,
+            }));
+    }
+}

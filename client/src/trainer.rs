@@ -1,0 +1,111 @@
+//! The local training job of a round, through the real engine: the shared read-only base
+//! model with the global adapter attached, SFT or DPO on the client's private data for the
+//! plan's local steps, then evaluation on the client's held-out data. Only the adapter and a
+//! few scalar metrics leave this function.
+
+use fedtune_aggregation::Adapter;
+use fedtune_engine::eval::sft_loss;
+use fedtune_engine::tokenizer::EncodedPair;
+use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
+use fedtune_engine::train::optim::Schedule;
+use fedtune_engine::train::sft::{NoCallback, RunOptions, SftObjective, train};
+use fedtune_engine::{Encoded, LlamaModel};
+use fedtune_protocol::Phase;
+
+use crate::machine::TrainJob;
+
+/// A client's private data, tokenised.
+#[derive(Debug, Clone, Default)]
+pub struct LocalData {
+    /// SFT training examples.
+    pub train: Vec<Encoded>,
+    /// SFT held-out examples.
+    pub eval: Vec<Encoded>,
+    /// Preference pairs for DPO rounds.
+    pub pairs: Vec<EncodedPair>,
+    /// Held-out preference pairs.
+    pub eval_pairs: Vec<EncodedPair>,
+    /// Padding id.
+    pub pad: u32,
+}
+
+/// What a round's training produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The adapter after local training.
+    pub adapter: Adapter,
+    /// Examples it was trained on (the FedAvg weight).
+    pub num_examples: u64,
+    /// `train_loss`, `eval_loss` (and DPO metrics in DPO rounds).
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// Trains `job` on `data` starting from `base` + the global adapter.
+pub fn train_round(
+    base: &LlamaModel,
+    data: &LocalData,
+    job: &TrainJob,
+    lora_alpha: f64,
+) -> fedtune_engine::Result<TrainOutcome> {
+    let mut model = base.clone();
+    model.attach_weights(&job.global, 0.0)?;
+    let h = &job.plan.hyper;
+    let cfg = TrainConfig {
+        lora_r: job.plan.rank,
+        lora_alpha,
+        learning_rate: h.learning_rate,
+        max_steps: Some(h.local_steps),
+        per_device_train_batch_size: h.batch_size,
+        lr_scheduler_type: Schedule::Constant,
+        seed: h.seed,
+        logging_steps: 1,
+        ..TrainConfig::default()
+    };
+    let run = RunOptions {
+        config: &cfg,
+        output: None,
+        resume: None,
+        cancel: None,
+    };
+    let mut metrics = Vec::new();
+    let num_examples;
+    match job.plan.phase {
+        Phase::Sft => {
+            let objective = SftObjective::new(&cfg, &data.train, &data.eval, data.pad);
+            let s = train(&mut model, &run, &objective, &mut NoCallback)?;
+            num_examples = data.train.len() as u64;
+            metrics.push(("train_loss".into(), s.final_loss.unwrap_or(f64::NAN)));
+            if !data.eval.is_empty() {
+                let l = sft_loss(&model, &data.eval, h.batch_size, data.pad).mean();
+                metrics.push(("eval_loss".into(), l));
+            }
+        }
+        Phase::Dpo => {
+            let opts = DpoOptions {
+                beta: h.beta,
+                ..DpoOptions::default()
+            };
+            let objective = DpoObjective::new(
+                &model,
+                opts,
+                data.pairs.clone(),
+                data.eval_pairs.clone(),
+                h.batch_size,
+                data.pad,
+            );
+            let s = train(&mut model, &run, &objective, &mut NoCallback)?;
+            num_examples = data.pairs.len() as u64;
+            metrics.push(("train_loss".into(), s.final_loss.unwrap_or(f64::NAN)));
+            if let Some(l) = s.eval_loss {
+                metrics.push(("eval_loss".into(), l));
+            }
+        }
+    }
+    metrics.retain(|(_, v)| v.is_finite());
+    Ok(TrainOutcome {
+        adapter: model.lora_weights(),
+        num_examples,
+        metrics,
+    })
+}

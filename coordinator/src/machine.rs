@@ -1,0 +1,700 @@
+//! The round state machine.
+//!
+//! A round: when no round is open and at least `min_clients` are connected, the strategy
+//! samples clients (seeded), the machine persists the open round and sends each sampled
+//! client the round plan with the signed global adapter. Updates are checked (header before
+//! payload, then digest, parse and validation against the plan), persisted and acknowledged.
+//! The round closes when every sampled client answered or at the deadline with at least
+//! `min_results` updates (otherwise the round is retried with a new sample); the strategy
+//! aggregates, the new global adapter is signed and persisted, and a round-log record is
+//! emitted.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use fedtune_aggregation::strategy::{FedStrategy, Strategy, StrategyConfig, StrategyState};
+use fedtune_aggregation::update::{Adapter, ClientResult, Failure};
+use fedtune_aggregation::validate::{Plan, validate};
+use fedtune_protocol::envelope::{
+    Digest, Expectations, PayloadKind, Seal, check_header, check_payload_digest, seal,
+};
+use fedtune_protocol::{
+    Hyper, Identity, Phase, PublicKey, Rejection, RoundPlan, SignedHeader, ToClient, ToCoordinator,
+    digest, peft,
+};
+use serde::{Deserialize, Serialize};
+
+/// Errors that stop the coordinator (never caused by network input).
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Persisted state that cannot be read.
+    #[error("stored state `{key}`: {reason}")]
+    Store {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// Aggregation failed.
+    #[error("aggregation: {0}")]
+    Aggregation(String),
+}
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// Configuration of a federation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoordConfig {
+    /// Federation id.
+    pub federation: String,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Local training phase.
+    pub phase: Phase,
+    /// Local hyperparameters.
+    pub hyper: Hyper,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA α (the scale of decoded updates is α/r).
+    pub lora_alpha: f64,
+    /// Aggregation strategy (rule, sampling, DP, ...).
+    pub strategy: StrategyConfig,
+    /// Updates needed to close a round at its deadline.
+    pub min_results: usize,
+    /// Round length in milliseconds.
+    pub round_timeout_ms: u64,
+    /// Largest update payload.
+    pub max_payload: u64,
+    /// Validity of signed headers.
+    pub header_ttl_ms: u64,
+    /// Allowed clock skew.
+    pub max_skew_ms: u64,
+    /// Hash of the base model and LoRA configuration.
+    pub plan_hash: Digest,
+    /// Admitted client keys.
+    pub admitted: BTreeSet<PublicKey>,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a message to a client (dropped if it is not connected).
+    Send {
+        /// The client.
+        to: PublicKey,
+        /// The message.
+        msg: ToClient,
+    },
+    /// Store `bytes` under `key` durably before carrying out later actions.
+    Persist {
+        /// Key (a relative file name).
+        key: String,
+        /// Value.
+        bytes: Vec<u8>,
+    },
+    /// Append a line to the round log.
+    Log(serde_json::Value),
+    /// The federation finished.
+    Finished,
+}
+
+/// The open round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OpenRound {
+    round: u64,
+    sampled: BTreeSet<PublicKey>,
+    deadline_ms: u64,
+    opened_ms: u64,
+}
+
+/// Everything persisted under `state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Durable {
+    /// Rounds completed.
+    completed: u64,
+    strategy: StrategyState,
+    global_header: SignedHeader,
+    global_payload: Vec<u8>,
+    open: Option<OpenRound>,
+    seen: BTreeSet<(PublicKey, u64)>,
+    rejections: BTreeMap<String, u64>,
+    finished: bool,
+}
+
+/// An accepted update as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    header: SignedHeader,
+    payload: Vec<u8>,
+}
+
+/// The coordinator state machine.
+pub struct Coordinator {
+    cfg: CoordConfig,
+    id: Identity,
+    strategy: FedStrategy,
+    d: Durable,
+    /// Accepted updates of the open round.
+    results: BTreeMap<PublicKey, ClientResult>,
+    failures: Vec<Failure>,
+    connected: BTreeSet<PublicKey>,
+    actions: VecDeque<Action>,
+    nonce: u64,
+}
+
+fn round_key(round: u64, client: &PublicKey) -> String {
+    format!("updates/{round:06}/{}", client.to_hex())
+}
+
+impl Coordinator {
+    /// A new federation starting from `initial` (e.g. a freshly initialised adapter: `B = 0`).
+    pub fn new(cfg: CoordConfig, id: Identity, initial: Adapter, now_ms: u64) -> Result<Self> {
+        if cfg.rank == 0 || cfg.min_results == 0 || cfg.rounds == 0 {
+            return Err(CoordinatorError::Config(
+                "rank, min_results and rounds must be positive".into(),
+            ));
+        }
+        let plan = Plan {
+            max_rank: cfg.rank,
+            ..Plan::from_adapter(&initial)
+        };
+        let strategy = FedStrategy::new(cfg.strategy.clone(), initial.clone(), plan)
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        let payload = peft::encode(&initial);
+        let header = Self::sign_global(&cfg, &id, 0, [0; 32], &payload, now_ms, 0);
+        let d = Durable {
+            completed: 0,
+            strategy: strategy.state.clone(),
+            global_header: header,
+            global_payload: payload,
+            open: None,
+            seen: BTreeSet::new(),
+            rejections: BTreeMap::new(),
+            finished: false,
+        };
+        let mut c = Coordinator {
+            cfg,
+            id,
+            strategy,
+            d,
+            results: BTreeMap::new(),
+            failures: Vec::new(),
+            connected: BTreeSet::new(),
+            actions: VecDeque::new(),
+            nonce: 0,
+        };
+        c.persist_global(0);
+        c.persist_state();
+        Ok(c)
+    }
+
+    /// Rebuilds the machine from persisted values (`state` and the open round's updates).
+    pub fn recover(
+        cfg: CoordConfig,
+        id: Identity,
+        stored: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Self> {
+        let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
+            key: "state".into(),
+            reason: "missing".into(),
+        })?;
+        let d: Durable = postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
+            key: "state".into(),
+            reason: e.to_string(),
+        })?;
+        let strategy = FedStrategy::from_state(cfg.strategy.clone(), d.strategy.clone());
+        let mut c = Coordinator {
+            cfg,
+            id,
+            strategy,
+            d,
+            results: BTreeMap::new(),
+            failures: Vec::new(),
+            connected: BTreeSet::new(),
+            actions: VecDeque::new(),
+            nonce: 0,
+        };
+        if let Some(open) = c.d.open.clone() {
+            let prefix = format!("updates/{:06}/", open.round);
+            for (k, v) in stored.range(prefix.clone()..) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let s: Stored = postcard::from_bytes(v).map_err(|e| CoordinatorError::Store {
+                    key: k.clone(),
+                    reason: e.to_string(),
+                })?;
+                let adapter = c.decode(&s.payload).map_err(|e| CoordinatorError::Store {
+                    key: k.clone(),
+                    reason: e.to_string(),
+                })?;
+                c.results
+                    .insert(s.header.header.signer, Self::result_of(&s.header, adapter));
+            }
+        }
+        Ok(c)
+    }
+
+    fn sign_global(
+        cfg: &CoordConfig,
+        id: &Identity,
+        round: u64,
+        parent: Digest,
+        payload: &[u8],
+        now_ms: u64,
+        nonce: u64,
+    ) -> SignedHeader {
+        let mut n = [0u8; 16];
+        n[..8].copy_from_slice(&nonce.to_le_bytes());
+        n[8..].copy_from_slice(&round.to_le_bytes());
+        seal(
+            id,
+            Seal {
+                kind: PayloadKind::Global,
+                federation: &cfg.federation,
+                round,
+                plan_hash: cfg.plan_hash,
+                parent,
+                nonce: n,
+                now_ms,
+                // Global adapters stay valid: clients check the signature and the digest.
+                ttl_ms: u64::MAX / 4,
+                num_examples: 0,
+                metrics: Vec::new(),
+            },
+            payload,
+        )
+    }
+
+    /// The current global adapter (PEFT safetensors bytes) and its signed header.
+    pub fn global(&self) -> (&SignedHeader, &[u8]) {
+        (&self.d.global_header, &self.d.global_payload)
+    }
+
+    /// The current global adapter.
+    pub fn global_adapter(&self) -> &Adapter {
+        &self.strategy.state.global
+    }
+
+    /// Rounds completed.
+    pub fn completed_rounds(&self) -> u64 {
+        self.d.completed
+    }
+
+    /// Whether every round ran.
+    pub fn is_finished(&self) -> bool {
+        self.d.finished
+    }
+
+    /// Rejections so far by reason label.
+    pub fn rejections(&self) -> &BTreeMap<String, u64> {
+        &self.d.rejections
+    }
+
+    /// The coordinator's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.id.public()
+    }
+
+    /// The next time [`Coordinator::handle_tick`] must be called.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.d.open.as_ref().map(|o| o.deadline_ms)
+    }
+
+    /// The next action for the driver.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn persist_state(&mut self) {
+        self.d.strategy = self.strategy.state.clone();
+        self.actions.push_back(Action::Persist {
+            key: "state".into(),
+            bytes: postcard::to_stdvec(&self.d).expect("state encodes"),
+        });
+    }
+
+    fn persist_global(&mut self, round: u64) {
+        self.actions.push_back(Action::Persist {
+            key: format!("global/{round:06}/adapter_model.safetensors"),
+            bytes: self.d.global_payload.clone(),
+        });
+        self.actions.push_back(Action::Persist {
+            key: format!("global/{round:06}/header.bin"),
+            bytes: fedtune_protocol::messages::encode(&self.d.global_header),
+        });
+    }
+
+    fn log(&mut self, v: serde_json::Value) {
+        self.actions.push_back(Action::Log(v));
+    }
+
+    /// A client connected (its key authenticated by the transport) and said hello.
+    pub fn handle_hello(&mut self, now_ms: u64, client: PublicKey) {
+        if !self.cfg.admitted.contains(&client) {
+            self.reject(None, client, Rejection::UnknownKey(client.to_hex()));
+            return;
+        }
+        self.connected.insert(client);
+        self.actions.push_back(Action::Send {
+            to: client,
+            msg: ToClient::Welcome {
+                coordinator: self.id.public(),
+                federation: self.cfg.federation.clone(),
+            },
+        });
+        if self.d.finished {
+            self.actions.push_back(Action::Send {
+                to: client,
+                msg: ToClient::Finished {
+                    global_digest: self.d.global_header.header.payload_digest,
+                },
+            });
+            return;
+        }
+        // A sampled client that reconnects during its round gets the plan again.
+        if let Some(open) = &self.d.open
+            && open.sampled.contains(&client)
+            && !self.results.contains_key(&client)
+        {
+            let msg = self.plan_msg(open.round, open.deadline_ms);
+            self.actions.push_back(Action::Send { to: client, msg });
+        }
+        self.handle_tick(now_ms);
+    }
+
+    /// A client disconnected.
+    pub fn handle_disconnect(&mut self, _now_ms: u64, client: PublicKey) {
+        self.connected.remove(&client);
+    }
+
+    fn plan_msg(&self, round: u64, deadline_ms: u64) -> ToClient {
+        ToClient::Plan {
+            plan: RoundPlan {
+                federation: self.cfg.federation.clone(),
+                round,
+                phase: self.cfg.phase,
+                hyper: Hyper {
+                    seed: self.cfg.hyper.seed ^ round,
+                    ..self.cfg.hyper.clone()
+                },
+                rank: self.cfg.rank,
+                global_digest: self.d.global_header.header.payload_digest,
+                deadline_ms,
+            },
+            global: Box::new(self.d.global_header.clone()),
+            payload: self.d.global_payload.clone(),
+        }
+    }
+
+    /// Time passed: opens a round when none is open, closes one at its deadline.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        if self.d.finished {
+            return;
+        }
+        match &self.d.open {
+            Some(open) if now_ms >= open.deadline_ms => {
+                if self.results.len() >= self.cfg.min_results {
+                    self.close(now_ms);
+                } else {
+                    let round = open.round;
+                    let missing: Vec<PublicKey> = open
+                        .sampled
+                        .iter()
+                        .filter(|c| !self.results.contains_key(c))
+                        .copied()
+                        .collect();
+                    self.log(serde_json::json!({
+                        "event": "round_retry", "round": round,
+                        "results": self.results.len(), "needed": self.cfg.min_results,
+                        "missing": missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+                    }));
+                    // Keep accepted updates; sample again with a new deadline.
+                    self.open_round(now_ms, round);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if self.connected.len() >= self.cfg.strategy.sampling.min_clients.max(1) {
+                    let round = self.d.completed + 1;
+                    self.open_round(now_ms, round);
+                }
+            }
+        }
+    }
+
+    fn open_round(&mut self, now_ms: u64, round: u64) {
+        let available: Vec<String> = self.connected.iter().map(|c| c.to_hex()).collect();
+        let by_hex: BTreeMap<String, PublicKey> =
+            self.connected.iter().map(|c| (c.to_hex(), *c)).collect();
+        let fit = self.strategy.configure_fit(round, &available);
+        let mut sampled: BTreeSet<PublicKey> = fit.iter().map(|f| by_hex[&f.client]).collect();
+        // Clients whose update is already accepted stay in the round.
+        sampled.extend(self.results.keys().copied());
+        let deadline_ms = now_ms.saturating_add(self.cfg.round_timeout_ms);
+        self.d.open = Some(OpenRound {
+            round,
+            sampled: sampled.clone(),
+            deadline_ms,
+            opened_ms: now_ms,
+        });
+        self.persist_state();
+        self.log(serde_json::json!({
+            "event": "round_open", "round": round,
+            "sampled": sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+            "deadline_ms": deadline_ms,
+        }));
+        for c in sampled {
+            if !self.results.contains_key(&c) {
+                let msg = self.plan_msg(round, deadline_ms);
+                self.actions.push_back(Action::Send { to: c, msg });
+            }
+        }
+    }
+
+    fn decode(&self, payload: &[u8]) -> std::result::Result<Adapter, Rejection> {
+        let alpha = self.cfg.lora_alpha;
+        let limits = peft::Limits {
+            max_bytes: self.cfg.max_payload,
+            ..Default::default()
+        };
+        peft::decode(payload, &limits, |_, r| (alpha / r.max(1) as f64) as f32)
+            .map_err(|e| Rejection::BadPayload(e.to_string()))
+    }
+
+    fn result_of(h: &SignedHeader, adapter: Adapter) -> ClientResult {
+        ClientResult {
+            client: h.header.signer.to_hex(),
+            adapter,
+            num_examples: h.header.num_examples,
+            metrics: h.header.metrics.iter().cloned().collect(),
+        }
+    }
+
+    fn reject(&mut self, round: Option<u64>, client: PublicKey, why: Rejection) {
+        *self
+            .d
+            .rejections
+            .entry(why.label().to_string())
+            .or_insert(0) += 1;
+        tracing::warn!(client = %client, reason = %why, "update rejected");
+        self.log(serde_json::json!({
+            "event": "rejected", "round": round, "client": client.to_hex(),
+            "reason": why.label(), "detail": why.to_string(),
+        }));
+        if let Some(round) = round {
+            self.actions.push_back(Action::Send {
+                to: client,
+                msg: ToClient::Rejected {
+                    round,
+                    reason: why.to_string(),
+                },
+            });
+        }
+    }
+
+    /// A message from an authenticated client.
+    pub fn handle_message(&mut self, now_ms: u64, from: PublicKey, msg: ToCoordinator) {
+        match msg {
+            ToCoordinator::Hello { client, .. } => {
+                if client == from {
+                    self.handle_hello(now_ms, client)
+                } else {
+                    self.reject(None, from, Rejection::UnknownKey(client.to_hex()))
+                }
+            }
+            ToCoordinator::Decline { round, reason } => {
+                if self.d.open.as_ref().is_some_and(|o| o.round == round) {
+                    self.failures.push(Failure {
+                        client: from.to_hex(),
+                        reason: format!("declined: {reason}"),
+                    });
+                    self.log(serde_json::json!({
+                        "event": "declined", "round": round, "client": from.to_hex(), "reason": reason,
+                    }));
+                }
+            }
+            ToCoordinator::Update { header, payload } => {
+                self.handle_update(now_ms, from, *header, payload)
+            }
+        }
+    }
+
+    fn handle_update(
+        &mut self,
+        now_ms: u64,
+        from: PublicKey,
+        header: SignedHeader,
+        payload: Vec<u8>,
+    ) {
+        let round = header.header.round;
+        let verdict = self.check_update(now_ms, from, &header, &payload);
+        match verdict {
+            Err(why) => self.reject(Some(round), from, why),
+            Ok(adapter) => {
+                let bytes = postcard::to_stdvec(&Stored {
+                    header: header.clone(),
+                    payload,
+                })
+                .expect("encodes");
+                self.actions.push_back(Action::Persist {
+                    key: round_key(round, &from),
+                    bytes,
+                });
+                self.d.seen.insert((from, round));
+                self.persist_state();
+                self.results.insert(from, Self::result_of(&header, adapter));
+                self.actions.push_back(Action::Send {
+                    to: from,
+                    msg: ToClient::Accepted { round },
+                });
+                self.log(serde_json::json!({
+                    "event": "accepted", "round": round, "client": from.to_hex(),
+                    "num_examples": header.header.num_examples,
+                    "bytes": header.header.payload_len,
+                    "metrics": header.header.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
+                }));
+                let all = self
+                    .d
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.sampled.iter().all(|c| self.results.contains_key(c)));
+                if all {
+                    self.close(now_ms);
+                }
+            }
+        }
+    }
+
+    fn check_update(
+        &self,
+        now_ms: u64,
+        from: PublicKey,
+        header: &SignedHeader,
+        payload: &[u8],
+    ) -> std::result::Result<Adapter, Rejection> {
+        if header.header.signer != from {
+            return Err(Rejection::UnknownKey(header.header.signer.to_hex()));
+        }
+        let e = Expectations {
+            federation: &self.cfg.federation,
+            admitted: &self.cfg.admitted,
+            open_round: self.d.open.as_ref().map(|o| o.round),
+            plan_hash: self.cfg.plan_hash,
+            parent: self.d.global_header.header.payload_digest,
+            seen: &self.d.seen,
+            max_payload: self.cfg.max_payload,
+            max_skew_ms: self.cfg.max_skew_ms,
+            kind: PayloadKind::Update,
+        };
+        check_header(header, &e, now_ms)?;
+        if let Some(open) = &self.d.open
+            && !open.sampled.contains(&from)
+        {
+            return Err(Rejection::NotSampled { round: open.round });
+        }
+        check_payload_digest(&header.header, payload)?;
+        let adapter = self.decode(payload)?;
+        let result = Self::result_of(header, adapter);
+        let (ok, failures) = validate(
+            std::slice::from_ref(&result),
+            &self.strategy.state.plan,
+            &self.strategy.state.global,
+            &self.strategy.config.validation,
+        );
+        if ok.is_empty() {
+            let reason = failures
+                .into_iter()
+                .map(|f| f.reason)
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(Rejection::Invalid(reason));
+        }
+        Ok(result.adapter)
+    }
+
+    fn close(&mut self, now_ms: u64) {
+        let Some(open) = self.d.open.clone() else {
+            return;
+        };
+        let results: Vec<ClientResult> = self.results.values().cloned().collect();
+        let mut failures = std::mem::take(&mut self.failures);
+        for c in &open.sampled {
+            if !self.results.contains_key(c) && !failures.iter().any(|f| f.client == c.to_hex()) {
+                failures.push(Failure {
+                    client: c.to_hex(),
+                    reason: "no update before the deadline".into(),
+                });
+            }
+        }
+        let outcome = match self.strategy.aggregate_fit(open.round, &results, &failures) {
+            Ok(o) => o,
+            Err(e) => {
+                self.log(serde_json::json!({
+                    "event": "aggregation_failed", "round": open.round, "error": e.to_string(),
+                }));
+                self.results.clear();
+                self.open_round(now_ms, open.round);
+                return;
+            }
+        };
+        let parent = self.d.global_header.header.payload_digest;
+        let mut metrics = BTreeMap::new();
+        let mut report = serde_json::Value::Null;
+        if let Some(g) = &outcome.global {
+            self.d.global_payload = peft::encode(&self.strategy.state.global);
+            self.nonce += 1;
+            self.d.global_header = Self::sign_global(
+                &self.cfg,
+                &self.id,
+                open.round,
+                parent,
+                &self.d.global_payload,
+                now_ms,
+                self.nonce,
+            );
+            metrics = g.metrics.clone();
+            report = serde_json::to_value(&g.report).unwrap_or_default();
+        }
+        self.d.completed = open.round;
+        self.d.open = None;
+        self.results.clear();
+        self.d.finished = self.d.completed >= self.cfg.rounds;
+        self.persist_global(open.round);
+        self.persist_state();
+        self.log(serde_json::json!({
+            "event": "round_closed", "round": open.round,
+            "sampled": open.sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+            "used": results.iter().map(|r| r.client.clone()).collect::<Vec<_>>(),
+            "failures": outcome.failures,
+            "metrics": metrics,
+            "report": report,
+            "seconds": (now_ms.saturating_sub(open.opened_ms)) as f64 / 1000.0,
+            "global_digest": hex_digest(&self.d.global_header.header.payload_digest),
+            "rejections": self.d.rejections,
+        }));
+        if self.d.finished {
+            let global_digest = self.d.global_header.header.payload_digest;
+            for c in self.connected.clone() {
+                self.actions.push_back(Action::Send {
+                    to: c,
+                    msg: ToClient::Finished { global_digest },
+                });
+            }
+            self.actions.push_back(Action::Finished);
+        } else {
+            self.handle_tick(now_ms);
+        }
+    }
+}
+
+fn hex_digest(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `digest` re-exported for drivers that name files by content.
+pub fn payload_digest(bytes: &[u8]) -> Digest {
+    digest(bytes)
+}

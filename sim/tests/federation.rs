@@ -1,0 +1,271 @@
+//! Whole federations in memory on the tiny model, every client training through the real
+//! engine: rounds complete and the global adapter beats the base model on every client's
+//! held-out data and loads as a PEFT adapter; a planted canary never leaves its client; a
+//! coordinator killed mid-round resumes from what it persisted and ends with the same global
+//! adapter as an uninterrupted run; hostile updates are rejected while honest ones are used.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device};
+use fedtune_aggregation::strategy::{Rule, StrategyConfig};
+use fedtune_client::trainer::LocalData;
+use fedtune_client::{Client, ClientConfig};
+use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_engine::data::{Dataset, LoadOptions};
+use fedtune_engine::eval::sft_loss;
+use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::lora::{init_adapter, lora_config};
+use fedtune_engine::{LoadedModel, PeftAdapter, load_model};
+use fedtune_protocol::{Hyper, Identity, Phase, digest};
+use fedtune_sim::{Federation, SimClient};
+
+const T0: u64 = 1_700_000_000_000;
+const CANARY: &str = "CANARY-7f3a9c";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tiny() -> LoadedModel {
+    load_model(
+        &root().join("testdata/tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn lora() -> TrainConfig {
+    TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        seed: 3,
+        ..TrainConfig::default()
+    }
+}
+
+/// Client `k`'s data: one demo site, the first 32 examples to train (client 0 also holds a
+/// record with the canary), the last 8 held out.
+fn data(m: &LoadedModel, k: usize) -> LocalData {
+    let site = ["hospital", "bank", "helpdesk"][k % 3];
+    let text = std::fs::read_to_string(root().join(format!("testdata/demo/{site}.jsonl"))).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let dir = std::env::temp_dir().join(format!("fedtune-sim-{}-{k}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, lines: &[&str], canary: bool| {
+        let p = dir.join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        for l in lines {
+            writeln!(f, "{l}").unwrap();
+        }
+        if canary {
+            writeln!(f, r#"{{"messages": [{{"role": "user", "content": "Patient id {CANARY}, fever."}}, {{"role": "assistant", "content": "{{\"id\": \"{CANARY}\"}}"}}]}}"#).unwrap();
+        }
+        Dataset::load(&p, LoadOptions::default())
+            .unwrap()
+            .encode_sft(&m.tokenizer, Some(256))
+            .unwrap()
+    };
+    LocalData {
+        train: write("train.jsonl", &lines[..32], k == 0),
+        eval: write("eval.jsonl", &lines[32..], false),
+        pad: m.tokenizer.pad_id,
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    cfg: CoordConfig,
+    coord_id: Identity,
+    client_ids: Vec<Identity>,
+}
+
+fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
+    let coord_id = Identity::from_seed([100; 32]);
+    let client_ids: Vec<Identity> = (0..n)
+        .map(|i| Identity::from_seed([i as u8 + 1; 32]))
+        .collect();
+    let mut strategy = StrategyConfig::new(rule);
+    strategy.target_rank = Some(4);
+    strategy.sampling.min_clients = n;
+    strategy.seed = 5;
+    let cfg = CoordConfig {
+        federation: "test-federation".into(),
+        rounds,
+        phase: Phase::Sft,
+        hyper: Hyper {
+            learning_rate: 5e-3,
+            local_steps: 4,
+            batch_size: 4,
+            beta: 0.1,
+            seed: 11,
+        },
+        rank: 4,
+        lora_alpha: 8.0,
+        strategy,
+        min_results: n.div_ceil(2),
+        round_timeout_ms: 600_000,
+        max_payload: 64 << 20,
+        header_ttl_ms: 3_600_000,
+        max_skew_ms: 60_000,
+        plan_hash: digest(b"tiny-llama + r4 a8 all projections"),
+        admitted: client_ids.iter().map(|i| i.public()).collect(),
+    };
+    Setup {
+        cfg,
+        coord_id,
+        client_ids,
+    }
+}
+
+fn federation<'a>(s: &Setup, m: &'a LoadedModel) -> Federation<'a> {
+    let initial = init_adapter(&m.model, &lora());
+    let coordinator = Coordinator::new(s.cfg.clone(), s.coord_id.clone(), initial, T0).unwrap();
+    let clients = s
+        .client_ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| SimClient {
+            machine: Client::new(
+                ClientConfig {
+                    federation: s.cfg.federation.clone(),
+                    coordinator: s.coord_id.public(),
+                    plan_hash: s.cfg.plan_hash,
+                    header_ttl_ms: 3_600_000,
+                    max_payload: 64 << 20,
+                    lora_alpha: 8.0,
+                },
+                id.clone(),
+            ),
+            data: data(m, k),
+            connected: false,
+            sent: Vec::new(),
+            log: Vec::new(),
+            train_ms: 1_000 * (k as u64 + 1),
+        })
+        .collect();
+    let mut f = Federation {
+        coordinator,
+        clients,
+        base: &m.model,
+        store: BTreeMap::new(),
+        log: Vec::new(),
+        now_ms: T0,
+        lora_alpha: 8.0,
+    };
+    f.connect_all();
+    f
+}
+
+fn held_out_losses(m: &LoadedModel, f: &Federation<'_>, adapter: Option<&PeftAdapter>) -> Vec<f64> {
+    let mut model = m.model.clone();
+    if let Some(a) = adapter {
+        model.attach_adapter(a).unwrap();
+    }
+    f.clients
+        .iter()
+        .map(|c| sft_loss(&model, &c.data.eval, 8, c.data.pad).mean())
+        .collect()
+}
+
+#[test]
+fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
+    let m = tiny();
+    let s = setup(3, 2, Rule::FedAvgExact);
+    let mut f = federation(&s, &m);
+    f.run(10_000).unwrap();
+    assert!(f.coordinator.is_finished());
+    assert_eq!(f.coordinator.completed_rounds(), 2);
+    let closed: Vec<&serde_json::Value> = f
+        .log
+        .iter()
+        .filter(|e| e["event"] == "round_closed")
+        .collect();
+    assert_eq!(closed.len(), 2);
+    assert_eq!(
+        closed[1]["used"].as_array().unwrap().len(),
+        3,
+        "{:?}",
+        closed[1]
+    );
+
+    // The final global adapter, written as PEFT files and read back.
+    let dir = std::env::temp_dir().join(format!("fedtune-sim-global-{}", std::process::id()));
+    let peft = PeftAdapter {
+        config: lora_config(&lora(), Some("tiny-llama".into())),
+        weights: f.coordinator.global_adapter().clone(),
+        extra_config: Default::default(),
+    };
+    peft.save(&dir).unwrap();
+    let loaded = PeftAdapter::load(&dir).unwrap();
+    let stored = &f.store["global/000002/adapter_model.safetensors"];
+    assert_eq!(stored, f.coordinator.global().1);
+    let base = held_out_losses(&m, &f, None);
+    let tuned = held_out_losses(&m, &f, Some(&loaded));
+    for (k, (b, t)) in base.iter().zip(&tuned).enumerate() {
+        assert!(t < b, "client {k}: held-out loss {b} -> {t}");
+    }
+    println!("held-out loss per client: base {base:?} -> global {tuned:?}");
+
+    // Only adapters and scalar metrics left the clients.
+    for c in &f.clients {
+        assert!(!c.sent.is_empty());
+        assert!(
+            !c.sent.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()),
+            "the canary left its client"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_coordinator_killed_mid_round_resumes_with_no_update_lost() {
+    let m = tiny();
+    let s = setup(3, 2, Rule::FedAvgExact);
+    let mut reference = federation(&s, &m);
+    reference.run(10_000).unwrap();
+    let want = digest(reference.coordinator.global().1);
+
+    let mut f = federation(&s, &m);
+    // Stop after the first update of round 2 is stored and acknowledged.
+    let stopped = f
+        .run_until(10_000, |log| {
+            log.iter()
+                .any(|e| e["event"] == "accepted" && e["round"] == 2)
+        })
+        .unwrap();
+    assert!(stopped);
+    let accepted_before: BTreeSet<String> = f
+        .log
+        .iter()
+        .filter(|e| e["event"] == "accepted" && e["round"] == 2)
+        .map(|e| e["client"].as_str().unwrap().to_string())
+        .collect();
+    f.crash_and_restart(s.cfg.clone(), s.coord_id.clone())
+        .unwrap();
+    f.run(10_000).unwrap();
+    assert_eq!(f.coordinator.completed_rounds(), 2);
+    let closed = f
+        .log
+        .iter()
+        .rfind(|e| e["event"] == "round_closed")
+        .unwrap();
+    let used: BTreeSet<String> = closed["used"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        accepted_before.is_subset(&used),
+        "an accepted update was lost"
+    );
+    assert_eq!(used.len(), 3);
+    assert_eq!(
+        digest(f.coordinator.global().1),
+        want,
+        "the restarted run differs"
+    );
+}
