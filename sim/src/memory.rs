@@ -65,7 +65,13 @@ pub struct Federation<'a> {
     pub now_ms: u64,
     /// LoRA α of the federation.
     pub lora_alpha: f64,
+    /// Fault injection: rewrites what client `i` sends at time `now` (Byzantine clients,
+    /// replays, forgeries); `None` sends messages unchanged.
+    pub tamper: Option<Tamper<'a>>,
 }
+
+/// A message rewriter: `(client index, now, message) → messages actually sent`.
+pub type Tamper<'a> = Box<dyn FnMut(usize, u64, ToCoordinator) -> Vec<ToCoordinator> + 'a>;
 
 impl<'a> Federation<'a> {
     /// Connects every client.
@@ -127,14 +133,20 @@ impl<'a> Federation<'a> {
                     if !self.clients[i].connected {
                         continue;
                     }
-                    let bytes = encode(&msg);
-                    self.clients[i].sent.extend_from_slice(&bytes);
-                    let limit = MAX_CONTROL.max(bytes.len());
-                    let msg: ToCoordinator =
-                        decode(&bytes, limit, "message").expect("own encoding");
-                    let pk = self.clients[i].machine.public_key();
-                    self.coordinator.handle_message(self.now_ms, pk, msg);
-                    self.drain_coordinator();
+                    let msgs = match self.tamper.as_mut() {
+                        Some(t) => t(i, self.now_ms, msg),
+                        None => vec![msg],
+                    };
+                    for msg in msgs {
+                        let bytes = encode(&msg);
+                        self.clients[i].sent.extend_from_slice(&bytes);
+                        let limit = MAX_CONTROL.max(bytes.len());
+                        let msg: ToCoordinator =
+                            decode(&bytes, limit, "message").expect("own encoding");
+                        let pk = self.clients[i].machine.public_key();
+                        self.coordinator.handle_message(self.now_ms, pk, msg);
+                        self.drain_coordinator();
+                    }
                 }
                 ClientAction::Train(job) => {
                     let out = train_round(self.base, &self.clients[i].data, &job, self.lora_alpha)

@@ -154,6 +154,7 @@ fn federation<'a>(s: &Setup, m: &'a LoadedModel) -> Federation<'a> {
         log: Vec::new(),
         now_ms: T0,
         lora_alpha: 8.0,
+        tamper: None,
     };
     f.connect_all();
     f
@@ -268,4 +269,160 @@ fn a_coordinator_killed_mid_round_resumes_with_no_update_lost() {
         want,
         "the restarted run differs"
     );
+}
+
+/// Client 0 of 4 is hostile: each round its update is replaced by one forgery. Every forgery
+/// is rejected with its own reason, the three honest updates are aggregated every round, and
+/// the coordinator keeps running to the end.
+#[test]
+fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() {
+    use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
+    use fedtune_protocol::{ToCoordinator, peft};
+    let m = tiny();
+    let mut s = setup(4, 8, Rule::FedAvgExact);
+    s.cfg.min_results = 3;
+    s.cfg.hyper.local_steps = 2;
+    s.cfg.strategy.sampling.min_clients = 4;
+    let hostile = s.client_ids[0].clone();
+    let outsider = Identity::from_seed([77; 32]);
+    let mut f = federation(&s, &m);
+    let mut first: Option<ToCoordinator> = None;
+    let federation_id = s.cfg.federation.clone();
+    f.tamper = Some(Box::new(move |i, now, msg| {
+        let ToCoordinator::Update { header, payload } = msg else {
+            return vec![msg];
+        };
+        if i != 0 {
+            return vec![ToCoordinator::Update { header, payload }];
+        }
+        let h = header.header.clone();
+        let resign = |payload: &[u8], f: &dyn Fn(&mut Seal<'_>)| {
+            let mut sl = Seal {
+                kind: PayloadKind::Update,
+                federation: &federation_id,
+                round: h.round,
+                plan_hash: h.plan_hash,
+                parent: h.parent,
+                nonce: h.nonce,
+                now_ms: now,
+                ttl_ms: 3_600_000,
+                num_examples: h.num_examples,
+                metrics: h.metrics.clone(),
+            };
+            f(&mut sl);
+            Box::new(seal(&hostile, sl, payload))
+        };
+        let upd = |header, payload| ToCoordinator::Update { header, payload };
+        let mut adapter =
+            peft::decode(&payload, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
+        match h.round {
+            1 => {
+                // A NaN in an otherwise well-formed, properly signed update.
+                let m = adapter.modules.values_mut().next().unwrap();
+                m.b.data[0] = f32::NAN;
+                let p = peft::encode(&adapter);
+                let out = vec![upd(resign(&p, &|_| {}), p)];
+                first = Some(upd(header, payload));
+                out
+            }
+            2 => {
+                // Replay of round 1's update, then the payload tampered after signing.
+                let mut p = payload.clone();
+                let mid = p.len() / 2;
+                p[mid] ^= 0x55;
+                vec![first.clone().unwrap(), upd(header, p)]
+            }
+            3 => vec![upd(
+                resign(&payload, &|s| s.federation = "other-federation"),
+                payload,
+            )],
+            4 => vec![upd(resign(&payload, &|s| s.parent = [0; 32]), payload)],
+            5 => {
+                let mut forged = header.clone();
+                forged.header.num_examples = 1_000_000;
+                vec![upd(forged, payload)]
+            }
+            6 => {
+                // Signed by a key the federation does not admit, then an expired header.
+                let sl = Seal {
+                    kind: PayloadKind::Update,
+                    federation: "test-federation",
+                    round: h.round,
+                    plan_hash: h.plan_hash,
+                    parent: h.parent,
+                    nonce: h.nonce,
+                    now_ms: now,
+                    ttl_ms: 3_600_000,
+                    num_examples: 1,
+                    metrics: Vec::new(),
+                };
+                let foreign = Box::new(seal(&outsider, sl, &payload));
+                vec![
+                    upd(foreign, payload.clone()),
+                    upd(resign(&payload, &|s| s.now_ms = now - 7_200_000), payload),
+                ]
+            }
+            7 => {
+                // Shapes that do not match the plan.
+                let m = adapter.modules.values_mut().next().unwrap();
+                m.a = fedtune_aggregation::Matrix::new(
+                    m.a.rows,
+                    m.a.cols + 1,
+                    vec![0.0; m.a.rows * (m.a.cols + 1)],
+                );
+                let p = peft::encode(&adapter);
+                vec![upd(resign(&p, &|_| {}), p)]
+            }
+            _ => {
+                // An honest update, sent twice while the round is open: the second is a replay.
+                vec![upd(header.clone(), payload.clone()), upd(header, payload)]
+            }
+        }
+    }));
+    f.run(100_000).unwrap();
+    assert!(f.coordinator.is_finished());
+    let closed: Vec<&serde_json::Value> = f
+        .log
+        .iter()
+        .filter(|e| e["event"] == "round_closed")
+        .collect();
+    assert_eq!(closed.len(), 8);
+    let hostile_hex = s.client_ids[0].public().to_hex();
+    for (r, c) in closed.iter().enumerate() {
+        let used: Vec<&str> = c["used"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(used.len() >= 3, "round {}: {c}", r + 1);
+        assert_eq!(
+            used.contains(&hostile_hex.as_str()),
+            r == 7,
+            "round {}: {used:?}",
+            r + 1
+        );
+    }
+    let rej = f.coordinator.rejections();
+    println!("rejections: {rej:?}");
+    for label in [
+        "invalid",
+        "round_not_open",
+        "digest_mismatch",
+        "wrong_federation",
+        "stale_global",
+        "bad_signature",
+        "unknown_key",
+        "expired",
+        "replay",
+    ] {
+        assert!(
+            rej.get(label).copied().unwrap_or(0) >= 1,
+            "no `{label}` rejection: {rej:?}"
+        );
+    }
+    assert_eq!(rej["invalid"], 2, "NaN and shape mismatch");
+    for e in f.log.iter().filter(|e| e["event"] == "rejected") {
+        assert!(!e["detail"].as_str().unwrap().is_empty());
+    }
 }
