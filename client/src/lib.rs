@@ -1,8 +1,9 @@
 //! The client: a sans-IO state machine ([`machine::Client`]) that verifies round plans and
 //! global adapters and signs updates, and the local training job it asks its driver to run
-//! ([`trainer`], through the real engine). The QUIC driver comes later; the simulator drives
-//! the same machine in memory.
+//! ([`trainer`], through the real engine). [`daemon`] is its tokio/quinn driver; the simulator drives the
+//! same machine in memory.
 
+pub mod daemon;
 pub mod machine;
 pub mod trainer;
 

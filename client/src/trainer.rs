@@ -109,3 +109,43 @@ pub fn train_round(
         metrics,
     })
 }
+
+/// The hash every party of a federation pins: BLAKE3 over the base model's files (weights and
+/// `config.json` of a model directory, or the GGUF file) and the LoRA configuration.
+pub fn plan_hash(
+    model: &std::path::Path,
+    rank: usize,
+    lora_alpha: f64,
+    target_modules: &[String],
+) -> std::io::Result<fedtune_protocol::Digest> {
+    let mut h = blake3::Hasher::new();
+    let mut files: Vec<std::path::PathBuf> = if model.is_dir() {
+        std::fs::read_dir(model)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n == "config.json" || n.ends_with(".safetensors")
+            })
+            .collect()
+    } else {
+        vec![model.to_path_buf()]
+    };
+    files.sort();
+    for f in files {
+        h.update(
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .as_bytes(),
+        );
+        h.update_reader(std::fs::File::open(&f)?)?;
+    }
+    h.update(
+        format!(
+            "r={rank};alpha={lora_alpha};targets={}",
+            target_modules.join(",")
+        )
+        .as_bytes(),
+    );
+    Ok(*h.finalize().as_bytes())
+}

@@ -1,5 +1,5 @@
-//! The coordinator: a sans-IO round state machine ([`Coordinator`]) and, later, the thin
-//! driver that runs it over QUIC.
+//! The coordinator: a sans-IO round state machine ([`Coordinator`]), its durable file store
+//! ([`store`]) and the thin tokio/quinn driver ([`daemon`]).
 //!
 //! Inputs are `handle_*` calls with the current time; outputs are [`Action`]s taken with
 //! [`Coordinator::poll_action`], in order. A driver must carry out each
@@ -7,6 +7,8 @@
 //! update is acknowledged only after it is stored, and [`Coordinator::recover`] rebuilds the
 //! machine, open round and accepted updates included, from what was persisted.
 
+pub mod daemon;
 pub mod machine;
+pub mod store;
 
 pub use machine::{Action, CoordConfig, Coordinator, CoordinatorError};

@@ -568,13 +568,27 @@ impl Coordinator {
         }
     }
 
-    fn check_update(
+    /// Checks an update's header before its payload is read (the driver streams the payload
+    /// only when this passes). A rejection is answered, logged and counted here.
+    pub fn precheck(
+        &mut self,
+        now_ms: u64,
+        from: PublicKey,
+        header: &SignedHeader,
+    ) -> std::result::Result<(), Rejection> {
+        let r = self.check_header_only(now_ms, from, header);
+        if let Err(why) = &r {
+            self.reject(Some(header.header.round), from, why.clone());
+        }
+        r
+    }
+
+    fn check_header_only(
         &self,
         now_ms: u64,
         from: PublicKey,
         header: &SignedHeader,
-        payload: &[u8],
-    ) -> std::result::Result<Adapter, Rejection> {
+    ) -> std::result::Result<(), Rejection> {
         if header.header.signer != from {
             return Err(Rejection::UnknownKey(header.header.signer.to_hex()));
         }
@@ -595,6 +609,17 @@ impl Coordinator {
         {
             return Err(Rejection::NotSampled { round: open.round });
         }
+        Ok(())
+    }
+
+    fn check_update(
+        &self,
+        now_ms: u64,
+        from: PublicKey,
+        header: &SignedHeader,
+        payload: &[u8],
+    ) -> std::result::Result<Adapter, Rejection> {
+        self.check_header_only(now_ms, from, header)?;
         check_payload_digest(&header.header, payload)?;
         let adapter = self.decode(payload)?;
         let result = Self::result_of(header, adapter);

@@ -17,7 +17,9 @@ pub mod error;
 pub mod identity;
 pub mod messages;
 pub mod peft;
+pub mod quic;
 pub mod rejection;
+pub mod tls;
 
 pub use envelope::{Digest, Header, PayloadKind, SignedHeader, digest};
 pub use error::{ProtocolError, Result};

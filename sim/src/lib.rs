@@ -3,6 +3,7 @@
 //! transport with a simulated clock; every message crosses the protocol codec, and clients
 //! train through the real engine on one shared read-only base model.
 
+pub mod demo;
 pub mod memory;
 
 pub use memory::{Federation, SimClient};

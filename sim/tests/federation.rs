@@ -5,7 +5,6 @@
 //! adapter as an uninterrupted run; hostile updates are rejected while honest ones are used.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device};
@@ -13,7 +12,6 @@ use fedtune_aggregation::strategy::{Rule, StrategyConfig};
 use fedtune_client::trainer::LocalData;
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::{CoordConfig, Coordinator};
-use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::eval::sft_loss;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::{init_adapter, lora_config};
@@ -46,34 +44,8 @@ fn lora() -> TrainConfig {
     }
 }
 
-/// Client `k`'s data: one demo site, the first 32 examples to train (client 0 also holds a
-/// record with the canary), the last 8 held out.
 fn data(m: &LoadedModel, k: usize) -> LocalData {
-    let site = ["hospital", "bank", "helpdesk"][k % 3];
-    let text = std::fs::read_to_string(root().join(format!("testdata/demo/{site}.jsonl"))).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let dir = std::env::temp_dir().join(format!("fedtune-sim-{}-{k}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, lines: &[&str], canary: bool| {
-        let p = dir.join(name);
-        let mut f = std::fs::File::create(&p).unwrap();
-        for l in lines {
-            writeln!(f, "{l}").unwrap();
-        }
-        if canary {
-            writeln!(f, r#"{{"messages": [{{"role": "user", "content": "Patient id {CANARY}, fever."}}, {{"role": "assistant", "content": "{{\"id\": \"{CANARY}\"}}"}}]}}"#).unwrap();
-        }
-        Dataset::load(&p, LoadOptions::default())
-            .unwrap()
-            .encode_sft(&m.tokenizer, Some(256))
-            .unwrap()
-    };
-    LocalData {
-        train: write("train.jsonl", &lines[..32], k == 0),
-        eval: write("eval.jsonl", &lines[32..], false),
-        pad: m.tokenizer.pad_id,
-        ..Default::default()
-    }
+    fedtune_sim::demo::client_data(m, &root(), k, (k == 0).then_some(CANARY))
 }
 
 struct Setup {

@@ -1,0 +1,193 @@
+//! The client daemon: the thin tokio/quinn driver of [`Client`]. It connects with its
+//! certificate, says hello on a control stream, runs training jobs on a blocking thread,
+//! uploads each update on its own unidirectional stream (header frame, then the payload), and
+//! reconnects with exponential backoff (1 s doubling to 30 s) when the connection drops or the
+//! coordinator restarts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedtune_engine::LlamaModel;
+use fedtune_protocol::envelope::Digest;
+use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
+use fedtune_protocol::quic::{read_frame, write_frame};
+use fedtune_protocol::{ToClient, ToCoordinator};
+
+use crate::machine::{Client, ClientAction};
+use crate::trainer::{LocalData, train_round};
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where the coordinator is and what the client needs locally.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// The coordinator's UDP address.
+    pub coordinator: SocketAddr,
+    /// The name its certificate is issued for.
+    pub server_name: String,
+    /// Largest global adapter accepted.
+    pub max_payload: u64,
+    /// LoRA α.
+    pub lora_alpha: f64,
+    /// Local JSONL log.
+    pub log: Option<PathBuf>,
+    /// Give up after this many failed connection attempts in a row.
+    pub max_attempts: u32,
+}
+
+/// Errors that stop the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator stayed unreachable.
+    #[error("coordinator unreachable after {attempts} attempts: {last}")]
+    Unreachable {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: String,
+    },
+    /// Local training failed.
+    #[error("local training: {0}")]
+    Train(String),
+    /// Socket setup.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Outcome {
+    Finished(Digest),
+    Dropped(String),
+}
+
+/// Runs the client until the federation finishes; returns the final global adapter digest.
+pub async fn run(
+    mut machine: Client,
+    quic: quinn::ClientConfig,
+    base: Arc<LlamaModel>,
+    data: Arc<LocalData>,
+    opts: ClientOptions,
+) -> Result<Digest, ClientError> {
+    let bind: SocketAddr = if opts.coordinator.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(quic);
+    let mut failures = 0u32;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt = async {
+            let conn = endpoint
+                .connect(opts.coordinator, &opts.server_name)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            session(&mut machine, &conn, &base, &data, &opts).await
+        };
+        match attempt.await {
+            Ok(Outcome::Finished(d)) => {
+                endpoint.close(0u32.into(), b"done");
+                return Ok(d);
+            }
+            Ok(Outcome::Dropped(e)) | Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, attempt = failures, "connection lost; reconnecting");
+                if failures >= opts.max_attempts {
+                    return Err(ClientError::Unreachable {
+                        attempts: failures,
+                        last: e,
+                    });
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn log(opts: &ClientOptions, v: &serde_json::Value) {
+    use std::io::Write;
+    if let Some(p) = &opts.log
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+    {
+        let _ = writeln!(f, "{v}");
+    }
+}
+
+async fn session(
+    machine: &mut Client,
+    conn: &quinn::Connection,
+    base: &Arc<LlamaModel>,
+    data: &Arc<LocalData>,
+    opts: &ClientOptions,
+) -> Result<Outcome, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    machine.handle_connected(now_ms());
+    let limit = MAX_CONTROL + opts.max_payload as usize;
+    loop {
+        while let Some(a) = machine.poll_action() {
+            match a {
+                ClientAction::Log(v) => log(opts, &v),
+                ClientAction::Finished(d) => return Ok(Outcome::Finished(d)),
+                ClientAction::Send(ToCoordinator::Update { header, payload }) => {
+                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    write_frame(&mut s, &encode(&*header))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    s.write_all(&payload).await.map_err(|e| e.to_string())?;
+                    s.finish().map_err(|e| e.to_string())?;
+                    log(
+                        opts,
+                        &serde_json::json!({"event": "uploaded", "round": header.header.round, "bytes": payload.len()}),
+                    );
+                }
+                ClientAction::Send(msg) => write_frame(&mut send, &encode(&msg))
+                    .await
+                    .map_err(|e| e.to_string())?,
+                ClientAction::Train(job) => {
+                    let (b, d, alpha) = (base.clone(), data.clone(), opts.lora_alpha);
+                    let round = job.plan.round;
+                    let started = std::time::Instant::now();
+                    let out = tokio::task::spawn_blocking(move || train_round(&b, &d, &job, alpha))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    log(
+                        opts,
+                        &serde_json::json!({
+                            "event": "trained", "round": round, "seconds": started.elapsed().as_secs_f64(),
+                            "metrics": out.metrics.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                        }),
+                    );
+                    machine.handle_trained(
+                        now_ms(),
+                        round,
+                        &out.adapter,
+                        out.num_examples,
+                        out.metrics,
+                    );
+                }
+            }
+        }
+        match read_frame(&mut recv, limit).await {
+            Ok(Some(b)) => match decode::<ToClient>(&b, limit, "message") {
+                Ok(msg) => machine.handle_message(now_ms(), msg),
+                Err(e) => return Ok(Outcome::Dropped(e.to_string())),
+            },
+            Ok(None) => return Ok(Outcome::Dropped("the coordinator closed the stream".into())),
+            Err(e) => return Ok(Outcome::Dropped(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! The coordinator daemon: the thin tokio/quinn driver of [`Coordinator`].
+//!
+//! Each connection is authenticated twice: its TLS client certificate must chain to the
+//! federation CA (rustls), and the ed25519 key it announces in `Hello` must be the key admitted
+//! for the certificate's common name. Control messages are length-prefixed postcard frames on
+//! the connection's first bidirectional stream. Each update comes on its own unidirectional
+//! stream: a header frame, checked by [`Coordinator::precheck`] before a byte of payload is
+//! read (a rejected stream is stopped), then the payload, streamed to a file under
+//! `incoming/` while it is counted (never past the signed length) and hashed, and handed to
+//! the machine once complete. One task owns the machine; actions are carried out in order
+//! (`Persist` through [`FileStore`] before any later `Send`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
+use fedtune_protocol::quic::{read_frame, write_frame};
+use fedtune_protocol::{PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::machine::{Action, Coordinator};
+use crate::store::FileStore;
+
+/// Errors that stop the daemon (never caused by a peer).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// File or socket.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TLS or QUIC configuration.
+    #[error("{0}")]
+    Protocol(#[from] fedtune_protocol::ProtocolError),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where and how the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Data directory: `store/` (durable state), `incoming/`, `rounds.jsonl`.
+    pub data_dir: PathBuf,
+    /// Admitted clients: certificate common name → ed25519 key.
+    pub clients: BTreeMap<String, PublicKey>,
+    /// How long to keep serving after the last round (so clients learn it finished).
+    pub linger: Duration,
+}
+
+enum Event {
+    Hello {
+        pk: PublicKey,
+        tx: mpsc::Sender<ToClient>,
+    },
+    Msg {
+        pk: PublicKey,
+        msg: ToCoordinator,
+    },
+    PreCheck {
+        pk: PublicKey,
+        header: SignedHeader,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    Upload {
+        pk: PublicKey,
+        header: SignedHeader,
+        payload: Vec<u8>,
+    },
+    Gone {
+        pk: PublicKey,
+    },
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Rejections by reason.
+    pub rejections: BTreeMap<String, u64>,
+    /// The final global adapter (PEFT safetensors bytes).
+    pub global: Vec<u8>,
+}
+
+fn common_name(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+async fn connection(
+    incoming: quinn::Incoming,
+    clients: BTreeMap<String, PublicKey>,
+    events: mpsc::Sender<Event>,
+    incoming_dir: PathBuf,
+) {
+    let Ok(conn) = incoming.await else { return };
+    let Some(pk) = common_name(&conn).and_then(|cn| clients.get(&cn).copied()) else {
+        tracing::warn!("connection from a certificate whose name is not admitted");
+        conn.close(1u32.into(), b"not admitted");
+        return;
+    };
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await
+    else {
+        conn.close(2u32.into(), b"no control stream");
+        return;
+    };
+    let hello = match read_frame(&mut recv, MAX_CONTROL).await {
+        Ok(Some(b)) => decode::<ToCoordinator>(&b, MAX_CONTROL, "hello").ok(),
+        _ => None,
+    };
+    match hello {
+        Some(ToCoordinator::Hello { client, .. }) if client == pk => {}
+        _ => {
+            tracing::warn!(client = %pk, "bad hello");
+            conn.close(3u32.into(), b"bad hello");
+            return;
+        }
+    }
+    let (tx, mut rx) = mpsc::channel::<ToClient>(16);
+    if events.send(Event::Hello { pk, tx }).await.is_err() {
+        return;
+    }
+    // Outgoing messages.
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_frame(&mut send, &encode(&msg)).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Uploads, each on its own stream.
+    let uploads = {
+        let conn = conn.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Ok(stream) = conn.accept_uni().await {
+                let events = events.clone();
+                let dir = incoming_dir.clone();
+                tokio::spawn(upload(pk, stream, events, dir));
+            }
+        })
+    };
+    // Control messages from the client.
+    while let Ok(Some(b)) = read_frame(&mut recv, MAX_CONTROL).await {
+        match decode::<ToCoordinator>(&b, MAX_CONTROL, "message") {
+            Ok(msg) => {
+                if events.send(Event::Msg { pk, msg }).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client = %pk, error = %e, "undecodable message");
+                break;
+            }
+        }
+    }
+    uploads.abort();
+    writer.abort();
+    let _ = events.send(Event::Gone { pk }).await;
+}
+
+async fn upload(
+    pk: PublicKey,
+    mut stream: quinn::RecvStream,
+    events: mpsc::Sender<Event>,
+    dir: PathBuf,
+) {
+    let header = match read_frame(&mut stream, MAX_CONTROL).await {
+        Ok(Some(b)) => match decode::<SignedHeader>(&b, MAX_CONTROL, "update header") {
+            Ok(h) => h,
+            Err(_) => {
+                let _ = stream.stop(1u32.into());
+                return;
+            }
+        },
+        _ => return,
+    };
+    let (reply, verdict) = oneshot::channel();
+    if events
+        .send(Event::PreCheck {
+            pk,
+            header: header.clone(),
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if !matches!(verdict.await, Ok(Ok(()))) {
+        let _ = stream.stop(2u32.into());
+        return;
+    }
+    // Stream the payload to disk, never past the signed length.
+    let path = dir.join(format!("{}-{}.part", pk.to_hex(), header.header.round));
+    let Ok(mut file) = tokio::fs::File::create(&path).await else {
+        return;
+    };
+    let want = header.header.payload_len;
+    let mut got = 0u64;
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        match stream.read_chunk(1 << 20, true).await {
+            Ok(Some(chunk)) => {
+                got += chunk.bytes.len() as u64;
+                if got > want {
+                    let _ = stream.stop(3u32.into());
+                    break;
+                }
+                hasher.update(&chunk.bytes);
+                if file.write_all(&chunk.bytes).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return,
+        }
+    }
+    let _ = file.flush().await;
+    drop(file);
+    let payload = tokio::fs::read(&path).await.unwrap_or_default();
+    let _ = tokio::fs::remove_file(&path).await;
+    tracing::debug!(client = %pk, bytes = got, digest = %hasher.finalize(), "upload complete");
+    let _ = events
+        .send(Event::Upload {
+            pk,
+            header,
+            payload,
+        })
+        .await;
+}
+
+/// Binds the coordinator's QUIC endpoint.
+pub fn bind(server: quinn::ServerConfig, addr: SocketAddr) -> Result<quinn::Endpoint, DaemonError> {
+    quinn::Endpoint::server(server, addr).map_err(io(format!("listening on {addr}")))
+}
+
+/// Runs the coordinator on `endpoint` until every round is done (and `linger` has passed) or
+/// `shutdown` resolves.
+pub async fn serve(
+    mut machine: Coordinator,
+    endpoint: quinn::Endpoint,
+    opts: DaemonOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunSummary, DaemonError> {
+    let store = FileStore::open(&opts.data_dir.join("store")).map_err(io("opening the store"))?;
+    let incoming_dir = opts.data_dir.join("incoming");
+    std::fs::create_dir_all(&incoming_dir).map_err(io("creating incoming/"))?;
+    let log_path = opts.data_dir.join("rounds.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    tracing::info!(addr = ?endpoint.local_addr().ok(), "coordinator listening");
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
+    let accept = {
+        let endpoint = endpoint.clone();
+        let clients = opts.clients.clone();
+        let ev_tx = ev_tx.clone();
+        tokio::spawn(async move {
+            while let Some(inc) = endpoint.accept().await {
+                tokio::spawn(connection(
+                    inc,
+                    clients.clone(),
+                    ev_tx.clone(),
+                    incoming_dir.clone(),
+                ));
+            }
+        })
+    };
+    let mut conns: BTreeMap<PublicKey, mpsc::Sender<ToClient>> = BTreeMap::new();
+    let mut finished_at: Option<tokio::time::Instant> = None;
+    tokio::pin!(shutdown);
+    machine.handle_tick(now_ms());
+    loop {
+        // Carry out actions in order.
+        while let Some(a) = machine.poll_action() {
+            match a {
+                Action::Persist { key, bytes } => store
+                    .put(&key, &bytes)
+                    .map_err(io(format!("persisting {key}")))?,
+                Action::Log(v) => {
+                    use std::io::Write;
+                    writeln!(log, "{v}").map_err(io("writing rounds.jsonl"))?;
+                    log.flush().map_err(io("writing rounds.jsonl"))?;
+                }
+                Action::Send { to, msg } => {
+                    if let Some(tx) = conns.get(&to) {
+                        let _ = tx.try_send(msg);
+                    }
+                }
+                Action::Finished => finished_at = Some(tokio::time::Instant::now()),
+            }
+        }
+        if let Some(t) = finished_at
+            && t.elapsed() >= opts.linger
+        {
+            break;
+        }
+        let wake = machine
+            .next_deadline()
+            .map(|d| Duration::from_millis(d.saturating_sub(now_ms())))
+            .unwrap_or(Duration::from_millis(500))
+            .min(Duration::from_millis(500));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(wake) => machine.handle_tick(now_ms()),
+            ev = ev_rx.recv() => match ev {
+                None => break,
+                Some(Event::Hello { pk, tx }) => {
+                    conns.insert(pk, tx);
+                    machine.handle_hello(now_ms(), pk);
+                }
+                Some(Event::Msg { pk, msg }) => machine.handle_message(now_ms(), pk, msg),
+                Some(Event::PreCheck { pk, header, reply }) => {
+                    let _ = reply.send(machine.precheck(now_ms(), pk, &header));
+                }
+                Some(Event::Upload { pk, header, payload }) => machine.handle_message(
+                    now_ms(),
+                    pk,
+                    ToCoordinator::Update { header: Box::new(header), payload },
+                ),
+                Some(Event::Gone { pk }) => {
+                    conns.remove(&pk);
+                    machine.handle_disconnect(now_ms(), pk);
+                }
+            },
+        }
+    }
+    accept.abort();
+    endpoint.close(0u32.into(), b"bye");
+    Ok(RunSummary {
+        rounds: machine.completed_rounds(),
+        rejections: machine.rejections().clone(),
+        global: machine.global().1.to_vec(),
+    })
+}
