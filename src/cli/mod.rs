@@ -4,6 +4,7 @@ mod common;
 mod dpo;
 mod eval;
 mod export;
+mod fed;
 mod generate;
 mod merge;
 mod train;
@@ -38,6 +39,13 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Combine PEFT adapters into one PEFT adapter with an aggregation rule.
     MergeAdapters(merge::MergeAdaptersArgs),
+    /// Federation CA: certificates and identities for the coordinator and clients.
+    #[command(subcommand)]
+    Ca(fed::CaCommand),
+    /// Run the coordinator daemon (QUIC, mutual TLS).
+    Coord(fed::DaemonArgs),
+    /// Run a client daemon: train locally on private data, upload signed adapter updates.
+    Client(fed::DaemonArgs),
 }
 
 /// Sets up `tracing` on stderr.
@@ -64,5 +72,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::MergeAdapters(a) => merge::run_merge_adapters(a),
+        Command::Ca(c) => fed::run_ca(c),
+        Command::Coord(a) => fed::run_coord(a),
+        Command::Client(a) => fed::run_client(a),
     }
 }

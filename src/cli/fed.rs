@@ -1,0 +1,432 @@
+//! The federation commands: `fedtune ca init|issue` (a federation CA, certificates and
+//! ed25519 identities), `fedtune coord --config coord.toml` and `fedtune client --config
+//! client.toml` (the daemons over QUIC with mutual TLS).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use burn::tensor::{DType, Device};
+use clap::{Args, Subcommand};
+use fedtune_aggregation::dp::DpConfig;
+use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
+use fedtune_client::trainer::{LocalData, plan_hash};
+use fedtune_client::{Client, ClientConfig};
+use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::store::FileStore;
+use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_engine::data::{Dataset, LoadOptions};
+use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::lora::init_adapter;
+use fedtune_protocol::tls::{self, CertPair};
+use fedtune_protocol::{Hyper, Identity, Phase, PublicKey, quic};
+use serde::Deserialize;
+
+/// `fedtune ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a federation CA, the coordinator's certificate and its ed25519 identity.
+    Init {
+        /// Directory for the files (created; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Federation id.
+        #[arg(long)]
+        federation: String,
+        /// Extra DNS names or IPs of the coordinator's certificate.
+        #[arg(long, value_delimiter = ',')]
+        host: Vec<String>,
+    },
+    /// Issue a client's certificate and ed25519 identity.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client name (its certificate's common name).
+        #[arg(long)]
+        client: String,
+    },
+}
+
+fn write_new(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        if path.extension().is_some_and(|e| e == "key") {
+            opts.mode(0o600);
+        }
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn read_pair(dir: &Path, name: &str) -> anyhow::Result<CertPair> {
+    let read = |ext: &str| {
+        let p = dir.join(format!("{name}.{ext}"));
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    Ok(CertPair {
+        cert_pem: read("pem")?,
+        key_pem: read("key")?,
+    })
+}
+
+fn valid_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name == "ca"
+        || name == "coordinator"
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        bail!(
+            "client name {name:?}: use letters, digits, '-', '_' or '.', and not `ca` or `coordinator`"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `fedtune ca`.
+pub fn run_ca(c: CaCommand) -> anyhow::Result<()> {
+    match c {
+        CaCommand::Init {
+            dir,
+            federation,
+            host,
+        } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let ca = tls::new_ca(&federation)?;
+            let mut hosts = vec!["localhost".to_string()];
+            hosts.extend(host);
+            let server = tls::issue(&ca, "coordinator", true, &hosts)?;
+            write_new(&dir.join("ca.pem"), &ca.cert_pem)?;
+            write_new(&dir.join("ca.key"), &ca.key_pem)?;
+            write_new(&dir.join("coordinator.pem"), &server.cert_pem)?;
+            write_new(&dir.join("coordinator.key"), &server.key_pem)?;
+            let id = Identity::generate()?;
+            id.save(&dir.join("coordinator.id"))
+                .with_context(|| format!("writing {}", dir.join("coordinator.id").display()))?;
+            println!("coordinator_key = \"{}\"", id.public());
+        }
+        CaCommand::Issue { dir, client } => {
+            valid_name(&client)?;
+            let ca = read_pair(&dir, "ca")?;
+            let pair = tls::issue(&ca, &client, false, &[])?;
+            write_new(&dir.join(format!("{client}.pem")), &pair.cert_pem)?;
+            write_new(&dir.join(format!("{client}.key")), &pair.key_pem)?;
+            let id = Identity::generate()?;
+            let p = dir.join(format!("{client}.id"));
+            id.save(&p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            println!(
+                "[[clients]]\nname = \"{client}\"\nkey = \"{}\"",
+                id.public()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_payload() -> u64 {
+    256
+}
+fn default_timeout() -> u64 {
+    3600
+}
+
+/// Local training settings sent to clients.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalFile {
+    learning_rate: f64,
+    local_steps: u64,
+    batch_size: usize,
+    #[serde(default = "default_beta")]
+    beta: f64,
+    #[serde(default)]
+    seed: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientEntry {
+    name: String,
+    key: String,
+}
+
+/// `coord.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordFile {
+    federation: String,
+    model: PathBuf,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    ca: PathBuf,
+    rounds: u64,
+    #[serde(default)]
+    phase: Option<String>,
+    rank: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    target_modules: Option<Vec<String>>,
+    min_results: usize,
+    #[serde(default = "default_timeout")]
+    round_timeout_s: u64,
+    #[serde(default = "default_payload")]
+    max_payload_mb: u64,
+    local: LocalFile,
+    rule: Rule,
+    #[serde(default)]
+    target_rank: Option<usize>,
+    #[serde(default)]
+    norm_bound: Option<f64>,
+    #[serde(default)]
+    dp: Option<DpConfig>,
+    #[serde(default)]
+    sampling: Option<Sampling>,
+    #[serde(default)]
+    seed: u64,
+    clients: Vec<ClientEntry>,
+}
+
+/// `client.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    federation: String,
+    coordinator: SocketAddr,
+    coordinator_key: String,
+    ca: PathBuf,
+    name: String,
+    model: PathBuf,
+    rank: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    target_modules: Option<Vec<String>>,
+    train_data: PathBuf,
+    #[serde(default)]
+    eval_data: Option<PathBuf>,
+    #[serde(default)]
+    preference_data: Option<PathBuf>,
+    #[serde(default)]
+    log: Option<PathBuf>,
+    #[serde(default = "default_payload")]
+    max_payload_mb: u64,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn targets(t: &Option<Vec<String>>) -> Vec<String> {
+    t.clone()
+        .unwrap_or_else(|| TrainConfig::default().target_modules)
+}
+
+/// Arguments of `fedtune coord` and `fedtune client`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs `fedtune coord`.
+pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
+    let f: CoordFile = read_toml(&a.config)?;
+    let phase = match f.phase.as_deref().unwrap_or("sft") {
+        "sft" => Phase::Sft,
+        "dpo" => Phase::Dpo,
+        other => bail!(
+            "{}: phase {other:?}: expected sft or dpo",
+            a.config.display()
+        ),
+    };
+    let mut admitted = BTreeSet::new();
+    let mut clients = BTreeMap::new();
+    for c in &f.clients {
+        let pk = PublicKey::from_hex(&c.key)
+            .with_context(|| format!("{}: clients.{}.key", a.config.display(), c.name))?;
+        admitted.insert(pk);
+        clients.insert(c.name.clone(), pk);
+    }
+    let targets = targets(&f.target_modules);
+    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
+        .with_context(|| format!("hashing {}", f.model.display()))?;
+    let mut strategy = StrategyConfig::new(f.rule);
+    strategy.target_rank = f.target_rank;
+    strategy.norm_bound = f.norm_bound;
+    strategy.dp = f.dp;
+    strategy.seed = f.seed;
+    if let Some(s) = f.sampling {
+        strategy.sampling = s;
+    }
+    let cfg = CoordConfig {
+        federation: f.federation.clone(),
+        rounds: f.rounds,
+        phase,
+        hyper: Hyper {
+            learning_rate: f.local.learning_rate,
+            local_steps: f.local.local_steps,
+            batch_size: f.local.batch_size,
+            beta: f.local.beta,
+            seed: f.local.seed,
+        },
+        rank: f.rank,
+        lora_alpha: f.lora_alpha,
+        strategy,
+        min_results: f.min_results,
+        round_timeout_ms: f.round_timeout_s * 1000,
+        max_payload: f.max_payload_mb << 20,
+        header_ttl_ms: f.round_timeout_s * 1000 * 2,
+        max_skew_ms: 120_000,
+        plan_hash: hash,
+        admitted,
+    };
+    let id = Identity::load(&f.ca.join("coordinator.id"))?;
+    let store = FileStore::open(&f.data_dir.join("store"))
+        .with_context(|| format!("opening {}", f.data_dir.display()))?;
+    let stored = store.load_all().context("reading the store")?;
+    let machine = if stored.contains_key("state") {
+        eprintln!("resuming from {}", f.data_dir.display());
+        Coordinator::recover(cfg, id, &stored)?
+    } else {
+        let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
+            .with_context(|| format!("loading {}", f.model.display()))?;
+        let lora = TrainConfig {
+            lora_r: f.rank,
+            lora_alpha: f.lora_alpha,
+            target_modules: targets,
+            seed: f.seed,
+            ..TrainConfig::default()
+        };
+        Coordinator::new(cfg, id, init_adapter(&m.model, &lora), now_ms())?
+    };
+    let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
+        .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
+    let server = quic::server_config(tls::server_config(&ca, &read_pair(&f.ca, "coordinator")?)?)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let summary = rt.block_on(async {
+        let endpoint = bind(server, f.listen)?;
+        println!("coordinator of {} listening on {}", f.federation, f.listen);
+        serve(
+            machine,
+            endpoint,
+            DaemonOptions {
+                data_dir: f.data_dir.clone(),
+                clients,
+                linger: Duration::from_secs(5),
+            },
+            shutdown_signal(),
+        )
+        .await
+    })?;
+    println!(
+        "{} rounds done; rejections {:?}; round log {}",
+        summary.rounds,
+        summary.rejections,
+        f.data_dir.join("rounds.jsonl").display()
+    );
+    Ok(())
+}
+
+/// Runs `fedtune client`.
+pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
+    let f: ClientFile = read_toml(&a.config)?;
+    let coordinator = PublicKey::from_hex(&f.coordinator_key)
+        .with_context(|| format!("{}: coordinator_key", a.config.display()))?;
+    let targets = targets(&f.target_modules);
+    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
+        .with_context(|| format!("hashing {}", f.model.display()))?;
+    let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
+        .with_context(|| format!("loading {}", f.model.display()))?;
+    let sft = |p: &Path| -> anyhow::Result<_> {
+        Ok(Dataset::load(p, LoadOptions::default())?.encode_sft(&m.tokenizer, Some(1024))?)
+    };
+    let pairs = |p: &Path| -> anyhow::Result<_> {
+        Ok(Dataset::load(p, LoadOptions::default())?
+            .encode_pairs(&m.tokenizer, Some(512), Some(1024))?
+            .0)
+    };
+    let data = LocalData {
+        train: sft(&f.train_data)?,
+        eval: f
+            .eval_data
+            .as_deref()
+            .map(sft)
+            .transpose()?
+            .unwrap_or_default(),
+        pairs: f
+            .preference_data
+            .as_deref()
+            .map(pairs)
+            .transpose()?
+            .unwrap_or_default(),
+        eval_pairs: Vec::new(),
+        pad: m.tokenizer.pad_id,
+    };
+    let id = Identity::load(&f.ca.join(format!("{}.id", f.name)))?;
+    let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
+        .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
+    let quic = quic::client_config(tls::client_config(&ca, &read_pair(&f.ca, &f.name)?)?)?;
+    let machine = Client::new(
+        ClientConfig {
+            federation: f.federation.clone(),
+            coordinator,
+            plan_hash: hash,
+            header_ttl_ms: 24 * 3600 * 1000,
+            max_payload: f.max_payload_mb << 20,
+            lora_alpha: f.lora_alpha,
+        },
+        id,
+    );
+    println!("client {} of {} → {}", f.name, f.federation, f.coordinator);
+    let rt = tokio::runtime::Runtime::new()?;
+    let digest = rt.block_on(fedtune_client::daemon::run(
+        machine,
+        quic,
+        Arc::new(m.model),
+        Arc::new(data),
+        fedtune_client::daemon::ClientOptions {
+            coordinator: f.coordinator,
+            server_name: tls::COORDINATOR_NAME.into(),
+            max_payload: f.max_payload_mb << 20,
+            lora_alpha: f.lora_alpha,
+            log: f.log.clone(),
+            max_attempts: 20,
+        },
+    ))?;
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    println!("federation finished; final global adapter blake3 {hex}");
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The daemons as users run them: `fedtune ca init/issue`, `fedtune coord --config`, three
+//! `fedtune client --config` processes on loopback. The coordinator is killed with SIGKILL in
+//! the middle of round 1 (two updates accepted, the third client gone), restarted from its data
+//! directory, and the federation completes with both accepted updates used.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fedtune(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fedtune {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn spawn(args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn events(path: &Path, event: &str, round: u64) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == event && e["round"] == round)
+        .collect()
+}
+
+#[test]
+fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
+    let dir = std::env::temp_dir().join(format!("fedtune-cli-fed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca");
+    let init = fedtune(&[
+        "ca",
+        "init",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--federation",
+        "demo",
+    ]);
+    let coordinator_key = init.trim().to_string();
+    assert!(coordinator_key.starts_with("coordinator_key = "), "{init}");
+    let names = ["hospital", "bank", "helpdesk"];
+    let mut entries = String::new();
+    for n in names {
+        entries += &fedtune(&["ca", "issue", "--dir", ca.to_str().unwrap(), "--client", n]);
+        entries += "\n";
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let model = root().join("testdata/tiny-llama/model");
+    let data_dir = dir.join("coord-data");
+    let coord_toml = dir.join("coord.toml");
+    std::fs::write(
+        &coord_toml,
+        format!(
+            r#"federation = "demo"
+model = "{model}"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+ca = "{ca}"
+rounds = 2
+rank = 4
+lora_alpha = 8.0
+min_results = 2
+round_timeout_s = 15
+rule = {{ kind = "fed_avg_exact" }}
+target_rank = 4
+sampling = {{ fraction = 1.0, min_clients = 3 }}
+
+[local]
+learning_rate = 5e-3
+local_steps = 3
+batch_size = 4
+
+{entries}"#,
+            model = model.display(),
+            data = data_dir.display(),
+            ca = ca.display(),
+        ),
+    )
+    .unwrap();
+    let client_toml = |n: &str| {
+        let p = dir.join(format!("{n}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                r#"federation = "demo"
+coordinator = "127.0.0.1:{port}"
+{coordinator_key}
+ca = "{ca}"
+name = "{n}"
+model = "{model}"
+rank = 4
+lora_alpha = 8.0
+train_data = "{data}"
+log = "{log}"
+"#,
+                ca = ca.display(),
+                model = model.display(),
+                data = root().join(format!("testdata/demo/{n}.jsonl")).display(),
+                log = dir.join(format!("{n}.log.jsonl")).display(),
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let rounds = data_dir.join("rounds.jsonl");
+    let coord_args = ["coord", "--config", coord_toml.to_str().unwrap()];
+    let mut coord = spawn(&coord_args, &dir.join("coord.out"));
+    let tomls: Vec<PathBuf> = names.iter().map(|n| client_toml(n)).collect();
+    let client = |i: usize| {
+        spawn(
+            &["client", "--config", tomls[i].to_str().unwrap()],
+            &dir.join(format!("client{i}.out")),
+        )
+    };
+    let mut clients: Vec<Child> = (0..3).map(client).collect();
+    // The third client disappears as soon as round 1 opens: the round stays open.
+    wait_for("round 1 to open", Duration::from_secs(120), || {
+        !events(&rounds, "round_open", 1).is_empty()
+    });
+    clients[2].kill().unwrap();
+    clients[2].wait().unwrap();
+    wait_for("two accepted updates", Duration::from_secs(120), || {
+        events(&rounds, "accepted", 1).len() == 2
+    });
+    assert!(events(&rounds, "round_closed", 1).is_empty());
+    let accepted: Vec<String> = events(&rounds, "accepted", 1)
+        .iter()
+        .map(|e| e["client"].as_str().unwrap().to_string())
+        .collect();
+    coord.kill().unwrap(); // SIGKILL
+    coord.wait().unwrap();
+    let mut coord = spawn(&coord_args, &dir.join("coord2.out"));
+    clients[2] = client(2);
+    let status = {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = coord.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "coordinator did not finish: {}",
+                std::fs::read_to_string(dir.join("coord2.out")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(dir.join("coord2.out")).unwrap()
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let s = c.wait().unwrap();
+        assert!(
+            s.success(),
+            "client {i}: {}",
+            std::fs::read_to_string(dir.join(format!("client{i}.out"))).unwrap()
+        );
+    }
+    let closed = events(&rounds, "round_closed", 1);
+    assert_eq!(closed.len(), 1);
+    let used: Vec<String> = closed[0]["used"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    for a in &accepted {
+        assert!(
+            used.contains(a),
+            "update of {a} lost in the restart: used {used:?}"
+        );
+    }
+    assert_eq!(events(&rounds, "round_closed", 2).len(), 1);
+    assert!(
+        std::fs::read_to_string(dir.join("coord2.out"))
+            .unwrap()
+            .contains("resuming")
+    );
+    assert!(
+        data_dir
+            .join("store/global/000002/adapter_model.safetensors")
+            .is_file()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
