@@ -1,7 +1,9 @@
 //! The daemons over real QUIC on loopback with mutual TLS: a coordinator and three clients
 //! (each training the tiny model through the engine) complete two rounds, the final global
-//! adapter beats the base model on every client's held-out data, and a client whose
-//! certificate comes from another CA never gets in while the federation carries on.
+//! adapter beats the base model on every client's held-out data; meanwhile a client whose
+//! certificate comes from another CA never gets in, and a connection that opens 200 upload
+//! streams and never completes a header gets at most the 4 streams the transport allows
+//! while the federation carries on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -102,13 +104,18 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         quic::server_config(tls::server_config(&ca.cert_pem, &server_cert).unwrap()).unwrap();
     let endpoint = bind(server, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
+    let rogue_id = Identity::from_seed([55; 32]);
+    let rogue_cert = tls::issue(&ca, "rogue", false, &[]).unwrap();
+    let mut admitted_names = names
+        .iter()
+        .zip(&ids)
+        .map(|(n, i)| (n.to_string(), i.public()))
+        .collect::<BTreeMap<_, _>>();
+    // The rogue has a certificate and a listed name, but its key is not admitted to rounds.
+    admitted_names.insert("rogue".into(), rogue_id.public());
     let opts = DaemonOptions {
         data_dir: data_dir.clone(),
-        clients: names
-            .iter()
-            .zip(&ids)
-            .map(|(n, i)| (n.to_string(), i.public()))
-            .collect::<BTreeMap<_, _>>(),
+        clients: admitted_names,
         linger: Duration::from_secs(2),
     };
     let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));
@@ -157,6 +164,39 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         },
     ));
 
+    let rogue = {
+        let quic = client_quic(&ca, &rogue_cert);
+        let pk = rogue_id.public();
+        tokio::spawn(async move {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(quic);
+            let conn = ep
+                .connect(addr, tls::COORDINATOR_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let hello = fedtune_protocol::ToCoordinator::Hello {
+                version: 1,
+                client: pk,
+            };
+            quic::write_frame(&mut send, &fedtune_protocol::messages::encode(&hello))
+                .await
+                .unwrap();
+            let mut open = Vec::new();
+            for _ in 0..200 {
+                match tokio::time::timeout(Duration::from_millis(50), conn.open_uni()).await {
+                    Ok(Ok(mut s)) => {
+                        // One byte of a length prefix, then silence.
+                        let _ = s.write_all(&[7]).await;
+                        open.push(s);
+                    }
+                    _ => continue,
+                }
+            }
+            open.len()
+        })
+    };
     let summary = tokio::time::timeout(Duration::from_secs(600), coordinator)
         .await
         .expect("the federation finishes")
@@ -168,6 +208,8 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         assert_eq!(c.await.unwrap().unwrap(), want);
     }
     assert!(intruder.await.unwrap().is_err(), "the intruder got in");
+    let streams = rogue.await.unwrap();
+    assert!(streams <= 8, "the rogue held {streams} streams open");
     let log = std::fs::read_to_string(data_dir.join("rounds.jsonl")).unwrap();
     assert_eq!(log.matches("\"round_closed\"").count(), 2);
     assert!(

@@ -188,13 +188,24 @@ async fn connection(
     let _ = events.send(Event::Gone { pk }).await;
 }
 
+/// How long an upload stream may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upload may stall between chunks.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
+
 async fn upload(
     pk: PublicKey,
     mut stream: quinn::RecvStream,
     events: mpsc::Sender<Event>,
     dir: PathBuf,
 ) {
-    let header = match read_frame(&mut stream, MAX_CONTROL).await {
+    // A stream that does not send its header promptly is dropped (its slot is freed).
+    let first = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream, MAX_CONTROL)).await;
+    let Ok(first) = first else {
+        let _ = stream.stop(4u32.into());
+        return;
+    };
+    let header = match first {
         Ok(Some(b)) => match decode::<SignedHeader>(&b, MAX_CONTROL, "update header") {
             Ok(h) => h,
             Err(_) => {
@@ -229,7 +240,13 @@ async fn upload(
     let mut got = 0u64;
     let mut hasher = blake3::Hasher::new();
     loop {
-        match stream.read_chunk(1 << 20, true).await {
+        let Ok(next) = tokio::time::timeout(CHUNK_TIMEOUT, stream.read_chunk(1 << 20, true)).await
+        else {
+            let _ = stream.stop(5u32.into());
+            let _ = tokio::fs::remove_file(&path).await;
+            return;
+        };
+        match next {
             Ok(Some(chunk)) => {
                 got += chunk.bytes.len() as u64;
                 if got > want {

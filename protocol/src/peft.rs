@@ -205,12 +205,57 @@ pub fn encode(adapter: &Adapter) -> Vec<u8> {
         SCALES_KEY.to_string(),
         serde_json::to_string(&scales).expect("scales serialise"),
     );
-    safetensors::tensor::serialize(views, Some(meta)).expect("views are consistent")
+    let bytes = safetensors::tensor::serialize(views, Some(meta)).expect("views are consistent");
+    canonical_header(bytes)
+}
+
+/// Rewrites the JSON header of safetensors bytes with its keys in sorted order (safetensors
+/// serialises metadata from a `HashMap`, so the same adapter would otherwise encode to
+/// different bytes, and digests — which sign and pin adapters — would differ). The header is
+/// padded with spaces to a multiple of 8 bytes, as safetensors does; data offsets are relative
+/// to the end of the header and stay valid.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut entries: Vec<(String, serde_json::Value)> = m.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut out = serde_json::Map::new();
+                for (k, v) in entries {
+                    out.insert(k, sorted(v));
+                }
+                serde_json::Value::Object(out)
+            }
+            other => other,
+        }
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote valid JSON");
+    let mut text = serde_json::to_vec(&sorted(header)).expect("JSON serialises");
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoding_is_byte_identical_across_calls() {
+        let a = sample();
+        let first = encode(&a);
+        for _ in 0..20 {
+            assert_eq!(encode(&a), first);
+        }
+        assert_eq!(decode(&first, &Limits::default(), |_, _| 1.0).unwrap(), a);
+    }
 
     fn sample() -> Adapter {
         let mut a = Adapter::default();

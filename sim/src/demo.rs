@@ -20,7 +20,10 @@ pub fn client_data(m: &LoadedModel, repo: &Path, k: usize, canary: Option<&str>)
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let lines: Vec<&str> = text.lines().collect();
-    let dir = std::env::temp_dir().join(format!("fedtune-demo-{}-{k}", std::process::id()));
+    // A directory per call: concurrent tests must not read each other's half-written files.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("fedtune-demo-{}-{k}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let encode = |name: &str, lines: &[&str], canary: Option<&str>| {
         let p = dir.join(name);
@@ -39,11 +42,20 @@ pub fn client_data(m: &LoadedModel, repo: &Path, k: usize, canary: Option<&str>)
             .and_then(|d| d.encode_sft(&m.tokenizer, Some(256)))
             .expect("demo data encodes")
     };
+    let _cleanup = RemoveOnDrop(dir.clone());
     let n = lines.len().saturating_sub(8);
     LocalData {
         train: encode("train.jsonl", &lines[..n], canary),
         eval: encode("eval.jsonl", &lines[n..], None),
         pad: m.tokenizer.pad_id,
         ..Default::default()
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
