@@ -233,7 +233,7 @@ fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
     let header: serde_json::Value =
         serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote valid JSON");
     let mut text = serde_json::to_vec(&sorted(header)).expect("JSON serialises");
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
