@@ -343,6 +343,11 @@ mod tests {
         let l = pair_loss(PreferenceLoss::Sigmoid, &q, 0.1, 0.0);
         assert!((l.loss - std::f64::consts::LN_2).abs() < 1e-15);
         assert_eq!((l.reward_chosen, l.reward_rejected), (0.0, 0.0));
+        // SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ).
+        let (ac, ar) = (-12.3f64 / 7.0, -15.1f64 / 9.0);
+        let l = pair_loss(PreferenceLoss::Simpo { gamma: 0.5 }, &p, 2.0, 0.0);
+        assert!((l.loss + log_sigmoid(2.0 * ac - 2.0 * ar - 0.5)).abs() < 1e-12);
+        assert!((l.reward_chosen - 2.0 * ac).abs() < 1e-12);
         // ORPO: the log odds of the mean log-probabilities, λ-weighted.
         let (ac, ar) = (-12.3f64 / 7.0, -15.1f64 / 9.0);
         let odds = (ac - ar) - ((1.0 - ac.exp()).ln() - (1.0 - ar.exp()).ln());
