@@ -60,6 +60,9 @@ pub struct Client {
     nonce: u64,
     /// Rounds whose update the coordinator stored.
     pub accepted: Vec<u64>,
+    /// The signed update of the current round until the coordinator answers it (sent again
+    /// when the coordinator sends the round's plan again, e.g. after a dropped connection).
+    pending: Option<(Box<SignedHeader>, Vec<u8>)>,
 }
 
 impl Client {
@@ -73,6 +76,7 @@ impl Client {
             current: None,
             nonce: 0,
             accepted: Vec::new(),
+            pending: None,
         }
     }
 
@@ -154,9 +158,19 @@ impl Client {
                 if !self.welcomed {
                     return;
                 }
-                if self.current.as_ref().is_some_and(|p| p.round == plan.round)
-                    || self.accepted.contains(&plan.round)
-                {
+                if self.accepted.contains(&plan.round) {
+                    return;
+                }
+                if self.current.as_ref().is_some_and(|p| p.round == plan.round) {
+                    // The coordinator asks again: our upload did not arrive.
+                    if let Some((header, payload)) = self.pending.clone() {
+                        self.log(serde_json::json!({"event": "resend", "round": plan.round}));
+                        self.actions
+                            .push_back(ClientAction::Send(ToCoordinator::Update {
+                                header,
+                                payload,
+                            }));
+                    }
                     return;
                 }
                 match self.verify_global(&plan, &global, &payload) {
@@ -183,12 +197,14 @@ impl Client {
                 self.accepted.push(round);
                 if self.current.as_ref().is_some_and(|p| p.round == round) {
                     self.current = None;
+                    self.pending = None;
                 }
                 self.log(serde_json::json!({"event": "accepted", "round": round}));
             }
             ToClient::Rejected { round, reason } => {
                 if self.current.as_ref().is_some_and(|p| p.round == round) {
                     self.current = None;
+                    self.pending = None;
                 }
                 self.log(
                     serde_json::json!({"event": "rejected", "round": round, "reason": reason}),
@@ -234,9 +250,11 @@ impl Client {
             },
             &payload,
         );
+        let header = Box::new(header);
+        self.pending = Some((header.clone(), payload.clone()));
         self.actions
             .push_back(ClientAction::Send(ToCoordinator::Update {
-                header: Box::new(header),
+                header,
                 payload,
             }));
     }

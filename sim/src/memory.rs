@@ -87,6 +87,13 @@ impl<'a> Federation<'a> {
         self.clients[i].machine.handle_connected(self.now_ms);
     }
 
+    /// Disconnects client `i` (messages to it are dropped until it reconnects).
+    pub fn disconnect(&mut self, i: usize) {
+        self.clients[i].connected = false;
+        let pk = self.clients[i].machine.public_key();
+        self.coordinator.handle_disconnect(self.now_ms, pk);
+    }
+
     fn index_of(&self, pk: &PublicKey) -> Option<usize> {
         self.clients
             .iter()

@@ -398,3 +398,39 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
         assert!(!e["detail"].as_str().unwrap().is_empty());
     }
 }
+
+/// A client's upload is lost with its connection; when it reconnects, the coordinator sends
+/// the round's plan again and the client sends the same signed update again, which completes
+/// the round with every client.
+#[test]
+fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
+    use fedtune_protocol::ToCoordinator;
+    let m = tiny();
+    let s = setup(3, 1, Rule::FedAvgExact);
+    let mut f = federation(&s, &m);
+    let mut dropped = false;
+    f.tamper = Some(Box::new(move |i, _, msg| match msg {
+        ToCoordinator::Update { .. } if i == 1 && !dropped => {
+            dropped = true;
+            Vec::new()
+        }
+        other => vec![other],
+    }));
+    f.run_until(10_000, |log| {
+        log.iter()
+            .filter(|e| e["event"] == "accepted" && e["round"] == 1)
+            .count()
+            == 2
+    })
+    .unwrap();
+    assert!(
+        !f.coordinator.is_finished(),
+        "the round waits for the third update"
+    );
+    f.disconnect(1);
+    f.connect(1);
+    f.run(10_000).unwrap();
+    let closed = f.log.iter().find(|e| e["event"] == "round_closed").unwrap();
+    assert_eq!(closed["used"].as_array().unwrap().len(), 3, "{closed}");
+    assert!(f.clients[1].log.iter().any(|e| e["event"] == "resend"));
+}
