@@ -185,8 +185,8 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
                 .unwrap();
             let mut open = Vec::new();
             for _ in 0..200 {
-                match tokio::time::timeout(Duration::from_millis(50), conn.open_uni()).await {
-                    Ok(Ok(mut s)) => {
+                match tokio::time::timeout(Duration::from_millis(50), conn.open_bi()).await {
+                    Ok(Ok((mut s, _))) => {
                         // One byte of a length prefix, then silence.
                         let _ = s.write_all(&[7]).await;
                         open.push(s);

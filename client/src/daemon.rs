@@ -1,6 +1,7 @@
 //! The client daemon: the thin tokio/quinn driver of [`Client`]. It connects with its
 //! certificate, says hello on a control stream, runs training jobs on a blocking thread,
-//! uploads each update on its own unidirectional stream (header frame, then the payload), and
+//! uploads each update on its own stream (header frame, the coordinator's resume offset, then
+//! the rest of the payload), and
 //! reconnects with exponential backoff (1 s doubling to 30 s) when the connection drops or the
 //! coordinator restarts.
 
@@ -142,15 +143,28 @@ async fn session(
                 ClientAction::Log(v) => log(opts, &v),
                 ClientAction::Finished(d) => return Ok(Outcome::Finished(d)),
                 ClientAction::Send(ToCoordinator::Update { header, payload }) => {
-                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    // Resumable upload: the coordinator says how much it already holds.
+                    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
                     write_frame(&mut s, &encode(&*header))
                         .await
                         .map_err(|e| e.to_string())?;
-                    s.write_all(&payload).await.map_err(|e| e.to_string())?;
+                    let Some(b) = read_frame(&mut r, 8).await.map_err(|e| e.to_string())? else {
+                        log(
+                            opts,
+                            &serde_json::json!({"event": "upload_refused", "round": header.header.round}),
+                        );
+                        continue;
+                    };
+                    let offset =
+                        u64::from_le_bytes(b.try_into().map_err(|_| "bad offset".to_string())?)
+                            .min(payload.len() as u64) as usize;
+                    s.write_all(&payload[offset..])
+                        .await
+                        .map_err(|e| e.to_string())?;
                     s.finish().map_err(|e| e.to_string())?;
                     log(
                         opts,
-                        &serde_json::json!({"event": "uploaded", "round": header.header.round, "bytes": payload.len()}),
+                        &serde_json::json!({"event": "uploaded", "round": header.header.round, "bytes": payload.len(), "resumed_from": offset}),
                     );
                 }
                 ClientAction::Send(msg) => write_frame(&mut send, &encode(&msg))

@@ -3,11 +3,12 @@
 //! Each connection is authenticated twice: its TLS client certificate must chain to the
 //! federation CA (rustls), and the ed25519 key it announces in `Hello` must be the key admitted
 //! for the certificate's common name. Control messages are length-prefixed postcard frames on
-//! the connection's first bidirectional stream. Each update comes on its own unidirectional
+//! the connection's first bidirectional stream. Each update comes on its own bidirectional
 //! stream: a header frame, checked by [`Coordinator::precheck`] before a byte of payload is
-//! read (a rejected stream is stopped), then the payload, streamed to a file under
-//! `incoming/` while it is counted (never past the signed length) and hashed, and handed to
-//! the machine once complete. One task owns the machine; actions are carried out in order
+//! read (a rejected stream is stopped); the coordinator answers with the number of payload
+//! bytes it already holds for that (client, round, digest) — uploads resume after a dropped
+//! connection — and the client sends the rest, appended to a file under `incoming/` (never
+//! past the signed length) and handed to the machine once complete. One task owns the machine; actions are carried out in order
 //! (`Persist` through [`FileStore`] before any later `Send`).
 
 use std::collections::BTreeMap;
@@ -162,7 +163,7 @@ async fn connection(
         let conn = conn.clone();
         let events = events.clone();
         tokio::spawn(async move {
-            while let Ok(stream) = conn.accept_uni().await {
+            while let Ok(stream) = conn.accept_bi().await {
                 let events = events.clone();
                 let dir = incoming_dir.clone();
                 tokio::spawn(upload(pk, stream, events, dir));
@@ -195,7 +196,7 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
 
 async fn upload(
     pk: PublicKey,
-    mut stream: quinn::RecvStream,
+    (mut reply_stream, mut stream): (quinn::SendStream, quinn::RecvStream),
     events: mpsc::Sender<Event>,
     dir: PathBuf,
 ) {
@@ -231,19 +232,46 @@ async fn upload(
         let _ = stream.stop(2u32.into());
         return;
     }
-    // Stream the payload to disk, never past the signed length.
-    let path = dir.join(format!("{}-{}.part", pk.to_hex(), header.header.round));
-    let Ok(mut file) = tokio::fs::File::create(&path).await else {
+    // Resumable: the part file is named by signer, round and signed digest; the bytes already
+    // held are announced and the client sends the rest. Never past the signed length.
+    let want = header.header.payload_len;
+    let digest_hex: String = header
+        .header
+        .payload_digest
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(format!(
+        "{}-{}-{digest_hex}.part",
+        pk.to_hex(),
+        header.header.round
+    ));
+    let Ok(mut file) = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+    else {
         return;
     };
-    let want = header.header.payload_len;
-    let mut got = 0u64;
-    let mut hasher = blake3::Hasher::new();
+    let mut got = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    if got > want {
+        let _ = tokio::fs::remove_file(&path).await;
+        let _ = stream.stop(3u32.into());
+        return;
+    }
+    if write_frame(&mut reply_stream, &got.to_le_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = reply_stream.finish();
     loop {
         let Ok(next) = tokio::time::timeout(CHUNK_TIMEOUT, stream.read_chunk(1 << 20, true)).await
         else {
             let _ = stream.stop(5u32.into());
-            let _ = tokio::fs::remove_file(&path).await;
+            let _ = file.flush().await;
             return;
         };
         match next {
@@ -251,22 +279,30 @@ async fn upload(
                 got += chunk.bytes.len() as u64;
                 if got > want {
                     let _ = stream.stop(3u32.into());
-                    break;
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return;
                 }
-                hasher.update(&chunk.bytes);
                 if file.write_all(&chunk.bytes).await.is_err() {
                     return;
                 }
             }
             Ok(None) => break,
-            Err(_) => return,
+            // A dropped connection keeps what arrived, for the client's next attempt.
+            Err(_) => {
+                let _ = file.flush().await;
+                return;
+            }
         }
     }
     let _ = file.flush().await;
     drop(file);
+    if got < want {
+        return;
+    }
     let payload = tokio::fs::read(&path).await.unwrap_or_default();
     let _ = tokio::fs::remove_file(&path).await;
-    tracing::debug!(client = %pk, bytes = got, digest = %hasher.finalize(), "upload complete");
+    tracing::debug!(client = %pk, bytes = got, "upload complete");
     let _ = events
         .send(Event::Upload {
             pk,

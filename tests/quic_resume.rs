@@ -1,0 +1,208 @@
+//! An upload cut by a dropped connection resumes where it stopped: a client speaking the
+//! protocol directly sends half of a signed update, drops its connection, reconnects, is told
+//! how many bytes the coordinator already holds, sends only the rest, and its update is
+//! accepted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use burn::tensor::{DType, Device};
+use fedtune_aggregation::strategy::{Rule, StrategyConfig};
+use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_engine::load_model;
+use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::lora::init_adapter;
+use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
+use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
+use fedtune_protocol::quic::{read_frame, write_frame};
+use fedtune_protocol::tls::{self, CertPair};
+use fedtune_protocol::{Hyper, Identity, Phase, ToClient, ToCoordinator, digest, peft, quic};
+
+async fn next_plan(recv: &mut quinn::RecvStream) -> (fedtune_protocol::RoundPlan, Vec<u8>) {
+    loop {
+        let b = read_frame(recv, 256 << 20).await.unwrap().unwrap();
+        if let ToClient::Plan { plan, payload, .. } = decode(&b, 256 << 20, "m").unwrap() {
+            return (plan, payload);
+        }
+    }
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    ca: &CertPair,
+    own: &CertPair,
+    id: &Identity,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(
+        quic::client_config(tls::client_config(&ca.cert_pem, own).unwrap()).unwrap(),
+    );
+    let conn = ep
+        .connect(addr, tls::COORDINATOR_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let hello = ToCoordinator::Hello {
+        version: fedtune_protocol::PROTOCOL_VERSION,
+        client: id.public(),
+    };
+    write_frame(&mut send, &encode(&hello)).await.unwrap();
+    (ep, conn, send, recv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let m = load_model(
+        &root.join("testdata/tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    let lora = TrainConfig {
+        lora_r: 4,
+        lora_alpha: 8.0,
+        ..TrainConfig::default()
+    };
+    let ca = tls::new_ca("resume").unwrap();
+    let server_pair = tls::issue(&ca, "coordinator", true, &[]).unwrap();
+    let own = tls::issue(&ca, "site", false, &[]).unwrap();
+    let id = Identity::from_seed([9; 32]);
+    let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
+    strategy.sampling.min_clients = 1;
+    let cfg = CoordConfig {
+        federation: "resume".into(),
+        rounds: 1,
+        phase: Phase::Sft,
+        hyper: Hyper {
+            learning_rate: 1e-3,
+            local_steps: 1,
+            batch_size: 1,
+            beta: 0.1,
+            seed: 0,
+        },
+        rank: 4,
+        lora_alpha: 8.0,
+        strategy,
+        min_results: 1,
+        round_timeout_ms: 300_000,
+        max_payload: 64 << 20,
+        header_ttl_ms: 600_000,
+        max_skew_ms: 60_000,
+        plan_hash: [3; 32],
+        admitted: BTreeSet::from([id.public()]),
+    };
+    let machine = Coordinator::new(
+        cfg,
+        Identity::from_seed([1; 32]),
+        init_adapter(&m.model, &lora),
+        now_ms(),
+    )
+    .unwrap();
+    let data_dir = std::env::temp_dir().join(format!("fedtune-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let endpoint = bind(
+        quic::server_config(tls::server_config(&ca.cert_pem, &server_pair).unwrap()).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let coordinator = tokio::spawn(serve(
+        machine,
+        endpoint,
+        DaemonOptions {
+            data_dir: data_dir.clone(),
+            clients: BTreeMap::from([("site".to_string(), id.public())]),
+            linger: Duration::from_millis(500),
+        },
+        std::future::pending(),
+    ));
+
+    // First connection: the plan, then half of a signed update, then the connection drops.
+    let (ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let mut update = peft::decode(&global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
+    for f in update.modules.values_mut() {
+        for (i, v) in f.b.data.iter_mut().enumerate() {
+            *v = (i % 7) as f32 * 1e-3;
+        }
+    }
+    let payload = peft::encode(&update);
+    let header = seal(
+        &id,
+        Seal {
+            kind: PayloadKind::Update,
+            federation: "resume",
+            round: plan.round,
+            plan_hash: [3; 32],
+            parent: plan.global_digest,
+            nonce: [1; 16],
+            now_ms: now_ms(),
+            ttl_ms: 600_000,
+            num_examples: 5,
+            metrics: vec![],
+        },
+        &payload,
+    );
+    let half = payload.len() / 2;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    write_frame(&mut s, &encode(&header)).await.unwrap();
+    let offset = u64::from_le_bytes(
+        read_frame(&mut r, 8)
+            .await
+            .unwrap()
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(offset, 0);
+    s.write_all(&payload[..half]).await.unwrap();
+    // Let the bytes arrive, then drop the connection without finishing the stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.close(0u32.into(), b"link lost");
+    ep.wait_idle().await;
+
+    // Second connection: the coordinator asks again, and holds the first half.
+    let (_ep2, conn2, _send2, mut recv2) = connect(addr, &ca, &own, &id).await;
+    let (again, _) = next_plan(&mut recv2).await;
+    assert_eq!(again.round, plan.round);
+    let (mut s, mut r) = conn2.open_bi().await.unwrap();
+    write_frame(&mut s, &encode(&header)).await.unwrap();
+    let offset = u64::from_le_bytes(
+        read_frame(&mut r, 8)
+            .await
+            .unwrap()
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(offset as usize, half, "the coordinator kept the first half");
+    s.write_all(&payload[half..]).await.unwrap();
+    s.finish().unwrap();
+    let accepted = loop {
+        let b = read_frame(&mut recv2, MAX_CONTROL).await.unwrap().unwrap();
+        match decode::<ToClient>(&b, MAX_CONTROL, "m").unwrap() {
+            ToClient::Accepted { round } => break round,
+            ToClient::Rejected { reason, .. } => panic!("rejected: {reason}"),
+            _ => {}
+        }
+    };
+    assert_eq!(accepted, plan.round);
+    let summary = tokio::time::timeout(Duration::from_secs(60), coordinator)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.rounds, 1);
+    // FedIT of a single update is that update.
+    assert_eq!(digest(&summary.global), digest(&payload));
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
