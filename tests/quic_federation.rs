@@ -218,9 +218,17 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
             .is_file()
     );
 
+    // The stored global adapter is a PEFT directory (config + weights) equal to the summary's.
+    let dir2 = data_dir.join("store/global/000002");
+    let loaded = fedtune_engine::PeftAdapter::load(&dir2).unwrap();
+    assert_eq!(
+        std::fs::read(dir2.join("adapter_model.safetensors")).unwrap(),
+        summary.global
+    );
     let global = peft::decode(&summary.global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
+    assert_eq!(loaded.weights, global);
     let mut tuned = m.model.clone();
-    tuned.attach_weights(&global, 0.0).unwrap();
+    tuned.attach_adapter(&loaded).unwrap();
     for (k, d) in data.iter().enumerate() {
         let b = sft_loss(&m.model, &d.eval, 8, d.pad).mean();
         let t = sft_loss(&tuned, &d.eval, 8, d.pad).mean();

@@ -321,6 +321,11 @@ impl Coordinator {
             key: format!("global/{round:06}/adapter_model.safetensors"),
             bytes: self.d.global_payload.clone(),
         });
+        let config = peft::adapter_config(&self.strategy.state.global, None);
+        self.actions.push_back(Action::Persist {
+            key: format!("global/{round:06}/adapter_config.json"),
+            bytes: serde_json::to_vec_pretty(&config).expect("JSON serialises"),
+        });
         self.actions.push_back(Action::Persist {
             key: format!("global/{round:06}/header.bin"),
             bytes: fedtune_protocol::messages::encode(&self.d.global_header),

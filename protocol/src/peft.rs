@@ -6,7 +6,7 @@
 //!
 //! Decoding is total: any byte string yields an adapter or an error, within [`Limits`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use safetensors::tensor::TensorView;
@@ -207,6 +207,58 @@ pub fn encode(adapter: &Adapter) -> Vec<u8> {
     );
     let bytes = safetensors::tensor::serialize(views, Some(meta)).expect("views are consistent");
     canonical_header(bytes)
+}
+
+/// PEFT's `adapter_config.json` for `adapter`, so that the bytes of [`encode`] load with
+/// `PeftModel.from_pretrained`: PEFT scales a module by `lora_alpha / r`, so each module's
+/// alpha is `scale · rank`; modules whose rank or alpha differ from the most common ones go to
+/// `rank_pattern` / `alpha_pattern`.
+pub fn adapter_config(adapter: &Adapter, base_model: Option<&str>) -> serde_json::Value {
+    let mut counts: BTreeMap<(usize, u64), usize> = BTreeMap::new();
+    let per: Vec<(&String, usize, f64)> = adapter
+        .modules
+        .iter()
+        .map(|(k, f)| (k, f.a.rows, f.scale as f64 * f.a.rows as f64))
+        .collect();
+    for (_, r, a) in &per {
+        *counts.entry((*r, a.to_bits())).or_insert(0) += 1;
+    }
+    let ((r, alpha_bits), _) = counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(k, n)| (*k, *n))
+        .unwrap_or(((0, 0f64.to_bits()), 0));
+    let alpha = f64::from_bits(alpha_bits);
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    let mut targets = BTreeSet::new();
+    for (k, kr, ka) in &per {
+        targets.insert(k.rsplit('.').next().unwrap_or(k).to_string());
+        if *kr != r {
+            rank_pattern.insert(k.to_string(), (*kr).into());
+        }
+        if ka.to_bits() != alpha_bits {
+            alpha_pattern.insert(k.to_string(), (*ka).into());
+        }
+    }
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets.into_iter().collect::<Vec<_>>(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "base_model_name_or_path": base_model,
+    })
 }
 
 /// Rewrites the JSON header of safetensors bytes with its keys in sorted order (safetensors
