@@ -4,7 +4,6 @@
 //! few scalar metrics leave this function.
 
 use fedtune_aggregation::Adapter;
-use fedtune_engine::eval::sft_loss;
 use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
@@ -68,18 +67,12 @@ pub fn train_round(
         resume: None,
         cancel: None,
     };
-    let mut metrics = Vec::new();
-    let num_examples;
-    match job.plan.phase {
+    // The loop evaluates on the held-out data after its last step: that is the eval_loss.
+    let (summary, num_examples) = match job.plan.phase {
         Phase::Sft => {
             let objective = SftObjective::new(&cfg, &data.train, &data.eval, data.pad);
             let s = train(&mut model, &run, &objective, &mut NoCallback)?;
-            num_examples = data.train.len() as u64;
-            metrics.push(("train_loss".into(), s.final_loss.unwrap_or(f64::NAN)));
-            if !data.eval.is_empty() {
-                let l = sft_loss(&model, &data.eval, h.batch_size, data.pad).mean();
-                metrics.push(("eval_loss".into(), l));
-            }
+            (s, data.train.len() as u64)
         }
         Phase::Dpo => {
             let opts = DpoOptions {
@@ -95,12 +88,15 @@ pub fn train_round(
                 data.pad,
             );
             let s = train(&mut model, &run, &objective, &mut NoCallback)?;
-            num_examples = data.pairs.len() as u64;
-            metrics.push(("train_loss".into(), s.final_loss.unwrap_or(f64::NAN)));
-            if let Some(l) = s.eval_loss {
-                metrics.push(("eval_loss".into(), l));
-            }
+            (s, data.pairs.len() as u64)
         }
+    };
+    let mut metrics = vec![(
+        "train_loss".to_string(),
+        summary.final_loss.unwrap_or(f64::NAN),
+    )];
+    if let Some(l) = summary.eval_loss {
+        metrics.push(("eval_loss".into(), l));
     }
     metrics.retain(|(_, v)| v.is_finite());
     Ok(TrainOutcome {

@@ -11,17 +11,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use fedtune_aggregation::strategy::{FedStrategy, Strategy, StrategyConfig, StrategyState};
+use fedtune_aggregation::strategy::{FedStrategy, Strategy, StrategyState};
 use fedtune_aggregation::update::{Adapter, ClientResult, Failure};
 use fedtune_aggregation::validate::{Plan, validate};
 use fedtune_protocol::envelope::{
     Digest, Expectations, PayloadKind, Seal, check_header, check_payload_digest, seal,
 };
 use fedtune_protocol::{
-    Hyper, Identity, Phase, PublicKey, Rejection, RoundPlan, SignedHeader, ToClient, ToCoordinator,
+    Hyper, Identity, PublicKey, Rejection, RoundPlan, SignedHeader, ToClient, ToCoordinator,
     digest, peft,
 };
 use serde::{Deserialize, Serialize};
+
+pub use crate::config::CoordConfig;
 
 /// Errors that stop the coordinator (never caused by network input).
 #[derive(Debug, thiserror::Error)]
@@ -43,39 +45,6 @@ pub enum CoordinatorError {
 }
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
-
-/// Configuration of a federation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CoordConfig {
-    /// Federation id.
-    pub federation: String,
-    /// Rounds to run.
-    pub rounds: u64,
-    /// Local training phase.
-    pub phase: Phase,
-    /// Local hyperparameters.
-    pub hyper: Hyper,
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA α (the scale of decoded updates is α/r).
-    pub lora_alpha: f64,
-    /// Aggregation strategy (rule, sampling, DP, ...).
-    pub strategy: StrategyConfig,
-    /// Updates needed to close a round at its deadline.
-    pub min_results: usize,
-    /// Round length in milliseconds.
-    pub round_timeout_ms: u64,
-    /// Largest update payload.
-    pub max_payload: u64,
-    /// Validity of signed headers.
-    pub header_ttl_ms: u64,
-    /// Allowed clock skew.
-    pub max_skew_ms: u64,
-    /// Hash of the base model and LoRA configuration.
-    pub plan_hash: Digest,
-    /// Admitted client keys.
-    pub admitted: BTreeSet<PublicKey>,
-}
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,12 +78,11 @@ struct OpenRound {
     opened_ms: u64,
 }
 
-/// Everything persisted under `state`.
+/// Everything persisted under `state`, besides the strategy's state (stored beside it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Durable {
     /// Rounds completed.
     completed: u64,
-    strategy: StrategyState,
     global_header: SignedHeader,
     global_payload: Vec<u8>,
     open: Option<OpenRound>,
@@ -166,7 +134,6 @@ impl Coordinator {
         let header = Self::sign_global(&cfg, &id, 0, [0; 32], &payload, now_ms, 0);
         let d = Durable {
             completed: 0,
-            strategy: strategy.state.clone(),
             global_header: header,
             global_payload: payload,
             open: None,
@@ -174,17 +141,7 @@ impl Coordinator {
             rejections: BTreeMap::new(),
             finished: false,
         };
-        let mut c = Coordinator {
-            cfg,
-            id,
-            strategy,
-            d,
-            results: BTreeMap::new(),
-            failures: Vec::new(),
-            connected: BTreeSet::new(),
-            actions: VecDeque::new(),
-            nonce: 0,
-        };
+        let mut c = Self::assemble(cfg, id, strategy, d);
         c.persist_global(0);
         c.persist_state();
         Ok(c)
@@ -200,22 +157,13 @@ impl Coordinator {
             key: "state".into(),
             reason: "missing".into(),
         })?;
-        let d: Durable = postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
-            key: "state".into(),
-            reason: e.to_string(),
-        })?;
-        let strategy = FedStrategy::from_state(cfg.strategy.clone(), d.strategy.clone());
-        let mut c = Coordinator {
-            cfg,
-            id,
-            strategy,
-            d,
-            results: BTreeMap::new(),
-            failures: Vec::new(),
-            connected: BTreeSet::new(),
-            actions: VecDeque::new(),
-            nonce: 0,
-        };
+        let (d, state): (Durable, StrategyState) =
+            postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
+                key: "state".into(),
+                reason: e.to_string(),
+            })?;
+        let strategy = FedStrategy::from_state(cfg.strategy.clone(), state);
+        let mut c = Self::assemble(cfg, id, strategy, d);
         if let Some(open) = c.d.open.clone() {
             let prefix = format!("updates/{:06}/", open.round);
             for (k, v) in stored.range(prefix.clone()..) {
@@ -235,6 +183,20 @@ impl Coordinator {
             }
         }
         Ok(c)
+    }
+
+    fn assemble(cfg: CoordConfig, id: Identity, strategy: FedStrategy, d: Durable) -> Self {
+        Coordinator {
+            cfg,
+            id,
+            strategy,
+            d,
+            results: BTreeMap::new(),
+            failures: Vec::new(),
+            connected: BTreeSet::new(),
+            actions: VecDeque::new(),
+            nonce: 0,
+        }
     }
 
     fn sign_global(
@@ -309,10 +271,9 @@ impl Coordinator {
     }
 
     fn persist_state(&mut self) {
-        self.d.strategy = self.strategy.state.clone();
         self.actions.push_back(Action::Persist {
             key: "state".into(),
-            bytes: postcard::to_stdvec(&self.d).expect("state encodes"),
+            bytes: postcard::to_stdvec(&(&self.d, &self.strategy.state)).expect("state encodes"),
         });
     }
 

@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use fedtune_engine::PeftAdapter;
-use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::data::Dataset;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
 use fedtune_engine::train::lora::{init_adapter, to_peft};
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
 
 use super::common::ModelArgs;
-use super::train::{Bar, TrainOverrides, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
+use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
 
 /// Arguments of `fedtune train dpo`.
 #[derive(Debug, Args)]
@@ -25,28 +25,8 @@ pub struct DpoArgs {
     /// An SFT adapter merged into the base before training (base → SFT → DPO).
     #[arg(long)]
     sft_adapter: Option<PathBuf>,
-    /// Preference pairs (prompt/chosen/rejected, ShareGPT-style conversations + chosen +
-    /// rejected, ...).
-    #[arg(long)]
-    data: PathBuf,
-    /// Output directory.
-    #[arg(long)]
-    output: PathBuf,
-    /// TOML file with the training and DPO options (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Force a dataset format.
-    #[arg(long)]
-    format: Option<Format>,
-    /// Evaluation pairs.
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    /// Report and skip invalid records.
-    #[arg(long)]
-    skip_invalid: bool,
-    /// Resume from this checkpoint directory.
-    #[arg(long)]
-    resume_from_checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Temperature β (default 0.1).
     #[arg(long)]
     beta: Option<f64>,
@@ -71,8 +51,6 @@ pub struct DpoArgs {
     /// Compute reference log-probabilities once before training.
     #[arg(long)]
     precompute_ref_log_probs: bool,
-    #[command(flatten)]
-    overrides: TrainOverrides,
 }
 
 const DPO_KEYS: &[&str] = &[
@@ -139,8 +117,8 @@ impl Callback for Both<'_> {
 
 /// Runs `fedtune train dpo`.
 pub fn run(a: DpoArgs) -> anyhow::Result<()> {
-    let (mut cfg, mut opts) = read_configs(a.config.as_ref())?;
-    a.overrides.apply(&mut cfg);
+    let (mut cfg, mut opts) = read_configs(a.run.config.as_ref())?;
+    a.run.overrides.apply(&mut cfg);
     macro_rules! set {
         ($($f:ident),*) => { $(if let Some(v) = a.$f { opts.$f = v; })* };
     }
@@ -182,10 +160,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     if cfg.load_in_4bit {
         m.model.quantize_nf4(cfg.bnb_4bit_use_double_quant);
     }
-    let load = LoadOptions {
-        format: a.format,
-        skip_invalid: a.skip_invalid,
-    };
+    let load = a.run.load_options();
     let encode = |path: &PathBuf| -> anyhow::Result<_> {
         let d = Dataset::load(path, load)?;
         for e in &d.skipped {
@@ -197,8 +172,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             Some(opts.max_length),
         )?)
     };
-    let (pairs, truncated) = encode(&a.data)?;
-    let (train_pairs, eval_pairs) = match (&a.eval_data, cfg.eval_split) {
+    let (pairs, truncated) = encode(&a.run.data)?;
+    let (train_pairs, eval_pairs) = match (&a.run.eval_data, cfg.eval_split) {
         (Some(p), _) => (pairs, encode(p)?.0),
         (None, Some(f)) => split_eval(pairs, f, cfg.seed),
         (None, None) => (pairs, Vec::new()),
@@ -211,8 +186,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     }
     let adapter = init_adapter(&m.model, &cfg);
     m.model.attach_weights(&adapter, cfg.lora_dropout)?;
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
+    std::fs::create_dir_all(&a.run.output)
+        .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
     let objective = DpoObjective::new(
         &m.model,
@@ -226,8 +201,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     let bar = progress_bar();
     let run = RunOptions {
         config: &cfg,
-        output: Some(&a.output),
-        resume: a.resume_from_checkpoint.as_deref(),
+        output: Some(&a.run.output),
+        resume: a.run.resume_from_checkpoint.as_deref(),
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
@@ -238,7 +213,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         eprintln!(
             "stopped at step {}; resume with --resume-from-checkpoint {}",
             summary.steps,
-            a.output
+            a.run
+                .output
                 .join(format!("checkpoint-{}", summary.steps))
                 .display()
         );
@@ -251,8 +227,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             serde_json::Value::String(p.display().to_string()),
         );
     }
-    peft.save(&a.output)?;
-    super::export::copy_tokenizer(&m, &a.model.model, &a.output)?;
+    peft.save(&a.run.output)?;
+    super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
     let (final_loss, final_metrics) = objective.metrics_on(&m.model, false);
     let report = serde_json::json!({
         "summary": summary,
@@ -270,7 +246,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         "peak_rss_bytes": peak_rss(),
     });
     std::fs::write(
-        a.output.join("training_summary.json"),
+        a.run.output.join("training_summary.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
     println!(
@@ -286,7 +262,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             .eval_loss
             .map(|l| format!(", eval_loss {l:.4}"))
             .unwrap_or_default(),
-        a.output.display()
+        a.run.output.display()
     );
     Ok(())
 }

@@ -150,34 +150,51 @@ impl TrainOverrides {
     }
 }
 
+/// Data, output and run options shared by `train sft` and `train dpo`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Training data (SFT examples; preference pairs for `train dpo`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// TOML file with the training options (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Force a dataset format.
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Evaluation data.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Report and skip invalid records.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Resume from this checkpoint directory.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: TrainOverrides,
+}
+
+impl RunArgs {
+    /// The dataset loading options.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            format: self.format,
+            skip_invalid: self.skip_invalid,
+        }
+    }
+}
+
 /// Arguments of `fedtune train sft`.
 #[derive(Debug, Args)]
 pub struct SftArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Training data.
-    #[arg(long)]
-    data: PathBuf,
-    /// Output directory.
-    #[arg(long)]
-    output: PathBuf,
-    /// TOML file with the options below (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Force a dataset format.
-    #[arg(long)]
-    format: Option<Format>,
-    /// Evaluation data.
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    /// Report and skip invalid records.
-    #[arg(long)]
-    skip_invalid: bool,
-    /// Resume from this checkpoint directory.
-    #[arg(long)]
-    resume_from_checkpoint: Option<PathBuf>,
     #[command(flatten)]
-    overrides: TrainOverrides,
+    run: RunArgs,
 }
 
 /// Reads a TOML training config.
@@ -233,25 +250,22 @@ pub(crate) fn split_eval<T>(seqs: Vec<T>, frac: f64, seed: u64) -> (Vec<T>, Vec<
 
 /// Loads, tokenises and trains; shared with the client daemon's command-line wrapper.
 fn run_sft(a: SftArgs) -> anyhow::Result<()> {
-    let mut cfg = match &a.config {
+    let mut cfg = match &a.run.config {
         Some(p) => read_config(p)?,
         None => TrainConfig::default(),
     };
-    a.overrides.apply(&mut cfg);
+    a.run.overrides.apply(&mut cfg);
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("training options")?;
     let mut m: LoadedModel = a.model.load_for_training(&cfg)?;
-    let opts = LoadOptions {
-        format: a.format,
-        skip_invalid: a.skip_invalid,
-    };
-    let data = Dataset::load(&a.data, opts)?;
+    let opts = a.run.load_options();
+    let data = Dataset::load(&a.run.data, opts)?;
     for e in &data.skipped {
         eprintln!("skipped: {e}");
     }
     let seqs = data.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?;
-    let (train, eval) = match (&a.eval_data, cfg.eval_split) {
+    let (train, eval) = match (&a.run.eval_data, cfg.eval_split) {
         (Some(p), _) => (
             seqs,
             Dataset::load(p, opts)?.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?,
@@ -263,8 +277,8 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         let adapter = init_adapter(&m.model, &cfg);
         m.model.attach_weights(&adapter, cfg.lora_dropout)?;
     }
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
+    std::fs::create_dir_all(&a.run.output)
+        .with_context(|| format!("creating {}", a.run.output.display()))?;
     let cancel = cancel_on_ctrl_c();
     let bar = progress_bar();
     let run = SftRun {
@@ -272,8 +286,8 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         train: &train,
         eval: &eval,
         pad: m.tokenizer.pad_id,
-        output: Some(&a.output),
-        resume: a.resume_from_checkpoint.as_deref(),
+        output: Some(&a.run.output),
+        resume: a.run.resume_from_checkpoint.as_deref(),
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
@@ -283,7 +297,8 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         eprintln!(
             "stopped at step {}; resume with --resume-from-checkpoint {}",
             summary.steps,
-            a.output
+            a.run
+                .output
                 .join(format!("checkpoint-{}", summary.steps))
                 .display()
         );
@@ -291,10 +306,10 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     }
     let base = Some(a.model.model.display().to_string());
     if cfg.is_lora() {
-        to_peft(&m.model, &cfg, base).save(&a.output)?;
-        super::export::copy_tokenizer(&m, &a.model.model, &a.output)?;
+        to_peft(&m.model, &cfg, base).save(&a.run.output)?;
+        super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
     } else {
-        write_model_dir(&m, &a.model.model, &a.output)?;
+        write_model_dir(&m, &a.model.model, &a.run.output)?;
     }
     let report = serde_json::json!({
         "summary": summary,
@@ -306,7 +321,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         "peak_rss_bytes": peak_rss(),
     });
     std::fs::write(
-        a.output.join("training_summary.json"),
+        a.run.output.join("training_summary.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
     println!(
@@ -317,7 +332,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
             .eval_loss
             .map(|l| format!(", eval_loss {l:.4}"))
             .unwrap_or_default(),
-        a.output.display()
+        a.run.output.display()
     );
     Ok(())
 }
