@@ -70,6 +70,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
     strategy.target_rank = Some(4);
     strategy.sampling.min_clients = 3;
     let cfg = CoordConfig {
+        then: Vec::new(),
         federation: "quic-test".into(),
         rounds: 2,
         phase: Phase::Sft,

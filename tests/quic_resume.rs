@@ -79,6 +79,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
     strategy.sampling.min_clients = 1;
     let cfg = CoordConfig {
+        then: Vec::new(),
         federation: "resume".into(),
         rounds: 1,
         phase: Phase::Sft,

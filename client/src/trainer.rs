@@ -79,7 +79,8 @@ pub fn train_round(
                 beta: h.beta,
                 ..DpoOptions::default()
             };
-            let objective = DpoObjective::new(
+            // The reference is the global adapter the round starts from.
+            let objective = DpoObjective::against(
                 &model,
                 opts,
                 data.pairs.clone(),

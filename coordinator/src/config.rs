@@ -12,12 +12,15 @@ use serde::{Deserialize, Serialize};
 pub struct CoordConfig {
     /// Federation id.
     pub federation: String,
-    /// Rounds to run.
+    /// Rounds of the first stage.
     pub rounds: u64,
-    /// Local training phase.
+    /// Local training phase of the first stage.
     pub phase: Phase,
-    /// Local hyperparameters.
+    /// Local hyperparameters of the first stage.
     pub hyper: Hyper,
+    /// Later stages, run in order after the first (e.g. DPO rounds after SFT rounds).
+    #[serde(default)]
+    pub then: Vec<Stage>,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA α (the scale of decoded updates is α/r).
@@ -38,4 +41,39 @@ pub struct CoordConfig {
     pub plan_hash: Digest,
     /// Admitted client keys.
     pub admitted: BTreeSet<PublicKey>,
+}
+
+/// A stage of a federation: `rounds` rounds of `phase` with `hyper`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    /// Local training phase.
+    pub phase: Phase,
+    /// Rounds.
+    pub rounds: u64,
+    /// Local hyperparameters.
+    pub hyper: Hyper,
+}
+
+impl CoordConfig {
+    /// Rounds of every stage together.
+    pub fn total_rounds(&self) -> u64 {
+        self.rounds + self.then.iter().map(|s| s.rounds).sum::<u64>()
+    }
+
+    /// Phase and hyperparameters of `round` (1-based; rounds past the end use the last stage).
+    pub fn stage_of(&self, round: u64) -> (Phase, &Hyper) {
+        let mut end = self.rounds;
+        if round <= end {
+            return (self.phase, &self.hyper);
+        }
+        for s in &self.then {
+            end += s.rounds;
+            if round <= end {
+                return (s.phase, &s.hyper);
+            }
+        }
+        self.then
+            .last()
+            .map_or((self.phase, &self.hyper), |s| (s.phase, &s.hyper))
+    }
 }

@@ -12,4 +12,5 @@ pub mod daemon;
 pub mod machine;
 pub mod store;
 
+pub use config::Stage;
 pub use machine::{Action, CoordConfig, Coordinator, CoordinatorError};

@@ -119,7 +119,7 @@ fn round_key(round: u64, client: &PublicKey) -> String {
 impl Coordinator {
     /// A new federation starting from `initial` (e.g. a freshly initialised adapter: `B = 0`).
     pub fn new(cfg: CoordConfig, id: Identity, initial: Adapter, now_ms: u64) -> Result<Self> {
-        if cfg.rank == 0 || cfg.min_results == 0 || cfg.rounds == 0 {
+        if cfg.rank == 0 || cfg.min_results == 0 || cfg.total_rounds() == 0 {
             return Err(CoordinatorError::Config(
                 "rank, min_results and rounds must be positive".into(),
             ));
@@ -337,14 +337,15 @@ impl Coordinator {
     }
 
     fn plan_msg(&self, round: u64, deadline_ms: u64) -> ToClient {
+        let (phase, hyper) = self.cfg.stage_of(round);
         ToClient::Plan {
             plan: RoundPlan {
                 federation: self.cfg.federation.clone(),
                 round,
-                phase: self.cfg.phase,
+                phase,
                 hyper: Hyper {
-                    seed: self.cfg.hyper.seed ^ round,
-                    ..self.cfg.hyper.clone()
+                    seed: hyper.seed ^ round,
+                    ..hyper.clone()
                 },
                 rank: self.cfg.rank,
                 global_digest: self.d.global_header.header.payload_digest,
@@ -652,11 +653,12 @@ impl Coordinator {
         self.d.completed = open.round;
         self.d.open = None;
         self.results.clear();
-        self.d.finished = self.d.completed >= self.cfg.rounds;
+        self.d.finished = self.d.completed >= self.cfg.total_rounds();
         self.persist_global(open.round);
         self.persist_state();
         self.log(serde_json::json!({
             "event": "round_closed", "round": open.round,
+            "phase": format!("{:?}", self.cfg.stage_of(open.round).0).to_lowercase(),
             "sampled": open.sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
             "used": results.iter().map(|r| r.client.clone()).collect::<Vec<_>>(),
             "failures": outcome.failures,

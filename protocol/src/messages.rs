@@ -13,6 +13,7 @@ pub const MAX_CONTROL: usize = 1 << 20;
 
 /// The local training phase of a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Supervised fine-tuning.
     Sft,

@@ -1,14 +1,16 @@
-//! In-memory federation with a simulated clock.
+//! In-memory federation with a simulated clock (a discrete-event simulation).
 //!
 //! One pass delivers every pending coordinator action (persisting into an in-memory store,
-//! exactly what a daemon writes to disk), then every client action (training runs the real
-//! engine and advances the clock by the client's simulated training time). When nothing is
-//! pending the clock jumps to the coordinator's next deadline.
+//! exactly what a daemon writes to disk), then every client action. A training job runs the
+//! real engine at once, but its update is handed to the client's state machine only at the
+//! simulated time it would finish (clients train side by side, each for its own simulated
+//! duration). When nothing is pending the clock jumps to the earliest of the next scheduled
+//! event (a finished training job, a reconnection) and the coordinator's deadline.
 
 use std::collections::BTreeMap;
 
-use fedtune_client::trainer::{LocalData, train_round};
-use fedtune_client::{Client, ClientAction};
+use fedtune_client::trainer::{LocalData, TrainOutcome, train_round};
+use fedtune_client::{Client, ClientAction, TrainJob};
 use fedtune_coordinator::{Action, CoordConfig, Coordinator};
 use fedtune_engine::LlamaModel;
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
@@ -45,8 +47,28 @@ pub struct SimClient {
     pub sent: Vec<u8>,
     /// Its local log.
     pub log: Vec<serde_json::Value>,
-    /// Simulated training time per round, in milliseconds.
+    /// Simulated training time per round, in milliseconds (without a fate hook).
     pub train_ms: u64,
+    /// Wall-clock seconds spent training this client.
+    pub train_wall_s: f64,
+    /// Metrics of its last training job.
+    pub last_metrics: Vec<(String, f64)>,
+}
+
+impl SimClient {
+    /// A disconnected client with no history.
+    pub fn new(machine: Client, data: LocalData, train_ms: u64) -> Self {
+        SimClient {
+            machine,
+            data,
+            connected: false,
+            sent: Vec::new(),
+            log: Vec::new(),
+            train_ms,
+            train_wall_s: 0.0,
+            last_metrics: Vec::new(),
+        }
+    }
 }
 
 /// A federation in memory.
@@ -68,12 +90,95 @@ pub struct Federation<'a> {
     /// Fault injection: rewrites what client `i` sends at time `now` (Byzantine clients,
     /// replays, forgeries); `None` sends messages unchanged.
     pub tamper: Option<Tamper<'a>>,
+    /// Fault injection: decides what happens to each training job (`None`: every client
+    /// trains for its `train_ms`).
+    pub fate: Option<FateHook<'a>>,
+    /// Fault injection: rewrites a job's outcome before the client signs it (a Byzantine
+    /// client with a valid key).
+    pub corrupt: Option<CorruptHook<'a>>,
+    /// Simulator events (dropouts, crashes, reconnections) for reports.
+    pub events: Vec<serde_json::Value>,
+    /// Scheduled events by (time, sequence number).
+    queue: BTreeMap<(u64, u64), Event>,
+    seq: u64,
 }
 
 /// A message rewriter: `(client index, now, message) → messages actually sent`.
 pub type Tamper<'a> = Box<dyn FnMut(usize, u64, ToCoordinator) -> Vec<ToCoordinator> + 'a>;
+/// Decides a job's fate: `(client index, job, now) → fate`.
+pub type FateHook<'a> = Box<dyn FnMut(usize, &TrainJob, u64) -> Fate + 'a>;
+/// Rewrites a job's outcome: `(client index, round, outcome)`.
+pub type CorruptHook<'a> = Box<dyn FnMut(usize, u64, &mut TrainOutcome) + 'a>;
+
+/// What happens to a training job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The client trains for this many simulated milliseconds, then uploads.
+    Train {
+        /// Simulated training time.
+        ms: u64,
+    },
+    /// The client drops out (disconnects without training) and comes back after the round's
+    /// deadline.
+    DropOut,
+    /// The client trains for `ms`, then its connection drops in the middle of the upload
+    /// (nothing arrives); it reconnects after `reconnect_ms` and sends the update again.
+    CrashMidUpload {
+        /// Simulated training time.
+        ms: u64,
+        /// Time until it reconnects.
+        reconnect_ms: u64,
+    },
+}
+
+/// A scheduled event.
+enum Event {
+    Trained {
+        client: usize,
+        round: u64,
+        outcome: Box<TrainOutcome>,
+        crash: Option<u64>,
+    },
+    Reconnect {
+        client: usize,
+    },
+}
 
 impl<'a> Federation<'a> {
+    /// A federation of `clients` around `coordinator` (nobody connected yet), at `now_ms`.
+    pub fn new(
+        coordinator: Coordinator,
+        clients: Vec<SimClient>,
+        base: &'a LlamaModel,
+        lora_alpha: f64,
+        now_ms: u64,
+    ) -> Self {
+        Federation {
+            coordinator,
+            clients,
+            base,
+            store: BTreeMap::new(),
+            log: Vec::new(),
+            now_ms,
+            lora_alpha,
+            tamper: None,
+            fate: None,
+            corrupt: None,
+            events: Vec::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn schedule(&mut self, at: u64, e: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), e);
+    }
+
+    fn event(&mut self, v: serde_json::Value) {
+        self.events.push(v);
+    }
+
     /// Connects every client.
     pub fn connect_all(&mut self) {
         for i in 0..self.clients.len() {
@@ -156,20 +261,91 @@ impl<'a> Federation<'a> {
                     }
                 }
                 ClientAction::Train(job) => {
-                    let out = train_round(self.base, &self.clients[i].data, &job, self.lora_alpha)
-                        .map_err(|source| SimError::Train { client: i, source })?;
-                    self.now_ms += self.clients[i].train_ms;
-                    self.clients[i].machine.handle_trained(
-                        self.now_ms,
-                        job.plan.round,
-                        &out.adapter,
-                        out.num_examples,
-                        out.metrics,
+                    let fate = match self.fate.as_mut() {
+                        Some(f) => f(i, &job, self.now_ms),
+                        None => Fate::Train {
+                            ms: self.clients[i].train_ms,
+                        },
+                    };
+                    let round = job.plan.round;
+                    let (ms, crash) = match fate {
+                        Fate::DropOut => {
+                            self.event(serde_json::json!({
+                                "event": "dropout", "round": round, "client": i,
+                            }));
+                            self.disconnect(i);
+                            let back = job.plan.deadline_ms.max(self.now_ms) + 1;
+                            self.schedule(back, Event::Reconnect { client: i });
+                            continue;
+                        }
+                        Fate::Train { ms } => (ms, None),
+                        Fate::CrashMidUpload { ms, reconnect_ms } => (ms, Some(reconnect_ms)),
+                    };
+                    let started = std::time::Instant::now();
+                    let mut out =
+                        train_round(self.base, &self.clients[i].data, &job, self.lora_alpha)
+                            .map_err(|source| SimError::Train { client: i, source })?;
+                    self.clients[i].train_wall_s += started.elapsed().as_secs_f64();
+                    if let Some(c) = self.corrupt.as_mut() {
+                        c(i, round, &mut out);
+                    }
+                    let at = self.now_ms + ms;
+                    self.schedule(
+                        at,
+                        Event::Trained {
+                            client: i,
+                            round,
+                            outcome: Box::new(out),
+                            crash,
+                        },
                     );
                 }
             }
         }
         Ok(any)
+    }
+
+    /// Carries out a scheduled event at its time.
+    fn apply(&mut self, at: u64, e: Event) {
+        self.now_ms = self.now_ms.max(at);
+        match e {
+            Event::Reconnect { client } => {
+                if !self.clients[client].connected {
+                    self.event(serde_json::json!({"event": "reconnect", "client": client}));
+                    self.connect(client);
+                }
+            }
+            Event::Trained {
+                client,
+                round,
+                outcome,
+                crash,
+            } => {
+                let c = &mut self.clients[client];
+                c.last_metrics = outcome.metrics.clone();
+                c.machine.handle_trained(
+                    self.now_ms,
+                    round,
+                    &outcome.adapter,
+                    outcome.num_examples,
+                    outcome.metrics,
+                );
+                if let Some(reconnect_ms) = crash {
+                    // The update is signed and queued, then the connection drops mid-upload:
+                    // nothing reaches the coordinator.
+                    while let Some(a) = self.clients[client].machine.poll_action() {
+                        if let ClientAction::Log(v) = a {
+                            self.clients[client].log.push(v);
+                        }
+                    }
+                    self.event(serde_json::json!({
+                        "event": "crash_mid_upload", "round": round, "client": client,
+                    }));
+                    self.disconnect(client);
+                    self.schedule(self.now_ms + reconnect_ms, Event::Reconnect { client });
+                }
+            }
+        }
     }
 
     /// One pass; returns whether anything happened.
@@ -179,11 +355,26 @@ impl<'a> Federation<'a> {
             any |= self.drain_client(i)?;
         }
         if !any && !self.coordinator.is_finished() {
-            match self.coordinator.next_deadline() {
-                Some(d) => self.now_ms = self.now_ms.max(d),
-                None => self.now_ms += 1000,
+            let deadline = self.coordinator.next_deadline();
+            let next = self.queue.keys().next().map(|k| k.0);
+            match (next, deadline) {
+                (Some(t), Some(d)) if d < t => {
+                    self.now_ms = self.now_ms.max(d);
+                    self.coordinator.handle_tick(self.now_ms);
+                }
+                (Some(_), _) => {
+                    let (k, e) = self.queue.pop_first().expect("non-empty");
+                    self.apply(k.0, e);
+                }
+                (None, Some(d)) => {
+                    self.now_ms = self.now_ms.max(d);
+                    self.coordinator.handle_tick(self.now_ms);
+                }
+                (None, None) => {
+                    self.now_ms += 1000;
+                    self.coordinator.handle_tick(self.now_ms);
+                }
             }
-            self.coordinator.handle_tick(self.now_ms);
             any = true;
         }
         Ok(any)

@@ -4,7 +4,7 @@
 //! coordinator killed mid-round resumes from what it persisted and ends with the same global
 //! adapter as an uninterrupted run; hostile updates are rejected while honest ones are used.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device};
@@ -64,6 +64,7 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
     strategy.sampling.min_clients = n;
     strategy.seed = 5;
     let cfg = CoordConfig {
+        then: Vec::new(),
         federation: "test-federation".into(),
         rounds,
         phase: Phase::Sft,
@@ -99,35 +100,25 @@ fn federation<'a>(s: &Setup, m: &'a LoadedModel) -> Federation<'a> {
         .client_ids
         .iter()
         .enumerate()
-        .map(|(k, id)| SimClient {
-            machine: Client::new(
-                ClientConfig {
-                    federation: s.cfg.federation.clone(),
-                    coordinator: s.coord_id.public(),
-                    plan_hash: s.cfg.plan_hash,
-                    header_ttl_ms: 3_600_000,
-                    max_payload: 64 << 20,
-                    lora_alpha: 8.0,
-                },
-                id.clone(),
-            ),
-            data: data(m, k),
-            connected: false,
-            sent: Vec::new(),
-            log: Vec::new(),
-            train_ms: 1_000 * (k as u64 + 1),
+        .map(|(k, id)| {
+            SimClient::new(
+                Client::new(
+                    ClientConfig {
+                        federation: s.cfg.federation.clone(),
+                        coordinator: s.coord_id.public(),
+                        plan_hash: s.cfg.plan_hash,
+                        header_ttl_ms: 3_600_000,
+                        max_payload: 64 << 20,
+                        lora_alpha: 8.0,
+                    },
+                    id.clone(),
+                ),
+                data(m, k),
+                1_000 * (k as u64 + 1),
+            )
         })
         .collect();
-    let mut f = Federation {
-        coordinator,
-        clients,
-        base: &m.model,
-        store: BTreeMap::new(),
-        log: Vec::new(),
-        now_ms: T0,
-        lora_alpha: 8.0,
-        tamper: None,
-    };
+    let mut f = Federation::new(coordinator, clients, &m.model, 8.0, T0);
     f.connect_all();
     f
 }

@@ -17,7 +17,7 @@ use fedtune_client::trainer::{LocalData, plan_hash};
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
 use fedtune_coordinator::store::FileStore;
-use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_coordinator::{CoordConfig, Coordinator, Stage};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
@@ -167,6 +167,27 @@ struct ClientEntry {
     key: String,
 }
 
+impl LocalFile {
+    fn hyper(&self) -> Hyper {
+        Hyper {
+            learning_rate: self.learning_rate,
+            local_steps: self.local_steps,
+            batch_size: self.batch_size,
+            beta: self.beta,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A later stage of `coord.toml` (`[[then]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    phase: Phase,
+    rounds: u64,
+    local: LocalFile,
+}
+
 /// `coord.toml`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +199,9 @@ struct CoordFile {
     ca: PathBuf,
     rounds: u64,
     #[serde(default)]
-    phase: Option<String>,
+    phase: Option<Phase>,
+    #[serde(default)]
+    then: Vec<StageFile>,
     rank: usize,
     lora_alpha: f64,
     #[serde(default)]
@@ -264,14 +287,7 @@ async fn shutdown_signal() {
 /// Runs `fedtune coord`.
 pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
     let f: CoordFile = read_toml(&a.config)?;
-    let phase = match f.phase.as_deref().unwrap_or("sft") {
-        "sft" => Phase::Sft,
-        "dpo" => Phase::Dpo,
-        other => bail!(
-            "{}: phase {other:?}: expected sft or dpo",
-            a.config.display()
-        ),
-    };
+    let phase = f.phase.unwrap_or(Phase::Sft);
     let mut admitted = BTreeSet::new();
     let mut clients = BTreeMap::new();
     for c in &f.clients {
@@ -292,16 +308,19 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
         strategy.sampling = s;
     }
     let cfg = CoordConfig {
+        then: f
+            .then
+            .iter()
+            .map(|s| Stage {
+                phase: s.phase,
+                rounds: s.rounds,
+                hyper: s.local.hyper(),
+            })
+            .collect(),
         federation: f.federation.clone(),
         rounds: f.rounds,
         phase,
-        hyper: Hyper {
-            learning_rate: f.local.learning_rate,
-            local_steps: f.local.local_steps,
-            batch_size: f.local.batch_size,
-            beta: f.local.beta,
-            seed: f.local.seed,
-        },
+        hyper: f.local.hyper(),
         rank: f.rank,
         lora_alpha: f.lora_alpha,
         strategy,

@@ -154,20 +154,19 @@ fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
         .collect()
 }
 
-/// Reference (adapter disabled) sums for `pairs`, in batches of `batch_size` pairs.
+/// Sums of `reference` (used as it is) for `pairs`, in batches of `batch_size` pairs.
 fn reference_sums(
-    model: &LlamaModel,
+    reference: &LlamaModel,
     pairs: &[EncodedPair],
     batch_size: usize,
     pad: u32,
 ) -> Vec<(f64, f64)> {
-    let reference = model.without_adapter();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&EncodedPair> = chunk.iter().collect();
         let seqs = rows(&refs);
         let seq_refs: Vec<&Encoded> = seqs.iter().collect();
-        let (sums, _) = sequence_logprobs(&reference, &TokenBatch::pad(&seq_refs, pad));
+        let (sums, _) = sequence_logprobs(reference, &TokenBatch::pad(&seq_refs, pad));
         out.extend(sums.chunks(2).map(|c| (c[0], c[1])));
     }
     out
@@ -185,9 +184,12 @@ impl DpoObjective {
         pad: u32,
     ) -> Self {
         let reference = (options.precompute_ref_log_probs && options.loss().needs_reference())
-            .then(|| Precomputed {
-                train: reference_sums(model, &pairs, batch_size, pad),
-                eval: reference_sums(model, &eval, batch_size, pad),
+            .then(|| {
+                let base = model.without_adapter();
+                Precomputed {
+                    train: reference_sums(&base, &pairs, batch_size, pad),
+                    eval: reference_sums(&base, &eval, batch_size, pad),
+                }
             });
         DpoObjective {
             pairs,
@@ -196,6 +198,35 @@ impl DpoObjective {
             batch_size,
             pad,
             reference,
+        }
+    }
+
+    /// An objective whose reference is `reference` as it is (its adapter included), with the
+    /// reference sums precomputed here: federated DPO rounds use the global adapter the round
+    /// starts from (TRL's `sync_ref_model` at every round), so the reference is the model the
+    /// federation had before the round, not the bare base.
+    pub fn against(
+        reference: &LlamaModel,
+        options: DpoOptions,
+        pairs: Vec<EncodedPair>,
+        eval: Vec<EncodedPair>,
+        batch_size: usize,
+        pad: u32,
+    ) -> Self {
+        let precomputed = options.loss().needs_reference().then(|| Precomputed {
+            train: reference_sums(reference, &pairs, batch_size, pad),
+            eval: reference_sums(reference, &eval, batch_size, pad),
+        });
+        DpoObjective {
+            pairs,
+            eval,
+            options: DpoOptions {
+                precompute_ref_log_probs: true,
+                ..options
+            },
+            batch_size,
+            pad,
+            reference: precomputed,
         }
     }
 
