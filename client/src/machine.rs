@@ -217,6 +217,14 @@ impl Client {
         }
     }
 
+    /// The driver gave up `round`'s job without training (the client went away): a later
+    /// plan for the same round trains again.
+    pub fn handle_abandoned(&mut self, round: u64) {
+        if self.current.as_ref().is_some_and(|p| p.round == round) && self.pending.is_none() {
+            self.current = None;
+        }
+    }
+
     /// Local training of `round` finished: sign and send the update.
     pub fn handle_trained(
         &mut self,

@@ -30,6 +30,9 @@ pub enum SimError {
     /// The coordinator could not be rebuilt.
     #[error("coordinator: {0}")]
     Coordinator(#[from] fedtune_coordinator::CoordinatorError),
+    /// Writing results.
+    #[error("{0}")]
+    Io(String),
     /// The federation did not finish.
     #[error("the federation did not finish within {0} passes")]
     Stalled(usize),
@@ -98,9 +101,15 @@ pub struct Federation<'a> {
     pub corrupt: Option<CorruptHook<'a>>,
     /// Simulator events (dropouts, crashes, reconnections) for reports.
     pub events: Vec<serde_json::Value>,
+    /// Training jobs run side by side at most.
+    pub parallel: usize,
+    /// Wall-clock seconds spent inside the coordinator's state machine.
+    pub coordinator_s: f64,
     /// Scheduled events by (time, sequence number).
     queue: BTreeMap<(u64, u64), Event>,
     seq: u64,
+    /// Jobs collected in this pass: (client, job, simulated time, crash).
+    jobs: Vec<(usize, Box<TrainJob>, u64, Option<u64>)>,
 }
 
 /// A message rewriter: `(client index, now, message) → messages actually sent`.
@@ -165,8 +174,11 @@ impl<'a> Federation<'a> {
             fate: None,
             corrupt: None,
             events: Vec::new(),
+            parallel: 1,
+            coordinator_s: 0.0,
             queue: BTreeMap::new(),
             seq: 0,
+            jobs: Vec::new(),
         }
     }
 
@@ -196,7 +208,9 @@ impl<'a> Federation<'a> {
     pub fn disconnect(&mut self, i: usize) {
         self.clients[i].connected = false;
         let pk = self.clients[i].machine.public_key();
+        let t = std::time::Instant::now();
         self.coordinator.handle_disconnect(self.now_ms, pk);
+        self.coordinator_s += t.elapsed().as_secs_f64();
     }
 
     fn index_of(&self, pk: &PublicKey) -> Option<usize> {
@@ -256,7 +270,9 @@ impl<'a> Federation<'a> {
                         let msg: ToCoordinator =
                             decode(&bytes, limit, "message").expect("own encoding");
                         let pk = self.clients[i].machine.public_key();
+                        let t = std::time::Instant::now();
                         self.coordinator.handle_message(self.now_ms, pk, msg);
+                        self.coordinator_s += t.elapsed().as_secs_f64();
                         self.drain_coordinator();
                     }
                 }
@@ -273,6 +289,7 @@ impl<'a> Federation<'a> {
                             self.event(serde_json::json!({
                                 "event": "dropout", "round": round, "client": i,
                             }));
+                            self.clients[i].machine.handle_abandoned(round);
                             self.disconnect(i);
                             let back = job.plan.deadline_ms.max(self.now_ms) + 1;
                             self.schedule(back, Event::Reconnect { client: i });
@@ -281,28 +298,62 @@ impl<'a> Federation<'a> {
                         Fate::Train { ms } => (ms, None),
                         Fate::CrashMidUpload { ms, reconnect_ms } => (ms, Some(reconnect_ms)),
                     };
-                    let started = std::time::Instant::now();
-                    let mut out =
-                        train_round(self.base, &self.clients[i].data, &job, self.lora_alpha)
-                            .map_err(|source| SimError::Train { client: i, source })?;
-                    self.clients[i].train_wall_s += started.elapsed().as_secs_f64();
-                    if let Some(c) = self.corrupt.as_mut() {
-                        c(i, round, &mut out);
-                    }
-                    let at = self.now_ms + ms;
-                    self.schedule(
-                        at,
-                        Event::Trained {
-                            client: i,
-                            round,
-                            outcome: Box::new(out),
-                            crash,
-                        },
-                    );
+                    self.jobs.push((i, job, ms, crash));
                 }
             }
         }
         Ok(any)
+    }
+
+    /// Runs the jobs collected in this pass through the real engine (up to `parallel` at a
+    /// time on threads sharing the read-only base model) and schedules their results.
+    fn run_jobs(&mut self) -> Result<(), SimError> {
+        let jobs = std::mem::take(&mut self.jobs);
+        let base = self.base;
+        let alpha = self.lora_alpha;
+        let clients = &self.clients;
+        let train = |i: usize, job: &TrainJob| {
+            let t = std::time::Instant::now();
+            let r = train_round(base, &clients[i].data, job, alpha)
+                .map_err(|source| SimError::Train { client: i, source });
+            (r, t.elapsed().as_secs_f64())
+        };
+        let mut results = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(self.parallel.max(1)) {
+            if chunk.len() == 1 {
+                let (i, job, ..) = &chunk[0];
+                results.push(train(*i, job));
+                continue;
+            }
+            std::thread::scope(|s| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|(i, job, ..)| s.spawn(move || train(*i, job)))
+                    .collect();
+                for h in handles {
+                    results.push(h.join().expect("training thread"));
+                }
+            });
+        }
+        for ((i, job, ms, crash), (out, wall)) in jobs.into_iter().zip(results) {
+            let mut out = out?;
+            self.clients[i].train_wall_s += wall;
+            let round = job.plan.round;
+            if let Some(c) = self.corrupt.as_mut() {
+                c(i, round, &mut out);
+            }
+            let at = self.now_ms + ms;
+            self.schedule(
+                at,
+                Event::Trained {
+                    client: i,
+                    round,
+                    outcome: Box::new(out),
+                    crash,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Carries out a scheduled event at its time.
@@ -348,32 +399,31 @@ impl<'a> Federation<'a> {
         }
     }
 
+    fn tick(&mut self, at: u64) {
+        self.now_ms = self.now_ms.max(at);
+        let t = std::time::Instant::now();
+        self.coordinator.handle_tick(self.now_ms);
+        self.coordinator_s += t.elapsed().as_secs_f64();
+    }
+
     /// One pass; returns whether anything happened.
     pub fn pass(&mut self) -> Result<bool, SimError> {
         let mut any = self.drain_coordinator();
         for i in 0..self.clients.len() {
             any |= self.drain_client(i)?;
         }
+        self.run_jobs()?;
         if !any && !self.coordinator.is_finished() {
             let deadline = self.coordinator.next_deadline();
             let next = self.queue.keys().next().map(|k| k.0);
             match (next, deadline) {
-                (Some(t), Some(d)) if d < t => {
-                    self.now_ms = self.now_ms.max(d);
-                    self.coordinator.handle_tick(self.now_ms);
-                }
+                (Some(t), Some(d)) if d < t => self.tick(d),
                 (Some(_), _) => {
                     let (k, e) = self.queue.pop_first().expect("non-empty");
                     self.apply(k.0, e);
                 }
-                (None, Some(d)) => {
-                    self.now_ms = self.now_ms.max(d);
-                    self.coordinator.handle_tick(self.now_ms);
-                }
-                (None, None) => {
-                    self.now_ms += 1000;
-                    self.coordinator.handle_tick(self.now_ms);
-                }
+                (None, Some(d)) => self.tick(d),
+                (None, None) => self.tick(self.now_ms + 1000),
             }
             any = true;
         }

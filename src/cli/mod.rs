@@ -7,6 +7,7 @@ mod export;
 mod fed;
 mod generate;
 mod merge;
+mod sim;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,10 @@ enum Command {
     Coord(fed::DaemonArgs),
     /// Run a client daemon: train locally on private data, upload signed adapter updates.
     Client(fed::DaemonArgs),
+    /// Simulate a whole federation on this machine (partitioned data, faults, report).
+    Sim(sim::SimArgs),
+    /// Write the quickstart's synthetic clinical notes (per hospital, seeded).
+    GenClinical(sim::GenClinicalArgs),
 }
 
 /// Sets up `tracing` on stderr.
@@ -75,5 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(c) => fed::run_ca(c),
         Command::Coord(a) => fed::run_coord(a),
         Command::Client(a) => fed::run_client(a),
+        Command::Sim(a) => sim::run(a),
+        Command::GenClinical(a) => sim::run_gen_clinical(a),
     }
 }

@@ -80,7 +80,18 @@ pub struct LoadOptions {
 impl Dataset {
     /// Reads `path`.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Self> {
-        let (records, mut errors) = read::read_records(path)?;
+        let (records, errors) = read::read_records(path)?;
+        Self::from_records(path, records, errors, opts)
+    }
+
+    /// Converts records already read from `path` (e.g. a share of a partitioned file; lines
+    /// keep naming the original file), with `errors` found while reading them.
+    pub fn from_records(
+        path: &Path,
+        records: Vec<read::RawRecord>,
+        mut errors: Vec<Error>,
+        opts: LoadOptions,
+    ) -> Result<Self> {
         let mut examples = Vec::with_capacity(records.len());
         for r in records {
             let converted = match opts.format.or_else(|| formats::detect(&r.value)) {
