@@ -11,6 +11,7 @@ pub mod demo;
 pub mod evaluate;
 pub mod memory;
 pub mod partition;
+pub mod quic;
 pub mod report;
 pub mod run;
 

@@ -297,9 +297,9 @@ pub enum Progress {
 
 /// Held-out loss of the model with `adapter` (or the base) for each client, and the
 /// token-weighted mean.
-fn evaluate_losses(
+pub(crate) fn evaluate_losses(
     m: &LoadedModel,
-    clients: &[SimClient],
+    clients: &[&LocalData],
     adapter: Option<&Adapter>,
 ) -> Result<(Vec<f64>, f64), SimError> {
     let mut model = m.model.clone();
@@ -311,7 +311,7 @@ fn evaluate_losses(
     let mut per = Vec::new();
     let (mut sum, mut toks) = (0.0, 0usize);
     for c in clients {
-        let (l, t) = held_out_loss(&model, &c.data.eval, c.data.pad);
+        let (l, t) = held_out_loss(&model, &c.eval, c.pad);
         per.push(l);
         if l.is_finite() {
             sum += l * t as f64;
@@ -329,13 +329,13 @@ fn evaluate_losses(
 }
 
 /// The output directory writer.
-struct Output {
+pub(crate) struct Output {
     dir: Option<PathBuf>,
     metrics: Option<std::fs::File>,
 }
 
 impl Output {
-    fn new(dir: Option<&Path>) -> Result<Self, SimError> {
+    pub(crate) fn new(dir: Option<&Path>) -> Result<Self, SimError> {
         let Some(d) = dir else {
             return Ok(Output {
                 dir: None,
@@ -352,14 +352,14 @@ impl Output {
         })
     }
 
-    fn record(&mut self, v: &serde_json::Value) -> Result<(), SimError> {
+    pub(crate) fn record(&mut self, v: &serde_json::Value) -> Result<(), SimError> {
         if let Some(f) = &mut self.metrics {
             writeln!(f, "{v}").map_err(|e| SimError::Io(format!("metrics.jsonl: {e}")))?;
         }
         Ok(())
     }
 
-    fn file(&self, rel: &str, bytes: &[u8]) -> Result<(), SimError> {
+    pub(crate) fn file(&self, rel: &str, bytes: &[u8]) -> Result<(), SimError> {
         if let Some(d) = &self.dir {
             let p = d.join(rel);
             if let Some(parent) = p.parent() {
@@ -489,16 +489,10 @@ pub fn run_memory(
     }));
     f.connect_all();
 
-    let (base_per, base_mean) = evaluate_losses(model, &f.clients, None)?;
-    output.record(&serde_json::json!({
-        "round": 0, "phase": "base", "global_eval_loss": base_mean,
-        "clients": names.iter().zip(&base_per).map(|(name, l)| serde_json::json!({
-            "name": name, "global_eval_loss": l,
-        })).collect::<Vec<_>>(),
-    }))?;
-    let mut rounds = vec![serde_json::json!({
-        "round": 0, "phase": "base", "global_eval_loss": base_mean, "per_client": base_per,
-    })];
+    let data: Vec<LocalData> = f.clients.iter().map(|c| c.data.clone()).collect();
+    let data: Vec<&LocalData> = data.iter().collect();
+    let mut rounds = vec![base_record(model, &data, &names, &mut output)?];
+    let base_mean = num(&rounds[0]["global_eval_loss"]);
     progress(Progress::Round {
         done: 0,
         total,
@@ -506,7 +500,6 @@ pub fn run_memory(
     });
     let mut restarted = false;
     let mut seen_closed = 0usize;
-    let mut log_at = 0usize;
     let mut coord_s_at = 0.0;
     while !f.coordinator.is_finished() {
         let restart_round = cfg.faults.coordinator_restart_round.filter(|_| !restarted);
@@ -547,15 +540,20 @@ pub fn run_memory(
         seen_closed = closed.len();
         let rec = closed.last().expect("one closed").clone();
         let round = rec["round"].as_u64().unwrap_or(0);
-        let new_log: Vec<serde_json::Value> = f.log[log_at..].to_vec();
-        log_at = f.log.len();
+        // The entries of this round: from its first opening to its closing.
+        let start = f
+            .log
+            .iter()
+            .position(|e| e["event"] == "round_open" && e["round"] == round)
+            .unwrap_or(0);
+        let new_log = &f.log[start..];
         let global = f.coordinator.global_adapter().clone();
-        let (per, mean) = evaluate_losses(model, &f.clients, Some(&global))?;
+        let (per, mean) = evaluate_losses(model, &data, Some(&global))?;
         let round_record = round_metrics(
             &names,
             &admitted,
             &rec,
-            &new_log,
+            new_log,
             &f.events,
             &per,
             mean,
@@ -585,28 +583,7 @@ pub fn run_memory(
     {
         output.file("global/final/adapter_config.json", b)?;
     }
-    let mut gens = Vec::new();
-    if cfg.eval.generations > 0 {
-        progress(Progress::Note("generating on held-out prompts".into()));
-        let base = &model.model;
-        let mut tuned = model.model.clone();
-        tuned
-            .attach_weights(&global, 0.0)
-            .map_err(|source| SimError::Train { client: 0, source })?;
-        for (k, ex) in eval_examples.iter().enumerate() {
-            let g = |m| {
-                generations(
-                    m,
-                    &model.tokenizer,
-                    ex,
-                    cfg.eval.generations,
-                    cfg.eval.max_new_tokens,
-                )
-                .map_err(|source| SimError::Train { client: k, source })
-            };
-            gens.push((names[k].clone(), g(base)?, g(&tuned)?));
-        }
-    }
+    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
     Ok(SimOutcome {
         rounds,
         global,
@@ -620,9 +597,67 @@ pub fn run_memory(
     })
 }
 
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Round 0 of `metrics.jsonl`: the base model on every client's held-out data.
+pub(crate) fn base_record(
+    model: &LoadedModel,
+    data: &[&LocalData],
+    names: &[String],
+    output: &mut Output,
+) -> Result<serde_json::Value, SimError> {
+    let (per, mean) = evaluate_losses(model, data, None)?;
+    output.record(&serde_json::json!({
+        "round": 0, "phase": "base", "global_eval_loss": mean,
+        "clients": names.iter().zip(&per).map(|(name, l)| serde_json::json!({
+            "name": name, "global_eval_loss": l,
+        })).collect::<Vec<_>>(),
+    }))?;
+    Ok(serde_json::json!({
+        "round": 0, "phase": "base", "global_eval_loss": mean, "per_client": per,
+    }))
+}
+
+/// Greedy generations of the base model and of `global` on each client's held-out prompts.
+pub(crate) fn generations_before_after(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    global: &Adapter,
+    names: &[String],
+    eval_examples: &[Vec<Example>],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<(String, GenerationScores, GenerationScores)>, SimError> {
+    let mut gens = Vec::new();
+    if cfg.eval.generations == 0 {
+        return Ok(gens);
+    }
+    progress(Progress::Note("generating on held-out prompts".into()));
+    let base = &model.model;
+    let mut tuned = model.model.clone();
+    tuned
+        .attach_weights(global, 0.0)
+        .map_err(|source| SimError::Train { client: 0, source })?;
+    for (k, ex) in eval_examples.iter().enumerate() {
+        let g = |m| {
+            generations(
+                m,
+                &model.tokenizer,
+                ex,
+                cfg.eval.generations,
+                cfg.eval.max_new_tokens,
+            )
+            .map_err(|source| SimError::Train { client: k, source })
+        };
+        gens.push((names[k].clone(), g(base)?, g(&tuned)?));
+    }
+    Ok(gens)
+}
+
 /// The `metrics.jsonl` record of one closed round.
 #[allow(clippy::too_many_arguments)]
-fn round_metrics(
+pub(crate) fn round_metrics(
     names: &[String],
     keys: &[PublicKey],
     closed: &serde_json::Value,

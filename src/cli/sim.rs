@@ -10,6 +10,7 @@ use clap::Args;
 use fedtune_sim::SimConfig;
 use fedtune_sim::clinical::{Sizes, generate};
 use fedtune_sim::config::Transport;
+use fedtune_sim::quic::run_quic;
 use fedtune_sim::run::{Progress, prepare_clients, run_memory};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -149,12 +150,6 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         .clone()
         .or(cfg.output.clone())
         .unwrap_or_else(|| PathBuf::from("sim-output"));
-    if cfg.transport == Transport::Quic {
-        bail!(
-            "{}: transport = \"quic\" runs the daemons; use `fedtune coord`/`fedtune client` or the memory transport",
-            a.config.display()
-        );
-    }
     eprintln!("loading {}", cfg.model.path.display());
     let mut m = fedtune_engine::load_model(&cfg.model.path, &Device::flex(), DType::F32)
         .with_context(|| format!("loading {}", cfg.model.path.display()))?;
@@ -172,19 +167,34 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    // Lines above the bar on a terminal, plain lines on stderr otherwise.
+    let say = |s: String| {
+        if bar.is_hidden() {
+            eprintln!("{s}");
+        } else {
+            bar.println(s);
+        }
+    };
+    let started = std::time::Instant::now();
     let mut on_progress = |p: Progress| match p {
         Progress::Round { done, loss, .. } => {
             bar.set_position(done);
             bar.set_message(format!("global held-out loss {loss:.4}"));
+            let t = started.elapsed().as_secs_f64();
             if done == 0 {
-                bar.println(format!("base model: held-out loss {loss:.4}"));
+                say(format!("[{t:5.0} s] base model: held-out loss {loss:.4}"));
             } else {
-                bar.println(format!("round {done}: global held-out loss {loss:.4}"));
+                say(format!(
+                    "[{t:5.0} s] round {done}: global held-out loss {loss:.4}"
+                ));
             }
         }
-        Progress::Note(s) => bar.println(s),
+        Progress::Note(s) => say(format!("[{:5.0} s] {s}", started.elapsed().as_secs_f64())),
     };
-    let outcome = run_memory(&cfg, &m, clients, Some(&out), &mut on_progress)?;
+    let outcome = match cfg.transport {
+        Transport::Memory => run_memory(&cfg, &m, clients, Some(&out), &mut on_progress)?,
+        Transport::Quic => run_quic(&cfg, &m, clients, &out, &mut on_progress)?,
+    };
     bar.finish_and_clear();
     std::fs::write(out.join("config.toml"), &config_text)?;
     let log: String = outcome

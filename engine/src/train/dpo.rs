@@ -142,6 +142,8 @@ pub struct DpoObjective {
     batch_size: usize,
     pad: u32,
     reference: Option<Precomputed>,
+    /// The reference model when it is not the policy with its adapter disabled.
+    reference_model: Option<LlamaModel>,
 }
 
 fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
@@ -198,11 +200,13 @@ impl DpoObjective {
             batch_size,
             pad,
             reference,
+            reference_model: None,
         }
     }
 
-    /// An objective whose reference is `reference` as it is (its adapter included), with the
-    /// reference sums precomputed here: federated DPO rounds use the global adapter the round
+    /// An objective whose reference is `reference` as it is (its adapter included; its sums
+    /// are precomputed here with `precompute_ref_log_probs`, else computed per batch from a
+    /// frozen copy): federated DPO rounds use the global adapter the round
     /// starts from (TRL's `sync_ref_model` at every round), so the reference is the model the
     /// federation had before the round, not the bare base.
     pub fn against(
@@ -213,20 +217,20 @@ impl DpoObjective {
         batch_size: usize,
         pad: u32,
     ) -> Self {
-        let precomputed = options.loss().needs_reference().then(|| Precomputed {
-            train: reference_sums(reference, &pairs, batch_size, pad),
-            eval: reference_sums(reference, &eval, batch_size, pad),
-        });
+        let precomputed = (options.precompute_ref_log_probs && options.loss().needs_reference())
+            .then(|| Precomputed {
+                train: reference_sums(reference, &pairs, batch_size, pad),
+                eval: reference_sums(reference, &eval, batch_size, pad),
+            });
         DpoObjective {
             pairs,
             eval,
-            options: DpoOptions {
-                precompute_ref_log_probs: true,
-                ..options
-            },
+            options,
             batch_size,
             pad,
             reference: precomputed,
+            // A frozen copy: training replaces the policy's parameters, not this model's.
+            reference_model: Some(reference.clone()),
         }
     }
 
@@ -269,7 +273,10 @@ impl DpoObjective {
         }
         match precomputed {
             Some(p) => idx.iter().flat_map(|&i| [p[i].0, p[i].1]).collect(),
-            None => sequence_logprobs(&model.without_adapter(), batch).0,
+            None => match &self.reference_model {
+                Some(r) => sequence_logprobs(r, batch).0,
+                None => sequence_logprobs(&model.without_adapter(), batch).0,
+            },
         }
     }
 }

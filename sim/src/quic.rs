@@ -1,0 +1,234 @@
+//! The QUIC transport of the simulator: the real coordinator daemon and one real client daemon
+//! per simulated client, in this process on loopback, with a fresh federation CA, mutual TLS,
+//! signed updates and the durable store: everything a deployment does, on real time. Faults
+//! are the memory transport's business; here the run is checked end to end. After the run each
+//! stored global adapter is evaluated on every client's held-out data.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedtune_client::daemon::{ClientOptions, run as run_client};
+use fedtune_client::trainer::LocalData;
+use fedtune_client::{Client, ClientConfig};
+use fedtune_coordinator::Coordinator;
+use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_engine::LoadedModel;
+use fedtune_engine::data::Example;
+use fedtune_protocol::tls::{self, CertPair};
+use fedtune_protocol::{Identity, PublicKey, digest, peft, quic};
+
+use crate::config::SimConfig;
+use crate::memory::SimError;
+use crate::run::{
+    ClientSetup, Output, Progress, SimOutcome, base_record, coord_config, evaluate_losses,
+    generations_before_after, identity, round_metrics,
+};
+
+fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> SimError + '_ {
+    move |e| SimError::Io(format!("{what}: {e}"))
+}
+
+/// Runs `cfg` over QUIC on loopback; `out` holds the coordinator's data directory
+/// (`coord-data/`), `metrics.jsonl` and the global adapters.
+pub fn run_quic(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    clients: Vec<ClientSetup>,
+    out: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<SimOutcome, SimError> {
+    let f = &cfg.faults;
+    if f.dropout > 0.0
+        || f.straggler > 0.0
+        || f.crash_mid_upload > 0.0
+        || !f.byzantine.is_empty()
+        || f.coordinator_restart_round.is_some()
+    {
+        return Err(SimError::Io(
+            "faults: injected faults need transport = \"memory\" (the QUIC transport runs the \
+             daemons as deployed)"
+                .into(),
+        ));
+    }
+    let started = Instant::now();
+    let n = clients.len();
+    let mut output = Output::new(Some(out))?;
+    let data_dir = out.join("coord-data");
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir).map_err(|e| err("clearing coord-data")(&e))?;
+    }
+    let plan_hash = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
+    let coord_id = identity(cfg.seed, None);
+    let ids: Vec<Identity> = (0..n).map(|k| identity(cfg.seed, Some(k))).collect();
+    let admitted: Vec<PublicKey> = ids.iter().map(|i| i.public()).collect();
+    let ccfg = coord_config(cfg, plan_hash, &admitted);
+    let lora = fedtune_engine::train::TrainConfig {
+        lora_r: cfg.model.rank,
+        lora_alpha: cfg.model.lora_alpha,
+        target_modules: cfg
+            .model
+            .target_modules
+            .clone()
+            .unwrap_or_else(|| fedtune_engine::train::TrainConfig::default().target_modules),
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let initial = fedtune_engine::train::lora::init_adapter(&model.model, &lora);
+    let machine = Coordinator::new(ccfg.clone(), coord_id.clone(), initial, now_ms())?;
+
+    let ca = tls::new_ca(&cfg.name).map_err(|e| err("CA")(&e))?;
+    let server_cert =
+        tls::issue(&ca, "coordinator", true, &["localhost".into()]).map_err(|e| err("CA")(&e))?;
+    let cn = |k: usize| format!("client-{k}");
+    let certs: Vec<CertPair> = (0..n)
+        .map(|k| tls::issue(&ca, &cn(k), false, &[]))
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("CA")(&e))?;
+    let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
+    let eval_examples: Vec<Vec<Example>> =
+        clients.iter().map(|c| c.eval_examples.clone()).collect();
+    let data: Vec<Arc<LocalData>> = clients.into_iter().map(|c| Arc::new(c.data)).collect();
+    let data_refs: Vec<&LocalData> = data.iter().map(|d| d.as_ref()).collect();
+    let mut rounds = vec![base_record(model, &data_refs, &names, &mut output)?];
+    progress(Progress::Note(format!(
+        "QUIC on loopback: coordinator and {n} client daemons, mutual TLS"
+    )));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| err("tokio runtime")(&e))?;
+    let base = Arc::new(model.model.clone());
+    let summary = rt.block_on(async {
+        let server = quic::server_config(
+            tls::server_config(&ca.cert_pem, &server_cert).map_err(|e| err("TLS")(&e))?,
+        )
+        .map_err(|e| err("QUIC")(&e))?;
+        let endpoint =
+            bind(server, "127.0.0.1:0".parse().expect("valid")).map_err(|e| err("bind")(&e))?;
+        let addr = endpoint.local_addr().map_err(|e| err("bind")(&e))?;
+        let opts = DaemonOptions {
+            data_dir: data_dir.clone(),
+            clients: (0..n).map(|k| (cn(k), admitted[k])).collect(),
+            linger: Duration::from_secs(2),
+        };
+        let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));
+        let mut handles = Vec::new();
+        for k in 0..n {
+            let quic_cfg = quic::client_config(
+                tls::client_config(&ca.cert_pem, &certs[k]).map_err(|e| err("TLS")(&e))?,
+            )
+            .map_err(|e| err("QUIC")(&e))?;
+            let machine = Client::new(
+                ClientConfig {
+                    federation: cfg.name.clone(),
+                    coordinator: coord_id.public(),
+                    plan_hash,
+                    header_ttl_ms: ccfg.header_ttl_ms,
+                    max_payload: ccfg.max_payload,
+                    lora_alpha: cfg.model.lora_alpha,
+                },
+                ids[k].clone(),
+            );
+            handles.push(tokio::spawn(run_client(
+                machine,
+                quic_cfg,
+                base.clone(),
+                data[k].clone(),
+                ClientOptions {
+                    coordinator: addr,
+                    server_name: tls::COORDINATOR_NAME.into(),
+                    max_payload: ccfg.max_payload,
+                    lora_alpha: cfg.model.lora_alpha,
+                    log: None,
+                    max_attempts: 10,
+                },
+            )));
+        }
+        let summary = coordinator
+            .await
+            .map_err(|e| err("coordinator task")(&e))?
+            .map_err(|e| err("coordinator")(&e))?;
+        let want = digest(&summary.global);
+        for (k, h) in handles.into_iter().enumerate() {
+            let got = h
+                .await
+                .map_err(|e| err("client task")(&e))?
+                .map_err(|e| err(&names[k])(&e))?;
+            if got != want {
+                return Err(SimError::Io(format!(
+                    "{}: finished with another global adapter",
+                    names[k]
+                )));
+            }
+        }
+        Ok::<_, SimError>(summary)
+    })?;
+
+    // Per-round evaluation of the stored global adapters.
+    let log_text = std::fs::read_to_string(data_dir.join("rounds.jsonl"))
+        .map_err(|e| err("rounds.jsonl")(&e))?;
+    let log: Vec<serde_json::Value> = log_text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let alpha = cfg.model.lora_alpha;
+    let mut global = None;
+    for closed in log.iter().filter(|e| e["event"] == "round_closed") {
+        let round = closed["round"].as_u64().unwrap_or(0);
+        let dir = data_dir.join(format!("store/global/{round:06}"));
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
+            .map_err(|e| err(&dir.display().to_string())(&e))?;
+        let adapter = peft::decode(&bytes, &peft::Limits::default(), |_, r| {
+            (alpha / r.max(1) as f64) as f32
+        })
+        .map_err(|e| err("stored global adapter")(&e))?;
+        let (per, mean) = evaluate_losses(model, &data_refs, Some(&adapter))?;
+        let start = log
+            .iter()
+            .position(|e| e["event"] == "round_open" && e["round"] == round)
+            .unwrap_or(0);
+        let rec = round_metrics(
+            &names,
+            &admitted,
+            closed,
+            &log[start..],
+            &[],
+            &per,
+            mean,
+            f64::NAN,
+        );
+        output.record(&rec)?;
+        output.file(
+            &format!("global/round-{round:03}/adapter_model.safetensors"),
+            &bytes,
+        )?;
+        if let Ok(c) = std::fs::read(dir.join("adapter_config.json")) {
+            output.file(&format!("global/round-{round:03}/adapter_config.json"), &c)?;
+        }
+        rounds.push(rec);
+        progress(Progress::Round {
+            done: round,
+            total: ccfg.total_rounds(),
+            loss: mean,
+        });
+        global = Some(adapter);
+    }
+    let global = global.ok_or_else(|| SimError::Io("no round closed".into()))?;
+    output.file("global/final/adapter_model.safetensors", &summary.global)?;
+    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
+    Ok(SimOutcome {
+        rounds,
+        global,
+        global_bytes: summary.global,
+        coordinator_log: log,
+        events: Vec::new(),
+        rejections: summary.rejections.into_iter().collect::<BTreeMap<_, _>>(),
+        generations: gens,
+        names,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
