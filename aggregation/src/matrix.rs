@@ -8,6 +8,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+/// Below this many values, element-wise loops run on the calling thread.
+pub const PAR_MIN: usize = 1 << 16;
+
 /// A dense row-major matrix of `f32`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Matrix {
@@ -75,15 +78,20 @@ impl Matrix {
 
     /// Frobenius norm (accumulated in f64).
     pub fn norm(&self) -> f64 {
-        self.data
-            .par_iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt()
+        let sq = |&v: &f32| (v as f64) * (v as f64);
+        // Small matrices stay on the calling thread: handing them to the pool costs more than
+        // the work (it dominated the coordinator's time per update with many small adapters).
+        if self.data.len() < PAR_MIN {
+            return self.data.iter().map(sq).sum::<f64>().sqrt();
+        }
+        self.data.par_iter().map(sq).sum::<f64>().sqrt()
     }
 
     /// Whether every value is finite.
     pub fn is_finite(&self) -> bool {
+        if self.data.len() < PAR_MIN {
+            return self.data.iter().all(|v| v.is_finite());
+        }
         self.data.par_iter().all(|v| v.is_finite())
     }
 
