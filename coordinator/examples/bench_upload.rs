@@ -5,6 +5,11 @@
 //! the round trip from the sender, so the delayed TCP baseline needs kernel `netem`, which this
 //! machine lacks; it is left out rather than faked.
 //!
+//! The proxy runs on blocking OS threads with 64 MiB socket buffers (capped by
+//! `net.core.rmem_max`: raise it, e.g. `sysctl -w net.core.rmem_max=67108864`, or the kernel
+//! drops datagrams and the figure measures the proxy); the datagrams the kernel dropped are
+//! printed with the result.
+//!
 //! `cargo run --release -p fedtune-coordinator --example bench_upload -- [MIB] [DELAYED_MIB]`
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fedtune_protocol::{quic, tls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 
 async fn tcp_copy(payload: Arc<Vec<u8>>) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -39,47 +44,84 @@ async fn tcp_copy(payload: Arc<Vec<u8>>) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// UDP datagrams the kernel dropped because a socket's receive buffer was full, so far
+/// (`RcvbufErrors` of `/proc/net/snmp`).
+fn udp_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A UDP socket on loopback with a large receive buffer (up to `net.core.rmem_max`).
+fn proxy_socket() -> std::net::UdpSocket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    let _ = s.set_recv_buffer_size(64 << 20);
+    let _ = s.set_send_buffer_size(64 << 20);
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.into()
+}
+
+/// One direction of the proxy: a thread reads datagrams as they come and stamps them, another
+/// sends each `delay` after it arrived. Blocking OS threads, so that the proxy is scheduled by
+/// the kernel rather than competing with the QUIC endpoints for the async runtime.
+fn forward(
+    from: std::net::UdpSocket,
+    to: std::net::UdpSocket,
+    dest: impl Fn() -> Option<SocketAddr> + Send + 'static,
+    seen: impl Fn(SocketAddr) + Send + 'static,
+    delay: Duration,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, src)) = from.recv_from(&mut buf) {
+            seen(src);
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((at, p)) = rx.recv() {
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if let Some(d) = dest() {
+                let _ = to.send_to(&p, d);
+            }
+        }
+    });
+}
+
 /// Forwards UDP datagrams between one client and `server`, delaying each by `delay`.
 async fn delay_proxy(server: SocketAddr, delay: Duration) -> SocketAddr {
-    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = sock.local_addr().unwrap();
-    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let (to_server, mut rx_s) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let (to_client, mut rx_c) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let client: Arc<tokio::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-    {
-        let (sock, client) = (sock.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                *client.lock().await = Some(from);
-                let _ = to_server.send((Instant::now() + delay, buf[..n].to_vec()));
-            }
-        });
-    }
-    {
-        let up = up.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, _)) = up.recv_from(&mut buf).await {
-                let _ = to_client.send((Instant::now() + delay, buf[..n].to_vec()));
-            }
-        });
-    }
-    tokio::spawn(async move {
-        while let Some((at, p)) = rx_s.recv().await {
-            tokio::time::sleep_until(at.into()).await;
-            let _ = up.send_to(&p, server).await;
-        }
-    });
-    tokio::spawn(async move {
-        while let Some((at, p)) = rx_c.recv().await {
-            tokio::time::sleep_until(at.into()).await;
-            if let Some(c) = *client.lock().await {
-                let _ = sock.send_to(&p, c).await;
-            }
-        }
-    });
+    let client_side = proxy_socket();
+    let server_side = proxy_socket();
+    let addr = client_side.local_addr().unwrap();
+    let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    let c = client.clone();
+    forward(
+        client_side.try_clone().unwrap(),
+        server_side.try_clone().unwrap(),
+        move || Some(server),
+        move |src| *c.lock().unwrap() = Some(src),
+        delay,
+    );
+    forward(
+        server_side,
+        client_side,
+        move || *client.lock().unwrap(),
+        |_| {},
+        delay,
+    );
     addr
 }
 
@@ -158,12 +200,20 @@ async fn main() {
     let small = Arc::new(payload[..payload.len().min(delayed_mib << 20)].to_vec());
     let smb = small.len() as f64 / 1e6;
     let d = Some(Duration::from_millis(50));
+    let drops = udp_drops();
     let tuned = quic_upload(small.clone(), d, true).await;
+    let tuned_drops = udp_drops() - drops;
     let default = quic_upload(small.clone(), d, false).await;
+    let default_drops = udp_drops() - drops - tuned_drops;
     println!(
-        "100 ms RTT ({smb:.0} MB): fedtune windows {:.1} MB/s, quinn defaults {:.1} MB/s ({:.1}x)",
+        "100 ms RTT ({smb:.0} MB): fedtune windows {:.1} MB/s, quinn defaults {:.1} MB/s ({:.1}x); \
+         datagrams dropped by full receive buffers: {tuned_drops} and {default_drops} \
+         (net.core.rmem_max = {})",
         smb / tuned,
         smb / default,
-        default / tuned
+        default / tuned,
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap_or_default()
+            .trim()
     );
 }

@@ -200,6 +200,7 @@ pub fn run_quic(
             &per,
             mean,
             f64::NAN,
+            &[],
         );
         output.record(&rec)?;
         output.file(

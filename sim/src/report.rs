@@ -274,6 +274,26 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
         }
         h.push_str("</tr>");
     }
+    if gens {
+        let all = |f: fn(&crate::evaluate::GenerationScores) -> f64, after: bool| {
+            let v: Vec<f64> = o
+                .generations
+                .iter()
+                .map(|g| f(if after { &g.2 } else { &g.1 }))
+                .collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64 * 100.0
+        };
+        let _ = write!(
+            h,
+            "<tr><th>all clients</th><th>{}</th><th>{}</th><th>{:.0}% → {:.0}%</th><th>{:.0}% → {:.0}%</th></tr>",
+            fmt(num(&first["global_eval_loss"])),
+            fmt(num(&last["global_eval_loss"])),
+            all(|g| g.json_validity, false),
+            all(|g| g.json_validity, true),
+            all(|g| g.field_accuracy, false),
+            all(|g| g.field_accuracy, true),
+        );
+    }
     h.push_str("</table>");
     h.push_str("<h2>Plots</h2>");
     for (caption, p) in &plots {

@@ -501,6 +501,7 @@ pub fn run_memory(
     let mut restarted = false;
     let mut seen_closed = 0usize;
     let mut coord_s_at = 0.0;
+    let mut train_at: Vec<f64> = vec![0.0; n];
     while !f.coordinator.is_finished() {
         let restart_round = cfg.faults.coordinator_restart_round.filter(|_| !restarted);
         let closed_before = seen_closed;
@@ -558,8 +559,14 @@ pub fn run_memory(
             &per,
             mean,
             f.coordinator_s - coord_s_at,
+            &f.clients
+                .iter()
+                .zip(&train_at)
+                .map(|(c, t)| c.train_wall_s - t)
+                .collect::<Vec<_>>(),
         );
         coord_s_at = f.coordinator_s;
+        train_at = f.clients.iter().map(|c| c.train_wall_s).collect();
         output.record(&round_record)?;
         for file in ["adapter_model.safetensors", "adapter_config.json"] {
             if let Some(b) = f.store.get(&format!("global/{round:06}/{file}")) {
@@ -666,6 +673,7 @@ pub(crate) fn round_metrics(
     per: &[f64],
     mean: f64,
     coordinator_s: f64,
+    train_s: &[f64],
 ) -> serde_json::Value {
     let round = closed["round"].as_u64().unwrap_or(0);
     let index: BTreeMap<String, usize> = keys
@@ -687,6 +695,9 @@ pub(crate) fn round_metrics(
     for (k, name) in names.iter().enumerate() {
         let hex = keys[k].to_hex();
         let mut c = serde_json::json!({"name": name, "global_eval_loss": per[k]});
+        if let Some(t) = train_s.get(k).filter(|t| **t > 0.0) {
+            c["train_wall_s"] = (*t).into();
+        }
         for e in log.iter().filter(|e| e["client"] == hex.as_str()) {
             match e["event"].as_str() {
                 Some("accepted") if e["round"] == round => {

@@ -141,7 +141,6 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     }
     if a.tiny {
         cfg.model.path = tiny_model()?;
-        cfg.model.load_in_4bit = false;
     } else if cfg.model.path == Path::new("smollm2") {
         cfg.model.path = smollm2()?;
     }
