@@ -5,10 +5,12 @@
 //! the round trip from the sender, so the delayed TCP baseline needs kernel `netem`, which this
 //! machine lacks; it is left out rather than faked.
 //!
-//! The proxy runs on blocking OS threads with 64 MiB socket buffers (capped by
-//! `net.core.rmem_max`: raise it, e.g. `sysctl -w net.core.rmem_max=67108864`, or the kernel
-//! drops datagrams and the figure measures the proxy); the datagrams the kernel dropped are
-//! printed with the result.
+//! The proxy runs on blocking OS threads with 64 MiB socket buffers. The kernel caps those at
+//! `net.core.rmem_max`, and the QUIC endpoints' sockets get `net.core.rmem_default`: raise both
+//! (`sysctl -w net.core.rmem_max=67108864 net.core.rmem_default=33554432`), or the kernel drops
+//! datagrams in bursts and the figure measures the emulator instead of the transport. The
+//! number of datagrams the kernel dropped is printed with the result; a trustworthy run drops
+//! none.
 //!
 //! `cargo run --release -p fedtune-coordinator --example bench_upload -- [MIB] [DELAYED_MIB]`
 use std::net::SocketAddr;
@@ -83,7 +85,10 @@ fn forward(
         let mut buf = vec![0u8; 65536];
         while let Ok((n, src)) = from.recv_from(&mut buf) {
             seen(src);
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
                 break;
             }
         }
@@ -208,11 +213,14 @@ async fn main() {
     println!(
         "100 ms RTT ({smb:.0} MB): fedtune windows {:.1} MB/s, quinn defaults {:.1} MB/s ({:.1}x); \
          datagrams dropped by full receive buffers: {tuned_drops} and {default_drops} \
-         (net.core.rmem_max = {})",
+         (net.core.rmem_max = {}, rmem_default = {})",
         smb / tuned,
         smb / default,
         default / tuned,
         std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap_or_default()
+            .trim(),
+        std::fs::read_to_string("/proc/sys/net/core/rmem_default")
             .unwrap_or_default()
             .trim()
     );
