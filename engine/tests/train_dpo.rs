@@ -80,6 +80,37 @@ fn step_zero_loss_and_rewards_equal_the_reference() {
     }
 }
 
+#[test]
+fn a_reference_with_its_adapter_starts_at_ln_2_and_stays_frozen() {
+    // Federated DPO rounds: the reference is the model the round starts from, adapter included.
+    let mut m = tiny();
+    let adapter = PeftAdapter::load(&testdata().join("tiny-llama/adapter")).unwrap();
+    m.model.attach_adapter(&adapter).unwrap();
+    let r = reference();
+    let margin = r["dpo"]["reward_margin"].as_f64().unwrap();
+    let p = pairs(&m, "tiny-llama/dpo_pair.jsonl", &DpoOptions::default());
+    for precompute in [false, true] {
+        let o = DpoOptions {
+            precompute_ref_log_probs: precompute,
+            ..DpoOptions::default()
+        };
+        let obj = DpoObjective::against(&m.model, o, p.clone(), Vec::new(), 1, 2);
+        let (loss, metrics) = obj.metrics_on(&m.model, false);
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
+        assert!(metrics["rewards/margins"].abs() < 1e-6, "{metrics:?}");
+        // A different policy (here the bare base) is measured against the frozen reference:
+        // the roles of the reference test swapped, so the margin changes sign.
+        let base = m.model.without_adapter();
+        let (_, metrics) = obj.metrics_on(&base, false);
+        assert!(
+            (metrics["rewards/margins"] + margin).abs() < 1e-4,
+            "{} vs {}",
+            metrics["rewards/margins"],
+            -margin
+        );
+    }
+}
+
 /// The loss along the negative gradient falls as the gradient's squared norm predicts.
 #[test]
 fn every_loss_type_has_the_gradient_of_its_loss() {
