@@ -10,10 +10,12 @@ pub mod config;
 pub mod demo;
 pub mod evaluate;
 pub mod memory;
+pub mod metrics;
 pub mod partition;
 pub mod quic;
 pub mod report;
 pub mod run;
+pub mod setup;
 
 pub use config::SimConfig;
 pub use memory::{Fate, Federation, SimClient, SimError};

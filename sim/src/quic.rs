@@ -21,10 +21,11 @@ use fedtune_protocol::{Identity, PublicKey, digest, peft, quic};
 
 use crate::config::SimConfig;
 use crate::memory::SimError;
-use crate::run::{
-    ClientSetup, Output, Progress, SimOutcome, base_record, coord_config, evaluate_losses,
-    generations_before_after, identity, round_metrics,
+use crate::metrics::{
+    Output, base_record, evaluate_losses, generations_before_after, round_metrics,
 };
+use crate::run::{Progress, SimOutcome};
+use crate::setup::{ClientSetup, coord_config, identity};
 
 fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> SimError + '_ {
     move |e| SimError::Io(format!("{what}: {e}"))

@@ -1,221 +1,33 @@
-//! Running a [`SimConfig`]: the clients' data (partitioned or per file), the coordinator's
-//! configuration, the seeded faults as hooks of the in-memory [`Federation`], and per-round
-//! evaluation of the global adapter on every client's held-out data into `metrics.jsonl`.
+//! Running a [`SimConfig`] in memory: the seeded faults as hooks of the [`Federation`], the
+//! loop over rounds (with a coordinator restart when asked), and per-round evaluation of the
+//! global adapter on every client's held-out data into `metrics.jsonl`.
+
+use crate::metrics::{
+    Output, base_record, evaluate_losses, generations_before_after, num, round_metrics,
+};
+pub use crate::setup::{ClientSetup, coord_config, identity, prepare_clients};
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use fedtune_aggregation::strategy::{Sampling, StrategyConfig};
 use fedtune_aggregation::update::Adapter;
 use fedtune_client::trainer::LocalData;
 use fedtune_client::{Client, ClientConfig};
-use fedtune_coordinator::{CoordConfig, Coordinator, Stage};
-use fedtune_engine::data::read::{RawRecord, read_records};
-use fedtune_engine::data::{Dataset, Example, LoadOptions};
-use fedtune_engine::{LoadedModel, Tokenizer};
-use fedtune_protocol::{Hyper, Identity, Phase, PublicKey, ToCoordinator, digest};
+use fedtune_coordinator::Coordinator;
+use fedtune_engine::LoadedModel;
+use fedtune_engine::data::Example;
+use fedtune_protocol::{Identity, PublicKey, ToCoordinator, digest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
 
-use crate::config::{Attack, Partition, SimConfig, StageSection};
-use crate::evaluate::{GenerationScores, generations, held_out_loss};
+use crate::config::{Attack, SimConfig};
+use crate::evaluate::GenerationScores;
 use crate::memory::{Fate, Federation, SimClient, SimError};
-use crate::partition::{hold_out, split};
 
 /// Simulated start time (ms since the Unix epoch): 2026-01-01.
 pub const T0: u64 = 1_767_225_600_000;
-
-/// A client's data before the simulation.
-pub struct ClientSetup {
-    /// Name in reports.
-    pub name: String,
-    /// Tokenised data.
-    pub data: LocalData,
-    /// Held-out examples as text (for generations).
-    pub eval_examples: Vec<Example>,
-}
-
-fn read(path: &Path) -> Result<Vec<RawRecord>, String> {
-    let (records, errors) = read_records(path).map_err(|e| e.to_string())?;
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e.to_string());
-    }
-    Ok(records)
-}
-
-fn dataset(path: &Path, records: Vec<RawRecord>) -> Result<Dataset, String> {
-    Dataset::from_records(path, records, Vec::new(), LoadOptions::default())
-        .map_err(|e| e.to_string())
-}
-
-/// A client's share: `(train, eval)` records.
-type Share = (Vec<RawRecord>, Vec<RawRecord>);
-
-/// Shares of `path` for `n` clients.
-fn shares(cfg: &SimConfig, path: &Path, n: usize, salt: u64) -> Result<Vec<Share>, String> {
-    let parts = split(read(path)?, &cfg.data.partition, n, cfg.seed ^ salt)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(parts
-        .into_iter()
-        .map(|p| hold_out(p, cfg.data.eval_fraction))
-        .collect())
-}
-
-/// Every client's data, tokenised with `tok`.
-pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSetup>, String> {
-    let n = cfg.num_clients();
-    let max_len = Some(cfg.data.max_seq_length);
-    let sft = |path: &Path, recs: Vec<RawRecord>| -> Result<(Vec<_>, Vec<Example>), String> {
-        let d = dataset(path, recs)?;
-        let enc = d.encode_sft(tok, max_len).map_err(|e| e.to_string())?;
-        Ok((enc, d.examples.into_iter().map(|(_, e)| e).collect()))
-    };
-    let pairs = |path: &Path, recs: Vec<RawRecord>| -> Result<Vec<_>, String> {
-        if recs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let d = dataset(path, recs)?;
-        d.encode_pairs(tok, None, max_len)
-            .map(|(p, _)| p)
-            .map_err(|e| e.to_string())
-    };
-    let mut out = Vec::with_capacity(n);
-    if cfg.data.partition == Partition::PerFile {
-        for c in &cfg.data.clients {
-            let (train, eval) = match &c.eval {
-                Some(e) => (read(&c.train)?, read(e)?),
-                None => hold_out(read(&c.train)?, cfg.data.eval_fraction),
-            };
-            let (train_enc, _) = sft(&c.train, train)?;
-            let eval_path = c.eval.as_ref().unwrap_or(&c.train);
-            let (eval_enc, eval_examples) = sft(eval_path, eval)?;
-            let (p, ep) = match (&c.preferences, &c.eval_preferences) {
-                (Some(p), Some(e)) => (pairs(p, read(p)?)?, pairs(e, read(e)?)?),
-                (Some(p), None) => {
-                    let (t, e) = hold_out(read(p)?, cfg.data.eval_fraction);
-                    (pairs(p, t)?, pairs(p, e)?)
-                }
-                _ => (Vec::new(), Vec::new()),
-            };
-            out.push(ClientSetup {
-                name: c.name.clone(),
-                data: LocalData {
-                    train: train_enc,
-                    eval: eval_enc,
-                    pairs: p,
-                    eval_pairs: ep,
-                    pad: tok.pad_id,
-                },
-                eval_examples,
-            });
-        }
-        return Ok(out);
-    }
-    let path = cfg.data.train.as_ref().expect("checked");
-    let sft_shares = shares(cfg, path, n, 0)?;
-    let pref_shares = match &cfg.data.preferences {
-        Some(p) => Some((p.clone(), shares(cfg, p, n, 1)?)),
-        None => None,
-    };
-    for (k, (train, eval)) in sft_shares.into_iter().enumerate() {
-        let (train_enc, _) = sft(path, train)?;
-        let (eval_enc, eval_examples) = sft(path, eval)?;
-        let (p, ep) = match &pref_shares {
-            Some((pp, s)) => (pairs(pp, s[k].0.clone())?, pairs(pp, s[k].1.clone())?),
-            None => (Vec::new(), Vec::new()),
-        };
-        out.push(ClientSetup {
-            name: format!("client-{k}"),
-            data: LocalData {
-                train: train_enc,
-                eval: eval_enc,
-                pairs: p,
-                eval_pairs: ep,
-                pad: tok.pad_id,
-            },
-            eval_examples,
-        });
-    }
-    Ok(out)
-}
-
-fn hyper(s: &StageSection, seed: u64) -> Hyper {
-    Hyper {
-        learning_rate: s.learning_rate,
-        local_steps: s.local_steps,
-        batch_size: s.batch_size,
-        beta: s.beta,
-        seed,
-    }
-}
-
-/// The identity of the coordinator (`None`) or of client `k`, derived from the seed.
-pub fn identity(seed: u64, k: Option<usize>) -> Identity {
-    let mut s = [0u8; 32];
-    s[..8].copy_from_slice(&seed.to_le_bytes());
-    s[8..16].copy_from_slice(&k.map_or(u64::MAX, |k| k as u64).to_le_bytes());
-    s[16..24].copy_from_slice(b"fedtune!");
-    Identity::from_seed(*blake3::hash(&s).as_bytes())
-}
-
-/// The coordinator's configuration for `cfg` (clients `admitted`, base pinned by `plan_hash`).
-pub fn coord_config(
-    cfg: &SimConfig,
-    plan_hash: fedtune_protocol::Digest,
-    admitted: &[PublicKey],
-) -> CoordConfig {
-    let n = admitted.len();
-    let s = &cfg.strategy;
-    let mut strategy = StrategyConfig::new(s.rule);
-    strategy.target_rank = Some(s.target_rank.unwrap_or(cfg.model.rank));
-    strategy.norm_bound = s.norm_bound;
-    strategy.dp = s.dp;
-    strategy.seed = cfg.seed;
-    let expected = ((n as f64 * s.fraction).ceil() as usize)
-        .min(s.max_clients.unwrap_or(n))
-        .clamp(1, n);
-    // By default a round opens once the expected sample is connected.
-    let min_clients = s.min_clients.unwrap_or(expected).clamp(1, n);
-    strategy.sampling = Sampling {
-        fraction: s.fraction,
-        min_clients,
-        max_clients: s.max_clients,
-    };
-    let sampled = expected.max(min_clients);
-    let (first, then) = match (&cfg.dpo, cfg.sft.rounds) {
-        (Some(d), 0) => ((Phase::Dpo, d), Vec::new()),
-        (Some(d), _) if d.rounds > 0 => (
-            (Phase::Sft, &cfg.sft),
-            vec![Stage {
-                phase: Phase::Dpo,
-                rounds: d.rounds,
-                hyper: hyper(d, cfg.seed),
-            }],
-        ),
-        _ => ((Phase::Sft, &cfg.sft), Vec::new()),
-    };
-    let timeout_ms = (s.round_timeout_s * 1000.0) as u64;
-    CoordConfig {
-        federation: cfg.name.clone(),
-        rounds: first.1.rounds,
-        phase: first.0,
-        hyper: hyper(first.1, cfg.seed),
-        then,
-        rank: cfg.model.rank,
-        lora_alpha: cfg.model.lora_alpha,
-        strategy,
-        min_results: s.min_results.unwrap_or(sampled.div_ceil(2)).max(1),
-        round_timeout_ms: timeout_ms,
-        max_payload: 1 << 30,
-        header_ttl_ms: timeout_ms.saturating_mul(4).max(3_600_000),
-        max_skew_ms: 60_000,
-        plan_hash,
-        admitted: admitted.iter().copied().collect(),
-    }
-}
 
 /// A per-(client, round) random stream.
 fn rng_for(seed: u64, client: usize, round: u64, salt: u64) -> ChaCha8Rng {
@@ -293,83 +105,6 @@ pub enum Progress {
     },
     /// Free text (evaluation, restarts).
     Note(String),
-}
-
-/// Held-out loss of the model with `adapter` (or the base) for each client, and the
-/// token-weighted mean.
-pub(crate) fn evaluate_losses(
-    m: &LoadedModel,
-    clients: &[&LocalData],
-    adapter: Option<&Adapter>,
-) -> Result<(Vec<f64>, f64), SimError> {
-    let mut model = m.model.clone();
-    if let Some(a) = adapter {
-        model
-            .attach_weights(a, 0.0)
-            .map_err(|source| SimError::Train { client: 0, source })?;
-    }
-    let mut per = Vec::new();
-    let (mut sum, mut toks) = (0.0, 0usize);
-    for c in clients {
-        let (l, t) = held_out_loss(&model, &c.eval, c.pad);
-        per.push(l);
-        if l.is_finite() {
-            sum += l * t as f64;
-            toks += t;
-        }
-    }
-    Ok((
-        per,
-        if toks > 0 {
-            sum / toks as f64
-        } else {
-            f64::NAN
-        },
-    ))
-}
-
-/// The output directory writer.
-pub(crate) struct Output {
-    dir: Option<PathBuf>,
-    metrics: Option<std::fs::File>,
-}
-
-impl Output {
-    pub(crate) fn new(dir: Option<&Path>) -> Result<Self, SimError> {
-        let Some(d) = dir else {
-            return Ok(Output {
-                dir: None,
-                metrics: None,
-            });
-        };
-        std::fs::create_dir_all(d).map_err(|e| SimError::Io(format!("{}: {e}", d.display())))?;
-        let p = d.join("metrics.jsonl");
-        let f =
-            std::fs::File::create(&p).map_err(|e| SimError::Io(format!("{}: {e}", p.display())))?;
-        Ok(Output {
-            dir: Some(d.to_path_buf()),
-            metrics: Some(f),
-        })
-    }
-
-    pub(crate) fn record(&mut self, v: &serde_json::Value) -> Result<(), SimError> {
-        if let Some(f) = &mut self.metrics {
-            writeln!(f, "{v}").map_err(|e| SimError::Io(format!("metrics.jsonl: {e}")))?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn file(&self, rel: &str, bytes: &[u8]) -> Result<(), SimError> {
-        if let Some(d) = &self.dir {
-            let p = d.join(rel);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| SimError::Io(format!("{}: {e}", parent.display())))?;
-            }
-            std::fs::write(&p, bytes).map_err(|e| SimError::Io(format!("{}: {e}", p.display())))?;
-        }
-        Ok(())
-    }
 }
 
 /// Runs `cfg` in memory on `model` with `clients`; writes `metrics.jsonl` and the global
@@ -601,147 +336,5 @@ pub fn run_memory(
         generations: gens,
         names,
         wall_s: started.elapsed().as_secs_f64(),
-    })
-}
-
-fn num(v: &serde_json::Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
-}
-
-/// Round 0 of `metrics.jsonl`: the base model on every client's held-out data.
-pub(crate) fn base_record(
-    model: &LoadedModel,
-    data: &[&LocalData],
-    names: &[String],
-    output: &mut Output,
-) -> Result<serde_json::Value, SimError> {
-    let (per, mean) = evaluate_losses(model, data, None)?;
-    output.record(&serde_json::json!({
-        "round": 0, "phase": "base", "global_eval_loss": mean,
-        "clients": names.iter().zip(&per).map(|(name, l)| serde_json::json!({
-            "name": name, "global_eval_loss": l,
-        })).collect::<Vec<_>>(),
-    }))?;
-    Ok(serde_json::json!({
-        "round": 0, "phase": "base", "global_eval_loss": mean, "per_client": per,
-    }))
-}
-
-/// Greedy generations of the base model and of `global` on each client's held-out prompts.
-pub(crate) fn generations_before_after(
-    cfg: &SimConfig,
-    model: &LoadedModel,
-    global: &Adapter,
-    names: &[String],
-    eval_examples: &[Vec<Example>],
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Vec<(String, GenerationScores, GenerationScores)>, SimError> {
-    let mut gens = Vec::new();
-    if cfg.eval.generations == 0 {
-        return Ok(gens);
-    }
-    progress(Progress::Note("generating on held-out prompts".into()));
-    let base = &model.model;
-    let mut tuned = model.model.clone();
-    tuned
-        .attach_weights(global, 0.0)
-        .map_err(|source| SimError::Train { client: 0, source })?;
-    for (k, ex) in eval_examples.iter().enumerate() {
-        let g = |m| {
-            generations(
-                m,
-                &model.tokenizer,
-                ex,
-                cfg.eval.generations,
-                cfg.eval.max_new_tokens,
-            )
-            .map_err(|source| SimError::Train { client: k, source })
-        };
-        gens.push((names[k].clone(), g(base)?, g(&tuned)?));
-    }
-    Ok(gens)
-}
-
-/// The `metrics.jsonl` record of one closed round.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn round_metrics(
-    names: &[String],
-    keys: &[PublicKey],
-    closed: &serde_json::Value,
-    log: &[serde_json::Value],
-    events: &[serde_json::Value],
-    per: &[f64],
-    mean: f64,
-    coordinator_s: f64,
-    train_s: &[f64],
-) -> serde_json::Value {
-    let round = closed["round"].as_u64().unwrap_or(0);
-    let index: BTreeMap<String, usize> = keys
-        .iter()
-        .enumerate()
-        .map(|(k, pk)| (pk.to_hex(), k))
-        .collect();
-    let name_of = |hex: &serde_json::Value| {
-        hex.as_str()
-            .and_then(|h| index.get(h))
-            .map(|&k| names[k].clone())
-            .unwrap_or_else(|| hex.to_string())
-    };
-    let used: Vec<String> = closed["used"]
-        .as_array()
-        .map(|a| a.iter().map(&name_of).collect())
-        .unwrap_or_default();
-    let mut clients = Vec::new();
-    for (k, name) in names.iter().enumerate() {
-        let hex = keys[k].to_hex();
-        let mut c = serde_json::json!({"name": name, "global_eval_loss": per[k]});
-        if let Some(t) = train_s.get(k).filter(|t| **t > 0.0) {
-            c["train_wall_s"] = (*t).into();
-        }
-        for e in log.iter().filter(|e| e["client"] == hex.as_str()) {
-            match e["event"].as_str() {
-                Some("accepted") if e["round"] == round => {
-                    c["status"] = "accepted".into();
-                    c["num_examples"] = e["num_examples"].clone();
-                    c["upload_bytes"] = e["bytes"].clone();
-                    for (m, v) in e["metrics"].as_object().into_iter().flatten() {
-                        c[m] = v.clone();
-                    }
-                }
-                Some("rejected") => {
-                    c["status"] = "rejected".into();
-                    c["reason"] = e["detail"].clone();
-                }
-                Some("declined") => {
-                    c["status"] = "declined".into();
-                    c["reason"] = e["reason"].clone();
-                }
-                _ => {}
-            }
-        }
-        for e in events
-            .iter()
-            .filter(|e| e["client"] == k && e["round"] == round)
-        {
-            if c.get("status").is_none() || e["event"] == "dropout" {
-                c["status"] = e["event"].clone();
-            }
-        }
-        clients.push(c);
-    }
-    serde_json::json!({
-        "round": round,
-        "phase": closed["phase"],
-        "global_eval_loss": mean,
-        "used": used,
-        "failures": closed["failures"].as_array().map(|a| a.iter().map(|f| serde_json::json!({
-            "client": name_of(&f["client"]), "reason": f["reason"],
-        })).collect::<Vec<_>>()),
-        "metrics": closed["metrics"],
-        "dp_epsilon": closed["report"]["epsilon"],
-        "sim_seconds": closed["seconds"],
-        "coordinator_seconds": coordinator_s,
-        "rejections": closed["rejections"],
-        "clients": clients,
     })
 }

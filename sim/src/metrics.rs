@@ -1,0 +1,235 @@
+//! Evaluation of global adapters into `metrics.jsonl` records, and the output directory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedtune_aggregation::update::Adapter;
+use fedtune_client::trainer::LocalData;
+use fedtune_engine::LoadedModel;
+use fedtune_engine::data::Example;
+use fedtune_protocol::PublicKey;
+
+use crate::config::SimConfig;
+use crate::evaluate::{GenerationScores, generations, held_out_loss};
+use crate::memory::SimError;
+use crate::run::Progress;
+
+/// Held-out loss of the model with `adapter` (or the base) for each client, and the
+/// token-weighted mean.
+pub(crate) fn evaluate_losses(
+    m: &LoadedModel,
+    clients: &[&LocalData],
+    adapter: Option<&Adapter>,
+) -> Result<(Vec<f64>, f64), SimError> {
+    let mut model = m.model.clone();
+    if let Some(a) = adapter {
+        model
+            .attach_weights(a, 0.0)
+            .map_err(|source| SimError::Train { client: 0, source })?;
+    }
+    let mut per = Vec::new();
+    let (mut sum, mut toks) = (0.0, 0usize);
+    for c in clients {
+        let (l, t) = held_out_loss(&model, &c.eval, c.pad);
+        per.push(l);
+        if l.is_finite() {
+            sum += l * t as f64;
+            toks += t;
+        }
+    }
+    Ok((
+        per,
+        if toks > 0 {
+            sum / toks as f64
+        } else {
+            f64::NAN
+        },
+    ))
+}
+
+/// The output directory writer.
+pub(crate) struct Output {
+    dir: Option<PathBuf>,
+    metrics: Option<std::fs::File>,
+}
+
+impl Output {
+    pub(crate) fn new(dir: Option<&Path>) -> Result<Self, SimError> {
+        let Some(d) = dir else {
+            return Ok(Output {
+                dir: None,
+                metrics: None,
+            });
+        };
+        std::fs::create_dir_all(d).map_err(|e| SimError::Io(format!("{}: {e}", d.display())))?;
+        let p = d.join("metrics.jsonl");
+        let f =
+            std::fs::File::create(&p).map_err(|e| SimError::Io(format!("{}: {e}", p.display())))?;
+        Ok(Output {
+            dir: Some(d.to_path_buf()),
+            metrics: Some(f),
+        })
+    }
+
+    pub(crate) fn record(&mut self, v: &serde_json::Value) -> Result<(), SimError> {
+        if let Some(f) = &mut self.metrics {
+            writeln!(f, "{v}").map_err(|e| SimError::Io(format!("metrics.jsonl: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn file(&self, rel: &str, bytes: &[u8]) -> Result<(), SimError> {
+        if let Some(d) = &self.dir {
+            let p = d.join(rel);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| SimError::Io(format!("{}: {e}", parent.display())))?;
+            }
+            std::fs::write(&p, bytes).map_err(|e| SimError::Io(format!("{}: {e}", p.display())))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Round 0 of `metrics.jsonl`: the base model on every client's held-out data.
+pub(crate) fn base_record(
+    model: &LoadedModel,
+    data: &[&LocalData],
+    names: &[String],
+    output: &mut Output,
+) -> Result<serde_json::Value, SimError> {
+    let (per, mean) = evaluate_losses(model, data, None)?;
+    output.record(&serde_json::json!({
+        "round": 0, "phase": "base", "global_eval_loss": mean,
+        "clients": names.iter().zip(&per).map(|(name, l)| serde_json::json!({
+            "name": name, "global_eval_loss": l,
+        })).collect::<Vec<_>>(),
+    }))?;
+    Ok(serde_json::json!({
+        "round": 0, "phase": "base", "global_eval_loss": mean, "per_client": per,
+    }))
+}
+
+/// Greedy generations of the base model and of `global` on each client's held-out prompts.
+pub(crate) fn generations_before_after(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    global: &Adapter,
+    names: &[String],
+    eval_examples: &[Vec<Example>],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<(String, GenerationScores, GenerationScores)>, SimError> {
+    let mut gens = Vec::new();
+    if cfg.eval.generations == 0 {
+        return Ok(gens);
+    }
+    progress(Progress::Note("generating on held-out prompts".into()));
+    let base = &model.model;
+    let mut tuned = model.model.clone();
+    tuned
+        .attach_weights(global, 0.0)
+        .map_err(|source| SimError::Train { client: 0, source })?;
+    for (k, ex) in eval_examples.iter().enumerate() {
+        let g = |m| {
+            generations(
+                m,
+                &model.tokenizer,
+                ex,
+                cfg.eval.generations,
+                cfg.eval.max_new_tokens,
+            )
+            .map_err(|source| SimError::Train { client: k, source })
+        };
+        gens.push((names[k].clone(), g(base)?, g(&tuned)?));
+    }
+    Ok(gens)
+}
+
+/// The `metrics.jsonl` record of one closed round.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn round_metrics(
+    names: &[String],
+    keys: &[PublicKey],
+    closed: &serde_json::Value,
+    log: &[serde_json::Value],
+    events: &[serde_json::Value],
+    per: &[f64],
+    mean: f64,
+    coordinator_s: f64,
+    train_s: &[f64],
+) -> serde_json::Value {
+    let round = closed["round"].as_u64().unwrap_or(0);
+    let index: BTreeMap<String, usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(k, pk)| (pk.to_hex(), k))
+        .collect();
+    let name_of = |hex: &serde_json::Value| {
+        hex.as_str()
+            .and_then(|h| index.get(h))
+            .map(|&k| names[k].clone())
+            .unwrap_or_else(|| hex.to_string())
+    };
+    let used: Vec<String> = closed["used"]
+        .as_array()
+        .map(|a| a.iter().map(&name_of).collect())
+        .unwrap_or_default();
+    let mut clients = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let hex = keys[k].to_hex();
+        let mut c = serde_json::json!({"name": name, "global_eval_loss": per[k]});
+        if let Some(t) = train_s.get(k).filter(|t| **t > 0.0) {
+            c["train_wall_s"] = (*t).into();
+        }
+        for e in log.iter().filter(|e| e["client"] == hex.as_str()) {
+            match e["event"].as_str() {
+                Some("accepted") if e["round"] == round => {
+                    c["status"] = "accepted".into();
+                    c["num_examples"] = e["num_examples"].clone();
+                    c["upload_bytes"] = e["bytes"].clone();
+                    for (m, v) in e["metrics"].as_object().into_iter().flatten() {
+                        c[m] = v.clone();
+                    }
+                }
+                Some("rejected") => {
+                    c["status"] = "rejected".into();
+                    c["reason"] = e["detail"].clone();
+                }
+                Some("declined") => {
+                    c["status"] = "declined".into();
+                    c["reason"] = e["reason"].clone();
+                }
+                _ => {}
+            }
+        }
+        for e in events
+            .iter()
+            .filter(|e| e["client"] == k && e["round"] == round)
+        {
+            if c.get("status").is_none() || e["event"] == "dropout" {
+                c["status"] = e["event"].clone();
+            }
+        }
+        clients.push(c);
+    }
+    serde_json::json!({
+        "round": round,
+        "phase": closed["phase"],
+        "global_eval_loss": mean,
+        "used": used,
+        "failures": closed["failures"].as_array().map(|a| a.iter().map(|f| serde_json::json!({
+            "client": name_of(&f["client"]), "reason": f["reason"],
+        })).collect::<Vec<_>>()),
+        "metrics": closed["metrics"],
+        "dp_epsilon": closed["report"]["epsilon"],
+        "sim_seconds": closed["seconds"],
+        "coordinator_seconds": coordinator_s,
+        "rejections": closed["rejections"],
+        "clients": clients,
+    })
+}

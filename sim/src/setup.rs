@@ -1,0 +1,204 @@
+//! A run's clients and coordinator from a [`SimConfig`]: each client's data (partitioned or
+//! per file, tokenised), identities derived from the seed, and the coordinator's configuration.
+
+use std::path::Path;
+
+use fedtune_aggregation::strategy::{Sampling, StrategyConfig};
+use fedtune_client::trainer::LocalData;
+use fedtune_coordinator::{CoordConfig, Stage};
+use fedtune_engine::Tokenizer;
+use fedtune_engine::data::read::{RawRecord, read_records};
+use fedtune_engine::data::{Dataset, Example, LoadOptions};
+use fedtune_protocol::{Hyper, Identity, Phase, PublicKey};
+
+use crate::config::{Partition, SimConfig, StageSection};
+use crate::partition::{hold_out, split};
+
+/// A client's data before the simulation.
+pub struct ClientSetup {
+    /// Name in reports.
+    pub name: String,
+    /// Tokenised data.
+    pub data: LocalData,
+    /// Held-out examples as text (for generations).
+    pub eval_examples: Vec<Example>,
+}
+
+fn read(path: &Path) -> Result<Vec<RawRecord>, String> {
+    let (records, errors) = read_records(path).map_err(|e| e.to_string())?;
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e.to_string());
+    }
+    Ok(records)
+}
+
+fn dataset(path: &Path, records: Vec<RawRecord>) -> Result<Dataset, String> {
+    Dataset::from_records(path, records, Vec::new(), LoadOptions::default())
+        .map_err(|e| e.to_string())
+}
+
+/// A client's share: `(train, eval)` records.
+type Share = (Vec<RawRecord>, Vec<RawRecord>);
+
+/// Shares of `path` for `n` clients.
+fn shares(cfg: &SimConfig, path: &Path, n: usize, salt: u64) -> Result<Vec<Share>, String> {
+    let parts = split(read(path)?, &cfg.data.partition, n, cfg.seed ^ salt)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(parts
+        .into_iter()
+        .map(|p| hold_out(p, cfg.data.eval_fraction))
+        .collect())
+}
+
+/// Every client's data, tokenised with `tok`.
+pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSetup>, String> {
+    let n = cfg.num_clients();
+    let max_len = Some(cfg.data.max_seq_length);
+    let sft = |path: &Path, recs: Vec<RawRecord>| -> Result<(Vec<_>, Vec<Example>), String> {
+        let d = dataset(path, recs)?;
+        let enc = d.encode_sft(tok, max_len).map_err(|e| e.to_string())?;
+        Ok((enc, d.examples.into_iter().map(|(_, e)| e).collect()))
+    };
+    let pairs = |path: &Path, recs: Vec<RawRecord>| -> Result<Vec<_>, String> {
+        if recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let d = dataset(path, recs)?;
+        d.encode_pairs(tok, None, max_len)
+            .map(|(p, _)| p)
+            .map_err(|e| e.to_string())
+    };
+    let mut out = Vec::with_capacity(n);
+    if cfg.data.partition == Partition::PerFile {
+        for c in &cfg.data.clients {
+            let (train, eval) = match &c.eval {
+                Some(e) => (read(&c.train)?, read(e)?),
+                None => hold_out(read(&c.train)?, cfg.data.eval_fraction),
+            };
+            let (train_enc, _) = sft(&c.train, train)?;
+            let eval_path = c.eval.as_ref().unwrap_or(&c.train);
+            let (eval_enc, eval_examples) = sft(eval_path, eval)?;
+            let (p, ep) = match (&c.preferences, &c.eval_preferences) {
+                (Some(p), Some(e)) => (pairs(p, read(p)?)?, pairs(e, read(e)?)?),
+                (Some(p), None) => {
+                    let (t, e) = hold_out(read(p)?, cfg.data.eval_fraction);
+                    (pairs(p, t)?, pairs(p, e)?)
+                }
+                _ => (Vec::new(), Vec::new()),
+            };
+            out.push(ClientSetup {
+                name: c.name.clone(),
+                data: LocalData {
+                    train: train_enc,
+                    eval: eval_enc,
+                    pairs: p,
+                    eval_pairs: ep,
+                    pad: tok.pad_id,
+                },
+                eval_examples,
+            });
+        }
+        return Ok(out);
+    }
+    let path = cfg.data.train.as_ref().expect("checked");
+    let sft_shares = shares(cfg, path, n, 0)?;
+    let pref_shares = match &cfg.data.preferences {
+        Some(p) => Some((p.clone(), shares(cfg, p, n, 1)?)),
+        None => None,
+    };
+    for (k, (train, eval)) in sft_shares.into_iter().enumerate() {
+        let (train_enc, _) = sft(path, train)?;
+        let (eval_enc, eval_examples) = sft(path, eval)?;
+        let (p, ep) = match &pref_shares {
+            Some((pp, s)) => (pairs(pp, s[k].0.clone())?, pairs(pp, s[k].1.clone())?),
+            None => (Vec::new(), Vec::new()),
+        };
+        out.push(ClientSetup {
+            name: format!("client-{k}"),
+            data: LocalData {
+                train: train_enc,
+                eval: eval_enc,
+                pairs: p,
+                eval_pairs: ep,
+                pad: tok.pad_id,
+            },
+            eval_examples,
+        });
+    }
+    Ok(out)
+}
+
+fn hyper(s: &StageSection, seed: u64) -> Hyper {
+    Hyper {
+        learning_rate: s.learning_rate,
+        local_steps: s.local_steps,
+        batch_size: s.batch_size,
+        beta: s.beta,
+        seed,
+    }
+}
+
+/// The identity of the coordinator (`None`) or of client `k`, derived from the seed.
+pub fn identity(seed: u64, k: Option<usize>) -> Identity {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&k.map_or(u64::MAX, |k| k as u64).to_le_bytes());
+    s[16..24].copy_from_slice(b"fedtune!");
+    Identity::from_seed(*blake3::hash(&s).as_bytes())
+}
+
+/// The coordinator's configuration for `cfg` (clients `admitted`, base pinned by `plan_hash`).
+pub fn coord_config(
+    cfg: &SimConfig,
+    plan_hash: fedtune_protocol::Digest,
+    admitted: &[PublicKey],
+) -> CoordConfig {
+    let n = admitted.len();
+    let s = &cfg.strategy;
+    let mut strategy = StrategyConfig::new(s.rule);
+    strategy.target_rank = Some(s.target_rank.unwrap_or(cfg.model.rank));
+    strategy.norm_bound = s.norm_bound;
+    strategy.dp = s.dp;
+    strategy.seed = cfg.seed;
+    let expected = ((n as f64 * s.fraction).ceil() as usize)
+        .min(s.max_clients.unwrap_or(n))
+        .clamp(1, n);
+    // By default a round opens once the expected sample is connected.
+    let min_clients = s.min_clients.unwrap_or(expected).clamp(1, n);
+    strategy.sampling = Sampling {
+        fraction: s.fraction,
+        min_clients,
+        max_clients: s.max_clients,
+    };
+    let sampled = expected.max(min_clients);
+    let (first, then) = match (&cfg.dpo, cfg.sft.rounds) {
+        (Some(d), 0) => ((Phase::Dpo, d), Vec::new()),
+        (Some(d), _) if d.rounds > 0 => (
+            (Phase::Sft, &cfg.sft),
+            vec![Stage {
+                phase: Phase::Dpo,
+                rounds: d.rounds,
+                hyper: hyper(d, cfg.seed),
+            }],
+        ),
+        _ => ((Phase::Sft, &cfg.sft), Vec::new()),
+    };
+    let timeout_ms = (s.round_timeout_s * 1000.0) as u64;
+    CoordConfig {
+        federation: cfg.name.clone(),
+        rounds: first.1.rounds,
+        phase: first.0,
+        hyper: hyper(first.1, cfg.seed),
+        then,
+        rank: cfg.model.rank,
+        lora_alpha: cfg.model.lora_alpha,
+        strategy,
+        min_results: s.min_results.unwrap_or(sampled.div_ceil(2)).max(1),
+        round_timeout_ms: timeout_ms,
+        max_payload: 1 << 30,
+        header_ttl_ms: timeout_ms.saturating_mul(4).max(3_600_000),
+        max_skew_ms: 60_000,
+        plan_hash,
+        admitted: admitted.iter().copied().collect(),
+    }
+}
