@@ -68,6 +68,17 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             .map(|(p, _)| p)
             .map_err(|e| e.to_string())
     };
+    let client = |name, (train, eval), (pairs, eval_pairs), eval_examples| ClientSetup {
+        name,
+        data: LocalData {
+            train,
+            eval,
+            pairs,
+            eval_pairs,
+            pad: tok.pad_id,
+        },
+        eval_examples,
+    };
     let mut out = Vec::with_capacity(n);
     if cfg.data.partition == Partition::PerFile {
         for c in &cfg.data.clients {
@@ -86,17 +97,12 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
                 }
                 _ => (Vec::new(), Vec::new()),
             };
-            out.push(ClientSetup {
-                name: c.name.clone(),
-                data: LocalData {
-                    train: train_enc,
-                    eval: eval_enc,
-                    pairs: p,
-                    eval_pairs: ep,
-                    pad: tok.pad_id,
-                },
+            out.push(client(
+                c.name.clone(),
+                (train_enc, eval_enc),
+                (p, ep),
                 eval_examples,
-            });
+            ));
         }
         return Ok(out);
     }
@@ -113,17 +119,12 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             Some((pp, s)) => (pairs(pp, s[k].0.clone())?, pairs(pp, s[k].1.clone())?),
             None => (Vec::new(), Vec::new()),
         };
-        out.push(ClientSetup {
-            name: format!("client-{k}"),
-            data: LocalData {
-                train: train_enc,
-                eval: eval_enc,
-                pairs: p,
-                eval_pairs: ep,
-                pad: tok.pad_id,
-            },
+        out.push(client(
+            format!("client-{k}"),
+            (train_enc, eval_enc),
+            (p, ep),
             eval_examples,
-        });
+        ));
     }
     Ok(out)
 }
