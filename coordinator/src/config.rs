@@ -77,3 +77,47 @@ impl CoordConfig {
             .map_or((self.phase, &self.hyper), |s| (s.phase, &s.hyper))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_follow_each_other_and_the_last_one_holds() {
+        let hyper = |lr| Hyper {
+            learning_rate: lr,
+            local_steps: 1,
+            batch_size: 1,
+            beta: 0.1,
+            seed: 0,
+        };
+        let cfg: CoordConfig = serde_json::from_value(serde_json::json!({
+            "federation": "f", "rounds": 2, "phase": "sft", "hyper": hyper(1.0),
+            "then": [{"phase": "dpo", "rounds": 3, "hyper": hyper(2.0)}],
+            "rank": 4, "lora_alpha": 8.0,
+            "strategy": fedtune_aggregation::strategy::StrategyConfig::new(
+                fedtune_aggregation::strategy::Rule::FedAvgExact),
+            "min_results": 1, "round_timeout_ms": 1, "max_payload": 1, "header_ttl_ms": 1,
+            "max_skew_ms": 1, "plan_hash": vec![0u8; 32], "admitted": [],
+        }))
+        .unwrap();
+        assert_eq!(cfg.total_rounds(), 5);
+        let phases: Vec<(Phase, f64)> = (1..=6)
+            .map(|r| {
+                let (p, h) = cfg.stage_of(r);
+                (p, h.learning_rate)
+            })
+            .collect();
+        assert_eq!(
+            phases,
+            vec![
+                (Phase::Sft, 1.0),
+                (Phase::Sft, 1.0),
+                (Phase::Dpo, 2.0),
+                (Phase::Dpo, 2.0),
+                (Phase::Dpo, 2.0),
+                (Phase::Dpo, 2.0),
+            ]
+        );
+    }
+}
