@@ -26,9 +26,13 @@ pub struct SimConfig {
     /// Where results go (`--output` overrides).
     #[serde(default)]
     pub output: Option<PathBuf>,
-    /// Training clients run side by side at most (memory budget: see the README).
+    /// Training clients run side by side at most.
     #[serde(default = "one")]
     pub parallel: usize,
+    /// Resident memory (MiB) that side-by-side training may fill: one job runs alone first and
+    /// its measured peak caps how many run together.
+    #[serde(default)]
+    pub memory_budget_mb: Option<u64>,
     /// The base model and LoRA.
     pub model: ModelSection,
     /// The data and its partitioning.

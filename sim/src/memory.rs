@@ -105,6 +105,10 @@ pub struct Federation<'a> {
     pub parallel: usize,
     /// Wall-clock seconds spent inside the coordinator's state machine.
     pub coordinator_s: f64,
+    /// Bytes of resident memory that parallel training may fill (`None`: no cap).
+    pub memory_budget: Option<u64>,
+    /// One training job's measured peak memory.
+    pub per_job_bytes: Option<u64>,
     /// Scheduled events by (time, sequence number).
     queue: BTreeMap<(u64, u64), Event>,
     seq: u64,
@@ -176,6 +180,8 @@ impl<'a> Federation<'a> {
             events: Vec::new(),
             parallel: 1,
             coordinator_s: 0.0,
+            memory_budget: None,
+            per_job_bytes: None,
             queue: BTreeMap::new(),
             seq: 0,
             jobs: Vec::new(),
@@ -319,7 +325,21 @@ impl<'a> Federation<'a> {
             (r, t.elapsed().as_secs_f64())
         };
         let mut results = Vec::with_capacity(jobs.len());
-        for chunk in jobs.chunks(self.parallel.max(1)) {
+        let mut next = 0;
+        while next < jobs.len() {
+            let width = self.width().min(jobs.len() - next);
+            let chunk = &jobs[next..next + width];
+            next += width;
+            if chunk.len() == 1 && self.memory_budget.is_some() && self.per_job_bytes.is_none() {
+                // Measure one job's peak memory before running jobs side by side.
+                let before = reset_peak_rss();
+                let (i, job, ..) = &chunk[0];
+                results.push(train(*i, job));
+                if let (Some(b), Some(peak)) = (before, peak_rss()) {
+                    self.per_job_bytes = Some(peak.saturating_sub(b).max(1));
+                }
+                continue;
+            }
             if chunk.len() == 1 {
                 let (i, job, ..) = &chunk[0];
                 results.push(train(*i, job));
@@ -354,6 +374,20 @@ impl<'a> Federation<'a> {
             );
         }
         Ok(())
+    }
+
+    /// How many jobs may run side by side now: `parallel`, capped by the memory budget once
+    /// one job's peak has been measured (one at a time until then).
+    fn width(&self) -> usize {
+        let p = self.parallel.max(1);
+        match (self.memory_budget, self.per_job_bytes) {
+            (None, _) => p,
+            (Some(_), None) => 1,
+            (Some(budget), Some(per)) => {
+                let used = current_rss().unwrap_or(0);
+                p.min((budget.saturating_sub(used) / per) as usize).max(1)
+            }
+        }
     }
 
     /// Carries out a scheduled event at its time.
@@ -467,4 +501,27 @@ impl<'a> Federation<'a> {
         self.connect_all();
         Ok(())
     }
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok()
+}
+
+/// Resident memory now, in bytes (Linux; `None` elsewhere).
+fn current_rss() -> Option<u64> {
+    status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+/// Peak resident memory since the last reset, in bytes.
+fn peak_rss() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Resets the peak to the current resident memory (`/proc/self/clear_refs`); returns the
+/// current resident memory, or `None` when the peak cannot be reset.
+fn reset_peak_rss() -> Option<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    current_rss()
 }

@@ -178,6 +178,7 @@ pub fn run_memory(
         T0,
     );
     f.parallel = cfg.parallel;
+    f.memory_budget = cfg.memory_budget_mb.map(|m| m << 20);
     let faults = cfg.faults.clone();
     let seed = cfg.seed;
     let byz = attacks.clone();

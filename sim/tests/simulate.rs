@@ -108,6 +108,18 @@ fn five_clients_complete_and_the_same_seed_gives_identical_adapters() {
 }
 
 #[test]
+fn clients_trained_side_by_side_under_a_memory_budget_give_the_same_adapters() {
+    let m = tiny();
+    let serial = config(4, 2, r#"{ kind = "fed_avg_exact" }"#, "");
+    let mut side_by_side = serial.clone();
+    side_by_side.parallel = 2;
+    side_by_side.memory_budget_mb = Some(16 << 10);
+    let a = run(&serial, &m);
+    let b = run(&side_by_side, &m);
+    assert_eq!(a.global_bytes, b.global_bytes);
+}
+
+#[test]
 fn rounds_complete_with_30_percent_dropout_and_stragglers() {
     let m = tiny();
     let mut cfg = config(
