@@ -658,7 +658,7 @@ impl Coordinator {
         self.persist_state();
         self.log(serde_json::json!({
             "event": "round_closed", "round": open.round,
-            "phase": format!("{:?}", self.cfg.stage_of(open.round).0).to_lowercase(),
+            "phase": self.cfg.stage_of(open.round).0,
             "sampled": open.sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
             "used": results.iter().map(|r| r.client.clone()).collect::<Vec<_>>(),
             "failures": outcome.failures,

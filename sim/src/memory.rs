@@ -197,6 +197,11 @@ impl<'a> Federation<'a> {
         self.events.push(v);
     }
 
+    /// Every client's data, in client order.
+    pub fn client_data(&self) -> Vec<&LocalData> {
+        self.clients.iter().map(|c| &c.data).collect()
+    }
+
     /// Connects every client.
     pub fn connect_all(&mut self) {
         for i in 0..self.clients.len() {

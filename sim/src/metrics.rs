@@ -104,15 +104,14 @@ pub(crate) fn base_record(
     output: &mut Output,
 ) -> Result<serde_json::Value, SimError> {
     let (per, mean) = evaluate_losses(model, data, None)?;
-    output.record(&serde_json::json!({
+    let record = serde_json::json!({
         "round": 0, "phase": "base", "global_eval_loss": mean,
         "clients": names.iter().zip(&per).map(|(name, l)| serde_json::json!({
             "name": name, "global_eval_loss": l,
         })).collect::<Vec<_>>(),
-    }))?;
-    Ok(serde_json::json!({
-        "round": 0, "phase": "base", "global_eval_loss": mean, "per_client": per,
-    }))
+    });
+    output.record(&record)?;
+    Ok(record)
 }
 
 /// Greedy generations of the base model and of `global` on each client's held-out prompts.

@@ -4,20 +4,19 @@
 //! are the memory transport's business; here the run is checked end to end. After the run each
 //! stored global adapter is evaluated on every client's held-out data.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedtune_client::Client;
 use fedtune_client::daemon::{ClientOptions, run as run_client};
 use fedtune_client::trainer::LocalData;
-use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::Coordinator;
 use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
 use fedtune_protocol::tls::{self, CertPair};
-use fedtune_protocol::{Identity, PublicKey, digest, peft, quic};
+use fedtune_protocol::{digest, peft, quic};
 
 use crate::config::SimConfig;
 use crate::memory::SimError;
@@ -25,7 +24,7 @@ use crate::metrics::{
     Output, base_record, evaluate_losses, generations_before_after, round_metrics,
 };
 use crate::run::{Progress, SimOutcome};
-use crate::setup::{ClientSetup, coord_config, identity};
+use crate::setup::{ClientSetup, Parties};
 
 fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> SimError + '_ {
     move |e| SimError::Io(format!("{what}: {e}"))
@@ -60,24 +59,13 @@ pub fn run_quic(
     if data_dir.exists() {
         std::fs::remove_dir_all(&data_dir).map_err(|e| err("clearing coord-data")(&e))?;
     }
-    let plan_hash = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
-    let coord_id = identity(cfg.seed, None);
-    let ids: Vec<Identity> = (0..n).map(|k| identity(cfg.seed, Some(k))).collect();
-    let admitted: Vec<PublicKey> = ids.iter().map(|i| i.public()).collect();
-    let ccfg = coord_config(cfg, plan_hash, &admitted);
-    let lora = fedtune_engine::train::TrainConfig {
-        lora_r: cfg.model.rank,
-        lora_alpha: cfg.model.lora_alpha,
-        target_modules: cfg
-            .model
-            .target_modules
-            .clone()
-            .unwrap_or_else(|| fedtune_engine::train::TrainConfig::default().target_modules),
-        seed: cfg.seed,
-        ..Default::default()
-    };
-    let initial = fedtune_engine::train::lora::init_adapter(&model.model, &lora);
-    let machine = Coordinator::new(ccfg.clone(), coord_id.clone(), initial, now_ms())?;
+    let p = Parties::new(cfg, model, n);
+    let machine = Coordinator::new(
+        p.coord.clone(),
+        p.coord_id.clone(),
+        p.initial.clone(),
+        now_ms(),
+    )?;
 
     let ca = tls::new_ca(&cfg.name).map_err(|e| err("CA")(&e))?;
     let server_cert =
@@ -113,7 +101,7 @@ pub fn run_quic(
         let addr = endpoint.local_addr().map_err(|e| err("bind")(&e))?;
         let opts = DaemonOptions {
             data_dir: data_dir.clone(),
-            clients: (0..n).map(|k| (cn(k), admitted[k])).collect(),
+            clients: (0..n).map(|k| (cn(k), p.admitted[k])).collect(),
             linger: Duration::from_secs(2),
         };
         let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));
@@ -123,17 +111,7 @@ pub fn run_quic(
                 tls::client_config(&ca.cert_pem, &certs[k]).map_err(|e| err("TLS")(&e))?,
             )
             .map_err(|e| err("QUIC")(&e))?;
-            let machine = Client::new(
-                ClientConfig {
-                    federation: cfg.name.clone(),
-                    coordinator: coord_id.public(),
-                    plan_hash,
-                    header_ttl_ms: ccfg.header_ttl_ms,
-                    max_payload: ccfg.max_payload,
-                    lora_alpha: cfg.model.lora_alpha,
-                },
-                ids[k].clone(),
-            );
+            let machine = Client::new(p.client_config(cfg), p.ids[k].clone());
             handles.push(tokio::spawn(run_client(
                 machine,
                 quic_cfg,
@@ -142,7 +120,7 @@ pub fn run_quic(
                 ClientOptions {
                     coordinator: addr,
                     server_name: tls::COORDINATOR_NAME.into(),
-                    max_payload: ccfg.max_payload,
+                    max_payload: p.coord.max_payload,
                     lora_alpha: cfg.model.lora_alpha,
                     log: None,
                     max_attempts: 10,
@@ -194,7 +172,7 @@ pub fn run_quic(
             .unwrap_or(0);
         let rec = round_metrics(
             &names,
-            &admitted,
+            &p.admitted,
             closed,
             &log[start..],
             &[],
@@ -214,7 +192,7 @@ pub fn run_quic(
         rounds.push(rec);
         progress(Progress::Round {
             done: round,
-            total: ccfg.total_rounds(),
+            total: p.coord.total_rounds(),
             loss: mean,
         });
         global = Some(adapter);
@@ -228,7 +206,7 @@ pub fn run_quic(
         global_bytes: summary.global,
         coordinator_log: log,
         events: Vec::new(),
-        rejections: summary.rejections.into_iter().collect::<BTreeMap<_, _>>(),
+        rejections: summary.rejections,
         generations: gens,
         names,
         wall_s: started.elapsed().as_secs_f64(),

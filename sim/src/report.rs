@@ -105,13 +105,8 @@ fn client_series(o: &SimOutcome, field: &str) -> Vec<Series> {
                 .rounds
                 .iter()
                 .filter_map(|r| {
-                    let round = r["round"].as_f64()?;
-                    let v = if round == 0.0 {
-                        r["per_client"].get(k).map(num)?
-                    } else {
-                        num(&r["clients"][k][field])
-                    };
-                    v.is_finite().then_some((round, v))
+                    let v = num(&r["clients"][k][field]);
+                    v.is_finite().then_some((r["round"].as_f64()?, v))
                 })
                 .collect();
             (name.clone(), pts)
@@ -250,7 +245,7 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
     }
     h.push_str("</tr>");
     for (k, name) in o.names.iter().enumerate() {
-        let b = first["per_client"].get(k).map(num).unwrap_or(f64::NAN);
+        let b = num(&first["clients"][k]["global_eval_loss"]);
         let a = num(&last["clients"][k]["global_eval_loss"]);
         let cls = if a < b { "good" } else { "bad" };
         let _ = write!(

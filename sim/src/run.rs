@@ -5,19 +5,18 @@
 use crate::metrics::{
     Output, base_record, evaluate_losses, generations_before_after, num, round_metrics,
 };
-pub use crate::setup::{ClientSetup, coord_config, identity, prepare_clients};
+pub use crate::setup::{ClientSetup, Parties, prepare_clients};
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use fedtune_aggregation::update::Adapter;
-use fedtune_client::trainer::LocalData;
-use fedtune_client::{Client, ClientConfig};
+use fedtune_client::Client;
 use fedtune_coordinator::Coordinator;
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
-use fedtune_protocol::{Identity, PublicKey, ToCoordinator, digest};
+use fedtune_protocol::{ToCoordinator, digest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
@@ -25,6 +24,9 @@ use rand_distr::{Distribution, Exp, Normal};
 use crate::config::{Attack, SimConfig};
 use crate::evaluate::GenerationScores;
 use crate::memory::{Fate, Federation, SimClient, SimError};
+
+/// Passes of the simulation after which a run counts as stalled.
+const MAX_PASSES: usize = 1_000_000;
 
 /// Simulated start time (ms since the Unix epoch): 2026-01-01.
 pub const T0: u64 = 1_767_225_600_000;
@@ -119,25 +121,9 @@ pub fn run_memory(
     let started = Instant::now();
     let n = clients.len();
     let mut output = Output::new(out)?;
-    let plan_hash = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
-    let coord_id = identity(cfg.seed, None);
-    let ids: Vec<Identity> = (0..n).map(|k| identity(cfg.seed, Some(k))).collect();
-    let admitted: Vec<PublicKey> = ids.iter().map(|i| i.public()).collect();
-    let ccfg = coord_config(cfg, plan_hash, &admitted);
-    let total = ccfg.total_rounds();
-    let lora = fedtune_engine::train::TrainConfig {
-        lora_r: cfg.model.rank,
-        lora_alpha: cfg.model.lora_alpha,
-        target_modules: cfg
-            .model
-            .target_modules
-            .clone()
-            .unwrap_or_else(|| fedtune_engine::train::TrainConfig::default().target_modules),
-        seed: cfg.seed,
-        ..Default::default()
-    };
-    let initial = fedtune_engine::train::lora::init_adapter(&model.model, &lora);
-    let coordinator = Coordinator::new(ccfg.clone(), coord_id.clone(), initial, T0)?;
+    let p = Parties::new(cfg, model, n);
+    let total = p.coord.total_rounds();
+    let coordinator = Coordinator::new(p.coord.clone(), p.coord_id.clone(), p.initial.clone(), T0)?;
     let attacks: BTreeMap<usize, Attack> = cfg
         .faults
         .byzantine
@@ -151,22 +137,11 @@ pub fn run_memory(
         .into_iter()
         .enumerate()
         .map(|(k, c)| {
-            let wrong = attacks.get(&k) == Some(&Attack::WrongBase);
-            let machine = Client::new(
-                ClientConfig {
-                    federation: cfg.name.clone(),
-                    coordinator: coord_id.public(),
-                    plan_hash: if wrong {
-                        digest(b"another base model")
-                    } else {
-                        plan_hash
-                    },
-                    header_ttl_ms: ccfg.header_ttl_ms,
-                    max_payload: 1 << 30,
-                    lora_alpha: cfg.model.lora_alpha,
-                },
-                ids[k].clone(),
-            );
+            let mut client_cfg = p.client_config(cfg);
+            if attacks.get(&k) == Some(&Attack::WrongBase) {
+                client_cfg.plan_hash = digest(b"another base model");
+            }
+            let machine = Client::new(client_cfg, p.ids[k].clone());
             SimClient::new(machine, c.data, (cfg.faults.train_time_s * 1000.0) as u64)
         })
         .collect();
@@ -184,11 +159,10 @@ pub fn run_memory(
     let byz = attacks.clone();
     f.fate = Some(Box::new(move |k, job, _now| {
         let mut rng = rng_for(seed, k, job.plan.round, 1);
-        let ms = faults.train_time_s * 1000.0 * rng.random_range(0.8..1.2);
+        let mut ms = faults.train_time_s * 1000.0 * rng.random_range(0.8..1.2);
         if !byz.contains_key(&k) && rng.random_bool(faults.dropout) {
             return Fate::DropOut;
         }
-        let mut ms = ms;
         if rng.random_bool(faults.straggler) && faults.straggler_delay_s > 0.0 {
             let e = Exp::new(1.0 / (faults.straggler_delay_s * 1000.0)).expect("positive");
             ms += e.sample(&mut rng);
@@ -225,98 +199,91 @@ pub fn run_memory(
     }));
     f.connect_all();
 
-    let data: Vec<LocalData> = f.clients.iter().map(|c| c.data.clone()).collect();
-    let data: Vec<&LocalData> = data.iter().collect();
-    let mut rounds = vec![base_record(model, &data, &names, &mut output)?];
+    let mut rounds = vec![base_record(model, &f.client_data(), &names, &mut output)?];
     let base_mean = num(&rounds[0]["global_eval_loss"]);
     progress(Progress::Round {
         done: 0,
         total,
         loss: base_mean,
     });
-    let mut restarted = false;
-    let mut seen_closed = 0usize;
+    let mut restart = cfg.faults.coordinator_restart_round;
     let mut coord_s_at = 0.0;
     let mut train_at: Vec<f64> = vec![0.0; n];
-    while !f.coordinator.is_finished() {
-        let restart_round = cfg.faults.coordinator_restart_round.filter(|_| !restarted);
-        let closed_before = seen_closed;
-        f.run_until(1_000_000, |log| {
-            let closed = log.iter().filter(|e| e["event"] == "round_closed").count();
-            if closed > closed_before {
-                return true;
-            }
-            // Mid-round: the restart round is open and has at least one accepted update.
-            restart_round.is_some_and(|r| {
-                log.iter()
-                    .any(|e| e["event"] == "accepted" && e["round"] == r)
-            })
-        })?;
-        let closed: Vec<serde_json::Value> = f
-            .log
-            .iter()
-            .filter(|e| e["event"] == "round_closed")
-            .cloned()
-            .collect();
-        if closed.len() == seen_closed {
-            if let Some(r) = restart_round
-                && !f.coordinator.is_finished()
-            {
-                progress(Progress::Note(format!(
-                    "killing the coordinator in round {r} and restarting it from its store"
-                )));
-                f.crash_and_restart(ccfg.clone(), coord_id.clone())?;
-                restarted = true;
-                continue;
-            }
-            if f.coordinator.is_finished() {
-                break;
-            }
-            continue;
+    // Log entries read so far, and where each round first opened.
+    let mut scanned = 0;
+    let mut opened: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut passes = 0usize;
+    loop {
+        let finished = f.coordinator.is_finished();
+        if finished {
+            // Deliver what the last round's closing left pending (its log record included).
+            f.run(1_000)?;
         }
-        seen_closed = closed.len();
-        let rec = closed.last().expect("one closed").clone();
-        let round = rec["round"].as_u64().unwrap_or(0);
-        // The entries of this round: from its first opening to its closing.
-        let start = f
-            .log
-            .iter()
-            .position(|e| e["event"] == "round_open" && e["round"] == round)
-            .unwrap_or(0);
-        let new_log = &f.log[start..];
-        let global = f.coordinator.global_adapter().clone();
-        let (per, mean) = evaluate_losses(model, &data, Some(&global))?;
-        let round_record = round_metrics(
-            &names,
-            &admitted,
-            &rec,
-            new_log,
-            &f.events,
-            &per,
-            mean,
-            f.coordinator_s - coord_s_at,
-            &f.clients
-                .iter()
-                .zip(&train_at)
-                .map(|(c, t)| c.train_wall_s - t)
-                .collect::<Vec<_>>(),
-        );
-        coord_s_at = f.coordinator_s;
-        train_at = f.clients.iter().map(|c| c.train_wall_s).collect();
-        output.record(&round_record)?;
-        for file in ["adapter_model.safetensors", "adapter_config.json"] {
-            if let Some(b) = f.store.get(&format!("global/{round:06}/{file}")) {
-                output.file(&format!("global/round-{round:03}/{file}"), b)?;
+        let mut restart_now = false;
+        while scanned < f.log.len() {
+            let at = scanned;
+            scanned += 1;
+            let e = &f.log[at];
+            let round = e["round"].as_u64().unwrap_or(0);
+            match e["event"].as_str() {
+                Some("round_open") => {
+                    opened.entry(round).or_insert(at);
+                }
+                // Mid-round: the restart round has its first accepted update.
+                Some("accepted") => restart_now |= restart == Some(round),
+                Some("round_closed") => {
+                    let global = f.coordinator.global_adapter().clone();
+                    let (per, mean) = evaluate_losses(model, &f.client_data(), Some(&global))?;
+                    let round_record = round_metrics(
+                        &names,
+                        &p.admitted,
+                        e,
+                        &f.log[opened.get(&round).copied().unwrap_or(0)..=at],
+                        &f.events,
+                        &per,
+                        mean,
+                        f.coordinator_s - coord_s_at,
+                        &f.clients
+                            .iter()
+                            .zip(&train_at)
+                            .map(|(c, t)| c.train_wall_s - t)
+                            .collect::<Vec<_>>(),
+                    );
+                    coord_s_at = f.coordinator_s;
+                    train_at = f.clients.iter().map(|c| c.train_wall_s).collect();
+                    output.record(&round_record)?;
+                    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+                        if let Some(b) = f.store.get(&format!("global/{round:06}/{file}")) {
+                            output.file(&format!("global/round-{round:03}/{file}"), b)?;
+                        }
+                    }
+                    rounds.push(round_record);
+                    progress(Progress::Round {
+                        done: round,
+                        total,
+                        loss: mean,
+                    });
+                }
+                _ => {}
             }
         }
-        rounds.push(round_record);
-        progress(Progress::Round {
-            done: round,
-            total,
-            loss: mean,
-        });
+        if finished {
+            break;
+        }
+        if restart_now {
+            progress(Progress::Note(format!(
+                "killing the coordinator in round {} and restarting it from its store",
+                restart.unwrap_or(0)
+            )));
+            f.crash_and_restart(p.coord.clone(), p.coord_id.clone())?;
+            restart = None;
+        }
+        passes += 1;
+        if passes > MAX_PASSES {
+            return Err(SimError::Stalled(MAX_PASSES));
+        }
+        f.pass()?;
     }
-    f.run(1_000)?;
     let global = f.coordinator.global_adapter().clone();
     let global_bytes = f.coordinator.global().1.to_vec();
     output.file("global/final/adapter_model.safetensors", &global_bytes)?;

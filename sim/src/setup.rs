@@ -4,12 +4,16 @@
 use std::path::Path;
 
 use fedtune_aggregation::strategy::{Sampling, StrategyConfig};
+use fedtune_aggregation::update::Adapter;
+use fedtune_client::ClientConfig;
 use fedtune_client::trainer::LocalData;
 use fedtune_coordinator::{CoordConfig, Stage};
-use fedtune_engine::Tokenizer;
 use fedtune_engine::data::read::{RawRecord, read_records};
 use fedtune_engine::data::{Dataset, Example, LoadOptions};
-use fedtune_protocol::{Hyper, Identity, Phase, PublicKey};
+use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::lora::init_adapter;
+use fedtune_engine::{LoadedModel, Tokenizer};
+use fedtune_protocol::{Digest, Hyper, Identity, Phase, PublicKey, digest};
 
 use crate::config::{Partition, SimConfig, StageSection};
 use crate::partition::{hold_out, split};
@@ -140,7 +144,7 @@ fn hyper(s: &StageSection, seed: u64) -> Hyper {
 }
 
 /// The identity of the coordinator (`None`) or of client `k`, derived from the seed.
-pub fn identity(seed: u64, k: Option<usize>) -> Identity {
+fn identity(seed: u64, k: Option<usize>) -> Identity {
     let mut s = [0u8; 32];
     s[..8].copy_from_slice(&seed.to_le_bytes());
     s[8..16].copy_from_slice(&k.map_or(u64::MAX, |k| k as u64).to_le_bytes());
@@ -149,7 +153,7 @@ pub fn identity(seed: u64, k: Option<usize>) -> Identity {
 }
 
 /// The coordinator's configuration for `cfg` (clients `admitted`, base pinned by `plan_hash`).
-pub fn coord_config(
+fn coord_config(
     cfg: &SimConfig,
     plan_hash: fedtune_protocol::Digest,
     admitted: &[PublicKey],
@@ -201,5 +205,62 @@ pub fn coord_config(
         max_skew_ms: 60_000,
         plan_hash,
         admitted: admitted.iter().copied().collect(),
+    }
+}
+
+/// The parties of a run, whatever the transport: identities derived from the seed, the plan
+/// hash every party pins, the coordinator's configuration and the initial global adapter.
+pub struct Parties {
+    /// Hash of the base model and LoRA configuration.
+    pub plan_hash: Digest,
+    /// The coordinator's identity.
+    pub coord_id: Identity,
+    /// The clients' identities.
+    pub ids: Vec<Identity>,
+    /// The clients' public keys.
+    pub admitted: Vec<PublicKey>,
+    /// The coordinator's configuration.
+    pub coord: CoordConfig,
+    /// The first global adapter (`B = 0`).
+    pub initial: Adapter,
+}
+
+impl Parties {
+    /// The parties of `cfg` with `n` clients on `model`.
+    pub fn new(cfg: &SimConfig, model: &LoadedModel, n: usize) -> Self {
+        let plan_hash = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
+        let ids: Vec<Identity> = (0..n).map(|k| identity(cfg.seed, Some(k))).collect();
+        let admitted: Vec<PublicKey> = ids.iter().map(|i| i.public()).collect();
+        let lora = TrainConfig {
+            lora_r: cfg.model.rank,
+            lora_alpha: cfg.model.lora_alpha,
+            target_modules: cfg
+                .model
+                .target_modules
+                .clone()
+                .unwrap_or_else(|| TrainConfig::default().target_modules),
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        Parties {
+            plan_hash,
+            coord_id: identity(cfg.seed, None),
+            coord: coord_config(cfg, plan_hash, &admitted),
+            ids,
+            admitted,
+            initial: init_adapter(&model.model, &lora),
+        }
+    }
+
+    /// What every client knows before it connects.
+    pub fn client_config(&self, cfg: &SimConfig) -> ClientConfig {
+        ClientConfig {
+            federation: cfg.name.clone(),
+            coordinator: self.coord_id.public(),
+            plan_hash: self.plan_hash,
+            header_ttl_ms: self.coord.header_ttl_ms,
+            max_payload: self.coord.max_payload,
+            lora_alpha: cfg.model.lora_alpha,
+        }
     }
 }
