@@ -185,23 +185,9 @@ impl DpoObjective {
         batch_size: usize,
         pad: u32,
     ) -> Self {
-        let reference = (options.precompute_ref_log_probs && options.loss().needs_reference())
-            .then(|| {
-                let base = model.without_adapter();
-                Precomputed {
-                    train: reference_sums(&base, &pairs, batch_size, pad),
-                    eval: reference_sums(&base, &eval, batch_size, pad),
-                }
-            });
-        DpoObjective {
-            pairs,
-            eval,
-            options,
-            batch_size,
-            pad,
-            reference,
-            reference_model: None,
-        }
+        // Without precomputation the reference is the policy's own base at each batch.
+        let base = model.without_adapter();
+        Self::build(&base, false, options, pairs, eval, batch_size, pad)
     }
 
     /// An objective whose reference is `reference` as it is (its adapter included; its sums
@@ -217,11 +203,28 @@ impl DpoObjective {
         batch_size: usize,
         pad: u32,
     ) -> Self {
+        Self::build(reference, true, options, pairs, eval, batch_size, pad)
+    }
+
+    /// Precomputes `reference`'s sums when asked; otherwise keeps a frozen copy of it when
+    /// `keep` (else the reference is the policy's base at each batch).
+    fn build(
+        reference: &LlamaModel,
+        keep: bool,
+        options: DpoOptions,
+        pairs: Vec<EncodedPair>,
+        eval: Vec<EncodedPair>,
+        batch_size: usize,
+        pad: u32,
+    ) -> Self {
         let precomputed = (options.precompute_ref_log_probs && options.loss().needs_reference())
             .then(|| Precomputed {
                 train: reference_sums(reference, &pairs, batch_size, pad),
                 eval: reference_sums(reference, &eval, batch_size, pad),
             });
+        // A frozen copy when the sums are not precomputed: training replaces the policy's
+        // parameters, not this model's.
+        let reference_model = (keep && precomputed.is_none()).then(|| reference.clone());
         DpoObjective {
             pairs,
             eval,
@@ -229,8 +232,7 @@ impl DpoObjective {
             batch_size,
             pad,
             reference: precomputed,
-            // A frozen copy: training replaces the policy's parameters, not this model's.
-            reference_model: Some(reference.clone()),
+            reference_model,
         }
     }
 
