@@ -21,6 +21,7 @@ pub use adapter::{LoraConfig, PeftAdapter};
 pub mod data;
 pub mod dpo;
 pub mod eval;
+pub mod fetch;
 pub mod gguf;
 pub mod loader;
 

