@@ -5,9 +5,7 @@
 //! adapter as an uninterrupted run; hostile updates are rejected while honest ones are used.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
-use burn::tensor::{DType, Device};
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
 use fedtune_client::trainer::LocalData;
 use fedtune_client::{Client, ClientConfig};
@@ -15,25 +13,16 @@ use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_engine::eval::sft_loss;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::{init_adapter, lora_config};
-use fedtune_engine::{LoadedModel, PeftAdapter, load_model};
+use fedtune_engine::{LoadedModel, PeftAdapter};
 use fedtune_protocol::{Hyper, Identity, Phase, digest};
 use fedtune_sim::{Federation, SimClient};
 
 const T0: u64 = 1_700_000_000_000;
 const CANARY: &str = "CANARY-7f3a9c";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
 
-fn tiny() -> LoadedModel {
-    load_model(
-        &root().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap()
-}
+use common::{root, tiny};
 
 fn lora() -> TrainConfig {
     TrainConfig {

@@ -3,25 +3,13 @@
 //! completes; two Byzantine clients out of ten wreck FedAvg while trimmed mean stays within
 //! 5% of the honest run; a coordinator restart mid-run ends exactly as an uninterrupted run.
 
-use std::path::PathBuf;
-
-use burn::tensor::{DType, Device};
-use fedtune_engine::{LoadedModel, load_model};
+use fedtune_engine::LoadedModel;
 use fedtune_sim::SimConfig;
 use fedtune_sim::run::{SimOutcome, prepare_clients, run_memory};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
 
-fn tiny() -> LoadedModel {
-    load_model(
-        &root().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap()
-}
+use common::{root, tiny};
 
 /// A config over `testdata/demo/<file>` split IID among `clients`, plus `extra` TOML.
 fn config(clients: usize, rounds: u64, rule: &str, faults: &str) -> SimConfig {
