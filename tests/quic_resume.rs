@@ -154,16 +154,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
         &payload,
     );
     let half = payload.len() / 2;
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    write_frame(&mut s, &encode(&header)).await.unwrap();
-    let offset = u64::from_le_bytes(
-        read_frame(&mut r, 8)
-            .await
-            .unwrap()
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    );
+    let (mut s, _r, offset) = open_upload(&conn, &header).await;
     assert_eq!(offset, 0);
     s.write_all(&payload[..half]).await.unwrap();
     // Let the bytes arrive, then drop the connection without finishing the stream.
@@ -175,16 +166,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     let (_ep2, conn2, _send2, mut recv2) = connect(addr, &ca, &own, &id).await;
     let (again, _) = next_plan(&mut recv2).await;
     assert_eq!(again.round, plan.round);
-    let (mut s, mut r) = conn2.open_bi().await.unwrap();
-    write_frame(&mut s, &encode(&header)).await.unwrap();
-    let offset = u64::from_le_bytes(
-        read_frame(&mut r, 8)
-            .await
-            .unwrap()
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    );
+    let (mut s, _r, offset) = open_upload(&conn2, &header).await;
     assert_eq!(offset as usize, half, "the coordinator kept the first half");
     s.write_all(&payload[half..]).await.unwrap();
     s.finish().unwrap();
@@ -206,4 +188,16 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     // FedIT of a single update is that update.
     assert_eq!(digest(&summary.global), digest(&payload));
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Opens an upload stream, sends the signed header and reads the coordinator's resume offset
+/// (the receiving half is returned so that it stays open).
+async fn open_upload(
+    conn: &quinn::Connection,
+    header: &fedtune_protocol::SignedHeader,
+) -> (quinn::SendStream, quinn::RecvStream, u64) {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    write_frame(&mut s, &encode(header)).await.unwrap();
+    let reply = read_frame(&mut r, 8).await.unwrap().unwrap();
+    (s, r, u64::from_le_bytes(reply.try_into().unwrap()))
 }
