@@ -7,6 +7,7 @@
 //! time ([`simd!`]), so binaries stay portable.
 
 pub mod attention;
+pub mod blas;
 pub mod elementwise;
 pub mod fastmath;
 
@@ -78,4 +79,187 @@ macro_rules! simd {
             imp($($arg),*)
         }
     };
+}
+
+/// One term `alpha·op(a)·op(b)` of [`matmul_sum`]; `op` transposes when the flag is set.
+pub struct Term<'a> {
+    /// Left factor.
+    pub a: &'a Tensor<2>,
+    /// Whether the left factor is used transposed.
+    pub ta: bool,
+    /// Right factor.
+    pub b: &'a Tensor<2>,
+    /// Whether the right factor is used transposed.
+    pub tb: bool,
+    /// Scale.
+    pub alpha: f32,
+}
+
+impl<'a> Term<'a> {
+    /// `a·bᵀ` (a projection `x·Wᵀ` with `W` `[out, in]`).
+    pub fn nt(a: &'a Tensor<2>, b: &'a Tensor<2>, alpha: f32) -> Self {
+        Term {
+            a,
+            ta: false,
+            b,
+            tb: true,
+            alpha,
+        }
+    }
+
+    /// `a·b`.
+    pub fn nn(a: &'a Tensor<2>, b: &'a Tensor<2>, alpha: f32) -> Self {
+        Term {
+            a,
+            ta: false,
+            b,
+            tb: false,
+            alpha,
+        }
+    }
+
+    /// `aᵀ·b` (a weight gradient `dyᵀ·x`).
+    pub fn tn(a: &'a Tensor<2>, b: &'a Tensor<2>, alpha: f32) -> Self {
+        Term {
+            a,
+            ta: true,
+            b,
+            tb: false,
+            alpha,
+        }
+    }
+
+    /// `(m, k, n)` of `op(a)·op(b)`.
+    fn dims(&self) -> (usize, usize, usize) {
+        let [ar, ac] = self.a.dims();
+        let [br, bc] = self.b.dims();
+        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
+        assert_eq!(k, k2, "matmul_sum: inner dimensions differ");
+        (m, k, n)
+    }
+}
+
+/// `Σ alpha·op(a)·op(b)` over `terms` (all `[m, n]`), accumulated in one output buffer. Runs
+/// through the system BLAS ([`blas`]) when one is loaded and the tensors live on the flex
+/// backend; otherwise through burn's matrix product.
+///
+/// # Panics
+/// When `terms` is empty or the shapes disagree.
+pub fn matmul_sum(terms: &[Term<'_>]) -> Tensor<2> {
+    assert!(!terms.is_empty(), "matmul_sum: no terms");
+    let (m, _, n) = terms[0].dims();
+    for t in terms {
+        let (mi, _, ni) = t.dims();
+        assert_eq!((mi, ni), (m, n), "matmul_sum: output shapes differ");
+    }
+    matmul_sum_with(blas::get(), terms, m, n)
+}
+
+fn matmul_sum_with(blas: Option<&blas::Blas>, terms: &[Term<'_>], m: usize, n: usize) -> Tensor<2> {
+    if let Some(out) = blas.and_then(|b| blas_sum(b, terms, m, n)) {
+        return tensor(out, [m, n], &terms[0].a.device());
+    }
+    let op = |x: &Tensor<2>, t: bool| if t { x.clone().transpose() } else { x.clone() };
+    terms
+        .iter()
+        .map(|t| {
+            let p = op(t.a, t.ta).matmul(op(t.b, t.tb));
+            if t.alpha == 1.0 { p } else { p * t.alpha }
+        })
+        .reduce(|x, y| x + y)
+        .expect("non-empty")
+}
+
+fn blas_sum(b: &blas::Blas, terms: &[Term<'_>], m: usize, n: usize) -> Option<Vec<f32>> {
+    let hosts: Vec<(Host, Host)> = terms
+        .iter()
+        .map(|t| Some((host(t.a)?, host(t.b)?)))
+        .collect::<Option<_>>()?;
+    let mut out: Option<Vec<f32>> = None;
+    for (t, (ha, hb)) in terms.iter().zip(&hosts) {
+        let (_, k, _) = t.dims();
+        let [_, ac] = t.a.dims();
+        let [_, bc] = t.b.dims();
+        let oa = blas::Operand {
+            data: ha.data(),
+            ld: ac,
+            trans: t.ta,
+        };
+        let ob = blas::Operand {
+            data: hb.data(),
+            ld: bc,
+            trans: t.tb,
+        };
+        match &mut out {
+            None => out = Some(b.product(m, n, k, t.alpha, oa, ob)),
+            Some(c) => b.sgemm(m, n, k, t.alpha, oa, ob, 1.0, c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn blas_and_burn_sums_agree() {
+        let Some(b) = blas::get() else {
+            eprintln!("no BLAS installed; nothing to compare");
+            return;
+        };
+        let dev = Device::flex();
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        let (x, w, u, bm, dy) = (
+            r([130, 48]),
+            r([70, 48]),
+            r([130, 8]),
+            r([70, 8]),
+            r([130, 70]),
+        );
+        let cases: Vec<Vec<Term<'_>>> = vec![
+            vec![Term::nt(&x, &w, 1.0), Term::nt(&u, &bm, 0.5)],
+            vec![Term::nn(&dy, &w, 1.0)],
+            vec![Term::tn(&dy, &x, 2.0)],
+            vec![Term::tn(&dy, &u, 1.0)],
+        ];
+        for terms in &cases {
+            let (m, _, n) = terms[0].dims();
+            let ours = matmul_sum_with(Some(b), terms, m, n).into_data();
+            let burn = matmul_sum_with(None, terms, m, n).into_data();
+            ours.assert_approx_eq::<f32>(&burn, burn::tensor::Tolerance::absolute(1e-4));
+        }
+    }
+
+    #[test]
+    fn blas_results_do_not_depend_on_the_thread_count() {
+        let Some(b) = blas::get() else {
+            return;
+        };
+        let (m, n, k) = (515, 200, 96);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 89) as f32).cos()).collect();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(|| {
+                    b.product(
+                        m,
+                        n,
+                        k,
+                        1.0,
+                        blas::Operand::plain(&a, k),
+                        blas::Operand::transposed(&w, k),
+                    )
+                })
+        };
+        let one = run(1);
+        for t in [2, 3, 5] {
+            assert!(one == run(t), "{t} threads changed the result");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::Result;
+use crate::kernels::{Term, matmul_sum};
 use crate::model::Loader;
 use crate::nf4::Nf4Tensor;
 
@@ -134,20 +135,26 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, inp] = x.dims();
         let x2 = x.reshape([b * t, inp]);
-        let mut y = x2.clone().matmul(self.weight().transpose());
+        let w = self.weight();
+        let mut y = match &self.lora {
+            None => matmul_sum(&[Term::nt(&x2, &w, 1.0)]),
+            Some(lora) => {
+                let xin = if self.training && lora.dropout > 0.0 {
+                    let keep = 1.0 - lora.dropout;
+                    let mask = x2.random_like(Distribution::Bernoulli(keep));
+                    x2.clone() * mask / keep
+                } else {
+                    x2.clone()
+                };
+                let low = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
+                matmul_sum(&[
+                    Term::nt(&x2, &w, 1.0),
+                    Term::nt(&low, &lora.b, lora.scale as f32),
+                ])
+            }
+        };
         if let Some(bias) = &self.bias {
             y = y + bias.clone().unsqueeze::<2>();
-        }
-        if let Some(lora) = &self.lora {
-            let xin = if self.training && lora.dropout > 0.0 {
-                let keep = 1.0 - lora.dropout;
-                let mask = x2.random_like(Distribution::Bernoulli(keep));
-                x2 * mask / keep
-            } else {
-                x2
-            };
-            let low = xin.matmul(lora.a.clone().transpose());
-            y = y + low.matmul(lora.b.clone().transpose()) * lora.scale;
         }
         let out = y.dims()[1];
         y.reshape([b, t, out])

@@ -20,6 +20,8 @@
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use crate::kernels::{Term, matmul_sum};
+
 /// RMSNorm forward: returns `y` and the per-row `r = (mean(x²)+ε)^-½` `[n, 1]`.
 pub fn rmsnorm(x: &Tensor<2>, w: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
     let r = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
@@ -147,14 +149,13 @@ pub fn target_logprobs_with_grad(
     let n = targets.len();
     let hidden = h.dims()[1];
     let device = h.device();
-    let wt = w.clone().transpose();
     let mut lps = Vec::new();
     let mut grads = Vec::new();
     let mut start = 0;
     while start < n {
         let end = (start + chunk).min(n);
         let hc = h.clone().slice([start..end, 0..hidden]);
-        let logits = hc.matmul(wt.clone());
+        let logits = matmul_sum(&[Term::nt(&hc, w, 1.0)]);
         let p = softmax(logits.clone(), 1);
         let idx: Vec<i64> = targets[start..end].iter().map(|&t| t as i64).collect();
         let idx1 =
@@ -165,7 +166,7 @@ pub fn target_logprobs_with_grad(
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
         lps.push((logits.gather(1, idx2) - lse).reshape([end - start]));
         let wy = w.clone().select(0, idx1);
-        grads.push(wy - p.matmul(w.clone()));
+        grads.push(wy - matmul_sum(&[Term::nn(&p, w, 1.0)]));
         start = end;
     }
     (Tensor::cat(lps, 0), Tensor::cat(grads, 0))

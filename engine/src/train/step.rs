@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{fused, ops};
-use crate::kernels;
+use crate::kernels::{self, Term, matmul_sum};
 use crate::model::{Linear, LlamaModel, Positions};
 
 /// Which parameters receive gradients.
@@ -168,24 +168,31 @@ fn lin_forward(
     x: &Tensor<2>,
     dropout_seed: Option<u64>,
 ) -> (Tensor<2>, Option<LoraIn>) {
-    let mut y = x.clone().matmul(lin.weight().transpose());
+    let w = lin.weight();
+    let (mut y, saved) = match &lin.lora {
+        None => (matmul_sum(&[Term::nt(x, &w, 1.0)]), None),
+        Some(lora) => {
+            let mask = match dropout_seed {
+                Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, seed)),
+                _ => None,
+            };
+            let xin = match &mask {
+                Some(m) => x.clone() * m.clone(),
+                None => x.clone(),
+            };
+            let u = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
+            // x·Wᵀ + s·u·Bᵀ accumulated in one buffer.
+            let y = matmul_sum(&[
+                Term::nt(x, &w, 1.0),
+                Term::nt(&u, &lora.b, lora.scale as f32),
+            ]);
+            (y, Some(LoraIn { u, mask }))
+        }
+    };
     if let Some(b) = &lin.bias {
         y = y + b.clone().unsqueeze::<2>();
     }
-    let Some(lora) = &lin.lora else {
-        return (y, None);
-    };
-    let mask = match dropout_seed {
-        Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, seed)),
-        _ => None,
-    };
-    let xin = match &mask {
-        Some(m) => x.clone() * m.clone(),
-        None => x.clone(),
-    };
-    let u = xin.matmul(lora.a.clone().transpose());
-    y = y + u.clone().matmul(lora.b.clone().transpose()) * lora.scale;
-    (y, Some(LoraIn { u, mask }))
+    (y, saved)
 }
 
 /// An inverted-dropout mask (`keep/(1−p)` or 0) from a counter-based seed, so that the same
@@ -208,36 +215,50 @@ fn dropout_mask(x: &Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
     Tensor::from_data(TensorData::new(m, [n, d]), &x.device())
 }
 
-/// Backward of a projection: returns `dx` when wanted and adds parameter gradients to `grads`.
+/// What one projection contributes to its input's gradient: `dy·W + s·((dy·B)·A) ⊙ mask`.
+struct DxPart<'l> {
+    lin: &'l Linear,
+    dy: Tensor<2>,
+    /// `dy·B` `[n, r]` when the projection has a LoRA branch.
+    dyb: Option<Tensor<2>>,
+    mask: Option<Tensor<2>>,
+}
+
+/// Backward of a projection: adds parameter gradients to `grads` and returns its part of the
+/// input gradient (summed by [`input_grad`]).
 #[allow(clippy::too_many_arguments)]
-fn lin_backward(
-    lin: &Linear,
+fn lin_backward<'l>(
+    lin: &'l Linear,
     name: &str,
     x: &Tensor<2>,
     saved: Option<&LoraIn>,
     dy: Tensor<2>,
-    want_dx: bool,
     train_lora: bool,
     train_full: bool,
     grads: &mut Grads,
-) -> Option<Tensor<2>> {
-    let mut dx = want_dx.then(|| dy.clone().matmul(lin.weight()));
+) -> DxPart<'l> {
     if train_full {
         grads.insert(
             format!("{name}.weight"),
-            dy.clone().transpose().matmul(x.clone()),
+            matmul_sum(&[Term::tn(&dy, x, 1.0)]),
         );
         if lin.bias.is_some() {
             grads.insert(format!("{name}.bias"), dy.clone().sum_dim(0));
         }
     }
+    let mut part = DxPart {
+        lin,
+        dy,
+        dyb: None,
+        mask: None,
+    };
     if let (Some(lora), Some(saved)) = (&lin.lora, saved) {
-        let s = lora.scale;
-        let dyb = dy.clone().matmul(lora.b.clone()); // [n, r]
+        let s = lora.scale as f32;
+        let dyb = matmul_sum(&[Term::nn(&part.dy, &lora.b, 1.0)]); // [n, r]
         if train_lora {
             grads.insert(
                 format!("{name}.lora_B"),
-                dy.transpose().matmul(saved.u.clone()) * s,
+                matmul_sum(&[Term::tn(&part.dy, &saved.u, s)]),
             );
             let xin = match &saved.mask {
                 Some(m) => x.clone() * m.clone(),
@@ -245,16 +266,34 @@ fn lin_backward(
             };
             grads.insert(
                 format!("{name}.lora_A"),
-                dyb.clone().transpose().matmul(xin) * s,
+                matmul_sum(&[Term::tn(&dyb, &xin, s)]),
             );
         }
-        if let Some(d) = dx.take() {
-            let mut lora_dx = dyb.matmul(lora.a.clone()) * s;
-            if let Some(m) = &saved.mask {
-                lora_dx = lora_dx * m.clone();
+        part.dyb = Some(dyb);
+        part.mask = saved.mask.clone();
+    }
+    part
+}
+
+/// The gradient of an input shared by `parts` (q/k/v, or gate/up): every product accumulated
+/// in one buffer. NF4 weights are dequantised here and freed on return.
+fn input_grad(parts: &[DxPart<'_>]) -> Tensor<2> {
+    let weights: Vec<Tensor<2>> = parts.iter().map(|p| p.lin.weight()).collect();
+    let mut terms = Vec::new();
+    let mut masked = Vec::new();
+    for (p, w) in parts.iter().zip(&weights) {
+        terms.push(Term::nn(&p.dy, w, 1.0));
+        if let (Some(lora), Some(dyb)) = (&p.lin.lora, &p.dyb) {
+            let t = Term::nn(dyb, &lora.a, lora.scale as f32);
+            match &p.mask {
+                None => terms.push(t),
+                Some(m) => masked.push((t, m)),
             }
-            dx = Some(d + lora_dx);
         }
+    }
+    let mut dx = matmul_sum(&terms);
+    for (t, m) in masked {
+        dx = dx + matmul_sum(&[t]) * m.clone();
     }
     dx
 }
@@ -437,7 +476,7 @@ fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1
             .clone()
             .narrow(0, start, end - start)
             .unsqueeze_dim::<2>(1);
-        let p = burn::tensor::activation::softmax(hc.clone().matmul(w.clone().transpose()), 1);
+        let p = burn::tensor::activation::softmax(matmul_sum(&[Term::nt(&hc, &w, 1.0)]), 1);
         // dlogits = g·(onehot − p)
         let idx: Vec<i64> = targets[start..end].iter().map(|t| t.id as i64).collect();
         let idx2 = Tensor::<2, Int>::from_data(TensorData::new(idx, [end - start, 1]), &device);
@@ -448,7 +487,7 @@ fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1
             IndexingUpdateOp::Add,
         );
         let dlogits = (onehot - p) * gc;
-        dw = dw + dlogits.transpose().matmul(hc);
+        dw = dw + matmul_sum(&[Term::tn(&dlogits, &hc, 1.0)]);
         start = end;
     }
     dw
@@ -521,12 +560,7 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         // layer's own input-norm weight.
         let want_input_dx = li > lowest || trainable.embedding || full;
         let prefix = format!("model.layers.{li}");
-        let bw = |lin: &Linear,
-                  name: &str,
-                  x: &Tensor<2>,
-                  dy: Tensor<2>,
-                  want: bool,
-                  grads: &mut Grads| {
+        let bw = |lin, name: &str, x: &Tensor<2>, dy: Tensor<2>, grads: &mut Grads| {
             let module = name.rsplit('.').next().unwrap_or(name);
             lin_backward(
                 lin,
@@ -534,7 +568,6 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
                 x,
                 s.lora.get(module),
                 dy,
-                want,
                 lora,
                 full,
                 grads,
@@ -543,24 +576,17 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         // MLP
         let m = &layer.mlp;
         let act = fused::swiglu(&s.gate, &s.up);
-        let da = bw(
-            &m.down_proj,
-            "mlp.down_proj",
-            &act,
-            dx.clone(),
-            true,
-            &mut grads,
-        )
-        .expect("dx wanted");
+        let down = bw(&m.down_proj, "mlp.down_proj", &act, dx.clone(), &mut grads);
         drop(act);
+        let da = input_grad(&[down]);
         let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, da);
         let ln2 = &layer.post_attention_layernorm;
         let (n2, _) = fused::rmsnorm(&s.h, &ln2.weight, ln2.eps);
-        let dn2_g =
-            bw(&m.gate_proj, "mlp.gate_proj", &n2, dg, true, &mut grads).expect("dx wanted");
-        let dn2_u = bw(&m.up_proj, "mlp.up_proj", &n2, du, true, &mut grads).expect("dx wanted");
+        let gate = bw(&m.gate_proj, "mlp.gate_proj", &n2, dg, &mut grads);
+        let up = bw(&m.up_proj, "mlp.up_proj", &n2, du, &mut grads);
         drop(n2);
-        let (dh_norm, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2_g + dn2_u, full);
+        let dn2 = input_grad(&[gate, up]);
+        let (dh_norm, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2, full);
         if let Some(dw) = dw2 {
             grads.insert(
                 format!("{prefix}.post_attention_layernorm.weight"),
@@ -570,59 +596,32 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         let dh = dx + dh_norm;
         // Attention
         let a = &layer.self_attn;
-        let d_o = bw(
-            &a.o_proj,
-            "self_attn.o_proj",
-            &s.o,
-            dh.clone(),
-            true,
-            &mut grads,
-        )
-        .expect("dx wanted");
+        let o = bw(&a.o_proj, "self_attn.o_proj", &s.o, dh.clone(), &mut grads);
+        let d_o = input_grad(&[o]);
         let (dq, dk, dv) =
             fused::attention_backward(&s.q, &s.k, &s.v, &s.o, d_o, s.lse.as_deref(), &ctx);
         let dq = fused::rope(dq, hq, &ctx, &fwd.rope, true);
         let dk = fused::rope(dk, hkv, &ctx, &fwd.rope, true);
         let ln1 = &layer.input_layernorm;
         let (n1, _) = fused::rmsnorm(&s.x, &ln1.weight, ln1.eps);
-        let dn1q = bw(
-            &a.q_proj,
-            "self_attn.q_proj",
-            &n1,
-            dq,
-            want_input_dx,
-            &mut grads,
-        );
-        let dn1k = bw(
-            &a.k_proj,
-            "self_attn.k_proj",
-            &n1,
-            dk,
-            want_input_dx,
-            &mut grads,
-        );
-        let dn1v = bw(
-            &a.v_proj,
-            "self_attn.v_proj",
-            &n1,
-            dv,
-            want_input_dx,
-            &mut grads,
-        );
+        let parts = [
+            bw(&a.q_proj, "self_attn.q_proj", &n1, dq, &mut grads),
+            bw(&a.k_proj, "self_attn.k_proj", &n1, dk, &mut grads),
+            bw(&a.v_proj, "self_attn.v_proj", &n1, dv, &mut grads),
+        ];
         drop(n1);
-        match (dn1q, dn1k, dn1v) {
-            (Some(q), Some(k), Some(v)) => {
-                let (dx_norm, dw1) =
-                    fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, q + k + v, full);
-                if let Some(dw) = dw1 {
-                    grads.insert(
-                        format!("{prefix}.input_layernorm.weight"),
-                        dw.unsqueeze::<2>(),
-                    );
-                }
-                dx = dh + dx_norm;
+        if want_input_dx {
+            let (dx_norm, dw1) =
+                fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, input_grad(&parts), full);
+            if let Some(dw) = dw1 {
+                grads.insert(
+                    format!("{prefix}.input_layernorm.weight"),
+                    dw.unsqueeze::<2>(),
+                );
             }
-            _ => dx = dh,
+            dx = dh + dx_norm;
+        } else {
+            dx = dh;
         }
     }
     if trainable.embedding {

@@ -1,0 +1,348 @@
+//! Single-precision matrix products through a system BLAS when one is installed.
+//!
+//! The projections of a training step are most of its time, and at their shapes (a few
+//! thousand rows times a few hundred to a few thousand columns) OpenBLAS's SGEMM runs about
+//! twice as fast as the `gemm` crate behind burn-flex (see BENCHMARKS.md). OpenBLAS is loaded
+//! at run time (`dlopen`), so fedtune builds and runs without it and picks it up when present
+//! (`apt install libopenblas0`, `dnf install openblas`, `brew install openblas`):
+//!
+//! - `FEDTUNE_BLAS=/path/to/lib.so` loads that library (it must export the LP64
+//!   `cblas_sgemm`); `FEDTUNE_BLAS=off` disables BLAS.
+//! - Otherwise the usual OpenBLAS names are tried in order; when none loads, callers fall back
+//!   to burn's own matrix product.
+//!
+//! BLAS runs single-threaded inside each call; a product is split into row blocks over the
+//! rayon pool the rest of the engine uses, so one set of threads does all the work (OpenBLAS's
+//! own threads would spin beside rayon's). Results do not depend on the number of threads:
+//! every output element is one BLAS dot-product order over the full `k`.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+type Sgemm = unsafe extern "C" fn(
+    order: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+type SetThreads = unsafe extern "C" fn(n: i32);
+
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+/// A loaded BLAS.
+pub struct Blas {
+    sgemm: Sgemm,
+    /// Where it was loaded from.
+    pub name: String,
+    _lib: libloading::Library,
+}
+
+#[cfg(target_os = "macos")]
+const CANDIDATES: &[&str] = &[
+    "libopenblas.dylib",
+    "/opt/homebrew/opt/openblas/lib/libopenblas.dylib",
+    "/usr/local/opt/openblas/lib/libopenblas.dylib",
+];
+#[cfg(not(target_os = "macos"))]
+const CANDIDATES: &[&str] = &[
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libopenblasp.so.0",
+    "libopenblasp-r0.3.so",
+];
+
+fn load(path: &str) -> Result<Blas, String> {
+    // SAFETY: loading a shared library runs its initialisers; the candidates are BLAS
+    // libraries, and FEDTUNE_BLAS is the user's explicit choice.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: `cblas_sgemm` has this C signature in every CBLAS (LP64).
+    let sgemm: Sgemm = unsafe { lib.get::<Sgemm>(b"cblas_sgemm\0") }
+        .map(|s| *s)
+        .map_err(|e| format!("{path}: no cblas_sgemm ({e})"))?;
+    // One thread per call: parallelism comes from the caller's row blocks.
+    // SAFETY: OpenBLAS's `openblas_set_num_threads(int)`.
+    if let Ok(set) = unsafe { lib.get::<SetThreads>(b"openblas_set_num_threads\0") } {
+        unsafe { set(1) };
+    }
+    Ok(Blas {
+        sgemm,
+        name: path.to_string(),
+        _lib: lib,
+    })
+}
+
+fn find() -> Option<Blas> {
+    match std::env::var("FEDTUNE_BLAS") {
+        Ok(v) if matches!(v.as_str(), "off" | "none" | "0" | "") => None,
+        Ok(path) => match load(&path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("FEDTUNE_BLAS: {e}; using burn's matrix product");
+                None
+            }
+        },
+        Err(_) => CANDIDATES.iter().find_map(|p| load(p).ok()),
+    }
+}
+
+/// The BLAS in use, loaded on first call; `None` when none is installed or it is disabled.
+pub fn get() -> Option<&'static Blas> {
+    static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+    BLAS.get_or_init(|| {
+        let b = find();
+        match &b {
+            Some(b) => tracing::debug!("matrix products through {}", b.name),
+            None => tracing::debug!("no BLAS found; matrix products through burn"),
+        }
+        b
+    })
+    .as_ref()
+}
+
+/// A row-major operand: `data` holds the matrix `[rows, cols]` with row stride `ld`, used as
+/// is or transposed.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    /// Values.
+    pub data: &'a [f32],
+    /// Row stride of the stored matrix.
+    pub ld: usize,
+    /// Whether the product uses the transpose of the stored matrix.
+    pub trans: bool,
+}
+
+impl<'a> Operand<'a> {
+    /// A contiguous `[_, cols]` matrix used as is.
+    pub fn plain(data: &'a [f32], cols: usize) -> Self {
+        Operand {
+            data,
+            ld: cols,
+            trans: false,
+        }
+    }
+
+    /// A contiguous `[_, cols]` matrix used transposed.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Operand {
+            data,
+            ld: cols,
+            trans: true,
+        }
+    }
+}
+
+/// Rows (or columns) of `C` per parallel block: large enough that each block's packing of the
+/// shared operand stays cheap.
+const MIN_BLOCK: usize = 64;
+
+/// A raw output pointer shared by the blocks of one product (each writes its own part).
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the blocks write disjoint parts of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer `off` values in (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, off: usize) -> *mut f32 {
+        self.0.wrapping_add(off)
+    }
+}
+
+impl Blas {
+    /// `c[m×n] = alpha·op(a)·op(b) + beta·c`, row-major, `c` contiguous with row stride `n`.
+    ///
+    /// # Panics
+    /// When a slice is too short for the shapes it is given, or a size exceeds `i32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        beta: f32,
+        c: &mut [f32],
+    ) {
+        assert!(c.len() >= m * n, "sgemm: output too short");
+        // SAFETY: `c` holds m·n initialised values.
+        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr()) }
+    }
+
+    /// `alpha·op(a)·op(b)` `[m×n]` in a new vector (never zero-filled first).
+    pub fn product(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Operand<'_>,
+        b: Operand<'_>,
+    ) -> Vec<f32> {
+        let mut c = Vec::<f32>::with_capacity(m * n);
+        if k == 0 {
+            c.resize(m * n, 0.0);
+            return c;
+        }
+        // SAFETY: with beta = 0 BLAS writes every element of c without reading it; the
+        // length is set only afterwards.
+        unsafe {
+            self.sgemm_raw(m, n, k, alpha, a, b, 0.0, c.as_mut_ptr());
+            c.set_len(m * n);
+        }
+        c
+    }
+
+    /// # Safety
+    /// `c` must be valid for writes of `m·n` values (and reads when `beta != 0`).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn sgemm_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        beta: f32,
+        c: *mut f32,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let fits = |op: &Operand<'_>, rows: usize, cols: usize| {
+            // op(x) is [rows, cols]: stored [rows, cols] or [cols, rows].
+            let (sr, sc) = if op.trans { (cols, rows) } else { (rows, cols) };
+            sr == 0 || sc == 0 || (op.ld >= sc && (sr - 1) * op.ld + sc <= op.data.len())
+        };
+        assert!(fits(&a, m, k), "sgemm: left operand too short");
+        assert!(fits(&b, k, n), "sgemm: right operand too short");
+        for v in [m, n, k, a.ld, b.ld] {
+            assert!(i32::try_from(v).is_ok(), "sgemm: size {v} exceeds i32");
+        }
+        let threads = rayon::current_num_threads();
+        // Split the longer side of C into blocks: rows of op(a), or columns of op(b).
+        let by_rows = m >= n || m >= MIN_BLOCK * threads;
+        let len = if by_rows { m } else { n };
+        let blocks = (len / MIN_BLOCK).clamp(1, threads);
+        let step = len.div_ceil(blocks);
+        let out = Out(c);
+        let run = |start: usize| {
+            let end = (start + step).min(len);
+            let (mi, ni, a_off, b_off, c_off) = if by_rows {
+                // Row `start` of op(a): a row of a, or a column when transposed.
+                let a_off = if a.trans { start } else { start * a.ld };
+                (end - start, n, a_off, 0, start * n)
+            } else {
+                // Column `start` of op(b): a column of b, or a row when transposed.
+                let b_off = if b.trans { start * b.ld } else { start };
+                (m, end - start, 0, b_off, start)
+            };
+            // SAFETY: bounds were checked for the whole product above; this block reads its
+            // rows of op(a) (or columns of op(b)) and writes only its own part of c.
+            unsafe {
+                (self.sgemm)(
+                    ROW_MAJOR,
+                    if a.trans { TRANS } else { NO_TRANS },
+                    if b.trans { TRANS } else { NO_TRANS },
+                    mi as i32,
+                    ni as i32,
+                    k as i32,
+                    alpha,
+                    a.data.as_ptr().add(a_off),
+                    a.ld.max(1) as i32,
+                    b.data.as_ptr().add(b_off),
+                    b.ld.max(1) as i32,
+                    beta,
+                    out.at(c_off),
+                    n as i32,
+                )
+            }
+        };
+        if blocks == 1 {
+            run(0);
+        } else {
+            (0..blocks).into_par_iter().for_each(|bi| run(bi * step));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let x = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let y = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += x as f64 * y as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_transpose_matches_a_naive_product() {
+        let Some(blas) = get() else {
+            eprintln!("no BLAS installed; nothing to compare");
+            return;
+        };
+        for (m, n, k) in [(197, 35, 70), (16, 300, 40), (3, 2, 0)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let oa = Operand {
+                    data: &a,
+                    ld: if ta { m } else { k },
+                    trans: ta,
+                };
+                let ob = Operand {
+                    data: &b,
+                    ld: if tb { k } else { n },
+                    trans: tb,
+                };
+                let mut c = vec![1f32; m * n];
+                blas.sgemm(m, n, k, 1.0, oa, ob, 0.0, &mut c);
+                let want = naive(m, n, k, &a, ta, &b, tb);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-3, "{ta} {tb}: {x} vs {y}");
+                }
+                // beta = 1 accumulates.
+                blas.sgemm(m, n, k, 0.5, oa, ob, 1.0, &mut c);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - 1.5 * y).abs() < 2e-3, "{ta} {tb} accumulate");
+                }
+                let fresh = blas.product(m, n, k, 1.0, oa, ob);
+                assert_eq!(fresh.len(), m * n);
+                for (x, y) in fresh.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-3, "{ta} {tb} product");
+                }
+            }
+        }
+    }
+}
