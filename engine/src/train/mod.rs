@@ -5,6 +5,7 @@ pub mod config;
 pub mod dpo;
 pub mod fused;
 pub mod lora;
+pub mod memory;
 pub mod ops;
 pub mod optim;
 pub mod sft;

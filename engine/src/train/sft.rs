@@ -366,6 +366,7 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let cfg = run.config;
     cfg.validate().map_err(Error::Invalid)?;
+    let _reuse = super::memory::Reuse::begin();
     let trainable = trainable_for(cfg, model.layers.len());
     if trainable.lora && model.linears().iter().all(|(_, l)| l.lora.is_none()) {
         return Err(Error::Invalid(
