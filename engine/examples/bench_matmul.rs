@@ -30,6 +30,11 @@ fn main() {
         (1024, 192, 576),
         (256, 576, 49152),
         (256, 49152, 576),
+        (1024, 576, 16),
+        (1024, 576, 48),
+        (1024, 1536, 16),
+        (1024, 16, 576),
+        (1024, 16, 1536),
     ] {
         let x = Tensor::<2>::random([m, k], Distribution::Default, &dev);
         let w = Tensor::<2>::random([n, k], Distribution::Default, &dev);

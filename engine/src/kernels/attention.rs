@@ -100,6 +100,29 @@ fn gemm(
             "gemm rhs bounds"
         );
     }
+    if let Some(blas) = super::blas::get() {
+        // Row-major operands: unit column stride as stored, unit row stride as a transpose.
+        let op = |data, rs: usize, cs: usize| super::blas::Operand {
+            data,
+            ld: if cs == 1 { rs } else { cs },
+            trans: cs != 1,
+        };
+        if (lhs_cs == 1 || lhs_rs == 1) && (rhs_cs == 1 || rhs_rs == 1) {
+            let acc = if accumulate { 1.0 } else { 0.0 };
+            blas.sgemm_serial(
+                m,
+                n,
+                k,
+                beta,
+                op(lhs, lhs_rs, lhs_cs),
+                op(rhs, rhs_rs, rhs_cs),
+                acc,
+                dst,
+                dst_rs,
+            );
+            return;
+        }
+    }
     // SAFETY: every index the call touches was bounds-checked above; slices do not alias
     // (dst is &mut).
     unsafe {

@@ -181,7 +181,33 @@ impl Blas {
     ) {
         assert!(c.len() >= m * n, "sgemm: output too short");
         // SAFETY: `c` holds m·n initialised values.
-        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr()) }
+        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), n, true) }
+    }
+
+    /// [`Blas::sgemm`] on the calling thread only, into `c` with row stride `ldc` (for
+    /// kernels that already run one task per thread).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_serial(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(
+            ldc >= n && (m - 1) * ldc + n <= c.len(),
+            "sgemm: output too short"
+        );
+        // SAFETY: `c` holds every element the product touches (checked above).
+        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc, false) }
     }
 
     /// `alpha·op(a)·op(b)` `[m×n]` in a new vector (never zero-filled first).
@@ -202,14 +228,15 @@ impl Blas {
         // SAFETY: with beta = 0 BLAS writes every element of c without reading it; the
         // length is set only afterwards.
         unsafe {
-            self.sgemm_raw(m, n, k, alpha, a, b, 0.0, c.as_mut_ptr());
+            self.sgemm_raw(m, n, k, alpha, a, b, 0.0, c.as_mut_ptr(), n, true);
             c.set_len(m * n);
         }
         c
     }
 
     /// # Safety
-    /// `c` must be valid for writes of `m·n` values (and reads when `beta != 0`).
+    /// `c` must be valid for writes of `m` rows of `n` values at row stride `ldc` (and reads
+    /// when `beta != 0`).
     #[allow(clippy::too_many_arguments)]
     unsafe fn sgemm_raw(
         &self,
@@ -221,6 +248,8 @@ impl Blas {
         b: Operand<'_>,
         beta: f32,
         c: *mut f32,
+        ldc: usize,
+        parallel: bool,
     ) {
         if m == 0 || n == 0 {
             return;
@@ -232,10 +261,14 @@ impl Blas {
         };
         assert!(fits(&a, m, k), "sgemm: left operand too short");
         assert!(fits(&b, k, n), "sgemm: right operand too short");
-        for v in [m, n, k, a.ld, b.ld] {
+        for v in [m, n, k, a.ld, b.ld, ldc] {
             assert!(i32::try_from(v).is_ok(), "sgemm: size {v} exceeds i32");
         }
-        let threads = rayon::current_num_threads();
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
         // Split the longer side of C into blocks: rows of op(a), or columns of op(b).
         let by_rows = m >= n || m >= MIN_BLOCK * threads;
         let len = if by_rows { m } else { n };
@@ -247,7 +280,7 @@ impl Blas {
             let (mi, ni, a_off, b_off, c_off) = if by_rows {
                 // Row `start` of op(a): a row of a, or a column when transposed.
                 let a_off = if a.trans { start } else { start * a.ld };
-                (end - start, n, a_off, 0, start * n)
+                (end - start, n, a_off, 0, start * ldc)
             } else {
                 // Column `start` of op(b): a column of b, or a row when transposed.
                 let b_off = if b.trans { start * b.ld } else { start };
@@ -270,7 +303,7 @@ impl Blas {
                     b.ld.max(1) as i32,
                     beta,
                     out.at(c_off),
-                    n as i32,
+                    ldc as i32,
                 )
             }
         };
