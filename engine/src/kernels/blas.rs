@@ -1,8 +1,8 @@
 //! Single-precision matrix products through a system BLAS when one is installed.
 //!
 //! The projections of a training step are most of its time, and at their shapes (a few
-//! thousand rows times a few hundred to a few thousand columns) OpenBLAS's SGEMM runs about
-//! twice as fast as the `gemm` crate behind burn-flex (see BENCHMARKS.md). OpenBLAS is loaded
+//! thousand rows times a few hundred to a few thousand columns) OpenBLAS's SGEMM ran 1.3–2×
+//! as fast as the `gemm` crate behind burn-flex here (see BENCHMARKS.md). OpenBLAS is loaded
 //! at run time (`dlopen`), so fedtune builds and runs without it and picks it up when present
 //! (`apt install libopenblas0`, `dnf install openblas`, `brew install openblas`):
 //!

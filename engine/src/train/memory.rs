@@ -3,7 +3,7 @@
 //! A training step frees and re-allocates the same few hundred megabytes of activations each
 //! step. glibc's defaults hand every large block back to the kernel on `free` (blocks above
 //! the mmap threshold are unmapped, the heap top is trimmed), so the next step page-faults the
-//! same memory in again: ~380 000 extra page faults per SmolLM2 step, and the faults serialise
+//! same memory in again: ~95 000 page faults per SmolLM2 step, and the faults serialise
 //! the worker threads on the address-space lock. While a [`Reuse`] guard lives, freed memory
 //! stays in the process for the next step (peak RSS is unchanged: it is the same memory);
 //! when the last guard drops, the defaults come back and the free memory is returned
