@@ -221,9 +221,10 @@ fn target_logprobs_cpu(
             .collect();
         let lse = kernels::elementwise::softmax_rows(&mut p, vocab);
         lps.extend(picked.iter().zip(&lse).map(|(l, s)| l - s));
-        let mut g = Vec::with_capacity(rows * hidden);
+        // This chunk's rows of the result: W_y, then − p·W accumulated onto them in place.
+        let base = grads.len();
         for &y in ys {
-            g.extend_from_slice(&wd[y as usize * hidden..(y as usize + 1) * hidden]);
+            grads.extend_from_slice(&wd[y as usize * hidden..(y as usize + 1) * hidden]);
         }
         blas.sgemm(
             rows,
@@ -233,9 +234,8 @@ fn target_logprobs_cpu(
             Operand::plain(&p, vocab),
             Operand::plain(wd, hidden),
             1.0,
-            &mut g,
+            &mut grads[base..],
         );
-        grads.extend_from_slice(&g);
     }
     let dev = h.device();
     Some((
