@@ -21,7 +21,7 @@ fn rate(flops: f64, mut f: impl FnMut()) -> f64 {
 fn main() {
     let dev = Device::flex();
     let blas = blas::get();
-    println!("blas: {:?}", blas.map(|b| &b.name));
+    println!("blas: {:?}", blas.map(|b| (&b.name, &b.core)));
     for (m, k, n) in [
         (1024, 576, 576),
         (1024, 576, 192),

@@ -11,6 +11,13 @@
 //! - Otherwise the usual OpenBLAS names are tried in order; when none loads, callers fall back
 //!   to burn's own matrix product.
 //!
+//! OpenBLAS picks its kernels for the CPU when it is loaded. Releases before 0.3.22 (Debian 12
+//! ships 0.3.21) do not know recent Xeons (Sapphire and Emerald Rapids) and fall back to their
+//! generic SSE3 kernels ("Prescott"), about 5× slower here than their AVX-512 ones. Unless the
+//! user set `OPENBLAS_CORETYPE`, fedtune sets it before loading the library to the newest
+//! kernel family the CPU supports (`SkylakeX` with AVX-512, `Haswell` with AVX2), and logs the
+//! kernels the library reports.
+//!
 //! BLAS runs single-threaded inside each call; a product is split into row blocks over the
 //! rayon pool the rest of the engine uses, so one set of threads does all the work (OpenBLAS's
 //! own threads would spin beside rayon's). Results do not depend on the number of threads:
@@ -37,6 +44,7 @@ type Sgemm = unsafe extern "C" fn(
     ldc: i32,
 );
 type SetThreads = unsafe extern "C" fn(n: i32);
+type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
 
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
@@ -47,6 +55,8 @@ pub struct Blas {
     sgemm: Sgemm,
     /// Where it was loaded from.
     pub name: String,
+    /// The kernel family OpenBLAS reports (`openblas_get_corename`), when it is OpenBLAS.
+    pub core: Option<String>,
     _lib: libloading::Library,
 }
 
@@ -77,14 +87,59 @@ fn load(path: &str) -> Result<Blas, String> {
     if let Ok(set) = unsafe { lib.get::<SetThreads>(b"openblas_set_num_threads\0") } {
         unsafe { set(1) };
     }
+    // SAFETY: OpenBLAS's `char* openblas_get_corename(void)` returns a static C string.
+    let core = unsafe { lib.get::<CoreName>(b"openblas_get_corename\0") }
+        .ok()
+        .and_then(|f| {
+            let p = unsafe { f() };
+            (!p.is_null()).then(|| {
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        });
     Ok(Blas {
         sgemm,
         name: path.to_string(),
+        core,
         _lib: lib,
     })
 }
 
+/// The OpenBLAS kernel family to ask for on this CPU (`OPENBLAS_CORETYPE`), if any.
+fn openblas_coretype() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return Some("SkylakeX");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some("Haswell");
+        }
+    }
+    None
+}
+
+/// Sets `OPENBLAS_CORETYPE` for the library about to be loaded, unless the user set it.
+fn choose_openblas_kernels() {
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
+        return;
+    }
+    if let Some(core) = openblas_coretype() {
+        // SAFETY: called once, from the initialiser of `get()`, before the library is
+        // loaded; fedtune reads no environment variable concurrently at that point, and the
+        // value only adds a variable no other code of ours depends on.
+        unsafe { std::env::set_var("OPENBLAS_CORETYPE", core) };
+    }
+}
+
 fn find() -> Option<Blas> {
+    choose_openblas_kernels();
     match std::env::var("FEDTUNE_BLAS") {
         Ok(v) if matches!(v.as_str(), "off" | "none" | "0" | "") => None,
         Ok(path) => match load(&path) {
@@ -104,7 +159,11 @@ pub fn get() -> Option<&'static Blas> {
     BLAS.get_or_init(|| {
         let b = find();
         match &b {
-            Some(b) => tracing::debug!("matrix products through {}", b.name),
+            Some(b) => tracing::debug!(
+                "matrix products through {} (kernels: {})",
+                b.name,
+                b.core.as_deref().unwrap_or("unknown")
+            ),
             None => tracing::debug!("no BLAS found; matrix products through burn"),
         }
         b
@@ -333,6 +392,31 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn openblas_runs_the_cpus_vector_kernels() {
+        let Some(blas) = get() else {
+            eprintln!("no BLAS installed; nothing to check");
+            return;
+        };
+        let (Some(core), Some(want)) = (&blas.core, openblas_coretype()) else {
+            eprintln!("not OpenBLAS, or a CPU without AVX2: nothing to check");
+            return;
+        };
+        // The generic pre-AVX kernels OpenBLAS falls back to on CPUs it does not know.
+        let generic = [
+            "prescott",
+            "core2",
+            "penryn",
+            "dunnington",
+            "nehalem",
+            "atom",
+        ];
+        assert!(
+            !generic.contains(&core.to_lowercase().as_str()),
+            "OpenBLAS runs its generic {core} kernels on a CPU that has {want}'s"
+        );
     }
 
     #[test]
