@@ -16,6 +16,30 @@ use super::fastmath;
 /// Query rows per block.
 const QB: usize = 64;
 
+/// An output buffer the tasks of one call write disjoint parts of, from their own threads.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, usize);
+// SAFETY: each task writes only its own (sequence, head) columns; the buffer outlives the call.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(v: &mut Vec<f32>, len: usize) -> Self {
+        v.reserve_exact(len.saturating_sub(v.len()));
+        Shared(v.as_mut_ptr(), len)
+    }
+
+    /// Copies `src` to `[off, off + src.len())`.
+    ///
+    /// # Safety
+    /// No other thread may touch that range during the call.
+    unsafe fn put(self, off: usize, src: &[f32]) {
+        assert!(off + src.len() <= self.1, "attention output bounds");
+        // SAFETY: in bounds (checked), and the caller owns the range.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len()) }
+    }
+}
+
 /// Sizes of an attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -214,68 +238,74 @@ pub fn forward(
     let tasks: Vec<(usize, usize)> = (0..batch)
         .flat_map(|b| (0..hq).map(move |h| (b, h)))
         .collect();
-    let outs: Vec<(Vec<f32>, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(b, h)| {
-            let kh = h / groups;
-            let qb = &q[b * len * qs + h * d..];
-            let kb = &k[b * len * ks + kh * d..];
-            let vb = &v[b * len * ks + kh * d..];
-            let mut o = vec![0f32; len * d];
-            let mut lse = vec![0f32; len];
-            let mut s = vec![0f32; QB * len];
-            for q0 in (0..len).step_by(QB) {
-                let rows = QB.min(len - q0);
-                let kmax = q0 + rows; // causal: keys up to the block's last query
-                let s = &mut s[..rows * kmax];
-                // S = scale · Q_blk · Kᵀ
-                gemm(
-                    rows,
-                    kmax,
-                    d,
-                    s,
-                    kmax,
-                    false,
-                    &qb[q0 * qs..],
-                    qs,
-                    1,
-                    kb,
-                    1,
-                    ks,
-                    scale,
-                );
-                let ranges = mask.ranges(b, len, q0, rows);
-                softmax_block(s, kmax, &ranges, &mut lse[q0..q0 + rows]);
-                // O_blk = P · V
-                gemm(
-                    rows,
-                    d,
-                    kmax,
-                    &mut o[q0 * d..],
-                    d,
-                    false,
-                    s,
-                    kmax,
-                    1,
-                    vb,
-                    ks,
-                    1,
-                    1.0,
-                );
-            }
-            (o, lse)
-        })
-        .collect();
-    let mut o = vec![0f32; batch * len * qs];
-    let mut lse = vec![0f32; batch * hq * len];
-    for ((b, h), (ob, lb)) in tasks.iter().zip(outs) {
-        for t in 0..len {
-            o[(b * len + t) * qs + h * d..(b * len + t) * qs + (h + 1) * d]
-                .copy_from_slice(&ob[t * d..(t + 1) * d]);
+    let (n_o, n_lse) = (batch * len * qs, batch * hq * len);
+    let (mut o_all, mut lse_all) = (Vec::new(), Vec::new());
+    let (o_out, lse_out) = (
+        Shared::new(&mut o_all, n_o),
+        Shared::new(&mut lse_all, n_lse),
+    );
+    tasks.par_iter().for_each(|&(b, h)| {
+        let kh = h / groups;
+        let qb = &q[b * len * qs + h * d..];
+        let kb = &k[b * len * ks + kh * d..];
+        let vb = &v[b * len * ks + kh * d..];
+        let mut o = vec![0f32; len * d];
+        let mut lse = vec![0f32; len];
+        let mut s = vec![0f32; QB * len];
+        for q0 in (0..len).step_by(QB) {
+            let rows = QB.min(len - q0);
+            let kmax = q0 + rows; // causal: keys up to the block's last query
+            let s = &mut s[..rows * kmax];
+            // S = scale · Q_blk · Kᵀ
+            gemm(
+                rows,
+                kmax,
+                d,
+                s,
+                kmax,
+                false,
+                &qb[q0 * qs..],
+                qs,
+                1,
+                kb,
+                1,
+                ks,
+                scale,
+            );
+            let ranges = mask.ranges(b, len, q0, rows);
+            softmax_block(s, kmax, &ranges, &mut lse[q0..q0 + rows]);
+            // O_blk = P · V
+            gemm(
+                rows,
+                d,
+                kmax,
+                &mut o[q0 * d..],
+                d,
+                false,
+                s,
+                kmax,
+                1,
+                vb,
+                ks,
+                1,
+                1.0,
+            );
         }
-        lse[(b * hq + h) * len..(b * hq + h + 1) * len].copy_from_slice(&lb);
+        // SAFETY: task (b, h) alone writes head h's columns of sequence b and its lse row;
+        // the tasks together write every element of both outputs.
+        unsafe {
+            for t in 0..len {
+                o_out.put((b * len + t) * qs + h * d, &o[t * d..(t + 1) * d]);
+            }
+            lse_out.put((b * hq + h) * len, &lse);
+        }
+    });
+    // SAFETY: every element was written above (the tasks cover all sequences and heads).
+    unsafe {
+        o_all.set_len(n_o);
+        lse_all.set_len(n_lse);
     }
-    (o, lse)
+    (o_all, lse_all)
 }
 
 /// Backward: returns `(dq, dk, dv)` in the row layouts of `q`, `k`, `v`.
@@ -303,135 +333,142 @@ pub fn backward(
     let tasks: Vec<(usize, usize)> = (0..batch)
         .flat_map(|b| (0..hkv).map(move |h| (b, h)))
         .collect();
-    type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
-    let outs: Vec<Out> = tasks
-        .par_iter()
-        .map(|&(b, kh)| {
-            let kb = &k[b * len * ks + kh * d..];
-            let vb = &v[b * len * ks + kh * d..];
-            let mut dq = vec![0f32; groups * len * d];
-            let mut dk = vec![0f32; len * d];
-            let mut dv = vec![0f32; len * d];
-            let mut s = vec![0f32; QB * len];
-            let mut dp = vec![0f32; QB * len];
-            let mut dsum = vec![0f32; QB];
-            for g in 0..groups {
-                let h = kh * groups + g;
-                let qb = &q[b * len * qs + h * d..];
-                let ob = &o[b * len * qs + h * d..];
-                let dob = &d_o[b * len * qs + h * d..];
-                let lb = &lse[(b * hq + h) * len..(b * hq + h + 1) * len];
-                for q0 in (0..len).step_by(QB) {
-                    let rows = QB.min(len - q0);
-                    let kmax = q0 + rows;
-                    let s = &mut s[..rows * kmax];
-                    let dp = &mut dp[..rows * kmax];
-                    for (i, ds) in dsum[..rows].iter_mut().enumerate() {
-                        let r = (q0 + i) * qs;
-                        *ds = fastmath::dot(&dob[r..r + d], &ob[r..r + d]);
-                    }
-                    gemm(
-                        rows,
-                        kmax,
-                        d,
-                        s,
-                        kmax,
-                        false,
-                        &qb[q0 * qs..],
-                        qs,
-                        1,
-                        kb,
-                        1,
-                        ks,
-                        scale,
-                    );
-                    // dP = dO_blk · Vᵀ
-                    gemm(
-                        rows,
-                        kmax,
-                        d,
-                        dp,
-                        kmax,
-                        false,
-                        &dob[q0 * qs..],
-                        qs,
-                        1,
-                        vb,
-                        1,
-                        ks,
-                        1.0,
-                    );
-                    let ranges = mask.ranges(b, len, q0, rows);
-                    probs_and_ds(s, dp, kmax, &ranges, &lb[q0..q0 + rows], &dsum[..rows]);
-                    // dV[0..kmax] += Pᵀ · dO_blk
-                    gemm(
-                        kmax,
-                        d,
-                        rows,
-                        &mut dv,
-                        d,
-                        true,
-                        s,
-                        1,
-                        kmax,
-                        &dob[q0 * qs..],
-                        qs,
-                        1,
-                        1.0,
-                    );
-                    // dQ_blk = scale · dS · K
-                    gemm(
-                        rows,
-                        d,
-                        kmax,
-                        &mut dq[(g * len + q0) * d..],
-                        d,
-                        false,
-                        dp,
-                        kmax,
-                        1,
-                        kb,
-                        ks,
-                        1,
-                        scale,
-                    );
-                    // dK[0..kmax] += scale · dSᵀ · Q_blk
-                    gemm(
-                        kmax,
-                        d,
-                        rows,
-                        &mut dk,
-                        d,
-                        true,
-                        dp,
-                        1,
-                        kmax,
-                        &qb[q0 * qs..],
-                        qs,
-                        1,
-                        scale,
+    let (n_q, n_k) = (batch * len * qs, batch * len * ks);
+    let (mut dq_all, mut dk_all, mut dv_all) = (Vec::new(), Vec::new(), Vec::new());
+    let (dq_out, dk_out, dv_out) = (
+        Shared::new(&mut dq_all, n_q),
+        Shared::new(&mut dk_all, n_k),
+        Shared::new(&mut dv_all, n_k),
+    );
+    tasks.par_iter().for_each(|&(b, kh)| {
+        let kb = &k[b * len * ks + kh * d..];
+        let vb = &v[b * len * ks + kh * d..];
+        let mut dq = vec![0f32; groups * len * d];
+        let mut dk = vec![0f32; len * d];
+        let mut dv = vec![0f32; len * d];
+        let mut s = vec![0f32; QB * len];
+        let mut dp = vec![0f32; QB * len];
+        let mut dsum = vec![0f32; QB];
+        for g in 0..groups {
+            let h = kh * groups + g;
+            let qb = &q[b * len * qs + h * d..];
+            let ob = &o[b * len * qs + h * d..];
+            let dob = &d_o[b * len * qs + h * d..];
+            let lb = &lse[(b * hq + h) * len..(b * hq + h + 1) * len];
+            for q0 in (0..len).step_by(QB) {
+                let rows = QB.min(len - q0);
+                let kmax = q0 + rows;
+                let s = &mut s[..rows * kmax];
+                let dp = &mut dp[..rows * kmax];
+                for (i, ds) in dsum[..rows].iter_mut().enumerate() {
+                    let r = (q0 + i) * qs;
+                    *ds = fastmath::dot(&dob[r..r + d], &ob[r..r + d]);
+                }
+                gemm(
+                    rows,
+                    kmax,
+                    d,
+                    s,
+                    kmax,
+                    false,
+                    &qb[q0 * qs..],
+                    qs,
+                    1,
+                    kb,
+                    1,
+                    ks,
+                    scale,
+                );
+                // dP = dO_blk · Vᵀ
+                gemm(
+                    rows,
+                    kmax,
+                    d,
+                    dp,
+                    kmax,
+                    false,
+                    &dob[q0 * qs..],
+                    qs,
+                    1,
+                    vb,
+                    1,
+                    ks,
+                    1.0,
+                );
+                let ranges = mask.ranges(b, len, q0, rows);
+                probs_and_ds(s, dp, kmax, &ranges, &lb[q0..q0 + rows], &dsum[..rows]);
+                // dV[0..kmax] += Pᵀ · dO_blk
+                gemm(
+                    kmax,
+                    d,
+                    rows,
+                    &mut dv,
+                    d,
+                    true,
+                    s,
+                    1,
+                    kmax,
+                    &dob[q0 * qs..],
+                    qs,
+                    1,
+                    1.0,
+                );
+                // dQ_blk = scale · dS · K
+                gemm(
+                    rows,
+                    d,
+                    kmax,
+                    &mut dq[(g * len + q0) * d..],
+                    d,
+                    false,
+                    dp,
+                    kmax,
+                    1,
+                    kb,
+                    ks,
+                    1,
+                    scale,
+                );
+                // dK[0..kmax] += scale · dSᵀ · Q_blk
+                gemm(
+                    kmax,
+                    d,
+                    rows,
+                    &mut dk,
+                    d,
+                    true,
+                    dp,
+                    1,
+                    kmax,
+                    &qb[q0 * qs..],
+                    qs,
+                    1,
+                    scale,
+                );
+            }
+        }
+        // SAFETY: task (b, kh) alone writes the columns of KV head kh and of its query
+        // heads in sequence b; the tasks together write every element of the outputs.
+        unsafe {
+            for t in 0..len {
+                let row = b * len + t;
+                for g in 0..groups {
+                    let h = kh * groups + g;
+                    dq_out.put(
+                        row * qs + h * d,
+                        &dq[(g * len + t) * d..(g * len + t + 1) * d],
                     );
                 }
+                dk_out.put(row * ks + kh * d, &dk[t * d..(t + 1) * d]);
+                dv_out.put(row * ks + kh * d, &dv[t * d..(t + 1) * d]);
             }
-            (dq, dk, dv)
-        })
-        .collect();
-    let mut dq = vec![0f32; batch * len * qs];
-    let mut dk = vec![0f32; batch * len * ks];
-    let mut dv = vec![0f32; batch * len * ks];
-    for ((b, kh), (dqb, dkb, dvb)) in tasks.iter().zip(outs) {
-        for t in 0..len {
-            let row = b * len + t;
-            for g in 0..groups {
-                let h = kh * groups + g;
-                dq[row * qs + h * d..row * qs + (h + 1) * d]
-                    .copy_from_slice(&dqb[(g * len + t) * d..(g * len + t + 1) * d]);
-            }
-            dk[row * ks + kh * d..row * ks + (kh + 1) * d]
-                .copy_from_slice(&dkb[t * d..(t + 1) * d]);
-            dv[row * ks + kh * d..row * ks + (kh + 1) * d]
-                .copy_from_slice(&dvb[t * d..(t + 1) * d]);
         }
+    });
+    // SAFETY: every element was written above.
+    unsafe {
+        dq_all.set_len(n_q);
+        dk_all.set_len(n_k);
+        dv_all.set_len(n_k);
     }
-    (dq, dk, dv)
+    (dq_all, dk_all, dv_all)
 }

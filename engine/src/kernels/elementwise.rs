@@ -2,9 +2,41 @@
 //! `[tokens, heads·d]` layout, and the softmax of LM-head logits. Each is one pass over its
 //! inputs; forms and derivatives are those of [`crate::train::ops`].
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::fastmath;
+
+/// Storage for `len` values that parallel chunks will initialise (see [`init`] and
+/// [`assume_init`]): nothing is zeroed on the calling thread.
+pub(crate) fn uninit(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// The first `len` uninitialised values of `v` (from [`uninit`]).
+pub(crate) fn spare(v: &mut Vec<f32>, len: usize) -> &mut [MaybeUninit<f32>] {
+    &mut v.spare_capacity_mut()[..len]
+}
+
+/// Zeroes a chunk of [`spare`] storage on the worker that fills it, and views it as values.
+pub(crate) fn init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in s.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was just written, and `MaybeUninit<f32>` has f32's layout.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// Marks the `len` values of `v` initialised.
+///
+/// # Safety
+/// Every chunk of `spare(v, len)` must have gone through [`init`] (or been written otherwise).
+pub(crate) unsafe fn assume_init(v: &mut Vec<f32>, len: usize) {
+    debug_assert!(v.capacity() >= len);
+    // SAFETY: the caller initialised the first `len` values.
+    unsafe { v.set_len(len) }
+}
 
 const ROWS: usize = 16;
 
@@ -22,17 +54,68 @@ crate::simd! {
     }
 }
 
+crate::simd! {
+    fn add_rows(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    }
+}
+
 /// RMSNorm forward on `[n, d]` rows: `(y, r)`.
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
     let n = x.len() / d;
-    let mut y = vec![0f32; x.len()];
-    let mut r = vec![0f32; n];
-    y.par_chunks_mut(ROWS * d)
-        .zip(r.par_chunks_mut(ROWS))
+    let (mut y, mut r) = (uninit(x.len()), uninit(n));
+    spare(&mut y, x.len())
+        .par_chunks_mut(ROWS * d)
+        .zip(spare(&mut r, n).par_chunks_mut(ROWS))
         .zip(x.par_chunks(ROWS * d))
-        .for_each(|((y, r), x)| rms_rows(x, w, eps, y, r));
+        .for_each(|((y, r), x)| rms_rows(x, w, eps, init(y), init(r)));
+    // SAFETY: the chunks cover both vectors and each went through `init`.
+    unsafe {
+        assume_init(&mut y, x.len());
+        assume_init(&mut r, n);
+    }
     (y, r)
+}
+
+/// The residual sum `h = x + a` and its RMSNorm, in one pass: `(h, y, r)`.
+pub fn add_rmsnorm(x: &[f32], a: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), a.len(), "add_rmsnorm: shapes differ");
+    let d = w.len();
+    let n = x.len() / d;
+    let (mut h, mut y, mut r) = (uninit(x.len()), uninit(x.len()), uninit(n));
+    spare(&mut h, x.len())
+        .par_chunks_mut(ROWS * d)
+        .zip(spare(&mut y, x.len()).par_chunks_mut(ROWS * d))
+        .zip(spare(&mut r, n).par_chunks_mut(ROWS))
+        .zip(x.par_chunks(ROWS * d).zip(a.par_chunks(ROWS * d)))
+        .for_each(|(((h, y), r), (x, a))| {
+            let h = init(h);
+            add_rows(x, a, h);
+            rms_rows(h, w, eps, init(y), init(r));
+        });
+    // SAFETY: the chunks cover the three vectors and each went through `init`.
+    unsafe {
+        assume_init(&mut h, x.len());
+        assume_init(&mut y, x.len());
+        assume_init(&mut r, n);
+    }
+    (h, y, r)
+}
+
+/// `a + b`, element-wise, in parallel.
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "add: shapes differ");
+    let mut out = uninit(a.len());
+    spare(&mut out, a.len())
+        .par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(o, (a, b))| add_rows(a, b, init(o)));
+    // SAFETY: the chunks cover the vector and each went through `init`.
+    unsafe { assume_init(&mut out, a.len()) };
+    out
 }
 
 /// `Σ aᵢbᵢcᵢ` with 16 partial sums.
@@ -64,21 +147,45 @@ crate::simd! {
     }
 }
 
-/// RMSNorm backward: `(dx, dw)`.
-pub fn rmsnorm_backward(x: &[f32], r: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// RMSNorm backward: `(dx, dw)`, with `residual` (the gradient reaching the normalised input
+/// along the skip connection) added to `dx` when given.
+pub fn rmsnorm_backward(
+    x: &[f32],
+    r: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    residual: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let mut dx = vec![0f32; x.len()];
-    let dws: Vec<Vec<f32>> = dx
+    if let Some(res) = residual {
+        assert_eq!(
+            res.len(),
+            x.len(),
+            "rmsnorm_backward: residual shape differs"
+        );
+    }
+    let mut dx = uninit(x.len());
+    let dws: Vec<Vec<f32>> = spare(&mut dx, x.len())
         .par_chunks_mut(ROWS * d)
+        .enumerate()
         .zip(x.par_chunks(ROWS * d))
         .zip(r.par_chunks(ROWS))
         .zip(dy.par_chunks(ROWS * d))
-        .map(|(((dx, x), r), dy)| {
+        .map(|((((i, dx), x), r), dy)| {
+            let dx = init(dx);
             let mut dw = vec![0f32; d];
             rms_back_rows(x, r, w, dy, dx, &mut dw);
+            if let Some(res) = residual {
+                let res = &res[i * ROWS * d..i * ROWS * d + dx.len()];
+                for (o, v) in dx.iter_mut().zip(res) {
+                    *o += v;
+                }
+            }
             dw
         })
         .collect();
+    // SAFETY: the chunks cover the vector and each went through `init`.
+    unsafe { assume_init(&mut dx, x.len()) };
     let mut dw = vec![0f32; d];
     for p in dws {
         dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
@@ -96,11 +203,14 @@ crate::simd! {
 
 /// `silu(g) ⊙ u`.
 pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; g.len()];
-    out.par_chunks_mut(1 << 14)
+    let mut out = uninit(g.len());
+    spare(&mut out, g.len())
+        .par_chunks_mut(1 << 14)
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
-        .for_each(|((o, g), u)| swiglu_chunk(g, u, o));
+        .for_each(|((o, g), u)| swiglu_chunk(g, u, init(o)));
+    // SAFETY: the chunks cover the vector and each went through `init`.
+    unsafe { assume_init(&mut out, g.len()) };
     out
 }
 
@@ -116,39 +226,64 @@ crate::simd! {
 
 /// SwiGLU backward: `(dg, du)`.
 pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(1 << 14)
-        .zip(du.par_chunks_mut(1 << 14))
+    let n = g.len();
+    let (mut dg, mut du) = (uninit(n), uninit(n));
+    spare(&mut dg, n)
+        .par_chunks_mut(1 << 14)
+        .zip(spare(&mut du, n).par_chunks_mut(1 << 14))
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
         .zip(da.par_chunks(1 << 14))
-        .for_each(|((((dg, du), g), u), da)| swiglu_back_chunk(g, u, da, dg, du));
+        .for_each(|((((dg, du), g), u), da)| swiglu_back_chunk(g, u, da, init(dg), init(du)));
+    // SAFETY: the chunks cover both vectors and each went through `init`.
+    unsafe {
+        assume_init(&mut dg, n);
+        assume_init(&mut du, n);
+    }
     (dg, du)
 }
 
-/// RoPE in place on rows `[n, heads·d]`: `cos`/`sin` are `[n, d]` (one row per token).
-/// `inverse` applies the transpose (the backward pass).
-pub fn rope_rows(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32], inverse: bool) {
-    let half = d / 2;
-    x.par_chunks_mut(heads * d)
+/// RoPE on rows `[n, heads·d]` into a new vector (`x` is read once, on the workers): `cos` and
+/// `sin` are `[n, d]` (one row per token). `inverse` applies the transpose (the backward pass).
+pub fn rope_rows(
+    x: &[f32],
+    heads: usize,
+    d: usize,
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) -> Vec<f32> {
+    let mut out = uninit(x.len());
+    spare(&mut out, x.len())
+        .par_chunks_mut(heads * d)
+        .zip(x.par_chunks(heads * d))
         .zip(cos.par_chunks(d))
         .zip(sin.par_chunks(d))
-        .for_each(|((row, c), s)| {
-            for h in row.chunks_mut(d) {
-                for i in 0..half {
-                    let (a, b) = (h[i], h[i + half]);
-                    if inverse {
-                        // dq = dy·cos + Rᵀ(dy·sin), Rᵀ([p, q]) = [q, −p]
-                        h[i] = a * c[i] + b * s[i + half];
-                        h[i + half] = b * c[i + half] - a * s[i];
-                    } else {
-                        h[i] = a * c[i] - b * s[i];
-                        h[i + half] = b * c[i + half] + a * s[i + half];
-                    }
-                }
-            }
+        .for_each(|(((o, x), c), s)| {
+            let row = init(o);
+            row.copy_from_slice(x);
+            rope_row(row, d, c, s, inverse);
         });
+    // SAFETY: the chunks cover the vector and each went through `init`.
+    unsafe { assume_init(&mut out, x.len()) };
+    out
+}
+
+fn rope_row(row: &mut [f32], d: usize, c: &[f32], s: &[f32], inverse: bool) {
+    let half = d / 2;
+    for h in row.chunks_mut(d) {
+        for i in 0..half {
+            let (a, b) = (h[i], h[i + half]);
+            if inverse {
+                // dq = dy·cos + Rᵀ(dy·sin), Rᵀ([p, q]) = [q, −p]
+                h[i] = a * c[i] + b * s[i + half];
+                h[i + half] = b * c[i + half] - a * s[i];
+            } else {
+                h[i] = a * c[i] - b * s[i];
+                h[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
 }
 
 crate::simd! {
@@ -166,4 +301,56 @@ crate::simd! {
 /// Softmax of logits rows `[n, vocab]` in place; returns `logsumexp` per row.
 pub fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
     logits.par_chunks_mut(vocab).map(softmax_row).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 17.0)
+            .collect()
+    }
+
+    #[test]
+    fn fused_residual_passes_equal_the_separate_ones() {
+        // 37 rows: not a multiple of the 16-row chunks.
+        let (n, d) = (37, 24);
+        let (x, a, w, dy, res) = (
+            vals(n * d, 1),
+            vals(n * d, 2),
+            vals(d, 3),
+            vals(n * d, 4),
+            vals(n * d, 5),
+        );
+        let (h, y, r) = add_rmsnorm(&x, &a, &w, 1e-5);
+        let h2: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
+        assert_eq!(h, h2);
+        assert_eq!(add(&x, &a), h2);
+        assert_eq!((y, r.clone()), rmsnorm(&h2, &w, 1e-5));
+        let (dx, dw) = rmsnorm_backward(&h, &r, &w, &dy, None);
+        let (dx_res, dw_res) = rmsnorm_backward(&h, &r, &w, &dy, Some(&res));
+        assert_eq!(dw, dw_res);
+        for ((s, p), q) in dx_res.iter().zip(&dx).zip(&res) {
+            assert_eq!(*s, p + q);
+        }
+    }
+
+    #[test]
+    fn rope_backward_inverts_forward() {
+        let (n, heads, d) = (5, 3, 8);
+        let x = vals(n * heads * d, 7);
+        // As in RoPE tables, both halves of a head share their angles.
+        let ang: Vec<f32> = (0..n * d)
+            .map(|i| (i % (d / 2)) as f32 * 0.3 + (i / d) as f32)
+            .collect();
+        let cos: Vec<f32> = ang.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = ang.iter().map(|a| a.sin()).collect();
+        let y = rope_rows(&x, heads, d, &cos, &sin, false);
+        let back = rope_rows(&y, heads, d, &cos, &sin, true);
+        for (p, q) in back.iter().zip(&x) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
 }

@@ -50,22 +50,59 @@ pub fn rmsnorm(x: &Tensor<2>, w: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>)
     ops::rmsnorm(x, w, eps)
 }
 
-/// RMSNorm backward: `(dx, dw)`.
+/// The residual sum `h = x + a` and RMSNorm of it: `(h, y, r)` (one pass on the CPU path).
+pub fn add_rmsnorm(
+    x: &Tensor<2>,
+    a: &Tensor<2>,
+    w: &Tensor<1>,
+    eps: f64,
+) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    if let (Some(xh), Some(ah), Some(wh)) = (host(x), host(a), host(w)) {
+        let [n, d] = x.dims();
+        let (h, y, r) = ew::add_rmsnorm(xh.data(), ah.data(), wh.data(), eps as f32);
+        let dev = x.device();
+        return (
+            t2(h, [n, d], &dev),
+            t2(y, [n, d], &dev),
+            t2(r, [n, 1], &dev),
+        );
+    }
+    let h = x.clone() + a.clone();
+    let (y, r) = ops::rmsnorm(&h, w, eps);
+    (h, y, r)
+}
+
+/// `a + b` (in parallel on the CPU path).
+pub fn add(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
+    if let (Some(ah), Some(bh)) = (host(a), host(b)) {
+        return t2(ew::add(ah.data(), bh.data()), a.dims(), &a.device());
+    }
+    a.clone() + b.clone()
+}
+
+/// RMSNorm backward: `(residual + dx, dw)`, where `residual` is the gradient already reaching
+/// the normalised input along the skip connection (added in the same pass on the CPU path).
 pub fn rmsnorm_backward(
     x: &Tensor<2>,
     r: &Tensor<2>,
     w: &Tensor<1>,
     dy: Tensor<2>,
+    residual: Option<&Tensor<2>>,
     want_dw: bool,
 ) -> (Tensor<2>, Option<Tensor<1>>) {
-    if let (Some(xh), Some(rh), Some(wh), Some(dyh)) = (host(x), host(r), host(w), host(&dy)) {
+    let res_host = residual.map(host);
+    if let (Some(xh), Some(rh), Some(wh), Some(dyh)) = (host(x), host(r), host(w), host(&dy))
+        && res_host.as_ref().is_none_or(|h| h.is_some())
+    {
         let [n, d] = x.dims();
-        let (dx, dw) = ew::rmsnorm_backward(xh.data(), rh.data(), wh.data(), dyh.data());
+        let res = res_host.as_ref().and_then(|h| h.as_ref()).map(|h| h.data());
+        let (dx, dw) = ew::rmsnorm_backward(xh.data(), rh.data(), wh.data(), dyh.data(), res);
         let dev = x.device();
         let dw = want_dw.then(|| kernels::tensor(dw, [d], &dev));
         return (t2(dx, [n, d], &dev), dw);
     }
-    ops::rmsnorm_backward(x, r, w, dy, want_dw)
+    let (dx, dw) = ops::rmsnorm_backward(x, r, w, dy, want_dw);
+    (residual.map_or(dx.clone(), |res| res.clone() + dx), dw)
 }
 
 /// SwiGLU forward.
@@ -102,8 +139,7 @@ pub fn rope(x: Tensor<2>, heads: usize, ctx: &AttnCtx<'_>, r: &Rope, inverse: bo
     if ctx.cpu
         && let Some(xh) = host(&x)
     {
-        let mut v = xh.data().to_vec();
-        ew::rope_rows(&mut v, heads, d, &r.cos_rows, &r.sin_rows, inverse);
+        let v = ew::rope_rows(xh.data(), heads, d, &r.cos_rows, &r.sin_rows, inverse);
         return t2(v, [n, w], &x.device());
     }
     let (b, t) = (ctx.shape.batch, ctx.shape.len);

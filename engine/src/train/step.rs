@@ -375,13 +375,22 @@ pub fn forward(
     };
     let mut layers = Vec::with_capacity(model.layers.len());
     let lowest = trainable.lowest(model.layers.len());
+    // `x + pending` is the residual stream entering the next block.
+    let mut pending: Option<Tensor<2>> = None;
     for (li, layer) in model.layers.iter().enumerate() {
         let seed = |m: u64| {
             dropout_seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
         let a = &layer.self_attn;
         let ln1 = &layer.input_layernorm;
-        let (n1, r1) = fused::rmsnorm(&x, &ln1.weight, ln1.eps);
+        // The previous block's MLP output joins the residual stream in this norm's pass.
+        let (xin, n1, r1) = match pending.take() {
+            Some(down) => fused::add_rmsnorm(&x, &down, &ln1.weight, ln1.eps),
+            None => {
+                let (n1, r1) = fused::rmsnorm(&x, &ln1.weight, ln1.eps);
+                (x.clone(), n1, r1)
+            }
+        };
         let (q, lq) = lin_forward(&a.q_proj, &n1, seed(0));
         let (k, lk) = lin_forward(&a.k_proj, &n1, seed(1));
         let (v, lv) = lin_forward(&a.v_proj, &n1, seed(2));
@@ -390,17 +399,17 @@ pub fn forward(
         let k = fused::rope(k, hkv, &ctx, &rope, false);
         let (o, lse) = fused::attention(&q, &k, &v, &ctx);
         let (attn, lo) = lin_forward(&a.o_proj, &o, seed(3));
-        let h = x.clone() + attn;
         let m = &layer.mlp;
         let ln2 = &layer.post_attention_layernorm;
-        let (n2, r2) = fused::rmsnorm(&h, &ln2.weight, ln2.eps);
+        let (h, n2, r2) = fused::add_rmsnorm(&xin, &attn, &ln2.weight, ln2.eps);
+        drop(attn);
         let (gate, lg) = lin_forward(&m.gate_proj, &n2, seed(4));
         let (up, lu) = lin_forward(&m.up_proj, &n2, seed(5));
         drop(n2);
         let act = fused::swiglu(&gate, &up);
         let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
         drop(act);
-        let y = h.clone() + down;
+        let next = h.clone();
         if li >= lowest {
             let mut lora = BTreeMap::new();
             for (name, saved) in [
@@ -417,7 +426,7 @@ pub fn forward(
                 }
             }
             layers.push(LayerSaved {
-                x,
+                x: xin,
                 r1,
                 q,
                 k,
@@ -431,9 +440,16 @@ pub fn forward(
                 lora,
             });
         }
-        x = y;
+        x = next;
+        pending = Some(down);
     }
-    let (hidden, r_final) = fused::rmsnorm(&x, &model.norm.weight, model.norm.eps);
+    let (x, hidden, r_final) = match pending {
+        Some(down) => fused::add_rmsnorm(&x, &down, &model.norm.weight, model.norm.eps),
+        None => {
+            let (hidden, r) = fused::rmsnorm(&x, &model.norm.weight, model.norm.eps);
+            (x, hidden, r)
+        }
+    };
     let rows_v: Vec<i64> = batch.targets.iter().map(|t| t.pos as i64).collect();
     let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
     let target_h = hidden.select(0, rows.clone());
@@ -523,6 +539,7 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         &fwd.r_final,
         &model.norm.weight,
         d_hidden,
+        None,
         trainable.final_norm,
     );
     if let Some(dw) = dw {
@@ -586,14 +603,15 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         let up = bw(&m.up_proj, "mlp.up_proj", &n2, du, &mut grads);
         drop(n2);
         let dn2 = input_grad(&[gate, up]);
-        let (dh_norm, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2, full);
+        // dh = dx + the norm's input gradient, in one pass.
+        let (dh, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2, Some(&dx), full);
+        drop(dx);
         if let Some(dw) = dw2 {
             grads.insert(
                 format!("{prefix}.post_attention_layernorm.weight"),
                 dw.unsqueeze::<2>(),
             );
         }
-        let dh = dx + dh_norm;
         // Attention
         let a = &layer.self_attn;
         let o = bw(&a.o_proj, "self_attn.o_proj", &s.o, dh.clone(), &mut grads);
@@ -611,15 +629,21 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         ];
         drop(n1);
         if want_input_dx {
-            let (dx_norm, dw1) =
-                fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, input_grad(&parts), full);
+            let (dx_sum, dw1) = fused::rmsnorm_backward(
+                &s.x,
+                &s.r1,
+                &ln1.weight,
+                input_grad(&parts),
+                Some(&dh),
+                full,
+            );
             if let Some(dw) = dw1 {
                 grads.insert(
                     format!("{prefix}.input_layernorm.weight"),
                     dw.unsqueeze::<2>(),
                 );
             }
-            dx = dh + dx_norm;
+            dx = dx_sum;
         } else {
             dx = dh;
         }
