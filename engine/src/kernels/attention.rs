@@ -174,6 +174,23 @@ fn gemm(
     }
 }
 
+/// `S[rows×kmax] = scale · Q_blk · Kᵀ` for query rows `q` (row stride `qs`) against the first
+/// `kmax` keys `k` (row stride `ks`), both `d` wide.
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    s: &mut [f32],
+    rows: usize,
+    kmax: usize,
+    d: usize,
+    q: &[f32],
+    qs: usize,
+    k: &[f32],
+    ks: usize,
+    scale: f32,
+) {
+    gemm(rows, kmax, d, s, kmax, false, q, qs, 1, k, 1, ks, scale);
+}
+
 crate::simd! {
     /// Softmax of score rows `[rows, cols]` over each row's visible range `lo..=hi` (zero
     /// elsewhere), in place; writes the log-sum-exp per row.
@@ -256,22 +273,7 @@ pub fn forward(
             let rows = QB.min(len - q0);
             let kmax = q0 + rows; // causal: keys up to the block's last query
             let s = &mut s[..rows * kmax];
-            // S = scale · Q_blk · Kᵀ
-            gemm(
-                rows,
-                kmax,
-                d,
-                s,
-                kmax,
-                false,
-                &qb[q0 * qs..],
-                qs,
-                1,
-                kb,
-                1,
-                ks,
-                scale,
-            );
+            scores(s, rows, kmax, d, &qb[q0 * qs..], qs, kb, ks, scale);
             let ranges = mask.ranges(b, len, q0, rows);
             softmax_block(s, kmax, &ranges, &mut lse[q0..q0 + rows]);
             // O_blk = P · V
@@ -364,21 +366,7 @@ pub fn backward(
                     let r = (q0 + i) * qs;
                     *ds = fastmath::dot(&dob[r..r + d], &ob[r..r + d]);
                 }
-                gemm(
-                    rows,
-                    kmax,
-                    d,
-                    s,
-                    kmax,
-                    false,
-                    &qb[q0 * qs..],
-                    qs,
-                    1,
-                    kb,
-                    1,
-                    ks,
-                    scale,
-                );
+                scores(s, rows, kmax, d, &qb[q0 * qs..], qs, kb, ks, scale);
                 // dP = dO_blk · Vᵀ
                 gemm(
                     rows,
