@@ -11,34 +11,10 @@
 
 use rayon::prelude::*;
 
-use super::fastmath;
+use super::{Uninit, fastmath};
 
 /// Query rows per block.
 const QB: usize = 64;
-
-/// An output buffer the tasks of one call write disjoint parts of, from their own threads.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32, usize);
-// SAFETY: each task writes only its own (sequence, head) columns; the buffer outlives the call.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn new(v: &mut Vec<f32>, len: usize) -> Self {
-        v.reserve_exact(len.saturating_sub(v.len()));
-        Shared(v.as_mut_ptr(), len)
-    }
-
-    /// Copies `src` to `[off, off + src.len())`.
-    ///
-    /// # Safety
-    /// No other thread may touch that range during the call.
-    unsafe fn put(self, off: usize, src: &[f32]) {
-        assert!(off + src.len() <= self.1, "attention output bounds");
-        // SAFETY: in bounds (checked), and the caller owns the range.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len()) }
-    }
-}
 
 /// Sizes of an attention call.
 #[derive(Debug, Clone, Copy)]
@@ -256,11 +232,8 @@ pub fn forward(
         .flat_map(|b| (0..hq).map(move |h| (b, h)))
         .collect();
     let (n_o, n_lse) = (batch * len * qs, batch * hq * len);
-    let (mut o_all, mut lse_all) = (Vec::new(), Vec::new());
-    let (o_out, lse_out) = (
-        Shared::new(&mut o_all, n_o),
-        Shared::new(&mut lse_all, n_lse),
-    );
+    let (mut o_all, mut lse_all) = (Uninit::new(n_o), Uninit::new(n_lse));
+    let (o_out, lse_out) = (o_all.shared(), lse_all.shared());
     tasks.par_iter().for_each(|&(b, h)| {
         let kh = h / groups;
         let qb = &q[b * len * qs + h * d..];
@@ -303,11 +276,7 @@ pub fn forward(
         }
     });
     // SAFETY: every element was written above (the tasks cover all sequences and heads).
-    unsafe {
-        o_all.set_len(n_o);
-        lse_all.set_len(n_lse);
-    }
-    (o_all, lse_all)
+    unsafe { (o_all.assume_init(), lse_all.assume_init()) }
 }
 
 /// Backward: returns `(dq, dk, dv)` in the row layouts of `q`, `k`, `v`.
@@ -336,12 +305,9 @@ pub fn backward(
         .flat_map(|b| (0..hkv).map(move |h| (b, h)))
         .collect();
     let (n_q, n_k) = (batch * len * qs, batch * len * ks);
-    let (mut dq_all, mut dk_all, mut dv_all) = (Vec::new(), Vec::new(), Vec::new());
-    let (dq_out, dk_out, dv_out) = (
-        Shared::new(&mut dq_all, n_q),
-        Shared::new(&mut dk_all, n_k),
-        Shared::new(&mut dv_all, n_k),
-    );
+    let (mut dq_all, mut dk_all, mut dv_all) =
+        (Uninit::new(n_q), Uninit::new(n_k), Uninit::new(n_k));
+    let (dq_out, dk_out, dv_out) = (dq_all.shared(), dk_all.shared(), dv_all.shared());
     tasks.par_iter().for_each(|&(b, kh)| {
         let kb = &k[b * len * ks + kh * d..];
         let vb = &v[b * len * ks + kh * d..];
@@ -454,9 +420,10 @@ pub fn backward(
     });
     // SAFETY: every element was written above.
     unsafe {
-        dq_all.set_len(n_q);
-        dk_all.set_len(n_k);
-        dv_all.set_len(n_k);
+        (
+            dq_all.assume_init(),
+            dk_all.assume_init(),
+            dv_all.assume_init(),
+        )
     }
-    (dq_all, dk_all, dv_all)
 }

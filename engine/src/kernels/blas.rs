@@ -27,6 +27,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::SharedOut;
+
 type Sgemm = unsafe extern "C" fn(
     order: i32,
     trans_a: i32,
@@ -207,20 +209,6 @@ impl<'a> Operand<'a> {
 /// shared operand stays cheap.
 const MIN_BLOCK: usize = 64;
 
-/// A raw output pointer shared by the blocks of one product (each writes its own part).
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the blocks write disjoint parts of the output.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer `off` values in (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, off: usize) -> *mut f32 {
-        self.0.wrapping_add(off)
-    }
-}
-
 impl Blas {
     /// `c[m×n] = alpha·op(a)·op(b) + beta·c`, row-major, `c` contiguous with row stride `n`.
     ///
@@ -333,7 +321,7 @@ impl Blas {
         let len = if by_rows { m } else { n };
         let blocks = (len / MIN_BLOCK).clamp(1, threads);
         let step = len.div_ceil(blocks);
-        let out = Out(c);
+        let out = SharedOut::new(c, (m - 1) * ldc + n);
         let run = |start: usize| {
             let end = (start + step).min(len);
             let (mi, ni, a_off, b_off, c_off) = if by_rows {

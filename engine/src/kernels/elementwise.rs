@@ -2,41 +2,9 @@
 //! `[tokens, heads·d]` layout, and the softmax of LM-head logits. Each is one pass over its
 //! inputs; forms and derivatives are those of [`crate::train::ops`].
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
-use super::fastmath;
-
-/// Storage for `len` values that parallel chunks will initialise (see [`init`] and
-/// [`assume_init`]): nothing is zeroed on the calling thread.
-pub(crate) fn uninit(len: usize) -> Vec<f32> {
-    Vec::with_capacity(len)
-}
-
-/// The first `len` uninitialised values of `v` (from [`uninit`]).
-pub(crate) fn spare(v: &mut Vec<f32>, len: usize) -> &mut [MaybeUninit<f32>] {
-    &mut v.spare_capacity_mut()[..len]
-}
-
-/// Zeroes a chunk of [`spare`] storage on the worker that fills it, and views it as values.
-pub(crate) fn init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    for v in s.iter_mut() {
-        v.write(0.0);
-    }
-    // SAFETY: every element was just written, and `MaybeUninit<f32>` has f32's layout.
-    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
-}
-
-/// Marks the `len` values of `v` initialised.
-///
-/// # Safety
-/// Every chunk of `spare(v, len)` must have gone through [`init`] (or been written otherwise).
-pub(crate) unsafe fn assume_init(v: &mut Vec<f32>, len: usize) {
-    debug_assert!(v.capacity() >= len);
-    // SAFETY: the caller initialised the first `len` values.
-    unsafe { v.set_len(len) }
-}
+use super::{Uninit, fastmath, init};
 
 const ROWS: usize = 16;
 
@@ -66,18 +34,14 @@ crate::simd! {
 pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
     let n = x.len() / d;
-    let (mut y, mut r) = (uninit(x.len()), uninit(n));
-    spare(&mut y, x.len())
+    let (mut y, mut r) = (Uninit::new(x.len()), Uninit::new(n));
+    y.spare()
         .par_chunks_mut(ROWS * d)
-        .zip(spare(&mut r, n).par_chunks_mut(ROWS))
+        .zip(r.spare().par_chunks_mut(ROWS))
         .zip(x.par_chunks(ROWS * d))
         .for_each(|((y, r), x)| rms_rows(x, w, eps, init(y), init(r)));
     // SAFETY: the chunks cover both vectors and each went through `init`.
-    unsafe {
-        assume_init(&mut y, x.len());
-        assume_init(&mut r, n);
-    }
-    (y, r)
+    unsafe { (y.assume_init(), r.assume_init()) }
 }
 
 /// The residual sum `h = x + a` and its RMSNorm, in one pass: `(h, y, r)`.
@@ -85,11 +49,11 @@ pub fn add_rmsnorm(x: &[f32], a: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<
     assert_eq!(x.len(), a.len(), "add_rmsnorm: shapes differ");
     let d = w.len();
     let n = x.len() / d;
-    let (mut h, mut y, mut r) = (uninit(x.len()), uninit(x.len()), uninit(n));
-    spare(&mut h, x.len())
+    let (mut h, mut y, mut r) = (Uninit::new(x.len()), Uninit::new(x.len()), Uninit::new(n));
+    h.spare()
         .par_chunks_mut(ROWS * d)
-        .zip(spare(&mut y, x.len()).par_chunks_mut(ROWS * d))
-        .zip(spare(&mut r, n).par_chunks_mut(ROWS))
+        .zip(y.spare().par_chunks_mut(ROWS * d))
+        .zip(r.spare().par_chunks_mut(ROWS))
         .zip(x.par_chunks(ROWS * d).zip(a.par_chunks(ROWS * d)))
         .for_each(|(((h, y), r), (x, a))| {
             let h = init(h);
@@ -97,25 +61,7 @@ pub fn add_rmsnorm(x: &[f32], a: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<
             rms_rows(h, w, eps, init(y), init(r));
         });
     // SAFETY: the chunks cover the three vectors and each went through `init`.
-    unsafe {
-        assume_init(&mut h, x.len());
-        assume_init(&mut y, x.len());
-        assume_init(&mut r, n);
-    }
-    (h, y, r)
-}
-
-/// `a + b`, element-wise, in parallel.
-pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert_eq!(a.len(), b.len(), "add: shapes differ");
-    let mut out = uninit(a.len());
-    spare(&mut out, a.len())
-        .par_chunks_mut(1 << 14)
-        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-        .for_each(|(o, (a, b))| add_rows(a, b, init(o)));
-    // SAFETY: the chunks cover the vector and each went through `init`.
-    unsafe { assume_init(&mut out, a.len()) };
-    out
+    unsafe { (h.assume_init(), y.assume_init(), r.assume_init()) }
 }
 
 /// `Σ aᵢbᵢcᵢ` with 16 partial sums.
@@ -164,8 +110,9 @@ pub fn rmsnorm_backward(
             "rmsnorm_backward: residual shape differs"
         );
     }
-    let mut dx = uninit(x.len());
-    let dws: Vec<Vec<f32>> = spare(&mut dx, x.len())
+    let mut dx = Uninit::new(x.len());
+    let dws: Vec<Vec<f32>> = dx
+        .spare()
         .par_chunks_mut(ROWS * d)
         .enumerate()
         .zip(x.par_chunks(ROWS * d))
@@ -185,7 +132,7 @@ pub fn rmsnorm_backward(
         })
         .collect();
     // SAFETY: the chunks cover the vector and each went through `init`.
-    unsafe { assume_init(&mut dx, x.len()) };
+    let dx = unsafe { dx.assume_init() };
     let mut dw = vec![0f32; d];
     for p in dws {
         dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
@@ -203,15 +150,14 @@ crate::simd! {
 
 /// `silu(g) ⊙ u`.
 pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut out = uninit(g.len());
-    spare(&mut out, g.len())
+    let mut out = Uninit::new(g.len());
+    out.spare()
         .par_chunks_mut(1 << 14)
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
         .for_each(|((o, g), u)| swiglu_chunk(g, u, init(o)));
     // SAFETY: the chunks cover the vector and each went through `init`.
-    unsafe { assume_init(&mut out, g.len()) };
-    out
+    unsafe { out.assume_init() }
 }
 
 crate::simd! {
@@ -227,20 +173,16 @@ crate::simd! {
 /// SwiGLU backward: `(dg, du)`.
 pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let n = g.len();
-    let (mut dg, mut du) = (uninit(n), uninit(n));
-    spare(&mut dg, n)
+    let (mut dg, mut du) = (Uninit::new(n), Uninit::new(n));
+    dg.spare()
         .par_chunks_mut(1 << 14)
-        .zip(spare(&mut du, n).par_chunks_mut(1 << 14))
+        .zip(du.spare().par_chunks_mut(1 << 14))
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
         .zip(da.par_chunks(1 << 14))
         .for_each(|((((dg, du), g), u), da)| swiglu_back_chunk(g, u, da, init(dg), init(du)));
     // SAFETY: the chunks cover both vectors and each went through `init`.
-    unsafe {
-        assume_init(&mut dg, n);
-        assume_init(&mut du, n);
-    }
-    (dg, du)
+    unsafe { (dg.assume_init(), du.assume_init()) }
 }
 
 /// RoPE on rows `[n, heads·d]` into a new vector (`x` is read once, on the workers): `cos` and
@@ -253,8 +195,8 @@ pub fn rope_rows(
     sin: &[f32],
     inverse: bool,
 ) -> Vec<f32> {
-    let mut out = uninit(x.len());
-    spare(&mut out, x.len())
+    let mut out = Uninit::new(x.len());
+    out.spare()
         .par_chunks_mut(heads * d)
         .zip(x.par_chunks(heads * d))
         .zip(cos.par_chunks(d))
@@ -265,8 +207,7 @@ pub fn rope_rows(
             rope_row(row, d, c, s, inverse);
         });
     // SAFETY: the chunks cover the vector and each went through `init`.
-    unsafe { assume_init(&mut out, x.len()) };
-    out
+    unsafe { out.assume_init() }
 }
 
 fn rope_row(row: &mut [f32], d: usize, c: &[f32], s: &[f32], inverse: bool) {
@@ -327,7 +268,6 @@ mod tests {
         let (h, y, r) = add_rmsnorm(&x, &a, &w, 1e-5);
         let h2: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
         assert_eq!(h, h2);
-        assert_eq!(add(&x, &a), h2);
         assert_eq!((y, r.clone()), rmsnorm(&h2, &w, 1e-5));
         let (dx, dw) = rmsnorm_backward(&h, &r, &w, &dy, None);
         let (dx_res, dw_res) = rmsnorm_backward(&h, &r, &w, &dy, Some(&res));

@@ -45,6 +45,87 @@ pub fn host<const D: usize>(t: &Tensor<D>) -> Option<Host> {
     Some(Host { t: p })
 }
 
+/// Output storage of `len` values that parallel tasks initialise: nothing is zeroed on the
+/// calling thread (that pass would leave the other cores idle).
+pub(crate) struct Uninit {
+    v: Vec<f32>,
+    len: usize,
+}
+
+impl Uninit {
+    /// Room for `len` values.
+    pub(crate) fn new(len: usize) -> Self {
+        Uninit {
+            v: Vec::with_capacity(len),
+            len,
+        }
+    }
+
+    /// The uninitialised values, for `par_chunks_mut` and [`init`].
+    pub(crate) fn spare(&mut self) -> &mut [std::mem::MaybeUninit<f32>] {
+        &mut self.v.spare_capacity_mut()[..self.len]
+    }
+
+    /// A pointer through which tasks write disjoint parts of the storage.
+    pub(crate) fn shared(&mut self) -> SharedOut {
+        SharedOut::new(self.spare().as_mut_ptr().cast(), self.len)
+    }
+
+    /// The values.
+    ///
+    /// # Safety
+    /// Every value must have been written (through [`init`] or [`SharedOut::put`]).
+    pub(crate) unsafe fn assume_init(mut self) -> Vec<f32> {
+        // SAFETY: the caller initialised the first `len` values; capacity ≥ len.
+        unsafe { self.v.set_len(self.len) };
+        self.v
+    }
+}
+
+/// Zeroes a chunk of [`Uninit::spare`] on the worker that fills it, and views it as values
+/// (kernels take `&mut [f32]`, which must not point at uninitialised memory).
+pub(crate) fn init(s: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    for v in s.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was just written, and `MaybeUninit<f32>` has f32's layout.
+    unsafe { &mut *(s as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// A raw output pointer shared by the parallel tasks of one call, each writing its own part.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: the tasks of one call write disjoint elements (each user's SAFETY comment says how),
+// and the buffer outlives the call.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// `len` values at `ptr`.
+    pub(crate) fn new(ptr: *mut f32, len: usize) -> Self {
+        SharedOut { ptr, len }
+    }
+
+    /// The pointer `off` values in (for foreign calls that take strides; a method, so that
+    /// closures capture the whole `Send` wrapper).
+    pub(crate) fn at(self, off: usize) -> *mut f32 {
+        self.ptr.wrapping_add(off)
+    }
+
+    /// Copies `src` to `[off, off + src.len())`.
+    ///
+    /// # Safety
+    /// No other thread may touch that range during the call.
+    pub(crate) unsafe fn put(self, off: usize, src: &[f32]) {
+        assert!(off + src.len() <= self.len, "shared output bounds");
+        // SAFETY: in bounds (checked), and the caller owns the range.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) }
+    }
+}
+
 /// Wraps a vector as a tensor on `device` (no copy on the flex backend).
 pub fn tensor<const D: usize>(v: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(v, shape), device)

@@ -72,14 +72,6 @@ pub fn add_rmsnorm(
     (h, y, r)
 }
 
-/// `a + b` (in parallel on the CPU path).
-pub fn add(a: &Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
-    if let (Some(ah), Some(bh)) = (host(a), host(b)) {
-        return t2(ew::add(ah.data(), bh.data()), a.dims(), &a.device());
-    }
-    a.clone() + b.clone()
-}
-
 /// RMSNorm backward: `(residual + dx, dw)`, where `residual` is the gradient already reaching
 /// the normalised input along the skip connection (added in the same pass on the CPU path).
 pub fn rmsnorm_backward(
@@ -90,19 +82,24 @@ pub fn rmsnorm_backward(
     residual: Option<&Tensor<2>>,
     want_dw: bool,
 ) -> (Tensor<2>, Option<Tensor<1>>) {
-    let res_host = residual.map(host);
-    if let (Some(xh), Some(rh), Some(wh), Some(dyh)) = (host(x), host(r), host(w), host(&dy))
-        && res_host.as_ref().is_none_or(|h| h.is_some())
+    // `Some(None)`: no residual; `None`: a residual off host memory (the burn path).
+    let res_host = residual.map_or(Some(None), |t| host(t).map(Some));
+    if let (Some(xh), Some(rh), Some(wh), Some(dyh), Some(res)) =
+        (host(x), host(r), host(w), host(&dy), res_host)
     {
         let [n, d] = x.dims();
-        let res = res_host.as_ref().and_then(|h| h.as_ref()).map(|h| h.data());
+        let res = res.as_ref().map(|h| h.data());
         let (dx, dw) = ew::rmsnorm_backward(xh.data(), rh.data(), wh.data(), dyh.data(), res);
         let dev = x.device();
         let dw = want_dw.then(|| kernels::tensor(dw, [d], &dev));
         return (t2(dx, [n, d], &dev), dw);
     }
     let (dx, dw) = ops::rmsnorm_backward(x, r, w, dy, want_dw);
-    (residual.map_or(dx.clone(), |res| res.clone() + dx), dw)
+    let dx = match residual {
+        Some(res) => res.clone() + dx,
+        None => dx,
+    };
+    (dx, dw)
 }
 
 /// SwiGLU forward.

@@ -15,7 +15,7 @@ use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{fused, ops};
 use crate::kernels::{self, Term, matmul_sum};
-use crate::model::{Linear, LlamaModel, Positions};
+use crate::model::{Linear, LlamaModel, Positions, RmsNorm};
 
 /// Which parameters receive gradients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +328,22 @@ fn train_mask(
     Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), device).expand([b, heads, t, t])
 }
 
+/// The residual stream `x (+ pending)` and its RMSNorm: `(stream, normalised, r)`. The
+/// previous block's MLP output (`pending`) joins the stream in the norm's own pass.
+fn residual_norm(
+    x: Tensor<2>,
+    pending: Option<Tensor<2>>,
+    norm: &RmsNorm,
+) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+    match pending {
+        Some(down) => fused::add_rmsnorm(&x, &down, &norm.weight, norm.eps),
+        None => {
+            let (y, r) = fused::rmsnorm(&x, &norm.weight, norm.eps);
+            (x, y, r)
+        }
+    }
+}
+
 /// The forward pass. `dropout_seed` seeds LoRA dropout (None disables it).
 pub fn forward(
     model: &LlamaModel,
@@ -383,14 +399,7 @@ pub fn forward(
         };
         let a = &layer.self_attn;
         let ln1 = &layer.input_layernorm;
-        // The previous block's MLP output joins the residual stream in this norm's pass.
-        let (xin, n1, r1) = match pending.take() {
-            Some(down) => fused::add_rmsnorm(&x, &down, &ln1.weight, ln1.eps),
-            None => {
-                let (n1, r1) = fused::rmsnorm(&x, &ln1.weight, ln1.eps);
-                (x.clone(), n1, r1)
-            }
-        };
+        let (xin, n1, r1) = residual_norm(x, pending.take(), ln1);
         let (q, lq) = lin_forward(&a.q_proj, &n1, seed(0));
         let (k, lk) = lin_forward(&a.k_proj, &n1, seed(1));
         let (v, lv) = lin_forward(&a.v_proj, &n1, seed(2));
@@ -409,7 +418,7 @@ pub fn forward(
         let act = fused::swiglu(&gate, &up);
         let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
         drop(act);
-        let next = h.clone();
+        x = h.clone();
         if li >= lowest {
             let mut lora = BTreeMap::new();
             for (name, saved) in [
@@ -440,16 +449,9 @@ pub fn forward(
                 lora,
             });
         }
-        x = next;
         pending = Some(down);
     }
-    let (x, hidden, r_final) = match pending {
-        Some(down) => fused::add_rmsnorm(&x, &down, &model.norm.weight, model.norm.eps),
-        None => {
-            let (hidden, r) = fused::rmsnorm(&x, &model.norm.weight, model.norm.eps);
-            (x, hidden, r)
-        }
-    };
+    let (x, hidden, r_final) = residual_norm(x, pending, &model.norm);
     let rows_v: Vec<i64> = batch.targets.iter().map(|t| t.pos as i64).collect();
     let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
     let target_h = hidden.select(0, rows.clone());
