@@ -3,12 +3,17 @@
 # projections, f32, CPU): fedtune vs PyTorch+PEFT (+bitsandbytes NF4 with double
 # quantisation), alternating in the same run. Needs bench/.venv (bench/setup.sh).
 #   bench/train_step.sh [ROUNDS] [STEPS]
+# fedtune's products go through oneMKL from bench/.venv (the BLAS PyTorch is built with) when
+# it is there; FEDTUNE_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 measures OpenBLAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 STEPS=${2:-4}
 GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
 HF=.cache/smollm2-hf
+MKL=bench/.venv/lib/libmkl_rt.so.3
+if [ -z "${FEDTUNE_BLAS:-}" ] && [ -f "$MKL" ]; then export FEDTUNE_BLAS="$PWD/$MKL"; fi
+echo "fedtune BLAS: ${FEDTUNE_BLAS:-first found (oneMKL, then OpenBLAS)}"
 cargo build --release -q --bin fedtune
 cargo build --release -q -p fedtune-engine --example bench_train
 # Both sides read the same Hugging Face directory (the GGUF dequantised to f32).

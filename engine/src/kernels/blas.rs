@@ -2,14 +2,17 @@
 //!
 //! The projections of a training step are most of its time, and at their shapes (a few
 //! thousand rows times a few hundred to a few thousand columns) OpenBLAS's SGEMM ran 1.3–2×
-//! as fast as the `gemm` crate behind burn-flex here (see BENCHMARKS.md). OpenBLAS is loaded
-//! at run time (`dlopen`), so fedtune builds and runs without it and picks it up when present
-//! (`apt install libopenblas0`, `dnf install openblas`, `brew install openblas`):
+//! as fast as the `gemm` crate behind burn-flex here, and Intel's oneMKL faster again on Intel
+//! CPUs (see BENCHMARKS.md). The library is loaded at run time (`dlopen`), so fedtune builds
+//! and runs without one and picks it up when present:
 //!
 //! - `FEDTUNE_BLAS=/path/to/lib.so` loads that library (it must export the LP64
 //!   `cblas_sgemm`); `FEDTUNE_BLAS=off` disables BLAS.
-//! - Otherwise the usual OpenBLAS names are tried in order; when none loads, callers fall back
-//!   to burn's own matrix product.
+//! - Otherwise, on Intel CPUs, oneMKL's single dynamic library (`libmkl_rt.so.3` or `.2`) is
+//!   tried first: on the loader's path, then in the active Python environment
+//!   (`$VIRTUAL_ENV/lib`, `$CONDA_PREFIX/lib`; `pip install mkl` puts it there). Then the
+//!   usual OpenBLAS names (`apt install libopenblas0`, `dnf install openblas`,
+//!   `brew install openblas`). When none loads, callers fall back to burn's own product.
 //!
 //! OpenBLAS picks its kernels for the CPU when it is loaded. Releases before 0.3.22 (Debian 12
 //! ships 0.3.21) do not know recent Xeons (Sapphire and Emerald Rapids) and fall back to their
@@ -18,10 +21,12 @@
 //! kernel family the CPU supports (`SkylakeX` with AVX-512, `Haswell` with AVX2), and logs the
 //! kernels the library reports.
 //!
-//! BLAS runs single-threaded inside each call; a product is split into row blocks over the
-//! rayon pool the rest of the engine uses, so one set of threads does all the work (OpenBLAS's
-//! own threads would spin beside rayon's). Results do not depend on the number of threads:
-//! every output element is one BLAS dot-product order over the full `k`.
+//! BLAS runs single-threaded inside each call (OpenBLAS: one thread; oneMKL: its sequential
+//! layer unless `MKL_THREADING_LAYER` says otherwise, and one thread); a product is split into
+//! row blocks over the rayon pool the rest of the engine uses, so one set of threads does all
+//! the work (the library's own threads would spin beside rayon's). Results do not depend on
+//! the number of threads: every output element is one BLAS dot-product order over the full
+//! `k`.
 
 use std::sync::OnceLock;
 
@@ -46,6 +51,8 @@ type Sgemm = unsafe extern "C" fn(
     ldc: i32,
 );
 type SetThreads = unsafe extern "C" fn(n: i32);
+type SetLayer = unsafe extern "C" fn(layer: i32) -> i32;
+type VersionString = unsafe extern "C" fn(buf: *mut std::ffi::c_char, len: i32);
 type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
 
 const ROW_MAJOR: i32 = 101;
@@ -59,6 +66,8 @@ pub struct Blas {
     pub name: String,
     /// The kernel family OpenBLAS reports (`openblas_get_corename`), when it is OpenBLAS.
     pub core: Option<String>,
+    /// oneMKL's version string, when it is oneMKL.
+    pub mkl: Option<String>,
     _lib: libloading::Library,
 }
 
@@ -68,6 +77,15 @@ const CANDIDATES: &[&str] = &[
     "/opt/homebrew/opt/openblas/lib/libopenblas.dylib",
     "/usr/local/opt/openblas/lib/libopenblas.dylib",
 ];
+/// oneMKL's single dynamic library (the pip wheel ships `.so.3`, Debian's `libmkl-rt` `.so`).
+#[cfg(not(target_os = "macos"))]
+const MKL_NAMES: &[&str] = &["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"];
+#[cfg(target_os = "macos")]
+const MKL_NAMES: &[&str] = &[];
+
+/// `MKL_THREADING_SEQUENTIAL` of `mkl_set_threading_layer`.
+const MKL_SEQUENTIAL: i32 = 1;
+
 #[cfg(not(target_os = "macos"))]
 const CANDIDATES: &[&str] = &[
     "libopenblas.so.0",
@@ -89,6 +107,34 @@ fn load(path: &str) -> Result<Blas, String> {
     if let Ok(set) = unsafe { lib.get::<SetThreads>(b"openblas_set_num_threads\0") } {
         unsafe { set(1) };
     }
+    // oneMKL: its sequential layer (no OpenMP runtime needed) unless the user chose one, set
+    // before any other MKL call; then one thread per call whatever the layer.
+    let mkl = if let Ok(layer) = unsafe { lib.get::<SetLayer>(b"MKL_Set_Threading_Layer\0") } {
+        if std::env::var_os("MKL_THREADING_LAYER").is_none() {
+            // SAFETY: `int MKL_Set_Threading_Layer(int)`, called before any computation.
+            unsafe { layer(MKL_SEQUENTIAL) };
+        }
+        // SAFETY: `void MKL_Set_Num_Threads(int)`.
+        if let Ok(set) = unsafe { lib.get::<SetThreads>(b"MKL_Set_Num_Threads\0") } {
+            unsafe { set(1) };
+        }
+        // SAFETY: `void MKL_Get_Version_String(char* buf, int len)` writes a NUL-terminated
+        // string of at most `len` bytes.
+        unsafe { lib.get::<VersionString>(b"MKL_Get_Version_String\0") }
+            .ok()
+            .map(|f| {
+                let mut buf = [0 as std::ffi::c_char; 256];
+                unsafe { f(buf.as_mut_ptr(), buf.len() as i32) };
+                buf[buf.len() - 1] = 0;
+                unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                    .to_string_lossy()
+                    .trim()
+                    .to_string()
+            })
+            .or_else(|| Some("oneMKL".to_string()))
+    } else {
+        None
+    };
     // SAFETY: OpenBLAS's `char* openblas_get_corename(void)` returns a static C string.
     let core = unsafe { lib.get::<CoreName>(b"openblas_get_corename\0") }
         .ok()
@@ -104,6 +150,7 @@ fn load(path: &str) -> Result<Blas, String> {
         sgemm,
         name: path.to_string(),
         core,
+        mkl,
         _lib: lib,
     })
 }
@@ -151,7 +198,50 @@ fn find() -> Option<Blas> {
                 None
             }
         },
-        Err(_) => CANDIDATES.iter().find_map(|p| load(p).ok()),
+        Err(_) => mkl_candidates()
+            .into_iter()
+            .chain(CANDIDATES.iter().map(|s| s.to_string()))
+            .find_map(|p| load(&p).ok()),
+    }
+}
+
+/// Where to look for oneMKL: only on Intel CPUs (on others it is known to take slow paths),
+/// on the loader's path and in the active Python environment.
+fn mkl_candidates() -> Vec<String> {
+    if !intel_cpu() {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = MKL_NAMES.iter().map(|s| s.to_string()).collect();
+    for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+        if let Some(prefix) = std::env::var_os(var) {
+            let lib = std::path::Path::new(&prefix).join("lib");
+            out.extend(
+                MKL_NAMES
+                    .iter()
+                    .map(|n| lib.join(n))
+                    .filter(|p| p.exists())
+                    .map(|p| p.to_string_lossy().into_owned()),
+            );
+        }
+    }
+    out
+}
+
+/// Whether the CPU's vendor string is `GenuineIntel`.
+fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 0 exists on every x86-64 CPU (safe since Rust 1.87).
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = Vec::with_capacity(12);
+        for w in [r.ebx, r.edx, r.ecx] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -162,9 +252,12 @@ pub fn get() -> Option<&'static Blas> {
         let b = find();
         match &b {
             Some(b) => tracing::debug!(
-                "matrix products through {} (kernels: {})",
+                "matrix products through {} ({})",
                 b.name,
-                b.core.as_deref().unwrap_or("unknown")
+                b.mkl
+                    .clone()
+                    .or_else(|| b.core.as_ref().map(|c| format!("kernels: {c}")))
+                    .unwrap_or_else(|| "kernels: unknown".into())
             ),
             None => tracing::debug!("no BLAS found; matrix products through burn"),
         }
