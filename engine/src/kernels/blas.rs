@@ -500,12 +500,76 @@ mod tests {
         );
     }
 
+    /// Every BLAS this machine can load: the one in use, the usual names, and the paths in
+    /// `FEDTUNE_TEST_BLAS` (colon-separated; `.ci/run` puts oneMKL there), so that both
+    /// OpenBLAS and oneMKL are checked where both are present.
+    fn every_blas() -> Vec<Blas> {
+        // Sets OPENBLAS_CORETYPE once, as users get it, before any library loads here.
+        let _ = get();
+        let extra = std::env::var("FEDTUNE_TEST_BLAS").unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        mkl_candidates()
+            .into_iter()
+            .chain(CANDIDATES.iter().map(|s| s.to_string()))
+            .chain(extra.split(':').filter(|s| !s.is_empty()).map(String::from))
+            .filter_map(|p| load(&p).ok())
+            .filter(|b| seen.insert((b.mkl.is_some(), b.core.clone())))
+            .collect()
+    }
+
     #[test]
     fn every_transpose_matches_a_naive_product() {
-        let Some(blas) = get() else {
+        let all = every_blas();
+        if all.is_empty() {
             eprintln!("no BLAS installed; nothing to compare");
-            return;
-        };
+        }
+        for blas in &all {
+            eprintln!("checking {} ({:?}, {:?})", blas.name, blas.mkl, blas.core);
+            check_products(blas);
+        }
+    }
+
+    #[test]
+    fn every_blas_runs_one_thread_per_call_and_ignores_the_pool_size() {
+        let (m, n, k) = (515, 200, 96);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 89) as f32).cos()).collect();
+        for blas in every_blas() {
+            if blas.mkl.is_some() {
+                type MaxThreads = unsafe extern "C" fn() -> i32;
+                // SAFETY: oneMKL's `int MKL_Get_Max_Threads(void)`.
+                let f = unsafe { blas._lib.get::<MaxThreads>(b"MKL_Get_Max_Threads\0") }
+                    .expect("oneMKL exports MKL_Get_Max_Threads");
+                assert_eq!(unsafe { f() }, 1, "{}: oneMKL threads", blas.name);
+            }
+            let run = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool")
+                    .install(|| {
+                        blas.product(
+                            m,
+                            n,
+                            k,
+                            1.0,
+                            Operand::plain(&a, k),
+                            Operand::transposed(&w, k),
+                        )
+                    })
+            };
+            let one = run(1);
+            for t in [2, 3, 5] {
+                assert!(
+                    one == run(t),
+                    "{}: {t} threads changed the result",
+                    blas.name
+                );
+            }
+        }
+    }
+
+    fn check_products(blas: &Blas) {
         for (m, n, k) in [(197, 35, 70), (16, 300, 40), (3, 2, 0)] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)

@@ -313,34 +313,4 @@ mod tests {
             ours.assert_approx_eq::<f32>(&burn, burn::tensor::Tolerance::absolute(1e-4));
         }
     }
-
-    #[test]
-    fn blas_results_do_not_depend_on_the_thread_count() {
-        let Some(b) = blas::get() else {
-            return;
-        };
-        let (m, n, k) = (515, 200, 96);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32).sin()).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 89) as f32).cos()).collect();
-        let run = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool")
-                .install(|| {
-                    b.product(
-                        m,
-                        n,
-                        k,
-                        1.0,
-                        blas::Operand::plain(&a, k),
-                        blas::Operand::transposed(&w, k),
-                    )
-                })
-        };
-        let one = run(1);
-        for t in [2, 3, 5] {
-            assert!(one == run(t), "{t} threads changed the result");
-        }
-    }
 }
