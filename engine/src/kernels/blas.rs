@@ -500,9 +500,9 @@ mod tests {
         );
     }
 
-    /// Every BLAS this machine can load: the one in use, the usual names, and the paths in
-    /// `FEDTUNE_TEST_BLAS` (colon-separated; `.ci/run` puts oneMKL there), so that both
-    /// OpenBLAS and oneMKL are checked where both are present.
+    /// Every BLAS this machine can load among the oneMKL and OpenBLAS names fedtune looks
+    /// for and the paths in `FEDTUNE_TEST_BLAS` (colon-separated; `.ci/run` puts oneMKL
+    /// there), one per library kind, so that both are checked where both are present.
     fn every_blas() -> Vec<Blas> {
         // Sets OPENBLAS_CORETYPE once, as users get it, before any library loads here.
         let _ = get();
