@@ -260,27 +260,28 @@ impl Nf4Tensor {
             }
     }
 
-    /// Dequantises into `out` (row-major, `len()` values), in parallel over runs of blocks.
-    pub fn dequantize_into(&self, absmax: &[f32], out: &mut [f32]) {
-        assert_eq!(out.len(), self.len(), "NF4 output length");
+    /// Dequantises to a new vector, in parallel over runs of blocks; each task zeroes and
+    /// fills its own run (no serial zeroing pass on the calling thread).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let absmax = self.absmax_values();
         assert!(
             absmax.len() >= self.len().div_ceil(BLOCK),
             "NF4 absmax length"
         );
         // Values per parallel task: whole blocks, large enough to amortise the hand-off.
         const TASK: usize = BLOCK * 256;
-        out.par_chunks_mut(TASK).enumerate().for_each(|(t, o)| {
-            let first = t * TASK;
-            let bytes = &self.packed[first / 2..(first + o.len()).div_ceil(2)];
-            dequantize_run(bytes, &absmax[first / BLOCK..], o);
-        });
-    }
-
-    /// Dequantises to a new vector.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.len()];
-        self.dequantize_into(&self.absmax_values(), &mut out);
-        out
+        let mut out = crate::kernels::Uninit::new(self.len());
+        out.spare()
+            .par_chunks_mut(TASK)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let o = crate::kernels::init(o);
+                let first = t * TASK;
+                let bytes = &self.packed[first / 2..(first + o.len()).div_ceil(2)];
+                dequantize_run(bytes, &absmax[first / BLOCK..], o);
+            });
+        // SAFETY: the tasks' chunks cover all `len()` values and `init` wrote each of them.
+        unsafe { out.assume_init() }
     }
 }
 
