@@ -107,34 +107,7 @@ fn load(path: &str) -> Result<Blas, String> {
     if let Ok(set) = unsafe { lib.get::<SetThreads>(b"openblas_set_num_threads\0") } {
         unsafe { set(1) };
     }
-    // oneMKL: its sequential layer (no OpenMP runtime needed) unless the user chose one, set
-    // before any other MKL call; then one thread per call whatever the layer.
-    let mkl = if let Ok(layer) = unsafe { lib.get::<SetLayer>(b"MKL_Set_Threading_Layer\0") } {
-        if std::env::var_os("MKL_THREADING_LAYER").is_none() {
-            // SAFETY: `int MKL_Set_Threading_Layer(int)`, called before any computation.
-            unsafe { layer(MKL_SEQUENTIAL) };
-        }
-        // SAFETY: `void MKL_Set_Num_Threads(int)`.
-        if let Ok(set) = unsafe { lib.get::<SetThreads>(b"MKL_Set_Num_Threads\0") } {
-            unsafe { set(1) };
-        }
-        // SAFETY: `void MKL_Get_Version_String(char* buf, int len)` writes a NUL-terminated
-        // string of at most `len` bytes.
-        unsafe { lib.get::<VersionString>(b"MKL_Get_Version_String\0") }
-            .ok()
-            .map(|f| {
-                let mut buf = [0 as std::ffi::c_char; 256];
-                unsafe { f(buf.as_mut_ptr(), buf.len() as i32) };
-                buf[buf.len() - 1] = 0;
-                unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-                    .to_string_lossy()
-                    .trim()
-                    .to_string()
-            })
-            .or_else(|| Some("oneMKL".to_string()))
-    } else {
-        None
-    };
+    let mkl = setup_mkl(&lib);
     // SAFETY: OpenBLAS's `char* openblas_get_corename(void)` returns a static C string.
     let core = unsafe { lib.get::<CoreName>(b"openblas_get_corename\0") }
         .ok()
@@ -153,6 +126,31 @@ fn load(path: &str) -> Result<Blas, String> {
         mkl,
         _lib: lib,
     })
+}
+
+/// When `lib` is oneMKL: its sequential layer (no OpenMP runtime needed) unless the user chose
+/// one, set before any other MKL call, then one thread per call whatever the layer; returns
+/// its version string. `None` for other libraries.
+fn setup_mkl(lib: &libloading::Library) -> Option<String> {
+    // SAFETY: `int MKL_Set_Threading_Layer(int)`, called before any computation.
+    let layer = unsafe { lib.get::<SetLayer>(b"MKL_Set_Threading_Layer\0") }.ok()?;
+    if std::env::var_os("MKL_THREADING_LAYER").is_none() {
+        unsafe { layer(MKL_SEQUENTIAL) };
+    }
+    // SAFETY: `void MKL_Set_Num_Threads(int)`.
+    if let Ok(set) = unsafe { lib.get::<SetThreads>(b"MKL_Set_Num_Threads\0") } {
+        unsafe { set(1) };
+    }
+    // SAFETY: `void MKL_Get_Version_String(char* buf, int len)` writes a NUL-terminated
+    // string of at most `len` bytes.
+    let Ok(version) = (unsafe { lib.get::<VersionString>(b"MKL_Get_Version_String\0") }) else {
+        return Some("oneMKL".to_string());
+    };
+    let mut buf = [0 as std::ffi::c_char; 256];
+    unsafe { version(buf.as_mut_ptr(), buf.len() as i32) };
+    buf[buf.len() - 1] = 0;
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    Some(s.trim().to_string())
 }
 
 /// The OpenBLAS kernel family to ask for on this CPU (`OPENBLAS_CORETYPE`), if any.
@@ -198,11 +196,15 @@ fn find() -> Option<Blas> {
                 None
             }
         },
-        Err(_) => mkl_candidates()
-            .into_iter()
-            .chain(CANDIDATES.iter().map(|s| s.to_string()))
-            .find_map(|p| load(&p).ok()),
+        Err(_) => candidates().into_iter().find_map(|p| load(&p).ok()),
     }
+}
+
+/// The libraries tried in order when the user named none: oneMKL (Intel CPUs), then OpenBLAS.
+fn candidates() -> Vec<String> {
+    let mut all = mkl_candidates();
+    all.extend(CANDIDATES.iter().map(|s| s.to_string()));
+    all
 }
 
 /// Where to look for oneMKL: only on Intel CPUs (on others it is known to take slow paths),
@@ -508,9 +510,8 @@ mod tests {
         let _ = get();
         let extra = std::env::var("FEDTUNE_TEST_BLAS").unwrap_or_default();
         let mut seen = std::collections::BTreeSet::new();
-        mkl_candidates()
+        candidates()
             .into_iter()
-            .chain(CANDIDATES.iter().map(|s| s.to_string()))
             .chain(extra.split(':').filter(|s| !s.is_empty()).map(String::from))
             .filter_map(|p| load(&p).ok())
             .filter(|b| seen.insert((b.mkl.is_some(), b.core.clone())))
