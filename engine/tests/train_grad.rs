@@ -274,3 +274,30 @@ fn lora_gradient_agrees_with_finite_differences() {
         );
     }
 }
+
+#[test]
+fn projections_are_found_by_module_path() {
+    // The trainer reads and writes parameters by name; the direct lookup must agree with
+    // `linears()` and reject paths that only look alike.
+    let mut m = model();
+    let names: Vec<(String, [usize; 2])> = m
+        .linears()
+        .into_iter()
+        .map(|(n, l)| (n, [l.out_features(), l.in_features()]))
+        .collect();
+    for (name, shape) in &names {
+        let l = m.linear(name).unwrap_or_else(|| panic!("{name} not found"));
+        assert_eq!([l.out_features(), l.in_features()], *shape, "{name}");
+        assert!(m.linear_mut(name).is_some(), "{name}");
+    }
+    let a = m.param(&format!("{}.lora_A", names[0].0)).unwrap();
+    assert_eq!(a.dims()[1], names[0].1[1]);
+    for bad in [
+        "model.layers.00.self_attn.q_proj",
+        "model.layers.0.self_attn.q",
+        "model.layers.99.mlp.up_proj",
+        "layers.0.mlp.up_proj",
+    ] {
+        assert!(m.linear(bad).is_none(), "{bad}");
+    }
+}

@@ -197,6 +197,48 @@ impl LlamaModel {
         out
     }
 
+    /// The projection at module path `model.layers.{i}.{self_attn|mlp}.{name}` (as
+    /// [`LlamaModel::linears`] names them), without building every name.
+    pub fn linear(&self, module: &str) -> Option<&Linear> {
+        let (i, tail) = Self::layer_path(module)?;
+        let l = self.layers.get(i)?;
+        let (a, m) = (&l.self_attn, &l.mlp);
+        Some(match tail {
+            "self_attn.q_proj" => &a.q_proj,
+            "self_attn.k_proj" => &a.k_proj,
+            "self_attn.v_proj" => &a.v_proj,
+            "self_attn.o_proj" => &a.o_proj,
+            "mlp.gate_proj" => &m.gate_proj,
+            "mlp.up_proj" => &m.up_proj,
+            "mlp.down_proj" => &m.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// [`LlamaModel::linear`], mutably.
+    pub fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        let (i, tail) = Self::layer_path(module)?;
+        let l = self.layers.get_mut(i)?;
+        let (a, m) = (&mut l.self_attn, &mut l.mlp);
+        Some(match tail {
+            "self_attn.q_proj" => &mut a.q_proj,
+            "self_attn.k_proj" => &mut a.k_proj,
+            "self_attn.v_proj" => &mut a.v_proj,
+            "self_attn.o_proj" => &mut a.o_proj,
+            "mlp.gate_proj" => &mut m.gate_proj,
+            "mlp.up_proj" => &mut m.up_proj,
+            "mlp.down_proj" => &mut m.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// `(i, rest)` of `model.layers.{i}.{rest}` (`i` written as [`LlamaModel::linears`] does).
+    fn layer_path(module: &str) -> Option<(usize, &str)> {
+        let (i, tail) = module.strip_prefix("model.layers.")?.split_once('.')?;
+        let idx = i.parse::<usize>().ok()?;
+        (idx.to_string() == i).then_some((idx, tail))
+    }
+
     /// Mutable access to every projection with its module path.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
@@ -335,7 +377,7 @@ impl LlamaModel {
             }
         }
         let (module, part) = Self::proj_part(name)?;
-        let (_, lin) = self.linears().into_iter().find(|(n, _)| n == module)?;
+        let lin = self.linear(module)?;
         match part {
             ProjPart::LoraA => lin.lora.as_ref().map(|l| l.a.clone()),
             ProjPart::LoraB => lin.lora.as_ref().map(|l| l.b.clone()),
@@ -388,8 +430,7 @@ impl LlamaModel {
         let Some((module, part)) = Self::proj_part(name) else {
             return false;
         };
-        let module = module.to_string();
-        let Some((_, lin)) = self.linears_mut().into_iter().find(|(n, _)| *n == module) else {
+        let Some(lin) = self.linear_mut(module) else {
             return false;
         };
         match (part, lin.lora.as_mut()) {

@@ -9,7 +9,10 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::kernels;
 
 /// AdamW hyper-parameters (transformers' defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -89,14 +92,18 @@ impl AdamW {
                 m: g.zeros_like(),
                 v: g.zeros_like(),
             });
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let wd = if decay { c.weight_decay } else { 0.0 };
+        if let Some(p) = adamw_host(mom, &p, &g, lr, wd, bc1, bc2, c) {
+            return p;
+        }
         let m = mom.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
         let v = mom.v.clone() * c.beta2 + g.square() * (1.0 - c.beta2);
         mom.m = m.clone();
         mom.v = v.clone();
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let p = if decay && c.weight_decay > 0.0 {
-            p.clone() - p * (lr * c.weight_decay)
+        let p = if wd > 0.0 {
+            p.clone() - p * (lr * wd)
         } else {
             p
         };
@@ -109,6 +116,94 @@ impl AdamW {
         for mom in self.state.values_mut() {
             mom.m = mom.m.clone().to_device(device);
             mom.v = mom.v.clone().to_device(device);
+        }
+    }
+}
+
+/// [`AdamW::update`] in one pass over host memory (the same f32 operations in the same order
+/// as the tensor version, without its dozen temporaries); `None` off the flex backend.
+#[allow(clippy::too_many_arguments)]
+fn adamw_host(
+    mom: &mut Moments,
+    p: &Tensor<2>,
+    g: &Tensor<2>,
+    lr: f64,
+    wd: f64,
+    bc1: f64,
+    bc2: f64,
+    c: AdamWConfig,
+) -> Option<Tensor<2>> {
+    let (ph, gh) = (kernels::host(p)?, kernels::host(g)?);
+    let (mh, vh) = (kernels::host(&mom.m)?, kernels::host(&mom.v)?);
+    let (pd, gd, md, vd) = (ph.data(), gh.data(), mh.data(), vh.data());
+    let n = pd.len();
+    if [gd.len(), md.len(), vd.len()] != [n; 3] {
+        return None;
+    }
+    let k = Coefs {
+        b1: c.beta1 as f32,
+        b2: c.beta2 as f32,
+        ob1: (1.0 - c.beta1) as f32,
+        ob2: (1.0 - c.beta2) as f32,
+        decay: (wd > 0.0).then_some((lr * wd) as f32),
+        sbc2: bc2.sqrt() as f32,
+        eps: c.eps as f32,
+        step: (lr / bc1) as f32,
+    };
+    let (mut m2, mut v2, mut p2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    const CHUNK: usize = 4096;
+    m2.par_chunks_mut(CHUNK)
+        .zip(v2.par_chunks_mut(CHUNK))
+        .zip(p2.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(i, ((mo, vo), po))| {
+            let r = i * CHUNK..(i * CHUNK + mo.len());
+            adamw_chunk(
+                &pd[r.clone()],
+                &gd[r.clone()],
+                &md[r.clone()],
+                &vd[r],
+                k,
+                mo,
+                vo,
+                po,
+            );
+        });
+    let (shape, dev) = (p.dims(), p.device());
+    mom.m = kernels::tensor(m2, shape, &dev);
+    mom.v = kernels::tensor(v2, shape, &dev);
+    Some(kernels::tensor(p2, shape, &dev))
+}
+
+/// The f32 constants of one AdamW step.
+#[derive(Clone, Copy)]
+struct Coefs {
+    b1: f32,
+    b2: f32,
+    ob1: f32,
+    ob2: f32,
+    decay: Option<f32>,
+    sbc2: f32,
+    eps: f32,
+    step: f32,
+}
+
+crate::simd! {
+    fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: Coefs, mo: &mut [f32], vo: &mut [f32], po: &mut [f32]) {
+        let n = p.len();
+        let (p, g, m, v) = (&p[..n], &g[..n], &m[..n], &v[..n]);
+        let (mo, vo, po) = (&mut mo[..n], &mut vo[..n], &mut po[..n]);
+        for i in 0..n {
+            let gi = g[i];
+            let mi = m[i] * k.b1 + gi * k.ob1;
+            let vi = v[i] * k.b2 + gi * gi * k.ob2;
+            let pi = match k.decay {
+                Some(d) => p[i] - p[i] * d,
+                None => p[i],
+            };
+            mo[i] = mi;
+            vo[i] = vi;
+            po[i] = pi - mi / (vi.sqrt() / k.sbc2 + k.eps) * k.step;
         }
     }
 }
@@ -167,9 +262,16 @@ pub fn warmup_steps(ratio: f64, total: u64) -> u64 {
 pub fn global_norm(grads: &BTreeMap<String, Tensor<2>>) -> f64 {
     grads
         .values()
-        .map(|g| {
-            let s: f32 = g.clone().square().sum().into_scalar();
-            s as f64
+        .map(|g| match kernels::host(g) {
+            Some(h) => h
+                .data()
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>(),
+            None => {
+                let s: f32 = g.clone().square().sum().into_scalar();
+                s as f64
+            }
         })
         .sum::<f64>()
         .sqrt()
@@ -181,9 +283,11 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor<2>>, max: f64) -> f64 
     let norm = global_norm(grads);
     let coef = max / (norm + 1e-6);
     if max > 0.0 && coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = g.clone() * coef;
-        }
+        // Owned tensors, so that the backend may scale them in place.
+        *grads = std::mem::take(grads)
+            .into_iter()
+            .map(|(k, g)| (k, g * coef))
+            .collect();
     }
     norm
 }
@@ -219,5 +323,39 @@ mod tests {
         let out: f32 = opt.update("p", p, g, 0.1, true).into_scalar();
         let want = 0.999 - 0.1 * 0.5 / (0.5 + 1e-8);
         assert!((out as f64 - want).abs() < 1e-6, "{out}");
+    }
+
+    #[test]
+    fn adamw_steps_match_torch_formula() {
+        // Three steps on a [2, 3] parameter, against torch.optim.AdamW's update in f64.
+        let dev = Device::flex();
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(cfg);
+        let mut p = Tensor::<2>::from_floats([[1.0, -2.0, 0.5], [0.0, 3.0, -0.25]], &dev);
+        let mut want: Vec<f64> = vec![1.0, -2.0, 0.5, 0.0, 3.0, -0.25];
+        let (mut m, mut v) = (vec![0f64; 6], vec![0f64; 6]);
+        for step in 1..=3 {
+            let gs: Vec<f32> = (0..6)
+                .map(|i| ((i * 7 + step * 3) % 5) as f32 - 2.0)
+                .collect();
+            let g = kernels::tensor(gs.clone(), [2, 3], &dev);
+            opt.begin_step();
+            p = opt.update("p", p, g, 0.01, true);
+            let (bc1, bc2) = (1.0 - 0.9f64.powi(step), 1.0 - 0.999f64.powi(step));
+            for i in 0..6 {
+                let gi = gs[i] as f64;
+                want[i] -= 0.01 * 0.1 * want[i];
+                m[i] = 0.9 * m[i] + 0.1 * gi;
+                v[i] = 0.999 * v[i] + 0.001 * gi * gi;
+                want[i] -= 0.01 / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + 1e-8);
+            }
+        }
+        let got = crate::weights::to_f32_vec(p.into_data());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
     }
 }
