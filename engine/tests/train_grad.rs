@@ -301,3 +301,59 @@ fn projections_are_found_by_module_path() {
         assert!(m.linear(bad).is_none(), "{bad}");
     }
 }
+
+#[test]
+fn lora_gradients_with_mixed_ranks_scales_and_targets_equal_autodiff() {
+    // Projections sharing an input have their LoRA products stacked; different ranks and
+    // scales, and groups where only some projections are adapted, must still be exact.
+    use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
+    let mut m = model();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut adapter = Adapter::default();
+    let spec = [
+        ("self_attn.q_proj", 2, 3.0f32),
+        ("self_attn.v_proj", 5, 0.5),
+        ("self_attn.o_proj", 1, 2.0),
+        ("mlp.gate_proj", 3, 1.5),
+        ("mlp.down_proj", 4, 0.25),
+    ];
+    for (name, lin) in m.linears() {
+        let Some(&(_, r, scale)) = spec.iter().find(|(s, _, _)| name.ends_with(s)) else {
+            continue;
+        };
+        let mut mat = |rows: usize, cols: usize| {
+            Matrix::new(
+                rows,
+                cols,
+                (0..rows * cols)
+                    .map(|_| rng.random_range(-0.1f32..0.1))
+                    .collect(),
+            )
+        };
+        let (a, b) = (mat(r, lin.in_features()), mat(lin.out_features(), r));
+        adapter.modules.insert(name, LoraFactors { a, b, scale });
+    }
+    m.attach_weights(&adapter, 0.0).unwrap();
+    let (batch, g) = batch(false);
+    let trainable = Trainable::lora();
+    let grads = backward(&m, forward(&m, &batch, &trainable, None), &g, &trainable);
+    let mut r = m.clone();
+    for (_, lin) in r.linears_mut() {
+        if let Some(l) = lin.lora.as_mut() {
+            l.a = l.a.clone().autodiff().require_grad();
+            l.b = l.b.clone().autodiff().require_grad();
+        }
+    }
+    let gr = reference_objective(&r, &batch, &g).backward();
+    let mut worst = 0f32;
+    for (name, lin) in r.linears() {
+        let Some(l) = lin.lora.as_ref() else {
+            continue;
+        };
+        worst = worst.max(rel_err(&grads[&format!("{name}.lora_A")], &l.a.grad(&gr).unwrap()));
+        worst = worst.max(rel_err(&grads[&format!("{name}.lora_B")], &l.b.grad(&gr).unwrap()));
+    }
+    println!("mixed ranks: worst relative LoRA gradient error {worst:e}");
+    assert!(worst < 1e-3, "{worst}");
+    assert_eq!(grads.len(), 2 * spec.len() * m.config.num_hidden_layers);
+}

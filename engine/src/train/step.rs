@@ -195,6 +195,50 @@ fn lin_forward(
     (y, saved)
 }
 
+/// [`lin_forward`] for projections that read the same input (q/k/v, gate/up): without dropout,
+/// their LoRA down-projections `x·Aᵢᵀ` are one product `x·[A₁; A₂; …]ᵀ`, so `x` is read once.
+fn lin_forward_shared<const N: usize>(
+    lins: [&Linear; N],
+    x: &Tensor<2>,
+    seeds: [Option<u64>; N],
+) -> [(Tensor<2>, Option<LoraIn>); N] {
+    let dropout = lins
+        .iter()
+        .zip(&seeds)
+        .any(|(l, s)| s.is_some() && l.lora.as_ref().is_some_and(|l| l.dropout > 0.0));
+    let loras: Option<Vec<_>> = lins.iter().map(|l| l.lora.as_ref()).collect();
+    let Some(loras) = loras.filter(|_| N > 1 && !dropout) else {
+        return std::array::from_fn(|i| lin_forward(lins[i], x, seeds[i]));
+    };
+    let stacked = Tensor::cat(loras.iter().map(|l| l.a.clone()).collect(), 0);
+    let u_all = matmul_sum(&[Term::nt(x, &stacked, 1.0)]);
+    let n = x.dims()[0];
+    let mut start = 0;
+    std::array::from_fn(|i| {
+        let (lin, lora) = (lins[i], loras[i]);
+        let r = lora.a.dims()[0];
+        let u = contiguous(u_all.clone().slice([0..n, start..start + r]));
+        start += r;
+        let w = lin.weight();
+        let mut y = matmul_sum(&[
+            Term::nt(x, &w, 1.0),
+            Term::nt(&u, &lora.b, lora.scale as f32),
+        ]);
+        if let Some(b) = &lin.bias {
+            y = y + b.clone().unsqueeze::<2>();
+        }
+        (y, Some(LoraIn { u, mask: None }))
+    })
+}
+
+/// `t` in its own contiguous storage (a column slice otherwise gets copied at every use).
+fn contiguous(t: Tensor<2>) -> Tensor<2> {
+    match kernels::host(&t) {
+        Some(h) => kernels::tensor(h.data().to_vec(), t.dims(), &t.device()),
+        None => t,
+    }
+}
+
 /// An inverted-dropout mask (`keep/(1−p)` or 0) from a counter-based seed, so that the same
 /// step regenerates the same mask.
 fn dropout_mask(x: &Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
@@ -222,6 +266,9 @@ struct DxPart<'l> {
     /// `dy·B` `[n, r]` when the projection has a LoRA branch.
     dyb: Option<Tensor<2>>,
     mask: Option<Tensor<2>>,
+    /// The `lora_A` gradient's name, when [`input_grad`] computes it (no dropout): stacked
+    /// with the other projections that read the same input.
+    deferred_a: Option<String>,
 }
 
 /// Backward of a projection: adds parameter gradients to `grads` and returns its part of the
@@ -251,6 +298,7 @@ fn lin_backward<'l>(
         dy,
         dyb: None,
         mask: None,
+        deferred_a: None,
     };
     if let (Some(lora), Some(saved)) = (&lin.lora, saved) {
         let s = lora.scale as f32;
@@ -260,14 +308,16 @@ fn lin_backward<'l>(
                 format!("{name}.lora_B"),
                 matmul_sum(&[Term::tn(&part.dy, &saved.u, s)]),
             );
-            let xin = match &saved.mask {
-                Some(m) => x.clone() * m.clone(),
-                None => x.clone(),
-            };
-            grads.insert(
-                format!("{name}.lora_A"),
-                matmul_sum(&[Term::tn(&dyb, &xin, s)]),
-            );
+            match &saved.mask {
+                Some(m) => {
+                    let xin = x.clone() * m.clone();
+                    grads.insert(
+                        format!("{name}.lora_A"),
+                        matmul_sum(&[Term::tn(&dyb, &xin, s)]),
+                    );
+                }
+                None => part.deferred_a = Some(format!("{name}.lora_A")),
+            }
         }
         part.dyb = Some(dyb);
         part.mask = saved.mask.clone();
@@ -275,27 +325,74 @@ fn lin_backward<'l>(
     part
 }
 
-/// The gradient of an input shared by `parts` (q/k/v, or gate/up): every product accumulated
-/// in one buffer. NF4 weights are dequantised here and freed on return.
-fn input_grad(parts: &[DxPart<'_>]) -> Tensor<2> {
-    let weights: Vec<Tensor<2>> = parts.iter().map(|p| p.lin.weight()).collect();
-    let mut terms = Vec::new();
-    let mut masked = Vec::new();
-    for (p, w) in parts.iter().zip(&weights) {
-        terms.push(Term::nn(&p.dy, w, 1.0));
-        if let (Some(lora), Some(dyb)) = (&p.lin.lora, &p.dyb) {
-            let t = Term::nn(dyb, &lora.a, lora.scale as f32);
-            match &p.mask {
-                None => terms.push(t),
-                Some(m) => masked.push((t, m)),
+/// The gradient of an input `x` shared by `parts` (q/k/v, or gate/up), every product
+/// accumulated in one buffer, when `want_dx`; and the deferred `lora_A` gradients. Without
+/// dropout the LoRA terms are stacked: `D = [s₁·dy₁B₁ | s₂·dy₂B₂ | …]` gives every
+/// `lora_A` gradient in one product `Dᵀ·x` (one read of `x`) and the LoRA part of the input
+/// gradient as one term `D·[A₁; A₂; …]` (one pass over the output). NF4 weights are
+/// dequantised here and freed on return.
+fn input_grad(
+    parts: &[DxPart<'_>],
+    x: &Tensor<2>,
+    want_dx: bool,
+    grads: &mut Grads,
+) -> Option<Tensor<2>> {
+    let stacked: Vec<(&DxPart<'_>, &crate::model::linear::LoraWeights, &Tensor<2>)> = parts
+        .iter()
+        .filter_map(|p| match (&p.lin.lora, &p.dyb, &p.mask) {
+            (Some(l), Some(dyb), None) => Some((p, l, dyb)),
+            _ => None,
+        })
+        .collect();
+    let (d, a) = match stacked.as_slice() {
+        [] => (None, None),
+        [(_, l, dyb)] => (Some((*dyb).clone() * l.scale), Some(l.a.clone())),
+        many => (
+            Some(Tensor::cat(
+                many.iter()
+                    .map(|(_, l, dyb)| (*dyb).clone() * l.scale)
+                    .collect(),
+                1,
+            )),
+            Some(Tensor::cat(
+                many.iter().map(|(_, l, _)| l.a.clone()).collect(),
+                0,
+            )),
+        ),
+    };
+    if let Some(d) = &d
+        && stacked.iter().any(|(p, _, _)| p.deferred_a.is_some())
+    {
+        let da = matmul_sum(&[Term::tn(d, x, 1.0)]);
+        let inp = x.dims()[1];
+        let mut start = 0;
+        for (p, l, _) in &stacked {
+            let r = l.a.dims()[0];
+            if let Some(name) = &p.deferred_a {
+                grads.insert(name.clone(), da.clone().slice([start..start + r, 0..inp]));
             }
+            start += r;
         }
     }
-    let mut dx = matmul_sum(&terms);
-    for (t, m) in masked {
-        dx = dx + matmul_sum(&[t]) * m.clone();
+    if !want_dx {
+        return None;
     }
-    dx
+    let weights: Vec<Tensor<2>> = parts.iter().map(|p| p.lin.weight()).collect();
+    let mut terms: Vec<Term<'_>> = parts
+        .iter()
+        .zip(&weights)
+        .map(|(p, w)| Term::nn(&p.dy, w, 1.0))
+        .collect();
+    if let (Some(d), Some(a)) = (&d, &a) {
+        terms.push(Term::nn(d, a, 1.0));
+    }
+    let mut dx = matmul_sum(&terms);
+    for p in parts {
+        if let (Some(lora), Some(dyb), Some(m)) = (&p.lin.lora, &p.dyb, &p.mask) {
+            dx = dx + matmul_sum(&[Term::nn(dyb, &lora.a, lora.scale as f32)]) * m.clone();
+        }
+    }
+    Some(dx)
 }
 
 /// Boolean attention mask `[b, 1→heads, t, t]` (true = hidden): causal, within segment.
@@ -400,9 +497,11 @@ pub fn forward(
         let a = &layer.self_attn;
         let ln1 = &layer.input_layernorm;
         let (xin, n1, r1) = residual_norm(x, pending.take(), ln1);
-        let (q, lq) = lin_forward(&a.q_proj, &n1, seed(0));
-        let (k, lk) = lin_forward(&a.k_proj, &n1, seed(1));
-        let (v, lv) = lin_forward(&a.v_proj, &n1, seed(2));
+        let [(q, lq), (k, lk), (v, lv)] = lin_forward_shared(
+            [&a.q_proj, &a.k_proj, &a.v_proj],
+            &n1,
+            [seed(0), seed(1), seed(2)],
+        );
         drop(n1);
         let q = fused::rope(q, hq, &ctx, &rope, false);
         let k = fused::rope(k, hkv, &ctx, &rope, false);
@@ -412,8 +511,8 @@ pub fn forward(
         let ln2 = &layer.post_attention_layernorm;
         let (h, n2, r2) = fused::add_rmsnorm(&xin, &attn, &ln2.weight, ln2.eps);
         drop(attn);
-        let (gate, lg) = lin_forward(&m.gate_proj, &n2, seed(4));
-        let (up, lu) = lin_forward(&m.up_proj, &n2, seed(5));
+        let [(gate, lg), (up, lu)] =
+            lin_forward_shared([&m.gate_proj, &m.up_proj], &n2, [seed(4), seed(5)]);
         drop(n2);
         let act = fused::swiglu(&gate, &up);
         let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
@@ -596,15 +695,15 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         let m = &layer.mlp;
         let act = fused::swiglu(&s.gate, &s.up);
         let down = bw(&m.down_proj, "mlp.down_proj", &act, dx.clone(), &mut grads);
+        let da = input_grad(&[down], &act, true, &mut grads).expect("wanted");
         drop(act);
-        let da = input_grad(&[down]);
         let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, da);
         let ln2 = &layer.post_attention_layernorm;
         let (n2, _) = fused::rmsnorm(&s.h, &ln2.weight, ln2.eps);
         let gate = bw(&m.gate_proj, "mlp.gate_proj", &n2, dg, &mut grads);
         let up = bw(&m.up_proj, "mlp.up_proj", &n2, du, &mut grads);
+        let dn2 = input_grad(&[gate, up], &n2, true, &mut grads).expect("wanted");
         drop(n2);
-        let dn2 = input_grad(&[gate, up]);
         // dh = dx + the norm's input gradient, in one pass.
         let (dh, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2, Some(&dx), full);
         drop(dx);
@@ -617,7 +716,7 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         // Attention
         let a = &layer.self_attn;
         let o = bw(&a.o_proj, "self_attn.o_proj", &s.o, dh.clone(), &mut grads);
-        let d_o = input_grad(&[o]);
+        let d_o = input_grad(&[o], &s.o, true, &mut grads).expect("wanted");
         let (dq, dk, dv) =
             fused::attention_backward(&s.q, &s.k, &s.v, &s.o, d_o, s.lse.as_deref(), &ctx);
         let dq = fused::rope(dq, hq, &ctx, &fwd.rope, true);
@@ -629,16 +728,11 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
             bw(&a.k_proj, "self_attn.k_proj", &n1, dk, &mut grads),
             bw(&a.v_proj, "self_attn.v_proj", &n1, dv, &mut grads),
         ];
+        let dn1 = input_grad(&parts, &n1, want_input_dx, &mut grads);
         drop(n1);
-        if want_input_dx {
-            let (dx_sum, dw1) = fused::rmsnorm_backward(
-                &s.x,
-                &s.r1,
-                &ln1.weight,
-                input_grad(&parts),
-                Some(&dh),
-                full,
-            );
+        if let Some(dn1) = dn1 {
+            let (dx_sum, dw1) =
+                fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, dn1, Some(&dh), full);
             if let Some(dw) = dw1 {
                 grads.insert(
                     format!("{prefix}.input_layernorm.weight"),
