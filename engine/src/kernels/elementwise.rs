@@ -2,6 +2,8 @@
 //! `[tokens, heads·d]` layout, and the softmax of LM-head logits. Each is one pass over its
 //! inputs; forms and derivatives are those of [`crate::train::ops`].
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::{Uninit, fastmath, init};
@@ -9,14 +11,15 @@ use super::{Uninit, fastmath, init};
 const ROWS: usize = 16;
 
 crate::simd! {
-    fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], r: &mut [f32]) {
+    fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [MaybeUninit<f32>], r: &mut [MaybeUninit<f32>]) {
         let d = w.len();
+        assert!(y.len() == x.len() && r.len() * d == x.len(), "rms_rows: shapes differ");
         for ((xr, yr), rr) in x.chunks(d).zip(y.chunks_mut(d)).zip(r.iter_mut()) {
             let ms = fastmath::dot(xr, xr) / d as f32;
             let inv = 1.0 / (ms + eps).sqrt();
-            *rr = inv;
+            rr.write(inv);
             for ((o, v), g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = v * inv * g;
+                o.write(v * inv * g);
             }
         }
     }
@@ -39,8 +42,8 @@ pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .par_chunks_mut(ROWS * d)
         .zip(r.spare().par_chunks_mut(ROWS))
         .zip(x.par_chunks(ROWS * d))
-        .for_each(|((y, r), x)| rms_rows(x, w, eps, init(y), init(r)));
-    // SAFETY: the chunks cover both vectors and each went through `init`.
+        .for_each(|((y, r), x)| rms_rows(x, w, eps, y, r));
+    // SAFETY: the chunks cover both vectors and `rms_rows` writes every element of its own.
     unsafe { (y.assume_init(), r.assume_init()) }
 }
 
@@ -58,9 +61,10 @@ pub fn add_rmsnorm(x: &[f32], a: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<
         .for_each(|(((h, y), r), (x, a))| {
             let h = init(h);
             add_rows(x, a, h);
-            rms_rows(h, w, eps, init(y), init(r));
+            rms_rows(h, w, eps, y, r);
         });
-    // SAFETY: the chunks cover the three vectors and each went through `init`.
+    // SAFETY: the chunks cover the three vectors; `h` went through `init` and `rms_rows`
+    // writes every element of its `y` and `r` chunks.
     unsafe { (h.assume_init(), y.assume_init(), r.assume_init()) }
 }
 
@@ -141,37 +145,42 @@ pub fn rmsnorm_backward(
 }
 
 crate::simd! {
-    fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [f32]) {
+    fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, gv), uv) in out.iter_mut().zip(g).zip(u) {
-            *o = gv * fastmath::sigmoid(*gv) * uv;
+            o.write(gv * fastmath::sigmoid(*gv) * uv);
         }
     }
 }
 
 /// `silu(g) ⊙ u`.
 pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    assert_eq!(g.len(), u.len(), "swiglu: shapes differ");
     let mut out = Uninit::new(g.len());
     out.spare()
         .par_chunks_mut(1 << 14)
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
-        .for_each(|((o, g), u)| swiglu_chunk(g, u, init(o)));
-    // SAFETY: the chunks cover the vector and each went through `init`.
+        .for_each(|((o, g), u)| swiglu_chunk(g, u, o));
+    // SAFETY: the chunks cover the vector and `swiglu_chunk` writes every element.
     unsafe { out.assume_init() }
 }
 
 crate::simd! {
-    fn swiglu_back_chunk(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    fn swiglu_back_chunk(g: &[f32], u: &[f32], da: &[f32], dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>]) {
         for ((((gv, uv), a), dgo), duo) in g.iter().zip(u).zip(da).zip(dg.iter_mut()).zip(du.iter_mut()) {
             let s = fastmath::sigmoid(*gv);
-            *duo = a * gv * s;
-            *dgo = a * uv * s * (1.0 + gv * (1.0 - s));
+            duo.write(a * gv * s);
+            dgo.write(a * uv * s * (1.0 + gv * (1.0 - s)));
         }
     }
 }
 
 /// SwiGLU backward: `(dg, du)`.
 pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        u.len() == g.len() && da.len() == g.len(),
+        "swiglu_backward: shapes differ"
+    );
     let n = g.len();
     let (mut dg, mut du) = (Uninit::new(n), Uninit::new(n));
     dg.spare()
@@ -180,8 +189,8 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], da: &[f32]) -> (Vec<f32>, Vec<f32>)
         .zip(g.par_chunks(1 << 14))
         .zip(u.par_chunks(1 << 14))
         .zip(da.par_chunks(1 << 14))
-        .for_each(|((((dg, du), g), u), da)| swiglu_back_chunk(g, u, da, init(dg), init(du)));
-    // SAFETY: the chunks cover both vectors and each went through `init`.
+        .for_each(|((((dg, du), g), u), da)| swiglu_back_chunk(g, u, da, dg, du));
+    // SAFETY: the chunks cover both vectors and `swiglu_back_chunk` writes every element.
     unsafe { (dg.assume_init(), du.assume_init()) }
 }
 
