@@ -350,8 +350,14 @@ fn lora_gradients_with_mixed_ranks_scales_and_targets_equal_autodiff() {
         let Some(l) = lin.lora.as_ref() else {
             continue;
         };
-        worst = worst.max(rel_err(&grads[&format!("{name}.lora_A")], &l.a.grad(&gr).unwrap()));
-        worst = worst.max(rel_err(&grads[&format!("{name}.lora_B")], &l.b.grad(&gr).unwrap()));
+        worst = worst.max(rel_err(
+            &grads[&format!("{name}.lora_A")],
+            &l.a.grad(&gr).unwrap(),
+        ));
+        worst = worst.max(rel_err(
+            &grads[&format!("{name}.lora_B")],
+            &l.b.grad(&gr).unwrap(),
+        ));
     }
     println!("mixed ranks: worst relative LoRA gradient error {worst:e}");
     assert!(worst < 1e-3, "{worst}");
