@@ -302,4 +302,61 @@ mod tests {
             assert!((p - q).abs() < 1e-5, "{p} vs {q}");
         }
     }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        use super::super::{SIMD_LEVEL, attention};
+        use std::sync::atomic::Ordering::Relaxed;
+        let (n, d) = (37, 24);
+        let (x, a, w, dy) = (vals(n * d, 1), vals(n * d, 2), vals(d, 3), vals(n * d, 4));
+        let sh = attention::Shape {
+            batch: 2,
+            len: 70,
+            hq: 4,
+            hkv: 2,
+            d: 8,
+        };
+        let mask = attention::Mask {
+            segments: None,
+            window: None,
+        };
+        let (q, k) = (vals(140 * 32, 5), vals(140 * 16, 6));
+        let (v, d_o) = (vals(140 * 16, 7), vals(140 * 32, 8));
+        let run = || {
+            let (h, y, r) = add_rmsnorm(&x, &a, &w, 1e-5);
+            let (dx, dw) = rmsnorm_backward(&h, &r, &w, &dy, Some(&a));
+            let (dg, du) = swiglu_backward(&x, &a, &dy);
+            let mut logits = x.clone();
+            let lse = softmax_rows(&mut logits, d);
+            let (o, alse) = attention::forward(&q, &k, &v, sh, mask, 0.35);
+            let (dq, dk, dv) = attention::backward(&q, &k, &v, &o, &d_o, &alse, sh, mask, 0.35);
+            [
+                h,
+                y,
+                r,
+                dx,
+                dw,
+                swiglu(&x, &a),
+                dg,
+                du,
+                logits,
+                lse,
+                o,
+                alse,
+                dq,
+                dk,
+                dv,
+            ]
+            .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+        };
+        let widest = run();
+        for level in [1, 0] {
+            SIMD_LEVEL.store(level, Relaxed);
+            let other = run();
+            SIMD_LEVEL.store(2, Relaxed);
+            for (i, (p, q)) in widest.iter().zip(&other).enumerate() {
+                assert!(p == q, "output {i} differs at level {level}");
+            }
+        }
+    }
 }

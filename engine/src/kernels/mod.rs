@@ -3,8 +3,10 @@
 //! clone, no copy) and results are wrapped back without copying. On other devices the callers
 //! use the burn-op versions in [`crate::train::ops`].
 //!
-//! Hot loops are compiled twice, for baseline x86-64 and for AVX2+FMA, and dispatched at run
-//! time ([`simd!`]), so binaries stay portable.
+//! Hot loops are compiled three times, for baseline x86-64, AVX2+FMA and AVX-512, and
+//! dispatched at run time ([`simd!`]), so binaries stay portable. The three compute the same
+//! IEEE operations in the same order (reductions keep explicit partial sums), so their results
+//! are bit-identical (tested).
 
 pub mod attention;
 pub mod blas;
@@ -136,7 +138,12 @@ pub fn available(device: &Device) -> bool {
     matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
 }
 
-/// Runs `$body` compiled for AVX2+FMA when the CPU has them, else for the baseline target.
+/// The widest instruction set [`simd!`] may use: 2 = AVX-512, 1 = AVX2+FMA, 0 = baseline
+/// (lowered by tests that compare the paths).
+pub(crate) static SIMD_LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Runs `$body` compiled for AVX-512 (F, VL, BW, DQ) or AVX2+FMA when the CPU has them, else
+/// for the baseline target.
 /// `$body` is a closure-free expression; locals it uses must be passed as `name: Type` pairs.
 #[macro_export]
 macro_rules! simd {
@@ -148,9 +155,22 @@ macro_rules! simd {
             fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                let level = $crate::kernels::SIMD_LEVEL.load(std::sync::atomic::Ordering::Relaxed);
+                if level >= 2
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the features were detected at run time.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx2")
+                if level >= 1
+                    && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: the features were detected at run time.
