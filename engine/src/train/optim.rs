@@ -358,4 +358,48 @@ mod tests {
             assert!((*g as f64 - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
     }
+
+    #[test]
+    fn adamw_gives_the_same_bits_on_every_instruction_set() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dev = Device::flex();
+        let n = 1000;
+        let v = |seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 17.0)
+                .collect()
+        };
+        let run = || {
+            let mut opt = AdamW::new(AdamWConfig {
+                weight_decay: 0.01,
+                ..Default::default()
+            });
+            let mut p = kernels::tensor(v(1), [10, 100], &dev);
+            for s in 0..3 {
+                opt.begin_step();
+                p = opt.update(
+                    "p",
+                    p,
+                    kernels::tensor(v(2 + s), [10, 100], &dev),
+                    0.1,
+                    true,
+                );
+            }
+            let bits = |t: &Tensor<2>| -> Vec<u32> {
+                crate::weights::to_f32_vec(t.to_data())
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect()
+            };
+            let m = &opt.state["p"];
+            [bits(&p), bits(&m.m), bits(&m.v)]
+        };
+        let widest = run();
+        for level in [1, 0] {
+            kernels::SIMD_LEVEL.store(level, Relaxed);
+            let other = run();
+            kernels::SIMD_LEVEL.store(2, Relaxed);
+            assert!(widest == other, "level {level} differs");
+        }
+    }
 }
