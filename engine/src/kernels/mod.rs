@@ -277,8 +277,13 @@ fn blas_sum(b: &blas::Blas, terms: &[Term<'_>], m: usize, n: usize) -> Option<Ve
         .iter()
         .map(|t| Some((host(t.a)?, host(t.b)?)))
         .collect::<Option<_>>()?;
+    // Thinnest term first: it writes the buffer (the rank-r LoRA terms, a pass over memory),
+    // and the large products then accumulate onto it, where reading C hides under their
+    // arithmetic (a thin product with beta = 1 after them would read and write C again).
+    let mut order: Vec<usize> = (0..terms.len()).collect();
+    order.sort_by_key(|&i| terms[i].dims().1);
     let mut out: Option<Vec<f32>> = None;
-    for (t, (ha, hb)) in terms.iter().zip(&hosts) {
+    for (t, (ha, hb)) in order.iter().map(|&i| (&terms[i], &hosts[i])) {
         let (_, k, _) = t.dims();
         let [_, ac] = t.a.dims();
         let [_, bc] = t.b.dims();
