@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::model::Loader;
 use crate::model::attention::{Attention, MaskSpec};
 use crate::model::cache::LayerCache;
+use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
 
@@ -28,6 +29,35 @@ pub struct Block {
 }
 
 impl Block {
+    /// The seven projections with their paths inside the block (`self_attn.q_proj`, …), in
+    /// Hugging Face order.
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// [`Block::projections`], mutably.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
     /// Loads `model.layers.{index}`.
     pub fn load(loader: &Loader<'_>, cfg: &ModelConfig, index: usize) -> Result<Self> {
         let prefix = format!("model.layers.{index}");

@@ -180,17 +180,7 @@ impl LlamaModel {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter().enumerate() {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            for (name, lin) in l.projections() {
                 out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
@@ -201,35 +191,25 @@ impl LlamaModel {
     /// [`LlamaModel::linears`] names them), without building every name.
     pub fn linear(&self, module: &str) -> Option<&Linear> {
         let (i, tail) = Self::layer_path(module)?;
-        let l = self.layers.get(i)?;
-        let (a, m) = (&l.self_attn, &l.mlp);
-        Some(match tail {
-            "self_attn.q_proj" => &a.q_proj,
-            "self_attn.k_proj" => &a.k_proj,
-            "self_attn.v_proj" => &a.v_proj,
-            "self_attn.o_proj" => &a.o_proj,
-            "mlp.gate_proj" => &m.gate_proj,
-            "mlp.up_proj" => &m.up_proj,
-            "mlp.down_proj" => &m.down_proj,
-            _ => return None,
-        })
+        let (_, lin) = self
+            .layers
+            .get(i)?
+            .projections()
+            .into_iter()
+            .find(|(n, _)| *n == tail)?;
+        Some(lin)
     }
 
     /// [`LlamaModel::linear`], mutably.
     pub fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
         let (i, tail) = Self::layer_path(module)?;
-        let l = self.layers.get_mut(i)?;
-        let (a, m) = (&mut l.self_attn, &mut l.mlp);
-        Some(match tail {
-            "self_attn.q_proj" => &mut a.q_proj,
-            "self_attn.k_proj" => &mut a.k_proj,
-            "self_attn.v_proj" => &mut a.v_proj,
-            "self_attn.o_proj" => &mut a.o_proj,
-            "mlp.gate_proj" => &mut m.gate_proj,
-            "mlp.up_proj" => &mut m.up_proj,
-            "mlp.down_proj" => &mut m.down_proj,
-            _ => return None,
-        })
+        let (_, lin) = self
+            .layers
+            .get_mut(i)?
+            .projections_mut()
+            .into_iter()
+            .find(|(n, _)| *n == tail)?;
+        Some(lin)
     }
 
     /// `(i, rest)` of `model.layers.{i}.{rest}` (`i` written as [`LlamaModel::linears`] does).
@@ -243,17 +223,7 @@ impl LlamaModel {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7);
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, lin) in l.projections_mut() {
                 out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
