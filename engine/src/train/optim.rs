@@ -7,12 +7,13 @@
 //! `p ← p − (lr/(1−β₁ᵗ))·m / (√v/√(1−β₂ᵗ) + ε)`.
 
 use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
 
 use burn::tensor::{Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels;
+use crate::kernels::{self, Uninit};
 
 /// AdamW hyper-parameters (transformers' defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -95,7 +96,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         let wd = if decay { c.weight_decay } else { 0.0 };
-        if let Some(p) = adamw_host(mom, &p, &g, lr, wd, bc1, bc2, c) {
+        if let Some(p) = adamw_host(mom, &p, &g, Coefs::new(c, lr, wd, bc1, bc2)) {
             return p;
         }
         let m = mom.m.clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
@@ -122,17 +123,7 @@ impl AdamW {
 
 /// [`AdamW::update`] in one pass over host memory (the same f32 operations in the same order
 /// as the tensor version, without its dozen temporaries); `None` off the flex backend.
-#[allow(clippy::too_many_arguments)]
-fn adamw_host(
-    mom: &mut Moments,
-    p: &Tensor<2>,
-    g: &Tensor<2>,
-    lr: f64,
-    wd: f64,
-    bc1: f64,
-    bc2: f64,
-    c: AdamWConfig,
-) -> Option<Tensor<2>> {
+fn adamw_host(mom: &mut Moments, p: &Tensor<2>, g: &Tensor<2>, k: Coefs) -> Option<Tensor<2>> {
     let (ph, gh) = (kernels::host(p)?, kernels::host(g)?);
     let (mh, vh) = (kernels::host(&mom.m)?, kernels::host(&mom.v)?);
     let (pd, gd, md, vd) = (ph.data(), gh.data(), mh.data(), vh.data());
@@ -140,36 +131,18 @@ fn adamw_host(
     if [gd.len(), md.len(), vd.len()] != [n; 3] {
         return None;
     }
-    let k = Coefs {
-        b1: c.beta1 as f32,
-        b2: c.beta2 as f32,
-        ob1: (1.0 - c.beta1) as f32,
-        ob2: (1.0 - c.beta2) as f32,
-        decay: (wd > 0.0).then_some((lr * wd) as f32),
-        sbc2: bc2.sqrt() as f32,
-        eps: c.eps as f32,
-        step: (lr / bc1) as f32,
-    };
-    let (mut m2, mut v2, mut p2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
     const CHUNK: usize = 4096;
-    m2.par_chunks_mut(CHUNK)
-        .zip(v2.par_chunks_mut(CHUNK))
-        .zip(p2.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(i, ((mo, vo), po))| {
-            let r = i * CHUNK..(i * CHUNK + mo.len());
-            adamw_chunk(
-                &pd[r.clone()],
-                &gd[r.clone()],
-                &md[r.clone()],
-                &vd[r],
-                k,
-                mo,
-                vo,
-                po,
-            );
-        });
+    let (mut m2, mut v2, mut p2) = (Uninit::new(n), Uninit::new(n), Uninit::new(n));
+    m2.spare()
+        .par_chunks_mut(CHUNK)
+        .zip(v2.spare().par_chunks_mut(CHUNK))
+        .zip(p2.spare().par_chunks_mut(CHUNK))
+        .zip(pd.par_chunks(CHUNK).zip(gd.par_chunks(CHUNK)))
+        .zip(md.par_chunks(CHUNK).zip(vd.par_chunks(CHUNK)))
+        .for_each(|((((mo, vo), po), (p, g)), (m, v))| adamw_chunk(p, g, m, v, k, mo, vo, po));
     let (shape, dev) = (p.dims(), p.device());
+    // SAFETY: the chunks cover all three vectors and `adamw_chunk` writes every element.
+    let (m2, v2, p2) = unsafe { (m2.assume_init(), v2.assume_init(), p2.assume_init()) };
     mom.m = kernels::tensor(m2, shape, &dev);
     mom.v = kernels::tensor(v2, shape, &dev);
     Some(kernels::tensor(p2, shape, &dev))
@@ -188,9 +161,26 @@ struct Coefs {
     step: f32,
 }
 
+impl Coefs {
+    /// For learning rate `lr`, weight decay `wd` and bias corrections `bc1`, `bc2`.
+    fn new(c: AdamWConfig, lr: f64, wd: f64, bc1: f64, bc2: f64) -> Self {
+        Coefs {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            ob1: (1.0 - c.beta1) as f32,
+            ob2: (1.0 - c.beta2) as f32,
+            decay: (wd > 0.0).then_some((lr * wd) as f32),
+            sbc2: bc2.sqrt() as f32,
+            eps: c.eps as f32,
+            step: (lr / bc1) as f32,
+        }
+    }
+}
+
 crate::simd! {
-    fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: Coefs, mo: &mut [f32], vo: &mut [f32], po: &mut [f32]) {
+    fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: Coefs, mo: &mut [MaybeUninit<f32>], vo: &mut [MaybeUninit<f32>], po: &mut [MaybeUninit<f32>]) {
         let n = p.len();
+        assert!([g.len(), m.len(), v.len(), mo.len(), vo.len(), po.len()] == [n; 6], "adamw: lengths differ");
         let (p, g, m, v) = (&p[..n], &g[..n], &m[..n], &v[..n]);
         let (mo, vo, po) = (&mut mo[..n], &mut vo[..n], &mut po[..n]);
         for i in 0..n {
@@ -201,9 +191,9 @@ crate::simd! {
                 Some(d) => p[i] - p[i] * d,
                 None => p[i],
             };
-            mo[i] = mi;
-            vo[i] = vi;
-            po[i] = pi - mi / (vi.sqrt() / k.sbc2 + k.eps) * k.step;
+            mo[i].write(mi);
+            vo[i].write(vi);
+            po[i].write(pi - mi / (vi.sqrt() / k.sbc2 + k.eps) * k.step);
         }
     }
 }
