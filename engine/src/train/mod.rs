@@ -8,6 +8,7 @@ pub mod lora;
 pub mod memory;
 pub mod ops;
 pub mod optim;
+mod proj;
 pub mod sft;
 pub mod step;
 
