@@ -411,8 +411,12 @@ impl Blas {
         } else {
             1
         };
-        // Split the longer side of C into blocks: rows of op(a), or columns of op(b).
-        let by_rows = m >= n || m >= MIN_BLOCK * threads;
+        // Split the longer side of C into blocks: rows of op(a), or columns of op(b). Each
+        // block packs the whole of the other operand, so this packs the smaller one again:
+        // a row block all of op(b) (k·n), a column block all of op(a) (m·k). On the LM head
+        // (256 rows × 49 152 vocabulary columns), column blocks were 8-13% faster than row
+        // blocks that each packed the 113 MB embedding.
+        let by_rows = m >= n;
         let len = if by_rows { m } else { n };
         let blocks = (len / MIN_BLOCK).clamp(1, threads);
         let step = len.div_ceil(blocks);
@@ -532,7 +536,13 @@ mod tests {
 
     #[test]
     fn every_blas_runs_one_thread_per_call_and_ignores_the_pool_size() {
-        let (m, n, k) = (515, 200, 96);
+        // Split by rows, then by columns.
+        for (m, n, k) in [(515, 200, 96), (200, 515, 96)] {
+            same_result_on_any_pool(m, n, k);
+        }
+    }
+
+    fn same_result_on_any_pool(m: usize, n: usize, k: usize) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 89) as f32).cos()).collect();
         for blas in every_blas() {
@@ -563,7 +573,7 @@ mod tests {
             for t in [2, 3, 5] {
                 assert!(
                     one == run(t),
-                    "{}: {t} threads changed the result",
+                    "{}: {t} threads changed the {m}x{n} result",
                     blas.name
                 );
             }
@@ -571,7 +581,8 @@ mod tests {
     }
 
     fn check_products(blas: &Blas) {
-        for (m, n, k) in [(197, 35, 70), (16, 300, 40), (3, 2, 0)] {
+        // Row blocks, column blocks (also with many rows: the LM head's shape), nothing.
+        for (m, n, k) in [(197, 35, 70), (16, 300, 40), (150, 260, 33), (3, 2, 0)] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
                 .collect();
