@@ -282,27 +282,29 @@ fn blas_sum(b: &blas::Blas, terms: &[Term<'_>], m: usize, n: usize) -> Option<Ve
     // arithmetic (a thin product with beta = 1 after them would read and write C again).
     let mut order: Vec<usize> = (0..terms.len()).collect();
     order.sort_by_key(|&i| terms[i].dims().1);
-    let mut out: Option<Vec<f32>> = None;
-    for (t, (ha, hb)) in order.iter().map(|&i| (&terms[i], &hosts[i])) {
-        let (_, k, _) = t.dims();
-        let [_, ac] = t.a.dims();
-        let [_, bc] = t.b.dims();
-        let oa = blas::Operand {
-            data: ha.data(),
-            ld: ac,
-            trans: t.ta,
-        };
-        let ob = blas::Operand {
-            data: hb.data(),
-            ld: bc,
-            trans: t.tb,
-        };
-        match &mut out {
-            None => out = Some(b.product(m, n, k, t.alpha, oa, ob)),
-            Some(c) => b.sgemm(m, n, k, t.alpha, oa, ob, 1.0, c),
-        }
-    }
-    out
+    let parts: Vec<blas::Part<'_>> = order
+        .iter()
+        .map(|&i| {
+            let (t, (ha, hb)) = (&terms[i], &hosts[i]);
+            let [_, ac] = t.a.dims();
+            let [_, bc] = t.b.dims();
+            blas::Part {
+                k: t.dims().1,
+                alpha: t.alpha,
+                a: blas::Operand {
+                    data: ha.data(),
+                    ld: ac,
+                    trans: t.ta,
+                },
+                b: blas::Operand {
+                    data: hb.data(),
+                    ld: bc,
+                    trans: t.tb,
+                },
+            }
+        })
+        .collect();
+    Some(b.product_sum(m, n, &parts))
 }
 
 #[cfg(test)]
