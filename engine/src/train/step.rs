@@ -154,8 +154,14 @@ pub struct Forward {
     targets: Vec<Target>,
 }
 
-/// Rows of logits computed at once in the LM head.
-const HEAD_CHUNK: usize = 256;
+/// Rows of logits computed at once in the LM head: about 96 MiB of f32 logits (512 rows for
+/// SmolLM2's 49 152-token vocabulary, 196 for Llama 3's 128 256). Fewer, larger chunks stream
+/// the embedding through the cache fewer times: 512 rows instead of 256 made the SmolLM2 step
+/// 2% faster in 12 of 16 interleaved steps, for 70 MB more peak memory.
+fn head_chunk(vocab: usize) -> usize {
+    const LOGIT_BYTES: usize = 96 << 20;
+    (LOGIT_BYTES / (4 * vocab.max(1))).clamp(64, 4096)
+}
 
 /// Boolean attention mask `[b, 1→heads, t, t]` (true = hidden): causal, within segment.
 fn train_mask(
@@ -317,8 +323,9 @@ pub fn forward(
     let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
     let target_h = hidden.select(0, rows.clone());
     let ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
+    let chunk = head_chunk(model.config.vocab_size);
     let (target_logps, grad_dirs) =
-        ops::target_logprobs_with_grad(&target_h, &model.lm_head_weight(), &ids, HEAD_CHUNK);
+        ops::target_logprobs_with_grad(&target_h, &model.lm_head_weight(), &ids, chunk);
     Forward {
         layers,
         x_final: x,
@@ -348,8 +355,9 @@ fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1
     let mut dw = Tensor::<2>::zeros([vocab, hidden], &device);
     let n = targets.len();
     let mut start = 0;
+    let chunk = head_chunk(vocab);
     while start < n {
-        let end = (start + HEAD_CHUNK).min(n);
+        let end = (start + chunk).min(n);
         let hc = h.clone().slice([start..end, 0..hidden]);
         let gc = g
             .clone()
@@ -522,4 +530,17 @@ pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &T
         grads.insert(key, total);
     }
     grads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_chunk;
+
+    #[test]
+    fn head_chunks_hold_about_96_mib_of_logits() {
+        assert_eq!(head_chunk(49_152), 512); // SmolLM2
+        assert_eq!(head_chunk(128_256), 196); // Llama 3
+        assert_eq!(head_chunk(1_000), 4096); // tiny test models: capped
+        assert_eq!(head_chunk(10_000_000), 64); // floor
+    }
 }
