@@ -337,7 +337,17 @@ impl Blas {
     ) {
         assert!(c.len() >= m * n, "sgemm: output too short");
         // SAFETY: `c` holds m·n initialised values.
-        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), n, true) }
+        unsafe {
+            self.sum_raw(
+                m,
+                n,
+                &[Part { k, alpha, a, b }],
+                beta,
+                c.as_mut_ptr(),
+                n,
+                true,
+            )
+        }
     }
 
     /// [`Blas::sgemm`] on the calling thread only, into `c` with row stride `ldc` (for
@@ -363,7 +373,17 @@ impl Blas {
             "sgemm: output too short"
         );
         // SAFETY: `c` holds every element the product touches (checked above).
-        unsafe { self.sgemm_raw(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc, false) }
+        unsafe {
+            self.sum_raw(
+                m,
+                n,
+                &[Part { k, alpha, a, b }],
+                beta,
+                c.as_mut_ptr(),
+                ldc,
+                false,
+            )
+        }
     }
 
     /// `alpha·op(a)·op(b)` `[m×n]` in a new vector (never zero-filled first).
@@ -376,18 +396,7 @@ impl Blas {
         a: Operand<'_>,
         b: Operand<'_>,
     ) -> Vec<f32> {
-        let mut c = Vec::<f32>::with_capacity(m * n);
-        if k == 0 {
-            c.resize(m * n, 0.0);
-            return c;
-        }
-        // SAFETY: with beta = 0 BLAS writes every element of c without reading it; the
-        // length is set only afterwards.
-        unsafe {
-            self.sgemm_raw(m, n, k, alpha, a, b, 0.0, c.as_mut_ptr(), n, true);
-            c.set_len(m * n);
-        }
-        c
+        self.product_sum(m, n, &[Part { k, alpha, a, b }])
     }
 
     /// `Σ alphaᵢ·op(aᵢ)·op(bᵢ)` `[m×n]` in a new vector (never zero-filled first), the parts
@@ -412,26 +421,6 @@ impl Blas {
             c.set_len(m * n);
         }
         c
-    }
-
-    /// # Safety
-    /// As [`Blas::sum_raw`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn sgemm_raw(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        alpha: f32,
-        a: Operand<'_>,
-        b: Operand<'_>,
-        beta: f32,
-        c: *mut f32,
-        ldc: usize,
-        parallel: bool,
-    ) {
-        // SAFETY: forwarded.
-        unsafe { self.sum_raw(m, n, &[Part { k, alpha, a, b }], beta, c, ldc, parallel) }
     }
 
     /// `c = Σ parts + beta·c`: the first part with `beta`, the others accumulated onto it.
