@@ -69,6 +69,9 @@ pub enum Error {
     /// An argument given by the caller is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The GPU device could not be opened or a GPU operation failed (driver, NVRTC, cuBLAS).
+    #[error("GPU: {0}")]
+    Device(String),
     /// Training was cancelled through its cancellation token.
     #[error("cancelled")]
     Cancelled,

@@ -9,7 +9,8 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::{LlamaModel, MaskSpec, Positions};
+use crate::device::Backend;
+use crate::model::{LlamaModel, Positions};
 use crate::tokenizer::Encoded;
 
 /// Rows of logits computed at once (bounds memory at `rows × vocab` floats).
@@ -95,38 +96,42 @@ pub fn gather_logprobs(model: &LlamaModel, hidden: Tensor<2>, targets: &[u32]) -
 
 /// Per-target log-probabilities of a batch and the row each belongs to.
 pub fn batch_target_logprobs(model: &LlamaModel, batch: &TokenBatch) -> (Tensor<1>, Vec<usize>) {
+    let (lp, rows) = target_logprobs_on(model, batch);
+    let n = lp.len();
+    (
+        Tensor::<1>::from_data(TensorData::new(lp, [n]), &model.device),
+        rows,
+    )
+}
+
+/// [`batch_target_logprobs`] on any device: values on the host, and the row of each.
+pub fn target_logprobs_on<B: Backend>(model: &B, batch: &TokenBatch) -> (Vec<f32>, Vec<usize>) {
     let targets = batch.targets();
     let positions = Positions::Range {
         start: 0,
         len: batch.len,
         batch: batch.batch,
     };
-    let hidden = model.forward_hidden(
-        model.ids_tensor(&batch.ids, batch.batch, batch.len),
+    let hidden = crate::device::forward(
+        model,
+        &batch.ids,
+        batch.batch,
+        batch.len,
         &positions,
-        MaskSpec { segments: None },
+        None,
         None,
     );
-    let h = model.config.hidden_size;
-    let flat = hidden.reshape([batch.batch * batch.len, h]);
-    let rows: Vec<i64> = targets.iter().map(|&(_, p, _)| p as i64).collect();
-    let rows_t = Tensor::<1, Int>::from_data(TensorData::new(rows, [targets.len()]), &model.device);
-    let selected = flat.select(0, rows_t);
+    let rows: Vec<usize> = targets.iter().map(|&(_, p, _)| p).collect();
     let ids: Vec<u32> = targets.iter().map(|&(_, _, id)| id).collect();
     (
-        gather_logprobs(model, selected, &ids),
+        model.target_logprobs(&hidden, &rows, &ids),
         targets.iter().map(|&(r, _, _)| r).collect(),
     )
 }
 
 /// Sums of trained-token log-probabilities per sequence, and trained-token counts.
-pub fn sequence_logprobs(model: &LlamaModel, batch: &TokenBatch) -> (Vec<f64>, Vec<usize>) {
-    let (lp, rows) = batch_target_logprobs(model, batch);
-    let values: Vec<f32> = lp
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec()
-        .expect("f32 data");
+pub fn sequence_logprobs<B: Backend>(model: &B, batch: &TokenBatch) -> (Vec<f64>, Vec<usize>) {
+    let (values, rows) = target_logprobs_on(model, batch);
     let mut sums = vec![0f64; batch.batch];
     let mut counts = vec![0usize; batch.batch];
     for (v, r) in values.iter().zip(rows) {
@@ -163,7 +168,7 @@ impl LossSum {
 }
 
 /// SFT loss of `seqs`, evaluated in batches of `batch_size`.
-pub fn sft_loss(model: &LlamaModel, seqs: &[Encoded], batch_size: usize, pad: u32) -> LossSum {
+pub fn sft_loss<B: Backend>(model: &B, seqs: &[Encoded], batch_size: usize, pad: u32) -> LossSum {
     let mut total = LossSum::default();
     // Sort by length so that padding stays small; the sum does not depend on the order.
     let mut order: Vec<usize> = (0..seqs.len()).collect();

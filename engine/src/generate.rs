@@ -4,8 +4,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{KvCache, LlamaModel, MaskSpec, Positions};
-use crate::weights::to_f32_vec;
+use crate::device::{Backend, forward};
+use crate::model::Positions;
 
 /// Decoding options.
 #[derive(Debug, Clone)]
@@ -91,35 +91,27 @@ pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> u32
     cand[probs.len() - 1].0
 }
 
-/// Generates a continuation of `prompt`; `on_token` sees each new id as it is produced.
-/// Returns the new ids (including the stop token when one was produced).
-pub fn generate(
-    model: &LlamaModel,
+/// Generates a continuation of `prompt` on any device; `on_token` sees each new id as it is
+/// produced. Returns the new ids (including the stop token when one was produced).
+pub fn generate<B: Backend>(
+    model: &B,
     prompt: &[u32],
     cfg: &GenerationConfig,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let mut cache = model.new_cache();
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
-    let vocab = model.config.vocab_size;
     while out.len() < cfg.max_new_tokens && !input.is_empty() {
         let len = input.len();
         let positions = Positions::Range {
-            start: cache.seen,
+            start: B::cache_seen(&cache),
             len,
             batch: 1,
         };
-        let hidden = model.forward_hidden(
-            model.ids_tensor(&input, 1, len),
-            &positions,
-            MaskSpec { segments: None },
-            Some(&mut cache),
-        );
-        let h = model.config.hidden_size;
-        let last = hidden.slice([0..1, len - 1..len, 0..h]);
-        let logits = to_f32_vec(model.logits(last).reshape([vocab]).into_data());
+        let hidden = forward(model, &input, 1, len, &positions, None, Some(&mut cache));
+        let logits = model.row_logits(&hidden, &[len - 1]);
         let next = sample(&logits, cfg, &mut rng);
         out.push(next);
         on_token(next);

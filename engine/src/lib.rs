@@ -26,6 +26,8 @@ pub mod gguf;
 pub mod loader;
 
 pub use loader::{LoadedModel, load_model};
+pub mod cuda;
+pub mod device;
 pub mod generate;
 pub mod kernels;
 pub mod nf4;

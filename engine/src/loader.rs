@@ -116,3 +116,17 @@ pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMo
         path: path.to_path_buf(),
     })
 }
+
+/// Loads a model straight onto GPU `gpu` in `dt` (NF4 projections with `nf4 = Some(double)`),
+/// and its tokenizer.
+pub fn load_model_cuda(
+    path: &Path,
+    gpu: std::sync::Arc<crate::cuda::Gpu>,
+    dt: crate::cuda::Dt,
+    nf4: Option<bool>,
+) -> Result<(crate::cuda::CudaModel, Tokenizer)> {
+    let files = ModelFiles::locate(path)?;
+    let (source, config) = files.open()?;
+    let model = crate::cuda::CudaModel::load(source.as_ref(), config, gpu, dt, nf4)?;
+    Ok((model, files.tokenizer()?))
+}

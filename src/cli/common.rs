@@ -16,7 +16,7 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Device: `cpu`, or `cuda[:N]` (builds with the `cuda` feature).
+    /// Device: `cpu`, or `cuda[:N]` (an NVIDIA GPU; `eval` and `generate`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype: f32, bf16 or f16.
@@ -28,28 +28,13 @@ pub struct ModelArgs {
     pub chat_template: Option<String>,
 }
 
-/// Parses `--device`.
+/// Parses `--device` for the commands that run on the host engine only (training, merging,
+/// export): `cuda` is refused with a clear message.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" | "flex" => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        s if s.starts_with("cuda") => {
-            let idx = s
-                .strip_prefix("cuda")
-                .and_then(|r| r.strip_prefix(':'))
-                .map(|n| n.parse::<usize>())
-                .transpose()
-                .context("--device cuda:N needs a number")?
-                .unwrap_or(0);
-            Ok(Device::cuda(idx))
-        }
-        other => anyhow::bail!(
-            "--device {other}: unknown device (cpu{})",
-            if cfg!(feature = "cuda") {
-                ", cuda[:N]"
-            } else {
-                "; cuda needs a build with --features cuda"
-            }
+    match s.parse::<fedtune_engine::device::Device>()? {
+        fedtune_engine::device::Device::Cpu => Ok(Device::flex()),
+        fedtune_engine::device::Device::Cuda(_) => anyhow::bail!(
+            "--device {s}: this command runs on the CPU for now; `fedtune eval` and `fedtune generate` run on cuda"
         ),
     }
 }
@@ -85,12 +70,35 @@ impl ModelArgs {
         Ok(m)
     }
 
-    /// Loads the model, its tokenizer and the adapter.
-    pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = parse_device(&self.device)?;
-        let dtype = parse_dtype(&self.dtype)?;
-        let mut m = load_model(&self.model, &device, dtype)
-            .with_context(|| format!("loading model {}", self.model.display()))?;
+    /// The device asked for.
+    pub fn engine_device(&self) -> anyhow::Result<fedtune_engine::device::Device> {
+        Ok(self.device.parse()?)
+    }
+
+    /// Loads the model straight onto GPU `ordinal`, with its tokenizer (and chat template
+    /// override) and the adapter.
+    pub fn load_cuda(
+        &self,
+        ordinal: usize,
+    ) -> anyhow::Result<(fedtune_engine::cuda::CudaModel, fedtune_engine::Tokenizer)> {
+        let gpu = fedtune_engine::cuda::Gpu::open(ordinal)?;
+        let dt = fedtune_engine::cuda::Dt::from_burn(parse_dtype(&self.dtype)?)?;
+        let (mut model, mut tokenizer) =
+            fedtune_engine::loader::load_model_cuda(&self.model, gpu, dt, None).with_context(
+                || format!("loading model {} onto cuda:{ordinal}", self.model.display()),
+            )?;
+        self.apply_template(&mut tokenizer)?;
+        if let Some(a) = &self.adapter {
+            let adapter =
+                PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
+            model
+                .attach_adapter(&adapter)
+                .with_context(|| format!("applying adapter {}", a.display()))?;
+        }
+        Ok((model, tokenizer))
+    }
+
+    fn apply_template(&self, tokenizer: &mut fedtune_engine::Tokenizer) -> anyhow::Result<()> {
         if let Some(t) = &self.chat_template {
             let path = std::path::Path::new(t);
             let src = if path.is_file() {
@@ -98,8 +106,18 @@ impl ModelArgs {
             } else {
                 t.clone()
             };
-            m.tokenizer.set_template(&src)?;
+            tokenizer.set_template(&src)?;
         }
+        Ok(())
+    }
+
+    /// Loads the model, its tokenizer and the adapter.
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = parse_device(&self.device)?;
+        let dtype = parse_dtype(&self.dtype)?;
+        let mut m = load_model(&self.model, &device, dtype)
+            .with_context(|| format!("loading model {}", self.model.display()))?;
+        self.apply_template(&mut m.tokenizer)?;
         if let Some(a) = &self.adapter {
             let adapter =
                 PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use fedtune_engine::Tokenizer;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::dpo::{DpoMetrics, PairLogps};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs, sft_loss};
 use serde_json::json;
@@ -53,7 +55,45 @@ pub struct EvalArgs {
 
 /// Runs `fedtune eval`.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let m = a.model.load()?;
+    match a.model.engine_device()? {
+        Device::Cpu => {
+            let m = a.model.load()?;
+            let reference = match &a.ref_model {
+                Some(p) => Some(
+                    fedtune_engine::load_model(
+                        p,
+                        &super::common::parse_device(&a.model.device)?,
+                        super::common::parse_dtype(&a.model.dtype)?,
+                    )
+                    .with_context(|| format!("loading reference model {}", p.display()))?
+                    .model,
+                ),
+                None => None,
+            };
+            evaluate(&a, &m.model, &m.tokenizer, reference)
+        }
+        Device::Cuda(i) => {
+            let (model, tokenizer) = a.model.load_cuda(i)?;
+            let reference = match &a.ref_model {
+                Some(p) => Some(
+                    fedtune_engine::loader::load_model_cuda(p, model.gpu.clone(), model.dt, None)
+                        .with_context(|| format!("loading reference model {}", p.display()))?
+                        .0,
+                ),
+                None => None,
+            };
+            evaluate(&a, &model, &tokenizer, reference)
+        }
+    }
+}
+
+/// The evaluation on any device; `reference` defaults to the model without its adapter.
+fn evaluate<B: Backend>(
+    a: &EvalArgs,
+    model: &B,
+    tokenizer: &Tokenizer,
+    reference: Option<B>,
+) -> anyhow::Result<()> {
     let data = Dataset::load(
         &a.data,
         LoadOptions {
@@ -64,8 +104,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     for e in &data.skipped {
         eprintln!("skipped: {e}");
     }
-    let seqs = data.encode_sft(&m.tokenizer, a.max_seq_length)?;
-    let loss = sft_loss(&m.model, &seqs, a.batch_size, m.tokenizer.pad_id);
+    let seqs = data.encode_sft(&tokenizer, a.max_seq_length)?;
+    let loss = sft_loss(model, &seqs, a.batch_size, tokenizer.pad_id);
     let mut out = json!({
         "loss": loss.mean(),
         "perplexity": loss.mean().exp(),
@@ -78,26 +118,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             data.is_preference(),
             "--beta needs preference data (prompt/chosen/rejected)"
         );
-        let (pairs, trunc) = data.encode_pairs(&m.tokenizer, a.max_prompt_length, a.max_length)?;
-        let reference = match &a.ref_model {
-            Some(p) => {
-                fedtune_engine::load_model(
-                    p,
-                    &super::common::parse_device(&a.model.device)?,
-                    super::common::parse_dtype(&a.model.dtype)?,
-                )
-                .with_context(|| format!("loading reference model {}", p.display()))?
-                .model
-            }
-            None => m.model.without_adapter(),
-        };
+        let (pairs, trunc) = data.encode_pairs(&tokenizer, a.max_prompt_length, a.max_length)?;
+        let reference = reference.unwrap_or_else(|| model.without_adapter());
         let mut logps = Vec::with_capacity(pairs.len());
         let per_batch = a.batch_size.max(2) / 2;
         for chunk in pairs.chunks(per_batch) {
             let seqs: Vec<_> = chunk.iter().map(|p| p.sequences()).collect();
             let refs: Vec<_> = seqs.iter().flat_map(|(c, r)| [c, r]).collect();
-            let batch = TokenBatch::pad(&refs, m.tokenizer.pad_id);
-            let (pol, _) = sequence_logprobs(&m.model, &batch);
+            let batch = TokenBatch::pad(&refs, tokenizer.pad_id);
+            let (pol, _) = sequence_logprobs(model, &batch);
             let (rf, _) = sequence_logprobs(&reference, &batch);
             for i in 0..chunk.len() {
                 logps.push(PairLogps {

@@ -3,8 +3,9 @@
 use std::io::Write;
 
 use clap::Args;
-use fedtune_engine::Message;
+use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::generate::{GenerationConfig, generate};
+use fedtune_engine::{Message, Tokenizer};
 
 use super::common::ModelArgs;
 
@@ -41,24 +42,36 @@ pub struct GenerateArgs {
 
 /// Runs `fedtune generate`.
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let m = a.model.load()?;
+    match a.model.engine_device()? {
+        Device::Cpu => {
+            let m = a.model.load()?;
+            run_on(&a, &m.model, &m.tokenizer)
+        }
+        Device::Cuda(i) => {
+            let (model, tokenizer) = a.model.load_cuda(i)?;
+            run_on(&a, &model, &tokenizer)
+        }
+    }
+}
+
+fn run_on<B: Backend>(a: &GenerateArgs, model: &B, tokenizer: &Tokenizer) -> anyhow::Result<()> {
     let text = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message::new("system", s.clone()));
         }
         msgs.push(Message::new("user", a.prompt.clone()));
-        m.tokenizer.render(&msgs, true)?
+        tokenizer.render(&msgs, true)?
     } else {
         a.prompt.clone()
     };
     let ids = if a.chat {
-        m.tokenizer.encode(&text)?
+        tokenizer.encode(&text)?
     } else {
-        m.tokenizer.encode_with_special(&text)?
+        tokenizer.encode_with_special(&text)?
     };
-    let mut stop: Vec<u32> = m.model.config.eos_token_ids.clone();
-    stop.extend(m.tokenizer.eos_id);
+    let mut stop: Vec<u32> = model.config().eos_token_ids.clone();
+    stop.extend(tokenizer.eos_id);
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -70,10 +83,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut out = Vec::new();
     let mut printed = 0;
     let stdout = std::io::stdout();
-    generate(&m.model, &ids, &cfg, |id| {
+    generate(model, &ids, &cfg, |id| {
         out.push(id);
         // Print the decoded suffix so multi-byte characters appear when complete.
-        if let Ok(s) = m.tokenizer.decode(&out, true)
+        if let Ok(s) = tokenizer.decode(&out, true)
             && s.len() > printed
             && s.is_char_boundary(printed)
         {

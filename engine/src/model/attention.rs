@@ -126,7 +126,7 @@ impl Attention {
 }
 
 /// Repeats each KV head `groups` times: `[b, kv, t, d]` → `[b, kv·groups, t, d]`.
-fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+pub(crate) fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
     if groups == 1 {
         return x;
     }
@@ -138,7 +138,7 @@ fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
 
 /// Builds the boolean mask (`true` = hidden) for `tq` queries that are the last `tq` of `tk`
 /// positions: causal, within-segment, and within the sliding window.
-fn build_mask(
+pub(crate) fn build_mask(
     b: usize,
     heads: usize,
     tq: usize,

@@ -124,24 +124,26 @@ impl LlamaModel {
         Tensor::from_data(TensorData::new(ids, [batch, len]), &self.device)
     }
 
-    /// Final hidden states (after the last norm).
+    /// Final hidden states (after the last norm), through the device-independent forward pass
+    /// ([`crate::device::forward`]) on the host kernels.
     pub fn forward_hidden(
         &self,
         ids: Tensor<2, Int>,
         positions: &Positions,
         mask: MaskSpec<'_>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.clone(), ids);
-        let (cos, sin) = self.rope.tables(positions, &self.device);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, mask, layer_cache);
-        }
-        if let Some(c) = cache {
-            c.seen += positions.dims().1;
-        }
-        self.norm.forward(x)
+        let [b, t] = ids.dims();
+        let ids: Vec<u32> = ids
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let hidden = crate::device::forward(self, &ids, b, t, positions, mask.segments, cache);
+        hidden.reshape([b, t, self.config.hidden_size])
     }
 
     /// Logits `[batch, seq, vocab]` of hidden states.

@@ -8,7 +8,7 @@ pub mod lora;
 pub mod memory;
 pub mod ops;
 pub mod optim;
-mod proj;
+pub(crate) mod proj;
 pub mod sft;
 pub mod step;
 

@@ -10,14 +10,14 @@ use crate::kernels::{self, Term, matmul_sum};
 use crate::model::Linear;
 
 /// What a LoRA projection's forward keeps for its backward.
-pub(super) struct LoraIn {
+pub(crate) struct LoraIn {
     /// `x·Aᵀ` (after dropout when active) `[n, r]`.
     pub(super) u: Tensor<2>,
     /// The dropout mask applied to `x` (already divided by the keep probability).
     pub(super) mask: Option<Tensor<2>>,
 }
 
-pub(super) fn lin_forward(
+pub(crate) fn lin_forward(
     lin: &Linear,
     x: &Tensor<2>,
     dropout_seed: Option<u64>,
@@ -51,7 +51,7 @@ pub(super) fn lin_forward(
 
 /// [`lin_forward`] for projections that read the same input (q/k/v, gate/up): without dropout,
 /// their LoRA down-projections `x·Aᵢᵀ` are one product `x·[A₁; A₂; …]ᵀ`, so `x` is read once.
-pub(super) fn lin_forward_shared<const N: usize>(
+pub(crate) fn lin_forward_shared<const N: usize>(
     lins: [&Linear; N],
     x: &Tensor<2>,
     seeds: [Option<u64>; N],

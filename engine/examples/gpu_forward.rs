@@ -1,0 +1,99 @@
+//! GPU forward throughput and agreement with the host engine, on a model directory or GGUF
+//! file. Used by `scripts/gpu_check.sh` on the GPU machine.
+//!
+//! `gpu_forward bench MODEL DTYPE BATCH SEQ ITERS`: tokens/s of the forward pass with the
+//! LM head's log-probabilities at every position (what `fedtune eval` computes), one JSON line.
+//! `gpu_forward compare MODEL BATCH SEQ`: log-probabilities of random ids on the host engine
+//! (f32) and on the GPU in f32 and bf16; prints the largest differences as one JSON line.
+use std::time::Instant;
+
+use burn::tensor::{DType, Device};
+use fedtune_engine::cuda::{Dt, Gpu};
+use fedtune_engine::eval::{TokenBatch, target_logprobs_on};
+use fedtune_engine::loader::load_model_cuda;
+use fedtune_engine::tokenizer::Encoded;
+use rand::{Rng, SeedableRng};
+
+fn batch(vocab: u32, b: usize, t: usize) -> TokenBatch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let seqs: Vec<Encoded> = (0..b)
+        .map(|_| Encoded {
+            ids: (0..t).map(|_| rng.random_range(0..vocab)).collect(),
+            mask: vec![1; t],
+        })
+        .collect();
+    TokenBatch::pad(&seqs.iter().collect::<Vec<_>>(), 0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<String> = std::env::args().collect();
+    let n = |i: usize| -> usize { a[i].parse().expect("a number") };
+    let gpu = Gpu::open(0)?;
+    match a[1].as_str() {
+        "bench" => {
+            let dt = match a[3].as_str() {
+                "f32" => Dt::F32,
+                "f16" => Dt::F16,
+                _ => Dt::BF16,
+            };
+            let (b, t, iters) = (n(4), n(5), n(6));
+            let t0 = Instant::now();
+            let (m, _) = load_model_cuda(a[2].as_ref(), gpu.clone(), dt, None)?;
+            gpu.synchronize()?;
+            let load = t0.elapsed().as_secs_f64();
+            let tb = batch(m.config.vocab_size as u32, b, t);
+            let _ = target_logprobs_on(&m, &tb);
+            gpu.synchronize()?;
+            gpu.reset_peak()?;
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                let (lp, _) = target_logprobs_on(&m, &tb);
+                assert!(
+                    lp.iter().all(|v| v.is_finite()),
+                    "non-finite log-probabilities"
+                );
+            }
+            gpu.synchronize()?;
+            let secs = t0.elapsed().as_secs_f64() / iters as f64;
+            println!(
+                "{{\"impl\": \"fedtune\", \"gpu\": \"{}\", \"dtype\": \"{dt:?}\", \"batch\": {b}, \"seq\": {t}, \"load_s\": {load:.2}, \"seconds\": {secs:.4}, \"tokens_per_s\": {:.1}, \"peak_gib\": {:.3}}}",
+                gpu.name,
+                (b * t) as f64 / secs,
+                (gpu.peak_bytes()? as f64 + gpu.workspace_bytes() as f64) / (1u64 << 30) as f64
+            );
+        }
+        "compare" => {
+            let (b, t) = (n(3), n(4));
+            let host = fedtune_engine::load_model(a[2].as_ref(), &Device::flex(), DType::F32)?;
+            let tb = batch(host.model.config.vocab_size as u32, b, t);
+            let (want, _) = target_logprobs_on(&host.model, &tb);
+            let mut out = Vec::new();
+            for dt in [Dt::F32, Dt::BF16] {
+                let (m, _) = load_model_cuda(a[2].as_ref(), gpu.clone(), dt, None)?;
+                let (got, _) = target_logprobs_on(&m, &tb);
+                let max = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                let scale = want.iter().fold(1f32, |s, v| s.max(v.abs()));
+                let mean = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .sum::<f32>()
+                    / want.len() as f32;
+                out.push(format!(
+                    "\"{dt:?}\": {{\"max_abs\": {max:.3e}, \"max_rel\": {:.3e}, \"mean_abs\": {mean:.3e}}}",
+                    max / scale
+                ));
+            }
+            println!(
+                "{{\"compare\": \"logprobs vs host f32\", \"batch\": {b}, \"seq\": {t}, {}}}",
+                out.join(", ")
+            );
+        }
+        other => return Err(format!("unknown mode {other}").into()),
+    }
+    Ok(())
+}

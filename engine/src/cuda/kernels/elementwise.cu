@@ -1,0 +1,96 @@
+// Element-wise kernels: SwiGLU, embedding gather, bias add, dtype casts, row copies, and the
+// LM head's log-probabilities from f32 logits.
+
+// a = T(silu(g)) ⊙ u, as transformers' act_fn(gate) * up in T.
+template <typename T> __device__ void swiglu_impl(const T* g, const T* u, T* a, size_t n) {
+    GRID_STRIDE(i, n) {
+        float x = ld(g[i]);
+        float s = rnd<T>(x / (1.f + expf(-x)));
+        a[i] = st<T>(s * ld(u[i]));
+    }
+}
+
+// out[i, :] = table[ids[i], :]
+template <typename T>
+__device__ void embed_impl(const T* table, const unsigned* ids, T* out, int n, int h) {
+    GRID_STRIDE(i, (size_t)n * h) {
+        size_t row = i / h, c = i % h;
+        out[i] = table[(size_t)ids[row] * h + c];
+    }
+}
+
+// y[i, :] += bias
+template <typename T> __device__ void add_bias_impl(T* y, const T* bias, int n, int cols) {
+    GRID_STRIDE(i, (size_t)n * cols) { y[i] = st<T>(ld(y[i]) + ld(bias[i % cols])); }
+}
+
+template <typename T> __device__ void to_f32_impl(const T* x, float* y, size_t n) {
+    GRID_STRIDE(i, n) { y[i] = ld(x[i]); }
+}
+template <typename T> __device__ void from_f32_impl(const float* x, T* y, size_t n) {
+    GRID_STRIDE(i, n) { y[i] = st<T>(x[i]); }
+}
+
+// dst[dst_row0 + r] (row stride dst_rs) = src[r] (row stride src_rs), `cols` elements a row:
+// appends keys/values to a KV cache, gathers rows.
+template <typename T>
+__device__ void copy_rows_impl(const T* src, long long src_rs, T* dst, long long dst_rs,
+                               int rows, int cols) {
+    GRID_STRIDE(i, (size_t)rows * cols) {
+        size_t r = i / cols, c = i % cols;
+        dst[r * dst_rs + c] = src[r * src_rs + c];
+    }
+}
+
+// out[i, :] = x[rows[i], :]
+template <typename T>
+__device__ void gather_rows_impl(const T* x, const unsigned* rows, T* out, int n, int cols) {
+    GRID_STRIDE(i, (size_t)n * cols) {
+        size_t r = i / cols, c = i % cols;
+        out[i] = x[(size_t)rows[r] * cols + c];
+    }
+}
+
+#define ELEMENTWISE(T, S)                                                                      \
+    extern "C" __global__ void swiglu_##S(const void* g, const void* u, void* a,               \
+                                          unsigned long long n) {                              \
+        swiglu_impl<T>((const T*)g, (const T*)u, (T*)a, n);                                    \
+    }                                                                                          \
+    extern "C" __global__ void embed_##S(const void* table, const unsigned* ids, void* out,    \
+                                         int n, int h) {                                       \
+        embed_impl<T>((const T*)table, ids, (T*)out, n, h);                                    \
+    }                                                                                          \
+    extern "C" __global__ void add_bias_##S(void* y, const void* bias, int n, int cols) {      \
+        add_bias_impl<T>((T*)y, (const T*)bias, n, cols);                                      \
+    }                                                                                          \
+    extern "C" __global__ void to_f32_##S(const void* x, float* y, unsigned long long n) {     \
+        to_f32_impl<T>((const T*)x, y, n);                                                     \
+    }                                                                                          \
+    extern "C" __global__ void from_f32_##S(const float* x, void* y, unsigned long long n) {   \
+        from_f32_impl<T>(x, (T*)y, n);                                                         \
+    }                                                                                          \
+    extern "C" __global__ void copy_rows_##S(const void* src, long long src_rs, void* dst,     \
+                                             long long dst_rs, int rows, int cols) {           \
+        copy_rows_impl<T>((const T*)src, src_rs, (T*)dst, dst_rs, rows, cols);                 \
+    }                                                                                          \
+    extern "C" __global__ void gather_rows_##S(const void* x, const unsigned* rows, void* out, \
+                                               int n, int cols) {                              \
+        gather_rows_impl<T>((const T*)x, rows, (T*)out, n, cols);                              \
+    }
+EACH_TYPE(ELEMENTWISE)
+
+// logp[i] = logits[i, target[i]] − logsumexp(logits[i, :]), one block per row (f32 logits).
+extern "C" __global__ void target_logprobs(const float* logits, const unsigned* targets,
+                                           float* logp, int rows, int vocab) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* x = logits + (size_t)row * vocab;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx, scratch);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(x[i] - mx);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) logp[row] = x[targets[row]] - (mx + logf(s));
+}

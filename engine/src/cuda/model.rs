@@ -1,0 +1,576 @@
+//! A Llama-family model whose weights live on the GPU, and its [`Backend`] implementation.
+//!
+//! Weights are read one tensor at a time from the checkpoint (memory-mapped safetensors or
+//! GGUF), converted to the compute dtype on the host and copied to the device, so the host
+//! never holds more than one tensor in f32. With NF4 (`--load-in-4bit`), projections are
+//! quantised on the host with the same code as the CPU engine (bit-identical codes) and only
+//! the codes and scales go to the device; each use dequantises into a transient buffer.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::Gpu;
+use super::ops::AttnGeom;
+use super::tensor::{Dt, GTensor};
+use crate::config::ModelConfig;
+use crate::device::{AttnShape, Backend, Norm, Proj};
+use crate::error::{Error, Result};
+use crate::model::{BaseWeight, LlamaModel, Positions, RotaryEmbedding};
+use crate::nf4::{Absmax, Nf4Tensor};
+use crate::weights::{TensorSource, to_f32_vec};
+
+/// NF4 codes and scales on the device.
+pub struct Nf4Gpu {
+    pub(crate) packed: CudaSlice<u8>,
+    pub(crate) absmax: Option<CudaSlice<f32>>,
+    pub(crate) codes2: Option<CudaSlice<u8>>,
+    pub(crate) absmax2: Option<CudaSlice<f32>>,
+    pub(crate) offset: f32,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl Nf4Gpu {
+    /// Copies the codes and scales of `q` to the device.
+    pub fn upload(gpu: &Gpu, q: &Nf4Tensor) -> Result<Self> {
+        let (rows, cols) = q.shape;
+        let packed = gpu.upload_u8(&q.packed)?;
+        Ok(match &q.absmax {
+            Absmax::F32(a) => Nf4Gpu {
+                packed,
+                absmax: Some(gpu.upload_f32(a)?),
+                codes2: None,
+                absmax2: None,
+                offset: 0.0,
+                rows,
+                cols,
+            },
+            Absmax::Double {
+                codes,
+                absmax2,
+                offset,
+            } => Nf4Gpu {
+                packed,
+                absmax: None,
+                codes2: Some(gpu.upload_u8(codes)?),
+                absmax2: Some(gpu.upload_f32(absmax2)?),
+                offset: *offset,
+                rows,
+                cols,
+            },
+        })
+    }
+}
+
+/// A frozen projection weight on the device.
+#[derive(Clone)]
+pub enum GBase {
+    /// `[out, in]` in the compute dtype.
+    Dense(GTensor),
+    /// NF4, dequantised on each use.
+    Nf4(Arc<Nf4Gpu>),
+}
+
+/// LoRA factors on the device (compute dtype).
+#[derive(Clone)]
+pub struct GLora {
+    /// `[r, in]`.
+    pub a: GTensor,
+    /// `[out, r]`.
+    pub b: GTensor,
+    /// `α/r` (or `α/√r`).
+    pub scale: f32,
+}
+
+/// One projection.
+#[derive(Clone)]
+pub struct GProj {
+    /// Frozen weight.
+    pub base: GBase,
+    /// Bias `[1, out]`.
+    pub bias: Option<GTensor>,
+    /// Adapter.
+    pub lora: Option<GLora>,
+}
+
+/// One decoder block.
+#[derive(Clone)]
+pub struct GLayer {
+    /// `input_layernorm.weight` `[1, hidden]`.
+    pub ln1: GTensor,
+    /// `post_attention_layernorm.weight` `[1, hidden]`.
+    pub ln2: GTensor,
+    /// q, k, v, o, gate, up, down in that order.
+    pub proj: [GProj; 7],
+}
+
+/// A Llama-family model on an NVIDIA GPU.
+#[derive(Clone)]
+pub struct CudaModel {
+    /// The device.
+    pub gpu: Arc<Gpu>,
+    /// The validated configuration.
+    pub config: ModelConfig,
+    /// Compute dtype.
+    pub dt: Dt,
+    rope: RotaryEmbedding,
+    embed: GTensor,
+    layers: Vec<GLayer>,
+    norm: GTensor,
+    head: Option<GTensor>,
+}
+
+const PROJ_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+fn proj_index(p: Proj) -> usize {
+    match p {
+        Proj::Q => 0,
+        Proj::K => 1,
+        Proj::V => 2,
+        Proj::O => 3,
+        Proj::Gate => 4,
+        Proj::Up => 5,
+        Proj::Down => 6,
+    }
+}
+
+impl CudaModel {
+    /// Loads the model from `source` straight to `gpu` in `dt`; with `nf4 = Some(double)`
+    /// the projections are stored as NF4 (double-quantised scales when `double`).
+    pub fn load(
+        source: &dyn TensorSource,
+        config: ModelConfig,
+        gpu: Arc<Gpu>,
+        dt: Dt,
+        nf4: Option<bool>,
+    ) -> Result<Self> {
+        let (v, h, i) = (
+            config.vocab_size,
+            config.hidden_size,
+            config.intermediate_size,
+        );
+        let (nq, nkv, d) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(to_f32_vec(source.require(name, shape)?))
+        };
+        let up = |values: &[f32], r: usize, c: usize| gpu.upload(values, r, c, dt);
+        let embed = up(&get("model.embed_tokens.weight", &[v, h])?, v, h)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for li in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{li}");
+            let shapes = [
+                (nq * d, h, config.qkv_bias),
+                (nkv * d, h, config.qkv_bias),
+                (nkv * d, h, config.qkv_bias),
+                (h, nq * d, config.o_bias),
+                (i, h, config.mlp_bias),
+                (i, h, config.mlp_bias),
+                (h, i, config.mlp_bias),
+            ];
+            let mut proj = Vec::with_capacity(7);
+            for (name, (out, inp, bias)) in PROJ_NAMES.iter().zip(shapes) {
+                let w = get(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let base = match nf4 {
+                    Some(double) => GBase::Nf4(Arc::new(Nf4Gpu::upload(
+                        &gpu,
+                        &crate::nf4::quantize(&w, out, inp, double),
+                    )?)),
+                    None => GBase::Dense(up(&w, out, inp)?),
+                };
+                let bias = if bias {
+                    Some(up(&get(&format!("{p}.{name}.bias"), &[out])?, 1, out)?)
+                } else {
+                    None
+                };
+                proj.push(GProj {
+                    base,
+                    bias,
+                    lora: None,
+                });
+            }
+            layers.push(GLayer {
+                ln1: up(&get(&format!("{p}.input_layernorm.weight"), &[h])?, 1, h)?,
+                ln2: up(
+                    &get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    1,
+                    h,
+                )?,
+                proj: proj
+                    .try_into()
+                    .map_err(|_| Error::Invalid("seven projections".into()))?,
+            });
+        }
+        let norm = up(&get("model.norm.weight", &[h])?, 1, h)?;
+        let head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(up(&get("lm_head.weight", &[v, h])?, v, h)?)
+        };
+        Ok(CudaModel {
+            rope: RotaryEmbedding::new(&config),
+            gpu,
+            config,
+            dt,
+            embed,
+            layers,
+            norm,
+            head,
+        })
+    }
+
+    /// A copy of a host model on the GPU, with the same values (NF4 projections keep their
+    /// codes; the adapter comes along). Used to check the GPU against the host engine.
+    pub fn from_host(model: &LlamaModel, gpu: Arc<Gpu>, dt: Dt) -> Result<Self> {
+        let up = |t: &burn::tensor::Tensor<2>| -> Result<GTensor> {
+            let [r, c] = t.dims();
+            gpu.upload(&to_f32_vec(t.to_data()), r, c, dt)
+        };
+        let vec = |t: &burn::tensor::Tensor<1>| up(&t.clone().unsqueeze::<2>());
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            let mut proj = Vec::with_capacity(7);
+            for (_, lin) in l.projections() {
+                let base = match &lin.base {
+                    BaseWeight::Dense(w) => GBase::Dense(up(w)?),
+                    BaseWeight::Nf4 { q, .. } => GBase::Nf4(Arc::new(Nf4Gpu::upload(&gpu, q)?)),
+                };
+                let lora = match &lin.lora {
+                    Some(lw) => Some(GLora {
+                        a: up(&lw.a)?,
+                        b: up(&lw.b)?,
+                        scale: lw.scale as f32,
+                    }),
+                    None => None,
+                };
+                proj.push(GProj {
+                    base,
+                    bias: lin.bias.as_ref().map(vec).transpose()?,
+                    lora,
+                });
+            }
+            layers.push(GLayer {
+                ln1: vec(&l.input_layernorm.weight)?,
+                ln2: vec(&l.post_attention_layernorm.weight)?,
+                proj: proj
+                    .try_into()
+                    .map_err(|_| Error::Invalid("seven projections".into()))?,
+            });
+        }
+        Ok(CudaModel {
+            rope: RotaryEmbedding::new(&model.config),
+            config: model.config.clone(),
+            dt,
+            embed: up(&model.embed_tokens)?,
+            layers,
+            norm: vec(&model.norm.weight)?,
+            head: model.lm_head.as_ref().map(up).transpose()?,
+            gpu,
+        })
+    }
+
+    /// Attaches LoRA factors (replacing any attached), checking module names and shapes.
+    pub fn attach_weights(&mut self, adapter: &fedtune_aggregation::Adapter) -> Result<()> {
+        self.detach_adapter();
+        if let Some(name) = adapter.dense.keys().next() {
+            return Err(Error::Invalid(format!(
+                "adapter tensor `{name}` is not a LoRA factor"
+            )));
+        }
+        for (module, m) in &adapter.modules {
+            let parsed = module.strip_prefix("model.layers.").and_then(|r| {
+                let (i, tail) = r.split_once('.')?;
+                let li: usize = i.parse().ok()?;
+                let pi = PROJ_NAMES.iter().position(|n| *n == tail)?;
+                Some((li, pi))
+            });
+            let Some((li, pi)) = parsed.filter(|(li, _)| *li < self.layers.len()) else {
+                return Err(Error::Invalid(format!(
+                    "adapter module `{module}` is not a projection of this model"
+                )));
+            };
+            let (out, inp) = self.proj_shape(li, pi);
+            let r = m.rank();
+            if m.a.shape() != (r, inp) || m.b.shape() != (out, r) {
+                return Err(Error::Invalid(format!(
+                    "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
+                    m.a.shape(),
+                    m.b.shape()
+                )));
+            }
+            let a = self.gpu.upload(&m.a.data, r, inp, self.dt)?;
+            let b = self.gpu.upload(&m.b.data, out, r, self.dt)?;
+            self.layers[li].proj[pi].lora = Some(GLora {
+                a,
+                b,
+                scale: m.scale,
+            });
+        }
+        Ok(())
+    }
+
+    /// Attaches a PEFT adapter.
+    pub fn attach_adapter(&mut self, adapter: &crate::adapter::PeftAdapter) -> Result<()> {
+        self.attach_weights(&adapter.weights)
+    }
+
+    /// Removes every LoRA branch.
+    pub fn detach_adapter(&mut self) {
+        for l in &mut self.layers {
+            for p in &mut l.proj {
+                p.lora = None;
+            }
+        }
+    }
+
+    fn proj_shape(&self, li: usize, pi: usize) -> (usize, usize) {
+        match &self.layers[li].proj[pi].base {
+            GBase::Dense(w) => (w.rows, w.cols),
+            GBase::Nf4(q) => (q.rows, q.cols),
+        }
+    }
+
+    fn head(&self) -> &GTensor {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Rows of logits per chunk of the LM head: about 256 MiB of f32 logits.
+    fn head_chunk(&self) -> usize {
+        ((256usize << 20) / (4 * self.config.vocab_size.max(1))).clamp(16, 8192)
+    }
+
+    fn apply(&self, p: &GProj, x: &GTensor) -> GTensor {
+        let g = &self.gpu;
+        let dense;
+        let w = match &p.base {
+            GBase::Dense(w) => w,
+            GBase::Nf4(q) => {
+                dense = g.nf4_dequant(q, self.dt);
+                &dense
+            }
+        };
+        let mut y = match &p.lora {
+            None => g.matmul_sum(&[(x, false, w, true, 1.0)], self.dt),
+            Some(l) => {
+                let u = g
+                    .matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                g.matmul_sum(
+                    &[(x, false, w, true, 1.0), (&u, false, &l.b, true, l.scale)],
+                    self.dt,
+                )
+            }
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(b) = &p.bias {
+            g.add_bias(&mut y, b);
+        }
+        y
+    }
+}
+
+/// RoPE tables of a batch on the device (f32 `[n, d]`).
+pub struct GRope {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+/// A KV cache on the device: per layer, keys and values `[batch·cap, hkv·d]` (sequence `b`
+/// at rows `b·cap..`), grown by doubling.
+pub struct GCache {
+    layers: Vec<Option<(GTensor, GTensor)>>,
+    cap: usize,
+    seen: usize,
+}
+
+impl Backend for CudaModel {
+    type T = GTensor;
+    type Rope = GRope;
+    type Cache = GCache;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self) -> GCache {
+        GCache {
+            layers: vec![None; self.layers.len()],
+            cap: 0,
+            seen: 0,
+        }
+    }
+
+    fn cache_seen(cache: &GCache) -> usize {
+        cache.seen
+    }
+
+    fn cache_advance(cache: &mut GCache, len: usize) {
+        cache.seen += len;
+    }
+
+    fn rope_tables(&self, positions: &Positions) -> GRope {
+        let (cos, sin) = self.rope.rows(positions);
+        let up = |v: &[f32]| self.gpu.upload_f32(v).unwrap_or_else(|e| panic!("{e}"));
+        GRope {
+            cos: up(&cos),
+            sin: up(&sin),
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> GTensor {
+        self.gpu
+            .embed(&self.embed, ids)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn norm(&self, which: Norm, x: GTensor, pending: Option<GTensor>) -> (GTensor, GTensor) {
+        let w = match which {
+            Norm::Input(i) => &self.layers[i].ln1,
+            Norm::Post(i) => &self.layers[i].ln2,
+            Norm::Final => &self.norm,
+        };
+        let eps = self.config.rms_norm_eps as f32;
+        let (h, y, _) = self.gpu.rmsnorm(&x, pending.as_ref(), w, eps, false);
+        (h.unwrap_or(x), y)
+    }
+
+    fn project(&self, layer: usize, which: &[Proj], x: &GTensor) -> Vec<GTensor> {
+        which
+            .iter()
+            .map(|p| self.apply(&self.layers[layer].proj[proj_index(*p)], x))
+            .collect()
+    }
+
+    fn rope(&self, x: GTensor, heads: usize, t: &GRope) -> GTensor {
+        self.gpu.rope(x, heads, &t.cos, &t.sin, false)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: GTensor,
+        k: GTensor,
+        v: GTensor,
+        s: AttnShape,
+        segments: Option<&[u32]>,
+        cache: Option<&mut GCache>,
+    ) -> GTensor {
+        let g = &self.gpu;
+        let kv_w = s.hkv * s.d;
+        let scale = 1.0 / (s.d as f32).sqrt();
+        let window = s.window.unwrap_or(0);
+        let run = |kp: u64, vp: u64, tk: usize, k_bs: usize| {
+            let geom = AttnGeom {
+                batch: s.batch,
+                tq: s.len,
+                tk,
+                hq: s.hq,
+                hkv: s.hkv,
+                d: s.d,
+                k_bs,
+                k_rs: kv_w,
+                window,
+            };
+            g.attention(&q, kp, vp, geom, segments, scale, false)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .0
+        };
+        let Some(c) = cache else {
+            return run(k.ptr(), v.ptr(), s.len, s.len * kv_w);
+        };
+        let need = c.seen + s.len;
+        if need > c.cap || c.layers[layer].is_none() {
+            // Grow every layer's storage together (each layer appends in turn).
+            let cap = need.next_power_of_two().max(64).max(c.cap);
+            if cap > c.cap {
+                for slot in c.layers.iter_mut().flatten() {
+                    let grow = |old: &GTensor| {
+                        let new = g.alloc(s.batch * cap, kv_w, old.dt);
+                        for b in 0..s.batch {
+                            g.copy_strided(
+                                old.row_ptr(b * c.cap),
+                                kv_w,
+                                new.row_ptr(b * cap),
+                                kv_w,
+                                c.seen,
+                                kv_w,
+                                old.dt,
+                            );
+                        }
+                        new
+                    };
+                    *slot = (grow(&slot.0), grow(&slot.1));
+                }
+                c.cap = cap;
+            }
+            if c.layers[layer].is_none() {
+                c.layers[layer] = Some((
+                    g.alloc(s.batch * c.cap, kv_w, k.dt),
+                    g.alloc(s.batch * c.cap, kv_w, v.dt),
+                ));
+            }
+        }
+        let (ck, cv) = c.layers[layer].as_ref().expect("allocated above");
+        for b in 0..s.batch {
+            g.copy_rows(&k, b * s.len, s.len, ck, b * c.cap + c.seen);
+            g.copy_rows(&v, b * s.len, s.len, cv, b * c.cap + c.seen);
+        }
+        run(ck.ptr(), cv.ptr(), need, c.cap * kv_w)
+    }
+
+    fn swiglu(&self, g: &GTensor, u: &GTensor) -> GTensor {
+        self.gpu.swiglu(g, u)
+    }
+
+    fn target_logprobs(&self, hidden: &GTensor, rows: &[usize], ids: &[u32]) -> Vec<f32> {
+        let g = &self.gpu;
+        let mut out = Vec::with_capacity(rows.len());
+        for (rs, is) in rows
+            .chunks(self.head_chunk())
+            .zip(ids.chunks(self.head_chunk()))
+        {
+            let r32: Vec<u32> = rs.iter().map(|&r| r as u32).collect();
+            let h = g
+                .gather_rows(hidden, &r32)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let logits = g
+                .matmul_sum(&[(&h, false, self.head(), true, 1.0)], Dt::F32)
+                .unwrap_or_else(|e| panic!("{e}"));
+            out.extend(
+                g.target_logprobs(&logits, is)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        out
+    }
+
+    fn row_logits(&self, hidden: &GTensor, rows: &[usize]) -> Vec<f32> {
+        let g = &self.gpu;
+        let r32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let h = g
+            .gather_rows(hidden, &r32)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let logits = g
+            .matmul_sum(&[(&h, false, self.head(), true, 1.0)], Dt::F32)
+            .unwrap_or_else(|e| panic!("{e}"));
+        g.download(&logits).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn without_adapter(&self) -> Self {
+        let mut m = self.clone();
+        m.detach_adapter();
+        m
+    }
+}

@@ -1,0 +1,257 @@
+//! The host implementation of [`Backend`]: [`LlamaModel`]'s burn tensors, through the CPU
+//! kernels of [`crate::kernels`] (f32 on the flex backend) or burn's ops (other dtypes), the
+//! same fused functions the training step uses ([`crate::train::fused`]).
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use super::{AttnShape, Backend, Norm, Proj};
+use crate::config::ModelConfig;
+use crate::kernels;
+use crate::model::attention::{build_mask, repeat_kv};
+use crate::model::{KvCache, Linear, LlamaModel, Positions, RmsNorm};
+use crate::train::fused;
+use crate::train::proj::{lin_forward, lin_forward_shared};
+
+/// RoPE tables of a batch in the forms the host paths use.
+pub struct HostRope {
+    rope: fused::Rope,
+    batch: usize,
+    len: usize,
+}
+
+impl LlamaModel {
+    fn norm_of(&self, which: Norm) -> &RmsNorm {
+        match which {
+            Norm::Input(i) => &self.layers[i].input_layernorm,
+            Norm::Post(i) => &self.layers[i].post_attention_layernorm,
+            Norm::Final => &self.norm,
+        }
+    }
+
+    fn proj_of(&self, layer: usize, p: Proj) -> &Linear {
+        let (a, m) = (&self.layers[layer].self_attn, &self.layers[layer].mlp);
+        match p {
+            Proj::Q => &a.q_proj,
+            Proj::K => &a.k_proj,
+            Proj::V => &a.v_proj,
+            Proj::O => &a.o_proj,
+            Proj::Gate => &m.gate_proj,
+            Proj::Up => &m.up_proj,
+            Proj::Down => &m.down_proj,
+        }
+    }
+
+    /// Whether the f32 CPU kernels run for this model.
+    fn kernels_run(&self) -> bool {
+        self.dtype == DType::F32 && kernels::available(&self.device)
+    }
+
+    /// The attention context; `cpu` when the kernels can read `x` (f32 flex storage, not an
+    /// autodiff-tracked tensor), else with the boolean mask of burn's path.
+    fn ctx<'a>(
+        &self,
+        shape: AttnShape,
+        segments: Option<&'a [u32]>,
+        x: &Tensor<2>,
+    ) -> fused::AttnCtx<'a> {
+        let cpu = self.kernels_run() && kernels::host(x).is_some();
+        let (b, t) = (shape.batch, shape.len);
+        fused::AttnCtx {
+            shape: kernels::attention::Shape {
+                batch: b,
+                len: t,
+                hq: shape.hq,
+                hkv: shape.hkv,
+                d: shape.d,
+            },
+            segments,
+            window: shape.window,
+            scale: 1.0 / (shape.d as f64).sqrt(),
+            mask: (!cpu)
+                .then(|| build_mask(b, shape.hq, t, t, segments, shape.window, &self.device)),
+            cpu,
+        }
+    }
+
+    fn rows_tensor(&self, rows: &[usize]) -> Tensor<1, Int> {
+        let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Tensor::from_data(TensorData::new(v, [rows.len()]), &self.device)
+    }
+}
+
+/// `[b·t, h·d]` rows → `[b, h, t, d]`.
+fn heads(x: Tensor<2>, b: usize, t: usize, h: usize, d: usize) -> Tensor<4> {
+    x.reshape([b, t, h, d]).swap_dims(1, 2)
+}
+
+impl Backend for LlamaModel {
+    type T = Tensor<2>;
+    type Rope = HostRope;
+    type Cache = KvCache;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    fn cache_seen(cache: &KvCache) -> usize {
+        cache.seen
+    }
+
+    fn cache_advance(cache: &mut KvCache, len: usize) {
+        cache.seen += len;
+    }
+
+    fn rope_tables(&self, positions: &Positions) -> HostRope {
+        let (cos, sin) = self.rope.tables(positions, &self.device);
+        let (cos_rows, sin_rows) = self.rope.rows(positions);
+        let (batch, len) = positions.dims();
+        HostRope {
+            rope: fused::Rope {
+                cos,
+                sin,
+                cos_rows,
+                sin_rows,
+            },
+            batch,
+            len,
+        }
+    }
+
+    fn embed(&self, ids: &[u32]) -> Tensor<2> {
+        let n = ids.len();
+        let ids = self.ids_tensor(ids, 1, n);
+        burn::tensor::module::embedding(self.embed_tokens.clone(), ids)
+            .reshape([n, self.config.hidden_size])
+    }
+
+    fn norm(
+        &self,
+        which: Norm,
+        x: Tensor<2>,
+        pending: Option<Tensor<2>>,
+    ) -> (Tensor<2>, Tensor<2>) {
+        let norm = self.norm_of(which);
+        if self.kernels_run() {
+            return match pending {
+                Some(p) => {
+                    let (h, y, _) = fused::add_rmsnorm(&x, &p, &norm.weight, norm.eps);
+                    (h, y)
+                }
+                None => {
+                    let (y, _) = fused::rmsnorm(&x, &norm.weight, norm.eps);
+                    (x, y)
+                }
+            };
+        }
+        // Other dtypes: transformers' LlamaRMSNorm (statistics in f32) on burn's ops.
+        let h = match pending {
+            Some(p) => x + p,
+            None => x,
+        };
+        let [n, d] = h.dims();
+        let y = norm.forward(h.clone().reshape([1, n, d])).reshape([n, d]);
+        (h, y)
+    }
+
+    fn project(&self, layer: usize, which: &[Proj], x: &Tensor<2>) -> Vec<Tensor<2>> {
+        let lin = |p: Proj| self.proj_of(layer, p);
+        match which {
+            [a, b, c] => lin_forward_shared([lin(*a), lin(*b), lin(*c)], x, [None; 3])
+                .into_iter()
+                .map(|(y, _)| y)
+                .collect(),
+            [a, b] => lin_forward_shared([lin(*a), lin(*b)], x, [None; 2])
+                .into_iter()
+                .map(|(y, _)| y)
+                .collect(),
+            _ => which
+                .iter()
+                .map(|p| lin_forward(lin(*p), x, None).0)
+                .collect(),
+        }
+    }
+
+    fn rope(&self, x: Tensor<2>, heads: usize, tables: &HostRope) -> Tensor<2> {
+        let d = x.dims()[1] / heads;
+        let ctx = fused::AttnCtx {
+            shape: kernels::attention::Shape {
+                batch: tables.batch,
+                len: tables.len,
+                hq: heads,
+                hkv: heads,
+                d,
+            },
+            segments: None,
+            window: None,
+            scale: 1.0,
+            mask: None,
+            cpu: self.kernels_run(),
+        };
+        fused::rope(x, heads, &ctx, &tables.rope, false)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: Tensor<2>,
+        k: Tensor<2>,
+        v: Tensor<2>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<2> {
+        let Some(cache) = cache else {
+            let ctx = self.ctx(shape, segments, &q);
+            return fused::attention(&q, &k, &v, &ctx).0;
+        };
+        // Incremental decoding: burn's attention over the cached keys and values.
+        let AttnShape {
+            batch: b,
+            len: t,
+            hq,
+            hkv,
+            d,
+            window,
+        } = shape;
+        let (k, v) = cache.layers[layer].append(heads(k, b, t, hkv, d), heads(v, b, t, hkv, d));
+        let tk = k.dims()[2];
+        let q = heads(q, b, t, hq, d);
+        let (k, v) = (repeat_kv(k, hq / hkv), repeat_kv(v, hq / hkv));
+        let explicit = segments.is_some() || window.is_some_and(|w| w < tk);
+        let mask = explicit.then(|| build_mask(b, hq, t, tk, segments, window, &self.device));
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            scale: Some(1.0 / (d as f64).sqrt()),
+            softcap: None,
+            is_causal: !explicit,
+        };
+        burn::tensor::module::attention(q, k, v, mask, None, options)
+            .swap_dims(1, 2)
+            .reshape([b * t, hq * d])
+    }
+
+    fn swiglu(&self, g: &Tensor<2>, u: &Tensor<2>) -> Tensor<2> {
+        fused::swiglu(g, u)
+    }
+
+    fn target_logprobs(&self, hidden: &Tensor<2>, rows: &[usize], ids: &[u32]) -> Vec<f32> {
+        let selected = hidden.clone().select(0, self.rows_tensor(rows));
+        crate::weights::to_f32_vec(crate::eval::gather_logprobs(self, selected, ids).into_data())
+    }
+
+    fn row_logits(&self, hidden: &Tensor<2>, rows: &[usize]) -> Vec<f32> {
+        let selected = hidden.clone().select(0, self.rows_tensor(rows));
+        let h = self.config.hidden_size;
+        crate::weights::to_f32_vec(
+            self.logits(selected.reshape([1, rows.len(), h]))
+                .into_data(),
+        )
+    }
+
+    fn without_adapter(&self) -> Self {
+        LlamaModel::without_adapter(self)
+    }
+}

@@ -1,0 +1,406 @@
+//! The GPU engine against the host engine and transformers, kernel by kernel and on whole
+//! models. Runs where a CUDA device is found (`scripts/gpu_check.sh` on the GPU machine); on
+//! machines without one every test says so and passes, unless `FEDTUNE_REQUIRE_GPU=1`.
+//! Test data is read from `$FEDTUNE_REPO/testdata` (the binary may run on another machine),
+//! else from the source tree.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::{DType, Device, Distribution, Tensor};
+use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
+use fedtune_engine::device::{Backend, forward};
+use fedtune_engine::eval::{TokenBatch, sequence_logprobs};
+use fedtune_engine::kernels::{self, Term, matmul_sum};
+use fedtune_engine::model::Positions;
+use fedtune_engine::train::fused;
+use fedtune_engine::weights::{SafetensorsSource, TensorSource, to_f32_vec};
+use fedtune_engine::{LlamaModel, ModelConfig, PeftAdapter, Tokenizer};
+
+fn repo() -> PathBuf {
+    std::env::var("FEDTUNE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(
+                std::env::var("FEDTUNE_REQUIRE_GPU").is_err(),
+                "FEDTUNE_REQUIRE_GPU is set: {e}"
+            );
+            eprintln!("no GPU: {e}");
+            None
+        }
+    }
+}
+
+fn rand(shape: [usize; 2]) -> Tensor<2> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex())
+}
+
+fn host(t: &Tensor<2>) -> Vec<f32> {
+    to_f32_vec(t.to_data())
+}
+
+fn up(g: &Gpu, t: &Tensor<2>) -> GTensor {
+    let [r, c] = t.dims();
+    g.upload(&host(t), r, c, Dt::F32).unwrap()
+}
+
+/// Largest |a − b| relative to the largest |b| (≥ 1).
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths");
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let r = rel(got, want);
+    println!("{what}: max relative diff {r:.2e}");
+    assert!(r <= tol, "{what}: {r:e} > {tol:e}");
+}
+
+#[test]
+fn products_with_transposes_and_accumulation_match_the_host() {
+    let Some(g) = gpu() else { return };
+    let (x, w, u, b, dy) = (
+        rand([37, 53]),
+        rand([29, 53]),
+        rand([37, 7]),
+        rand([29, 7]),
+        rand([37, 29]),
+    );
+    let want = host(&matmul_sum(&[Term::nt(&x, &w, 1.0), Term::nt(&u, &b, 0.5)]));
+    let (gx, gw, gu, gb, gdy) = (up(&g, &x), up(&g, &w), up(&g, &u), up(&g, &b), up(&g, &dy));
+    let got = g
+        .matmul_sum(
+            &[(&gx, false, &gw, true, 1.0), (&gu, false, &gb, true, 0.5)],
+            Dt::F32,
+        )
+        .unwrap();
+    check("x·Wᵀ + 0.5·u·Bᵀ", &g.download(&got).unwrap(), &want, 1e-5);
+    let want = host(&matmul_sum(&[Term::tn(&dy, &x, 2.0)]));
+    let got = g
+        .matmul_sum(&[(&gdy, true, &gx, false, 2.0)], Dt::F32)
+        .unwrap();
+    check("2·dyᵀ·x", &g.download(&got).unwrap(), &want, 1e-5);
+    let want = host(&matmul_sum(&[Term::nn(&dy, &w, 1.0)]));
+    let got = g
+        .matmul_sum(&[(&gdy, false, &gw, false, 1.0)], Dt::F32)
+        .unwrap();
+    check("dy·W", &g.download(&got).unwrap(), &want, 1e-5);
+}
+
+#[test]
+fn rmsnorm_rope_swiglu_and_nf4_match_the_host_kernels() {
+    let Some(g) = gpu() else { return };
+    let (x, p, w) = (rand([37, 200]), rand([37, 200]), rand([1, 200]));
+    let w1: Tensor<1> = w.clone().reshape([200]);
+    let (hh, hy, hr) = fused::add_rmsnorm(&x, &p, &w1, 1e-5);
+    let (h, y, r) = g.rmsnorm(&up(&g, &x), Some(&up(&g, &p)), &up(&g, &w), 1e-5, true);
+    check(
+        "add+rmsnorm h",
+        &g.download(&h.unwrap()).unwrap(),
+        &host(&hh),
+        1e-6,
+    );
+    check("add+rmsnorm y", &g.download(&y).unwrap(), &host(&hy), 1e-5);
+    check(
+        "add+rmsnorm r",
+        &g.download_f32(&r.unwrap()).unwrap(),
+        &host(&hr),
+        1e-5,
+    );
+    // RoPE: 3 heads of 40, positions 5.., two sequences.
+    let cfg =
+        ModelConfig::from_file(&repo().join("testdata/tiny-llama/model/config.json")).unwrap();
+    let rope = fedtune_engine::model::RotaryEmbedding::new(&ModelConfig {
+        head_dim: 40,
+        ..cfg
+    });
+    let pos = Positions::Range {
+        start: 5,
+        len: 11,
+        batch: 2,
+    };
+    let (cos, sin) = rope.rows(&pos);
+    let q = rand([22, 120]);
+    let want = kernels::elementwise::rope_rows(&host(&q), 3, 40, &cos, &sin, false);
+    let (gc, gs) = (g.upload_f32(&cos).unwrap(), g.upload_f32(&sin).unwrap());
+    let got = g.rope(up(&g, &q), 3, &gc, &gs, false);
+    check("rope", &g.download(&got).unwrap(), &want, 1e-6);
+    let want = kernels::elementwise::rope_rows(&host(&q), 3, 40, &cos, &sin, true);
+    let got = g.rope(up(&g, &q), 3, &gc, &gs, true);
+    check("rope inverse", &g.download(&got).unwrap(), &want, 1e-6);
+    let (gate, upm) = (rand([33, 70]), rand([33, 70]));
+    let want = host(&fused::swiglu(&gate, &upm));
+    let got = g.swiglu(&up(&g, &gate), &up(&g, &upm));
+    check("swiglu", &g.download(&got).unwrap(), &want, 1e-6);
+    for double in [false, true] {
+        let v = host(&rand([48, 100]));
+        let q = fedtune_engine::nf4::quantize(&v, 48, 100, double);
+        let m = fedtune_engine::cuda::model::Nf4Gpu::upload(&g, &q).unwrap();
+        let got = g.download(&g.nf4_dequant(&m, Dt::F32)).unwrap();
+        let want = q.dequantize();
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "NF4 dequantisation (double = {double}) is not bit-identical"
+        );
+        println!("nf4 dequant (double = {double}): bit-identical");
+    }
+}
+
+#[test]
+fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
+    let Some(g) = gpu() else { return };
+    let (b, t, hq, hkv, d) = (2, 75, 6, 2, 40);
+    let (q, k, v) = (
+        rand([b * t, hq * d]),
+        rand([b * t, hkv * d]),
+        rand([b * t, hkv * d]),
+    );
+    let mut segments = vec![0u32; b * t];
+    for (i, s) in segments.iter_mut().enumerate() {
+        let (row, pos) = (i / t, i % t);
+        *s = if row == 1 && pos >= 70 {
+            0
+        } else if pos < 30 {
+            1
+        } else {
+            2
+        };
+    }
+    for (label, segs, window) in [
+        ("causal", None, None),
+        ("segments", Some(&segments[..]), None),
+        ("window 17", None, Some(17)),
+    ] {
+        let ctx = fused::AttnCtx {
+            shape: kernels::attention::Shape {
+                batch: b,
+                len: t,
+                hq,
+                hkv,
+                d,
+            },
+            segments: segs,
+            window,
+            scale: 1.0 / (d as f64).sqrt(),
+            mask: None,
+            cpu: true,
+        };
+        let (want_o, want_lse) = fused::attention(&q, &k, &v, &ctx);
+        let geom = fedtune_engine::cuda::ops::AttnGeom {
+            batch: b,
+            tq: t,
+            tk: t,
+            hq,
+            hkv,
+            d,
+            k_bs: t * hkv * d,
+            k_rs: hkv * d,
+            window: window.unwrap_or(0),
+        };
+        let (gk, gv) = (up(&g, &k), up(&g, &v));
+        let (o, lse) = g
+            .attention(
+                &up(&g, &q),
+                gk.ptr(),
+                gv.ptr(),
+                geom,
+                segs,
+                1.0 / (d as f32).sqrt(),
+                true,
+            )
+            .unwrap();
+        check(
+            &format!("attention {label} o"),
+            &g.download(&o).unwrap(),
+            &host(&want_o),
+            1e-5,
+        );
+        check(
+            &format!("attention {label} lse"),
+            &g.download_f32(&lse.unwrap()).unwrap(),
+            &want_lse.unwrap(),
+            1e-5,
+        );
+    }
+}
+
+fn tiny(dir: &str) -> (LlamaModel, SafetensorsSource) {
+    let d = repo().join(dir);
+    let cfg = ModelConfig::from_file(&d.join("config.json")).unwrap();
+    let src = SafetensorsSource::open_dir(&d).unwrap();
+    (
+        LlamaModel::load(&src, cfg, &Device::flex(), DType::F32).unwrap(),
+        src,
+    )
+}
+
+fn all_logits<B: Backend>(m: &B, ids: &[u32], b: usize, t: usize) -> Vec<f32> {
+    let pos = Positions::Range {
+        start: 0,
+        len: t,
+        batch: b,
+    };
+    let h = forward(m, ids, b, t, &pos, None, None);
+    m.row_logits(&h, &(0..b * t).collect::<Vec<_>>())
+}
+
+#[test]
+fn every_architecture_variant_matches_transformers_and_the_host_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    for name in [
+        "qwen2_bias_untied",
+        "mistral_sliding_window",
+        "llama3_rope_bias_headdim",
+        "llama_linear_rope_bf16_sharded",
+    ] {
+        let dir = format!("testdata/variants/{name}");
+        let (model, _) = tiny(&dir);
+        let reference =
+            SafetensorsSource::open_file(&repo().join(&dir).join("reference.safetensors")).unwrap();
+        let ids_data = reference.load("input_ids").unwrap().unwrap();
+        let [b, t] = [ids_data.shape()[0], ids_data.shape()[1]];
+        let ids: Vec<u32> = ids_data
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+        let got = all_logits(&cm, &ids, b, t);
+        let want = to_f32_vec(reference.load("logits").unwrap().unwrap());
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!("{name}: GPU vs transformers max abs diff {max:e}");
+        assert!(max < 1e-4, "{name}: {max}");
+        check(
+            &format!("{name} GPU vs host"),
+            &got,
+            &all_logits(&model, &ids, b, t),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn tiny_llama_logits_losses_adapter_nf4_and_generation_match_the_host() {
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let tok = Tokenizer::from_dir(&repo().join("testdata/tiny-llama/model")).unwrap();
+    let text = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\nParis<|im_end|>\n";
+    let ids = tok.encode(text).unwrap();
+    let t = ids.len();
+    for adapter in [false, true] {
+        if adapter {
+            let a = PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap();
+            model.attach_adapter(&a).unwrap();
+        }
+        let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+        let want = all_logits(&model, &ids, 1, t);
+        check(
+            &format!("tiny-llama logits (adapter {adapter})"),
+            &all_logits(&cm, &ids, 1, t),
+            &want,
+            1e-5,
+        );
+        let enc = fedtune_engine::tokenizer::Encoded {
+            ids: ids.clone(),
+            mask: vec![1; t],
+        };
+        let batch = TokenBatch::pad(&[&enc, &enc], tok.pad_id);
+        let (hs, _) = sequence_logprobs(&model, &batch);
+        let (gs, _) = sequence_logprobs(&cm, &batch);
+        let (hs, gs): (Vec<f32>, Vec<f32>) = (
+            hs.iter().map(|&v| v as f32).collect(),
+            gs.iter().map(|&v| v as f32).collect(),
+        );
+        check(
+            &format!("tiny-llama sequence log-probs (adapter {adapter})"),
+            &gs,
+            &hs,
+            1e-5,
+        );
+        let cfg = fedtune_engine::generate::GenerationConfig {
+            max_new_tokens: 24,
+            ..Default::default()
+        };
+        let prompt = &ids[..ids.len() / 2];
+        let hg = fedtune_engine::generate::generate(&model, prompt, &cfg, |_| {});
+        let gg = fedtune_engine::generate::generate(&cm, prompt, &cfg, |_| {});
+        assert_eq!(gg, hg, "greedy generation differs (adapter {adapter})");
+        println!(
+            "greedy generation (adapter {adapter}): {} identical tokens",
+            gg.len()
+        );
+    }
+    model.quantize_nf4(true);
+    let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    check(
+        "tiny-llama NF4 + adapter logits",
+        &all_logits(&cm, &ids, 1, t),
+        &all_logits(&model, &ids, 1, t),
+        1e-5,
+    );
+}
+
+#[test]
+fn gguf_and_directory_load_straight_to_the_gpu() {
+    let Some(g) = gpu() else { return };
+    for path in ["testdata/gguf/tiny.gguf", "testdata/tiny-llama/model"] {
+        let host =
+            fedtune_engine::load_model(&repo().join(path), &Device::flex(), DType::F32).unwrap();
+        let (cm, _) =
+            fedtune_engine::loader::load_model_cuda(&repo().join(path), g.clone(), Dt::F32, None)
+                .unwrap();
+        let ids: Vec<u32> = (0..40u32).map(|i| (i * 977) % 49_152).collect();
+        check(
+            &format!("{path} loaded on the GPU"),
+            &all_logits(&cm, &ids, 2, 20),
+            &all_logits(&host.model, &ids, 2, 20),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn bf16_logits_stay_within_the_bf16_tolerance_of_f32() {
+    let Some(g) = gpu() else { return };
+    let (model, _) = tiny("testdata/tiny-llama/model");
+    let ids: Vec<u32> = (0..64u32).map(|i| (i * 7919) % 49_152).collect();
+    let want = all_logits(&model, &ids, 2, 32);
+    for dt in [Dt::BF16, Dt::F16] {
+        let cm = CudaModel::from_host(&model, g.clone(), dt).unwrap();
+        let got = all_logits(&cm, &ids, 2, 32);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len() as f32;
+        println!("{dt:?} vs f32 logits: max abs diff {max:.4}, mean {mean:.5}");
+        assert!(max < 0.25 && mean < 0.02, "{dt:?}: max {max}, mean {mean}");
+    }
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark, on the GPU machine, from binaries built on the CPU machine by
+# scripts/gpu_build.sh (gpu-bin/). Needs an NVIDIA driver, the CUDA 13 libraries (toolkit or
+# pip wheels) and, for the peer, PyTorch + transformers. Writes everything to $OUT (or
+# gpu-out/) and runs in under 8 minutes on an H200.
+#   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
+#      against the host engine and transformers (f32), bf16/f16 deviation.
+#   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
+#   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file.
+#   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
+#      the host engine (f32) and the forward throughput against transformers, alternating.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export FEDTUNE_REPO=$PWD FEDTUNE_REQUIRE_GPU=1 FEDTUNE_CACHE_DIR=${FEDTUNE_CACHE_DIR:-/tmp/fedtune-cache}
+export RUST_BACKTRACE=1
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+step() { # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  log "$name: exit $rc in $(( $(date +%s) - t0 )) s"
+  tail -n 40 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+step tests_device 180 gpu-bin/cuda_device --test-threads=1 --nocapture
+step tests_kernels 120 gpu-bin/cuda_kernels --nocapture
+step cli_eval 60 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --device cuda --json
+step cli_eval_cpu 60 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --json
+step cli_generate_gguf 60 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
+step cli_generate_gguf_cpu 60 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
+M1B=/tmp/llama-1b
+step make_1b 120 python3 bench/gpu_forward.py make $M1B 1b
+step compare_1b 120 gpu-bin/gpu_forward compare $M1B 2 48
+for round in 1 2; do
+  step "fedtune_1b_r$round" 120 gpu-bin/gpu_forward bench $M1B bf16 8 1024 5
+  step "transformers_1b_r$round" 120 python3 bench/gpu_forward.py bench $M1B 8 1024 5
+done
+grep -h '"impl"' "$OUT"/fedtune_1b_r*.log "$OUT"/transformers_1b_r*.log | tee "$OUT/forward_1b.jsonl"
