@@ -1,11 +1,17 @@
 """transformers' side of the GPU forward benchmark (scripts/gpu_check.sh).
 
   python3 bench/gpu_forward.py make DIR SHAPE      # random-weight Llama of SHAPE (1b, 8b) in bf16
+      (with the repo's SmolLM2 tokenizer.json beside it: the ids are random, the loader wants one)
+  python3 bench/gpu_forward.py bf16 MODEL OUT.json
+      transformers' own bf16 and f16 logits against its f32 logits on MODEL (the ids of
+      engine/tests/cuda_device.rs): the tolerance fedtune's 16-bit paths are held to
   python3 bench/gpu_forward.py bench DIR BATCH SEQ ITERS
       tokens/s of model(ids) + log_softmax + gather at every position (what fedtune eval
       computes), bf16, SDPA attention, no gradients; one JSON line.
 """
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -30,6 +36,25 @@ def make(out, shape):
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(repo, "testdata/tiny-llama/model/tokenizer.json"), out)
+
+
+def half_tolerance(path, out):
+    ids = torch.tensor([(i * 7919) % 49152 for i in range(64)]).reshape(2, 32).cuda()
+    ref = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    res = {"model": path, "torch": torch.__version__}
+    for name, dt in [("BF16", torch.bfloat16), ("F16", torch.float16)]:
+        m = LlamaForCausalLM.from_pretrained(path, dtype=dt).cuda().eval()
+        with torch.no_grad():
+            got = m(ids).logits.float()
+        d = (got - want).abs()
+        res[name] = {"max_abs": d.max().item(), "mean_abs": d.mean().item()}
+    print(json.dumps(res))
+    with open(out, "w") as f:
+        json.dump(res, f)
 
 
 def bench(path, b, t, iters):
@@ -59,5 +84,7 @@ def bench(path, b, t, iters):
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "bf16":
+        half_tolerance(sys.argv[2], sys.argv[3])
     else:
         bench(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

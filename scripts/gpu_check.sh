@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark, on the GPU machine, from binaries built on the CPU machine by
 # scripts/gpu_build.sh (gpu-bin/). Needs an NVIDIA driver, the CUDA 13 libraries (toolkit or
-# pip wheels) and, for the peer, PyTorch + transformers. Writes everything to $OUT (or
-# gpu-out/) and runs in under 8 minutes on an H200.
+# pip wheels) and, for the peer, PyTorch + transformers. Writes summary.txt, all.log (every
+# step's output) and results.jsonl to $OUT (or gpu-out/); under 8 minutes on an H200.
 #   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
 #      against the host engine and transformers (f32), bf16/f16 deviation.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
@@ -19,24 +19,28 @@ log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 step() { # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   local t0=$(date +%s)
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$secs" "$@" > "/tmp/gpu-step-$name.log" 2>&1
   local rc=$?
   log "$name: exit $rc in $(( $(date +%s) - t0 )) s"
-  tail -n 40 "$OUT/$name.log"
+  { echo "===== $name (exit $rc)"; cat "/tmp/gpu-step-$name.log"; } >> "$OUT/all.log"
+  grep -E '"impl"|"compare"' "/tmp/gpu-step-$name.log" >> "$OUT/results.jsonl"
+  tail -n 12 "/tmp/gpu-step-$name.log"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-step tests_device 180 gpu-bin/cuda_device --test-threads=1 --nocapture
-step tests_kernels 120 gpu-bin/cuda_kernels --nocapture
-step cli_eval 60 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --device cuda --json
-step cli_eval_cpu 60 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --json
-step cli_generate_gguf 60 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
-step cli_generate_gguf_cpu 60 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
+step half_reference 60 python3 bench/gpu_forward.py bf16 testdata/tiny-llama/model /tmp/half_reference.json
+export FEDTUNE_HALF_REFERENCE=/tmp/half_reference.json
+step tests_device 150 gpu-bin/cuda_device --test-threads=1 --nocapture
+step tests_kernels 60 gpu-bin/cuda_kernels --nocapture
+step cli_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --device cuda --json
+step cli_eval_cpu 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --json
+step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
+step cli_generate_gguf_cpu 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
 M1B=/tmp/llama-1b
-step make_1b 120 python3 bench/gpu_forward.py make $M1B 1b
+step make_1b 90 python3 bench/gpu_forward.py make $M1B 1b
 step compare_1b 120 gpu-bin/gpu_forward compare $M1B 2 48
 for round in 1 2; do
-  step "fedtune_1b_r$round" 120 gpu-bin/gpu_forward bench $M1B bf16 8 1024 5
-  step "transformers_1b_r$round" 120 python3 bench/gpu_forward.py bench $M1B 8 1024 5
+  step "fedtune_1b_r$round" 90 gpu-bin/gpu_forward bench $M1B bf16 8 1024 5
+  step "transformers_1b_r$round" 90 python3 bench/gpu_forward.py bench $M1B 8 1024 5
 done
-grep -h '"impl"' "$OUT"/fedtune_1b_r*.log "$OUT"/transformers_1b_r*.log | tee "$OUT/forward_1b.jsonl"
+cat "$OUT/results.jsonl"

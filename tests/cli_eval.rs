@@ -112,3 +112,70 @@ fn bad_data_is_a_clear_error_naming_file_line_and_field() {
         "{err}"
     );
 }
+
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "expected a failure: {args:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn device_cuda_without_a_driver_is_a_one_line_error_and_bad_devices_are_named() {
+    let t = testdata();
+    let (model, data) = (t.join("model"), t.join("conversation.jsonl"));
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let bad = fails(&["eval", "--model", m, "--data", d, "--device", "cuda:x"]);
+    assert!(bad.contains("cuda:x"), "{bad}");
+    let bad = fails(&["eval", "--model", m, "--data", d, "--device", "tpu"]);
+    assert!(bad.contains("unknown device"), "{bad}");
+    let train = fails(&[
+        "train",
+        "sft",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--output",
+        "/nonexistent/x",
+        "--device",
+        "cuda",
+    ]);
+    assert!(train.contains("runs on the CPU for now"), "{train}");
+    // Where a driver is installed (a GPU machine) `--device cuda` runs; elsewhere it must fail
+    // with a message naming what is missing, not a panic.
+    let has_driver = [
+        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+        "/usr/lib64/libcuda.so.1",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if !has_driver {
+        let err = fails(&["eval", "--model", m, "--data", d, "--device", "cuda"]);
+        assert!(err.contains("no NVIDIA driver found"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn eval_with_nf4_weights_stays_close_to_the_dense_loss() {
+    let t = testdata();
+    let (model, data) = (t.join("model"), t.join("conversation.jsonl"));
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let dense = eval(&args)["loss"].as_f64().unwrap();
+    let mut q = args.to_vec();
+    q.extend(["--load-in-4bit", "--bnb-4bit-use-double-quant"]);
+    let nf4 = eval(&q)["loss"].as_f64().unwrap();
+    assert!(
+        nf4.is_finite() && nf4 != dense,
+        "NF4 should change the loss a little: {nf4} vs {dense}"
+    );
+    assert!((nf4 - dense).abs() / dense < 0.05, "{nf4} vs {dense}");
+}

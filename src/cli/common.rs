@@ -28,6 +28,25 @@ pub struct ModelArgs {
     pub chat_template: Option<String>,
 }
 
+/// QLoRA-style 4-bit loading for inference (`eval`, `generate`), as bitsandbytes'
+/// `BitsAndBytesConfig` names it.
+#[derive(Debug, Clone, Args)]
+pub struct QuantArgs {
+    /// Store the projections as NF4 (4-bit NormalFloat), dequantised on each use.
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// With --load-in-4bit: quantise the block scales too (double quantisation).
+    #[arg(long)]
+    pub bnb_4bit_use_double_quant: bool,
+}
+
+impl QuantArgs {
+    /// `Some(double)` when 4-bit loading is asked.
+    pub fn nf4(&self) -> Option<bool> {
+        self.load_in_4bit.then_some(self.bnb_4bit_use_double_quant)
+    }
+}
+
 /// Parses `--device` for the commands that run on the host engine only (training, merging,
 /// export): `cuda` is refused with a clear message.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
@@ -80,11 +99,12 @@ impl ModelArgs {
     pub fn load_cuda(
         &self,
         ordinal: usize,
+        nf4: Option<bool>,
     ) -> anyhow::Result<(fedtune_engine::cuda::CudaModel, fedtune_engine::Tokenizer)> {
         let gpu = fedtune_engine::cuda::Gpu::open(ordinal)?;
         let dt = fedtune_engine::cuda::Dt::from_burn(parse_dtype(&self.dtype)?)?;
         let (mut model, mut tokenizer) =
-            fedtune_engine::loader::load_model_cuda(&self.model, gpu, dt, None).with_context(
+            fedtune_engine::loader::load_model_cuda(&self.model, gpu, dt, nf4).with_context(
                 || format!("loading model {} onto cuda:{ordinal}", self.model.display()),
             )?;
         self.apply_template(&mut tokenizer)?;
@@ -109,6 +129,15 @@ impl ModelArgs {
             tokenizer.set_template(&src)?;
         }
         Ok(())
+    }
+
+    /// Loads the model on the host, NF4-quantised when `nf4` is `Some(double)`.
+    pub fn load_quantized(&self, nf4: Option<bool>) -> anyhow::Result<LoadedModel> {
+        let mut m = self.load()?;
+        if let Some(double) = nf4 {
+            m.model.quantize_nf4(double);
+        }
+        Ok(m)
     }
 
     /// Loads the model, its tokenizer and the adapter.

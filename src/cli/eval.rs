@@ -12,13 +12,15 @@ use fedtune_engine::dpo::{DpoMetrics, PairLogps};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs, sft_loss};
 use serde_json::json;
 
-use super::common::ModelArgs;
+use super::common::{ModelArgs, QuantArgs};
 
 /// Arguments of `fedtune eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
     /// Dataset (JSONL, JSON or CSV).
     #[arg(long)]
     data: PathBuf,
@@ -57,7 +59,7 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     match a.model.engine_device()? {
         Device::Cpu => {
-            let m = a.model.load()?;
+            let m = a.model.load_quantized(a.quant.nf4())?;
             let reference = match &a.ref_model {
                 Some(p) => Some(
                     fedtune_engine::load_model(
@@ -73,7 +75,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             evaluate(&a, &m.model, &m.tokenizer, reference)
         }
         Device::Cuda(i) => {
-            let (model, tokenizer) = a.model.load_cuda(i)?;
+            let (model, tokenizer) = a.model.load_cuda(i, a.quant.nf4())?;
             let reference = match &a.ref_model {
                 Some(p) => Some(
                     fedtune_engine::loader::load_model_cuda(p, model.gpu.clone(), model.dt, None)
@@ -104,7 +106,7 @@ fn evaluate<B: Backend>(
     for e in &data.skipped {
         eprintln!("skipped: {e}");
     }
-    let seqs = data.encode_sft(&tokenizer, a.max_seq_length)?;
+    let seqs = data.encode_sft(tokenizer, a.max_seq_length)?;
     let loss = sft_loss(model, &seqs, a.batch_size, tokenizer.pad_id);
     let mut out = json!({
         "loss": loss.mean(),
@@ -118,7 +120,7 @@ fn evaluate<B: Backend>(
             data.is_preference(),
             "--beta needs preference data (prompt/chosen/rejected)"
         );
-        let (pairs, trunc) = data.encode_pairs(&tokenizer, a.max_prompt_length, a.max_length)?;
+        let (pairs, trunc) = data.encode_pairs(tokenizer, a.max_prompt_length, a.max_length)?;
         let reference = reference.unwrap_or_else(|| model.without_adapter());
         let mut logps = Vec::with_capacity(pairs.len());
         let per_batch = a.batch_size.max(2) / 2;

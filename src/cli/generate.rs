@@ -7,13 +7,15 @@ use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::generate::{GenerationConfig, generate};
 use fedtune_engine::{Message, Tokenizer};
 
-use super::common::ModelArgs;
+use super::common::{ModelArgs, QuantArgs};
 
 /// Arguments of `fedtune generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -44,11 +46,11 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     match a.model.engine_device()? {
         Device::Cpu => {
-            let m = a.model.load()?;
+            let m = a.model.load_quantized(a.quant.nf4())?;
             run_on(&a, &m.model, &m.tokenizer)
         }
         Device::Cuda(i) => {
-            let (model, tokenizer) = a.model.load_cuda(i)?;
+            let (model, tokenizer) = a.model.load_cuda(i, a.quant.nf4())?;
             run_on(&a, &model, &tokenizer)
         }
     }

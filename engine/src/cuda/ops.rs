@@ -320,7 +320,7 @@ impl Gpu {
         assert!(y.unique(), "add_bias on shared storage");
         let (yp, bp) = (y.ptr(), bias.ptr());
         let (n, c) = (y.rows as i32, y.cols as i32);
-        if y.len() > 0 {
+        if !y.is_empty() {
             self.run(
                 &format!("add_bias_{}", y.dt.suffix()),
                 grid1(y.len()),
@@ -378,6 +378,7 @@ impl Gpu {
     /// Causal attention (see `kernels/attention.cu`): `q` rows `[batch·tq, hq·d]`, keys and
     /// values at `k`/`v` with the strides of `g`, optional segments `[batch·tq]` (tq = tk).
     /// Returns `o` like `q` and, when `want_lse`, `lse` `[batch, hq, tq]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: &GTensor,
@@ -388,7 +389,7 @@ impl Gpu {
         scale: f32,
         want_lse: bool,
     ) -> Result<(GTensor, Option<CudaSlice<f32>>)> {
-        if g.d > MAX_HEAD_DIM || g.d == 0 || g.hq % g.hkv != 0 {
+        if g.d > MAX_HEAD_DIM || g.d == 0 || !g.hq.is_multiple_of(g.hkv) {
             return Err(crate::error::Error::Invalid(format!(
                 "GPU attention supports head_dim 1..={MAX_HEAD_DIM} and heads divisible by KV heads (got d = {}, {} / {})",
                 g.d, g.hq, g.hkv

@@ -15,8 +15,11 @@ __device__ void nf4_dequant_impl(const unsigned char* packed, const float* absma
         unsigned char byte = packed[i / 2];
         unsigned code = (i & 1) ? (byte & 0xF) : (byte >> 4);
         size_t blk = i / 64;
-        float a = codes2 ? dyn_map[codes2[blk]] * absmax2[blk / 256] + offset : absmax[blk];
-        out[i] = st<T>(NF4_LEVELS[code] * a);
+        // Multiply and add rounded separately (no FMA contraction), as the host computes it,
+        // so the codes dequantise bit-identically.
+        float a = codes2 ? __fadd_rn(__fmul_rn(dyn_map[codes2[blk]], absmax2[blk / 256]), offset)
+                         : absmax[blk];
+        out[i] = st<T>(__fmul_rn(NF4_LEVELS[code], a));
     }
 }
 
