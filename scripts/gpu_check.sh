@@ -23,7 +23,7 @@ step() { # step NAME SECONDS CMD...
   local rc=$?
   log "$name: exit $rc in $(( $(date +%s) - t0 )) s"
   { echo "===== $name (exit $rc)"; cat "/tmp/gpu-step-$name.log"; } >> "$OUT/all.log"
-  grep -E '"impl"|"compare"' "/tmp/gpu-step-$name.log" >> "$OUT/results.jsonl"
+  grep -E '"impl"|"compare"|"parts"' "/tmp/gpu-step-$name.log" >> "$OUT/results.jsonl"
   tail -n 12 "/tmp/gpu-step-$name.log"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -38,6 +38,8 @@ step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gg
 step cli_generate_gguf_cpu 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
 M1B=/tmp/llama-1b
 step make_1b 90 python3 bench/gpu_forward.py make $M1B 1b
+step parts_mma 60 gpu-bin/gpu_forward parts 8 1024
+step parts_simt 60 env FEDTUNE_ATTENTION=simt gpu-bin/gpu_forward parts 8 1024
 step compare_1b 120 gpu-bin/gpu_forward compare $M1B 2 48
 for round in 1 2; do
   step "fedtune_1b_r$round" 90 gpu-bin/gpu_forward bench $M1B bf16 8 1024 5

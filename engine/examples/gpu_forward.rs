@@ -3,6 +3,9 @@
 //!
 //! `gpu_forward bench MODEL DTYPE BATCH SEQ ITERS`: tokens/s of the forward pass with the
 //! LM head's log-probabilities at every position (what `fedtune eval` computes), one JSON line.
+//! `gpu_forward parts BATCH SEQ`: milliseconds of the forward's parts on the Llama-3.2-1B
+//! shape (attention on CUDA cores and on tensor cores, one layer's seven products, the LM
+//! head), bf16, each timed alone after a warm-up; one JSON line.
 //! `gpu_forward compare MODEL BATCH SEQ`: log-probabilities of random ids on the host engine
 //! (f32) and on the GPU in f32 and bf16; prints the largest differences as one JSON line.
 use std::time::Instant;
@@ -60,6 +63,75 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gpu.name,
                 (b * t) as f64 / secs,
                 (gpu.peak_bytes()? as f64 + gpu.workspace_bytes() as f64) / (1u64 << 30) as f64
+            );
+        }
+        "parts" => {
+            let (b, t) = (n(2), n(3));
+            let (h, hq, hkv, d, inter, vocab, layers) = (2048, 32, 8, 64, 8192, 128_256, 16);
+            let nrows = b * t;
+            let dt = Dt::BF16;
+            let rnd = |r: usize, c: usize| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((r * 31 + c) as u64);
+                let v: Vec<f32> = (0..r * c).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+                gpu.upload(&v, r, c, dt).expect("upload")
+            };
+            let time = |f: &mut dyn FnMut()| -> f64 {
+                f();
+                gpu.synchronize().expect("sync");
+                let t0 = Instant::now();
+                for _ in 0..5 {
+                    f();
+                }
+                gpu.synchronize().expect("sync");
+                t0.elapsed().as_secs_f64() * 1e3 / 5.0
+            };
+            let (q, kk, vv) = (rnd(nrows, hq * d), rnd(nrows, hkv * d), rnd(nrows, hkv * d));
+            let geom = fedtune_engine::cuda::ops::AttnGeom {
+                batch: b,
+                tq: t,
+                tk: t,
+                hq,
+                hkv,
+                d,
+                k_bs: t * hkv * d,
+                k_rs: hkv * d,
+                window: 0,
+            };
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut attn = || {
+                let _ = gpu.attention(&q, kk.ptr(), vv.ptr(), geom, None, scale, false).expect("attention");
+            };
+            let mma = time(&mut attn);
+            let x = rnd(nrows, h);
+            let ws: Vec<_> = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
+                .iter()
+                .map(|&(o, i)| rnd(o, i))
+                .collect();
+            let xi = rnd(nrows, inter);
+            let mut products = || {
+                for (i, w) in ws.iter().enumerate() {
+                    let inp = if i == 6 { &xi } else if i == 3 { &q } else { &x };
+                    let _ = gpu.matmul_sum(&[(inp, false, w, true, 1.0)], dt).expect("product");
+                }
+            };
+            let prod = time(&mut products);
+            let head = rnd(vocab, h);
+            let chunk = (256usize << 20) / (4 * vocab);
+            let mut headf = || {
+                let mut r0 = 0;
+                while r0 < nrows {
+                    let rows: Vec<u32> = (r0..(r0 + chunk).min(nrows)).map(|r| r as u32).collect();
+                    let hc = gpu.gather_rows(&x, &rows).expect("gather");
+                    let logits = gpu.matmul_sum(&[(&hc, false, &head, true, 1.0)], Dt::F32).expect("head");
+                    let _ = gpu.target_logprobs(&logits, &rows.iter().map(|r| r % 1000).collect::<Vec<_>>()).expect("lp");
+                    r0 += chunk;
+                }
+            };
+            let headms = time(&mut headf);
+            println!(
+                "{{\"parts\": \"bf16 ms, batch {b} x {t}\", \"attention_kernel\": \"{}\", \"attention_per_layer\": {mma:.3}, \"products_per_layer\": {prod:.3}, \"lm_head\": {headms:.3}, \"layers\": {layers}, \"estimate_total\": {:.1}}}",
+                if gpu.use_mma_attention(dt, d) { "tensor cores" } else { "CUDA cores" },
+                layers as f64 * (mma + prod) + headms
             );
         }
         "compare" => {

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 
 /// Every kernel source file, in program order (`common.cuh` first: the others use it).
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("norm.cu", include_str!("kernels/norm.cu")),
     ("rope.cu", include_str!("kernels/rope.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("attention_mma.cu", include_str!("kernels/attention_mma.cu")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("nf4.cu", include_str!("kernels/nf4.cu")),
 ];

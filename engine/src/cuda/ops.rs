@@ -421,18 +421,38 @@ impl Gpu {
         let ints = [g.tq, g.tk, g.tk - g.tq, g.hq, g.hkv, g.d].map(|v| v as i32);
         let longs = [q.cols, g.k_bs, g.k_rs].map(|v| v as i64);
         let window = g.window as i32;
-        let smem = (16 * g.d + 32 * (g.d + 1) + 32 * g.d) * 4;
-        let cfg = LaunchConfig {
-            grid_dim: (g.tq.div_ceil(16) as u32, g.hq as u32, g.batch as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
+        let (name, cfg) = if self.use_mma_attention(q.dt, g.d) {
+            let smem = (64 * (g.d + 8) + g.d * (64 + 8)) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: (g.tq.div_ceil(64) as u32, g.hq as u32, g.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            (format!("attn_mma_{}", q.dt.suffix()), cfg)
+        } else {
+            let smem = (16 * g.d + 32 * (g.d + 1) + 32 * g.d) * 4;
+            let cfg = LaunchConfig {
+                grid_dim: (g.tq.div_ceil(16) as u32, g.hq as u32, g.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            (format!("attn_fwd_{}", q.dt.suffix()), cfg)
         };
         let mut args = vec![A::P(qp), A::P(k), A::P(v), A::P(op), A::P(lp), A::P(sp)];
         args.extend(ints.iter().map(|&i| A::I(i)));
         args.extend(longs.iter().map(|&l| A::L(l)));
         args.extend([A::F(scale), A::I(window)]);
-        self.run(&format!("attn_fwd_{}", q.dt.suffix()), cfg, &args);
+        self.run(&name, cfg, &args);
         Ok((o, lse))
+    }
+
+    /// Whether attention on `dt` with head dimension `d` runs on tensor cores
+    /// (`attention_mma.cu`: bf16/f16, `d` a multiple of 16, sm_80+), unless
+    /// `FEDTUNE_ATTENTION=simt` asks for the f32-arithmetic kernel.
+    pub fn use_mma_attention(&self, dt: Dt, d: usize) -> bool {
+        static SIMT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let simt = *SIMT.get_or_init(|| std::env::var("FEDTUNE_ATTENTION").is_ok_and(|v| v == "simt"));
+        !simt && dt != Dt::F32 && d.is_multiple_of(16) && d <= MAX_HEAD_DIM && self.cc.0 >= 8
     }
 
     /// `log p(target)` per row of f32 logits `[rows, vocab]`.

@@ -1,0 +1,215 @@
+// Causal attention on tensor cores (bf16/f16 inputs, f32 accumulation), FlashAttention-2
+// style: each warp owns 16 query rows, a block of ATTM_WARPS warps streams 64 keys at a time
+// through shared memory; S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 products, and the
+// online softmax works on the S accumulators in registers (P is re-packed from them as the A
+// operand of the second product, with no trip through shared memory). Same layout, masks and
+// lse as attention.cu (see there); needs sm_80+, head_dim a multiple of 16, at most 128.
+#define ATTM_WARPS 4
+#define ATTM_BQ (16 * ATTM_WARPS)
+#define ATTM_BK 64
+#define ATTM_DMAX 128
+
+template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
+template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<f16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two values as one register of T pairs (the lower column in the low half).
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    return (unsigned)st<T>(lo).v | ((unsigned)st<T>(hi).v << 16);
+}
+template <typename T> __device__ __forceinline__ unsigned ld2(const T* p) {
+    return (unsigned)p[0].v | ((unsigned)p[1].v << 16);
+}
+
+template <typename T>
+__device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* lse,
+                              const unsigned* seg, int tq, int tk, int q_off, int hq, int hkv,
+                              int d, long long q_rs, long long k_bs, long long k_rs, float scale,
+                              int window) {
+    extern __shared__ unsigned short smem_u16[];
+    const int kld = d + 8;          // K tile [BK][d + 8]
+    const int vld = ATTM_BK + 8;    // Vᵀ tile [d][BK + 8]
+    T* ks = (T*)smem_u16;
+    T* vt = ks + ATTM_BK * kld;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
+    const int g = h / (hq / hkv);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int ksteps = d / 16, ntiles_d = d / 8;
+    // This thread's two query rows (gid and gid + 8 of the warp's 16).
+    const int r0 = q0 + warp * 16 + gid, r1 = r0 + 8;
+    // Q as A fragments, one per 16 columns of d.
+    unsigned qa[ATTM_DMAX / 16][4];
+#pragma unroll
+    for (int s = 0; s < ATTM_DMAX / 16; s++) {
+        if (s < ksteps) {
+            const int c = s * 16 + tig * 2;
+            const T* p0 = q + (size_t)(b * tq + min(r0, tq - 1)) * q_rs + (size_t)h * d;
+            const T* p1 = q + (size_t)(b * tq + min(r1, tq - 1)) * q_rs + (size_t)h * d;
+            qa[s][0] = ld2(p0 + c);
+            qa[s][1] = ld2(p1 + c);
+            qa[s][2] = ld2(p0 + c + 8);
+            qa[s][3] = ld2(p1 + c + 8);
+        }
+    }
+    float oacc[ATTM_DMAX / 8][4];
+#pragma unroll
+    for (int n = 0; n < ATTM_DMAX / 8; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const int s0 = q_off + r0, s1 = q_off + r1;  // key positions the two rows stand at
+    const unsigned sq0 = (seg && r0 < tq) ? seg[b * tq + r0] : 1u;
+    const unsigned sq1 = (seg && r1 < tq) ? seg[b * tq + r1] : 1u;
+    const int qlast = min(q0 + ATTM_BQ, tq) - 1;
+    const int kend = min(q_off + qlast + 1, tk);
+    int kbegin = 0;
+    if (window > 0 && !seg) kbegin = max(0, q_off + q0 - window + 1);
+    for (int k0 = (kbegin / ATTM_BK) * ATTM_BK; k0 < kend; k0 += ATTM_BK) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < ATTM_BK * d; i += blockDim.x) {
+            const int r = i / d, c = i % d, p = k0 + r;
+            T kv, vv;
+            kv.v = 0;
+            vv.v = 0;
+            if (p < tk) {
+                const size_t off = (size_t)b * k_bs + (size_t)p * k_rs + (size_t)g * d + c;
+                kv = k[off];
+                vv = v[off];
+            }
+            ks[r * kld + c] = kv;
+            vt[c * vld + r] = vv;
+        }
+        __syncthreads();
+        // S = Q·Kᵀ for 16 rows × 64 keys: 8 tiles of 8 keys.
+        float sacc[ATTM_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATTM_BK / 8; n++) {
+            sacc[n][0] = sacc[n][1] = sacc[n][2] = sacc[n][3] = 0.f;
+#pragma unroll
+            for (int s = 0; s < ATTM_DMAX / 16; s++) {
+                if (s < ksteps) {
+                    const T* kr = ks + (n * 8 + gid) * kld + s * 16 + tig * 2;
+                    mma16816<T>(sacc[n], qa[s], ld2(kr), ld2(kr + 8));
+                }
+            }
+        }
+        // Mask, scale, running max.
+        float tmax0 = -INFINITY, tmax1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < ATTM_BK / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int p = k0 + n * 8 + tig * 2 + (e & 1);
+                const int sp = e < 2 ? s0 : s1;
+                const int row = e < 2 ? r0 : r1;
+                const unsigned sq = e < 2 ? sq0 : sq1;
+                bool vis = row < tq && p < tk && p <= sp;
+                if (vis && window > 0 && sp - p >= window) vis = false;
+                if (seg && row < tq) {
+                    if (sq == 0) {
+                        vis = p == sp;
+                    } else if (vis) {
+                        vis = seg[b * tk + p] == sq;
+                    }
+                }
+                const float sv = vis ? sacc[n][e] * scale : -INFINITY;
+                sacc[n][e] = sv;
+                if (e < 2) tmax0 = fmaxf(tmax0, sv); else tmax1 = fmaxf(tmax1, sv);
+            }
+        }
+        tmax0 = fmaxf(tmax0, __shfl_xor_sync(0xffffffffu, tmax0, 1));
+        tmax0 = fmaxf(tmax0, __shfl_xor_sync(0xffffffffu, tmax0, 2));
+        tmax1 = fmaxf(tmax1, __shfl_xor_sync(0xffffffffu, tmax1, 1));
+        tmax1 = fmaxf(tmax1, __shfl_xor_sync(0xffffffffu, tmax1, 2));
+        const float mn0 = fmaxf(m0, tmax0), mn1 = fmaxf(m1, tmax1);
+        // Rows with nothing visible yet keep weight 0 (their max stays -inf).
+        const float a0 = mn0 == -INFINITY ? 1.f : expf(m0 - mn0);
+        const float a1 = mn1 == -INFINITY ? 1.f : expf(m1 - mn1);
+        float ls0 = 0.f, ls1 = 0.f;
+        unsigned pa[ATTM_BK / 16][4];
+#pragma unroll
+        for (int n = 0; n < ATTM_BK / 8; n++) {
+            const float p0 = mn0 == -INFINITY ? 0.f : expf(sacc[n][0] - mn0);
+            const float p1 = mn0 == -INFINITY ? 0.f : expf(sacc[n][1] - mn0);
+            const float p2 = mn1 == -INFINITY ? 0.f : expf(sacc[n][2] - mn1);
+            const float p3 = mn1 == -INFINITY ? 0.f : expf(sacc[n][3] - mn1);
+            // Sum what the product will use: P rounded to T.
+            const unsigned lo = pack2<T>(p0, p1), hi = pack2<T>(p2, p3);
+            T t;
+            t.v = lo & 0xffff; ls0 += ld(t);
+            t.v = lo >> 16; ls0 += ld(t);
+            t.v = hi & 0xffff; ls1 += ld(t);
+            t.v = hi >> 16; ls1 += ld(t);
+            // S accumulator layout of tile n = A fragment half of key-step n / 2.
+            pa[n / 2][(n & 1) * 2 + 0] = lo;
+            pa[n / 2][(n & 1) * 2 + 1] = hi;
+        }
+        ls0 += __shfl_xor_sync(0xffffffffu, ls0, 1);
+        ls0 += __shfl_xor_sync(0xffffffffu, ls0, 2);
+        ls1 += __shfl_xor_sync(0xffffffffu, ls1, 1);
+        ls1 += __shfl_xor_sync(0xffffffffu, ls1, 2);
+        l0 = l0 * a0 + ls0;
+        l1 = l1 * a1 + ls1;
+        m0 = mn0;
+        m1 = mn1;
+        // O = a·O + P·V.
+#pragma unroll
+        for (int n = 0; n < ATTM_DMAX / 8; n++) {
+            if (n < ntiles_d) {
+                oacc[n][0] *= a0;
+                oacc[n][1] *= a0;
+                oacc[n][2] *= a1;
+                oacc[n][3] *= a1;
+#pragma unroll
+                for (int s = 0; s < ATTM_BK / 16; s++) {
+                    const T* vr = vt + (n * 8 + gid) * vld + s * 16 + tig * 2;
+                    mma16816<T>(oacc[n], pa[s], ld2(vr), ld2(vr + 8));
+                }
+            }
+        }
+    }
+    // l sums over the group of four threads are complete in every thread of the group.
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+    for (int n = 0; n < ATTM_DMAX / 8; n++) {
+        if (n < ntiles_d) {
+            const int c = n * 8 + tig * 2;
+            if (r0 < tq) {
+                T* out = o + (size_t)(b * tq + r0) * q_rs + (size_t)h * d + c;
+                out[0] = st<T>(oacc[n][0] * inv0);
+                out[1] = st<T>(oacc[n][1] * inv0);
+            }
+            if (r1 < tq) {
+                T* out = o + (size_t)(b * tq + r1) * q_rs + (size_t)h * d + c;
+                out[0] = st<T>(oacc[n][2] * inv1);
+                out[1] = st<T>(oacc[n][3] * inv1);
+            }
+        }
+    }
+    if (lse && tig == 0) {
+        if (r0 < tq) lse[((size_t)b * hq + h) * tq + r0] = m0 + logf(l0);
+        if (r1 < tq) lse[((size_t)b * hq + h) * tq + r1] = m1 + logf(l1);
+    }
+}
+
+#define ATTN_MMA(T, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(ATTM_WARPS * 32)                              \
+        attn_mma_##S(const void* q, const void* k, const void* v, void* o, float* lse,         \
+                     const unsigned* seg, int tq, int tk, int q_off, int hq, int hkv, int d,   \
+                     long long q_rs, long long k_bs, long long k_rs, float scale, int window) { \
+        attn_mma_impl<T>((const T*)q, (const T*)k, (const T*)v, (T*)o, lse, seg, tq, tk,       \
+                         q_off, hq, hkv, d, q_rs, k_bs, k_rs, scale, window);                  \
+    }
+ATTN_MMA(bf16, bf16)
+ATTN_MMA(f16, f16)
