@@ -2,6 +2,8 @@
 
   python3 bench/gpu_forward.py make DIR SHAPE      # random-weight Llama of SHAPE (1b, 8b) in bf16
       (with the repo's SmolLM2 tokenizer.json beside it: the ids are random, the loader wants one)
+  python3 bench/gpu_forward.py gen DIR PROMPT NEW
+      greedy decoding speed (model.generate, KV cache, bf16, SDPA): new tokens/s, one JSON line.
   python3 bench/gpu_forward.py bf16 MODEL OUT.json
       transformers' own bf16 and f16 logits against its f32 logits on MODEL (the ids of
       engine/tests/cuda_device.rs): the tolerance fedtune's 16-bit paths are held to
@@ -81,9 +83,28 @@ def bench(path, b, t, iters):
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}))
 
 
+def gen(path, prompt, new):
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g).cuda()
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    n = out.shape[1] - prompt
+    print(json.dumps({"impl": "transformers", "generate": "greedy", "prompt": prompt, "new_tokens": n,
+                      "seconds": round(secs, 3), "tokens_per_s": round(n / secs, 1)}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "gen":
+        gen(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == "bf16":
         half_tolerance(sys.argv[2], sys.argv[3])
     else:

@@ -8,7 +8,9 @@
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
 #   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file.
 #   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
-#      the host engine (f32) and the forward throughput against transformers, alternating.
+#      the host engine (f32), the forward's parts, the forward throughput against transformers
+#      (alternating rounds), the NF4 forward, and greedy decoding against transformers.
+# SKIP_COMPARE=1 / SKIP_KERNEL_COMPILE=1 leave out steps 4's comparison and 2 when time is short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -31,7 +33,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 step half_reference 60 python3 bench/gpu_forward.py bf16 testdata/tiny-llama/model /tmp/half_reference.json
 export FEDTUNE_HALF_REFERENCE=/tmp/half_reference.json
 step tests_device 150 gpu-bin/cuda_device --test-threads=1 --nocapture
-step tests_kernels 60 gpu-bin/cuda_kernels --nocapture
+if [ "${SKIP_KERNEL_COMPILE:-}" != 1 ]; then
+  step tests_kernels 60 gpu-bin/cuda_kernels --nocapture
+fi
 step cli_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --device cuda --json
 step cli_eval_cpu 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --json
 step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
@@ -40,9 +44,14 @@ M1B=/tmp/llama-1b
 step make_1b 90 python3 bench/gpu_forward.py make $M1B 1b
 step parts_mma 60 gpu-bin/gpu_forward parts 8 1024
 step parts_simt 60 env FEDTUNE_ATTENTION=simt gpu-bin/gpu_forward parts 8 1024
-step compare_1b 120 gpu-bin/gpu_forward compare $M1B 2 48
+if [ "${SKIP_COMPARE:-}" != 1 ]; then
+  step compare_1b 120 gpu-bin/gpu_forward compare $M1B 2 48
+fi
 for round in 1 2; do
   step "fedtune_1b_r$round" 90 gpu-bin/gpu_forward bench $M1B bf16 8 1024 5
   step "transformers_1b_r$round" 90 python3 bench/gpu_forward.py bench $M1B 8 1024 5
 done
+step fedtune_1b_nf4 120 gpu-bin/gpu_forward bench $M1B bf16-nf4dq 8 1024 5
+step fedtune_1b_gen 90 gpu-bin/gpu_forward gen $M1B bf16 64 128
+step transformers_1b_gen 90 python3 bench/gpu_forward.py gen $M1B 64 128
 cat "$OUT/results.jsonl"

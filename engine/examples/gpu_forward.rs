@@ -3,6 +3,10 @@
 //!
 //! `gpu_forward bench MODEL DTYPE BATCH SEQ ITERS`: tokens/s of the forward pass with the
 //! LM head's log-probabilities at every position (what `fedtune eval` computes), one JSON line.
+//! `DTYPE` is `f32`, `bf16`, `f16`, or `bf16-nf4` / `bf16-nf4dq` (NF4 projections, without or
+//! with double quantisation, computing in bf16).
+//! `gpu_forward gen MODEL DTYPE PROMPT NEW`: greedy decoding speed with the KV cache (new tokens
+//! per second after a prompt of PROMPT random ids), one JSON line.
 //! `gpu_forward parts BATCH SEQ`: milliseconds of the forward's parts on the Llama-3.2-1B
 //! shape (attention on CUDA cores and on tensor cores, one layer's seven products, the LM
 //! head), bf16, each timed alone after a warm-up; one JSON line.
@@ -28,20 +32,27 @@ fn batch(vocab: u32, b: usize, t: usize) -> TokenBatch {
     TokenBatch::pad(&seqs.iter().collect::<Vec<_>>(), 0)
 }
 
+/// Compute dtype and NF4 mode from `f32`, `bf16`, `f16`, `bf16-nf4`, `bf16-nf4dq`.
+fn dtype(s: &str) -> (Dt, Option<bool>) {
+    match s {
+        "f32" => (Dt::F32, None),
+        "f16" => (Dt::F16, None),
+        "bf16-nf4" => (Dt::BF16, Some(false)),
+        "bf16-nf4dq" => (Dt::BF16, Some(true)),
+        _ => (Dt::BF16, None),
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().collect();
     let n = |i: usize| -> usize { a[i].parse().expect("a number") };
     let gpu = Gpu::open(0)?;
     match a[1].as_str() {
         "bench" => {
-            let dt = match a[3].as_str() {
-                "f32" => Dt::F32,
-                "f16" => Dt::F16,
-                _ => Dt::BF16,
-            };
+            let (dt, nf4) = dtype(&a[3]);
             let (b, t, iters) = (n(4), n(5), n(6));
             let t0 = Instant::now();
-            let (m, _) = load_model_cuda(a[2].as_ref(), gpu.clone(), dt, None)?;
+            let (m, _) = load_model_cuda(a[2].as_ref(), gpu.clone(), dt, nf4)?;
             gpu.synchronize()?;
             let load = t0.elapsed().as_secs_f64();
             let tb = batch(m.config.vocab_size as u32, b, t);
@@ -59,10 +70,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             gpu.synchronize()?;
             let secs = t0.elapsed().as_secs_f64() / iters as f64;
             println!(
-                "{{\"impl\": \"fedtune\", \"gpu\": \"{}\", \"dtype\": \"{dt:?}\", \"batch\": {b}, \"seq\": {t}, \"load_s\": {load:.2}, \"seconds\": {secs:.4}, \"tokens_per_s\": {:.1}, \"peak_gib\": {:.3}}}",
+                "{{\"impl\": \"fedtune\", \"gpu\": \"{}\", \"dtype\": \"{}\", \"batch\": {b}, \"seq\": {t}, \"load_s\": {load:.2}, \"seconds\": {secs:.4}, \"tokens_per_s\": {:.1}, \"peak_gib\": {:.3}}}",
                 gpu.name,
+                a[3],
                 (b * t) as f64 / secs,
                 (gpu.peak_bytes()? as f64 + gpu.workspace_bytes() as f64) / (1u64 << 30) as f64
+            );
+        }
+        "gen" => {
+            let (dt, nf4) = dtype(&a[3]);
+            let (prompt, new) = (n(4), n(5));
+            let (m, _) = load_model_cuda(a[2].as_ref(), gpu.clone(), dt, nf4)?;
+            let ids = batch(m.config.vocab_size as u32, 1, prompt).ids;
+            let cfg = fedtune_engine::generate::GenerationConfig {
+                max_new_tokens: new,
+                ..Default::default()
+            };
+            let _ = fedtune_engine::generate::generate(&m, &ids, &cfg, |_| {});
+            let t0 = Instant::now();
+            let out = fedtune_engine::generate::generate(&m, &ids, &cfg, |_| {});
+            let secs = t0.elapsed().as_secs_f64();
+            println!(
+                "{{\"impl\": \"fedtune\", \"generate\": \"greedy\", \"dtype\": \"{}\", \"prompt\": {prompt}, \"new_tokens\": {}, \"seconds\": {secs:.3}, \"tokens_per_s\": {:.1}}}",
+                a[3],
+                out.len(),
+                out.len() as f64 / secs
             );
         }
         "parts" => {

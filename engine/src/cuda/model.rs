@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::Gpu;
 use super::ops::AttnGeom;
@@ -536,24 +536,27 @@ impl Backend for CudaModel {
 
     fn target_logprobs(&self, hidden: &GTensor, rows: &[usize], ids: &[u32]) -> Vec<f32> {
         let g = &self.gpu;
-        let mut out = Vec::with_capacity(rows.len());
-        for (rs, is) in rows
-            .chunks(self.head_chunk())
-            .zip(ids.chunks(self.head_chunk()))
-        {
-            let r32: Vec<u32> = rs.iter().map(|&r| r as u32).collect();
-            let h = g
-                .gather_rows(hidden, &r32)
-                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), ids.len(), "one target per row");
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        // Indices go up once and the log-probabilities come back once: no synchronisation
+        // between chunks.
+        let r32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let up = |v: &[u32]| g.upload_u32(v).unwrap_or_else(|e| panic!("{e}"));
+        let (rows_dev, ids_dev) = (up(&r32), up(ids));
+        let out = g.alloc(1, rows.len(), Dt::F32);
+        let (rp, ip) = (rows_dev.device_ptr(g.stream()).0, ids_dev.device_ptr(g.stream()).0);
+        let chunk = self.head_chunk();
+        for start in (0..rows.len()).step_by(chunk) {
+            let n = chunk.min(rows.len() - start);
+            let h = g.gather_rows_dev(hidden, rp + 4 * start as u64, n);
             let logits = g
                 .matmul_sum(&[(&h, false, self.head(), true, 1.0)], Dt::F32)
                 .unwrap_or_else(|e| panic!("{e}"));
-            out.extend(
-                g.target_logprobs(&logits, is)
-                    .unwrap_or_else(|e| panic!("{e}")),
-            );
+            g.target_logprobs_dev(&logits, ip + 4 * start as u64, out.ptr() + 4 * start as u64);
         }
-        out
+        g.download(&out).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn row_logits(&self, hidden: &GTensor, rows: &[usize]) -> Vec<f32> {

@@ -270,6 +270,41 @@ impl Gpu {
         }
     }
 
+    /// `x[rows[i], :]` for the `n` row indices at device address `rows` (u32).
+    pub(crate) fn gather_rows_dev(&self, x: &GTensor, rows: u64, n: usize) -> GTensor {
+        let out = self.alloc(n, x.cols, x.dt);
+        if n > 0 {
+            let (xp, op) = (x.ptr(), out.ptr());
+            let (ni, c) = (n as i32, x.cols as i32);
+            self.run(
+                &format!("gather_rows_{}", x.dt.suffix()),
+                grid1(n * x.cols),
+                &[A::P(xp), A::P(rows), A::P(op), A::I(ni), A::I(c)],
+            );
+        }
+        out
+    }
+
+    /// `log p(target)` per row of f32 logits `[rows, vocab]` into `out` (f32, device address),
+    /// with the targets at device address `targets` (u32): no synchronisation.
+    pub(crate) fn target_logprobs_dev(&self, logits: &GTensor, targets: u64, out: u64) {
+        assert_eq!(logits.dt, Dt::F32, "logits in f32");
+        if logits.rows == 0 {
+            return;
+        }
+        let (rows, vocab) = (logits.rows as i32, logits.cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (logits.rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.run(
+            "target_logprobs",
+            cfg,
+            &[A::P(logits.ptr()), A::P(targets), A::P(out), A::I(rows), A::I(vocab)],
+        );
+    }
+
     /// `x[rows[i], :]` for each i.
     pub fn gather_rows(&self, x: &GTensor, rows: &[u32]) -> Result<GTensor> {
         assert!(
