@@ -104,7 +104,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dt = Dt::BF16;
             let rnd = |r: usize, c: usize| {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((r * 31 + c) as u64);
-                let v: Vec<f32> = (0..r * c).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+                let v: Vec<f32> = (0..r * c)
+                    .map(|_| rng.random_range(-0.05f32..0.05))
+                    .collect();
                 gpu.upload(&v, r, c, dt).expect("upload")
             };
             let time = |f: &mut dyn FnMut()| -> f64 {
@@ -131,19 +133,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let scale = 1.0 / (d as f32).sqrt();
             let mut attn = || {
-                let _ = gpu.attention(&q, kk.ptr(), vv.ptr(), geom, None, scale, false).expect("attention");
+                let _ = gpu
+                    .attention(&q, kk.ptr(), vv.ptr(), geom, None, scale, false)
+                    .expect("attention");
             };
             let mma = time(&mut attn);
             let x = rnd(nrows, h);
-            let ws: Vec<_> = [(hq * d, h), (hkv * d, h), (hkv * d, h), (h, hq * d), (inter, h), (inter, h), (h, inter)]
-                .iter()
-                .map(|&(o, i)| rnd(o, i))
-                .collect();
+            let ws: Vec<_> = [
+                (hq * d, h),
+                (hkv * d, h),
+                (hkv * d, h),
+                (h, hq * d),
+                (inter, h),
+                (inter, h),
+                (h, inter),
+            ]
+            .iter()
+            .map(|&(o, i)| rnd(o, i))
+            .collect();
             let xi = rnd(nrows, inter);
             let mut products = || {
                 for (i, w) in ws.iter().enumerate() {
-                    let inp = if i == 6 { &xi } else if i == 3 { &q } else { &x };
-                    let _ = gpu.matmul_sum(&[(inp, false, w, true, 1.0)], dt).expect("product");
+                    let inp = if i == 6 {
+                        &xi
+                    } else if i == 3 {
+                        &q
+                    } else {
+                        &x
+                    };
+                    let _ = gpu
+                        .matmul_sum(&[(inp, false, w, true, 1.0)], dt)
+                        .expect("product");
                 }
             };
             let prod = time(&mut products);
@@ -154,15 +174,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 while r0 < nrows {
                     let rows: Vec<u32> = (r0..(r0 + chunk).min(nrows)).map(|r| r as u32).collect();
                     let hc = gpu.gather_rows(&x, &rows).expect("gather");
-                    let logits = gpu.matmul_sum(&[(&hc, false, &head, true, 1.0)], Dt::F32).expect("head");
-                    let _ = gpu.target_logprobs(&logits, &rows.iter().map(|r| r % 1000).collect::<Vec<_>>()).expect("lp");
+                    let logits = gpu
+                        .matmul_sum(&[(&hc, false, &head, true, 1.0)], Dt::F32)
+                        .expect("head");
+                    let _ = gpu
+                        .target_logprobs(
+                            &logits,
+                            &rows.iter().map(|r| r % 1000).collect::<Vec<_>>(),
+                        )
+                        .expect("lp");
                     r0 += chunk;
                 }
             };
             let headms = time(&mut headf);
             println!(
                 "{{\"parts\": \"bf16 ms, batch {b} x {t}\", \"attention_kernel\": \"{}\", \"attention_per_layer\": {mma:.3}, \"products_per_layer\": {prod:.3}, \"lm_head\": {headms:.3}, \"layers\": {layers}, \"estimate_total\": {:.1}}}",
-                if gpu.use_mma_attention(dt, d) { "tensor cores" } else { "CUDA cores" },
+                if gpu.use_mma_attention(dt, d) {
+                    "tensor cores"
+                } else {
+                    "CUDA cores"
+                },
                 layers as f64 * (mma + prod) + headms
             );
         }

@@ -243,17 +243,38 @@ fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
 fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
     let Some(g) = gpu() else { return };
     let (b, t, hq, hkv, d) = (2, 75, 6, 2, 64);
-    let (q, k, v) = (rand([b * t, hq * d]), rand([b * t, hkv * d]), rand([b * t, hkv * d]));
+    let (q, k, v) = (
+        rand([b * t, hq * d]),
+        rand([b * t, hkv * d]),
+        rand([b * t, hkv * d]),
+    );
     let mut segments = vec![0u32; b * t];
     for (i, s) in segments.iter_mut().enumerate() {
         let (row, pos) = (i / t, i % t);
-        *s = if row == 1 && pos >= 70 { 0 } else if pos < 30 { 1 } else { 2 };
+        *s = if row == 1 && pos >= 70 {
+            0
+        } else if pos < 30 {
+            1
+        } else {
+            2
+        };
     }
     for dt in [Dt::BF16, Dt::F16] {
-        assert!(g.use_mma_attention(dt, d), "sm_80+ runs attention on tensor cores");
+        assert!(
+            g.use_mma_attention(dt, d),
+            "sm_80+ runs attention on tensor cores"
+        );
         // The same 16-bit inputs in f32 for the reference kernel.
-        let (q16, k16, v16) = (g.cast(&up(&g, &q), dt), g.cast(&up(&g, &k), dt), g.cast(&up(&g, &v), dt));
-        let (q32, k32, v32) = (g.cast(&q16, Dt::F32), g.cast(&k16, Dt::F32), g.cast(&v16, Dt::F32));
+        let (q16, k16, v16) = (
+            g.cast(&up(&g, &q), dt),
+            g.cast(&up(&g, &k), dt),
+            g.cast(&up(&g, &v), dt),
+        );
+        let (q32, k32, v32) = (
+            g.cast(&q16, Dt::F32),
+            g.cast(&k16, Dt::F32),
+            g.cast(&v16, Dt::F32),
+        );
         for (label, segs, window, tq) in [
             ("causal", None, None, t),
             ("segments", Some(&segments[..]), None, t),
@@ -271,9 +292,18 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                 window: window.unwrap_or(0),
             };
             let scale = 1.0 / (d as f32).sqrt();
-            let (o, lse) = g.attention(&q16, k16.ptr(), v16.ptr(), geom, segs, scale, true).unwrap();
-            let (want_o, want_lse) = g.attention(&q32, k32.ptr(), v32.ptr(), geom, segs, scale, true).unwrap();
-            check(&format!("{dt:?} tensor-core attention {label} o"), &g.download(&o).unwrap(), &g.download(&want_o).unwrap(), 2e-2);
+            let (o, lse) = g
+                .attention(&q16, k16.ptr(), v16.ptr(), geom, segs, scale, true)
+                .unwrap();
+            let (want_o, want_lse) = g
+                .attention(&q32, k32.ptr(), v32.ptr(), geom, segs, scale, true)
+                .unwrap();
+            check(
+                &format!("{dt:?} tensor-core attention {label} o"),
+                &g.download(&o).unwrap(),
+                &g.download(&want_o).unwrap(),
+                2e-2,
+            );
             check(
                 &format!("{dt:?} tensor-core attention {label} lse"),
                 &g.download_f32(&lse.unwrap()).unwrap(),
@@ -282,8 +312,13 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
             );
         }
         // Decoding with a cache: the last 5 positions of each sequence query all 75 keys.
-        let tail: Vec<u32> = (0..b).flat_map(|s| (t - 5..t).map(move |p| (s * t + p) as u32)).collect();
-        let (qt16, qt32) = (g.gather_rows(&q16, &tail).unwrap(), g.gather_rows(&q32, &tail).unwrap());
+        let tail: Vec<u32> = (0..b)
+            .flat_map(|s| (t - 5..t).map(move |p| (s * t + p) as u32))
+            .collect();
+        let (qt16, qt32) = (
+            g.gather_rows(&q16, &tail).unwrap(),
+            g.gather_rows(&q32, &tail).unwrap(),
+        );
         let geom = fedtune_engine::cuda::ops::AttnGeom {
             batch: b,
             tq: 5,
@@ -296,9 +331,18 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
             window: 0,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let (o, _) = g.attention(&qt16, k16.ptr(), v16.ptr(), geom, None, scale, false).unwrap();
-        let (want, _) = g.attention(&qt32, k32.ptr(), v32.ptr(), geom, None, scale, false).unwrap();
-        check(&format!("{dt:?} tensor-core attention, 5 queries on a cache of 75"), &g.download(&o).unwrap(), &g.download(&want).unwrap(), 2e-2);
+        let (o, _) = g
+            .attention(&qt16, k16.ptr(), v16.ptr(), geom, None, scale, false)
+            .unwrap();
+        let (want, _) = g
+            .attention(&qt32, k32.ptr(), v32.ptr(), geom, None, scale, false)
+            .unwrap();
+        check(
+            &format!("{dt:?} tensor-core attention, 5 queries on a cache of 75"),
+            &g.download(&o).unwrap(),
+            &g.download(&want).unwrap(),
+            2e-2,
+        );
     }
 }
 

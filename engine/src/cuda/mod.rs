@@ -112,6 +112,12 @@ impl Gpu {
         }))
     }
 
+    /// Free device memory in bytes (the driver's count, plus nothing cached by the pool).
+    pub fn free_bytes(&self) -> Result<u64> {
+        let (free, _) = drv("free memory", self.ctx.mem_get_info())?;
+        Ok(free as u64)
+    }
+
     /// The stream every operation runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

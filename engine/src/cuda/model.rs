@@ -143,9 +143,39 @@ fn proj_index(p: Proj) -> usize {
     }
 }
 
+/// Bytes the weights of `config` take on the device in `dt`, with NF4 projections when `nf4`
+/// is `Some(double)` (4 bits a value plus the block scales).
+pub fn weight_bytes(config: &ModelConfig, dt: Dt, nf4: Option<bool>) -> u64 {
+    let (v, h, i) = (
+        config.vocab_size as u64,
+        config.hidden_size as u64,
+        config.intermediate_size as u64,
+    );
+    let (q, kv) = (
+        (config.num_attention_heads * config.head_dim) as u64,
+        (config.num_key_value_heads * config.head_dim) as u64,
+    );
+    let e = dt.size() as u64;
+    let proj = h * q + 2 * h * kv + q * h + 3 * h * i;
+    let proj_bytes = match nf4 {
+        None => proj * e,
+        // Codes: half a byte a value; scales: one f32 per 64 values, or one byte per 64 plus
+        // an f32 per 16 384 with double quantisation.
+        Some(false) => proj / 2 + proj.div_ceil(64) * 4,
+        Some(true) => proj / 2 + proj.div_ceil(64) + proj.div_ceil(64 * 256) * 4,
+    };
+    let biases = if config.qkv_bias { q + 2 * kv } else { 0 }
+        + if config.o_bias { h } else { 0 }
+        + if config.mlp_bias { 2 * i + h } else { 0 };
+    let per_layer = proj_bytes + (2 * h + biases) * e;
+    let head = if config.tie_word_embeddings { 0 } else { v * h };
+    config.num_hidden_layers as u64 * per_layer + (v * h + head + h) * e
+}
+
 impl CudaModel {
     /// Loads the model from `source` straight to `gpu` in `dt`; with `nf4 = Some(double)`
-    /// the projections are stored as NF4 (double-quantised scales when `double`).
+    /// the projections are stored as NF4 (double-quantised scales when `double`). Fails
+    /// before copying anything when the weights cannot fit in the GPU's free memory.
     pub fn load(
         source: &dyn TensorSource,
         config: ModelConfig,
@@ -163,6 +193,28 @@ impl CudaModel {
             config.num_key_value_heads,
             config.head_dim,
         );
+        let need = weight_bytes(&config, dt, nf4);
+        let free = gpu.free_bytes()?;
+        if need > free {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::Device(format!(
+                "{}: the weights need {:.2} GiB in {dt:?}{} on cuda:{}, which has {:.2} GiB free{}",
+                source.path().display(),
+                gib(need),
+                if nf4.is_some() {
+                    " with NF4 projections"
+                } else {
+                    ""
+                },
+                gpu.ordinal,
+                gib(free),
+                if nf4.is_none() {
+                    "; --load-in-4bit or --dtype bf16 take less"
+                } else {
+                    ""
+                }
+            )));
+        }
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             Ok(to_f32_vec(source.require(name, shape)?))
         };
@@ -546,7 +598,10 @@ impl Backend for CudaModel {
         let up = |v: &[u32]| g.upload_u32(v).unwrap_or_else(|e| panic!("{e}"));
         let (rows_dev, ids_dev) = (up(&r32), up(ids));
         let out = g.alloc(1, rows.len(), Dt::F32);
-        let (rp, ip) = (rows_dev.device_ptr(g.stream()).0, ids_dev.device_ptr(g.stream()).0);
+        let (rp, ip) = (
+            rows_dev.device_ptr(g.stream()).0,
+            ids_dev.device_ptr(g.stream()).0,
+        );
         let chunk = self.head_chunk();
         for start in (0..rows.len()).step_by(chunk) {
             let n = chunk.min(rows.len() - start);
@@ -575,5 +630,31 @@ impl Backend for CudaModel {
         let mut m = self.clone();
         m.detach_adapter();
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::from_file(
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../testdata/tiny-llama/model/config.json"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn weight_bytes_count_every_tensor_of_the_tiny_model() {
+        let c = tiny();
+        // hidden 64, 4 heads / 2 KV heads of 16, MLP 160, 2 layers, vocab 49 152, tied.
+        let proj = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 160;
+        let dense = 2 * (proj + 2 * 64) + 49_152 * 64 + 64;
+        assert_eq!(weight_bytes(&c, Dt::F32, None), 4 * dense as u64);
+        assert_eq!(weight_bytes(&c, Dt::BF16, None), 2 * dense as u64);
+        let nf4 = 2 * (proj / 2 + (proj / 64) * 4 + 2 * 64 * 2) + (49_152 * 64 + 64) * 2;
+        assert_eq!(weight_bytes(&c, Dt::BF16, Some(false)), nf4 as u64);
+        assert!(weight_bytes(&c, Dt::BF16, Some(true)) < weight_bytes(&c, Dt::BF16, Some(false)));
     }
 }

@@ -301,7 +301,13 @@ impl Gpu {
         self.run(
             "target_logprobs",
             cfg,
-            &[A::P(logits.ptr()), A::P(targets), A::P(out), A::I(rows), A::I(vocab)],
+            &[
+                A::P(logits.ptr()),
+                A::P(targets),
+                A::P(out),
+                A::I(rows),
+                A::I(vocab),
+            ],
         );
     }
 
@@ -486,7 +492,8 @@ impl Gpu {
     /// `FEDTUNE_ATTENTION=simt` asks for the f32-arithmetic kernel.
     pub fn use_mma_attention(&self, dt: Dt, d: usize) -> bool {
         static SIMT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let simt = *SIMT.get_or_init(|| std::env::var("FEDTUNE_ATTENTION").is_ok_and(|v| v == "simt"));
+        let simt =
+            *SIMT.get_or_init(|| std::env::var("FEDTUNE_ATTENTION").is_ok_and(|v| v == "simt"));
         !simt && dt != Dt::F32 && d.is_multiple_of(16) && d <= MAX_HEAD_DIM && self.cc.0 >= 8
     }
 
