@@ -170,17 +170,7 @@ fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
         rand([b * t, hkv * d]),
         rand([b * t, hkv * d]),
     );
-    let mut segments = vec![0u32; b * t];
-    for (i, s) in segments.iter_mut().enumerate() {
-        let (row, pos) = (i / t, i % t);
-        *s = if row == 1 && pos >= 70 {
-            0
-        } else if pos < 30 {
-            1
-        } else {
-            2
-        };
-    }
+    let segments = packed_segments(b, t);
     for (label, segs, window) in [
         ("causal", None, None),
         ("segments", Some(&segments[..]), None),
@@ -248,17 +238,7 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
         rand([b * t, hkv * d]),
         rand([b * t, hkv * d]),
     );
-    let mut segments = vec![0u32; b * t];
-    for (i, s) in segments.iter_mut().enumerate() {
-        let (row, pos) = (i / t, i % t);
-        *s = if row == 1 && pos >= 70 {
-            0
-        } else if pos < 30 {
-            1
-        } else {
-            2
-        };
-    }
+    let segments = packed_segments(b, t);
     for dt in [Dt::BF16, Dt::F16] {
         assert!(
             g.use_mma_attention(dt, d),
@@ -344,6 +324,23 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
             2e-2,
         );
     }
+}
+
+/// Two packed sequences per row (positions < 30 and the rest), and padding (segment 0) at the
+/// end of the second row.
+fn packed_segments(b: usize, t: usize) -> Vec<u32> {
+    (0..b * t)
+        .map(|i| {
+            let (row, pos) = (i / t, i % t);
+            if row == 1 && pos >= t - 5 {
+                0
+            } else if pos < 30 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect()
 }
 
 fn tiny(dir: &str) -> (LlamaModel, SafetensorsSource) {

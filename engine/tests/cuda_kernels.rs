@@ -118,7 +118,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         assert!(out.status.success(), "ptxas {sm} failed:\n{log}");
         let kernels = spills(&log);
         assert!(
-            kernels.len() >= 36,
+            kernels.len() >= 33,
             "ptxas reported {} kernels:\n{log}",
             kernels.len()
         );

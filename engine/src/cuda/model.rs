@@ -354,14 +354,8 @@ impl CudaModel {
                 )));
             };
             let (out, inp) = self.proj_shape(li, pi);
+            crate::model::check_lora_shape(module, m, out, inp)?;
             let r = m.rank();
-            if m.a.shape() != (r, inp) || m.b.shape() != (out, r) {
-                return Err(Error::Invalid(format!(
-                    "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
-                    m.a.shape(),
-                    m.b.shape()
-                )));
-            }
             let a = self.gpu.upload(&m.a.data, r, inp, self.dt)?;
             let b = self.gpu.upload(&m.b.data, out, r, self.dt)?;
             self.layers[li].proj[pi].lora = Some(GLora {

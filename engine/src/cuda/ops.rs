@@ -317,22 +317,14 @@ impl Gpu {
             rows.iter().all(|&r| (r as usize) < x.rows),
             "gather_rows bounds"
         );
-        let out = self.alloc(rows.len(), x.cols, x.dt);
         if rows.is_empty() {
-            return Ok(out);
+            return Ok(self.alloc(0, x.cols, x.dt));
         }
         let idx = self.upload_u32(rows)?;
-        let (xp, ip, op) = (x.ptr(), idx.device_ptr(&self.stream).0, out.ptr());
-        let (n, c) = (rows.len() as i32, x.cols as i32);
-        self.run(
-            &format!("gather_rows_{}", x.dt.suffix()),
-            grid1(rows.len() * x.cols),
-            &[A::P(xp), A::P(ip), A::P(op), A::I(n), A::I(c)],
-        );
-        Ok(out)
+        Ok(self.gather_rows_dev(x, idx.device_ptr(&self.stream).0, rows.len()))
     }
 
-    /// `table[ids[i], :]` for each i.
+    /// `table[ids[i], :]` for each i (the embedding), with ids checked against the vocabulary.
     pub fn embed(&self, table: &GTensor, ids: &[u32]) -> Result<GTensor> {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
             return Err(crate::error::Error::Invalid(format!(
@@ -340,19 +332,7 @@ impl Gpu {
                 table.rows
             )));
         }
-        let out = self.alloc(ids.len(), table.cols, table.dt);
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let idx = self.upload_u32(ids)?;
-        let (tp, ip, op) = (table.ptr(), idx.device_ptr(&self.stream).0, out.ptr());
-        let (n, h) = (ids.len() as i32, table.cols as i32);
-        self.run(
-            &format!("embed_{}", table.dt.suffix()),
-            grid1(ids.len() * table.cols),
-            &[A::P(tp), A::P(ip), A::P(op), A::I(n), A::I(h)],
-        );
-        Ok(out)
+        self.gather_rows(table, ids)
     }
 
     /// `y[i, :] += bias` in place (`y` must be the only handle).

@@ -261,14 +261,7 @@ impl LlamaModel {
                 ))
             })?;
             let (out, inp) = (lin.out_features(), lin.in_features());
-            let r = m.rank();
-            if m.a.shape() != (r, inp) || m.b.shape() != (out, r) {
-                return Err(Error::Invalid(format!(
-                    "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
-                    m.a.shape(),
-                    m.b.shape()
-                )));
-            }
+            check_lora_shape(module, m, out, inp)?;
             let t = |h: &fedtune_aggregation::Matrix| {
                 Tensor::<2>::from_data(
                     TensorData::new(h.data.clone(), [h.rows, h.cols]),
@@ -298,6 +291,25 @@ impl LlamaModel {
         m.detach_adapter();
         m
     }
+}
+
+/// Checks that LoRA factors fit an `[out, inp]` projection: `lora_A` `[r, inp]`, `lora_B`
+/// `[out, r]` (every device attaches adapters through this check).
+pub(crate) fn check_lora_shape(
+    module: &str,
+    m: &fedtune_aggregation::LoraFactors,
+    out: usize,
+    inp: usize,
+) -> Result<()> {
+    let r = m.rank();
+    if m.a.shape() != (r, inp) || m.b.shape() != (out, r) {
+        return Err(Error::Invalid(format!(
+            "adapter module `{module}`: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] projection",
+            m.a.shape(),
+            m.b.shape()
+        )));
+    }
+    Ok(())
 }
 
 /// Which weight of a projection a parameter name refers to.

@@ -1,4 +1,4 @@
-// Element-wise kernels: SwiGLU, embedding gather, bias add, dtype casts, row copies, and the
+// Element-wise kernels: SwiGLU, row gathers (the embedding), bias add, dtype casts, row copies, and the
 // LM head's log-probabilities from f32 logits.
 
 // a = T(silu(g)) ⊙ u, as transformers' act_fn(gate) * up in T.
@@ -7,15 +7,6 @@ template <typename T> __device__ void swiglu_impl(const T* g, const T* u, T* a, 
         float x = ld(g[i]);
         float s = rnd<T>(x / (1.f + expf(-x)));
         a[i] = st<T>(s * ld(u[i]));
-    }
-}
-
-// out[i, :] = table[ids[i], :]
-template <typename T>
-__device__ void embed_impl(const T* table, const unsigned* ids, T* out, int n, int h) {
-    GRID_STRIDE(i, (size_t)n * h) {
-        size_t row = i / h, c = i % h;
-        out[i] = table[(size_t)ids[row] * h + c];
     }
 }
 
@@ -42,7 +33,7 @@ __device__ void copy_rows_impl(const T* src, long long src_rs, T* dst, long long
     }
 }
 
-// out[i, :] = x[rows[i], :]
+// out[i, :] = x[rows[i], :] (also the embedding lookup)
 template <typename T>
 __device__ void gather_rows_impl(const T* x, const unsigned* rows, T* out, int n, int cols) {
     GRID_STRIDE(i, (size_t)n * cols) {
@@ -55,10 +46,6 @@ __device__ void gather_rows_impl(const T* x, const unsigned* rows, T* out, int n
     extern "C" __global__ void swiglu_##S(const void* g, const void* u, void* a,               \
                                           unsigned long long n) {                              \
         swiglu_impl<T>((const T*)g, (const T*)u, (T*)a, n);                                    \
-    }                                                                                          \
-    extern "C" __global__ void embed_##S(const void* table, const unsigned* ids, void* out,    \
-                                         int n, int h) {                                       \
-        embed_impl<T>((const T*)table, ids, (T*)out, n, h);                                    \
     }                                                                                          \
     extern "C" __global__ void add_bias_##S(void* y, const void* bias, int n, int cols) {      \
         add_bias_impl<T>((T*)y, (const T*)bias, n, cols);                                      \
