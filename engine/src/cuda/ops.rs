@@ -477,33 +477,16 @@ impl Gpu {
         !simt && dt != Dt::F32 && d.is_multiple_of(16) && d <= MAX_HEAD_DIM && self.cc.0 >= 8
     }
 
-    /// `log p(target)` per row of f32 logits `[rows, vocab]`.
+    /// `log p(target)` per row of f32 logits `[rows, vocab]`, on the host.
     pub fn target_logprobs(&self, logits: &GTensor, targets: &[u32]) -> Result<Vec<f32>> {
-        assert_eq!(logits.dt, Dt::F32, "logits in f32");
         assert_eq!(logits.rows, targets.len(), "one target per row");
         if targets.is_empty() {
             return Ok(Vec::new());
         }
         let t = self.upload_u32(targets)?;
-        // SAFETY: one value per row is written.
-        let out = unsafe { self.stream.alloc::<f32>(targets.len()) }.expect("GPU alloc");
-        let (lp, tp, op) = (
-            logits.ptr(),
-            t.device_ptr(&self.stream).0,
-            out.device_ptr(&self.stream).0,
-        );
-        let (rows, vocab) = (logits.rows as i32, logits.cols as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (logits.rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.run(
-            "target_logprobs",
-            cfg,
-            &[A::P(lp), A::P(tp), A::P(op), A::I(rows), A::I(vocab)],
-        );
-        self.download_f32(&out)
+        let out = self.alloc(1, targets.len(), Dt::F32);
+        self.target_logprobs_dev(logits, t.device_ptr(&self.stream).0, out.ptr());
+        self.download(&out)
     }
 
     /// Dequantises an NF4 weight into a new `[rows, cols]` tensor of `dt`.
