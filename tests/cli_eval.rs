@@ -179,3 +179,34 @@ fn eval_with_nf4_weights_stays_close_to_the_dense_loss() {
     );
     assert!((nf4 - dense).abs() / dense < 0.05, "{nf4} vs {dense}");
 }
+
+#[test]
+fn bf16_and_f16_eval_run_on_the_cpu_and_bf16_training_is_refused_with_a_message() {
+    let t = testdata();
+    let (model, data) = (t.join("model"), t.join("conversation.jsonl"));
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let f32_loss = eval(&["--model", m, "--data", d])["loss"].as_f64().unwrap();
+    for dt in ["bf16", "f16"] {
+        let loss = eval(&["--model", m, "--data", d, "--dtype", dt])["loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (loss - f32_loss).abs() < 0.05,
+            "{dt}: {loss} vs f32 {f32_loss}"
+        );
+    }
+    let err = fails(&[
+        "train",
+        "sft",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--output",
+        "/nonexistent/x",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(err.contains("training computes in f32"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -56,3 +56,41 @@ fn llama3_rope_scaling_biases_and_explicit_head_dim_match_transformers() {
 fn bf16_sharded_checkpoint_with_linear_rope_matches_transformers() {
     check("llama_linear_rope_bf16_sharded");
 }
+
+/// transformers' own deviation of bf16 and f16 logits from f32 on the tiny model and these
+/// ids, measured on an H200 (`bench/gpu_forward.py bf16`, 2026-12-04): max abs 0.238 (bf16),
+/// 0.032 (f16).
+#[test]
+fn bf16_and_f16_on_the_cpu_run_and_stay_near_f32() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/tiny-llama/model");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let src = SafetensorsSource::open_dir(&dir).unwrap();
+    let ids: Vec<u32> = (0..64u32).map(|i| (i * 7919) % 49_152).collect();
+    let logits = |dt| {
+        let m = LlamaModel::load(&src, cfg.clone(), &Device::flex(), dt).unwrap();
+        to_f32_vec(m.forward(&ids, 2, 32).into_data())
+    };
+    let want = logits(DType::F32);
+    for (dt, transformers_max) in [(DType::BF16, 0.238f32), (DType::F16, 0.032)] {
+        let got = logits(dt);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len() as f32;
+        println!(
+            "{dt:?} on the CPU vs f32: max abs {max:.4}, mean {mean:.5} (transformers max {transformers_max})"
+        );
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{dt:?}: non-finite logits"
+        );
+        assert!(max <= 2.0 * transformers_max, "{dt:?}: max {max}");
+    }
+}

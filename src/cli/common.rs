@@ -74,6 +74,7 @@ impl ModelArgs {
         &self,
         cfg: &fedtune_engine::train::TrainConfig,
     ) -> anyhow::Result<LoadedModel> {
+        self.ensure_f32_training()?;
         let mut m = self.load()?;
         if cfg.load_in_4bit {
             anyhow::ensure!(
@@ -87,6 +88,18 @@ impl ModelArgs {
             );
         }
         Ok(m)
+    }
+
+    /// Training computes in f32 for now: `--dtype bf16|f16` is refused with a message (the
+    /// training step's CPU kernels are f32; `eval` and `generate` run in every dtype).
+    pub fn ensure_f32_training(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            parse_dtype(&self.dtype)? == DType::F32,
+            "--dtype {}: training computes in f32 for now (checkpoints in bf16 or f16 load fine and are \
+             trained in f32); `fedtune eval` and `fedtune generate` run in bf16 and f16",
+            self.dtype
+        );
+        Ok(())
     }
 
     /// The device asked for.

@@ -148,6 +148,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         "train dpo: give the SFT adapter as --sft-adapter (it is merged into the base and a \
          fresh adapter is trained)"
     );
+    a.model.ensure_f32_training()?;
     let mut m = a.model.load()?;
     if let Some(p) = &a.sft_adapter {
         let sft =

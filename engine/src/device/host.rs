@@ -107,6 +107,13 @@ impl Backend for LlamaModel {
 
     fn rope_tables(&self, positions: &Positions) -> HostRope {
         let (cos, sin) = self.rope.tables(positions, &self.device);
+        // Other dtypes multiply the tables in the compute dtype, as transformers does
+        // (`cos.to(x.dtype)`); burn's CPU backend refuses mixed-dtype products.
+        let (cos, sin) = if self.dtype == DType::F32 {
+            (cos, sin)
+        } else {
+            (cos.cast(self.dtype), sin.cast(self.dtype))
+        };
         let (cos_rows, sin_rows) = self.rope.rows(positions);
         let (batch, len) = positions.dims();
         HostRope {
