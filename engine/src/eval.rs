@@ -94,17 +94,8 @@ pub fn gather_logprobs(model: &LlamaModel, hidden: Tensor<2>, targets: &[u32]) -
     }
 }
 
-/// Per-target log-probabilities of a batch and the row each belongs to.
-pub fn batch_target_logprobs(model: &LlamaModel, batch: &TokenBatch) -> (Tensor<1>, Vec<usize>) {
-    let (lp, rows) = target_logprobs_on(model, batch);
-    let n = lp.len();
-    (
-        Tensor::<1>::from_data(TensorData::new(lp, [n]), &model.device),
-        rows,
-    )
-}
-
-/// [`batch_target_logprobs`] on any device: values on the host, and the row of each.
+/// Per-target log-probabilities of a batch (on the host, whatever the device) and the row
+/// each belongs to.
 pub fn target_logprobs_on<B: Backend>(model: &B, batch: &TokenBatch) -> (Vec<f32>, Vec<usize>) {
     let targets = batch.targets();
     let positions = Positions::Range {

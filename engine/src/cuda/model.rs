@@ -121,28 +121,6 @@ pub struct CudaModel {
     head: Option<GTensor>,
 }
 
-const PROJ_NAMES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
-fn proj_index(p: Proj) -> usize {
-    match p {
-        Proj::Q => 0,
-        Proj::K => 1,
-        Proj::V => 2,
-        Proj::O => 3,
-        Proj::Gate => 4,
-        Proj::Up => 5,
-        Proj::Down => 6,
-    }
-}
-
 /// Bytes the weights of `config` take on the device in `dt`, with NF4 projections when `nf4`
 /// is `Some(double)` (4 bits a value plus the block scales).
 pub fn weight_bytes(config: &ModelConfig, dt: Dt, nf4: Option<bool>) -> u64 {
@@ -233,7 +211,7 @@ impl CudaModel {
                 (h, i, config.mlp_bias),
             ];
             let mut proj = Vec::with_capacity(7);
-            for (name, (out, inp, bias)) in PROJ_NAMES.iter().zip(shapes) {
+            for (name, (out, inp, bias)) in Proj::ALL.map(Proj::path).iter().zip(shapes) {
                 let w = get(&format!("{p}.{name}.weight"), &[out, inp])?;
                 let base = match nf4 {
                     Some(double) => GBase::Nf4(Arc::new(Nf4Gpu::upload(
@@ -345,7 +323,7 @@ impl CudaModel {
             let parsed = module.strip_prefix("model.layers.").and_then(|r| {
                 let (i, tail) = r.split_once('.')?;
                 let li: usize = i.parse().ok()?;
-                let pi = PROJ_NAMES.iter().position(|n| *n == tail)?;
+                let pi = Proj::ALL.iter().position(|p| p.path() == tail)?;
                 Some((li, pi))
             });
             let Some((li, pi)) = parsed.filter(|(li, _)| *li < self.layers.len()) else {
@@ -495,7 +473,7 @@ impl Backend for CudaModel {
     fn project(&self, layer: usize, which: &[Proj], x: &GTensor) -> Vec<GTensor> {
         which
             .iter()
-            .map(|p| self.apply(&self.layers[layer].proj[proj_index(*p)], x))
+            .map(|p| self.apply(&self.layers[layer].proj[p.index()], x))
             .collect()
     }
 

@@ -8,7 +8,7 @@ use super::{AttnShape, Backend, Norm, Proj};
 use crate::config::ModelConfig;
 use crate::kernels;
 use crate::model::attention::{build_mask, repeat_kv};
-use crate::model::{KvCache, Linear, LlamaModel, Positions, RmsNorm};
+use crate::model::{KvCache, LlamaModel, Positions, RmsNorm};
 use crate::train::fused;
 use crate::train::proj::{lin_forward, lin_forward_shared};
 
@@ -25,19 +25,6 @@ impl LlamaModel {
             Norm::Input(i) => &self.layers[i].input_layernorm,
             Norm::Post(i) => &self.layers[i].post_attention_layernorm,
             Norm::Final => &self.norm,
-        }
-    }
-
-    fn proj_of(&self, layer: usize, p: Proj) -> &Linear {
-        let (a, m) = (&self.layers[layer].self_attn, &self.layers[layer].mlp);
-        match p {
-            Proj::Q => &a.q_proj,
-            Proj::K => &a.k_proj,
-            Proj::V => &a.v_proj,
-            Proj::O => &a.o_proj,
-            Proj::Gate => &m.gate_proj,
-            Proj::Up => &m.up_proj,
-            Proj::Down => &m.down_proj,
         }
     }
 
@@ -165,7 +152,7 @@ impl Backend for LlamaModel {
     }
 
     fn project(&self, layer: usize, which: &[Proj], x: &Tensor<2>) -> Vec<Tensor<2>> {
-        let lin = |p: Proj| self.proj_of(layer, p);
+        let lin = |p: Proj| self.layers[layer].proj(p);
         match which {
             [a, b, c] => lin_forward_shared([lin(*a), lin(*b), lin(*c)], x, [None; 3])
                 .into_iter()

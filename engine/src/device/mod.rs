@@ -53,7 +53,7 @@ pub enum Norm {
     Final,
 }
 
-/// Which projection of a block.
+/// Which projection of a block, in Hugging Face order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proj {
     /// `self_attn.q_proj`.
@@ -70,6 +70,37 @@ pub enum Proj {
     Up,
     /// `mlp.down_proj`.
     Down,
+}
+
+impl Proj {
+    /// The seven projections in Hugging Face order (the order of [`Proj::index`]).
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// Position in [`Proj::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Module path inside a block (`self_attn.q_proj`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
 }
 
 /// The attention call of one layer.

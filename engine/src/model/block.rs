@@ -7,6 +7,7 @@
 use burn::tensor::Tensor;
 
 use crate::config::ModelConfig;
+use crate::device::Proj;
 use crate::error::Result;
 use crate::model::Loader;
 use crate::model::attention::{Attention, MaskSpec};
@@ -29,32 +30,37 @@ pub struct Block {
 }
 
 impl Block {
-    /// The seven projections with their paths inside the block (`self_attn.q_proj`, …), in
-    /// Hugging Face order.
-    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+    /// One projection.
+    pub fn proj(&self, p: Proj) -> &Linear {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        match p {
+            Proj::Q => &a.q_proj,
+            Proj::K => &a.k_proj,
+            Proj::V => &a.v_proj,
+            Proj::O => &a.o_proj,
+            Proj::Gate => &m.gate_proj,
+            Proj::Up => &m.up_proj,
+            Proj::Down => &m.down_proj,
+        }
+    }
+
+    /// The seven projections with their paths inside the block (`self_attn.q_proj`, …), in
+    /// Hugging Face order ([`Proj::ALL`]).
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        Proj::ALL.map(|p| (p.path(), self.proj(p)))
     }
 
     /// [`Block::projections`], mutably.
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
+            (Proj::Q.path(), &mut a.q_proj),
+            (Proj::K.path(), &mut a.k_proj),
+            (Proj::V.path(), &mut a.v_proj),
+            (Proj::O.path(), &mut a.o_proj),
+            (Proj::Gate.path(), &mut m.gate_proj),
+            (Proj::Up.path(), &mut m.up_proj),
+            (Proj::Down.path(), &mut m.down_proj),
         ]
     }
 

@@ -167,13 +167,8 @@ impl LlamaModel {
             len,
             batch,
         };
-        let hidden = self.forward_hidden(
-            self.ids_tensor(ids, batch, len),
-            &positions,
-            MaskSpec { segments: None },
-            None,
-        );
-        self.logits(hidden)
+        let hidden = crate::device::forward(self, ids, batch, len, &positions, None, None);
+        self.logits(hidden.reshape([batch, len, self.config.hidden_size]))
     }
 }
 
