@@ -230,6 +230,175 @@ fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
 }
 
 #[test]
+fn backward_kernels_match_the_host_kernels() {
+    let Some(g) = gpu() else { return };
+    // RMSNorm backward (with the skip connection's gradient, and without), weight gradient
+    // over more rows than one partial sum holds.
+    let (n, d) = (600, 200);
+    let (x, w, dy, res) = (rand([n, d]), rand([1, d]), rand([n, d]), rand([n, d]));
+    let w1: Tensor<1> = w.clone().reshape([d]);
+    let (_, r) = fused::rmsnorm(&x, &w1, 1e-5);
+    let gr = g.upload_f32(&host(&r)).unwrap();
+    for with_res in [false, true] {
+        let (want_dx, want_dw) =
+            fused::rmsnorm_backward(&x, &r, &w1, dy.clone(), with_res.then_some(&res), true);
+        let gres = up(&g, &res);
+        let (dx, dw) = g.rmsnorm_backward(
+            &up(&g, &x),
+            &gr,
+            &up(&g, &w),
+            &up(&g, &dy),
+            with_res.then_some(&gres),
+            true,
+        );
+        check(
+            &format!("rmsnorm backward dx (residual: {with_res})"),
+            &g.download(&dx).unwrap(),
+            &host(&want_dx),
+            1e-5,
+        );
+        let want_dw = to_f32_vec(want_dw.unwrap().to_data());
+        check(
+            "rmsnorm backward dw",
+            &g.download(&dw.unwrap()).unwrap(),
+            &want_dw,
+            1e-5,
+        );
+    }
+    // Bias gradient: column sums.
+    let want: Vec<f32> = (0..d)
+        .map(|j| host(&dy).chunks(d).map(|row| row[j]).sum())
+        .collect();
+    check(
+        "column sums",
+        &g.download(&g.col_sum(&up(&g, &dy))).unwrap(),
+        &want,
+        1e-5,
+    );
+    // SwiGLU backward.
+    let (gt, ut, da) = (rand([33, 70]), rand([33, 70]), rand([33, 70]));
+    let (want_dg, want_du) = fused::swiglu_backward(&gt, &ut, da.clone());
+    let (dg, du) = g.swiglu_backward(&up(&g, &gt), &up(&g, &ut), &up(&g, &da));
+    check(
+        "swiglu backward dg",
+        &g.download(&dg).unwrap(),
+        &host(&want_dg),
+        1e-5,
+    );
+    check(
+        "swiglu backward du",
+        &g.download(&du).unwrap(),
+        &host(&want_du),
+        1e-5,
+    );
+    // The LM head's log-probabilities and softmax gradient, against a direct f64 softmax.
+    let (rows, vocab) = (5, 1000);
+    let logits = rand([rows, vocab]);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| i * 193 % vocab as u32).collect();
+    let lh = host(&logits);
+    let (mut want_lp, mut want_grad) = (Vec::new(), Vec::new());
+    for (row, &t) in lh.chunks(vocab).zip(&targets) {
+        let mx = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        want_lp.push((row[t as usize] as f64 - lse) as f32);
+        for (i, &v) in row.iter().enumerate() {
+            let onehot = if i == t as usize { 1.0 } else { 0.0 };
+            want_grad.push((onehot - (v as f64 - lse).exp()) as f32);
+        }
+    }
+    let gl = up(&g, &logits);
+    let lp = g.logprob_grad(&gl, &targets).unwrap();
+    check(
+        "logprob_grad log p",
+        &g.download(&lp).unwrap(),
+        &want_lp,
+        1e-5,
+    );
+    check(
+        "logprob_grad e_y − p",
+        &g.download(&gl).unwrap(),
+        &want_grad,
+        1e-5,
+    );
+    assert!(g.logprob_grad(&gl, &[0, 1, 2, 3, vocab as u32]).is_err());
+}
+
+#[test]
+fn attention_backward_matches_the_host_kernel_with_gqa_segments_and_window() {
+    let Some(g) = gpu() else { return };
+    // d = 40 (a partial last column group) and d = 128 (the largest supported).
+    for (b, t, hq, hkv, d) in [(2, 75, 6, 2, 40), (1, 70, 4, 4, 128)] {
+        let (q, k, v, d_o) = (
+            rand([b * t, hq * d]),
+            rand([b * t, hkv * d]),
+            rand([b * t, hkv * d]),
+            rand([b * t, hq * d]),
+        );
+        let segments = packed_segments(b, t);
+        for (label, segs, window) in [
+            ("causal", None, None),
+            ("segments", Some(&segments[..]), None),
+            ("window 17", None, Some(17)),
+        ] {
+            let ctx = fused::AttnCtx {
+                shape: kernels::attention::Shape {
+                    batch: b,
+                    len: t,
+                    hq,
+                    hkv,
+                    d,
+                },
+                segments: segs,
+                window,
+                scale: 1.0 / (d as f64).sqrt(),
+                mask: None,
+                cpu: true,
+            };
+            let (o, lse) = fused::attention(&q, &k, &v, &ctx);
+            let lse = lse.expect("host lse");
+            let (want_dq, want_dk, want_dv) =
+                fused::attention_backward(&q, &k, &v, &o, d_o.clone(), Some(&lse), &ctx);
+            let geom = fedtune_engine::cuda::ops::AttnGeom {
+                batch: b,
+                tq: t,
+                tk: t,
+                hq,
+                hkv,
+                d,
+                k_bs: t * hkv * d,
+                k_rs: hkv * d,
+                window: window.unwrap_or(0),
+            };
+            let (dq, dk, dv) = g
+                .attention_backward(
+                    &up(&g, &q),
+                    &up(&g, &k),
+                    &up(&g, &v),
+                    &up(&g, &o),
+                    &up(&g, &d_o),
+                    &g.upload_f32(&lse).unwrap(),
+                    geom,
+                    segs,
+                    1.0 / (d as f32).sqrt(),
+                )
+                .unwrap();
+            for (what, got, want) in [
+                ("dq", dq, want_dq),
+                ("dk", dk, want_dk),
+                ("dv", dv, want_dv),
+            ] {
+                check(
+                    &format!("attention backward d={d} {label} {what}"),
+                    &g.download(&got).unwrap(),
+                    &host(&want),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
     let Some(g) = gpu() else { return };
     let (b, t, hq, hkv, d) = (2, 75, 6, 2, 64);

@@ -13,7 +13,7 @@ fn blocks(n: usize) -> u32 {
     (n.div_ceil(256)).clamp(1, 65_535 * 8) as u32
 }
 
-fn grid1(n: usize) -> LaunchConfig {
+pub(super) fn grid1(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks(n), 1, 1),
         block_dim: (256, 1, 1),
@@ -22,7 +22,8 @@ fn grid1(n: usize) -> LaunchConfig {
 }
 
 /// A kernel argument: a device address, an `int`, a `long long` or a `float`.
-enum A {
+#[derive(Clone, Copy)]
+pub(super) enum A {
     P(u64),
     I(i32),
     L(i64),
@@ -56,7 +57,7 @@ pub struct AttnGeom {
 }
 
 impl Gpu {
-    fn run(&self, name: &str, cfg: LaunchConfig, args: &[A]) {
+    pub(super) fn run(&self, name: &str, cfg: LaunchConfig, args: &[A]) {
         let f = self.func(name);
         let mut b = self.stream.launch_builder(&f);
         for a in args {

@@ -1,0 +1,332 @@
+//! Launchers of the training step's backward kernels (`kernels/backward.cu`): RMSNorm,
+//! SwiGLU, the LM head's softmax gradient and causal attention. Each mirrors a host kernel of
+//! [`crate::kernels`] and is checked against it by `engine/tests/cuda_device.rs` on a GPU.
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+
+use super::Gpu;
+use super::ops::{A, AttnGeom, MAX_HEAD_DIM, grid1};
+use super::tensor::{Dt, GTensor};
+use crate::error::{Error, Result};
+
+/// Rows per partial sum of a norm's weight gradient.
+const DW_CHUNK: usize = 256;
+
+impl Gpu {
+    fn alloc_f32(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: every caller's kernel writes all `n` values before any is read.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.expect("GPU alloc")
+    }
+
+    /// RMSNorm backward: `dx (+ res)` for the forward `y = w ⊙ x·r` (`r` the per-row `1/rms`
+    /// the forward kept), and the weight gradient `[1, d]` (f32) when `want_dw`.
+    pub fn rmsnorm_backward(
+        &self,
+        x: &GTensor,
+        r: &CudaSlice<f32>,
+        w: &GTensor,
+        dy: &GTensor,
+        res: Option<&GTensor>,
+        want_dw: bool,
+    ) -> (GTensor, Option<GTensor>) {
+        let (n, d) = (x.rows, x.cols);
+        assert_eq!(w.len(), d, "rmsnorm_backward weight");
+        assert_eq!(
+            (dy.rows, dy.cols, dy.dt),
+            (n, d, x.dt),
+            "rmsnorm_backward dy"
+        );
+        assert!(r.len() >= n, "rmsnorm_backward r");
+        if let Some(res) = res {
+            assert_eq!(
+                (res.rows, res.cols, res.dt),
+                (n, d, x.dt),
+                "rmsnorm_backward res"
+            );
+        }
+        let dx = self.alloc(n, d, x.dt);
+        let rp = r.device_ptr(&self.stream).0;
+        let sfx = x.dt.suffix();
+        if n > 0 {
+            let threads = if d >= 1024 {
+                1024
+            } else {
+                (d.div_ceil(32) * 32).max(32) as u32
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.run(
+                &format!("rmsnorm_bwd_{sfx}"),
+                cfg,
+                &[
+                    A::P(x.ptr()),
+                    A::P(rp),
+                    A::P(w.ptr()),
+                    A::P(dy.ptr()),
+                    A::P(res.map_or(0, |t| t.ptr())),
+                    A::P(dx.ptr()),
+                    A::I(n as i32),
+                    A::I(d as i32),
+                ],
+            );
+        }
+        let dw = want_dw.then(|| {
+            if n == 0 {
+                return self.zeros(1, d, Dt::F32);
+            }
+            let chunks = n.div_ceil(DW_CHUNK);
+            let part = self.alloc(chunks, d, Dt::F32);
+            let out = self.alloc(1, d, Dt::F32);
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.run(
+                &format!("rmsnorm_dw_{sfx}"),
+                cfg,
+                &[
+                    A::P(x.ptr()),
+                    A::P(rp),
+                    A::P(dy.ptr()),
+                    A::P(part.ptr()),
+                    A::I(n as i32),
+                    A::I(d as i32),
+                    A::I(DW_CHUNK as i32),
+                ],
+            );
+            self.col_sum_into(&part, &out);
+            out
+        });
+        (dx, dw)
+    }
+
+    /// `out[j] = Σ_i part[i, j]` (f32, in row order).
+    fn col_sum_into(&self, part: &GTensor, out: &GTensor) {
+        assert_eq!((part.dt, out.dt), (Dt::F32, Dt::F32), "col_sum is f32");
+        assert_eq!(out.len(), part.cols, "col_sum output");
+        self.run(
+            "col_sum_f32",
+            LaunchConfig {
+                grid_dim: (part.cols.div_ceil(256).max(1) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                A::P(part.ptr()),
+                A::P(out.ptr()),
+                A::I(part.rows as i32),
+                A::I(part.cols as i32),
+            ],
+        );
+    }
+
+    /// Column sums of `x` `[1, cols]` (f32): a bias's gradient.
+    pub fn col_sum(&self, x: &GTensor) -> GTensor {
+        let x32 = self.cast(x, Dt::F32);
+        let out = self.alloc(1, x.cols, Dt::F32);
+        if x.cols > 0 {
+            self.col_sum_into(&x32, &out);
+        }
+        out
+    }
+
+    /// SwiGLU backward: `(dg, du)` for `a = silu(g) ⊙ u` and upstream `da`.
+    pub fn swiglu_backward(&self, g: &GTensor, u: &GTensor, da: &GTensor) -> (GTensor, GTensor) {
+        for t in [u, da] {
+            assert_eq!(
+                (t.rows, t.cols, t.dt),
+                (g.rows, g.cols, g.dt),
+                "swiglu_backward shapes"
+            );
+        }
+        let (dg, du) = (
+            self.alloc(g.rows, g.cols, g.dt),
+            self.alloc(g.rows, g.cols, g.dt),
+        );
+        if !g.is_empty() {
+            self.run(
+                &format!("swiglu_bwd_{}", g.dt.suffix()),
+                grid1(g.len()),
+                &[
+                    A::P(g.ptr()),
+                    A::P(u.ptr()),
+                    A::P(da.ptr()),
+                    A::P(dg.ptr()),
+                    A::P(du.ptr()),
+                    A::P(g.len() as u64),
+                ],
+            );
+        }
+        (dg, du)
+    }
+
+    /// The LM head's `log p(target)` per row of f32 `logits` `[rows, vocab]`, overwriting each
+    /// row with `e_target − softmax` (∂ log p / ∂ logits).
+    pub fn logprob_grad(&self, logits: &GTensor, targets: &[u32]) -> Result<GTensor> {
+        assert_eq!(logits.dt, Dt::F32, "logprob_grad reads f32 logits");
+        assert_eq!(logits.rows, targets.len(), "one target per row");
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= logits.cols) {
+            return Err(Error::Invalid(format!(
+                "target token {bad} outside the vocabulary of {}",
+                logits.cols
+            )));
+        }
+        let out = self.alloc(1, targets.len(), Dt::F32);
+        if targets.is_empty() {
+            return Ok(out);
+        }
+        let t = self.upload_u32(targets)?;
+        self.run(
+            "logprob_grad",
+            LaunchConfig {
+                grid_dim: (logits.rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                A::P(logits.ptr()),
+                A::P(t.device_ptr(&self.stream).0),
+                A::P(out.ptr()),
+                A::I(logits.rows as i32),
+                A::I(logits.cols as i32),
+            ],
+        );
+        Ok(out)
+    }
+
+    /// Attention backward for training (`tq = tk`, no cache): `(dq, dk, dv)` in the row
+    /// layouts of `q`, `k`, `v` from the forward's output `o`, its `lse` and the upstream
+    /// `d_o`. Probabilities are recomputed from `lse`; GQA, window and segments as the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        q: &GTensor,
+        k: &GTensor,
+        v: &GTensor,
+        o: &GTensor,
+        d_o: &GTensor,
+        lse: &CudaSlice<f32>,
+        g: AttnGeom,
+        segments: Option<&[u32]>,
+        scale: f32,
+    ) -> Result<(GTensor, GTensor, GTensor)> {
+        if g.d > MAX_HEAD_DIM || g.d == 0 || !g.hq.is_multiple_of(g.hkv) || g.tq != g.tk {
+            return Err(Error::Invalid(format!(
+                "GPU attention backward supports head_dim 1..={MAX_HEAD_DIM}, heads divisible by KV heads and no cache (got d = {}, {} / {}, {} of {} positions)",
+                g.d, g.hq, g.hkv, g.tq, g.tk
+            )));
+        }
+        let (b, len, hq, hkv, d) = (g.batch, g.tq, g.hq, g.hkv, g.d);
+        assert_eq!((q.rows, q.cols), (b * len, hq * d), "attention_backward q");
+        for t in [o, d_o] {
+            assert_eq!(
+                (t.rows, t.cols, t.dt),
+                (q.rows, q.cols, q.dt),
+                "attention_backward o"
+            );
+        }
+        for t in [k, v] {
+            assert_eq!(
+                (t.rows, t.cols, t.dt),
+                (b * len, hkv * d, q.dt),
+                "attention_backward k/v"
+            );
+        }
+        assert!(lse.len() >= b * hq * len, "attention_backward lse");
+        let (dq, dk, dv) = (
+            self.alloc(q.rows, q.cols, q.dt),
+            self.alloc(k.rows, k.cols, k.dt),
+            self.alloc(v.rows, v.cols, v.dt),
+        );
+        if q.rows == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let seg = match segments {
+            Some(s) => {
+                assert_eq!(s.len(), b * len, "segments");
+                Some(self.upload_u32(s)?)
+            }
+            None => None,
+        };
+        let sp = seg.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+        let lp = lse.device_ptr(&self.stream).0;
+        let sfx = q.dt.suffix();
+        let dsum = self.alloc_f32(b * hq * len);
+        let dp = dsum.device_ptr(&self.stream).0;
+        let warps = b * len * hq;
+        self.run(
+            &format!("attn_dsum_{sfx}"),
+            LaunchConfig {
+                grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                A::P(o.ptr()),
+                A::P(d_o.ptr()),
+                A::P(dp),
+                A::I(b as i32),
+                A::I(len as i32),
+                A::I(hq as i32),
+                A::I(d as i32),
+            ],
+        );
+        let tail = [
+            A::I(len as i32),
+            A::I(hq as i32),
+            A::I(hkv as i32),
+            A::I(d as i32),
+            A::F(scale),
+            A::I(g.window as i32),
+        ];
+        // Shared memory: kernels/backward.cu's layouts (at most 41 KiB at d = 128).
+        let kv_smem = (2 * 32 * d + 2 * 8 * d + 2 * 8) * 4;
+        let mut args = vec![
+            A::P(q.ptr()),
+            A::P(k.ptr()),
+            A::P(v.ptr()),
+            A::P(d_o.ptr()),
+            A::P(lp),
+            A::P(dp),
+            A::P(sp),
+            A::P(dk.ptr()),
+            A::P(dv.ptr()),
+        ];
+        args.extend(tail);
+        self.run(
+            &format!("attn_bwd_kv_{sfx}"),
+            LaunchConfig {
+                grid_dim: (len.div_ceil(32) as u32, hkv as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: kv_smem as u32,
+            },
+            &args,
+        );
+        let q_smem = (2 * 8 * d + 2 * 32 * (d + 1)) * 4;
+        let mut args = vec![
+            A::P(q.ptr()),
+            A::P(k.ptr()),
+            A::P(v.ptr()),
+            A::P(d_o.ptr()),
+            A::P(lp),
+            A::P(dp),
+            A::P(sp),
+            A::P(dq.ptr()),
+        ];
+        args.extend(tail);
+        self.run(
+            &format!("attn_bwd_q_{sfx}"),
+            LaunchConfig {
+                grid_dim: (len.div_ceil(8) as u32, hq as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: q_smem as u32,
+            },
+            &args,
+        );
+        Ok((dq, dk, dv))
+    }
+}

@@ -1,0 +1,376 @@
+// Backward kernels of the training step: RMSNorm (input gradient, and the weight gradient as
+// deterministic column partials), SwiGLU, the LM head's softmax gradient, and causal attention
+// (FlashAttention-2 style: probabilities recomputed from the forward's lse; dK/dV and dQ in two
+// kernels, so no atomics and the same bits on every run). Formulas and layouts follow the host
+// kernels (engine/src/kernels/elementwise.rs, attention.rs). Arithmetic in f32, storage in T.
+
+// RMSNorm backward, one block per row (y = w ⊙ x·r, r = 1/rms saved by the forward):
+//   g = dy ⊙ w;  m = mean(g ⊙ x)·r;  dx = r·(g − x·r·m) (+ res)
+template <typename T>
+__device__ void rmsnorm_bwd_impl(const T* x, const float* r, const T* w, const T* dy, const T* res,
+                                 T* dx, int n, int d) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const T* xr = x + (size_t)row * d;
+    const T* gr = dy + (size_t)row * d;
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) acc += ld(gr[i]) * ld(w[i]) * ld(xr[i]);
+    acc = block_sum(acc, scratch);
+    const float rr = r[row];
+    const float m = acc * rr / (float)d;
+    T* out = dx + (size_t)row * d;
+    const T* rs = res ? res + (size_t)row * d : nullptr;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float xh = ld(xr[i]) * rr;
+        float v = rr * (ld(gr[i]) * ld(w[i]) - xh * m);
+        if (rs) v += ld(rs[i]);
+        out[i] = st<T>(v);
+    }
+}
+
+// The weight gradient's partial sums: part[c, j] = Σ_{rows of chunk c} dy[i, j]·x[i, j]·r[i],
+// chunks of `chunk` rows; grid (ceil(d / blockDim), chunks). `col_sum_f32` adds the chunks in
+// order.
+template <typename T>
+__device__ void rmsnorm_dw_impl(const T* x, const float* r, const T* dy, float* part, int n, int d,
+                                int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = blockIdx.y;
+    if (j >= d) return;
+    int end = min(n, (c + 1) * chunk);
+    float s = 0.f;
+    for (int i = c * chunk; i < end; i++)
+        s += ld(dy[(size_t)i * d + j]) * ld(x[(size_t)i * d + j]) * r[i];
+    part[(size_t)c * d + j] = s;
+}
+
+// SwiGLU backward with s = sigmoid(g):  du = da·g·s;  dg = da·u·s·(1 + g·(1 − s)).
+template <typename T>
+__device__ void swiglu_bwd_impl(const T* g, const T* u, const T* da, T* dg, T* du, size_t n) {
+    GRID_STRIDE(i, n) {
+        float x = ld(g[i]), uv = ld(u[i]), a = ld(da[i]);
+        float s = 1.f / (1.f + expf(-x));
+        du[i] = st<T>(a * x * s);
+        dg[i] = st<T>(a * uv * s * (1.f + x * (1.f - s)));
+    }
+}
+
+#define BACKWARD_ELEMENTWISE(T, S)                                                             \
+    extern "C" __global__ void rmsnorm_bwd_##S(const void* x, const float* r, const void* w,   \
+                                               const void* dy, const void* res, void* dx,      \
+                                               int n, int d) {                                 \
+        rmsnorm_bwd_impl<T>((const T*)x, r, (const T*)w, (const T*)dy, (const T*)res, (T*)dx,  \
+                            n, d);                                                             \
+    }                                                                                          \
+    extern "C" __global__ void rmsnorm_dw_##S(const void* x, const float* r, const void* dy,   \
+                                              float* part, int n, int d, int chunk) {          \
+        rmsnorm_dw_impl<T>((const T*)x, r, (const T*)dy, part, n, d, chunk);                   \
+    }                                                                                          \
+    extern "C" __global__ void swiglu_bwd_##S(const void* g, const void* u, const void* da,    \
+                                              void* dg, void* du, unsigned long long n) {      \
+        swiglu_bwd_impl<T>((const T*)g, (const T*)u, (const T*)da, (T*)dg, (T*)du, n);         \
+    }
+EACH_TYPE(BACKWARD_ELEMENTWISE)
+
+// out[j] = Σ_c part[c, j] over `chunks` rows of `cols`, in order (deterministic).
+extern "C" __global__ void col_sum_f32(const float* part, float* out, int chunks, int cols) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    float s = 0.f;
+    for (int c = 0; c < chunks; c++) s += part[(size_t)c * cols + j];
+    out[j] = s;
+}
+
+// The LM head's log-probabilities and their gradient direction, one block per row of f32
+// logits: logp[i] = logits[i, y] − lse, and the row is overwritten with e_y − softmax (the
+// gradient of logp with respect to the logits; the caller multiplies by W for dℓ/dh).
+extern "C" __global__ void logprob_grad(float* logits, const unsigned* targets, float* logp,
+                                        int rows, int vocab) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    float* x = logits + (size_t)row * vocab;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx, scratch);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(x[i] - mx);
+    s = block_sum(s, scratch);
+    const float lse = mx + logf(s);
+    const unsigned y = targets[row];
+    if (threadIdx.x == 0) logp[row] = x[y] - lse;
+    __syncthreads();  // every thread read x[y] (thread 0) before it is overwritten
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        x[i] = ((unsigned)i == y ? 1.f : 0.f) - expf(x[i] - lse);
+}
+
+// ---- attention backward (training: tq = tk = len, rows [batch·len, heads·d]) ----
+// Visibility is the forward's: p ≤ s; s − p < window when window > 0; with segments, same
+// nonzero segment, and a padding query (segment 0) sees only itself.
+__device__ __forceinline__ bool att_visible(const unsigned* seg, int b, int len, int s, int p,
+                                            int window) {
+    if (p > s) return false;
+    if (window > 0 && s - p >= window) return false;
+    if (seg) {
+        unsigned sq = seg[b * len + s];
+        if (sq == 0) return p == s;
+        return seg[b * len + p] == sq;
+    }
+    return true;
+}
+
+// dsum[b, h, i] = Σ_c dO[i, h, c]·O[i, h, c]: one warp per (row, head).
+template <typename T>
+__device__ void attn_dsum_impl(const T* o, const T* d_o, float* dsum, int batch, int len, int hq,
+                               int d) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= batch * len * hq) return;
+    const int row = warp / hq, h = warp % hq;
+    const size_t base = (size_t)row * hq * d + (size_t)h * d;
+    float s = 0.f;
+    for (int c = lane; c < d; c += 32) s += ld(o[base + c]) * ld(d_o[base + c]);
+    s = warp_sum(s);
+    const int b = row / len, i = row % len;
+    if (lane == 0) dsum[((size_t)b * hq + h) * len + i] = s;
+}
+
+#define ATB_BK 32   // keys per dK/dV block (8 per warp, 4 warps)
+#define ATB_KW 8    // keys per warp
+#define ATB_QT 8    // queries staged at a time
+#define ATB_DMAX 128
+
+// dK and dV for ATB_BK keys of one KV head: grid (ceil(len / ATB_BK), hkv, batch), 4 warps.
+// Every query head of the group and every query that sees a key of the block:
+//   p = exp(scale·q·k − lse);  ds = p·(dO·v − dsum);  dV += p·dO;  dK += scale·ds·q.
+template <typename T>
+__device__ void attn_bwd_kv_impl(const T* q, const T* k, const T* v, const T* d_o,
+                                 const float* lse, const float* dsum, const unsigned* seg, T* dk,
+                                 T* dv, int len, int hq, int hkv, int d, float scale, int window) {
+    extern __shared__ float sm[];
+    float* ks = sm;                  // [BK][d]
+    float* vs = ks + ATB_BK * d;     // [BK][d]
+    float* qs = vs + ATB_BK * d;     // [QT][d]
+    float* dos = qs + ATB_QT * d;    // [QT][d]
+    float* ls = dos + ATB_QT * d;    // [QT] lse
+    float* ds = ls + ATB_QT;         // [QT] dsum
+    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * ATB_BK;
+    const int groups = hq / hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
+    for (int i = threadIdx.x; i < ATB_BK * d; i += blockDim.x) {
+        int r = i / d, c = i % d, p = k0 + r;
+        float kv = 0.f, vv = 0.f;
+        if (p < len) {
+            size_t off = (size_t)(b * len + p) * krs + (size_t)g * d + c;
+            kv = ld(k[off]);
+            vv = ld(v[off]);
+        }
+        ks[i] = kv;
+        vs[i] = vv;
+    }
+    float akk[ATB_KW][ATB_DMAX / 32], avv[ATB_KW][ATB_DMAX / 32];
+#pragma unroll
+    for (int j = 0; j < ATB_KW; j++)
+#pragma unroll
+        for (int i = 0; i < ATB_DMAX / 32; i++) akk[j][i] = avv[j][i] = 0.f;
+    // Queries before the block see none of its keys; with a window (no segments) neither do
+    // queries window or more past its last key.
+    int qend = len;
+    if (window > 0 && !seg) qend = min(len, k0 + ATB_BK - 1 + window);
+    for (int hh = 0; hh < groups; hh++) {
+        const int h = g * groups + hh;
+        for (int q0 = k0; q0 < qend; q0 += ATB_QT) {
+            __syncthreads();
+            for (int i = threadIdx.x; i < ATB_QT * d; i += blockDim.x) {
+                int r = i / d, c = i % d, qi = q0 + r;
+                float qv = 0.f, dov = 0.f;
+                if (qi < len) {
+                    size_t off = (size_t)(b * len + qi) * qrs + (size_t)h * d + c;
+                    qv = ld(q[off]);
+                    dov = ld(d_o[off]);
+                }
+                qs[i] = qv;
+                dos[i] = dov;
+            }
+            if (threadIdx.x < ATB_QT) {
+                int qi = q0 + threadIdx.x;
+                size_t li = ((size_t)b * hq + h) * len + qi;
+                ls[threadIdx.x] = qi < len ? lse[li] : 0.f;
+                ds[threadIdx.x] = qi < len ? dsum[li] : 0.f;
+            }
+            __syncthreads();
+            for (int r = 0; r < ATB_QT; r++) {
+                const int qi = q0 + r;
+                if (qi >= qend) break;
+                float qv[ATB_DMAX / 32], dov[ATB_DMAX / 32];
+#pragma unroll
+                for (int i = 0; i < ATB_DMAX / 32; i++) {
+                    int c = lane + 32 * i;
+                    qv[i] = c < d ? qs[r * d + c] : 0.f;
+                    dov[i] = c < d ? dos[r * d + c] : 0.f;
+                }
+#pragma unroll
+                for (int j = 0; j < ATB_KW; j++) {
+                    const int kr = warp * ATB_KW + j, p = k0 + kr;
+                    // Uniform across the warp: p and qi are.
+                    if (p >= len || !att_visible(seg, b, len, qi, p, window)) continue;
+                    float sdot = 0.f, pdot = 0.f;
+#pragma unroll
+                    for (int i = 0; i < ATB_DMAX / 32; i++) {
+                        int c = lane + 32 * i;
+                        if (c < d) {
+                            sdot = fmaf(qv[i], ks[kr * d + c], sdot);
+                            pdot = fmaf(dov[i], vs[kr * d + c], pdot);
+                        }
+                    }
+                    sdot = warp_sum(sdot);
+                    pdot = warp_sum(pdot);
+                    const float pr = expf(sdot * scale - ls[r]);
+                    const float dsc = pr * (pdot - ds[r]) * scale;
+#pragma unroll
+                    for (int i = 0; i < ATB_DMAX / 32; i++) {
+                        avv[j][i] = fmaf(pr, dov[i], avv[j][i]);
+                        akk[j][i] = fmaf(dsc, qv[i], akk[j][i]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < ATB_KW; j++) {
+        const int p = k0 + warp * ATB_KW + j;
+        if (p >= len) continue;
+        const size_t off = (size_t)(b * len + p) * krs + (size_t)g * d;
+#pragma unroll
+        for (int i = 0; i < ATB_DMAX / 32; i++) {
+            int c = lane + 32 * i;
+            if (c < d) {
+                dk[off + c] = st<T>(akk[j][i]);
+                dv[off + c] = st<T>(avv[j][i]);
+            }
+        }
+    }
+}
+
+#define ATB_BQ 8     // queries per dQ block (2 per warp, 4 warps)
+#define ATB_ROWS 2
+#define ATB_KB 32    // keys staged at a time, one per lane
+
+// dQ for ATB_BQ queries of one head: grid (ceil(len / ATB_BQ), hq, batch), 4 warps.
+//   dq = scale·Σ_p ds_p·k_p, streaming keys through shared memory as the forward does.
+template <typename T>
+__device__ void attn_bwd_q_impl(const T* q, const T* k, const T* v, const T* d_o, const float* lse,
+                                const float* dsum, const unsigned* seg, T* dq, int len, int hq,
+                                int hkv, int d, float scale, int window) {
+    extern __shared__ float sm[];
+    float* qs = sm;                       // [BQ][d], pre-scaled
+    float* dos = qs + ATB_BQ * d;         // [BQ][d]
+    float* ks = dos + ATB_BQ * d;         // [KB][d + 1]
+    float* vs = ks + ATB_KB * (d + 1);    // [KB][d + 1]
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATB_BQ;
+    const int g = h / (hq / hkv);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
+    for (int i = threadIdx.x; i < ATB_BQ * d; i += blockDim.x) {
+        int r = i / d, c = i % d, qi = q0 + r;
+        float qv = 0.f, dov = 0.f;
+        if (qi < len) {
+            size_t off = (size_t)(b * len + qi) * qrs + (size_t)h * d + c;
+            qv = ld(q[off]) * scale;
+            dov = ld(d_o[off]);
+        }
+        qs[i] = qv;
+        dos[i] = dov;
+    }
+    float lrow[ATB_ROWS], drow[ATB_ROWS], acc[ATB_ROWS][ATB_DMAX / 32];
+#pragma unroll
+    for (int rr = 0; rr < ATB_ROWS; rr++) {
+        const int qi = q0 + warp * ATB_ROWS + rr;
+        const size_t li = ((size_t)b * hq + h) * len + qi;
+        lrow[rr] = qi < len ? lse[li] : 0.f;
+        drow[rr] = qi < len ? dsum[li] : 0.f;
+#pragma unroll
+        for (int i = 0; i < ATB_DMAX / 32; i++) acc[rr][i] = 0.f;
+    }
+    const int kend = min(q0 + ATB_BQ, len);  // exclusive: the last query's position + 1
+    int kbegin = 0;
+    if (window > 0 && !seg) kbegin = max(0, q0 - window + 1);
+    for (int k0 = (kbegin / ATB_KB) * ATB_KB; k0 < kend; k0 += ATB_KB) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < ATB_KB * d; i += blockDim.x) {
+            int r = i / d, c = i % d, p = k0 + r;
+            float kv = 0.f, vv = 0.f;
+            if (p < len) {
+                size_t off = (size_t)(b * len + p) * krs + (size_t)g * d + c;
+                kv = ld(k[off]);
+                vv = ld(v[off]);
+            }
+            ks[r * (d + 1) + c] = kv;
+            vs[r * (d + 1) + c] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int rr = 0; rr < ATB_ROWS; rr++) {
+            const int r = warp * ATB_ROWS + rr, qi = q0 + r;
+            if (qi >= len) continue;  // uniform across the warp
+            const int p = k0 + lane;
+            const bool vis = p < len && att_visible(seg, b, len, qi, p, window);
+            float dsv = 0.f;
+            if (vis) {
+                const float* qr = qs + r * d;
+                const float* dr = dos + r * d;
+                const float* kr = ks + lane * (d + 1);
+                const float* vr = vs + lane * (d + 1);
+                float sdot = 0.f, pdot = 0.f;
+                for (int c = 0; c < d; c++) {
+                    sdot = fmaf(qr[c], kr[c], sdot);
+                    pdot = fmaf(dr[c], vr[c], pdot);
+                }
+                const float pr = expf(sdot - lrow[rr]);
+                dsv = pr * (pdot - drow[rr]);
+            }
+            for (int j = 0; j < ATB_KB; j++) {
+                const float dj = __shfl_sync(0xffffffffu, dsv, j);
+                const float* kr = ks + j * (d + 1);
+#pragma unroll
+                for (int i = 0; i < ATB_DMAX / 32; i++) {
+                    int c = lane + 32 * i;
+                    if (c < d) acc[rr][i] = fmaf(dj, kr[c], acc[rr][i]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < ATB_ROWS; rr++) {
+        const int qi = q0 + warp * ATB_ROWS + rr;
+        if (qi >= len) continue;
+        T* out = dq + (size_t)(b * len + qi) * qrs + (size_t)h * d;
+#pragma unroll
+        for (int i = 0; i < ATB_DMAX / 32; i++) {
+            int c = lane + 32 * i;
+            if (c < d) out[c] = st<T>(acc[rr][i] * scale);
+        }
+    }
+}
+
+#define ATTN_BWD(T, S)                                                                         \
+    extern "C" __global__ void attn_dsum_##S(const void* o, const void* d_o, float* dsum,      \
+                                             int batch, int len, int hq, int d) {              \
+        attn_dsum_impl<T>((const T*)o, (const T*)d_o, dsum, batch, len, hq, d);                \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        attn_bwd_kv_##S(const void* q, const void* k, const void* v, const void* d_o,          \
+                        const float* lse, const float* dsum, const unsigned* seg, void* dk,    \
+                        void* dv, int len, int hq, int hkv, int d, float scale, int window) {  \
+        attn_bwd_kv_impl<T>((const T*)q, (const T*)k, (const T*)v, (const T*)d_o, lse, dsum,   \
+                            seg, (T*)dk, (T*)dv, len, hq, hkv, d, scale, window);              \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        attn_bwd_q_##S(const void* q, const void* k, const void* v, const void* d_o,           \
+                       const float* lse, const float* dsum, const unsigned* seg, void* dq,     \
+                       int len, int hq, int hkv, int d, float scale, int window) {             \
+        attn_bwd_q_impl<T>((const T*)q, (const T*)k, (const T*)v, (const T*)d_o, lse, dsum,    \
+                           seg, (T*)dq, len, hq, hkv, d, scale, window);                       \
+    }
+EACH_TYPE(ATTN_BWD)
