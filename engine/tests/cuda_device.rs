@@ -324,6 +324,63 @@ fn backward_kernels_match_the_host_kernels() {
 }
 
 #[test]
+fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
+    use fedtune_engine::cuda::optim::DeviceParam;
+    use fedtune_engine::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
+    use std::collections::BTreeMap;
+    let Some(g) = gpu() else { return };
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    // Three tensors, one longer than a partial sum (4096), one exempt from decay.
+    let shapes = [([64, 80], true), ([3, 7], false), ([16, 33], true)];
+    let mut host_p: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s)).collect();
+    let dev_p: Vec<GTensor> = host_p.iter().map(|p| up(&g, p)).collect();
+    let zeros = |t: &GTensor| g.zeros(t.rows, t.cols, Dt::F32);
+    let dev_m: Vec<GTensor> = dev_p.iter().map(zeros).collect();
+    let dev_v: Vec<GTensor> = dev_p.iter().map(zeros).collect();
+    let mut opt = AdamW::new(config);
+    // Step 1 without clipping (max 100), steps 2-3 clipped (max 0.5).
+    for (step, max) in [(1u64, 100.0), (2, 0.5), (3, 0.5)] {
+        let grads: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s) * 0.3).collect();
+        let dev_g: Vec<GTensor> = grads.iter().map(|t| up(&g, t)).collect();
+        let mut map: BTreeMap<String, Tensor<2>> = grads
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("t{i}"), t.clone()))
+            .collect();
+        let want_norm = clip_grad_norm(&mut map, max);
+        opt.begin_step();
+        let lr = 1e-3 * step as f64;
+        for (i, p) in host_p.iter_mut().enumerate() {
+            let gi = map[&format!("t{i}")].clone();
+            *p = opt.update(&format!("t{i}"), p.clone(), gi, lr, shapes[i].1);
+        }
+        let params: Vec<DeviceParam<'_>> = (0..shapes.len())
+            .map(|i| DeviceParam {
+                p: &dev_p[i],
+                g: &dev_g[i],
+                m: &dev_m[i],
+                v: &dev_v[i],
+                decay: shapes[i].1,
+            })
+            .collect();
+        let norm = g.adamw_step(&params, config, lr, step, max).unwrap();
+        assert!(
+            ((norm - want_norm) / want_norm).abs() < 1e-6,
+            "step {step}: norm {norm} vs {want_norm}"
+        );
+        for (i, p) in host_p.iter().enumerate() {
+            let (got, want) = (g.download(&dev_p[i]).unwrap(), host(p));
+            let same = got == want;
+            println!("adamw step {step} tensor {i}: bit-identical to the host: {same}");
+            check(&format!("adamw step {step} tensor {i}"), &got, &want, 1e-6);
+        }
+    }
+}
+
+#[test]
 fn attention_backward_matches_the_host_kernel_with_gqa_segments_and_window() {
     let Some(g) = gpu() else { return };
     // d = 40 (a partial last column group) and d = 128 (the largest supported).

@@ -14,6 +14,7 @@ pub mod libs;
 pub mod lt;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 use std::collections::HashMap;

@@ -21,13 +21,14 @@ pub(super) fn grid1(n: usize) -> LaunchConfig {
     }
 }
 
-/// A kernel argument: a device address, an `int`, a `long long` or a `float`.
+/// A kernel argument: a device address, an `int`, a `long long`, a `float` or a `double`.
 #[derive(Clone, Copy)]
 pub(super) enum A {
     P(u64),
     I(i32),
     L(i64),
     F(f32),
+    D(f64),
 }
 
 /// Head dimensions the attention kernel supports.
@@ -66,6 +67,7 @@ impl Gpu {
                 A::I(v) => b.arg(v),
                 A::L(v) => b.arg(v),
                 A::F(v) => b.arg(v),
+                A::D(v) => b.arg(v),
             };
         }
         // SAFETY: each launcher passes the argument list its kernel declares, with buffers

@@ -85,7 +85,6 @@ impl AdamW {
         decay: bool,
     ) -> Tensor<2> {
         let c = self.config;
-        let t = self.step.max(1) as i32;
         let mom = self
             .state
             .entry(name.to_string())
@@ -93,8 +92,7 @@ impl AdamW {
                 m: g.zeros_like(),
                 v: g.zeros_like(),
             });
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        let (bc1, bc2) = bias_corrections(c, self.step);
         let wd = if decay { c.weight_decay } else { 0.0 };
         if let Some(p) = adamw_host(mom, &p, &g, Coefs::new(c, lr, wd, bc1, bc2)) {
             return p;
@@ -148,20 +146,35 @@ fn adamw_host(mom: &mut Moments, p: &Tensor<2>, g: &Tensor<2>, k: Coefs) -> Opti
     Some(kernels::tensor(p2, shape, &dev))
 }
 
-/// The f32 constants of one AdamW step.
+/// `(1 − β₁ᵗ, 1 − β₂ᵗ)` at optimiser step `t` (counted from 1).
+fn bias_corrections(c: AdamWConfig, step: u64) -> (f64, f64) {
+    let t = step.max(1) as i32;
+    (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t))
+}
+
+/// The f32 constants of one AdamW step (the host kernel's and the GPU's).
 #[derive(Clone, Copy)]
-struct Coefs {
-    b1: f32,
-    b2: f32,
-    ob1: f32,
-    ob2: f32,
-    decay: Option<f32>,
-    sbc2: f32,
-    eps: f32,
-    step: f32,
+pub(crate) struct Coefs {
+    pub(crate) b1: f32,
+    pub(crate) b2: f32,
+    pub(crate) ob1: f32,
+    pub(crate) ob2: f32,
+    /// `lr·wd`, when weight decay applies.
+    pub(crate) decay: Option<f32>,
+    pub(crate) sbc2: f32,
+    pub(crate) eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    pub(crate) step: f32,
 }
 
 impl Coefs {
+    /// For optimiser step `step` (from 1) at learning rate `lr`, with the configured weight
+    /// decay (applied to the tensors that take it).
+    pub(crate) fn at(c: AdamWConfig, lr: f64, step: u64) -> Self {
+        let (bc1, bc2) = bias_corrections(c, step);
+        Coefs::new(c, lr, c.weight_decay, bc1, bc2)
+    }
+
     /// For learning rate `lr`, weight decay `wd` and bias corrections `bc1`, `bc2`.
     fn new(c: AdamWConfig, lr: f64, wd: f64, bc1: f64, bc2: f64) -> Self {
         Coefs {
