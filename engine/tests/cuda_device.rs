@@ -692,6 +692,114 @@ fn tiny_llama_logits_losses_adapter_nf4_and_generation_match_the_host() {
 }
 
 #[test]
+fn training_projections_and_the_head_gradient_match_host_products() {
+    use fedtune_engine::device::Proj;
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let a = PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap();
+    model.attach_adapter(&a).unwrap();
+    let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    let hidden = model.config.hidden_size;
+    let n = 19;
+    let x = rand([n, hidden]);
+    let gx = up(&g, &x);
+    for which in [
+        &[Proj::Q, Proj::K, Proj::V][..],
+        &[Proj::Gate, Proj::Up][..],
+    ] {
+        let outs = cm.project_train(1, which, &gx).unwrap();
+        let lins: Vec<_> = which.iter().map(|&p| model.layers[1].proj(p)).collect();
+        let dys: Vec<Tensor<2>> = lins
+            .iter()
+            .map(|l| rand([n, l.weight().dims()[0]]))
+            .collect();
+        let mut want_dx = Tensor::<2>::zeros([n, hidden], &Device::flex());
+        let (mut saved, mut gdys) = (Vec::new(), Vec::new());
+        for (((&p, lin), (y, s)), dy) in which.iter().zip(&lins).zip(outs).zip(&dys) {
+            let l = lin
+                .lora
+                .as_ref()
+                .expect("the adapter covers every projection");
+            let sc = l.scale as f32;
+            let u = matmul_sum(&[Term::nt(&x, &l.a, 1.0)]);
+            let want_y = matmul_sum(&[Term::nt(&x, &lin.weight(), 1.0), Term::nt(&u, &l.b, sc)]);
+            check(
+                &format!("{p:?} forward"),
+                &g.download(&y).unwrap(),
+                &host(&want_y),
+                1e-5,
+            );
+            check(
+                &format!("{p:?} x·Aᵀ"),
+                &g.download(s.u.as_ref().unwrap()).unwrap(),
+                &host(&u),
+                1e-5,
+            );
+            let dyb = matmul_sum(&[Term::nn(dy, &l.b, 1.0)]);
+            want_dx =
+                want_dx + matmul_sum(&[Term::nn(dy, &lin.weight(), 1.0), Term::nn(&dyb, &l.a, sc)]);
+            saved.push(s);
+            gdys.push(up(&g, dy));
+        }
+        let (grads, dx) = cm
+            .project_backward(1, which, &gx, &saved, &gdys, true, true)
+            .unwrap();
+        check(
+            &format!("{which:?} input gradient"),
+            &g.download(&dx.unwrap()).unwrap(),
+            &host(&want_dx),
+            1e-5,
+        );
+        for (((&p, lin), dy), gr) in which.iter().zip(&lins).zip(&dys).zip(grads) {
+            let l = lin.lora.as_ref().unwrap();
+            let sc = l.scale as f32;
+            let gr = gr.expect("LoRA gradients asked");
+            let u = matmul_sum(&[Term::nt(&x, &l.a, 1.0)]);
+            let dyb = matmul_sum(&[Term::nn(dy, &l.b, 1.0)]);
+            let want_a = matmul_sum(&[Term::tn(&dyb, &x, sc)]);
+            let want_b = matmul_sum(&[Term::tn(dy, &u, sc)]);
+            check(
+                &format!("{p:?} lora_A grad"),
+                &g.download(&gr.a).unwrap(),
+                &host(&want_a),
+                1e-5,
+            );
+            check(
+                &format!("{p:?} lora_B grad"),
+                &g.download(&gr.b).unwrap(),
+                &host(&want_b),
+                1e-5,
+            );
+        }
+    }
+    // The LM head over targets at scattered rows, in more than one chunk's worth of calls.
+    let rows: Vec<usize> = (0..n).rev().step_by(2).collect();
+    let ids: Vec<u32> = rows.iter().map(|&r| (r * 37 % 1000) as u32).collect();
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let sel = x.clone().select(
+        0,
+        Tensor::<1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(idx, [rows.len()]),
+            &Device::flex(),
+        ),
+    );
+    let (want_lp, want_dirs) = fedtune_engine::train::ops::target_logprobs_with_grad(
+        &sel,
+        &model.lm_head_weight(),
+        &ids,
+        4,
+    );
+    let (lp, dirs) = cm.head_logprobs_with_grad(&gx, &rows, &ids).unwrap();
+    check("head log p", &lp, &to_f32_vec(want_lp.to_data()), 1e-5);
+    check(
+        "head ∂log p/∂h",
+        &g.download(&dirs).unwrap(),
+        &host(&want_dirs),
+        1e-5,
+    );
+}
+
+#[test]
 fn gguf_and_directory_load_straight_to_the_gpu() {
     let Some(g) = gpu() else { return };
     for path in ["testdata/gguf/tiny.gguf", "testdata/tiny-llama/model"] {

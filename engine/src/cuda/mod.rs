@@ -16,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod train;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -366,12 +366,18 @@ impl CudaModel {
         }
     }
 
-    fn head(&self) -> &GTensor {
+    /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
+    pub(crate) fn head(&self) -> &GTensor {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Projection `p` of block `layer`.
+    pub(crate) fn proj(&self, layer: usize, p: Proj) -> &GProj {
+        &self.layers[layer].proj[p.index()]
+    }
+
     /// Rows of logits per chunk of the LM head: about 256 MiB of f32 logits.
-    fn head_chunk(&self) -> usize {
+    pub(crate) fn head_chunk(&self) -> usize {
         ((256usize << 20) / (4 * self.config.vocab_size.max(1))).clamp(16, 8192)
     }
 
