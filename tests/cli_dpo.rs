@@ -100,7 +100,15 @@ fn sft_then_dpo_on_the_merged_sft_model_logs_trl_metrics() {
     let cfg = read_json(dpo.join("adapter_config.json"));
     assert_eq!(cfg["peft_type"], "LORA");
     assert!(
-        cfg["fedtune_merged_sft_adapter"]
+        cfg.as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("fedtune")),
+        "{cfg}"
+    );
+    let meta = read_json(dpo.join("fedtune_adapter.json"));
+    assert!(
+        meta["merged_sft_adapter"]
             .as_str()
             .unwrap()
             .ends_with("sft")

@@ -108,9 +108,14 @@ pub struct PeftAdapter {
     pub config: LoraConfig,
     /// Modules by path (`model.layers.0.self_attn.q_proj`) with their scales.
     pub weights: Adapter,
-    /// Extra fields for `adapter_config.json` (e.g. the quantisation of the training base).
-    pub extra_config: serde_json::Map<String, Value>,
+    /// fedtune's own metadata (`quantization` of the training base, `merged_sft_adapter`),
+    /// kept in [`METADATA_FILE`] beside the adapter: PEFT warns about every key of
+    /// `adapter_config.json` that `LoraConfig` does not know.
+    pub metadata: serde_json::Map<String, Value>,
 }
+
+/// The file beside `adapter_config.json` that holds [`PeftAdapter::metadata`].
+pub const METADATA_FILE: &str = "fedtune_adapter.json";
 
 impl PeftAdapter {
     /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
@@ -142,14 +147,33 @@ impl PeftAdapter {
                 ));
             }
         }
-        let mut extra_config = serde_json::Map::new();
-        if let Some(q) = raw.get("fedtune_quantization") {
-            extra_config.insert("fedtune_quantization".into(), q.clone());
+        // Adapters from earlier fedtune builds kept the metadata in adapter_config.json as
+        // `fedtune_<key>`; the file beside it wins.
+        let mut metadata = serde_json::Map::new();
+        if let Value::Object(obj) = &raw {
+            for (k, v) in obj {
+                if let Some(key) = k.strip_prefix("fedtune_") {
+                    metadata.insert(key.to_string(), v.clone());
+                }
+            }
+        }
+        let meta_path = dir.join(METADATA_FILE);
+        if meta_path.exists() {
+            let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+            match serde_json::from_str(&text).map_err(|e| Error::parse(&meta_path, e))? {
+                Value::Object(obj) => metadata.extend(obj),
+                _ => {
+                    return Err(Error::parse(
+                        &meta_path,
+                        "expected a JSON object of fedtune's adapter metadata",
+                    ));
+                }
+            }
         }
         Ok(PeftAdapter {
             config,
             weights,
-            extra_config,
+            metadata,
         })
     }
 
@@ -176,7 +200,7 @@ impl PeftAdapter {
                 alpha_pattern.insert(module.clone(), alpha);
             }
         }
-        let mut v = serde_json::json!({
+        serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "r": c.r,
@@ -196,18 +220,13 @@ impl PeftAdapter {
             "layers_to_transform": null,
             "layers_pattern": null,
             "revision": null,
-        });
-        if let Value::Object(obj) = &mut v {
-            for (k, val) in &self.extra_config {
-                obj.insert(k.clone(), val.clone());
-            }
-        }
-        v
+        })
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created when
-    /// missing). Each file is written to a temporary name and renamed, so a crash never leaves
-    /// a half-written adapter behind.
+    /// Writes `adapter_config.json`, `adapter_model.safetensors` and, when there is metadata,
+    /// [`METADATA_FILE`] into `dir` (created when missing; a metadata file left there by an
+    /// earlier adapter is removed when this one has none). Each file is written to a
+    /// temporary name and renamed, so a crash never leaves a half-written adapter behind.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg = serde_json::to_string_pretty(&self.config_json())
@@ -216,7 +235,18 @@ impl PeftAdapter {
         write_atomic(
             &dir.join("adapter_model.safetensors"),
             &peft::encode(&self.weights),
-        )
+        )?;
+        let meta_path = dir.join(METADATA_FILE);
+        if self.metadata.is_empty() {
+            match std::fs::remove_file(&meta_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&meta_path, e)),
+                _ => Ok(()),
+            }
+        } else {
+            let meta = serde_json::to_string_pretty(&self.metadata)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            write_atomic(&meta_path, meta.as_bytes())
+        }
     }
 
     /// Number of trainable parameters.
@@ -361,4 +391,61 @@ pub fn parse_config(raw: &Value, path: &Path) -> Result<LoraConfig> {
         rank_pattern: map_usize("rank_pattern"),
         alpha_pattern,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_adapter() -> PeftAdapter {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/tiny-llama/adapter");
+        PeftAdapter::load(&dir).expect("the test adapter loads")
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("fedtune-adapter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn metadata_lives_beside_the_peft_config_and_round_trips() {
+        let mut a = tiny_adapter();
+        a.metadata.insert(
+            "quantization".into(),
+            serde_json::json!({"load_in_4bit": true}),
+        );
+        let dir = scratch("meta");
+        a.save(&dir).unwrap();
+        let cfg = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+        assert!(
+            !cfg.contains("fedtune"),
+            "PEFT's config holds only PEFT's keys: {cfg}"
+        );
+        let back = PeftAdapter::load(&dir).unwrap();
+        assert_eq!(back.metadata, a.metadata);
+        // Saving an adapter without metadata over it removes the stale file.
+        a.metadata.clear();
+        a.save(&dir).unwrap();
+        assert!(!dir.join(METADATA_FILE).exists());
+        assert!(PeftAdapter::load(&dir).unwrap().metadata.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn older_adapters_keep_their_metadata_and_a_broken_file_is_named() {
+        let a = tiny_adapter();
+        let dir = scratch("legacy");
+        a.save(&dir).unwrap();
+        // An adapter from an earlier build: `fedtune_<key>` inside adapter_config.json.
+        let mut cfg = a.config_json();
+        cfg["fedtune_merged_sft_adapter"] = serde_json::json!("runs/sft");
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let back = PeftAdapter::load(&dir).unwrap();
+        assert_eq!(back.metadata["merged_sft_adapter"], "runs/sft");
+        std::fs::write(dir.join(METADATA_FILE), "[1, 2]").unwrap();
+        let err = PeftAdapter::load(&dir).unwrap_err().to_string();
+        assert!(err.contains(METADATA_FILE), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

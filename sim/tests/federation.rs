@@ -149,7 +149,7 @@ fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
     let peft = PeftAdapter {
         config: lora_config(&lora(), Some("tiny-llama".into())),
         weights: f.coordinator.global_adapter().clone(),
-        extra_config: Default::default(),
+        metadata: Default::default(),
     };
     peft.save(&dir).unwrap();
     let loaded = PeftAdapter::load(&dir).unwrap();

@@ -223,8 +223,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     }
     let mut peft = to_peft(&m.model, &cfg, Some(a.model.model.display().to_string()));
     if let Some(p) = &a.sft_adapter {
-        peft.extra_config.insert(
-            "fedtune_merged_sft_adapter".into(),
+        peft.metadata.insert(
+            "merged_sft_adapter".into(),
             serde_json::Value::String(p.display().to_string()),
         );
     }

@@ -345,7 +345,7 @@ pub fn run_merge_adapters(a: MergeAdaptersArgs) -> anyhow::Result<()> {
     PeftAdapter {
         config,
         weights: global.adapter,
-        extra_config: Default::default(),
+        metadata: Default::default(),
     }
     .save(&a.output)
     .with_context(|| format!("writing {}", a.output.display()))?;

@@ -59,10 +59,10 @@ pub fn lora_config(cfg: &TrainConfig, base: Option<String>) -> LoraConfig {
 
 /// The model's current adapter in PEFT form, recording a quantised base when there is one.
 pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> PeftAdapter {
-    let mut extra = serde_json::Map::new();
+    let mut metadata = serde_json::Map::new();
     if cfg.load_in_4bit {
-        extra.insert(
-            "fedtune_quantization".into(),
+        metadata.insert(
+            "quantization".into(),
             serde_json::json!({
                 "load_in_4bit": true,
                 "bnb_4bit_quant_type": "nf4",
@@ -74,6 +74,6 @@ pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> P
     PeftAdapter {
         config: lora_config(cfg, base),
         weights: model.lora_weights(),
-        extra_config: extra,
+        metadata,
     }
 }
