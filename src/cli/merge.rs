@@ -44,8 +44,8 @@ pub struct MergeArgs {
     /// Input safetensors files with the same tensor names as the base.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Output safetensors file.
-    #[arg(long)]
+    /// Output safetensors file (`--out` is an alias).
+    #[arg(long = "output", visible_alias = "out")]
     out: PathBuf,
 }
 
@@ -262,8 +262,9 @@ pub fn run_merge_adapters(a: MergeAdaptersArgs) -> anyhow::Result<()> {
         bail!("--weights needs one non-negative value per adapter");
     }
     let rule = match a.method.replace('_', "-").as_str() {
-        "fedavg-exact" => Rule::FedAvgExact,
-        "fedavg-factors" | "fedit" => Rule::FedAvgFactors,
+        // `fed_avg_exact` is the TOML spelling (`kind` of a strategy).
+        "fedavg-exact" | "fed-avg-exact" => Rule::FedAvgExact,
+        "fedavg-factors" | "fed-avg-factors" | "fedit" => Rule::FedAvgFactors,
         "ties" => Rule::Ties {
             density: a.density,
             lambda: a.lambda,

@@ -11,9 +11,13 @@ use crate::validate::ValidationConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Rule {
-    /// FedIT: average `A` and `B` separately (inexact; for comparison).
+    /// FedIT: average `A` and `B` separately (inexact; for comparison). `fedavg-factors`
+    /// (the command line's spelling) and `fedavg_factors` are accepted too.
+    #[serde(alias = "fedavg_factors", alias = "fedavg-factors")]
     FedAvgFactors,
-    /// Exact `Σ pₖsₖBₖAₖ`, stacked or re-factorised to the target rank.
+    /// Exact `Σ pₖsₖBₖAₖ`, stacked or re-factorised to the target rank. `fedavg-exact` (the
+    /// command line's spelling) and `fedavg_exact` are accepted too.
+    #[serde(alias = "fedavg_exact", alias = "fedavg-exact")]
     FedAvgExact,
     /// FFA-LoRA: `A` frozen and shared, `B` averaged.
     Ffa,
@@ -150,5 +154,28 @@ impl StrategyConfig {
             seed: 0,
             frozen_a: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rule;
+
+    #[test]
+    fn rules_take_the_command_lines_spelling_too() {
+        for (kind, want) in [
+            ("fed_avg_exact", Rule::FedAvgExact),
+            ("fedavg_exact", Rule::FedAvgExact),
+            ("fedavg-exact", Rule::FedAvgExact),
+            ("fed_avg_factors", Rule::FedAvgFactors),
+            ("fedavg_factors", Rule::FedAvgFactors),
+            ("fedavg-factors", Rule::FedAvgFactors),
+        ] {
+            let got: Rule = serde_json::from_str(&format!("{{\"kind\": \"{kind}\"}}")).unwrap();
+            assert_eq!(got, want, "{kind}");
+        }
+        // Written back in the one canonical spelling.
+        let text = serde_json::to_string(&Rule::FedAvgExact).unwrap();
+        assert_eq!(text, "{\"kind\":\"fed_avg_exact\"}");
     }
 }
