@@ -161,6 +161,44 @@ fn rmsnorm_rope_swiglu_and_nf4_match_the_host_kernels() {
     }
 }
 
+/// The host attention context and the GPU geometry of one training-shaped call (`tq = tk`).
+fn attn_case<'a>(
+    b: usize,
+    t: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    segments: Option<&'a [u32]>,
+    window: Option<usize>,
+) -> (fused::AttnCtx<'a>, fedtune_engine::cuda::ops::AttnGeom) {
+    let ctx = fused::AttnCtx {
+        shape: kernels::attention::Shape {
+            batch: b,
+            len: t,
+            hq,
+            hkv,
+            d,
+        },
+        segments,
+        window,
+        scale: 1.0 / (d as f64).sqrt(),
+        mask: None,
+        cpu: true,
+    };
+    let geom = fedtune_engine::cuda::ops::AttnGeom {
+        batch: b,
+        tq: t,
+        tk: t,
+        hq,
+        hkv,
+        d,
+        k_bs: t * hkv * d,
+        k_rs: hkv * d,
+        window: window.unwrap_or(0),
+    };
+    (ctx, geom)
+}
+
 #[test]
 fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
     let Some(g) = gpu() else { return };
@@ -176,32 +214,8 @@ fn attention_matches_the_host_kernel_with_gqa_segments_and_window() {
         ("segments", Some(&segments[..]), None),
         ("window 17", None, Some(17)),
     ] {
-        let ctx = fused::AttnCtx {
-            shape: kernels::attention::Shape {
-                batch: b,
-                len: t,
-                hq,
-                hkv,
-                d,
-            },
-            segments: segs,
-            window,
-            scale: 1.0 / (d as f64).sqrt(),
-            mask: None,
-            cpu: true,
-        };
+        let (ctx, geom) = attn_case(b, t, hq, hkv, d, segs, window);
         let (want_o, want_lse) = fused::attention(&q, &k, &v, &ctx);
-        let geom = fedtune_engine::cuda::ops::AttnGeom {
-            batch: b,
-            tq: t,
-            tk: t,
-            hq,
-            hkv,
-            d,
-            k_bs: t * hkv * d,
-            k_rs: hkv * d,
-            window: window.unwrap_or(0),
-        };
         let (gk, gv) = (up(&g, &k), up(&g, &v));
         let (o, lse) = g
             .attention(
@@ -397,35 +411,11 @@ fn attention_backward_matches_the_host_kernel_with_gqa_segments_and_window() {
             ("segments", Some(&segments[..]), None),
             ("window 17", None, Some(17)),
         ] {
-            let ctx = fused::AttnCtx {
-                shape: kernels::attention::Shape {
-                    batch: b,
-                    len: t,
-                    hq,
-                    hkv,
-                    d,
-                },
-                segments: segs,
-                window,
-                scale: 1.0 / (d as f64).sqrt(),
-                mask: None,
-                cpu: true,
-            };
+            let (ctx, geom) = attn_case(b, t, hq, hkv, d, segs, window);
             let (o, lse) = fused::attention(&q, &k, &v, &ctx);
             let lse = lse.expect("host lse");
             let (want_dq, want_dk, want_dv) =
                 fused::attention_backward(&q, &k, &v, &o, d_o.clone(), Some(&lse), &ctx);
-            let geom = fedtune_engine::cuda::ops::AttnGeom {
-                batch: b,
-                tq: t,
-                tk: t,
-                hq,
-                hkv,
-                d,
-                k_bs: t * hkv * d,
-                k_rs: hkv * d,
-                window: window.unwrap_or(0),
-            };
             let (dq, dk, dv) = g
                 .attention_backward(
                     &up(&g, &q),

@@ -283,20 +283,16 @@ impl Gpu {
             A::F(scale),
             A::I(g.window as i32),
         ];
+        // Both kernels read (q, k, v, dO, lse, dsum, segments), then take their outputs, then
+        // the shape.
+        let args = |outs: &[u64]| -> Vec<A> {
+            let inputs = [q.ptr(), k.ptr(), v.ptr(), d_o.ptr(), lp, dp, sp];
+            let mut a: Vec<A> = inputs.iter().chain(outs).map(|&p| A::P(p)).collect();
+            a.extend(tail);
+            a
+        };
         // Shared memory: kernels/backward.cu's layouts (at most 41 KiB at d = 128).
         let kv_smem = (2 * 32 * d + 2 * 8 * d + 2 * 8) * 4;
-        let mut args = vec![
-            A::P(q.ptr()),
-            A::P(k.ptr()),
-            A::P(v.ptr()),
-            A::P(d_o.ptr()),
-            A::P(lp),
-            A::P(dp),
-            A::P(sp),
-            A::P(dk.ptr()),
-            A::P(dv.ptr()),
-        ];
-        args.extend(tail);
         self.run(
             &format!("attn_bwd_kv_{sfx}"),
             LaunchConfig {
@@ -304,20 +300,9 @@ impl Gpu {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: kv_smem as u32,
             },
-            &args,
+            &args(&[dk.ptr(), dv.ptr()]),
         );
         let q_smem = (2 * 8 * d + 2 * 32 * (d + 1)) * 4;
-        let mut args = vec![
-            A::P(q.ptr()),
-            A::P(k.ptr()),
-            A::P(v.ptr()),
-            A::P(d_o.ptr()),
-            A::P(lp),
-            A::P(dp),
-            A::P(sp),
-            A::P(dq.ptr()),
-        ];
-        args.extend(tail);
         self.run(
             &format!("attn_bwd_q_{sfx}"),
             LaunchConfig {
@@ -325,7 +310,7 @@ impl Gpu {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: q_smem as u32,
             },
-            &args,
+            &args(&[dq.ptr()]),
         );
         Ok((dq, dk, dv))
     }

@@ -91,13 +91,7 @@ extern "C" __global__ void logprob_grad(float* logits, const unsigned* targets, 
     int row = blockIdx.x;
     if (row >= rows) return;
     float* x = logits + (size_t)row * vocab;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, x[i]);
-    mx = block_max(mx, scratch);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(x[i] - mx);
-    s = block_sum(s, scratch);
-    const float lse = mx + logf(s);
+    const float lse = row_logsumexp(x, vocab, scratch);
     const unsigned y = targets[row];
     if (threadIdx.x == 0) logp[row] = x[y] - lse;
     __syncthreads();  // every thread read x[y] (thread 0) before it is overwritten

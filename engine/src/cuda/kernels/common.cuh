@@ -69,6 +69,17 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// log Σ exp(x[i]) over a row of n f32 values (block-wide; every thread gets the result).
+__device__ __forceinline__ float row_logsumexp(const float* x, int n, float* scratch) {
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx, scratch);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += expf(x[i] - mx);
+    s = block_sum(s, scratch);
+    return mx + logf(s);
+}
+
 // A grid-stride loop over n elements.
 #define GRID_STRIDE(i, n)                                                                      \
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)(n);           \

@@ -73,11 +73,6 @@ extern "C" __global__ void target_logprobs(const float* logits, const unsigned* 
     int row = blockIdx.x;
     if (row >= rows) return;
     const float* x = logits + (size_t)row * vocab;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, x[i]);
-    mx = block_max(mx, scratch);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(x[i] - mx);
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) logp[row] = x[targets[row]] - (mx + logf(s));
+    const float lse = row_logsumexp(x, vocab, scratch);
+    if (threadIdx.x == 0) logp[row] = x[targets[row]] - lse;
 }
