@@ -129,6 +129,25 @@ __device__ void attn_dsum_impl(const T* o, const T* d_o, float* dsum, int batch,
     if (lane == 0) dsum[((size_t)b * hq + h) * len + i] = s;
 }
 
+// Rows r0 .. r0 + rows of two inputs with the same layout (row i of sequence b at
+// (b·len + i)·rs, columns col0 .. col0 + d) into f32 shared tiles of row stride `stride`, the first
+// scaled by sa; rows at or past len are zeros.
+template <typename T>
+__device__ void load_tiles(const T* a, const T* b, float* ta, float* tb, int rows, int r0, int len,
+                           int bi, size_t rs, size_t col0, int d, int stride, float sa) {
+    for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
+        int r = i / d, c = i % d, p = r0 + r;
+        float av = 0.f, bv = 0.f;
+        if (p < len) {
+            size_t off = (size_t)(bi * len + p) * rs + col0 + c;
+            av = ld(a[off]) * sa;
+            bv = ld(b[off]);
+        }
+        ta[r * stride + c] = av;
+        tb[r * stride + c] = bv;
+    }
+}
+
 #define ATB_BK 32   // keys per dK/dV block (8 per warp, 4 warps)
 #define ATB_KW 8    // keys per warp
 #define ATB_QT 8    // queries staged at a time
@@ -152,17 +171,7 @@ __device__ void attn_bwd_kv_impl(const T* q, const T* k, const T* v, const T* d_
     const int groups = hq / hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
-    for (int i = threadIdx.x; i < ATB_BK * d; i += blockDim.x) {
-        int r = i / d, c = i % d, p = k0 + r;
-        float kv = 0.f, vv = 0.f;
-        if (p < len) {
-            size_t off = (size_t)(b * len + p) * krs + (size_t)g * d + c;
-            kv = ld(k[off]);
-            vv = ld(v[off]);
-        }
-        ks[i] = kv;
-        vs[i] = vv;
-    }
+    load_tiles(k, v, ks, vs, ATB_BK, k0, len, b, krs, (size_t)g * d, d, d, 1.f);
     float akk[ATB_KW][ATB_DMAX / 32], avv[ATB_KW][ATB_DMAX / 32];
 #pragma unroll
     for (int j = 0; j < ATB_KW; j++)
@@ -176,17 +185,7 @@ __device__ void attn_bwd_kv_impl(const T* q, const T* k, const T* v, const T* d_
         const int h = g * groups + hh;
         for (int q0 = k0; q0 < qend; q0 += ATB_QT) {
             __syncthreads();
-            for (int i = threadIdx.x; i < ATB_QT * d; i += blockDim.x) {
-                int r = i / d, c = i % d, qi = q0 + r;
-                float qv = 0.f, dov = 0.f;
-                if (qi < len) {
-                    size_t off = (size_t)(b * len + qi) * qrs + (size_t)h * d + c;
-                    qv = ld(q[off]);
-                    dov = ld(d_o[off]);
-                }
-                qs[i] = qv;
-                dos[i] = dov;
-            }
+            load_tiles(q, d_o, qs, dos, ATB_QT, q0, len, b, qrs, (size_t)h * d, d, d, 1.f);
             if (threadIdx.x < ATB_QT) {
                 int qi = q0 + threadIdx.x;
                 size_t li = ((size_t)b * hq + h) * len + qi;
@@ -266,17 +265,7 @@ __device__ void attn_bwd_q_impl(const T* q, const T* k, const T* v, const T* d_o
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
-    for (int i = threadIdx.x; i < ATB_BQ * d; i += blockDim.x) {
-        int r = i / d, c = i % d, qi = q0 + r;
-        float qv = 0.f, dov = 0.f;
-        if (qi < len) {
-            size_t off = (size_t)(b * len + qi) * qrs + (size_t)h * d + c;
-            qv = ld(q[off]) * scale;
-            dov = ld(d_o[off]);
-        }
-        qs[i] = qv;
-        dos[i] = dov;
-    }
+    load_tiles(q, d_o, qs, dos, ATB_BQ, q0, len, b, qrs, (size_t)h * d, d, d, scale);
     float lrow[ATB_ROWS], drow[ATB_ROWS], acc[ATB_ROWS][ATB_DMAX / 32];
 #pragma unroll
     for (int rr = 0; rr < ATB_ROWS; rr++) {
@@ -292,17 +281,7 @@ __device__ void attn_bwd_q_impl(const T* q, const T* k, const T* v, const T* d_o
     if (window > 0 && !seg) kbegin = max(0, q0 - window + 1);
     for (int k0 = (kbegin / ATB_KB) * ATB_KB; k0 < kend; k0 += ATB_KB) {
         __syncthreads();
-        for (int i = threadIdx.x; i < ATB_KB * d; i += blockDim.x) {
-            int r = i / d, c = i % d, p = k0 + r;
-            float kv = 0.f, vv = 0.f;
-            if (p < len) {
-                size_t off = (size_t)(b * len + p) * krs + (size_t)g * d + c;
-                kv = ld(k[off]);
-                vv = ld(v[off]);
-            }
-            ks[r * (d + 1) + c] = kv;
-            vs[r * (d + 1) + c] = vv;
-        }
+        load_tiles(k, v, ks, vs, ATB_KB, k0, len, b, krs, (size_t)g * d, d, d + 1, 1.f);
         __syncthreads();
 #pragma unroll
         for (int rr = 0; rr < ATB_ROWS; rr++) {
