@@ -20,7 +20,7 @@ pub struct HostRope {
 }
 
 impl LlamaModel {
-    fn norm_of(&self, which: Norm) -> &RmsNorm {
+    pub(super) fn norm_of(&self, which: Norm) -> &RmsNorm {
         match which {
             Norm::Input(i) => &self.layers[i].input_layernorm,
             Norm::Post(i) => &self.layers[i].post_attention_layernorm,
@@ -60,7 +60,33 @@ impl LlamaModel {
         }
     }
 
-    fn rows_tensor(&self, rows: &[usize]) -> Tensor<1, Int> {
+    /// RoPE on rows `[n, heads·d]` (`inverse`: its transpose, the gradient through it).
+    pub(super) fn rope_rows(
+        &self,
+        x: Tensor<2>,
+        heads: usize,
+        tables: &HostRope,
+        inverse: bool,
+    ) -> Tensor<2> {
+        let d = x.dims()[1] / heads;
+        let ctx = fused::AttnCtx {
+            shape: kernels::attention::Shape {
+                batch: tables.batch,
+                len: tables.len,
+                hq: heads,
+                hkv: heads,
+                d,
+            },
+            segments: None,
+            window: None,
+            scale: 1.0,
+            mask: None,
+            cpu: self.kernels_run(),
+        };
+        fused::rope(x, heads, &ctx, &tables.rope, inverse)
+    }
+
+    pub(super) fn rows_tensor(&self, rows: &[usize]) -> Tensor<1, Int> {
         let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         Tensor::from_data(TensorData::new(v, [rows.len()]), &self.device)
     }
@@ -170,22 +196,7 @@ impl Backend for LlamaModel {
     }
 
     fn rope(&self, x: Tensor<2>, heads: usize, tables: &HostRope) -> Tensor<2> {
-        let d = x.dims()[1] / heads;
-        let ctx = fused::AttnCtx {
-            shape: kernels::attention::Shape {
-                batch: tables.batch,
-                len: tables.len,
-                hq: heads,
-                hkv: heads,
-                d,
-            },
-            segments: None,
-            window: None,
-            scale: 1.0,
-            mask: None,
-            cpu: self.kernels_run(),
-        };
-        fused::rope(x, heads, &ctx, &tables.rope, false)
+        self.rope_rows(x, heads, tables, false)
     }
 
     fn attention(

@@ -9,6 +9,10 @@
 //! Rows are tokens: activations are `[batch·len, features]` matrices throughout.
 
 mod host;
+mod host_train;
+mod train;
+
+pub use train::{Grads, ProjGrads, TrainBackend, TrainNeeds};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -120,6 +124,21 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
+impl AttnShape {
+    /// Layer `layer`'s attention over `batch` sequences of `len` new tokens, with that
+    /// layer's own sliding window.
+    pub fn of_layer(cfg: &ModelConfig, layer: usize, batch: usize, len: usize) -> Self {
+        AttnShape {
+            batch,
+            len,
+            hq: cfg.num_attention_heads,
+            hkv: cfg.num_key_value_heads,
+            d: cfg.head_dim,
+            window: cfg.sliding_window.get(layer).copied().flatten(),
+        }
+    }
+}
+
 /// The fused operations a device provides, over the model's weights on that device.
 pub trait Backend {
     /// A `[rows, cols]` activation on the device.
@@ -185,11 +204,7 @@ pub fn forward<B: Backend>(
 ) -> B::T {
     let cfg = m.config();
     assert_eq!(ids.len(), batch * len, "forward: ids are [batch, len]");
-    let (hq, hkv, d) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let tables = m.rope_tables(positions);
     let mut x = m.embed(ids);
     let mut pending: Option<B::T> = None;
@@ -203,14 +218,7 @@ pub fn forward<B: Backend>(
         };
         let q = m.rope(q, hq, &tables);
         let k = m.rope(k, hkv, &tables);
-        let shape = AttnShape {
-            batch,
-            len,
-            hq,
-            hkv,
-            d,
-            window: cfg.sliding_window.get(li).copied().flatten(),
-        };
+        let shape = AttnShape::of_layer(cfg, li, batch, len);
         let o = m.attention(li, q, k, v, shape, segments, cache.as_deref_mut());
         let attn = m.project(li, &[Proj::O], &o).remove(0);
         drop(o);

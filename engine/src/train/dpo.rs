@@ -349,7 +349,7 @@ impl Objective for DpoObjective {
                 trainable,
                 dropout_seed.map(|s| s ^ (i as u64) << 48),
             );
-            let lp = crate::weights::to_f32_vec(fwd.target_logps.to_data());
+            let lp = fwd.target_logps.clone();
             let mut sums = vec![0f64; b.batch];
             let mut counts = vec![0usize; b.batch];
             for (t, v) in b.targets.iter().zip(&lp) {

@@ -5,12 +5,12 @@
 
 use burn::tensor::{Tensor, TensorData};
 
-use super::step::Grads;
+use crate::device::Grads;
 use crate::kernels::{self, Term, matmul_sum};
 use crate::model::Linear;
 
-/// What a LoRA projection's forward keeps for its backward.
-pub(crate) struct LoraIn {
+/// What a LoRA projection's forward keeps for its backward (opaque outside the engine).
+pub struct LoraIn {
     /// `x·Aᵀ` (after dropout when active) `[n, r]`.
     pub(super) u: Tensor<2>,
     /// The dropout mask applied to `x` (already divided by the keep probability).
@@ -114,7 +114,7 @@ fn dropout_mask(x: &Tensor<2>, p: f64, seed: u64) -> Tensor<2> {
 }
 
 /// What one projection contributes to its input's gradient: `dy·W + s·((dy·B)·A) ⊙ mask`.
-pub(super) struct DxPart<'l> {
+pub(crate) struct DxPart<'l> {
     lin: &'l Linear,
     dy: Tensor<2>,
     /// `dy·B` `[n, r]` when the projection has a LoRA branch.
@@ -128,7 +128,7 @@ pub(super) struct DxPart<'l> {
 /// Backward of a projection: adds parameter gradients to `grads` and returns its part of the
 /// input gradient (summed by [`input_grad`]).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn lin_backward<'l>(
+pub(crate) fn lin_backward<'l>(
     lin: &'l Linear,
     name: &str,
     x: &Tensor<2>,
@@ -136,7 +136,7 @@ pub(super) fn lin_backward<'l>(
     dy: Tensor<2>,
     train_lora: bool,
     train_full: bool,
-    grads: &mut Grads,
+    grads: &mut Grads<Tensor<2>>,
 ) -> DxPart<'l> {
     if train_full {
         grads.insert(
@@ -185,11 +185,11 @@ pub(super) fn lin_backward<'l>(
 /// `lora_A` gradient in one product `Dᵀ·x` (one read of `x`) and the LoRA part of the input
 /// gradient as one term `D·[A₁; A₂; …]` (one pass over the output). NF4 weights are
 /// dequantised here and freed on return.
-pub(super) fn input_grad(
+pub(crate) fn input_grad(
     parts: &[DxPart<'_>],
     x: &Tensor<2>,
     want_dx: bool,
-    grads: &mut Grads,
+    grads: &mut Grads<Tensor<2>>,
 ) -> Option<Tensor<2>> {
     let stacked: Vec<(&DxPart<'_>, &crate::model::linear::LoraWeights, &Tensor<2>)> = parts
         .iter()

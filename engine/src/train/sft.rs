@@ -285,7 +285,7 @@ impl Objective for SftObjective<'_> {
                 trainable,
                 dropout_seed.map(|s| s ^ (i as u64) << 48),
             );
-            let lp: Vec<f32> = crate::weights::to_f32_vec(fwd.target_logps.to_data());
+            let lp: Vec<f32> = fwd.target_logps.clone();
             nll -= lp.iter().map(|v| *v as f64).sum::<f64>();
             let d = vec![coef; lp.len()];
             add_grads(&mut grads, backward(model, fwd, &d, trainable));

@@ -1,4 +1,5 @@
-//! One training forward and backward pass through the decoder, by hand (see [`super::ops`]).
+//! One training forward and backward pass through the decoder, by hand, written once for
+//! every device against [`TrainBackend`] (the host's CPU kernels, or the GPU's).
 //!
 //! What each layer keeps for backward (per token): its input `x`, the two RMSNorm factors, the
 //! rotated `q`/`k` and `v`, the attention output `o`, the residual `h`, the MLP's `gate` and `up`,
@@ -9,14 +10,10 @@
 //! Gradients flow only where something is trained: below the lowest trained layer nothing is
 //! computed, and the first layer's input gradient is skipped unless the embedding is trained.
 
-use std::collections::BTreeMap;
+use crate::device::{AttnShape, Norm, Proj, ProjGrads, TrainBackend};
+use crate::model::Positions;
 
-use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData};
-
-use super::proj::{LoraIn, input_grad, lin_backward, lin_forward, lin_forward_shared};
-use super::{fused, ops};
-use crate::kernels::{self, Term, matmul_sum};
-use crate::model::{LlamaModel, Positions, RmsNorm};
+pub use crate::device::Grads;
 
 /// Which parameters receive gradients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,197 +107,118 @@ pub struct StepBatch {
     pub targets: Vec<Target>,
 }
 
-/// Gradients by parameter name: LoRA factors as `{module}.lora_A` / `.lora_B`, other weights
-/// under their Hugging Face key. Vectors (norms, biases) are `[1, d]`.
-pub type Grads = BTreeMap<String, Tensor<2>>;
+const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
+const GATE_UP: [Proj; 2] = [Proj::Gate, Proj::Up];
 
-struct LayerSaved {
-    x: Tensor<2>,
-    r1: Tensor<2>,
+/// What one layer's forward keeps for its backward.
+struct LayerSaved<B: TrainBackend> {
+    /// The residual stream entering the block.
+    x: B::T,
+    r1: B::Rms,
     /// Rotated queries `[n, hq·d]`.
-    q: Tensor<2>,
+    q: B::T,
     /// Rotated keys `[n, hkv·d]`.
-    k: Tensor<2>,
-    v: Tensor<2>,
-    o: Tensor<2>,
-    lse: Option<Vec<f32>>,
-    h: Tensor<2>,
-    r2: Tensor<2>,
-    gate: Tensor<2>,
-    up: Tensor<2>,
-    lora: BTreeMap<&'static str, LoraIn>,
+    k: B::T,
+    v: B::T,
+    o: B::T,
+    lse: B::Lse,
+    /// The residual stream after attention.
+    h: B::T,
+    r2: B::Rms,
+    gate: B::T,
+    up: B::T,
+    qkv_in: Vec<Option<B::Saved>>,
+    o_in: Vec<Option<B::Saved>>,
+    gate_up_in: Vec<Option<B::Saved>>,
+    down_in: Vec<Option<B::Saved>>,
 }
 
 /// The state a forward pass leaves for backward.
-pub struct Forward {
-    layers: Vec<LayerSaved>,
-    x_final: Tensor<2>,
-    r_final: Tensor<2>,
-    mask: Option<Tensor<4, Bool>>,
-    rope: fused::Rope,
+pub struct Forward<B: TrainBackend> {
+    layers: Vec<LayerSaved<B>>,
+    x_final: B::T,
+    r_final: B::Rms,
+    rope: B::Rope,
     batch: usize,
     len: usize,
     segments: Option<Vec<u32>>,
-    window: Option<usize>,
-    cpu: bool,
-    /// `log p(target)` per target `[n_targets]`.
-    pub target_logps: Tensor<1>,
-    /// `dℓ/dh` per target `[n_targets, hidden]`.
-    grad_dirs: Tensor<2>,
+    /// `log p(target)` per target.
+    pub target_logps: Vec<f32>,
+    /// `∂ log p / ∂h` per target `[n_targets, hidden]`.
+    grad_dirs: B::T,
     /// Final hidden rows of the targets (kept only when the head is trained).
-    target_hidden: Option<Tensor<2>>,
-    rows: Tensor<1, Int>,
-    ids: Tensor<1, Int>,
-    targets: Vec<Target>,
+    target_hidden: Option<B::T>,
+    rows: Vec<usize>,
+    target_ids: Vec<u32>,
+    ids: Vec<u32>,
 }
 
-/// Rows of logits computed at once in the LM head: about 96 MiB of f32 logits (512 rows for
-/// SmolLM2's 49 152-token vocabulary, 196 for Llama 3's 128 256). Fewer, larger chunks stream
-/// the embedding through the cache fewer times: 512 rows instead of 256 made the SmolLM2 step
-/// 2% faster in 12 of 16 interleaved steps, for 70 MB more peak memory.
-fn head_chunk(vocab: usize) -> usize {
-    const LOGIT_BYTES: usize = 96 << 20;
-    (LOGIT_BYTES / (4 * vocab.max(1))).clamp(64, 4096)
+/// Outputs and saved states of [`TrainBackend::project_train`], apart.
+fn split<T, S>(v: Vec<(T, Option<S>)>) -> (Vec<T>, Vec<Option<S>>) {
+    v.into_iter().unzip()
 }
 
-/// Boolean attention mask `[b, 1→heads, t, t]` (true = hidden): causal, within segment.
-fn train_mask(
-    batch: &StepBatch,
-    heads: usize,
-    window: Option<usize>,
-    device: &burn::tensor::Device,
-) -> Tensor<4, Bool> {
-    let (b, t) = (batch.batch, batch.len);
-    let mut m = vec![false; b * t * t];
-    for bi in 0..b {
-        for qi in 0..t {
-            for ki in 0..t {
-                let mut hide = ki > qi;
-                if let Some(w) = window {
-                    hide |= qi >= ki + w;
-                }
-                if let Some(seg) = &batch.segments {
-                    let (sq, sk) = (seg[bi * t + qi], seg[bi * t + ki]);
-                    hide |= sk == 0 || sq != sk;
-                    if sq == 0 {
-                        hide = ki != qi;
-                    }
-                }
-                m[(bi * t + qi) * t + ki] = hide;
-            }
-        }
+fn take3<T>(v: Vec<T>) -> (T, T, T) {
+    let mut it = v.into_iter();
+    match (it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => unreachable!("three projections asked"),
     }
-    Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), device).expand([b, heads, t, t])
 }
 
-/// The residual stream `x (+ pending)` and its RMSNorm: `(stream, normalised, r)`. The
-/// previous block's MLP output (`pending`) joins the stream in the norm's own pass.
-fn residual_norm(
-    x: Tensor<2>,
-    pending: Option<Tensor<2>>,
-    norm: &RmsNorm,
-) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
-    match pending {
-        Some(down) => fused::add_rmsnorm(&x, &down, &norm.weight, norm.eps),
-        None => {
-            let (y, r) = fused::rmsnorm(&x, &norm.weight, norm.eps);
-            (x, y, r)
-        }
+fn take2<T>(v: Vec<T>) -> (T, T) {
+    let mut it = v.into_iter();
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("two projections asked"),
     }
+}
+
+fn take1<T>(v: Vec<T>) -> T {
+    v.into_iter().next().expect("one projection asked")
 }
 
 /// The forward pass. `dropout_seed` seeds LoRA dropout (None disables it).
-pub fn forward(
-    model: &LlamaModel,
+pub fn forward<B: TrainBackend>(
+    m: &B,
     batch: &StepBatch,
     trainable: &Trainable,
     dropout_seed: Option<u64>,
-) -> Forward {
-    let cfg = &model.config;
+) -> Forward<B> {
+    let cfg = m.config();
     let (b, t) = (batch.batch, batch.len);
-    let n = b * t;
-    let (hq, hkv, d) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let device = &model.device;
-    let ids = model.ids_tensor(&batch.ids, b, t);
-    let flat_ids = ids.clone().reshape([n]);
-    let mut x = burn::tensor::module::embedding(model.embed_tokens.clone(), ids)
-        .reshape([n, cfg.hidden_size]);
-    let (cos, sin) = model.rope.tables(&batch.positions, device);
-    let (cos_rows, sin_rows) = model.rope.rows(&batch.positions);
-    let rope = fused::Rope {
-        cos,
-        sin,
-        cos_rows,
-        sin_rows,
-    };
-    let window = cfg.sliding_window.iter().flatten().next().copied();
-    let cpu = kernels::available(device);
-    let mask = (!cpu).then(|| train_mask(batch, hq, window, device));
-    let ctx = fused::AttnCtx {
-        shape: kernels::attention::Shape {
-            batch: b,
-            len: t,
-            hq,
-            hkv,
-            d,
-        },
-        segments: batch.segments.as_deref(),
-        window,
-        scale: 1.0 / (d as f64).sqrt(),
-        mask: mask.clone(),
-        cpu,
-    };
-    let mut layers = Vec::with_capacity(model.layers.len());
-    let lowest = trainable.lowest(model.layers.len());
+    assert_eq!(batch.ids.len(), b * t, "forward: ids are [batch, len]");
+    let num_layers = cfg.num_hidden_layers;
+    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let rope = m.rope_tables(&batch.positions);
+    let segments = batch.segments.as_deref();
+    let lowest = trainable.lowest(num_layers);
+    let mut x = m.embed(&batch.ids);
+    let mut layers = Vec::with_capacity(num_layers - lowest.min(num_layers));
     // `x + pending` is the residual stream entering the next block.
-    let mut pending: Option<Tensor<2>> = None;
-    for (li, layer) in model.layers.iter().enumerate() {
-        let seed = |m: u64| {
-            dropout_seed.map(|s| s ^ ((li as u64) << 8 | m).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    let mut pending: Option<B::T> = None;
+    for li in 0..num_layers {
+        let seed = |k: u64| {
+            dropout_seed.map(|s| s ^ ((li as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         };
-        let a = &layer.self_attn;
-        let ln1 = &layer.input_layernorm;
-        let (xin, n1, r1) = residual_norm(x, pending.take(), ln1);
-        let [(q, lq), (k, lk), (v, lv)] = lin_forward_shared(
-            [&a.q_proj, &a.k_proj, &a.v_proj],
-            &n1,
-            [seed(0), seed(1), seed(2)],
-        );
+        let (xin, n1, r1) = m.norm_train(Norm::Input(li), x, pending.take());
+        let (qkv, qkv_in) = split(m.project_train(li, &QKV, &n1, &[seed(0), seed(1), seed(2)]));
         drop(n1);
-        let q = fused::rope(q, hq, &ctx, &rope, false);
-        let k = fused::rope(k, hkv, &ctx, &rope, false);
-        let (o, lse) = fused::attention(&q, &k, &v, &ctx);
-        let (attn, lo) = lin_forward(&a.o_proj, &o, seed(3));
-        let m = &layer.mlp;
-        let ln2 = &layer.post_attention_layernorm;
-        let (h, n2, r2) = fused::add_rmsnorm(&xin, &attn, &ln2.weight, ln2.eps);
-        drop(attn);
-        let [(gate, lg), (up, lu)] =
-            lin_forward_shared([&m.gate_proj, &m.up_proj], &n2, [seed(4), seed(5)]);
+        let (q, k, v) = take3(qkv);
+        let q = m.rope(q, hq, &rope);
+        let k = m.rope(k, hkv, &rope);
+        let shape = AttnShape::of_layer(cfg, li, b, t);
+        let (o, lse) = m.attention_train(&q, &k, &v, shape, segments);
+        let (attn, o_in) = split(m.project_train(li, &[Proj::O], &o, &[seed(3)]));
+        let (h, n2, r2) = m.norm_train(Norm::Post(li), xin.clone(), Some(take1(attn)));
+        let (gu, gate_up_in) = split(m.project_train(li, &GATE_UP, &n2, &[seed(4), seed(5)]));
         drop(n2);
-        let act = fused::swiglu(&gate, &up);
-        let (down, ld) = lin_forward(&m.down_proj, &act, seed(6));
+        let (gate, up) = take2(gu);
+        let act = m.swiglu(&gate, &up);
+        let (down, down_in) = split(m.project_train(li, &[Proj::Down], &act, &[seed(6)]));
         drop(act);
         x = h.clone();
         if li >= lowest {
-            let mut lora = BTreeMap::new();
-            for (name, saved) in [
-                ("q_proj", lq),
-                ("k_proj", lk),
-                ("v_proj", lv),
-                ("o_proj", lo),
-                ("gate_proj", lg),
-                ("up_proj", lu),
-                ("down_proj", ld),
-            ] {
-                if let Some(saved) = saved {
-                    lora.insert(name, saved);
-                }
-            }
             layers.push(LayerSaved {
                 x: xin,
                 r1,
@@ -313,234 +231,182 @@ pub fn forward(
                 r2,
                 gate,
                 up,
-                lora,
+                qkv_in,
+                o_in,
+                gate_up_in,
+                down_in,
             });
         }
-        pending = Some(down);
+        pending = Some(take1(down));
     }
-    let (x, hidden, r_final) = residual_norm(x, pending, &model.norm);
-    let rows_v: Vec<i64> = batch.targets.iter().map(|t| t.pos as i64).collect();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows_v, [batch.targets.len()]), device);
-    let target_h = hidden.select(0, rows.clone());
-    let ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
-    let chunk = head_chunk(model.config.vocab_size);
-    let (target_logps, grad_dirs) =
-        ops::target_logprobs_with_grad(&target_h, &model.lm_head_weight(), &ids, chunk);
+    let (x, hidden, r_final) = m.norm_train(Norm::Final, x, pending);
+    let rows: Vec<usize> = batch.targets.iter().map(|t| t.pos).collect();
+    let target_ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
+    let target_h = m.gather(&hidden, &rows);
+    drop(hidden);
+    let (target_logps, grad_dirs) = m.head_train(&target_h, &target_ids);
     Forward {
         layers,
         x_final: x,
         r_final,
-        mask,
         rope,
         batch: b,
         len: t,
         segments: batch.segments.clone(),
-        window,
-        cpu,
         target_logps,
         grad_dirs,
         target_hidden: trainable.head.then_some(target_h),
         rows,
-        ids: flat_ids,
-        targets: batch.targets.clone(),
+        target_ids,
+        ids: batch.ids.clone(),
     }
-}
-
-/// Gradient of the LM head for target rows with upstream `g` per row:
-/// `dW = Σᵢ gᵢ·(e_{yᵢ} − pᵢ)ᵀ hᵢ` (logits recomputed chunk by chunk).
-fn head_grad(model: &LlamaModel, h: &Tensor<2>, targets: &[Target], g: &Tensor<1>) -> Tensor<2> {
-    let w = model.lm_head_weight();
-    let [vocab, hidden] = w.dims();
-    let device = h.device();
-    let mut dw = Tensor::<2>::zeros([vocab, hidden], &device);
-    let n = targets.len();
-    let mut start = 0;
-    let chunk = head_chunk(vocab);
-    while start < n {
-        let end = (start + chunk).min(n);
-        let hc = h.clone().slice([start..end, 0..hidden]);
-        let gc = g
-            .clone()
-            .narrow(0, start, end - start)
-            .unsqueeze_dim::<2>(1);
-        let p = burn::tensor::activation::softmax(matmul_sum(&[Term::nt(&hc, &w, 1.0)]), 1);
-        // dlogits = g·(onehot − p)
-        let idx: Vec<i64> = targets[start..end].iter().map(|t| t.id as i64).collect();
-        let idx2 = Tensor::<2, Int>::from_data(TensorData::new(idx, [end - start, 1]), &device);
-        let onehot = Tensor::<2>::zeros([end - start, vocab], &device).scatter(
-            1,
-            idx2,
-            Tensor::ones([end - start, 1], &device),
-            IndexingUpdateOp::Add,
-        );
-        let dlogits = (onehot - p) * gc;
-        dw = dw + matmul_sum(&[Term::tn(&dlogits, &hc, 1.0)]);
-        start = end;
-    }
-    dw
 }
 
 /// The backward pass for upstream gradients `d_logps` (one per target, `∂loss/∂log p`).
-pub fn backward(model: &LlamaModel, fwd: Forward, d_logps: &[f32], trainable: &Trainable) -> Grads {
-    let cfg = &model.config;
-    let device = &model.device;
+pub fn backward<B: TrainBackend>(
+    m: &B,
+    fwd: Forward<B>,
+    d_logps: &[f32],
+    trainable: &Trainable,
+) -> Grads<B::T> {
+    let cfg = m.config();
+    assert_eq!(
+        d_logps.len(),
+        fwd.rows.len(),
+        "one upstream gradient per target"
+    );
+    let num_layers = cfg.num_hidden_layers;
+    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let (b, t) = (fwd.batch, fwd.len);
+    let segments = fwd.segments.as_deref();
     let mut grads = Grads::new();
-    let n_t = d_logps.len();
-    let g = Tensor::<1>::from_data(TensorData::new(d_logps.to_vec(), [n_t]), device);
     if trainable.head
         && let Some(h) = &fwd.target_hidden
     {
-        let key = if model.lm_head.is_some() {
-            "lm_head.weight"
-        } else {
+        let key = if m.head_tied() {
             "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
         };
-        grads.insert(key.into(), head_grad(model, h, &fwd.targets, &g));
+        grads.insert(key.into(), m.head_weight_grad(h, &fwd.target_ids, d_logps));
     }
-    let d_rows = fwd.grad_dirs * g.unsqueeze_dim::<2>(1);
-    let [n, hidden] = fwd.x_final.dims();
-    let d_hidden = Tensor::<2>::zeros([n, hidden], device).select_assign(
-        0,
-        fwd.rows,
-        d_rows,
-        IndexingUpdateOp::Add,
-    );
-    let (mut dx, dw) = fused::rmsnorm_backward(
+    let d_hidden = m.scatter_rows(fwd.grad_dirs, d_logps, &fwd.rows, b * t);
+    let (mut dx, dw) = m.norm_backward(
+        Norm::Final,
         &fwd.x_final,
         &fwd.r_final,
-        &model.norm.weight,
         d_hidden,
         None,
         trainable.final_norm,
     );
     if let Some(dw) = dw {
-        grads.insert("model.norm.weight".into(), dw.unsqueeze::<2>());
+        grads.insert("model.norm.weight".into(), dw);
     }
-    let (hq, hkv, d) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let ctx = fused::AttnCtx {
-        shape: kernels::attention::Shape {
-            batch: fwd.batch,
-            len: fwd.len,
-            hq,
-            hkv,
-            d,
-        },
-        segments: fwd.segments.as_deref(),
-        window: fwd.window,
-        scale: 1.0 / (d as f64).sqrt(),
-        mask: fwd.mask.clone(),
-        cpu: fwd.cpu,
-    };
-    let lowest = trainable.lowest(model.layers.len());
+    let lowest = trainable.lowest(num_layers);
     let mut saved_layers = fwd.layers;
-    for li in (lowest..model.layers.len()).rev() {
+    for li in (lowest..num_layers).rev() {
         let s = saved_layers
             .pop()
             .expect("one saved state per trained layer");
-        let layer = &model.layers[li];
         let full = trainable.layer_full(li);
-        let lora = trainable.lora;
-        // The projections' input gradient feeds the layers below, the embedding, and this
-        // layer's own input-norm weight.
-        let want_input_dx = li > lowest || trainable.embedding || full;
-        let prefix = format!("model.layers.{li}");
-        let bw = |lin, name: &str, x: &Tensor<2>, dy: Tensor<2>, grads: &mut Grads| {
-            let module = name.rsplit('.').next().unwrap_or(name);
-            lin_backward(
-                lin,
-                &format!("{prefix}.{name}"),
-                x,
-                s.lora.get(module),
-                dy,
-                lora,
-                full,
-                grads,
-            )
+        let want = |input| ProjGrads {
+            lora: trainable.lora,
+            weight: full,
+            input,
         };
+        let prefix = format!("model.layers.{li}");
         // MLP
-        let m = &layer.mlp;
-        let act = fused::swiglu(&s.gate, &s.up);
-        let down = bw(&m.down_proj, "mlp.down_proj", &act, dx.clone(), &mut grads);
-        let da = input_grad(&[down], &act, true, &mut grads).expect("wanted");
+        let act = m.swiglu(&s.gate, &s.up);
+        let da = m.project_backward(
+            li,
+            &[Proj::Down],
+            &act,
+            &s.down_in,
+            vec![dx.clone()],
+            want(true),
+            &mut grads,
+        );
         drop(act);
-        let (dg, du) = fused::swiglu_backward(&s.gate, &s.up, da);
-        let ln2 = &layer.post_attention_layernorm;
-        let (n2, _) = fused::rmsnorm(&s.h, &ln2.weight, ln2.eps);
-        let gate = bw(&m.gate_proj, "mlp.gate_proj", &n2, dg, &mut grads);
-        let up = bw(&m.up_proj, "mlp.up_proj", &n2, du, &mut grads);
-        let dn2 = input_grad(&[gate, up], &n2, true, &mut grads).expect("wanted");
+        let (dg, du) = m.swiglu_backward(&s.gate, &s.up, da.expect("asked"));
+        let n2 = m.norm_again(Norm::Post(li), &s.h, &s.r2);
+        let dn2 = m.project_backward(
+            li,
+            &GATE_UP,
+            &n2,
+            &s.gate_up_in,
+            vec![dg, du],
+            want(true),
+            &mut grads,
+        );
         drop(n2);
         // dh = dx + the norm's input gradient, in one pass.
-        let (dh, dw2) = fused::rmsnorm_backward(&s.h, &s.r2, &ln2.weight, dn2, Some(&dx), full);
+        let (dh, dw2) = m.norm_backward(
+            Norm::Post(li),
+            &s.h,
+            &s.r2,
+            dn2.expect("asked"),
+            Some(&dx),
+            full,
+        );
         drop(dx);
         if let Some(dw) = dw2 {
-            grads.insert(
-                format!("{prefix}.post_attention_layernorm.weight"),
-                dw.unsqueeze::<2>(),
-            );
+            grads.insert(format!("{prefix}.post_attention_layernorm.weight"), dw);
         }
         // Attention
-        let a = &layer.self_attn;
-        let o = bw(&a.o_proj, "self_attn.o_proj", &s.o, dh.clone(), &mut grads);
-        let d_o = input_grad(&[o], &s.o, true, &mut grads).expect("wanted");
-        let (dq, dk, dv) =
-            fused::attention_backward(&s.q, &s.k, &s.v, &s.o, d_o, s.lse.as_deref(), &ctx);
-        let dq = fused::rope(dq, hq, &ctx, &fwd.rope, true);
-        let dk = fused::rope(dk, hkv, &ctx, &fwd.rope, true);
-        let ln1 = &layer.input_layernorm;
-        let (n1, _) = fused::rmsnorm(&s.x, &ln1.weight, ln1.eps);
-        let parts = [
-            bw(&a.q_proj, "self_attn.q_proj", &n1, dq, &mut grads),
-            bw(&a.k_proj, "self_attn.k_proj", &n1, dk, &mut grads),
-            bw(&a.v_proj, "self_attn.v_proj", &n1, dv, &mut grads),
-        ];
-        let dn1 = input_grad(&parts, &n1, want_input_dx, &mut grads);
+        let d_o = m.project_backward(
+            li,
+            &[Proj::O],
+            &s.o,
+            &s.o_in,
+            vec![dh.clone()],
+            want(true),
+            &mut grads,
+        );
+        let shape = AttnShape::of_layer(cfg, li, b, t);
+        let (dq, dk, dv) = m.attention_backward(
+            [&s.q, &s.k, &s.v],
+            &s.o,
+            d_o.expect("asked"),
+            &s.lse,
+            shape,
+            segments,
+        );
+        let dq = m.rope_backward(dq, hq, &fwd.rope);
+        let dk = m.rope_backward(dk, hkv, &fwd.rope);
+        // The projections' input gradient feeds the layers below, the embedding, and this
+        // layer's own input-norm weight.
+        let want_input = li > lowest || trainable.embedding || full;
+        let n1 = m.norm_again(Norm::Input(li), &s.x, &s.r1);
+        let dn1 = m.project_backward(
+            li,
+            &QKV,
+            &n1,
+            &s.qkv_in,
+            vec![dq, dk, dv],
+            want(want_input),
+            &mut grads,
+        );
         drop(n1);
-        if let Some(dn1) = dn1 {
-            let (dx_sum, dw1) =
-                fused::rmsnorm_backward(&s.x, &s.r1, &ln1.weight, dn1, Some(&dh), full);
-            if let Some(dw) = dw1 {
-                grads.insert(
-                    format!("{prefix}.input_layernorm.weight"),
-                    dw.unsqueeze::<2>(),
-                );
+        dx = match dn1 {
+            Some(dn1) => {
+                let (dx_sum, dw1) =
+                    m.norm_backward(Norm::Input(li), &s.x, &s.r1, dn1, Some(&dh), full);
+                if let Some(dw) = dw1 {
+                    grads.insert(format!("{prefix}.input_layernorm.weight"), dw);
+                }
+                dx_sum
             }
-            dx = dx_sum;
-        } else {
-            dx = dh;
-        }
+            None => dh,
+        };
     }
     if trainable.embedding {
-        let [vocab, _] = model.embed_tokens.dims();
-        let de = Tensor::<2>::zeros([vocab, hidden], device).select_assign(
-            0,
-            fwd.ids,
-            dx,
-            IndexingUpdateOp::Add,
-        );
+        let de = m.embedding_grad(&fwd.ids, &dx);
         let key = "model.embed_tokens.weight".to_string();
         let total = match grads.remove(&key) {
-            Some(head) => head + de,
+            Some(head) => m.add(head, &de),
             None => de,
         };
         grads.insert(key, total);
     }
     grads
-}
-
-#[cfg(test)]
-mod tests {
-    use super::head_chunk;
-
-    #[test]
-    fn head_chunks_hold_about_96_mib_of_logits() {
-        assert_eq!(head_chunk(49_152), 512); // SmolLM2
-        assert_eq!(head_chunk(128_256), 196); // Llama 3
-        assert_eq!(head_chunk(1_000), 4096); // tiny test models: capped
-        assert_eq!(head_chunk(10_000_000), 64); // floor
-    }
 }
