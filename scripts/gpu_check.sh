@@ -5,6 +5,8 @@
 # step's output) and results.jsonl to $OUT (or gpu-out/); under 8 minutes on an H200.
 #   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
 #      against the host engine and transformers (f32), bf16/f16 deviation.
+#   1b. tests/cuda_train: the training step (every gradient) on the GPU against the host step
+#      for LoRA, QLoRA, full and last-layer training; the device optimiser against the host's.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
 #   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file.
 #   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
@@ -33,6 +35,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 step half_reference 60 python3 bench/gpu_forward.py bf16 testdata/tiny-llama/model /tmp/half_reference.json
 export FEDTUNE_HALF_REFERENCE=/tmp/half_reference.json
 step tests_device 150 gpu-bin/cuda_device --test-threads=1 --nocapture
+step tests_train 90 gpu-bin/cuda_train --test-threads=1 --nocapture
 if [ "${SKIP_KERNEL_COMPILE:-}" != 1 ]; then
   step tests_kernels 60 gpu-bin/cuda_kernels --nocapture
 fi

@@ -1,71 +1,21 @@
 //! The GPU engine against the host engine and transformers, kernel by kernel and on whole
 //! models. Runs where a CUDA device is found (`scripts/gpu_check.sh` on the GPU machine); on
 //! machines without one every test says so and passes, unless `FEDTUNE_REQUIRE_GPU=1`.
-//! Test data is read from `$FEDTUNE_REPO/testdata` (the binary may run on another machine),
-//! else from the source tree.
+//! Test data is read from `$FEDTUNE_REPO/testdata` (see `gpu_common`). The training step on
+//! the GPU is tested in `cuda_train.rs`.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod gpu_common;
 
-use burn::tensor::{DType, Device, Distribution, Tensor};
-use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
+use burn::tensor::{DType, Device, Tensor};
+use fedtune_engine::cuda::{CudaModel, Dt};
 use fedtune_engine::device::{Backend, forward};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs};
 use fedtune_engine::kernels::{self, Term, matmul_sum};
 use fedtune_engine::model::Positions;
 use fedtune_engine::train::fused;
 use fedtune_engine::weights::{SafetensorsSource, TensorSource, to_f32_vec};
-use fedtune_engine::{LlamaModel, ModelConfig, PeftAdapter, Tokenizer};
-
-fn repo() -> PathBuf {
-    std::env::var("FEDTUNE_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
-}
-
-fn gpu() -> Option<Arc<Gpu>> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            assert!(
-                std::env::var("FEDTUNE_REQUIRE_GPU").is_err(),
-                "FEDTUNE_REQUIRE_GPU is set: {e}"
-            );
-            eprintln!("no GPU: {e}");
-            None
-        }
-    }
-}
-
-fn rand(shape: [usize; 2]) -> Tensor<2> {
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex())
-}
-
-fn host(t: &Tensor<2>) -> Vec<f32> {
-    to_f32_vec(t.to_data())
-}
-
-fn up(g: &Gpu, t: &Tensor<2>) -> GTensor {
-    let [r, c] = t.dims();
-    g.upload(&host(t), r, c, Dt::F32).unwrap()
-}
-
-/// Largest |a − b| relative to the largest |b| (≥ 1).
-fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths");
-    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
-}
-
-fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    let r = rel(got, want);
-    println!("{what}: max relative diff {r:.2e}");
-    assert!(r <= tol, "{what}: {r:e} > {tol:e}");
-}
+use fedtune_engine::{ModelConfig, PeftAdapter, Tokenizer};
+use gpu_common::{check, gpu, host, packed_segments, rand, repo, tiny, up};
 
 #[test]
 fn products_with_transposes_and_accumulation_match_the_host() {
@@ -338,63 +288,6 @@ fn backward_kernels_match_the_host_kernels() {
 }
 
 #[test]
-fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
-    use fedtune_engine::cuda::optim::DeviceParam;
-    use fedtune_engine::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
-    use std::collections::BTreeMap;
-    let Some(g) = gpu() else { return };
-    let config = AdamWConfig {
-        weight_decay: 0.01,
-        ..AdamWConfig::default()
-    };
-    // Three tensors, one longer than a partial sum (4096), one exempt from decay.
-    let shapes = [([64, 80], true), ([3, 7], false), ([16, 33], true)];
-    let mut host_p: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s)).collect();
-    let dev_p: Vec<GTensor> = host_p.iter().map(|p| up(&g, p)).collect();
-    let zeros = |t: &GTensor| g.zeros(t.rows, t.cols, Dt::F32);
-    let dev_m: Vec<GTensor> = dev_p.iter().map(zeros).collect();
-    let dev_v: Vec<GTensor> = dev_p.iter().map(zeros).collect();
-    let mut opt = AdamW::new(config);
-    // Step 1 without clipping (max 100), steps 2-3 clipped (max 0.5).
-    for (step, max) in [(1u64, 100.0), (2, 0.5), (3, 0.5)] {
-        let grads: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s) * 0.3).collect();
-        let dev_g: Vec<GTensor> = grads.iter().map(|t| up(&g, t)).collect();
-        let mut map: BTreeMap<String, Tensor<2>> = grads
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (format!("t{i}"), t.clone()))
-            .collect();
-        let want_norm = clip_grad_norm(&mut map, max);
-        opt.begin_step();
-        let lr = 1e-3 * step as f64;
-        for (i, p) in host_p.iter_mut().enumerate() {
-            let gi = map[&format!("t{i}")].clone();
-            *p = opt.update(&format!("t{i}"), p.clone(), gi, lr, shapes[i].1);
-        }
-        let params: Vec<DeviceParam<'_>> = (0..shapes.len())
-            .map(|i| DeviceParam {
-                p: &dev_p[i],
-                g: &dev_g[i],
-                m: &dev_m[i],
-                v: &dev_v[i],
-                decay: shapes[i].1,
-            })
-            .collect();
-        let norm = g.adamw_step(&params, config, lr, step, max).unwrap();
-        assert!(
-            ((norm - want_norm) / want_norm).abs() < 1e-6,
-            "step {step}: norm {norm} vs {want_norm}"
-        );
-        for (i, p) in host_p.iter().enumerate() {
-            let (got, want) = (g.download(&dev_p[i]).unwrap(), host(p));
-            let same = got == want;
-            println!("adamw step {step} tensor {i}: bit-identical to the host: {same}");
-            check(&format!("adamw step {step} tensor {i}"), &got, &want, 1e-6);
-        }
-    }
-}
-
-#[test]
 fn attention_backward_matches_the_host_kernel_with_gqa_segments_and_window() {
     let Some(g) = gpu() else { return };
     // d = 40 (a partial last column group) and d = 128 (the largest supported).
@@ -542,33 +435,6 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
     }
 }
 
-/// Two packed sequences per row (positions < 30 and the rest), and padding (segment 0) at the
-/// end of the second row.
-fn packed_segments(b: usize, t: usize) -> Vec<u32> {
-    (0..b * t)
-        .map(|i| {
-            let (row, pos) = (i / t, i % t);
-            if row == 1 && pos >= t - 5 {
-                0
-            } else if pos < 30 {
-                1
-            } else {
-                2
-            }
-        })
-        .collect()
-}
-
-fn tiny(dir: &str) -> (LlamaModel, SafetensorsSource) {
-    let d = repo().join(dir);
-    let cfg = ModelConfig::from_file(&d.join("config.json")).unwrap();
-    let src = SafetensorsSource::open_dir(&d).unwrap();
-    (
-        LlamaModel::load(&src, cfg, &Device::flex(), DType::F32).unwrap(),
-        src,
-    )
-}
-
 fn all_logits<B: Backend>(m: &B, ids: &[u32], b: usize, t: usize) -> Vec<f32> {
     let pos = Positions::Range {
         start: 0,
@@ -677,114 +543,6 @@ fn tiny_llama_logits_losses_adapter_nf4_and_generation_match_the_host() {
         "tiny-llama NF4 + adapter logits",
         &all_logits(&cm, &ids, 1, t),
         &all_logits(&model, &ids, 1, t),
-        1e-5,
-    );
-}
-
-#[test]
-fn training_projections_and_the_head_gradient_match_host_products() {
-    use fedtune_engine::device::Proj;
-    let Some(g) = gpu() else { return };
-    let (mut model, _) = tiny("testdata/tiny-llama/model");
-    let a = PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap();
-    model.attach_adapter(&a).unwrap();
-    let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
-    let hidden = model.config.hidden_size;
-    let n = 19;
-    let x = rand([n, hidden]);
-    let gx = up(&g, &x);
-    for which in [
-        &[Proj::Q, Proj::K, Proj::V][..],
-        &[Proj::Gate, Proj::Up][..],
-    ] {
-        let outs = cm.project_train(1, which, &gx).unwrap();
-        let lins: Vec<_> = which.iter().map(|&p| model.layers[1].proj(p)).collect();
-        let dys: Vec<Tensor<2>> = lins
-            .iter()
-            .map(|l| rand([n, l.weight().dims()[0]]))
-            .collect();
-        let mut want_dx = Tensor::<2>::zeros([n, hidden], &Device::flex());
-        let (mut saved, mut gdys) = (Vec::new(), Vec::new());
-        for (((&p, lin), (y, s)), dy) in which.iter().zip(&lins).zip(outs).zip(&dys) {
-            let l = lin
-                .lora
-                .as_ref()
-                .expect("the adapter covers every projection");
-            let sc = l.scale as f32;
-            let u = matmul_sum(&[Term::nt(&x, &l.a, 1.0)]);
-            let want_y = matmul_sum(&[Term::nt(&x, &lin.weight(), 1.0), Term::nt(&u, &l.b, sc)]);
-            check(
-                &format!("{p:?} forward"),
-                &g.download(&y).unwrap(),
-                &host(&want_y),
-                1e-5,
-            );
-            check(
-                &format!("{p:?} x·Aᵀ"),
-                &g.download(s.u.as_ref().unwrap()).unwrap(),
-                &host(&u),
-                1e-5,
-            );
-            let dyb = matmul_sum(&[Term::nn(dy, &l.b, 1.0)]);
-            want_dx =
-                want_dx + matmul_sum(&[Term::nn(dy, &lin.weight(), 1.0), Term::nn(&dyb, &l.a, sc)]);
-            saved.push(s);
-            gdys.push(up(&g, dy));
-        }
-        let (grads, dx) = cm
-            .project_backward(1, which, &gx, &saved, &gdys, true, true)
-            .unwrap();
-        check(
-            &format!("{which:?} input gradient"),
-            &g.download(&dx.unwrap()).unwrap(),
-            &host(&want_dx),
-            1e-5,
-        );
-        for (((&p, lin), dy), gr) in which.iter().zip(&lins).zip(&dys).zip(grads) {
-            let l = lin.lora.as_ref().unwrap();
-            let sc = l.scale as f32;
-            let gr = gr.expect("LoRA gradients asked");
-            let u = matmul_sum(&[Term::nt(&x, &l.a, 1.0)]);
-            let dyb = matmul_sum(&[Term::nn(dy, &l.b, 1.0)]);
-            let want_a = matmul_sum(&[Term::tn(&dyb, &x, sc)]);
-            let want_b = matmul_sum(&[Term::tn(dy, &u, sc)]);
-            check(
-                &format!("{p:?} lora_A grad"),
-                &g.download(&gr.a).unwrap(),
-                &host(&want_a),
-                1e-5,
-            );
-            check(
-                &format!("{p:?} lora_B grad"),
-                &g.download(&gr.b).unwrap(),
-                &host(&want_b),
-                1e-5,
-            );
-        }
-    }
-    // The LM head over targets at scattered rows, in more than one chunk's worth of calls.
-    let rows: Vec<usize> = (0..n).rev().step_by(2).collect();
-    let ids: Vec<u32> = rows.iter().map(|&r| (r * 37 % 1000) as u32).collect();
-    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-    let sel = x.clone().select(
-        0,
-        Tensor::<1, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(idx, [rows.len()]),
-            &Device::flex(),
-        ),
-    );
-    let (want_lp, want_dirs) = fedtune_engine::train::ops::target_logprobs_with_grad(
-        &sel,
-        &model.lm_head_weight(),
-        &ids,
-        4,
-    );
-    let (lp, dirs) = cm.head_logprobs_with_grad(&gx, &rows, &ids).unwrap();
-    check("head log p", &lp, &to_f32_vec(want_lp.to_data()), 1e-5);
-    check(
-        "head ∂log p/∂h",
-        &g.download(&dirs).unwrap(),
-        &host(&want_dirs),
         1e-5,
     );
 }

@@ -314,4 +314,87 @@ impl Gpu {
         );
         Ok((dq, dk, dv))
     }
+
+    /// `[out_rows, cols]` whose row `r` is `Σ scale[i]·src[i]` over the source rows `i` with
+    /// `dest[i] = r`, added in increasing `i` (deterministic, no atomics); rows no source maps
+    /// to are zero. The gradient of a row gather: the embedding's (`dest` = token ids) and the
+    /// hidden states' from the target rows.
+    pub fn scatter_rows(
+        &self,
+        src: &GTensor,
+        scale: Option<&[f32]>,
+        dest: &[usize],
+        out_rows: usize,
+    ) -> Result<GTensor> {
+        assert_eq!(
+            dest.len(),
+            src.rows,
+            "scatter_rows: one destination per source row"
+        );
+        if let Some(s) = scale {
+            assert_eq!(s.len(), src.rows, "scatter_rows: one scale per source row");
+        }
+        if let Some(&bad) = dest.iter().find(|&&r| r >= out_rows) {
+            return Err(Error::Invalid(format!(
+                "scatter_rows: destination row {bad} of {out_rows}"
+            )));
+        }
+        // Source rows grouped by destination (a counting sort keeps them in order).
+        let mut off = vec![0u32; out_rows + 1];
+        for &r in dest {
+            off[r + 1] += 1;
+        }
+        for r in 0..out_rows {
+            off[r + 1] += off[r];
+        }
+        let mut next = off.clone();
+        let mut idx = vec![0u32; dest.len()];
+        for (i, &r) in dest.iter().enumerate() {
+            idx[next[r] as usize] = i as u32;
+            next[r] += 1;
+        }
+        let out = self.alloc(out_rows, src.cols, src.dt);
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let (off_d, idx_d) = (self.upload_u32(&off)?, self.upload_u32(&idx)?);
+        let scale_d = scale.map(|s| self.upload_f32(s)).transpose()?;
+        let sp = scale_d.as_ref().map_or(0, |s| s.device_ptr(&self.stream).0);
+        self.run(
+            &format!("scatter_rows_{}", src.dt.suffix()),
+            LaunchConfig {
+                grid_dim: (out_rows as u32, 1, 1),
+                block_dim: (src.cols.div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                A::P(src.ptr()),
+                A::P(sp),
+                A::P(off_d.device_ptr(&self.stream).0),
+                A::P(idx_d.device_ptr(&self.stream).0),
+                A::P(out.ptr()),
+                A::I(src.cols as i32),
+            ],
+        );
+        Ok(out)
+    }
+
+    /// `y += x` (a copy first when `y` shares its storage).
+    pub fn add_assign(&self, y: &mut GTensor, x: &GTensor) {
+        assert_eq!(
+            (y.rows, y.cols, y.dt),
+            (x.rows, x.cols, x.dt),
+            "add_assign shapes"
+        );
+        if !y.unique() {
+            *y = self.copy(y);
+        }
+        if !y.is_empty() {
+            self.run(
+                &format!("add_{}", y.dt.suffix()),
+                grid1(y.len()),
+                &[A::P(y.ptr()), A::P(x.ptr()), A::P(y.len() as u64)],
+            );
+        }
+    }
 }

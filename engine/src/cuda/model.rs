@@ -116,9 +116,9 @@ pub struct CudaModel {
     pub dt: Dt,
     rope: RotaryEmbedding,
     embed: GTensor,
-    layers: Vec<GLayer>,
-    norm: GTensor,
-    head: Option<GTensor>,
+    pub(super) layers: Vec<GLayer>,
+    pub(super) norm: GTensor,
+    pub(super) head: Option<GTensor>,
 }
 
 /// Bytes the weights of `config` take on the device in `dt`, with NF4 projections when `nf4`
@@ -413,8 +413,8 @@ impl CudaModel {
 
 /// RoPE tables of a batch on the device (f32 `[n, d]`).
 pub struct GRope {
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    pub(super) cos: CudaSlice<f32>,
+    pub(super) sin: CudaSlice<f32>,
 }
 
 /// A KV cache on the device: per layer, keys and values `[batch·cap, hkv·d]` (sequence `b`

@@ -1,28 +1,23 @@
-//! The training step's model-level operations on the GPU, built from the kernels of
-//! [`super::backward`] and cuBLASLt products: projections that keep their LoRA input `x·Aᵀ`,
-//! their backward (LoRA factor gradients and the input gradient of projections sharing one
-//! input, every term accumulated into one output), and the LM head's log-probabilities with
-//! their gradient direction, in chunks. Each mirrors the host step (`train/proj.rs`,
-//! `train/ops.rs`) and is checked against host products in `engine/tests/cuda_device.rs`.
+//! The training step's device operations ([`TrainBackend`]) on the GPU, built from the kernels
+//! of [`super::backward`] and cuBLASLt products: projections that keep their LoRA input
+//! `x·Aᵀ`, their backward (LoRA factor gradients, frozen-weight gradients for full
+//! fine-tuning, and the input gradient of projections sharing one input, every term
+//! accumulated into one output), attention keeping its log-sum-exp, and the LM head's
+//! log-probabilities with their gradient direction in chunks. Each mirrors the host
+//! implementation (`device/host_train.rs`) and is checked against it, step by step, in
+//! `engine/tests/cuda_train.rs`.
+
+use cudarc::driver::CudaSlice;
 
 use super::model::{CudaModel, GBase, GProj};
+use super::ops::{AttnGeom, MAX_HEAD_DIM};
 use super::tensor::{Dt, GTensor};
-use crate::device::Proj;
-use crate::error::Result;
+use crate::device::{AttnShape, Grads, Norm, Proj, ProjGrads, TrainBackend, TrainNeeds};
+use crate::error::{Error, Result};
 
-/// What a projection's training forward keeps for backward: `x·Aᵀ` `[n, r]` (LoRA only).
-pub struct GSaved {
-    /// The LoRA down-projection of the input.
-    pub u: Option<GTensor>,
-}
-
-/// Gradients of one projection's LoRA factors (model dtype): `lora_A` `[r, in]`, `lora_B`
-/// `[out, r]`.
-pub struct GLoraGrad {
-    /// `∂ℓ/∂A`.
-    pub a: GTensor,
-    /// `∂ℓ/∂B`.
-    pub b: GTensor,
+/// A device error inside the step (out of memory, a failed launch): fatal, as in the forward.
+fn ok<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("GPU: {e}"))
 }
 
 impl CudaModel {
@@ -33,14 +28,99 @@ impl CudaModel {
         }
     }
 
-    /// The projections `which` of `layer` on `x` for training: each output and what its
-    /// backward needs (the frozen weight is dequantised per projection when NF4).
-    pub fn project_train(
+    fn norm_weight(&self, which: Norm) -> &GTensor {
+        match which {
+            Norm::Input(i) => &self.layers[i].ln1,
+            Norm::Post(i) => &self.layers[i].ln2,
+            Norm::Final => &self.norm,
+        }
+    }
+
+    fn geom(s: AttnShape) -> AttnGeom {
+        AttnGeom {
+            batch: s.batch,
+            tq: s.len,
+            tk: s.len,
+            hq: s.hq,
+            hkv: s.hkv,
+            d: s.d,
+            k_bs: s.len * s.hkv * s.d,
+            k_rs: s.hkv * s.d,
+            window: s.window.unwrap_or(0),
+        }
+    }
+
+    /// Rows `start..end` of `x` in their own tensor.
+    fn rows(&self, x: &GTensor, start: usize, end: usize) -> GTensor {
+        let out = self.gpu.alloc(end - start, x.cols, x.dt);
+        self.gpu.copy_rows(x, start, end - start, &out, 0);
+        out
+    }
+}
+
+impl TrainBackend for CudaModel {
+    type Saved = GTensor;
+    type Lse = CudaSlice<f32>;
+    type Rms = CudaSlice<f32>;
+
+    fn can_train(&self, what: &TrainNeeds) -> Result<()> {
+        let c = &self.config;
+        if what.lora_dropout > 0.0 {
+            return Err(Error::Invalid(format!(
+                "lora_dropout = {}: LoRA dropout does not run on the GPU yet; train with lora_dropout = 0 or on the CPU",
+                what.lora_dropout
+            )));
+        }
+        if c.head_dim > MAX_HEAD_DIM || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+        {
+            return Err(Error::Invalid(format!(
+                "GPU training supports head_dim up to {MAX_HEAD_DIM} and query heads divisible by KV heads (this model: head_dim {}, {} / {})",
+                c.head_dim, c.num_attention_heads, c.num_key_value_heads
+            )));
+        }
+        Ok(())
+    }
+
+    fn norm_train(
+        &self,
+        which: Norm,
+        x: GTensor,
+        pending: Option<GTensor>,
+    ) -> (GTensor, GTensor, CudaSlice<f32>) {
+        let eps = self.config.rms_norm_eps as f32;
+        let w = self.norm_weight(which);
+        let (h, y, r) = self.gpu.rmsnorm(&x, pending.as_ref(), w, eps, true);
+        (h.unwrap_or(x), y, r.expect("asked for 1/rms"))
+    }
+
+    fn norm_again(&self, which: Norm, h: &GTensor, _rms: &CudaSlice<f32>) -> GTensor {
+        let eps = self.config.rms_norm_eps as f32;
+        self.gpu
+            .rmsnorm(h, None, self.norm_weight(which), eps, false)
+            .1
+    }
+
+    fn norm_backward(
+        &self,
+        which: Norm,
+        h: &GTensor,
+        rms: &CudaSlice<f32>,
+        dy: GTensor,
+        skip: Option<&GTensor>,
+        want_dw: bool,
+    ) -> (GTensor, Option<GTensor>) {
+        self.gpu
+            .rmsnorm_backward(h, rms, self.norm_weight(which), &dy, skip, want_dw)
+    }
+
+    fn project_train(
         &self,
         layer: usize,
         which: &[Proj],
         x: &GTensor,
-    ) -> Result<Vec<(GTensor, GSaved)>> {
+        _dropout: &[Option<u64>],
+    ) -> Vec<(GTensor, Option<GTensor>)> {
+        // Dropout is refused by `can_train` (the device has no dropout kernel yet).
         let g = &self.gpu;
         which
             .iter()
@@ -48,70 +128,70 @@ impl CudaModel {
                 let proj = self.proj(layer, p);
                 let w = self.dense_weight(proj);
                 let (mut y, u) = match &proj.lora {
-                    None => (g.matmul_sum(&[(x, false, &w, true, 1.0)], self.dt)?, None),
+                    None => (
+                        ok(g.matmul_sum(&[(x, false, &w, true, 1.0)], self.dt)),
+                        None,
+                    ),
                     Some(l) => {
-                        let u = g.matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt)?;
-                        let y = g.matmul_sum(
+                        let u = ok(g.matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt));
+                        let y = ok(g.matmul_sum(
                             &[(x, false, &w, true, 1.0), (&u, false, &l.b, true, l.scale)],
                             self.dt,
-                        )?;
+                        ));
                         (y, Some(u))
                     }
                 };
                 if let Some(b) = &proj.bias {
                     g.add_bias(&mut y, b);
                 }
-                Ok((y, GSaved { u }))
+                (y, u)
             })
             .collect()
     }
 
-    /// Backward of the projections `which` of `layer`, which all read `x`, for upstream
-    /// gradients `dys`: the LoRA factors' gradients (when `train_lora`) and, when `want_dx`,
-    /// the input gradient `Σᵢ dyᵢ·Wᵢ + sᵢ·(dyᵢ·Bᵢ)·Aᵢ` accumulated in one output.
-    #[allow(clippy::too_many_arguments)]
-    pub fn project_backward(
+    fn project_backward(
         &self,
         layer: usize,
         which: &[Proj],
         x: &GTensor,
-        saved: &[GSaved],
-        dys: &[GTensor],
-        train_lora: bool,
-        want_dx: bool,
-    ) -> Result<(Vec<Option<GLoraGrad>>, Option<GTensor>)> {
+        saved: &[Option<GTensor>],
+        dys: Vec<GTensor>,
+        want: ProjGrads,
+        grads: &mut Grads<GTensor>,
+    ) -> Option<GTensor> {
         assert!(
             which.len() == saved.len() && which.len() == dys.len(),
             "project_backward: one saved state and gradient per projection"
         );
         let g = &self.gpu;
-        let mut grads = Vec::with_capacity(which.len());
         let mut dybs = Vec::with_capacity(which.len());
-        for ((&p, s), dy) in which.iter().zip(saved).zip(dys) {
+        for ((&p, u), dy) in which.iter().zip(saved).zip(&dys) {
             let proj = self.proj(layer, p);
-            match (&proj.lora, &s.u) {
-                (Some(l), Some(u)) => {
-                    // dy·B [n, r], shared by the A gradient and the input gradient.
-                    let dyb = g.matmul_sum(&[(dy, false, &l.b, false, 1.0)], self.dt)?;
-                    let grad = if train_lora {
-                        Some(GLoraGrad {
-                            a: g.matmul_sum(&[(&dyb, true, x, false, l.scale)], self.dt)?,
-                            b: g.matmul_sum(&[(dy, true, u, false, l.scale)], self.dt)?,
-                        })
-                    } else {
-                        None
-                    };
-                    grads.push(grad);
-                    dybs.push(Some(dyb));
-                }
-                _ => {
-                    grads.push(None);
-                    dybs.push(None);
+            let name = format!("model.layers.{layer}.{}", p.path());
+            if want.weight {
+                let dw = ok(g.matmul_sum(&[(dy, true, x, false, 1.0)], self.dt));
+                grads.insert(format!("{name}.weight"), dw);
+                if proj.bias.is_some() {
+                    grads.insert(format!("{name}.bias"), g.col_sum(dy));
                 }
             }
+            match (&proj.lora, u) {
+                (Some(l), Some(u)) => {
+                    // dy·B [n, r], shared by the A gradient and the input gradient.
+                    let dyb = ok(g.matmul_sum(&[(dy, false, &l.b, false, 1.0)], self.dt));
+                    if want.lora {
+                        let da = ok(g.matmul_sum(&[(&dyb, true, x, false, l.scale)], self.dt));
+                        let db = ok(g.matmul_sum(&[(dy, true, u, false, l.scale)], self.dt));
+                        grads.insert(format!("{name}.lora_A"), da);
+                        grads.insert(format!("{name}.lora_B"), db);
+                    }
+                    dybs.push(Some(dyb));
+                }
+                _ => dybs.push(None),
+            }
         }
-        if !want_dx {
-            return Ok((grads, None));
+        if !want.input {
+            return None;
         }
         let weights: Vec<GTensor> = which
             .iter()
@@ -127,38 +207,120 @@ impl CudaModel {
                 terms.push((dyb, false, &l.a, false, l.scale));
             }
         }
-        let dx = g.matmul_sum(&terms, self.dt)?;
-        Ok((grads, Some(dx)))
+        Some(ok(g.matmul_sum(&terms, self.dt)))
     }
 
-    /// `log p(ids[i])` at row `rows[i]` of `hidden` and `∂ log p / ∂h` per target
-    /// `[rows.len(), hidden]` (model dtype): logits in f32 chunks, the softmax gradient formed
-    /// in place, then multiplied by the head weight.
-    pub fn head_logprobs_with_grad(
+    fn rope_backward(&self, dx: GTensor, heads: usize, t: &Self::Rope) -> GTensor {
+        self.gpu.rope(dx, heads, &t.cos, &t.sin, true)
+    }
+
+    fn attention_train(
         &self,
-        hidden: &GTensor,
-        rows: &[usize],
-        ids: &[u32],
-    ) -> Result<(Vec<f32>, GTensor)> {
+        q: &GTensor,
+        k: &GTensor,
+        v: &GTensor,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+    ) -> (GTensor, CudaSlice<f32>) {
+        let scale = 1.0 / (shape.d as f32).sqrt();
+        let (o, lse) = ok(self.gpu.attention(
+            q,
+            k.ptr(),
+            v.ptr(),
+            Self::geom(shape),
+            segments,
+            scale,
+            true,
+        ));
+        (o, lse.expect("asked for the log-sum-exp"))
+    }
+
+    fn attention_backward(
+        &self,
+        [q, k, v]: [&GTensor; 3],
+        o: &GTensor,
+        d_o: GTensor,
+        lse: &CudaSlice<f32>,
+        shape: AttnShape,
+        segments: Option<&[u32]>,
+    ) -> (GTensor, GTensor, GTensor) {
+        let scale = 1.0 / (shape.d as f32).sqrt();
+        ok(self
+            .gpu
+            .attention_backward(q, k, v, o, &d_o, lse, Self::geom(shape), segments, scale))
+    }
+
+    fn swiglu_backward(&self, g: &GTensor, u: &GTensor, da: GTensor) -> (GTensor, GTensor) {
+        self.gpu.swiglu_backward(g, u, &da)
+    }
+
+    fn gather(&self, x: &GTensor, rows: &[usize]) -> GTensor {
+        let r32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        ok(self.gpu.gather_rows(x, &r32))
+    }
+
+    /// Logits in f32 chunks; the softmax gradient formed in place, then multiplied by the
+    /// head weight.
+    fn head_train(&self, h: &GTensor, ids: &[u32]) -> (Vec<f32>, GTensor) {
         let g = &self.gpu;
-        assert_eq!(rows.len(), ids.len(), "one target per row");
-        let n = rows.len();
-        let dirs = g.alloc(n, hidden.cols, self.dt);
+        assert_eq!(h.rows, ids.len(), "one target per row");
+        let n = ids.len();
+        let dirs = g.alloc(n, h.cols, self.dt);
         let mut logps = Vec::with_capacity(n);
         let head = self.head();
-        let chunk = self.head_chunk();
-        for start in (0..n).step_by(chunk.max(1)) {
+        let chunk = self.head_chunk().max(1);
+        for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
-            let r32: Vec<u32> = rows[start..end].iter().map(|&r| r as u32).collect();
-            let h = g.gather_rows(hidden, &r32)?;
-            let logits = g.matmul_sum(&[(&h, false, head, true, 1.0)], Dt::F32)?;
-            let lp = g.logprob_grad(&logits, &ids[start..end])?;
-            logps.extend(g.download(&lp)?);
+            let hc = self.rows(h, start, end);
+            let logits = ok(g.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
+            let lp = ok(g.logprob_grad(&logits, &ids[start..end]));
+            logps.extend(ok(g.download(&lp)));
             let dlogits = g.cast(&logits, self.dt);
             drop(logits);
-            let part = g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt)?;
+            let part = ok(g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt));
             g.copy_rows(&part, 0, end - start, &dirs, start);
         }
-        Ok((logps, dirs))
+        (logps, dirs)
+    }
+
+    fn scatter_rows(&self, dirs: GTensor, scale: &[f32], rows: &[usize], n: usize) -> GTensor {
+        ok(self.gpu.scatter_rows(&dirs, Some(scale), rows, n))
+    }
+
+    /// Per chunk: `e_y − p` in place of the f32 logits, the rows of `h` scaled by `g`, and
+    /// `dW += (e_y − p)ᵀ·(g ⊙ h)` accumulated in one output.
+    fn head_weight_grad(&self, h: &GTensor, ids: &[u32], g: &[f32]) -> GTensor {
+        let gpu = &self.gpu;
+        let head = self.head();
+        let dw = gpu.zeros(head.rows, head.cols, self.dt);
+        let chunk = self.head_chunk().max(1);
+        for start in (0..ids.len()).step_by(chunk) {
+            let end = (start + chunk).min(ids.len());
+            let hc = self.rows(h, start, end);
+            let logits = ok(gpu.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
+            ok(gpu.logprob_grad(&logits, &ids[start..end]));
+            let dlogits = gpu.cast(&logits, self.dt);
+            drop(logits);
+            let identity: Vec<usize> = (0..end - start).collect();
+            let hs = ok(gpu.scatter_rows(&hc, Some(&g[start..end]), &identity, end - start));
+            ok(gpu.matmul_into(&dw, 0, &[(&dlogits, true, &hs, false, 1.0)], true));
+        }
+        dw
+    }
+
+    fn embedding_grad(&self, ids: &[u32], dx: &GTensor) -> GTensor {
+        let dest: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        ok(self
+            .gpu
+            .scatter_rows(dx, None, &dest, self.config.vocab_size))
+    }
+
+    fn head_tied(&self) -> bool {
+        self.head.is_none()
+    }
+
+    fn add(&self, mut a: GTensor, b: &GTensor) -> GTensor {
+        self.gpu.add_assign(&mut a, b);
+        a
     }
 }

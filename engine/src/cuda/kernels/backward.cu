@@ -56,6 +56,31 @@ __device__ void swiglu_bwd_impl(const T* g, const T* u, const T* da, T* dg, T* d
     }
 }
 
+// The gradient of a row gather (embedding rows, target rows), without atomics: output row r is
+// Σ scale[i]·src[i] over the source rows i listed in idx[off[r] .. off[r + 1]), added in that
+// order (deterministic); scale == nullptr means 1. One block per output row.
+template <typename T>
+__device__ void scatter_rows_impl(const T* src, const float* scale, const int* off, const int* idx,
+                                  T* out, int cols) {
+    const int r = blockIdx.x;
+    const int a = off[r], b = off[r + 1];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        float s = 0.f;
+        for (int k = a; k < b; k++) {
+            const int i = idx[k];
+            const float v = ld(src[(size_t)i * cols + j]);
+            s += scale ? scale[i] * v : v;
+        }
+        out[(size_t)r * cols + j] = st<T>(s);
+    }
+}
+
+// y += x (one parameter's gradients from two uses, such as a tied head and embedding).
+template <typename T>
+__device__ void add_impl(T* y, const T* x, size_t n) {
+    GRID_STRIDE(i, n) { y[i] = st<T>(ld(y[i]) + ld(x[i])); }
+}
+
 #define BACKWARD_ELEMENTWISE(T, S)                                                             \
     extern "C" __global__ void rmsnorm_bwd_##S(const void* x, const float* r, const void* w,   \
                                                const void* dy, const void* res, void* dx,      \
@@ -70,6 +95,14 @@ __device__ void swiglu_bwd_impl(const T* g, const T* u, const T* da, T* dg, T* d
     extern "C" __global__ void swiglu_bwd_##S(const void* g, const void* u, const void* da,    \
                                               void* dg, void* du, unsigned long long n) {      \
         swiglu_bwd_impl<T>((const T*)g, (const T*)u, (const T*)da, (T*)dg, (T*)du, n);         \
+    }                                                                                          \
+    extern "C" __global__ void scatter_rows_##S(const void* src, const float* scale,           \
+                                                const int* off, const int* idx, void* out,     \
+                                                int cols) {                                    \
+        scatter_rows_impl<T>((const T*)src, scale, off, idx, (T*)out, cols);                   \
+    }                                                                                          \
+    extern "C" __global__ void add_##S(void* y, const void* x, unsigned long long n) {         \
+        add_impl<T>((T*)y, (const T*)x, n);                                                    \
     }
 EACH_TYPE(BACKWARD_ELEMENTWISE)
 

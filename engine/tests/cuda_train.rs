@@ -1,0 +1,307 @@
+//! GPU training against the host engine: the whole training step (forward, backward, every
+//! gradient) through [`TrainBackend`] on the GPU and on the host, for LoRA, QLoRA, full and
+//! partial fine-tuning, packed sequences, GQA and sliding windows; and the device optimiser
+//! against the host's. Runs where a CUDA device is found (`scripts/gpu_check.sh`); elsewhere
+//! every test says so and passes, unless `FEDTUNE_REQUIRE_GPU=1`.
+
+mod gpu_common;
+
+use std::collections::BTreeSet;
+
+use burn::tensor::Tensor;
+use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
+use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
+use fedtune_engine::device::{Grads, TrainBackend, TrainNeeds};
+use fedtune_engine::model::Positions;
+use fedtune_engine::train::step::{StepBatch, Target, Trainable, backward, forward};
+use fedtune_engine::{LlamaModel, PeftAdapter};
+use gpu_common::{check, gpu, host, packed_segments, rand, repo, tiny, up};
+use rand::{Rng, SeedableRng};
+
+/// Two rows of `t` tokens (packed into two sequences each, padding at the end of the second
+/// row when `packed`), every position inside a sequence trained on the next token, with
+/// random upstream gradients.
+fn batch(vocab: usize, t: usize, packed: bool) -> (StepBatch, Vec<f32>) {
+    let b = 2;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.random_range(3..vocab as u32))
+        .collect();
+    let segments = packed.then(|| packed_segments(b, t));
+    let seg = |i: usize| segments.as_ref().map_or(1, |s| s[i]);
+    let mut targets = Vec::new();
+    for row in 0..b {
+        for pos in 0..t - 1 {
+            let i = row * t + pos;
+            if seg(i) != 0 && seg(i) == seg(i + 1) {
+                targets.push(Target {
+                    pos: i,
+                    id: ids[i + 1],
+                    seq: row,
+                });
+            }
+        }
+    }
+    let positions = match &segments {
+        Some(s) => {
+            // Positions restart with each packed sequence.
+            let mut ids = Vec::with_capacity(b * t);
+            for row in 0..b {
+                let mut p = 0;
+                for pos in 0..t {
+                    if pos > 0 && s[row * t + pos] != s[row * t + pos - 1] {
+                        p = 0;
+                    }
+                    ids.push(p);
+                    p += 1;
+                }
+            }
+            Positions::Explicit {
+                ids,
+                batch: b,
+                len: t,
+            }
+        }
+        None => Positions::Range {
+            start: 0,
+            len: t,
+            batch: b,
+        },
+    };
+    let g = (0..targets.len())
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    (
+        StepBatch {
+            ids,
+            batch: b,
+            len: t,
+            positions,
+            segments,
+            targets,
+        },
+        g,
+    )
+}
+
+/// A random adapter of rank `r` on every projection (B non-zero, so every gradient is).
+fn random_adapter(m: &LlamaModel, r: usize, seed: u64) -> Adapter {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut adapter = Adapter::default();
+    for (name, lin) in m.linears() {
+        let mut mat = |rows: usize, cols: usize| {
+            let v = (0..rows * cols)
+                .map(|_| rng.random_range(-0.1f32..0.1))
+                .collect();
+            Matrix::new(rows, cols, v)
+        };
+        let (a, b) = (mat(r, lin.in_features()), mat(lin.out_features(), r));
+        adapter
+            .modules
+            .insert(name, LoraFactors { a, b, scale: 2.0 });
+    }
+    adapter
+}
+
+/// One step on the host and on the GPU (f32): the same log-probabilities and gradients.
+fn same_step(
+    what: &str,
+    model: &LlamaModel,
+    g: &std::sync::Arc<Gpu>,
+    t: usize,
+    packed: bool,
+    trainable: &Trainable,
+) {
+    let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
+    cm.can_train(&TrainNeeds {
+        lora_dropout: 0.0,
+        weights: !trainable.lora,
+    })
+    .unwrap();
+    let (sb, d) = batch(model.config.vocab_size, t, packed);
+    let hf = forward(model, &sb, trainable, None);
+    let gf = forward(&cm, &sb, trainable, None);
+    check(
+        &format!("{what}: log p"),
+        &gf.target_logps,
+        &hf.target_logps,
+        1e-5,
+    );
+    let want: Grads = backward(model, hf, &d, trainable);
+    let got: Grads<GTensor> = backward(&cm, gf, &d, trainable);
+    let keys = |m: &dyn Fn() -> Vec<String>| m().into_iter().collect::<BTreeSet<_>>();
+    assert_eq!(
+        keys(&|| got.keys().cloned().collect()),
+        keys(&|| want.keys().cloned().collect()),
+        "{what}: the same parameters receive gradients"
+    );
+    assert!(!want.is_empty(), "{what}: something is trained");
+    for (name, w) in &want {
+        let gt = &got[name];
+        assert_eq!([gt.rows, gt.cols], w.dims(), "{what}: {name} shape");
+        check(
+            &format!("{what}: {name}"),
+            &g.download(gt).unwrap(),
+            &host(w),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn lora_step_matches_the_host_with_packing_and_gqa() {
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    model
+        .attach_adapter(&PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap())
+        .unwrap();
+    same_step("LoRA, packed", &model, &g, 48, true, &Trainable::lora());
+    same_step("LoRA", &model, &g, 40, false, &Trainable::lora());
+    let r8 = random_adapter(&model, 8, 3);
+    model.attach_weights(&r8, 0.0).unwrap();
+    same_step("LoRA r8, packed", &model, &g, 48, true, &Trainable::lora());
+    // QLoRA: NF4 frozen weights with double quantisation, dequantised per use on the device.
+    model.quantize_nf4(true);
+    same_step("QLoRA r8, packed", &model, &g, 48, true, &Trainable::lora());
+}
+
+#[test]
+fn sliding_window_biases_and_untied_heads_train_as_on_the_host() {
+    let Some(g) = gpu() else { return };
+    for dir in [
+        "testdata/variants/mistral_sliding_window",
+        "testdata/variants/qwen2_bias_untied",
+        "testdata/variants/llama3_rope_bias_headdim",
+    ] {
+        let (mut model, _) = tiny(dir);
+        let a = random_adapter(&model, 4, 9);
+        model.attach_weights(&a, 0.0).unwrap();
+        same_step(
+            &format!("{dir} LoRA"),
+            &model,
+            &g,
+            24,
+            false,
+            &Trainable::lora(),
+        );
+        let n = model.config.num_hidden_layers;
+        same_step(
+            &format!("{dir} last layer"),
+            &model,
+            &g,
+            24,
+            false,
+            &Trainable::last_layers(1, n),
+        );
+    }
+}
+
+#[test]
+fn full_fine_tuning_matches_the_host_with_a_tied_head() {
+    let Some(g) = gpu() else { return };
+    let (model, _) = tiny("testdata/tiny-llama/model");
+    // Tied head: the embedding's gradient sums the head's and the input rows'.
+    same_step("full, packed", &model, &g, 48, true, &Trainable::full());
+}
+
+#[test]
+fn the_device_refuses_what_it_cannot_train_with_a_clear_error() {
+    let Some(g) = gpu() else { return };
+    let (model, _) = tiny("testdata/tiny-llama/model");
+    let cm = CudaModel::from_host(&model, g, Dt::F32).unwrap();
+    let e = cm
+        .can_train(&TrainNeeds {
+            lora_dropout: 0.1,
+            weights: false,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lora_dropout"), "{e}");
+}
+
+#[test]
+fn scatter_rows_sums_repeated_rows_in_order_and_zeroes_the_rest() {
+    let Some(g) = gpu() else { return };
+    let src = rand([7, 33]);
+    let dest = [4usize, 0, 4, 2, 4, 0, 6];
+    let scale = [0.5f32, -1.0, 2.0, 1.0, 0.25, 3.0, -2.0];
+    let got = g
+        .scatter_rows(&up(&g, &src), Some(&scale), &dest, 9)
+        .unwrap();
+    let s = host(&src);
+    let mut want = vec![0f32; 9 * 33];
+    for (i, (&r, &c)) in dest.iter().zip(&scale).enumerate() {
+        for j in 0..33 {
+            want[r * 33 + j] += c * s[i * 33 + j];
+        }
+    }
+    check("scatter_rows", &g.download(&got).unwrap(), &want, 1e-6);
+    assert!(g.scatter_rows(&up(&g, &src), None, &dest, 5).is_err());
+    let mut y = up(&g, &src);
+    let y0 = y.clone();
+    g.add_assign(&mut y, &y0);
+    let doubled: Vec<f32> = s.iter().map(|v| 2.0 * v).collect();
+    check("add_assign", &g.download(&y).unwrap(), &doubled, 0.0);
+    check(
+        "add_assign leaves a shared operand",
+        &g.download(&y0).unwrap(),
+        &s,
+        0.0,
+    );
+}
+#[test]
+fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
+    use fedtune_engine::cuda::optim::DeviceParam;
+    use fedtune_engine::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
+    use std::collections::BTreeMap;
+    let Some(g) = gpu() else { return };
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    // Three tensors, one longer than a partial sum (4096), one exempt from decay.
+    let shapes = [([64, 80], true), ([3, 7], false), ([16, 33], true)];
+    let mut host_p: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s)).collect();
+    let dev_p: Vec<GTensor> = host_p.iter().map(|p| up(&g, p)).collect();
+    let zeros = |t: &GTensor| g.zeros(t.rows, t.cols, Dt::F32);
+    let dev_m: Vec<GTensor> = dev_p.iter().map(zeros).collect();
+    let dev_v: Vec<GTensor> = dev_p.iter().map(zeros).collect();
+    let mut opt = AdamW::new(config);
+    // Step 1 without clipping (max 100), steps 2-3 clipped (max 0.5).
+    for (step, max) in [(1u64, 100.0), (2, 0.5), (3, 0.5)] {
+        let grads: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s) * 0.3).collect();
+        let dev_g: Vec<GTensor> = grads.iter().map(|t| up(&g, t)).collect();
+        let mut map: BTreeMap<String, Tensor<2>> = grads
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("t{i}"), t.clone()))
+            .collect();
+        let want_norm = clip_grad_norm(&mut map, max);
+        opt.begin_step();
+        let lr = 1e-3 * step as f64;
+        for (i, p) in host_p.iter_mut().enumerate() {
+            let gi = map[&format!("t{i}")].clone();
+            *p = opt.update(&format!("t{i}"), p.clone(), gi, lr, shapes[i].1);
+        }
+        let params: Vec<DeviceParam<'_>> = (0..shapes.len())
+            .map(|i| DeviceParam {
+                p: &dev_p[i],
+                g: &dev_g[i],
+                m: &dev_m[i],
+                v: &dev_v[i],
+                decay: shapes[i].1,
+            })
+            .collect();
+        let norm = g.adamw_step(&params, config, lr, step, max).unwrap();
+        assert!(
+            ((norm - want_norm) / want_norm).abs() < 1e-6,
+            "step {step}: norm {norm} vs {want_norm}"
+        );
+        for (i, p) in host_p.iter().enumerate() {
+            let (got, want) = (g.download(&dev_p[i]).unwrap(), host(p));
+            let same = got == want;
+            println!("adamw step {step} tensor {i}: bit-identical to the host: {same}");
+            check(&format!("adamw step {step} tensor {i}"), &got, &want, 1e-6);
+        }
+    }
+}
