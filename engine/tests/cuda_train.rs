@@ -113,11 +113,7 @@ fn same_step(
     trainable: &Trainable,
 ) {
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
-    cm.can_train(&TrainNeeds {
-        lora_dropout: 0.0,
-        weights: !trainable.lora,
-    })
-    .unwrap();
+    cm.can_train(&TrainNeeds { lora_dropout: 0.0 }).unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
     let hf = forward(model, &sb, trainable, None);
     let gf = forward(&cm, &sb, trainable, None);
@@ -210,10 +206,7 @@ fn the_device_refuses_what_it_cannot_train_with_a_clear_error() {
     let (model, _) = tiny("testdata/tiny-llama/model");
     let cm = CudaModel::from_host(&model, g, Dt::F32).unwrap();
     let e = cm
-        .can_train(&TrainNeeds {
-            lora_dropout: 0.1,
-            weights: false,
-        })
+        .can_train(&TrainNeeds { lora_dropout: 0.1 })
         .unwrap_err()
         .to_string();
     assert!(e.contains("lora_dropout"), "{e}");

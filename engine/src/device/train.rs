@@ -130,6 +130,4 @@ pub trait TrainBackend: Backend {
 pub struct TrainNeeds {
     /// LoRA dropout probability of the attached adapter (0 = off).
     pub lora_dropout: f64,
-    /// Some weights (not only LoRA factors) are trained.
-    pub weights: bool,
 }

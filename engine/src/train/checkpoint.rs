@@ -6,7 +6,7 @@
 //! Layout: `params.safetensors` (by parameter name), `optimizer.safetensors` (`{name}.m`,
 //! `{name}.v`; the step in the metadata), `trainer_state.json`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -14,11 +14,10 @@ use burn::tensor::{Tensor, TensorData};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::optim::{AdamW, Moments};
-use super::sft::{LogEntry, TrainerState};
+use super::optim::Moments;
+use super::state::{LogEntry, TrainerState};
 use crate::adapter::write_atomic;
 use crate::error::{Error, Result};
-use crate::model::LlamaModel;
 use crate::weights::to_f32_vec;
 
 fn to_bytes(t: &Tensor<2>) -> (Vec<usize>, Vec<u8>) {
@@ -46,35 +45,35 @@ fn write_tensors(
     write_atomic(path, &bytes)
 }
 
-/// Saves a checkpoint of `names` into `dir`.
+/// Saves a checkpoint into `dir`: host copies of the trained parameters, the optimiser's
+/// step count and moments, and the trainer state.
 pub fn save(
     dir: &Path,
-    model: &LlamaModel,
-    names: &[String],
-    opt: &AdamW,
+    params: &[(String, Tensor<2>)],
+    opt_step: u64,
+    moments: &BTreeMap<String, Moments>,
     state: &TrainerState,
 ) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let params = names
+    let params = params
         .iter()
-        .filter_map(|n| model.param(n).map(|t| (n, t)))
         .map(|(n, t)| {
-            let (s, b) = to_bytes(&t);
+            let (s, b) = to_bytes(t);
             (n.clone(), s, b)
         })
         .collect();
     write_tensors(&tmp.join("params.safetensors"), params, HashMap::new())?;
-    let mut moments = Vec::new();
-    for (n, m) in &opt.state {
+    let mut tensors = Vec::new();
+    for (n, m) in moments {
         let (s, b) = to_bytes(&m.m);
-        moments.push((format!("{n}.m"), s, b));
+        tensors.push((format!("{n}.m"), s, b));
         let (s, b) = to_bytes(&m.v);
-        moments.push((format!("{n}.v"), s, b));
+        tensors.push((format!("{n}.v"), s, b));
     }
-    let meta = HashMap::from([("step".to_string(), opt.step.to_string())]);
-    write_tensors(&tmp.join("optimizer.safetensors"), moments, meta)?;
+    let meta = HashMap::from([("step".to_string(), opt_step.to_string())]);
+    write_tensors(&tmp.join("optimizer.safetensors"), tensors, meta)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&tmp.join("trainer_state.json"), json.as_bytes())?;
     let _ = std::fs::remove_dir_all(dir);
@@ -107,46 +106,57 @@ fn tensor_of(
     ))
 }
 
-/// Restores parameters and optimiser state from `dir` into `model`/`opt`; returns the
-/// trainer state.
+/// What a checkpoint holds, as host tensors.
+pub struct Restored {
+    /// Trained parameters by name.
+    pub params: Vec<(String, Tensor<2>)>,
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// AdamW moments by parameter name.
+    pub moments: BTreeMap<String, Moments>,
+    /// Where the run stood.
+    pub state: TrainerState,
+}
+
+/// Reads the checkpoint in `dir` for the parameters `names`, each checked against the shape
+/// the model has for it (`shape`); errors name the file and the tensor.
 pub fn restore(
     dir: &Path,
-    model: &mut LlamaModel,
     names: &[String],
-    opt: &mut AdamW,
-) -> Result<TrainerState> {
-    let device = model.device.clone();
+    shape: &dyn Fn(&str) -> Option<[usize; 2]>,
+) -> Result<Restored> {
+    let device = burn::tensor::Device::flex();
     let p_path = dir.join("params.safetensors");
     let bytes = read(&p_path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::parse(&p_path, e))?;
+    let mut params = Vec::with_capacity(names.len());
     for n in names {
         let t = tensor_of(&p_path, &st, n, &device)?;
-        let want = model
-            .param(n)
-            .ok_or_else(|| Error::tensor(&p_path, n, "the model has no such parameter"))?;
-        if want.dims() != t.dims() {
+        let want =
+            shape(n).ok_or_else(|| Error::tensor(&p_path, n, "the model has no such parameter"))?;
+        if want != t.dims() {
             return Err(Error::tensor(
                 &p_path,
                 n,
-                format!("shape {:?}, the model's is {:?}", t.dims(), want.dims()),
+                format!("shape {:?}, the model's is {:?}", t.dims(), want),
             ));
         }
-        model.set_param(n, t);
+        params.push((n.clone(), t));
     }
     let o_path = dir.join("optimizer.safetensors");
     let bytes = read(&o_path)?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::parse(&o_path, e))?;
-    opt.step = meta
+    let step = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("step"))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::parse(&o_path, "metadata `step` missing"))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::parse(&o_path, e))?;
-    opt.state.clear();
+    let mut moments = BTreeMap::new();
     for n in names {
         if st.tensor(&format!("{n}.m")).is_ok() {
-            opt.state.insert(
+            moments.insert(
                 n.clone(),
                 Moments {
                     m: tensor_of(&o_path, &st, &format!("{n}.m"), &device)?,
@@ -157,7 +167,13 @@ pub fn restore(
     }
     let s_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&s_path).map_err(|e| Error::io(&s_path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::parse(&s_path, e))
+    let state = serde_json::from_str(&text).map_err(|e| Error::parse(&s_path, e))?;
+    Ok(Restored {
+        params,
+        step,
+        moments,
+        state,
+    })
 }
 
 /// Rewrites the JSONL log with `entries` (on resume: entries after the checkpoint go).

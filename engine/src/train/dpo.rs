@@ -13,12 +13,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::batches::padded;
-use super::sft::{MicroBatch, Objective, StepOutput, add_grads};
+use super::params::TrainModel;
 use super::step::{Grads, Trainable, backward, forward};
+use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
 use crate::dpo::{PairStats, PreferenceLoss, batch_metrics, pair_loss};
 use crate::error::Result;
 use crate::eval::{TokenBatch, sequence_logprobs};
-use crate::model::LlamaModel;
 use crate::tokenizer::{Encoded, EncodedPair};
 
 /// Options of preference training (TRL's names and defaults).
@@ -135,7 +135,7 @@ struct Precomputed {
 }
 
 /// Preference pairs as a training objective.
-pub struct DpoObjective {
+pub struct DpoObjective<M> {
     pairs: Vec<EncodedPair>,
     eval: Vec<EncodedPair>,
     options: DpoOptions,
@@ -143,7 +143,7 @@ pub struct DpoObjective {
     pad: u32,
     reference: Option<Precomputed>,
     /// The reference model when it is not the policy with its adapter disabled.
-    reference_model: Option<LlamaModel>,
+    reference_model: Option<M>,
 }
 
 fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
@@ -157,8 +157,8 @@ fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
 }
 
 /// Sums of `reference` (used as it is) for `pairs`, in batches of `batch_size` pairs.
-fn reference_sums(
-    reference: &LlamaModel,
+fn reference_sums<M: TrainModel>(
+    reference: &M,
     pairs: &[EncodedPair],
     batch_size: usize,
     pad: u32,
@@ -174,11 +174,11 @@ fn reference_sums(
     out
 }
 
-impl DpoObjective {
+impl<M: TrainModel> DpoObjective<M> {
     /// An objective over `pairs` (evaluation on `eval`); with `precompute_ref_log_probs` the
     /// reference sums are computed here, from `model` with its adapter disabled.
     pub fn new(
-        model: &LlamaModel,
+        model: &M,
         options: DpoOptions,
         pairs: Vec<EncodedPair>,
         eval: Vec<EncodedPair>,
@@ -196,7 +196,7 @@ impl DpoObjective {
     /// starts from (TRL's `sync_ref_model` at every round), so the reference is the model the
     /// federation had before the round, not the bare base.
     pub fn against(
-        reference: &LlamaModel,
+        reference: &M,
         options: DpoOptions,
         pairs: Vec<EncodedPair>,
         eval: Vec<EncodedPair>,
@@ -209,7 +209,7 @@ impl DpoObjective {
     /// Precomputes `reference`'s sums when asked; otherwise keeps a frozen copy of it when
     /// `keep` (else the reference is the policy's base at each batch).
     fn build(
-        reference: &LlamaModel,
+        reference: &M,
         keep: bool,
         options: DpoOptions,
         pairs: Vec<EncodedPair>,
@@ -239,7 +239,7 @@ impl DpoObjective {
     /// Pair statistics of `pairs` (indices into `set`) under `model`, without gradients.
     fn stats(
         &self,
-        model: &LlamaModel,
+        model: &M,
         set: &[EncodedPair],
         precomputed: Option<&Vec<(f64, f64)>>,
         idx: &[usize],
@@ -265,7 +265,7 @@ impl DpoObjective {
     /// Reference sums per row (zeros for reference-free losses).
     fn reference_for(
         &self,
-        model: &LlamaModel,
+        model: &M,
         batch: &TokenBatch,
         precomputed: Option<&Vec<(f64, f64)>>,
         idx: &[usize],
@@ -283,7 +283,7 @@ impl DpoObjective {
     }
 }
 
-impl Objective for DpoObjective {
+impl<M: TrainModel> Objective<M> for DpoObjective<M> {
     fn num_examples(&self) -> usize {
         self.pairs.len()
     }
@@ -305,11 +305,11 @@ impl Objective for DpoObjective {
 
     fn step(
         &self,
-        model: &LlamaModel,
+        model: &M,
         micro: &[MicroBatch],
         trainable: &Trainable,
         dropout_seed: Option<u64>,
-    ) -> Result<StepOutput> {
+    ) -> Result<StepOutput<M::T>> {
         let kind = self.options.loss();
         let (beta, eps) = (self.options.beta, self.options.label_smoothing);
         let n_pairs: usize = micro.iter().map(|m| m.examples.len()).sum();
@@ -375,7 +375,7 @@ impl Objective for DpoObjective {
                 all.push(s);
             }
             let d: Vec<f32> = b.targets.iter().map(|t| d_row[t.seq] as f32).collect();
-            add_grads(&mut grads, backward(model, fwd, &d, trainable));
+            add_grads(model, &mut grads, backward(model, fwd, &d, trainable));
         }
         let (loss, metrics) = batch_metrics(kind, &all, beta, eps);
         Ok(StepOutput {
@@ -387,7 +387,7 @@ impl Objective for DpoObjective {
         })
     }
 
-    fn evaluate(&self, model: &LlamaModel) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+    fn evaluate(&self, model: &M) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -395,10 +395,10 @@ impl Objective for DpoObjective {
     }
 }
 
-impl DpoObjective {
+impl<M: TrainModel> DpoObjective<M> {
     /// Loss and TRL metrics of the whole training (`eval == false`) or evaluation set under
     /// `model`, without gradients.
-    pub fn metrics_on(&self, model: &LlamaModel, eval: bool) -> (f64, BTreeMap<String, f64>) {
+    pub fn metrics_on(&self, model: &M, eval: bool) -> (f64, BTreeMap<String, f64>) {
         let (set, pre) = if eval {
             (&self.eval, self.reference.as_ref().map(|r| &r.eval))
         } else {

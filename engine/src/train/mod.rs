@@ -8,9 +8,12 @@ pub mod lora;
 pub mod memory;
 pub mod ops;
 pub mod optim;
+pub mod params;
 pub(crate) mod proj;
 pub mod sft;
+pub mod state;
 pub mod step;
+pub mod trainer;
 
 pub use config::TrainConfig;
 pub use sft::{Callback, LogEntry, NoCallback, SftRun, TrainSummary, TrainerState, train_sft};

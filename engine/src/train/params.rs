@@ -1,0 +1,184 @@
+//! The parameters a run trains, on whichever device holds them: [`TrainModel`] adds to the
+//! training step's operations ([`TrainBackend`]) what the loop needs — the trainable names, the
+//! optimiser step (clipping included) over the device's tensors, and host copies of parameters
+//! and optimiser state for checkpoints (a checkpoint written on one device resumes on the
+//! other). [`LlamaModel`] implements it on the host; [`crate::cuda::CudaModel`] on a GPU.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Tensor;
+
+use super::optim::{AdamW, AdamWConfig, Moments, clip_grad_norm};
+use super::step::Trainable;
+use crate::device::{Grads, TrainBackend};
+use crate::error::{Error, Result};
+use crate::model::LlamaModel;
+
+/// A model the training loop can train in place.
+pub trait TrainModel: TrainBackend + Clone {
+    /// The optimiser's state on this device.
+    type Optimizer;
+
+    /// Parameter names trained under `trainable`, sorted.
+    fn trainable_names(&self, trainable: &Trainable) -> Vec<String>;
+    /// Whether a LoRA adapter is attached.
+    fn has_adapter(&self) -> bool;
+    /// The attached adapter's LoRA dropout (0 without one).
+    fn lora_dropout(&self) -> f64;
+    /// A fresh AdamW.
+    fn new_optimizer(&self, config: AdamWConfig) -> Self::Optimizer;
+    /// One optimiser step: the gradients clipped to global norm `max_norm` (0: no clipping),
+    /// then AdamW at `lr` on every parameter of `names` that has a gradient. Returns the
+    /// global norm before clipping.
+    fn optimizer_step(
+        &mut self,
+        opt: &mut Self::Optimizer,
+        names: &[String],
+        grads: Grads<Self::T>,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64>;
+    /// The shape of parameter `name`, if the model has it.
+    fn param_shape(&self, name: &str) -> Option<[usize; 2]>;
+    /// Host (f32) copies of the parameters `names`.
+    fn host_params(&self, names: &[String]) -> Result<Vec<(String, Tensor<2>)>>;
+    /// Replaces parameters by host values of the same shapes.
+    fn set_params(&mut self, params: Vec<(String, Tensor<2>)>) -> Result<()>;
+    /// The optimiser's step count and moments as host tensors.
+    fn host_optimizer(&self, opt: &Self::Optimizer) -> Result<(u64, BTreeMap<String, Moments>)>;
+    /// Replaces the optimiser's step count and moments.
+    fn set_optimizer(
+        &self,
+        opt: &mut Self::Optimizer,
+        step: u64,
+        moments: BTreeMap<String, Moments>,
+    ) -> Result<()>;
+}
+
+/// transformers' weight-decay rule: no decay on biases and norm weights.
+pub(crate) fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.contains("norm.weight"))
+}
+
+impl TrainModel for LlamaModel {
+    type Optimizer = AdamW;
+
+    fn trainable_names(&self, trainable: &Trainable) -> Vec<String> {
+        let mut names = Vec::new();
+        if trainable.lora {
+            for (n, lin) in self.linears() {
+                if lin.lora.is_some() {
+                    names.push(format!("{n}.lora_A"));
+                    names.push(format!("{n}.lora_B"));
+                }
+            }
+        }
+        if let Some(first) = trainable.first_full_layer {
+            for i in first..self.layers.len() {
+                names.push(format!("self.layers.{i}.input_layernorm.weight"));
+                names.push(format!("self.layers.{i}.post_attention_layernorm.weight"));
+            }
+            for (n, lin) in self.linears() {
+                let layer: usize = n["self.layers.".len()..]
+                    .split('.')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                if layer >= first {
+                    names.push(format!("{n}.weight"));
+                    if lin.bias.is_some() {
+                        names.push(format!("{n}.bias"));
+                    }
+                }
+            }
+        }
+        if trainable.final_norm {
+            names.push("self.norm.weight".into());
+        }
+        if trainable.head {
+            names.push(if self.lm_head.is_some() {
+                "lm_head.weight".into()
+            } else {
+                "self.embed_tokens.weight".into()
+            });
+        }
+        if trainable.embedding && self.lm_head.is_some() {
+            names.push("self.embed_tokens.weight".into());
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn has_adapter(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora.is_some())
+    }
+
+    fn lora_dropout(&self) -> f64 {
+        self.linears()
+            .iter()
+            .filter_map(|(_, l)| l.lora.as_ref().map(|l| l.dropout))
+            .fold(0.0, f64::max)
+    }
+
+    fn new_optimizer(&self, config: AdamWConfig) -> AdamW {
+        AdamW::new(config)
+    }
+
+    fn optimizer_step(
+        &mut self,
+        opt: &mut AdamW,
+        names: &[String],
+        mut grads: Grads,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let norm = clip_grad_norm(&mut grads, max_norm);
+        opt.begin_step();
+        for name in names {
+            let (Some(p), Some(g)) = (self.param(name), grads.remove(name)) else {
+                continue;
+            };
+            let updated = opt.update(name, p, g, lr, decays(name));
+            self.set_param(name, updated);
+        }
+        Ok(norm)
+    }
+
+    fn param_shape(&self, name: &str) -> Option<[usize; 2]> {
+        self.param(name).map(|t| t.dims())
+    }
+
+    fn host_params(&self, names: &[String]) -> Result<Vec<(String, Tensor<2>)>> {
+        Ok(names
+            .iter()
+            .filter_map(|n| self.param(n).map(|t| (n.clone(), t)))
+            .collect())
+    }
+
+    fn set_params(&mut self, params: Vec<(String, Tensor<2>)>) -> Result<()> {
+        for (name, t) in params {
+            let t = t.to_device(&self.device);
+            if !self.set_param(&name, t) {
+                return Err(Error::Invalid(format!("the model has no parameter {name}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn host_optimizer(&self, opt: &AdamW) -> Result<(u64, BTreeMap<String, Moments>)> {
+        Ok((opt.step, opt.state.clone()))
+    }
+
+    fn set_optimizer(
+        &self,
+        opt: &mut AdamW,
+        step: u64,
+        moments: BTreeMap<String, Moments>,
+    ) -> Result<()> {
+        opt.step = step;
+        opt.state = moments;
+        opt.to_device(&self.device);
+        Ok(())
+    }
+}

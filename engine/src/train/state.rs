@@ -1,0 +1,84 @@
+//! What a training run reports and keeps: the log's entries, the trainer state a checkpoint
+//! saves, the callback that observes a run, and the run's summary.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One line of the training log.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Optimiser step (1-based).
+    pub step: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Mean loss over the step's trained tokens (training entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Learning rate used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// Gradient norm before clipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Tokens (all positions) per second in this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Trained tokens in this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trained_tokens: Option<usize>,
+    /// Evaluation loss (evaluation entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// Evaluation perplexity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_perplexity: Option<f64>,
+    /// Objective-specific metrics under TRL's names (`rewards/chosen`, ...; `eval_` prefixed
+    /// in evaluation entries).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Where a run stands (saved in checkpoints).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub global_step: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Micro-batches of the current epoch already consumed.
+    pub batch_in_epoch: usize,
+    /// Total optimiser steps of the run.
+    pub total_steps: u64,
+    /// Everything logged so far.
+    pub log_history: Vec<LogEntry>,
+}
+
+/// Observes a run (progress bars, daemons).
+pub trait Callback {
+    /// A step finished or an evaluation ran.
+    fn on_log(&mut self, _entry: &LogEntry, _state: &TrainerState) {}
+}
+
+/// A callback that does nothing.
+pub struct NoCallback;
+impl Callback for NoCallback {}
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Optimiser steps done.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Last evaluation loss.
+    pub eval_loss: Option<f64>,
+    /// Trained tokens seen.
+    pub trained_tokens: usize,
+    /// Positions processed (including untrained ones).
+    pub tokens: usize,
+    /// Wall-clock seconds of training steps.
+    pub seconds: f64,
+    /// Whether the run was cancelled (a checkpoint was saved).
+    pub cancelled: bool,
+}

@@ -1,0 +1,291 @@
+//! The training loop shared by SFT and preference training: micro-batches with gradient
+//! accumulation, the optimiser step, the learning-rate schedule, clipping, evaluation, a JSONL
+//! log, checkpoints that resume exactly (on either device), and cancellation. What is
+//! minimised is an [`Objective`]; where it runs is the model's [`TrainModel`] implementation.
+//!
+//! Everything random (data order, adapter initialisation, dropout) derives from the seed and
+//! the step, so a resumed run continues the same loss curve.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::tensor::Tensor;
+
+use super::batches::epoch_order;
+use super::checkpoint;
+use super::config::TrainConfig;
+use super::optim::{AdamWConfig, warmup_steps};
+use super::params::TrainModel;
+use super::state::{Callback, LogEntry, TrainSummary, TrainerState};
+use super::step::{StepBatch, Trainable};
+use crate::device::{Grads, TrainBackend, TrainNeeds};
+use crate::error::{Error, Result};
+
+/// What one optimiser step's micro-batches produced.
+pub struct StepOutput<T = Tensor<2>> {
+    /// The step's loss.
+    pub loss: f64,
+    /// Gradients of the loss.
+    pub grads: Grads<T>,
+    /// Trained tokens.
+    pub trained: usize,
+    /// Positions processed (including untrained ones).
+    pub tokens: usize,
+    /// Objective-specific metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A micro-batch: the rows of a step and the examples they came from.
+pub struct MicroBatch {
+    /// The rows.
+    pub batch: StepBatch,
+    /// Indices of the examples (SFT: sequences; DPO: pairs).
+    pub examples: Vec<usize>,
+}
+
+/// What a training run minimises: SFT cross-entropy, a preference loss, ...
+pub trait Objective<M: TrainModel> {
+    /// Number of training examples (the seeded order permutes them).
+    fn num_examples(&self) -> usize;
+    /// The micro-batches of one epoch, visiting examples in `order`.
+    fn batches(&self, order: &[usize]) -> Vec<MicroBatch>;
+    /// Loss and gradients of one optimiser step.
+    fn step(
+        &self,
+        model: &M,
+        micro: &[MicroBatch],
+        trainable: &Trainable,
+        dropout_seed: Option<u64>,
+    ) -> Result<StepOutput<M::T>>;
+    /// Evaluation: `(loss, metrics)`, or `None` without evaluation data.
+    fn evaluate(&self, model: &M) -> Result<Option<(f64, BTreeMap<String, f64>)>>;
+}
+
+/// Adds `g` into `acc`.
+pub fn add_grads<M: TrainBackend>(m: &M, acc: &mut Grads<M::T>, g: Grads<M::T>) {
+    for (k, v) in g {
+        match acc.remove(&k) {
+            Some(a) => acc.insert(k, m.add(a, &v)),
+            None => acc.insert(k, v),
+        };
+    }
+}
+
+/// How a run trains: LoRA adapters or weights.
+pub fn trainable_for(config: &TrainConfig, num_layers: usize) -> Trainable {
+    if config.full {
+        Trainable::full()
+    } else if let Some(n) = config.train_last_layers {
+        Trainable::last_layers(n, num_layers)
+    } else {
+        Trainable::lora()
+    }
+}
+
+/// Options of a run that do not depend on the objective.
+pub struct RunOptions<'a> {
+    /// Options.
+    pub config: &'a TrainConfig,
+    /// Output directory (log, checkpoints); `None` keeps everything in memory.
+    pub output: Option<&'a Path>,
+    /// Checkpoint to resume from.
+    pub resume: Option<&'a Path>,
+    /// Set to stop at the next step boundary (a checkpoint is saved).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// The training loop: trains `model` in place on `objective`.
+pub fn train<M: TrainModel>(
+    model: &mut M,
+    run: &RunOptions<'_>,
+    objective: &dyn Objective<M>,
+    cb: &mut dyn Callback,
+) -> Result<TrainSummary> {
+    let cfg = run.config;
+    cfg.validate().map_err(Error::Invalid)?;
+    let _reuse = super::memory::Reuse::begin();
+    let trainable = trainable_for(cfg, model.config().num_hidden_layers);
+    if trainable.lora && !model.has_adapter() {
+        return Err(Error::Invalid(
+            "LoRA training needs an attached adapter".into(),
+        ));
+    }
+    model.can_train(&TrainNeeds {
+        lora_dropout: model.lora_dropout(),
+    })?;
+    let names = model.trainable_names(&trainable);
+    let n_examples = objective.num_examples();
+    if n_examples == 0 {
+        return Err(Error::Invalid(
+            "no training example has a trained token".into(),
+        ));
+    }
+    let micro_per_epoch = objective
+        .batches(&epoch_order(n_examples, cfg.seed, 0))
+        .len();
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
+    let total = cfg
+        .max_steps
+        .unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64)
+        .max(1);
+    let warmup = warmup_steps(cfg.warmup_ratio, total);
+    let mut opt = model.new_optimizer(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+    let mut state = TrainerState {
+        total_steps: total,
+        ..Default::default()
+    };
+    if let Some(dir) = run.resume {
+        let r = checkpoint::restore(dir, &names, &|n| model.param_shape(n))?;
+        model.set_params(r.params)?;
+        model.set_optimizer(&mut opt, r.step, r.moments)?;
+        state = r.state;
+        state.total_steps = total;
+    }
+    let log_path = run.output.map(|o| o.join("train_log.jsonl"));
+    if let Some(p) = &log_path {
+        checkpoint::rewrite_log(p, &state.log_history)?;
+    }
+    let dropout = model.lora_dropout() > 0.0;
+    let mut summary = TrainSummary {
+        steps: state.global_step,
+        final_loss: None,
+        eval_loss: None,
+        trained_tokens: 0,
+        tokens: 0,
+        seconds: 0.0,
+        cancelled: false,
+    };
+    let cancelled = || run.cancel.is_some_and(|c| c.load(Ordering::SeqCst));
+    let emit = |entry: LogEntry, state: &mut TrainerState, cb: &mut dyn Callback| -> Result<()> {
+        if let Some(p) = &log_path {
+            checkpoint::append_log(p, &entry)?;
+        }
+        cb.on_log(&entry, state);
+        state.log_history.push(entry);
+        Ok(())
+    };
+    'epochs: while state.global_step < total {
+        let order = epoch_order(n_examples, cfg.seed, state.epoch);
+        let batches = objective.batches(&order);
+        while state.batch_in_epoch < batches.len() {
+            if state.global_step >= total {
+                break 'epochs;
+            }
+            if cancelled() {
+                summary.cancelled = true;
+                break 'epochs;
+            }
+            let end = (state.batch_in_epoch + cfg.gradient_accumulation_steps).min(batches.len());
+            let micro = &batches[state.batch_in_epoch..end];
+            let started = Instant::now();
+            let seed =
+                dropout.then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step);
+            let StepOutput {
+                loss,
+                grads,
+                trained,
+                tokens,
+                metrics,
+            } = objective.step(model, micro, &trainable, seed)?;
+            let lr = cfg
+                .lr_scheduler_type
+                .lr(cfg.learning_rate, state.global_step, total, warmup);
+            let grad_norm = model.optimizer_step(&mut opt, &names, grads, lr, cfg.max_grad_norm)?;
+            let secs = started.elapsed().as_secs_f64();
+            state.global_step += 1;
+            state.batch_in_epoch = end;
+            summary.seconds += secs;
+            summary.trained_tokens += trained;
+            summary.tokens += tokens;
+            summary.final_loss = Some(loss);
+            let epoch_f = state.epoch as f64 + end as f64 / batches.len() as f64;
+            if state.global_step.is_multiple_of(cfg.logging_steps.max(1))
+                || state.global_step == total
+            {
+                emit(
+                    LogEntry {
+                        step: state.global_step,
+                        epoch: epoch_f,
+                        loss: Some(loss),
+                        learning_rate: Some(lr),
+                        grad_norm: Some(grad_norm),
+                        tokens_per_second: Some(tokens as f64 / secs.max(1e-9)),
+                        trained_tokens: Some(trained),
+                        metrics,
+                        ..Default::default()
+                    },
+                    &mut state,
+                    cb,
+                )?;
+            }
+            let last = state.global_step == total;
+            if (cfg
+                .eval_steps
+                .is_some_and(|e| state.global_step.is_multiple_of(e))
+                || last)
+                && let Some((l, metrics)) = objective.evaluate(model)?
+            {
+                summary.eval_loss = Some(l);
+                emit(
+                    LogEntry {
+                        step: state.global_step,
+                        epoch: epoch_f,
+                        eval_loss: Some(l),
+                        eval_perplexity: metrics.is_empty().then(|| l.exp()),
+                        metrics: metrics
+                            .into_iter()
+                            .map(|(k, v)| (format!("eval_{k}"), v))
+                            .collect(),
+                        ..Default::default()
+                    },
+                    &mut state,
+                    cb,
+                )?;
+            }
+            if let (Some(out), Some(every)) = (run.output, cfg.save_steps)
+                && state.global_step.is_multiple_of(every)
+            {
+                save_checkpoint(out, &*model, &names, &opt, &state)?;
+            }
+        }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+    }
+    if summary.cancelled
+        && let Some(out) = run.output
+    {
+        save_checkpoint(out, &*model, &names, &opt, &state)?;
+    }
+    summary.steps = state.global_step;
+    Ok(summary)
+}
+
+/// The checkpoint directory of `step` under `output`.
+pub fn checkpoint_dir(output: &Path, step: u64) -> PathBuf {
+    output.join(format!("checkpoint-{step}"))
+}
+
+/// Writes `checkpoint-{step}` under `output` from host copies of the parameters and the
+/// optimiser state.
+fn save_checkpoint<M: TrainModel>(
+    output: &Path,
+    model: &M,
+    names: &[String],
+    opt: &M::Optimizer,
+    state: &TrainerState,
+) -> Result<()> {
+    let params = model.host_params(names)?;
+    let (step, moments) = model.host_optimizer(opt)?;
+    checkpoint::save(
+        &checkpoint_dir(output, state.global_step),
+        &params,
+        step,
+        &moments,
+        state,
+    )
+}
