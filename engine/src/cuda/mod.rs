@@ -15,6 +15,7 @@ pub mod lt;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod params;
 pub mod tensor;
 pub mod train;
 

@@ -115,7 +115,7 @@ pub struct CudaModel {
     /// Compute dtype.
     pub dt: Dt,
     rope: RotaryEmbedding,
-    embed: GTensor,
+    pub(super) embed: GTensor,
     pub(super) layers: Vec<GLayer>,
     pub(super) norm: GTensor,
     pub(super) head: Option<GTensor>,

@@ -71,6 +71,12 @@ impl TrainBackend for CudaModel {
                 what.lora_dropout
             )));
         }
+        if self.dt != Dt::F32 {
+            return Err(Error::Invalid(format!(
+                "GPU training runs in f32 so far (this model is loaded as {:?}); bf16/fp16 mixed precision is not implemented yet",
+                self.dt
+            )));
+        }
         if c.head_dim > MAX_HEAD_DIM || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
         {
             return Err(Error::Invalid(format!(

@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 
 use super::optim::{AdamW, AdamWConfig, Moments, clip_grad_norm};
 use super::step::Trainable;
-use crate::device::{Grads, TrainBackend};
+use crate::device::{Grads, Proj, TrainBackend};
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 
@@ -55,6 +55,54 @@ pub trait TrainModel: TrainBackend + Clone {
     ) -> Result<()>;
 }
 
+/// The parameter names `trainable` covers in a model of `num_layers` blocks whose projection
+/// `(layer, p)` has a LoRA branch (`lora`) and a bias (`bias`), and whose head is its own
+/// tensor (`untied_head`) or the embedding; sorted.
+pub(crate) fn names_for(
+    trainable: &Trainable,
+    num_layers: usize,
+    lora: &dyn Fn(usize, Proj) -> bool,
+    bias: &dyn Fn(usize, Proj) -> bool,
+    untied_head: bool,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    let module = |i: usize, p: Proj| format!("model.layers.{i}.{}", p.path());
+    for i in 0..num_layers {
+        for p in Proj::ALL {
+            if trainable.lora && lora(i, p) {
+                names.push(format!("{}.lora_A", module(i, p)));
+                names.push(format!("{}.lora_B", module(i, p)));
+            }
+            if trainable.first_full_layer.is_some_and(|f| i >= f) {
+                names.push(format!("{}.weight", module(i, p)));
+                if bias(i, p) {
+                    names.push(format!("{}.bias", module(i, p)));
+                }
+            }
+        }
+        if trainable.first_full_layer.is_some_and(|f| i >= f) {
+            names.push(format!("model.layers.{i}.input_layernorm.weight"));
+            names.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+        }
+    }
+    if trainable.final_norm {
+        names.push("model.norm.weight".into());
+    }
+    if trainable.head {
+        names.push(if untied_head {
+            "lm_head.weight".into()
+        } else {
+            "model.embed_tokens.weight".into()
+        });
+    }
+    if trainable.embedding && untied_head {
+        names.push("model.embed_tokens.weight".into());
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// transformers' weight-decay rule: no decay on biases and norm weights.
 pub(crate) fn decays(name: &str) -> bool {
     !(name.ends_with(".bias") || name.contains("norm.weight"))
@@ -64,50 +112,14 @@ impl TrainModel for LlamaModel {
     type Optimizer = AdamW;
 
     fn trainable_names(&self, trainable: &Trainable) -> Vec<String> {
-        let mut names = Vec::new();
-        if trainable.lora {
-            for (n, lin) in self.linears() {
-                if lin.lora.is_some() {
-                    names.push(format!("{n}.lora_A"));
-                    names.push(format!("{n}.lora_B"));
-                }
-            }
-        }
-        if let Some(first) = trainable.first_full_layer {
-            for i in first..self.layers.len() {
-                names.push(format!("self.layers.{i}.input_layernorm.weight"));
-                names.push(format!("self.layers.{i}.post_attention_layernorm.weight"));
-            }
-            for (n, lin) in self.linears() {
-                let layer: usize = n["self.layers.".len()..]
-                    .split('.')
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                if layer >= first {
-                    names.push(format!("{n}.weight"));
-                    if lin.bias.is_some() {
-                        names.push(format!("{n}.bias"));
-                    }
-                }
-            }
-        }
-        if trainable.final_norm {
-            names.push("self.norm.weight".into());
-        }
-        if trainable.head {
-            names.push(if self.lm_head.is_some() {
-                "lm_head.weight".into()
-            } else {
-                "self.embed_tokens.weight".into()
-            });
-        }
-        if trainable.embedding && self.lm_head.is_some() {
-            names.push("self.embed_tokens.weight".into());
-        }
-        names.sort();
-        names.dedup();
-        names
+        let layers = &self.layers;
+        names_for(
+            trainable,
+            layers.len(),
+            &|i, p| layers[i].proj(p).lora.is_some(),
+            &|i, p| layers[i].proj(p).bias.is_some(),
+            self.lm_head.is_some(),
+        )
     }
 
     fn has_adapter(&self) -> bool {

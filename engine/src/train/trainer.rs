@@ -113,7 +113,7 @@ pub fn train<M: TrainModel>(
         ));
     }
     model.can_train(&TrainNeeds {
-        lora_dropout: model.lora_dropout(),
+        lora_dropout: model.lora_dropout().max(cfg.lora_dropout),
     })?;
     let names = model.trainable_names(&trainable);
     let n_examples = objective.num_examples();

@@ -1,0 +1,299 @@
+//! [`TrainModel`] on the GPU: parameters addressed by their Hugging Face / PEFT names, the
+//! optimiser step as one multi-tensor AdamW launch (clipping included, see [`super::optim`]),
+//! and host copies of parameters and moments for checkpoints, which therefore resume on
+//! either device.
+//!
+//! Parameters are updated in place, copy-on-write: a tensor still shared with a clone of the
+//! model (the frozen reference of DPO, the adapter-free view) is copied before its first
+//! update, so clones keep the values they were made with, as on the host.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::model::{CudaModel, GBase};
+use super::optim::DeviceParam;
+use super::tensor::{Dt, GTensor};
+use crate::device::{Grads, Proj};
+use crate::error::{Error, Result};
+use crate::train::optim::{AdamWConfig, Moments};
+use crate::train::params::{TrainModel, decays, names_for};
+use crate::train::step::Trainable;
+
+/// AdamW's state on the GPU: f32 moments by parameter name.
+pub struct GpuAdamW {
+    config: AdamWConfig,
+    step: u64,
+    moments: BTreeMap<String, (GTensor, GTensor)>,
+}
+
+/// Which tensor a parameter name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Param {
+    Embed,
+    Head,
+    FinalNorm,
+    Norm1(usize),
+    Norm2(usize),
+    LoraA(usize, Proj),
+    LoraB(usize, Proj),
+    Weight(usize, Proj),
+    Bias(usize, Proj),
+}
+
+impl Param {
+    fn parse(name: &str) -> Option<Param> {
+        match name {
+            "model.embed_tokens.weight" => return Some(Param::Embed),
+            "lm_head.weight" => return Some(Param::Head),
+            "model.norm.weight" => return Some(Param::FinalNorm),
+            _ => {}
+        }
+        let (i, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+        if i.starts_with('0') && i.len() > 1 {
+            return None;
+        }
+        let i: usize = i.parse().ok()?;
+        match tail {
+            "input_layernorm.weight" => return Some(Param::Norm1(i)),
+            "post_attention_layernorm.weight" => return Some(Param::Norm2(i)),
+            _ => {}
+        }
+        let (module, part) = tail.rsplit_once('.')?;
+        let p = Proj::ALL.into_iter().find(|p| p.path() == module)?;
+        match part {
+            "lora_A" => Some(Param::LoraA(i, p)),
+            "lora_B" => Some(Param::LoraB(i, p)),
+            "weight" => Some(Param::Weight(i, p)),
+            "bias" => Some(Param::Bias(i, p)),
+            _ => None,
+        }
+    }
+}
+
+impl CudaModel {
+    /// The device tensor of parameter `name` (`None`: no such parameter, or an NF4 weight).
+    pub fn param(&self, name: &str) -> Option<&GTensor> {
+        let proj = |i: usize, p: Proj| self.layers.get(i).map(|l| &l.proj[p.index()]);
+        match Param::parse(name)? {
+            Param::Embed => Some(&self.embed),
+            Param::Head => self.head.as_ref(),
+            Param::FinalNorm => Some(&self.norm),
+            Param::Norm1(i) => self.layers.get(i).map(|l| &l.ln1),
+            Param::Norm2(i) => self.layers.get(i).map(|l| &l.ln2),
+            Param::LoraA(i, p) => proj(i, p)?.lora.as_ref().map(|l| &l.a),
+            Param::LoraB(i, p) => proj(i, p)?.lora.as_ref().map(|l| &l.b),
+            Param::Weight(i, p) => match &proj(i, p)?.base {
+                GBase::Dense(w) => Some(w),
+                GBase::Nf4(_) => None,
+            },
+            Param::Bias(i, p) => proj(i, p)?.bias.as_ref(),
+        }
+    }
+
+    fn param_mut(&mut self, name: &str) -> Option<&mut GTensor> {
+        let param = Param::parse(name)?;
+        let layers = &mut self.layers;
+        match param {
+            Param::Embed => Some(&mut self.embed),
+            Param::Head => self.head.as_mut(),
+            Param::FinalNorm => Some(&mut self.norm),
+            Param::Norm1(i) => layers.get_mut(i).map(|l| &mut l.ln1),
+            Param::Norm2(i) => layers.get_mut(i).map(|l| &mut l.ln2),
+            Param::LoraA(i, p) | Param::LoraB(i, p) | Param::Weight(i, p) | Param::Bias(i, p) => {
+                let proj = &mut layers.get_mut(i)?.proj[p.index()];
+                match param {
+                    Param::LoraA(..) => proj.lora.as_mut().map(|l| &mut l.a),
+                    Param::LoraB(..) => proj.lora.as_mut().map(|l| &mut l.b),
+                    Param::Bias(..) => proj.bias.as_mut(),
+                    _ => match &mut proj.base {
+                        GBase::Dense(w) => Some(w),
+                        GBase::Nf4(_) => None,
+                    },
+                }
+            }
+        }
+    }
+
+    fn to_host(&self, t: &GTensor) -> Result<Tensor<2>> {
+        let v = self.gpu.download(t)?;
+        Ok(Tensor::from_data(
+            TensorData::new(v, [t.rows, t.cols]),
+            &Device::flex(),
+        ))
+    }
+
+    fn upload_param(&self, t: &Tensor<2>, dt: Dt) -> Result<GTensor> {
+        let [r, c] = t.dims();
+        self.gpu
+            .upload(&crate::weights::to_f32_vec(t.to_data()), r, c, dt)
+    }
+
+    fn no_param(name: &str) -> Error {
+        Error::Invalid(format!(
+            "{name}: the GPU model has no such trainable tensor (NF4 weights are frozen)"
+        ))
+    }
+}
+
+impl TrainModel for CudaModel {
+    type Optimizer = GpuAdamW;
+
+    fn trainable_names(&self, trainable: &Trainable) -> Vec<String> {
+        let layers = &self.layers;
+        names_for(
+            trainable,
+            layers.len(),
+            &|i, p| layers[i].proj[p.index()].lora.is_some(),
+            &|i, p| layers[i].proj[p.index()].bias.is_some(),
+            self.head.is_some(),
+        )
+    }
+
+    fn has_adapter(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.proj.iter().any(|p| p.lora.is_some()))
+    }
+
+    /// The GPU model holds no dropout probability: runs pass their configuration's to
+    /// [`crate::device::TrainBackend::can_train`], which refuses dropout on the device.
+    fn lora_dropout(&self) -> f64 {
+        0.0
+    }
+
+    fn new_optimizer(&self, config: AdamWConfig) -> GpuAdamW {
+        GpuAdamW {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    fn optimizer_step(
+        &mut self,
+        opt: &mut GpuAdamW,
+        names: &[String],
+        grads: Grads<GTensor>,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let gpu = self.gpu.clone();
+        let updated: Vec<&String> = names.iter().filter(|n| grads.contains_key(*n)).collect();
+        for name in &updated {
+            let p = self.param_mut(name).ok_or_else(|| Self::no_param(name))?;
+            if !p.unique() {
+                *p = gpu.copy(p);
+            }
+            let (rows, cols) = (p.rows, p.cols);
+            opt.moments.entry(name.to_string()).or_insert_with(|| {
+                (
+                    gpu.zeros(rows, cols, Dt::F32),
+                    gpu.zeros(rows, cols, Dt::F32),
+                )
+            });
+        }
+        opt.step += 1;
+        let mut params = Vec::with_capacity(updated.len());
+        for name in &updated {
+            let (m, v) = &opt.moments[name.as_str()];
+            params.push(DeviceParam {
+                p: self.param(name).ok_or_else(|| Self::no_param(name))?,
+                g: &grads[name.as_str()],
+                m,
+                v,
+                decay: decays(name),
+            });
+        }
+        gpu.adamw_step(&params, opt.config, lr, opt.step, max_norm)
+    }
+
+    fn param_shape(&self, name: &str) -> Option<[usize; 2]> {
+        self.param(name).map(|t| [t.rows, t.cols])
+    }
+
+    fn host_params(&self, names: &[String]) -> Result<Vec<(String, Tensor<2>)>> {
+        names
+            .iter()
+            .filter_map(|n| self.param(n).map(|t| (n, t)))
+            .map(|(n, t)| Ok((n.clone(), self.to_host(t)?)))
+            .collect()
+    }
+
+    fn set_params(&mut self, params: Vec<(String, Tensor<2>)>) -> Result<()> {
+        for (name, t) in params {
+            let dt = self.param(&name).ok_or_else(|| Self::no_param(&name))?.dt;
+            let new = self.upload_param(&t, dt)?;
+            *self.param_mut(&name).ok_or_else(|| Self::no_param(&name))? = new;
+        }
+        Ok(())
+    }
+
+    fn host_optimizer(&self, opt: &GpuAdamW) -> Result<(u64, BTreeMap<String, Moments>)> {
+        let mut out = BTreeMap::new();
+        for (name, (m, v)) in &opt.moments {
+            out.insert(
+                name.clone(),
+                Moments {
+                    m: self.to_host(m)?,
+                    v: self.to_host(v)?,
+                },
+            );
+        }
+        Ok((opt.step, out))
+    }
+
+    fn set_optimizer(
+        &self,
+        opt: &mut GpuAdamW,
+        step: u64,
+        moments: BTreeMap<String, Moments>,
+    ) -> Result<()> {
+        opt.step = step;
+        opt.moments.clear();
+        for (name, m) in moments {
+            let pair = (
+                self.upload_param(&m.m, Dt::F32)?,
+                self.upload_param(&m.v, Dt::F32)?,
+            );
+            opt.moments.insert(name, pair);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Param, Proj};
+
+    #[test]
+    fn parameter_names_parse_as_peft_and_transformers_write_them() {
+        assert_eq!(
+            Param::parse("model.embed_tokens.weight"),
+            Some(Param::Embed)
+        );
+        assert_eq!(Param::parse("lm_head.weight"), Some(Param::Head));
+        assert_eq!(Param::parse("model.norm.weight"), Some(Param::FinalNorm));
+        assert_eq!(
+            Param::parse("model.layers.12.post_attention_layernorm.weight"),
+            Some(Param::Norm2(12))
+        );
+        assert_eq!(
+            Param::parse("model.layers.3.self_attn.v_proj.lora_B"),
+            Some(Param::LoraB(3, Proj::V))
+        );
+        assert_eq!(
+            Param::parse("model.layers.0.mlp.down_proj.bias"),
+            Some(Param::Bias(0, Proj::Down))
+        );
+        for bad in [
+            "model.layers.00.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.q.weight",
+            "model.layers.1.mlp.up_proj.lora_C",
+            "layers.0.mlp.up_proj.weight",
+            "model.layers.x.mlp.up_proj.weight",
+        ] {
+            assert_eq!(Param::parse(bad), None, "{bad}");
+        }
+    }
+}
