@@ -8,7 +8,8 @@
 #   1b. tests/cuda_train: the training step (every gradient) on the GPU against the host step
 #      for LoRA, QLoRA, full and last-layer training; the device optimiser against the host's.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
-#   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file.
+#   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file;
+#      train sft --device cuda for 20 steps and the same on the CPU, each adapter evaluated.
 #   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
 #      the host engine (f32), the forward's parts, the forward throughput against transformers
 #      (alternating rounds), the NF4 forward, and greedy decoding against transformers.
@@ -42,6 +43,10 @@ fi
 step cli_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --device cuda --json
 step cli_eval_cpu 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --json
 step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
+step cli_train_cuda 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-sft --max-steps 20 --device cuda
+step cli_train_cuda_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/gpu-train-sft --data testdata/demo/hospital.jsonl --json
+step cli_train_cpu 120 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/cpu-train-sft --max-steps 20
+step cli_train_cpu_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/cpu-train-sft --data testdata/demo/hospital.jsonl --json
 step cli_generate_gguf_cpu 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
 M1B=/tmp/llama-1b
 step make_1b 90 python3 bench/gpu_forward.py make $M1B 1b

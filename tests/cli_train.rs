@@ -238,3 +238,36 @@ fn bad_options_and_data_are_clear_errors() {
     assert!(err.contains("--load-in-4bit"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn train_sft_on_cuda_trains_there_or_names_the_device_it_could_not_open() {
+    // CI has no GPU: the run must stop with an error naming the device. On the GPU machine
+    // (scripts/gpu_check.sh runs this binary too) it trains and writes the adapter.
+    let out = tmpdir("cuda");
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            model().to_str().unwrap(),
+            "--data",
+            data().to_str().unwrap(),
+            "--output",
+            out.join("a").to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if o.status.success() {
+        assert!(out.join("a/adapter_model.safetensors").is_file(), "{err}");
+        assert!(eval_loss(&model(), Some(&out.join("a"))).is_finite());
+    } else {
+        assert!(err.contains("--device cuda:0"), "{err}");
+        assert!(!out.join("a/adapter_model.safetensors").exists());
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -75,7 +75,7 @@ impl ModelArgs {
         cfg: &fedtune_engine::train::TrainConfig,
     ) -> anyhow::Result<LoadedModel> {
         self.ensure_f32_training()?;
-        let mut m = self.load()?;
+        let mut m = self.load_on(&Device::flex())?;
         if cfg.load_in_4bit {
             anyhow::ensure!(
                 cfg.is_lora(),
@@ -155,9 +155,14 @@ impl ModelArgs {
 
     /// Loads the model, its tokenizer and the adapter.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = parse_device(&self.device)?;
+        self.load_on(&parse_device(&self.device)?)
+    }
+
+    /// [`ModelArgs::load`] on the host whatever `--device` says: training loads there and,
+    /// with `--device cuda`, trains a GPU copy ([`gpu_copy`]).
+    pub fn load_on(&self, device: &Device) -> anyhow::Result<LoadedModel> {
         let dtype = parse_dtype(&self.dtype)?;
-        let mut m = load_model(&self.model, &device, dtype)
+        let mut m = load_model(&self.model, device, dtype)
             .with_context(|| format!("loading model {}", self.model.display()))?;
         self.apply_template(&mut m.tokenizer)?;
         if let Some(a) = &self.adapter {
@@ -169,4 +174,33 @@ impl ModelArgs {
         }
         Ok(m)
     }
+}
+
+/// A copy of the host model (adapter attached, NF4 codes as quantised) on GPU `ordinal`, in
+/// f32, to train there.
+pub fn gpu_copy(
+    model: &fedtune_engine::LlamaModel,
+    ordinal: usize,
+) -> anyhow::Result<fedtune_engine::cuda::CudaModel> {
+    let gpu = fedtune_engine::cuda::Gpu::open(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}"))?;
+    Ok(fedtune_engine::cuda::CudaModel::from_host(
+        model,
+        gpu,
+        fedtune_engine::cuda::Dt::F32,
+    )?)
+}
+
+/// Copies the parameters `cfg` trains from the GPU model back into the host model (which the
+/// adapter and model writers read).
+pub fn copy_back(
+    gpu: &fedtune_engine::cuda::CudaModel,
+    host: &mut fedtune_engine::LlamaModel,
+    cfg: &fedtune_engine::train::TrainConfig,
+) -> anyhow::Result<()> {
+    use fedtune_engine::train::params::TrainModel;
+    let trainable = fedtune_engine::train::sft::trainable_for(cfg, host.layers.len());
+    let names = gpu.trainable_names(&trainable);
+    host.set_params(gpu.host_params(&names)?)?;
+    Ok(())
 }

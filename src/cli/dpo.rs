@@ -9,12 +9,16 @@ use anyhow::Context;
 use clap::Args;
 use fedtune_engine::PeftAdapter;
 use fedtune_engine::data::Dataset;
+use fedtune_engine::device::Device;
+use fedtune_engine::tokenizer::EncodedPair;
+use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
 use fedtune_engine::train::lora::{init_adapter, to_peft};
+use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
 
-use super::common::ModelArgs;
+use super::common::{ModelArgs, copy_back, gpu_copy};
 use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
 
 /// Arguments of `fedtune train dpo`.
@@ -149,7 +153,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
          fresh adapter is trained)"
     );
     a.model.ensure_f32_training()?;
-    let mut m = a.model.load()?;
+    let mut m = a.model.load_on(&burn::tensor::Device::flex())?;
     if let Some(p) = &a.sft_adapter {
         let sft =
             PeftAdapter::load(p).with_context(|| format!("loading SFT adapter {}", p.display()))?;
@@ -190,14 +194,6 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.run.output)
         .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
-    let objective = DpoObjective::new(
-        &m.model,
-        opts,
-        train_pairs,
-        eval_pairs,
-        cfg.per_device_train_batch_size,
-        m.tokenizer.pad_id,
-    );
     let cancel = cancel_on_ctrl_c();
     let bar = progress_bar();
     let run = RunOptions {
@@ -208,7 +204,18 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let mut b = Bar { bar: bar.clone() };
-    let summary = train(&mut m.model, &run, &objective, &mut Both(&mut b))?;
+    let pad = m.tokenizer.pad_id;
+    let mut cb = Both(&mut b);
+    let data = (opts, train_pairs, eval_pairs, pad);
+    let (summary, final_loss, final_metrics) = match a.model.engine_device()? {
+        Device::Cpu => fit(&mut m.model, &run, data, &mut cb)?,
+        Device::Cuda(n) => {
+            let mut gpu = gpu_copy(&m.model, n)?;
+            let out = fit(&mut gpu, &run, data, &mut cb)?;
+            copy_back(&gpu, &mut m.model, &cfg)?;
+            out
+        }
+    };
     bar.finish_and_clear();
     if summary.cancelled {
         eprintln!(
@@ -230,7 +237,6 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     }
     peft.save(&a.run.output)?;
     super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
-    let (final_loss, final_metrics) = objective.metrics_on(&m.model, false);
     let report = serde_json::json!({
         "summary": summary,
         "config": cfg,
@@ -266,4 +272,28 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         a.run.output.display()
     );
     Ok(())
+}
+
+/// Trains `model` on the preference pairs (wherever it lives) and measures the final training
+/// loss and metrics: `(summary, loss, metrics)` (NaN and none when the run was cancelled).
+fn fit<M: TrainModel>(
+    model: &mut M,
+    run: &RunOptions<'_>,
+    (opts, train_pairs, eval_pairs, pad): (DpoOptions, Vec<EncodedPair>, Vec<EncodedPair>, u32),
+    cb: &mut dyn Callback,
+) -> anyhow::Result<(TrainSummary, f64, std::collections::BTreeMap<String, f64>)> {
+    let objective = DpoObjective::new(
+        model,
+        opts,
+        train_pairs,
+        eval_pairs,
+        run.config.per_device_train_batch_size,
+        pad,
+    );
+    let summary = train(model, run, &objective, cb)?;
+    if summary.cancelled {
+        return Ok((summary, f64::NAN, Default::default()));
+    }
+    let (loss, metrics) = objective.metrics_on(model, false);
+    Ok((summary, loss, metrics))
 }

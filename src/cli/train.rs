@@ -10,12 +10,13 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
+use fedtune_engine::device::Device;
 use fedtune_engine::train::lora::{init_adapter, to_peft};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::{Callback, LogEntry, SftRun, TrainConfig, TrainerState, train_sft};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::common::ModelArgs;
+use super::common::{ModelArgs, copy_back, gpu_copy};
 use super::export::write_model_dir;
 
 /// `fedtune train ...`.
@@ -291,7 +292,16 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let summary = train_sft(&mut m.model, &run, &mut Bar { bar: bar.clone() })?;
+    let mut cb = Bar { bar: bar.clone() };
+    let summary = match a.model.engine_device()? {
+        Device::Cpu => train_sft(&mut m.model, &run, &mut cb)?,
+        Device::Cuda(n) => {
+            let mut gpu = gpu_copy(&m.model, n)?;
+            let summary = train_sft(&mut gpu, &run, &mut cb)?;
+            copy_back(&gpu, &mut m.model, &cfg)?;
+            summary
+        }
+    };
     bar.finish_and_clear();
     if summary.cancelled {
         eprintln!(

@@ -14,7 +14,6 @@ use super::params::TrainModel;
 use super::step::{Grads, Trainable, backward, forward};
 use crate::error::Result;
 use crate::eval::sft_loss;
-use crate::model::LlamaModel;
 use crate::tokenizer::Encoded;
 
 pub use super::state::{Callback, LogEntry, NoCallback, TrainSummary, TrainerState};
@@ -135,8 +134,8 @@ impl<M: TrainModel> Objective<M> for SftObjective<'_> {
 }
 
 /// Trains `model` in place (its attached adapter, or its weights) with SFT.
-pub fn train_sft(
-    model: &mut LlamaModel,
+pub fn train_sft<M: TrainModel>(
+    model: &mut M,
     run: &SftRun<'_>,
     cb: &mut dyn Callback,
 ) -> Result<TrainSummary> {
