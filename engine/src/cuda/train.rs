@@ -50,6 +50,15 @@ impl CudaModel {
         }
     }
 
+    /// `x` (f32) in the compute dtype: itself in f32, a converted copy otherwise (`x` freed).
+    fn in_model_dtype(&self, x: GTensor) -> GTensor {
+        if x.dt == self.dt {
+            x
+        } else {
+            self.gpu.cast(&x, self.dt)
+        }
+    }
+
     /// Rows `start..end` of `x` in their own tensor.
     fn rows(&self, x: &GTensor, start: usize, end: usize) -> GTensor {
         let out = self.gpu.alloc(end - start, x.cols, x.dt);
@@ -281,8 +290,7 @@ impl TrainBackend for CudaModel {
             let logits = ok(g.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
             let lp = ok(g.logprob_grad(&logits, &ids[start..end]));
             logps.extend(ok(g.download(&lp)));
-            let dlogits = g.cast(&logits, self.dt);
-            drop(logits);
+            let dlogits = self.in_model_dtype(logits);
             let part = ok(g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt));
             g.copy_rows(&part, 0, end - start, &dirs, start);
         }
@@ -305,8 +313,7 @@ impl TrainBackend for CudaModel {
             let hc = self.rows(h, start, end);
             let logits = ok(gpu.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
             ok(gpu.logprob_grad(&logits, &ids[start..end]));
-            let dlogits = gpu.cast(&logits, self.dt);
-            drop(logits);
+            let dlogits = self.in_model_dtype(logits);
             let identity: Vec<usize> = (0..end - start).collect();
             let hs = ok(gpu.scatter_rows(&hc, Some(&g[start..end]), &identity, end - start));
             ok(gpu.matmul_into(&dw, 0, &[(&dlogits, true, &hs, false, 1.0)], true));
