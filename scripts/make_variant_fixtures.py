@@ -32,6 +32,12 @@ variants = {
     "llama_linear_rope_bf16_sharded": dict(model_type="llama", tie_word_embeddings=True,
                                            rope_parameters={"rope_type": "linear", "rope_theta": 10_000.0,
                                                             "factor": 4.0}),
+    # Layers of different kinds (transformers' layer_types): full attention in layer 0, a
+    # sliding window of 8 in layer 1; training must use each layer's own mask.
+    "qwen2_mixed_layer_types": dict(model_type="qwen2", tie_word_embeddings=True,
+                                    use_sliding_window=True, sliding_window=8,
+                                    layer_types=["full_attention", "sliding_attention"],
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
 }
 ids = torch.randint(3, 128, (2, 24))
 for name, extra in variants.items():

@@ -1,7 +1,9 @@
 //! Every architecture variant against transformers' logits (`testdata/variants`, from
 //! `scripts/make_variant_fixtures.py`): Qwen2 with q/k/v biases and an untied head, Mistral
 //! with a sliding window shorter than the sequence, Llama with llama3 RoPE scaling, attention
-//! and MLP biases and an explicit head_dim, and a bf16 sharded Llama with linear RoPE scaling.
+//! and MLP biases and an explicit head_dim, a bf16 sharded Llama with linear RoPE scaling, and
+//! a Qwen2 whose layers differ (full attention, then a sliding window), in inference and in
+//! the training step's forward pass.
 
 use std::path::PathBuf;
 
@@ -9,7 +11,8 @@ use burn::tensor::{DType, Device};
 use fedtune_engine::weights::{SafetensorsSource, TensorSource, to_f32_vec};
 use fedtune_engine::{LlamaModel, ModelConfig};
 
-fn check(name: &str) {
+/// The variant's model (f32), its reference input ids `[b, t]` and transformers' logits.
+fn variant(name: &str) -> (LlamaModel, Vec<u32>, [usize; 2], Vec<f32>) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../testdata/variants")
         .join(name);
@@ -26,8 +29,13 @@ fn check(name: &str) {
         .iter()
         .map(|&v| v as u32)
         .collect();
+    let logits = to_f32_vec(reference.load("logits").unwrap().unwrap());
+    (model, ids, [b, t], logits)
+}
+
+fn check(name: &str) {
+    let (model, ids, [b, t], want) = variant(name);
     let got = to_f32_vec(model.forward(&ids, b, t).into_data());
-    let want = to_f32_vec(reference.load("logits").unwrap().unwrap());
     let max = got
         .iter()
         .zip(&want)
@@ -55,6 +63,60 @@ fn llama3_rope_scaling_biases_and_explicit_head_dim_match_transformers() {
 #[test]
 fn bf16_sharded_checkpoint_with_linear_rope_matches_transformers() {
     check("llama_linear_rope_bf16_sharded");
+}
+
+#[test]
+fn qwen2_with_mixed_layer_types_matches_transformers() {
+    check("qwen2_mixed_layer_types");
+}
+
+#[test]
+fn the_training_step_masks_each_layer_as_transformers_does() {
+    // Layer 0 attends to everything before it, layer 1 within a window of 8: the training
+    // forward pass must give transformers' log-probabilities of every next token (before the
+    // fix it applied layer 1's window to both layers).
+    use fedtune_engine::model::Positions;
+    use fedtune_engine::train::step::{StepBatch, Target, Trainable, forward};
+    let (model, ids, [b, t], logits) = variant("qwen2_mixed_layer_types");
+    assert_eq!(model.config.sliding_window, vec![None, Some(8)]);
+    let vocab = model.config.vocab_size;
+    let mut targets = Vec::new();
+    let mut want = Vec::new();
+    for row in 0..b {
+        for pos in 0..t - 1 {
+            let i = row * t + pos;
+            let id = ids[i + 1];
+            targets.push(Target {
+                pos: i,
+                id,
+                seq: row,
+            });
+            let l = &logits[i * vocab..(i + 1) * vocab];
+            let max = l.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            let lse = max + l.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            want.push(l[id as usize] - lse);
+        }
+    }
+    let batch = StepBatch {
+        ids,
+        batch: b,
+        len: t,
+        positions: Positions::Range {
+            start: 0,
+            len: t,
+            batch: b,
+        },
+        segments: None,
+        targets,
+    };
+    let got = forward(&model, &batch, &Trainable::full(), None).target_logps;
+    let max = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("training log p vs transformers: max abs diff {max:e}");
+    assert!(max < 1e-4, "{max}");
 }
 
 /// transformers' own deviation of bf16 and f16 logits from f32 on the tiny model and these
