@@ -121,7 +121,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
     };
     let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));
 
-    let base = Arc::new(m.model.clone());
+    let base = Arc::new(fedtune_client::trainer::Base::from(m.model.clone()));
     let client_opts = ClientOptions {
         coordinator: addr,
         server_name: tls::COORDINATOR_NAME.into(),

@@ -10,14 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedtune_engine::LlamaModel;
 use fedtune_protocol::envelope::Digest;
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::{ToClient, ToCoordinator};
 
 use crate::machine::{Client, ClientAction};
-use crate::trainer::{LocalData, train_round};
+use crate::trainer::{Base, LocalData, train_round};
 
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {
@@ -72,7 +71,7 @@ enum Outcome {
 pub async fn run(
     mut machine: Client,
     quic: quinn::ClientConfig,
-    base: Arc<LlamaModel>,
+    base: Arc<Base>,
     data: Arc<LocalData>,
     opts: ClientOptions,
 ) -> Result<Digest, ClientError> {
@@ -130,7 +129,7 @@ fn log(opts: &ClientOptions, v: &serde_json::Value) {
 async fn session(
     machine: &mut Client,
     conn: &quinn::Connection,
-    base: &Arc<LlamaModel>,
+    base: &Arc<Base>,
     data: &Arc<LocalData>,
     opts: &ClientOptions,
 ) -> Result<Outcome, String> {

@@ -4,11 +4,14 @@
 //! few scalar metrics leave this function.
 
 use fedtune_aggregation::Adapter;
+use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
+use fedtune_engine::device::Device;
 use fedtune_engine::tokenizer::EncodedPair;
-use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
 use fedtune_engine::train::optim::Schedule;
+use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{NoCallback, RunOptions, SftObjective, train};
+use fedtune_engine::train::{TrainConfig, TrainSummary};
 use fedtune_engine::{Encoded, LlamaModel};
 use fedtune_protocol::Phase;
 
@@ -40,15 +43,86 @@ pub struct TrainOutcome {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// Trains `job` on `data` starting from `base` + the global adapter.
+/// The read-only base model a client trains from, where it trains: the host, or a GPU
+/// (`device = "cuda:N"`; f32, weights copied from the host model once).
+#[derive(Clone)]
+// One per process, shared by reference: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Base {
+    /// The CPU engine.
+    Host(LlamaModel),
+    /// An NVIDIA GPU.
+    Gpu(CudaModel),
+}
+
+impl Base {
+    /// `model` on `device`.
+    pub fn on(model: LlamaModel, device: Device) -> fedtune_engine::Result<Base> {
+        Ok(match device {
+            Device::Cpu => Base::Host(model),
+            Device::Cuda(n) => Base::Gpu(CudaModel::from_host(&model, Gpu::open(n)?, Dt::F32)?),
+        })
+    }
+
+    /// The host model, when training runs on the host.
+    pub fn host(&self) -> Option<&LlamaModel> {
+        match self {
+            Base::Host(m) => Some(m),
+            Base::Gpu(_) => None,
+        }
+    }
+}
+
+impl From<LlamaModel> for Base {
+    fn from(m: LlamaModel) -> Base {
+        Base::Host(m)
+    }
+}
+
+/// Trains `job` on `data` starting from `base` + the global adapter, on the base's device.
 pub fn train_round(
-    base: &LlamaModel,
+    base: &Base,
     data: &LocalData,
     job: &TrainJob,
     lora_alpha: f64,
 ) -> fedtune_engine::Result<TrainOutcome> {
-    let mut model = base.clone();
-    model.attach_weights(&job.global, 0.0)?;
+    let (summary, num_examples, adapter) = match base {
+        Base::Host(m) => {
+            let mut model = m.clone();
+            model.attach_weights(&job.global, 0.0)?;
+            let (s, n) = local_training(&mut model, data, job, lora_alpha)?;
+            (s, n, model.lora_weights())
+        }
+        Base::Gpu(m) => {
+            let mut model = m.clone();
+            model.attach_weights(&job.global)?;
+            let (s, n) = local_training(&mut model, data, job, lora_alpha)?;
+            (s, n, model.lora_weights()?)
+        }
+    };
+    let mut metrics = vec![(
+        "train_loss".to_string(),
+        summary.final_loss.unwrap_or(f64::NAN),
+    )];
+    if let Some(l) = summary.eval_loss {
+        metrics.push(("eval_loss".into(), l));
+    }
+    metrics.retain(|(_, v)| v.is_finite());
+    Ok(TrainOutcome {
+        adapter,
+        num_examples,
+        metrics,
+    })
+}
+
+/// The round's SFT or DPO on `model` (the global adapter attached): the run's summary and
+/// the number of examples (the FedAvg weight).
+fn local_training<M: TrainModel>(
+    model: &mut M,
+    data: &LocalData,
+    job: &TrainJob,
+    lora_alpha: f64,
+) -> fedtune_engine::Result<(TrainSummary, u64)> {
     let h = &job.plan.hyper;
     let cfg = TrainConfig {
         lora_r: job.plan.rank,
@@ -71,7 +145,7 @@ pub fn train_round(
     let (summary, num_examples) = match job.plan.phase {
         Phase::Sft => {
             let objective = SftObjective::new(&cfg, &data.train, &data.eval, data.pad);
-            let s = train(&mut model, &run, &objective, &mut NoCallback)?;
+            let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, data.train.len() as u64)
         }
         Phase::Dpo => {
@@ -81,30 +155,18 @@ pub fn train_round(
             };
             // The reference is the global adapter the round starts from.
             let objective = DpoObjective::against(
-                &model,
+                &*model,
                 opts,
                 data.pairs.clone(),
                 data.eval_pairs.clone(),
                 h.batch_size,
                 data.pad,
             );
-            let s = train(&mut model, &run, &objective, &mut NoCallback)?;
+            let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, data.pairs.len() as u64)
         }
     };
-    let mut metrics = vec![(
-        "train_loss".to_string(),
-        summary.final_loss.unwrap_or(f64::NAN),
-    )];
-    if let Some(l) = summary.eval_loss {
-        metrics.push(("eval_loss".into(), l));
-    }
-    metrics.retain(|(_, v)| v.is_finite());
-    Ok(TrainOutcome {
-        adapter: model.lora_weights(),
-        num_examples,
-        metrics,
-    })
+    Ok((summary, num_examples))
 }
 
 /// The hash every party of a federation pins: BLAKE3 over the base model's files (weights and

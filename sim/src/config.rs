@@ -29,6 +29,10 @@ pub struct SimConfig {
     /// Training clients run side by side at most.
     #[serde(default = "one")]
     pub parallel: usize,
+    /// Where clients train: `cpu` (default) or `cuda[:N]` (clients share one read-only base
+    /// model on the GPU; their jobs run one at a time there).
+    #[serde(default)]
+    pub device: Option<String>,
     /// Resident memory (MiB) that side-by-side training may fill: one job runs alone first and
     /// its measured peak caps how many run together.
     #[serde(default)]
@@ -392,6 +396,15 @@ impl SimConfig {
         }
     }
 
+    /// The training device (`device`, default the CPU).
+    pub fn engine_device(&self) -> Result<fedtune_engine::device::Device, String> {
+        self.device
+            .as_deref()
+            .unwrap_or("cpu")
+            .parse()
+            .map_err(|e| format!("device: {e}"))
+    }
+
     /// Checks what serde cannot, naming the field.
     pub fn check(&self) -> Result<(), String> {
         let n = self.num_clients();
@@ -430,7 +443,16 @@ impl SimConfig {
                     b.client
                 ));
             }
+            if let Attack::Noise { std } = b.attack
+                && !(std.is_finite() && std >= 0.0)
+            {
+                return Err(format!(
+                    "faults.byzantine: client {}: noise std {std} must be a non-negative number",
+                    b.client
+                ));
+            }
         }
+        self.engine_device()?;
         if self.sft.rounds + self.dpo.as_ref().map_or(0, |d| d.rounds) == 0 {
             return Err("sft.rounds: no rounds to run".into());
         }

@@ -9,10 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use fedtune_client::trainer::{LocalData, TrainOutcome, train_round};
+use fedtune_client::trainer::{Base, LocalData, TrainOutcome, train_round};
 use fedtune_client::{Client, ClientAction, TrainJob};
 use fedtune_coordinator::{Action, CoordConfig, Coordinator};
-use fedtune_engine::LlamaModel;
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::{Identity, PublicKey, ToClient, ToCoordinator};
 
@@ -80,8 +79,8 @@ pub struct Federation<'a> {
     pub coordinator: Coordinator,
     /// The clients.
     pub clients: Vec<SimClient>,
-    /// The shared base model.
-    pub base: &'a LlamaModel,
+    /// The shared read-only base model, on the training device.
+    pub base: &'a Base,
     /// What the coordinator persisted.
     pub store: BTreeMap<String, Vec<u8>>,
     /// The coordinator's round log.
@@ -162,7 +161,7 @@ impl<'a> Federation<'a> {
     pub fn new(
         coordinator: Coordinator,
         clients: Vec<SimClient>,
-        base: &'a LlamaModel,
+        base: &'a Base,
         lora_alpha: f64,
         now_ms: u64,
     ) -> Self {

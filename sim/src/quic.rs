@@ -90,7 +90,7 @@ pub fn run_quic(
         .enable_all()
         .build()
         .map_err(|e| err("tokio runtime")(&e))?;
-    let base = Arc::new(model.model.clone());
+    let base = Arc::new(crate::run::training_base(cfg, model, progress)?);
     let summary = rt.block_on(async {
         let server = quic::server_config(
             tls::server_config(&ca.cert_pem, &server_cert).map_err(|e| err("TLS")(&e))?,

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use fedtune_aggregation::update::Adapter;
 use fedtune_client::Client;
+use fedtune_client::trainer::Base;
 use fedtune_coordinator::Coordinator;
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
@@ -54,7 +55,11 @@ pub fn corrupt(a: &mut Adapter, attack: Attack, rng: &mut impl Rng) {
             }
         }
         Attack::Noise { std } => {
-            let n = Normal::new(0.0f64, std).expect("std is finite");
+            // `SimConfig::check` rejects a negative or non-finite std; such a value given
+            // through the library leaves the update unchanged instead of panicking.
+            let Ok(n) = Normal::new(0.0f64, std) else {
+                return;
+            };
             for m in a.modules.values_mut() {
                 for x in m.a.data.iter_mut().chain(m.b.data.iter_mut()) {
                     *x += n.sample(rng) as f32;
@@ -109,6 +114,25 @@ pub enum Progress {
     Note(String),
 }
 
+/// The base model where `cfg` trains (the `device` field): the host model itself, or a copy
+/// on the GPU shared by every client, whose jobs then run one at a time.
+pub fn training_base(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Base, SimError> {
+    let device = cfg.engine_device().map_err(SimError::Io)?;
+    let base =
+        Base::on(model.model.clone(), device).map_err(|e| SimError::Io(format!("device: {e}")))?;
+    if base.host().is_none() {
+        progress(Progress::Note(format!(
+            "clients train on {} (one base model on the device; jobs one at a time)",
+            cfg.device.as_deref().unwrap_or("cuda")
+        )));
+    }
+    Ok(base)
+}
+
 /// Runs `cfg` in memory on `model` with `clients`; writes `metrics.jsonl` and the global
 /// adapter of every round (PEFT directories under `global/round-NNN/`) into `out`.
 pub fn run_memory(
@@ -145,14 +169,13 @@ pub fn run_memory(
             SimClient::new(machine, c.data, (cfg.faults.train_time_s * 1000.0) as u64)
         })
         .collect();
-    let mut f = Federation::new(
-        coordinator,
-        sim_clients,
-        &model.model,
-        cfg.model.lora_alpha,
-        T0,
-    );
-    f.parallel = cfg.parallel;
+    let base = training_base(cfg, model, progress)?;
+    let mut f = Federation::new(coordinator, sim_clients, &base, cfg.model.lora_alpha, T0);
+    f.parallel = if base.host().is_some() {
+        cfg.parallel
+    } else {
+        1
+    };
     f.memory_budget = cfg.memory_budget_mb.map(|m| m << 20);
     let faults = cfg.faults.clone();
     let seed = cfg.seed;

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
+use fedtune_client::trainer::Base;
 use fedtune_client::trainer::LocalData;
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::{CoordConfig, Coordinator};
@@ -82,7 +83,7 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
     }
 }
 
-fn federation<'a>(s: &Setup, m: &'a LoadedModel) -> Federation<'a> {
+fn federation<'a>(s: &Setup, m: &LoadedModel, base: &'a Base) -> Federation<'a> {
     let initial = init_adapter(&m.model, &lora());
     let coordinator = Coordinator::new(s.cfg.clone(), s.coord_id.clone(), initial, T0).unwrap();
     let clients = s
@@ -107,7 +108,7 @@ fn federation<'a>(s: &Setup, m: &'a LoadedModel) -> Federation<'a> {
             )
         })
         .collect();
-    let mut f = Federation::new(coordinator, clients, &m.model, 8.0, T0);
+    let mut f = Federation::new(coordinator, clients, base, 8.0, T0);
     f.connect_all();
     f
 }
@@ -127,7 +128,8 @@ fn held_out_losses(m: &LoadedModel, f: &Federation<'_>, adapter: Option<&PeftAda
 fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
     let m = tiny();
     let s = setup(3, 2, Rule::FedAvgExact);
-    let mut f = federation(&s, &m);
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation(&s, &m, &base_f);
     f.run(10_000).unwrap();
     assert!(f.coordinator.is_finished());
     assert_eq!(f.coordinator.completed_rounds(), 2);
@@ -177,11 +179,13 @@ fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
 fn a_coordinator_killed_mid_round_resumes_with_no_update_lost() {
     let m = tiny();
     let s = setup(3, 2, Rule::FedAvgExact);
-    let mut reference = federation(&s, &m);
+    let base_reference = Base::from(m.model.clone());
+    let mut reference = federation(&s, &m, &base_reference);
     reference.run(10_000).unwrap();
     let want = digest(reference.coordinator.global().1);
 
-    let mut f = federation(&s, &m);
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation(&s, &m, &base_f);
     // Stop after the first update of round 2 is stored and acknowledged.
     let stopped = f
         .run_until(10_000, |log| {
@@ -237,7 +241,8 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
     s.cfg.strategy.sampling.min_clients = 4;
     let hostile = s.client_ids[0].clone();
     let outsider = Identity::from_seed([77; 32]);
-    let mut f = federation(&s, &m);
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation(&s, &m, &base_f);
     let mut first: Option<ToCoordinator> = None;
     let federation_id = s.cfg.federation.clone();
     f.tamper = Some(Box::new(move |i, now, msg| {
@@ -387,7 +392,8 @@ fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
     use fedtune_protocol::ToCoordinator;
     let m = tiny();
     let s = setup(3, 1, Rule::FedAvgExact);
-    let mut f = federation(&s, &m);
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation(&s, &m, &base_f);
     let mut dropped = false;
     f.tamper = Some(Box::new(move |i, _, msg| match msg {
         ToCoordinator::Update { .. } if i == 1 && !dropped => {

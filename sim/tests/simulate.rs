@@ -239,3 +239,28 @@ fn a_coordinator_restart_mid_run_ends_as_an_uninterrupted_run() {
     assert_eq!(a.global_bytes, b.global_bytes);
     assert_eq!(b.rounds.len(), 4);
 }
+
+#[test]
+fn a_negative_noise_std_and_an_unknown_device_are_config_errors_and_cuda_trains_or_says_why_not()
+{
+    let mut c = config(2, 1, r#"{ kind = "fed_avg_exact" }"#, "");
+    c.faults.byzantine.push(fedtune_sim::config::Byzantine {
+        client: 1,
+        attack: fedtune_sim::config::Attack::Noise { std: -0.5 },
+    });
+    let e = c.check().unwrap_err();
+    assert!(e.contains("faults.byzantine") && e.contains("noise std"), "{e}");
+    let mut c = config(2, 1, r#"{ kind = "fed_avg_exact" }"#, "");
+    c.device = Some("tpu".into());
+    let e = c.check().unwrap_err();
+    assert!(e.starts_with("device:") && e.contains("tpu"), "{e}");
+    // On a machine without a GPU the run stops naming the device; with one, it trains there.
+    c.device = Some("cuda".into());
+    c.check().unwrap();
+    let m = tiny();
+    let clients = prepare_clients(&c, &m.tokenizer).unwrap();
+    match run_memory(&c, &m, clients, None, &mut |_| {}) {
+        Ok(o) => assert!(final_loss(&o).is_finite()),
+        Err(e) => assert!(e.to_string().starts_with("device:"), "{e}"),
+    }
+}

@@ -249,6 +249,9 @@ struct ClientFile {
     log: Option<PathBuf>,
     #[serde(default = "default_payload")]
     max_payload_mb: u64,
+    /// Where local training runs: `cpu` (default) or `cuda[:N]`.
+    #[serde(default)]
+    device: Option<String>,
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -387,6 +390,12 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let targets = targets(&f.target_modules);
     let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
         .with_context(|| format!("hashing {}", f.model.display()))?;
+    let device: fedtune_engine::device::Device = f
+        .device
+        .as_deref()
+        .unwrap_or("cpu")
+        .parse()
+        .with_context(|| format!("{}: device", a.config.display()))?;
     let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
         .with_context(|| format!("loading {}", f.model.display()))?;
     let sft = |p: &Path| -> anyhow::Result<_> {
@@ -431,10 +440,12 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     );
     println!("client {} of {} → {}", f.name, f.federation, f.coordinator);
     let rt = tokio::runtime::Runtime::new()?;
+    let base = fedtune_client::trainer::Base::on(m.model, device)
+        .with_context(|| format!("{}: device", a.config.display()))?;
     let digest = rt.block_on(fedtune_client::daemon::run(
         machine,
         quic,
-        Arc::new(m.model),
+        Arc::new(base),
         Arc::new(data),
         fedtune_client::daemon::ClientOptions {
             coordinator: f.coordinator,

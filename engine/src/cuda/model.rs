@@ -345,6 +345,32 @@ impl CudaModel {
         Ok(())
     }
 
+    /// The attached LoRA factors, downloaded (f32), under their module names.
+    pub fn lora_weights(&self) -> Result<fedtune_aggregation::Adapter> {
+        let mut out = fedtune_aggregation::Adapter::default();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (p, proj) in Proj::ALL.iter().zip(&layer.proj) {
+                let Some(l) = &proj.lora else { continue };
+                let m = |t: &GTensor| -> Result<fedtune_aggregation::Matrix> {
+                    Ok(fedtune_aggregation::Matrix::new(
+                        t.rows,
+                        t.cols,
+                        self.gpu.download(t)?,
+                    ))
+                };
+                out.modules.insert(
+                    format!("model.layers.{li}.{}", p.path()),
+                    fedtune_aggregation::LoraFactors {
+                        a: m(&l.a)?,
+                        b: m(&l.b)?,
+                        scale: l.scale,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Attaches a PEFT adapter.
     pub fn attach_adapter(&mut self, adapter: &crate::adapter::PeftAdapter) -> Result<()> {
         self.attach_weights(&adapter.weights)
