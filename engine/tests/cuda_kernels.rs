@@ -90,6 +90,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             "attn_bwd_q",
             "scatter_rows",
             "add",
+            "dropout",
         ] {
             for t in ["f32", "bf16", "f16"] {
                 let entry = format!(".entry {k}_{t}(");
@@ -131,7 +132,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         assert!(out.status.success(), "ptxas {sm} failed:\n{log}");
         let kernels = spills(&log);
         assert!(
-            kernels.len() >= 62,
+            kernels.len() >= 65,
             "ptxas reported {} kernels:\n{log}",
             kernels.len()
         );

@@ -13,7 +13,7 @@ use burn::tensor::{DType, Device, Tensor};
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
 use fedtune_engine::data::{Dataset, LoadOptions};
-use fedtune_engine::device::{Grads, TrainBackend, TrainNeeds};
+use fedtune_engine::device::{Grads, TrainBackend};
 use fedtune_engine::model::Positions;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
@@ -122,7 +122,7 @@ fn same_step(
     trainable: &Trainable,
 ) {
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
-    cm.can_train(&TrainNeeds { lora_dropout: 0.0 }).unwrap();
+    cm.can_train().unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
     let hf = forward(model, &sb, trainable, None);
     let gf = forward(&cm, &sb, trainable, None);
@@ -213,12 +213,93 @@ fn full_fine_tuning_matches_the_host_with_a_tied_head() {
 fn the_device_refuses_what_it_cannot_train_with_a_clear_error() {
     let Some(g) = gpu() else { return };
     let (model, _) = tiny("testdata/tiny-llama/model");
-    let cm = CudaModel::from_host(&model, g, Dt::F32).unwrap();
-    let e = cm
-        .can_train(&TrainNeeds { lora_dropout: 0.1 })
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("lora_dropout"), "{e}");
+    let cm = CudaModel::from_host(&model, g, Dt::BF16).unwrap();
+    let e = cm.can_train().unwrap_err().to_string();
+    assert!(e.contains("f32") && e.contains("BF16"), "{e}");
+}
+
+#[test]
+fn dropout_keeps_one_minus_p_of_the_values_scaled_and_repeats_for_a_seed() {
+    let Some(g) = gpu() else { return };
+    let x = rand([64, 129]);
+    let gx = up(&g, &x);
+    let p = 0.25f32;
+    let y = g.download(&g.dropout(&gx, p, 7)).unwrap();
+    let xs = host(&x);
+    let mut kept = 0usize;
+    for (a, b) in y.iter().zip(&xs) {
+        if *a != 0.0 {
+            kept += 1;
+            assert!(
+                (a - b / (1.0 - p)).abs() <= 1e-6 * b.abs().max(1.0),
+                "{a} vs {b}"
+            );
+        }
+    }
+    let frac = kept as f64 / xs.len() as f64;
+    println!("dropout p = {p}: kept {frac:.4}");
+    assert!((frac - 0.75).abs() < 0.02, "kept {frac}");
+    assert_eq!(
+        g.download(&g.dropout(&gx, p, 7)).unwrap(),
+        y,
+        "same seed, same mask"
+    );
+    assert_ne!(
+        g.download(&g.dropout(&gx, p, 8)).unwrap(),
+        y,
+        "another seed, another mask"
+    );
+}
+
+#[test]
+fn lora_dropout_gradients_on_the_gpu_agree_with_finite_differences() {
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let a = random_adapter(&model, 4, 21);
+    model.attach_weights(&a, 0.1).unwrap();
+    let mut cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    assert!((cm.lora_dropout() - 0.1).abs() < 1e-6);
+    let (sb, d) = batch(model.config.vocab_size, 24, true);
+    let trainable = Trainable::lora();
+    let seed = Some(99u64);
+    let objective = |m: &CudaModel| -> f64 {
+        let lp = forward(m, &sb, &trainable, seed).target_logps;
+        lp.iter()
+            .zip(&d)
+            .map(|(l, g)| f64::from(*l) * f64::from(*g))
+            .sum()
+    };
+    let plain: f64 = forward(&cm, &sb, &trainable, None)
+        .target_logps
+        .iter()
+        .zip(&d)
+        .map(|(l, g)| f64::from(*l) * f64::from(*g))
+        .sum();
+    assert!(
+        (objective(&cm) - plain).abs() > 1e-6,
+        "dropout changes the objective"
+    );
+    let grads = backward(&cm, forward(&cm, &sb, &trainable, seed), &d, &trainable);
+    let name = "model.layers.0.self_attn.k_proj.lora_A";
+    let analytic = g.download(&grads[name]).unwrap();
+    let a0 = cm.host_params(&[name.to_string()]).unwrap().remove(0).1;
+    let eps = 1e-3f32;
+    for idx in [0usize, 7, 33, 101] {
+        let mut shifted = |delta: f32| {
+            let mut v = host(&a0);
+            v[idx] += delta;
+            let t = Tensor::from_data(burn::tensor::TensorData::new(v, a0.dims()), &Device::flex());
+            cm.set_params(vec![(name.to_string(), t)]).unwrap();
+            objective(&cm)
+        };
+        let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * f64::from(eps));
+        let an = f64::from(analytic[idx]);
+        println!("{name}[{idx}]: analytic {an:.6} numeric {numeric:.6}");
+        assert!(
+            (an - numeric).abs() <= 2e-2 * an.abs().max(0.05),
+            "{name}[{idx}]: {an} vs {numeric}"
+        );
+    }
 }
 
 #[test]

@@ -241,15 +241,17 @@ fn a_coordinator_restart_mid_run_ends_as_an_uninterrupted_run() {
 }
 
 #[test]
-fn a_negative_noise_std_and_an_unknown_device_are_config_errors_and_cuda_trains_or_says_why_not()
-{
+fn a_negative_noise_std_and_an_unknown_device_are_config_errors_and_cuda_trains_or_says_why_not() {
     let mut c = config(2, 1, r#"{ kind = "fed_avg_exact" }"#, "");
     c.faults.byzantine.push(fedtune_sim::config::Byzantine {
         client: 1,
         attack: fedtune_sim::config::Attack::Noise { std: -0.5 },
     });
     let e = c.check().unwrap_err();
-    assert!(e.contains("faults.byzantine") && e.contains("noise std"), "{e}");
+    assert!(
+        e.contains("faults.byzantine") && e.contains("noise std"),
+        "{e}"
+    );
     let mut c = config(2, 1, r#"{ kind = "fed_avg_exact" }"#, "");
     c.device = Some("tpu".into());
     let e = c.check().unwrap_err();

@@ -397,4 +397,32 @@ impl Gpu {
             );
         }
     }
+
+    /// Inverted dropout of `x` with probability `p`: each element kept (scaled by `1/(1−p)`)
+    /// or zeroed by a counter-based hash of `(seed, index)`, so the same seed gives the same
+    /// mask again (in backward) without storing it.
+    pub fn dropout(&self, x: &GTensor, p: f32, seed: u64) -> GTensor {
+        assert!(
+            (0.0..1.0).contains(&p),
+            "dropout probability {p} outside [0, 1)"
+        );
+        let y = self.alloc(x.rows, x.cols, x.dt);
+        if x.is_empty() {
+            return y;
+        }
+        let threshold = (f64::from(p) * 4_294_967_296.0).min(4_294_967_295.0) as u32;
+        self.run(
+            &format!("dropout_{}", x.dt.suffix()),
+            grid1(x.len()),
+            &[
+                A::P(x.ptr()),
+                A::P(y.ptr()),
+                A::P(x.len() as u64),
+                A::P(seed),
+                A::U(threshold),
+                A::F(1.0 / (1.0 - p)),
+            ],
+        );
+        y
+    }
 }

@@ -81,6 +81,8 @@ pub struct GLora {
     pub b: GTensor,
     /// `α/r` (or `α/√r`).
     pub scale: f32,
+    /// Dropout probability on the LoRA input while training (0: none).
+    pub dropout: f32,
 }
 
 /// One projection.
@@ -282,6 +284,7 @@ impl CudaModel {
                         a: up(&lw.a)?,
                         b: up(&lw.b)?,
                         scale: lw.scale as f32,
+                        dropout: lw.dropout as f32,
                     }),
                     None => None,
                 };
@@ -340,9 +343,21 @@ impl CudaModel {
                 a,
                 b,
                 scale: m.scale,
+                dropout: 0.0,
             });
         }
         Ok(())
+    }
+
+    /// Sets the LoRA dropout probability of every attached adapter module (training only).
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        for l in &mut self.layers {
+            for proj in &mut l.proj {
+                if let Some(lora) = &mut proj.lora {
+                    lora.dropout = p as f32;
+                }
+            }
+        }
     }
 
     /// The attached LoRA factors, downloaded (f32), under their module names.

@@ -21,11 +21,13 @@ pub(super) fn grid1(n: usize) -> LaunchConfig {
     }
 }
 
-/// A kernel argument: a device address, an `int`, a `long long`, a `float` or a `double`.
+/// A kernel argument: a device address (or any 64-bit value), an `int`, an `unsigned`, a
+/// `long long`, a `float` or a `double`.
 #[derive(Clone, Copy)]
 pub(super) enum A {
     P(u64),
     I(i32),
+    U(u32),
     L(i64),
     F(f32),
     D(f64),
@@ -65,6 +67,7 @@ impl Gpu {
             match a {
                 A::P(v) => b.arg(v),
                 A::I(v) => b.arg(v),
+                A::U(v) => b.arg(v),
                 A::L(v) => b.arg(v),
                 A::F(v) => b.arg(v),
                 A::D(v) => b.arg(v),

@@ -156,10 +156,12 @@ impl TrainModel for CudaModel {
             .any(|l| l.proj.iter().any(|p| p.lora.is_some()))
     }
 
-    /// The GPU model holds no dropout probability: runs pass their configuration's to
-    /// [`crate::device::TrainBackend::can_train`], which refuses dropout on the device.
     fn lora_dropout(&self) -> f64 {
-        0.0
+        self.layers
+            .iter()
+            .flat_map(|l| l.proj.iter().filter_map(|p| p.lora.as_ref()))
+            .map(|l| f64::from(l.dropout))
+            .fold(0.0, f64::max)
     }
 
     fn new_optimizer(&self, config: AdamWConfig) -> GpuAdamW {

@@ -12,8 +12,15 @@ use cudarc::driver::CudaSlice;
 use super::model::{CudaModel, GBase, GProj};
 use super::ops::{AttnGeom, MAX_HEAD_DIM};
 use super::tensor::{Dt, GTensor};
-use crate::device::{AttnShape, Grads, Norm, Proj, ProjGrads, TrainBackend, TrainNeeds};
+use crate::device::{AttnShape, Grads, Norm, Proj, ProjGrads, TrainBackend};
 use crate::error::{Error, Result};
+
+/// What a projection's training forward keeps for its backward: its LoRA input `x·Aᵀ` (after
+/// dropout) and, with dropout, the probability and seed that regenerate the mask.
+pub struct GSaved {
+    u: GTensor,
+    dropout: Option<(f32, u64)>,
+}
 
 /// A device error inside the step (out of memory, a failed launch): fatal, as in the forward.
 fn ok<T>(r: Result<T>) -> T {
@@ -68,18 +75,12 @@ impl CudaModel {
 }
 
 impl TrainBackend for CudaModel {
-    type Saved = GTensor;
+    type Saved = GSaved;
     type Lse = CudaSlice<f32>;
     type Rms = CudaSlice<f32>;
 
-    fn can_train(&self, what: &TrainNeeds) -> Result<()> {
+    fn can_train(&self) -> Result<()> {
         let c = &self.config;
-        if what.lora_dropout > 0.0 {
-            return Err(Error::Invalid(format!(
-                "lora_dropout = {}: LoRA dropout does not run on the GPU yet; train with lora_dropout = 0 or on the CPU",
-                what.lora_dropout
-            )));
-        }
         if self.dt != Dt::F32 {
             return Err(Error::Invalid(format!(
                 "GPU training runs in f32 so far (this model is loaded as {:?}); bf16/fp16 mixed precision is not implemented yet",
@@ -133,33 +134,45 @@ impl TrainBackend for CudaModel {
         layer: usize,
         which: &[Proj],
         x: &GTensor,
-        _dropout: &[Option<u64>],
-    ) -> Vec<(GTensor, Option<GTensor>)> {
-        // Dropout is refused by `can_train` (the device has no dropout kernel yet).
+        dropout: &[Option<u64>],
+    ) -> Vec<(GTensor, Option<GSaved>)> {
+        assert_eq!(
+            which.len(),
+            dropout.len(),
+            "one dropout seed per projection"
+        );
         let g = &self.gpu;
         which
             .iter()
-            .map(|&p| {
+            .zip(dropout)
+            .map(|(&p, &seed)| {
                 let proj = self.proj(layer, p);
                 let w = self.dense_weight(proj);
-                let (mut y, u) = match &proj.lora {
+                let (mut y, saved) = match &proj.lora {
                     None => (
                         ok(g.matmul_sum(&[(x, false, &w, true, 1.0)], self.dt)),
                         None,
                     ),
                     Some(l) => {
-                        let u = ok(g.matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt));
+                        let drop = seed.filter(|_| l.dropout > 0.0).map(|s| (l.dropout, s));
+                        let u = match drop {
+                            Some((prob, s)) => {
+                                let xin = g.dropout(x, prob, s);
+                                ok(g.matmul_sum(&[(&xin, false, &l.a, true, 1.0)], self.dt))
+                            }
+                            None => ok(g.matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt)),
+                        };
                         let y = ok(g.matmul_sum(
                             &[(x, false, &w, true, 1.0), (&u, false, &l.b, true, l.scale)],
                             self.dt,
                         ));
-                        (y, Some(u))
+                        (y, Some(GSaved { u, dropout: drop }))
                     }
                 };
                 if let Some(b) = &proj.bias {
                     g.add_bias(&mut y, b);
                 }
-                (y, u)
+                (y, saved)
             })
             .collect()
     }
@@ -169,7 +182,7 @@ impl TrainBackend for CudaModel {
         layer: usize,
         which: &[Proj],
         x: &GTensor,
-        saved: &[Option<GTensor>],
+        saved: &[Option<GSaved>],
         dys: Vec<GTensor>,
         want: ProjGrads,
         grads: &mut Grads<GTensor>,
@@ -180,7 +193,7 @@ impl TrainBackend for CudaModel {
         );
         let g = &self.gpu;
         let mut dybs = Vec::with_capacity(which.len());
-        for ((&p, u), dy) in which.iter().zip(saved).zip(&dys) {
+        for ((&p, sv), dy) in which.iter().zip(saved).zip(&dys) {
             let proj = self.proj(layer, p);
             let name = format!("model.layers.{layer}.{}", p.path());
             if want.weight {
@@ -190,13 +203,16 @@ impl TrainBackend for CudaModel {
                     grads.insert(format!("{name}.bias"), g.col_sum(dy));
                 }
             }
-            match (&proj.lora, u) {
-                (Some(l), Some(u)) => {
+            match (&proj.lora, sv) {
+                (Some(l), Some(sv)) => {
                     // dy·B [n, r], shared by the A gradient and the input gradient.
                     let dyb = ok(g.matmul_sum(&[(dy, false, &l.b, false, 1.0)], self.dt));
                     if want.lora {
-                        let da = ok(g.matmul_sum(&[(&dyb, true, x, false, l.scale)], self.dt));
-                        let db = ok(g.matmul_sum(&[(dy, true, u, false, l.scale)], self.dt));
+                        // A's gradient reads the input the forward multiplied: x after dropout.
+                        let xin = sv.dropout.map(|(prob, seed)| g.dropout(x, prob, seed));
+                        let xa = xin.as_ref().unwrap_or(x);
+                        let da = ok(g.matmul_sum(&[(&dyb, true, xa, false, l.scale)], self.dt));
+                        let db = ok(g.matmul_sum(&[(dy, true, &sv.u, false, l.scale)], self.dt));
                         grads.insert(format!("{name}.lora_A"), da);
                         grads.insert(format!("{name}.lora_B"), db);
                     }
@@ -217,12 +233,25 @@ impl TrainBackend for CudaModel {
             .zip(&weights)
             .map(|(dy, w)| (dy, false, w, false, 1.0))
             .collect();
-        for (&p, dyb) in which.iter().zip(&dybs) {
+        // Without dropout the LoRA term joins the one accumulated product; with dropout it is
+        // formed apart, masked like the forward's input, and added.
+        let mut masked = Vec::new();
+        for ((&p, dyb), sv) in which.iter().zip(&dybs).zip(saved) {
             if let (Some(dyb), Some(l)) = (dyb, &self.proj(layer, p).lora) {
-                terms.push((dyb, false, &l.a, false, l.scale));
+                match sv.as_ref().and_then(|s| s.dropout) {
+                    None => terms.push((dyb, false, &l.a, false, l.scale)),
+                    Some((prob, seed)) => {
+                        let t = ok(g.matmul_sum(&[(dyb, false, &l.a, false, l.scale)], self.dt));
+                        masked.push(g.dropout(&t, prob, seed));
+                    }
+                }
             }
         }
-        Some(ok(g.matmul_sum(&terms, self.dt)))
+        let mut dx = ok(g.matmul_sum(&terms, self.dt));
+        for t in &masked {
+            g.add_assign(&mut dx, t);
+        }
+        Some(dx)
     }
 
     fn rope_backward(&self, dx: GTensor, heads: usize, t: &Self::Rope) -> GTensor {

@@ -4,7 +4,7 @@
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::train::{Grads, ProjGrads, TrainBackend, TrainNeeds};
+use super::train::{Grads, ProjGrads, TrainBackend};
 use super::{AttnShape, Norm, Proj};
 use crate::error::Result;
 use crate::kernels::{self, Term, matmul_sum};
@@ -55,7 +55,7 @@ impl TrainBackend for LlamaModel {
     type Lse = Option<Vec<f32>>;
     type Rms = Tensor<2>;
 
-    fn can_train(&self, _what: &TrainNeeds) -> Result<()> {
+    fn can_train(&self) -> Result<()> {
         Ok(())
     }
 

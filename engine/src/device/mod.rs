@@ -12,7 +12,7 @@ mod host;
 mod host_train;
 mod train;
 
-pub use train::{Grads, ProjGrads, TrainBackend, TrainNeeds};
+pub use train::{Grads, ProjGrads, TrainBackend};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

@@ -36,8 +36,8 @@ pub trait TrainBackend: Backend {
     /// Per-row `1/rms` an RMSNorm forward keeps for its backward.
     type Rms;
 
-    /// Whether this device can train `what`; an error names what it cannot.
-    fn can_train(&self, what: &TrainNeeds) -> Result<()>;
+    /// Whether this model can be trained on its device; an error names what it cannot.
+    fn can_train(&self) -> Result<()>;
     /// `(h, norm(h), 1/rms(h))` with `h = x + pending` (or `x`).
     fn norm_train(
         &self,
@@ -123,11 +123,4 @@ pub trait TrainBackend: Backend {
     fn head_tied(&self) -> bool;
     /// `a + b` (gradients of one parameter from two uses).
     fn add(&self, a: Self::T, b: &Self::T) -> Self::T;
-}
-
-/// What a training run asks of the device.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TrainNeeds {
-    /// LoRA dropout probability of the attached adapter (0 = off).
-    pub lora_dropout: f64,
 }

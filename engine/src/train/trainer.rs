@@ -20,7 +20,7 @@ use super::optim::{AdamWConfig, warmup_steps};
 use super::params::TrainModel;
 use super::state::{Callback, LogEntry, TrainSummary, TrainerState};
 use super::step::{StepBatch, Trainable};
-use crate::device::{Grads, TrainBackend, TrainNeeds};
+use crate::device::{Grads, TrainBackend};
 use crate::error::{Error, Result};
 
 /// What one optimiser step's micro-batches produced.
@@ -112,9 +112,7 @@ pub fn train<M: TrainModel>(
             "LoRA training needs an attached adapter".into(),
         ));
     }
-    model.can_train(&TrainNeeds {
-        lora_dropout: model.lora_dropout().max(cfg.lora_dropout),
-    })?;
+    model.can_train()?;
     let names = model.trainable_names(&trainable);
     let n_examples = objective.num_examples();
     if n_examples == 0 {

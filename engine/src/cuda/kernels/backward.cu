@@ -75,6 +75,24 @@ __device__ void scatter_rows_impl(const T* src, const float* scale, const int* o
     }
 }
 
+// Inverted dropout: y[i] = x[i]·scale where the counter-based hash of (seed, i) clears the
+// threshold (p·2³²), else 0. The mask is a function of the seed and the element index only,
+// so forward and backward regenerate the same mask without storing it.
+__device__ __forceinline__ unsigned dropout_hash(unsigned long long seed, unsigned long long i) {
+    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (unsigned)((z ^ (z >> 31)) >> 32);
+}
+
+template <typename T>
+__device__ void dropout_impl(const T* x, T* y, size_t n, unsigned long long seed,
+                             unsigned threshold, float scale) {
+    GRID_STRIDE(i, n) {
+        y[i] = dropout_hash(seed, i) >= threshold ? st<T>(ld(x[i]) * scale) : st<T>(0.f);
+    }
+}
+
 // y += x (one parameter's gradients from two uses, such as a tied head and embedding).
 template <typename T>
 __device__ void add_impl(T* y, const T* x, size_t n) {
@@ -103,6 +121,11 @@ __device__ void add_impl(T* y, const T* x, size_t n) {
     }                                                                                          \
     extern "C" __global__ void add_##S(void* y, const void* x, unsigned long long n) {         \
         add_impl<T>((T*)y, (const T*)x, n);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void dropout_##S(const void* x, void* y, unsigned long long n,       \
+                                           unsigned long long seed, unsigned threshold,        \
+                                           float scale) {                                      \
+        dropout_impl<T>((const T*)x, (T*)y, n, seed, threshold, scale);                        \
     }
 EACH_TYPE(BACKWARD_ELEMENTWISE)
 
