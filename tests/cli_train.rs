@@ -236,6 +236,23 @@ fn bad_options_and_data_are_clear_errors() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--load-in-4bit"), "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            model().to_str().unwrap(),
+            "--data",
+            data().to_str().unwrap(),
+            "--output",
+            out.join("c").to_str().unwrap(),
+            "--bf16",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--bf16") && err.contains("--device cuda"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -122,7 +122,7 @@ fn same_step(
     trainable: &Trainable,
 ) {
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
-    cm.can_train().unwrap();
+    cm.can_train(trainable).unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
     let hf = forward(model, &sb, trainable, None);
     let gf = forward(&cm, &sb, trainable, None);
@@ -213,9 +213,69 @@ fn full_fine_tuning_matches_the_host_with_a_tied_head() {
 fn the_device_refuses_what_it_cannot_train_with_a_clear_error() {
     let Some(g) = gpu() else { return };
     let (model, _) = tiny("testdata/tiny-llama/model");
-    let cm = CudaModel::from_host(&model, g, Dt::BF16).unwrap();
-    let e = cm.can_train().unwrap_err().to_string();
-    assert!(e.contains("f32") && e.contains("BF16"), "{e}");
+    let bf16 = CudaModel::from_host(&model, g.clone(), Dt::BF16).unwrap();
+    bf16.can_train(&Trainable::lora()).unwrap();
+    let e = bf16.can_train(&Trainable::full()).unwrap_err().to_string();
+    assert!(e.contains("f32") && e.contains("LoRA"), "{e}");
+    let f16 = CudaModel::from_host(&model, g, Dt::F16).unwrap();
+    let e = f16.can_train(&Trainable::lora()).unwrap_err().to_string();
+    assert!(e.contains("fp16") && e.contains("loss scaling"), "{e}");
+}
+
+/// Cosine similarity of two vectors.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b)).max(1e-30)
+}
+
+#[test]
+fn a_bf16_mixed_precision_step_stays_near_the_f32_step_with_f32_gradients() {
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let a = random_adapter(&model, 8, 5);
+    model.attach_weights(&a, 0.0).unwrap();
+    let trainable = Trainable::lora();
+    let f32m = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    let bf16 = CudaModel::from_host(&model, g.clone(), Dt::BF16).unwrap();
+    let (sb, d) = batch(model.config.vocab_size, 48, true);
+    let (wf, gf) = (
+        forward(&f32m, &sb, &trainable, None),
+        forward(&bf16, &sb, &trainable, None),
+    );
+    let max = wf
+        .target_logps
+        .iter()
+        .zip(&gf.target_logps)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("bf16 vs f32 log p: max abs diff {max:.4}");
+    assert!(max < 0.5, "bf16 log p off by {max}");
+    let want: Grads<GTensor> = backward(&f32m, wf, &d, &trainable);
+    let got: Grads<GTensor> = backward(&bf16, gf, &d, &trainable);
+    let mut worst = 1f64;
+    for (name, w) in &want {
+        let gt = &got[name];
+        assert_eq!(
+            gt.dt,
+            Dt::F32,
+            "{name}: gradients are f32 in mixed precision"
+        );
+        let c = cosine(&g.download(gt).unwrap(), &g.download(w).unwrap());
+        worst = worst.min(c);
+    }
+    println!("bf16 vs f32 LoRA gradients: lowest cosine similarity {worst:.5}");
+    assert!(worst > 0.99, "{worst}");
+    // The trained tensors are the f32 masters, and the adapter read back is theirs.
+    let name = "model.layers.1.mlp.up_proj.lora_B";
+    assert_eq!(bf16.param(name).unwrap().dt, Dt::F32);
+    let back = bf16.lora_weights().unwrap();
+    let want_b = &a.modules["model.layers.1.mlp.up_proj"].b.data;
+    assert_eq!(&back.modules["model.layers.1.mlp.up_proj"].b.data, want_b);
 }
 
 #[test]
@@ -603,6 +663,53 @@ fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
             &get(&gpu_log.0),
             &get(&host_log.0),
             1e-4,
+        );
+    }
+}
+
+#[test]
+fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
+    let Some(g) = gpu() else { return };
+    let loaded = load_model(
+        &repo().join("testdata/tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    let seqs = sft_data(&loaded);
+    let cfg = TrainConfig {
+        lora_r: 8,
+        lora_alpha: 16.0,
+        learning_rate: 5e-3,
+        max_steps: Some(20),
+        per_device_train_batch_size: 2,
+        ..Default::default()
+    };
+    for nf4 in [false, true] {
+        let mut base = loaded.model.clone();
+        if nf4 {
+            base.quantize_nf4(true);
+        }
+        let adapter = init_adapter(&base, &cfg);
+        base.attach_weights(&adapter, 0.0).unwrap();
+        let mut f = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
+        let want = curve(&run_sft(&mut f, &seqs, &cfg, None, None));
+        let mut h = CudaModel::from_host(&base, g.clone(), Dt::BF16).unwrap();
+        let got = curve(&run_sft(&mut h, &seqs, &cfg, None, None));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| ((a.1 - b.1) / b.1).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "bf16 vs f32 SFT loss (NF4 base: {nf4}), 20 steps: largest relative gap {worst:.4}"
+        );
+        println!("  f32 {:?}", want.iter().map(|c| c.1).collect::<Vec<_>>());
+        println!("  bf16 {:?}", got.iter().map(|c| c.1).collect::<Vec<_>>());
+        assert!(worst < 0.05, "bf16 curve {worst} from f32");
+        assert!(
+            got.last().unwrap().1 < got[0].1,
+            "bf16 training lowers the loss"
         );
     }
 }

@@ -95,9 +95,19 @@ impl ModelArgs {
     pub fn ensure_f32_training(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             parse_dtype(&self.dtype)? == DType::F32,
-            "--dtype {}: training computes in f32 for now (checkpoints in bf16 or f16 load fine and are \
-             trained in f32); `fedtune eval` and `fedtune generate` run in bf16 and f16",
+            "--dtype {}: training loads the model in f32 (checkpoints in bf16 or f16 load fine); for \
+             bf16 mixed precision on a GPU use --bf16 --device cuda; `fedtune eval` and \
+             `fedtune generate` run in bf16 and f16",
             self.dtype
+        );
+        Ok(())
+    }
+
+    /// `--bf16` (mixed precision) needs `--device cuda`.
+    pub fn check_bf16(&self, cfg: &fedtune_engine::train::TrainConfig) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !cfg.bf16 || self.engine_device()? != fedtune_engine::device::Device::Cpu,
+            "--bf16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"
         );
         Ok(())
     }
@@ -176,19 +186,18 @@ impl ModelArgs {
     }
 }
 
-/// A copy of the host model (adapter attached, NF4 codes as quantised) on GPU `ordinal`, in
-/// f32, to train there.
+/// A copy of the host model (adapter attached, NF4 codes as quantised) on GPU `ordinal`, to
+/// train there: in f32, or with `bf16` the base in bf16 and f32 masters of the LoRA factors.
 pub fn gpu_copy(
     model: &fedtune_engine::LlamaModel,
     ordinal: usize,
+    bf16: bool,
 ) -> anyhow::Result<fedtune_engine::cuda::CudaModel> {
+    use fedtune_engine::cuda::Dt;
     let gpu = fedtune_engine::cuda::Gpu::open(ordinal)
         .with_context(|| format!("--device cuda:{ordinal}"))?;
-    Ok(fedtune_engine::cuda::CudaModel::from_host(
-        model,
-        gpu,
-        fedtune_engine::cuda::Dt::F32,
-    )?)
+    let dt = if bf16 { Dt::BF16 } else { Dt::F32 };
+    Ok(fedtune_engine::cuda::CudaModel::from_host(model, gpu, dt)?)
 }
 
 /// Copies the parameters `cfg` trains from the GPU model back into the host model (which the

@@ -108,6 +108,10 @@ pub struct TrainOverrides {
     /// Double-quantise NF4 scales.
     #[arg(long)]
     pub bnb_4bit_use_double_quant: bool,
+    /// Mixed precision on the GPU (TRL's `bf16`): bf16 base and activations, f32 LoRA factors,
+    /// gradients and optimiser state.
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 impl TrainOverrides {
@@ -148,6 +152,7 @@ impl TrainOverrides {
         c.packing |= self.packing;
         c.load_in_4bit |= self.load_in_4bit;
         c.bnb_4bit_use_double_quant |= self.bnb_4bit_use_double_quant;
+        c.bf16 |= self.bf16;
     }
 }
 
@@ -259,6 +264,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("training options")?;
+    a.model.check_bf16(&cfg)?;
     let mut m: LoadedModel = a.model.load_for_training(&cfg)?;
     let opts = a.run.load_options();
     let data = Dataset::load(&a.run.data, opts)?;
@@ -296,7 +302,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     let summary = match a.model.engine_device()? {
         Device::Cpu => train_sft(&mut m.model, &run, &mut cb)?,
         Device::Cuda(n) => {
-            let mut gpu = gpu_copy(&m.model, n)?;
+            let mut gpu = gpu_copy(&m.model, n, cfg.bf16)?;
             let summary = train_sft(&mut gpu, &run, &mut cb)?;
             copy_back(&gpu, &mut m.model, &cfg)?;
             summary

@@ -83,6 +83,10 @@ pub struct GLora {
     pub scale: f32,
     /// Dropout probability on the LoRA input while training (0: none).
     pub dropout: f32,
+    /// f32 master copies of `a` and `b` when the compute dtype is not f32 (mixed precision,
+    /// as PEFT keeps adapter weights in f32): the optimiser updates these and `a`/`b` are
+    /// refreshed from them.
+    pub master: Option<(GTensor, GTensor)>,
 }
 
 /// One projection.
@@ -280,12 +284,21 @@ impl CudaModel {
                     BaseWeight::Nf4 { q, .. } => GBase::Nf4(Arc::new(Nf4Gpu::upload(&gpu, q)?)),
                 };
                 let lora = match &lin.lora {
-                    Some(lw) => Some(GLora {
-                        a: up(&lw.a)?,
-                        b: up(&lw.b)?,
-                        scale: lw.scale as f32,
-                        dropout: lw.dropout as f32,
-                    }),
+                    Some(lw) => {
+                        let master = |t: &burn::tensor::Tensor<2>| -> Result<GTensor> {
+                            let [r, c] = t.dims();
+                            gpu.upload(&to_f32_vec(t.to_data()), r, c, Dt::F32)
+                        };
+                        Some(GLora {
+                            a: up(&lw.a)?,
+                            b: up(&lw.b)?,
+                            scale: lw.scale as f32,
+                            dropout: lw.dropout as f32,
+                            master: (dt != Dt::F32)
+                                .then(|| Ok::<_, Error>((master(&lw.a)?, master(&lw.b)?)))
+                                .transpose()?,
+                        })
+                    }
                     None => None,
                 };
                 proj.push(GProj {
@@ -339,11 +352,20 @@ impl CudaModel {
             let r = m.rank();
             let a = self.gpu.upload(&m.a.data, r, inp, self.dt)?;
             let b = self.gpu.upload(&m.b.data, out, r, self.dt)?;
+            let master = if self.dt == Dt::F32 {
+                None
+            } else {
+                Some((
+                    self.gpu.upload(&m.a.data, r, inp, Dt::F32)?,
+                    self.gpu.upload(&m.b.data, out, r, Dt::F32)?,
+                ))
+            };
             self.layers[li].proj[pi].lora = Some(GLora {
                 a,
                 b,
                 scale: m.scale,
                 dropout: 0.0,
+                master,
             });
         }
         Ok(())
@@ -366,6 +388,8 @@ impl CudaModel {
         for (li, layer) in self.layers.iter().enumerate() {
             for (p, proj) in Proj::ALL.iter().zip(&layer.proj) {
                 let Some(l) = &proj.lora else { continue };
+                // The f32 masters when training in mixed precision: full precision.
+                let (a, b) = l.master.as_ref().map_or((&l.a, &l.b), |(a, b)| (a, b));
                 let m = |t: &GTensor| -> Result<fedtune_aggregation::Matrix> {
                     Ok(fedtune_aggregation::Matrix::new(
                         t.rows,
@@ -376,8 +400,8 @@ impl CudaModel {
                 out.modules.insert(
                     format!("model.layers.{li}.{}", p.path()),
                     fedtune_aggregation::LoraFactors {
-                        a: m(&l.a)?,
-                        b: m(&l.b)?,
+                        a: m(a)?,
+                        b: m(b)?,
                         scale: l.scale,
                     },
                 );

@@ -81,8 +81,14 @@ impl CudaModel {
             Param::FinalNorm => Some(&self.norm),
             Param::Norm1(i) => self.layers.get(i).map(|l| &l.ln1),
             Param::Norm2(i) => self.layers.get(i).map(|l| &l.ln2),
-            Param::LoraA(i, p) => proj(i, p)?.lora.as_ref().map(|l| &l.a),
-            Param::LoraB(i, p) => proj(i, p)?.lora.as_ref().map(|l| &l.b),
+            Param::LoraA(i, p) => proj(i, p)?
+                .lora
+                .as_ref()
+                .map(|l| l.master.as_ref().map_or(&l.a, |m| &m.0)),
+            Param::LoraB(i, p) => proj(i, p)?
+                .lora
+                .as_ref()
+                .map(|l| l.master.as_ref().map_or(&l.b, |m| &m.1)),
             Param::Weight(i, p) => match &proj(i, p)?.base {
                 GBase::Dense(w) => Some(w),
                 GBase::Nf4(_) => None,
@@ -103,14 +109,45 @@ impl CudaModel {
             Param::LoraA(i, p) | Param::LoraB(i, p) | Param::Weight(i, p) | Param::Bias(i, p) => {
                 let proj = &mut layers.get_mut(i)?.proj[p.index()];
                 match param {
-                    Param::LoraA(..) => proj.lora.as_mut().map(|l| &mut l.a),
-                    Param::LoraB(..) => proj.lora.as_mut().map(|l| &mut l.b),
+                    Param::LoraA(..) => proj
+                        .lora
+                        .as_mut()
+                        .map(|l| l.master.as_mut().map_or(&mut l.a, |m| &mut m.0)),
+                    Param::LoraB(..) => proj
+                        .lora
+                        .as_mut()
+                        .map(|l| l.master.as_mut().map_or(&mut l.b, |m| &mut m.1)),
                     Param::Bias(..) => proj.bias.as_mut(),
                     _ => match &mut proj.base {
                         GBase::Dense(w) => Some(w),
                         GBase::Nf4(_) => None,
                     },
                 }
+            }
+        }
+    }
+
+    /// After LoRA masters changed: their compute-dtype copies, cast again.
+    fn refresh_compute_copies(&mut self, names: &[&String]) {
+        let gpu = self.gpu.clone();
+        let dt = self.dt;
+        for name in names {
+            let (i, p, is_a) = match Param::parse(name) {
+                Some(Param::LoraA(i, p)) => (i, p, true),
+                Some(Param::LoraB(i, p)) => (i, p, false),
+                _ => continue,
+            };
+            let Some(l) = self
+                .layers
+                .get_mut(i)
+                .and_then(|l| l.proj[p.index()].lora.as_mut())
+            else {
+                continue;
+            };
+            match (&l.master, is_a) {
+                (Some((ma, _)), true) => l.a = gpu.cast(ma, dt),
+                (Some((_, mb)), false) => l.b = gpu.cast(mb, dt),
+                (None, _) => {}
             }
         }
     }
@@ -207,7 +244,9 @@ impl TrainModel for CudaModel {
                 decay: decays(name),
             });
         }
-        gpu.adamw_step(&params, opt.config, lr, opt.step, max_norm)
+        let norm = gpu.adamw_step(&params, opt.config, lr, opt.step, max_norm)?;
+        self.refresh_compute_copies(&updated);
+        Ok(norm)
     }
 
     fn param_shape(&self, name: &str) -> Option<[usize; 2]> {
@@ -223,11 +262,13 @@ impl TrainModel for CudaModel {
     }
 
     fn set_params(&mut self, params: Vec<(String, Tensor<2>)>) -> Result<()> {
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
         for (name, t) in params {
             let dt = self.param(&name).ok_or_else(|| Self::no_param(&name))?.dt;
             let new = self.upload_param(&t, dt)?;
             *self.param_mut(&name).ok_or_else(|| Self::no_param(&name))? = new;
         }
+        self.refresh_compute_copies(&names.iter().collect::<Vec<_>>());
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use super::ops::{AttnGeom, MAX_HEAD_DIM};
 use super::tensor::{Dt, GTensor};
 use crate::device::{AttnShape, Grads, Norm, Proj, ProjGrads, TrainBackend};
 use crate::error::{Error, Result};
+use crate::train::step::Trainable;
 
 /// What a projection's training forward keeps for its backward: its LoRA input `x·Aᵀ` (after
 /// dropout) and, with dropout, the probability and seed that regenerate the mask.
@@ -79,13 +80,25 @@ impl TrainBackend for CudaModel {
     type Lse = CudaSlice<f32>;
     type Rms = CudaSlice<f32>;
 
-    fn can_train(&self) -> Result<()> {
+    fn can_train(&self, trainable: &Trainable) -> Result<()> {
         let c = &self.config;
-        if self.dt != Dt::F32 {
-            return Err(Error::Invalid(format!(
-                "GPU training runs in f32 so far (this model is loaded as {:?}); bf16/fp16 mixed precision is not implemented yet",
-                self.dt
-            )));
+        let weights = trainable.first_full_layer.is_some()
+            || trainable.final_norm
+            || trainable.head
+            || trainable.embedding;
+        match self.dt {
+            Dt::F32 => {}
+            Dt::BF16 if !weights => {}
+            Dt::BF16 => {
+                return Err(Error::Invalid(
+                    "full and partial fine-tuning on the GPU run in f32 (bf16 mixed precision trains LoRA adapters)".into(),
+                ));
+            }
+            Dt::F16 => {
+                return Err(Error::Invalid(
+                    "fp16 training needs loss scaling, which is not implemented: train in bf16 or f32".into(),
+                ));
+            }
         }
         if c.head_dim > MAX_HEAD_DIM || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
         {
@@ -197,7 +210,7 @@ impl TrainBackend for CudaModel {
             let proj = self.proj(layer, p);
             let name = format!("model.layers.{layer}.{}", p.path());
             if want.weight {
-                let dw = ok(g.matmul_sum(&[(dy, true, x, false, 1.0)], self.dt));
+                let dw = ok(g.matmul_sum(&[(dy, true, x, false, 1.0)], Dt::F32));
                 grads.insert(format!("{name}.weight"), dw);
                 if proj.bias.is_some() {
                     grads.insert(format!("{name}.bias"), g.col_sum(dy));
@@ -211,8 +224,9 @@ impl TrainBackend for CudaModel {
                         // A's gradient reads the input the forward multiplied: x after dropout.
                         let xin = sv.dropout.map(|(prob, seed)| g.dropout(x, prob, seed));
                         let xa = xin.as_ref().unwrap_or(x);
-                        let da = ok(g.matmul_sum(&[(&dyb, true, xa, false, l.scale)], self.dt));
-                        let db = ok(g.matmul_sum(&[(dy, true, &sv.u, false, l.scale)], self.dt));
+                        // Gradients in f32 whatever the compute dtype (the optimiser's).
+                        let da = ok(g.matmul_sum(&[(&dyb, true, xa, false, l.scale)], Dt::F32));
+                        let db = ok(g.matmul_sum(&[(dy, true, &sv.u, false, l.scale)], Dt::F32));
                         grads.insert(format!("{name}.lora_A"), da);
                         grads.insert(format!("{name}.lora_B"), db);
                     }
@@ -335,7 +349,7 @@ impl TrainBackend for CudaModel {
     fn head_weight_grad(&self, h: &GTensor, ids: &[u32], g: &[f32]) -> GTensor {
         let gpu = &self.gpu;
         let head = self.head();
-        let dw = gpu.zeros(head.rows, head.cols, self.dt);
+        let dw = gpu.zeros(head.rows, head.cols, Dt::F32);
         let chunk = self.head_chunk().max(1);
         for start in (0..ids.len()).step_by(chunk) {
             let end = (start + chunk).min(ids.len());

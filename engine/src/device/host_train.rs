@@ -11,6 +11,7 @@ use crate::kernels::{self, Term, matmul_sum};
 use crate::model::LlamaModel;
 use crate::model::attention::build_mask;
 use crate::train::proj::{LoraIn, input_grad, lin_backward, lin_forward, lin_forward_shared};
+use crate::train::step::Trainable;
 use crate::train::{fused, ops};
 
 /// Rows of logits computed at once in the LM head: about 96 MiB of f32 logits (512 rows for
@@ -55,7 +56,7 @@ impl TrainBackend for LlamaModel {
     type Lse = Option<Vec<f32>>;
     type Rms = Tensor<2>;
 
-    fn can_train(&self) -> Result<()> {
+    fn can_train(&self, _trainable: &Trainable) -> Result<()> {
         Ok(())
     }
 

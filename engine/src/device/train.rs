@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use super::{AttnShape, Backend, Norm, Proj};
 use crate::error::Result;
+use crate::train::step::Trainable;
 
 /// Gradients by parameter name: LoRA factors as `{module}.lora_A` / `.lora_B`, other weights
 /// under their Hugging Face key. Vectors (norms, biases) are `[1, d]`.
@@ -36,8 +37,9 @@ pub trait TrainBackend: Backend {
     /// Per-row `1/rms` an RMSNorm forward keeps for its backward.
     type Rms;
 
-    /// Whether this model can be trained on its device; an error names what it cannot.
-    fn can_train(&self) -> Result<()>;
+    /// Whether `trainable` can be trained on this model's device and dtype; an error names
+    /// what cannot.
+    fn can_train(&self, trainable: &Trainable) -> Result<()>;
     /// `(h, norm(h), 1/rms(h))` with `h = x + pending` (or `x`).
     fn norm_train(
         &self,

@@ -60,6 +60,10 @@ pub struct TrainConfig {
     pub load_in_4bit: bool,
     /// Double-quantise NF4 scales.
     pub bnb_4bit_use_double_quant: bool,
+    /// Mixed precision as transformers' `bf16=True` with PEFT: the frozen base and the
+    /// activations in bf16 (f32 accumulation), the LoRA factors, their gradients and AdamW's
+    /// moments in f32. GPU only.
+    pub bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -90,6 +94,7 @@ impl Default for TrainConfig {
             logging_steps: 1,
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
+            bf16: false,
         }
     }
 }
