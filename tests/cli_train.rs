@@ -194,65 +194,47 @@ fn qlora_trains_on_an_nf4_base_from_a_toml_config_with_flag_overrides() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `fedtune train sft --model <tiny> --data <data> --output <out> <extra…>`: its exit status and
+/// stderr.
+fn train_sft(data: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let model = model();
+    let mut args = vec![
+        "train",
+        "sft",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(&args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn bad_options_and_data_are_clear_errors() {
     let out = tmpdir("bad");
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args([
-            "train",
-            "sft",
-            "--model",
-            model().to_str().unwrap(),
-            "--data",
-            root().join("testdata/formats/bad.jsonl").to_str().unwrap(),
-            "--output",
-            out.join("a").to_str().unwrap(),
-            "--max-steps",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let bad = root().join("testdata/formats/bad.jsonl");
+    let (ok, err) = train_sft(&bad, &out.join("a"), &["--max-steps", "1"]);
     assert!(
-        err.contains("bad.jsonl:2") && err.contains("field"),
+        !ok && err.contains("bad.jsonl:2") && err.contains("field"),
         "{err}"
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args([
-            "train",
-            "sft",
-            "--model",
-            model().to_str().unwrap(),
-            "--data",
-            data().to_str().unwrap(),
-            "--output",
-            out.join("b").to_str().unwrap(),
-            "--full",
-            "--load-in-4bit",
-        ])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--load-in-4bit"), "{err}");
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args([
-            "train",
-            "sft",
-            "--model",
-            model().to_str().unwrap(),
-            "--data",
-            data().to_str().unwrap(),
-            "--output",
-            out.join("c").to_str().unwrap(),
-            "--bf16",
-        ])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--bf16") && err.contains("--device cuda"), "{err}");
+    let (ok, err) = train_sft(&data(), &out.join("b"), &["--full", "--load-in-4bit"]);
+    assert!(!ok && err.contains("--load-in-4bit"), "{err}");
+    let (ok, err) = train_sft(&data(), &out.join("c"), &["--bf16"]);
+    assert!(
+        !ok && err.contains("--bf16") && err.contains("--device cuda"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -261,25 +243,12 @@ fn train_sft_on_cuda_trains_there_or_names_the_device_it_could_not_open() {
     // CI has no GPU: the run must stop with an error naming the device. On the GPU machine
     // (scripts/gpu_check.sh runs this binary too) it trains and writes the adapter.
     let out = tmpdir("cuda");
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args([
-            "train",
-            "sft",
-            "--model",
-            model().to_str().unwrap(),
-            "--data",
-            data().to_str().unwrap(),
-            "--output",
-            out.join("a").to_str().unwrap(),
-            "--max-steps",
-            "2",
-            "--device",
-            "cuda",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if o.status.success() {
+    let (ok, err) = train_sft(
+        &data(),
+        &out.join("a"),
+        &["--max-steps", "2", "--device", "cuda"],
+    );
+    if ok {
         assert!(out.join("a/adapter_model.safetensors").is_file(), "{err}");
         assert!(eval_loss(&model(), Some(&out.join("a"))).is_finite());
     } else {

@@ -122,7 +122,7 @@ fn same_step(
     trainable: &Trainable,
 ) {
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
-    cm.can_train(trainable).unwrap();
+    cm.can_train(trainable.trains_weights()).unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
     let hf = forward(model, &sb, trainable, None);
     let gf = forward(&cm, &sb, trainable, None);
@@ -214,11 +214,11 @@ fn the_device_refuses_what_it_cannot_train_with_a_clear_error() {
     let Some(g) = gpu() else { return };
     let (model, _) = tiny("testdata/tiny-llama/model");
     let bf16 = CudaModel::from_host(&model, g.clone(), Dt::BF16).unwrap();
-    bf16.can_train(&Trainable::lora()).unwrap();
-    let e = bf16.can_train(&Trainable::full()).unwrap_err().to_string();
+    bf16.can_train(false).unwrap();
+    let e = bf16.can_train(true).unwrap_err().to_string();
     assert!(e.contains("f32") && e.contains("LoRA"), "{e}");
     let f16 = CudaModel::from_host(&model, g, Dt::F16).unwrap();
-    let e = f16.can_train(&Trainable::lora()).unwrap_err().to_string();
+    let e = f16.can_train(false).unwrap_err().to_string();
     assert!(e.contains("fp16") && e.contains("loss scaling"), "{e}");
 }
 
@@ -469,6 +469,18 @@ fn sft_data(m: &LoadedModel) -> Vec<Encoded> {
     v
 }
 
+/// LoRA r = 8 on the tiny model, 20 steps of 2 examples.
+fn twenty_steps() -> TrainConfig {
+    TrainConfig {
+        lora_r: 8,
+        lora_alpha: 16.0,
+        learning_rate: 5e-3,
+        max_steps: Some(20),
+        per_device_train_batch_size: 2,
+        ..Default::default()
+    }
+}
+
 fn run_sft<M: TrainModel>(
     model: &mut M,
     seqs: &[Encoded],
@@ -534,14 +546,9 @@ fn twenty_sft_steps_on_the_gpu_follow_the_host_and_checkpoints_cross_devices() {
     .unwrap();
     let seqs = sft_data(&loaded);
     let cfg = TrainConfig {
-        lora_r: 8,
-        lora_alpha: 16.0,
-        learning_rate: 5e-3,
-        max_steps: Some(20),
-        per_device_train_batch_size: 2,
         warmup_ratio: 0.1,
         save_steps: Some(10),
-        ..Default::default()
+        ..twenty_steps()
     };
     let mut base = loaded.model.clone();
     let adapter = init_adapter(&base, &cfg);
@@ -677,14 +684,7 @@ fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
     )
     .unwrap();
     let seqs = sft_data(&loaded);
-    let cfg = TrainConfig {
-        lora_r: 8,
-        lora_alpha: 16.0,
-        learning_rate: 5e-3,
-        max_steps: Some(20),
-        per_device_train_batch_size: 2,
-        ..Default::default()
-    };
+    let cfg = twenty_steps();
     for nf4 in [false, true] {
         let mut base = loaded.model.clone();
         if nf4 {

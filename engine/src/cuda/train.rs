@@ -14,7 +14,6 @@ use super::ops::{AttnGeom, MAX_HEAD_DIM};
 use super::tensor::{Dt, GTensor};
 use crate::device::{AttnShape, Grads, Norm, Proj, ProjGrads, TrainBackend};
 use crate::error::{Error, Result};
-use crate::train::step::Trainable;
 
 /// What a projection's training forward keeps for its backward: its LoRA input `x·Aᵀ` (after
 /// dropout) and, with dropout, the probability and seed that regenerate the mask.
@@ -80,12 +79,8 @@ impl TrainBackend for CudaModel {
     type Lse = CudaSlice<f32>;
     type Rms = CudaSlice<f32>;
 
-    fn can_train(&self, trainable: &Trainable) -> Result<()> {
+    fn can_train(&self, weights: bool) -> Result<()> {
         let c = &self.config;
-        let weights = trainable.first_full_layer.is_some()
-            || trainable.final_norm
-            || trainable.head
-            || trainable.embedding;
         match self.dt {
             Dt::F32 => {}
             Dt::BF16 if !weights => {}

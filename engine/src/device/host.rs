@@ -33,15 +33,14 @@ impl LlamaModel {
         self.dtype == DType::F32 && kernels::available(&self.device)
     }
 
-    /// The attention context; `cpu` when the kernels can read `x` (f32 flex storage, not an
-    /// autodiff-tracked tensor), else with the boolean mask of burn's path.
-    fn ctx<'a>(
+    /// The attention context: the CPU kernels when `cpu`, else burn's ops with the boolean
+    /// mask (built here, with the layer's own window).
+    pub(super) fn attn_ctx<'a>(
         &self,
         shape: AttnShape,
         segments: Option<&'a [u32]>,
-        x: &Tensor<2>,
+        cpu: bool,
     ) -> fused::AttnCtx<'a> {
-        let cpu = self.kernels_run() && kernels::host(x).is_some();
         let (b, t) = (shape.batch, shape.len);
         fused::AttnCtx {
             shape: kernels::attention::Shape {
@@ -210,7 +209,9 @@ impl Backend for LlamaModel {
         cache: Option<&mut KvCache>,
     ) -> Tensor<2> {
         let Some(cache) = cache else {
-            let ctx = self.ctx(shape, segments, &q);
+            // The kernels read f32 flex storage, not autodiff-tracked tensors.
+            let cpu = self.kernels_run() && kernels::host(&q).is_some();
+            let ctx = self.attn_ctx(shape, segments, cpu);
             return fused::attention(&q, &k, &v, &ctx).0;
         };
         // Incremental decoding: burn's attention over the cached keys and values.

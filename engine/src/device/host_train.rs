@@ -9,9 +9,7 @@ use super::{AttnShape, Norm, Proj};
 use crate::error::Result;
 use crate::kernels::{self, Term, matmul_sum};
 use crate::model::LlamaModel;
-use crate::model::attention::build_mask;
 use crate::train::proj::{LoraIn, input_grad, lin_backward, lin_forward, lin_forward_shared};
-use crate::train::step::Trainable;
 use crate::train::{fused, ops};
 
 /// Rows of logits computed at once in the LM head: about 96 MiB of f32 logits (512 rows for
@@ -24,26 +22,10 @@ fn head_chunk(vocab: usize) -> usize {
 }
 
 impl LlamaModel {
-    /// The training step's attention context: the CPU kernels on the flex backend, burn's ops
-    /// with a boolean mask elsewhere. The window is the layer's own (`shape.window`).
+    /// The training step's attention context: the CPU kernels on the flex backend, burn's
+    /// ops with a boolean mask elsewhere; the window is the layer's own (`shape.window`).
     fn train_ctx<'a>(&self, shape: AttnShape, segments: Option<&'a [u32]>) -> fused::AttnCtx<'a> {
-        let cpu = kernels::available(&self.device);
-        let (b, t) = (shape.batch, shape.len);
-        fused::AttnCtx {
-            shape: kernels::attention::Shape {
-                batch: b,
-                len: t,
-                hq: shape.hq,
-                hkv: shape.hkv,
-                d: shape.d,
-            },
-            segments,
-            window: shape.window,
-            scale: 1.0 / (shape.d as f64).sqrt(),
-            mask: (!cpu)
-                .then(|| build_mask(b, shape.hq, t, t, segments, shape.window, &self.device)),
-            cpu,
-        }
+        self.attn_ctx(shape, segments, kernels::available(&self.device))
     }
 
     fn module_name(layer: usize, p: Proj) -> String {
@@ -56,7 +38,7 @@ impl TrainBackend for LlamaModel {
     type Lse = Option<Vec<f32>>;
     type Rms = Tensor<2>;
 
-    fn can_train(&self, _trainable: &Trainable) -> Result<()> {
+    fn can_train(&self, _weights: bool) -> Result<()> {
         Ok(())
     }
 

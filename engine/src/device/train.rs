@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 
 use super::{AttnShape, Backend, Norm, Proj};
 use crate::error::Result;
-use crate::train::step::Trainable;
 
 /// Gradients by parameter name: LoRA factors as `{module}.lora_A` / `.lora_B`, other weights
 /// under their Hugging Face key. Vectors (norms, biases) are `[1, d]`.
@@ -37,9 +36,9 @@ pub trait TrainBackend: Backend {
     /// Per-row `1/rms` an RMSNorm forward keeps for its backward.
     type Rms;
 
-    /// Whether `trainable` can be trained on this model's device and dtype; an error names
-    /// what cannot.
-    fn can_train(&self, trainable: &Trainable) -> Result<()>;
+    /// Whether this model can be trained on its device and dtype, LoRA factors only or also
+    /// `weights` (full or partial fine-tuning); an error names what cannot.
+    fn can_train(&self, weights: bool) -> Result<()>;
     /// `(h, norm(h), 1/rms(h))` with `h = x + pending` (or `x`).
     fn norm_train(
         &self,

@@ -3,9 +3,10 @@
 //! and each projection's part of its input's gradient. Projections that read the same input
 //! (q/k/v, gate/up) share their LoRA products (see [`lin_forward_shared`], [`input_grad`]).
 
+use std::collections::BTreeMap;
+
 use burn::tensor::{Tensor, TensorData};
 
-use crate::device::Grads;
 use crate::kernels::{self, Term, matmul_sum};
 use crate::model::Linear;
 
@@ -136,7 +137,7 @@ pub(crate) fn lin_backward<'l>(
     dy: Tensor<2>,
     train_lora: bool,
     train_full: bool,
-    grads: &mut Grads<Tensor<2>>,
+    grads: &mut BTreeMap<String, Tensor<2>>,
 ) -> DxPart<'l> {
     if train_full {
         grads.insert(
@@ -189,7 +190,7 @@ pub(crate) fn input_grad(
     parts: &[DxPart<'_>],
     x: &Tensor<2>,
     want_dx: bool,
-    grads: &mut Grads<Tensor<2>>,
+    grads: &mut BTreeMap<String, Tensor<2>>,
 ) -> Option<Tensor<2>> {
     let stacked: Vec<(&DxPart<'_>, &crate::model::linear::LoraWeights, &Tensor<2>)> = parts
         .iter()

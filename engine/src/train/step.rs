@@ -64,6 +64,11 @@ impl Trainable {
         }
     }
 
+    /// Whether weights (not only LoRA factors) are trained.
+    pub fn trains_weights(&self) -> bool {
+        self.first_full_layer.is_some() || self.final_norm || self.head || self.embedding
+    }
+
     fn layer_full(&self, i: usize) -> bool {
         self.first_full_layer.is_some_and(|f| i >= f)
     }

@@ -112,7 +112,7 @@ pub fn train<M: TrainModel>(
             "LoRA training needs an attached adapter".into(),
         ));
     }
-    model.can_train(&trainable)?;
+    model.can_train(trainable.trains_weights())?;
     let names = model.trainable_names(&trainable);
     let n_examples = objective.num_examples();
     if n_examples == 0 {
