@@ -2,7 +2,9 @@
 engine/examples/bench_train.rs: random ids, second half of each row trained, r, alpha = 2r,
 all seven projections, AdamW, gradient clipping at 1.0; prints one JSON line.
 
-    bench/.venv/bin/python bench/train_step.py HF_MODEL_DIR [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora]
+    bench/.venv/bin/python bench/train_step.py HF_MODEL_DIR [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora][-gc]
+
+`-gc`: gradient checkpointing (transformers' non-reentrant checkpointing of each decoder layer).
 """
 import json
 import os
@@ -20,7 +22,9 @@ from transformers import AutoModelForCausalLM
 path = sys.argv[1]
 batch, seq, rank, steps = (int(sys.argv[i]) if len(sys.argv) > i else d
                            for i, d in [(2, 4), (3, 256), (4, 16), (5, 4)])
-qlora = len(sys.argv) > 6 and sys.argv[6] == "qlora"
+mode = sys.argv[6] if len(sys.argv) > 6 else "lora"
+qlora = mode.startswith("qlora")
+gc = mode.endswith("-gc")
 torch.set_num_threads(os.cpu_count())
 torch.manual_seed(0)
 kwargs = {"dtype": torch.float32}
@@ -36,6 +40,8 @@ if qlora:
 cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 model = get_peft_model(model, cfg)
+if gc:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
 g = torch.Generator().manual_seed(0)
@@ -53,7 +59,7 @@ for step in range(steps):
     rates.append(batch * seq / (time.perf_counter() - t))
 rest = rates[1:] or rates
 print(json.dumps({
-    "impl": ("peft+bnb qlora" if qlora else "peft lora") + f" (torch {torch.__version__}, transformers "
+    "impl": ("peft+bnb " if qlora else "peft ") + mode + f" (torch {torch.__version__}, transformers "
             f"{transformers.__version__}, peft {peft.__version__})",
     "batch": batch, "seq": seq, "rank": rank, "steps": len(rest),
     "tokens_per_s": round(statistics.median(rest), 1),

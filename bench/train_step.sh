@@ -3,12 +3,17 @@
 # projections, f32, CPU): fedtune vs PyTorch+PEFT (+bitsandbytes NF4 with double
 # quantisation), alternating in the same run. Needs bench/.venv (bench/setup.sh).
 #   bench/train_step.sh [ROUNDS] [STEPS]
+# MODES="lora-gc qlora-gc" measures gradient checkpointing on both sides; BATCH and SEQ change
+# the shape (default 4 x 256).
 # fedtune's products go through oneMKL from bench/.venv (the BLAS PyTorch is built with) when
 # it is there; FEDTUNE_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 measures OpenBLAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 STEPS=${2:-4}
+MODES=${MODES:-lora qlora}
+BATCH=${BATCH:-4}
+SEQ=${SEQ:-256}
 GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
 HF=.cache/smollm2-hf
 MKL=bench/.venv/lib/libmkl_rt.so.3
@@ -18,10 +23,10 @@ cargo build --release -q --bin fedtune
 cargo build --release -q -p fedtune-engine --example bench_train
 # Both sides read the same Hugging Face directory (the GGUF dequantised to f32).
 [ -f "$HF/model.safetensors" ] || target/release/fedtune export --model "$GGUF" --output "$HF" >/dev/null
-for mode in lora qlora; do
+for mode in $MODES; do
   for round in $(seq "$ROUNDS"); do
-    ours=$(target/release/examples/bench_train "$HF" 4 256 16 "$STEPS" "$mode")
-    theirs=$(bench/.venv/bin/python bench/train_step.py "$HF" 4 256 16 "$STEPS" "$mode" 2>/dev/null | tail -1)
+    ours=$(target/release/examples/bench_train "$HF" "$BATCH" "$SEQ" 16 "$STEPS" "$mode")
+    theirs=$(bench/.venv/bin/python bench/train_step.py "$HF" "$BATCH" "$SEQ" 16 "$STEPS" "$mode" 2>/dev/null | tail -1)
     echo "$ours"
     echo "$theirs"
     python3 -c "import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); print(f'$mode round $round: tokens/s {a[\"tokens_per_s\"]/b[\"tokens_per_s\"]:.2f}x, peak RSS {a[\"peak_rss_mb\"]/b[\"peak_rss_mb\"]:.2f}x of the peer')" "$ours" "$theirs"

@@ -6,7 +6,10 @@
 #   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
 #      against the host engine and transformers (f32), bf16/f16 deviation.
 #   1b. tests/cuda_train: the training step (every gradient) on the GPU against the host step
-#      for LoRA, QLoRA, full and last-layer training; the device optimiser against the host's.
+#      for LoRA, QLoRA, full and last-layer training, gradient checkpointing; the device
+#      optimiser against the host's.
+#   1c. tests/cuda_train_runs: 20 SFT and 5 DPO steps against the host's curve, checkpoints
+#      resumed across devices, bf16 against f32.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
 #   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file;
 #      train sft --device cuda for 20 steps and the same on the CPU, each adapter evaluated.
@@ -37,6 +40,7 @@ step half_reference 60 python3 bench/gpu_forward.py bf16 testdata/tiny-llama/mod
 export FEDTUNE_HALF_REFERENCE=/tmp/half_reference.json
 step tests_device 150 gpu-bin/cuda_device --test-threads=1 --nocapture
 step tests_train 90 gpu-bin/cuda_train --test-threads=1 --nocapture
+step tests_train_runs 120 gpu-bin/cuda_train_runs --test-threads=1 --nocapture
 if [ "${SKIP_KERNEL_COMPILE:-}" != 1 ]; then
   step tests_kernels 60 gpu-bin/cuda_kernels --nocapture
 fi
@@ -45,6 +49,7 @@ step cli_eval_cpu 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --da
 step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
 step cli_train_cuda 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-sft --max-steps 20 --device cuda
 step cli_train_cuda_bf16 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-bf16 --max-steps 20 --device cuda --bf16
+step cli_train_cuda_ckpt 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-ckpt --max-steps 20 --device cuda --gradient-checkpointing
 step cli_train_cuda_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/gpu-train-sft --data testdata/demo/hospital.jsonl --json
 step cli_train_cpu 120 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/cpu-train-sft --max-steps 20
 step cli_train_cpu_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/cpu-train-sft --data testdata/demo/hospital.jsonl --json

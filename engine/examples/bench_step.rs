@@ -1,12 +1,13 @@
 //! Time of LoRA training steps (forward + backward) on random ids:
 //! `cargo run --release -p fedtune-engine --example bench_step -- MODEL [BATCH] [SEQ] [RANK] [TRAINED_FRACTION] [STEPS]`
+//! (`FEDTUNE_GRADIENT_CHECKPOINTING=1`: recompute each block in backward; peak RSS is printed).
 use std::time::Instant;
 
 use burn::tensor::{DType, Device};
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_engine::load_model;
 use fedtune_engine::model::Positions;
-use fedtune_engine::train::step::{StepBatch, Target, Trainable, backward, forward};
+use fedtune_engine::train::step::{StepBatch, StepOptions, Target, Trainable, backward, forward};
 use rand::{Rng, SeedableRng};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -72,9 +73,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let g = vec![-1.0 / b.targets.len() as f32; b.targets.len()];
     let tr = Trainable::lora();
+    let options = StepOptions {
+        dropout_seed: None,
+        gradient_checkpointing: std::env::var("FEDTUNE_GRADIENT_CHECKPOINTING")
+            .is_ok_and(|v| v == "1"),
+    };
     for i in 0..=steps {
         let t = Instant::now();
-        let fwd = forward(&m.model, &b, &tr, None);
+        let fwd = forward(&m.model, &b, &tr, &options);
         let tf = t.elapsed();
         let grads = backward(&m.model, fwd, &g, &tr);
         let _ = grads.values().next().map(|x| x.to_data());
@@ -87,6 +93,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 b.targets.len()
             );
         }
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(l) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+        println!(
+            "peak RSS {} (gradient checkpointing: {})",
+            l.trim_start_matches("VmHWM:").trim(),
+            options.gradient_checkpointing
+        );
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! LoRA / QLoRA SFT steps through the real trainer (forward, backward, clipping, AdamW) on
 //! random ids, the second half of each row trained; prints one JSON line.
 //!
-//! `cargo run --release -p fedtune-engine --example bench_train -- MODEL [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora]`
+//! `cargo run --release -p fedtune-engine --example bench_train -- MODEL [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora][-gc]`
+//! (`-gc`: gradient checkpointing).
 use burn::tensor::{DType, Device};
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::sft::{LogEntry, SftRun, TrainerState, train_sft};
@@ -32,7 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (batch, seq, rank, steps) = (arg(2, 4), arg(3, 256), arg(4, 16), arg(5, 4));
-    let qlora = args.get(6).is_some_and(|s| s == "qlora");
+    let mode = args.get(6).map_or("lora", String::as_str);
+    let qlora = mode.starts_with("qlora");
+    let gc = mode.ends_with("-gc");
     let mut m = load_model(args[1].as_ref(), &Device::flex(), DType::F32)?;
     let cfg = TrainConfig {
         lora_r: rank,
@@ -43,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         logging_steps: 1,
         load_in_4bit: qlora,
         bnb_4bit_use_double_quant: qlora,
+        gradient_checkpointing: gc,
         ..TrainConfig::default()
     };
     if qlora {
@@ -76,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": if qlora { "fedtune qlora" } else { "fedtune lora" },
+            "impl": format!("fedtune {mode}"),
             "batch": batch, "seq": seq, "rank": rank, "steps": rest.len(),
             "tokens_per_s": (sorted[sorted.len() / 2] * 10.0).round() / 10.0,
             "peak_rss_mb": peak_rss() / (1 << 20),

@@ -1,29 +1,23 @@
 //! GPU training against the host engine: the whole training step (forward, backward, every
 //! gradient) through [`TrainBackend`] on the GPU and on the host, for LoRA, QLoRA, full and
-//! partial fine-tuning, packed sequences, GQA and sliding windows; the device optimiser
-//! against the host's; and whole runs: 20 SFT steps and 5 DPO steps against the host's loss
-//! curve, with checkpoints resumed across devices. Runs where a CUDA device is found (`scripts/gpu_check.sh`); elsewhere
-//! every test says so and passes, unless `FEDTUNE_REQUIRE_GPU=1`.
+//! partial fine-tuning, packed sequences, GQA and sliding windows, gradient checkpointing;
+//! the device kernels of training (dropout, row scatter) and the device optimiser against the
+//! host's. Whole runs are in `cuda_train_runs.rs`. Runs where a CUDA device is found
+//! (`scripts/gpu_check.sh`); elsewhere every test says so and passes, unless
+//! `FEDTUNE_REQUIRE_GPU=1`.
 
 mod gpu_common;
 
 use std::collections::BTreeSet;
 
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
-use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::device::{Grads, TrainBackend};
 use fedtune_engine::model::Positions;
-use fedtune_engine::train::TrainConfig;
-use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
-use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::params::TrainModel;
-use fedtune_engine::train::sft::{
-    Callback, LogEntry, RunOptions, SftObjective, TrainerState, train,
-};
-use fedtune_engine::train::step::{StepBatch, Target, Trainable, backward, forward};
-use fedtune_engine::{Encoded, LlamaModel, LoadedModel, PeftAdapter, load_model};
+use fedtune_engine::train::step::{StepBatch, StepOptions, Target, Trainable, backward, forward};
+use fedtune_engine::{LlamaModel, PeftAdapter};
 use gpu_common::{check, gpu, host, packed_segments, rand, repo, tiny, up};
 use rand::{Rng, SeedableRng};
 
@@ -124,8 +118,8 @@ fn same_step(
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
     cm.can_train(trainable.trains_weights()).unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
-    let hf = forward(model, &sb, trainable, None);
-    let gf = forward(&cm, &sb, trainable, None);
+    let hf = forward(model, &sb, trainable, &StepOptions::default());
+    let gf = forward(&cm, &sb, trainable, &StepOptions::default());
     check(
         &format!("{what}: log p"),
         &gf.target_logps,
@@ -244,8 +238,8 @@ fn a_bf16_mixed_precision_step_stays_near_the_f32_step_with_f32_gradients() {
     let bf16 = CudaModel::from_host(&model, g.clone(), Dt::BF16).unwrap();
     let (sb, d) = batch(model.config.vocab_size, 48, true);
     let (wf, gf) = (
-        forward(&f32m, &sb, &trainable, None),
-        forward(&bf16, &sb, &trainable, None),
+        forward(&f32m, &sb, &trainable, &StepOptions::default()),
+        forward(&bf16, &sb, &trainable, &StepOptions::default()),
     );
     let max = wf
         .target_logps
@@ -321,7 +315,10 @@ fn lora_dropout_gradients_on_the_gpu_agree_with_finite_differences() {
     assert!((cm.lora_dropout() - 0.1).abs() < 1e-6);
     let (sb, d) = batch(model.config.vocab_size, 24, true);
     let trainable = Trainable::lora();
-    let seed = Some(99u64);
+    let seed = &StepOptions {
+        dropout_seed: Some(99),
+        ..Default::default()
+    };
     let objective = |m: &CudaModel| -> f64 {
         let lp = forward(m, &sb, &trainable, seed).target_logps;
         lp.iter()
@@ -329,7 +326,7 @@ fn lora_dropout_gradients_on_the_gpu_agree_with_finite_differences() {
             .map(|(l, g)| f64::from(*l) * f64::from(*g))
             .sum()
     };
-    let plain: f64 = forward(&cm, &sb, &trainable, None)
+    let plain: f64 = forward(&cm, &sb, &trainable, &StepOptions::default())
         .target_logps
         .iter()
         .zip(&d)
@@ -449,267 +446,49 @@ fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
     }
 }
 
-/// Keeps every log entry.
-struct Keep(Vec<LogEntry>);
-impl Callback for Keep {
-    fn on_log(&mut self, e: &LogEntry, _: &TrainerState) {
-        self.0.push(e.clone());
-    }
-}
-
-fn sft_data(m: &LoadedModel) -> Vec<Encoded> {
-    let mut v = Vec::new();
-    for f in [
-        "testdata/formats/openai.jsonl",
-        "testdata/formats/alpaca.json",
-    ] {
-        let d = Dataset::load(&repo().join(f), LoadOptions::default()).unwrap();
-        v.extend(d.encode_sft(&m.tokenizer, None).unwrap());
-    }
-    v
-}
-
-/// LoRA r = 8 on the tiny model, 20 steps of 2 examples.
-fn twenty_steps() -> TrainConfig {
-    TrainConfig {
-        lora_r: 8,
-        lora_alpha: 16.0,
-        learning_rate: 5e-3,
-        max_steps: Some(20),
-        per_device_train_batch_size: 2,
-        ..Default::default()
-    }
-}
-
-fn run_sft<M: TrainModel>(
-    model: &mut M,
-    seqs: &[Encoded],
-    cfg: &TrainConfig,
-    out: Option<&std::path::Path>,
-    resume: Option<&std::path::Path>,
-) -> Vec<LogEntry> {
-    let objective = SftObjective::new(cfg, seqs, &[], 2);
-    let run = RunOptions {
-        config: cfg,
-        output: out,
-        resume,
-        cancel: None,
-    };
-    let mut log = Keep(Vec::new());
-    train(model, &run, &objective, &mut log).unwrap();
-    log.0
-}
-
-/// Training entries' `(step, loss, grad_norm)`.
-fn curve(log: &[LogEntry]) -> Vec<(u64, f32, f32)> {
-    log.iter()
-        .filter_map(|e| Some((e.step, e.loss? as f32, e.grad_norm? as f32)))
-        .collect()
-}
-
-fn same_curve(what: &str, got: &[(u64, f32, f32)], want: &[(u64, f32, f32)]) {
-    assert_eq!(
-        got.iter().map(|c| c.0).collect::<Vec<_>>(),
-        want.iter().map(|c| c.0).collect::<Vec<_>>(),
-        "{what}: steps"
-    );
-    let losses = |c: &[(u64, f32, f32)]| c.iter().map(|c| c.1).collect::<Vec<_>>();
-    let norms = |c: &[(u64, f32, f32)]| c.iter().map(|c| c.2).collect::<Vec<_>>();
-    check(
-        &format!("{what}: losses"),
-        &losses(got),
-        &losses(want),
-        1e-4,
-    );
-    check(
-        &format!("{what}: gradient norms"),
-        &norms(got),
-        &norms(want),
-        1e-4,
-    );
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("fedtune-gpu-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
+/// Gradient checkpointing on the GPU, in f32 and bf16, LoRA dropout on: forward keeps only each
+/// block's input, and backward's recomputed blocks (same dropout masks) give the plain pass's
+/// gradients.
 #[test]
-fn twenty_sft_steps_on_the_gpu_follow_the_host_and_checkpoints_cross_devices() {
+fn gradient_checkpointing_on_the_gpu_gives_the_plain_gradients() {
     let Some(g) = gpu() else { return };
-    let loaded = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    let seqs = sft_data(&loaded);
-    let cfg = TrainConfig {
-        warmup_ratio: 0.1,
-        save_steps: Some(10),
-        ..twenty_steps()
-    };
-    let mut base = loaded.model.clone();
-    let adapter = init_adapter(&base, &cfg);
-    base.attach_weights(&adapter, 0.0).unwrap();
-    let mut host_model = base.clone();
-    let host_log = run_sft(&mut host_model, &seqs, &cfg, None, None);
-    let gpu_out = tmp("sft");
-    let mut cm = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
-    let gpu_log = run_sft(&mut cm, &seqs, &cfg, Some(&gpu_out), None);
-    same_curve("SFT, 20 steps", &curve(&gpu_log), &curve(&host_log));
-    let names = host_model.trainable_names(&Trainable::lora());
-    for (name, want) in host_model.host_params(&names).unwrap() {
-        let got = cm.param(&name).unwrap();
-        check(
-            &format!("after 20 steps: {name}"),
-            &g.download(got).unwrap(),
-            &host(&want),
-            1e-3,
-        );
-    }
-    // The GPU's checkpoint at step 10 resumes on the CPU, and the CPU's on the GPU.
-    let mut cpu_resumed = base.clone();
-    let log = run_sft(
-        &mut cpu_resumed,
-        &seqs,
-        &cfg,
-        Some(&tmp("sft-cpu")),
-        Some(&gpu_out.join("checkpoint-10")),
-    );
-    same_curve(
-        "GPU checkpoint resumed on the CPU",
-        &curve(&log),
-        &curve(&host_log)[10..],
-    );
-    let cpu_out = tmp("sft-cpu-first");
-    let mut first = base.clone();
-    run_sft(
-        &mut first,
-        &seqs,
-        &TrainConfig {
-            max_steps: Some(10),
-            ..cfg.clone()
-        },
-        Some(&cpu_out),
-        None,
-    );
-    let mut gpu_resumed = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
-    let log = run_sft(
-        &mut gpu_resumed,
-        &seqs,
-        &cfg,
-        None,
-        Some(&cpu_out.join("checkpoint-10")),
-    );
-    same_curve(
-        "CPU checkpoint resumed on the GPU",
-        &curve(&log),
-        &curve(&host_log)[10..],
-    );
-}
-
-#[test]
-fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
-    let Some(g) = gpu() else { return };
-    let mut m = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    m.model
-        .attach_adapter(&PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap())
-        .unwrap();
-    let opts = DpoOptions::default();
-    let d = Dataset::load(
-        &repo().join("testdata/demo/prefs.jsonl"),
-        LoadOptions::default(),
-    )
-    .unwrap();
-    let pairs = d
-        .encode_pairs(
-            &m.tokenizer,
-            Some(opts.max_prompt_length),
-            Some(opts.max_length),
-        )
-        .unwrap()
-        .0;
-    let pairs: Vec<_> = pairs.into_iter().take(12).collect();
-    let cfg = TrainConfig {
-        learning_rate: 5e-4,
-        max_steps: Some(5),
-        per_device_train_batch_size: 4,
-        ..Default::default()
-    };
-    let run = RunOptions {
-        config: &cfg,
-        output: None,
-        resume: None,
-        cancel: None,
-    };
-    let pad = m.tokenizer.pad_id;
-    let mut host_model = m.model.clone();
-    let obj = DpoObjective::new(&host_model, opts, pairs.clone(), Vec::new(), 4, pad);
-    let mut host_log = Keep(Vec::new());
-    train(&mut host_model, &run, &obj, &mut host_log).unwrap();
-    let mut cm = CudaModel::from_host(&m.model, g, Dt::F32).unwrap();
-    let obj = DpoObjective::new(&cm, opts, pairs, Vec::new(), 4, pad);
-    let mut gpu_log = Keep(Vec::new());
-    train(&mut cm, &run, &obj, &mut gpu_log).unwrap();
-    same_curve("DPO, 5 steps", &curve(&gpu_log.0), &curve(&host_log.0));
-    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
-        let get = |l: &[LogEntry]| {
-            l.iter()
-                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
-                .collect::<Vec<_>>()
-        };
-        check(
-            &format!("DPO {key}"),
-            &get(&gpu_log.0),
-            &get(&host_log.0),
-            1e-4,
-        );
-    }
-}
-
-#[test]
-fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
-    let Some(g) = gpu() else { return };
-    let loaded = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    let seqs = sft_data(&loaded);
-    let cfg = twenty_steps();
-    for nf4 in [false, true] {
-        let mut base = loaded.model.clone();
-        if nf4 {
-            base.quantize_nf4(true);
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let a = random_adapter(&model, 8, 5);
+    model.attach_weights(&a, 0.1).unwrap();
+    let layers = model.config.num_hidden_layers;
+    let (sb, d) = batch(model.config.vocab_size, 40, true);
+    for dt in [Dt::F32, Dt::BF16] {
+        let cm = CudaModel::from_host(&model, g.clone(), dt).unwrap();
+        for trainable in [Trainable::lora(), Trainable::last_layers(1, layers)] {
+            let plain = StepOptions {
+                dropout_seed: Some(3),
+                gradient_checkpointing: false,
+            };
+            let ckpt = StepOptions {
+                gradient_checkpointing: true,
+                ..plain
+            };
+            if dt == Dt::BF16 && trainable.trains_weights() {
+                continue;
+            }
+            let f0 = forward(&cm, &sb, &trainable, &plain);
+            let f1 = forward(&cm, &sb, &trainable, &ckpt);
+            assert_eq!(f1.kept_layers().1, 0, "{dt:?} {trainable:?}");
+            assert_eq!(f1.kept_layers().0, f0.kept_layers().1);
+            let what = format!("checkpointing, {dt:?}, {trainable:?}");
+            check(
+                &format!("{what}: log p"),
+                &f1.target_logps,
+                &f0.target_logps,
+                1e-6,
+            );
+            let g0: Grads<GTensor> = backward(&cm, f0, &d, &trainable);
+            let g1: Grads<GTensor> = backward(&cm, f1, &d, &trainable);
+            assert_eq!(g0.keys().collect::<Vec<_>>(), g1.keys().collect::<Vec<_>>());
+            for (name, want) in &g0 {
+                let (got, want) = (g.download(&g1[name]).unwrap(), g.download(want).unwrap());
+                check(&format!("{what}: {name}"), &got, &want, 1e-5);
+            }
         }
-        let adapter = init_adapter(&base, &cfg);
-        base.attach_weights(&adapter, 0.0).unwrap();
-        let mut f = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
-        let want = curve(&run_sft(&mut f, &seqs, &cfg, None, None));
-        let mut h = CudaModel::from_host(&base, g.clone(), Dt::BF16).unwrap();
-        let got = curve(&run_sft(&mut h, &seqs, &cfg, None, None));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| ((a.1 - b.1) / b.1).abs())
-            .fold(0f32, f32::max);
-        println!(
-            "bf16 vs f32 SFT loss (NF4 base: {nf4}), 20 steps: largest relative gap {worst:.4}"
-        );
-        println!("  f32 {:?}", want.iter().map(|c| c.1).collect::<Vec<_>>());
-        println!("  bf16 {:?}", got.iter().map(|c| c.1).collect::<Vec<_>>());
-        assert!(worst < 0.05, "bf16 curve {worst} from f32");
-        assert!(
-            got.last().unwrap().1 < got[0].1,
-            "bf16 training lowers the loss"
-        );
     }
 }

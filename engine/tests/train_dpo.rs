@@ -9,7 +9,7 @@ use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::sft::{LogEntry, Objective, RunOptions, train};
-use fedtune_engine::train::step::Trainable;
+use fedtune_engine::train::step::{StepOptions, Trainable};
 use fedtune_engine::train::{Callback, TrainConfig, TrainerState};
 use fedtune_engine::weights::to_f32_vec;
 use fedtune_engine::{LoadedModel, PeftAdapter, load_model};
@@ -73,7 +73,12 @@ fn step_zero_loss_and_rewards_equal_the_reference() {
         // The training path (hand-written forward) gives the same loss.
         let batches = obj.batches(&[0]);
         let out = obj
-            .step(&m.model, &batches, &Trainable::lora(), None)
+            .step(
+                &m.model,
+                &batches,
+                &Trainable::lora(),
+                &StepOptions::default(),
+            )
             .unwrap();
         assert!((out.loss - want).abs() < 1e-4, "{} vs {want}", out.loss);
         assert_eq!(out.metrics["rewards/accuracies"], 0.0);
@@ -139,7 +144,12 @@ fn every_loss_type_has_the_gradient_of_its_loss() {
         let obj = DpoObjective::new(&m.model, opts, p, Vec::new(), n, 2);
         let order: Vec<usize> = (0..n).collect();
         let out = obj
-            .step(&m.model, &obj.batches(&order), &Trainable::lora(), None)
+            .step(
+                &m.model,
+                &obj.batches(&order),
+                &Trainable::lora(),
+                &StepOptions::default(),
+            )
             .unwrap();
         let name = "model.layers.1.mlp.down_proj.lora_B";
         let g = out.grads[name].clone();

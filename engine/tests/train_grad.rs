@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use fedtune_engine::model::linear::BaseWeight;
 use fedtune_engine::model::{MaskSpec, Positions};
-use fedtune_engine::train::step::{StepBatch, Target, Trainable, backward, forward};
+use fedtune_engine::train::step::{StepBatch, StepOptions, Target, Trainable, backward, forward};
 use fedtune_engine::weights::{SafetensorsSource, to_f32_vec};
 use fedtune_engine::{LlamaModel, ModelConfig, PeftAdapter};
 use rand::{Rng, SeedableRng};
@@ -118,7 +118,7 @@ fn check_lora(packed: bool) {
     let m = model();
     let (batch, g) = batch(packed);
     let trainable = Trainable::lora();
-    let fwd = forward(&m, &batch, &trainable, None);
+    let fwd = forward(&m, &batch, &trainable, &StepOptions::default());
     let ours_lp = fwd.target_logps.clone();
     let grads = backward(&m, fwd, &g, &trainable);
     // Autodiff reference: LoRA factors as tracked leaves.
@@ -161,7 +161,7 @@ fn full_finetuning_gradients_equal_autodiff() {
     m.detach_adapter();
     let (batch, g) = batch(false);
     let trainable = Trainable::full();
-    let fwd = forward(&m, &batch, &trainable, None);
+    let fwd = forward(&m, &batch, &trainable, &StepOptions::default());
     let grads = backward(&m, fwd, &g, &trainable);
     let mut r = m.clone();
     r.embed_tokens = r.embed_tokens.clone().autodiff().require_grad();
@@ -221,7 +221,12 @@ fn last_layer_training_touches_only_the_top() {
     m.detach_adapter();
     let (batch, g) = batch(false);
     let trainable = Trainable::last_layers(1, m.config.num_hidden_layers);
-    let grads = backward(&m, forward(&m, &batch, &trainable, None), &g, &trainable);
+    let grads = backward(
+        &m,
+        forward(&m, &batch, &trainable, &StepOptions::default()),
+        &g,
+        &trainable,
+    );
     assert!(
         grads.keys().all(|k| !k.starts_with("model.layers.0.")),
         "{:?}",
@@ -241,9 +246,14 @@ fn lora_gradient_agrees_with_finite_differences() {
     let m = model();
     let (batch, g) = batch(false);
     let trainable = Trainable::lora();
-    let grads = backward(&m, forward(&m, &batch, &trainable, None), &g, &trainable);
+    let grads = backward(
+        &m,
+        forward(&m, &batch, &trainable, &StepOptions::default()),
+        &g,
+        &trainable,
+    );
     let objective = |m: &LlamaModel| -> f64 {
-        let lp = forward(m, &batch, &trainable, None).target_logps;
+        let lp = forward(m, &batch, &trainable, &StepOptions::default()).target_logps;
         lp.iter()
             .zip(&g)
             .map(|(a, b)| (*a as f64) * (*b as f64))
@@ -336,7 +346,12 @@ fn lora_gradients_with_mixed_ranks_scales_and_targets_equal_autodiff() {
     m.attach_weights(&adapter, 0.0).unwrap();
     let (batch, g) = batch(false);
     let trainable = Trainable::lora();
-    let grads = backward(&m, forward(&m, &batch, &trainable, None), &g, &trainable);
+    let grads = backward(
+        &m,
+        forward(&m, &batch, &trainable, &StepOptions::default()),
+        &g,
+        &trainable,
+    );
     let mut r = m.clone();
     for (_, lin) in r.linears_mut() {
         if let Some(l) = lin.lora.as_mut() {
@@ -362,4 +377,49 @@ fn lora_gradients_with_mixed_ranks_scales_and_targets_equal_autodiff() {
     println!("mixed ranks: worst relative LoRA gradient error {worst:e}");
     assert!(worst < 1e-3, "{worst}");
     assert_eq!(grads.len(), 2 * spec.len() * m.config.num_hidden_layers);
+}
+
+/// Gradient checkpointing recomputes each block's forward in backward from the block's input
+/// (with the same dropout masks): the gradients are those of the plain pass, while forward
+/// keeps only one tensor per block.
+#[test]
+fn gradient_checkpointing_keeps_block_inputs_only_and_gives_the_same_gradients() {
+    let mut m = model();
+    for (_, lin) in m.linears_mut() {
+        lin.lora.as_mut().unwrap().dropout = 0.1;
+    }
+    let layers = m.config.num_hidden_layers;
+    for (packed, trainable) in [
+        (false, Trainable::lora()),
+        (true, Trainable::lora()),
+        (false, Trainable::full()),
+        (true, Trainable::last_layers(1, layers)),
+    ] {
+        let (batch, g) = batch(packed);
+        let plain = StepOptions {
+            dropout_seed: Some(5),
+            gradient_checkpointing: false,
+        };
+        let ckpt = StepOptions {
+            gradient_checkpointing: true,
+            ..plain
+        };
+        let f0 = forward(&m, &batch, &trainable, &plain);
+        let f1 = forward(&m, &batch, &trainable, &ckpt);
+        let trained_layers = if trainable.first_full_layer == Some(layers - 1) {
+            1
+        } else {
+            layers
+        };
+        assert_eq!(f0.kept_layers(), (0, trained_layers), "{trainable:?}");
+        assert_eq!(f1.kept_layers(), (trained_layers, 0), "{trainable:?}");
+        assert_eq!(f0.target_logps, f1.target_logps, "{trainable:?}");
+        let g0 = backward(&m, f0, &g, &trainable);
+        let g1 = backward(&m, f1, &g, &trainable);
+        assert_eq!(g0.keys().collect::<Vec<_>>(), g1.keys().collect::<Vec<_>>());
+        for (k, a) in &g0 {
+            let e = rel_err(&g1[k], a);
+            assert!(e <= 1e-6, "{k} ({trainable:?}, packed {packed}): {e}");
+        }
+    }
 }

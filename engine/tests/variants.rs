@@ -76,7 +76,7 @@ fn the_training_step_masks_each_layer_as_transformers_does() {
     // forward pass must give transformers' log-probabilities of every next token (before the
     // fix it applied layer 1's window to both layers).
     use fedtune_engine::model::Positions;
-    use fedtune_engine::train::step::{StepBatch, Target, Trainable, forward};
+    use fedtune_engine::train::step::{StepBatch, StepOptions, Target, Trainable, forward};
     let (model, ids, [b, t], logits) = variant("qwen2_mixed_layer_types");
     assert_eq!(model.config.sliding_window, vec![None, Some(8)]);
     let vocab = model.config.vocab_size;
@@ -109,7 +109,7 @@ fn the_training_step_masks_each_layer_as_transformers_does() {
         segments: None,
         targets,
     };
-    let got = forward(&model, &batch, &Trainable::full(), None).target_logps;
+    let got = forward(&model, &batch, &Trainable::full(), &StepOptions::default()).target_logps;
     let max = got
         .iter()
         .zip(&want)

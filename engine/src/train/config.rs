@@ -64,6 +64,10 @@ pub struct TrainConfig {
     /// activations in bf16 (f32 accumulation), the LoRA factors, their gradients and AdamW's
     /// moments in f32. GPU only.
     pub bf16: bool,
+    /// Recompute each block's forward in backward instead of keeping its activations
+    /// (transformers' `gradient_checkpointing`): the same gradients with the activation memory
+    /// of one block, for about a third more compute.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -95,6 +99,7 @@ impl Default for TrainConfig {
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
             bf16: false,
+            gradient_checkpointing: false,
         }
     }
 }

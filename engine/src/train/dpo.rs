@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batches::padded;
 use super::params::TrainModel;
-use super::step::{Grads, Trainable, backward, forward};
+use super::step::{Grads, StepOptions, Trainable, backward, forward};
 use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
 use crate::dpo::{PairStats, PreferenceLoss, batch_metrics, pair_loss};
 use crate::error::Result;
@@ -308,7 +308,7 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
         model: &M,
         micro: &[MicroBatch],
         trainable: &Trainable,
-        dropout_seed: Option<u64>,
+        options: &StepOptions,
     ) -> Result<StepOutput<M::T>> {
         let kind = self.options.loss();
         let (beta, eps) = (self.options.beta, self.options.label_smoothing);
@@ -343,12 +343,7 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
                 self.reference.as_ref().map(|r| &r.train),
                 &m.examples,
             );
-            let fwd = forward(
-                model,
-                b,
-                trainable,
-                dropout_seed.map(|s| s ^ (i as u64) << 48),
-            );
+            let fwd = forward(model, b, trainable, &options.micro(i));
             let lp = fwd.target_logps.clone();
             let mut sums = vec![0f64; b.batch];
             let mut counts = vec![0usize; b.batch];

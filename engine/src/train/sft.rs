@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use super::batches::epoch_batches;
 use super::config::TrainConfig;
 use super::params::TrainModel;
-use super::step::{Grads, Trainable, backward, forward};
+use super::step::{Grads, StepOptions, Trainable, backward, forward};
 use crate::error::Result;
 use crate::eval::sft_loss;
 use crate::tokenizer::Encoded;
@@ -92,7 +92,7 @@ impl<M: TrainModel> Objective<M> for SftObjective<'_> {
         model: &M,
         micro: &[MicroBatch],
         trainable: &Trainable,
-        dropout_seed: Option<u64>,
+        options: &StepOptions,
     ) -> Result<StepOutput<M::T>> {
         let trained: usize = micro.iter().map(|b| b.batch.targets.len()).sum();
         let tokens: usize = micro.iter().map(|b| b.batch.batch * b.batch.len).sum();
@@ -104,12 +104,7 @@ impl<M: TrainModel> Objective<M> for SftObjective<'_> {
             if b.targets.is_empty() {
                 continue;
             }
-            let fwd = forward(
-                model,
-                b,
-                trainable,
-                dropout_seed.map(|s| s ^ (i as u64) << 48),
-            );
+            let fwd = forward(model, b, trainable, &options.micro(i));
             let lp: Vec<f32> = fwd.target_logps.clone();
             nll -= lp.iter().map(|v| *v as f64).sum::<f64>();
             let d = vec![coef; lp.len()];

@@ -6,6 +6,9 @@
 //! and the small `x·Aᵀ` of every LoRA branch. Normalised inputs, attention probabilities, and
 //! the SwiGLU product are recomputed in backward. The LM head runs only on trained positions,
 //! in chunks, and keeps one `[n_targets, hidden]` gradient direction instead of logits.
+//! With gradient checkpointing ([`StepOptions::gradient_checkpointing`]) a block keeps only its
+//! input, and backward recomputes the block's forward (same dropout masks) just before its
+//! backward, so activations of one block are alive at a time.
 //!
 //! Gradients flow only where something is trained: below the lowest trained layer nothing is
 //! computed, and the first layer's input gradient is skipped unless the embedding is trained.
@@ -140,13 +143,14 @@ struct LayerSaved<B: TrainBackend> {
 
 /// The state a forward pass leaves for backward.
 pub struct Forward<B: TrainBackend> {
-    layers: Vec<LayerSaved<B>>,
+    layers: Vec<Kept<B>>,
     x_final: B::T,
     r_final: B::Rms,
     rope: B::Rope,
     batch: usize,
     len: usize,
     segments: Option<Vec<u32>>,
+    dropout_seed: Option<u64>,
     /// `log p(target)` per target.
     pub target_logps: Vec<f32>,
     /// `∂ log p / ∂h` per target `[n_targets, hidden]`.
@@ -156,6 +160,19 @@ pub struct Forward<B: TrainBackend> {
     rows: Vec<usize>,
     target_ids: Vec<u32>,
     ids: Vec<u32>,
+}
+
+impl<B: TrainBackend> Forward<B> {
+    /// How many blocks keep only their input for backward (gradient checkpointing), and how
+    /// many keep everything their backward reads.
+    pub fn kept_layers(&self) -> (usize, usize) {
+        let inputs = self
+            .layers
+            .iter()
+            .filter(|k| matches!(k, Kept::Input(_)))
+            .count();
+        (inputs, self.layers.len() - inputs)
+    }
 }
 
 /// Outputs and saved states of [`TrainBackend::project_train`], apart.
@@ -183,18 +200,101 @@ fn take1<T>(v: Vec<T>) -> T {
     v.into_iter().next().expect("one projection asked")
 }
 
-/// The forward pass. `dropout_seed` seeds LoRA dropout (None disables it).
+/// How a forward pass runs, apart from what it trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepOptions {
+    /// Seeds LoRA dropout (`None`: off).
+    pub dropout_seed: Option<u64>,
+    /// Keep only each block's input and recompute the block's forward in backward
+    /// (transformers' `gradient_checkpointing`): activation memory of one block instead of
+    /// every block, for about one more forward pass of compute.
+    pub gradient_checkpointing: bool,
+}
+
+impl StepOptions {
+    /// The options of micro-batch `i` of a step (its own dropout seed).
+    pub fn micro(&self, i: usize) -> StepOptions {
+        StepOptions {
+            dropout_seed: self.dropout_seed.map(|s| s ^ (i as u64) << 48),
+            ..*self
+        }
+    }
+}
+
+/// What forward keeps of one block: everything its backward reads, or (gradient checkpointing)
+/// only its input, from which backward recomputes the rest.
+enum Kept<B: TrainBackend> {
+    All(Box<LayerSaved<B>>),
+    Input(B::T),
+}
+
+/// The dropout seed of projection `k` of layer `li`.
+fn layer_seed(seed: Option<u64>, li: usize, k: u64) -> Option<u64> {
+    seed.map(|s| s ^ ((li as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// One block's forward on the residual stream `x (+ pending)`: what its backward reads, and
+/// the down projection's output (the stream entering the next block is `saved.h + down`).
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<B: TrainBackend>(
+    m: &B,
+    li: usize,
+    x: B::T,
+    pending: Option<B::T>,
+    rope: &B::Rope,
+    shape: AttnShape,
+    segments: Option<&[u32]>,
+    dropout_seed: Option<u64>,
+) -> (LayerSaved<B>, B::T) {
+    let cfg = m.config();
+    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let seed = |k| layer_seed(dropout_seed, li, k);
+    let (xin, n1, r1) = m.norm_train(Norm::Input(li), x, pending);
+    let (qkv, qkv_in) = split(m.project_train(li, &QKV, &n1, &[seed(0), seed(1), seed(2)]));
+    drop(n1);
+    let (q, k, v) = take3(qkv);
+    let q = m.rope(q, hq, rope);
+    let k = m.rope(k, hkv, rope);
+    let (o, lse) = m.attention_train(&q, &k, &v, shape, segments);
+    let (attn, o_in) = split(m.project_train(li, &[Proj::O], &o, &[seed(3)]));
+    let (h, n2, r2) = m.norm_train(Norm::Post(li), xin.clone(), Some(take1(attn)));
+    let (gu, gate_up_in) = split(m.project_train(li, &GATE_UP, &n2, &[seed(4), seed(5)]));
+    drop(n2);
+    let (gate, up) = take2(gu);
+    let act = m.swiglu(&gate, &up);
+    let (down, down_in) = split(m.project_train(li, &[Proj::Down], &act, &[seed(6)]));
+    drop(act);
+    let saved = LayerSaved {
+        x: xin,
+        r1,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        h,
+        r2,
+        gate,
+        up,
+        qkv_in,
+        o_in,
+        gate_up_in,
+        down_in,
+    };
+    (saved, take1(down))
+}
+
+/// The forward pass.
 pub fn forward<B: TrainBackend>(
     m: &B,
     batch: &StepBatch,
     trainable: &Trainable,
-    dropout_seed: Option<u64>,
+    options: &StepOptions,
 ) -> Forward<B> {
     let cfg = m.config();
     let (b, t) = (batch.batch, batch.len);
     assert_eq!(batch.ids.len(), b * t, "forward: ids are [batch, len]");
     let num_layers = cfg.num_hidden_layers;
-    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let rope = m.rope_tables(&batch.positions);
     let segments = batch.segments.as_deref();
     let lowest = trainable.lowest(num_layers);
@@ -203,46 +303,34 @@ pub fn forward<B: TrainBackend>(
     // `x + pending` is the residual stream entering the next block.
     let mut pending: Option<B::T> = None;
     for li in 0..num_layers {
-        let seed = |k: u64| {
-            dropout_seed.map(|s| s ^ ((li as u64) << 8 | k).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        };
-        let (xin, n1, r1) = m.norm_train(Norm::Input(li), x, pending.take());
-        let (qkv, qkv_in) = split(m.project_train(li, &QKV, &n1, &[seed(0), seed(1), seed(2)]));
-        drop(n1);
-        let (q, k, v) = take3(qkv);
-        let q = m.rope(q, hq, &rope);
-        let k = m.rope(k, hkv, &rope);
         let shape = AttnShape::of_layer(cfg, li, b, t);
-        let (o, lse) = m.attention_train(&q, &k, &v, shape, segments);
-        let (attn, o_in) = split(m.project_train(li, &[Proj::O], &o, &[seed(3)]));
-        let (h, n2, r2) = m.norm_train(Norm::Post(li), xin.clone(), Some(take1(attn)));
-        let (gu, gate_up_in) = split(m.project_train(li, &GATE_UP, &n2, &[seed(4), seed(5)]));
-        drop(n2);
-        let (gate, up) = take2(gu);
-        let act = m.swiglu(&gate, &up);
-        let (down, down_in) = split(m.project_train(li, &[Proj::Down], &act, &[seed(6)]));
-        drop(act);
-        x = h.clone();
-        if li >= lowest {
-            layers.push(LayerSaved {
-                x: xin,
-                r1,
-                q,
-                k,
-                v,
-                o,
-                lse,
-                h,
-                r2,
-                gate,
-                up,
-                qkv_in,
-                o_in,
-                gate_up_in,
-                down_in,
-            });
+        let checkpointed = options.gradient_checkpointing && li >= lowest;
+        let (x_in, pending_in) = if checkpointed {
+            // The block's input, summed once: backward recomputes the block from it.
+            let xin = match pending.take() {
+                Some(p) => m.add(x, &p),
+                None => x,
+            };
+            layers.push(Kept::Input(xin.clone()));
+            (xin, None)
+        } else {
+            (x, pending.take())
+        };
+        let (saved, down) = layer_forward(
+            m,
+            li,
+            x_in,
+            pending_in,
+            &rope,
+            shape,
+            segments,
+            options.dropout_seed,
+        );
+        x = saved.h.clone();
+        if li >= lowest && !checkpointed {
+            layers.push(Kept::All(Box::new(saved)));
         }
-        pending = Some(take1(down));
+        pending = Some(down);
     }
     let (x, hidden, r_final) = m.norm_train(Norm::Final, x, pending);
     let rows: Vec<usize> = batch.targets.iter().map(|t| t.pos).collect();
@@ -258,6 +346,7 @@ pub fn forward<B: TrainBackend>(
         batch: b,
         len: t,
         segments: batch.segments.clone(),
+        dropout_seed: options.dropout_seed,
         target_logps,
         grad_dirs,
         target_hidden: trainable.head.then_some(target_h),
@@ -310,9 +399,17 @@ pub fn backward<B: TrainBackend>(
     let lowest = trainable.lowest(num_layers);
     let mut saved_layers = fwd.layers;
     for li in (lowest..num_layers).rev() {
-        let s = saved_layers
+        let shape = AttnShape::of_layer(cfg, li, b, t);
+        let s = match saved_layers
             .pop()
-            .expect("one saved state per trained layer");
+            .expect("one saved state per trained layer")
+        {
+            Kept::All(s) => *s,
+            Kept::Input(x) => {
+                let (rope, seed) = (&fwd.rope, fwd.dropout_seed);
+                layer_forward(m, li, x, None, rope, shape, segments, seed).0
+            }
+        };
         let full = trainable.layer_full(li);
         let want = |input| ProjGrads {
             lora: trainable.lora,
@@ -367,7 +464,6 @@ pub fn backward<B: TrainBackend>(
             want(true),
             &mut grads,
         );
-        let shape = AttnShape::of_layer(cfg, li, b, t);
         let (dq, dk, dv) = m.attention_backward(
             [&s.q, &s.k, &s.v],
             &s.o,

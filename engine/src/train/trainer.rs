@@ -19,7 +19,7 @@ use super::config::TrainConfig;
 use super::optim::{AdamWConfig, warmup_steps};
 use super::params::TrainModel;
 use super::state::{Callback, LogEntry, TrainSummary, TrainerState};
-use super::step::{StepBatch, Trainable};
+use super::step::{StepBatch, StepOptions, Trainable};
 use crate::device::{Grads, TrainBackend};
 use crate::error::{Error, Result};
 
@@ -57,7 +57,7 @@ pub trait Objective<M: TrainModel> {
         model: &M,
         micro: &[MicroBatch],
         trainable: &Trainable,
-        dropout_seed: Option<u64>,
+        options: &StepOptions,
     ) -> Result<StepOutput<M::T>>;
     /// Evaluation: `(loss, metrics)`, or `None` without evaluation data.
     fn evaluate(&self, model: &M) -> Result<Option<(f64, BTreeMap<String, f64>)>>;
@@ -181,15 +181,18 @@ pub fn train<M: TrainModel>(
             let end = (state.batch_in_epoch + cfg.gradient_accumulation_steps).min(batches.len());
             let micro = &batches[state.batch_in_epoch..end];
             let started = Instant::now();
-            let seed =
-                dropout.then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step);
+            let options = StepOptions {
+                dropout_seed: dropout
+                    .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
+                gradient_checkpointing: cfg.gradient_checkpointing,
+            };
             let StepOutput {
                 loss,
                 grads,
                 trained,
                 tokens,
                 metrics,
-            } = objective.step(model, micro, &trainable, seed)?;
+            } = objective.step(model, micro, &trainable, &options)?;
             let lr = cfg
                 .lr_scheduler_type
                 .lr(cfg.learning_rate, state.global_step, total, warmup);
