@@ -235,6 +235,11 @@ fn bad_options_and_data_are_clear_errors() {
         !ok && err.contains("--bf16") && err.contains("--device cuda"),
         "{err}"
     );
+    let (ok, err) = train_sft(&data(), &out.join("d"), &["--tf32"]);
+    assert!(
+        !ok && err.contains("--tf32") && err.contains("--device cuda"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

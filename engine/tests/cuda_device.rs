@@ -7,7 +7,7 @@
 mod gpu_common;
 
 use burn::tensor::{DType, Device, Tensor};
-use fedtune_engine::cuda::{CudaModel, Dt};
+use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
 use fedtune_engine::device::{Backend, forward};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs};
 use fedtune_engine::kernels::{self, Term, matmul_sum};
@@ -46,6 +46,32 @@ fn products_with_transposes_and_accumulation_match_the_host() {
         .matmul_sum(&[(&gdy, false, &gw, false, 1.0)], Dt::F32)
         .unwrap();
     check("dy·W", &g.download(&got).unwrap(), &want, 1e-5);
+}
+
+/// `Gpu::set_tf32` (TRL's `--tf32`): f32 products on TF32 tensor cores differ from f32 in the
+/// low bits (inputs rounded to a 10-bit mantissa) and stay within TF32's rounding; off again,
+/// they are the f32 products.
+#[test]
+fn tf32_products_round_their_inputs_and_can_be_turned_off() {
+    let Some(g) = gpu() else { return };
+    let (x, w) = (rand([64, 512]), rand([48, 512]));
+    let want = host(&matmul_sum(&[Term::nt(&x, &w, 1.0)]));
+    let (gx, gw) = (up(&g, &x), up(&g, &w));
+    let product = |g: &Gpu| {
+        let c = g
+            .matmul_sum(&[(&gx, false, &gw, true, 1.0)], Dt::F32)
+            .unwrap();
+        g.download(&c).unwrap()
+    };
+    assert!(!g.tf32(), "TF32 is off by default");
+    let f32 = product(&g);
+    check("f32 product", &f32, &want, 1e-5);
+    g.set_tf32(true);
+    let tf32 = product(&g);
+    g.set_tf32(false);
+    check("TF32 product", &tf32, &want, 5e-3);
+    assert_ne!(tf32, f32, "TF32 rounds the inputs");
+    assert_eq!(product(&g), f32, "f32 again once TF32 is off");
 }
 
 #[test]

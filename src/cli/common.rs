@@ -103,11 +103,16 @@ impl ModelArgs {
         Ok(())
     }
 
-    /// `--bf16` (mixed precision) needs `--device cuda`.
-    pub fn check_bf16(&self, cfg: &fedtune_engine::train::TrainConfig) -> anyhow::Result<()> {
+    /// `--bf16` (mixed precision) and `--tf32` need `--device cuda`.
+    pub fn check_precision(&self, cfg: &fedtune_engine::train::TrainConfig) -> anyhow::Result<()> {
+        let cpu = self.engine_device()? == fedtune_engine::device::Device::Cpu;
         anyhow::ensure!(
-            !cfg.bf16 || self.engine_device()? != fedtune_engine::device::Device::Cpu,
+            !(cpu && cfg.bf16),
             "--bf16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"
+        );
+        anyhow::ensure!(
+            !(cpu && cfg.tf32),
+            "--tf32: TF32 tensor cores are on NVIDIA GPUs (--device cuda); the CPU trains in f32"
         );
         Ok(())
     }
@@ -187,16 +192,18 @@ impl ModelArgs {
 }
 
 /// A copy of the host model (adapter attached, NF4 codes as quantised) on GPU `ordinal`, to
-/// train there: in f32, or with `bf16` the base in bf16 and f32 masters of the LoRA factors.
+/// train there: in f32, or with `bf16` the base in bf16 and f32 masters of the LoRA factors;
+/// with `tf32`, f32 products on TF32 tensor cores.
 pub fn gpu_copy(
     model: &fedtune_engine::LlamaModel,
     ordinal: usize,
-    bf16: bool,
+    cfg: &fedtune_engine::train::TrainConfig,
 ) -> anyhow::Result<fedtune_engine::cuda::CudaModel> {
     use fedtune_engine::cuda::Dt;
     let gpu = fedtune_engine::cuda::Gpu::open(ordinal)
         .with_context(|| format!("--device cuda:{ordinal}"))?;
-    let dt = if bf16 { Dt::BF16 } else { Dt::F32 };
+    gpu.set_tf32(cfg.tf32);
+    let dt = if cfg.bf16 { Dt::BF16 } else { Dt::F32 };
     Ok(fedtune_engine::cuda::CudaModel::from_host(model, gpu, dt)?)
 }
 

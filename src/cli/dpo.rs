@@ -153,7 +153,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
          fresh adapter is trained)"
     );
     a.model.ensure_f32_training()?;
-    a.model.check_bf16(&cfg)?;
+    a.model.check_precision(&cfg)?;
     let mut m = a.model.load_on(&burn::tensor::Device::flex())?;
     if let Some(p) = &a.sft_adapter {
         let sft =
@@ -211,7 +211,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     let (summary, final_loss, final_metrics) = match a.model.engine_device()? {
         Device::Cpu => fit(&mut m.model, &run, data, &mut cb)?,
         Device::Cuda(n) => {
-            let mut gpu = gpu_copy(&m.model, n, cfg.bf16)?;
+            let mut gpu = gpu_copy(&m.model, n, &cfg)?;
             let out = fit(&mut gpu, &run, data, &mut cb)?;
             copy_back(&gpu, &mut m.model, &cfg)?;
             out

@@ -116,6 +116,10 @@ pub struct TrainOverrides {
     /// (TRL's `gradient_checkpointing`): less memory, about a third more compute.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Let f32 matrix products on the GPU use TF32 tensor cores (TRL's `tf32`; PyTorch's
+    /// `allow_tf32`).
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl TrainOverrides {
@@ -158,6 +162,7 @@ impl TrainOverrides {
         c.bnb_4bit_use_double_quant |= self.bnb_4bit_use_double_quant;
         c.bf16 |= self.bf16;
         c.gradient_checkpointing |= self.gradient_checkpointing;
+        c.tf32 |= self.tf32;
     }
 }
 
@@ -269,7 +274,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("training options")?;
-    a.model.check_bf16(&cfg)?;
+    a.model.check_precision(&cfg)?;
     let mut m: LoadedModel = a.model.load_for_training(&cfg)?;
     let opts = a.run.load_options();
     let data = Dataset::load(&a.run.data, opts)?;
@@ -307,7 +312,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     let summary = match a.model.engine_device()? {
         Device::Cpu => train_sft(&mut m.model, &run, &mut cb)?,
         Device::Cuda(n) => {
-            let mut gpu = gpu_copy(&m.model, n, cfg.bf16)?;
+            let mut gpu = gpu_copy(&m.model, n, &cfg)?;
             let summary = train_sft(&mut gpu, &run, &mut cb)?;
             copy_back(&gpu, &mut m.model, &cfg)?;
             summary

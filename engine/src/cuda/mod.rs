@@ -35,6 +35,8 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     lt: lt::Lt,
+    /// Whether f32 products may use TF32 tensor cores ([`Gpu::set_tf32`]).
+    tf32: std::sync::atomic::AtomicBool,
     /// bitsandbytes' dynamic map for double-quantised NF4 scales.
     dyn_map: CudaSlice<f32>,
     /// Device name, e.g. `NVIDIA H200`.
@@ -109,6 +111,7 @@ impl Gpu {
             module,
             funcs: Mutex::new(HashMap::new()),
             lt,
+            tf32: std::sync::atomic::AtomicBool::new(false),
             dyn_map,
             name,
             cc,
@@ -173,6 +176,18 @@ impl Gpu {
     /// The cuBLASLt workspace size in bytes (counted with the pool's peak for memory figures).
     pub fn workspace_bytes(&self) -> usize {
         self.lt.workspace_bytes()
+    }
+
+    /// Lets f32 matrix products run on TF32 tensor cores (10-bit mantissa inputs, f32
+    /// accumulation), as PyTorch's `allow_tf32` and TRL's `--tf32` do; off by default, so f32
+    /// stays exact for comparisons. bf16 and f16 products are unaffected.
+    pub fn set_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether f32 products may use TF32.
+    pub fn tf32(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn lt(&self) -> &lt::Lt {

@@ -130,7 +130,7 @@ impl Gpu {
             dt: c.dt,
         };
         assert!(col0 + n <= c.cols, "matmul_into: columns out of range");
-        self.lt().gemm(cm, &lt, accumulate, false)
+        self.lt().gemm(cm, &lt, accumulate, self.tf32())
     }
 
     /// RMSNorm of `x (+ p)`: returns `(h, y, r)` where `h = x + p` (only when `p` is given),

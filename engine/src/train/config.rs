@@ -64,6 +64,9 @@ pub struct TrainConfig {
     /// activations in bf16 (f32 accumulation), the LoRA factors, their gradients and AdamW's
     /// moments in f32. GPU only.
     pub bf16: bool,
+    /// Let f32 matrix products use TF32 tensor cores (PyTorch's `allow_tf32`, TRL's `tf32`).
+    /// GPU only.
+    pub tf32: bool,
     /// Recompute each block's forward in backward instead of keeping its activations
     /// (transformers' `gradient_checkpointing`): the same gradients with the activation memory
     /// of one block, for about a third more compute.
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
             bf16: false,
+            tf32: false,
             gradient_checkpointing: false,
         }
     }
