@@ -97,6 +97,8 @@ min_results = 2
 round_timeout_s = 15
 rule = {{ kind = "fed_avg_exact" }}
 target_rank = 4
+# Server momentum: its state is persisted and restored with the strategy's after the kill.
+server_optimizer = {{ kind = "fedavgm", lr = 1.0, momentum = 0.5 }}
 sampling = {{ fraction = 1.0, min_clients = 3 }}
 
 [local]

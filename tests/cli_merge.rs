@@ -167,3 +167,136 @@ fn merge_adapters_of_copies_gives_back_the_adapter() {
         assert!((got - want).abs() < 1e-4, "{method}: {got} vs {want}");
     }
 }
+
+/// A copy of the tiny adapter with only the q/v projections' factors.
+fn qv_only(dir: &Path) -> PathBuf {
+    let src = testdata().join("tiny-llama/adapter");
+    let out = dir.join("qv");
+    std::fs::create_dir_all(&out).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k.contains("q_proj") || k.contains("v_proj"))
+        .collect();
+    assert!(!kept.is_empty());
+    safetensors::serialize_to_file(kept, None, &out.join("adapter_model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    cfg["target_modules"] = serde_json::json!(["q_proj", "v_proj"]);
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn merge_adapters_with_other_modules_is_an_error_unless_asked_to_skip() {
+    let dir = tmpdir("ma-mismatch");
+    let full = testdata().join("tiny-llama/adapter");
+    let qv = qv_only(&dir);
+    let out = dir.join("merged");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "merge-adapters",
+            "--method",
+            "fedavg-exact",
+            "--output",
+            out.to_str().unwrap(),
+            full.to_str().unwrap(),
+            qv.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        fedtune(&v)
+    };
+    let res = args(&[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{err}");
+    assert!(
+        err.contains(qv.to_str().unwrap()) && err.contains("--skip-invalid"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+    let res = args(&["--skip-invalid"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("skipped"), "{err}");
+    let got = eval_loss(&out);
+    let want = eval_loss(&full);
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `merge` reads Hugging Face model directories and writes one, with the base's config and
+/// tokenizer: task arithmetic of the model exported with the adapter (λ = 1) against the base
+/// is that exported model again, and it loads and evaluates as base + adapter does.
+#[test]
+fn merge_reads_and_writes_model_directories() {
+    let dir = tmpdir("merge-dirs");
+    let t = testdata().join("tiny-llama");
+    let (base, adapter) = (t.join("model"), t.join("adapter"));
+    let exported = dir.join("exported");
+    let res = fedtune(&[
+        "export",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let out = dir.join("merged");
+    let res = fedtune(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        base.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        exported.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(
+            out.join(f).is_file(),
+            "{f} missing from the merged directory"
+        );
+    }
+    let data = t.join("conversation.jsonl");
+    let eval = |model: &Path, adapter: Option<&Path>| -> f64 {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let out = fedtune(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+                .unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (got, want) = (eval(&out, None), eval(&base, Some(&adapter)));
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,48 +17,77 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Which server optimiser.
+/// Which server optimiser. In TOML: `server_optimizer = { kind = "fed_adam", lr = 0.01 }`
+/// (`fedadam`, `fedyogi`, `fedadagrad`, `fedavgm` are accepted too); the moments' parameters
+/// default to Reddi et al.'s (β₁ 0.9 — 0 for FedAdagrad —, β₂ 0.99, τ 1e-3) and FedAvgM's
+/// momentum to 0.9; the server learning rate has no default.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ServerOptimizer {
     /// Server momentum.
+    #[serde(alias = "fedavgm")]
     FedAvgM {
         /// Server learning rate η.
         lr: f64,
         /// Momentum β.
+        #[serde(default = "default_momentum")]
         momentum: f64,
     },
     /// Adagrad on the server.
+    #[serde(alias = "fedadagrad")]
     FedAdagrad {
         /// η.
         lr: f64,
         /// β₁.
+        #[serde(default)]
         beta1: f64,
         /// τ (adaptivity).
+        #[serde(default = "default_tau")]
         tau: f64,
     },
     /// Yogi on the server.
+    #[serde(alias = "fedyogi")]
     FedYogi {
         /// η.
         lr: f64,
         /// β₁.
+        #[serde(default = "default_beta1")]
         beta1: f64,
         /// β₂.
+        #[serde(default = "default_beta2")]
         beta2: f64,
         /// τ.
+        #[serde(default = "default_tau")]
         tau: f64,
     },
     /// Adam on the server.
+    #[serde(alias = "fedadam")]
     FedAdam {
         /// η.
         lr: f64,
         /// β₁.
+        #[serde(default = "default_beta1")]
         beta1: f64,
         /// β₂.
+        #[serde(default = "default_beta2")]
         beta2: f64,
         /// τ.
+        #[serde(default = "default_tau")]
         tau: f64,
     },
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.99
+}
+fn default_tau() -> f64 {
+    1e-3
 }
 
 /// Moments of a server optimiser.
@@ -73,6 +102,40 @@ pub struct OptimizerState {
 }
 
 impl ServerOptimizer {
+    /// Checks value ranges; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let (lr, betas, tau): (f64, &[(&str, f64)], f64) = match self {
+            ServerOptimizer::FedAvgM { lr, momentum } => (*lr, &[("momentum", *momentum)][..], 1.0),
+            ServerOptimizer::FedAdagrad { lr, beta1, tau } => (*lr, &[("beta1", *beta1)][..], *tau),
+            ServerOptimizer::FedYogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | ServerOptimizer::FedAdam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => (*lr, &[("beta1", *beta1), ("beta2", *beta2)][..], *tau),
+        };
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(format!("server_optimizer.lr must be positive, got {lr}"));
+        }
+        for (name, b) in betas {
+            if !(0.0..1.0).contains(b) {
+                return Err(format!(
+                    "server_optimizer.{name} must be in [0, 1), got {b}"
+                ));
+            }
+        }
+        if !(tau.is_finite() && tau > 0.0) {
+            return Err(format!("server_optimizer.tau must be positive, got {tau}"));
+        }
+        Ok(())
+    }
+
     /// Applies one step: returns the new parameters from the current ones `x` and the
     /// aggregate, updating `state`.
     pub fn step(

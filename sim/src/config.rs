@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fedtune_aggregation::dp::DpConfig;
+use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::Rule;
 use serde::Deserialize;
 
@@ -215,6 +216,9 @@ pub struct StrategySection {
     /// Client-level differential privacy.
     #[serde(default)]
     pub dp: Option<DpConfig>,
+    /// Server optimiser on the aggregate (FedAvgM, FedAdagrad, FedYogi, FedAdam).
+    #[serde(default)]
+    pub server_optimizer: Option<ServerOptimizer>,
     /// Fraction of connected clients sampled per round.
     #[serde(default = "default_fraction")]
     pub fraction: f64,
@@ -453,6 +457,9 @@ impl SimConfig {
             }
         }
         self.engine_device()?;
+        if let Some(opt) = &self.strategy.server_optimizer {
+            opt.validate().map_err(|e| format!("strategy.{e}"))?;
+        }
         if self.sft.rounds + self.dpo.as_ref().map_or(0, |d| d.rounds) == 0 {
             return Err("sft.rounds: no rounds to run".into());
         }

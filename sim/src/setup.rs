@@ -164,6 +164,7 @@ fn coord_config(
     strategy.target_rank = Some(s.target_rank.unwrap_or(cfg.model.rank));
     strategy.norm_bound = s.norm_bound;
     strategy.dp = s.dp;
+    strategy.server_optimizer = s.server_optimizer;
     strategy.seed = cfg.seed;
     let expected = ((n as f64 * s.fraction).ceil() as usize)
         .min(s.max_clients.unwrap_or(n))

@@ -266,3 +266,62 @@ fn a_negative_noise_std_and_an_unknown_device_are_config_errors_and_cuda_trains_
         Err(e) => assert!(e.to_string().starts_with("device:"), "{e}"),
     }
 }
+
+/// The README's server optimisers are set in `[strategy]`: FedAvgM with η = 1 and no momentum is
+/// plain aggregation, FedAdam (Flower's spelling `fedadam`, defaults for β and τ) moves the
+/// global adapter elsewhere and still trains, and a bad value is an error naming the field.
+#[test]
+fn server_optimizers_are_configured_in_the_strategy_section() {
+    let m = tiny();
+    let rule = r#"{ kind = "fed_avg_exact" }"#;
+    let plain = run(&config(2, 2, rule, ""), &m);
+    let with = |opt: &str| config(2, 2, &format!("{rule}\nserver_optimizer = {opt}"), "");
+    let unit = run(
+        &with(r#"{ kind = "fed_avg_m", lr = 1.0, momentum = 0.0 }"#),
+        &m,
+    );
+    let adam_cfg = with(r#"{ kind = "fedadam", lr = 0.001 }"#);
+    assert_eq!(
+        adam_cfg.strategy.server_optimizer,
+        Some(fedtune_aggregation::optim::ServerOptimizer::FedAdam {
+            lr: 0.001,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3
+        })
+    );
+    let adam = run(&adam_cfg, &m);
+    let diff = |a: &SimOutcome, b: &SimOutcome| -> f32 {
+        let mut worst = 0f32;
+        for (name, fa) in &a.global.modules {
+            let fb = &b.global.modules[name];
+            let (da, db) = (fa.b.matmul(&fa.a), fb.b.matmul(&fb.a));
+            for (x, y) in da.data.iter().zip(&db.data) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        worst
+    };
+    let (same, moved) = (diff(&unit, &plain), diff(&adam, &plain));
+    println!("FedAvgM(1, 0) vs plain: {same:e}; FedAdam vs plain: {moved:e}");
+    assert!(same < 1e-6, "{same}");
+    assert!(moved > 1e-4, "{moved}");
+    assert!(final_loss(&adam).is_finite() && final_loss(&adam) < base_loss(&adam));
+    let mut bad = with(r#"{ kind = "fed_yogi", lr = 0.01 }"#);
+    bad.strategy.server_optimizer = Some(fedtune_aggregation::optim::ServerOptimizer::FedYogi {
+        lr: 0.01,
+        beta1: 1.5,
+        beta2: 0.99,
+        tau: 1e-3,
+    });
+    let e = bad.check().unwrap_err();
+    assert!(e.contains("strategy.server_optimizer.beta1"), "{e}");
+    let e = toml::from_str::<SimConfig>(
+        "name = \"x\"\n[model]\npath = \"m\"\nrank = 4\nlora_alpha = 8\n[data]\n[sft]\nrounds = 1\n\
+         learning_rate = 1e-3\nlocal_steps = 1\n[strategy]\nrule = { kind = \"fed_avg_exact\" }\n\
+         server_optimizer = { kind = \"fed_adam\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lr"), "{e}");
+}

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use burn::tensor::{DType, Device};
 use clap::{Args, Subcommand};
 use fedtune_aggregation::dp::DpConfig;
+use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
 use fedtune_client::trainer::{LocalData, plan_hash};
 use fedtune_client::{Client, ClientConfig};
@@ -220,6 +221,8 @@ struct CoordFile {
     #[serde(default)]
     dp: Option<DpConfig>,
     #[serde(default)]
+    server_optimizer: Option<ServerOptimizer>,
+    #[serde(default)]
     sampling: Option<Sampling>,
     #[serde(default)]
     seed: u64,
@@ -306,6 +309,7 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
     strategy.target_rank = f.target_rank;
     strategy.norm_bound = f.norm_bound;
     strategy.dp = f.dp;
+    strategy.server_optimizer = f.server_optimizer;
     strategy.seed = f.seed;
     if let Some(s) = f.sampling {
         strategy.sampling = s;

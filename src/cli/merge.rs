@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -22,7 +22,8 @@ pub struct MergeArgs {
     /// linear, task_arithmetic, ties, dare_ties or dare_linear.
     #[arg(long)]
     method: MergeMethod,
-    /// The base model's weights (task vectors are taken against it).
+    /// The base model: a Hugging Face model directory (its safetensors files, sharded or not)
+    /// or one safetensors file. Task vectors are taken against it.
     #[arg(long)]
     base: PathBuf,
     /// One weight per input, comma-separated (default: equal). Normalised as mergekit's
@@ -41,18 +42,76 @@ pub struct MergeArgs {
     /// Seed of DARE's masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Input safetensors files with the same tensor names as the base.
+    /// Input models (directories or safetensors files) with the same tensor names as the base.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// Output safetensors file (`--out` is an alias).
+    /// Output: a model directory (`model.safetensors` with the base directory's config,
+    /// tokenizer and other files, as mergekit writes), or a file when the name ends in
+    /// `.safetensors`. `--out` is an alias.
     #[arg(long = "output", visible_alias = "out")]
     out: PathBuf,
 }
 
-fn map(path: &PathBuf) -> anyhow::Result<Mmap> {
+fn map(path: &Path) -> anyhow::Result<Mmap> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: read-only map of an input the user gave us.
     unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))
+}
+
+/// The safetensors files of a model: the file itself, or every `*.safetensors` file of a
+/// directory (one file or shards), sorted.
+fn weight_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .safetensors file in this directory", path.display());
+    }
+    Ok(files)
+}
+
+/// A model's tensors across its files.
+struct Model<'a> {
+    path: &'a Path,
+    files: Vec<(PathBuf, SafeTensors<'a>)>,
+}
+
+impl<'a> Model<'a> {
+    fn open(path: &'a Path, maps: &'a [(PathBuf, Mmap)]) -> anyhow::Result<Model<'a>> {
+        let files = maps
+            .iter()
+            .map(|(p, m)| {
+                Ok((
+                    p.clone(),
+                    SafeTensors::deserialize(m).with_context(|| format!("{}", p.display()))?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Model { path, files })
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.files.iter().flat_map(|(_, st)| st.names()).collect();
+        v.sort();
+        v
+    }
+
+    fn tensor(&self, name: &str) -> Option<TensorView<'a>> {
+        self.files.iter().find_map(|(_, st)| st.tensor(name).ok())
+    }
+}
+
+fn map_all(path: &Path) -> anyhow::Result<Vec<(PathBuf, Mmap)>> {
+    weight_files(path)?
+        .into_iter()
+        .map(|p| Ok((p.clone(), map(&p)?)))
+        .collect()
 }
 
 fn floats(view: &TensorView<'_>) -> Option<Vec<f32>> {
@@ -145,23 +204,28 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
         seed: a.seed,
         ..MergeParams::new(a.method)
     };
-    let base_map = map(&a.base)?;
-    let base =
-        SafeTensors::deserialize(&base_map).with_context(|| format!("{}", a.base.display()))?;
-    let maps: Vec<Mmap> = a.inputs.iter().map(map).collect::<anyhow::Result<_>>()?;
-    let inputs: Vec<SafeTensors<'_>> = maps
+    let base_maps = map_all(&a.base)?;
+    let base = Model::open(&a.base, &base_maps)?;
+    let maps: Vec<Vec<(PathBuf, Mmap)>> = a
+        .inputs
+        .iter()
+        .map(|p| map_all(p))
+        .collect::<anyhow::Result<_>>()?;
+    let inputs: Vec<Model<'_>> = maps
         .iter()
         .zip(&a.inputs)
-        .map(|(m, p)| SafeTensors::deserialize(m).with_context(|| format!("{}", p.display())))
+        .map(|(m, p)| Model::open(p, m))
         .collect::<anyhow::Result<_>>()?;
-    let mut names = base.names();
-    names.sort();
+    let names = base.names();
     let mut lazies = Vec::with_capacity(names.len());
     for (index, name) in names.iter().enumerate() {
-        let bv = base.tensor(name)?;
+        let bv = base
+            .tensor(name)
+            .with_context(|| format!("{}: tensor `{name}`", base.path.display()))?;
         let mut views = Vec::with_capacity(inputs.len());
-        for (st, path) in inputs.iter().zip(&a.inputs) {
-            let v = st
+        for input in &inputs {
+            let path = input.path;
+            let v = input
                 .tensor(name)
                 .with_context(|| format!("{}: tensor `{name}` missing", path.display()))?;
             if v.shape() != bv.shape() {
@@ -192,11 +256,37 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             index: index as u64,
         });
     }
-    let tmp = a.out.with_extension("safetensors.tmp");
+    let as_file = a.out.extension().is_some_and(|x| x == "safetensors");
+    let file = if as_file {
+        a.out.clone()
+    } else {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        a.out.join("model.safetensors")
+    };
+    let tmp = file.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(lazies.iter().map(|l| (l.name.clone(), l)), None, &tmp)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    std::fs::rename(&tmp, &a.out)?;
+        .with_context(|| format!("writing {}", file.display()))?;
+    std::fs::rename(&tmp, &file)?;
+    if !as_file && a.base.is_dir() {
+        copy_model_files(&a.base, &a.out)?;
+    }
     eprintln!("merged {} tensors into {}", names.len(), a.out.display());
+    Ok(())
+}
+
+/// Copies a model directory's files other than its weights (config, tokenizer, generation
+/// config, chat template, ...) into the merged model's directory.
+fn copy_model_files(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let Some(name) = name else { continue };
+        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if p.is_file() && !weights {
+            std::fs::copy(&p, to.join(&name))
+                .with_context(|| format!("copying {} into {}", p.display(), to.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -220,11 +310,11 @@ pub struct MergeAdaptersArgs {
     /// Rank of the output (default: exact for fedavg-exact, the largest input rank otherwise).
     #[arg(long)]
     rank: Option<usize>,
-    /// TIES density.
-    #[arg(long, default_value_t = 0.5)]
+    /// TIES density: fraction of each task vector kept (mergekit's default, 1, keeps all).
+    #[arg(long, default_value_t = 1.0)]
     density: f64,
-    /// DARE drop rate.
-    #[arg(long, default_value_t = 0.5)]
+    /// DARE drop rate (mergekit's `1 − density`; default 0).
+    #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
     /// λ.
     #[arg(long = "lambda", default_value_t = 1.0)]
@@ -244,6 +334,10 @@ pub struct MergeAdaptersArgs {
     /// Output adapter directory.
     #[arg(long)]
     output: PathBuf,
+    /// Merge the adapters that pass validation and skip the others (an adapter whose modules,
+    /// shapes or values do not fit is otherwise an error).
+    #[arg(long)]
+    skip_invalid: bool,
 }
 
 /// Runs `fedtune merge-adapters`.
@@ -302,8 +396,14 @@ pub fn run_merge_adapters(a: MergeAdaptersArgs) -> anyhow::Result<()> {
         .iter()
         .zip(&weights)
         .zip(&a.adapters)
-        .map(|((p, w), path)| ClientResult {
-            client: path.display().to_string(),
+        .enumerate()
+        .map(|(i, ((p, w), path))| ClientResult {
+            // The same adapter given twice counts twice (it is not a replayed update).
+            client: if a.adapters.iter().filter(|q| *q == path).count() > 1 {
+                format!("{} #{}", path.display(), i + 1)
+            } else {
+                path.display().to_string()
+            },
             adapter: p.weights.clone(),
             // Integer example counts proportional to the weights.
             num_examples: (w / total * 1e9).round() as u64,
@@ -314,8 +414,21 @@ pub fn run_merge_adapters(a: MergeAdaptersArgs) -> anyhow::Result<()> {
     plan.max_rank = max_rank;
     let mut strategy = FedStrategy::new(cfg, Adapter::default(), plan)?;
     let outcome = strategy.aggregate_fit(1, &results, &[])?;
+    if !outcome.failures.is_empty() && !a.skip_invalid {
+        let list: Vec<String> = outcome
+            .failures
+            .iter()
+            .map(|f| format!("{}: {}", f.client, f.reason))
+            .collect();
+        bail!(
+            "{} (checked against {}, the first adapter); nothing written. --skip-invalid merges \
+             the others",
+            list.join("; "),
+            a.adapters[0].display()
+        );
+    }
     for f in &outcome.failures {
-        eprintln!("rejected {}: {}", f.client, f.reason);
+        eprintln!("skipped {}: {}", f.client, f.reason);
     }
     let global = outcome.global.context("no adapter survived validation")?;
     let first = &inputs[0].config;

@@ -114,6 +114,9 @@ impl FedStrategy {
                 "dp needs clip_norm > 0, noise_multiplier >= 0 and a population".into(),
             ));
         }
+        if let Some(opt) = &config.server_optimizer {
+            opt.validate().map_err(AggregationError::Config)?;
+        }
         if matches!(config.rule, Rule::HetLora)
             && (config.dp.is_some() || config.norm_bound.is_some())
         {
