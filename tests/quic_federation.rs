@@ -103,7 +103,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
     let _ = std::fs::remove_dir_all(&data_dir);
     let server =
         quic::server_config(tls::server_config(&ca.cert_pem, &server_cert).unwrap()).unwrap();
-    let endpoint = bind(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = bind(server, "127.0.0.1:0".parse().unwrap(), &coord_id).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let rogue_id = Identity::from_seed([55; 32]);
     let rogue_cert = tls::issue(&ca, "rogue", false, &[]).unwrap();

@@ -113,6 +113,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     let endpoint = bind(
         quic::server_config(tls::server_config(&ca.cert_pem, &server_pair).unwrap()).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
+        &Identity::from_seed([1; 32]),
     )
     .unwrap();
     let addr = endpoint.local_addr().unwrap();

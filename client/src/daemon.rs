@@ -85,12 +85,14 @@ pub async fn run(
     let mut failures = 0u32;
     let mut backoff = Duration::from_secs(1);
     loop {
+        let mut established = false;
         let attempt = async {
             let conn = endpoint
                 .connect(opts.coordinator, &opts.server_name)
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| e.to_string())?;
+            established = true;
             session(&mut machine, &conn, &base, &data, &opts).await
         };
         match attempt.await {
@@ -106,6 +108,11 @@ pub async fn run(
                         attempts: failures,
                         last: e,
                     });
+                }
+                // A connection that was up (the coordinator restarted, the network blinked) is
+                // tried again after the shortest wait; failed connection attempts back off.
+                if established {
+                    backoff = Duration::from_secs(1);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -312,9 +312,19 @@ async fn upload(
         .await;
 }
 
-/// Binds the coordinator's QUIC endpoint.
-pub fn bind(server: quinn::ServerConfig, addr: SocketAddr) -> Result<quinn::Endpoint, DaemonError> {
-    quinn::Endpoint::server(server, addr).map_err(io(format!("listening on {addr}")))
+/// What the coordinator's stateless-reset key is derived for (from its identity).
+pub const RESET_KEY_PURPOSE: &str = "fedtune 2026-12 QUIC stateless reset key";
+
+/// Binds the coordinator's QUIC endpoint. Its stateless-reset key is derived from the
+/// coordinator's identity, so after a restart clients learn at once that their connection is
+/// gone ([`fedtune_protocol::quic::server_endpoint`]).
+pub fn bind(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+    id: &fedtune_protocol::Identity,
+) -> Result<quinn::Endpoint, DaemonError> {
+    fedtune_protocol::quic::server_endpoint(server, addr, id.derive_key(RESET_KEY_PURPOSE))
+        .map_err(io(format!("listening on {addr}")))
 }
 
 /// Runs the coordinator on `endpoint` until every round is done (and `linger` has passed) or

@@ -12,6 +12,16 @@ pub enum ProtocolError {
         /// Why it failed.
         reason: String,
     },
+    /// A file could not be read (missing, unreadable): not the same as malformed content.
+    #[error("reading {what} {path}: {reason}")]
+    Unreadable {
+        /// What the file holds.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why it could not be read.
+        reason: String,
+    },
     /// A size limit was exceeded.
     #[error("{what} of {size} bytes exceeds the limit of {limit}")]
     TooLarge {

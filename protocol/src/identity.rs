@@ -85,6 +85,12 @@ impl Identity {
         self.key.sign(msg).to_bytes()
     }
 
+    /// A 32-byte key for `purpose`, derived from the secret seed (BLAKE3's key derivation):
+    /// the same across restarts, independent of the signing key and of other purposes.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        blake3::derive_key(purpose, &self.key.to_bytes())
+    }
+
     /// Writes the secret seed as hex to `path`, readable by the owner only.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::Write;
@@ -102,8 +108,10 @@ impl Identity {
 
     /// Reads a key written by [`Identity::save`]; the error names the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ProtocolError::malformed("identity key", format!("{}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|e| ProtocolError::Unreadable {
+            what: "identity key",
+            path: path.display().to_string(),
+            reason: e.to_string(),
         })?;
         let bytes = hex::decode(text.trim()).map_err(|e| {
             ProtocolError::malformed("identity key", format!("{}: {e}", path.display()))

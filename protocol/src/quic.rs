@@ -7,7 +7,9 @@
 //! per connection stays bounded: at most 4 bidirectional and 4 unidirectional streams per
 //! peer, so a peer that opens streams and never sends pins at most the connection window.
 //! Keep-alive every 5 s with a 60 s idle timeout (long training rounds keep their
-//! connection); connection migration off; 0-RTT off (see [`crate::tls`]).
+//! connection); connection migration off; 0-RTT off (see [`crate::tls`]). The coordinator's
+//! stateless-reset and connection-id keys are fixed by its identity ([`server_endpoint`]), so
+//! a restarted coordinator resets its clients' stale connections at their next keep-alive.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +48,32 @@ pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     cfg.transport_config(transport());
     cfg.migration(false);
     Ok(cfg)
+}
+
+/// The coordinator's endpoint on `addr`, with a stateless-reset key that survives restarts:
+/// after a crash and restart on the same address, the new endpoint answers the clients'
+/// packets for their old connections with stateless resets (RFC 9000 §10.3) their tokens
+/// verify, so they reconnect at their next keep-alive instead of waiting for the idle timeout.
+/// Connection ids are keyed from the same secret, so the new endpoint knows them for its own.
+pub fn server_endpoint(
+    server: quinn::ServerConfig,
+    addr: std::net::SocketAddr,
+    reset_key: [u8; 32],
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection ids the restarted endpoint recognises as its own (it drops packets for ids it
+    // would not have issued, without answering).
+    let cid_key = u64::from_le_bytes(
+        blake3::keyed_hash(&reset_key, b"connection ids").as_bytes()[..8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// A client's QUIC configuration.

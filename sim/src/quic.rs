@@ -96,8 +96,8 @@ pub fn run_quic(
             tls::server_config(&ca.cert_pem, &server_cert).map_err(|e| err("TLS")(&e))?,
         )
         .map_err(|e| err("QUIC")(&e))?;
-        let endpoint =
-            bind(server, "127.0.0.1:0".parse().expect("valid")).map_err(|e| err("bind")(&e))?;
+        let endpoint = bind(server, "127.0.0.1:0".parse().expect("valid"), &p.coord_id)
+            .map_err(|e| err("bind")(&e))?;
         let addr = endpoint.local_addr().map_err(|e| err("bind")(&e))?;
         let opts = DaemonOptions {
             data_dir: data_dir.clone(),

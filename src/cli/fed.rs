@@ -340,6 +340,7 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
         admitted,
     };
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
+    let reset_id = id.clone();
     let store = FileStore::open(&f.data_dir.join("store"))
         .with_context(|| format!("opening {}", f.data_dir.display()))?;
     let stored = store.load_all().context("reading the store")?;
@@ -363,7 +364,7 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
     let server = quic::server_config(tls::server_config(&ca, &read_pair(&f.ca, "coordinator")?)?)?;
     let rt = tokio::runtime::Runtime::new()?;
     let summary = rt.block_on(async {
-        let endpoint = bind(server, f.listen)?;
+        let endpoint = bind(server, f.listen, &reset_id)?;
         println!("coordinator of {} listening on {}", f.federation, f.listen);
         serve(
             machine,
