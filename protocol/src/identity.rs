@@ -125,3 +125,43 @@ impl Identity {
         Ok(Self::from_seed(seed))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_key_file_is_named_as_unreadable_and_a_bad_one_as_malformed() {
+        let dir = std::env::temp_dir().join(format!("fedtune-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("coordinator.id");
+        let e = Identity::load(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("reading identity key") && e.contains("coordinator.id"),
+            "{e}"
+        );
+        assert!(!e.contains("malformed"), "{e}");
+        let bad = dir.join("bad.id");
+        std::fs::write(&bad, "zz").unwrap();
+        let e = Identity::load(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("malformed identity key") && e.contains("bad.id"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn derived_keys_are_stable_and_separate_purposes() {
+        let id = Identity::from_seed([9; 32]);
+        assert_eq!(
+            id.derive_key("a"),
+            Identity::from_seed([9; 32]).derive_key("a")
+        );
+        assert_ne!(id.derive_key("a"), id.derive_key("b"));
+        assert_ne!(
+            id.derive_key("a"),
+            Identity::from_seed([8; 32]).derive_key("a")
+        );
+    }
+}
