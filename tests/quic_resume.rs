@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use burn::tensor::{DType, Device};
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
-use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, now_ms, serve};
 use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_engine::load_model;
 use fedtune_engine::train::TrainConfig;
@@ -58,8 +58,20 @@ async fn connect(
     (ep, conn, send, recv)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
+/// A coordinator on loopback for one client `site` (plan hash `[3; 32]`, FedIT, one result per
+/// round), and what a client needs to reach it.
+struct Fed {
+    addr: std::net::SocketAddr,
+    coordinator: tokio::task::JoinHandle<
+        Result<fedtune_coordinator::daemon::RunSummary, fedtune_coordinator::daemon::DaemonError>,
+    >,
+    data_dir: PathBuf,
+    ca: CertPair,
+    own: CertPair,
+    id: Identity,
+}
+
+fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let m = load_model(
         &root.join("testdata/tiny-llama/model"),
@@ -72,7 +84,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
         lora_alpha: 8.0,
         ..TrainConfig::default()
     };
-    let ca = tls::new_ca("resume").unwrap();
+    let ca = tls::new_ca(name).unwrap();
     let server_pair = tls::issue(&ca, "coordinator", true, &[]).unwrap();
     let own = tls::issue(&ca, "site", false, &[]).unwrap();
     let id = Identity::from_seed([9; 32]);
@@ -81,7 +93,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     let cfg = CoordConfig {
         then: Vec::new(),
         federation: "resume".into(),
-        rounds: 1,
+        rounds,
         phase: Phase::Sft,
         hyper: Hyper {
             learning_rate: 1e-3,
@@ -108,7 +120,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
         now_ms(),
     )
     .unwrap();
-    let data_dir = std::env::temp_dir().join(format!("fedtune-resume-{}", std::process::id()));
+    let data_dir = std::env::temp_dir().join(format!("fedtune-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data_dir);
     let endpoint = bind(
         quic::server_config(tls::server_config(&ca.cert_pem, &server_pair).unwrap()).unwrap(),
@@ -124,14 +136,27 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
             data_dir: data_dir.clone(),
             clients: BTreeMap::from([("site".to_string(), id.public())]),
             linger: Duration::from_millis(500),
+            limits,
         },
         std::future::pending(),
     ));
+    Fed {
+        addr,
+        coordinator,
+        data_dir,
+        ca,
+        own,
+        id,
+    }
+}
 
-    // First connection: the plan, then half of a signed update, then the connection drops.
-    let (ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
-    let (plan, global) = next_plan(&mut recv).await;
-    let mut update = peft::decode(&global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
+/// A signed update of the global adapter `global` (every `B` set to a fixed pattern).
+fn update(
+    id: &Identity,
+    plan: &fedtune_protocol::RoundPlan,
+    global: &[u8],
+) -> (fedtune_protocol::SignedHeader, Vec<u8>) {
+    let mut update = peft::decode(global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
     for f in update.modules.values_mut() {
         for (i, v) in f.b.data.iter_mut().enumerate() {
             *v = (i % 7) as f32 * 1e-3;
@@ -139,14 +164,14 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     }
     let payload = peft::encode(&update);
     let header = seal(
-        &id,
+        id,
         Seal {
             kind: PayloadKind::Update,
             federation: "resume",
             round: plan.round,
             plan_hash: [3; 32],
             parent: plan.global_digest,
-            nonce: [1; 16],
+            nonce: [plan.round as u8; 16],
             now_ms: now_ms(),
             ttl_ms: 600_000,
             num_examples: 5,
@@ -154,6 +179,23 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
         },
         &payload,
     );
+    (header, payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
+    let Fed {
+        addr,
+        coordinator,
+        data_dir,
+        ca,
+        own,
+        id,
+    } = start("resume", 1, ConnectionLimits::default());
+    // First connection: the plan, then half of a signed update, then the connection drops.
+    let (ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let (header, payload) = update(&id, &plan, &global);
     let half = payload.len() / 2;
     let (mut s, _r, offset) = open_upload(&conn, &header).await;
     assert_eq!(offset, 0);
@@ -201,4 +243,118 @@ async fn open_upload(
     write_frame(&mut s, &encode(header)).await.unwrap();
     let reply = read_frame(&mut r, 8).await.unwrap().unwrap();
     (s, r, u64::from_le_bytes(reply.try_into().unwrap()))
+}
+
+/// How the coordinator closed `conn`, as `(code, reason)`, waiting at most `secs`.
+async fn closed_by_peer(conn: &quinn::Connection, secs: u64) -> (u64, String) {
+    match tokio::time::timeout(Duration::from_secs(secs), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        Ok(other) => panic!("closed otherwise: {other}"),
+        Err(_) => panic!("still open after {secs} s"),
+    }
+}
+
+/// A second connection of the same client supersedes the first, cleanly: the first is closed
+/// by the coordinator, its end does not disconnect the client, and the next round reaches the
+/// second connection (before, the first connection's end dropped the client's current route
+/// and marked it disconnected: round 2 never reached it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_of_a_client_supersedes_the_older_one() {
+    let Fed {
+        addr,
+        coordinator,
+        data_dir,
+        ca,
+        own,
+        id,
+    } = start("supersede", 2, ConnectionLimits::default());
+    let (_ep1, conn1, _send1, mut recv1) = connect(addr, &ca, &own, &id).await;
+    let (plan, _) = next_plan(&mut recv1).await;
+    assert_eq!(plan.round, 1);
+    let (_ep2, conn2, _send2, mut recv2) = connect(addr, &ca, &own, &id).await;
+    let (again, global) = next_plan(&mut recv2).await;
+    assert_eq!(
+        again.round, 1,
+        "the newer connection gets the open round's plan"
+    );
+    let (code, reason) = closed_by_peer(&conn1, 10).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (6, "superseded by a newer connection")
+    );
+    // The older connection's end is now behind us; the client uploads on the newer one.
+    let (header, payload) = update(&id, &plan, &global);
+    let (mut s, _r, offset) = open_upload(&conn2, &header).await;
+    assert_eq!(offset, 0);
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), next_plan(&mut recv2))
+        .await
+        .expect("round 2 reaches the client's current connection");
+    assert_eq!(next.0.round, 2);
+    drop(conn2);
+    coordinator.abort();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// A connection that never says hello is closed after the hello timeout, and connections of
+/// one identity beyond the cap are closed at once; a client that then connects properly is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections() {
+    let limits = ConnectionLimits {
+        hello_timeout: Duration::from_secs(1),
+        per_client: 2,
+    };
+    let Fed {
+        addr,
+        coordinator,
+        data_dir,
+        ca,
+        own,
+        id,
+    } = start("hoard", 1, limits);
+    let silent = |ca: CertPair, own: CertPair| async move {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(
+            quic::client_config(tls::client_config(&ca.cert_pem, &own).unwrap()).unwrap(),
+        );
+        let conn = ep
+            .connect(addr, tls::COORDINATOR_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        (ep, conn)
+    };
+    let started = std::time::Instant::now();
+    let (_e1, a) = silent(ca.clone(), own.clone()).await;
+    let (_e2, b) = silent(ca.clone(), own.clone()).await;
+    // The third connection of the same identity is over the cap of two.
+    let (_e3, c) = silent(ca.clone(), own.clone()).await;
+    assert_eq!(
+        closed_by_peer(&c, 5).await,
+        (5, "too many connections".into())
+    );
+    for conn in [&a, &b] {
+        assert_eq!(
+            closed_by_peer(conn, 5).await,
+            (2, "no hello in time".into())
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    // Their slots are free again: a proper client gets its plan.
+    let (_ep, _conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (plan, _) = tokio::time::timeout(Duration::from_secs(10), next_plan(&mut recv))
+        .await
+        .expect("a proper client is served");
+    assert_eq!(plan.round, 1);
+    coordinator.abort();
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

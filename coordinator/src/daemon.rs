@@ -2,7 +2,10 @@
 //!
 //! Each connection is authenticated twice: its TLS client certificate must chain to the
 //! federation CA (rustls), and the ed25519 key it announces in `Hello` must be the key admitted
-//! for the certificate's common name. Control messages are length-prefixed postcard frames on
+//! for the certificate's common name. One identity holds at most
+//! [`ConnectionLimits::per_client`] connections, each must say `Hello` within
+//! [`ConnectionLimits::hello_timeout`], and the newest connection that said it is the client's
+//! only route (older ones are closed as superseded; their end changes nothing). Control messages are length-prefixed postcard frames on
 //! the connection's first bidirectional stream. Each update comes on its own bidirectional
 //! stream: a header frame, checked by [`Coordinator::precheck`] before a byte of payload is
 //! read (a rejected stream is stopped); the coordinator answers with the number of payload
@@ -14,6 +17,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
@@ -63,11 +68,76 @@ pub struct DaemonOptions {
     pub clients: BTreeMap<String, PublicKey>,
     /// How long to keep serving after the last round (so clients learn it finished).
     pub linger: Duration,
+    /// Limits on what one authenticated client may hold open.
+    pub limits: ConnectionLimits,
 }
+
+/// Limits on the connections of one client identity.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Time from the end of the TLS handshake to the client's `Hello` (control stream opened
+    /// and the frame read); a connection that says nothing is closed.
+    pub hello_timeout: Duration,
+    /// Connections one identity may hold at once (counted from the end of the handshake); more
+    /// are closed at once. Only the newest connection that said `Hello` receives messages.
+    pub per_client: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            hello_timeout: Duration::from_secs(10),
+            per_client: 4,
+        }
+    }
+}
+
+/// Live connections per identity (after the handshake, before or after `Hello`).
+type Counts = Arc<Mutex<BTreeMap<PublicKey, usize>>>;
+
+/// One counted connection; uncounted when dropped.
+struct Slot {
+    counts: Counts,
+    pk: PublicKey,
+}
+
+impl Slot {
+    /// Counts a connection of `pk`, or `None` when it already holds `max`.
+    fn take(counts: &Counts, pk: PublicKey, max: usize) -> Option<Slot> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(pk).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            counts: counts.clone(),
+            pk,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.pk) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.pk);
+            }
+        }
+    }
+}
+
+/// Numbers connections, so that the end of a superseded connection is not taken for the end of
+/// the client's current one.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 enum Event {
     Hello {
         pk: PublicKey,
+        id: u64,
+        conn: quinn::Connection,
         tx: mpsc::Sender<ToClient>,
     },
     Msg {
@@ -86,7 +156,15 @@ enum Event {
     },
     Gone {
         pk: PublicKey,
+        id: u64,
     },
+}
+
+/// A client's current connection.
+struct Current {
+    id: u64,
+    conn: quinn::Connection,
+    tx: mpsc::Sender<ToClient>,
 }
 
 /// What a finished run reports.
@@ -121,6 +199,8 @@ async fn connection(
     clients: BTreeMap<String, PublicKey>,
     events: mpsc::Sender<Event>,
     incoming_dir: PathBuf,
+    limits: ConnectionLimits,
+    counts: Counts,
 ) {
     let Ok(conn) = incoming.await else { return };
     let Some(pk) = common_name(&conn).and_then(|cn| clients.get(&cn).copied()) else {
@@ -128,26 +208,43 @@ async fn connection(
         conn.close(1u32.into(), b"not admitted");
         return;
     };
-    let Ok(Ok((mut send, mut recv))) =
-        tokio::time::timeout(Duration::from_secs(30), conn.accept_bi()).await
-    else {
-        conn.close(2u32.into(), b"no control stream");
+    let Some(_slot) = Slot::take(&counts, pk, limits.per_client) else {
+        tracing::warn!(client = %pk, max = limits.per_client, "too many connections of one client");
+        conn.close(5u32.into(), b"too many connections");
         return;
     };
-    let hello = match read_frame(&mut recv, MAX_CONTROL).await {
-        Ok(Some(b)) => decode::<ToCoordinator>(&b, MAX_CONTROL, "hello").ok(),
-        _ => None,
-    };
-    match hello {
-        Some(ToCoordinator::Hello { client, .. }) if client == pk => {}
+    let hello = tokio::time::timeout(limits.hello_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let b = read_frame(&mut recv, MAX_CONTROL).await.ok()??;
+        let msg = decode::<ToCoordinator>(&b, MAX_CONTROL, "hello").ok()?;
+        Some((send, recv, msg))
+    })
+    .await;
+    let (mut send, mut recv) = match hello {
+        Ok(Some((send, recv, ToCoordinator::Hello { client, .. }))) if client == pk => (send, recv),
+        Err(_) => {
+            tracing::warn!(client = %pk, "no hello in time");
+            conn.close(2u32.into(), b"no hello in time");
+            return;
+        }
         _ => {
             tracing::warn!(client = %pk, "bad hello");
             conn.close(3u32.into(), b"bad hello");
             return;
         }
-    }
+    };
+    let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<ToClient>(16);
-    if events.send(Event::Hello { pk, tx }).await.is_err() {
+    if events
+        .send(Event::Hello {
+            pk,
+            id,
+            conn: conn.clone(),
+            tx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     // Outgoing messages.
@@ -186,7 +283,7 @@ async fn connection(
     }
     uploads.abort();
     writer.abort();
-    let _ = events.send(Event::Gone { pk }).await;
+    let _ = events.send(Event::Gone { pk, id }).await;
 }
 
 /// How long an upload stream may take to send its header.
@@ -350,6 +447,8 @@ pub async fn serve(
         let endpoint = endpoint.clone();
         let clients = opts.clients.clone();
         let ev_tx = ev_tx.clone();
+        let counts = Counts::default();
+        let limits = opts.limits;
         tokio::spawn(async move {
             while let Some(inc) = endpoint.accept().await {
                 tokio::spawn(connection(
@@ -357,11 +456,14 @@ pub async fn serve(
                     clients.clone(),
                     ev_tx.clone(),
                     incoming_dir.clone(),
+                    limits,
+                    counts.clone(),
                 ));
             }
         })
     };
-    let mut conns: BTreeMap<PublicKey, mpsc::Sender<ToClient>> = BTreeMap::new();
+    // Each client's current connection: the newest that said hello.
+    let mut conns: BTreeMap<PublicKey, Current> = BTreeMap::new();
     let mut finished_at: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     machine.handle_tick(now_ms());
@@ -378,8 +480,8 @@ pub async fn serve(
                     log.flush().map_err(io("writing rounds.jsonl"))?;
                 }
                 Action::Send { to, msg } => {
-                    if let Some(tx) = conns.get(&to) {
-                        let _ = tx.try_send(msg);
+                    if let Some(c) = conns.get(&to) {
+                        let _ = c.tx.try_send(msg);
                     }
                 }
                 Action::Finished => finished_at = Some(tokio::time::Instant::now()),
@@ -400,8 +502,13 @@ pub async fn serve(
             _ = tokio::time::sleep(wake) => machine.handle_tick(now_ms()),
             ev = ev_rx.recv() => match ev {
                 None => break,
-                Some(Event::Hello { pk, tx }) => {
-                    conns.insert(pk, tx);
+                Some(Event::Hello { pk, id, conn, tx }) => {
+                    // A newer connection of the same client supersedes the older one, which is
+                    // closed; the older one's end then changes nothing.
+                    if let Some(old) = conns.insert(pk, Current { id, conn, tx }) {
+                        tracing::info!(client = %pk, "a newer connection supersedes the older one");
+                        old.conn.close(6u32.into(), b"superseded by a newer connection");
+                    }
                     machine.handle_hello(now_ms(), pk);
                 }
                 Some(Event::Msg { pk, msg }) => machine.handle_message(now_ms(), pk, msg),
@@ -413,9 +520,11 @@ pub async fn serve(
                     pk,
                     ToCoordinator::Update { header: Box::new(header), payload },
                 ),
-                Some(Event::Gone { pk }) => {
-                    conns.remove(&pk);
-                    machine.handle_disconnect(now_ms(), pk);
+                Some(Event::Gone { pk, id }) => {
+                    if conns.get(&pk).is_some_and(|c| c.id == id) {
+                        conns.remove(&pk);
+                        machine.handle_disconnect(now_ms(), pk);
+                    }
                 }
             },
         }

@@ -373,6 +373,7 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
                 data_dir: f.data_dir.clone(),
                 clients,
                 linger: Duration::from_secs(5),
+                limits: Default::default(),
             },
             shutdown_signal(),
         )
