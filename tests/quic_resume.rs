@@ -150,8 +150,10 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
     }
 }
 
-/// A signed update of the global adapter `global` (every `B` set to a fixed pattern).
+/// A signed update of the global adapter `global` (every `B` set to a fixed pattern plus
+/// `salt`).
 fn update(
+    salt: f32,
     id: &Identity,
     plan: &fedtune_protocol::RoundPlan,
     global: &[u8],
@@ -159,7 +161,7 @@ fn update(
     let mut update = peft::decode(global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
     for f in update.modules.values_mut() {
         for (i, v) in f.b.data.iter_mut().enumerate() {
-            *v = (i % 7) as f32 * 1e-3;
+            *v = (i % 7) as f32 * 1e-3 + salt;
         }
     }
     let payload = peft::encode(&update);
@@ -195,7 +197,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     // First connection: the plan, then half of a signed update, then the connection drops.
     let (ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
     let (plan, global) = next_plan(&mut recv).await;
-    let (header, payload) = update(&id, &plan, &global);
+    let (header, payload) = update(0.0, &id, &plan, &global);
     let half = payload.len() / 2;
     let (mut s, _r, offset) = open_upload(&conn, &header).await;
     assert_eq!(offset, 0);
@@ -286,7 +288,7 @@ async fn a_newer_connection_of_a_client_supersedes_the_older_one() {
         (6, "superseded by a newer connection")
     );
     // The older connection's end is now behind us; the client uploads on the newer one.
-    let (header, payload) = update(&id, &plan, &global);
+    let (header, payload) = update(0.0, &id, &plan, &global);
     let (mut s, _r, offset) = open_upload(&conn2, &header).await;
     assert_eq!(offset, 0);
     s.write_all(&payload).await.unwrap();
@@ -356,5 +358,68 @@ async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections()
         .expect("a proper client is served");
     assert_eq!(plan.round, 1);
     coordinator.abort();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// The `.part` files under the coordinator's `incoming/`.
+fn parts(data_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("incoming"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".part"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A listed client that starts uploads with fresh digests and stops each halfway (the
+/// disk-fill attack) leaves one partial file per round, not one per attempt: each new digest
+/// replaces the older partial (logged as abandoned), and the round's close removes the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_uploads_are_one_per_client_and_round_and_go_when_the_round_closes() {
+    let Fed {
+        addr,
+        coordinator,
+        data_dir,
+        ca,
+        own,
+        id,
+    } = start("partials", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (plan, global) = next_plan(&mut recv).await;
+    for k in 1..=3 {
+        let (header, payload) = update(k as f32, &id, &plan, &global);
+        let (mut s, _r, offset) = open_upload(&conn, &header).await;
+        assert_eq!(offset, 0);
+        s.write_all(&payload[..payload.len() / 2]).await.unwrap();
+        s.finish().unwrap();
+        let t = std::time::Instant::now();
+        while parts(&data_dir).len() != 1 || t.elapsed() < Duration::from_millis(300) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                parts(&data_dir)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (header, payload) = update(0.0, &id, &plan, &global);
+    let (mut s, _r, _) = open_upload(&conn, &header).await;
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), coordinator)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.rounds, 1);
+    assert_eq!(
+        parts(&data_dir),
+        Vec::<String>::new(),
+        "partials of a closed round"
+    );
+    let log = std::fs::read_to_string(data_dir.join("rounds.jsonl")).unwrap();
+    assert_eq!(log.matches("\"upload_abandoned\"").count(), 3, "{log}");
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -158,6 +158,13 @@ enum Event {
         pk: PublicKey,
         id: u64,
     },
+    /// A partial upload removed before it completed.
+    Abandoned {
+        pk: PublicKey,
+        round: u64,
+        bytes: u64,
+        why: &'static str,
+    },
 }
 
 /// A client's current connection.
@@ -286,6 +293,44 @@ async fn connection(
     let _ = events.send(Event::Gone { pk, id }).await;
 }
 
+/// A partial upload's file name: signer, round and signed digest.
+fn part_name(pk: &PublicKey, round: u64, digest: &[u8; 32]) -> String {
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{round}-{hex}.part", pk.to_hex())
+}
+
+/// `(signer hex, round)` of a partial upload's file name.
+fn parse_part(name: &str) -> Option<(&str, u64)> {
+    let stem = name.strip_suffix(".part")?;
+    let mut it = stem.split('-');
+    let (pk, round) = (it.next()?, it.next()?.parse().ok()?);
+    Some((pk, round))
+}
+
+/// Removes the partial uploads under `dir` that `stale(signer hex, round, name)` selects;
+/// returns `(signer hex, round, bytes)` of each.
+fn remove_parts(
+    dir: &std::path::Path,
+    stale: impl Fn(&str, u64, &str) -> bool,
+) -> Vec<(String, u64, u64)> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((pk, round)) = parse_part(&name)
+            && stale(pk, round, &name)
+        {
+            let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push((pk.to_string(), round, bytes));
+            }
+        }
+    }
+    removed
+}
+
 /// How long an upload stream may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upload may stall between chunks.
@@ -330,19 +375,23 @@ async fn upload(
         return;
     }
     // Resumable: the part file is named by signer, round and signed digest; the bytes already
-    // held are announced and the client sends the rest. Never past the signed length.
+    // held are announced and the client sends the rest. Never past the signed length. One
+    // partial upload per client and round: a new digest replaces the older partial.
     let want = header.header.payload_len;
-    let digest_hex: String = header
-        .header
-        .payload_digest
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let path = dir.join(format!(
-        "{}-{}-{digest_hex}.part",
-        pk.to_hex(),
-        header.header.round
-    ));
+    let round = header.header.round;
+    let name = part_name(&pk, round, &header.header.payload_digest);
+    let path = dir.join(&name);
+    let me = pk.to_hex();
+    for (_, r, bytes) in remove_parts(&dir, |p, r, n| p == me && r == round && n != name) {
+        let _ = events
+            .send(Event::Abandoned {
+                pk,
+                round: r,
+                bytes,
+                why: "replaced by a newer upload of the same round",
+            })
+            .await;
+    }
     let Ok(mut file) = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -412,6 +461,23 @@ async fn upload(
 /// What the coordinator's stateless-reset key is derived for (from its identity).
 pub const RESET_KEY_PURPOSE: &str = "fedtune 2026-12 QUIC stateless reset key";
 
+/// Records a removed partial upload in `rounds.jsonl` (and the log).
+fn log_abandoned(
+    log: &mut std::fs::File,
+    client: &str,
+    round: u64,
+    bytes: u64,
+    why: &str,
+) -> Result<(), DaemonError> {
+    use std::io::Write;
+    tracing::warn!(client, round, bytes, why, "partial upload removed");
+    let v = serde_json::json!({
+        "event": "upload_abandoned", "round": round, "client": client, "bytes": bytes, "why": why,
+    });
+    writeln!(log, "{v}").map_err(io("writing rounds.jsonl"))?;
+    log.flush().map_err(io("writing rounds.jsonl"))
+}
+
 /// Binds the coordinator's QUIC endpoint. Its stateless-reset key is derived from the
 /// coordinator's identity, so after a restart clients learn at once that their connection is
 /// gone ([`fedtune_protocol::quic::server_endpoint`]).
@@ -433,8 +499,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<RunSummary, DaemonError> {
     let store = FileStore::open(&opts.data_dir.join("store")).map_err(io("opening the store"))?;
+    let stale = store
+        .remove_stale_temporaries()
+        .map_err(io("removing the store's stale temporary files"))?;
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary files of interrupted writes"
+        );
+    }
     let incoming_dir = opts.data_dir.join("incoming");
     std::fs::create_dir_all(&incoming_dir).map_err(io("creating incoming/"))?;
+    let parts_dir = incoming_dir.clone();
     let log_path = opts.data_dir.join("rounds.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -465,9 +541,18 @@ pub async fn serve(
     // Each client's current connection: the newest that said hello.
     let mut conns: BTreeMap<PublicKey, Current> = BTreeMap::new();
     let mut finished_at: Option<tokio::time::Instant> = None;
+    // Partial uploads of closed rounds are removed (at start, and as rounds close).
+    let mut cleaned: Option<u64> = None;
     tokio::pin!(shutdown);
     machine.handle_tick(now_ms());
     loop {
+        let closed = machine.completed_rounds();
+        if cleaned != Some(closed) {
+            cleaned = Some(closed);
+            for (pk, round, bytes) in remove_parts(&parts_dir, |_, r, _| r <= closed) {
+                log_abandoned(&mut log, &pk, round, bytes, "its round is closed")?;
+            }
+        }
         // Carry out actions in order.
         while let Some(a) = machine.poll_action() {
             match a {
@@ -520,6 +605,9 @@ pub async fn serve(
                     pk,
                     ToCoordinator::Update { header: Box::new(header), payload },
                 ),
+                Some(Event::Abandoned { pk, round, bytes, why }) => {
+                    log_abandoned(&mut log, &pk.to_hex(), round, bytes, why)?;
+                }
                 Some(Event::Gone { pk, id }) => {
                     if conns.get(&pk).is_some_and(|c| c.id == id) {
                         conns.remove(&pk);

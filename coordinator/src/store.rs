@@ -54,6 +54,25 @@ impl FileStore {
         std::fs::File::open(parent)?.sync_all()
     }
 
+    /// Removes the temporary files of writes a previous process did not finish; returns how
+    /// many.
+    pub fn remove_stale_temporaries(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let mut stack = vec![self.dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().starts_with(".tmp") {
+                    std::fs::remove_file(e.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Every stored value by key (temporary files of interrupted writes are ignored).
     pub fn load_all(&self) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
         let mut out = BTreeMap::new();
