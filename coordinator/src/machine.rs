@@ -170,16 +170,35 @@ impl Coordinator {
                 if !k.starts_with(&prefix) {
                     break;
                 }
-                let s: Stored = postcard::from_bytes(v).map_err(|e| CoordinatorError::Store {
-                    key: k.clone(),
-                    reason: e.to_string(),
-                })?;
-                let adapter = c.decode(&s.payload).map_err(|e| CoordinatorError::Store {
-                    key: k.clone(),
-                    reason: e.to_string(),
-                })?;
-                c.results
-                    .insert(s.header.header.signer, Self::result_of(&s.header, adapter));
+                // A stored update is checked again as on arrival (signature, digest, signer,
+                // round, decoding): a file damaged on disk is dropped and logged, and its client
+                // is asked again, instead of being aggregated.
+                let checked = postcard::from_bytes::<Stored>(v)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        let h = &s.header.header;
+                        if !s.header.signature_valid() {
+                            return Err("its signature does not verify".into());
+                        }
+                        if h.round != open.round || !c.cfg.admitted.contains(&h.signer) {
+                            return Err(
+                                "it is not an update of this round by an admitted client".into()
+                            );
+                        }
+                        check_payload_digest(h, &s.payload).map_err(|e| e.to_string())?;
+                        let adapter = c.decode(&s.payload).map_err(|e| e.to_string())?;
+                        Ok((s, adapter))
+                    });
+                match checked {
+                    Ok((s, adapter)) => {
+                        c.results
+                            .insert(s.header.header.signer, Self::result_of(&s.header, adapter));
+                    }
+                    Err(reason) => c.log(serde_json::json!({
+                        "event": "stored_update_invalid", "round": open.round, "key": k,
+                        "reason": reason,
+                    })),
+                }
             }
         }
         Ok(c)
@@ -660,7 +679,8 @@ impl Coordinator {
             "event": "round_closed", "round": open.round,
             "phase": self.cfg.stage_of(open.round).0,
             "sampled": open.sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-            "used": results.iter().map(|r| r.client.clone()).collect::<Vec<_>>(),
+            // What the aggregate is made of (an update that failed validation is not).
+            "used": outcome.global.as_ref().map(|g| g.report.used.clone()).unwrap_or_default(),
             "failures": outcome.failures,
             "metrics": metrics,
             "report": report,

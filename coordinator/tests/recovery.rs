@@ -1,0 +1,153 @@
+//! The coordinator machine with plain adapter values (no engine, no network, a fake clock):
+//! recovery re-checks every stored update, and a round's `used` lists what was aggregated.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fedtune_aggregation::strategy::{Rule, StrategyConfig};
+use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
+use fedtune_coordinator::machine::Action;
+use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
+use fedtune_protocol::{Hyper, Identity, Phase, RoundPlan, ToClient, ToCoordinator, peft};
+
+const MODULE: &str = "model.layers.0.self_attn.q_proj";
+
+fn adapter(b: f32) -> Adapter {
+    let mut a = Adapter::default();
+    a.modules.insert(
+        MODULE.into(),
+        LoraFactors {
+            a: Matrix::new(2, 8, (0..16).map(|i| i as f32 * 0.01).collect()),
+            b: Matrix::new(8, 2, vec![b; 16]),
+            scale: 4.0,
+        },
+    );
+    a
+}
+
+fn config(ids: &[Identity]) -> CoordConfig {
+    let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
+    strategy.sampling.min_clients = ids.len();
+    CoordConfig {
+        then: Vec::new(),
+        federation: "recovery".into(),
+        rounds: 1,
+        phase: Phase::Sft,
+        hyper: Hyper {
+            learning_rate: 1e-3,
+            local_steps: 1,
+            batch_size: 1,
+            beta: 0.1,
+            seed: 0,
+        },
+        rank: 2,
+        lora_alpha: 8.0,
+        strategy,
+        min_results: 1,
+        round_timeout_ms: 60_000,
+        max_payload: 1 << 20,
+        header_ttl_ms: 600_000,
+        max_skew_ms: 60_000,
+        plan_hash: [7; 32],
+        admitted: ids.iter().map(|i| i.public()).collect::<BTreeSet<_>>(),
+    }
+}
+
+/// Drains the machine's actions: stored values into `store`, log records and plans returned.
+fn drain(
+    c: &mut Coordinator,
+    store: &mut BTreeMap<String, Vec<u8>>,
+) -> (Vec<serde_json::Value>, Vec<RoundPlan>) {
+    let (mut logs, mut plans) = (Vec::new(), Vec::new());
+    while let Some(a) = c.poll_action() {
+        match a {
+            Action::Persist { key, bytes } => {
+                store.insert(key, bytes);
+            }
+            Action::Log(v) => logs.push(v),
+            Action::Send {
+                msg: ToClient::Plan { plan, .. },
+                ..
+            } => plans.push(plan),
+            _ => {}
+        }
+    }
+    (logs, plans)
+}
+
+fn events<'a>(logs: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    logs.iter().filter(|v| v["event"] == event).collect()
+}
+
+#[test]
+fn a_stored_update_damaged_on_disk_is_dropped_on_recovery_and_not_listed_as_used() {
+    let now = 1_000_000;
+    // Three sampled clients, two of which upload: the round stays open.
+    let ids = [1u8, 2, 3].map(|k| Identity::from_seed([k; 32]));
+    let coord = Identity::from_seed([9; 32]);
+    let mut store = BTreeMap::new();
+    let mut c = Coordinator::new(config(&ids), coord.clone(), adapter(0.0), now).unwrap();
+    for id in &ids {
+        c.handle_hello(now, id.public());
+    }
+    let (_, plans) = drain(&mut c, &mut store);
+    let plan = plans.first().expect("the round opens").clone();
+    for (k, id) in ids[..2].iter().enumerate() {
+        let payload = peft::encode(&adapter(0.1 * (k + 1) as f32));
+        let header = seal(
+            id,
+            Seal {
+                kind: PayloadKind::Update,
+                federation: "recovery",
+                round: plan.round,
+                plan_hash: [7; 32],
+                parent: plan.global_digest,
+                nonce: [k as u8; 16],
+                now_ms: now,
+                ttl_ms: 600_000,
+                num_examples: 10,
+                metrics: vec![],
+            },
+            &payload,
+        );
+        c.handle_message(
+            now,
+            id.public(),
+            ToCoordinator::Update {
+                header: Box::new(header),
+                payload,
+            },
+        );
+    }
+    let (logs, _) = drain(&mut c, &mut store);
+    assert_eq!(events(&logs, "accepted").len(), 2, "{logs:?}");
+    // The second client's stored update loses one bit of its payload on disk.
+    let key = format!("updates/{:06}/{}", plan.round, ids[1].public().to_hex());
+    let keys: Vec<String> = store.keys().cloned().collect();
+    let stored = store
+        .iter_mut()
+        .find(|(k, _)| k.starts_with(&key))
+        .unwrap_or_else(|| panic!("no stored update under {key}: {keys:?}"))
+        .1;
+    *stored.last_mut().unwrap() ^= 1;
+    // Restart.
+    let mut r = Coordinator::recover(config(&ids), coord, &store).unwrap();
+    let (logs, _) = drain(&mut r, &mut store);
+    let invalid = events(&logs, "stored_update_invalid");
+    assert_eq!(invalid.len(), 1, "{logs:?}");
+    assert!(invalid[0]["key"].as_str().unwrap().starts_with(&key));
+    assert!(
+        invalid[0]["reason"].as_str().unwrap().contains("digest"),
+        "{invalid:?}"
+    );
+    // At the deadline the round closes with the intact update only.
+    r.handle_tick(plan.deadline_ms + 1);
+    let (logs, _) = drain(&mut r, &mut store);
+    let closed = events(&logs, "round_closed");
+    assert_eq!(closed.len(), 1, "{logs:?}");
+    assert_eq!(
+        closed[0]["used"],
+        serde_json::json!([ids[0].public().to_hex()]),
+        "{closed:?}"
+    );
+}
