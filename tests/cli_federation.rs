@@ -235,3 +235,151 @@ log = "{log}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `fedtune coord` with `args`; its stderr (the run must fail).
+fn coord_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .arg("coord")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "coord {args:?} should fail: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Operator mistakes are named by file and field, and a store with rounds but no state file is
+/// not silently restarted at round 1.
+#[test]
+fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state_is_kept() {
+    let dir = std::env::temp_dir().join(format!("fedtune-cli-coord-err-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca");
+    fedtune(&[
+        "ca",
+        "init",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--federation",
+        "demo",
+    ]);
+    let a = fedtune(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--client",
+        "a",
+    ]);
+    let b = fedtune(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--client",
+        "b",
+    ]);
+    let model = root().join("testdata/tiny-llama/model");
+    let data_dir = dir.join("coord-data");
+    let toml = dir.join("coord.toml");
+    let write = |model: &Path, rank: u32, clients: &str| {
+        std::fs::write(
+            &toml,
+            format!(
+                r#"federation = "demo"
+model = "{model}"
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+ca = "{ca}"
+rounds = 1
+rank = {rank}
+lora_alpha = 8.0
+min_results = 1
+rule = {{ kind = "fed_avg_exact" }}
+
+[local]
+learning_rate = 5e-3
+local_steps = 1
+batch_size = 1
+
+{clients}
+"#,
+                model = model.display(),
+                data = data_dir.display(),
+                ca = ca.display(),
+            ),
+        )
+        .unwrap();
+    };
+    let config = ["--config", toml.to_str().unwrap()];
+    let name = toml.display().to_string();
+    write(&model, 4, &format!("{a}\n{a}"));
+    let err = coord_fails(&config);
+    assert!(
+        err.contains(&name) && err.contains("clients: the name `a` is listed twice"),
+        "{err}"
+    );
+    // The same key under two names.
+    let twin = b.replace(
+        b.lines().find(|l| l.starts_with("key")).unwrap(),
+        a.lines().find(|l| l.starts_with("key")).unwrap(),
+    );
+    write(&model, 4, &format!("{a}\n{twin}"));
+    let err = coord_fails(&config);
+    assert!(
+        err.contains("clients.b: its key is also another client's"),
+        "{err}"
+    );
+    write(&model, 0, &format!("{a}\n{b}"));
+    let err = coord_fails(&config);
+    assert!(
+        err.contains(&format!("{name}: rank must be positive")),
+        "{err}"
+    );
+    write(&dir.join("no-such-model"), 4, &format!("{a}\n{b}"));
+    let err = coord_fails(&config);
+    assert!(err.contains(&format!("{name}: model: hashing")), "{err}");
+    // A store holding a global adapter but no state file.
+    write(&model, 4, &format!("{a}\n{b}"));
+    let global = data_dir.join("store/global/000001");
+    std::fs::create_dir_all(&global).unwrap();
+    std::fs::write(global.join("adapter_model.safetensors"), b"kept").unwrap();
+    let err = coord_fails(&config);
+    assert!(
+        err.contains("no `state` file") && err.contains("--new-federation"),
+        "{err}"
+    );
+    assert!(
+        global.join("adapter_model.safetensors").is_file(),
+        "nothing removed"
+    );
+    // With --new-federation the old store is moved aside (the run then stops at the missing
+    // CA certificate, removed here so that it does not start serving).
+    std::fs::remove_file(ca.join("ca.pem")).unwrap();
+    let mut args = config.to_vec();
+    args.push("--new-federation");
+    let err = coord_fails(&args);
+    assert!(err.contains("ca.pem"), "{err}");
+    let aside: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("store.old-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(
+        aside[0]
+            .path()
+            .join("global/000001/adapter_model.safetensors")
+            .is_file()
+    );
+    // A missing identity file is named as missing.
+    std::fs::remove_file(ca.join("coordinator.id")).unwrap();
+    let err = coord_fails(&config);
+    assert!(
+        err.contains("reading identity key") && err.contains("coordinator.id"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -33,13 +33,14 @@ use crate::store::FileStore;
 /// Errors that stop the daemon (never caused by a peer).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// File or socket.
-    #[error("{context}: {source}")]
+    /// File or socket. (The cause is part of the message, not a `source`, so that error
+    /// chains do not print it twice.)
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// TLS or QUIC configuration.
     #[error("{0}")]
@@ -48,7 +49,7 @@ pub enum DaemonError {
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
-    move |source| DaemonError::Io { context, source }
+    move |cause| DaemonError::Io { context, cause }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -624,4 +625,31 @@ pub async fn serve(
         rejections: machine.rejections().clone(),
         global: machine.global().1.to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_prints_its_cause_once_in_an_error_chain() {
+        let e = io("persisting state")(std::io::Error::other("No space left on device"));
+        let mut chain = vec![e.to_string()];
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            chain.push(s.to_string());
+            source = s.source();
+        }
+        let text = chain.join(": ");
+        assert_eq!(text, "persisting state: No space left on device");
+    }
+
+    #[test]
+    fn part_file_names_round_trip() {
+        let pk = PublicKey([7; 32]);
+        let name = part_name(&pk, 12, &[0xab; 32]);
+        assert_eq!(parse_part(&name), Some((pk.to_hex().as_str(), 12)));
+        assert_eq!(parse_part("x.part"), None);
+        assert_eq!(parse_part("state"), None);
+    }
 }

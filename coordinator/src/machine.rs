@@ -119,10 +119,16 @@ fn round_key(round: u64, client: &PublicKey) -> String {
 impl Coordinator {
     /// A new federation starting from `initial` (e.g. a freshly initialised adapter: `B = 0`).
     pub fn new(cfg: CoordConfig, id: Identity, initial: Adapter, now_ms: u64) -> Result<Self> {
-        if cfg.rank == 0 || cfg.min_results == 0 || cfg.total_rounds() == 0 {
-            return Err(CoordinatorError::Config(
-                "rank, min_results and rounds must be positive".into(),
-            ));
+        for (field, v) in [
+            ("rank", cfg.rank as u64),
+            ("min_results", cfg.min_results as u64),
+            ("rounds", cfg.total_rounds()),
+        ] {
+            if v == 0 {
+                return Err(CoordinatorError::Config(format!(
+                    "{field} must be positive"
+                )));
+            }
         }
         let plan = Plan {
             max_rank: cfg.rank,

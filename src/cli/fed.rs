@@ -290,9 +290,43 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Arguments of `fedtune coord`.
+#[derive(Debug, Args)]
+pub struct CoordArgs {
+    /// TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+    /// Start a new federation although `data_dir/store` holds rounds but no state file (the
+    /// old store is moved aside to `store.old-<seconds>`, not deleted).
+    #[arg(long)]
+    new_federation: bool,
+}
+
 /// Runs `fedtune coord`.
-pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
+pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     let f: CoordFile = read_toml(&a.config)?;
+    let file = a.config.display().to_string();
+    let mut names = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for c in &f.clients {
+        anyhow::ensure!(
+            names.insert(c.name.as_str()),
+            "{file}: clients: the name `{}` is listed twice",
+            c.name
+        );
+        anyhow::ensure!(
+            keys.insert(c.key.as_str()),
+            "{file}: clients.{}: its key is also another client's",
+            c.name
+        );
+    }
+    for (field, v) in [
+        ("rank", f.rank as u64),
+        ("min_results", f.min_results as u64),
+        ("rounds", f.rounds),
+    ] {
+        anyhow::ensure!(v > 0, "{file}: {field} must be positive");
+    }
     let phase = f.phase.unwrap_or(Phase::Sft);
     let mut admitted = BTreeSet::new();
     let mut clients = BTreeMap::new();
@@ -304,7 +338,7 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
     }
     let targets = targets(&f.target_modules);
     let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
-        .with_context(|| format!("hashing {}", f.model.display()))?;
+        .with_context(|| format!("{file}: model: hashing {}", f.model.display()))?;
     let mut strategy = StrategyConfig::new(f.rule);
     strategy.target_rank = f.target_rank;
     strategy.norm_bound = f.norm_bound;
@@ -341,15 +375,40 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
     };
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
     let reset_id = id.clone();
-    let store = FileStore::open(&f.data_dir.join("store"))
-        .with_context(|| format!("opening {}", f.data_dir.display()))?;
-    let stored = store.load_all().context("reading the store")?;
+    let store_dir = f.data_dir.join("store");
+    let mut store = FileStore::open(&store_dir)
+        .with_context(|| format!("{file}: data_dir: opening {}", store_dir.display()))?;
+    let mut stored = store
+        .load_all()
+        .with_context(|| format!("reading {}", store_dir.display()))?;
+    if !stored.contains_key("state") && !stored.is_empty() {
+        // Rounds without the state that says where the federation stands: starting over would
+        // silently begin again at round 1 beside them.
+        anyhow::ensure!(
+            a.new_federation,
+            "{}: holds {} stored files (global adapters, updates) but no `state` file: refusing to \
+             start a new federation over them. Restore {} from a backup, or pass --new-federation \
+             to move the old store aside and start at round 1",
+            store_dir.display(),
+            stored.len(),
+            store_dir.join("state").display()
+        );
+        let aside = f.data_dir.join(format!("store.old-{}", now_ms() / 1000));
+        std::fs::rename(&store_dir, &aside)
+            .with_context(|| format!("moving {} to {}", store_dir.display(), aside.display()))?;
+        eprintln!("moved the old store to {}", aside.display());
+        store = FileStore::open(&store_dir)
+            .with_context(|| format!("{file}: data_dir: opening {}", store_dir.display()))?;
+        stored = BTreeMap::new();
+    }
+    drop(store);
     let machine = if stored.contains_key("state") {
         eprintln!("resuming from {}", f.data_dir.display());
-        Coordinator::recover(cfg, id, &stored)?
+        Coordinator::recover(cfg, id, &stored)
+            .with_context(|| format!("resuming from {}", store_dir.display()))?
     } else {
         let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
-            .with_context(|| format!("loading {}", f.model.display()))?;
+            .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
         let lora = TrainConfig {
             lora_r: f.rank,
             lora_alpha: f.lora_alpha,
@@ -357,7 +416,8 @@ pub fn run_coord(a: DaemonArgs) -> anyhow::Result<()> {
             seed: f.seed,
             ..TrainConfig::default()
         };
-        Coordinator::new(cfg, id, init_adapter(&m.model, &lora), now_ms())?
+        Coordinator::new(cfg, id, init_adapter(&m.model, &lora), now_ms())
+            .with_context(|| file.clone())?
     };
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
         .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
@@ -394,16 +454,27 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let coordinator = PublicKey::from_hex(&f.coordinator_key)
         .with_context(|| format!("{}: coordinator_key", a.config.display()))?;
     let targets = targets(&f.target_modules);
-    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
-        .with_context(|| format!("hashing {}", f.model.display()))?;
+    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets).with_context(|| {
+        format!(
+            "{}: model: hashing {}",
+            a.config.display(),
+            f.model.display()
+        )
+    })?;
     let device: fedtune_engine::device::Device = f
         .device
         .as_deref()
         .unwrap_or("cpu")
         .parse()
         .with_context(|| format!("{}: device", a.config.display()))?;
-    let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
-        .with_context(|| format!("loading {}", f.model.display()))?;
+    let m =
+        fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32).with_context(|| {
+            format!(
+                "{}: model: loading {}",
+                a.config.display(),
+                f.model.display()
+            )
+        })?;
     let sft = |p: &Path| -> anyhow::Result<_> {
         Ok(Dataset::load(p, LoadOptions::default())?.encode_sft(&m.tokenizer, Some(1024))?)
     };

@@ -44,7 +44,7 @@ enum Command {
     #[command(subcommand)]
     Ca(fed::CaCommand),
     /// Run the coordinator daemon (QUIC, mutual TLS).
-    Coord(fed::DaemonArgs),
+    Coord(fed::CoordArgs),
     /// Run a client daemon: train locally on private data, upload signed adapter updates.
     Client(fed::DaemonArgs),
     /// Simulate a whole federation on this machine (partitioned data, faults, report).
