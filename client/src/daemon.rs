@@ -57,6 +57,9 @@ pub enum ClientError {
     /// Local training failed.
     #[error("local training: {0}")]
     Train(String),
+    /// The coordinator is not the one this client trusts.
+    #[error("{0}")]
+    WrongCoordinator(String),
     /// Socket setup.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -64,6 +67,7 @@ pub enum ClientError {
 
 enum Outcome {
     Finished(Digest),
+    Stopped(String),
     Dropped(String),
 }
 
@@ -99,6 +103,10 @@ pub async fn run(
             Ok(Outcome::Finished(d)) => {
                 endpoint.close(0u32.into(), b"done");
                 return Ok(d);
+            }
+            Ok(Outcome::Stopped(reason)) => {
+                endpoint.close(1u32.into(), b"wrong coordinator");
+                return Err(ClientError::WrongCoordinator(reason));
             }
             Ok(Outcome::Dropped(e)) | Err(e) => {
                 failures += 1;
@@ -148,6 +156,7 @@ async fn session(
             match a {
                 ClientAction::Log(v) => log(opts, &v),
                 ClientAction::Finished(d) => return Ok(Outcome::Finished(d)),
+                ClientAction::Stop(reason) => return Ok(Outcome::Stopped(reason)),
                 ClientAction::Send(ToCoordinator::Update { header, payload }) => {
                     // Resumable upload: the coordinator says how much it already holds.
                     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;

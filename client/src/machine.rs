@@ -47,6 +47,8 @@ pub enum ClientAction {
     Log(serde_json::Value),
     /// The federation finished with this global adapter digest.
     Finished(Digest),
+    /// Stop: continuing cannot succeed (the coordinator is not the pinned one).
+    Stop(String),
 }
 
 /// The client state machine.
@@ -147,7 +149,13 @@ impl Client {
                 if coordinator == self.cfg.coordinator {
                     self.welcomed = true;
                 } else {
-                    self.log(serde_json::json!({"event": "error", "reason": "coordinator key differs from the pinned key"}));
+                    let reason = format!(
+                        "the coordinator identifies as key {}, not the pinned coordinator_key {}",
+                        coordinator.to_hex(),
+                        self.cfg.coordinator.to_hex()
+                    );
+                    self.log(serde_json::json!({"event": "error", "reason": reason}));
+                    self.actions.push_back(ClientAction::Stop(reason));
                 }
             }
             ToClient::Plan {

@@ -387,26 +387,7 @@ impl Coordinator {
             return;
         }
         match &self.d.open {
-            Some(open) if now_ms >= open.deadline_ms => {
-                if self.results.len() >= self.cfg.min_results {
-                    self.close(now_ms);
-                } else {
-                    let round = open.round;
-                    let missing: Vec<PublicKey> = open
-                        .sampled
-                        .iter()
-                        .filter(|c| !self.results.contains_key(c))
-                        .copied()
-                        .collect();
-                    self.log(serde_json::json!({
-                        "event": "round_retry", "round": round,
-                        "results": self.results.len(), "needed": self.cfg.min_results,
-                        "missing": missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-                    }));
-                    // Keep accepted updates; sample again with a new deadline.
-                    self.open_round(now_ms, round);
-                }
-            }
+            Some(open) if now_ms >= open.deadline_ms => self.settle(now_ms),
             Some(_) => {}
             None => {
                 if self.connected.len() >= self.cfg.strategy.sampling.min_clients.max(1) {
@@ -415,6 +396,41 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// The round's deadline passed, or every sampled client answered (an update or a
+    /// decline): close it with what it has, or sample again when that is too little.
+    fn settle(&mut self, now_ms: u64) {
+        let Some(open) = &self.d.open else {
+            return;
+        };
+        if self.results.len() >= self.cfg.min_results {
+            self.close(now_ms);
+        } else {
+            let round = open.round;
+            let missing: Vec<PublicKey> = open
+                .sampled
+                .iter()
+                .filter(|c| !self.results.contains_key(c))
+                .copied()
+                .collect();
+            self.log(serde_json::json!({
+                "event": "round_retry", "round": round,
+                "results": self.results.len(), "needed": self.cfg.min_results,
+                "missing": missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+            }));
+            // Keep accepted updates; sample again with a new deadline.
+            self.open_round(now_ms, round);
+        }
+    }
+
+    /// Whether every sampled client of the open round has sent an update or declined.
+    fn all_answered(&self) -> bool {
+        self.d.open.as_ref().is_some_and(|o| {
+            o.sampled.iter().all(|c| {
+                self.results.contains_key(c) || self.failures.iter().any(|f| f.client == c.to_hex())
+            })
+        })
     }
 
     fn open_round(&mut self, now_ms: u64, round: u64) {
@@ -498,7 +514,14 @@ impl Coordinator {
                 }
             }
             ToCoordinator::Decline { round, reason } => {
-                if self.d.open.as_ref().is_some_and(|o| o.round == round) {
+                let sampled = self
+                    .d
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.round == round && o.sampled.contains(&from));
+                let answered = self.results.contains_key(&from)
+                    || self.failures.iter().any(|f| f.client == from.to_hex());
+                if sampled && !answered {
                     self.failures.push(Failure {
                         client: from.to_hex(),
                         reason: format!("declined: {reason}"),
@@ -506,6 +529,10 @@ impl Coordinator {
                     self.log(serde_json::json!({
                         "event": "declined", "round": round, "client": from.to_hex(), "reason": reason,
                     }));
+                    // A decline counts at once: the round need not wait for its deadline.
+                    if self.all_answered() {
+                        self.settle(now_ms);
+                    }
                 }
             }
             ToCoordinator::Update { header, payload } => {
@@ -548,13 +575,8 @@ impl Coordinator {
                     "bytes": header.header.payload_len,
                     "metrics": header.header.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
                 }));
-                let all = self
-                    .d
-                    .open
-                    .as_ref()
-                    .is_some_and(|o| o.sampled.iter().all(|c| self.results.contains_key(c)));
-                if all {
-                    self.close(now_ms);
+                if self.all_answered() {
+                    self.settle(now_ms);
                 }
             }
         }

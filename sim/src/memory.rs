@@ -265,6 +265,9 @@ impl<'a> Federation<'a> {
             match a {
                 ClientAction::Log(v) => self.clients[i].log.push(v),
                 ClientAction::Finished(_) => {}
+                ClientAction::Stop(reason) => {
+                    return Err(SimError::Io(format!("client {i} stopped: {reason}")));
+                }
                 ClientAction::Send(msg) => {
                     if !self.clients[i].connected {
                         continue;

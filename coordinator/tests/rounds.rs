@@ -1,5 +1,6 @@
 //! The coordinator machine with plain adapter values (no engine, no network, a fake clock):
-//! recovery re-checks every stored update, and a round's `used` lists what was aggregated.
+//! recovery re-checks every stored update, a round's `used` lists what was aggregated, and a
+//! declined plan counts at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,6 +80,35 @@ fn events<'a>(logs: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json:
     logs.iter().filter(|v| v["event"] == event).collect()
 }
 
+/// Client `id` sends a signed update for `plan` (its `B` filled with `0.1·(k+1)`).
+fn upload(c: &mut Coordinator, id: &Identity, plan: &RoundPlan, k: usize, now: u64) {
+    let payload = peft::encode(&adapter(0.1 * (k + 1) as f32));
+    let header = seal(
+        id,
+        Seal {
+            kind: PayloadKind::Update,
+            federation: "recovery",
+            round: plan.round,
+            plan_hash: [7; 32],
+            parent: plan.global_digest,
+            nonce: [k as u8; 16],
+            now_ms: now,
+            ttl_ms: 600_000,
+            num_examples: 10,
+            metrics: vec![],
+        },
+        &payload,
+    );
+    c.handle_message(
+        now,
+        id.public(),
+        ToCoordinator::Update {
+            header: Box::new(header),
+            payload,
+        },
+    );
+}
+
 #[test]
 fn a_stored_update_damaged_on_disk_is_dropped_on_recovery_and_not_listed_as_used() {
     let now = 1_000_000;
@@ -93,31 +123,7 @@ fn a_stored_update_damaged_on_disk_is_dropped_on_recovery_and_not_listed_as_used
     let (_, plans) = drain(&mut c, &mut store);
     let plan = plans.first().expect("the round opens").clone();
     for (k, id) in ids[..2].iter().enumerate() {
-        let payload = peft::encode(&adapter(0.1 * (k + 1) as f32));
-        let header = seal(
-            id,
-            Seal {
-                kind: PayloadKind::Update,
-                federation: "recovery",
-                round: plan.round,
-                plan_hash: [7; 32],
-                parent: plan.global_digest,
-                nonce: [k as u8; 16],
-                now_ms: now,
-                ttl_ms: 600_000,
-                num_examples: 10,
-                metrics: vec![],
-            },
-            &payload,
-        );
-        c.handle_message(
-            now,
-            id.public(),
-            ToCoordinator::Update {
-                header: Box::new(header),
-                payload,
-            },
-        );
+        upload(&mut c, id, &plan, k, now);
     }
     let (logs, _) = drain(&mut c, &mut store);
     assert_eq!(events(&logs, "accepted").len(), 2, "{logs:?}");
@@ -148,6 +154,52 @@ fn a_stored_update_damaged_on_disk_is_dropped_on_recovery_and_not_listed_as_used
     assert_eq!(
         closed[0]["used"],
         serde_json::json!([ids[0].public().to_hex()]),
+        "{closed:?}"
+    );
+}
+
+/// A client that declines the plan (its checks of the global adapter failed) counts at once:
+/// with every sampled client answered, the round closes without waiting for its deadline.
+#[test]
+fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
+    let now = 1_000_000;
+    let ids = [1u8, 2].map(|k| Identity::from_seed([k; 32]));
+    let mut store = BTreeMap::new();
+    let mut c = Coordinator::new(
+        config(&ids),
+        Identity::from_seed([9; 32]),
+        adapter(0.0),
+        now,
+    )
+    .unwrap();
+    for id in &ids {
+        c.handle_hello(now, id.public());
+    }
+    let (_, plans) = drain(&mut c, &mut store);
+    let plan = plans[0].clone();
+    upload(&mut c, &ids[0], &plan, 0, now);
+    c.handle_message(
+        now + 5,
+        ids[1].public(),
+        ToCoordinator::Decline {
+            round: plan.round,
+            reason: "global adapter for another base model".into(),
+        },
+    );
+    let (logs, _) = drain(&mut c, &mut store);
+    assert_eq!(events(&logs, "declined").len(), 1, "{logs:?}");
+    let closed = events(&logs, "round_closed");
+    assert_eq!(
+        closed.len(),
+        1,
+        "closed at once, before the deadline: {logs:?}"
+    );
+    assert_eq!(
+        closed[0]["used"],
+        serde_json::json!([ids[0].public().to_hex()])
+    );
+    assert!(
+        closed[0]["failures"].to_string().contains("declined"),
         "{closed:?}"
     );
 }
