@@ -308,3 +308,51 @@ fn gradient_checkpointing_trains_the_same_steps() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `checkpoint-N/` holds a PEFT adapter of step N beside the resume state, as the Hugging Face
+/// Trainer's checkpoints do: `eval --adapter out/checkpoint-2` loads it, and it is the
+/// adapter of step 2 (a run stopped at step 2 writes the same loss), not the final one.
+#[test]
+fn checkpoints_hold_a_loadable_peft_adapter_of_their_step() {
+    let out = tmpdir("ckpt-peft");
+    let common = [
+        "--per-device-train-batch-size",
+        "2",
+        "--learning-rate",
+        "5e-3",
+        "--seed",
+        "3",
+        // The first two steps do not depend on the run's length.
+        "--lr-scheduler-type",
+        "constant",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--max-steps", "4", "--save-steps", "2"]);
+    let (ok, err) = train_sft(&data(), &out.join("run"), &args);
+    assert!(ok, "{err}");
+    let ckpt = out.join("run/checkpoint-2");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(
+            ckpt.join(f).is_file(),
+            "{f} missing from {}",
+            ckpt.display()
+        );
+    }
+    let mut args = common.to_vec();
+    args.extend(["--max-steps", "2"]);
+    let (ok, err) = train_sft(&data(), &out.join("two"), &args);
+    assert!(ok, "{err}");
+    let at_two = eval_loss(&model(), Some(&out.join("two")));
+    let from_ckpt = eval_loss(&model(), Some(&ckpt));
+    let last = eval_loss(&model(), Some(&out.join("run")));
+    assert!((from_ckpt - at_two).abs() < 1e-6, "{from_ckpt} vs {at_two}");
+    assert!(
+        (from_ckpt - last).abs() > 1e-4,
+        "{from_ckpt} vs the final {last}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -102,6 +102,13 @@ fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptio
 
 struct Both<'a>(&'a mut Bar);
 impl Callback for Both<'_> {
+    fn on_save(
+        &mut self,
+        dir: &std::path::Path,
+        params: &[(String, burn::tensor::Tensor<2>)],
+    ) -> fedtune_engine::Result<()> {
+        self.0.on_save(dir, params)
+    }
     fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
         self.0.on_log(e, state);
         if let Some(acc) = e.metrics.get("rewards/accuracies") {
@@ -204,7 +211,20 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let mut b = Bar { bar: bar.clone() };
+    let peft_of = |model: &fedtune_engine::LlamaModel| {
+        let mut peft = to_peft(model, &cfg, Some(a.model.model.display().to_string()));
+        if let Some(p) = &a.sft_adapter {
+            peft.metadata.insert(
+                "merged_sft_adapter".into(),
+                serde_json::Value::String(p.display().to_string()),
+            );
+        }
+        peft
+    };
+    let mut b = Bar {
+        bar: bar.clone(),
+        adapter: cfg.is_lora().then(|| peft_of(&m.model)),
+    };
     let pad = m.tokenizer.pad_id;
     let mut cb = Both(&mut b);
     let data = (opts, train_pairs, eval_pairs, pad);
@@ -229,14 +249,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut peft = to_peft(&m.model, &cfg, Some(a.model.model.display().to_string()));
-    if let Some(p) = &a.sft_adapter {
-        peft.metadata.insert(
-            "merged_sft_adapter".into(),
-            serde_json::Value::String(p.display().to_string()),
-        );
-    }
-    peft.save(&a.run.output)?;
+    peft_of(&m.model).save(&a.run.output)?;
     super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
     let report = serde_json::json!({
         "summary": summary,

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use fedtune_engine::LoadedModel;
+use fedtune_engine::PeftAdapter;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
 use fedtune_engine::device::Device;
-use fedtune_engine::train::lora::{init_adapter, to_peft};
+use fedtune_engine::train::lora::{init_adapter, to_peft, with_factors};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::{Callback, LogEntry, SftRun, TrainConfig, TrainerState, train_sft};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -230,9 +231,23 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
 
 pub(crate) struct Bar {
     pub(crate) bar: ProgressBar,
+    /// The run's PEFT adapter before training (LoRA runs): each checkpoint gets a copy with
+    /// its trained factors, loadable as the Hugging Face Trainer's checkpoints are.
+    pub(crate) adapter: Option<PeftAdapter>,
 }
 
 impl Callback for Bar {
+    fn on_save(
+        &mut self,
+        dir: &Path,
+        params: &[(String, burn::tensor::Tensor<2>)],
+    ) -> fedtune_engine::Result<()> {
+        match &self.adapter {
+            Some(template) => with_factors(template, params)?.save(dir),
+            None => Ok(()),
+        }
+    }
+
     fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
         self.bar.set_length(state.total_steps);
         self.bar.set_position(e.step);
@@ -308,7 +323,11 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let mut cb = Bar { bar: bar.clone() };
+    let base = Some(a.model.model.display().to_string());
+    let mut cb = Bar {
+        bar: bar.clone(),
+        adapter: cfg.is_lora().then(|| to_peft(&m.model, &cfg, base.clone())),
+    };
     let summary = match a.model.engine_device()? {
         Device::Cpu => train_sft(&mut m.model, &run, &mut cb)?,
         Device::Cuda(n) => {
@@ -330,7 +349,6 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let base = Some(a.model.model.display().to_string());
     if cfg.is_lora() {
         to_peft(&m.model, &cfg, base).save(&a.run.output)?;
         super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;

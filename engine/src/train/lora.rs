@@ -77,3 +77,26 @@ pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> P
         metadata,
     }
 }
+
+/// `template` (a PEFT adapter: configuration, scales, metadata) with the LoRA factors of
+/// `params` (trained parameters by name, `{module}.lora_A` / `.lora_B`, as checkpoints hold
+/// them): what a checkpoint's loadable adapter is.
+pub fn with_factors(
+    template: &PeftAdapter,
+    params: &[(String, burn::tensor::Tensor<2>)],
+) -> crate::error::Result<PeftAdapter> {
+    let by_name: std::collections::BTreeMap<&str, &burn::tensor::Tensor<2>> =
+        params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = template.clone();
+    for (module, f) in out.weights.modules.iter_mut() {
+        for (suffix, m) in [("lora_A", &mut f.a), ("lora_B", &mut f.b)] {
+            let name = format!("{module}.{suffix}");
+            let t = by_name.get(name.as_str()).ok_or_else(|| {
+                crate::error::Error::Invalid(format!("no trained parameter `{name}`"))
+            })?;
+            let [r, c] = t.dims();
+            *m = fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()));
+        }
+    }
+    Ok(out)
+}

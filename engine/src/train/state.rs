@@ -58,6 +58,15 @@ pub struct TrainerState {
 pub trait Callback {
     /// A step finished or an evaluation ran.
     fn on_log(&mut self, _entry: &LogEntry, _state: &TrainerState) {}
+    /// A checkpoint was written to `dir`, with these trained parameters (host copies, by
+    /// parameter name): the place to add files beside it, such as a loadable PEFT adapter.
+    fn on_save(
+        &mut self,
+        _dir: &std::path::Path,
+        _params: &[(String, burn::tensor::Tensor<2>)],
+    ) -> crate::error::Result<()> {
+        Ok(())
+    }
 }
 
 /// A callback that does nothing.

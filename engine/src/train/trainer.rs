@@ -251,7 +251,7 @@ pub fn train<M: TrainModel>(
             if let (Some(out), Some(every)) = (run.output, cfg.save_steps)
                 && state.global_step.is_multiple_of(every)
             {
-                save_checkpoint(out, &*model, &names, &opt, &state)?;
+                save_checkpoint(out, &*model, &names, &opt, &state, cb)?;
             }
         }
         state.epoch += 1;
@@ -260,7 +260,7 @@ pub fn train<M: TrainModel>(
     if summary.cancelled
         && let Some(out) = run.output
     {
-        save_checkpoint(out, &*model, &names, &opt, &state)?;
+        save_checkpoint(out, &*model, &names, &opt, &state, cb)?;
     }
     summary.steps = state.global_step;
     Ok(summary)
@@ -272,21 +272,18 @@ pub fn checkpoint_dir(output: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes `checkpoint-{step}` under `output` from host copies of the parameters and the
-/// optimiser state.
+/// optimiser state, then lets the callback add to it.
 fn save_checkpoint<M: TrainModel>(
     output: &Path,
     model: &M,
     names: &[String],
     opt: &M::Optimizer,
     state: &TrainerState,
+    cb: &mut dyn Callback,
 ) -> Result<()> {
     let params = model.host_params(names)?;
     let (step, moments) = model.host_optimizer(opt)?;
-    checkpoint::save(
-        &checkpoint_dir(output, state.global_step),
-        &params,
-        step,
-        &moments,
-        state,
-    )
+    let dir = checkpoint_dir(output, state.global_step);
+    checkpoint::save(&dir, &params, step, &moments, state)?;
+    cb.on_save(&dir, &params)
 }
