@@ -356,3 +356,61 @@ fn checkpoints_hold_a_loadable_peft_adapter_of_their_step() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// TRL 1.x / transformers names: `--max-length` (and `max_length` in TOML) for
+/// `--max-seq-length`, `--warmup-steps` overriding the ratio, `--save-total-limit` keeping the
+/// newest checkpoints only.
+#[test]
+fn trl_names_max_length_warmup_steps_and_save_total_limit_work() {
+    let out = tmpdir("trl-names");
+    let toml = out.join("train.toml");
+    std::fs::write(&toml, "max_length = 384\n").unwrap();
+    let args = [
+        "--config",
+        toml.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--per-device-train-batch-size",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--lr-scheduler-type",
+        "constant",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "2",
+    ];
+    let (ok, err) = train_sft(&data(), &out.join("run"), &args);
+    assert!(ok, "{err}");
+    let summary = read_json(&out.join("run/training_summary.json"));
+    assert_eq!(summary["config"]["max_seq_length"], 384);
+    assert_eq!(summary["config"]["warmup_steps"], 2);
+    let log = std::fs::read_to_string(out.join("run/train_log.jsonl")).unwrap();
+    let lrs: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v["learning_rate"].as_f64())
+        .collect();
+    // transformers' warm-up: lr·s/warmup at step s (0-based), then the constant peak.
+    assert_eq!(lrs.len(), 4, "{log}");
+    assert!(lrs[0] < lrs[1] && lrs[1] < lrs[2], "{lrs:?}");
+    assert_eq!(lrs[2], lrs[3], "{lrs:?}");
+    let mut kept: Vec<String> = std::fs::read_dir(out.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-3", "checkpoint-4"]);
+    let (ok, err) = train_sft(
+        &data(),
+        &out.join("cli"),
+        &["--max-length", "320", "--max-steps", "1"],
+    );
+    assert!(ok, "{err}");
+    let summary = read_json(&out.join("cli/training_summary.json"));
+    assert_eq!(summary["config"]["max_seq_length"], 320);
+    let _ = std::fs::remove_dir_all(&out);
+}

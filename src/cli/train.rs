@@ -70,8 +70,8 @@ pub struct TrainOverrides {
     /// Micro-batches per optimiser step.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
-    /// Longest sequence.
-    #[arg(long)]
+    /// Longest sequence (TRL 1.x calls it `max_length`; both names work).
+    #[arg(long, visible_alias = "max-length")]
     pub max_seq_length: Option<usize>,
     /// Pack sequences into rows of max-seq-length.
     #[arg(long)]
@@ -82,6 +82,9 @@ pub struct TrainOverrides {
     /// Warm-up fraction.
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// Warm-up steps (overrides --warmup-ratio, as in transformers).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
     /// Gradient clipping norm (0 disables).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -100,6 +103,9 @@ pub struct TrainOverrides {
     /// Checkpoint every N steps.
     #[arg(long)]
     pub save_steps: Option<u64>,
+    /// Keep only the newest N checkpoints (older `checkpoint-*` directories are deleted).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// Log every N steps.
     #[arg(long)]
     pub logging_steps: Option<u64>,
@@ -154,7 +160,9 @@ impl TrainOverrides {
             max_steps,
             eval_split,
             eval_steps,
-            save_steps
+            save_steps,
+            warmup_steps,
+            save_total_limit
         );
         c.use_rslora |= self.use_rslora;
         c.full |= self.full;

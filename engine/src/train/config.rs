@@ -34,7 +34,9 @@ pub struct TrainConfig {
     pub per_device_train_batch_size: usize,
     /// Micro-batches per optimiser step.
     pub gradient_accumulation_steps: usize,
-    /// Longest sequence (longer ones are truncated on the right).
+    /// Longest sequence (longer ones are truncated on the right). TRL 1.x's `max_length` is
+    /// accepted as its name too.
+    #[serde(alias = "max_length")]
     pub max_seq_length: usize,
     /// Pack sequences into rows of `max_seq_length`.
     pub packing: bool,
@@ -42,6 +44,8 @@ pub struct TrainConfig {
     pub lr_scheduler_type: Schedule,
     /// Fraction of steps used for linear warm-up.
     pub warmup_ratio: f64,
+    /// Warm-up steps; when set, overrides `warmup_ratio` (as in transformers).
+    pub warmup_steps: Option<u64>,
     /// Gradient clipping norm (0 disables).
     pub max_grad_norm: f64,
     /// Decoupled weight decay.
@@ -54,6 +58,9 @@ pub struct TrainConfig {
     pub eval_steps: Option<u64>,
     /// Save a checkpoint every this many steps.
     pub save_steps: Option<u64>,
+    /// Keep at most this many checkpoints: older `checkpoint-*` directories are deleted after
+    /// each save (transformers' `save_total_limit`).
+    pub save_total_limit: Option<usize>,
     /// Log every this many steps.
     pub logging_steps: u64,
     /// QLoRA: the base's projections in NF4.
@@ -92,12 +99,14 @@ impl Default for TrainConfig {
             packing: false,
             lr_scheduler_type: Schedule::Linear,
             warmup_ratio: 0.0,
+            warmup_steps: None,
             max_grad_norm: 1.0,
             weight_decay: 0.0,
             seed: 42,
             eval_split: None,
             eval_steps: None,
             save_steps: None,
+            save_total_limit: None,
             logging_steps: 1,
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
@@ -134,6 +143,10 @@ impl TrainConfig {
         check(
             (0.0..1.0).contains(&self.warmup_ratio),
             "warmup_ratio must be in [0, 1)",
+        )?;
+        check(
+            self.save_total_limit.is_none_or(|n| n > 0),
+            "save_total_limit must be at least 1",
         )?;
         check(
             self.eval_split.is_none_or(|f| f > 0.0 && f < 1.0),

@@ -128,7 +128,9 @@ pub fn train<M: TrainModel>(
         .max_steps
         .unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64)
         .max(1);
-    let warmup = warmup_steps(cfg.warmup_ratio, total);
+    let warmup = cfg
+        .warmup_steps
+        .unwrap_or_else(|| warmup_steps(cfg.warmup_ratio, total));
     let mut opt = model.new_optimizer(AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..Default::default()
@@ -251,7 +253,7 @@ pub fn train<M: TrainModel>(
             if let (Some(out), Some(every)) = (run.output, cfg.save_steps)
                 && state.global_step.is_multiple_of(every)
             {
-                save_checkpoint(out, &*model, &names, &opt, &state, cb)?;
+                save_checkpoint(out, &*model, &names, &opt, &state, cb, cfg.save_total_limit)?;
             }
         }
         state.epoch += 1;
@@ -260,7 +262,7 @@ pub fn train<M: TrainModel>(
     if summary.cancelled
         && let Some(out) = run.output
     {
-        save_checkpoint(out, &*model, &names, &opt, &state, cb)?;
+        save_checkpoint(out, &*model, &names, &opt, &state, cb, cfg.save_total_limit)?;
     }
     summary.steps = state.global_step;
     Ok(summary)
@@ -280,10 +282,34 @@ fn save_checkpoint<M: TrainModel>(
     opt: &M::Optimizer,
     state: &TrainerState,
     cb: &mut dyn Callback,
+    limit: Option<usize>,
 ) -> Result<()> {
     let params = model.host_params(names)?;
     let (step, moments) = model.host_optimizer(opt)?;
     let dir = checkpoint_dir(output, state.global_step);
     checkpoint::save(&dir, &params, step, &moments, state)?;
-    cb.on_save(&dir, &params)
+    cb.on_save(&dir, &params)?;
+    if let Some(keep) = limit {
+        remove_old_checkpoints(output, keep)?;
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep` `checkpoint-N` directories under `output`.
+fn remove_old_checkpoints(output: &Path, keep: usize) -> Result<()> {
+    let rd = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
+    let mut steps: Vec<(u64, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let old = steps.len().saturating_sub(keep);
+    for (_, dir) in &steps[..old] {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
 }
