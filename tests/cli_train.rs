@@ -414,3 +414,29 @@ fn trl_names_max_length_warmup_steps_and_save_total_limit_work() {
     assert_eq!(summary["config"]["max_seq_length"], 320);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// TRL's `assistant_only_loss` / `completion_only_loss`: fedtune trains assistant turns only by
+/// default; `--assistant-only-loss false` trains every token of a conversation (TRL's
+/// default), so the same step trains more tokens.
+#[test]
+fn assistant_only_loss_false_trains_every_token_of_a_conversation() {
+    let out = tmpdir("loss-on");
+    let trained = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--max-steps", "1", "--per-device-train-batch-size", "4"];
+        args.extend_from_slice(extra);
+        let (ok, err) = train_sft(&data(), &out.join(name), &args);
+        assert!(ok, "{err}");
+        let s = read_json(&out.join(name).join("training_summary.json"));
+        (
+            s["summary"]["trained_tokens"].as_u64().unwrap(),
+            s["config"]["assistant_only_loss"].as_bool().unwrap(),
+        )
+    };
+    let (assistant, flag) = trained("assistant", &[]);
+    assert!(flag, "fedtune's default");
+    let (all, flag) = trained("all", &["--assistant-only-loss", "false"]);
+    assert!(!flag);
+    println!("trained tokens: assistant turns {assistant}, every token {all}");
+    assert!(all > assistant, "{all} vs {assistant}");
+    let _ = std::fs::remove_dir_all(&out);
+}

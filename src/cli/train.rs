@@ -76,6 +76,14 @@ pub struct TrainOverrides {
     /// Pack sequences into rows of max-seq-length.
     #[arg(long)]
     pub packing: bool,
+    /// Conversations: train on the assistant turns only (fedtune's default, true) or on every
+    /// token (false, TRL's default).
+    #[arg(long)]
+    pub assistant_only_loss: Option<bool>,
+    /// Prompt/completion data: train on the completion only (true, the default) or on the
+    /// prompt too.
+    #[arg(long)]
+    pub completion_only_loss: Option<bool>,
     /// linear, cosine or constant.
     #[arg(long)]
     pub lr_scheduler_type: Option<Schedule>,
@@ -164,6 +172,12 @@ impl TrainOverrides {
             warmup_steps,
             save_total_limit
         );
+        if let Some(v) = self.assistant_only_loss {
+            c.assistant_only_loss = v;
+        }
+        if let Some(v) = self.completion_only_loss {
+            c.completion_only_loss = v;
+        }
         c.use_rslora |= self.use_rslora;
         c.full |= self.full;
         c.packing |= self.packing;
@@ -304,11 +318,15 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     for e in &data.skipped {
         eprintln!("skipped: {e}");
     }
-    let seqs = data.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?;
+    let seqs = data.encode_sft_on(&m.tokenizer, Some(cfg.max_seq_length), cfg.loss_on())?;
     let (train, eval) = match (&a.run.eval_data, cfg.eval_split) {
         (Some(p), _) => (
             seqs,
-            Dataset::load(p, opts)?.encode_sft(&m.tokenizer, Some(cfg.max_seq_length))?,
+            Dataset::load(p, opts)?.encode_sft_on(
+                &m.tokenizer,
+                Some(cfg.max_seq_length),
+                cfg.loss_on(),
+            )?,
         ),
         (None, Some(f)) => split_eval(seqs, f, cfg.seed),
         (None, None) => (seqs, Vec::new()),

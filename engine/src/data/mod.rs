@@ -165,12 +165,34 @@ impl Dataset {
     }
 
     /// Tokenises every example for SFT (preference pairs train on prompt + chosen), truncated
-    /// to `max_len` tokens (right truncation, as TRL).
+    /// to `max_len` tokens (right truncation, as TRL). Assistant turns and completions are
+    /// the trained tokens.
     pub fn encode_sft(&self, tok: &Tokenizer, max_len: Option<usize>) -> Result<Vec<Encoded>> {
+        self.encode_sft_on(tok, max_len, LossOn::default())
+    }
+
+    /// [`Dataset::encode_sft`] with the trained tokens chosen as TRL's
+    /// `assistant_only_loss` and `completion_only_loss` choose them.
+    pub fn encode_sft_on(
+        &self,
+        tok: &Tokenizer,
+        max_len: Option<usize>,
+        loss: LossOn,
+    ) -> Result<Vec<Encoded>> {
         self.examples
             .iter()
             .map(|(line, ex)| {
                 let mut enc = encode_sft(ex, tok).map_err(|e| self.data_error(*line, e))?;
+                let all = match ex {
+                    Example::Chat { .. } => !loss.assistant_only,
+                    Example::PromptCompletion { .. } | Example::Preference { .. } => {
+                        !loss.completion_only
+                    }
+                    Example::Text { .. } => false,
+                };
+                if all {
+                    enc.mask.iter_mut().for_each(|m| *m = 1);
+                }
                 if let Some(m) = max_len {
                     enc.ids.truncate(m);
                     enc.mask.truncate(m);
@@ -263,6 +285,24 @@ pub fn encode_sft(ex: &Example, tok: &Tokenizer) -> Result<Encoded> {
                 tok.encode_chat_from(&m, from)
             }
         },
+    }
+}
+
+/// Which tokens SFT trains (TRL's `assistant_only_loss`, `completion_only_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossOn {
+    /// Conversations: only the assistant turns (`false`: every token).
+    pub assistant_only: bool,
+    /// Prompt/completion data: only the completion (`false`: the prompt too).
+    pub completion_only: bool,
+}
+
+impl Default for LossOn {
+    fn default() -> Self {
+        LossOn {
+            assistant_only: true,
+            completion_only: true,
+        }
     }
 }
 

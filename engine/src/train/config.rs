@@ -40,6 +40,12 @@ pub struct TrainConfig {
     pub max_seq_length: usize,
     /// Pack sequences into rows of `max_seq_length`.
     pub packing: bool,
+    /// Conversations train on the assistant turns only (TRL's `assistant_only_loss`). fedtune's
+    /// default is `true`; TRL's is `false` (every token of a conversation).
+    pub assistant_only_loss: bool,
+    /// Prompt/completion data trains on the completion only (TRL's `completion_only_loss`,
+    /// whose default is also `true`).
+    pub completion_only_loss: bool,
     /// Learning-rate schedule.
     pub lr_scheduler_type: Schedule,
     /// Fraction of steps used for linear warm-up.
@@ -97,6 +103,8 @@ impl Default for TrainConfig {
             gradient_accumulation_steps: 1,
             max_seq_length: 1024,
             packing: false,
+            assistant_only_loss: true,
+            completion_only_loss: true,
             lr_scheduler_type: Schedule::Linear,
             warmup_ratio: 0.0,
             warmup_steps: None,
@@ -163,6 +171,14 @@ impl TrainConfig {
             )?;
         }
         Ok(())
+    }
+
+    /// Which tokens SFT trains.
+    pub fn loss_on(&self) -> crate::data::LossOn {
+        crate::data::LossOn {
+            assistant_only: self.assistant_only_loss,
+            completion_only: self.completion_only_loss,
+        }
     }
 
     /// Whether the run trains LoRA adapters (as opposed to weights).
