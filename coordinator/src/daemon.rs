@@ -296,8 +296,7 @@ async fn connection(
 
 /// A partial upload's file name: signer, round and signed digest.
 fn part_name(pk: &PublicKey, round: u64, digest: &[u8; 32]) -> String {
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{round}-{hex}.part", pk.to_hex())
+    format!("{}-{round}-{}.part", pk.to_hex(), hex::encode(digest))
 }
 
 /// `(signer hex, round)` of a partial upload's file name.

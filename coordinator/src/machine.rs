@@ -732,7 +732,7 @@ impl Coordinator {
 }
 
 fn hex_digest(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(d)
 }
 
 /// `digest` re-exported for drivers that name files by content.

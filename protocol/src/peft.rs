@@ -69,25 +69,14 @@ fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
         }
     };
     let bytes = view.data();
-    let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(ProtocolError::malformed(
-                "adapter",
-                format!("tensor `{key}` has dtype {other:?} (F32, BF16, F16 accepted)"),
-            ));
-        }
+    let Some(data) = floats(view.dtype(), bytes) else {
+        return Err(ProtocolError::malformed(
+            "adapter",
+            format!(
+                "tensor `{key}` has dtype {:?} (F32, BF16, F16 accepted)",
+                view.dtype()
+            ),
+        ));
     };
     if data.len() != rows * cols {
         return Err(ProtocolError::malformed(
@@ -293,6 +282,25 @@ fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(&text);
     out.extend_from_slice(&bytes[8 + n..]);
     out
+}
+
+/// Little-endian f32, bf16 or f16 values as f32 (`None` for other dtypes).
+pub fn floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -533,7 +533,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             max_attempts: 20,
         },
     ))?;
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(digest);
     println!("federation finished; final global adapter blake3 {hex}");
     Ok(())
 }

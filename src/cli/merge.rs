@@ -115,22 +115,7 @@ fn map_all(path: &Path) -> anyhow::Result<Vec<(PathBuf, Mmap)>> {
 }
 
 fn floats(view: &TensorView<'_>) -> Option<Vec<f32>> {
-    let b = view.data();
-    Some(match view.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
+    fedtune_protocol::peft::floats(view.dtype(), view.data())
 }
 
 fn to_dtype(values: &[f32], dtype: Dtype) -> Vec<u8> {
