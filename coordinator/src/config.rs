@@ -33,9 +33,9 @@ pub struct CoordConfig {
     pub round_timeout_ms: u64,
     /// Largest update payload.
     pub max_payload: u64,
-    /// Validity of signed headers.
+    /// Validity of the update headers clients sign (the simulator's clients use it).
     pub header_ttl_ms: u64,
-    /// Allowed clock skew.
+    /// Clock skew tolerated on a header's issue time.
     pub max_skew_ms: u64,
     /// Hash of the base model and LoRA configuration.
     pub plan_hash: Digest,
@@ -54,7 +54,56 @@ pub struct Stage {
     pub hyper: Hyper,
 }
 
+/// Clock skew tolerated on a signed header's issue time (a client's clock ahead of the
+/// coordinator's).
+pub const DEFAULT_MAX_SKEW_MS: u64 = 120_000;
+
+/// Largest update payload by default.
+pub const DEFAULT_MAX_PAYLOAD: u64 = 256 << 20;
+
+/// Validity of the update headers a client signs, for rounds of `round_timeout_ms`:
+/// `max(4 × round timeout, 1 h)`, so an update sent again after a reconnection late in its
+/// round is still valid, while an old header cannot be used in much later rounds.
+pub fn default_header_ttl_ms(round_timeout_ms: u64) -> u64 {
+    round_timeout_ms.saturating_mul(4).max(3_600_000)
+}
+
 impl CoordConfig {
+    /// A federation of `rounds` rounds of `phase` with the documented defaults for the rest:
+    /// no later stages, one update needed to close a round, [`DEFAULT_MAX_PAYLOAD`],
+    /// [`default_header_ttl_ms`] and [`DEFAULT_MAX_SKEW_MS`]. The daemon's `coord.toml` and the
+    /// simulator both start from here and set what their files say.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        federation: String,
+        phase: Phase,
+        rounds: u64,
+        hyper: Hyper,
+        (rank, lora_alpha): (usize, f64),
+        strategy: StrategyConfig,
+        round_timeout_ms: u64,
+        plan_hash: Digest,
+        admitted: BTreeSet<PublicKey>,
+    ) -> Self {
+        CoordConfig {
+            federation,
+            rounds,
+            phase,
+            hyper,
+            then: Vec::new(),
+            rank,
+            lora_alpha,
+            strategy,
+            min_results: 1,
+            round_timeout_ms,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            header_ttl_ms: default_header_ttl_ms(round_timeout_ms),
+            max_skew_ms: DEFAULT_MAX_SKEW_MS,
+            plan_hash,
+            admitted,
+        }
+    }
+
     /// Rounds of every stage together.
     pub fn total_rounds(&self) -> u64 {
         self.rounds + self.then.iter().map(|s| s.rounds).sum::<u64>()
@@ -81,6 +130,50 @@ impl CoordConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_constructor_sets_the_documented_defaults() {
+        let hyper = Hyper {
+            learning_rate: 1e-3,
+            local_steps: 1,
+            batch_size: 1,
+            beta: 0.1,
+            seed: 0,
+        };
+        let strategy = fedtune_aggregation::strategy::StrategyConfig::new(
+            fedtune_aggregation::strategy::Rule::FedAvgExact,
+        );
+        let short = CoordConfig::new(
+            "f".into(),
+            Phase::Sft,
+            3,
+            hyper.clone(),
+            (4, 8.0),
+            strategy.clone(),
+            60_000,
+            [0; 32],
+            BTreeSet::new(),
+        );
+        assert_eq!(short.header_ttl_ms, 3_600_000, "at least an hour");
+        assert_eq!(short.max_skew_ms, DEFAULT_MAX_SKEW_MS);
+        assert_eq!(
+            (short.min_results, short.max_payload),
+            (1, DEFAULT_MAX_PAYLOAD)
+        );
+        assert_eq!(short.total_rounds(), 3);
+        let long = CoordConfig::new(
+            "f".into(),
+            Phase::Sft,
+            3,
+            hyper,
+            (4, 8.0),
+            strategy,
+            2 * 3_600_000,
+            [0; 32],
+            BTreeSet::new(),
+        );
+        assert_eq!(long.header_ttl_ms, 8 * 3_600_000, "four round timeouts");
+    }
 
     #[test]
     fn stages_follow_each_other_and_the_last_one_holds() {

@@ -190,23 +190,22 @@ fn coord_config(
         _ => ((Phase::Sft, &cfg.sft), Vec::new()),
     };
     let timeout_ms = (s.round_timeout_s * 1000.0) as u64;
-    CoordConfig {
-        federation: cfg.name.clone(),
-        rounds: first.1.rounds,
-        phase: first.0,
-        hyper: hyper(first.1, cfg.seed),
-        then,
-        rank: cfg.model.rank,
-        lora_alpha: cfg.model.lora_alpha,
+    let mut coord = CoordConfig::new(
+        cfg.name.clone(),
+        first.0,
+        first.1.rounds,
+        hyper(first.1, cfg.seed),
+        (cfg.model.rank, cfg.model.lora_alpha),
         strategy,
-        min_results: s.min_results.unwrap_or(sampled.div_ceil(2)).max(1),
-        round_timeout_ms: timeout_ms,
-        max_payload: 1 << 30,
-        header_ttl_ms: timeout_ms.saturating_mul(4).max(3_600_000),
-        max_skew_ms: 60_000,
+        timeout_ms,
         plan_hash,
-        admitted: admitted.iter().copied().collect(),
-    }
+        admitted.iter().copied().collect(),
+    );
+    coord.then = then;
+    coord.min_results = s.min_results.unwrap_or(sampled.div_ceil(2)).max(1);
+    // Simulated clients' updates are held in memory, not streamed: no transport limit.
+    coord.max_payload = 1 << 30;
+    coord
 }
 
 /// The parties of a run, whatever the transport: identities derived from the seed, the plan

@@ -348,31 +348,28 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     if let Some(s) = f.sampling {
         strategy.sampling = s;
     }
-    let cfg = CoordConfig {
-        then: f
-            .then
-            .iter()
-            .map(|s| Stage {
-                phase: s.phase,
-                rounds: s.rounds,
-                hyper: s.local.hyper(),
-            })
-            .collect(),
-        federation: f.federation.clone(),
-        rounds: f.rounds,
+    let mut cfg = CoordConfig::new(
+        f.federation.clone(),
         phase,
-        hyper: f.local.hyper(),
-        rank: f.rank,
-        lora_alpha: f.lora_alpha,
+        f.rounds,
+        f.local.hyper(),
+        (f.rank, f.lora_alpha),
         strategy,
-        min_results: f.min_results,
-        round_timeout_ms: f.round_timeout_s * 1000,
-        max_payload: f.max_payload_mb << 20,
-        header_ttl_ms: f.round_timeout_s * 1000 * 2,
-        max_skew_ms: 120_000,
-        plan_hash: hash,
+        f.round_timeout_s * 1000,
+        hash,
         admitted,
-    };
+    );
+    cfg.then = f
+        .then
+        .iter()
+        .map(|s| Stage {
+            phase: s.phase,
+            rounds: s.rounds,
+            hyper: s.local.hyper(),
+        })
+        .collect();
+    cfg.min_results = f.min_results;
+    cfg.max_payload = f.max_payload_mb << 20;
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
     let reset_id = id.clone();
     let store_dir = f.data_dir.join("store");
