@@ -25,7 +25,7 @@ use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::{PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::machine::{Action, Coordinator};
 use crate::store::FileStore;
@@ -82,6 +82,10 @@ pub struct ConnectionLimits {
     /// Connections one identity may hold at once (counted from the end of the handshake); more
     /// are closed at once. Only the newest connection that said `Hello` receives messages.
     pub per_client: usize,
+    /// Bytes of completed uploads held in memory at once, all connections together (uploads
+    /// stream to disk; a completed one waits for room before it is read in and checked). A
+    /// payload larger than this still goes through, alone.
+    pub upload_memory: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -89,6 +93,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             hello_timeout: Duration::from_secs(10),
             per_client: 4,
+            upload_memory: 512 << 20,
         }
     }
 }
@@ -154,6 +159,8 @@ enum Event {
         pk: PublicKey,
         header: SignedHeader,
         payload: Vec<u8>,
+        /// The payload's share of the upload memory budget, given back once handled.
+        _permit: OwnedSemaphorePermit,
     },
     Gone {
         pk: PublicKey,
@@ -209,6 +216,7 @@ async fn connection(
     incoming_dir: PathBuf,
     limits: ConnectionLimits,
     counts: Counts,
+    budget: Arc<Budget>,
 ) {
     let Ok(conn) = incoming.await else { return };
     let Some(pk) = common_name(&conn).and_then(|cn| clients.get(&cn).copied()) else {
@@ -271,7 +279,7 @@ async fn connection(
             while let Ok(stream) = conn.accept_bi().await {
                 let events = events.clone();
                 let dir = incoming_dir.clone();
-                tokio::spawn(upload(pk, stream, events, dir));
+                tokio::spawn(upload(pk, stream, events, dir, budget.clone()));
             }
         })
     };
@@ -341,6 +349,7 @@ async fn upload(
     (mut reply_stream, mut stream): (quinn::SendStream, quinn::RecvStream),
     events: mpsc::Sender<Event>,
     dir: PathBuf,
+    budget: Arc<Budget>,
 ) {
     // A stream that does not send its header promptly is dropped (its slot is freed).
     let first = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream, MAX_CONTROL)).await;
@@ -406,6 +415,12 @@ async fn upload(
         let _ = stream.stop(3u32.into());
         return;
     }
+    // The digest is computed as the bytes stream to disk (the bytes already held first), so a
+    // payload is read back into memory only once it is known to be the signed one.
+    let mut hasher = blake3::Hasher::new();
+    if got > 0 && hash_file(&path, &mut hasher).await.is_err() {
+        return;
+    }
     if write_frame(&mut reply_stream, &got.to_le_bytes())
         .await
         .is_err()
@@ -429,6 +444,7 @@ async fn upload(
                     let _ = tokio::fs::remove_file(&path).await;
                     return;
                 }
+                hasher.update(&chunk.bytes);
                 if file.write_all(&chunk.bytes).await.is_err() {
                     return;
                 }
@@ -446,6 +462,23 @@ async fn upload(
     if got < want {
         return;
     }
+    if hasher.finalize().as_bytes() != &header.header.payload_digest {
+        let _ = tokio::fs::remove_file(&path).await;
+        let _ = events
+            .send(Event::Abandoned {
+                pk,
+                round,
+                bytes: got,
+                why: "its bytes do not match the signed digest",
+            })
+            .await;
+        return;
+    }
+    // Completed payloads wait for their share of the memory budget before being read in:
+    // however many uploads finish together, at most the budget is held in memory at once.
+    let Some(permit) = budget.reserve(want).await else {
+        return;
+    };
     let payload = tokio::fs::read(&path).await.unwrap_or_default();
     let _ = tokio::fs::remove_file(&path).await;
     tracing::debug!(client = %pk, bytes = got, "upload complete");
@@ -454,8 +487,48 @@ async fn upload(
             pk,
             header,
             payload,
+            _permit: permit,
         })
         .await;
+}
+
+/// Feeds a file's bytes to `hasher`.
+async fn hash_file(path: &std::path::Path, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// The memory budget of completed uploads, counted in MiB.
+struct Budget {
+    units: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Budget {
+    const UNIT: u64 = 1 << 20;
+
+    fn new(bytes: u64) -> Budget {
+        let total = bytes.div_ceil(Self::UNIT).clamp(1, 1 << 20) as u32;
+        Budget {
+            units: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits for room for `bytes` (at most the whole budget: a payload larger than the budget
+    /// still goes through, alone).
+    async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.div_ceil(Self::UNIT).clamp(1, u64::from(self.total)) as u32;
+        self.units.clone().acquire_many_owned(n).await.ok()
+    }
 }
 
 /// What the coordinator's stateless-reset key is derived for (from its identity).
@@ -525,6 +598,7 @@ pub async fn serve(
         let ev_tx = ev_tx.clone();
         let counts = Counts::default();
         let limits = opts.limits;
+        let budget = Arc::new(Budget::new(limits.upload_memory));
         tokio::spawn(async move {
             while let Some(inc) = endpoint.accept().await {
                 tokio::spawn(connection(
@@ -534,6 +608,7 @@ pub async fn serve(
                     incoming_dir.clone(),
                     limits,
                     counts.clone(),
+                    budget.clone(),
                 ));
             }
         })
@@ -600,7 +675,7 @@ pub async fn serve(
                 Some(Event::PreCheck { pk, header, reply }) => {
                     let _ = reply.send(machine.precheck(now_ms(), pk, &header));
                 }
-                Some(Event::Upload { pk, header, payload }) => machine.handle_message(
+                Some(Event::Upload { pk, header, payload, .. }) => machine.handle_message(
                     now_ms(),
                     pk,
                     ToCoordinator::Update { header: Box::new(header), payload },
@@ -641,6 +716,22 @@ mod tests {
         }
         let text = chain.join(": ");
         assert_eq!(text, "persisting state: No space left on device");
+    }
+
+    #[tokio::test]
+    async fn the_upload_budget_holds_completed_payloads_to_its_size() {
+        let b = Budget::new(3 << 20);
+        // A payload larger than the whole budget goes through alone.
+        let big = b.reserve(10 << 20).await.expect("the whole budget");
+        assert_eq!(b.units.available_permits(), 0);
+        drop(big);
+        let one = b.reserve(2 << 20).await.unwrap();
+        // 2 MiB held: another 2 MiB waits until the first is handled.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), b.reserve(2 << 20)).await;
+        assert!(waiting.is_err(), "over the budget");
+        drop(one);
+        let two = tokio::time::timeout(Duration::from_millis(100), b.reserve(2 << 20)).await;
+        assert!(two.is_ok(), "room again");
     }
 
     #[test]
