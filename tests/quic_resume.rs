@@ -71,6 +71,29 @@ struct Fed {
     id: Identity,
 }
 
+impl Fed {
+    /// A connection of the client that said hello.
+    async fn client(
+        &self,
+    ) -> (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    ) {
+        connect(self.addr, &self.ca, &self.own, &self.id).await
+    }
+
+    /// The coordinator's summary once it finished (within a minute).
+    async fn finish(&mut self) -> fedtune_coordinator::daemon::RunSummary {
+        tokio::time::timeout(Duration::from_secs(60), &mut self.coordinator)
+            .await
+            .expect("the coordinator finishes")
+            .unwrap()
+            .unwrap()
+    }
+}
+
 fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let m = load_model(
@@ -186,18 +209,11 @@ fn update(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
-    let Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    } = start("resume", 1, ConnectionLimits::default());
+    let mut f = start("resume", 1, ConnectionLimits::default());
     // First connection: the plan, then half of a signed update, then the connection drops.
-    let (ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (ep, conn, _send, mut recv) = f.client().await;
     let (plan, global) = next_plan(&mut recv).await;
-    let (header, payload) = update(0.0, &id, &plan, &global);
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
     let half = payload.len() / 2;
     let (mut s, _r, offset) = open_upload(&conn, &header).await;
     assert_eq!(offset, 0);
@@ -208,7 +224,7 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     ep.wait_idle().await;
 
     // Second connection: the coordinator asks again, and holds the first half.
-    let (_ep2, conn2, _send2, mut recv2) = connect(addr, &ca, &own, &id).await;
+    let (_ep2, conn2, _send2, mut recv2) = f.client().await;
     let (again, _) = next_plan(&mut recv2).await;
     assert_eq!(again.round, plan.round);
     let (mut s, _r, offset) = open_upload(&conn2, &header).await;
@@ -224,15 +240,11 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
         }
     };
     assert_eq!(accepted, plan.round);
-    let summary = tokio::time::timeout(Duration::from_secs(60), coordinator)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     // FedIT of a single update is that update.
     assert_eq!(digest(&summary.global), digest(&payload));
-    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(&f.data_dir);
 }
 
 /// Opens an upload stream, sends the signed header and reads the coordinator's resume offset
@@ -265,18 +277,11 @@ async fn closed_by_peer(conn: &quinn::Connection, secs: u64) -> (u64, String) {
 /// and marked it disconnected: round 2 never reached it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_connection_of_a_client_supersedes_the_older_one() {
-    let Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    } = start("supersede", 2, ConnectionLimits::default());
-    let (_ep1, conn1, _send1, mut recv1) = connect(addr, &ca, &own, &id).await;
+    let f = start("supersede", 2, ConnectionLimits::default());
+    let (_ep1, conn1, _send1, mut recv1) = f.client().await;
     let (plan, _) = next_plan(&mut recv1).await;
     assert_eq!(plan.round, 1);
-    let (_ep2, conn2, _send2, mut recv2) = connect(addr, &ca, &own, &id).await;
+    let (_ep2, conn2, _send2, mut recv2) = f.client().await;
     let (again, global) = next_plan(&mut recv2).await;
     assert_eq!(
         again.round, 1,
@@ -288,7 +293,7 @@ async fn a_newer_connection_of_a_client_supersedes_the_older_one() {
         (6, "superseded by a newer connection")
     );
     // The older connection's end is now behind us; the client uploads on the newer one.
-    let (header, payload) = update(0.0, &id, &plan, &global);
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
     let (mut s, _r, offset) = open_upload(&conn2, &header).await;
     assert_eq!(offset, 0);
     s.write_all(&payload).await.unwrap();
@@ -298,8 +303,8 @@ async fn a_newer_connection_of_a_client_supersedes_the_older_one() {
         .expect("round 2 reaches the client's current connection");
     assert_eq!(next.0.round, 2);
     drop(conn2);
-    coordinator.abort();
-    let _ = std::fs::remove_dir_all(&data_dir);
+    f.coordinator.abort();
+    let _ = std::fs::remove_dir_all(&f.data_dir);
 }
 
 /// A connection that never says hello is closed after the hello timeout, and connections of
@@ -312,14 +317,8 @@ async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections()
         per_client: 2,
         ..ConnectionLimits::default()
     };
-    let Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    } = start("hoard", 1, limits);
+    let f = start("hoard", 1, limits);
+    let addr = f.addr;
     let silent = |ca: CertPair, own: CertPair| async move {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         ep.set_default_client_config(
@@ -333,11 +332,11 @@ async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections()
         (ep, conn)
     };
     let started = std::time::Instant::now();
-    let (_e1, a) = silent(ca.clone(), own.clone()).await;
-    let (_e2, b) = silent(ca.clone(), own.clone()).await;
+    let (_e1, a) = silent(f.ca.clone(), f.own.clone()).await;
+    let (_e2, b) = silent(f.ca.clone(), f.own.clone()).await;
     // A third connection of the same identity is over the cap of two: one of the three (the
     // last the coordinator counts) is closed at once, the other two after the hello timeout.
-    let (_e3, c) = silent(ca.clone(), own.clone()).await;
+    let (_e3, c) = silent(f.ca.clone(), f.own.clone()).await;
     let mut closes = Vec::new();
     for conn in [&a, &b, &c] {
         closes.push(closed_by_peer(conn, 5).await);
@@ -357,13 +356,13 @@ async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections()
         "closed after {waited:?}"
     );
     // Their slots are free again: a proper client gets its plan.
-    let (_ep, _conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let (_ep, _conn, _send, mut recv) = f.client().await;
     let (plan, _) = tokio::time::timeout(Duration::from_secs(10), next_plan(&mut recv))
         .await
         .expect("a proper client is served");
     assert_eq!(plan.round, 1);
-    coordinator.abort();
-    let _ = std::fs::remove_dir_all(&data_dir);
+    f.coordinator.abort();
+    let _ = std::fs::remove_dir_all(&f.data_dir);
 }
 
 /// The `.part` files under the coordinator's `incoming/`.
@@ -383,50 +382,39 @@ fn parts(data_dir: &std::path::Path) -> Vec<String> {
 /// replaces the older partial (logged as abandoned), and the round's close removes the last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_uploads_are_one_per_client_and_round_and_go_when_the_round_closes() {
-    let Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    } = start("partials", 1, ConnectionLimits::default());
-    let (_ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let mut f = start("partials", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = f.client().await;
     let (plan, global) = next_plan(&mut recv).await;
     for k in 1..=3 {
-        let (header, payload) = update(k as f32, &id, &plan, &global);
+        let (header, payload) = update(k as f32, &f.id, &plan, &global);
         let (mut s, _r, offset) = open_upload(&conn, &header).await;
         assert_eq!(offset, 0);
         s.write_all(&payload[..payload.len() / 2]).await.unwrap();
         s.finish().unwrap();
         let t = std::time::Instant::now();
-        while parts(&data_dir).len() != 1 || t.elapsed() < Duration::from_millis(300) {
+        while parts(&f.data_dir).len() != 1 || t.elapsed() < Duration::from_millis(300) {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "{:?}",
-                parts(&data_dir)
+                parts(&f.data_dir)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let (header, payload) = update(0.0, &id, &plan, &global);
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
     let (mut s, _r, _) = open_upload(&conn, &header).await;
     s.write_all(&payload).await.unwrap();
     s.finish().unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(60), coordinator)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     assert_eq!(
-        parts(&data_dir),
+        parts(&f.data_dir),
         Vec::<String>::new(),
         "partials of a closed round"
     );
-    let log = std::fs::read_to_string(data_dir.join("rounds.jsonl")).unwrap();
+    let log = std::fs::read_to_string(f.data_dir.join("rounds.jsonl")).unwrap();
     assert_eq!(log.matches("\"upload_abandoned\"").count(), 3, "{log}");
-    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(&f.data_dir);
 }
 
 /// A payload whose bytes are not the signed ones is caught as it streams to disk: it is never
@@ -434,23 +422,16 @@ async fn partial_uploads_are_one_per_client_and_round_and_go_when_the_round_clos
 /// and the client's correct upload is then accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_that_does_not_match_its_signed_digest_is_dropped_as_it_streams() {
-    let Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    } = start("digest", 1, ConnectionLimits::default());
-    let (_ep, conn, _send, mut recv) = connect(addr, &ca, &own, &id).await;
+    let mut f = start("digest", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = f.client().await;
     let (plan, global) = next_plan(&mut recv).await;
-    let (header, payload) = update(0.0, &id, &plan, &global);
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
     let mut forged = payload.clone();
     *forged.last_mut().unwrap() ^= 0x40;
     let (mut s, _r, _) = open_upload(&conn, &header).await;
     s.write_all(&forged).await.unwrap();
     s.finish().unwrap();
-    let log = data_dir.join("rounds.jsonl");
+    let log = f.data_dir.join("rounds.jsonl");
     let t = std::time::Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -462,17 +443,13 @@ async fn a_payload_that_does_not_match_its_signed_digest_is_dropped_as_it_stream
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(parts(&data_dir), Vec::<String>::new());
+    assert_eq!(parts(&f.data_dir), Vec::<String>::new());
     let (mut s, _r, offset) = open_upload(&conn, &header).await;
     assert_eq!(offset, 0, "nothing of the forged bytes is kept");
     s.write_all(&payload).await.unwrap();
     s.finish().unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(60), coordinator)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     assert_eq!(digest(&summary.global), digest(&payload));
-    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(&f.data_dir);
 }
