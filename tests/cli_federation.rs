@@ -24,6 +24,18 @@ fn fedtune(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `fedtune ca issue` for client `name`: its `[[clients]]` entry.
+fn issue(ca: &Path, name: &str) -> String {
+    fedtune(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--client",
+        name,
+    ])
+}
+
 fn spawn(args: &[&str], log: &Path) -> Child {
     let out = std::fs::File::create(log).unwrap();
     let err = out.try_clone().unwrap();
@@ -71,7 +83,7 @@ fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
     let names = ["hospital", "bank", "helpdesk"];
     let mut entries = String::new();
     for n in names {
-        entries += &fedtune(&["ca", "issue", "--dir", ca.to_str().unwrap(), "--client", n]);
+        entries += &issue(&ca, n);
         entries += "\n";
     }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -265,22 +277,7 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
         "--federation",
         "demo",
     ]);
-    let a = fedtune(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--client",
-        "a",
-    ]);
-    let b = fedtune(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--client",
-        "b",
-    ]);
+    let (a, b) = (issue(&ca, "a"), issue(&ca, "b"));
     let model = root().join("testdata/tiny-llama/model");
     let data_dir = dir.join("coord-data");
     let toml = dir.join("coord.toml");

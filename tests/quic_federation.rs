@@ -69,29 +69,25 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
     let mut strategy = StrategyConfig::new(Rule::FedAvgExact);
     strategy.target_rank = Some(4);
     strategy.sampling.min_clients = 3;
-    let cfg = CoordConfig {
-        then: Vec::new(),
-        federation: "quic-test".into(),
-        rounds: 2,
-        phase: Phase::Sft,
-        hyper: Hyper {
+    let mut cfg = CoordConfig::new(
+        "quic-test".into(),
+        Phase::Sft,
+        2,
+        Hyper {
             learning_rate: 5e-3,
             local_steps: 4,
             batch_size: 4,
             beta: 0.1,
             seed: 11,
         },
-        rank: 4,
-        lora_alpha: 8.0,
+        (4, 8.0),
         strategy,
-        min_results: 3,
-        round_timeout_ms: 300_000,
-        max_payload: 64 << 20,
-        header_ttl_ms: 3_600_000,
-        max_skew_ms: 60_000,
-        plan_hash: hash,
-        admitted: ids.iter().map(|i| i.public()).collect::<BTreeSet<_>>(),
-    };
+        300_000,
+        hash,
+        ids.iter().map(|i| i.public()).collect::<BTreeSet<_>>(),
+    );
+    cfg.min_results = 3;
+    cfg.max_payload = 64 << 20;
     let machine = Coordinator::new(
         cfg.clone(),
         coord_id.clone(),

@@ -113,29 +113,25 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
     let id = Identity::from_seed([9; 32]);
     let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
     strategy.sampling.min_clients = 1;
-    let cfg = CoordConfig {
-        then: Vec::new(),
-        federation: "resume".into(),
+    let mut cfg = CoordConfig::new(
+        "resume".into(),
+        Phase::Sft,
         rounds,
-        phase: Phase::Sft,
-        hyper: Hyper {
+        Hyper {
             learning_rate: 1e-3,
             local_steps: 1,
             batch_size: 1,
             beta: 0.1,
             seed: 0,
         },
-        rank: 4,
-        lora_alpha: 8.0,
+        (4, 8.0),
         strategy,
-        min_results: 1,
-        round_timeout_ms: 300_000,
-        max_payload: 64 << 20,
-        header_ttl_ms: 600_000,
-        max_skew_ms: 60_000,
-        plan_hash: [3; 32],
-        admitted: BTreeSet::from([id.public()]),
-    };
+        300_000,
+        [3; 32],
+        BTreeSet::from([id.public()]),
+    );
+    cfg.min_results = 1;
+    cfg.max_payload = 64 << 20;
     let machine = Coordinator::new(
         cfg,
         Identity::from_seed([1; 32]),

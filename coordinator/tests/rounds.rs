@@ -29,29 +29,25 @@ fn adapter(b: f32) -> Adapter {
 fn config(ids: &[Identity]) -> CoordConfig {
     let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
     strategy.sampling.min_clients = ids.len();
-    CoordConfig {
-        then: Vec::new(),
-        federation: "recovery".into(),
-        rounds: 1,
-        phase: Phase::Sft,
-        hyper: Hyper {
+    let mut cfg = CoordConfig::new(
+        "recovery".into(),
+        Phase::Sft,
+        1,
+        Hyper {
             learning_rate: 1e-3,
             local_steps: 1,
             batch_size: 1,
             beta: 0.1,
             seed: 0,
         },
-        rank: 2,
-        lora_alpha: 8.0,
+        (2, 8.0),
         strategy,
-        min_results: 1,
-        round_timeout_ms: 60_000,
-        max_payload: 1 << 20,
-        header_ttl_ms: 600_000,
-        max_skew_ms: 60_000,
-        plan_hash: [7; 32],
-        admitted: ids.iter().map(|i| i.public()).collect::<BTreeSet<_>>(),
-    }
+        60_000,
+        [7; 32],
+        ids.iter().map(|i| i.public()).collect::<BTreeSet<_>>(),
+    );
+    cfg.max_payload = 1 << 20;
+    cfg
 }
 
 /// Drains the machine's actions: stored values into `store`, log records and plans returned.

@@ -53,29 +53,25 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
     strategy.target_rank = Some(4);
     strategy.sampling.min_clients = n;
     strategy.seed = 5;
-    let cfg = CoordConfig {
-        then: Vec::new(),
-        federation: "test-federation".into(),
+    let mut cfg = CoordConfig::new(
+        "test-federation".into(),
+        Phase::Sft,
         rounds,
-        phase: Phase::Sft,
-        hyper: Hyper {
+        Hyper {
             learning_rate: 5e-3,
             local_steps: 4,
             batch_size: 4,
             beta: 0.1,
             seed: 11,
         },
-        rank: 4,
-        lora_alpha: 8.0,
+        (4, 8.0),
         strategy,
-        min_results: n.div_ceil(2),
-        round_timeout_ms: 600_000,
-        max_payload: 64 << 20,
-        header_ttl_ms: 3_600_000,
-        max_skew_ms: 60_000,
-        plan_hash: digest(b"tiny-llama + r4 a8 all projections"),
-        admitted: client_ids.iter().map(|i| i.public()).collect(),
-    };
+        600_000,
+        digest(b"tiny-llama + r4 a8 all projections"),
+        client_ids.iter().map(|i| i.public()).collect(),
+    );
+    cfg.min_results = n.div_ceil(2);
+    cfg.max_payload = 64 << 20;
     Setup {
         cfg,
         coord_id,
