@@ -6,7 +6,6 @@
 
 mod gpu_common;
 
-use burn::tensor::{DType, Device};
 use fedtune_engine::cuda::{CudaModel, Dt};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::TrainConfig;
@@ -17,8 +16,8 @@ use fedtune_engine::train::sft::{
     Callback, LogEntry, RunOptions, SftObjective, TrainerState, train,
 };
 use fedtune_engine::train::step::Trainable;
-use fedtune_engine::{Encoded, LoadedModel, PeftAdapter, load_model};
-use gpu_common::{check, gpu, host, repo};
+use fedtune_engine::{Encoded, LoadedModel, PeftAdapter};
+use gpu_common::{check, gpu, host, repo, tiny_loaded};
 
 /// Keeps every log entry.
 struct Keep(Vec<LogEntry>);
@@ -109,12 +108,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 #[test]
 fn twenty_sft_steps_on_the_gpu_follow_the_host_and_checkpoints_cross_devices() {
     let Some(g) = gpu() else { return };
-    let loaded = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
+    let loaded = tiny_loaded();
     let seqs = sft_data(&loaded);
     let cfg = TrainConfig {
         warmup_ratio: 0.1,
@@ -184,12 +178,7 @@ fn twenty_sft_steps_on_the_gpu_follow_the_host_and_checkpoints_cross_devices() {
 #[test]
 fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
     let Some(g) = gpu() else { return };
-    let mut m = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
+    let mut m = tiny_loaded();
     m.model
         .attach_adapter(&PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap())
         .unwrap();
@@ -248,12 +237,7 @@ fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
 #[test]
 fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
     let Some(g) = gpu() else { return };
-    let loaded = load_model(
-        &repo().join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
+    let loaded = tiny_loaded();
     let seqs = sft_data(&loaded);
     let cfg = twenty_steps();
     for nf4 in [false, true] {

@@ -79,6 +79,16 @@ pub fn packed_segments(b: usize, t: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The tiny reference model with its tokenizer (f32, on the host).
+pub fn tiny_loaded() -> fedtune_engine::LoadedModel {
+    fedtune_engine::load_model(
+        &repo().join("testdata/tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap()
+}
+
 pub fn tiny(dir: &str) -> (LlamaModel, SafetensorsSource) {
     let d = repo().join(dir);
     let cfg = ModelConfig::from_file(&d.join("config.json")).unwrap();
