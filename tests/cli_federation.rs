@@ -140,11 +140,20 @@ rank = 4
 lora_alpha = 8.0
 train_data = "{data}"
 log = "{log}"
-"#,
+{local}"#,
                 ca = ca.display(),
                 model = model.display(),
                 data = root().join(format!("testdata/demo/{n}.jsonl")).display(),
                 log = dir.join(format!("{n}.log.jsonl")).display(),
+                // One site trains its own way: QLoRA, checkpointing, accumulation, a shorter
+                // maximum length, a forced data format (its update is the same kind).
+                local = if n == "bank" {
+                    "load_in_4bit = true\nbnb_4bit_use_double_quant = true\n\
+                     gradient_checkpointing = true\ngradient_accumulation_steps = 2\n\
+                     max_length = 512\nformat = \"openai\"\n"
+                } else {
+                    ""
+                },
             ),
         )
         .unwrap();
@@ -269,7 +278,7 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let ca = dir.join("ca");
-    fedtune(&[
+    let key = fedtune(&[
         "ca",
         "init",
         "--dir",
@@ -279,6 +288,37 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
     ]);
     let (a, b) = (issue(&ca, "a"), issue(&ca, "b"));
     let model = root().join("testdata/tiny-llama/model");
+    // A client's local settings are checked with the file and field named.
+    let client_toml = dir.join("a.toml");
+    for (extra, want) in [
+        ("format = \"nonsense\"\n", "format"),
+        ("bnb_4bit_use_double_quant = true\n", "needs load_in_4bit"),
+        ("max_length = 1\n", "max_length must be at least 2"),
+    ] {
+        std::fs::write(
+            &client_toml,
+            format!(
+                "federation = \"demo\"\ncoordinator = \"127.0.0.1:9\"\n{}\nca = \"{}\"\n\
+                 name = \"a\"\nmodel = \"{}\"\nrank = 4\nlora_alpha = 8.0\n\
+                 train_data = \"{}\"\n{extra}",
+                key.trim(),
+                ca.display(),
+                model.display(),
+                root().join("testdata/demo/bank.jsonl").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+            .args(["client", "--config", client_toml.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra}: {err}");
+        assert!(
+            err.contains(client_toml.to_str().unwrap()) && err.contains(want),
+            "{extra}: {err}"
+        );
+    }
     let data_dir = dir.join("coord-data");
     let toml = dir.join("coord.toml");
     let write = |model: &Path, rank: u32, clients: &str| {

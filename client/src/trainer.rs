@@ -30,6 +30,31 @@ pub struct LocalData {
     pub eval_pairs: Vec<EncodedPair>,
     /// Padding id.
     pub pad: u32,
+    /// How this site trains locally (its own choice; the plan fixes the federation's settings).
+    pub local: LocalTraining,
+}
+
+/// Local-training settings a site chooses for itself in `client.toml`: they change how its
+/// update is computed (memory, speed), not what the federation agreed on (the plan's learning
+/// rate, steps, batch size, rank and targets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalTraining {
+    /// Micro-batches per optimiser step (the plan's batch size is per micro-batch).
+    pub gradient_accumulation_steps: usize,
+    /// Recompute each block in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Longest SFT sequence (longer ones are truncated on the right).
+    pub max_length: usize,
+}
+
+impl Default for LocalTraining {
+    fn default() -> Self {
+        LocalTraining {
+            gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
+            max_length: 1024,
+        }
+    }
 }
 
 /// What a round's training produced.
@@ -130,6 +155,9 @@ fn local_training<M: TrainModel>(
         learning_rate: h.learning_rate,
         max_steps: Some(h.local_steps),
         per_device_train_batch_size: h.batch_size,
+        gradient_accumulation_steps: data.local.gradient_accumulation_steps.max(1),
+        gradient_checkpointing: data.local.gradient_checkpointing,
+        max_seq_length: data.local.max_length.max(2),
         lr_scheduler_type: Schedule::Constant,
         seed: h.seed,
         logging_steps: 1,

@@ -80,6 +80,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             pairs,
             eval_pairs,
             pad: tok.pad_id,
+            local: Default::default(),
         },
         eval_examples,
     };

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use fedtune_aggregation::dp::DpConfig;
 use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
-use fedtune_client::trainer::{LocalData, plan_hash};
+use fedtune_client::trainer::{LocalData, LocalTraining, plan_hash};
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
 use fedtune_coordinator::store::FileStore;
@@ -255,6 +255,32 @@ struct ClientFile {
     /// Where local training runs: `cpu` (default) or `cuda[:N]`.
     #[serde(default)]
     device: Option<String>,
+    /// QLoRA: the local base's projections in NF4 (the adapter and the update are the same).
+    #[serde(default)]
+    load_in_4bit: bool,
+    /// Double-quantise the NF4 scales.
+    #[serde(default)]
+    bnb_4bit_use_double_quant: bool,
+    /// Longest training sequence (TRL's `max_length`; longer ones are truncated).
+    #[serde(default = "default_max_length")]
+    max_length: usize,
+    /// The data files' format, when detection per record is not wanted (`alpaca`, `sharegpt`,
+    /// `openai`, `prompt_completion`, ...).
+    #[serde(default)]
+    format: Option<String>,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "default_accumulation")]
+    gradient_accumulation_steps: usize,
+    /// Recompute each block in backward (less memory, more compute).
+    #[serde(default)]
+    gradient_checkpointing: bool,
+}
+
+fn default_max_length() -> usize {
+    1024
+}
+fn default_accumulation() -> usize {
+    1
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -464,20 +490,38 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         .unwrap_or("cpu")
         .parse()
         .with_context(|| format!("{}: device", a.config.display()))?;
-    let m =
-        fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32).with_context(|| {
-            format!(
-                "{}: model: loading {}",
-                a.config.display(),
-                f.model.display()
-            )
-        })?;
+    let file = a.config.display().to_string();
+    anyhow::ensure!(f.max_length >= 2, "{file}: max_length must be at least 2");
+    anyhow::ensure!(
+        f.gradient_accumulation_steps >= 1,
+        "{file}: gradient_accumulation_steps must be at least 1"
+    );
+    anyhow::ensure!(
+        f.load_in_4bit || !f.bnb_4bit_use_double_quant,
+        "{file}: bnb_4bit_use_double_quant needs load_in_4bit = true"
+    );
+    let format = f
+        .format
+        .as_deref()
+        .map(str::parse::<fedtune_engine::data::Format>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{file}: format: {e}"))?;
+    let mut m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
+        .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
+    if f.load_in_4bit {
+        m.model.quantize_nf4(f.bnb_4bit_use_double_quant);
+    }
+    let opts = LoadOptions {
+        format,
+        ..LoadOptions::default()
+    };
+    let max_length = f.max_length;
     let sft = |p: &Path| -> anyhow::Result<_> {
-        Ok(Dataset::load(p, LoadOptions::default())?.encode_sft(&m.tokenizer, Some(1024))?)
+        Ok(Dataset::load(p, opts)?.encode_sft(&m.tokenizer, Some(max_length))?)
     };
     let pairs = |p: &Path| -> anyhow::Result<_> {
-        Ok(Dataset::load(p, LoadOptions::default())?
-            .encode_pairs(&m.tokenizer, Some(512), Some(1024))?
+        Ok(Dataset::load(p, opts)?
+            .encode_pairs(&m.tokenizer, Some(max_length / 2), Some(max_length))?
             .0)
     };
     let data = LocalData {
@@ -496,6 +540,11 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         eval_pairs: Vec::new(),
         pad: m.tokenizer.pad_id,
+        local: LocalTraining {
+            gradient_accumulation_steps: f.gradient_accumulation_steps,
+            gradient_checkpointing: f.gradient_checkpointing,
+            max_length,
+        },
     };
     let id = Identity::load(&f.ca.join(format!("{}.id", f.name)))?;
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
