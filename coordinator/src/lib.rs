@@ -9,8 +9,10 @@
 
 pub mod config;
 pub mod daemon;
+mod event;
 pub mod machine;
 pub mod store;
+mod upload;
 
 pub use config::Stage;
 pub use machine::{Action, CoordConfig, Coordinator, CoordinatorError};

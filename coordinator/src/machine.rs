@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use fedtune_aggregation::strategy::{FedStrategy, Strategy, StrategyState};
+use fedtune_aggregation::strategy::{FedStrategy, Strategy};
 use fedtune_aggregation::update::{Adapter, ClientResult, Failure};
 use fedtune_aggregation::validate::{Plan, validate};
 use fedtune_protocol::envelope::{
@@ -24,6 +24,8 @@ use fedtune_protocol::{
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::CoordConfig;
+
+mod recover;
 
 /// Errors that stop the coordinator (never caused by network input).
 #[derive(Debug, thiserror::Error)]
@@ -150,63 +152,6 @@ impl Coordinator {
         let mut c = Self::assemble(cfg, id, strategy, d);
         c.persist_global(0);
         c.persist_state();
-        Ok(c)
-    }
-
-    /// Rebuilds the machine from persisted values (`state` and the open round's updates).
-    pub fn recover(
-        cfg: CoordConfig,
-        id: Identity,
-        stored: &BTreeMap<String, Vec<u8>>,
-    ) -> Result<Self> {
-        let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
-            key: "state".into(),
-            reason: "missing".into(),
-        })?;
-        let (d, state): (Durable, StrategyState) =
-            postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
-                key: "state".into(),
-                reason: e.to_string(),
-            })?;
-        let strategy = FedStrategy::from_state(cfg.strategy.clone(), state);
-        let mut c = Self::assemble(cfg, id, strategy, d);
-        if let Some(open) = c.d.open.clone() {
-            let prefix = format!("updates/{:06}/", open.round);
-            for (k, v) in stored.range(prefix.clone()..) {
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                // A stored update is checked again as on arrival (signature, digest, signer,
-                // round, decoding): a file damaged on disk is dropped and logged, and its client
-                // is asked again, instead of being aggregated.
-                let checked = postcard::from_bytes::<Stored>(v)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| {
-                        let h = &s.header.header;
-                        if !s.header.signature_valid() {
-                            return Err("its signature does not verify".into());
-                        }
-                        if h.round != open.round || !c.cfg.admitted.contains(&h.signer) {
-                            return Err(
-                                "it is not an update of this round by an admitted client".into()
-                            );
-                        }
-                        check_payload_digest(h, &s.payload).map_err(|e| e.to_string())?;
-                        let adapter = c.decode(&s.payload).map_err(|e| e.to_string())?;
-                        Ok((s, adapter))
-                    });
-                match checked {
-                    Ok((s, adapter)) => {
-                        c.results
-                            .insert(s.header.header.signer, Self::result_of(&s.header, adapter));
-                    }
-                    Err(reason) => c.log(serde_json::json!({
-                        "event": "stored_update_invalid", "round": open.round, "key": k,
-                        "reason": reason,
-                    })),
-                }
-            }
-        }
         Ok(c)
     }
 

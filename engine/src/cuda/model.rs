@@ -371,45 +371,6 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Sets the LoRA dropout probability of every attached adapter module (training only).
-    pub fn set_lora_dropout(&mut self, p: f64) {
-        for l in &mut self.layers {
-            for proj in &mut l.proj {
-                if let Some(lora) = &mut proj.lora {
-                    lora.dropout = p as f32;
-                }
-            }
-        }
-    }
-
-    /// The attached LoRA factors, downloaded (f32), under their module names.
-    pub fn lora_weights(&self) -> Result<fedtune_aggregation::Adapter> {
-        let mut out = fedtune_aggregation::Adapter::default();
-        for (li, layer) in self.layers.iter().enumerate() {
-            for (p, proj) in Proj::ALL.iter().zip(&layer.proj) {
-                let Some(l) = &proj.lora else { continue };
-                // The f32 masters when training in mixed precision: full precision.
-                let (a, b) = l.master.as_ref().map_or((&l.a, &l.b), |(a, b)| (a, b));
-                let m = |t: &GTensor| -> Result<fedtune_aggregation::Matrix> {
-                    Ok(fedtune_aggregation::Matrix::new(
-                        t.rows,
-                        t.cols,
-                        self.gpu.download(t)?,
-                    ))
-                };
-                out.modules.insert(
-                    format!("model.layers.{li}.{}", p.path()),
-                    fedtune_aggregation::LoraFactors {
-                        a: m(a)?,
-                        b: m(b)?,
-                        scale: l.scale,
-                    },
-                );
-            }
-        }
-        Ok(out)
-    }
-
     /// Attaches a PEFT adapter.
     pub fn attach_adapter(&mut self, adapter: &crate::adapter::PeftAdapter) -> Result<()> {
         self.attach_weights(&adapter.weights)

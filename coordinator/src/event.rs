@@ -1,0 +1,42 @@
+//! What the coordinator daemon's connection and upload tasks tell the task that owns the
+//! machine.
+
+use fedtune_protocol::{PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+/// An event for the machine's task.
+pub(crate) enum Event {
+    Hello {
+        pk: PublicKey,
+        id: u64,
+        conn: quinn::Connection,
+        tx: mpsc::Sender<ToClient>,
+    },
+    Msg {
+        pk: PublicKey,
+        msg: ToCoordinator,
+    },
+    PreCheck {
+        pk: PublicKey,
+        header: SignedHeader,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    Upload {
+        pk: PublicKey,
+        header: SignedHeader,
+        payload: Vec<u8>,
+        /// The payload's share of the upload memory budget, given back once handled.
+        _permit: OwnedSemaphorePermit,
+    },
+    Gone {
+        pk: PublicKey,
+        id: u64,
+    },
+    /// A partial upload removed before it completed.
+    Abandoned {
+        pk: PublicKey,
+        round: u64,
+        bytes: u64,
+        why: &'static str,
+    },
+}

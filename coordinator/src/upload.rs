@@ -1,0 +1,275 @@
+//! Update uploads, each on its own stream: the signed header is prechecked by the machine's
+//! task, the payload streams to a resumable partial file under `incoming/` (hashed as it
+//! goes), and a complete payload whose digest is the signed one is read in, within the memory
+//! budget, and handed to the machine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedtune_protocol::messages::{MAX_CONTROL, decode};
+use fedtune_protocol::quic::{read_frame, write_frame};
+use fedtune_protocol::{PublicKey, SignedHeader};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::event::Event;
+
+/// A partial upload's file name: signer, round and signed digest.
+fn part_name(pk: &PublicKey, round: u64, digest: &[u8; 32]) -> String {
+    format!("{}-{round}-{}.part", pk.to_hex(), hex::encode(digest))
+}
+
+/// `(signer hex, round)` of a partial upload's file name.
+fn parse_part(name: &str) -> Option<(&str, u64)> {
+    let stem = name.strip_suffix(".part")?;
+    let mut it = stem.split('-');
+    let (pk, round) = (it.next()?, it.next()?.parse().ok()?);
+    Some((pk, round))
+}
+
+/// Removes the partial uploads under `dir` that `stale(signer hex, round, name)` selects;
+/// returns `(signer hex, round, bytes)` of each.
+pub(crate) fn remove_parts(
+    dir: &std::path::Path,
+    stale: impl Fn(&str, u64, &str) -> bool,
+) -> Vec<(String, u64, u64)> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some((pk, round)) = parse_part(&name)
+            && stale(pk, round, &name)
+        {
+            let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(e.path()).is_ok() {
+                removed.push((pk.to_string(), round, bytes));
+            }
+        }
+    }
+    removed
+}
+
+/// How long an upload stream may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upload may stall between chunks.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub(crate) async fn upload(
+    pk: PublicKey,
+    (mut reply_stream, mut stream): (quinn::SendStream, quinn::RecvStream),
+    events: mpsc::Sender<Event>,
+    dir: PathBuf,
+    budget: Arc<Budget>,
+) {
+    // A stream that does not send its header promptly is dropped (its slot is freed).
+    let first = tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut stream, MAX_CONTROL)).await;
+    let Ok(first) = first else {
+        let _ = stream.stop(4u32.into());
+        return;
+    };
+    let header = match first {
+        Ok(Some(b)) => match decode::<SignedHeader>(&b, MAX_CONTROL, "update header") {
+            Ok(h) => h,
+            Err(_) => {
+                let _ = stream.stop(1u32.into());
+                return;
+            }
+        },
+        _ => return,
+    };
+    let (reply, verdict) = oneshot::channel();
+    if events
+        .send(Event::PreCheck {
+            pk,
+            header: header.clone(),
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if !matches!(verdict.await, Ok(Ok(()))) {
+        let _ = stream.stop(2u32.into());
+        return;
+    }
+    // Resumable: the part file is named by signer, round and signed digest; the bytes already
+    // held are announced and the client sends the rest. Never past the signed length. One
+    // partial upload per client and round: a new digest replaces the older partial.
+    let want = header.header.payload_len;
+    let round = header.header.round;
+    let name = part_name(&pk, round, &header.header.payload_digest);
+    let path = dir.join(&name);
+    let me = pk.to_hex();
+    for (_, r, bytes) in remove_parts(&dir, |p, r, n| p == me && r == round && n != name) {
+        let _ = events
+            .send(Event::Abandoned {
+                pk,
+                round: r,
+                bytes,
+                why: "replaced by a newer upload of the same round",
+            })
+            .await;
+    }
+    let Ok(mut file) = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+    else {
+        return;
+    };
+    let mut got = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    if got > want {
+        let _ = tokio::fs::remove_file(&path).await;
+        let _ = stream.stop(3u32.into());
+        return;
+    }
+    // The digest is computed as the bytes stream to disk (the bytes already held first), so a
+    // payload is read back into memory only once it is known to be the signed one.
+    let mut hasher = blake3::Hasher::new();
+    if got > 0 && hash_file(&path, &mut hasher).await.is_err() {
+        return;
+    }
+    if write_frame(&mut reply_stream, &got.to_le_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = reply_stream.finish();
+    loop {
+        let Ok(next) = tokio::time::timeout(CHUNK_TIMEOUT, stream.read_chunk(1 << 20, true)).await
+        else {
+            let _ = stream.stop(5u32.into());
+            let _ = file.flush().await;
+            return;
+        };
+        match next {
+            Ok(Some(chunk)) => {
+                got += chunk.bytes.len() as u64;
+                if got > want {
+                    let _ = stream.stop(3u32.into());
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return;
+                }
+                hasher.update(&chunk.bytes);
+                if file.write_all(&chunk.bytes).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            // A dropped connection keeps what arrived, for the client's next attempt.
+            Err(_) => {
+                let _ = file.flush().await;
+                return;
+            }
+        }
+    }
+    let _ = file.flush().await;
+    drop(file);
+    if got < want {
+        return;
+    }
+    if hasher.finalize().as_bytes() != &header.header.payload_digest {
+        let _ = tokio::fs::remove_file(&path).await;
+        let _ = events
+            .send(Event::Abandoned {
+                pk,
+                round,
+                bytes: got,
+                why: "its bytes do not match the signed digest",
+            })
+            .await;
+        return;
+    }
+    // Completed payloads wait for their share of the memory budget before being read in:
+    // however many uploads finish together, at most the budget is held in memory at once.
+    let Some(permit) = budget.reserve(want).await else {
+        return;
+    };
+    let payload = tokio::fs::read(&path).await.unwrap_or_default();
+    let _ = tokio::fs::remove_file(&path).await;
+    tracing::debug!(client = %pk, bytes = got, "upload complete");
+    let _ = events
+        .send(Event::Upload {
+            pk,
+            header,
+            payload,
+            _permit: permit,
+        })
+        .await;
+}
+
+/// Feeds a file's bytes to `hasher`.
+async fn hash_file(path: &std::path::Path, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// The memory budget of completed uploads, counted in MiB.
+pub(crate) struct Budget {
+    units: Arc<Semaphore>,
+    total: u32,
+}
+
+impl Budget {
+    const UNIT: u64 = 1 << 20;
+
+    pub(crate) fn new(bytes: u64) -> Budget {
+        let total = bytes.div_ceil(Self::UNIT).clamp(1, 1 << 20) as u32;
+        Budget {
+            units: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Waits for room for `bytes` (at most the whole budget: a payload larger than the budget
+    /// still goes through, alone).
+    async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.div_ceil(Self::UNIT).clamp(1, u64::from(self.total)) as u32;
+        self.units.clone().acquire_many_owned(n).await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_upload_budget_holds_completed_payloads_to_its_size() {
+        let b = Budget::new(3 << 20);
+        // A payload larger than the whole budget goes through alone.
+        let big = b.reserve(10 << 20).await.expect("the whole budget");
+        assert_eq!(b.units.available_permits(), 0);
+        drop(big);
+        let one = b.reserve(2 << 20).await.unwrap();
+        // 2 MiB held: another 2 MiB waits until the first is handled.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), b.reserve(2 << 20)).await;
+        assert!(waiting.is_err(), "over the budget");
+        drop(one);
+        let two = tokio::time::timeout(Duration::from_millis(100), b.reserve(2 << 20)).await;
+        assert!(two.is_ok(), "room again");
+    }
+
+    #[test]
+    fn part_file_names_round_trip() {
+        let pk = PublicKey([7; 32]);
+        let name = part_name(&pk, 12, &[0xab; 32]);
+        assert_eq!(parse_part(&name), Some((pk.to_hex().as_str(), 12)));
+        assert_eq!(parse_part("x.part"), None);
+        assert_eq!(parse_part("state"), None);
+    }
+}
