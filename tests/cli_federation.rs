@@ -24,6 +24,24 @@ fn fedtune(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A fresh temporary directory with a federation CA `demo` in `ca/`: `(dir, ca, the printed
+/// coordinator_key line)`.
+fn federation_dir(name: &str) -> (PathBuf, PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("fedtune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca");
+    let init = fedtune(&[
+        "ca",
+        "init",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--federation",
+        "demo",
+    ]);
+    (dir, ca, init)
+}
+
 /// `fedtune ca issue` for client `name`: its `[[clients]]` entry.
 fn issue(ca: &Path, name: &str) -> String {
     fedtune(&[
@@ -66,18 +84,7 @@ fn events(path: &Path, event: &str, round: u64) -> Vec<serde_json::Value> {
 
 #[test]
 fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
-    let dir = std::env::temp_dir().join(format!("fedtune-cli-fed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    let init = fedtune(&[
-        "ca",
-        "init",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--federation",
-        "demo",
-    ]);
+    let (dir, ca, init) = federation_dir("cli-fed");
     let coordinator_key = init.trim().to_string();
     assert!(coordinator_key.starts_with("coordinator_key = "), "{init}");
     let names = ["hospital", "bank", "helpdesk"];
@@ -274,18 +281,7 @@ fn coord_fails(args: &[&str]) -> String {
 /// not silently restarted at round 1.
 #[test]
 fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state_is_kept() {
-    let dir = std::env::temp_dir().join(format!("fedtune-cli-coord-err-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    let key = fedtune(&[
-        "ca",
-        "init",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--federation",
-        "demo",
-    ]);
+    let (dir, ca, key) = federation_dir("cli-coord-err");
     let (a, b) = (issue(&ca, "a"), issue(&ca, "b"));
     let model = root().join("testdata/tiny-llama/model");
     // A client's local settings are checked with the file and field named.
