@@ -70,6 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         segments: None,
         targets,
+        real_tokens: batch * seq,
     };
     let g = vec![-1.0 / b.targets.len() as f32; b.targets.len()];
     let tr = Trainable::lora();

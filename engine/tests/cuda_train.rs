@@ -82,6 +82,7 @@ fn batch(vocab: usize, t: usize, packed: bool) -> (StepBatch, Vec<f32>) {
             positions,
             segments,
             targets,
+            real_tokens: b * t,
         },
         g,
     )

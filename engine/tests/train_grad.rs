@@ -69,6 +69,7 @@ fn batch(packed: bool) -> (StepBatch, Vec<f32>) {
             positions,
             segments,
             targets,
+            real_tokens: b * t,
         },
         g,
     )

@@ -108,6 +108,7 @@ fn the_training_step_masks_each_layer_as_transformers_does() {
         },
         segments: None,
         targets,
+        real_tokens: b * t,
     };
     let got = forward(&model, &batch, &Trainable::full(), &StepOptions::default()).target_logps;
     let max = got

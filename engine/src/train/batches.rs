@@ -55,6 +55,7 @@ pub fn padded(seqs: &[&Encoded], pad: u32) -> StepBatch {
         },
         segments: None,
         targets,
+        real_tokens: seqs.iter().map(|s| s.ids.len()).sum(),
     }
 }
 
@@ -118,6 +119,7 @@ pub fn packed(seqs: &[&Encoded], rows: &[Vec<usize>], max_len: usize, pad: u32) 
             batch: rows.len(),
             len,
         },
+        real_tokens: segments.iter().filter(|&&g| g != 0).count(),
         segments: Some(segments),
         targets,
     }
@@ -166,6 +168,7 @@ mod tests {
         assert_eq!((batch.batch, batch.len), (2, 4));
         let t: Vec<(usize, u32)> = batch.targets.iter().map(|t| (t.pos, t.id)).collect();
         assert_eq!(t, vec![(1, 3), (2, 4), (4, 6)]);
+        assert_eq!(batch.real_tokens, 6, "the two padding tokens do not count");
     }
 
     #[test]
@@ -190,6 +193,7 @@ mod tests {
             t,
             vec![(0, 2, 0), (1, 3, 0), (3, 5, 1), (6, 8, 2), (7, 9, 2)]
         );
+        assert_eq!(batch.real_tokens, 9, "the padding token does not count");
     }
 
     #[test]

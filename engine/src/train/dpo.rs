@@ -324,7 +324,7 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
         for (i, m) in micro.iter().enumerate() {
             let b = &m.batch;
             trained += b.targets.len();
-            tokens += b.batch * b.len;
+            tokens += b.real_tokens;
             let tb = TokenBatch {
                 ids: b.ids.clone(),
                 mask: {

@@ -95,7 +95,7 @@ impl<M: TrainModel> Objective<M> for SftObjective<'_> {
         options: &StepOptions,
     ) -> Result<StepOutput<M::T>> {
         let trained: usize = micro.iter().map(|b| b.batch.targets.len()).sum();
-        let tokens: usize = micro.iter().map(|b| b.batch.batch * b.batch.len).sum();
+        let tokens: usize = micro.iter().map(|b| b.batch.real_tokens).sum();
         let mut grads = Grads::new();
         let mut nll = 0.0f64;
         let coef = -1.0 / trained.max(1) as f32;

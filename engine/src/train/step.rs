@@ -113,6 +113,8 @@ pub struct StepBatch {
     pub segments: Option<Vec<u32>>,
     /// Trained positions.
     pub targets: Vec<Target>,
+    /// Tokens of the batch that are not padding (what tokens/s counts).
+    pub real_tokens: usize,
 }
 
 const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
