@@ -440,3 +440,43 @@ fn assistant_only_loss_false_trains_every_token_of_a_conversation() {
     assert!(all > assistant, "{all} vs {assistant}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The start banner says what the run will do: examples, steps, effective batch, and the
+/// trainable parameters against the model's (the adapter's and the checkpoint's value counts).
+#[test]
+fn the_start_banner_counts_examples_steps_and_parameters() {
+    let out = tmpdir("banner");
+    let (ok, err) = train_sft(
+        &data(),
+        &out.join("a"),
+        &[
+            "--max-steps",
+            "3",
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+        ],
+    );
+    assert!(ok, "{err}");
+    let values = |p: &Path| -> usize {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .iter()
+            .map(|(_, v)| v.shape().iter().product::<usize>())
+            .sum()
+    };
+    let adapter = values(&out.join("a/adapter_model.safetensors"));
+    let model = values(&model().join("model.safetensors"));
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("training "))
+        .unwrap_or_else(|| panic!("no banner: {err}"));
+    assert!(line.contains("3 steps, effective batch 4"), "{line}");
+    assert!(
+        line.contains(&format!("trainable parameters {adapter} of {model}")),
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

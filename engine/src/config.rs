@@ -191,6 +191,27 @@ fn token_ids(value: &Option<Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
+    /// Parameters of the model: embedding, decoder blocks (projections with their biases, two
+    /// norms each), final norm, and the LM head unless tied — what transformers'
+    /// `num_parameters()` counts.
+    pub fn num_parameters(&self) -> usize {
+        let (h, d) = (self.hidden_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let bias = |on: bool, n: usize| if on { n } else { 0 };
+        let attention =
+            h * q + 2 * h * kv + q * h + bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, h);
+        let mlp =
+            3 * h * self.intermediate_size + bias(self.mlp_bias, 2 * self.intermediate_size + h);
+        let block = attention + mlp + 2 * h;
+        let embedding = self.vocab_size * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embedding
+        };
+        embedding + self.num_hidden_layers * block + h + head
+    }
+
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

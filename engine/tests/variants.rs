@@ -157,3 +157,36 @@ fn bf16_and_f16_on_the_cpu_run_and_stay_near_f32() {
         assert!(max <= 2.0 * transformers_max, "{dt:?}: max {max}");
     }
 }
+
+/// `ModelConfig::num_parameters` (the start banner's model size) is the number of values in
+/// the checkpoint, for every architecture variant: biases, untied heads, explicit head dims,
+/// sharded files.
+#[test]
+fn the_parameter_count_from_the_config_is_the_checkpoints() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata");
+    let mut dirs = vec![root.join("tiny-llama/model")];
+    for e in std::fs::read_dir(root.join("variants")).unwrap().flatten() {
+        if e.path().is_dir() {
+            dirs.push(e.path());
+        }
+    }
+    assert!(dirs.len() >= 6);
+    for dir in dirs {
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let mut values = 0usize;
+        for f in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".safetensors") || name == "reference.safetensors" {
+                continue;
+            }
+            let bytes = std::fs::read(f.path()).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            values += st
+                .tensors()
+                .iter()
+                .map(|(_, v)| v.shape().iter().product::<usize>())
+                .sum::<usize>();
+        }
+        assert_eq!(cfg.num_parameters(), values, "{}", dir.display());
+    }
+}

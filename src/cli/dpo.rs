@@ -102,6 +102,9 @@ fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptio
 
 struct Both<'a>(&'a mut Bar);
 impl Callback for Both<'_> {
+    fn on_train_begin(&mut self, i: &fedtune_engine::train::RunInfo) {
+        self.0.on_train_begin(i);
+    }
     fn on_save(
         &mut self,
         dir: &std::path::Path,

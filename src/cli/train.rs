@@ -14,7 +14,9 @@ use fedtune_engine::data::{Dataset, Format, LoadOptions};
 use fedtune_engine::device::Device;
 use fedtune_engine::train::lora::{init_adapter, to_peft, with_factors};
 use fedtune_engine::train::optim::Schedule;
-use fedtune_engine::train::{Callback, LogEntry, SftRun, TrainConfig, TrainerState, train_sft};
+use fedtune_engine::train::{
+    Callback, LogEntry, RunInfo, SftRun, TrainConfig, TrainerState, train_sft,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::common::{ModelArgs, copy_back, gpu_copy};
@@ -259,6 +261,11 @@ pub(crate) struct Bar {
 }
 
 impl Callback for Bar {
+    fn on_train_begin(&mut self, i: &RunInfo) {
+        // On stderr whether or not the bar is drawn (it is hidden without a terminal).
+        self.bar.suspend(|| eprintln!("{}", banner(i)));
+    }
+
     fn on_save(
         &mut self,
         dir: &Path,
@@ -416,6 +423,19 @@ pub(crate) fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
         c.store(true, Ordering::SeqCst);
     });
     cancel
+}
+
+/// The start banner: what the run will do.
+pub(crate) fn banner(i: &RunInfo) -> String {
+    format!(
+        "training {} examples: {} steps, effective batch {}; trainable parameters {} of {} ({:.4}%)",
+        i.examples,
+        i.total_steps,
+        i.effective_batch,
+        i.trainable_parameters,
+        i.model_parameters,
+        100.0 * i.trainable_parameters as f64 / i.model_parameters.max(1) as f64
+    )
 }
 
 /// The training progress bar.

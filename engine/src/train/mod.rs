@@ -16,4 +16,6 @@ pub mod step;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use sft::{Callback, LogEntry, NoCallback, SftRun, TrainSummary, TrainerState, train_sft};
+pub use sft::{
+    Callback, LogEntry, NoCallback, RunInfo, SftRun, TrainSummary, TrainerState, train_sft,
+};

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::eval::sft_loss;
 use crate::tokenizer::Encoded;
 
-pub use super::state::{Callback, LogEntry, NoCallback, TrainSummary, TrainerState};
+pub use super::state::{Callback, LogEntry, NoCallback, RunInfo, TrainSummary, TrainerState};
 pub use super::trainer::{
     MicroBatch, Objective, RunOptions, StepOutput, add_grads, checkpoint_dir, train, trainable_for,
 };

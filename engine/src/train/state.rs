@@ -54,8 +54,25 @@ pub struct TrainerState {
     pub log_history: Vec<LogEntry>,
 }
 
+/// What a run is about to do (for a start banner).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    /// Training examples (sequences, or preference pairs).
+    pub examples: usize,
+    /// Optimiser steps of the run.
+    pub total_steps: u64,
+    /// Examples (or packed rows) per optimiser step: batch × accumulation.
+    pub effective_batch: usize,
+    /// Trained parameters.
+    pub trainable_parameters: usize,
+    /// Parameters of the base model.
+    pub model_parameters: usize,
+}
+
 /// Observes a run (progress bars, daemons).
 pub trait Callback {
+    /// The run is about to train (after a resume, if any).
+    fn on_train_begin(&mut self, _info: &RunInfo) {}
     /// A step finished or an evaluation ran.
     fn on_log(&mut self, _entry: &LogEntry, _state: &TrainerState) {}
     /// A checkpoint was written to `dir`, with these trained parameters (host copies, by

@@ -18,7 +18,7 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use super::optim::{AdamWConfig, warmup_steps};
 use super::params::TrainModel;
-use super::state::{Callback, LogEntry, TrainSummary, TrainerState};
+use super::state::{Callback, LogEntry, RunInfo, TrainSummary, TrainerState};
 use super::step::{StepBatch, StepOptions, Trainable};
 use crate::device::{Grads, TrainBackend};
 use crate::error::{Error, Result};
@@ -146,6 +146,17 @@ pub fn train<M: TrainModel>(
         state = r.state;
         state.total_steps = total;
     }
+    cb.on_train_begin(&RunInfo {
+        examples: n_examples,
+        total_steps: total,
+        effective_batch: cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        trainable_parameters: names
+            .iter()
+            .filter_map(|n| model.param_shape(n))
+            .map(|[r, c]| r * c)
+            .sum(),
+        model_parameters: model.config().num_parameters(),
+    });
     let log_path = run.output.map(|o| o.join("train_log.jsonl"));
     if let Some(p) = &log_path {
         checkpoint::rewrite_log(p, &state.log_history)?;
