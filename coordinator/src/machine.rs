@@ -371,10 +371,11 @@ impl Coordinator {
 
     /// Whether every sampled client of the open round has sent an update or declined.
     fn all_answered(&self) -> bool {
+        let failed: BTreeSet<&str> = self.failures.iter().map(|f| f.client.as_str()).collect();
         self.d.open.as_ref().is_some_and(|o| {
-            o.sampled.iter().all(|c| {
-                self.results.contains_key(c) || self.failures.iter().any(|f| f.client == c.to_hex())
-            })
+            o.sampled
+                .iter()
+                .all(|c| self.results.contains_key(c) || failed.contains(c.to_hex().as_str()))
         })
     }
 

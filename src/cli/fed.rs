@@ -399,7 +399,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
     let reset_id = id.clone();
     let store_dir = f.data_dir.join("store");
-    let mut store = FileStore::open(&store_dir)
+    let store = FileStore::open(&store_dir)
         .with_context(|| format!("{file}: data_dir: opening {}", store_dir.display()))?;
     let mut stored = store
         .load_all()
@@ -420,11 +420,9 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         std::fs::rename(&store_dir, &aside)
             .with_context(|| format!("moving {} to {}", store_dir.display(), aside.display()))?;
         eprintln!("moved the old store to {}", aside.display());
-        store = FileStore::open(&store_dir)
-            .with_context(|| format!("{file}: data_dir: opening {}", store_dir.display()))?;
-        stored = BTreeMap::new();
+        // The daemon opens (creates) the new store.
+        stored.clear();
     }
-    drop(store);
     let machine = if stored.contains_key("state") {
         eprintln!("resuming from {}", f.data_dir.display());
         Coordinator::recover(cfg, id, &stored)
