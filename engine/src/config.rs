@@ -212,6 +212,28 @@ impl ModelConfig {
         embedding + self.num_hidden_layers * block + h + head
     }
 
+    /// Every projection of the decoder blocks as `(module path, out_features, in_features)`, in
+    /// the order of [`crate::LlamaModel::linears`] (block by block, q k v o gate up down).
+    pub fn projections(&self) -> Vec<(String, usize, usize)> {
+        use crate::device::Proj;
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let mut out = Vec::with_capacity(self.num_hidden_layers * 7);
+        for li in 0..self.num_hidden_layers {
+            for p in Proj::ALL {
+                let (o, inp) = match p {
+                    Proj::Q => (q, h),
+                    Proj::K | Proj::V => (kv, h),
+                    Proj::O => (h, q),
+                    Proj::Gate | Proj::Up => (i, h),
+                    Proj::Down => (h, i),
+                };
+                out.push((format!("model.layers.{li}.{}", p.path()), o, inp));
+            }
+        }
+        out
+    }
+
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -190,3 +190,38 @@ fn the_parameter_count_from_the_config_is_the_checkpoints() {
         assert_eq!(cfg.num_parameters(), values, "{}", dir.display());
     }
 }
+
+/// `ModelConfig::projections` names and sizes every projection as the loaded model holds them,
+/// so a fresh adapter made from the configuration alone (a model loaded straight onto a GPU)
+/// is the one made from the loaded model, factor for factor.
+#[test]
+fn an_adapter_from_the_config_is_the_one_from_the_model() {
+    use fedtune_engine::train::TrainConfig;
+    use fedtune_engine::train::lora::{init_adapter, init_adapter_for};
+    for name in [
+        "qwen2_bias_untied",
+        "llama3_rope_bias_headdim",
+        "qwen2_mixed_layer_types",
+    ] {
+        let (model, ..) = variant(name);
+        let shapes: Vec<(String, usize, usize)> = model
+            .linears()
+            .into_iter()
+            .map(|(n, l)| (n, l.out_features(), l.in_features()))
+            .collect();
+        assert_eq!(model.config.projections(), shapes, "{name}");
+        let cfg = TrainConfig {
+            lora_r: 4,
+            ..TrainConfig::default()
+        };
+        let (a, b) = (
+            init_adapter(&model, &cfg),
+            init_adapter_for(&model.config, &cfg),
+        );
+        assert_eq!(a.modules.len(), 7 * model.layers.len(), "{name}");
+        for (m, f) in &a.modules {
+            assert_eq!(f.a.data, b.modules[m].a.data, "{name} {m}");
+            assert_eq!(f.b.data, b.modules[m].b.data, "{name} {m}");
+        }
+    }
+}

@@ -9,17 +9,23 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::TrainConfig;
 use crate::adapter::{LoraConfig, PeftAdapter};
+use crate::config::ModelConfig;
 use crate::model::LlamaModel;
 
 /// A fresh adapter for every targeted projection of `model`.
 pub fn init_adapter(model: &LlamaModel, cfg: &TrainConfig) -> Adapter {
+    init_adapter_for(&model.config, cfg)
+}
+
+/// [`init_adapter`] from the model's configuration alone (the same factors), for a model
+/// that lives on a GPU and was never held on the host.
+pub fn init_adapter_for(config: &ModelConfig, cfg: &TrainConfig) -> Adapter {
     let lc = lora_config(cfg, None);
     let mut out = Adapter::default();
-    for (i, (name, lin)) in model.linears().into_iter().enumerate() {
+    for (i, (name, o, inp)) in config.projections().into_iter().enumerate() {
         if !lc.targets(&name) {
             continue;
         }
-        let (o, inp) = (lin.out_features(), lin.in_features());
         let r = lc.rank_for(&name);
         let bound = 1.0 / (inp as f32).sqrt();
         let mut rng =
