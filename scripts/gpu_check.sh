@@ -16,7 +16,11 @@
 #   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
 #      the host engine (f32), the forward's parts, the forward throughput against transformers
 #      (alternating rounds), the NF4 forward, and greedy decoding against transformers.
-# SKIP_COMPARE=1 / SKIP_KERNEL_COMPILE=1 leave out steps 4's comparison and 2 when time is short.
+#   5. training speed and memory against PyTorch + PEFT (bench/gpu_step.sh, into $OUT/step/):
+#      1B-shape LoRA SFT and DPO, one round each, one profiled run; the 8B QLoRA figure only
+#      with STEP_8B=1 (making an 8B model takes minutes; run bench/gpu_step.sh alone for it).
+# SKIP_COMPARE=1 / SKIP_KERNEL_COMPILE=1 / SKIP_STEP_BENCH=1 leave out step 4's comparison, 2
+# and 5 when time is short.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -69,4 +73,11 @@ done
 step fedtune_1b_nf4 120 gpu-bin/gpu_forward bench $M1B bf16-nf4dq 8 1024 5
 step fedtune_1b_gen 90 gpu-bin/gpu_forward gen $M1B bf16 64 128
 step transformers_1b_gen 90 python3 bench/gpu_forward.py gen $M1B 64 128
+if [ "${SKIP_STEP_BENCH:-}" != 1 ]; then
+  t0=$(date +%s)
+  OUT="$OUT/step" M1B=$M1B ROUNDS=${STEP_ROUNDS:-1} SKIP_8B=$([ "${STEP_8B:-}" = 1 ] && echo 0 || echo 1) \
+    timeout 420 bench/gpu_step.sh > /tmp/gpu-step-bench.log 2>&1
+  log "step_bench: exit $? in $(( $(date +%s) - t0 )) s (details in step/)"
+  tail -n 20 /tmp/gpu-step-bench.log
+fi
 cat "$OUT/results.jsonl"

@@ -16,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod profile;
 pub mod tensor;
 pub mod train;
 
@@ -26,6 +27,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 
 use crate::error::{Error, Result};
 pub use model::CudaModel;
+pub use profile::KernelTime;
 pub use tensor::{Dt, GTensor};
 
 /// An open GPU: context, stream, kernels and the cuBLASLt handle.
@@ -39,6 +41,9 @@ pub struct Gpu {
     tf32: std::sync::atomic::AtomicBool,
     /// bitsandbytes' dynamic map for double-quantised NF4 scales.
     dyn_map: CudaSlice<f32>,
+    /// Whether launches are timed ([`Gpu::set_profiling`]).
+    profiling: std::sync::atomic::AtomicBool,
+    profiler: Mutex<Option<profile::Profiler>>,
     /// Device name, e.g. `NVIDIA H200`.
     pub name: String,
     /// Compute capability `(major, minor)`.
@@ -105,7 +110,7 @@ impl Gpu {
         )?;
         let lt = lt::Lt::new(&stream)?;
         let dyn_map = drv("upload", stream.clone_htod(&crate::nf4::dynamic_map()[..]))?;
-        Ok(Arc::new(Gpu {
+        let gpu = Arc::new(Gpu {
             ctx,
             stream,
             module,
@@ -113,10 +118,16 @@ impl Gpu {
             lt,
             tf32: std::sync::atomic::AtomicBool::new(false),
             dyn_map,
+            profiling: std::sync::atomic::AtomicBool::new(false),
+            profiler: Mutex::new(None),
             name,
             cc,
             ordinal,
-        }))
+        });
+        if std::env::var("FEDTUNE_PROFILE").is_ok_and(|v| v == "1") {
+            gpu.set_profiling(true);
+        }
+        Ok(gpu)
     }
 
     /// Free device memory in bytes (the driver's count, plus nothing cached by the pool).

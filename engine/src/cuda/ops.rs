@@ -75,7 +75,10 @@ impl Gpu {
         }
         // SAFETY: each launcher passes the argument list its kernel declares, with buffers
         // sized by the shape checks before it.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("GPU kernel {name}: {e}"));
+        self.timed(
+            || name.to_string(),
+            || unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("GPU kernel {name}: {e}")),
+        );
     }
 
     /// `Σ alpha·op(a)·op(b)` into a new `[m, n]` tensor of `out` type.
@@ -130,7 +133,26 @@ impl Gpu {
             dt: c.dt,
         };
         assert!(col0 + n <= c.cols, "matmul_into: columns out of range");
-        self.lt().gemm(cm, &lt, accumulate, self.tf32())
+        let k = lt
+            .first()
+            .map(|t| if t.ta { t.a.rows } else { t.a.cols })
+            .unwrap_or(0);
+        self.timed(
+            || {
+                format!(
+                    "gemm {:?}<-{:?} {}x{n}x{k}{}",
+                    c.dt,
+                    lt.first().map_or(c.dt, |t| t.a.dt),
+                    c.rows,
+                    if lt.len() > 1 {
+                        format!(" +{}", lt.len() - 1)
+                    } else {
+                        String::new()
+                    }
+                )
+            },
+            || self.lt().gemm(cm, &lt, accumulate, self.tf32()),
+        )
     }
 
     /// RMSNorm of `x (+ p)`: returns `(h, y, r)` where `h = x + p` (only when `p` is given),
