@@ -53,6 +53,7 @@ step cli_eval_cpu 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --da
 step cli_generate_gguf 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --device cuda --max-new-tokens 12
 step cli_train_cuda 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-sft --max-steps 20 --device cuda
 step cli_train_cuda_bf16 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-bf16 --max-steps 20 --device cuda --bf16
+step cli_train_cuda_fp16 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-fp16 --max-steps 20 --device cuda --fp16
 step cli_train_cuda_ckpt 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-ckpt --max-steps 20 --device cuda --gradient-checkpointing
 step cli_train_cuda_tf32 90 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/gpu-train-tf32 --max-steps 20 --device cuda --tf32
 step cli_train_cuda_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/gpu-train-sft --data testdata/demo/hospital.jsonl --json

@@ -67,11 +67,17 @@ fn the_summary_pairs_rounds_and_checks_the_targets() {
     // Fast enough but 0.62x memory > 0.6x: not met.
     assert!(sft.ends_with("| not met |"), "{sft}");
     let dpo = row("dpo lora");
-    assert!(dpo.contains("**1.60x**") && dpo.ends_with("| not met |"), "{dpo}");
+    assert!(
+        dpo.contains("**1.60x**") && dpo.ends_with("| not met |"),
+        "{dpo}"
+    );
     // Twice the peer's speed, but 21.5 GiB > 20 GiB.
     let q = row("sft qlora-gc");
     assert!(q.contains("**2.00x**") && q.ends_with("| not met |"), "{q}");
-    assert!(stdout.contains("| `attention_fwd` | 48 | 30.00 | 60.0 % |"), "{stdout}");
+    assert!(
+        stdout.contains("| `attention_fwd` | 48 | 30.00 | 60.0 % |"),
+        "{stdout}"
+    );
 }
 
 #[test]

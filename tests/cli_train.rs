@@ -240,6 +240,16 @@ fn bad_options_and_data_are_clear_errors() {
         !ok && err.contains("--tf32") && err.contains("--device cuda"),
         "{err}"
     );
+    let (ok, err) = train_sft(&data(), &out.join("e"), &["--fp16"]);
+    assert!(
+        !ok && err.contains("--fp16") && err.contains("--device cuda"),
+        "{err}"
+    );
+    let (ok, err) = train_sft(&data(), &out.join("f"), &["--fp16", "--bf16"]);
+    assert!(
+        !ok && err.contains("--fp16") && err.contains("--bf16"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -25,15 +25,13 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Device};
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
-use fedtune_engine::train::dpo::DpoOptions;
+use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::train::dpo::DpoObjective;
+use fedtune_engine::train::dpo::DpoOptions;
 use fedtune_engine::train::lora::init_adapter_for;
 use fedtune_engine::train::params::TrainModel;
-use fedtune_engine::train::sft::{
-    LogEntry, RunOptions, SftObjective, TrainerState, train,
-};
+use fedtune_engine::train::sft::{LogEntry, RunOptions, SftObjective, TrainerState, train};
 use fedtune_engine::train::{Callback, TrainConfig};
-use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::{Encoded, ModelConfig, load_model};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -157,7 +155,7 @@ fn run<M: TrainModel>(
         Work::Dpo(pairs, o) => {
             let objective = DpoObjective::new(
                 m,
-                o.clone(),
+                *o,
                 pairs.clone(),
                 Vec::new(),
                 cfg.per_device_train_batch_size,

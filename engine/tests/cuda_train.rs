@@ -408,10 +408,19 @@ fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
     let dev_m: Vec<GTensor> = dev_p.iter().map(zeros).collect();
     let dev_v: Vec<GTensor> = dev_p.iter().map(zeros).collect();
     let mut opt = AdamW::new(config);
-    // Step 1 without clipping (max 100), steps 2-3 clipped (max 0.5).
-    for (step, max) in [(1u64, 100.0), (2, 0.5), (3, 0.5)] {
+    // Step 1 without clipping (max 100), steps 2-3 clipped (max 0.5), step 4 clipped with
+    // gradients that come scaled by an fp16 loss scale of 2^12 (the step divides it out).
+    for (step, max, loss_scale) in [
+        (1u64, 100.0, None),
+        (2, 0.5, None),
+        (3, 0.5, None),
+        (4, 0.5, Some(4096f32)),
+    ] {
         let grads: Vec<Tensor<2>> = shapes.iter().map(|(s, _)| rand(*s) * 0.3).collect();
-        let dev_g: Vec<GTensor> = grads.iter().map(|t| up(&g, t)).collect();
+        let dev_g: Vec<GTensor> = grads
+            .iter()
+            .map(|t| up(&g, &(t.clone() * loss_scale.unwrap_or(1.0))))
+            .collect();
         let mut map: BTreeMap<String, Tensor<2>> = grads
             .iter()
             .enumerate()
@@ -433,7 +442,9 @@ fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
                 decay: shapes[i].1,
             })
             .collect();
-        let norm = g.adamw_step(&params, config, lr, step, max).unwrap();
+        let norm = g
+            .adamw_step(&params, config, lr, step, max, loss_scale)
+            .unwrap();
         assert!(
             ((norm - want_norm) / want_norm).abs() < 1e-6,
             "step {step}: norm {norm} vs {want_norm}"
@@ -444,6 +455,31 @@ fn adamw_with_clipping_on_the_device_matches_the_host_optimiser() {
             println!("adamw step {step} tensor {i}: bit-identical to the host: {same}");
             check(&format!("adamw step {step} tensor {i}"), &got, &want, 1e-6);
         }
+    }
+    // An overflowed fp16 step (an infinite gradient under loss scaling) changes nothing.
+    let before: Vec<Vec<f32>> = dev_p.iter().map(|t| g.download(t).unwrap()).collect();
+    let moments: Vec<Vec<f32>> = dev_m.iter().map(|t| g.download(t).unwrap()).collect();
+    let mut bad = host(&rand(shapes[0].0));
+    bad[7] = f32::INFINITY;
+    let dev_g: Vec<GTensor> = std::iter::once(g.upload(&bad, 64, 80, Dt::F32).unwrap())
+        .chain(shapes[1..].iter().map(|(s, _)| up(&g, &rand(*s))))
+        .collect();
+    let params: Vec<DeviceParam<'_>> = (0..shapes.len())
+        .map(|i| DeviceParam {
+            p: &dev_p[i],
+            g: &dev_g[i],
+            m: &dev_m[i],
+            v: &dev_v[i],
+            decay: shapes[i].1,
+        })
+        .collect();
+    let norm = g
+        .adamw_step(&params, config, 1e-3, 5, 0.5, Some(65536.0))
+        .unwrap();
+    assert!(!norm.is_finite(), "norm {norm}");
+    for i in 0..shapes.len() {
+        assert_eq!(g.download(&dev_p[i]).unwrap(), before[i], "parameter {i}");
+        assert_eq!(g.download(&dev_m[i]).unwrap(), moments[i], "moment {i}");
     }
 }
 
@@ -464,6 +500,7 @@ fn gradient_checkpointing_on_the_gpu_gives_the_plain_gradients() {
             let plain = StepOptions {
                 dropout_seed: Some(3),
                 gradient_checkpointing: false,
+                loss_scale_exp: 0,
             };
             let ckpt = StepOptions {
                 gradient_checkpointing: true,

@@ -1,6 +1,6 @@
 //! Whole GPU training runs against the host engine: 20 SFT steps and 5 DPO steps against the
-//! host's loss curve with checkpoints resumed across devices, bf16 mixed precision against
-//! f32, and gradient checkpointing against the plain run. Runs where a CUDA device is found
+//! host's loss curve with checkpoints resumed across devices, bf16 and fp16 (loss-scaled) mixed
+//! precision against f32, and gradient checkpointing against the plain run. Runs where a CUDA device is found
 //! (`scripts/gpu_check.sh`); elsewhere every test says so and passes, unless
 //! `FEDTUNE_REQUIRE_GPU=1`.
 
@@ -235,7 +235,7 @@ fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
 }
 
 #[test]
-fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
+fn twenty_bf16_and_fp16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
     let Some(g) = gpu() else { return };
     let loaded = tiny_loaded();
     let seqs = sft_data(&loaded);
@@ -249,22 +249,44 @@ fn twenty_bf16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
         base.attach_weights(&adapter, 0.0).unwrap();
         let mut f = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
         let want = curve(&run_sft(&mut f, &seqs, &cfg, None, None));
-        let mut h = CudaModel::from_host(&base, g.clone(), Dt::BF16).unwrap();
-        let got = curve(&run_sft(&mut h, &seqs, &cfg, None, None));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| ((a.1 - b.1) / b.1).abs())
-            .fold(0f32, f32::max);
-        println!(
-            "bf16 vs f32 SFT loss (NF4 base: {nf4}), 20 steps: largest relative gap {worst:.4}"
-        );
-        println!("  f32 {:?}", want.iter().map(|c| c.1).collect::<Vec<_>>());
-        println!("  bf16 {:?}", got.iter().map(|c| c.1).collect::<Vec<_>>());
-        assert!(worst < 0.05, "bf16 curve {worst} from f32");
-        assert!(
-            got.last().unwrap().1 < got[0].1,
-            "bf16 training lowers the loss"
-        );
+        // bf16, and fp16 with dynamic loss scaling (the loop's GradScaler).
+        for (name, dt, run_cfg) in [
+            ("bf16", Dt::BF16, cfg.clone()),
+            (
+                "fp16",
+                Dt::F16,
+                TrainConfig {
+                    fp16: true,
+                    ..cfg.clone()
+                },
+            ),
+        ] {
+            let mut h = CudaModel::from_host(&base, g.clone(), dt).unwrap();
+            let log = run_sft(&mut h, &seqs, &run_cfg, None, None);
+            let got = curve(&log);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a.1 - b.1) / b.1).abs())
+                .fold(0f32, f32::max);
+            println!(
+                "{name} vs f32 SFT loss (NF4 base: {nf4}), 20 steps: largest relative gap {worst:.4}"
+            );
+            println!("  f32 {:?}", want.iter().map(|c| c.1).collect::<Vec<_>>());
+            println!("  {name} {:?}", got.iter().map(|c| c.1).collect::<Vec<_>>());
+            if run_cfg.fp16 {
+                let skipped = log
+                    .iter()
+                    .filter(|e| e.grad_norm.is_none_or(|n| !n.is_finite()))
+                    .count();
+                println!("  fp16: {skipped} steps skipped by the loss scaler");
+                assert!(skipped < 5, "fp16 skipped {skipped} of 20 steps");
+            }
+            assert!(worst < 0.05, "{name} curve {worst} from f32");
+            assert!(
+                got.last().unwrap().1 < got[0].1,
+                "{name} training lowers the loss"
+            );
+        }
     }
 }

@@ -400,6 +400,7 @@ fn gradient_checkpointing_keeps_block_inputs_only_and_gives_the_same_gradients()
         let plain = StepOptions {
             dropout_seed: Some(5),
             gradient_checkpointing: false,
+            loss_scale_exp: 0,
         };
         let ckpt = StepOptions {
             gradient_checkpointing: true,

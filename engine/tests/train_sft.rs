@@ -268,3 +268,134 @@ fn saved_adapter_reloads_to_identical_logits() {
     assert_eq!(cfg_json["r"], 8);
     assert_eq!(cfg_json["task_type"], "CAUSAL_LM");
 }
+
+/// Every trained tensor of `m`, in f32, by name.
+fn lora_params(m: &LlamaModel) -> Vec<(String, Vec<f32>)> {
+    m.linears()
+        .into_iter()
+        .flat_map(|(n, _)| [format!("{n}.lora_A"), format!("{n}.lora_B")])
+        .map(|n| {
+            let v = to_f32_vec(m.param(&n).unwrap().into_data());
+            (n, v)
+        })
+        .collect()
+}
+
+/// fp16 loss scaling is exact where nothing overflows: the loss is scaled by a power of two
+/// and the step divides it out, so an f32 run with the scaler trains the same bits as one
+/// without (the GPU runs this same loop over f16 activations).
+#[test]
+fn loss_scaling_without_overflow_changes_no_bit() {
+    let m0 = tiny();
+    let seqs = examples(&m0);
+    let plain = TrainConfig {
+        lora_dropout: 0.1,
+        max_grad_norm: 0.5,
+        ..config()
+    };
+    let scaled = TrainConfig {
+        fp16: true,
+        fp16_growth_interval: 2,
+        ..plain.clone()
+    };
+    let (mut a, mut b) = (tiny(), tiny());
+    with_adapter(&mut a.model, &plain);
+    with_adapter(&mut b.model, &scaled);
+    let la = run(&mut a.model, &seqs, &plain, None, None);
+    let lb = run(&mut b.model, &seqs, &scaled, None, None);
+    let curve = |l: &[LogEntry]| {
+        l.iter()
+            .map(|e| (e.loss.unwrap().to_bits(), e.grad_norm.unwrap().to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(curve(&la), curve(&lb));
+    assert_eq!(lora_params(&a.model), lora_params(&b.model));
+    // 2^16, doubling every 2 steps without overflow: 2^16, 2^16, 2^17, 2^17, 2^18, 2^18.
+    let scales: Vec<f64> = lb.iter().map(|e| e.loss_scale.unwrap()).collect();
+    assert_eq!(
+        scales,
+        [16, 16, 17, 17, 18, 18].map(|e| 2f64.powi(e)).to_vec()
+    );
+    assert!(la.iter().all(|e| e.loss_scale.is_none()));
+}
+
+/// A loss scale the gradients overflow at skips the step (nothing changes: parameters,
+/// moments, the optimiser's step count), halves the scale and logs a null gradient norm, until
+/// the scale fits; training then goes on, and a resumed run keeps the scaler's state.
+#[test]
+fn an_overflowing_loss_scale_skips_steps_and_backs_off() {
+    let m0 = tiny();
+    let seqs = examples(&m0);
+    let cfg = TrainConfig {
+        fp16: true,
+        // 2^130 is past f32's range: the first steps overflow for certain.
+        fp16_init_scale: 2f64.powi(130),
+        max_steps: Some(8),
+        save_steps: Some(2),
+        ..config()
+    };
+    let mut m = tiny();
+    with_adapter(&mut m.model, &cfg);
+    let before = lora_params(&m.model);
+    let out = tmp("fp16-overflow");
+    let log = run(&mut m.model, &seqs, &cfg, Some(&out), None);
+    assert_eq!(log.len(), 8);
+    let skipped = log
+        .iter()
+        .take_while(|e| e.grad_norm.is_none_or(|g| !g.is_finite()))
+        .count();
+    assert!(
+        skipped >= 3,
+        "at least 2^130..2^128 overflow: {skipped} skipped"
+    );
+    assert!(skipped < 8, "the scale came down within 8 steps");
+    let mut exp = 130;
+    for e in &log {
+        assert!(e.loss.unwrap().is_finite(), "the loss itself is unscaled");
+        assert_eq!(e.loss_scale, Some(2f64.powi(exp)), "step {}", e.step);
+        if e.grad_norm.is_none_or(|g| !g.is_finite()) {
+            exp -= 1;
+        }
+    }
+    println!("{skipped} steps skipped at first; the scale ends at 2^{exp}");
+    // The skipped steps left the adapter as it was; the later ones trained it.
+    let mut first = tiny();
+    with_adapter(&mut first.model, &cfg);
+    run(
+        &mut first.model,
+        &seqs,
+        &TrainConfig {
+            max_steps: Some(skipped as u64),
+            save_steps: None,
+            ..cfg.clone()
+        },
+        None,
+        None,
+    );
+    assert_eq!(lora_params(&first.model), before);
+    assert_ne!(lora_params(&m.model), before);
+    // The log file writes a skipped step's norm as null.
+    let text = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert!(
+        text.lines().next().unwrap().contains("\"grad_norm\":null"),
+        "{text}"
+    );
+    // Resuming from the checkpoint after the back-off goes on with the same scale and bits.
+    let at = 2 * skipped.div_ceil(2) as u64;
+    let mut r = tiny();
+    with_adapter(&mut r.model, &cfg);
+    let resumed = run(
+        &mut r.model,
+        &seqs,
+        &cfg,
+        Some(&tmp("fp16-overflow-resumed")),
+        Some(&out.join(format!("checkpoint-{at}"))),
+    );
+    let tail = |l: &[LogEntry]| {
+        l.iter()
+            .map(|e| (e.step, e.loss.unwrap().to_bits(), e.loss_scale))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tail(&resumed), tail(&log)[at as usize..].to_vec());
+    assert_eq!(lora_params(&r.model), lora_params(&m.model));
+}

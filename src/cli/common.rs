@@ -103,12 +103,16 @@ impl ModelArgs {
         Ok(())
     }
 
-    /// `--bf16` (mixed precision) and `--tf32` need `--device cuda`.
+    /// `--bf16`, `--fp16` (mixed precision) and `--tf32` need `--device cuda`.
     pub fn check_precision(&self, cfg: &fedtune_engine::train::TrainConfig) -> anyhow::Result<()> {
         let cpu = self.engine_device()? == fedtune_engine::device::Device::Cpu;
         anyhow::ensure!(
             !(cpu && cfg.bf16),
             "--bf16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"
+        );
+        anyhow::ensure!(
+            !(cpu && cfg.fp16),
+            "--fp16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"
         );
         anyhow::ensure!(
             !(cpu && cfg.tf32),
@@ -192,7 +196,8 @@ impl ModelArgs {
 }
 
 /// A copy of the host model (adapter attached, NF4 codes as quantised) on GPU `ordinal`, to
-/// train there: in f32, or with `bf16` the base in bf16 and f32 masters of the LoRA factors;
+/// train there: in f32, or with `bf16` (`fp16`) the base in bf16 (f16) and f32 masters of the
+/// LoRA factors;
 /// with `tf32`, f32 products on TF32 tensor cores.
 pub fn gpu_copy(
     model: &fedtune_engine::LlamaModel,
@@ -203,7 +208,13 @@ pub fn gpu_copy(
     let gpu = fedtune_engine::cuda::Gpu::open(ordinal)
         .with_context(|| format!("--device cuda:{ordinal}"))?;
     gpu.set_tf32(cfg.tf32);
-    let dt = if cfg.bf16 { Dt::BF16 } else { Dt::F32 };
+    let dt = if cfg.bf16 {
+        Dt::BF16
+    } else if cfg.fp16 {
+        Dt::F16
+    } else {
+        Dt::F32
+    };
     Ok(fedtune_engine::cuda::CudaModel::from_host(model, gpu, dt)?)
 }
 

@@ -127,8 +127,13 @@ pub struct TrainOverrides {
     pub bnb_4bit_use_double_quant: bool,
     /// Mixed precision on the GPU (TRL's `bf16`): bf16 base and activations, f32 LoRA factors,
     /// gradients and optimiser state.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fp16")]
     pub bf16: bool,
+    /// Mixed precision on the GPU (TRL's `fp16`): f16 base and activations, f32 LoRA factors,
+    /// gradients and optimiser state, with dynamic loss scaling (torch's GradScaler: a step
+    /// whose gradients overflow is skipped and halves the scale). For GPUs without bf16.
+    #[arg(long)]
+    pub fp16: bool,
     /// Recompute each block's forward in backward instead of keeping its activations
     /// (TRL's `gradient_checkpointing`): less memory, about a third more compute.
     #[arg(long)]
@@ -186,6 +191,7 @@ impl TrainOverrides {
         c.load_in_4bit |= self.load_in_4bit;
         c.bnb_4bit_use_double_quant |= self.bnb_4bit_use_double_quant;
         c.bf16 |= self.bf16;
+        c.fp16 |= self.fp16;
         c.gradient_checkpointing |= self.gradient_checkpointing;
         c.tf32 |= self.tf32;
     }

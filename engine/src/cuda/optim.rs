@@ -30,8 +30,11 @@ pub struct DeviceParam<'a> {
 
 impl Gpu {
     /// One AdamW step (optimiser step `step`, from 1, at learning rate `lr`) on `params`,
-    /// gradients first clipped to global norm `max_norm` as `clip_grad_norm_` does (`0`: no
-    /// clipping). Returns the global gradient norm before clipping.
+    /// gradients first divided by `loss_scale` (a power of two; fp16 loss scaling) and clipped
+    /// to global norm `max_norm` as `clip_grad_norm_` does (`0`: no clipping). Returns the
+    /// global norm of the unscaled gradients before clipping; with a `loss_scale`, a norm that
+    /// is not finite leaves every parameter and moment as it was (the caller does not count
+    /// the step), as `torch.amp.GradScaler` skips it.
     pub fn adamw_step(
         &self,
         params: &[DeviceParam<'_>],
@@ -39,6 +42,7 @@ impl Gpu {
         lr: f64,
         step: u64,
         max_norm: f64,
+        loss_scale: Option<f32>,
     ) -> Result<f64> {
         let mut table = Vec::with_capacity(params.len() * 48);
         for (i, p) in params.iter().enumerate() {
@@ -80,7 +84,7 @@ impl Gpu {
             },
             &[A::P(sp), A::P(part.ptr()), A::I(max_chunks as i32)],
         );
-        let norm = self.alloc(1, 2, Dt::F32);
+        let norm = self.alloc(1, 3, Dt::F32);
         self.run(
             "opt_norm",
             LaunchConfig {
@@ -92,6 +96,8 @@ impl Gpu {
                 A::P(part.ptr()),
                 A::I((params.len() * max_chunks) as i32),
                 A::D(max_norm),
+                A::D(loss_scale.map_or(1.0, |s| 1.0 / f64::from(s))),
+                A::I(i32::from(loss_scale.is_some())),
                 A::P(norm.ptr()),
             ],
         );

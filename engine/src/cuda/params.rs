@@ -255,6 +255,7 @@ impl TrainModel for CudaModel {
         grads: Grads<GTensor>,
         lr: f64,
         max_norm: f64,
+        loss_scale: Option<f32>,
     ) -> Result<f64> {
         let gpu = self.gpu.clone();
         let updated: Vec<&String> = names.iter().filter(|n| grads.contains_key(*n)).collect();
@@ -283,7 +284,12 @@ impl TrainModel for CudaModel {
                 decay: decays(name),
             });
         }
-        let norm = gpu.adamw_step(&params, opt.config, lr, opt.step, max_norm)?;
+        let norm = gpu.adamw_step(&params, opt.config, lr, opt.step, max_norm, loss_scale)?;
+        if loss_scale.is_some() && !norm.is_finite() {
+            // Skipped on the device: nothing changed, and the step does not count.
+            opt.step -= 1;
+            return Ok(norm);
+        }
         self.refresh_compute_copies(&updated);
         Ok(norm)
     }

@@ -83,15 +83,10 @@ impl TrainBackend for CudaModel {
         let c = &self.config;
         match self.dt {
             Dt::F32 => {}
-            Dt::BF16 if !weights => {}
-            Dt::BF16 => {
+            Dt::BF16 | Dt::F16 if !weights => {}
+            Dt::BF16 | Dt::F16 => {
                 return Err(Error::Invalid(
-                    "full and partial fine-tuning on the GPU run in f32 (bf16 mixed precision trains LoRA adapters)".into(),
-                ));
-            }
-            Dt::F16 => {
-                return Err(Error::Invalid(
-                    "fp16 training needs loss scaling, which is not implemented: train in bf16 or f32".into(),
+                    "full and partial fine-tuning on the GPU run in f32 (bf16 and fp16 mixed precision train LoRA adapters)".into(),
                 ));
             }
         }

@@ -77,6 +77,17 @@ pub struct TrainConfig {
     /// activations in bf16 (f32 accumulation), the LoRA factors, their gradients and AdamW's
     /// moments in f32. GPU only.
     pub bf16: bool,
+    /// Mixed precision as transformers' `fp16=True` with PEFT: the base and the activations in
+    /// f16, the LoRA factors, their gradients and AdamW's moments in f32, with dynamic loss
+    /// scaling as `torch.amp.GradScaler` does it: the loss is multiplied by a power of two
+    /// (from `fp16_init_scale`), a step whose gradients overflow is skipped and halves the
+    /// scale, and `fp16_growth_interval` steps in a row without overflow double it. GPU only.
+    pub fp16: bool,
+    /// The first loss scale of `fp16` (GradScaler's `init_scale`; a power of two).
+    pub fp16_init_scale: f64,
+    /// Steps without overflow before the `fp16` loss scale doubles (GradScaler's
+    /// `growth_interval`).
+    pub fp16_growth_interval: u64,
     /// Let f32 matrix products use TF32 tensor cores (PyTorch's `allow_tf32`, TRL's `tf32`).
     /// GPU only.
     pub tf32: bool,
@@ -119,6 +130,9 @@ impl Default for TrainConfig {
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
             bf16: false,
+            fp16: false,
+            fp16_init_scale: 65536.0,
+            fp16_growth_interval: 2000,
             tf32: false,
             gradient_checkpointing: false,
         }
@@ -159,6 +173,20 @@ impl TrainConfig {
         check(
             self.eval_split.is_none_or(|f| f > 0.0 && f < 1.0),
             "eval_split must be in (0, 1)",
+        )?;
+        check(
+            !(self.bf16 && self.fp16),
+            "bf16 and fp16 exclude each other",
+        )?;
+        check(
+            self.fp16_init_scale >= 1.0
+                && self.fp16_init_scale.is_finite()
+                && self.fp16_init_scale.log2().fract() == 0.0,
+            "fp16_init_scale must be a power of two, at least 1",
+        )?;
+        check(
+            self.fp16_growth_interval > 0,
+            "fp16_growth_interval must be positive",
         )?;
         check(
             !(self.full && self.train_last_layers.is_some()),

@@ -27,9 +27,12 @@ pub trait TrainModel: TrainBackend + Clone {
     fn lora_dropout(&self) -> f64;
     /// A fresh AdamW.
     fn new_optimizer(&self, config: AdamWConfig) -> Self::Optimizer;
-    /// One optimiser step: the gradients clipped to global norm `max_norm` (0: no clipping),
-    /// then AdamW at `lr` on every parameter of `names` that has a gradient. Returns the
-    /// global norm before clipping.
+    /// One optimiser step: the gradients divided by `loss_scale` (fp16 loss scaling: a power
+    /// of two, so exactly) and clipped to global norm `max_norm` (0: no clipping), then AdamW
+    /// at `lr` on every parameter of `names` that has a gradient. Returns the global norm of
+    /// the unscaled gradients before clipping. With a `loss_scale`, a norm that is not finite
+    /// skips the step: parameters, moments and the optimiser's step count stay as they were
+    /// (`torch.amp.GradScaler`).
     fn optimizer_step(
         &mut self,
         opt: &mut Self::Optimizer,
@@ -37,6 +40,7 @@ pub trait TrainModel: TrainBackend + Clone {
         grads: Grads<Self::T>,
         lr: f64,
         max_norm: f64,
+        loss_scale: Option<f32>,
     ) -> Result<f64>;
     /// The shape of parameter `name`, if the model has it.
     fn param_shape(&self, name: &str) -> Option<[usize; 2]>;
@@ -144,8 +148,19 @@ impl TrainModel for LlamaModel {
         mut grads: Grads,
         lr: f64,
         max_norm: f64,
+        loss_scale: Option<f32>,
     ) -> Result<f64> {
+        if let Some(s) = loss_scale {
+            let inv = 1.0 / s;
+            grads = std::mem::take(&mut grads)
+                .into_iter()
+                .map(|(k, g)| (k, g * inv))
+                .collect();
+        }
         let norm = clip_grad_norm(&mut grads, max_norm);
+        if loss_scale.is_some() && !norm.is_finite() {
+            return Ok(norm);
+        }
         opt.begin_step();
         for name in names {
             let (Some(p), Some(g)) = (self.param(name), grads.remove(name)) else {

@@ -27,6 +27,10 @@ pub struct LogEntry {
     /// Trained tokens in this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trained_tokens: Option<usize>,
+    /// The fp16 loss scale this step ran with (fp16 runs only; a step whose gradients
+    /// overflowed logs a null `grad_norm` and did not change the parameters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
     /// Evaluation loss (evaluation entries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
@@ -52,6 +56,50 @@ pub struct TrainerState {
     pub total_steps: u64,
     /// Everything logged so far.
     pub log_history: Vec<LogEntry>,
+    /// The fp16 loss scaler's state (fp16 runs only), so that a resumed run goes on with the
+    /// same scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
+}
+
+/// Dynamic loss scaling for fp16, as `torch.amp.GradScaler` does it (growth factor 2,
+/// backoff 0.5): the scale is `2^exp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// log₂ of the scale.
+    pub exp: i32,
+    /// Steps in a row without overflow since the scale last changed.
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    /// A scaler starting at `init` (a power of two).
+    pub fn new(init: f64) -> Self {
+        LossScaler {
+            exp: init.log2().round() as i32,
+            good_steps: 0,
+        }
+    }
+
+    /// The scale, `2^exp` (infinite past f32's range: that step then overflows and halves it).
+    pub fn scale(&self) -> f32 {
+        2f32.powi(self.exp)
+    }
+
+    /// After a step: an overflow (`finite` false) halves the scale; `growth_interval` steps
+    /// in a row without one double it.
+    pub fn update(&mut self, finite: bool, growth_interval: u64) {
+        if !finite {
+            self.exp -= 1;
+            self.good_steps = 0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= growth_interval {
+                self.exp += 1;
+                self.good_steps = 0;
+            }
+        }
+    }
 }
 
 /// What a run is about to do (for a start banner).

@@ -153,6 +153,8 @@ pub struct Forward<B: TrainBackend> {
     len: usize,
     segments: Option<Vec<u32>>,
     dropout_seed: Option<u64>,
+    /// The loss scale backward multiplies the upstream gradients by.
+    loss_scale: f32,
     /// `log p(target)` per target.
     pub target_logps: Vec<f32>,
     /// `∂ log p / ∂h` per target `[n_targets, hidden]`.
@@ -211,9 +213,18 @@ pub struct StepOptions {
     /// (transformers' `gradient_checkpointing`): activation memory of one block instead of
     /// every block, for about one more forward pass of compute.
     pub gradient_checkpointing: bool,
+    /// Loss scaling for fp16 (`torch.amp.GradScaler`): backward starts from the loss times
+    /// `2^loss_scale_exp`, so that small gradients stay representable in f16; the optimiser
+    /// step divides them back ([`crate::train::params::TrainModel::optimizer_step`]). 0: none.
+    pub loss_scale_exp: i32,
 }
 
 impl StepOptions {
+    /// The loss scale `2^loss_scale_exp`.
+    pub fn loss_scale(&self) -> f32 {
+        2f32.powi(self.loss_scale_exp)
+    }
+
     /// The options of micro-batch `i` of a step (its own dropout seed).
     pub fn micro(&self, i: usize) -> StepOptions {
         StepOptions {
@@ -349,6 +360,7 @@ pub fn forward<B: TrainBackend>(
         len: t,
         segments: batch.segments.clone(),
         dropout_seed: options.dropout_seed,
+        loss_scale: options.loss_scale(),
         target_logps,
         grad_dirs,
         target_hidden: trainable.head.then_some(target_h),
@@ -371,6 +383,14 @@ pub fn backward<B: TrainBackend>(
         fwd.rows.len(),
         "one upstream gradient per target"
     );
+    let scaled: Vec<f32>;
+    let d_logps = if fwd.loss_scale == 1.0 {
+        d_logps
+    } else {
+        // A power of two: exact, so unscaling in the optimiser step gives the same bits.
+        scaled = d_logps.iter().map(|d| d * fwd.loss_scale).collect();
+        &scaled
+    };
     let num_layers = cfg.num_hidden_layers;
     let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let (b, t) = (fwd.batch, fwd.len);

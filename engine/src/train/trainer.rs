@@ -18,7 +18,7 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use super::optim::{AdamWConfig, warmup_steps};
 use super::params::TrainModel;
-use super::state::{Callback, LogEntry, RunInfo, TrainSummary, TrainerState};
+use super::state::{Callback, LogEntry, LossScaler, RunInfo, TrainSummary, TrainerState};
 use super::step::{StepBatch, StepOptions, Trainable};
 use crate::device::{Grads, TrainBackend};
 use crate::error::{Error, Result};
@@ -162,6 +162,12 @@ pub fn train<M: TrainModel>(
         checkpoint::rewrite_log(p, &state.log_history)?;
     }
     let dropout = model.lora_dropout() > 0.0;
+    if cfg.fp16 && state.loss_scaler.is_none() {
+        state.loss_scaler = Some(LossScaler::new(cfg.fp16_init_scale));
+    }
+    if !cfg.fp16 {
+        state.loss_scaler = None;
+    }
     let mut summary = TrainSummary {
         steps: state.global_step,
         final_loss: None,
@@ -198,6 +204,7 @@ pub fn train<M: TrainModel>(
                 dropout_seed: dropout
                     .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
                 gradient_checkpointing: cfg.gradient_checkpointing,
+                loss_scale_exp: state.loss_scaler.map_or(0, |s| s.exp),
             };
             let StepOutput {
                 loss,
@@ -209,7 +216,18 @@ pub fn train<M: TrainModel>(
             let lr = cfg
                 .lr_scheduler_type
                 .lr(cfg.learning_rate, state.global_step, total, warmup);
-            let grad_norm = model.optimizer_step(&mut opt, &names, grads, lr, cfg.max_grad_norm)?;
+            let scaler = state.loss_scaler;
+            let grad_norm = model.optimizer_step(
+                &mut opt,
+                &names,
+                grads,
+                lr,
+                cfg.max_grad_norm,
+                scaler.map(|s| s.scale()),
+            )?;
+            if let Some(s) = &mut state.loss_scaler {
+                s.update(grad_norm.is_finite(), cfg.fp16_growth_interval);
+            }
             let secs = started.elapsed().as_secs_f64();
             state.global_step += 1;
             state.batch_in_epoch = end;
@@ -230,6 +248,7 @@ pub fn train<M: TrainModel>(
                         grad_norm: Some(grad_norm),
                         tokens_per_second: Some(tokens as f64 / secs.max(1e-9)),
                         trained_tokens: Some(trained),
+                        loss_scale: scaler.map(|s| 2f64.powi(s.exp)),
                         metrics,
                         ..Default::default()
                     },

@@ -49,30 +49,38 @@ extern "C" __global__ void opt_sumsq(const OptSeg* segs, double* part, int max_c
     if (threadIdx.x == 0) part[(size_t)blockIdx.y * max_chunks + blockIdx.x] = acc;
 }
 
-// out[0] = the global norm, out[1] = the factor gradients are scaled by
-// (torch.nn.utils.clip_grad_norm_: max/(norm + 1e-6) when that is below 1 and max > 0).
+// out[0] = the global norm of the gradients times `inv_scale` (fp16 loss scaling divides the
+// gradients by the loss scale, a power of two, so this is exact), out[1] = the factor
+// gradients are scaled by (`inv_scale`, times torch.nn.utils.clip_grad_norm_'s max/(norm +
+// 1e-6) when that is below 1 and max > 0), out[2] = 1 when `skip_nonfinite` and the norm is
+// not finite (torch.amp.GradScaler skips that step), else 0.
 // One block of 256 threads; the partials are added in a fixed order.
-extern "C" __global__ void opt_norm(const double* part, int count, double max_norm, float* out) {
+extern "C" __global__ void opt_norm(const double* part, int count, double max_norm,
+                                    double inv_scale, int skip_nonfinite, float* out) {
     __shared__ double scratch[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) acc += part[i];
     acc = block_sum_f64(acc, scratch);
     if (threadIdx.x == 0) {
-        double norm = sqrt(acc);
+        double norm = sqrt(acc) * inv_scale;
         double coef = max_norm / (norm + 1e-6);
+        float clip = (max_norm > 0.0 && coef < 1.0) ? (float)coef : 1.f;
         out[0] = (float)norm;
-        out[1] = (max_norm > 0.0 && coef < 1.0) ? (float)coef : 1.f;
+        out[1] = inv_scale == 1.0 ? clip : __fmul_rn(clip, (float)inv_scale);
+        out[2] = (skip_nonfinite && !isfinite(norm)) ? 1.f : 0.f;
     }
 }
 
 // AdamW (torch.optim.AdamW) on every tensor of the table, gradients first scaled by
-// `scale[1]` when `scale` is given: grid (blocks, tensors), a grid-stride loop per tensor.
+// `scale[1]` when `scale` is given, nothing done when `scale[2]` is set (a skipped step):
+// grid (blocks, tensors), a grid-stride loop per tensor.
 //   m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²;  p = p − p·lr·wd (decay);
 //   p = p − m / (sqrt(v)/sqrt(bc2) + eps) · lr/bc1
 extern "C" __global__ void opt_adamw(const OptSeg* segs, const float* scale, float b1, float b2,
                                      float ob1, float ob2, float decay, float sbc2, float eps,
                                      float step) {
     const OptSeg s = segs[blockIdx.y];
+    if (scale && scale[2] != 0.f) return;
     const float c = scale ? scale[1] : 1.f;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < s.n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
