@@ -69,27 +69,6 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 impl ModelArgs {
-    /// Loads the model for training: NF4-quantised projections with `load_in_4bit` (QLoRA).
-    pub fn load_for_training(
-        &self,
-        cfg: &fedtune_engine::train::TrainConfig,
-    ) -> anyhow::Result<LoadedModel> {
-        self.ensure_f32_training()?;
-        let mut m = self.load_on(&Device::flex())?;
-        if cfg.load_in_4bit {
-            anyhow::ensure!(
-                cfg.is_lora(),
-                "--load-in-4bit trains LoRA adapters on a frozen NF4 base; it excludes --full and --train-last-layers"
-            );
-            let (params, bytes) = m.model.quantize_nf4(cfg.bnb_4bit_use_double_quant);
-            tracing::info!(
-                "NF4 base: {params} parameters in {bytes} bytes ({:.3} bits each)",
-                bytes as f64 * 8.0 / params as f64
-            );
-        }
-        Ok(m)
-    }
-
     /// Training computes in f32 for now: `--dtype bf16|f16` is refused with a message (the
     /// training step's CPU kernels are f32; `eval` and `generate` run in every dtype).
     pub fn ensure_f32_training(&self) -> anyhow::Result<()> {
@@ -150,7 +129,10 @@ impl ModelArgs {
         Ok((model, tokenizer))
     }
 
-    fn apply_template(&self, tokenizer: &mut fedtune_engine::Tokenizer) -> anyhow::Result<()> {
+    pub(crate) fn apply_template(
+        &self,
+        tokenizer: &mut fedtune_engine::Tokenizer,
+    ) -> anyhow::Result<()> {
         if let Some(t) = &self.chat_template {
             let path = std::path::Path::new(t);
             let src = if path.is_file() {
@@ -177,8 +159,8 @@ impl ModelArgs {
         self.load_on(&parse_device(&self.device)?)
     }
 
-    /// [`ModelArgs::load`] on the host whatever `--device` says: training loads there and,
-    /// with `--device cuda`, trains a GPU copy ([`gpu_copy`]).
+    /// [`ModelArgs::load`] on the host whatever `--device` says (training runs that need the
+    /// host model, then train a GPU copy with `--device cuda`: [`gpu_copy`]).
     pub fn load_on(&self, device: &Device) -> anyhow::Result<LoadedModel> {
         let dtype = parse_dtype(&self.dtype)?;
         let mut m = load_model(&self.model, device, dtype)

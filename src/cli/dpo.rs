@@ -7,18 +7,17 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use fedtune_engine::PeftAdapter;
 use fedtune_engine::data::Dataset;
-use fedtune_engine::device::Device;
 use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
-use fedtune_engine::train::lora::{init_adapter, to_peft};
+use fedtune_engine::train::lora::peft_adapter;
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
 
-use super::common::{ModelArgs, copy_back, gpu_copy};
+use super::common::ModelArgs;
+use super::target::Job;
 use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
 
 /// Arguments of `fedtune train dpo`.
@@ -162,20 +161,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         "train dpo: give the SFT adapter as --sft-adapter (it is merged into the base and a \
          fresh adapter is trained)"
     );
-    a.model.ensure_f32_training()?;
     a.model.check_precision(&cfg)?;
-    let mut m = a.model.load_on(&burn::tensor::Device::flex())?;
-    if let Some(p) = &a.sft_adapter {
-        let sft =
-            PeftAdapter::load(p).with_context(|| format!("loading SFT adapter {}", p.display()))?;
-        m.model
-            .attach_adapter(&sft)
-            .with_context(|| format!("applying SFT adapter {}", p.display()))?;
-        m.model.merge_adapter()?;
-    }
-    if cfg.load_in_4bit {
-        m.model.quantize_nf4(cfg.bnb_4bit_use_double_quant);
-    }
+    let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
     let load = a.run.load_options();
     let encode = |path: &PathBuf| -> anyhow::Result<_> {
         let d = Dataset::load(path, load)?;
@@ -183,7 +170,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             eprintln!("skipped: {e}");
         }
         Ok(d.encode_pairs(
-            &m.tokenizer,
+            &tokenizer,
             Some(opts.max_prompt_length),
             Some(opts.max_length),
         )?)
@@ -200,8 +187,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             truncated.prompts, opts.max_prompt_length, truncated.completions, opts.max_length
         );
     }
-    let adapter = init_adapter(&m.model, &cfg);
-    m.model.attach_weights(&adapter, cfg.lora_dropout)?;
+    model.attach_fresh(&cfg)?;
     std::fs::create_dir_all(&a.run.output)
         .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
@@ -214,8 +200,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let peft_of = |model: &fedtune_engine::LlamaModel| {
-        let mut peft = to_peft(model, &cfg, Some(a.model.model.display().to_string()));
+    let peft_of = |weights| {
+        let mut peft = peft_adapter(weights, &cfg, Some(a.model.model.display().to_string()));
         if let Some(p) = &a.sft_adapter {
             peft.metadata.insert(
                 "merged_sft_adapter".into(),
@@ -226,20 +212,19 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     };
     let mut b = Bar {
         bar: bar.clone(),
-        adapter: cfg.is_lora().then(|| peft_of(&m.model)),
+        adapter: Some(peft_of(model.lora_weights()?)),
     };
-    let pad = m.tokenizer.pad_id;
-    let mut cb = Both(&mut b);
+    let pad = tokenizer.pad_id;
+    let cb = Both(&mut b);
     let data = (opts, train_pairs, eval_pairs, pad);
-    let (summary, final_loss, final_metrics) = match a.model.engine_device()? {
-        Device::Cpu => fit(&mut m.model, &run, data, &mut cb)?,
-        Device::Cuda(n) => {
-            let mut gpu = gpu_copy(&m.model, n, &cfg)?;
-            let out = fit(&mut gpu, &run, data, &mut cb)?;
-            copy_back(&gpu, &mut m.model, &cfg)?;
-            out
-        }
-    };
+    let (summary, final_loss, final_metrics) = model.train(
+        &cfg,
+        Fit {
+            run: &run,
+            data,
+            cb,
+        },
+    )?;
     bar.finish_and_clear();
     if summary.cancelled {
         eprintln!(
@@ -252,8 +237,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    peft_of(&m.model).save(&a.run.output)?;
-    super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
+    peft_of(model.lora_weights()?).save(&a.run.output)?;
+    super::export::copy_tokenizer(&tokenizer, model.config(), &a.model.model, &a.run.output)?;
     let report = serde_json::json!({
         "summary": summary,
         "config": cfg,
@@ -291,26 +276,33 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains `model` on the preference pairs (wherever it lives) and measures the final training
-/// loss and metrics: `(summary, loss, metrics)` (NaN and none when the run was cancelled).
-fn fit<M: TrainModel>(
-    model: &mut M,
-    run: &RunOptions<'_>,
-    (opts, train_pairs, eval_pairs, pad): (DpoOptions, Vec<EncodedPair>, Vec<EncodedPair>, u32),
-    cb: &mut dyn Callback,
-) -> anyhow::Result<(TrainSummary, f64, std::collections::BTreeMap<String, f64>)> {
-    let objective = DpoObjective::new(
-        model,
-        opts,
-        train_pairs,
-        eval_pairs,
-        run.config.per_device_train_batch_size,
-        pad,
-    );
-    let summary = train(model, run, &objective, cb)?;
-    if summary.cancelled {
-        return Ok((summary, f64::NAN, Default::default()));
+/// The preference pairs to train on: the model (wherever it lives) trains on them, and the
+/// final training loss and metrics are measured: `(summary, loss, metrics)` (NaN and none when
+/// the run was cancelled).
+struct Fit<'a, 'r, C: Callback> {
+    run: &'a RunOptions<'r>,
+    data: (DpoOptions, Vec<EncodedPair>, Vec<EncodedPair>, u32),
+    cb: C,
+}
+
+impl<C: Callback> Job for Fit<'_, '_, C> {
+    type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
+
+    fn run<M: TrainModel>(mut self, model: &mut M) -> anyhow::Result<Self::Out> {
+        let (opts, train_pairs, eval_pairs, pad) = self.data;
+        let objective = DpoObjective::new(
+            model,
+            opts,
+            train_pairs,
+            eval_pairs,
+            self.run.config.per_device_train_batch_size,
+            pad,
+        );
+        let summary = train(model, self.run, &objective, &mut self.cb)?;
+        if summary.cancelled {
+            return Ok((summary, f64::NAN, Default::default()));
+        }
+        let (loss, metrics) = objective.metrics_on(model, false);
+        Ok((summary, loss, metrics))
     }
-    let (loss, metrics) = objective.metrics_on(model, false);
-    Ok((summary, loss, metrics))
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use fedtune_engine::LoadedModel;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::common::ModelArgs;
@@ -24,15 +23,19 @@ pub struct ExportArgs {
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let mut m = a.model.load()?;
     m.model.merge_adapter()?;
-    write_model_dir(&m, &a.model.model, &a.output)?;
+    write_model_dir(&m.model, &m.tokenizer, &a.model.model, &a.output)?;
     println!("wrote {}", a.output.display());
     Ok(())
 }
 
 /// Writes `config.json`, `model.safetensors` (f32, Hugging Face keys) and the tokenizer files.
-pub fn write_model_dir(m: &LoadedModel, source: &Path, out: &Path) -> anyhow::Result<()> {
+pub fn write_model_dir(
+    model: &fedtune_engine::LlamaModel,
+    tokenizer: &fedtune_engine::Tokenizer,
+    source: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let model = &m.model;
     let mut names: Vec<String> = vec![
         "model.embed_tokens.weight".into(),
         "model.norm.weight".into(),
@@ -75,12 +78,17 @@ pub fn write_model_dir(m: &LoadedModel, source: &Path, out: &Path) -> anyhow::Re
     safetensors::serialize_to_file(views, Some(meta), &out.join("model.safetensors"))?;
     let cfg = model.config.to_hf_json();
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
-    copy_tokenizer(m, source, out)
+    copy_tokenizer(tokenizer, &model.config, source, out)
 }
 
 /// Copies the tokenizer files of a model directory, or writes them from the tokenizer built
 /// out of a GGUF file.
-pub fn copy_tokenizer(m: &LoadedModel, source: &Path, out: &Path) -> anyhow::Result<()> {
+pub fn copy_tokenizer(
+    tok: &fedtune_engine::Tokenizer,
+    config: &fedtune_engine::ModelConfig,
+    source: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
     let dir = if source.is_dir() {
         source.to_path_buf()
     } else {
@@ -101,7 +109,6 @@ pub fn copy_tokenizer(m: &LoadedModel, source: &Path, out: &Path) -> anyhow::Res
         }
     }
     if !copied {
-        let tok = &m.tokenizer;
         tok.inner()
             .save(out.join("tokenizer.json"), false)
             .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
@@ -110,7 +117,7 @@ pub fn copy_tokenizer(m: &LoadedModel, source: &Path, out: &Path) -> anyhow::Res
             "eos_token": tok.eos_token,
             "pad_token": tok.inner().id_to_token(tok.pad_id),
             "chat_template": tok.template_source(),
-            "model_max_length": m.model.config.max_position_embeddings,
+            "model_max_length": config.max_position_embeddings,
             "tokenizer_class": "PreTrainedTokenizerFast",
         });
         std::fs::write(

@@ -8,6 +8,7 @@ mod fed;
 mod generate;
 mod merge;
 mod sim;
+mod target;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -82,5 +83,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Client(a) => fed::run_client(a),
         Command::Sim(a) => sim::run(a),
         Command::GenClinical(a) => sim::run_gen_clinical(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's consistency checks (unique long names, valid conflicts) on every subcommand:
+    /// they run by themselves only in debug builds, and the tests run in release.
+    #[test]
+    fn every_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

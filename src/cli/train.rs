@@ -8,19 +8,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use fedtune_engine::LoadedModel;
 use fedtune_engine::PeftAdapter;
 use fedtune_engine::data::{Dataset, Format, LoadOptions};
-use fedtune_engine::device::Device;
-use fedtune_engine::train::lora::{init_adapter, to_peft, with_factors};
+use fedtune_engine::train::lora::{peft_adapter, with_factors};
 use fedtune_engine::train::optim::Schedule;
+use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::{
     Callback, LogEntry, RunInfo, SftRun, TrainConfig, TrainerState, train_sft,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::common::{ModelArgs, copy_back, gpu_copy};
+use super::common::ModelArgs;
 use super::export::write_model_dir;
+use super::target::Job;
 
 /// `fedtune train ...`.
 #[derive(Debug, Subcommand)]
@@ -72,8 +72,8 @@ pub struct TrainOverrides {
     /// Micro-batches per optimiser step.
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
-    /// Longest sequence (TRL 1.x calls it `max_length`; both names work).
-    #[arg(long, visible_alias = "max-length")]
+    /// Longest sequence (`train sft` also takes TRL 1.x's name, `--max-length`).
+    #[arg(long)]
     pub max_seq_length: Option<usize>,
     /// Pack sequences into rows of max-seq-length.
     #[arg(long)]
@@ -242,6 +242,10 @@ pub struct SftArgs {
     model: ModelArgs,
     #[command(flatten)]
     run: RunArgs,
+    /// Longest sequence: TRL 1.x's name for --max-seq-length (in `train dpo`, --max-length is
+    /// DPO's prompt + completion length, as in TRL's DPOConfig).
+    #[arg(long, conflicts_with = "max_seq_length")]
+    max_length: Option<usize>,
 }
 
 /// Reads a TOML training config.
@@ -321,22 +325,25 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         None => TrainConfig::default(),
     };
     a.run.overrides.apply(&mut cfg);
+    if let Some(n) = a.max_length {
+        cfg.max_seq_length = n;
+    }
     cfg.validate()
         .map_err(anyhow::Error::msg)
         .context("training options")?;
     a.model.check_precision(&cfg)?;
-    let mut m: LoadedModel = a.model.load_for_training(&cfg)?;
+    let (mut model, tokenizer) = a.model.load_trainee(&cfg, None)?;
     let opts = a.run.load_options();
     let data = Dataset::load(&a.run.data, opts)?;
     for e in &data.skipped {
         eprintln!("skipped: {e}");
     }
-    let seqs = data.encode_sft_on(&m.tokenizer, Some(cfg.max_seq_length), cfg.loss_on())?;
+    let seqs = data.encode_sft_on(&tokenizer, Some(cfg.max_seq_length), cfg.loss_on())?;
     let (train, eval) = match (&a.run.eval_data, cfg.eval_split) {
         (Some(p), _) => (
             seqs,
             Dataset::load(p, opts)?.encode_sft_on(
-                &m.tokenizer,
+                &tokenizer,
                 Some(cfg.max_seq_length),
                 cfg.loss_on(),
             )?,
@@ -345,8 +352,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         (None, None) => (seqs, Vec::new()),
     };
     if cfg.is_lora() && a.model.adapter.is_none() {
-        let adapter = init_adapter(&m.model, &cfg);
-        m.model.attach_weights(&adapter, cfg.lora_dropout)?;
+        model.attach_fresh(&cfg)?;
     }
     std::fs::create_dir_all(&a.run.output)
         .with_context(|| format!("creating {}", a.run.output.display()))?;
@@ -356,7 +362,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         config: &cfg,
         train: &train,
         eval: &eval,
-        pad: m.tokenizer.pad_id,
+        pad: tokenizer.pad_id,
         output: Some(&a.run.output),
         resume: a.run.resume_from_checkpoint.as_deref(),
         cancel: Some(&cancel),
@@ -365,17 +371,20 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     let base = Some(a.model.model.display().to_string());
     let mut cb = Bar {
         bar: bar.clone(),
-        adapter: cfg.is_lora().then(|| to_peft(&m.model, &cfg, base.clone())),
+        adapter: if cfg.is_lora() {
+            Some(peft_adapter(model.lora_weights()?, &cfg, base.clone()))
+        } else {
+            None
+        },
     };
-    let summary = match a.model.engine_device()? {
-        Device::Cpu => train_sft(&mut m.model, &run, &mut cb)?,
-        Device::Cuda(n) => {
-            let mut gpu = gpu_copy(&m.model, n, &cfg)?;
-            let summary = train_sft(&mut gpu, &run, &mut cb)?;
-            copy_back(&gpu, &mut m.model, &cfg)?;
-            summary
+    struct Sft<'a, 'r>(&'a SftRun<'r>, &'a mut Bar);
+    impl Job for Sft<'_, '_> {
+        type Out = fedtune_engine::train::TrainSummary;
+        fn run<M: TrainModel>(self, m: &mut M) -> anyhow::Result<Self::Out> {
+            Ok(train_sft(m, self.0, self.1)?)
         }
-    };
+    }
+    let summary = model.train(&cfg, Sft(&run, &mut cb))?;
     bar.finish_and_clear();
     if summary.cancelled {
         eprintln!(
@@ -389,10 +398,13 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if cfg.is_lora() {
-        to_peft(&m.model, &cfg, base).save(&a.run.output)?;
-        super::export::copy_tokenizer(&m, &a.model.model, &a.run.output)?;
+        peft_adapter(model.lora_weights()?, &cfg, base).save(&a.run.output)?;
+        super::export::copy_tokenizer(&tokenizer, model.config(), &a.model.model, &a.run.output)?;
     } else {
-        write_model_dir(&m, &a.model.model, &a.run.output)?;
+        let host = model
+            .host()
+            .context("full fine-tuning keeps the model on the host")?;
+        write_model_dir(host, &tokenizer, &a.model.model, &a.run.output)?;
     }
     let report = serde_json::json!({
         "summary": summary,

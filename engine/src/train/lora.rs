@@ -65,6 +65,11 @@ pub fn lora_config(cfg: &TrainConfig, base: Option<String>) -> LoraConfig {
 
 /// The model's current adapter in PEFT form, recording a quantised base when there is one.
 pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> PeftAdapter {
+    peft_adapter(model.lora_weights(), cfg, base)
+}
+
+/// [`to_peft`] from the factors themselves (a model trained on a GPU downloads them).
+pub fn peft_adapter(weights: Adapter, cfg: &TrainConfig, base: Option<String>) -> PeftAdapter {
     let mut metadata = serde_json::Map::new();
     if cfg.load_in_4bit {
         metadata.insert(
@@ -79,7 +84,7 @@ pub fn to_peft(model: &LlamaModel, cfg: &TrainConfig, base: Option<String>) -> P
     }
     PeftAdapter {
         config: lora_config(cfg, base),
-        weights: model.lora_weights(),
+        weights,
         metadata,
     }
 }
