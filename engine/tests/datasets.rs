@@ -196,3 +196,75 @@ fn tokenisation_trains_only_answers() {
     );
     assert!(trunc.prompts >= 2, "{trunc:?}");
 }
+
+/// Unpaired feedback (TRL's KTO format) is detected from `label` + `completion`; a label that
+/// is not a boolean names its line and field; SFT refuses it; preference pairs unpair into a
+/// desirable and an undesirable example, as TRL unpairs them.
+#[test]
+fn unpaired_feedback_is_detected_checked_and_unpaired_from_pairs() {
+    let dir = std::env::temp_dir().join(format!("fedtune-feedback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.jsonl");
+    std::fs::write(
+        &good,
+        "{\"prompt\": \"Q: 2+2?\\nA:\", \"completion\": \" 4\", \"label\": true}\n\
+         {\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": \"Go away.\", \"label\": false}\n",
+    )
+    .unwrap();
+    let d = Dataset::load(&good, LoadOptions::default()).unwrap();
+    assert!(matches!(
+        &d.examples[0].1,
+        Example::Feedback {
+            prompt: Prompt::Text(_),
+            label: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &d.examples[1].1,
+        Example::Feedback {
+            prompt: Prompt::Chat(_),
+            label: false,
+            ..
+        }
+    ));
+    let tok = tokenizer();
+    let (fb, dropped) = d.encode_feedback(&tok, 1024).unwrap();
+    assert_eq!((fb.len(), dropped), (2, 0));
+    // Text: the completion gets EOS; chat: it ends with the template's end of turn.
+    assert_eq!(fb[0].completion.last().copied(), tok.eos_id);
+    assert!(
+        tok.decode(&fb[1].completion, false)
+            .unwrap()
+            .contains("Go away.<|im_end|>")
+    );
+    // A prompt that fills max_length is dropped, as TRL drops it.
+    assert_eq!(d.encode_feedback(&tok, 3).unwrap(), (Vec::new(), 2));
+    let sft = d.encode_sft(&tok, None).unwrap_err().to_string();
+    assert!(
+        sft.contains("good.jsonl:1") && sft.contains("train kto"),
+        "{sft}"
+    );
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n\
+         {\"prompt\": \"a\", \"completion\": \"b\", \"label\": \"yes\"}\n",
+    )
+    .unwrap();
+    let err = Dataset::load(&bad, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("`label`"),
+        "{err}"
+    );
+    let pairs = load("prefs.jsonl");
+    let (fb, _) = pairs.encode_feedback(&tok, 1024).unwrap();
+    assert_eq!(fb.len(), 2 * pairs.len());
+    assert!(
+        fb.chunks(2)
+            .all(|p| p[0].label && !p[1].label && p[0].prompt == p[1].prompt)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

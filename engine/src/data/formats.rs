@@ -38,6 +38,8 @@ pub enum Format {
     Text,
     /// Preference pairs.
     Preference,
+    /// Unpaired feedback (KTO): a prompt, one completion and a `label` (true: desirable).
+    Feedback,
 }
 
 impl std::str::FromStr for Format {
@@ -52,10 +54,11 @@ impl std::str::FromStr for Format {
             "prompt-completion" | "prompt_completion" => Format::PromptCompletion,
             "text" => Format::Text,
             "preference" | "dpo" => Format::Preference,
+            "feedback" | "kto" | "unpaired-preference" => Format::Feedback,
             other => {
                 return Err(format!(
                     "unknown format `{other}` (alpaca, dolly, instruction, sharegpt, openai, \
-                     prompt-completion, text, preference)"
+                     prompt-completion, text, preference, feedback)"
                 ));
             }
         })
@@ -67,6 +70,9 @@ pub fn detect(v: &Value) -> Option<Format> {
     let has = |k: &str| v.get(k).is_some_and(|x| !x.is_null());
     if has("chosen") || has("rejected") {
         return Some(Format::Preference);
+    }
+    if has("label") && has("completion") {
+        return Some(Format::Feedback);
     }
     if has("messages") {
         return Some(Format::Openai);
@@ -424,5 +430,37 @@ pub fn convert(v: &Value, format: Format) -> Conv<Example> {
             Ok(Example::Text { text })
         }
         Format::Preference => preference(v),
+        Format::Feedback => feedback(v),
     }
+}
+
+/// TRL's unpaired preference format: `prompt` (text or messages), `completion` (text, one
+/// message or messages ending with the assistant's answer) and a boolean `label`.
+fn feedback(v: &Value) -> Conv<Example> {
+    let prompt = prompt_value(v.get("prompt").ok_or("field `prompt`: missing")?, "prompt")?;
+    let (prefix, completion) = completion_value(
+        v.get("completion").ok_or("field `completion`: missing")?,
+        "completion",
+    )?;
+    if !prefix.is_empty() {
+        return Err("field `completion`: the prompt's messages belong in `prompt`".into());
+    }
+    if completion.trim().is_empty() {
+        return Err("field `completion`: empty".into());
+    }
+    let label = match v.get("label") {
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(format!(
+                "field `label`: expected true or false, found {}",
+                kind(other)
+            ));
+        }
+        None => return Err("field `label`: missing".into()),
+    };
+    Ok(Example::Feedback {
+        prompt,
+        completion,
+        label,
+    })
 }

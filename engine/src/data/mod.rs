@@ -46,6 +46,15 @@ pub enum Example {
         /// The text.
         text: String,
     },
+    /// Unpaired feedback on one completion (KTO).
+    Feedback {
+        /// The prompt.
+        prompt: Prompt,
+        /// The completion judged.
+        completion: String,
+        /// Desirable (`true`) or not.
+        label: bool,
+    },
     /// A preference pair.
     Preference {
         /// Shared prompt.
@@ -188,7 +197,7 @@ impl Dataset {
                     Example::PromptCompletion { .. } | Example::Preference { .. } => {
                         !loss.completion_only
                     }
-                    Example::Text { .. } => false,
+                    Example::Text { .. } | Example::Feedback { .. } => false,
                 };
                 if all {
                     enc.mask.iter_mut().for_each(|m| *m = 1);
@@ -256,6 +265,121 @@ impl Dataset {
     }
 }
 
+/// One example of unpaired feedback, tokenised as TRL's KTOTrainer does it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFeedback {
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Completion ids (with the end of turn).
+    pub completion: Vec<u32>,
+    /// Desirable or not.
+    pub label: bool,
+}
+
+impl EncodedFeedback {
+    /// `prompt + completion` cut to `max_len` tokens, the completion trained.
+    pub fn sequence_with(&self, completion: &[u32], max_len: usize) -> Encoded {
+        let mut ids = self.prompt.clone();
+        ids.extend_from_slice(completion);
+        let mut mask = vec![0u8; self.prompt.len()];
+        mask.resize(ids.len(), 1);
+        ids.truncate(max_len);
+        mask.truncate(max_len);
+        Encoded { ids, mask }
+    }
+}
+
+impl Dataset {
+    /// Tokenises unpaired feedback for KTO as TRL's KTOTrainer does: a conversation's prompt
+    /// rendered with the generation prompt, and the completion as the tokens where prompt +
+    /// completion (rendered as one conversation) go on from the prompt; a text prompt and its
+    /// completion (EOS appended) tokenised together the same way. Preference pairs give two
+    /// examples each (chosen desirable, rejected not), as TRL unpairs them. Examples whose
+    /// prompt alone fills `max_len` are dropped (TRL drops them too); returns their count.
+    pub fn encode_feedback(
+        &self,
+        tok: &Tokenizer,
+        max_len: usize,
+    ) -> Result<(Vec<EncodedFeedback>, usize)> {
+        let mut out = Vec::with_capacity(self.examples.len());
+        let mut dropped = 0;
+        for (line, ex) in &self.examples {
+            let items: Vec<(&Prompt, &str, bool)> = match ex {
+                Example::Feedback {
+                    prompt,
+                    completion,
+                    label,
+                } => vec![(prompt, completion.as_str(), *label)],
+                Example::Preference {
+                    prompt,
+                    chosen,
+                    rejected,
+                } => vec![
+                    (prompt, chosen.as_str(), true),
+                    (prompt, rejected.as_str(), false),
+                ],
+                _ => {
+                    return Err(Error::Data {
+                        path: self.path.clone(),
+                        line: *line,
+                        message: "not feedback (needs prompt, completion and a true/false label) \
+                                  nor a preference pair"
+                            .into(),
+                    });
+                }
+            };
+            for (prompt, completion, label) in items {
+                let (p, c) = encode_prompt_completion_split(prompt, completion, tok)
+                    .map_err(|e| self.data_error(*line, e))?;
+                if p.len() >= max_len {
+                    dropped += 1;
+                    continue;
+                }
+                out.push(EncodedFeedback {
+                    prompt: p,
+                    completion: c,
+                    label,
+                });
+            }
+        }
+        Ok((out, dropped))
+    }
+}
+
+/// TRL's split of prompt + completion into prompt and completion ids: both rendered (chat) or
+/// concatenated (text, with EOS appended to the completion) and tokenised, the completion
+/// starting where the two token lists diverge.
+pub fn encode_prompt_completion_split(
+    prompt: &Prompt,
+    completion: &str,
+    tok: &Tokenizer,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (p, full) = match prompt {
+        Prompt::Chat(m) => {
+            let mut all = m.clone();
+            all.push(Message::new("assistant", completion.to_string()));
+            (
+                tok.encode(&tok.render(m, true)?)?,
+                tok.encode(&tok.render(&all, false)?)?,
+            )
+        }
+        Prompt::Text(t) => {
+            let mut c = completion.to_string();
+            if let Some(eos) = &tok.eos_token
+                && !c.ends_with(eos.as_str())
+            {
+                c.push_str(eos);
+            }
+            (
+                tok.encode_with_special(t)?,
+                tok.encode_with_special(&format!("{t}{c}"))?,
+            )
+        }
+    };
+    let k = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
+    Ok((full[..k].to_vec(), full[k..].to_vec()))
+}
+
 /// How many pairs were truncated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Truncation {
@@ -276,6 +400,10 @@ pub fn encode_sft(ex: &Example, tok: &Tokenizer) -> Result<Encoded> {
             tok.encode_prompt_completion(prompt, completion)
         }
         Example::Text { text } => tok.encode_text(text),
+        Example::Feedback { .. } => Err(Error::Invalid(
+            "unpaired feedback (a `label` on one completion) trains with `fedtune train kto`"
+                .into(),
+        )),
         Example::Preference { prompt, chosen, .. } => match prompt {
             Prompt::Text(p) => tok.encode_prompt_completion(p, chosen),
             Prompt::Chat(msgs) => {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dpo;
 pub mod fused;
+pub mod kto;
 pub mod lora;
 pub mod memory;
 pub mod ops;
