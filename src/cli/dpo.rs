@@ -70,6 +70,16 @@ const DPO_KEYS: &[&str] = &[
 /// Splits a TOML file into the training options and the DPO options. Without a learning rate
 /// the DPO default is TRL's DPOConfig's, 1e-6.
 fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptions)> {
+    split_configs(path, DPO_KEYS, 1e-6)
+}
+
+/// Splits a TOML file into the training options and the method's own options (`keys`);
+/// without a learning rate the method's default `lr` applies.
+pub(crate) fn split_configs<T: serde::de::DeserializeOwned>(
+    path: Option<&PathBuf>,
+    keys: &[&str],
+    lr: f64,
+) -> anyhow::Result<(TrainConfig, T)> {
     let mut table = match path {
         Some(p) => {
             let text =
@@ -79,10 +89,10 @@ fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptio
         }
         None => toml::Table::new(),
     };
-    let mut dpo = toml::Table::new();
-    for k in DPO_KEYS {
+    let mut own = toml::Table::new();
+    for k in keys {
         if let Some(v) = table.remove(*k) {
-            dpo.insert(k.to_string(), v);
+            own.insert(k.to_string(), v);
         }
     }
     let where_ = path.map(|p| p.display().to_string()).unwrap_or_default();
@@ -91,9 +101,9 @@ fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptio
         .try_into()
         .with_context(|| where_.clone())?;
     if !has_lr {
-        cfg.learning_rate = 1e-6;
+        cfg.learning_rate = lr;
     }
-    let opts: DpoOptions = toml::Value::Table(dpo)
+    let opts: T = toml::Value::Table(own)
         .try_into()
         .with_context(|| where_.clone())?;
     Ok((cfg, opts))

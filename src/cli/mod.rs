@@ -6,6 +6,7 @@ mod eval;
 mod export;
 mod fed;
 mod generate;
+mod kto;
 mod merge;
 mod sim;
 mod target;

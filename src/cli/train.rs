@@ -31,6 +31,9 @@ pub enum TrainCommand {
     /// Preference alignment (DPO and relatives) of a fresh LoRA adapter, optionally on top of
     /// an SFT adapter merged into the base.
     Dpo(super::dpo::DpoArgs),
+    /// KTO on unpaired feedback (prompt, completion, true/false label) of a fresh LoRA
+    /// adapter, optionally on top of an SFT adapter merged into the base.
+    Kto(super::kto::KtoArgs),
 }
 
 /// Options that override the TOML config (TRL/PEFT names).
@@ -260,6 +263,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
     match cmd {
         TrainCommand::Sft(a) => run_sft(a),
         TrainCommand::Dpo(a) => super::dpo::run(a),
+        TrainCommand::Kto(a) => super::kto::run(a),
     }
 }
 

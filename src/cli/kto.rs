@@ -1,0 +1,271 @@
+//! `fedtune train kto`: KTO on unpaired feedback (a prompt, one completion, a true/false
+//! label: a clinician's thumbs up or down) with TRL's option names, from flags or a TOML file
+//! (flags win). A fresh LoRA adapter is trained; the reference is the model with it disabled.
+//! With `--sft-adapter` the SFT adapter is merged into the base first, as for `train dpo`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use fedtune_engine::data::Dataset;
+use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
+use fedtune_engine::train::lora::peft_adapter;
+use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::sft::{RunOptions, train};
+use fedtune_engine::train::{Callback, LogEntry, TrainSummary, TrainerState};
+
+use super::common::ModelArgs;
+use super::dpo::split_configs;
+use super::target::Job;
+use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
+
+/// Arguments of `fedtune train kto`.
+#[derive(Debug, Args)]
+pub struct KtoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An SFT adapter merged into the base before training (base → SFT → KTO).
+    #[arg(long)]
+    sft_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Temperature β (default 0.1).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Weight of desirable examples' losses (default 1).
+    #[arg(long)]
+    desirable_weight: Option<f64>,
+    /// Weight of undesirable examples' losses (default 1).
+    #[arg(long)]
+    undesirable_weight: Option<f64>,
+    /// kto or apo_zero_unpaired.
+    #[arg(long)]
+    loss_type: Option<KtoLoss>,
+    /// Prompt + completion are cut to this length; longer prompts are dropped (default 1024).
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+const KTO_KEYS: &[&str] = &[
+    "beta",
+    "desirable_weight",
+    "undesirable_weight",
+    "loss_type",
+    "max_length",
+];
+
+struct Progress<'a>(&'a mut Bar);
+impl Callback for Progress<'_> {
+    fn on_train_begin(&mut self, i: &fedtune_engine::train::RunInfo) {
+        self.0.on_train_begin(i);
+    }
+    fn on_save(
+        &mut self,
+        dir: &std::path::Path,
+        params: &[(String, burn::tensor::Tensor<2>)],
+    ) -> fedtune_engine::Result<()> {
+        self.0.on_save(dir, params)
+    }
+    fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
+        self.0.on_log(e, state);
+        if let Some(kl) = e.metrics.get("kl") {
+            let margin = e
+                .metrics
+                .get("rewards/margins")
+                .copied()
+                .unwrap_or(f64::NAN);
+            self.0.bar.set_message(format!(
+                "loss {:.4} kl {kl:.3} margin {margin:.3} {:.0} tok/s",
+                e.loss.unwrap_or(f64::NAN),
+                e.tokens_per_second.unwrap_or(0.0)
+            ));
+        }
+    }
+}
+
+/// The KTO loop on a model wherever it lives, then the final training loss and metrics.
+struct Fit<'a, 'r, C: Callback> {
+    run: &'a RunOptions<'r>,
+    options: KtoOptions,
+    train: Vec<fedtune_engine::data::EncodedFeedback>,
+    eval: Vec<fedtune_engine::data::EncodedFeedback>,
+    pad: u32,
+    cb: C,
+}
+
+impl<C: Callback> Job for Fit<'_, '_, C> {
+    type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
+
+    fn run<M: TrainModel>(mut self, model: &mut M) -> anyhow::Result<Self::Out> {
+        let objective = KtoObjective::new(
+            self.options,
+            self.train,
+            self.eval,
+            self.run.config.per_device_train_batch_size,
+            self.pad,
+        );
+        let summary = train(model, self.run, &objective, &mut self.cb)?;
+        if summary.cancelled {
+            return Ok((summary, f64::NAN, Default::default()));
+        }
+        let (loss, metrics) = objective.metrics_on(model, false);
+        Ok((summary, loss, metrics))
+    }
+}
+
+/// Runs `fedtune train kto`.
+pub fn run(a: KtoArgs) -> anyhow::Result<()> {
+    let (mut cfg, mut opts): (_, KtoOptions) =
+        split_configs(a.run.config.as_ref(), KTO_KEYS, 1e-6)?;
+    a.run.overrides.apply(&mut cfg);
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = a.$f { opts.$f = v; })* };
+    }
+    set!(
+        beta,
+        desirable_weight,
+        undesirable_weight,
+        loss_type,
+        max_length
+    );
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("training options")?;
+    opts.validate(cfg.per_device_train_batch_size)
+        .map_err(anyhow::Error::msg)
+        .context("KTO options")?;
+    anyhow::ensure!(
+        cfg.is_lora() && !cfg.packing,
+        "train kto trains a fresh LoRA adapter (the reference is the model with it disabled): \
+         --full, --train-last-layers and --packing do not apply"
+    );
+    anyhow::ensure!(
+        a.model.adapter.is_none(),
+        "train kto: give the SFT adapter as --sft-adapter (it is merged into the base and a \
+         fresh adapter is trained)"
+    );
+    a.model.check_precision(&cfg)?;
+    let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
+    let load = a.run.load_options();
+    let encode = |path: &PathBuf| -> anyhow::Result<_> {
+        let d = Dataset::load(path, load)?;
+        for e in &d.skipped {
+            eprintln!("skipped: {e}");
+        }
+        let (examples, dropped) = d.encode_feedback(&tokenizer, opts.max_length)?;
+        if dropped > 0 {
+            eprintln!(
+                "dropped {dropped} examples of {}: the prompt alone fills max_length {}",
+                path.display(),
+                opts.max_length
+            );
+        }
+        Ok(examples)
+    };
+    let examples = encode(&a.run.data)?;
+    let (train_set, eval_set) = match (&a.run.eval_data, cfg.eval_split) {
+        (Some(p), _) => (examples, encode(p)?),
+        (None, Some(f)) => split_eval(examples, f, cfg.seed),
+        (None, None) => (examples, Vec::new()),
+    };
+    anyhow::ensure!(
+        !train_set.is_empty(),
+        "{}: no example to train on",
+        a.run.data.display()
+    );
+    let desirable = train_set.iter().filter(|e| e.label).count();
+    eprintln!(
+        "{} examples: {desirable} desirable, {} undesirable",
+        train_set.len(),
+        train_set.len() - desirable
+    );
+    model.attach_fresh(&cfg)?;
+    std::fs::create_dir_all(&a.run.output)
+        .with_context(|| format!("creating {}", a.run.output.display()))?;
+    let (n_train, n_eval) = (train_set.len(), eval_set.len());
+    let cancel = cancel_on_ctrl_c();
+    let bar = progress_bar();
+    let run = RunOptions {
+        config: &cfg,
+        output: Some(&a.run.output),
+        resume: a.run.resume_from_checkpoint.as_deref(),
+        cancel: Some(&cancel),
+    };
+    let started = std::time::Instant::now();
+    let peft_of = |weights| {
+        let mut peft = peft_adapter(weights, &cfg, Some(a.model.model.display().to_string()));
+        if let Some(p) = &a.sft_adapter {
+            peft.metadata.insert(
+                "merged_sft_adapter".into(),
+                serde_json::Value::String(p.display().to_string()),
+            );
+        }
+        peft
+    };
+    let mut b = Bar {
+        bar: bar.clone(),
+        adapter: Some(peft_of(model.lora_weights()?)),
+    };
+    let (summary, final_loss, final_metrics) = model.train(
+        &cfg,
+        Fit {
+            run: &run,
+            options: opts,
+            train: train_set,
+            eval: eval_set,
+            pad: tokenizer.pad_id,
+            cb: Progress(&mut b),
+        },
+    )?;
+    bar.finish_and_clear();
+    if summary.cancelled {
+        eprintln!(
+            "stopped at step {}; resume with --resume-from-checkpoint {}",
+            summary.steps,
+            a.run
+                .output
+                .join(format!("checkpoint-{}", summary.steps))
+                .display()
+        );
+        return Ok(());
+    }
+    peft_of(model.lora_weights()?).save(&a.run.output)?;
+    super::export::copy_tokenizer(&tokenizer, model.config(), &a.model.model, &a.run.output)?;
+    let report = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "kto": opts,
+        "model": a.model.model,
+        "sft_adapter": a.sft_adapter,
+        "train_examples": n_train,
+        "desirable_examples": desirable,
+        "eval_examples": n_eval,
+        "final_train_loss": final_loss,
+        "final_train_metrics": final_metrics,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "peak_rss_bytes": peak_rss(),
+    });
+    std::fs::write(
+        a.run.output.join("training_summary.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "trained {} steps (KTO, {}): loss {:.4}, rewards/margins {:.3}{}; wrote {}",
+        summary.steps,
+        match opts.loss_type {
+            KtoLoss::Kto => "kto",
+            KtoLoss::ApoZeroUnpaired => "apo_zero_unpaired",
+        },
+        final_loss,
+        final_metrics
+            .get("rewards/margins")
+            .copied()
+            .unwrap_or(f64::NAN),
+        summary
+            .eval_loss
+            .map(|l| format!(", eval_loss {l:.4}"))
+            .unwrap_or_default(),
+        a.run.output.display()
+    );
+    Ok(())
+}
