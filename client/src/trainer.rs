@@ -1,13 +1,16 @@
 //! The local training job of a round, through the real engine: the shared read-only base
-//! model with the global adapter attached, SFT or DPO on the client's private data for the
+//! model with the global adapter attached, SFT, DPO or KTO on the client's private data for the
 //! plan's local steps, then evaluation on the client's held-out data. Only the adapter and a
 //! few scalar metrics leave this function.
 
 use fedtune_aggregation::Adapter;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
+use fedtune_engine::data::EncodedFeedback;
 use fedtune_engine::device::Device;
+use fedtune_engine::error::Error;
 use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
+use fedtune_engine::train::kto::{KtoObjective, KtoOptions};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{NoCallback, RunOptions, SftObjective, train};
@@ -28,6 +31,8 @@ pub struct LocalData {
     pub pairs: Vec<EncodedPair>,
     /// Held-out preference pairs.
     pub eval_pairs: Vec<EncodedPair>,
+    /// Unpaired feedback (prompt, completion, label) for KTO rounds.
+    pub feedback: Vec<EncodedFeedback>,
     /// Padding id.
     pub pad: u32,
     /// How this site trains locally (its own choice; the plan fixes the federation's settings).
@@ -140,7 +145,7 @@ pub fn train_round(
     })
 }
 
-/// The round's SFT or DPO on `model` (the global adapter attached): the run's summary and
+/// The round's SFT, DPO or KTO on `model` (the global adapter attached): the run's summary and
 /// the number of examples (the FedAvg weight).
 fn local_training<M: TrainModel>(
     model: &mut M,
@@ -192,6 +197,25 @@ fn local_training<M: TrainModel>(
             );
             let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, data.pairs.len() as u64)
+        }
+        Phase::Kto => {
+            let opts = KtoOptions {
+                beta: h.beta,
+                max_length: data.local.max_length.max(2),
+                ..KtoOptions::default()
+            };
+            opts.validate(h.batch_size).map_err(Error::Invalid)?;
+            // The reference is the global adapter the round starts from, as for DPO.
+            let objective = KtoObjective::against(
+                &*model,
+                opts,
+                data.feedback.clone(),
+                Vec::new(),
+                h.batch_size,
+                data.pad,
+            );
+            let s = train(model, &run, &objective, &mut NoCallback)?;
+            (s, data.feedback.len() as u64)
         }
     };
     Ok((summary, num_examples))

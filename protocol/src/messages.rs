@@ -19,6 +19,8 @@ pub enum Phase {
     Sft,
     /// Preference alignment.
     Dpo,
+    /// KTO on unpaired feedback (appended last: the earlier variants keep their encoding).
+    Kto,
 }
 
 /// Local training hyperparameters sent with a round plan.
@@ -43,7 +45,7 @@ pub struct RoundPlan {
     pub federation: String,
     /// Round number (1-based).
     pub round: u64,
-    /// SFT or DPO.
+    /// SFT, DPO or KTO.
     pub phase: Phase,
     /// Hyperparameters.
     pub hyper: Hyper,

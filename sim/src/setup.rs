@@ -79,6 +79,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             eval,
             pairs,
             eval_pairs,
+            feedback: Vec::new(),
             pad: tok.pad_id,
             local: Default::default(),
         },

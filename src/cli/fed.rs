@@ -248,6 +248,9 @@ struct ClientFile {
     eval_data: Option<PathBuf>,
     #[serde(default)]
     preference_data: Option<PathBuf>,
+    /// Unpaired feedback (prompt, completion, true/false label) for KTO rounds.
+    #[serde(default)]
+    feedback_data: Option<PathBuf>,
     #[serde(default)]
     log: Option<PathBuf>,
     #[serde(default = "default_payload")]
@@ -537,6 +540,16 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             .transpose()?
             .unwrap_or_default(),
         eval_pairs: Vec::new(),
+        feedback: f
+            .feedback_data
+            .as_deref()
+            .map(|p| -> anyhow::Result<_> {
+                Ok(Dataset::load(p, opts)?
+                    .encode_feedback(&m.tokenizer, max_length)?
+                    .0)
+            })
+            .transpose()?
+            .unwrap_or_default(),
         pad: m.tokenizer.pad_id,
         local: LocalTraining {
             gradient_accumulation_steps: f.gradient_accumulation_steps,
