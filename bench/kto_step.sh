@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# KTO steps of SmolLM2-135M-Instruct (4 examples of ~128-word prompts and completions per
+# step, unpaired from the DPO benchmark's pairs; LoRA r=16 on all projections, reference =
+# adapter disabled, f32 CPU): fedtune vs TRL's KTOTrainer + PEFT, alternating in the same run.
+# Needs bench/.venv (bench/setup.sh).
+#   bench/kto_step.sh [ROUNDS] [STEPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-2}
+STEPS=${2:-4}
+GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
+HF=.cache/smollm2-hf
+cargo build --release -q --bin fedtune
+cargo build --release -q -p fedtune-engine --example bench_kto
+[ -f "$HF/model.safetensors" ] || target/release/fedtune export --model "$GGUF" --output "$HF" >/dev/null
+python3 bench/make_dpo_bench_data.py $((2 * STEPS)) 128 128
+DATA=bench/.data/dpo_bench.jsonl
+for round in $(seq "$ROUNDS"); do
+  ours=$(target/release/examples/bench_kto "$HF" "$DATA" 4 "$STEPS")
+  theirs=$(bench/.venv/bin/python bench/kto_step.py "$HF" "$DATA" 4 "$STEPS" 2>/dev/null | tail -1)
+  echo "$ours"
+  echo "$theirs"
+  python3 -c "import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); print(f'round $round: examples/s {a[\"examples_per_s\"]/b[\"examples_per_s\"]:.2f}x of TRL, peak RSS {a[\"peak_rss_mb\"]/b[\"peak_rss_mb\"]:.2f}x')" "$ours" "$theirs"
+done
