@@ -300,3 +300,189 @@ fn merge_reads_and_writes_model_directories() {
     assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Model B of the SLERP reference: every tensor of the tiny model rolled by one along its last
+/// axis and multiplied by 0.75 (exact in f32, as `make_slerp_reference.py` builds it).
+fn model_b(dir: &Path) -> PathBuf {
+    let src = testdata().join("tiny-llama/model");
+    let out = dir.join("b");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), out.join(f)).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in st.tensors() {
+        let vals = f32s(&v);
+        let last = *v.shape().last().unwrap();
+        let rolled: Vec<f32> = vals
+            .chunks(last)
+            .flat_map(|row| (0..last).map(move |j| row[(j + last - 1) % last] * 0.75))
+            .collect();
+        tensors.push((
+            name,
+            v.shape().to_vec(),
+            rolled.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    out
+}
+
+/// Compares a merged model with mergekit's SLERP reference: each tensor's first two rows and
+/// last row within 1e-6, and the sum of all its values.
+fn check_slerp(merged: &Path) {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("merge/slerp_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ref_bytes = std::fs::read(testdata().join("merge/slerp_reference.safetensors")).unwrap();
+    let rows = SafeTensors::deserialize(&ref_bytes).unwrap();
+    let bytes = std::fs::read(merged.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let sums = reference["sums"].as_object().unwrap();
+    assert_eq!(st.names().len(), sums.len());
+    let mut worst = 0f32;
+    for (name, want_sum) in sums {
+        let v = st.tensor(name).unwrap();
+        let vals = f32s(&v);
+        let cols = if v.shape().len() > 1 {
+            *v.shape().last().unwrap()
+        } else {
+            vals.len()
+        };
+        let want = f32s(&rows.tensor(name).unwrap());
+        let n = vals.len() / cols;
+        let got: Vec<f32> = vals[..2.min(n) * cols]
+            .iter()
+            .chain(&vals[(n - 1) * cols..])
+            .copied()
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            worst = worst.max((g - w).abs());
+            assert!((g - w).abs() <= 1e-6, "{name}: {g} vs mergekit {w}");
+        }
+        let sum: f64 = vals.iter().map(|x| f64::from(*x)).sum();
+        let want_sum = want_sum.as_f64().unwrap();
+        assert!(
+            (sum - want_sum).abs() <= 1e-6 * vals.len() as f64,
+            "{name}: sum {sum} vs mergekit {want_sum}"
+        );
+    }
+    println!("SLERP vs mergekit 0.1.5: largest difference {worst:e}");
+}
+
+/// `fedtune merge --config slerp.yml` (mergekit's own file, paths filled in) reproduces
+/// mergekit 0.1.5's SLERP with per-filter t gradients, and the same merge from flags too.
+#[test]
+fn slerp_from_mergekits_yaml_reproduces_mergekit() {
+    let dir = tmpdir("slerp");
+    let a = testdata().join("tiny-llama/model");
+    let b = model_b(&dir);
+    let yaml = std::fs::read_to_string(testdata().join("merge/slerp.yml"))
+        .unwrap()
+        .replace("MODEL_A", a.to_str().unwrap())
+        .replace("MODEL_B", b.to_str().unwrap());
+    let cfg = dir.join("slerp.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = dir.join("merged");
+    let o = fedtune(&[
+        "merge",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check_slerp(&out);
+    assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
+    // The same with flags.
+    let flags = dir.join("flags");
+    let o = fedtune(&[
+        "merge",
+        "--method",
+        "slerp",
+        "--base",
+        a.to_str().unwrap(),
+        "--t",
+        "self_attn=0.2,0.9",
+        "--t",
+        "mlp=0.8,0.3",
+        "--t",
+        "0.4",
+        b.to_str().unwrap(),
+        "--output",
+        flags.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check_slerp(&flags);
+    // Mistakes name the key.
+    for (bad, what) in [
+        ("merge_method: slerp\nbase_model: A\nmodelz: []\n", "modelz"),
+        (
+            "merge_method: slerp\nbase_model: MODEL_A\nmodels:\n  - model: MODEL_A\n  - model: MODEL_B\n",
+            "needs t",
+        ),
+        (
+            "merge_method: ties\nbase_model: MODEL_A\nmodels:\n  - model: MODEL_B\n    parameters: {weight: 1, epsilon: 0.1}\n",
+            "epsilon",
+        ),
+        (
+            "merge_method: slerp\nbase_model: /nowhere/model\nmodels: [{model: MODEL_B}]\nparameters: {t: 0.5}\n",
+            "/nowhere/model",
+        ),
+    ] {
+        std::fs::write(
+            &cfg,
+            bad.replace("MODEL_A", a.to_str().unwrap())
+                .replace("MODEL_B", b.to_str().unwrap()),
+        )
+        .unwrap();
+        let o = fedtune(&[
+            "merge",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(what), "{what}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// mergekit's gradients: `evaluate_setting` values recorded from mergekit 0.1.5 itself.
+#[test]
+fn gradients_interpolate_as_mergekit_evaluates_them() {
+    use fedtune_aggregation::slerp::Setting;
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("merge/slerp_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let g = Setting::Gradient(vec![0.0, 0.5, 0.3, 0.7, 1.0]);
+    let cases = reference["gradient_0_.5_.3_.7_1"].as_object().unwrap();
+    assert_eq!(cases.len(), 6);
+    for (t, want) in cases {
+        let got = g
+            .at("model.layers.0.self_attn.q_proj.weight", t.parse().unwrap())
+            .unwrap();
+        let want = want[0].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-12,
+            "t {t}: {got} vs mergekit {want}"
+        );
+    }
+}

@@ -20,6 +20,7 @@ pub mod matrix;
 pub mod merge;
 pub mod optim;
 pub mod robust;
+pub mod slerp;
 pub mod strategy;
 pub mod update;
 pub mod validate;

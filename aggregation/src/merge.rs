@@ -37,6 +37,9 @@ pub enum MergeMethod {
     DareTies,
     /// DARE drop-and-rescale, then a weighted sum.
     DareLinear,
+    /// Spherical interpolation of the base and one other model ([`crate::slerp`]); needs each
+    /// tensor's rows, so [`merge`] does not take it.
+    Slerp,
 }
 
 impl std::str::FromStr for MergeMethod {
@@ -48,9 +51,10 @@ impl std::str::FromStr for MergeMethod {
             "ties" => MergeMethod::Ties,
             "dare_ties" | "dare-ties" => MergeMethod::DareTies,
             "dare_linear" | "dare-linear" => MergeMethod::DareLinear,
+            "slerp" => MergeMethod::Slerp,
             other => {
                 return Err(format!(
-                    "unknown merge method `{other}` (linear, task_arithmetic, ties, dare_ties, dare_linear)"
+                    "unknown merge method `{other}` (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)"
                 ));
             }
         })
@@ -336,6 +340,11 @@ pub fn merge(
     tensor: u64,
 ) -> Result<Vec<f32>> {
     params.validate()?;
+    if params.method == MergeMethod::Slerp {
+        return Err(AggregationError::Config(
+            "slerp interpolates row by row: use slerp::slerp with the tensor's rows".into(),
+        ));
+    }
     if models.is_empty() || models.len() != weights.len() {
         return Err(AggregationError::Config(format!(
             "{} tensors with {} weights",

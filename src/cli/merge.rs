@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use fedtune_aggregation::merge::{MergeMethod, MergeParams, merge};
+use fedtune_aggregation::slerp::{Condition, Setting, layer_fraction, slerp};
 use fedtune_aggregation::{
     Adapter, ClientResult, FedStrategy, Plan, Rule, Strategy, StrategyConfig,
 };
@@ -19,13 +20,18 @@ use safetensors::tensor::{Dtype, TensorView, View};
 /// Arguments of `fedtune merge`.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// linear, task_arithmetic, ties, dare_ties or dare_linear.
-    #[arg(long)]
-    method: MergeMethod,
+    /// A mergekit YAML configuration (`merge_method`, `base_model`, `models` or one `slices`
+    /// entry covering every layer, `parameters`, `dtype`): a mergekit user's file as it is.
+    /// Replaces the method, base, inputs and parameter flags.
+    #[arg(long, conflicts_with_all = ["method", "base", "inputs"])]
+    config: Option<PathBuf>,
+    /// linear, task_arithmetic, ties, dare_ties, dare_linear or slerp.
+    #[arg(long, required_unless_present = "config")]
+    method: Option<MergeMethod>,
     /// The base model: a Hugging Face model directory (its safetensors files, sharded or not)
-    /// or one safetensors file. Task vectors are taken against it.
-    #[arg(long)]
-    base: PathBuf,
+    /// or one safetensors file. Task vectors are taken against it; SLERP starts from it.
+    #[arg(long, required_unless_present = "config")]
+    base: Option<PathBuf>,
     /// One weight per input, comma-separated (default: equal). Normalised as mergekit's
     /// `normalize: true`.
     #[arg(long, value_delimiter = ',')]
@@ -42,14 +48,99 @@ pub struct MergeArgs {
     /// Seed of DARE's masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// SLERP's t (0: the base, 1: the other model), repeatable as `[FILTER=]V[,V…]`: a value,
+    /// or a gradient over the layers, for the tensors whose name contains FILTER (the first
+    /// match wins; one without a filter applies to the rest), as mergekit's `t` parameter.
+    #[arg(long = "t")]
+    t: Vec<String>,
     /// Input models (directories or safetensors files) with the same tensor names as the base.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "config")]
     inputs: Vec<PathBuf>,
     /// Output: a model directory (`model.safetensors` with the base directory's config,
     /// tokenizer and other files, as mergekit writes), or a file when the name ends in
     /// `.safetensors`. `--out` is an alias.
     #[arg(long = "output", visible_alias = "out")]
     out: PathBuf,
+}
+
+/// What `fedtune merge` does, from flags or a mergekit YAML file.
+#[derive(Debug)]
+pub(crate) struct Recipe {
+    pub(crate) base: PathBuf,
+    /// The other models (SLERP: exactly one).
+    pub(crate) inputs: Vec<PathBuf>,
+    pub(crate) weights: Vec<f64>,
+    pub(crate) params: MergeParams,
+    /// SLERP's t.
+    pub(crate) t: Option<Setting>,
+    /// The output dtype (default: the base's).
+    pub(crate) dtype: Option<Dtype>,
+}
+
+/// Parses `--t [FILTER=]V[,V…]` values into mergekit's setting.
+fn t_from_flags(flags: &[String]) -> anyhow::Result<Option<Setting>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let mut conds = Vec::new();
+    for f in flags {
+        let (filter, values) = match f.split_once('=') {
+            Some((k, v)) => (Some(k.to_string()), v),
+            None => (None, f.as_str()),
+        };
+        let vals: Vec<f64> = values
+            .split(',')
+            .map(|v| v.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--t {f}: expected [FILTER=]V[,V...]"))?;
+        let value = if vals.len() == 1 {
+            Setting::Value(vals[0])
+        } else {
+            Setting::Gradient(vals)
+        };
+        conds.push(Condition { filter, value });
+    }
+    Ok(Some(Setting::Conditional(conds)))
+}
+
+impl Recipe {
+    fn from_flags(a: &MergeArgs) -> anyhow::Result<Recipe> {
+        let method = a.method.context("--method is required without --config")?;
+        let base = a
+            .base
+            .clone()
+            .context("--base is required without --config")?;
+        let mut inputs = a.inputs.clone();
+        if method == MergeMethod::Slerp {
+            inputs.retain(|p| p != &base);
+        }
+        let weights = if a.weights.is_empty() {
+            vec![1.0; inputs.len()]
+        } else {
+            a.weights.clone()
+        };
+        if weights.len() != inputs.len() {
+            bail!(
+                "--weights has {} values for {} inputs",
+                weights.len(),
+                inputs.len()
+            );
+        }
+        Ok(Recipe {
+            base,
+            inputs,
+            weights,
+            params: MergeParams {
+                density: a.density,
+                drop_rate: a.drop_rate,
+                lambda: a.lambda,
+                seed: a.seed,
+                ..MergeParams::new(method)
+            },
+            t: t_from_flags(&a.t)?,
+            dtype: None,
+        })
+    }
 }
 
 fn map(path: &Path) -> anyhow::Result<Mmap> {
@@ -140,11 +231,15 @@ struct Lazy<'a> {
     weights: &'a [f64],
     params: MergeParams,
     index: u64,
+    /// SLERP's t for this tensor.
+    t: Option<f64>,
+    /// Output dtype.
+    dtype: Dtype,
 }
 
 impl View for &Lazy<'_> {
     fn dtype(&self) -> Dtype {
-        self.base.dtype()
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         self.base.shape()
@@ -159,49 +254,67 @@ impl View for &Lazy<'_> {
             .map(|v| floats(v).unwrap_or_default())
             .collect();
         let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let merged = merge(Some(&base), &refs, self.weights, &self.params, self.index)
-            .unwrap_or_else(|e| panic!("tensor {}: {e}", self.name));
-        Cow::Owned(to_dtype(&merged, self.base.dtype()))
+        let merged = match self.t {
+            // mergekit interpolates each tensor as one vector.
+            Some(t) => slerp(t, &base, refs[0], 1),
+            None => merge(Some(&base), &refs, self.weights, &self.params, self.index)
+                .unwrap_or_else(|e| panic!("tensor {}: {e}", self.name)),
+        };
+        Cow::Owned(to_dtype(&merged, self.dtype))
     }
     fn data_len(&self) -> usize {
-        self.base.data_len()
+        let n: usize = self.base.shape().iter().product();
+        match floats(&self.base) {
+            Some(_) => n * self.dtype.bitsize() / 8,
+            None => self.base.data_len(),
+        }
     }
 }
 
 /// Runs `fedtune merge`.
 pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
-    let weights = if a.weights.is_empty() {
-        vec![1.0; a.inputs.len()]
-    } else {
-        a.weights.clone()
+    let recipe = match &a.config {
+        Some(p) => super::mergekit::read(p)?,
+        None => Recipe::from_flags(&a)?,
     };
-    if weights.len() != a.inputs.len() {
-        bail!(
-            "--weights has {} values for {} inputs",
-            weights.len(),
-            a.inputs.len()
-        );
+    let method = recipe.params.method;
+    if method == MergeMethod::Slerp {
+        if recipe.inputs.len() != 1 {
+            bail!(
+                "slerp interpolates the base and one other model ({} others given)",
+                recipe.inputs.len()
+            );
+        }
+        if recipe.t.is_none() {
+            bail!("slerp needs t (--t, or `t` in the parameters)");
+        }
+    } else if recipe.inputs.is_empty() {
+        bail!("no model to merge into the base");
     }
-    let params = MergeParams {
-        density: a.density,
-        drop_rate: a.drop_rate,
-        lambda: a.lambda,
-        seed: a.seed,
-        ..MergeParams::new(a.method)
-    };
-    let base_maps = map_all(&a.base)?;
-    let base = Model::open(&a.base, &base_maps)?;
-    let maps: Vec<Vec<(PathBuf, Mmap)>> = a
+    let base_maps = map_all(&recipe.base)?;
+    let base = Model::open(&recipe.base, &base_maps)?;
+    let maps: Vec<Vec<(PathBuf, Mmap)>> = recipe
         .inputs
         .iter()
         .map(|p| map_all(p))
         .collect::<anyhow::Result<_>>()?;
     let inputs: Vec<Model<'_>> = maps
         .iter()
-        .zip(&a.inputs)
+        .zip(&recipe.inputs)
         .map(|(m, p)| Model::open(p, m))
         .collect::<anyhow::Result<_>>()?;
     let names = base.names();
+    let layers = names
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
     let mut lazies = Vec::with_capacity(names.len());
     for (index, name) in names.iter().enumerate() {
         let bv = base
@@ -230,15 +343,28 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             }
             views.push(v);
         }
-        params_check(&params, bv.shape().iter().product())
+        params_check(&recipe.params, bv.shape().iter().product())
             .with_context(|| format!("tensor `{name}`"))?;
+        let t = match &recipe.t {
+            Some(s) if method == MergeMethod::Slerp => Some(
+                s.at(name, layer_fraction(name, layers))
+                    .with_context(|| format!("tensor `{name}`: no value of t applies"))?,
+            ),
+            _ => None,
+        };
+        let dtype = match recipe.dtype {
+            Some(d) if floats(&bv).is_some() => d,
+            _ => bv.dtype(),
+        };
         lazies.push(Lazy {
             name: name.to_string(),
             base: bv,
             inputs: views,
-            weights: &weights,
-            params,
+            weights: &recipe.weights,
+            params: recipe.params,
             index: index as u64,
+            t,
+            dtype,
         });
     }
     let as_file = a.out.extension().is_some_and(|x| x == "safetensors");
@@ -252,8 +378,8 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
     safetensors::serialize_to_file(lazies.iter().map(|l| (l.name.clone(), l)), None, &tmp)
         .with_context(|| format!("writing {}", file.display()))?;
     std::fs::rename(&tmp, &file)?;
-    if !as_file && a.base.is_dir() {
-        copy_model_files(&a.base, &a.out)?;
+    if !as_file && recipe.base.is_dir() {
+        copy_model_files(&recipe.base, &a.out)?;
     }
     eprintln!("merged {} tensors into {}", names.len(), a.out.display());
     Ok(())

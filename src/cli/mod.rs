@@ -8,6 +8,7 @@ mod fed;
 mod generate;
 mod kto;
 mod merge;
+mod mergekit;
 mod sim;
 mod target;
 mod train;
