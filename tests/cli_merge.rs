@@ -75,6 +75,36 @@ fn merge_ties_reproduces_mergekit() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
     assert!(d < 1e-6, "{d}");
+    // The same merge as a mergekit user writes it: per-model weight and density, paths
+    // relative to the YAML file.
+    let yaml = format!(
+        "merge_method: ties\nbase_model: base.safetensors\nmodels:\n{}parameters:\n  normalize: true\ndtype: float32\n",
+        clients
+            .iter()
+            .zip([0.5, 0.3, 0.2])
+            .map(|(c, w)| format!(
+                "  - model: {}\n    parameters: {{weight: {w}, density: 0.4}}\n",
+                c.file_name().unwrap().to_str().unwrap()
+            ))
+            .collect::<String>()
+    );
+    std::fs::write(dir.join("ties.yml"), yaml).unwrap();
+    let out_yaml = dir.join("yaml.safetensors");
+    let res = fedtune(&[
+        "merge",
+        "--config",
+        dir.join("ties.yml").to_str().unwrap(),
+        "--output",
+        out_yaml.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let yaml_bytes = std::fs::read(&out_yaml).unwrap();
+    let from_yaml = SafeTensors::deserialize(&yaml_bytes).unwrap();
+    assert_eq!(f32s(&from_yaml.tensor("model.weight").unwrap()), got);
 }
 
 #[test]
