@@ -18,7 +18,9 @@ use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
 
 use super::common::ModelArgs;
 use super::target::Job;
-use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
+use super::train::{
+    Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped, split_eval,
+};
 
 /// Arguments of `fedtune train dpo`.
 #[derive(Debug, Args)]
@@ -66,6 +68,24 @@ const DPO_KEYS: &[&str] = &[
     "max_length",
     "precompute_ref_log_probs",
 ];
+
+/// The PEFT adapter of an alignment run (DPO, KTO) on `model`; with an SFT adapter merged into
+/// the base first, its metadata says which (the adapter applies on top of that merge).
+pub(crate) fn aligned_adapter(
+    weights: fedtune_aggregation::Adapter,
+    cfg: &TrainConfig,
+    model: &std::path::Path,
+    sft_adapter: Option<&std::path::Path>,
+) -> fedtune_engine::PeftAdapter {
+    let mut peft = peft_adapter(weights, cfg, Some(model.display().to_string()));
+    if let Some(p) = sft_adapter {
+        peft.metadata.insert(
+            "merged_sft_adapter".into(),
+            serde_json::Value::String(p.display().to_string()),
+        );
+    }
+    peft
+}
 
 /// Splits a TOML file into the training options and the DPO options. Without a learning rate
 /// the DPO default is TRL's DPOConfig's, 1e-6.
@@ -210,16 +230,8 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let peft_of = |weights| {
-        let mut peft = peft_adapter(weights, &cfg, Some(a.model.model.display().to_string()));
-        if let Some(p) = &a.sft_adapter {
-            peft.metadata.insert(
-                "merged_sft_adapter".into(),
-                serde_json::Value::String(p.display().to_string()),
-            );
-        }
-        peft
-    };
+    let peft_of =
+        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
     let mut b = Bar {
         bar: bar.clone(),
         adapter: Some(peft_of(model.lora_weights()?)),
@@ -237,14 +249,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     if summary.cancelled {
-        eprintln!(
-            "stopped at step {}; resume with --resume-from-checkpoint {}",
-            summary.steps,
-            a.run
-                .output
-                .join(format!("checkpoint-{}", summary.steps))
-                .display()
-        );
+        report_stopped(summary.steps, &a.run.output);
         return Ok(());
     }
     peft_of(model.lora_weights()?).save(&a.run.output)?;

@@ -9,15 +9,16 @@ use anyhow::Context;
 use clap::Args;
 use fedtune_engine::data::Dataset;
 use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
-use fedtune_engine::train::lora::peft_adapter;
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, LogEntry, TrainSummary, TrainerState};
 
 use super::common::ModelArgs;
-use super::dpo::split_configs;
+use super::dpo::{aligned_adapter, split_configs};
 use super::target::Job;
-use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, split_eval};
+use super::train::{
+    Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped, split_eval,
+};
 
 /// Arguments of `fedtune train kto`.
 #[derive(Debug, Args)]
@@ -192,16 +193,8 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
         cancel: Some(&cancel),
     };
     let started = std::time::Instant::now();
-    let peft_of = |weights| {
-        let mut peft = peft_adapter(weights, &cfg, Some(a.model.model.display().to_string()));
-        if let Some(p) = &a.sft_adapter {
-            peft.metadata.insert(
-                "merged_sft_adapter".into(),
-                serde_json::Value::String(p.display().to_string()),
-            );
-        }
-        peft
-    };
+    let peft_of =
+        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
     let mut b = Bar {
         bar: bar.clone(),
         adapter: Some(peft_of(model.lora_weights()?)),
@@ -219,14 +212,7 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     if summary.cancelled {
-        eprintln!(
-            "stopped at step {}; resume with --resume-from-checkpoint {}",
-            summary.steps,
-            a.run
-                .output
-                .join(format!("checkpoint-{}", summary.steps))
-                .display()
-        );
+        report_stopped(summary.steps, &a.run.output);
         return Ok(());
     }
     peft_of(model.lora_weights()?).save(&a.run.output)?;

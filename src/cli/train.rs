@@ -391,14 +391,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     let summary = model.train(&cfg, Sft(&run, &mut cb))?;
     bar.finish_and_clear();
     if summary.cancelled {
-        eprintln!(
-            "stopped at step {}; resume with --resume-from-checkpoint {}",
-            summary.steps,
-            a.run
-                .output
-                .join(format!("checkpoint-{}", summary.steps))
-                .display()
-        );
+        report_stopped(summary.steps, &a.run.output);
         return Ok(());
     }
     if cfg.is_lora() {
@@ -434,6 +427,14 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         a.run.output.display()
     );
     Ok(())
+}
+
+/// Says where a cancelled run stopped and how to resume it.
+pub(crate) fn report_stopped(steps: u64, output: &Path) {
+    eprintln!(
+        "stopped at step {steps}; resume with --resume-from-checkpoint {}",
+        output.join(format!("checkpoint-{steps}")).display()
+    );
 }
 
 /// A flag set by Ctrl-C (the loop then checkpoints and stops).

@@ -325,18 +325,7 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
             let b = &m.batch;
             trained += b.targets.len();
             tokens += b.real_tokens;
-            let tb = TokenBatch {
-                ids: b.ids.clone(),
-                mask: {
-                    let mut mask = vec![0u8; b.ids.len()];
-                    for t in &b.targets {
-                        mask[t.pos + 1] = 1;
-                    }
-                    mask
-                },
-                batch: b.batch,
-                len: b.len,
-            };
+            let tb = b.token_batch();
             let reference = self.reference_for(
                 model,
                 &tb,

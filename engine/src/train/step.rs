@@ -117,6 +117,23 @@ pub struct StepBatch {
     pub real_tokens: usize,
 }
 
+impl StepBatch {
+    /// The same rows as an evaluation batch (trained positions as its mask), for passes
+    /// without gradients over a step's rows (a preference loss's reference).
+    pub fn token_batch(&self) -> crate::eval::TokenBatch {
+        let mut mask = vec![0u8; self.ids.len()];
+        for t in &self.targets {
+            mask[t.pos + 1] = 1;
+        }
+        crate::eval::TokenBatch {
+            ids: self.ids.clone(),
+            mask,
+            batch: self.batch,
+            len: self.len,
+        }
+    }
+}
+
 const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
 const GATE_UP: [Proj; 2] = [Proj::Gate, Proj::Up];
 
