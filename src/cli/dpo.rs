@@ -14,7 +14,7 @@ use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
 use fedtune_engine::train::lora::peft_adapter;
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
-use fedtune_engine::train::{Callback, LogEntry, TrainConfig, TrainerState};
+use fedtune_engine::train::{Callback, TrainConfig};
 
 use super::common::ModelArgs;
 use super::target::Job;
@@ -129,35 +129,6 @@ pub(crate) fn split_configs<T: serde::de::DeserializeOwned>(
     Ok((cfg, opts))
 }
 
-struct Both<'a>(&'a mut Bar);
-impl Callback for Both<'_> {
-    fn on_train_begin(&mut self, i: &fedtune_engine::train::RunInfo) {
-        self.0.on_train_begin(i);
-    }
-    fn on_save(
-        &mut self,
-        dir: &std::path::Path,
-        params: &[(String, burn::tensor::Tensor<2>)],
-    ) -> fedtune_engine::Result<()> {
-        self.0.on_save(dir, params)
-    }
-    fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
-        self.0.on_log(e, state);
-        if let Some(acc) = e.metrics.get("rewards/accuracies") {
-            let margin = e
-                .metrics
-                .get("rewards/margins")
-                .copied()
-                .unwrap_or(f64::NAN);
-            self.0.bar.set_message(format!(
-                "loss {:.4} margin {margin:.3} acc {acc:.2} {:.0} tok/s",
-                e.loss.unwrap_or(f64::NAN),
-                e.tokens_per_second.unwrap_or(0.0)
-            ));
-        }
-    }
-}
-
 /// Runs `fedtune train dpo`.
 pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     let (mut cfg, mut opts) = read_configs(a.run.config.as_ref())?;
@@ -237,7 +208,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         adapter: Some(peft_of(model.lora_weights()?)),
     };
     let pad = tokenizer.pad_id;
-    let cb = Both(&mut b);
+    let cb = &mut b;
     let data = (opts, train_pairs, eval_pairs, pad);
     let (summary, final_loss, final_metrics) = model.train(
         &cfg,
@@ -294,16 +265,16 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
 /// The preference pairs to train on: the model (wherever it lives) trains on them, and the
 /// final training loss and metrics are measured: `(summary, loss, metrics)` (NaN and none when
 /// the run was cancelled).
-struct Fit<'a, 'r, C: Callback> {
+struct Fit<'a, 'r> {
     run: &'a RunOptions<'r>,
     data: (DpoOptions, Vec<EncodedPair>, Vec<EncodedPair>, u32),
-    cb: C,
+    cb: &'a mut dyn Callback,
 }
 
-impl<C: Callback> Job for Fit<'_, '_, C> {
+impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
 
-    fn run<M: TrainModel>(mut self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         let (opts, train_pairs, eval_pairs, pad) = self.data;
         let objective = DpoObjective::new(
             model,
@@ -313,7 +284,7 @@ impl<C: Callback> Job for Fit<'_, '_, C> {
             self.run.config.per_device_train_batch_size,
             pad,
         );
-        let summary = train(model, self.run, &objective, &mut self.cb)?;
+        let summary = train(model, self.run, &objective, self.cb)?;
         if summary.cancelled {
             return Ok((summary, f64::NAN, Default::default()));
         }

@@ -11,7 +11,7 @@ use fedtune_engine::data::Dataset;
 use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
-use fedtune_engine::train::{Callback, LogEntry, TrainSummary, TrainerState};
+use fedtune_engine::train::{Callback, TrainSummary};
 
 use super::common::ModelArgs;
 use super::dpo::{aligned_adapter, split_configs};
@@ -55,49 +55,20 @@ const KTO_KEYS: &[&str] = &[
     "max_length",
 ];
 
-struct Progress<'a>(&'a mut Bar);
-impl Callback for Progress<'_> {
-    fn on_train_begin(&mut self, i: &fedtune_engine::train::RunInfo) {
-        self.0.on_train_begin(i);
-    }
-    fn on_save(
-        &mut self,
-        dir: &std::path::Path,
-        params: &[(String, burn::tensor::Tensor<2>)],
-    ) -> fedtune_engine::Result<()> {
-        self.0.on_save(dir, params)
-    }
-    fn on_log(&mut self, e: &LogEntry, state: &TrainerState) {
-        self.0.on_log(e, state);
-        if let Some(kl) = e.metrics.get("kl") {
-            let margin = e
-                .metrics
-                .get("rewards/margins")
-                .copied()
-                .unwrap_or(f64::NAN);
-            self.0.bar.set_message(format!(
-                "loss {:.4} kl {kl:.3} margin {margin:.3} {:.0} tok/s",
-                e.loss.unwrap_or(f64::NAN),
-                e.tokens_per_second.unwrap_or(0.0)
-            ));
-        }
-    }
-}
-
 /// The KTO loop on a model wherever it lives, then the final training loss and metrics.
-struct Fit<'a, 'r, C: Callback> {
+struct Fit<'a, 'r> {
     run: &'a RunOptions<'r>,
     options: KtoOptions,
     train: Vec<fedtune_engine::data::EncodedFeedback>,
     eval: Vec<fedtune_engine::data::EncodedFeedback>,
     pad: u32,
-    cb: C,
+    cb: &'a mut dyn Callback,
 }
 
-impl<C: Callback> Job for Fit<'_, '_, C> {
+impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
 
-    fn run<M: TrainModel>(mut self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         let objective = KtoObjective::new(
             self.options,
             self.train,
@@ -105,7 +76,7 @@ impl<C: Callback> Job for Fit<'_, '_, C> {
             self.run.config.per_device_train_batch_size,
             self.pad,
         );
-        let summary = train(model, self.run, &objective, &mut self.cb)?;
+        let summary = train(model, self.run, &objective, self.cb)?;
         if summary.cancelled {
             return Ok((summary, f64::NAN, Default::default()));
         }
@@ -207,7 +178,7 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
             train: train_set,
             eval: eval_set,
             pad: tokenizer.pad_id,
-            cb: Progress(&mut b),
+            cb: &mut b,
         },
     )?;
     bar.finish_and_clear();

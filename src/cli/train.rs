@@ -295,8 +295,17 @@ impl Callback for Bar {
         self.bar.set_length(state.total_steps);
         self.bar.set_position(e.step);
         if let (Some(loss), Some(lr), Some(tps)) = (e.loss, e.learning_rate, e.tokens_per_second) {
+            // Alignment runs (DPO, KTO) add their TRL metrics.
+            let extra: String = [
+                ("kl", "kl"),
+                ("rewards/margins", "margin"),
+                ("rewards/accuracies", "acc"),
+            ]
+            .iter()
+            .filter_map(|(k, short)| e.metrics.get(*k).map(|v| format!(" {short} {v:.3}")))
+            .collect();
             self.bar
-                .set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                .set_message(format!("loss {loss:.4} lr {lr:.2e}{extra} {tps:.0} tok/s"));
         }
         if let Some(el) = e.eval_loss {
             self.bar
