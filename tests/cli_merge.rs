@@ -516,3 +516,168 @@ fn gradients_interpolate_as_mergekit_evaluates_them() {
         );
     }
 }
+
+/// Every tensor of a merged model directory against `<case>/<name>` in mergekit's reference;
+/// returns the largest difference.
+fn check_against(merged: &Path, reference: &SafeTensors<'_>, case: &str) -> f32 {
+    let bytes = std::fs::read(merged.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let prefix = format!("{case}/");
+    let names: Vec<String> = reference
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix(&prefix).map(str::to_string))
+        .collect();
+    assert_eq!(st.names().len(), names.len(), "{case}");
+    let mut worst = 0f32;
+    for name in names {
+        let got = f32s(&st.tensor(&name).unwrap());
+        let want = f32s(&reference.tensor(&format!("{prefix}{name}")).unwrap());
+        assert_eq!(got.len(), want.len(), "{case} {name}");
+        for (g, w) in got.iter().zip(&want) {
+            worst = worst.max((g - w).abs());
+            assert!((g - w).abs() <= 1e-6, "{case} {name}: {g} vs mergekit {w}");
+        }
+    }
+    worst
+}
+
+/// mergekit users' YAML files for breadcrumbs, breadcrumbs_ties and model_stock (plain and
+/// filter-wise) give mergekit 0.1.5's tensors (`testdata/merge/make_methods_reference.py`),
+/// and so do the same merges written as flags.
+#[test]
+fn breadcrumbs_and_model_stock_reproduce_mergekit() {
+    let micro = testdata().join("merge/micro");
+    let ref_bytes = std::fs::read(testdata().join("merge/methods_reference.safetensors")).unwrap();
+    let reference = SafeTensors::deserialize(&ref_bytes).unwrap();
+    let dir = tmpdir("merge-methods");
+    for case in [
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "model_stock",
+        "model_stock_filter_wise",
+    ] {
+        let out = dir.join(case);
+        let o = fedtune(&[
+            "merge",
+            "--config",
+            micro.join(format!("{case}.yml")).to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let worst = check_against(&out, &reference, case);
+        println!("{case} vs mergekit 0.1.5: largest difference {worst:e}");
+        assert!(out.join("config.json").is_file());
+    }
+    let (base, b, c) = (micro.join("base"), micro.join("b"), micro.join("c"));
+    let flag_cases: [(&str, Vec<&str>); 3] = [
+        (
+            "breadcrumbs",
+            vec![
+                "--method",
+                "breadcrumbs",
+                "--weights",
+                "0.6,0.4",
+                "--density",
+                "0.5",
+                "--gamma",
+                "0.05",
+            ],
+        ),
+        (
+            "breadcrumbs_ties",
+            vec![
+                "--method",
+                "breadcrumbs-ties",
+                "--weights",
+                "0.7,0.5",
+                "--density",
+                "0.6",
+                "--gamma",
+                "0.1",
+                "--normalize",
+                "true",
+                "--lambda",
+                "0.9",
+            ],
+        ),
+        (
+            "model_stock_filter_wise",
+            vec!["--method", "model_stock", "--filter-wise"],
+        ),
+    ];
+    for (case, flags) in flag_cases {
+        let out = dir.join(format!("{case}-flags"));
+        let mut args = vec!["merge", "--base", base.to_str().unwrap()];
+        args.extend(flags);
+        args.extend([
+            b.to_str().unwrap(),
+            c.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let o = fedtune(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        check_against(&out, &reference, case);
+    }
+    // Model Stock needs two models besides the base.
+    let o = fedtune(&[
+        "merge",
+        "--method",
+        "model_stock",
+        "--base",
+        base.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--output",
+        dir.join("one").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("at least two"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A mergekit DARE file's `density` is the keep probability: half of each task vector is
+/// dropped, so about a quarter of the elements of a two-model merge stay at the base.
+#[test]
+fn dare_density_from_yaml_drops_elements() {
+    let micro = testdata().join("merge/micro");
+    let dir = tmpdir("merge-dare");
+    let cfg = dir.join("dare.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "merge_method: dare_linear\nbase_model: {0}/base\nmodels:\n  - model: {0}/b\n  - model: {0}/c\nparameters:\n  density: 0.5\n  weight: 0.5\n",
+            micro.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = fedtune(&[
+        "merge",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = std::fs::read(out.join("model.safetensors")).unwrap();
+    let merged = SafeTensors::deserialize(&merged).unwrap();
+    let base = std::fs::read(micro.join("base/model.safetensors")).unwrap();
+    let base = SafeTensors::deserialize(&base).unwrap();
+    let (mut same, mut total) = (0usize, 0usize);
+    for name in base.names() {
+        let (m, b) = (
+            f32s(&merged.tensor(name).unwrap()),
+            f32s(&base.tensor(name).unwrap()),
+        );
+        same += m.iter().zip(&b).filter(|(x, y)| x == y).count();
+        total += b.len();
+    }
+    let share = same as f64 / total as f64;
+    assert!(
+        (0.2..0.3).contains(&share),
+        "{share} of the elements kept the base"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

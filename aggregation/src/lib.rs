@@ -4,7 +4,8 @@
 //! - [`update`]: the model of an update ([`Adapter`] of [`LoraFactors`] and dense tensors,
 //!   [`ClientResult`], [`Failure`], [`GlobalUpdate`]).
 //! - [`fedavg`]: FedIT, exact product-space FedAvg, FFA-LoRA, HetLoRA, FlexLoRA.
-//! - [`merge`]: TIES, DARE, task arithmetic and linear merging with mergekit's semantics.
+//! - [`merge`]: TIES, DARE, breadcrumbs, task arithmetic and linear merging with mergekit's
+//!   semantics; [`slerp`] and [`model_stock`], which need each tensor's rows.
 //! - [`robust`]: coordinate median, trimmed mean, Krum, Multi-Krum, norm bounding.
 //! - [`optim`]: FedAvgM, FedAdagrad, FedYogi, FedAdam.
 //! - [`dp`]: clipping, Gaussian noise and the RDP accountant.
@@ -18,6 +19,7 @@ pub mod fedavg;
 pub mod lowrank;
 pub mod matrix;
 pub mod merge;
+pub mod model_stock;
 pub mod optim;
 pub mod robust;
 pub mod slerp;

@@ -11,6 +11,13 @@
 //! - **DARE** (Yu et al. 2024, arXiv 2311.03099): `τ̃ₖ = mₖ ⊙ τₖ / (1−p)`, `mₖ ~ Bernoulli(1−p)`
 //!   from a seeded counter-based RNG (the same seed gives the same masks on any thread count);
 //!   then linear sum (`dare_linear`) or TIES sign election (`dare_ties`).
+//! - **Model Breadcrumbs** (Davari & Belilovsky 2023, arXiv 2312.06795): each `τₖ` keeps the
+//!   `⌊d·n⌋` magnitudes that follow its `⌊γ·n⌋` largest ones (the outliers; fewer when
+//!   `⌊d·n⌋ + ⌊γ·n⌋ > n`, as mergekit's `magnitude_outliers`); then a weighted sum
+//!   (`breadcrumbs`) or TIES sign election (`breadcrumbs_ties`).
+//!
+//! Which methods divide by the weight sum by default follows mergekit 0.1.5
+//! ([`MergeMethod::normalizes_by_default`]).
 //!
 //! Trimming keeps every element whose magnitude reaches the `⌊d·n⌋`-th largest one (mergekit
 //! keeps exactly `⌊d·n⌋`; the two differ only on exact ties). The threshold is found with a
@@ -37,9 +44,41 @@ pub enum MergeMethod {
     DareTies,
     /// DARE drop-and-rescale, then a weighted sum.
     DareLinear,
+    /// Breadcrumbs: drop each task vector's largest outliers and its smallest magnitudes, then
+    /// a weighted sum.
+    Breadcrumbs,
+    /// Breadcrumbs sparsification, then TIES sign election.
+    BreadcrumbsTies,
     /// Spherical interpolation of the base and one other model ([`crate::slerp`]); needs each
     /// tensor's rows, so [`merge`] does not take it.
     Slerp,
+    /// Model Stock ([`crate::model_stock`]): the average of the models pulled towards the base
+    /// by the angle between their task vectors; needs the tensor's rows, so [`merge`] does not
+    /// take it.
+    ModelStock,
+}
+
+impl MergeMethod {
+    /// Whether mergekit 0.1.5 divides by the weight sum when a config leaves `normalize` out:
+    /// linear and TIES do; task arithmetic, DARE and breadcrumbs do not.
+    pub fn normalizes_by_default(self) -> bool {
+        matches!(self, MergeMethod::Linear | MergeMethod::Ties)
+    }
+
+    /// mergekit's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeMethod::Linear => "linear",
+            MergeMethod::TaskArithmetic => "task_arithmetic",
+            MergeMethod::Ties => "ties",
+            MergeMethod::DareTies => "dare_ties",
+            MergeMethod::DareLinear => "dare_linear",
+            MergeMethod::Breadcrumbs => "breadcrumbs",
+            MergeMethod::BreadcrumbsTies => "breadcrumbs_ties",
+            MergeMethod::Slerp => "slerp",
+            MergeMethod::ModelStock => "model_stock",
+        }
+    }
 }
 
 impl std::str::FromStr for MergeMethod {
@@ -51,10 +90,13 @@ impl std::str::FromStr for MergeMethod {
             "ties" => MergeMethod::Ties,
             "dare_ties" | "dare-ties" => MergeMethod::DareTies,
             "dare_linear" | "dare-linear" => MergeMethod::DareLinear,
+            "breadcrumbs" => MergeMethod::Breadcrumbs,
+            "breadcrumbs_ties" | "breadcrumbs-ties" => MergeMethod::BreadcrumbsTies,
             "slerp" => MergeMethod::Slerp,
+            "model_stock" | "model-stock" => MergeMethod::ModelStock,
             other => {
                 return Err(format!(
-                    "unknown merge method `{other}` (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp)"
+                    "unknown merge method `{other}` (linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, slerp, model_stock)"
                 ));
             }
         })
@@ -66,8 +108,11 @@ impl std::str::FromStr for MergeMethod {
 pub struct MergeParams {
     /// The method.
     pub method: MergeMethod,
-    /// TIES density `d` (fraction of each task vector kept).
+    /// TIES and breadcrumbs density `d` (fraction of each task vector kept).
     pub density: f64,
+    /// Breadcrumbs' `γ`: the fraction of largest magnitudes dropped as outliers (mergekit's
+    /// default 0.01).
+    pub gamma: f64,
     /// DARE drop rate `p`.
     pub drop_rate: f64,
     /// Scale `λ` of the merged task vector.
@@ -84,6 +129,7 @@ impl MergeParams {
         MergeParams {
             method,
             density: 1.0,
+            gamma: 0.01,
             drop_rate: 0.0,
             lambda: 1.0,
             seed: 0,
@@ -91,11 +137,18 @@ impl MergeParams {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the ranges of density, gamma and drop rate.
+    pub fn validate(&self) -> Result<()> {
         if !(self.density > 0.0 && self.density <= 1.0) {
             return Err(AggregationError::Config(format!(
                 "density {} must be in (0, 1]",
                 self.density
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return Err(AggregationError::Config(format!(
+                "gamma {} must be in [0, 1]",
+                self.gamma
             )));
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
@@ -340,10 +393,18 @@ pub fn merge(
     tensor: u64,
 ) -> Result<Vec<f32>> {
     params.validate()?;
-    if params.method == MergeMethod::Slerp {
-        return Err(AggregationError::Config(
-            "slerp interpolates row by row: use slerp::slerp with the tensor's rows".into(),
-        ));
+    match params.method {
+        MergeMethod::Slerp => {
+            return Err(AggregationError::Config(
+                "slerp interpolates row by row: use slerp::slerp with the tensor's rows".into(),
+            ));
+        }
+        MergeMethod::ModelStock => {
+            return Err(AggregationError::Config(
+                "model stock needs the tensor's rows: use model_stock::model_stock".into(),
+            ));
+        }
+        _ => {}
     }
     if models.is_empty() || models.len() != weights.len() {
         return Err(AggregationError::Config(format!(
@@ -359,28 +420,49 @@ pub fn merge(
         ));
     }
     let ties = matches!(params.method, MergeMethod::Ties);
+    let crumbs = matches!(
+        params.method,
+        MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies
+    );
     let dare = matches!(
         params.method,
         MergeMethod::DareTies | MergeMethod::DareLinear
     );
-    let consensus = matches!(params.method, MergeMethod::Ties | MergeMethod::DareTies);
-    let thresholds: Vec<f32> = if ties {
-        let keep = (params.density * n as f64) as usize;
-        if keep == 0 {
-            return Err(AggregationError::Config(format!(
-                "density {} keeps no element of a {n}-element tensor",
-                params.density
-            )));
-        }
-        trim_thresholds(models, base, keep)
+    let consensus = matches!(
+        params.method,
+        MergeMethod::Ties | MergeMethod::DareTies | MergeMethod::BreadcrumbsTies
+    );
+    let keep = (params.density * n as f64) as usize;
+    if (ties || crumbs) && keep == 0 {
+        return Err(AggregationError::Config(format!(
+            "density {} keeps no element of a {n}-element tensor",
+            params.density
+        )));
+    }
+    // Kept: magnitudes at or above the `lows` and strictly below the `highs`.
+    let (lows, highs): (Vec<f32>, Vec<f32>) = if ties {
+        (
+            trim_thresholds(models, base, keep),
+            vec![f32::INFINITY; models.len()],
+        )
+    } else if crumbs && keep < n {
+        // mergekit keeps ranks [top, top + keep) counted from the largest magnitude.
+        let top = ((params.gamma * n as f64) as usize).min(n - keep);
+        let highs = if top == 0 {
+            vec![f32::INFINITY; models.len()]
+        } else {
+            trim_thresholds(models, base, top)
+        };
+        (trim_thresholds(models, base, top + keep), highs)
     } else {
-        vec![0.0; models.len()]
+        (vec![0.0; models.len()], vec![f32::INFINITY; models.len()])
     };
     let ctx = Chunked {
         models,
         base,
         w32: weights.iter().map(|w| *w as f32).collect(),
-        thresholds,
+        lows,
+        highs,
         weight_sum: weights.iter().sum(),
         params: *params,
         tensor,
@@ -411,7 +493,8 @@ struct Chunked<'a> {
     models: &'a [&'a [f32]],
     base: Option<&'a [f32]>,
     w32: Vec<f32>,
-    thresholds: Vec<f32>,
+    lows: Vec<f32>,
+    highs: Vec<f32>,
     weight_sum: f64,
     params: MergeParams,
     tensor: u64,
@@ -499,14 +582,16 @@ impl Chunked<'_> {
             if self.dare && p.drop_rate > 0.0 {
                 self.dare_task(k, c, b, t);
             } else {
-                let (x, w, thr) = (
+                let (x, w, lo, hi) = (
                     &self.models[k][start..start + len],
                     self.w32[k],
-                    self.thresholds[k],
+                    self.lows[k],
+                    self.highs[k],
                 );
                 for ((t, v), bb) in t.iter_mut().zip(x).zip(b) {
                     let d = v - bb;
-                    *t = if d.abs() >= thr { w * d } else { 0.0 };
+                    let m = d.abs();
+                    *t = if m >= lo && m < hi { w * d } else { 0.0 };
                 }
             }
             if k == 0 {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use fedtune_aggregation::merge::{MergeMethod, MergeParams, merge};
+use fedtune_aggregation::model_stock::model_stock;
 use fedtune_aggregation::slerp::{Condition, Setting, layer_fraction, slerp};
 use fedtune_aggregation::{
     Adapter, ClientResult, FedStrategy, Plan, Rule, Strategy, StrategyConfig,
@@ -25,20 +26,32 @@ pub struct MergeArgs {
     /// Replaces the method, base, inputs and parameter flags.
     #[arg(long, conflicts_with_all = ["method", "base", "inputs"])]
     config: Option<PathBuf>,
-    /// linear, task_arithmetic, ties, dare_ties, dare_linear or slerp.
+    /// linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+    /// slerp or model_stock.
     #[arg(long, required_unless_present = "config")]
     method: Option<MergeMethod>,
     /// The base model: a Hugging Face model directory (its safetensors files, sharded or not)
-    /// or one safetensors file. Task vectors are taken against it; SLERP starts from it.
+    /// or one safetensors file. Task vectors are taken against it; SLERP starts from it;
+    /// Model Stock pulls the average towards it.
     #[arg(long, required_unless_present = "config")]
     base: Option<PathBuf>,
-    /// One weight per input, comma-separated (default: equal). Normalised as mergekit's
-    /// `normalize: true`.
+    /// One weight per input, comma-separated (default: equal).
     #[arg(long, value_delimiter = ',')]
     weights: Vec<f64>,
-    /// TIES density: fraction of each task vector kept.
+    /// Divide the weighted sum by the weights' sum (default: mergekit's for the method: true
+    /// for linear and ties, false for task_arithmetic, DARE and breadcrumbs).
+    #[arg(long)]
+    normalize: Option<bool>,
+    /// TIES and breadcrumbs density: fraction of each task vector kept.
     #[arg(long, default_value_t = 1.0)]
     density: f64,
+    /// Breadcrumbs: fraction of each task vector's largest magnitudes dropped as outliers.
+    #[arg(long, default_value_t = 0.01)]
+    gamma: f64,
+    /// Model Stock: measure the angle per row (mergekit's `filter_wise`) instead of over the
+    /// whole tensor.
+    #[arg(long)]
+    filter_wise: bool,
     /// DARE drop rate.
     #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
@@ -73,6 +86,8 @@ pub(crate) struct Recipe {
     pub(crate) params: MergeParams,
     /// SLERP's t.
     pub(crate) t: Option<Setting>,
+    /// Model Stock's angle per row.
+    pub(crate) filter_wise: bool,
     /// The output dtype (default: the base's).
     pub(crate) dtype: Option<Dtype>,
 }
@@ -111,7 +126,7 @@ impl Recipe {
             .clone()
             .context("--base is required without --config")?;
         let mut inputs = a.inputs.clone();
-        if method == MergeMethod::Slerp {
+        if matches!(method, MergeMethod::Slerp | MergeMethod::ModelStock) {
             inputs.retain(|p| p != &base);
         }
         let weights = if a.weights.is_empty() {
@@ -132,12 +147,15 @@ impl Recipe {
             weights,
             params: MergeParams {
                 density: a.density,
+                gamma: a.gamma,
                 drop_rate: a.drop_rate,
                 lambda: a.lambda,
                 seed: a.seed,
+                normalize: a.normalize.unwrap_or(method.normalizes_by_default()),
                 ..MergeParams::new(method)
             },
             t: t_from_flags(&a.t)?,
+            filter_wise: a.filter_wise,
             dtype: None,
         })
     }
@@ -233,6 +251,8 @@ struct Lazy<'a> {
     index: u64,
     /// SLERP's t for this tensor.
     t: Option<f64>,
+    /// Model Stock's angle per row of the last axis.
+    filter_wise: bool,
     /// Output dtype.
     dtype: Dtype,
 }
@@ -256,10 +276,18 @@ impl View for &Lazy<'_> {
         let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
         let merged = match self.t {
             // mergekit interpolates each tensor as one vector.
-            Some(t) => slerp(t, &base, refs[0], 1),
-            None => merge(Some(&base), &refs, self.weights, &self.params, self.index)
-                .unwrap_or_else(|e| panic!("tensor {}: {e}", self.name)),
+            Some(t) => Ok(slerp(t, &base, refs[0], 1)),
+            None if self.params.method == MergeMethod::ModelStock => {
+                let row = match self.base.shape().last() {
+                    Some(&last) if self.filter_wise && last > 0 => last,
+                    _ => base.len().max(1),
+                };
+                model_stock(&base, &refs, row)
+            }
+            None => merge(Some(&base), &refs, self.weights, &self.params, self.index),
         };
+        // Shapes, sizes and parameters were checked before writing began.
+        let merged = merged.unwrap_or_else(|e| panic!("tensor {}: {e}", self.name));
         Cow::Owned(to_dtype(&merged, self.dtype))
     }
     fn data_len(&self) -> usize {
@@ -288,6 +316,11 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
         if recipe.t.is_none() {
             bail!("slerp needs t (--t, or `t` in the parameters)");
         }
+    } else if method == MergeMethod::ModelStock && recipe.inputs.len() < 2 {
+        bail!(
+            "model_stock needs at least two models besides the base ({} given)",
+            recipe.inputs.len()
+        );
     } else if recipe.inputs.is_empty() {
         bail!("no model to merge into the base");
     }
@@ -364,6 +397,7 @@ pub fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             params: recipe.params,
             index: index as u64,
             t,
+            filter_wise: recipe.filter_wise,
             dtype,
         });
     }
@@ -402,7 +436,12 @@ fn copy_model_files(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 fn params_check(p: &MergeParams, n: usize) -> anyhow::Result<()> {
-    if p.method == MergeMethod::Ties && (p.density * n as f64) < 1.0 {
+    p.validate()?;
+    let sparsifies = matches!(
+        p.method,
+        MergeMethod::Ties | MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies
+    );
+    if sparsifies && (p.density * n as f64) < 1.0 {
         bail!("density {} keeps no element of {n}", p.density);
     }
     Ok(())

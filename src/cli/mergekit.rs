@@ -85,6 +85,27 @@ fn scalar(key: &str, v: &serde_yaml_ng::Value) -> anyhow::Result<f64> {
     })
 }
 
+/// A boolean parameter (`normalize`, `filter_wise`).
+fn boolean(key: &str, v: &serde_yaml_ng::Value) -> anyhow::Result<bool> {
+    v.as_bool()
+        .with_context(|| format!("parameter `{key}`: true or false"))
+}
+
+/// `rescale`: accepted where it says what fedtune does (DARE rescales the kept values, by
+/// `1/(1 − p)` as the DARE paper does where mergekit matches the L1 norm; the other methods do
+/// not rescale).
+fn rescale(method: MergeMethod, v: &serde_yaml_ng::Value) -> anyhow::Result<()> {
+    let dare = matches!(method, MergeMethod::DareTies | MergeMethod::DareLinear);
+    if boolean("rescale", v)? != dare {
+        bail!(
+            "parameter `rescale: {}`: not supported for {} by fedtune merge",
+            !dare,
+            method.name()
+        );
+    }
+    Ok(())
+}
+
 /// Reads a mergekit YAML file.
 pub(crate) fn read(path: &Path) -> anyhow::Result<Recipe> {
     let text =
@@ -132,7 +153,8 @@ fn recipe(cfg: Config, dir: &Path) -> anyhow::Result<Recipe> {
     let base = resolve(&base_name, dir)?;
     let mut global = cfg.parameters.unwrap_or_default();
     let mut params = MergeParams::new(method);
-    let mut t = None;
+    params.normalize = method.normalizes_by_default();
+    let (mut t, mut filter_wise) = (None, false);
     for (k, v) in std::mem::take(&mut global) {
         match k.as_str() {
             "t" => {
@@ -141,51 +163,66 @@ fn recipe(cfg: Config, dir: &Path) -> anyhow::Result<Recipe> {
                 )?)
             }
             "lambda" => params.lambda = scalar(&k, &v)?,
-            "density" => params.density = scalar(&k, &v)?,
-            "weight" => {
+            "normalize" => params.normalize = boolean(&k, &v)?,
+            "filter_wise" if method == MergeMethod::ModelStock => filter_wise = boolean(&k, &v)?,
+            "rescale" => rescale(method, &v)?,
+            // Per-model parameters may also be given once for all models.
+            "weight" | "density" | "gamma" => {
                 global.insert(k, v);
-            }
-            "normalize" => {
-                if v.as_bool() != Some(true) {
-                    bail!("parameter `normalize`: fedtune normalises the weights (true)");
-                }
             }
             "int8_mask" => {}
             other => bail!("parameter `{other}`: not supported by fedtune merge"),
         }
     }
-    let default_weight = global
-        .get("weight")
-        .map(|v| scalar("weight", v))
-        .transpose()?;
-    let (mut inputs, mut weights, mut densities) = (Vec::new(), Vec::new(), Vec::new());
+    let default = |key: &str| global.get(key).map(|v| scalar(key, v)).transpose();
+    let (default_weight, default_density, default_gamma) =
+        (default("weight")?, default("density")?, default("gamma")?);
+    let (mut inputs, mut weights, mut densities, mut gammas) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for s in sources {
         let p = resolve(&s.model, dir)?;
         let is_base = s.model == base_name || p == base;
-        let mut w = default_weight.unwrap_or(1.0);
+        let (mut w, mut density, mut gamma) = (
+            default_weight.unwrap_or(1.0),
+            default_density,
+            default_gamma,
+        );
         for (k, v) in s.parameters.unwrap_or_default() {
             match k.as_str() {
                 "weight" => w = scalar(&k, &v)?,
-                "density" => densities.push(scalar(&k, &v)?),
+                "density" => density = Some(scalar(&k, &v)?),
+                "gamma" => gamma = Some(scalar(&k, &v)?),
                 "t" if method == MergeMethod::Slerp => {
                     bail!("model `{}`: t is a global parameter for slerp", s.model)
                 }
                 other => bail!("model `{}`: parameter `{other}` is not supported", s.model),
             }
         }
-        // The base takes part in SLERP as its start, and mergekit leaves it out of task
-        // vectors; a linear merge averages every listed model.
+        // The base takes part in SLERP as its start and in Model Stock as the anchor, and
+        // mergekit leaves it out of task vectors; a linear merge averages every listed model.
         if is_base && method != MergeMethod::Linear {
             continue;
         }
         inputs.push(p);
         weights.push(w);
+        densities.extend(density);
+        gammas.extend(gamma);
     }
-    if let Some(d) = densities.first() {
-        if densities.iter().any(|x| x != d) {
-            bail!("density: fedtune applies one density to every model (got {densities:?})");
+    for (name, values, field) in [
+        ("density", &densities, &mut params.density),
+        ("gamma", &gammas, &mut params.gamma),
+    ] {
+        if let Some(d) = values.first() {
+            if values.iter().any(|x| x != d) {
+                bail!("{name}: fedtune applies one {name} to every model (got {values:?})");
+            }
+            *field = *d;
         }
-        params.density = *d;
+    }
+    // mergekit's DARE keeps each element with probability `density`.
+    if matches!(method, MergeMethod::DareTies | MergeMethod::DareLinear) {
+        params.drop_rate = 1.0 - params.density;
+        params.density = 1.0;
     }
     Ok(Recipe {
         base,
@@ -193,6 +230,7 @@ fn recipe(cfg: Config, dir: &Path) -> anyhow::Result<Recipe> {
         weights,
         params,
         t,
+        filter_wise,
         dtype: cfg.out_dtype.or(cfg.dtype).map(|d| dtype(&d)).transpose()?,
     })
 }
