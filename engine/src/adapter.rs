@@ -114,6 +114,10 @@ pub struct PeftAdapter {
     pub metadata: serde_json::Map<String, Value>,
 }
 
+/// The key of a reward model's score head in the adapter file: PEFT saves a module of
+/// `modules_to_save` whole under the module's own name.
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
+
 /// The file beside `adapter_config.json` that holds [`PeftAdapter::metadata`].
 pub const METADATA_FILE: &str = "fedtune_adapter.json";
 
@@ -130,12 +134,22 @@ impl PeftAdapter {
             config.scale_for(m, r) as f32
         })
         .map_err(|e| Error::parse(&weights_path, e))?;
-        if let Some(name) = weights.dense.keys().next() {
+        if let Some(name) = weights.dense.keys().find(|k| k.as_str() != SCORE_KEY) {
             return Err(Error::tensor(
                 &weights_path,
                 name,
-                "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight; \
-                 modules_to_save, DoRA and embedding adapters are not supported)",
+                "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight, \
+                 or a reward model's score head; other modules_to_save, DoRA and embedding \
+                 adapters are not supported)",
+            ));
+        }
+        if let Some(s) = weights.dense.get(SCORE_KEY)
+            && (s.rows != 1 || s.data.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::tensor(
+                &weights_path,
+                SCORE_KEY,
+                "a reward model's score head is [1, hidden] and finite",
             ));
         }
         for (module, m) in &weights.modules {
@@ -177,8 +191,15 @@ impl PeftAdapter {
         })
     }
 
+    /// A reward model's score head `[1, hidden]`, when the adapter has one.
+    pub fn score(&self) -> Option<&fedtune_aggregation::Matrix> {
+        self.weights.dense.get(SCORE_KEY)
+    }
+
     /// The `adapter_config.json` document, in PEFT's schema. Modules whose rank or scale
-    /// differ from `r`/`lora_alpha` get `rank_pattern`/`alpha_pattern` entries.
+    /// differ from `r`/`lora_alpha` get `rank_pattern`/`alpha_pattern` entries. An adapter
+    /// with a score head is a sequence classifier's (`task_type` `SEQ_CLS`, the head among
+    /// `modules_to_save`, as PEFT writes it).
     pub fn config_json(&self) -> Value {
         let c = &self.config;
         let mut targets = c.target_modules.clone();
@@ -200,9 +221,14 @@ impl PeftAdapter {
                 alpha_pattern.insert(module.clone(), alpha);
             }
         }
+        let (task_type, modules_to_save) = if self.score().is_some() {
+            ("SEQ_CLS", serde_json::json!(["classifier", "score"]))
+        } else {
+            ("CAUSAL_LM", Value::Null)
+        };
         serde_json::json!({
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "r": c.r,
             "lora_alpha": c.lora_alpha,
             "lora_dropout": c.lora_dropout,
@@ -213,7 +239,7 @@ impl PeftAdapter {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": modules_to_save,
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
             "use_dora": false,
@@ -299,8 +325,16 @@ pub fn parse_config(raw: &Value, path: &Path) -> Result<LoraConfig> {
             raw.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true),
         ),
         (
+            // A sequence classifier's head (PEFT lists both names for SEQ_CLS) is read; other
+            // modules saved whole are not.
             "modules_to_save",
-            raw.get("modules_to_save").is_some_and(|v| !v.is_null()),
+            raw.get("modules_to_save").is_some_and(|v| match v {
+                Value::Null => false,
+                Value::Array(a) => a
+                    .iter()
+                    .any(|m| !matches!(m.as_str(), Some("score" | "classifier"))),
+                _ => true,
+            }),
         ),
         (
             "bias",

@@ -501,6 +501,7 @@ fn gradient_checkpointing_on_the_gpu_gives_the_plain_gradients() {
                 dropout_seed: Some(3),
                 gradient_checkpointing: false,
                 loss_scale_exp: 0,
+                hidden_head: false,
             };
             let ckpt = StepOptions {
                 gradient_checkpointing: true,

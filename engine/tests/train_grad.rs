@@ -401,6 +401,7 @@ fn gradient_checkpointing_keeps_block_inputs_only_and_gives_the_same_gradients()
             dropout_seed: Some(5),
             gradient_checkpointing: false,
             loss_scale_exp: 0,
+            hidden_head: false,
         };
         let ckpt = StepOptions {
             gradient_checkpointing: true,

@@ -35,6 +35,12 @@ pub struct EvalArgs {
     /// disabled.
     #[arg(long)]
     ref_model: Option<PathBuf>,
+    /// The adapter is a reward model (`fedtune train reward`: a score head on the last
+    /// token): score both sides of every preference pair and report loss, accuracy, margin
+    /// and min/mean/max reward (TRL's RewardTrainer metrics). Pairs with a side longer than
+    /// `--max-length` are left out, as TRL filters them.
+    #[arg(long)]
+    reward_model: bool,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -57,6 +63,9 @@ pub struct EvalArgs {
 
 /// Runs `fedtune eval`.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    if a.reward_model {
+        return evaluate_reward_model(&a);
+    }
     match a.model.engine_device()? {
         Device::Cpu => {
             let m = a.model.load_quantized(a.quant.nf4())?;
@@ -87,6 +96,70 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             evaluate(&a, &model, &tokenizer, reference)
         }
     }
+}
+
+/// `--reward-model`: the rewards of both sides of every pair, on the CPU.
+fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.model.engine_device()? == Device::Cpu,
+        "--reward-model runs on the CPU for now"
+    );
+    let adapter = a.model.adapter.as_ref().context(
+        "--reward-model needs --adapter: a reward model trained with `fedtune train reward`",
+    )?;
+    let m = a.model.load_quantized(a.quant.nf4())?;
+    anyhow::ensure!(
+        m.model.score.is_some(),
+        "--reward-model: {} has no score head (train one with `fedtune train reward`)",
+        adapter.display()
+    );
+    let data = Dataset::load(
+        &a.data,
+        LoadOptions {
+            format: a.format,
+            skip_invalid: a.skip_invalid,
+        },
+    )?;
+    for e in &data.skipped {
+        eprintln!("skipped: {e}");
+    }
+    let options = fedtune_engine::train::reward::RewardOptions {
+        max_length: a.max_length.or(Some(1024)),
+        ..Default::default()
+    };
+    let (pairs, dropped) = data.encode_reward_pairs(&m.tokenizer, options.max_length)?;
+    anyhow::ensure!(!pairs.is_empty(), "{}: no pair to score", a.data.display());
+    let rewards = fedtune_engine::train::reward::score_pairs(
+        &m.model,
+        &pairs,
+        (a.batch_size / 2).max(1),
+        m.tokenizer.pad_id,
+    )?;
+    let (loss, metrics) = fedtune_engine::train::reward::reward_metrics(&rewards, &options);
+    let mut out = json!({
+        "loss": loss,
+        "pairs": pairs.len(),
+        "left_out": dropped,
+        "skipped": data.skipped.len(),
+    });
+    if let Some(o) = out.as_object_mut() {
+        o.extend(metrics.into_iter().map(|(k, v)| (k, json!(v))));
+    }
+    print_metrics(a, &out)
+}
+
+fn print_metrics(a: &EvalArgs, out: &serde_json::Value) -> anyhow::Result<()> {
+    if a.json {
+        println!("{}", serde_json::to_string(out)?);
+    } else {
+        println!("{:<24} value", "metric");
+        if let Some(o) = out.as_object() {
+            for (k, v) in o {
+                println!("{k:<24} {v}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The evaluation on any device; `reference` defaults to the model without its adapter.
@@ -160,15 +233,5 @@ fn evaluate<B: Backend>(
             o.insert("truncated_completions".into(), json!(trunc.completions));
         }
     }
-    if a.json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{:<24} value", "metric");
-        if let Some(o) = out.as_object() {
-            for (k, v) in o {
-                println!("{k:<24} {v}");
-            }
-        }
-    }
-    Ok(())
+    print_metrics(a, &out)
 }

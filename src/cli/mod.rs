@@ -9,6 +9,7 @@ mod generate;
 mod kto;
 mod merge;
 mod mergekit;
+mod reward;
 mod sim;
 mod target;
 mod train;

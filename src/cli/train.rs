@@ -34,6 +34,9 @@ pub enum TrainCommand {
     /// KTO on unpaired feedback (prompt, completion, true/false label) of a fresh LoRA
     /// adapter, optionally on top of an SFT adapter merged into the base.
     Kto(super::kto::KtoArgs),
+    /// A reward model (TRL's RewardTrainer): a scalar score head on the last token, trained
+    /// with a LoRA adapter on the body from preference pairs (Bradley–Terry loss).
+    Reward(super::reward::RewardArgs),
 }
 
 /// Options that override the TOML config (TRL/PEFT names).
@@ -264,6 +267,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Sft(a) => run_sft(a),
         TrainCommand::Dpo(a) => super::dpo::run(a),
         TrainCommand::Kto(a) => super::kto::run(a),
+        TrainCommand::Reward(a) => super::reward::run(a),
     }
 }
 

@@ -270,6 +270,11 @@ impl CudaModel {
     /// A copy of a host model on the GPU, with the same values (NF4 projections keep their
     /// codes; the adapter comes along). Used to check the GPU against the host engine.
     pub fn from_host(model: &LlamaModel, gpu: Arc<Gpu>, dt: Dt) -> Result<Self> {
+        if model.score.is_some() {
+            return Err(Error::Invalid(
+                "a reward model (score head) runs on the CPU for now: use --device cpu".into(),
+            ));
+        }
         let up = |t: &burn::tensor::Tensor<2>| -> Result<GTensor> {
             let [r, c] = t.dims();
             gpu.upload(&to_f32_vec(t.to_data()), r, c, dt)

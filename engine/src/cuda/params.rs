@@ -223,6 +223,8 @@ impl TrainModel for CudaModel {
             &|i, p| layers[i].proj[p.index()].lora.is_some(),
             &|i, p| layers[i].proj[p.index()].bias.is_some(),
             self.head.is_some(),
+            // Reward models train on the host for now (`CudaModel::from_host` takes no score).
+            false,
         )
     }
 

@@ -369,4 +369,12 @@ impl TrainBackend for CudaModel {
         self.gpu.add_assign(&mut a, b);
         a
     }
+
+    fn rows_to_host(&self, x: &GTensor) -> Vec<f32> {
+        ok(self.gpu.download(x))
+    }
+
+    fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> GTensor {
+        ok(self.gpu.upload(values, n, d, self.dt))
+    }
 }

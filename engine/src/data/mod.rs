@@ -265,6 +265,74 @@ impl Dataset {
     }
 }
 
+/// A preference pair tokenised as TRL's RewardTrainer does it: each side is one whole
+/// sequence, scored on its last token that is not padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewardPair {
+    /// Prompt + chosen completion.
+    pub chosen: Vec<u32>,
+    /// Prompt + rejected completion.
+    pub rejected: Vec<u32>,
+}
+
+impl Dataset {
+    /// Tokenises every preference pair for reward-model training as TRL's RewardTrainer
+    /// does: text as `prompt + completion + EOS` in one string (special tokens added as the
+    /// tokenizer adds them), conversations as the whole chat template of the prompt's turns and
+    /// the completion's. Pairs with a side longer than `max_len` are left out, as TRL filters
+    /// them; their count is returned.
+    pub fn encode_reward_pairs(
+        &self,
+        tok: &Tokenizer,
+        max_len: Option<usize>,
+    ) -> Result<(Vec<RewardPair>, usize)> {
+        let mut out = Vec::with_capacity(self.examples.len());
+        let mut dropped = 0;
+        for (line, ex) in &self.examples {
+            let Example::Preference {
+                prompt,
+                chosen,
+                rejected,
+            } = ex
+            else {
+                return Err(Error::Data {
+                    path: self.path.clone(),
+                    line: *line,
+                    message: "not a preference pair (needs chosen and rejected)".into(),
+                });
+            };
+            let side = |completion: &str| -> Result<Vec<u32>> {
+                match prompt {
+                    Prompt::Text(p) => {
+                        let mut text = format!("{p}{completion}");
+                        if let Some(eos) = &tok.eos_token
+                            && !text.ends_with(eos.as_str())
+                        {
+                            text.push_str(eos);
+                        }
+                        tok.encode_with_special(&text)
+                    }
+                    Prompt::Chat(m) => {
+                        let mut m = m.clone();
+                        m.push(Message::new("assistant", completion.to_string()));
+                        tok.encode(&tok.render(&m, false)?)
+                    }
+                }
+            };
+            let pair = RewardPair {
+                chosen: side(chosen).map_err(|e| self.data_error(*line, e))?,
+                rejected: side(rejected).map_err(|e| self.data_error(*line, e))?,
+            };
+            if max_len.is_some_and(|m| pair.chosen.len() > m || pair.rejected.len() > m) {
+                dropped += 1;
+                continue;
+            }
+            out.push(pair);
+        }
+        Ok((out, dropped))
+    }
+}
+
 /// One example of unpaired feedback, tokenised as TRL's KTOTrainer does it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedFeedback {

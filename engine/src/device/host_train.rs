@@ -244,6 +244,14 @@ impl TrainBackend for LlamaModel {
     fn add(&self, a: Tensor<2>, b: &Tensor<2>) -> Tensor<2> {
         a + b.clone()
     }
+
+    fn rows_to_host(&self, x: &Tensor<2>) -> Vec<f32> {
+        crate::weights::to_f32_vec(x.clone().into_data())
+    }
+
+    fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> Tensor<2> {
+        Tensor::<2>::from_data(TensorData::new(values.to_vec(), [n, d]), &self.device)
+    }
 }
 
 #[cfg(test)]

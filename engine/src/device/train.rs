@@ -124,4 +124,8 @@ pub trait TrainBackend: Backend {
     fn head_tied(&self) -> bool;
     /// `a + b` (gradients of one parameter from two uses).
     fn add(&self, a: Self::T, b: &Self::T) -> Self::T;
+    /// `x` `[n, d]` as host values, row-major (a head of the caller's own reads them).
+    fn rows_to_host(&self, x: &Self::T) -> Vec<f32>;
+    /// `[n, d]` from host values, row-major, in the dtype the step computes in.
+    fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> Self::T;
 }

@@ -60,6 +60,10 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// `lm_head.weight` `[vocab, hidden]`, or `None` when tied to the embedding.
     pub lm_head: Option<Tensor<2>>,
+    /// `score.weight` `[1, hidden]`: a sequence-classification head with one label (a reward
+    /// model, transformers' `AutoModelForSequenceClassification`), read on the last token
+    /// that is not padding; `None` for a causal LM.
+    pub score: Option<Tensor<2>>,
     /// RoPE.
     pub rope: RotaryEmbedding,
     /// Device of the weights.
@@ -106,6 +110,7 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            score: None,
             device: device.clone(),
             dtype,
         })
@@ -242,10 +247,26 @@ impl LlamaModel {
         self.detach_adapter();
         let device = self.device.clone();
         let dtype = self.dtype;
-        if let Some(name) = adapter.dense.keys().next() {
+        if let Some(name) = adapter
+            .dense
+            .keys()
+            .find(|k| k.as_str() != crate::adapter::SCORE_KEY)
+        {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"
             )));
+        }
+        if let Some(s) = adapter.dense.get(crate::adapter::SCORE_KEY) {
+            if s.rows != 1 || s.cols != self.config.hidden_size {
+                return Err(Error::Invalid(format!(
+                    "the adapter's score head is [{}, {}]; this model needs [1, {}]",
+                    s.rows, s.cols, self.config.hidden_size
+                )));
+            }
+            self.score = Some(Tensor::<2>::from_data(
+                TensorData::new(s.data.clone(), [1, s.cols]),
+                (&device, dtype),
+            ));
         }
         let mut linears: std::collections::HashMap<String, &mut Linear> =
             self.linears_mut().into_iter().collect();
@@ -332,11 +353,12 @@ impl LlamaModel {
 
     /// A parameter by name, as a matrix (vectors are `[1, d]`): `{module}.lora_A|lora_B`,
     /// `{module}.weight|bias`, `model.layers.{i}.{input,post_attention}_layernorm.weight`,
-    /// `model.norm.weight`, `model.embed_tokens.weight`, `lm_head.weight`.
+    /// `model.norm.weight`, `model.embed_tokens.weight`, `lm_head.weight`, `score.weight`.
     pub fn param(&self, name: &str) -> Option<Tensor<2>> {
         match name {
             "model.embed_tokens.weight" => return Some(self.embed_tokens.clone()),
             "lm_head.weight" => return self.lm_head.clone(),
+            "score.weight" => return self.score.clone(),
             "model.norm.weight" => return Some(self.norm.weight.clone().unsqueeze()),
             _ => {}
         }
@@ -383,6 +405,13 @@ impl LlamaModel {
                 }
                 return false;
             }
+            "score.weight" => {
+                if self.score.is_some() {
+                    self.score = Some(t);
+                    return true;
+                }
+                return false;
+            }
             "model.norm.weight" => {
                 self.norm.weight = vec(t);
                 return true;
@@ -422,9 +451,40 @@ impl LlamaModel {
         true
     }
 
-    /// The current LoRA weights as host data (for saving or sending).
+    /// A fresh score head `[1, hidden]` (a reward model's), drawn as transformers initialises
+    /// a linear layer's weight: normal with standard deviation 0.02 (`initializer_range`),
+    /// from `seed`.
+    pub fn init_score(&mut self, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5C0E_5C0E);
+        let h = self.config.hidden_size;
+        // Box–Muller.
+        let w: Vec<f32> = (0..h)
+            .map(|_| {
+                let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * 0.02) as f32
+            })
+            .collect();
+        self.score = Some(Tensor::<2>::from_data(
+            TensorData::new(w, [1, h]),
+            (&self.device, self.dtype),
+        ));
+    }
+
+    /// The current LoRA weights as host data (for saving or sending), with a reward model's
+    /// score head when it has one.
     pub fn lora_weights(&self) -> fedtune_aggregation::Adapter {
         let mut out = fedtune_aggregation::Adapter::default();
+        if let Some(s) = &self.score {
+            out.dense.insert(
+                crate::adapter::SCORE_KEY.into(),
+                fedtune_aggregation::Matrix::new(
+                    1,
+                    self.config.hidden_size,
+                    crate::weights::to_f32_vec(s.to_data()),
+                ),
+            );
+        }
         for (name, lin) in self.linears() {
             if let Some(l) = &lin.lora {
                 let m = |t: &Tensor<2>| {

@@ -109,5 +109,13 @@ pub fn with_factors(
             *m = fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()));
         }
     }
+    // A reward model's score head, trained in full.
+    if let Some(score) = out.weights.dense.get_mut(crate::adapter::SCORE_KEY) {
+        let t = by_name.get("score.weight").ok_or_else(|| {
+            crate::error::Error::Invalid("no trained parameter `score.weight`".into())
+        })?;
+        let [r, c] = t.dims();
+        *score = fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()));
+    }
     Ok(out)
 }

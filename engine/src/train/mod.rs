@@ -11,6 +11,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub(crate) mod proj;
+pub mod reward;
 pub mod sft;
 pub mod state;
 pub mod step;

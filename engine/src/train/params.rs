@@ -61,13 +61,15 @@ pub trait TrainModel: TrainBackend + Clone {
 
 /// The parameter names `trainable` covers in a model of `num_layers` blocks whose projection
 /// `(layer, p)` has a LoRA branch (`lora`) and a bias (`bias`), and whose head is its own
-/// tensor (`untied_head`) or the embedding; sorted.
+/// tensor (`untied_head`) or the embedding; with a reward model's `score` head, that head is
+/// always trained (PEFT's `modules_to_save`); sorted.
 pub(crate) fn names_for(
     trainable: &Trainable,
     num_layers: usize,
     lora: &dyn Fn(usize, Proj) -> bool,
     bias: &dyn Fn(usize, Proj) -> bool,
     untied_head: bool,
+    score: bool,
 ) -> Vec<String> {
     let mut names = Vec::new();
     let module = |i: usize, p: Proj| format!("model.layers.{i}.{}", p.path());
@@ -102,6 +104,9 @@ pub(crate) fn names_for(
     if trainable.embedding && untied_head {
         names.push("model.embed_tokens.weight".into());
     }
+    if score {
+        names.push("score.weight".into());
+    }
     names.sort();
     names.dedup();
     names
@@ -123,6 +128,7 @@ impl TrainModel for LlamaModel {
             &|i, p| layers[i].proj(p).lora.is_some(),
             &|i, p| layers[i].proj(p).bias.is_some(),
             self.lm_head.is_some(),
+            self.score.is_some(),
         )
     }
 

@@ -172,11 +172,13 @@ pub struct Forward<B: TrainBackend> {
     dropout_seed: Option<u64>,
     /// The loss scale backward multiplies the upstream gradients by.
     loss_scale: f32,
-    /// `log p(target)` per target.
+    /// `log p(target)` per target (empty when [`StepOptions::hidden_head`]).
     pub target_logps: Vec<f32>,
-    /// `∂ log p / ∂h` per target `[n_targets, hidden]`.
-    grad_dirs: B::T,
-    /// Final hidden rows of the targets (kept only when the head is trained).
+    /// `∂ log p / ∂h` per target `[n_targets, hidden]` (`None` when
+    /// [`StepOptions::hidden_head`]).
+    grad_dirs: Option<B::T>,
+    /// Final hidden rows of the targets (kept when the LM head is trained or the caller's
+    /// own head reads them).
     target_hidden: Option<B::T>,
     rows: Vec<usize>,
     target_ids: Vec<u32>,
@@ -193,6 +195,13 @@ impl<B: TrainBackend> Forward<B> {
             .filter(|k| matches!(k, Kept::Input(_)))
             .count();
         (inputs, self.layers.len() - inputs)
+    }
+
+    /// The final (normalised) hidden states of the targets `[n_targets, hidden]`, row-major,
+    /// for a head of the caller's own ([`StepOptions::hidden_head`]: a reward model's score,
+    /// a distillation loss over the whole vocabulary).
+    pub fn target_hidden(&self, m: &B) -> Option<Vec<f32>> {
+        self.target_hidden.as_ref().map(|h| m.rows_to_host(h))
     }
 }
 
@@ -234,6 +243,10 @@ pub struct StepOptions {
     /// `2^loss_scale_exp`, so that small gradients stay representable in f16; the optimiser
     /// step divides them back ([`crate::train::params::TrainModel::optimizer_step`]). 0: none.
     pub loss_scale_exp: i32,
+    /// Skip the LM head: forward keeps the targets' final hidden states
+    /// ([`Forward::target_hidden`]) and backward starts from their gradient
+    /// ([`backward_hidden`]).
+    pub hidden_head: bool,
 }
 
 impl StepOptions {
@@ -367,7 +380,13 @@ pub fn forward<B: TrainBackend>(
     let target_ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
     let target_h = m.gather(&hidden, &rows);
     drop(hidden);
-    let (target_logps, grad_dirs) = m.head_train(&target_h, &target_ids);
+    let (target_logps, grad_dirs) = if options.hidden_head {
+        (Vec::new(), None)
+    } else {
+        let (lp, dirs) = m.head_train(&target_h, &target_ids);
+        (lp, Some(dirs))
+    };
+    let keep_hidden = options.hidden_head || trainable.head;
     Forward {
         layers,
         x_final: x,
@@ -380,7 +399,7 @@ pub fn forward<B: TrainBackend>(
         loss_scale: options.loss_scale(),
         target_logps,
         grad_dirs,
-        target_hidden: trainable.head.then_some(target_h),
+        target_hidden: keep_hidden.then_some(target_h),
         rows,
         target_ids,
         ids: batch.ids.clone(),
@@ -390,16 +409,19 @@ pub fn forward<B: TrainBackend>(
 /// The backward pass for upstream gradients `d_logps` (one per target, `∂loss/∂log p`).
 pub fn backward<B: TrainBackend>(
     m: &B,
-    fwd: Forward<B>,
+    mut fwd: Forward<B>,
     d_logps: &[f32],
     trainable: &Trainable,
 ) -> Grads<B::T> {
-    let cfg = m.config();
     assert_eq!(
         d_logps.len(),
         fwd.rows.len(),
         "one upstream gradient per target"
     );
+    let grad_dirs = fwd
+        .grad_dirs
+        .take()
+        .expect("backward follows a forward through the LM head (hidden_head: backward_hidden)");
     let scaled: Vec<f32>;
     let d_logps = if fwd.loss_scale == 1.0 {
         d_logps
@@ -408,10 +430,6 @@ pub fn backward<B: TrainBackend>(
         scaled = d_logps.iter().map(|d| d * fwd.loss_scale).collect();
         &scaled
     };
-    let num_layers = cfg.num_hidden_layers;
-    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let (b, t) = (fwd.batch, fwd.len);
-    let segments = fwd.segments.as_deref();
     let mut grads = Grads::new();
     if trainable.head
         && let Some(h) = &fwd.target_hidden
@@ -423,7 +441,50 @@ pub fn backward<B: TrainBackend>(
         };
         grads.insert(key.into(), m.head_weight_grad(h, &fwd.target_ids, d_logps));
     }
-    let d_hidden = m.scatter_rows(fwd.grad_dirs, d_logps, &fwd.rows, b * t);
+    let d_hidden = m.scatter_rows(grad_dirs, d_logps, &fwd.rows, fwd.batch * fwd.len);
+    backward_body(m, fwd, d_hidden, grads, trainable)
+}
+
+/// The backward pass of a forward with [`StepOptions::hidden_head`], from the gradient of the
+/// loss with respect to the targets' final hidden states `[n_targets, hidden]`, row-major
+/// (scaled by the forward's loss scale here). The LM head is not trained on this path.
+pub fn backward_hidden<B: TrainBackend>(
+    m: &B,
+    fwd: Forward<B>,
+    d_hidden: &[f32],
+    trainable: &Trainable,
+) -> Grads<B::T> {
+    let hidden = m.config().hidden_size;
+    let n = fwd.rows.len();
+    assert_eq!(
+        d_hidden.len(),
+        n * hidden,
+        "one hidden-state gradient row per target"
+    );
+    assert!(
+        !trainable.head,
+        "the LM head takes no gradient from a head of the caller's own"
+    );
+    let d = m.rows_from_host(d_hidden, n, hidden);
+    let scale = vec![fwd.loss_scale; n];
+    let d_hidden = m.scatter_rows(d, &scale, &fwd.rows, fwd.batch * fwd.len);
+    backward_body(m, fwd, d_hidden, Grads::new(), trainable)
+}
+
+/// Backward from the final hidden states' gradient `[batch·len, hidden]` down through the
+/// final norm, the trained blocks and the embedding.
+fn backward_body<B: TrainBackend>(
+    m: &B,
+    fwd: Forward<B>,
+    d_hidden: B::T,
+    mut grads: Grads<B::T>,
+    trainable: &Trainable,
+) -> Grads<B::T> {
+    let cfg = m.config();
+    let num_layers = cfg.num_hidden_layers;
+    let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let (b, t) = (fwd.batch, fwd.len);
+    let segments = fwd.segments.as_deref();
     let (mut dx, dw) = m.norm_backward(
         Norm::Final,
         &fwd.x_final,

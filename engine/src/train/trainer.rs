@@ -205,6 +205,7 @@ pub fn train<M: TrainModel>(
                     .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
                 gradient_checkpointing: cfg.gradient_checkpointing,
                 loss_scale_exp: state.loss_scaler.map_or(0, |s| s.exp),
+                hidden_head: false,
             };
             let StepOutput {
                 loss,

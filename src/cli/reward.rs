@@ -1,0 +1,219 @@
+//! `fedtune train reward`: a reward model (TRL's `RewardTrainer`) from preference pairs — a
+//! scalar `score` head on the last token that is not padding, trained in full with a LoRA
+//! adapter on the body, Bradley–Terry loss — with TRL's option names, from flags or a TOML file
+//! (flags win). The output is a PEFT adapter of a sequence classifier (`task_type` `SEQ_CLS`,
+//! `modules_to_save` the score head) that loads in PEFT on
+//! `AutoModelForSequenceClassification(num_labels=1)` unchanged. With `--sft-adapter` the SFT
+//! adapter is merged into the base first.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use fedtune_engine::data::{Dataset, RewardPair};
+use fedtune_engine::train::TrainSummary;
+use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
+use fedtune_engine::train::sft::{RunOptions, train};
+
+use super::common::ModelArgs;
+use super::dpo::{aligned_adapter, split_configs};
+use super::target::{Job, Trainee};
+use super::train::{
+    Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped, split_eval,
+};
+
+/// Arguments of `fedtune train reward`.
+#[derive(Debug, Args)]
+pub struct RewardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An SFT adapter merged into the base before training (base → SFT → reward model).
+    #[arg(long)]
+    sft_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Weight of the penalty mean((r_c + r_r)²) that keeps rewards centred (TRL's
+    /// `center_rewards_coefficient`; default off).
+    #[arg(long)]
+    center_rewards_coefficient: Option<f64>,
+    /// Pairs with a side longer than this many tokens are left out, as TRL filters them
+    /// (default 1024).
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+const REWARD_KEYS: &[&str] = &["center_rewards_coefficient", "max_length"];
+
+/// The reward-model loop, then the final training loss and metrics.
+struct Fit<'a, 'r> {
+    run: &'a RunOptions<'r>,
+    options: RewardOptions,
+    train: Vec<RewardPair>,
+    eval: Vec<RewardPair>,
+    pad: u32,
+    cb: &'a mut dyn fedtune_engine::train::Callback,
+}
+
+impl Job for Fit<'_, '_> {
+    type Out = (TrainSummary, f64, BTreeMap<String, f64>);
+
+    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
+        let objective = RewardObjective::new(
+            self.options,
+            self.train,
+            self.eval,
+            self.run.config.per_device_train_batch_size,
+            self.pad,
+        );
+        let summary = train(model, self.run, &objective, self.cb)?;
+        if summary.cancelled {
+            return Ok((summary, f64::NAN, Default::default()));
+        }
+        let (loss, metrics) = objective.metrics_on(model, false)?;
+        Ok((summary, loss, metrics))
+    }
+}
+
+/// Runs `fedtune train reward`.
+pub fn run(a: RewardArgs) -> anyhow::Result<()> {
+    // TRL's RewardConfig trains at 1e-4 by default.
+    let (mut cfg, mut opts): (_, RewardOptions) =
+        split_configs(a.run.config.as_ref(), REWARD_KEYS, 1e-4)?;
+    a.run.overrides.apply(&mut cfg);
+    if let Some(c) = a.center_rewards_coefficient {
+        opts.center_rewards_coefficient = Some(c);
+    }
+    if let Some(m) = a.max_length {
+        opts.max_length = Some(m);
+    }
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("training options")?;
+    anyhow::ensure!(
+        opts.center_rewards_coefficient
+            .is_none_or(|c| c.is_finite() && c >= 0.0),
+        "center_rewards_coefficient must be a non-negative number"
+    );
+    anyhow::ensure!(
+        cfg.is_lora() && !cfg.packing,
+        "train reward trains a LoRA adapter and the score head: --full, --train-last-layers \
+         and --packing do not apply"
+    );
+    anyhow::ensure!(
+        a.model.device == "cpu",
+        "--device {}: train reward runs on the CPU for now",
+        a.model.device
+    );
+    a.model.check_precision(&cfg)?;
+    let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
+    let load = a.run.load_options();
+    let encode = |path: &PathBuf| -> anyhow::Result<Vec<RewardPair>> {
+        let d = Dataset::load(path, load)?;
+        for e in &d.skipped {
+            eprintln!("skipped: {e}");
+        }
+        let (pairs, dropped) = d.encode_reward_pairs(&tokenizer, opts.max_length)?;
+        if dropped > 0 {
+            eprintln!(
+                "left out {dropped} pairs of {}: a side is longer than max_length {}",
+                path.display(),
+                opts.max_length.unwrap_or(0)
+            );
+        }
+        Ok(pairs)
+    };
+    let pairs = encode(&a.run.data)?;
+    let (train_set, eval_set) = match (&a.run.eval_data, cfg.eval_split) {
+        (Some(p), _) => (pairs, encode(p)?),
+        (None, Some(f)) => split_eval(pairs, f, cfg.seed),
+        (None, None) => (pairs, Vec::new()),
+    };
+    anyhow::ensure!(
+        !train_set.is_empty(),
+        "{}: no preference pair to train on",
+        a.run.data.display()
+    );
+    anyhow::ensure!(
+        matches!(model, Trainee::Host(_)),
+        "train reward runs on the CPU for now"
+    );
+    // `--adapter` continues a reward model (its score head included); otherwise a fresh
+    // adapter and a fresh head.
+    if a.model.adapter.is_none() {
+        model.attach_fresh(&cfg)?;
+    }
+    if let Trainee::Host(host) = &mut model
+        && host.score.is_none()
+    {
+        host.init_score(cfg.seed);
+    }
+    std::fs::create_dir_all(&a.run.output)
+        .with_context(|| format!("creating {}", a.run.output.display()))?;
+    let (n_train, n_eval) = (train_set.len(), eval_set.len());
+    eprintln!("{n_train} preference pairs to train on, {n_eval} to evaluate");
+    let cancel = cancel_on_ctrl_c();
+    let bar = progress_bar();
+    let run = RunOptions {
+        config: &cfg,
+        output: Some(&a.run.output),
+        resume: a.run.resume_from_checkpoint.as_deref(),
+        cancel: Some(&cancel),
+    };
+    let started = std::time::Instant::now();
+    let peft_of =
+        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
+    let mut b = Bar {
+        bar: bar.clone(),
+        adapter: Some(peft_of(model.lora_weights()?)),
+    };
+    let (summary, final_loss, final_metrics) = model.train(
+        &cfg,
+        Fit {
+            run: &run,
+            options: opts,
+            train: train_set,
+            eval: eval_set,
+            pad: tokenizer.pad_id,
+            cb: &mut b,
+        },
+    )?;
+    bar.finish_and_clear();
+    if summary.cancelled {
+        report_stopped(summary.steps, &a.run.output);
+        return Ok(());
+    }
+    peft_of(model.lora_weights()?).save(&a.run.output)?;
+    super::export::copy_tokenizer(&tokenizer, model.config(), &a.model.model, &a.run.output)?;
+    let report = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "reward": opts,
+        "model": a.model.model,
+        "sft_adapter": a.sft_adapter,
+        "train_pairs": n_train,
+        "eval_pairs": n_eval,
+        "final_train_loss": final_loss,
+        "final_train_metrics": final_metrics,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "peak_rss_bytes": peak_rss(),
+    });
+    std::fs::write(
+        a.run.output.join("training_summary.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "trained {} steps (reward model): loss {:.4}, accuracy {:.3}, margin {:.3}{}; wrote {}",
+        summary.steps,
+        final_loss,
+        final_metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+        final_metrics.get("margin").copied().unwrap_or(f64::NAN),
+        summary
+            .eval_loss
+            .map(|l| format!(", eval_loss {l:.4}"))
+            .unwrap_or_default(),
+        a.run.output.display()
+    );
+    Ok(())
+}
