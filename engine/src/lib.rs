@@ -31,4 +31,5 @@ pub mod device;
 pub mod generate;
 pub mod kernels;
 pub mod nf4;
+pub mod rewards;
 pub mod train;

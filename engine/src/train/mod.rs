@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dpo;
 pub mod fused;
+pub mod grpo;
 pub mod kto;
 pub mod lora;
 pub mod memory;

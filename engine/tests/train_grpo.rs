@@ -1,0 +1,158 @@
+//! GRPO's loss on the tiny reference model against TRL 1.16's own `GRPOTrainer._compute_loss`
+//! (`testdata/grpo/make_reference.py`): for every loss type but vespo, with and without the KL
+//! term, token- and sequence-level ratios, asymmetric clipping and `delta` — the per-token
+//! log-probabilities of the policy and of the reference (the adapter disabled), the loss,
+//! TRL's clipping and KL metrics, and the gradients of LoRA factors.
+
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device};
+use fedtune_engine::train::grpo::{GrpoLossOptions, Rollout, completion_logps, grpo_step};
+use fedtune_engine::train::step::{StepOptions, Trainable};
+use fedtune_engine::weights::to_f32_vec;
+use fedtune_engine::{LlamaModel, PeftAdapter, load_model};
+use serde_json::Value;
+
+fn testdata() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn close(what: &str, got: f64, want: f64, tol: f64) {
+    assert!(
+        (got - want).abs() <= tol * want.abs().max(1.0),
+        "{what}: {got} vs TRL {want}"
+    );
+}
+
+#[test]
+fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("grpo/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let loaded = load_model(
+        &testdata().join("tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    let pad = loaded.tokenizer.pad_id;
+    let mut model: LlamaModel = loaded.model;
+    let adapter = PeftAdapter::load(&testdata().join("kto/policy_adapter")).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    let base = model.without_adapter();
+    let cases = reference["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let opts = GrpoLossOptions {
+            loss_type: case["loss_type"].as_str().unwrap().parse().unwrap(),
+            beta: case["beta"].as_f64().unwrap(),
+            importance_sampling_level: serde_json::from_value(
+                case["importance_sampling_level"].clone(),
+            )
+            .unwrap(),
+            epsilon: case["epsilon"].as_f64().unwrap(),
+            epsilon_high: case["epsilon_high"].as_f64(),
+            delta: case["delta"].as_f64(),
+            max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
+            ..Default::default()
+        };
+        let what = format!(
+            "{:?} beta {} {:?}",
+            opts.loss_type, opts.beta, opts.importance_sampling_level
+        );
+        let n = case["advantages"].as_array().unwrap().len();
+        let mut rollouts: Vec<Rollout> = (0..n)
+            .map(|i| Rollout {
+                prompt: ids(&case["prompt_ids"][i]),
+                completion: ids(&case["completion_ids"][i]),
+                advantage: case["advantages"][i].as_f64().unwrap(),
+                old: Some(floats(&case["old_logps"][i])),
+                reference: None,
+                masked: false,
+            })
+            .collect();
+        // The policy's and the reference's per-token log-probabilities, as TRL computed them
+        // (TRL left-pads the prompts: positions shift, RoPE's scores do not).
+        let refs: Vec<&Rollout> = rollouts.iter().collect();
+        let policy = completion_logps(&model, &refs, 4, pad);
+        let reference_lp = completion_logps(&base, &refs, 4, pad);
+        for i in 0..n {
+            for (got, want) in [
+                (&policy[i], floats(&case["policy_logps"][i])),
+                (&reference_lp[i], floats(&case["reference_logps"][i])),
+            ] {
+                assert_eq!(got.len(), want.len(), "{what}: completion {i}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 2e-4,
+                        "{what}: completion {i}: {g} vs TRL {w}"
+                    );
+                }
+            }
+        }
+        if opts.beta != 0.0 {
+            for (r, lp) in rollouts.iter_mut().zip(reference_lp) {
+                r.reference = Some(lp);
+            }
+        }
+        let micro = vec![rollouts.iter().collect::<Vec<_>>()];
+        let out = grpo_step(
+            &model,
+            &micro,
+            &opts,
+            &Trainable::lora(),
+            &StepOptions::default(),
+            pad,
+        )
+        .unwrap();
+        println!("{what}: loss {} vs TRL {}", out.loss, case["loss"]);
+        close(
+            &format!("{what}: loss"),
+            out.loss,
+            case["loss"].as_f64().unwrap(),
+            2e-5,
+        );
+        for (k, v) in case["metrics"].as_object().unwrap() {
+            let got = *out
+                .metrics
+                .get(k)
+                .unwrap_or_else(|| panic!("{what}: no metric {k} in {:?}", out.metrics));
+            close(&format!("{what}: {k}"), got, v.as_f64().unwrap(), 1e-4);
+        }
+        for (param, want_g) in case["grads"].as_object().unwrap() {
+            let key = param.trim_end_matches(".weight");
+            let g = to_f32_vec(out.grads[key].clone().into_data());
+            let want_g: Vec<f64> = want_g
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let scale = want_g.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for (i, w) in want_g.iter().enumerate() {
+                assert!(
+                    (g[i] as f64 - w).abs() <= 2e-4 * scale.max(1e-3),
+                    "{what}: {param}[{i}] {} vs TRL {w}",
+                    g[i]
+                );
+            }
+        }
+    }
+}
