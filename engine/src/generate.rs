@@ -123,6 +123,63 @@ pub fn generate<B: Backend>(
     out
 }
 
+/// `n` sampled continuations of `prompt` (GRPO's group): the prompt is run once and its KV
+/// cache shared by every continuation; each stops at a stop id (kept) or after
+/// `cfg.max_new_tokens`. One RNG stream from `cfg.seed` draws all of them in turn.
+pub fn generate_group<B: Backend>(
+    model: &B,
+    prompt: &[u32],
+    n: usize,
+    cfg: &GenerationConfig,
+) -> Vec<Vec<u32>>
+where
+    B::Cache: Clone,
+{
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut prefilled = model.new_cache();
+    let len = prompt.len();
+    if len == 0 || cfg.max_new_tokens == 0 {
+        return vec![Vec::new(); n];
+    }
+    let positions = Positions::Range {
+        start: 0,
+        len,
+        batch: 1,
+    };
+    let hidden = forward(
+        model,
+        prompt,
+        1,
+        len,
+        &positions,
+        None,
+        Some(&mut prefilled),
+    );
+    let first_logits = model.row_logits(&hidden, &[len - 1]);
+    (0..n)
+        .map(|_| {
+            let mut cache = prefilled.clone();
+            let mut out = Vec::new();
+            let mut next = sample(&first_logits, cfg, &mut rng);
+            loop {
+                out.push(next);
+                if cfg.stop_ids.contains(&next) || out.len() >= cfg.max_new_tokens {
+                    break;
+                }
+                let positions = Positions::Range {
+                    start: B::cache_seen(&cache),
+                    len: 1,
+                    batch: 1,
+                };
+                let hidden = forward(model, &[next], 1, 1, &positions, None, Some(&mut cache));
+                let logits = model.row_logits(&hidden, &[0]);
+                next = sample(&logits, cfg, &mut rng);
+            }
+            out
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ mod eval;
 mod export;
 mod fed;
 mod generate;
+mod grpo;
 mod kto;
 mod merge;
 mod mergekit;

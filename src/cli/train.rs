@@ -37,6 +37,9 @@ pub enum TrainCommand {
     /// A reward model (TRL's RewardTrainer): a scalar score head on the last token, trained
     /// with a LoRA adapter on the body from preference pairs (Bradley–Terry loss).
     Reward(super::reward::RewardArgs),
+    /// GRPO with verifiable rewards (TRL's GRPOTrainer): sampled groups of completions per
+    /// prompt, scored by reward functions, train a LoRA adapter on group-relative advantages.
+    Grpo(super::grpo::GrpoArgs),
 }
 
 /// Options that override the TOML config (TRL/PEFT names).
@@ -268,6 +271,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Dpo(a) => super::dpo::run(a),
         TrainCommand::Kto(a) => super::kto::run(a),
         TrainCommand::Reward(a) => super::reward::run(a),
+        TrainCommand::Grpo(a) => super::grpo::run(a),
     }
 }
 

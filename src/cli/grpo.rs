@@ -1,0 +1,256 @@
+//! `fedtune train grpo`: GRPO with verifiable rewards (TRL's `GRPOTrainer`) on prompts, with
+//! TRL's option names, from flags or a TOML file (flags win). Each step samples
+//! `num_generations` completions of each prompt from the current policy, scores them with the
+//! `--reward` functions, and trains a LoRA adapter on the group-relative advantages; the
+//! reference (β ≠ 0) is the model with the adapter disabled. With `--sft-adapter` the SFT
+//! adapter is merged into the base first.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use fedtune_engine::rewards::Rewards;
+use fedtune_engine::train::grpo::{
+    GrpoLoss, GrpoObjective, GrpoOptions, SamplingLevel, ScaleRewards, load_prompts,
+};
+use fedtune_engine::train::sft::{RunOptions, train};
+
+use super::common::ModelArgs;
+use super::dpo::{aligned_adapter, split_configs};
+use super::target::Trainee;
+use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped};
+
+/// Arguments of `fedtune train grpo`.
+#[derive(Debug, Args)]
+pub struct GrpoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An SFT adapter merged into the base before training (base → SFT → GRPO).
+    #[arg(long)]
+    sft_adapter: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// A reward function, repeatable: json_valid, json_schema:FILE, field_match[:FIELD],
+    /// exact_match[:FIELD], regex:PATTERN, length:MIN:MAX, command:PROGRAM.
+    #[arg(long = "reward", required = true)]
+    rewards: Vec<String>,
+    /// One weight per reward, comma-separated (TRL's `reward_weights`; default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    reward_weights: Vec<f64>,
+    /// Completions sampled per prompt (default 8).
+    #[arg(long)]
+    num_generations: Option<usize>,
+    /// Longest completion in tokens (default 512).
+    #[arg(long)]
+    max_completion_length: Option<usize>,
+    /// Sampling temperature (default 1).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Nucleus sampling (default 1: off).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Top-k sampling (default 0: off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// KL coefficient against the reference (default 0: no reference pass).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Clipping range ε (default 0.2).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// Upper clipping range (default ε).
+    #[arg(long)]
+    epsilon_high: Option<f64>,
+    /// Cap on the importance ratio (two-sided clipping).
+    #[arg(long)]
+    delta: Option<f64>,
+    /// Optimiser steps per batch of generations (default 1).
+    #[arg(long)]
+    num_iterations: Option<usize>,
+    /// grpo, bnpo, dr_grpo, dapo (default), cispo, sapo or luspo.
+    #[arg(long)]
+    loss_type: Option<GrpoLoss>,
+    /// group (default), batch or none.
+    #[arg(long)]
+    scale_rewards: Option<ScaleRewards>,
+    /// token (default) or sequence.
+    #[arg(long)]
+    importance_sampling_level: Option<SamplingLevel>,
+    /// Leave completions cut at max_completion_length out of the loss.
+    #[arg(long)]
+    mask_truncated_completions: bool,
+}
+
+const GRPO_KEYS: &[&str] = &[
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "scale_rewards",
+    "mask_truncated_completions",
+    "num_iterations",
+    "loss_type",
+    "beta",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "use_bias_correction_kl",
+];
+
+/// Runs `fedtune train grpo`.
+pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
+    // TRL's GRPOConfig trains at 1e-6 by default.
+    let (mut cfg, mut opts): (_, GrpoOptions) =
+        split_configs(a.run.config.as_ref(), GRPO_KEYS, 1e-6)?;
+    a.run.overrides.apply(&mut cfg);
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = a.$f { opts.$f = v; })* };
+    }
+    set!(
+        num_generations,
+        max_completion_length,
+        temperature,
+        top_p,
+        top_k,
+        beta,
+        epsilon,
+        num_iterations,
+        loss_type,
+        scale_rewards,
+        importance_sampling_level
+    );
+    if a.epsilon_high.is_some() {
+        opts.epsilon_high = a.epsilon_high;
+    }
+    if a.delta.is_some() {
+        opts.delta = a.delta;
+    }
+    opts.mask_truncated_completions |= a.mask_truncated_completions;
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("training options")?;
+    opts.validate(cfg.per_device_train_batch_size)
+        .map_err(anyhow::Error::msg)
+        .context("GRPO options")?;
+    anyhow::ensure!(
+        opts.num_iterations == 1 || cfg.gradient_accumulation_steps == 1,
+        "num_iterations > 1 needs gradient_accumulation_steps = 1 (each step reuses its own generations)"
+    );
+    anyhow::ensure!(
+        cfg.is_lora() && !cfg.packing,
+        "train grpo trains a LoRA adapter: --full, --train-last-layers and --packing do not apply"
+    );
+    anyhow::ensure!(
+        a.model.device == "cpu",
+        "--device {}: train grpo runs on the CPU for now",
+        a.model.device
+    );
+    anyhow::ensure!(
+        a.run.eval_data.is_none() && cfg.eval_split.is_none(),
+        "train grpo does not evaluate on held-out prompts yet: the log's reward is its measure"
+    );
+    let rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
+    a.model.check_precision(&cfg)?;
+    let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
+    let prompts = load_prompts(&a.run.data, &tokenizer)
+        .with_context(|| format!("reading prompts {}", a.run.data.display()))?;
+    anyhow::ensure!(
+        !prompts.is_empty(),
+        "{}: no prompt to learn from",
+        a.run.data.display()
+    );
+    for (f, _) in &rewards.fns {
+        let fields: Vec<(usize, &serde_json::Map<String, serde_json::Value>)> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i + 1, &p.fields))
+            .collect();
+        f.check_fields(&a.run.data, &fields)?;
+    }
+    if a.model.adapter.is_none() {
+        model.attach_fresh(&cfg)?;
+    }
+    let Trainee::Host(host) = &mut model else {
+        anyhow::bail!("train grpo runs on the CPU for now");
+    };
+    std::fs::create_dir_all(&a.run.output)
+        .with_context(|| format!("creating {}", a.run.output.display()))?;
+    let mut stop: Vec<u32> = host.config.eos_token_ids.clone();
+    stop.extend(tokenizer.eos_id);
+    let pad = tokenizer.pad_id;
+    let n_prompts = prompts.len();
+    eprintln!(
+        "{n_prompts} prompts, {} completions each, rewards: {}",
+        opts.num_generations,
+        rewards
+            .fns
+            .iter()
+            .map(|(f, w)| format!("{}×{w}", f.name()))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    let tokenizer = Arc::new(tokenizer);
+    let objective = GrpoObjective::new(
+        prompts,
+        rewards,
+        opts,
+        cfg.per_device_train_batch_size,
+        pad,
+        stop,
+        tokenizer.clone(),
+        cfg.seed,
+    );
+    let cancel = cancel_on_ctrl_c();
+    let bar = progress_bar();
+    let run = RunOptions {
+        config: &cfg,
+        output: Some(&a.run.output),
+        resume: a.run.resume_from_checkpoint.as_deref(),
+        cancel: Some(&cancel),
+    };
+    let started = std::time::Instant::now();
+    let peft_of =
+        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
+    let mut b = Bar {
+        bar: bar.clone(),
+        adapter: Some(peft_of(host.lora_weights())),
+    };
+    let summary = train(host.as_mut(), &run, &objective, &mut b)?;
+    bar.finish_and_clear();
+    if summary.cancelled {
+        report_stopped(summary.steps, &a.run.output);
+        return Ok(());
+    }
+    peft_of(host.lora_weights()).save(&a.run.output)?;
+    super::export::copy_tokenizer(&tokenizer, &host.config, &a.model.model, &a.run.output)?;
+    let final_reward = objective.mean_reward(host.as_ref())?;
+    let report = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "grpo": opts,
+        "rewards": a.rewards,
+        "reward_weights": a.reward_weights,
+        "model": a.model.model,
+        "sft_adapter": a.sft_adapter,
+        "prompts": n_prompts,
+        "final_mean_reward": final_reward,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "peak_rss_bytes": peak_rss(),
+    });
+    std::fs::write(
+        a.run.output.join("training_summary.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "trained {} steps (GRPO, {:?}): mean reward of fresh samples {final_reward:.4}; wrote {}",
+        summary.steps,
+        opts.loss_type,
+        a.run.output.display()
+    );
+    Ok(())
+}
