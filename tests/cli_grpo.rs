@@ -208,3 +208,37 @@ fn grpo_mistakes_are_clear_errors() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// coord.toml: a GRPO stage needs its rewards and a batch of whole groups.
+#[test]
+fn a_grpo_stage_without_rewards_is_refused_by_the_coordinator() {
+    let dir = tmpdir("coord");
+    let model = root().join("testdata/tiny-llama/model");
+    let base = format!(
+        "federation = \"demo\"\nmodel = \"{}\"\nlisten = \"127.0.0.1:1\"\ndata_dir = \"{}\"\nca = \"{}\"\nrounds = 1\nrank = 4\nlora_alpha = 8.0\nmin_results = 1\nrule = {{ kind = \"fed_avg_exact\" }}\nphase = \"grpo\"\nclients = []\n\n[local]\nlearning_rate = 1e-5\nlocal_steps = 2\n",
+        model.display(),
+        dir.join("data").display(),
+        dir.join("ca").display()
+    );
+    for (extra, what) in [
+        ("batch_size = 8\n", "phase grpo needs [local.grpo]"),
+        (
+            "batch_size = 6\n[local.grpo]\nrewards = [\"json_valid\"]\nnum_generations = 4\n",
+            "multiple of grpo.num_generations",
+        ),
+        (
+            "batch_size = 8\n[local.grpo]\nrewards = []\n",
+            "at least one reward",
+        ),
+    ] {
+        let cfg = dir.join("coord.toml");
+        std::fs::write(&cfg, format!("{base}{extra}")).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+            .args(["coord", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(what), "{what}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -79,6 +79,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
             batch_size: 4,
             beta: 0.1,
             seed: 11,
+            grpo: None,
         },
         (4, 8.0),
         strategy,

@@ -123,6 +123,7 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
             batch_size: 1,
             beta: 0.1,
             seed: 0,
+            grpo: None,
         },
         (4, 8.0),
         strategy,

@@ -1,15 +1,17 @@
 //! The local training job of a round, through the real engine: the shared read-only base
-//! model with the global adapter attached, SFT, DPO or KTO on the client's private data for the
-//! plan's local steps, then evaluation on the client's held-out data. Only the adapter and a
-//! few scalar metrics leave this function.
+//! model with the global adapter attached, SFT, DPO, KTO or GRPO on the client's private data
+//! for the plan's local steps, then evaluation on the client's held-out data. Only the adapter
+//! and a few scalar metrics leave this function.
 
 use fedtune_aggregation::Adapter;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
 use fedtune_engine::data::EncodedFeedback;
 use fedtune_engine::device::Device;
 use fedtune_engine::error::Error;
+use fedtune_engine::rewards::Rewards;
 use fedtune_engine::tokenizer::EncodedPair;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
+use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
 use fedtune_engine::train::kto::{KtoObjective, KtoOptions};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::params::TrainModel;
@@ -33,10 +35,32 @@ pub struct LocalData {
     pub eval_pairs: Vec<EncodedPair>,
     /// Unpaired feedback (prompt, completion, label) for KTO rounds.
     pub feedback: Vec<EncodedFeedback>,
+    /// Prompts for GRPO rounds.
+    pub prompts: PromptData,
     /// Padding id.
     pub pad: u32,
     /// How this site trains locally (its own choice; the plan fixes the federation's settings).
     pub local: LocalTraining,
+}
+
+/// A client's prompts for GRPO rounds, with what sampling and scoring need.
+#[derive(Clone, Default)]
+pub struct PromptData {
+    /// The prompts with their other fields (reference answers the rewards read).
+    pub prompts: Vec<GrpoPrompt>,
+    /// Decodes completions for the reward functions.
+    pub tokenizer: Option<std::sync::Arc<fedtune_engine::Tokenizer>>,
+    /// Ids that end a completion.
+    pub stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for PromptData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptData")
+            .field("prompts", &self.prompts.len())
+            .field("stop_ids", &self.stop_ids)
+            .finish()
+    }
 }
 
 /// Local-training settings a site chooses for itself in `client.toml`: they change how its
@@ -116,6 +140,16 @@ pub fn train_round(
     job: &TrainJob,
     lora_alpha: f64,
 ) -> fedtune_engine::Result<TrainOutcome> {
+    if job.plan.phase == Phase::Grpo {
+        let Base::Host(m) = base else {
+            return Err(Error::Invalid(
+                "GRPO rounds train on the CPU for now (device = \"cpu\" in client.toml)".into(),
+            ));
+        };
+        let mut model = m.clone();
+        model.attach_weights(&job.global, 0.0)?;
+        return grpo_training(&mut model, data, job, lora_alpha);
+    }
     let (summary, num_examples, adapter) = match base {
         Base::Host(m) => {
             let mut model = m.clone();
@@ -145,16 +179,10 @@ pub fn train_round(
     })
 }
 
-/// The round's SFT, DPO or KTO on `model` (the global adapter attached): the run's summary and
-/// the number of examples (the FedAvg weight).
-fn local_training<M: TrainModel>(
-    model: &mut M,
-    data: &LocalData,
-    job: &TrainJob,
-    lora_alpha: f64,
-) -> fedtune_engine::Result<(TrainSummary, u64)> {
+/// The round's training settings.
+fn round_config(data: &LocalData, job: &TrainJob, lora_alpha: f64) -> TrainConfig {
     let h = &job.plan.hyper;
-    let cfg = TrainConfig {
+    TrainConfig {
         lora_r: job.plan.rank,
         lora_alpha,
         learning_rate: h.learning_rate,
@@ -167,7 +195,88 @@ fn local_training<M: TrainModel>(
         seed: h.seed,
         logging_steps: 1,
         ..TrainConfig::default()
+    }
+}
+
+/// A GRPO round on the host model (the global adapter attached): the plan's rewards score
+/// this client's own completions of its own prompts; the reference is the global adapter the
+/// round starts from. Metrics: `train_loss` and `reward` (the mean reward of fresh samples
+/// after training).
+fn grpo_training(
+    model: &mut LlamaModel,
+    data: &LocalData,
+    job: &TrainJob,
+    lora_alpha: f64,
+) -> fedtune_engine::Result<TrainOutcome> {
+    let h = &job.plan.hyper;
+    let g = h.grpo.as_ref().ok_or_else(|| {
+        Error::Invalid("the plan of a GRPO round names no rewards (grpo settings missing)".into())
+    })?;
+    let p = &data.prompts;
+    let tokenizer = p
+        .tokenizer
+        .clone()
+        .filter(|_| !p.prompts.is_empty())
+        .ok_or_else(|| {
+            Error::Invalid(
+                "this client has no prompts for GRPO rounds (prompt_data in client.toml)".into(),
+            )
+        })?;
+    let rewards = Rewards::parse(&g.rewards, &g.reward_weights)?;
+    let opts = GrpoOptions {
+        num_generations: g.num_generations as usize,
+        max_completion_length: g.max_completion_length as usize,
+        temperature: g.temperature,
+        loss_type: g.loss_type.parse().map_err(Error::Invalid)?,
+        epsilon: g.epsilon,
+        beta: g.beta,
+        ..GrpoOptions::default()
     };
+    opts.validate(h.batch_size).map_err(Error::Invalid)?;
+    let cfg = round_config(data, job, lora_alpha);
+    let run = RunOptions {
+        config: &cfg,
+        output: None,
+        resume: None,
+        cancel: None,
+    };
+    let objective = GrpoObjective::new(
+        p.prompts.clone(),
+        rewards,
+        opts,
+        h.batch_size,
+        data.pad,
+        p.stop_ids.clone(),
+        tokenizer,
+        h.seed,
+    );
+    let summary = train(model, &run, &objective, &mut NoCallback)?;
+    let reward = objective.mean_reward(&*model)?;
+    let mut metrics = vec![
+        (
+            "train_loss".to_string(),
+            summary.final_loss.unwrap_or(f64::NAN),
+        ),
+        ("reward".to_string(), reward),
+    ];
+    metrics.retain(|(_, v)| v.is_finite());
+    Ok(TrainOutcome {
+        adapter: model.lora_weights(),
+        num_examples: p.prompts.len() as u64,
+        metrics,
+    })
+}
+
+/// The round's SFT, DPO or KTO on `model` (the global adapter attached): the run's summary and
+/// the number of examples (the FedAvg weight).
+fn local_training<M: TrainModel>(
+    model: &mut M,
+    data: &LocalData,
+    job: &TrainJob,
+    lora_alpha: f64,
+) -> fedtune_engine::Result<(TrainSummary, u64)> {
+    let h = &job.plan.hyper;
+    let cfg = round_config(data, job, lora_alpha);
     let run = RunOptions {
         config: &cfg,
         output: None,
@@ -216,6 +325,11 @@ fn local_training<M: TrainModel>(
             );
             let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, data.feedback.len() as u64)
+        }
+        Phase::Grpo => {
+            return Err(Error::Invalid(
+                "GRPO rounds train through grpo_training".into(),
+            ));
         }
     };
     Ok((summary, num_examples))

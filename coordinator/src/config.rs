@@ -139,6 +139,7 @@ mod tests {
             batch_size: 1,
             beta: 0.1,
             seed: 0,
+            grpo: None,
         };
         let strategy = fedtune_aggregation::strategy::StrategyConfig::new(
             fedtune_aggregation::strategy::Rule::FedAvgExact,
@@ -183,6 +184,7 @@ mod tests {
             batch_size: 1,
             beta: 0.1,
             seed: 0,
+            grpo: None,
         };
         let cfg: CoordConfig = serde_json::from_value(serde_json::json!({
             "federation": "f", "rounds": 2, "phase": "sft", "hyper": hyper(1.0),

@@ -39,6 +39,7 @@ fn config(ids: &[Identity]) -> CoordConfig {
             batch_size: 1,
             beta: 0.1,
             seed: 0,
+            grpo: None,
         },
         (2, 8.0),
         strategy,

@@ -21,6 +21,57 @@ pub enum Phase {
     Dpo,
     /// KTO on unpaired feedback (appended last: the earlier variants keep their encoding).
     Kto,
+    /// GRPO on each client's own prompts, scored by the rewards the plan names.
+    Grpo,
+}
+
+/// The GRPO settings every client of a `grpo` phase uses (TRL's names): the plan names the
+/// rewards, each client scores its own private completions with them, and only the adapter
+/// and scalar metrics leave the site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrpoPlan {
+    /// Reward functions (`json_valid`, `json_schema:FILE`, `field_match[:FIELD]`,
+    /// `exact_match[:FIELD]`, `regex:PATTERN`, `length:MIN:MAX`, `command:PROGRAM`); files and
+    /// programs are resolved on each client.
+    pub rewards: Vec<String>,
+    /// One weight per reward (empty: 1 each).
+    #[serde(default)]
+    pub reward_weights: Vec<f64>,
+    /// Completions sampled per prompt.
+    #[serde(default = "default_generations")]
+    pub num_generations: u32,
+    /// Longest completion in tokens.
+    #[serde(default = "default_completion_length")]
+    pub max_completion_length: u32,
+    /// Sampling temperature.
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// TRL's `loss_type` (`dapo`, `grpo`, `bnpo`, `dr_grpo`, `cispo`, `sapo`, `luspo`).
+    #[serde(default = "default_loss")]
+    pub loss_type: String,
+    /// Clipping range ε.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// KL coefficient against the reference (the round's starting global adapter); TRL's
+    /// default 0.
+    #[serde(default)]
+    pub beta: f64,
+}
+
+fn default_generations() -> u32 {
+    8
+}
+fn default_completion_length() -> u32 {
+    512
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_loss() -> String {
+    "dapo".into()
+}
+fn default_epsilon() -> f64 {
+    0.2
 }
 
 /// Local training hyperparameters sent with a round plan.
@@ -36,6 +87,9 @@ pub struct Hyper {
     pub beta: f64,
     /// Seed of local data order and initialisation.
     pub seed: u64,
+    /// GRPO's settings (GRPO phase; boxed: most plans have none).
+    #[serde(default)]
+    pub grpo: Option<Box<GrpoPlan>>,
 }
 
 /// What a sampled client must do in a round.
@@ -45,7 +99,7 @@ pub struct RoundPlan {
     pub federation: String,
     /// Round number (1-based).
     pub round: u64,
-    /// SFT, DPO or KTO.
+    /// SFT, DPO, KTO or GRPO.
     pub phase: Phase,
     /// Hyperparameters.
     pub hyper: Hyper,

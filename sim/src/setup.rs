@@ -80,6 +80,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             pairs,
             eval_pairs,
             feedback: Vec::new(),
+            prompts: Default::default(),
             pad: tok.pad_id,
             local: Default::default(),
         },
@@ -142,6 +143,7 @@ fn hyper(s: &StageSection, seed: u64) -> Hyper {
         batch_size: s.batch_size,
         beta: s.beta,
         seed,
+        grpo: None,
     }
 }
 

@@ -63,6 +63,7 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
             batch_size: 4,
             beta: 0.1,
             seed: 11,
+            grpo: None,
         },
         (4, 8.0),
         strategy,
@@ -462,4 +463,72 @@ fn a_kto_phase_trains_on_each_clients_feedback() {
     let end = margin(f.coordinator.global_adapter());
     println!("KTO rewards/margins on the feedback: {start:.4} -> {end:.4}");
     assert!(end > start + 0.01, "{start} -> {end}");
+}
+
+/// A GRPO phase: the plan names the reward, each client samples and scores completions of
+/// its own prompts, and the federation's adapter earns a higher reward than the start.
+#[test]
+fn a_grpo_phase_trains_on_each_clients_prompts_with_the_plans_rewards() {
+    use fedtune_client::trainer::PromptData;
+    use fedtune_engine::rewards::Rewards;
+    use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, load_prompts};
+    use std::sync::Arc;
+    let m = tiny();
+    let mut s = setup(2, 3, Rule::FedAvgExact);
+    s.cfg.phase = Phase::Grpo;
+    s.cfg.hyper.batch_size = 8;
+    s.cfg.hyper.local_steps = 8;
+    s.cfg.hyper.learning_rate = 3e-2;
+    let reward = "regex:^\\s*[A-Z]".to_string();
+    s.cfg.hyper.grpo = Some(Box::new(fedtune_protocol::GrpoPlan {
+        rewards: vec![reward.clone()],
+        reward_weights: Vec::new(),
+        num_generations: 8,
+        max_completion_length: 3,
+        temperature: 1.0,
+        loss_type: "grpo".into(),
+        epsilon: 0.2,
+        beta: 0.0,
+    }));
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation(&s, &m, &base_f);
+    let prompts = load_prompts(&root().join("testdata/grpo/prompts.jsonl"), &m.tokenizer).unwrap();
+    let stop: Vec<u32> = m.tokenizer.eos_id.into_iter().collect();
+    for (k, c) in f.clients.iter_mut().enumerate() {
+        c.data.prompts = PromptData {
+            prompts: prompts[2 * k..2 * k + 2].to_vec(),
+            tokenizer: Some(Arc::new(tiny().tokenizer)),
+            stop_ids: stop.clone(),
+        };
+    }
+    f.run(10_000).unwrap();
+    assert!(f.coordinator.is_finished());
+    assert_eq!(f.coordinator.completed_rounds(), 3);
+    let tok = Arc::new(tiny().tokenizer);
+    let mean_reward = |adapter: &fedtune_aggregation::Adapter| {
+        let mut model = m.model.clone();
+        model.attach_weights(adapter, 0.0).unwrap();
+        let objective = GrpoObjective::new(
+            prompts.clone(),
+            Rewards::parse(std::slice::from_ref(&reward), &[]).unwrap(),
+            GrpoOptions {
+                num_generations: 8,
+                max_completion_length: 3,
+                ..GrpoOptions::default()
+            },
+            8,
+            m.tokenizer.pad_id,
+            stop.clone(),
+            tok.clone(),
+            5,
+        );
+        (0..4)
+            .map(|_| objective.mean_reward(&model).unwrap())
+            .sum::<f64>()
+            / 4.0
+    };
+    let start = mean_reward(&init_adapter(&m.model, &lora()));
+    let end = mean_reward(f.coordinator.global_adapter());
+    println!("GRPO mean reward on all prompts: {start:.3} -> {end:.3}");
+    assert!(end > start + 0.2, "{start} -> {end}");
 }

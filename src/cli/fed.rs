@@ -159,6 +159,9 @@ struct LocalFile {
     beta: f64,
     #[serde(default)]
     seed: u64,
+    /// GRPO phase: the rewards and sampling every client uses (`[local.grpo]`).
+    #[serde(default)]
+    grpo: Option<fedtune_protocol::GrpoPlan>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +179,7 @@ impl LocalFile {
             batch_size: self.batch_size,
             beta: self.beta,
             seed: self.seed,
+            grpo: self.grpo.clone().map(Box::new),
         }
     }
 }
@@ -251,6 +255,9 @@ struct ClientFile {
     /// Unpaired feedback (prompt, completion, true/false label) for KTO rounds.
     #[serde(default)]
     feedback_data: Option<PathBuf>,
+    /// Prompts (with the fields the plan's rewards read) for GRPO rounds.
+    #[serde(default)]
+    prompt_data: Option<PathBuf>,
     #[serde(default)]
     log: Option<PathBuf>,
     #[serde(default = "default_payload")]
@@ -357,6 +364,29 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         anyhow::ensure!(v > 0, "{file}: {field} must be positive");
     }
     let phase = f.phase.unwrap_or(Phase::Sft);
+    let stages = std::iter::once((phase, &f.local, "local".to_string())).chain(
+        f.then
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.phase, &s.local, format!("then[{i}].local"))),
+    );
+    for (p, local, where_) in stages {
+        if p == Phase::Grpo {
+            let g = local.grpo.as_ref().with_context(|| {
+                format!("{file}: phase grpo needs [{where_}.grpo] with its rewards")
+            })?;
+            anyhow::ensure!(
+                !g.rewards.is_empty(),
+                "{file}: {where_}.grpo.rewards: name at least one reward"
+            );
+            anyhow::ensure!(
+                g.num_generations >= 2 && local.batch_size % g.num_generations as usize == 0,
+                "{file}: {where_}: batch_size ({}, completions) must be a multiple of grpo.num_generations ({}, at least 2)",
+                local.batch_size,
+                g.num_generations
+            );
+        }
+    }
     let mut admitted = BTreeSet::new();
     let mut clients = BTreeMap::new();
     for c in &f.clients {
@@ -550,6 +580,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             })
             .transpose()?
             .unwrap_or_default(),
+        prompts: Default::default(),
         pad: m.tokenizer.pad_id,
         local: LocalTraining {
             gradient_accumulation_steps: f.gradient_accumulation_steps,
@@ -557,6 +588,14 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             max_length,
         },
     };
+    let mut data = data;
+    if let Some(p) = &f.prompt_data {
+        data.prompts.prompts = fedtune_engine::train::grpo::load_prompts(p, &m.tokenizer)
+            .with_context(|| format!("{file}: prompt_data"))?;
+        data.prompts.stop_ids = m.model.config.eos_token_ids.clone();
+        data.prompts.stop_ids.extend(m.tokenizer.eos_id);
+        data.prompts.tokenizer = Some(std::sync::Arc::new(m.tokenizer));
+    }
     let id = Identity::load(&f.ca.join(format!("{}.id", f.name)))?;
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
         .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
