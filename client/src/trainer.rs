@@ -74,6 +74,9 @@ pub struct LocalTraining {
     pub gradient_checkpointing: bool,
     /// Longest SFT sequence (longer ones are truncated on the right).
     pub max_length: usize,
+    /// Compute precision on a GPU: f32, or bf16/f16 mixed precision (f32 LoRA factors,
+    /// gradients and AdamW moments; f16 with dynamic loss scaling), TRL's `bf16`/`fp16`.
+    pub dt: Dt,
 }
 
 impl Default for LocalTraining {
@@ -82,6 +85,7 @@ impl Default for LocalTraining {
             gradient_accumulation_steps: 1,
             gradient_checkpointing: false,
             max_length: 1024,
+            dt: Dt::F32,
         }
     }
 }
@@ -110,11 +114,17 @@ pub enum Base {
 }
 
 impl Base {
-    /// `model` on `device`.
-    pub fn on(model: LlamaModel, device: Device) -> fedtune_engine::Result<Base> {
+    /// `model` on `device`, computing in `dt` there (bf16 and f16 mixed precision need a GPU:
+    /// the host engine trains in f32).
+    pub fn on(model: LlamaModel, device: Device, dt: Dt) -> fedtune_engine::Result<Base> {
         Ok(match device {
+            Device::Cpu if dt != Dt::F32 => {
+                return Err(Error::Invalid(format!(
+                    "{dt:?} mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
+                )));
+            }
             Device::Cpu => Base::Host(model),
-            Device::Cuda(n) => Base::Gpu(CudaModel::from_host(&model, Gpu::open(n)?, Dt::F32)?),
+            Device::Cuda(n) => Base::Gpu(CudaModel::from_host(&model, Gpu::open(n)?, dt)?),
         })
     }
 
@@ -194,6 +204,8 @@ fn round_config(data: &LocalData, job: &TrainJob, lora_alpha: f64) -> TrainConfi
         lr_scheduler_type: Schedule::Constant,
         seed: h.seed,
         logging_steps: 1,
+        bf16: data.local.dt == Dt::BF16,
+        fp16: data.local.dt == Dt::F16,
         ..TrainConfig::default()
     }
 }

@@ -122,8 +122,8 @@ pub fn training_base(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Base, SimError> {
     let device = cfg.engine_device().map_err(SimError::Io)?;
-    let base =
-        Base::on(model.model.clone(), device).map_err(|e| SimError::Io(format!("device: {e}")))?;
+    let base = Base::on(model.model.clone(), device, fedtune_engine::cuda::Dt::F32)
+        .map_err(|e| SimError::Io(format!("device: {e}")))?;
     if base.host().is_none() {
         progress(Progress::Note(format!(
             "clients train on {} (one base model on the device; jobs one at a time)",

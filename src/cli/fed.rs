@@ -284,6 +284,12 @@ struct ClientFile {
     /// Recompute each block in backward (less memory, more compute).
     #[serde(default)]
     gradient_checkpointing: bool,
+    /// bf16 mixed precision on a GPU (TRL's `bf16`).
+    #[serde(default)]
+    bf16: bool,
+    /// f16 mixed precision with loss scaling on a GPU (TRL's `fp16`).
+    #[serde(default)]
+    fp16: bool,
 }
 
 fn default_max_length() -> usize {
@@ -524,6 +530,22 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let file = a.config.display().to_string();
     anyhow::ensure!(f.max_length >= 2, "{file}: max_length must be at least 2");
     anyhow::ensure!(
+        !(f.bf16 && f.fp16),
+        "{file}: bf16 and fp16 exclude each other"
+    );
+    let dt = if f.bf16 {
+        fedtune_engine::cuda::Dt::BF16
+    } else if f.fp16 {
+        fedtune_engine::cuda::Dt::F16
+    } else {
+        fedtune_engine::cuda::Dt::F32
+    };
+    anyhow::ensure!(
+        dt == fedtune_engine::cuda::Dt::F32
+            || matches!(device, fedtune_engine::device::Device::Cuda(_)),
+        "{file}: bf16/fp16 mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
+    );
+    anyhow::ensure!(
         f.gradient_accumulation_steps >= 1,
         "{file}: gradient_accumulation_steps must be at least 1"
     );
@@ -586,6 +608,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             gradient_accumulation_steps: f.gradient_accumulation_steps,
             gradient_checkpointing: f.gradient_checkpointing,
             max_length,
+            dt,
         },
     };
     let mut data = data;
@@ -613,7 +636,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     );
     println!("client {} of {} → {}", f.name, f.federation, f.coordinator);
     let rt = tokio::runtime::Runtime::new()?;
-    let base = fedtune_client::trainer::Base::on(m.model, device)
+    let base = fedtune_client::trainer::Base::on(m.model, device, dt)
         .with_context(|| format!("{}: device", a.config.display()))?;
     let digest = rt.block_on(fedtune_client::daemon::run(
         machine,
