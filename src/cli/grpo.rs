@@ -19,7 +19,7 @@ use fedtune_engine::train::sft::{RunOptions, train};
 use super::common::ModelArgs;
 use super::dpo::{aligned_adapter, split_configs};
 use super::target::Trainee;
-use super::train::{Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped};
+use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar};
 
 /// Arguments of `fedtune train grpo`.
 #[derive(Debug, Args)]
@@ -222,30 +222,29 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
     };
     let summary = train(host.as_mut(), &run, &objective, &mut b)?;
     bar.finish_and_clear();
-    if summary.cancelled {
-        report_stopped(summary.steps, &a.run.output);
-        return Ok(());
-    }
-    peft_of(host.lora_weights()).save(&a.run.output)?;
-    super::export::copy_tokenizer(&tokenizer, &host.config, &a.model.model, &a.run.output)?;
-    let final_reward = objective.mean_reward(host.as_ref())?;
-    let report = serde_json::json!({
-        "summary": summary,
-        "config": cfg,
+    let final_reward = if summary.cancelled {
+        f64::NAN
+    } else {
+        objective.mean_reward(host.as_ref())?
+    };
+    let finish = Finish {
+        dir: &a.run.output,
+        cfg: &cfg,
+        model: &a.model.model,
+        sft_adapter: a.sft_adapter.as_deref(),
+        started,
+    };
+    let extra = serde_json::json!({
         "grpo": opts,
         "rewards": a.rewards,
         "reward_weights": a.reward_weights,
-        "model": a.model.model,
-        "sft_adapter": a.sft_adapter,
         "prompts": n_prompts,
         "final_mean_reward": final_reward,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-        "peak_rss_bytes": peak_rss(),
     });
-    std::fs::write(
-        a.run.output.join("training_summary.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    let adapter = peft_of(host.lora_weights());
+    if !finish.write(&summary, adapter, &tokenizer, &host.config, extra)? {
+        return Ok(());
+    }
     println!(
         "trained {} steps (GRPO, {:?}): mean reward of fresh samples {final_reward:.4}; wrote {}",
         summary.steps,

@@ -20,9 +20,7 @@ use fedtune_engine::train::sft::{RunOptions, train};
 use super::common::ModelArgs;
 use super::dpo::{aligned_adapter, split_configs};
 use super::target::{Job, Trainee};
-use super::train::{
-    Bar, RunArgs, cancel_on_ctrl_c, peak_rss, progress_bar, report_stopped, split_eval,
-};
+use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar, split_eval};
 
 /// Arguments of `fedtune train reward`.
 #[derive(Debug, Args)]
@@ -180,29 +178,24 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    if summary.cancelled {
-        report_stopped(summary.steps, &a.run.output);
-        return Ok(());
-    }
-    peft_of(model.lora_weights()?).save(&a.run.output)?;
-    super::export::copy_tokenizer(&tokenizer, model.config(), &a.model.model, &a.run.output)?;
-    let report = serde_json::json!({
-        "summary": summary,
-        "config": cfg,
+    let finish = Finish {
+        dir: &a.run.output,
+        cfg: &cfg,
+        model: &a.model.model,
+        sft_adapter: a.sft_adapter.as_deref(),
+        started,
+    };
+    let extra = serde_json::json!({
         "reward": opts,
-        "model": a.model.model,
-        "sft_adapter": a.sft_adapter,
         "train_pairs": n_train,
         "eval_pairs": n_eval,
         "final_train_loss": final_loss,
         "final_train_metrics": final_metrics,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-        "peak_rss_bytes": peak_rss(),
     });
-    std::fs::write(
-        a.run.output.join("training_summary.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    let adapter = peft_of(model.lora_weights()?);
+    if !finish.write(&summary, adapter, &tokenizer, model.config(), extra)? {
+        return Ok(());
+    }
     println!(
         "trained {} steps (reward model): loss {:.4}, accuracy {:.3}, margin {:.3}{}; wrote {}",
         summary.steps,

@@ -275,6 +275,58 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Where `train dpo|kto|reward|grpo` write their results, and what every run records.
+pub(crate) struct Finish<'a> {
+    /// The output directory.
+    pub(crate) dir: &'a Path,
+    /// The run's options.
+    pub(crate) cfg: &'a TrainConfig,
+    /// The base model.
+    pub(crate) model: &'a Path,
+    /// The SFT adapter merged into the base, if any.
+    pub(crate) sft_adapter: Option<&'a Path>,
+    /// When the run started.
+    pub(crate) started: std::time::Instant,
+}
+
+impl Finish<'_> {
+    /// After training: nothing more when the run was cancelled (its checkpoints are on disk;
+    /// returns false); else the adapter, the tokenizer files and `training_summary.json` — the
+    /// summary, options, model, SFT adapter, wall time and peak memory, with the method's own
+    /// fields (`extra`, a JSON object).
+    pub(crate) fn write(
+        &self,
+        summary: &fedtune_engine::train::TrainSummary,
+        adapter: fedtune_engine::PeftAdapter,
+        tokenizer: &fedtune_engine::Tokenizer,
+        config: &fedtune_engine::ModelConfig,
+        extra: serde_json::Value,
+    ) -> anyhow::Result<bool> {
+        if summary.cancelled {
+            report_stopped(summary.steps, self.dir);
+            return Ok(false);
+        }
+        adapter.save(self.dir)?;
+        super::export::copy_tokenizer(tokenizer, config, self.model, self.dir)?;
+        let mut report = serde_json::json!({
+            "summary": summary,
+            "config": self.cfg,
+            "model": self.model,
+            "sft_adapter": self.sft_adapter,
+            "wall_seconds": self.started.elapsed().as_secs_f64(),
+            "peak_rss_bytes": peak_rss(),
+        });
+        if let (Some(r), serde_json::Value::Object(e)) = (report.as_object_mut(), extra) {
+            r.extend(e);
+        }
+        std::fs::write(
+            self.dir.join("training_summary.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        Ok(true)
+    }
+}
+
 pub(crate) struct Bar {
     pub(crate) bar: ProgressBar,
     /// The run's PEFT adapter before training (LoRA runs): each checkpoint gets a copy with
