@@ -4,18 +4,15 @@
 //! log-probabilities of the policy and of the reference (the adapter disabled), the loss,
 //! TRL's clipping and KL metrics, and the gradients of LoRA factors.
 
-use std::path::PathBuf;
-
 use burn::tensor::{DType, Device};
 use fedtune_engine::train::grpo::{GrpoLossOptions, Rollout, completion_logps, grpo_step};
 use fedtune_engine::train::step::{StepOptions, Trainable};
-use fedtune_engine::weights::to_f32_vec;
 use fedtune_engine::{LlamaModel, PeftAdapter, load_model};
 use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
+mod trl_common;
+
+use trl_common::{assert_grads, close, testdata};
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -31,13 +28,6 @@ fn floats(v: &Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
-}
-
-fn close(what: &str, got: f64, want: f64, tol: f64) {
-    assert!(
-        (got - want).abs() <= tol * want.abs().max(1.0),
-        "{what}: {got} vs TRL {want}"
-    );
 }
 
 #[test]
@@ -136,24 +126,7 @@ fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
                 .unwrap_or_else(|| panic!("{what}: no metric {k} in {:?}", out.metrics));
             close(&format!("{what}: {k}"), got, v.as_f64().unwrap(), 1e-4);
         }
-        for (param, want_g) in case["grads"].as_object().unwrap() {
-            let key = param.trim_end_matches(".weight");
-            let g = to_f32_vec(out.grads[key].clone().into_data());
-            let want_g: Vec<f64> = want_g
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            let scale = want_g.iter().fold(0f64, |a, v| a.max(v.abs()));
-            for (i, w) in want_g.iter().enumerate() {
-                assert!(
-                    (g[i] as f64 - w).abs() <= 2e-4 * scale.max(1e-3),
-                    "{what}: {param}[{i}] {} vs TRL {w}",
-                    g[i]
-                );
-            }
-        }
+        assert_grads(&what, &out.grads, &case["grads"], 2e-4);
     }
 }
 

@@ -4,44 +4,24 @@
 //! `apo_zero_unpaired`, with unequal weights and a truncating `max_length`; and training
 //! that lowers the loss.
 
-use std::path::PathBuf;
-
-use burn::tensor::{DType, Device};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::sft::{Objective, RunOptions, train};
 use fedtune_engine::train::step::{StepOptions, Trainable};
 use fedtune_engine::train::{NoCallback, TrainConfig};
-use fedtune_engine::weights::to_f32_vec;
-use fedtune_engine::{LlamaModel, LoadedModel, PeftAdapter, load_model};
+use fedtune_engine::{LlamaModel, PeftAdapter};
 use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
+mod trl_common;
 
-fn tiny() -> LoadedModel {
-    load_model(
-        &testdata().join("tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap()
-}
+use trl_common::{assert_grads, close, testdata, tiny};
 
 fn with_adapter(dir: &str) -> LlamaModel {
     let mut m = tiny().model;
     let a = PeftAdapter::load(&testdata().join(dir)).unwrap();
     m.attach_adapter(&a).unwrap();
     m
-}
-
-fn close(what: &str, got: f64, want: f64, rel: f64) {
-    assert!(
-        (got - want).abs() <= rel * want.abs().max(1.0),
-        "{what}: {got} vs TRL {want}"
-    );
 }
 
 #[test]
@@ -129,25 +109,7 @@ fn loss_metrics_gradients_and_tokens_equal_trls_kto_trainer() {
                     .unwrap_or_else(|| panic!("{what}: no metric {k}"));
                 close(&format!("{what}: {k}"), got, v.as_f64().unwrap(), 1e-4);
             }
-            for (param, want_g) in want["grads"].as_object().unwrap() {
-                // PEFT's parameter name without `.weight` is fedtune's.
-                let key = param.trim_end_matches(".weight");
-                let g = to_f32_vec(out.grads[key].clone().into_data());
-                let want_g: Vec<f64> = want_g
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap())
-                    .collect();
-                let scale = want_g.iter().fold(0f64, |a, v| a.max(v.abs()));
-                for (i, w) in want_g.iter().enumerate() {
-                    assert!(
-                        (g[i] as f64 - w).abs() <= 1e-4 * scale.max(1e-3),
-                        "{what}: {param}[{i}] {} vs TRL {w}",
-                        g[i]
-                    );
-                }
-            }
+            assert_grads(&what, &out.grads, &want["grads"], 1e-4);
         }
     }
 }

@@ -4,31 +4,18 @@
 //! and of LoRA factors, for text and conversations; the PEFT adapter round trip; and training
 //! that raises the accuracy and lowers the loss.
 
-use std::path::PathBuf;
-
-use burn::tensor::{DType, Device};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{Objective, RunOptions, train};
 use fedtune_engine::train::step::{StepOptions, Trainable};
 use fedtune_engine::train::{NoCallback, TrainConfig};
-use fedtune_engine::weights::to_f32_vec;
-use fedtune_engine::{LlamaModel, LoadedModel, PeftAdapter, load_model};
+use fedtune_engine::{LlamaModel, PeftAdapter};
 use serde_json::Value;
 
-fn testdata() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
+mod trl_common;
 
-fn tiny() -> LoadedModel {
-    load_model(
-        &testdata().join("tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap()
-}
+use trl_common::{assert_grads, close, testdata, tiny};
 
 fn start_model() -> LlamaModel {
     let mut m = tiny().model;
@@ -36,13 +23,6 @@ fn start_model() -> LlamaModel {
     assert!(a.score().is_some());
     m.attach_adapter(&a).unwrap();
     m
-}
-
-fn close(what: &str, got: f64, want: f64, tol: f64) {
-    assert!(
-        (got - want).abs() <= tol * want.abs().max(1.0),
-        "{what}: {got} vs TRL {want}"
-    );
 }
 
 #[test]
@@ -131,29 +111,7 @@ fn rewards_loss_metrics_and_gradients_equal_trls_reward_trainer() {
                     1e-4,
                 );
             }
-            for (param, want_g) in want["grads"].as_object().unwrap() {
-                // PEFT's parameter name without `.weight` is fedtune's (the score keeps it).
-                let key = if param == "score.weight" {
-                    param.as_str()
-                } else {
-                    param.trim_end_matches(".weight")
-                };
-                let g = to_f32_vec(out.grads[key].clone().into_data());
-                let want_g: Vec<f64> = want_g
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap())
-                    .collect();
-                let scale = want_g.iter().fold(0f64, |a, v| a.max(v.abs()));
-                for (i, w) in want_g.iter().enumerate() {
-                    assert!(
-                        (g[i] as f64 - w).abs() <= 1e-4 * scale.max(1e-3),
-                        "{what}: {param}[{i}] {} vs TRL {w}",
-                        g[i]
-                    );
-                }
-            }
+            assert_grads(&what, &out.grads, &want["grads"], 1e-4);
         }
     }
 }
