@@ -201,6 +201,11 @@ fn grpo_mistakes_are_clear_errors() {
             vec!["--reward", "json_valid", "--device", "cuda"],
             "CPU",
         ),
+        (
+            &prompts,
+            vec!["--reward", "json_valid", "--format", "alpaca"],
+            "--format",
+        ),
     ] {
         let o = grpo(data, &dir.join("x"), &extra);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -151,6 +151,10 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         a.model.device
     );
     anyhow::ensure!(
+        a.run.format.is_none() && !a.run.skip_invalid,
+        "train grpo reads prompts (JSON lines with a `prompt`): --format and --skip-invalid do not apply"
+    );
+    anyhow::ensure!(
         a.run.eval_data.is_none() && cfg.eval_split.is_none(),
         "train grpo does not evaluate on held-out prompts yet: the log's reward is its measure"
     );

@@ -209,7 +209,8 @@ impl TrainOverrides {
 /// Data, output and run options shared by `train sft` and `train dpo`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Training data (SFT examples; preference pairs for `train dpo`).
+    /// Training data: SFT examples (`sft`), preference pairs (`dpo`, `reward`), feedback
+    /// (`kto`) or prompts (`grpo`).
     #[arg(long)]
     pub data: PathBuf,
     /// Output directory.
