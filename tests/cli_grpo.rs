@@ -193,8 +193,8 @@ fn grpo_mistakes_are_clear_errors() {
         ),
         (
             &prompts,
-            vec!["--reward", "json_valid", "--loss-type", "vespo"],
-            "vespo",
+            vec!["--reward", "json_valid", "--loss-type", "gspo"],
+            "unknown loss_type",
         ),
         (
             &prompts,

@@ -1,5 +1,5 @@
 //! GRPO's loss on the tiny reference model against TRL 1.16's own `GRPOTrainer._compute_loss`
-//! (`testdata/grpo/make_reference.py`): for every loss type but vespo, with and without the KL
+//! (`testdata/grpo/make_reference.py`): for every loss type, with and without the KL
 //! term, token- and sequence-level ratios, asymmetric clipping and `delta` — the per-token
 //! log-probabilities of the policy and of the reference (the adapter disabled), the loss,
 //! TRL's clipping and KL metrics, and the gradients of LoRA factors.
@@ -48,7 +48,7 @@ fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
     model.attach_adapter(&adapter).unwrap();
     let base = model.without_adapter();
     let cases = reference["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 9);
     for case in cases {
         let opts = GrpoLossOptions {
             loss_type: case["loss_type"].as_str().unwrap().parse().unwrap(),

@@ -46,7 +46,7 @@ pub struct GrpoPlan {
     /// Sampling temperature.
     #[serde(default = "one")]
     pub temperature: f64,
-    /// TRL's `loss_type` (`dapo`, `grpo`, `bnpo`, `dr_grpo`, `cispo`, `sapo`, `luspo`).
+    /// TRL's `loss_type` (`dapo`, `grpo`, `bnpo`, `dr_grpo`, `cispo`, `sapo`, `luspo`, `vespo`).
     #[serde(default = "default_loss")]
     pub loss_type: String,
     /// Clipping range ε.

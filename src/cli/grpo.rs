@@ -68,7 +68,7 @@ pub struct GrpoArgs {
     /// Optimiser steps per batch of generations (default 1).
     #[arg(long)]
     num_iterations: Option<usize>,
-    /// grpo, bnpo, dr_grpo, dapo (default), cispo, sapo or luspo.
+    /// grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo or vespo.
     #[arg(long)]
     loss_type: Option<GrpoLoss>,
     /// group (default), batch or none.
@@ -100,6 +100,10 @@ const GRPO_KEYS: &[&str] = &[
     "sapo_temperature_pos",
     "sapo_temperature_neg",
     "use_bias_correction_kl",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
 ];
 
 /// Runs `fedtune train grpo`.

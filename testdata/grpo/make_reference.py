@@ -40,6 +40,7 @@ CASES = [
     ("sapo", 0.04, "token", 0.2, None, None),
     ("luspo", 0.0, "sequence", 0.2, None, None),
     ("grpo", 0.0, "sequence", 0.05, None, None),
+    ("vespo", 0.04, "token", 0.2, None, None),
 ]
 
 
@@ -104,7 +105,7 @@ def run(case, tok):
             "old_logps": [old[i, :n].tolist() for i, n in enumerate(lens)],
             "loss": loss.item(),
             "metrics": {k: v[-1] for k, v in trainer._metrics["train"].items()
-                        if v and (k in ("kl", "cispo_clip_ratio") or k.startswith("clip_ratio/"))
+                        if v and (k in ("kl", "cispo_clip_ratio", "vespo/phi_seq_mean") or k.startswith("clip_ratio/"))
                         and not math.isnan(v[-1])},
             "grads": {g.split("base_model.model.")[1].replace(".default", ""): params[g].grad.flatten()[:32].tolist()
                       for g in GRADS},

@@ -1,6 +1,6 @@
 //! GRPO's loss (TRL 1.16's `GRPOTrainer`): group-relative advantages and the clipped policy
 //! objective over per-token log-probabilities, with their gradient, for every loss type TRL
-//! 1.16 accepts but `vespo`.
+//! 1.16 accepts.
 //!
 //! Per completion `i` with advantage `Aᵢ` and per-token log-probabilities `p` (policy), `o`
 //! (the policy that generated it; `o = p` with one iteration per generation) and `r` (the
@@ -10,11 +10,14 @@
 //!   (`c₁` capped at `delta` when set);
 //! - `cispo`: `−sg(min(c₁, ε_high))·A·p`;
 //! - `sapo`: `−σ(τ(c₁ − 1))·4/τ·A`, τ `sapo_temperature_pos` for `A > 0`, else `_neg`;
+//! - `vespo`: `−sg(φ(w))·A·p` with `w` the sequence's ratio `exp(Σ (p − o))` (clamped as TRL
+//!   does) and `φ(w) = e^λ·w^k·e^(−λw)`, `k`, `λ` by the advantage's sign;
 //!
 //! plus `β·(exp(r − p) − (r − p) − 1)`. Aggregated over the completion tokens: `grpo`, `sapo`:
 //! the mean over sequences of each sequence's token mean; `bnpo`: the micro-batch's token mean;
 //! `dr_grpo`: the micro-batch's sum over `sequences · max_completion_length`; `dapo`, `cispo`:
-//! the sum over the active tokens of the whole optimiser step; `luspo`: the mean over sequences of
+//! the sum over the active tokens of the whole optimiser step (so does `vespo`); `luspo`: the
+//! mean over sequences of
 //! each sequence's sum. Per-micro-batch losses are divided by the number of micro-batches, as
 //! TRL divides them by the gradient-accumulation steps.
 
@@ -47,6 +50,8 @@ pub enum GrpoLoss {
     Sapo,
     /// Sequence sums, averaged.
     Luspo,
+    /// Gamma-weighted sequence ratios (VESPO).
+    Vespo,
 }
 
 impl std::str::FromStr for GrpoLoss {
@@ -60,10 +65,10 @@ impl std::str::FromStr for GrpoLoss {
             "cispo" => GrpoLoss::Cispo,
             "sapo" => GrpoLoss::Sapo,
             "luspo" => GrpoLoss::Luspo,
-            "vespo" => return Err("loss_type vespo is not implemented by fedtune".into()),
+            "vespo" => GrpoLoss::Vespo,
             other => {
                 return Err(format!(
-                    "unknown loss_type `{other}` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo)"
+                    "unknown loss_type `{other}` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo)"
                 ));
             }
         })
@@ -144,6 +149,14 @@ pub struct GrpoLossOptions {
     /// Multiply the KL term by the importance ratio `c₁` (the unbiased reverse-KL gradient of
     /// DeepSeek-V3.2; TRL's default, true).
     pub use_bias_correction_kl: bool,
+    /// VESPO's `k` and `λ` for advantages ≥ 0 (defaults 2, 3) and < 0 (3, 2).
+    pub vespo_k_pos: f64,
+    /// VESPO's λ for advantages ≥ 0.
+    pub vespo_lambda_pos: f64,
+    /// VESPO's k for negative advantages.
+    pub vespo_k_neg: f64,
+    /// VESPO's λ for negative advantages.
+    pub vespo_lambda_neg: f64,
 }
 
 impl Default for GrpoLossOptions {
@@ -159,6 +172,10 @@ impl Default for GrpoLossOptions {
             sapo_temperature_neg: 1.05,
             max_completion_length: 512,
             use_bias_correction_kl: true,
+            vespo_k_pos: 2.0,
+            vespo_lambda_pos: 3.0,
+            vespo_k_neg: 3.0,
+            vespo_lambda_neg: 2.0,
         }
     }
 }
@@ -273,7 +290,7 @@ pub fn micro_loss(
             GrpoLoss::Grpo | GrpoLoss::Sapo => 1.0 / (len.max(1) as f64 * n_seq * accum),
             GrpoLoss::Bnpo => 1.0 / (micro_tokens.max(1) as f64 * accum),
             GrpoLoss::DrGrpo => 1.0 / (n_seq * o.max_completion_length as f64 * accum),
-            GrpoLoss::Dapo | GrpoLoss::Cispo => 1.0 / step_tokens.max(1) as f64,
+            GrpoLoss::Dapo | GrpoLoss::Cispo | GrpoLoss::Vespo => 1.0 / step_tokens.max(1) as f64,
             GrpoLoss::Luspo => 1.0 / (n_seq * accum),
         };
         let p: Vec<f64> = s.policy.iter().map(|v| f64::from(*v)).collect();
@@ -284,6 +301,20 @@ pub fn micro_loss(
         // log c₁ per token, or the sequence's masked mean at sequence level.
         let log_ratio: Vec<f64> = p.iter().zip(&old).map(|(a, b)| a - b).collect();
         let seq_log = log_ratio.iter().sum::<f64>() / len.max(1) as f64;
+        // VESPO's weight φ of the sequence's summed log-ratio (not differentiated).
+        let phi = {
+            let lower = 1e-8f64.ln();
+            let sum: f64 = log_ratio.iter().map(|l| l.clamp(-20.0, 20.0)).sum();
+            let log_w = sum.clamp(lower, 20.0);
+            let (k, lambda) = if a >= 0.0 {
+                (o.vespo_k_pos, o.vespo_lambda_pos)
+            } else {
+                (o.vespo_k_neg, o.vespo_lambda_neg)
+            };
+            let lambda = lambda.max(1e-4);
+            let v = (lambda + k * log_w - lambda * log_w.exp()).exp();
+            if v.is_finite() { v } else { 0.0 }
+        };
         let mut d = vec![0f64; len];
         // ∂ℓ_t/∂(log c₁) per token (at sequence level, summed onto the sequence's ratio).
         let mut d_log_seq = 0.0;
@@ -300,6 +331,7 @@ pub fn micro_loss(
                     let weight = c1.min(o.eps_high());
                     (-weight * a * p[t], 0.0, -weight * a)
                 }
+                GrpoLoss::Vespo => (-phi * a * p[t], 0.0, -phi * a),
                 GrpoLoss::Sapo => {
                     let tau = if a > 0.0 {
                         o.sapo_temperature_pos
@@ -379,6 +411,10 @@ pub fn micro_loss(
                     .count() as f64
             };
             add("cispo_clip_ratio", clipped, count);
+        } else if o.loss_type == GrpoLoss::Vespo {
+            if len > 0 {
+                add("vespo/phi_seq_mean", phi, 1.0);
+            }
         } else if o.loss_type != GrpoLoss::Sapo {
             add("clip_ratio/low_mean", low, count);
             add("clip_ratio/high_mean", high, count);
@@ -428,6 +464,7 @@ mod tests {
             GrpoLoss::Cispo,
             GrpoLoss::Sapo,
             GrpoLoss::Luspo,
+            GrpoLoss::Vespo,
         ] {
             for level in [SamplingLevel::Token, SamplingLevel::Sequence] {
                 let o = GrpoLossOptions {
@@ -458,8 +495,9 @@ mod tests {
                         down[i][t] -= h;
                         let fd = (eval(&up).loss - eval(&down).loss) / (2.0 * f64::from(h));
                         let g = base.d_policy[i][t];
-                        // cispo's weight is detached: its gradient is not the loss's derivative.
-                        if loss_type == GrpoLoss::Cispo {
+                        // cispo's and vespo's weights are detached: their gradient is not the
+                        // loss's derivative.
+                        if matches!(loss_type, GrpoLoss::Cispo | GrpoLoss::Vespo) {
                             continue;
                         }
                         assert!(

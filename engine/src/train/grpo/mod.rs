@@ -53,6 +53,14 @@ pub struct GrpoOptions {
     pub sapo_temperature_neg: f64,
     /// KL bias correction (default true).
     pub use_bias_correction_kl: bool,
+    /// VESPO's k for advantages ≥ 0 (default 2).
+    pub vespo_k_pos: f64,
+    /// VESPO's λ for advantages ≥ 0 (default 3).
+    pub vespo_lambda_pos: f64,
+    /// VESPO's k for negative advantages (default 3).
+    pub vespo_k_neg: f64,
+    /// VESPO's λ for negative advantages (default 2).
+    pub vespo_lambda_neg: f64,
 }
 
 impl Default for GrpoOptions {
@@ -76,6 +84,10 @@ impl Default for GrpoOptions {
             sapo_temperature_pos: l.sapo_temperature_pos,
             sapo_temperature_neg: l.sapo_temperature_neg,
             use_bias_correction_kl: l.use_bias_correction_kl,
+            vespo_k_pos: l.vespo_k_pos,
+            vespo_lambda_pos: l.vespo_lambda_pos,
+            vespo_k_neg: l.vespo_k_neg,
+            vespo_lambda_neg: l.vespo_lambda_neg,
         }
     }
 }
@@ -94,6 +106,10 @@ impl GrpoOptions {
             sapo_temperature_neg: self.sapo_temperature_neg,
             max_completion_length: self.max_completion_length,
             use_bias_correction_kl: self.use_bias_correction_kl,
+            vespo_k_pos: self.vespo_k_pos,
+            vespo_lambda_pos: self.vespo_lambda_pos,
+            vespo_k_neg: self.vespo_k_neg,
+            vespo_lambda_neg: self.vespo_lambda_neg,
         }
     }
 
