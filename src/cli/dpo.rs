@@ -192,18 +192,17 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
     let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
     let cancel = cancel_on_ctrl_c();
     let bar = progress_bar();
-    let run = RunOptions {
-        config: &cfg,
-        output: Some(&a.run.output),
-        resume: a.run.resume_from_checkpoint.as_deref(),
-        cancel: Some(&cancel),
+    let run = a.run.run_options(&cfg, &cancel);
+    let finish = Finish {
+        dir: &a.run.output,
+        cfg: &cfg,
+        model: &a.model.model,
+        sft_adapter: a.sft_adapter.as_deref(),
+        started: std::time::Instant::now(),
     };
-    let started = std::time::Instant::now();
-    let peft_of =
-        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
     let mut b = Bar {
         bar: bar.clone(),
-        adapter: Some(peft_of(model.lora_weights()?)),
+        adapter: Some(finish.adapter(model.lora_weights()?)),
     };
     let pad = tokenizer.pad_id;
     let cb = &mut b;
@@ -217,13 +216,6 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started,
-    };
     let extra = serde_json::json!({
         "dpo": opts,
         "train_pairs": n_train,
@@ -233,7 +225,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         "final_train_loss": final_loss,
         "final_train_metrics": final_metrics,
     });
-    let adapter = peft_of(model.lora_weights()?);
+    let adapter = finish.adapter(model.lora_weights()?);
     if !finish.write(&summary, adapter, &tokenizer, model.config(), extra)? {
         return Ok(());
     }

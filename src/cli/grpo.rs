@@ -14,10 +14,10 @@ use fedtune_engine::rewards::Rewards;
 use fedtune_engine::train::grpo::{
     GrpoLoss, GrpoObjective, GrpoOptions, SamplingLevel, ScaleRewards, load_prompts,
 };
-use fedtune_engine::train::sft::{RunOptions, train};
+use fedtune_engine::train::sft::train;
 
 use super::common::ModelArgs;
-use super::dpo::{aligned_adapter, split_configs};
+use super::dpo::split_configs;
 use super::target::Trainee;
 use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar};
 
@@ -215,18 +215,17 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
     );
     let cancel = cancel_on_ctrl_c();
     let bar = progress_bar();
-    let run = RunOptions {
-        config: &cfg,
-        output: Some(&a.run.output),
-        resume: a.run.resume_from_checkpoint.as_deref(),
-        cancel: Some(&cancel),
+    let run = a.run.run_options(&cfg, &cancel);
+    let finish = Finish {
+        dir: &a.run.output,
+        cfg: &cfg,
+        model: &a.model.model,
+        sft_adapter: a.sft_adapter.as_deref(),
+        started: std::time::Instant::now(),
     };
-    let started = std::time::Instant::now();
-    let peft_of =
-        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
     let mut b = Bar {
         bar: bar.clone(),
-        adapter: Some(peft_of(host.lora_weights())),
+        adapter: Some(finish.adapter(host.lora_weights())),
     };
     let summary = train(host.as_mut(), &run, &objective, &mut b)?;
     bar.finish_and_clear();
@@ -235,13 +234,6 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
     } else {
         objective.mean_reward(host.as_ref())?
     };
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started,
-    };
     let extra = serde_json::json!({
         "grpo": opts,
         "rewards": a.rewards,
@@ -249,7 +241,7 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         "prompts": n_prompts,
         "final_mean_reward": final_reward,
     });
-    let adapter = peft_of(host.lora_weights());
+    let adapter = finish.adapter(host.lora_weights());
     if !finish.write(&summary, adapter, &tokenizer, &host.config, extra)? {
         return Ok(());
     }

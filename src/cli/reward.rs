@@ -18,7 +18,7 @@ use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{RunOptions, train};
 
 use super::common::ModelArgs;
-use super::dpo::{aligned_adapter, split_configs};
+use super::dpo::split_configs;
 use super::target::{Job, Trainee};
 use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar, split_eval};
 
@@ -153,18 +153,17 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
     eprintln!("{n_train} preference pairs to train on, {n_eval} to evaluate");
     let cancel = cancel_on_ctrl_c();
     let bar = progress_bar();
-    let run = RunOptions {
-        config: &cfg,
-        output: Some(&a.run.output),
-        resume: a.run.resume_from_checkpoint.as_deref(),
-        cancel: Some(&cancel),
+    let run = a.run.run_options(&cfg, &cancel);
+    let finish = Finish {
+        dir: &a.run.output,
+        cfg: &cfg,
+        model: &a.model.model,
+        sft_adapter: a.sft_adapter.as_deref(),
+        started: std::time::Instant::now(),
     };
-    let started = std::time::Instant::now();
-    let peft_of =
-        |weights| aligned_adapter(weights, &cfg, &a.model.model, a.sft_adapter.as_deref());
     let mut b = Bar {
         bar: bar.clone(),
-        adapter: Some(peft_of(model.lora_weights()?)),
+        adapter: Some(finish.adapter(model.lora_weights()?)),
     };
     let (summary, final_loss, final_metrics) = model.train(
         &cfg,
@@ -178,13 +177,6 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started,
-    };
     let extra = serde_json::json!({
         "reward": opts,
         "train_pairs": n_train,
@@ -192,7 +184,7 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
         "final_train_loss": final_loss,
         "final_train_metrics": final_metrics,
     });
-    let adapter = peft_of(model.lora_weights()?);
+    let adapter = finish.adapter(model.lora_weights()?);
     if !finish.write(&summary, adapter, &tokenizer, model.config(), extra)? {
         return Ok(());
     }

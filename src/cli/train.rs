@@ -236,6 +236,21 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The training loop's options for `cfg`: output here, resuming from
+    /// `--resume-from-checkpoint`, stopped by `cancel`.
+    pub(crate) fn run_options<'a>(
+        &'a self,
+        cfg: &'a TrainConfig,
+        cancel: &'a std::sync::atomic::AtomicBool,
+    ) -> fedtune_engine::train::sft::RunOptions<'a> {
+        fedtune_engine::train::sft::RunOptions {
+            config: cfg,
+            output: Some(&self.output),
+            resume: self.resume_from_checkpoint.as_deref(),
+            cancel: Some(cancel),
+        }
+    }
+
     /// The dataset loading options.
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
@@ -291,6 +306,14 @@ pub(crate) struct Finish<'a> {
 }
 
 impl Finish<'_> {
+    /// The PEFT adapter of `weights` for this run (base model and merged SFT adapter recorded).
+    pub(crate) fn adapter(
+        &self,
+        weights: fedtune_aggregation::Adapter,
+    ) -> fedtune_engine::PeftAdapter {
+        super::dpo::aligned_adapter(weights, self.cfg, self.model, self.sft_adapter)
+    }
+
     /// After training: nothing more when the run was cancelled (its checkpoints are on disk;
     /// returns false); else the adapter, the tokenizer files and `training_summary.json` — the
     /// summary, options, model, SFT adapter, wall time and peak memory, with the method's own

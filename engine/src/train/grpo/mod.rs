@@ -388,10 +388,12 @@ impl GrpoObjective {
         }
         // The reference's log-probabilities (the adapter disabled), and the generating
         // policy's when the rollouts serve several iterations.
+        let base = (o.beta != 0.0).then(|| model.without_adapter());
         for rs in out.iter_mut() {
             let refs: Vec<&Rollout> = rs.iter().collect();
-            let reference = (o.beta != 0.0)
-                .then(|| completion_logps(&model.without_adapter(), &refs, self.batch, self.pad));
+            let reference = base
+                .as_ref()
+                .map(|b| completion_logps(b, &refs, self.batch, self.pad));
             let old = (o.num_iterations > 1)
                 .then(|| completion_logps(model, &refs, self.batch, self.pad));
             for (i, r) in rs.iter_mut().enumerate() {
