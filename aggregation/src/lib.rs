@@ -24,6 +24,7 @@ pub mod optim;
 pub mod robust;
 pub mod slerp;
 pub mod strategy;
+mod trim;
 pub mod update;
 pub mod validate;
 
