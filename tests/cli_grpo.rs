@@ -73,8 +73,10 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
             "3",
             "--max-steps",
             "30",
+            // 2e-2 climbed to 0.88 and then fell back to 0.34 with burn's own matrix product
+            // (no system BLAS); 1e-2 reaches 1.0 with and without one.
             "--learning-rate",
-            "2e-2",
+            "1e-2",
             "--logging-steps",
             "1",
             "--beta",
