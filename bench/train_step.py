@@ -2,7 +2,7 @@
 engine/examples/bench_train.rs: random ids, second half of each row trained, r, alpha = 2r,
 all seven projections, AdamW, gradient clipping at 1.0; prints one JSON line.
 
-    bench/.venv/bin/python bench/train_step.py HF_MODEL_DIR [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora][-gc]
+    bench/.venv/bin/python bench/train_step.py HF_MODEL_DIR [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora|dora][-gc]
 
 `-gc`: gradient checkpointing (transformers' non-reentrant checkpointing of each decoder layer).
 """
@@ -24,6 +24,7 @@ batch, seq, rank, steps = (int(sys.argv[i]) if len(sys.argv) > i else d
                            for i, d in [(2, 4), (3, 256), (4, 16), (5, 4)])
 mode = sys.argv[6] if len(sys.argv) > 6 else "lora"
 qlora = mode.startswith("qlora")
+dora = mode.startswith("dora")
 gc = mode.endswith("-gc")
 torch.set_num_threads(os.cpu_count())
 torch.manual_seed(0)
@@ -37,7 +38,7 @@ if qlora:
 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
 if qlora:
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=dora,
                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 model = get_peft_model(model, cfg)
 if gc:

@@ -3,7 +3,8 @@
 # projections, f32, CPU): fedtune vs PyTorch+PEFT (+bitsandbytes NF4 with double
 # quantisation), alternating in the same run. Needs bench/.venv (bench/setup.sh).
 #   bench/train_step.sh [ROUNDS] [STEPS]
-# MODES="lora-gc qlora-gc" measures gradient checkpointing on both sides; BATCH and SEQ change
+# MODES="lora-gc qlora-gc" measures gradient checkpointing on both sides, MODES=dora DoRA
+# (use_dora) on both; BATCH and SEQ change
 # the shape (default 4 x 256).
 # fedtune's products go through oneMKL from bench/.venv (the BLAS PyTorch is built with) when
 # it is there; FEDTUNE_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 measures OpenBLAS.

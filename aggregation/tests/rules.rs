@@ -264,3 +264,56 @@ fn server_optimizer_state_survives_save_and_restore() {
         assert_eq!(straight.state.optimizer.m.len(), 1);
     }
 }
+
+#[test]
+fn dora_magnitudes_are_averaged_with_the_factors_weights_and_directions_exactly() {
+    // A DoRA update: LoRA factors plus a magnitude vector per module (a dense `[1, out]`
+    // tensor under PEFT's name). Exact FedAvg gives Σ pₖsₖBₖAₖ; the magnitudes get the same
+    // example weights pₖ, under every averaging rule.
+    let key = "base_model.model.q.lora_magnitude_vector";
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let with_magnitude = |mut a: Adapter, mag: Matrix| {
+        a.dense.insert(key.to_string(), mag);
+        a
+    };
+    let global = with_magnitude(
+        one_module(m(&mut rng, 2, 5), Matrix::zeros(6, 2), 1.0),
+        Matrix::new(1, 6, vec![1.0; 6]),
+    );
+    let clients: Vec<ClientResult> = (0..3)
+        .map(|i| {
+            let ad = one_module(m(&mut rng, 2, 5), m(&mut rng, 6, 2), 1.0);
+            result(
+                &format!("c{i}"),
+                with_magnitude(ad, m(&mut rng, 1, 6)),
+                1 + i,
+            )
+        })
+        .collect();
+    let mut plan = plan(6);
+    plan.dense.insert(key.to_string(), (1, 6));
+    let total = 6.0;
+    let mut want_delta = vec![0f32; 30];
+    let mut want_mag = vec![0f32; 6];
+    for (k, c) in clients.iter().enumerate() {
+        let p = (k + 1) as f32 / total;
+        for (w, v) in want_delta.iter_mut().zip(delta(&c.adapter)) {
+            *w += p * v;
+        }
+        for (w, v) in want_mag.iter_mut().zip(&c.adapter.dense[key].data) {
+            *w += p * v;
+        }
+    }
+    for rule in [Rule::FedAvgExact, Rule::FedAvgFactors] {
+        let mut s =
+            FedStrategy::new(StrategyConfig::new(rule), global.clone(), plan.clone()).unwrap();
+        let out = s.aggregate_fit(1, &clients, &[]).unwrap().global.unwrap();
+        assert!(
+            close(&out.adapter.dense[key].data, &want_mag, 1e-6),
+            "{rule:?}"
+        );
+        if rule == Rule::FedAvgExact {
+            assert!(close(&delta(&out.adapter), &want_delta, 1e-5));
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! LoRA / QLoRA SFT steps through the real trainer (forward, backward, clipping, AdamW) on
 //! random ids, the second half of each row trained; prints one JSON line.
 //!
-//! `cargo run --release -p fedtune-engine --example bench_train -- MODEL [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora][-gc]`
+//! `cargo run --release -p fedtune-engine --example bench_train -- MODEL [BATCH] [SEQ] [RANK] [STEPS] [lora|qlora|dora][-gc]`
 //! (`-gc`: gradient checkpointing).
 use burn::tensor::{DType, Device};
 use fedtune_engine::train::lora::init_adapter;
@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (batch, seq, rank, steps) = (arg(2, 4), arg(3, 256), arg(4, 16), arg(5, 4));
     let mode = args.get(6).map_or("lora", String::as_str);
     let qlora = mode.starts_with("qlora");
+    let dora = mode.starts_with("dora");
     let gc = mode.ends_with("-gc");
     let mut m = load_model(args[1].as_ref(), &Device::flex(), DType::F32)?;
     let cfg = TrainConfig {
@@ -47,6 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         load_in_4bit: qlora,
         bnb_4bit_use_double_quant: qlora,
         gradient_checkpointing: gc,
+        use_dora: dora,
         ..TrainConfig::default()
     };
     if qlora {

@@ -52,6 +52,9 @@ pub struct LoraConfig {
     /// Per-module alpha overrides (PEFT `alpha_pattern`).
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// Weight-decomposed LoRA (DoRA): every module also has a magnitude vector.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -66,6 +69,7 @@ impl LoraConfig {
             base_model_name_or_path: None,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            use_dora: false,
         }
     }
 
@@ -134,15 +138,21 @@ impl PeftAdapter {
             config.scale_for(m, r) as f32
         })
         .map_err(|e| Error::parse(&weights_path, e))?;
-        if let Some(name) = weights.dense.keys().find(|k| k.as_str() != SCORE_KEY) {
+        if let Some(name) = weights
+            .dense
+            .keys()
+            .find(|k| k.as_str() != SCORE_KEY && peft::parse_magnitude_key(k).is_none())
+        {
             return Err(Error::tensor(
                 &weights_path,
                 name,
                 "not a LoRA factor (expected base_model.model.<module>.lora_A/lora_B.weight, \
-                 or a reward model's score head; other modules_to_save, DoRA and embedding \
-                 adapters are not supported)",
+                 a DoRA lora_magnitude_vector or a reward model's score head; other \
+                 modules_to_save and embedding adapters are not supported)",
             ));
         }
+        check_dora(&weights, config.use_dora)
+            .map_err(|(key, why)| Error::tensor(&weights_path, key, why))?;
         if let Some(s) = weights.dense.get(SCORE_KEY)
             && (s.rows != 1 || s.data.iter().any(|v| !v.is_finite()))
         {
@@ -242,7 +252,7 @@ impl PeftAdapter {
             "modules_to_save": modules_to_save,
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
-            "use_dora": false,
+            "use_dora": c.use_dora,
             "layers_to_transform": null,
             "layers_pattern": null,
             "revision": null,
@@ -316,10 +326,6 @@ pub fn parse_config(raw: &Value, path: &Path) -> Result<LoraConfig> {
         ));
     }
     for (field, bad) in [
-        (
-            "use_dora",
-            raw.get("use_dora").and_then(Value::as_bool) == Some(true),
-        ),
         (
             "fan_in_fan_out",
             raw.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true),
@@ -424,7 +430,56 @@ pub fn parse_config(raw: &Value, path: &Path) -> Result<LoraConfig> {
             .map(str::to_string),
         rank_pattern: map_usize("rank_pattern"),
         alpha_pattern,
+        use_dora: raw
+            .get("use_dora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     })
+}
+
+/// Checks DoRA's magnitude vectors against the factors: with `use_dora` every module has one,
+/// `[1, out]` (`out` = its `lora_B` rows) and finite; without it there are none. An error is
+/// `(tensor key, why)`.
+pub fn check_dora(weights: &Adapter, use_dora: bool) -> std::result::Result<(), (String, String)> {
+    for (key, m) in &weights.dense {
+        let Some(module) = peft::parse_magnitude_key(key) else {
+            continue;
+        };
+        if !use_dora {
+            return Err((
+                key.clone(),
+                "a DoRA magnitude vector, but adapter_config.json does not set use_dora".into(),
+            ));
+        }
+        let Some(f) = weights.modules.get(module) else {
+            return Err((key.clone(), format!("no LoRA factors for `{module}`")));
+        };
+        if m.rows != 1 || m.cols != f.b.rows {
+            return Err((
+                key.clone(),
+                format!(
+                    "has {} values; the module has {} output features",
+                    m.data.len(),
+                    f.b.rows
+                ),
+            ));
+        }
+        if m.data.iter().any(|v| !v.is_finite()) {
+            return Err((key.clone(), "contains NaN or Inf".into()));
+        }
+    }
+    if use_dora
+        && let Some(module) = weights
+            .modules
+            .keys()
+            .find(|m| !weights.dense.contains_key(&peft::magnitude_key(m)))
+    {
+        return Err((
+            peft::magnitude_key(module),
+            "missing: use_dora adapters have a magnitude vector for every module".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! (`base_model.model.{module}.lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]`), which
 //! is both the file users load in PEFT and the byte stream clients upload. Per-module scales,
 //! which PEFT derives from `adapter_config.json`, travel in the safetensors metadata under
-//! `fedtune.scales` (PEFT ignores it). Dense tensors use their own names.
+//! `fedtune.scales` (PEFT ignores it). Dense tensors use their own names; DoRA's magnitude
+//! vectors are dense tensors named as PEFT names them ([`magnitude_key`]).
 //!
 //! Decoding is total: any byte string yields an adapter or an error, within [`Limits`].
 
@@ -54,6 +55,28 @@ pub fn parse_lora_key(key: &str) -> Option<(&str, char)> {
 /// The PEFT key of a module's factor.
 pub fn lora_key(module: &str, which: char) -> String {
     format!("{PREFIX}{module}.lora_{which}.weight")
+}
+
+/// The PEFT key of a DoRA module's magnitude vector (`[out]`, PEFT's `lora_magnitude_vector`),
+/// which an [`Adapter`] holds among its dense tensors as a `[1, out]` matrix.
+pub fn magnitude_key(module: &str) -> String {
+    format!("{PREFIX}{module}.lora_magnitude_vector")
+}
+
+/// The module of a DoRA magnitude key ([`magnitude_key`]; also PEFT's in-memory name with the
+/// adapter name and `.weight`).
+pub fn parse_magnitude_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(PREFIX)?;
+    rest.strip_suffix(".lora_magnitude_vector")
+        .or_else(|| rest.strip_suffix(".lora_magnitude_vector.default.weight"))
+}
+
+/// Whether an adapter is weight-decomposed (DoRA): it holds magnitude vectors.
+pub fn is_dora(adapter: &Adapter) -> bool {
+    adapter
+        .dense
+        .keys()
+        .any(|k| parse_magnitude_key(k).is_some())
 }
 
 fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
@@ -126,9 +149,20 @@ pub fn decode(
         match parse_lora_key(&key) {
             Some((module, 'A')) => halves.entry(module.to_string()).or_default().0 = Some(m),
             Some((module, _)) => halves.entry(module.to_string()).or_default().1 = Some(m),
-            None => {
-                dense.insert(key.clone(), m);
-            }
+            None => match parse_magnitude_key(&key) {
+                Some(module) => {
+                    if m.rows != 1 {
+                        return Err(ProtocolError::malformed(
+                            "adapter",
+                            format!("DoRA magnitude `{key}` is not a vector"),
+                        ));
+                    }
+                    dense.insert(magnitude_key(module), m);
+                }
+                None => {
+                    dense.insert(key.clone(), m);
+                }
+            },
         }
     }
     let mut modules = BTreeMap::new();
@@ -175,7 +209,13 @@ pub fn encode(adapter: &Adapter) -> Vec<u8> {
         ));
     }
     for (name, d) in &adapter.dense {
-        entries.push((name.clone(), vec![d.rows, d.cols], bytes_of(d)));
+        // PEFT's magnitude vectors are 1-D; it refuses a `[1, out]` tensor for them.
+        let shape = if d.rows == 1 && parse_magnitude_key(name).is_some() {
+            vec![d.cols]
+        } else {
+            vec![d.rows, d.cols]
+        };
+        entries.push((name.clone(), shape, bytes_of(d)));
     }
     let views: Vec<(String, TensorView<'_>)> = entries
         .iter()
@@ -242,7 +282,7 @@ pub fn adapter_config(adapter: &Adapter, base_model: Option<&str>) -> serde_json
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": false,
-        "use_dora": false,
+        "use_dora": is_dora(adapter),
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
@@ -335,6 +375,26 @@ mod tests {
         let a = sample();
         let back = decode(&encode(&a), &Limits::default(), |_, _| 1.0).unwrap();
         assert_eq!(back, a);
+    }
+
+    #[test]
+    fn dora_magnitudes_are_written_one_dimensional_as_peft_does() {
+        let mut a = sample();
+        let key = magnitude_key("model.layers.0.self_attn.q_proj");
+        a.dense
+            .insert(key.clone(), Matrix::new(1, 4, vec![1., 2., 3., 4.]));
+        let bytes = encode(&a);
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor(&key).unwrap().shape(), &[4]);
+        assert_eq!(decode(&bytes, &Limits::default(), |_, _| 1.0).unwrap(), a);
+        assert!(is_dora(&a) && !is_dora(&sample()));
+        assert_eq!(adapter_config(&a, None)["use_dora"], true);
+        assert_eq!(
+            parse_magnitude_key(
+                "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector.default.weight"
+            ),
+            Some("model.layers.1.mlp.up_proj")
+        );
     }
 
     #[test]

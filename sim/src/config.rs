@@ -93,6 +93,9 @@ pub struct ModelSection {
     /// QLoRA: the frozen base in NF4.
     #[serde(default)]
     pub load_in_4bit: bool,
+    /// DoRA (PEFT's `use_dora`): the global adapter carries magnitude vectors.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 fn default_rank() -> usize {

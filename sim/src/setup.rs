@@ -243,6 +243,7 @@ impl Parties {
                 .target_modules
                 .clone()
                 .unwrap_or_else(|| TrainConfig::default().target_modules),
+            use_dora: cfg.model.use_dora,
             seed: cfg.seed,
             ..Default::default()
         };

@@ -10,7 +10,7 @@ use fedtune_aggregation::Adapter;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
 use fedtune_engine::device::Device;
 use fedtune_engine::train::TrainConfig;
-use fedtune_engine::train::lora::init_adapter_for;
+use fedtune_engine::train::lora::{init_adapter_for, init_dora};
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::{LlamaModel, ModelConfig, PeftAdapter, Tokenizer};
 
@@ -50,6 +50,10 @@ impl ModelArgs {
             "--load-in-4bit trains LoRA adapters on a frozen NF4 base; it excludes --full and --train-last-layers"
         );
         let device = self.engine_device()?;
+        anyhow::ensure!(
+            !(cfg.use_dora && matches!(device, Device::Cuda(_))),
+            "--use-dora trains on the CPU for now: use --device cpu"
+        );
         if let Device::Cuda(n) = device
             && cfg.is_lora()
             && merge.is_none()
@@ -118,7 +122,13 @@ impl Trainee {
     /// Attaches a fresh adapter for `cfg` (PEFT's initialisation, `cfg.seed`), with
     /// `cfg.lora_dropout`.
     pub fn attach_fresh(&mut self, cfg: &TrainConfig) -> anyhow::Result<()> {
-        let adapter = init_adapter_for(self.config(), cfg);
+        let mut adapter = init_adapter_for(self.config(), cfg);
+        if cfg.use_dora {
+            match self {
+                Trainee::Host(m) | Trainee::HostThenGpu(m, _) => init_dora(m, &mut adapter),
+                Trainee::Gpu(_) => anyhow::bail!("--use-dora trains on the CPU for now"),
+            }
+        }
         match self {
             Trainee::Host(m) | Trainee::HostThenGpu(m, _) => {
                 m.attach_weights(&adapter, cfg.lora_dropout)?

@@ -60,6 +60,10 @@ pub struct TrainOverrides {
     /// rsLoRA scaling (alpha/sqrt(r)).
     #[arg(long)]
     pub use_rslora: bool,
+    /// DoRA (PEFT's use_dora): weight-decomposed LoRA, a trained magnitude per output row
+    /// times the row-normalised W + s·B·A. CPU only for now.
+    #[arg(long)]
+    pub use_dora: bool,
     /// Full fine-tuning.
     #[arg(long)]
     pub full: bool,
@@ -195,6 +199,7 @@ impl TrainOverrides {
             c.completion_only_loss = v;
         }
         c.use_rslora |= self.use_rslora;
+        c.use_dora |= self.use_dora;
         c.full |= self.full;
         c.packing |= self.packing;
         c.load_in_4bit |= self.load_in_4bit;

@@ -156,6 +156,9 @@ pub fn weight_bytes(config: &ModelConfig, dt: Dt, nf4: Option<bool>) -> u64 {
     config.num_hidden_layers as u64 * per_layer + (v * h + head + h) * e
 }
 
+/// Why a DoRA adapter does not go to the GPU.
+const DORA_ON_CPU: &str = "DoRA adapters (use_dora) run on the CPU for now: use --device cpu";
+
 impl CudaModel {
     /// Loads the model from `source` straight to `gpu` in `dt`; with `nf4 = Some(double)`
     /// the projections are stored as NF4 (double-quantised scales when `double`). Fails
@@ -275,6 +278,13 @@ impl CudaModel {
                 "a reward model (score head) runs on the CPU for now: use --device cpu".into(),
             ));
         }
+        if model
+            .linears()
+            .iter()
+            .any(|(_, l)| l.lora.as_ref().is_some_and(|l| l.magnitude.is_some()))
+        {
+            return Err(Error::Invalid(DORA_ON_CPU.into()));
+        }
         let up = |t: &burn::tensor::Tensor<2>| -> Result<GTensor> {
             let [r, c] = t.dims();
             gpu.upload(&to_f32_vec(t.to_data()), r, c, dt)
@@ -335,6 +345,9 @@ impl CudaModel {
     /// Attaches LoRA factors (replacing any attached), checking module names and shapes.
     pub fn attach_weights(&mut self, adapter: &fedtune_aggregation::Adapter) -> Result<()> {
         self.detach_adapter();
+        if fedtune_protocol::peft::is_dora(adapter) {
+            return Err(Error::Invalid(DORA_ON_CPU.into()));
+        }
         if let Some(name) = adapter.dense.keys().next() {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"

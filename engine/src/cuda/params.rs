@@ -221,6 +221,8 @@ impl TrainModel for CudaModel {
             trainable,
             layers.len(),
             &|i, p| layers[i].proj[p.index()].lora.is_some(),
+            // DoRA trains on the host for now (`CudaModel` refuses magnitudes).
+            &|_, _| false,
             &|i, p| layers[i].proj[p.index()].bias.is_some(),
             self.head.is_some(),
             // Reward models train on the host for now (`CudaModel::from_host` takes no score).

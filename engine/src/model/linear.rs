@@ -5,6 +5,10 @@
 //! `2·r·(in+out)` flops per token instead of an `out×in` matrix per step, and the frozen base
 //! weight stays outside the autodiff graph.
 //!
+//! With DoRA (PEFT's `use_dora`) the branch also has a magnitude `m` `[out]`, and the output
+//! is `(m/‖W + s·B·A‖) ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ)`: the norm is taken per output row and treated
+//! as a constant in the backward pass, as PEFT does ([`LoraWeights::dora_factor`]).
+//!
 //! # Shapes
 //! - input `[batch, seq, in]`, output `[batch, seq, out]`.
 
@@ -42,6 +46,27 @@ pub struct LoraWeights {
     pub scale: f64,
     /// Dropout probability on the LoRA input while training.
     pub dropout: f64,
+    /// DoRA's magnitude vector `[1, out]` (PEFT's `lora_magnitude_vector`), when the adapter
+    /// is weight-decomposed.
+    pub magnitude: Option<Tensor<2>>,
+}
+
+impl LoraWeights {
+    /// DoRA's per-row factor `m / ‖W + s·B·A‖` `[1, out]` and the reciprocal norm `[1, out]`
+    /// for base weight `w` `[out, in]`, when the branch has a magnitude. The norm is computed
+    /// from the current factors and not differentiated (PEFT detaches it).
+    pub fn dora_factor(&self, w: &Tensor<2>) -> Option<(Tensor<2>, Tensor<2>)> {
+        let m = self.magnitude.as_ref()?;
+        let full = w.clone() + matmul_sum(&[Term::nn(&self.b, &self.a, self.scale as f32)]);
+        let [out, _] = full.dims();
+        let inv = (full.clone() * full)
+            .sum_dim(1)
+            .sqrt()
+            .recip()
+            .reshape([1, out])
+            .detach();
+        Some((m.clone() * inv.clone(), inv))
+    }
 }
 
 /// A frozen base projection with an optional LoRA adapter.
@@ -139,7 +164,8 @@ impl Linear {
         let mut y = match &self.lora {
             None => matmul_sum(&[Term::nt(&x2, &w, 1.0)]),
             Some(lora) => {
-                let xin = if self.training && lora.dropout > 0.0 {
+                let dropout = self.training && lora.dropout > 0.0;
+                let xin = if dropout {
                     let keep = 1.0 - lora.dropout;
                     let mask = x2.random_like(Distribution::Bernoulli(keep));
                     x2.clone() * mask / keep
@@ -147,10 +173,17 @@ impl Linear {
                     x2.clone()
                 };
                 let low = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
-                matmul_sum(&[
-                    Term::nt(&x2, &w, 1.0),
-                    Term::nt(&low, &lora.b, lora.scale as f32),
-                ])
+                let lo = Term::nt(&low, &lora.b, lora.scale as f32);
+                match lora.dora_factor(&w) {
+                    None => matmul_sum(&[Term::nt(&x2, &w, 1.0), lo]),
+                    // PEFT: x·Wᵀ + (c − 1)⊙(x̃·Wᵀ) + c⊙s·(x̃·Aᵀ)·Bᵀ, x̃ the dropped-out input.
+                    Some((c, _)) if dropout => {
+                        let dropped = matmul_sum(&[Term::nt(&xin, &w, 1.0)]);
+                        let p = dropped.clone() + matmul_sum(&[lo]);
+                        matmul_sum(&[Term::nt(&x2, &w, 1.0)]) - dropped + p * c
+                    }
+                    Some((c, _)) => matmul_sum(&[Term::nt(&x2, &w, 1.0), lo]) * c,
+                }
             }
         };
         if let Some(bias) = &self.bias {

@@ -247,11 +247,10 @@ impl LlamaModel {
         self.detach_adapter();
         let device = self.device.clone();
         let dtype = self.dtype;
-        if let Some(name) = adapter
-            .dense
-            .keys()
-            .find(|k| k.as_str() != crate::adapter::SCORE_KEY)
-        {
+        if let Some(name) = adapter.dense.keys().find(|k| {
+            k.as_str() != crate::adapter::SCORE_KEY
+                && fedtune_protocol::peft::parse_magnitude_key(k).is_none()
+        }) {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"
             )));
@@ -284,12 +283,34 @@ impl LlamaModel {
                     (&device, dtype),
                 )
             };
+            let magnitude = match adapter
+                .dense
+                .get(&fedtune_protocol::peft::magnitude_key(module))
+            {
+                Some(v) if v.rows != 1 || v.cols != out => {
+                    return Err(Error::Invalid(format!(
+                        "adapter module `{module}`: DoRA magnitude has {} values, the \
+                         projection {out} outputs",
+                        v.data.len()
+                    )));
+                }
+                v => v.map(t),
+            };
             lin.lora = Some(LoraWeights {
                 a: t(&m.a),
                 b: t(&m.b),
                 scale: m.scale as f64,
                 dropout,
+                magnitude,
             });
+        }
+        if let Some(key) = adapter.dense.keys().find(|k| {
+            fedtune_protocol::peft::parse_magnitude_key(k)
+                .is_some_and(|m| !adapter.modules.contains_key(m))
+        }) {
+            return Err(Error::Invalid(format!(
+                "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
+            )));
         }
         Ok(())
     }
@@ -332,6 +353,7 @@ pub(crate) fn check_lora_shape(
 enum ProjPart {
     LoraA,
     LoraB,
+    Magnitude,
     Weight,
     Bias,
 }
@@ -341,6 +363,7 @@ impl LlamaModel {
         for (suffix, part) in [
             (".lora_A", ProjPart::LoraA),
             (".lora_B", ProjPart::LoraB),
+            (".lora_magnitude_vector", ProjPart::Magnitude),
             (".weight", ProjPart::Weight),
             (".bias", ProjPart::Bias),
         ] {
@@ -351,7 +374,8 @@ impl LlamaModel {
         None
     }
 
-    /// A parameter by name, as a matrix (vectors are `[1, d]`): `{module}.lora_A|lora_B`,
+    /// A parameter by name, as a matrix (vectors are `[1, d]`):
+    /// `{module}.lora_A|lora_B|lora_magnitude_vector`,
     /// `{module}.weight|bias`, `model.layers.{i}.{input,post_attention}_layernorm.weight`,
     /// `model.norm.weight`, `model.embed_tokens.weight`, `lm_head.weight`, `score.weight`.
     pub fn param(&self, name: &str) -> Option<Tensor<2>> {
@@ -382,6 +406,7 @@ impl LlamaModel {
         match part {
             ProjPart::LoraA => lin.lora.as_ref().map(|l| l.a.clone()),
             ProjPart::LoraB => lin.lora.as_ref().map(|l| l.b.clone()),
+            ProjPart::Magnitude => lin.lora.as_ref().and_then(|l| l.magnitude.clone()),
             ProjPart::Weight => Some(lin.weight()),
             ProjPart::Bias => lin.bias.clone().map(|b| b.unsqueeze()),
         }
@@ -444,6 +469,7 @@ impl LlamaModel {
         match (part, lin.lora.as_mut()) {
             (ProjPart::LoraA, Some(l)) => l.a = t,
             (ProjPart::LoraB, Some(l)) => l.b = t,
+            (ProjPart::Magnitude, Some(l)) if l.magnitude.is_some() => l.magnitude = Some(t),
             (ProjPart::Weight, _) => lin.base = linear::BaseWeight::Dense(t),
             (ProjPart::Bias, _) if lin.bias.is_some() => lin.bias = Some(vec(t)),
             _ => return false,
@@ -491,6 +517,10 @@ impl LlamaModel {
                     let [r, c] = t.dims();
                     fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()))
                 };
+                if let Some(mag) = &l.magnitude {
+                    out.dense
+                        .insert(fedtune_protocol::peft::magnitude_key(&name), m(mag));
+                }
                 out.modules.insert(
                     name,
                     fedtune_aggregation::LoraFactors {
@@ -520,7 +550,7 @@ impl LlamaModel {
     }
 
     /// Merges every LoRA branch into its base weight (`W ← W + s·B·A`, PEFT's
-    /// `merge_and_unload`). Fails on NF4 bases, which cannot hold the merged weight.
+    /// `merge_and_unload`; with DoRA each row of that is rescaled to its magnitude). Fails on NF4 bases, which cannot hold the merged weight.
     pub fn merge_adapter(&mut self) -> Result<()> {
         for (name, lin) in self.linears_mut() {
             let Some(l) = lin.lora.take() else { continue };
@@ -529,7 +559,15 @@ impl LlamaModel {
                     "{name}: cannot merge an adapter into an NF4 base; load the model unquantised"
                 )));
             };
-            lin.base = BaseWeight::Dense(w.clone() + l.b.matmul(l.a) * l.scale);
+            let merged = w.clone() + l.b.clone().matmul(l.a.clone()) * l.scale;
+            // DoRA (PEFT): each row of W + s·B·A rescaled to its magnitude.
+            lin.base = BaseWeight::Dense(match l.dora_factor(w) {
+                Some((c, _)) => {
+                    let out = c.dims()[1];
+                    merged * c.reshape([out, 1])
+                }
+                None => merged,
+            });
         }
         Ok(())
     }

@@ -20,6 +20,9 @@ pub struct TrainConfig {
     pub target_modules: Vec<String>,
     /// Scale α/√r (rsLoRA).
     pub use_rslora: bool,
+    /// Weight-decomposed LoRA (PEFT's `use_dora`): a trained magnitude per output row times
+    /// the row-normalised `W + s·B·A`. Host only for now.
+    pub use_dora: bool,
     /// Full fine-tuning instead of LoRA.
     pub full: bool,
     /// Train the last N blocks, the final norm and the head instead of LoRA.
@@ -105,6 +108,7 @@ impl Default for TrainConfig {
             lora_dropout: 0.0,
             target_modules: ALL_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
+            use_dora: false,
             full: false,
             train_last_layers: None,
             learning_rate: 2e-4,
@@ -191,6 +195,10 @@ impl TrainConfig {
         check(
             !(self.full && self.train_last_layers.is_some()),
             "full and train_last_layers exclude each other",
+        )?;
+        check(
+            !self.use_dora || self.is_lora(),
+            "use_dora trains adapters; it excludes full and train_last_layers",
         )?;
         for t in &self.target_modules {
             check(

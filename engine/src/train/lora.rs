@@ -12,9 +12,44 @@ use crate::adapter::{LoraConfig, PeftAdapter};
 use crate::config::ModelConfig;
 use crate::model::LlamaModel;
 
-/// A fresh adapter for every targeted projection of `model`.
+/// A fresh adapter for every targeted projection of `model` (with DoRA's magnitudes when
+/// `cfg.use_dora`).
 pub fn init_adapter(model: &LlamaModel, cfg: &TrainConfig) -> Adapter {
-    init_adapter_for(&model.config, cfg)
+    let mut out = init_adapter_for(&model.config, cfg);
+    if cfg.use_dora {
+        init_dora(model, &mut out);
+    }
+    out
+}
+
+/// Adds DoRA's magnitude vectors to `adapter` as PEFT initialises them: each projection's
+/// `‖W + s·B·A‖` per output row (`‖W‖` for a fresh adapter, whose `B` is zero), `W`
+/// dequantised when it is NF4.
+pub fn init_dora(model: &LlamaModel, adapter: &mut Adapter) {
+    for (name, f) in &adapter.modules {
+        let Some(lin) = model.linear(name) else {
+            continue;
+        };
+        let w = lin.weight();
+        let [out, inp] = w.dims();
+        let w = crate::weights::to_f32_vec(w.to_data());
+        let ba = f.b.matmul(&f.a);
+        let norms: Vec<f32> = (0..out)
+            .map(|o| {
+                (0..inp)
+                    .map(|i| {
+                        let v = (w[o * inp + i] + f.scale * ba.data[o * inp + i]) as f64;
+                        v * v
+                    })
+                    .sum::<f64>()
+                    .sqrt() as f32
+            })
+            .collect();
+        adapter.dense.insert(
+            fedtune_protocol::peft::magnitude_key(name),
+            Matrix::new(1, out, norms),
+        );
+    }
 }
 
 /// [`init_adapter`] from the model's configuration alone (the same factors), for a model
@@ -60,6 +95,7 @@ pub fn lora_config(cfg: &TrainConfig, base: Option<String>) -> LoraConfig {
         base_model_name_or_path: base,
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
+        use_dora: cfg.use_dora,
     }
 }
 
@@ -82,8 +118,11 @@ pub fn peft_adapter(weights: Adapter, cfg: &TrainConfig, base: Option<String>) -
             }),
         );
     }
+    let mut config = lora_config(cfg, base);
+    // An adapter trained from a DoRA adapter is one, whatever the flags said.
+    config.use_dora |= fedtune_protocol::peft::is_dora(&weights);
     PeftAdapter {
-        config: lora_config(cfg, base),
+        config,
         weights,
         metadata,
     }
@@ -108,6 +147,18 @@ pub fn with_factors(
             let [r, c] = t.dims();
             *m = fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()));
         }
+    }
+    // DoRA's magnitudes.
+    for (key, mag) in out.weights.dense.iter_mut() {
+        let Some(module) = fedtune_protocol::peft::parse_magnitude_key(key) else {
+            continue;
+        };
+        let name = format!("{module}.lora_magnitude_vector");
+        let t = by_name.get(name.as_str()).ok_or_else(|| {
+            crate::error::Error::Invalid(format!("no trained parameter `{name}`"))
+        })?;
+        let [r, c] = t.dims();
+        *mag = fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()));
     }
     // A reward model's score head, trained in full.
     if let Some(score) = out.weights.dense.get_mut(crate::adapter::SCORE_KEY) {

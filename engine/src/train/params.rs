@@ -60,13 +60,14 @@ pub trait TrainModel: TrainBackend + Clone {
 }
 
 /// The parameter names `trainable` covers in a model of `num_layers` blocks whose projection
-/// `(layer, p)` has a LoRA branch (`lora`) and a bias (`bias`), and whose head is its own
+/// `(layer, p)` has a LoRA branch (`lora`), a DoRA magnitude (`dora`) and a bias (`bias`), and whose head is its own
 /// tensor (`untied_head`) or the embedding; with a reward model's `score` head, that head is
 /// always trained (PEFT's `modules_to_save`); sorted.
 pub(crate) fn names_for(
     trainable: &Trainable,
     num_layers: usize,
     lora: &dyn Fn(usize, Proj) -> bool,
+    dora: &dyn Fn(usize, Proj) -> bool,
     bias: &dyn Fn(usize, Proj) -> bool,
     untied_head: bool,
     score: bool,
@@ -78,6 +79,9 @@ pub(crate) fn names_for(
             if trainable.lora && lora(i, p) {
                 names.push(format!("{}.lora_A", module(i, p)));
                 names.push(format!("{}.lora_B", module(i, p)));
+                if dora(i, p) {
+                    names.push(format!("{}.lora_magnitude_vector", module(i, p)));
+                }
             }
             if trainable.first_full_layer.is_some_and(|f| i >= f) {
                 names.push(format!("{}.weight", module(i, p)));
@@ -126,6 +130,13 @@ impl TrainModel for LlamaModel {
             trainable,
             layers.len(),
             &|i, p| layers[i].proj(p).lora.is_some(),
+            &|i, p| {
+                layers[i]
+                    .proj(p)
+                    .lora
+                    .as_ref()
+                    .is_some_and(|l| l.magnitude.is_some())
+            },
             &|i, p| layers[i].proj(p).bias.is_some(),
             self.lm_head.is_some(),
             self.score.is_some(),

@@ -2,6 +2,12 @@
 //! `x·Wᵀ` plus the LoRA branch `s·(x·Aᵀ)·Bᵀ` (dropout optional), the LoRA factors' gradients,
 //! and each projection's part of its input's gradient. Projections that read the same input
 //! (q/k/v, gate/up) share their LoRA products (see [`lin_forward_shared`], [`input_grad`]).
+//!
+//! DoRA (PEFT's `use_dora`): with `c = m/‖W + s·B·A‖` per output (the norm a constant, as
+//! PEFT detaches it) and `p = x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` (x̃ the dropped-out input), the output is
+//! `x·Wᵀ − x̃·Wᵀ + c⊙p` (just `c⊙p` without dropout). Backward: the LoRA factors and the
+//! masked input path see `g' = c⊙dy`, the unmasked base path `dy`, and the magnitude gets
+//! `Σ_rows dy⊙p / ‖·‖`.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +15,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::kernels::{self, Term, matmul_sum};
 use crate::model::Linear;
+use crate::model::linear::LoraWeights;
 
 /// What a LoRA projection's forward keeps for its backward (opaque outside the engine).
 pub struct LoraIn {
@@ -16,6 +23,50 @@ pub struct LoraIn {
     pub(super) u: Tensor<2>,
     /// The dropout mask applied to `x` (already divided by the keep probability).
     pub(super) mask: Option<Tensor<2>>,
+    /// DoRA's saved values, when the branch has a magnitude.
+    dora: Option<DoraIn>,
+}
+
+/// What a DoRA projection's forward keeps for its backward.
+struct DoraIn {
+    /// `m/‖W + s·B·A‖` `[1, out]`.
+    c: Tensor<2>,
+    /// `1/‖W + s·B·A‖` `[1, out]`.
+    inv: Tensor<2>,
+    /// The undecomposed output `x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` `[n, out]`.
+    p: Tensor<2>,
+}
+
+/// The output of a LoRA projection without its bias, given the down-projection `u = x̃·Aᵀ`
+/// (`x̃ = x ⊙ mask`), and DoRA's saved values.
+fn lora_output(
+    lora: &LoraWeights,
+    w: &Tensor<2>,
+    x: &Tensor<2>,
+    u: &Tensor<2>,
+    mask: Option<&Tensor<2>>,
+) -> (Tensor<2>, Option<DoraIn>) {
+    let s = lora.scale as f32;
+    let Some((c, inv)) = lora.dora_factor(w) else {
+        // x·Wᵀ + s·u·Bᵀ accumulated in one buffer.
+        return (
+            matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(u, &lora.b, s)]),
+            None,
+        );
+    };
+    let (y, p) = match mask {
+        None => {
+            let p = matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(u, &lora.b, s)]);
+            (p.clone() * c.clone(), p)
+        }
+        Some(m) => {
+            let xin = x.clone() * m.clone();
+            let p = matmul_sum(&[Term::nt(&xin, w, 1.0), Term::nt(u, &lora.b, s)]);
+            let rest = matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(&xin, w, -1.0)]);
+            (rest + p.clone() * c.clone(), p)
+        }
+    };
+    (y, Some(DoraIn { c, inv, p }))
 }
 
 pub(crate) fn lin_forward(
@@ -36,12 +87,8 @@ pub(crate) fn lin_forward(
                 None => x.clone(),
             };
             let u = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
-            // x·Wᵀ + s·u·Bᵀ accumulated in one buffer.
-            let y = matmul_sum(&[
-                Term::nt(x, &w, 1.0),
-                Term::nt(&u, &lora.b, lora.scale as f32),
-            ]);
-            (y, Some(LoraIn { u, mask }))
+            let (y, dora) = lora_output(lora, &w, x, &u, mask.as_ref());
+            (y, Some(LoraIn { u, mask, dora }))
         }
     };
     if let Some(b) = &lin.bias {
@@ -75,14 +122,18 @@ pub(crate) fn lin_forward_shared<const N: usize>(
         let u = contiguous(u_all.clone().slice([0..n, start..start + r]));
         start += r;
         let w = lin.weight();
-        let mut y = matmul_sum(&[
-            Term::nt(x, &w, 1.0),
-            Term::nt(&u, &lora.b, lora.scale as f32),
-        ]);
+        let (mut y, dora) = lora_output(lora, &w, x, &u, None);
         if let Some(b) = &lin.bias {
             y = y + b.clone().unsqueeze::<2>();
         }
-        (y, Some(LoraIn { u, mask: None }))
+        (
+            y,
+            Some(LoraIn {
+                u,
+                mask: None,
+                dora,
+            }),
+        )
     })
 }
 
@@ -121,6 +172,8 @@ pub(crate) struct DxPart<'l> {
     /// `dy·B` `[n, r]` when the projection has a LoRA branch.
     dyb: Option<Tensor<2>>,
     mask: Option<Tensor<2>>,
+    /// DoRA with dropout: `(c − 1)⊙dy`, whose product with `W` joins the masked terms.
+    dora_masked: Option<Tensor<2>>,
     /// The `lora_A` gradient's name, when [`input_grad`] computes it (no dropout): stacked
     /// with the other projections that read the same input.
     deferred_a: Option<String>,
@@ -153,15 +206,35 @@ pub(crate) fn lin_backward<'l>(
         dy,
         dyb: None,
         mask: None,
+        dora_masked: None,
         deferred_a: None,
     };
     if let (Some(lora), Some(saved)) = (&lin.lora, saved) {
         let s = lora.scale as f32;
-        let dyb = matmul_sum(&[Term::nn(&part.dy, &lora.b, 1.0)]); // [n, r]
+        // The gradient the LoRA branch sees: `c⊙dy` with DoRA.
+        let dy_lora = match &saved.dora {
+            None => part.dy.clone(),
+            Some(d) => {
+                if train_lora {
+                    grads.insert(
+                        format!("{name}.lora_magnitude_vector"),
+                        (part.dy.clone() * d.p.clone()).sum_dim(0) * d.inv.clone(),
+                    );
+                }
+                let scaled = part.dy.clone() * d.c.clone();
+                match &saved.mask {
+                    // Base and LoRA paths both read `x`: one scaled gradient for both.
+                    None => part.dy = scaled.clone(),
+                    Some(_) => part.dora_masked = Some(scaled.clone() - part.dy.clone()),
+                }
+                scaled
+            }
+        };
+        let dyb = matmul_sum(&[Term::nn(&dy_lora, &lora.b, 1.0)]); // [n, r]
         if train_lora {
             grads.insert(
                 format!("{name}.lora_B"),
-                matmul_sum(&[Term::tn(&part.dy, &saved.u, s)]),
+                matmul_sum(&[Term::tn(&dy_lora, &saved.u, s)]),
             );
             match &saved.mask {
                 Some(m) => {
@@ -245,9 +318,13 @@ pub(crate) fn input_grad(
         terms.push(Term::nn(d, a, 1.0));
     }
     let mut dx = matmul_sum(&terms);
-    for p in parts {
+    for (p, w) in parts.iter().zip(&weights) {
         if let (Some(lora), Some(dyb), Some(m)) = (&p.lin.lora, &p.dyb, &p.mask) {
-            dx = dx + matmul_sum(&[Term::nn(dyb, &lora.a, lora.scale as f32)]) * m.clone();
+            let mut masked = vec![Term::nn(dyb, &lora.a, lora.scale as f32)];
+            if let Some(e) = &p.dora_masked {
+                masked.push(Term::nn(e, w, 1.0));
+            }
+            dx = dx + matmul_sum(&masked) * m.clone();
         }
     }
     Some(dx)
