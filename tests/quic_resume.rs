@@ -450,3 +450,55 @@ async fn a_payload_that_does_not_match_its_signed_digest_is_dropped_as_it_stream
     assert_eq!(digest(&summary.global), digest(&payload));
     let _ = std::fs::remove_dir_all(&f.data_dir);
 }
+
+#[path = "../examples/handshake_flood.rs"]
+#[allow(dead_code)]
+mod flood;
+
+/// A flood of 20 000 QUIC Initials that never finish their handshakes (no certificate needed)
+/// costs the coordinator at most its cap of pending handshakes: beyond a few dozen, attempts
+/// get a stateless Retry the flood never answers. Meanwhile an honest client (whose quinn
+/// answers the Retry) connects, uploads and its round closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_is_met_with_retries_and_honest_rounds_complete() {
+    let limits = ConnectionLimits::default();
+    let mut f = start("flood", 1, limits);
+    let config = quic::client_config(tls::client_config(&f.ca.cert_pem, &f.own).unwrap()).unwrap();
+    let datagrams = flood::initials(20_000, f.addr, &config, tls::COORDINATOR_NAME);
+    assert_eq!(datagrams.len(), 20_000);
+    assert!(datagrams.iter().all(|d| d.len() >= 1200), "padded Initials");
+    let addr = f.addr;
+    let flooder = tokio::task::spawn_blocking(move || flood::send(&datagrams, addr, 64).unwrap());
+    // Let the flood get going, then the honest client does its round while it lasts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    let (_ep, conn, _send, mut recv) = f.client().await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
+    let (mut s, _r, _) = open_upload(&conn, &header).await;
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    let summary = f.finish().await;
+    assert_eq!(summary.rounds, 1);
+    assert_eq!(digest(&summary.global), digest(&payload));
+    println!(
+        "honest round done {:.1} s after the flood began",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(flooder.await.unwrap(), 20_000);
+    let h = summary.handshakes;
+    println!("{h:?}");
+    assert!(
+        h.peak_pending <= limits.handshakes.max_pending,
+        "{} handshakes pending at once",
+        h.peak_pending
+    );
+    // Every flood Initial the socket delivered was answered statelessly once the threshold
+    // was reached (the kernel may drop some under the burst; most arrive on loopback).
+    assert!(h.retried >= 10_000, "{h:?}");
+    assert!(
+        h.accepted <= limits.handshakes.retry_above as u64 + 8,
+        "{h:?}"
+    );
+    let _ = std::fs::remove_dir_all(&f.data_dir);
+}

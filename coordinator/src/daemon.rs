@@ -15,6 +15,7 @@
 //! (`Persist` through [`FileStore`] before any later `Send`).
 
 use std::collections::BTreeMap;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::{PublicKey, ToClient, ToCoordinator};
 use tokio::sync::mpsc;
 
+use crate::admission::{Admission, Decision, HandshakeCounts, HandshakeLimits, Pending};
 use crate::event::Event;
 use crate::machine::{Action, Coordinator};
 use crate::store::FileStore;
@@ -87,6 +89,8 @@ pub struct ConnectionLimits {
     /// stream to disk; a completed one waits for room before it is read in and checked). A
     /// payload larger than this still goes through, alone.
     pub upload_memory: u64,
+    /// Bounds on unfinished QUIC handshakes, before any certificate is seen.
+    pub handshakes: HandshakeLimits,
 }
 
 impl Default for ConnectionLimits {
@@ -95,6 +99,7 @@ impl Default for ConnectionLimits {
             hello_timeout: Duration::from_secs(10),
             per_client: 4,
             upload_memory: 512 << 20,
+            handshakes: HandshakeLimits::default(),
         }
     }
 }
@@ -156,6 +161,8 @@ pub struct RunSummary {
     pub rejections: BTreeMap<String, u64>,
     /// The final global adapter (PEFT safetensors bytes).
     pub global: Vec<u8>,
+    /// What became of the QUIC connection attempts.
+    pub handshakes: HandshakeCounts,
 }
 
 fn common_name(conn: &quinn::Connection) -> Option<String> {
@@ -174,8 +181,11 @@ fn common_name(conn: &quinn::Connection) -> Option<String> {
     Some(cn)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     incoming: quinn::Incoming,
+    pending: Pending,
+    admission: Admission,
     clients: BTreeMap<String, PublicKey>,
     events: mpsc::Sender<Event>,
     incoming_dir: PathBuf,
@@ -183,7 +193,17 @@ async fn connection(
     counts: Counts,
     budget: Arc<Budget>,
 ) {
-    let Ok(conn) = incoming.await else { return };
+    let handshake = tokio::time::timeout(limits.handshakes.timeout, incoming.into_future()).await;
+    drop(pending);
+    let conn = match handshake {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            // Dropping the unfinished handshake closes it.
+            admission.timed_out();
+            return;
+        }
+    };
     let Some(pk) = common_name(&conn).and_then(|cn| clients.get(&cn).copied()) else {
         tracing::warn!("connection from a certificate whose name is not admitted");
         conn.close(1u32.into(), b"not admitted");
@@ -328,6 +348,7 @@ pub async fn serve(
         .map_err(io(format!("opening {}", log_path.display())))?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), "coordinator listening");
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
+    let admission = Admission::new(opts.limits.handshakes);
     let accept = {
         let endpoint = endpoint.clone();
         let clients = opts.clients.clone();
@@ -335,17 +356,45 @@ pub async fn serve(
         let counts = Counts::default();
         let limits = opts.limits;
         let budget = Arc::new(Budget::new(limits.upload_memory));
+        let admission = admission.clone();
         tokio::spawn(async move {
+            let mut shed_logged = (0u64, tokio::time::Instant::now());
             while let Some(inc) = endpoint.accept().await {
-                tokio::spawn(connection(
-                    inc,
-                    clients.clone(),
-                    ev_tx.clone(),
-                    incoming_dir.clone(),
-                    limits,
-                    counts.clone(),
-                    budget.clone(),
-                ));
+                let ip = inc.remote_address().ip();
+                match admission.decide(ip, inc.remote_address_validated(), inc.may_retry()) {
+                    (Decision::Accept, Some(pending)) => {
+                        tokio::spawn(connection(
+                            inc,
+                            pending,
+                            admission.clone(),
+                            clients.clone(),
+                            ev_tx.clone(),
+                            incoming_dir.clone(),
+                            limits,
+                            counts.clone(),
+                            budget.clone(),
+                        ));
+                    }
+                    (Decision::Retry, _) => {
+                        if let Err(e) = inc.retry() {
+                            e.into_incoming().refuse();
+                        }
+                    }
+                    _ => inc.refuse(),
+                }
+                // Shedding is logged at most once a second, with the totals.
+                let c = admission.stats().snapshot();
+                let shed = c.retried + c.refused;
+                if shed > shed_logged.0 && shed_logged.1.elapsed() >= Duration::from_secs(1) {
+                    tracing::warn!(
+                        pending = admission.pending(),
+                        retried = c.retried,
+                        refused = c.refused,
+                        timed_out = c.timed_out,
+                        "many unfinished QUIC handshakes: answering with Retry, refusing beyond the caps"
+                    );
+                    shed_logged = (shed, tokio::time::Instant::now());
+                }
             }
         })
     };
@@ -434,6 +483,7 @@ pub async fn serve(
         rounds: machine.completed_rounds(),
         rejections: machine.rejections().clone(),
         global: machine.global().1.to_vec(),
+        handshakes: admission.stats().snapshot(),
     })
 }
 

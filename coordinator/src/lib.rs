@@ -7,6 +7,7 @@
 //! update is acknowledged only after it is stored, and [`Coordinator::recover`] rebuilds the
 //! machine, open round and accepted updates included, from what was persisted.
 
+pub mod admission;
 pub mod config;
 pub mod daemon;
 mod event;

@@ -47,6 +47,12 @@ pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig> {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
     cfg.migration(false);
+    // Connection attempts not yet taken by the accept loop (which answers each at once, see
+    // the coordinator's `admission`): at most 4096, with 64 KiB of early packets each and
+    // 16 MiB in all (quinn's defaults: 65 536, 10 MiB, 100 MiB).
+    cfg.max_incoming(4096)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(16 << 20);
     Ok(cfg)
 }
 

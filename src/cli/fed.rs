@@ -16,7 +16,8 @@ use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
 use fedtune_client::trainer::{LocalData, LocalTraining, plan_hash};
 use fedtune_client::{Client, ClientConfig};
-use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::admission::HandshakeLimits;
+use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, now_ms, serve};
 use fedtune_coordinator::store::FileStore;
 use fedtune_coordinator::{CoordConfig, Coordinator, Stage};
 use fedtune_engine::data::{Dataset, LoadOptions};
@@ -184,6 +185,45 @@ impl LocalFile {
     }
 }
 
+/// `[handshakes]` of `coord.toml`: bounds on unfinished QUIC handshakes (defaults in
+/// [`HandshakeLimits`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandshakeFile {
+    retry_above: Option<usize>,
+    max_pending: Option<usize>,
+    per_address: Option<usize>,
+    timeout_s: Option<f64>,
+}
+
+impl HandshakeFile {
+    fn limits(&self, file: &str) -> anyhow::Result<HandshakeLimits> {
+        let d = HandshakeLimits::default();
+        for (field, v) in [
+            ("max_pending", self.max_pending),
+            ("per_address", self.per_address),
+        ] {
+            anyhow::ensure!(
+                v.is_none_or(|v| v > 0),
+                "{file}: handshakes.{field} must be positive"
+            );
+        }
+        let timeout = match self.timeout_s {
+            Some(t) if !(t > 0.0 && t <= 3600.0) => {
+                bail!("{file}: handshakes.timeout_s must be in (0, 3600]")
+            }
+            Some(t) => Duration::from_secs_f64(t),
+            None => d.timeout,
+        };
+        Ok(HandshakeLimits {
+            retry_above: self.retry_above.unwrap_or(d.retry_above),
+            max_pending: self.max_pending.unwrap_or(d.max_pending),
+            per_address: self.per_address.unwrap_or(d.per_address),
+            timeout,
+        })
+    }
+}
+
 /// A later stage of `coord.toml` (`[[then]]`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,6 +251,10 @@ struct CoordFile {
     lora_alpha: f64,
     #[serde(default)]
     target_modules: Option<Vec<String>>,
+    /// DoRA: the initial global carries magnitude vectors, which clients train and the
+    /// coordinator averages with the factors' weights.
+    #[serde(default)]
+    use_dora: bool,
     min_results: usize,
     #[serde(default = "default_timeout")]
     round_timeout_s: u64,
@@ -228,6 +272,8 @@ struct CoordFile {
     server_optimizer: Option<ServerOptimizer>,
     #[serde(default)]
     sampling: Option<Sampling>,
+    #[serde(default)]
+    handshakes: HandshakeFile,
     #[serde(default)]
     seed: u64,
     clients: Vec<ClientEntry>,
@@ -369,6 +415,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     ] {
         anyhow::ensure!(v > 0, "{file}: {field} must be positive");
     }
+    let handshakes = f.handshakes.limits(&file)?;
     let phase = f.phase.unwrap_or(Phase::Sft);
     let stages = std::iter::once((phase, &f.local, "local".to_string())).chain(
         f.then
@@ -473,6 +520,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
             lora_r: f.rank,
             lora_alpha: f.lora_alpha,
             target_modules: targets,
+            use_dora: f.use_dora,
             seed: f.seed,
             ..TrainConfig::default()
         };
@@ -493,16 +541,26 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
                 data_dir: f.data_dir.clone(),
                 clients,
                 linger: Duration::from_secs(5),
-                limits: Default::default(),
+                limits: ConnectionLimits {
+                    handshakes,
+                    ..Default::default()
+                },
             },
             shutdown_signal(),
         )
         .await
     })?;
+    let h = summary.handshakes;
     println!(
-        "{} rounds done; rejections {:?}; round log {}",
+        "{} rounds done; rejections {:?}; QUIC attempts: {} accepted, {} retried, {} refused, \
+         {} handshakes timed out, at most {} pending; round log {}",
         summary.rounds,
         summary.rejections,
+        h.accepted,
+        h.retried,
+        h.refused,
+        h.timed_out,
+        h.peak_pending,
         f.data_dir.join("rounds.jsonl").display()
     );
     Ok(())
