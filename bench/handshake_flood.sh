@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A QUIC handshake flood against `fedtune coord` while an honest federation runs (two clients,
 # the tiny model, 2 rounds): COUNT Initial packets that never finish their handshakes
-# (examples/handshake_flood.rs) are sent as the clients start. Prints, for the coordinator
+# (examples/handshake_flood.rs) are sent, and the clients start while they arrive. Prints, for the coordinator
 # with its default handshake limits ("protected") and with the limits lifted ("unlimited":
 # every attempt accepted, handshakes kept until the QUIC idle timeout, as before the limits
 # existed), the coordinator's peak RSS (VmHWM), the seconds until both rounds closed, and
@@ -15,7 +15,8 @@ BIN=$PWD/target/release/fedtune
 FLOOD=$PWD/target/release/examples/handshake_flood
 MODEL=$PWD/testdata/tiny-llama/model
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
+echo "work dir $WORK" >&2
 KEY=$("$BIN" ca init --dir "$WORK/ca" --federation flood)
 ENTRIES=""
 for n in hospital bank; do ENTRIES+="$("$BIN" ca issue --dir "$WORK/ca" --client "$n")"$'\n'; done
@@ -51,6 +52,7 @@ lora_alpha = 8.0
 min_results = 2
 round_timeout_s = 120
 rule = { kind = "fed_avg_exact" }
+target_rank = 4
 sampling = { fraction = 1.0, min_clients = 2 }
 
 [local]
@@ -66,7 +68,13 @@ EOF
   sleep 2
   START=$(date +%s.%N)
   "$FLOOD" "127.0.0.1:$PORT" "$COUNT" "$WORK/ca/ca.pem" > "$WORK/flood.out" &
-  for n in hospital bank; do "$BIN" client --config "$WORK/$n.toml" > "$WORK/$n.out" 2>&1 & done
+  # The clients start once the flood is being sent (making the Initials takes ~0.8 s).
+  sleep 1
+  CLIENTS=""
+  for n in hospital bank; do
+    "$BIN" client --config "$WORK/$n.toml" > "$WORK/$n.out" 2>&1 &
+    CLIENTS+=" $!"
+  done
   PEAK=0
   while kill -0 "$COORD" 2>/dev/null; do
     H=$(awk '/VmHWM/ {print $2}' "/proc/$COORD/status" 2>/dev/null || echo 0)
@@ -78,6 +86,8 @@ EOF
     sleep 0.1
   done
   wait "$COORD" || { echo "coordinator failed:"; cat "$WORK/coord.out"; exit 1; }
+  sleep 3
+  kill $CLIENTS 2>/dev/null || true
   wait
   echo "$mode: coordinator peak RSS $((PEAK / 1024)) MiB; 2 rounds closed after ${DONE:-?} s; $(grep -o 'QUIC attempts: [^;]*' "$WORK/coord.out"); flood $(cat "$WORK/flood.out")"
   unset DONE
