@@ -59,6 +59,22 @@ fn eval_loss(model: &Path, adapter: Option<&Path>) -> f64 {
     v["loss"].as_f64().unwrap()
 }
 
+/// A short LoRA r 8 run that moves the tiny model's loss well down.
+const SHORT_RUN: &[&str] = &[
+    "--max-steps",
+    "12",
+    "--learning-rate",
+    "5e-3",
+    "--lora-r",
+    "8",
+    "--lora-alpha",
+    "16",
+    "--per-device-train-batch-size",
+    "4",
+    "--seed",
+    "7",
+];
+
 fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -67,28 +83,8 @@ fn read_json(p: &Path) -> Value {
 fn train_sft_writes_a_peft_adapter_that_lowers_the_loss_and_exports_exactly() {
     let out = tmpdir("lora");
     let adapter = out.join("adapter");
-    fedtune(&[
-        "train",
-        "sft",
-        "--model",
-        model().to_str().unwrap(),
-        "--data",
-        data().to_str().unwrap(),
-        "--output",
-        adapter.to_str().unwrap(),
-        "--max-steps",
-        "12",
-        "--learning-rate",
-        "5e-3",
-        "--lora-r",
-        "8",
-        "--lora-alpha",
-        "16",
-        "--per-device-train-batch-size",
-        "4",
-        "--seed",
-        "7",
-    ]);
+    let (ok, err) = train_sft(&data(), &adapter, SHORT_RUN);
+    assert!(ok, "{err}");
     for f in [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -495,25 +491,7 @@ fn the_start_banner_counts_examples_steps_and_parameters() {
 fn use_dora_trains_a_peft_dora_adapter_that_exports_exactly() {
     let out = tmpdir("dora");
     let adapter = out.join("adapter");
-    let (ok, err) = train_sft(
-        &data(),
-        &adapter,
-        &[
-            "--use-dora",
-            "--max-steps",
-            "12",
-            "--learning-rate",
-            "5e-3",
-            "--lora-r",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--per-device-train-batch-size",
-            "4",
-            "--seed",
-            "7",
-        ],
-    );
+    let (ok, err) = train_sft(&data(), &adapter, &[&["--use-dora"], SHORT_RUN].concat());
     assert!(ok, "{err}");
     let cfg = read_json(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["use_dora"], true, "{cfg}");

@@ -256,6 +256,21 @@ async fn open_upload(
     (s, r, u64::from_le_bytes(reply.try_into().unwrap()))
 }
 
+/// Uploads the client's signed update of `global` whole, on a stream of its own; returns the
+/// payload.
+async fn upload_whole(
+    f: &Fed,
+    conn: &quinn::Connection,
+    plan: &fedtune_protocol::RoundPlan,
+    global: &[u8],
+) -> Vec<u8> {
+    let (header, payload) = update(0.0, &f.id, plan, global);
+    let (mut s, _r, _) = open_upload(conn, &header).await;
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    payload
+}
+
 /// How the coordinator closed `conn`, as `(code, reason)`, waiting at most `secs`.
 async fn closed_by_peer(conn: &quinn::Connection, secs: u64) -> (u64, String) {
     match tokio::time::timeout(Duration::from_secs(secs), conn.closed()).await {
@@ -398,10 +413,7 @@ async fn partial_uploads_are_one_per_client_and_round_and_go_when_the_round_clos
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let (header, payload) = update(0.0, &f.id, &plan, &global);
-    let (mut s, _r, _) = open_upload(&conn, &header).await;
-    s.write_all(&payload).await.unwrap();
-    s.finish().unwrap();
+    upload_whole(&f, &conn, &plan, &global).await;
     let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     assert_eq!(
@@ -474,10 +486,7 @@ async fn a_handshake_flood_is_met_with_retries_and_honest_rounds_complete() {
     let t = std::time::Instant::now();
     let (_ep, conn, _send, mut recv) = f.client().await;
     let (plan, global) = next_plan(&mut recv).await;
-    let (header, payload) = update(0.0, &f.id, &plan, &global);
-    let (mut s, _r, _) = open_upload(&conn, &header).await;
-    s.write_all(&payload).await.unwrap();
-    s.finish().unwrap();
+    let payload = upload_whole(&f, &conn, &plan, &global).await;
     let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     assert_eq!(digest(&summary.global), digest(&payload));
