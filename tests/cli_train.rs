@@ -75,6 +75,29 @@ const SHORT_RUN: &[&str] = &[
     "7",
 ];
 
+/// The tiny model with `adapter` has at most 0.8× the base's loss, and `fedtune export` of the
+/// two (into `merged`) gives the same loss within 1e-4.
+fn lowers_the_loss_and_exports_exactly(adapter: &Path, merged: &Path) {
+    let base = eval_loss(&model(), None);
+    let tuned = eval_loss(&model(), Some(adapter));
+    assert!(tuned < base * 0.8, "base {base}, tuned {tuned}");
+    fedtune(&[
+        "export",
+        "--model",
+        model().to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    let exported = eval_loss(merged, None);
+    assert!(
+        (exported - tuned).abs() < 1e-4,
+        "exported {exported} vs base+adapter {tuned}"
+    );
+}
+
 fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -111,26 +134,7 @@ fn train_sft_writes_a_peft_adapter_that_lowers_the_loss_and_exports_exactly() {
         .unwrap();
     assert_eq!(b.shape()[1], 8);
 
-    let base = eval_loss(&model(), None);
-    let tuned = eval_loss(&model(), Some(&adapter));
-    assert!(tuned < base * 0.8, "base {base}, tuned {tuned}");
-
-    let merged = out.join("merged");
-    fedtune(&[
-        "export",
-        "--model",
-        model().to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--output",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
-    let exported = eval_loss(&merged, None);
-    assert!(
-        (exported - tuned).abs() < 1e-4,
-        "exported {exported} vs base+adapter {tuned}"
-    );
+    lowers_the_loss_and_exports_exactly(&adapter, &out.join("merged"));
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -509,24 +513,7 @@ fn use_dora_trains_a_peft_dora_adapter_that_exports_exactly() {
         .unwrap();
     assert_eq!(down.shape(), &[64], "1-D [out], as PEFT stores it");
 
-    let base = eval_loss(&model(), None);
-    let tuned = eval_loss(&model(), Some(&adapter));
-    assert!(tuned < base * 0.8, "base {base}, tuned {tuned}");
-    let merged = out.join("merged");
-    fedtune(&[
-        "export",
-        "--model",
-        model().to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--output",
-        merged.to_str().unwrap(),
-    ]);
-    let exported = eval_loss(&merged, None);
-    assert!(
-        (exported - tuned).abs() < 1e-4,
-        "exported {exported} vs base+DoRA adapter {tuned}"
-    );
+    lowers_the_loss_and_exports_exactly(&adapter, &out.join("merged"));
     // QLoRA + DoRA: the norm of the dequantised weight; the loss falls.
     let q = out.join("qdora");
     let (ok, err) = train_sft(

@@ -18,7 +18,7 @@ use fedtune_engine::train::{Callback, TrainConfig};
 
 use super::common::ModelArgs;
 use super::target::Job;
-use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar, split_eval};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
 
 /// Arguments of `fedtune train dpo`.
 #[derive(Debug, Args)]
@@ -191,19 +191,14 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_pairs.len(), eval_pairs.len());
     let cancel = cancel_on_ctrl_c();
-    let bar = progress_bar();
     let run = a.run.run_options(&cfg, &cancel);
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started: std::time::Instant::now(),
-    };
-    let mut b = Bar {
-        bar: bar.clone(),
-        adapter: Some(finish.adapter(model.lora_weights()?)),
-    };
+    let (finish, mut b) = Finish::start(
+        &a.run,
+        &cfg,
+        &a.model.model,
+        a.sft_adapter.as_deref(),
+        model.lora_weights()?,
+    );
     let pad = tokenizer.pad_id;
     let cb = &mut b;
     let data = (opts, train_pairs, eval_pairs, pad);
@@ -215,7 +210,7 @@ pub fn run(a: DpoArgs) -> anyhow::Result<()> {
             cb,
         },
     )?;
-    bar.finish_and_clear();
+    b.bar.finish_and_clear();
     let extra = serde_json::json!({
         "dpo": opts,
         "train_pairs": n_train,

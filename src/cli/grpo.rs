@@ -19,7 +19,7 @@ use fedtune_engine::train::sft::train;
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::Trainee;
-use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train grpo`.
 #[derive(Debug, Args)]
@@ -214,21 +214,16 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         cfg.seed,
     );
     let cancel = cancel_on_ctrl_c();
-    let bar = progress_bar();
     let run = a.run.run_options(&cfg, &cancel);
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started: std::time::Instant::now(),
-    };
-    let mut b = Bar {
-        bar: bar.clone(),
-        adapter: Some(finish.adapter(host.lora_weights())),
-    };
+    let (finish, mut b) = Finish::start(
+        &a.run,
+        &cfg,
+        &a.model.model,
+        a.sft_adapter.as_deref(),
+        host.lora_weights(),
+    );
     let summary = train(host.as_mut(), &run, &objective, &mut b)?;
-    bar.finish_and_clear();
+    b.bar.finish_and_clear();
     let final_reward = if summary.cancelled {
         f64::NAN
     } else {

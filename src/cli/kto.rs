@@ -16,7 +16,7 @@ use fedtune_engine::train::{Callback, TrainSummary};
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::Job;
-use super::train::{Bar, Finish, RunArgs, cancel_on_ctrl_c, progress_bar, split_eval};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
 
 /// Arguments of `fedtune train kto`.
 #[derive(Debug, Args)]
@@ -154,19 +154,14 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_set.len(), eval_set.len());
     let cancel = cancel_on_ctrl_c();
-    let bar = progress_bar();
     let run = a.run.run_options(&cfg, &cancel);
-    let finish = Finish {
-        dir: &a.run.output,
-        cfg: &cfg,
-        model: &a.model.model,
-        sft_adapter: a.sft_adapter.as_deref(),
-        started: std::time::Instant::now(),
-    };
-    let mut b = Bar {
-        bar: bar.clone(),
-        adapter: Some(finish.adapter(model.lora_weights()?)),
-    };
+    let (finish, mut b) = Finish::start(
+        &a.run,
+        &cfg,
+        &a.model.model,
+        a.sft_adapter.as_deref(),
+        model.lora_weights()?,
+    );
     let (summary, final_loss, final_metrics) = model.train(
         &cfg,
         Fit {
@@ -178,7 +173,7 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
             cb: &mut b,
         },
     )?;
-    bar.finish_and_clear();
+    b.bar.finish_and_clear();
     let extra = serde_json::json!({
         "kto": opts,
         "train_examples": n_train,

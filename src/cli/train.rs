@@ -310,7 +310,30 @@ pub(crate) struct Finish<'a> {
     pub(crate) started: std::time::Instant,
 }
 
-impl Finish<'_> {
+impl<'a> Finish<'a> {
+    /// A run writing to `run.output`, started now, and its progress bar, which gives each
+    /// checkpoint a PEFT adapter laid out as `weights` (the adapter before training).
+    pub(crate) fn start(
+        run: &'a RunArgs,
+        cfg: &'a TrainConfig,
+        model: &'a Path,
+        sft_adapter: Option<&'a Path>,
+        weights: fedtune_aggregation::Adapter,
+    ) -> (Self, Bar) {
+        let finish = Finish {
+            dir: &run.output,
+            cfg,
+            model,
+            sft_adapter,
+            started: std::time::Instant::now(),
+        };
+        let bar = Bar {
+            bar: progress_bar(),
+            adapter: Some(finish.adapter(weights)),
+        };
+        (finish, bar)
+    }
+
     /// The PEFT adapter of `weights` for this run (base model and merged SFT adapter recorded).
     pub(crate) fn adapter(
         &self,
