@@ -426,6 +426,64 @@ async fn partial_uploads_are_one_per_client_and_round_and_go_when_the_round_clos
     let _ = std::fs::remove_dir_all(&f.data_dir);
 }
 
+/// A partial upload that received nothing for longer than an update header lives (the
+/// coordinator's header lifetime plus clock skew) is removed while its round is still open,
+/// with an `upload_abandoned` line; the client's later upload starts again and is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_idle_past_a_headers_lifetime_is_removed_while_its_round_is_open() {
+    let mut f = start("idle", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = f.client().await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let (header, payload) = update(0.5, &f.id, &plan, &global);
+    let (mut s, _r, _) = open_upload(&conn, &header).await;
+    s.write_all(&payload[..payload.len() / 2]).await.unwrap();
+    s.finish().unwrap();
+    // Every byte sent is on disk (the partial is written as the bytes arrive).
+    let half = (payload.len() / 2) as u64;
+    let t = std::time::Instant::now();
+    let part = loop {
+        if let [name] = parts(&f.data_dir).as_slice() {
+            let p = f.data_dir.join("incoming").join(name);
+            if std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0) == half {
+                break p;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no partial kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Two days without a byte: past the default header lifetime (an hour here) and skew.
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let log = f.data_dir.join("rounds.jsonl");
+    let t = std::time::Instant::now();
+    while !parts(&f.data_dir).is_empty()
+        || !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("nothing received for longer than an update header lives")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the idle partial is still there: {:?}",
+            parts(&f.data_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut s, _r, offset) = open_upload(&conn, &header).await;
+    assert_eq!(offset, 0, "the upload starts again");
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    let summary = f.finish().await;
+    assert_eq!(summary.rounds, 1);
+    assert_eq!(digest(&summary.global), digest(&payload));
+    let _ = std::fs::remove_dir_all(&f.data_dir);
+}
+
 /// A payload whose bytes are not the signed ones is caught as it streams to disk: it is never
 /// read into memory or handed on (an `upload_abandoned` line says why, no partial is kept),
 /// and the client's correct upload is then accepted.

@@ -63,6 +63,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How often partial uploads are checked for having been idle past a header's lifetime.
+const PART_SWEEP: Duration = Duration::from_secs(5);
+
 /// Where and how the daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -401,8 +404,18 @@ pub async fn serve(
     // Each client's current connection: the newest that said hello.
     let mut conns: BTreeMap<PublicKey, Current> = BTreeMap::new();
     let mut finished_at: Option<tokio::time::Instant> = None;
-    // Partial uploads of closed rounds are removed (at start, and as rounds close).
+    // Partial uploads of closed rounds are removed (at start, and as rounds close), and so are
+    // partials that received nothing for longer than a header lives (the coordinator's header
+    // lifetime plus the clock skew it allows: an honest client's header has expired by then,
+    // and a client that comes back sends its update again from the start).
     let mut cleaned: Option<u64> = None;
+    let idle_limit = Duration::from_millis(
+        machine
+            .config()
+            .header_ttl_ms
+            .saturating_add(machine.config().max_skew_ms),
+    );
+    let mut swept: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     machine.handle_tick(now_ms());
     loop {
@@ -411,6 +424,25 @@ pub async fn serve(
             cleaned = Some(closed);
             for (pk, round, bytes) in remove_parts(&parts_dir, |_, r, _| r <= closed) {
                 log_abandoned(&mut log, &pk, round, bytes, "its round is closed")?;
+            }
+        }
+        if swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
+            swept = Some(tokio::time::Instant::now());
+            let idle = |name: &str| {
+                std::fs::metadata(parts_dir.join(name))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > idle_limit)
+            };
+            for (pk, round, bytes) in remove_parts(&parts_dir, |_, _, name| idle(name)) {
+                log_abandoned(
+                    &mut log,
+                    &pk,
+                    round,
+                    bytes,
+                    "nothing received for longer than an update header lives",
+                )?;
             }
         }
         // Carry out actions in order.

@@ -210,6 +210,11 @@ impl Coordinator {
         &self.strategy.state.global
     }
 
+    /// The coordinator's configuration.
+    pub fn config(&self) -> &CoordConfig {
+        &self.cfg
+    }
+
     /// Rounds completed.
     pub fn completed_rounds(&self) -> u64 {
         self.d.completed
