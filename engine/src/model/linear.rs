@@ -51,7 +51,49 @@ pub struct LoraWeights {
     pub magnitude: Option<Tensor<2>>,
 }
 
+/// What a DoRA projection's forward keeps for its backward.
+pub struct DoraParts {
+    /// `m/‖W + s·B·A‖` `[1, out]`.
+    pub(crate) c: Tensor<2>,
+    /// `1/‖W + s·B·A‖` `[1, out]`.
+    pub(crate) inv: Tensor<2>,
+    /// The undecomposed output `x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` `[n, out]`.
+    pub(crate) p: Tensor<2>,
+}
+
 impl LoraWeights {
+    /// The projection's output without its bias, given the input `x`, the dropped-out input
+    /// `x̃` when dropout is active (`x` otherwise) and the down-projection `u = x̃·Aᵀ`; with
+    /// DoRA also the values its backward needs. Without DoRA `x·Wᵀ + s·u·Bᵀ`; with it
+    /// PEFT's `x·Wᵀ + (c − 1)⊙(x̃·Wᵀ) + c⊙s·u·Bᵀ`, computed as `x·Wᵀ − x̃·Wᵀ + c⊙p`.
+    pub fn output(
+        &self,
+        w: &Tensor<2>,
+        x: &Tensor<2>,
+        dropped: Option<&Tensor<2>>,
+        u: &Tensor<2>,
+    ) -> (Tensor<2>, Option<DoraParts>) {
+        let s = self.scale as f32;
+        let Some((c, inv)) = self.dora_factor(w) else {
+            // x·Wᵀ + s·u·Bᵀ accumulated in one buffer.
+            return (
+                matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(u, &self.b, s)]),
+                None,
+            );
+        };
+        let p = matmul_sum(&[
+            Term::nt(dropped.unwrap_or(x), w, 1.0),
+            Term::nt(u, &self.b, s),
+        ]);
+        let y = match dropped {
+            None => p.clone() * c.clone(),
+            Some(xin) => {
+                matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(xin, w, -1.0)]) + p.clone() * c.clone()
+            }
+        };
+        (y, Some(DoraParts { c, inv, p }))
+    }
+
     /// DoRA's per-row factor `m / ‖W + s·B·A‖` `[1, out]` and the reciprocal norm `[1, out]`
     /// for base weight `w` `[out, in]`, when the branch has a magnitude. The norm is computed
     /// from the current factors and not differentiated (PEFT detaches it).
@@ -164,26 +206,13 @@ impl Linear {
         let mut y = match &self.lora {
             None => matmul_sum(&[Term::nt(&x2, &w, 1.0)]),
             Some(lora) => {
-                let dropout = self.training && lora.dropout > 0.0;
-                let xin = if dropout {
+                let dropped = (self.training && lora.dropout > 0.0).then(|| {
                     let keep = 1.0 - lora.dropout;
                     let mask = x2.random_like(Distribution::Bernoulli(keep));
                     x2.clone() * mask / keep
-                } else {
-                    x2.clone()
-                };
-                let low = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
-                let lo = Term::nt(&low, &lora.b, lora.scale as f32);
-                match lora.dora_factor(&w) {
-                    None => matmul_sum(&[Term::nt(&x2, &w, 1.0), lo]),
-                    // PEFT: x·Wᵀ + (c − 1)⊙(x̃·Wᵀ) + c⊙s·(x̃·Aᵀ)·Bᵀ, x̃ the dropped-out input.
-                    Some((c, _)) if dropout => {
-                        let dropped = matmul_sum(&[Term::nt(&xin, &w, 1.0)]);
-                        let p = dropped.clone() + matmul_sum(&[lo]);
-                        matmul_sum(&[Term::nt(&x2, &w, 1.0)]) - dropped + p * c
-                    }
-                    Some((c, _)) => matmul_sum(&[Term::nt(&x2, &w, 1.0), lo]) * c,
-                }
+                });
+                let low = matmul_sum(&[Term::nt(dropped.as_ref().unwrap_or(&x2), &lora.a, 1.0)]);
+                lora.output(&w, &x2, dropped.as_ref(), &low).0
             }
         };
         if let Some(bias) = &self.bias {

@@ -15,7 +15,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::kernels::{self, Term, matmul_sum};
 use crate::model::Linear;
-use crate::model::linear::LoraWeights;
+use crate::model::linear::DoraParts;
 
 /// What a LoRA projection's forward keeps for its backward (opaque outside the engine).
 pub struct LoraIn {
@@ -24,49 +24,7 @@ pub struct LoraIn {
     /// The dropout mask applied to `x` (already divided by the keep probability).
     pub(super) mask: Option<Tensor<2>>,
     /// DoRA's saved values, when the branch has a magnitude.
-    dora: Option<DoraIn>,
-}
-
-/// What a DoRA projection's forward keeps for its backward.
-struct DoraIn {
-    /// `m/‖W + s·B·A‖` `[1, out]`.
-    c: Tensor<2>,
-    /// `1/‖W + s·B·A‖` `[1, out]`.
-    inv: Tensor<2>,
-    /// The undecomposed output `x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ` `[n, out]`.
-    p: Tensor<2>,
-}
-
-/// The output of a LoRA projection without its bias, given the down-projection `u = x̃·Aᵀ`
-/// (`x̃ = x ⊙ mask`), and DoRA's saved values.
-fn lora_output(
-    lora: &LoraWeights,
-    w: &Tensor<2>,
-    x: &Tensor<2>,
-    u: &Tensor<2>,
-    mask: Option<&Tensor<2>>,
-) -> (Tensor<2>, Option<DoraIn>) {
-    let s = lora.scale as f32;
-    let Some((c, inv)) = lora.dora_factor(w) else {
-        // x·Wᵀ + s·u·Bᵀ accumulated in one buffer.
-        return (
-            matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(u, &lora.b, s)]),
-            None,
-        );
-    };
-    let (y, p) = match mask {
-        None => {
-            let p = matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(u, &lora.b, s)]);
-            (p.clone() * c.clone(), p)
-        }
-        Some(m) => {
-            let xin = x.clone() * m.clone();
-            let p = matmul_sum(&[Term::nt(&xin, w, 1.0), Term::nt(u, &lora.b, s)]);
-            let rest = matmul_sum(&[Term::nt(x, w, 1.0), Term::nt(&xin, w, -1.0)]);
-            (rest + p.clone() * c.clone(), p)
-        }
-    };
-    (y, Some(DoraIn { c, inv, p }))
+    dora: Option<DoraParts>,
 }
 
 pub(crate) fn lin_forward(
@@ -82,12 +40,9 @@ pub(crate) fn lin_forward(
                 Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, seed)),
                 _ => None,
             };
-            let xin = match &mask {
-                Some(m) => x.clone() * m.clone(),
-                None => x.clone(),
-            };
-            let u = matmul_sum(&[Term::nt(&xin, &lora.a, 1.0)]);
-            let (y, dora) = lora_output(lora, &w, x, &u, mask.as_ref());
+            let xin = mask.as_ref().map(|m| x.clone() * m.clone());
+            let u = matmul_sum(&[Term::nt(xin.as_ref().unwrap_or(x), &lora.a, 1.0)]);
+            let (y, dora) = lora.output(&w, x, xin.as_ref(), &u);
             (y, Some(LoraIn { u, mask, dora }))
         }
     };
@@ -122,7 +77,7 @@ pub(crate) fn lin_forward_shared<const N: usize>(
         let u = contiguous(u_all.clone().slice([0..n, start..start + r]));
         start += r;
         let w = lin.weight();
-        let (mut y, dora) = lora_output(lora, &w, x, &u, None);
+        let (mut y, dora) = lora.output(&w, x, None, &u);
         if let Some(b) = &lin.bias {
             y = y + b.clone().unsqueeze::<2>();
         }
