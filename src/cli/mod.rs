@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand, each a thin layer over a library crate.
 
+mod ca;
 mod common;
 mod dpo;
 mod eval;
@@ -47,7 +48,7 @@ enum Command {
     MergeAdapters(merge::MergeAdaptersArgs),
     /// Federation CA: certificates and identities for the coordinator and clients.
     #[command(subcommand)]
-    Ca(fed::CaCommand),
+    Ca(ca::CaCommand),
     /// Run the coordinator daemon (QUIC, mutual TLS).
     Coord(fed::CoordArgs),
     /// Run a client daemon: train locally on private data, upload signed adapter updates.
@@ -82,7 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::MergeAdapters(a) => merge::run_merge_adapters(a),
-        Command::Ca(c) => fed::run_ca(c),
+        Command::Ca(c) => ca::run_ca(c),
         Command::Coord(a) => fed::run_coord(a),
         Command::Client(a) => fed::run_client(a),
         Command::Sim(a) => sim::run(a),
