@@ -271,6 +271,25 @@ async fn upload_whole(
     payload
 }
 
+/// Sends the whole update again, which the coordinator must take from offset 0 (`why`), and
+/// checks that it is the one-round federation's result.
+async fn send_again_and_finish(
+    f: &mut Fed,
+    conn: &quinn::Connection,
+    header: &fedtune_protocol::SignedHeader,
+    payload: &[u8],
+    why: &str,
+) {
+    let (mut s, _r, offset) = open_upload(conn, header).await;
+    assert_eq!(offset, 0, "{why}");
+    s.write_all(payload).await.unwrap();
+    s.finish().unwrap();
+    let summary = f.finish().await;
+    assert_eq!(summary.rounds, 1);
+    assert_eq!(digest(&summary.global), digest(payload));
+    let _ = std::fs::remove_dir_all(&f.data_dir);
+}
+
 /// How the coordinator closed `conn`, as `(code, reason)`, waiting at most `secs`.
 async fn closed_by_peer(conn: &quinn::Connection, secs: u64) -> (u64, String) {
     match tokio::time::timeout(Duration::from_secs(secs), conn.closed()).await {
@@ -474,14 +493,7 @@ async fn a_partial_idle_past_a_headers_lifetime_is_removed_while_its_round_is_op
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (mut s, _r, offset) = open_upload(&conn, &header).await;
-    assert_eq!(offset, 0, "the upload starts again");
-    s.write_all(&payload).await.unwrap();
-    s.finish().unwrap();
-    let summary = f.finish().await;
-    assert_eq!(summary.rounds, 1);
-    assert_eq!(digest(&summary.global), digest(&payload));
-    let _ = std::fs::remove_dir_all(&f.data_dir);
+    send_again_and_finish(&mut f, &conn, &header, &payload, "the upload starts again").await;
 }
 
 /// A payload whose bytes are not the signed ones is caught as it streams to disk: it is never
@@ -511,14 +523,14 @@ async fn a_payload_that_does_not_match_its_signed_digest_is_dropped_as_it_stream
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(parts(&f.data_dir), Vec::<String>::new());
-    let (mut s, _r, offset) = open_upload(&conn, &header).await;
-    assert_eq!(offset, 0, "nothing of the forged bytes is kept");
-    s.write_all(&payload).await.unwrap();
-    s.finish().unwrap();
-    let summary = f.finish().await;
-    assert_eq!(summary.rounds, 1);
-    assert_eq!(digest(&summary.global), digest(&payload));
-    let _ = std::fs::remove_dir_all(&f.data_dir);
+    send_again_and_finish(
+        &mut f,
+        &conn,
+        &header,
+        &payload,
+        "nothing of the forged bytes is kept",
+    )
+    .await;
 }
 
 #[path = "../examples/handshake_flood.rs"]
