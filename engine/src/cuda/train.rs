@@ -354,6 +354,15 @@ impl TrainBackend for CudaModel {
         dw
     }
 
+    fn head_input_grad(&self, d_logits: &[f32], n: usize) -> GTensor {
+        let head = self.head();
+        assert_eq!(d_logits.len(), n * head.rows, "d_logits is [n, vocab]");
+        let d = ok(self.gpu.upload(d_logits, n, head.rows, self.dt));
+        ok(self
+            .gpu
+            .matmul_sum(&[(&d, false, head, false, 1.0)], self.dt))
+    }
+
     fn embedding_grad(&self, ids: &[u32], dx: &GTensor) -> GTensor {
         let dest: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
         ok(self

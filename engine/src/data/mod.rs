@@ -4,8 +4,11 @@
 //! Invalid records are errors naming `file:line` and the field; with `skip_invalid` they are
 //! reported in [`Dataset::skipped`] and left out.
 
+mod completions;
 pub mod formats;
 pub mod read;
+
+pub use completions::EncodedCompletion;
 
 use std::path::{Path, PathBuf};
 

@@ -226,6 +226,16 @@ impl TrainBackend for LlamaModel {
         dw
     }
 
+    fn head_input_grad(&self, d_logits: &[f32], n: usize) -> Tensor<2> {
+        let w = self.lm_head_weight();
+        let vocab = w.dims()[0];
+        assert_eq!(d_logits.len(), n * vocab, "d_logits is [n, vocab]");
+        let d =
+            Tensor::<2>::from_data(TensorData::new(d_logits.to_vec(), [n, vocab]), &self.device)
+                .cast(w.dtype());
+        matmul_sum(&[Term::nn(&d, &w, 1.0)])
+    }
+
     fn embedding_grad(&self, ids: &[u32], dx: &Tensor<2>) -> Tensor<2> {
         let [vocab, hidden] = self.embed_tokens.dims();
         let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();

@@ -118,6 +118,10 @@ pub trait TrainBackend: Backend {
     /// The LM head weight's gradient for hidden rows `h` with upstream `g[i]` on
     /// `log p(ids[i])`: `Σᵢ gᵢ·(e_{yᵢ} − pᵢ)ᵀ hᵢ` (logits recomputed in chunks).
     fn head_weight_grad(&self, h: &Self::T, ids: &[u32], g: &[f32]) -> Self::T;
+    /// The gradient reaching hidden rows from their logits' gradient `d_logits`
+    /// `[n, vocab]` (host values, row-major): `d_logits · W_head` `[n, hidden]` (a loss over
+    /// the whole distribution, such as distillation's, computes `d_logits` itself).
+    fn head_input_grad(&self, d_logits: &[f32], n: usize) -> Self::T;
     /// The embedding's gradient: row `ids[i]` receives `dx[i]` (summed over repeats).
     fn embedding_grad(&self, ids: &[u32], dx: &Self::T) -> Self::T;
     /// Whether the LM head is the embedding (tied weights).

@@ -2,6 +2,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod dpo;
 pub mod fused;
 pub mod grpo;

@@ -203,6 +203,12 @@ impl<B: TrainBackend> Forward<B> {
     pub fn target_hidden(&self, m: &B) -> Option<Vec<f32>> {
         self.target_hidden.as_ref().map(|h| m.rows_to_host(h))
     }
+
+    /// The same rows as [`Forward::target_hidden`], where they live (on the device), for
+    /// the LM head again: a loss over the whole distribution reads their logits in chunks.
+    pub fn target_states(&self) -> Option<&B::T> {
+        self.target_hidden.as_ref()
+    }
 }
 
 /// Outputs and saved states of [`TrainBackend::project_train`], apart.
