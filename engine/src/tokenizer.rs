@@ -190,6 +190,23 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// How `other`'s vocabulary differs from this one (`None`: the same tokens with the same
+    /// ids), in words naming the first difference: models compared token for token
+    /// (distillation's teacher and student) must share one.
+    pub fn vocabulary_difference(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens against {}", b.len(), a.len()));
+        }
+        let mut mine: Vec<(&String, &u32)> = a.iter().collect();
+        mine.sort_by_key(|(_, id)| **id);
+        mine.into_iter().find_map(|(token, id)| match b.get(token) {
+            Some(other_id) if other_id == id => None,
+            Some(other_id) => Some(format!("token {token:?} is id {other_id}, not {id}")),
+            None => Some(format!("it has no token {token:?} (id {id})")),
+        })
+    }
+
     /// Whether `id` is a special token.
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)

@@ -2,6 +2,7 @@
 
 mod ca;
 mod common;
+mod distill;
 mod dpo;
 mod eval;
 mod export;

@@ -40,6 +40,10 @@ pub enum TrainCommand {
     /// GRPO with verifiable rewards (TRL's GRPOTrainer): sampled groups of completions per
     /// prompt, scored by reward functions, train a LoRA adapter on group-relative advantages.
     Grpo(super::grpo::GrpoArgs),
+    /// Knowledge distillation (TRL's GKDTrainer): a LoRA adapter of the student learns the
+    /// next-token distributions of a teacher that shares its tokenizer (generalized JSD), on
+    /// the data's completions and on its own samples.
+    Distill(super::distill::DistillArgs),
 }
 
 /// Options that override the TOML config (TRL/PEFT names).
@@ -215,7 +219,7 @@ impl TrainOverrides {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Training data: SFT examples (`sft`), preference pairs (`dpo`, `reward`), feedback
-    /// (`kto`) or prompts (`grpo`).
+    /// (`kto`), prompts (`grpo`) or prompts with completions (`distill`).
     #[arg(long)]
     pub data: PathBuf,
     /// Output directory.
@@ -293,6 +297,7 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
         TrainCommand::Kto(a) => super::kto::run(a),
         TrainCommand::Reward(a) => super::reward::run(a),
         TrainCommand::Grpo(a) => super::grpo::run(a),
+        TrainCommand::Distill(a) => super::distill::run(a),
     }
 }
 

@@ -352,6 +352,11 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
     /// The mean divergence per completion token over the training (`eval == false`) or
     /// evaluation set's own completions under `model`, without gradients.
     pub fn loss_on<M: Backend>(&self, model: &M, eval: bool) -> f64 {
+        self.divergence_on(model, eval).0
+    }
+
+    /// [`DistillObjective::loss_on`] and the number of completion tokens it averages.
+    fn divergence_on<M: Backend>(&self, model: &M, eval: bool) -> (f64, usize) {
         let set = if eval { &self.eval } else { &self.examples };
         let idx: Vec<usize> = (0..set.len()).collect();
         let (mut sum, mut n) = (0.0, 0usize);
@@ -362,7 +367,7 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
             n += batch.targets.len();
             sum += self.divergence_sum(model, &batch);
         }
-        sum / n.max(1) as f64
+        (sum / n.max(1) as f64, n)
     }
 
     /// The divergence summed over `batch`'s trained positions and the gradients of
@@ -486,6 +491,11 @@ impl<M: TrainModel, Tc: Backend> Objective<M> for DistillObjective<'_, Tc> {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        Ok(Some((self.loss_on(model, true), BTreeMap::new())))
+        // The divergence is no cross-entropy: no perplexity is derived from it.
+        let (loss, n) = self.divergence_on(model, true);
+        Ok(Some((
+            loss,
+            BTreeMap::from([("completion_tokens".to_string(), n as f64)]),
+        )))
     }
 }
