@@ -290,6 +290,10 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
         ("format = \"nonsense\"\n", "format"),
         ("bnb_4bit_use_double_quant = true\n", "needs load_in_4bit"),
         ("max_length = 1\n", "max_length must be at least 2"),
+        (
+            "teacher = \"/no/such/teacher\"\n",
+            "teacher: loading /no/such/teacher",
+        ),
     ] {
         std::fs::write(
             &client_toml,
@@ -369,6 +373,23 @@ batch_size = 1
     let err = coord_fails(&config);
     assert!(
         err.contains(&format!("{name}: rank must be positive")),
+        "{err}"
+    );
+    // A distillation phase's settings are checked as TRL checks them.
+    write(
+        &model,
+        4,
+        &format!("[local.distill]\nbeta = 2.0\n\n{a}\n{b}"),
+    );
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("rounds = 1\n", "rounds = 1\nphase = \"distill\"\n"),
+    )
+    .unwrap();
+    let err = coord_fails(&config);
+    assert!(
+        err.contains(&format!("{name}: local.distill: beta must be in [0, 1]")),
         "{err}"
     );
     write(&dir.join("no-such-model"), 4, &format!("{a}\n{b}"));

@@ -80,6 +80,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
             beta: 0.1,
             seed: 11,
             grpo: None,
+            distill: None,
         },
         (4, 8.0),
         strategy,

@@ -124,6 +124,7 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
             beta: 0.1,
             seed: 0,
             grpo: None,
+            distill: None,
         },
         (4, 8.0),
         strategy,

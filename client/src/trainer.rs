@@ -1,15 +1,16 @@
 //! The local training job of a round, through the real engine: the shared read-only base
-//! model with the global adapter attached, SFT, DPO, KTO or GRPO on the client's private data
-//! for the plan's local steps, then evaluation on the client's held-out data. Only the adapter
-//! and a few scalar metrics leave this function.
+//! model with the global adapter attached, SFT, DPO, KTO, GRPO or distillation (from a teacher
+//! the site holds) on the client's private data for the plan's local steps, then evaluation on
+//! the client's held-out data. Only the adapter and a few scalar metrics leave this function.
 
 use fedtune_aggregation::Adapter;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
-use fedtune_engine::data::EncodedFeedback;
+use fedtune_engine::data::{EncodedCompletion, EncodedFeedback};
 use fedtune_engine::device::Device;
 use fedtune_engine::error::Error;
 use fedtune_engine::rewards::Rewards;
 use fedtune_engine::tokenizer::EncodedPair;
+use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
 use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
 use fedtune_engine::train::kto::{KtoObjective, KtoOptions};
@@ -37,6 +38,8 @@ pub struct LocalData {
     pub feedback: Vec<EncodedFeedback>,
     /// Prompts for GRPO rounds.
     pub prompts: PromptData,
+    /// The teacher and the prompts with completions of distillation rounds.
+    pub distill: DistillData,
     /// Padding id.
     pub pad: u32,
     /// How this site trains locally (its own choice; the plan fixes the federation's settings).
@@ -59,6 +62,30 @@ impl std::fmt::Debug for PromptData {
         f.debug_struct("PromptData")
             .field("prompts", &self.prompts.len())
             .field("stop_ids", &self.stop_ids)
+            .finish()
+    }
+}
+
+/// What a client distils from in distillation rounds: its own teacher (never leaves the site;
+/// it shares the base model's tokenizer) and its prompts with completions.
+#[derive(Clone, Default)]
+pub struct DistillData {
+    /// The teacher, on the host.
+    pub teacher: Option<std::sync::Arc<LlamaModel>>,
+    /// Prompts with the data's completions (sampled ones replace them on-policy).
+    pub examples: Vec<EncodedCompletion>,
+    /// Held-out prompts with completions (the round's eval_loss is the divergence on them).
+    pub eval: Vec<EncodedCompletion>,
+    /// Ids that end a sampled completion.
+    pub stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for DistillData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistillData")
+            .field("teacher", &self.teacher.is_some())
+            .field("examples", &self.examples.len())
+            .field("eval", &self.eval.len())
             .finish()
     }
 }
@@ -279,7 +306,7 @@ fn grpo_training(
     })
 }
 
-/// The round's SFT, DPO or KTO on `model` (the global adapter attached): the run's summary and
+/// The round's SFT, DPO, KTO or distillation on `model` (the global adapter attached): the run's summary and
 /// the number of examples (the FedAvg weight).
 fn local_training<M: TrainModel>(
     model: &mut M,
@@ -337,6 +364,45 @@ fn local_training<M: TrainModel>(
             );
             let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, data.feedback.len() as u64)
+        }
+        Phase::Distill => {
+            let d = &data.distill;
+            let teacher = d.teacher.as_deref().ok_or_else(|| {
+                Error::Invalid(
+                    "this client has no teacher for distillation rounds (teacher in client.toml)"
+                        .into(),
+                )
+            })?;
+            if d.examples.is_empty() {
+                return Err(Error::Invalid(
+                    "this client has no prompts with completions for distillation rounds \
+                     (distill_data or train_data in client.toml)"
+                        .into(),
+                ));
+            }
+            let p = h.distill.as_deref().cloned().unwrap_or_default();
+            let opts = DistillOptions {
+                beta: p.beta,
+                lmbda: p.lmbda,
+                temperature: p.temperature,
+                max_new_tokens: p.max_new_tokens as usize,
+                seq_kd: p.seq_kd,
+                max_length: data.local.max_length.max(2),
+                ..DistillOptions::default()
+            };
+            let objective = DistillObjective::new(
+                teacher,
+                model.config().vocab_size,
+                opts,
+                d.examples.clone(),
+                d.eval.clone(),
+                h.batch_size,
+                data.pad,
+                d.stop_ids.clone(),
+                h.seed,
+            )?;
+            let s = train(model, &run, &objective, &mut NoCallback)?;
+            (s, d.examples.len() as u64)
         }
         Phase::Grpo => {
             return Err(Error::Invalid(

@@ -140,6 +140,7 @@ mod tests {
             beta: 0.1,
             seed: 0,
             grpo: None,
+            distill: None,
         };
         let strategy = fedtune_aggregation::strategy::StrategyConfig::new(
             fedtune_aggregation::strategy::Rule::FedAvgExact,
@@ -185,6 +186,7 @@ mod tests {
             beta: 0.1,
             seed: 0,
             grpo: None,
+            distill: None,
         };
         let cfg: CoordConfig = serde_json::from_value(serde_json::json!({
             "federation": "f", "rounds": 2, "phase": "sft", "hyper": hyper(1.0),

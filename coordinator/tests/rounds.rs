@@ -40,6 +40,7 @@ fn config(ids: &[Identity]) -> CoordConfig {
             beta: 0.1,
             seed: 0,
             grpo: None,
+            distill: None,
         },
         (2, 8.0),
         strategy,

@@ -24,7 +24,7 @@ pub mod tls;
 pub use envelope::{Digest, Header, PayloadKind, SignedHeader, digest};
 pub use error::{ProtocolError, Result};
 pub use identity::{Identity, PublicKey};
-pub use messages::{GrpoPlan, Hyper, Phase, RoundPlan, ToClient, ToCoordinator};
+pub use messages::{DistillPlan, GrpoPlan, Hyper, Phase, RoundPlan, ToClient, ToCoordinator};
 pub use rejection::Rejection;
 
 /// The protocol version this build speaks.

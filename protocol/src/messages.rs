@@ -23,6 +23,53 @@ pub enum Phase {
     Kto,
     /// GRPO on each client's own prompts, scored by the rewards the plan names.
     Grpo,
+    /// Knowledge distillation from a teacher each client holds locally (appended last).
+    Distill,
+}
+
+/// The distillation settings every client of a `distill` phase uses (TRL `GKDConfig`'s names
+/// and defaults). Each client's teacher stays on its site; it must share the base model's
+/// tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillPlan {
+    /// Generalized JSD interpolation: 0 = KL(teacher‖student), 1 = KL(student‖teacher).
+    #[serde(default = "half")]
+    pub beta: f64,
+    /// Share of micro-batches trained on the student's own samples.
+    #[serde(default = "half")]
+    pub lmbda: f64,
+    /// Sampling temperature of generated completions.
+    #[serde(default = "default_distill_temperature")]
+    pub temperature: f64,
+    /// Longest generated completion in tokens.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: u32,
+    /// Off-policy micro-batches train on the teacher's samples (sequence-level KD).
+    #[serde(default)]
+    pub seq_kd: bool,
+}
+
+impl Default for DistillPlan {
+    fn default() -> Self {
+        DistillPlan {
+            beta: half(),
+            lmbda: half(),
+            temperature: default_distill_temperature(),
+            max_new_tokens: default_new_tokens(),
+            seq_kd: false,
+        }
+    }
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn default_distill_temperature() -> f64 {
+    0.9
+}
+fn default_new_tokens() -> u32 {
+    128
 }
 
 /// The GRPO settings every client of a `grpo` phase uses (TRL's names): the plan names the
@@ -90,6 +137,9 @@ pub struct Hyper {
     /// GRPO's settings (GRPO phase; boxed: most plans have none).
     #[serde(default)]
     pub grpo: Option<Box<GrpoPlan>>,
+    /// Distillation's settings (distill phase).
+    #[serde(default)]
+    pub distill: Option<Box<DistillPlan>>,
 }
 
 /// What a sampled client must do in a round.
@@ -99,7 +149,7 @@ pub struct RoundPlan {
     pub federation: String,
     /// Round number (1-based).
     pub round: u64,
-    /// SFT, DPO, KTO or GRPO.
+    /// SFT, DPO, KTO, GRPO or distillation.
     pub phase: Phase,
     /// Hyperparameters.
     pub hyper: Hyper,

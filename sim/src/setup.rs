@@ -81,6 +81,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             eval_pairs,
             feedback: Vec::new(),
             prompts: Default::default(),
+            distill: Default::default(),
             pad: tok.pad_id,
             local: Default::default(),
         },
@@ -144,6 +145,7 @@ fn hyper(s: &StageSection, seed: u64) -> Hyper {
         beta: s.beta,
         seed,
         grpo: None,
+        distill: None,
     }
 }
 

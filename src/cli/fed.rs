@@ -53,6 +53,10 @@ struct LocalFile {
     /// GRPO phase: the rewards and sampling every client uses (`[local.grpo]`).
     #[serde(default)]
     grpo: Option<fedtune_protocol::GrpoPlan>,
+    /// Distillation phase: TRL GKDConfig's settings every client uses (`[local.distill]`;
+    /// TRL's defaults without it).
+    #[serde(default)]
+    distill: Option<fedtune_protocol::DistillPlan>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +75,7 @@ impl LocalFile {
             beta: self.beta,
             seed: self.seed,
             grpo: self.grpo.clone().map(Box::new),
+            distill: self.distill.clone().map(Box::new),
         }
     }
 }
@@ -194,6 +199,16 @@ struct ClientFile {
     /// Prompts (with the fields the plan's rewards read) for GRPO rounds.
     #[serde(default)]
     prompt_data: Option<PathBuf>,
+    /// The teacher of distillation rounds (a model directory or GGUF file sharing the base
+    /// model's tokenizer); it stays on this site.
+    #[serde(default)]
+    teacher: Option<PathBuf>,
+    /// A PEFT adapter applied to the teacher.
+    #[serde(default)]
+    teacher_adapter: Option<PathBuf>,
+    /// Prompts with completions for distillation rounds (default: train_data).
+    #[serde(default)]
+    distill_data: Option<PathBuf>,
     #[serde(default)]
     log: Option<PathBuf>,
     #[serde(default = "default_payload")]
@@ -314,6 +329,18 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
             .map(|(i, s)| (s.phase, &s.local, format!("then[{i}].local"))),
     );
     for (p, local, where_) in stages {
+        if p == Phase::Distill {
+            let d = local.distill.clone().unwrap_or_default();
+            fedtune_engine::train::distill::DistillOptions {
+                beta: d.beta,
+                lmbda: d.lmbda,
+                temperature: d.temperature,
+                max_new_tokens: d.max_new_tokens as usize,
+                ..Default::default()
+            }
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{file}: {where_}.distill: {e}"))?;
+        }
         if p == Phase::Grpo {
             let g = local.grpo.as_ref().with_context(|| {
                 format!("{file}: phase grpo needs [{where_}.grpo] with its rewards")
@@ -551,6 +578,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             .transpose()?
             .unwrap_or_default(),
         prompts: Default::default(),
+        distill: Default::default(),
         pad: m.tokenizer.pad_id,
         local: LocalTraining {
             gradient_accumulation_steps: f.gradient_accumulation_steps,
@@ -560,6 +588,9 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         },
     };
     let mut data = data;
+    if let Some(t) = &f.teacher {
+        data.distill = distill_data(&f, &file, t, &m, opts)?;
+    }
     if let Some(p) = &f.prompt_data {
         data.prompts.prompts = fedtune_engine::train::grpo::load_prompts(p, &m.tokenizer)
             .with_context(|| format!("{file}: prompt_data"))?;
@@ -603,4 +634,56 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let hex = hex::encode(digest);
     println!("federation finished; final global adapter blake3 {hex}");
     Ok(())
+}
+
+/// A client's teacher (on the host) and its prompts with completions for distillation
+/// rounds: `distill_data`, else `train_data`; held out: `eval_data`.
+fn distill_data(
+    f: &ClientFile,
+    file: &str,
+    teacher: &Path,
+    m: &fedtune_engine::LoadedModel,
+    opts: LoadOptions,
+) -> anyhow::Result<fedtune_client::trainer::DistillData> {
+    let mut t = fedtune_engine::load_model(teacher, &Device::flex(), DType::F32)
+        .with_context(|| format!("{file}: teacher: loading {}", teacher.display()))?;
+    if let Some(d) = m.tokenizer.vocabulary_difference(&t.tokenizer) {
+        bail!(
+            "{file}: teacher {}: its tokenizer is not the base model's ({d}); distillation \
+             compares next-token distributions token for token",
+            teacher.display()
+        );
+    }
+    if let Some(a) = &f.teacher_adapter {
+        let adapter = fedtune_engine::PeftAdapter::load(a)
+            .with_context(|| format!("{file}: teacher_adapter: loading {}", a.display()))?;
+        t.model
+            .attach_adapter(&adapter)
+            .with_context(|| format!("{file}: teacher_adapter: applying {}", a.display()))?;
+    }
+    let encode = |p: &Path| -> anyhow::Result<_> {
+        let (examples, dropped) =
+            Dataset::load(p, opts)?.encode_completions(&m.tokenizer, f.max_length)?;
+        if dropped > 0 {
+            eprintln!(
+                "{}: {dropped} examples dropped: the completion alone fills max_length {}",
+                p.display(),
+                f.max_length
+            );
+        }
+        Ok(examples)
+    };
+    let mut stop_ids = m.model.config.eos_token_ids.clone();
+    stop_ids.extend(m.tokenizer.eos_id);
+    Ok(fedtune_client::trainer::DistillData {
+        teacher: Some(Arc::new(t.model)),
+        examples: encode(f.distill_data.as_deref().unwrap_or(&f.train_data))?,
+        eval: f
+            .eval_data
+            .as_deref()
+            .map(encode)
+            .transpose()?
+            .unwrap_or_default(),
+        stop_ids,
+    })
 }
