@@ -1,6 +1,7 @@
 //! Whole GPU training runs against the host engine: 20 SFT steps and 5 DPO steps against the
 //! host's loss curve with checkpoints resumed across devices, bf16 and fp16 (loss-scaled) mixed
-//! precision against f32, and gradient checkpointing against the plain run. Runs where a CUDA device is found
+//! precision against f32, gradient checkpointing against the plain run, and a distillation step
+//! (student and teacher on the GPU) against the host's. Runs where a CUDA device is found
 //! (`scripts/gpu_check.sh`); elsewhere every test says so and passes, unless
 //! `FEDTUNE_REQUIRE_GPU=1`.
 
@@ -288,5 +289,90 @@ fn twenty_bf16_and_fp16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
                 "{name} training lowers the loss"
             );
         }
+    }
+}
+
+/// A distillation step on the GPU (student and teacher there) against the host's: the same
+/// divergence (the teacher's and the student's heads read in chunks there) and LoRA gradients.
+#[test]
+fn a_distillation_step_on_the_gpu_matches_the_host() {
+    use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
+    use fedtune_engine::train::sft::Objective;
+    use fedtune_engine::train::step::StepOptions;
+    let Some(g) = gpu() else { return };
+    let m = tiny_loaded();
+    let teacher = tiny_loaded().model;
+    let mut student = tiny_loaded().model;
+    let a = PeftAdapter::load(&repo().join("testdata/tiny-llama/adapter")).unwrap();
+    student.attach_adapter(&a).unwrap();
+    let gpu_teacher = CudaModel::from_host(&teacher, g.clone(), Dt::F32).unwrap();
+    let gpu_student = CudaModel::from_host(&student, g.clone(), Dt::F32).unwrap();
+    let data = Dataset::load(
+        &repo().join("testdata/gkd/chat.jsonl"),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let (examples, _) = data.encode_completions(&m.tokenizer, 1024).unwrap();
+    let opts = DistillOptions {
+        lmbda: 0.0,
+        ..DistillOptions::default()
+    };
+    let host_obj = DistillObjective::new(
+        &teacher,
+        student.config.vocab_size,
+        opts,
+        examples.clone(),
+        Vec::new(),
+        3,
+        m.tokenizer.pad_id,
+        vec![],
+        0,
+    )
+    .unwrap();
+    let gpu_obj = DistillObjective::new(
+        &gpu_teacher,
+        student.config.vocab_size,
+        opts,
+        examples.clone(),
+        Vec::new(),
+        3,
+        m.tokenizer.pad_id,
+        vec![],
+        0,
+    )
+    .unwrap();
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let micro = Objective::<fedtune_engine::LlamaModel>::batches(&host_obj, &order);
+    let want = host_obj
+        .step(
+            &student,
+            &micro[..1],
+            &Trainable::lora(),
+            &StepOptions::default(),
+        )
+        .unwrap();
+    let got = gpu_obj
+        .step(
+            &gpu_student,
+            &micro[..1],
+            &Trainable::lora(),
+            &StepOptions::default(),
+        )
+        .unwrap();
+    println!("distillation loss: GPU {} vs host {}", got.loss, want.loss);
+    assert!(
+        (got.loss - want.loss).abs() < 1e-4,
+        "{} vs {}",
+        got.loss,
+        want.loss
+    );
+    assert_eq!(got.grads.len(), want.grads.len());
+    for (name, w) in &want.grads {
+        check(
+            &format!("distillation: {name}"),
+            &g.download(&got.grads[name]).unwrap(),
+            &host(w),
+            1e-3,
+        );
     }
 }
