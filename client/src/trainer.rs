@@ -261,7 +261,9 @@ fn grpo_training(
                 "this client has no prompts for GRPO rounds (prompt_data in client.toml)".into(),
             )
         })?;
-    let rewards = Rewards::parse(&g.rewards, &g.reward_weights)?;
+    let mut rewards = Rewards::parse(&g.rewards, &g.reward_weights)?;
+    // A reward model the plan names is this site's own copy, on the base model.
+    rewards.load_models(&model.without_adapter(), &tokenizer)?;
     let opts = GrpoOptions {
         num_generations: g.num_generations as usize,
         max_completion_length: g.max_completion_length as usize,

@@ -17,6 +17,9 @@
 //! - `command:PROGRAM [ARGS…]`: a program of the site's own, run once per batch: it reads one
 //!   JSON object per line on stdin (`prompt`, `completion` and the example's other fields) and
 //!   writes one number per line on stdout, within a timeout (default 30 s).
+//! - `reward_model:DIR`: the score of a reward model trained with `fedtune train reward` (DIR,
+//!   its adapter) on the run's base model, of the prompt and the completion
+//!   ([`crate::train::reward::RewardModel`]; loaded by [`Rewards::load_models`]).
 //!
 //! A completion wrapped in a Markdown code fence (```` ```json … ``` ````) is read without it by
 //! the JSON rewards.
@@ -34,6 +37,8 @@ use crate::error::{Error, Result};
 pub struct RewardInput<'a> {
     /// The prompt as text (a conversation's rendered prompt).
     pub prompt: &'a str,
+    /// A conversation's messages (`None` for a text prompt).
+    pub messages: Option<&'a [crate::template::Message]>,
     /// The generated completion.
     pub completion: &'a str,
     /// The example's other fields (a reference answer, a schema name, ...).
@@ -77,6 +82,13 @@ pub enum RewardFn {
         argv: Vec<String>,
         /// Longest run per batch.
         timeout: Duration,
+    },
+    /// A reward model's score.
+    Model {
+        /// The reward model's adapter directory.
+        path: PathBuf,
+        /// The model, once loaded on the run's base ([`Rewards::load_models`]).
+        model: Option<Box<crate::train::reward::RewardModel>>,
     },
 }
 
@@ -171,10 +183,15 @@ impl RewardFn {
                     timeout: Duration::from_secs(30),
                 }
             }
+            ("reward_model", Some(dir)) if !dir.is_empty() => RewardFn::Model {
+                path: PathBuf::from(dir),
+                model: None,
+            },
             _ => {
                 return Err(bad(
                     "unknown reward (json_valid, json_schema:FILE, field_match[:FIELD], \
-                     exact_match[:FIELD], regex:PATTERN, length:MIN:MAX, command:PROGRAM)"
+                     exact_match[:FIELD], regex:PATTERN, length:MIN:MAX, command:PROGRAM, \
+                     reward_model:DIR)"
                         .into(),
                 ));
             }
@@ -191,6 +208,7 @@ impl RewardFn {
             RewardFn::Regex(_) => "regex",
             RewardFn::Length { .. } => "length",
             RewardFn::Command { .. } => "command",
+            RewardFn::Model { .. } => "reward_model",
         }
     }
 
@@ -198,6 +216,11 @@ impl RewardFn {
     pub fn score(&self, inputs: &[RewardInput<'_>]) -> Result<Vec<f32>> {
         match self {
             RewardFn::Command { argv, timeout } => run_command(argv, *timeout, inputs),
+            RewardFn::Model { model: Some(m), .. } => m.score(inputs),
+            RewardFn::Model { path, model: None } => Err(Error::Invalid(format!(
+                "reward_model:{}: the reward model is not loaded (Rewards::load_models)",
+                path.display()
+            ))),
             _ => Ok(inputs.iter().map(|i| self.score_one(i)).collect()),
         }
     }
@@ -249,7 +272,9 @@ impl RewardFn {
                 };
                 -((d as f32 / (*max).max(1) as f32).min(1.0))
             }
-            RewardFn::Command { .. } => unreachable!("scored per batch"),
+            RewardFn::Command { .. } | RewardFn::Model { .. } => {
+                unreachable!("scored per batch")
+            }
         }
     }
 
@@ -396,6 +421,25 @@ impl Rewards {
         Ok(Rewards { fns })
     }
 
+    /// Loads every `reward_model:DIR` reward onto `base` (the run's base model; its own
+    /// adapter is left out), tokenising with `tokenizer`.
+    pub fn load_models(
+        &mut self,
+        base: &crate::LlamaModel,
+        tokenizer: &std::sync::Arc<crate::Tokenizer>,
+    ) -> Result<()> {
+        for (f, _) in &mut self.fns {
+            if let RewardFn::Model { path, model } = f {
+                *model = Some(Box::new(crate::train::reward::RewardModel::load(
+                    base,
+                    tokenizer.clone(),
+                    path,
+                )?));
+            }
+        }
+        Ok(())
+    }
+
     /// Scores a batch.
     pub fn score(&self, inputs: &[RewardInput<'_>]) -> Result<Scored> {
         let each: Vec<Vec<f32>> = self
@@ -423,6 +467,7 @@ mod tests {
     fn input<'a>(completion: &'a str, fields: &'a Map<String, Value>) -> RewardInput<'a> {
         RewardInput {
             prompt: "Note: 71-year-old woman, fever.",
+            messages: None,
             completion,
             fields,
         }

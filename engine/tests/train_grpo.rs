@@ -152,6 +152,7 @@ fn grpo_training_raises_the_reward() {
         .map(|t| GrpoPrompt {
             ids: tok.encode_with_special(t).unwrap(),
             text: t.to_string(),
+            messages: None,
             fields: Default::default(),
         })
         .collect();

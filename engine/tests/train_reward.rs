@@ -179,3 +179,91 @@ fn reward_training_separates_the_pairs_and_saves_a_peft_sequence_classifier() {
     assert!((again - after).abs() < 1e-9, "{again} vs {after}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `reward_model:DIR` as a GRPO reward: the reward model on the base model scores prompt +
+/// completion as `score_pairs` scores the same pair's chosen side (TRL tokenises a reward
+/// model's conversations through the chat template in both trainers; text as prompt +
+/// completion, where the EOS RewardTrainer appends is padding the score skips); an adapter
+/// without a score head is refused.
+#[test]
+fn a_reward_model_scores_grpo_completions_as_it_scores_pairs() {
+    use fedtune_engine::rewards::{RewardInput, Rewards};
+    use fedtune_engine::train::reward::score_pairs;
+    use serde_json::Map;
+    let loaded = tiny();
+    let tok = std::sync::Arc::new(loaded.tokenizer);
+    let dir = testdata().join("reward/start_adapter");
+    let mut rewards = Rewards::parse(&[format!("reward_model:{}", dir.display())], &[]).unwrap();
+    // Loaded onto a model that carries another adapter: that one is left out.
+    let mut base = loaded.model.clone();
+    base.attach_adapter(&PeftAdapter::load(&testdata().join("tiny-llama/adapter")).unwrap())
+        .unwrap();
+    rewards.load_models(&base, &tok).unwrap();
+    let rm = start_model();
+    let none = Map::new();
+    for file in ["reward/chat.jsonl", "reward/text.jsonl"] {
+        let data = Dataset::load(&testdata().join(file), LoadOptions::default()).unwrap();
+        let (pairs, _) = data.encode_reward_pairs(&tok, None).unwrap();
+        let want = score_pairs(&rm, &pairs, 4, tok.pad_id).unwrap();
+        let raw: Vec<Value> = std::fs::read_to_string(testdata().join(file))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let prompts: Vec<(
+            String,
+            Option<Vec<fedtune_engine::template::Message>>,
+            String,
+        )> = raw
+            .iter()
+            .map(|r| match &r["prompt"] {
+                Value::String(p) => (p.clone(), None, r["chosen"].as_str().unwrap().to_string()),
+                msgs => {
+                    let m: Vec<fedtune_engine::template::Message> =
+                        serde_json::from_value(msgs.clone()).unwrap();
+                    let text = tok.render(&m, true).unwrap();
+                    let c = r["chosen"][0]["content"].as_str().unwrap().to_string();
+                    (text, Some(m), c)
+                }
+            })
+            .collect();
+        let inputs: Vec<RewardInput<'_>> = prompts
+            .iter()
+            .map(|(p, m, c)| RewardInput {
+                prompt: p,
+                messages: m.as_deref(),
+                completion: c,
+                fields: &none,
+            })
+            .collect();
+        let got = rewards.score(&inputs).unwrap();
+        assert_eq!(got.total.len(), want.len());
+        for (k, (g, (w, _))) in got.each[0].iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() < 1e-4,
+                "{file} {k}: {g} vs the pair's {w}"
+            );
+        }
+    }
+    // An adapter without a score head is not a reward model.
+    let mut not_rm = Rewards::parse(
+        &[format!(
+            "reward_model:{}",
+            testdata().join("tiny-llama/adapter").display()
+        )],
+        &[],
+    )
+    .unwrap();
+    let err = not_rm.load_models(&base, &tok).unwrap_err().to_string();
+    assert!(err.contains("not a reward model"), "{err}");
+    // Scoring before loading names the reward.
+    let unloaded = Rewards::parse(&["reward_model:x".to_string()], &[]).unwrap();
+    let i = RewardInput {
+        prompt: "p",
+        messages: None,
+        completion: "c",
+        fields: &none,
+    };
+    let err = unloaded.score(&[i]).unwrap_err().to_string();
+    assert!(err.contains("reward_model:x"), "{err}");
+}

@@ -32,7 +32,8 @@ pub struct GrpoArgs {
     #[command(flatten)]
     run: RunArgs,
     /// A reward function, repeatable: json_valid, json_schema:FILE, field_match[:FIELD],
-    /// exact_match[:FIELD], regex:PATTERN, length:MIN:MAX, command:PROGRAM.
+    /// exact_match[:FIELD], regex:PATTERN, length:MIN:MAX, command:PROGRAM, reward_model:DIR
+    /// (a `fedtune train reward` adapter, on this run's base model).
     #[arg(long = "reward", required = true)]
     rewards: Vec<String>,
     /// One weight per reward, comma-separated (TRL's `reward_weights`; default 1 each).
@@ -162,7 +163,7 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         a.run.eval_data.is_none() && cfg.eval_split.is_none(),
         "train grpo does not evaluate on held-out prompts yet: the log's reward is its measure"
     );
-    let rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
+    let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
     let prompts = load_prompts(&a.run.data, &tokenizer)
@@ -203,6 +204,8 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
             .join(" + ")
     );
     let tokenizer = Arc::new(tokenizer);
+    // Reward models score on the run's base (the SFT adapter merged, the policy's left out).
+    rewards.load_models(host, &tokenizer)?;
     let objective = GrpoObjective::new(
         prompts,
         rewards,

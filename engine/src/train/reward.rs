@@ -192,14 +192,9 @@ impl RewardObjective {
     }
 }
 
-/// Rewards `(r_c, r_r)` of `pairs` under the reward model `model`, `batch_size` pairs at a time.
-pub fn score_pairs<M: TrainModel>(
-    model: &M,
-    pairs: &[RewardPair],
-    batch_size: usize,
-    pad: u32,
-) -> Result<Vec<(f64, f64)>> {
-    let w = score_weights(model)?;
+/// The rewards of the rows of `b` (one target per row) under the score head `w`, without
+/// gradients.
+fn batch_rewards<M: TrainModel>(model: &M, b: &StepBatch, w: &[f32]) -> Vec<f64> {
     let nothing = Trainable {
         lora: false,
         first_full_layer: None,
@@ -211,19 +206,119 @@ pub fn score_pairs<M: TrainModel>(
         hidden_head: true,
         ..StepOptions::default()
     };
+    let fwd = forward(model, b, &nothing, &options);
+    let h = fwd
+        .target_hidden(model)
+        .expect("kept for the caller's head");
+    rewards_of(&h, w)
+}
+
+/// Rewards `(r_c, r_r)` of `pairs` under the reward model `model`, `batch_size` pairs at a time.
+pub fn score_pairs<M: TrainModel>(
+    model: &M,
+    pairs: &[RewardPair],
+    batch_size: usize,
+    pad: u32,
+) -> Result<Vec<(f64, f64)>> {
+    let w = score_weights(model)?;
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&RewardPair> = chunk.iter().collect();
-        let b = pair_batch(&refs, pad);
-        let fwd = forward(model, &b, &nothing, &options);
-        let h = fwd
-            .target_hidden(model)
-            .expect("kept for the caller's head");
-        let r = rewards_of(&h, &w);
+        let r = batch_rewards(model, &pair_batch(&refs, pad), &w);
         let n = chunk.len();
         out.extend((0..n).map(|k| (r[k], r[n + k])));
     }
     Ok(out)
+}
+
+/// The rewards of token sequences under the reward model `model`, `batch_size` at a time.
+pub fn score_sequences<M: TrainModel>(
+    model: &M,
+    seqs: &[Vec<u32>],
+    batch_size: usize,
+    pad: u32,
+) -> Result<Vec<f64>> {
+    let w = score_weights(model)?;
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let rows: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        out.extend(batch_rewards(model, &score_batch(&rows, pad), &w));
+    }
+    Ok(out)
+}
+
+/// A reward model as a reward function of GRPO (TRL's `reward_funcs` given a sequence
+/// classifier): the base model with a `fedtune train reward` adapter (LoRA factors and score
+/// head). A completion's reward is the score of its prompt and itself, tokenised as TRL's
+/// `GRPOTrainer` tokenises them for a reward model: a conversation's messages with the
+/// completion as the assistant's turn through the chat template, or prompt text + completion
+/// text, without special tokens added.
+pub struct RewardModel {
+    model: crate::LlamaModel,
+    tokenizer: std::sync::Arc<crate::Tokenizer>,
+    /// Where the adapter came from (for messages).
+    pub path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for RewardModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RewardModel")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl RewardModel {
+    /// The reward model of the adapter at `path` on `base` (its own adapter, if any, left
+    /// out), tokenising with `tokenizer`.
+    pub fn load(
+        base: &crate::LlamaModel,
+        tokenizer: std::sync::Arc<crate::Tokenizer>,
+        path: &std::path::Path,
+    ) -> Result<Self> {
+        let adapter = crate::PeftAdapter::load(path)?;
+        if adapter.score().is_none() {
+            return Err(Error::Invalid(format!(
+                "{}: not a reward model (no score head): train one with `fedtune train reward`",
+                path.display()
+            )));
+        }
+        let mut model = base.without_adapter();
+        model.attach_adapter(&adapter).map_err(|e| {
+            Error::Invalid(format!(
+                "{}: applying the reward model: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(RewardModel {
+            model,
+            tokenizer,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The reward of each completion of its prompt.
+    pub fn score(&self, inputs: &[crate::rewards::RewardInput<'_>]) -> Result<Vec<f32>> {
+        let tok = &self.tokenizer;
+        let seqs: Vec<Vec<u32>> = inputs
+            .iter()
+            .map(|i| match i.messages {
+                Some(m) => {
+                    let mut all = m.to_vec();
+                    all.push(crate::template::Message::new(
+                        "assistant",
+                        i.completion.to_string(),
+                    ));
+                    tok.encode(&tok.render(&all, false)?)
+                }
+                None => tok.encode(&format!("{}{}", i.prompt, i.completion)),
+            })
+            .collect::<Result<_>>()?;
+        Ok(score_sequences(&self.model, &seqs, 8, tok.pad_id)?
+            .into_iter()
+            .map(|r| r as f32)
+            .collect())
+    }
 }
 
 impl<M: TrainModel> Objective<M> for RewardObjective {

@@ -150,6 +150,8 @@ pub struct GrpoPrompt {
     pub ids: Vec<u32>,
     /// The prompt as text.
     pub text: String,
+    /// A conversation's messages (`None` for a text prompt).
+    pub messages: Option<Vec<crate::template::Message>>,
     /// The record's other fields.
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
@@ -197,8 +199,8 @@ pub fn load_prompts(
         let prompt = fields
             .remove("prompt")
             .ok_or_else(|| data_err(line, "no `prompt` field".into()))?;
-        let (ids, text) = match prompt {
-            serde_json::Value::String(s) => (tok.encode_with_special(&s)?, s),
+        let (ids, text, messages) = match prompt {
+            serde_json::Value::String(s) => (tok.encode_with_special(&s)?, s, None),
             serde_json::Value::Array(_) => {
                 let msgs: Vec<crate::template::Message> =
                     serde_json::from_value(prompt).map_err(|e| {
@@ -207,7 +209,7 @@ pub fn load_prompts(
                 let text = tok
                     .render(&msgs, true)
                     .map_err(|e| data_err(line, e.to_string()))?;
-                (tok.encode(&text)?, text)
+                (tok.encode(&text)?, text, Some(msgs))
             }
             _ => {
                 return Err(data_err(
@@ -219,7 +221,12 @@ pub fn load_prompts(
         if ids.is_empty() {
             return Err(data_err(line, "the prompt is empty".into()));
         }
-        out.push(GrpoPrompt { ids, text, fields });
+        out.push(GrpoPrompt {
+            ids,
+            text,
+            messages,
+            fields,
+        });
     }
     Ok(out)
 }
@@ -329,6 +336,7 @@ impl GrpoObjective {
             .zip(&texts)
             .map(|(p, t)| crate::rewards::RewardInput {
                 prompt: &self.prompts[p].text,
+                messages: self.prompts[p].messages.as_deref(),
                 completion: t,
                 fields: &self.prompts[p].fields,
             })
