@@ -125,7 +125,11 @@ pub fn generate<B: Backend>(
 
 /// `n` sampled continuations of `prompt` (GRPO's group): the prompt is run once and its KV
 /// cache shared by every continuation; each stops at a stop id (kept) or after
-/// `cfg.max_new_tokens`. One RNG stream from `cfg.seed` draws all of them in turn.
+/// `cfg.max_new_tokens`. Where the device repeats a cache ([`Backend::cache_repeat`]: the host)
+/// the `n` continuations decode together as one batch of `n` rows, one token each per forward
+/// pass (finished rows run along until every row is done, as transformers' `generate` pads
+/// them); one RNG stream from `cfg.seed` draws each step's tokens in row order. Elsewhere they
+/// decode one after the other from a copy of the prompt's cache.
 pub fn generate_group<B: Backend>(
     model: &B,
     prompt: &[u32],
@@ -138,7 +142,7 @@ where
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut prefilled = model.new_cache();
     let len = prompt.len();
-    if len == 0 || cfg.max_new_tokens == 0 {
+    if len == 0 || cfg.max_new_tokens == 0 || n == 0 {
         return vec![Vec::new(); n];
     }
     let positions = Positions::Range {
@@ -156,6 +160,9 @@ where
         Some(&mut prefilled),
     );
     let first_logits = model.row_logits(&hidden, &[len - 1]);
+    if let Some(cache) = model.cache_repeat(&prefilled, n) {
+        return decode_together(model, cache, &first_logits, n, cfg, &mut rng);
+    }
     (0..n)
         .map(|_| {
             let mut cache = prefilled.clone();
@@ -178,6 +185,44 @@ where
             out
         })
         .collect()
+}
+
+/// The `n` rows of a group decoded as one batch from `cache` (the prompt's, repeated), each
+/// starting from a sample of `first_logits`.
+fn decode_together<B: Backend>(
+    model: &B,
+    mut cache: B::Cache,
+    first_logits: &[f32],
+    n: usize,
+    cfg: &GenerationConfig,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<u32>> {
+    let vocab = first_logits.len();
+    let mut out = vec![Vec::new(); n];
+    let mut done = vec![false; n];
+    let mut next: Vec<u32> = (0..n).map(|_| sample(first_logits, cfg, rng)).collect();
+    loop {
+        for k in 0..n {
+            if !done[k] {
+                out[k].push(next[k]);
+                done[k] = cfg.stop_ids.contains(&next[k]) || out[k].len() >= cfg.max_new_tokens;
+            }
+        }
+        let live: Vec<usize> = (0..n).filter(|&k| !done[k]).collect();
+        if live.is_empty() {
+            return out;
+        }
+        let positions = Positions::Range {
+            start: B::cache_seen(&cache),
+            len: 1,
+            batch: n,
+        };
+        let hidden = forward(model, &next, n, 1, &positions, None, Some(&mut cache));
+        let logits = model.row_logits(&hidden, &live);
+        for (j, &k) in live.iter().enumerate() {
+            next[k] = sample(&logits[j * vocab..(j + 1) * vocab], cfg, rng);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -117,6 +117,13 @@ impl Backend for LlamaModel {
         cache.seen += len;
     }
 
+    fn cache_repeat(&self, cache: &KvCache, n: usize) -> Option<KvCache> {
+        Some(KvCache {
+            layers: cache.layers.iter().map(|l| l.repeat(n)).collect(),
+            seen: cache.seen,
+        })
+    }
+
     fn rope_tables(&self, positions: &Positions) -> HostRope {
         let (cos, sin) = self.rope.tables(positions, &self.device);
         // Other dtypes multiply the tables in the compute dtype, as transformers does

@@ -156,6 +156,11 @@ pub trait Backend {
     fn cache_seen(cache: &Self::Cache) -> usize;
     /// Marks `len` more positions as held (after every layer appended them).
     fn cache_advance(cache: &mut Self::Cache, len: usize);
+    /// `cache` (of one row) repeated as `n` rows, for rows that continue the same prefix in
+    /// one batch; `None` where the device does not do it (decoding then goes row by row).
+    fn cache_repeat(&self, _cache: &Self::Cache, _n: usize) -> Option<Self::Cache> {
+        None
+    }
     /// RoPE tables for `positions`.
     fn rope_tables(&self, positions: &Positions) -> Self::Rope;
     /// Embedding rows of `ids` `[n, hidden]`.

@@ -22,6 +22,16 @@ impl LayerCache {
         self.kv = Some((k.clone(), v.clone()));
         (k, v)
     }
+
+    /// This cache (of one row) as `n` identical rows.
+    pub fn repeat(&self, n: usize) -> LayerCache {
+        LayerCache {
+            kv: self
+                .kv
+                .as_ref()
+                .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n))),
+        }
+    }
 }
 
 /// The cache of a whole model.

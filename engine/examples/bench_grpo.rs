@@ -1,0 +1,105 @@
+//! GRPO steps (G = 4 completions per prompt, up to 64 new tokens, 8 completions per step,
+//! LoRA r=16 on all projections, β 0, `dapo` loss) through the real training loop with the
+//! `length:20:200` reward, on prompts from PROMPTS.jsonl; prints one JSON line with the median
+//! over steps 2..N, and the mean completion length.
+//!
+//! `cargo run --release -p fedtune-engine --example bench_grpo -- MODEL PROMPTS.jsonl [STEPS]`
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::{DType, Device};
+use fedtune_engine::load_model;
+use fedtune_engine::rewards::Rewards;
+use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, load_prompts};
+use fedtune_engine::train::lora::init_adapter;
+use fedtune_engine::train::sft::{LogEntry, RunOptions, TrainerState, train};
+use fedtune_engine::train::{Callback, TrainConfig};
+
+struct Timer {
+    last: Instant,
+    steps: Vec<f64>,
+    lengths: Vec<f64>,
+}
+
+impl Callback for Timer {
+    fn on_log(&mut self, e: &LogEntry, _: &TrainerState) {
+        self.steps.push(self.last.elapsed().as_secs_f64());
+        if let Some(l) = e.metrics.get("completions/mean_length") {
+            self.lengths.push(*l);
+        }
+        self.last = Instant::now();
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4);
+    let mut m = load_model(args[1].as_ref(), &Device::flex(), DType::F32)?;
+    let prompts = load_prompts(args[2].as_ref(), &m.tokenizer)?;
+    let opts = GrpoOptions {
+        num_generations: 4,
+        max_completion_length: 64,
+        ..GrpoOptions::default()
+    };
+    let batch = 8;
+    let cfg = TrainConfig {
+        lora_r: 16,
+        lora_alpha: 32.0,
+        learning_rate: 1e-6,
+        max_steps: Some(steps as u64),
+        per_device_train_batch_size: batch,
+        logging_steps: 1,
+        ..TrainConfig::default()
+    };
+    let a = init_adapter(&m.model, &cfg);
+    m.model.attach_weights(&a, 0.0)?;
+    let mut stop = m.model.config.eos_token_ids.clone();
+    stop.extend(m.tokenizer.eos_id);
+    let pad = m.tokenizer.pad_id;
+    let objective = GrpoObjective::new(
+        prompts,
+        Rewards::parse(&["length:20:200".to_string()], &[])?,
+        opts,
+        batch,
+        pad,
+        stop,
+        Arc::new(m.tokenizer),
+        cfg.seed,
+    );
+    let run = RunOptions {
+        config: &cfg,
+        output: None,
+        resume: None,
+        cancel: None,
+    };
+    let mut t = Timer {
+        last: Instant::now(),
+        steps: Vec::new(),
+        lengths: Vec::new(),
+    };
+    train(&mut m.model, &run, &objective, &mut t)?;
+    let mut rest = t.steps[1.min(t.steps.len() - 1)..].to_vec();
+    rest.sort_by(f64::total_cmp);
+    let secs = rest[rest.len() / 2];
+    let mean_length = t.lengths.iter().sum::<f64>() / t.lengths.len().max(1) as f64;
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "fedtune grpo",
+            "completions_per_step": batch, "steps": rest.len(),
+            "seconds_per_step": (secs * 1000.0).round() / 1000.0,
+            "completions_per_s": (batch as f64 / secs * 1000.0).round() / 1000.0,
+            "mean_completion_length": mean_length,
+            "peak_rss_mb": rss / 1024,
+        })
+    );
+    Ok(())
+}
