@@ -136,6 +136,10 @@ pub struct TrainOverrides {
     /// Log every N steps.
     #[arg(long)]
     pub logging_steps: Option<u64>,
+    /// Where logs go besides train_log.jsonl (transformers' `report_to`): `tensorboard`
+    /// writes TensorBoard event files under OUTPUT/runs/; `none` (the default) nothing more.
+    #[arg(long, value_delimiter = ',')]
+    pub report_to: Option<Vec<fedtune_engine::train::config::ReportTo>>,
     /// QLoRA: NF4 base projections.
     #[arg(long)]
     pub load_in_4bit: bool,
@@ -182,7 +186,8 @@ impl TrainOverrides {
             max_grad_norm,
             weight_decay,
             seed,
-            logging_steps
+            logging_steps,
+            report_to
         );
         macro_rules! opt {
             ($($f:ident),*) => { $(if self.$f.is_some() { c.$f = self.$f; })* };

@@ -72,6 +72,10 @@ pub struct TrainConfig {
     pub save_total_limit: Option<usize>,
     /// Log every this many steps.
     pub logging_steps: u64,
+    /// Where logs go besides `train_log.jsonl` (transformers' `report_to`: `"none"` or
+    /// `"tensorboard"`, one name or a list): TensorBoard event files under `<output>/runs/`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub report_to: Vec<ReportTo>,
     /// QLoRA: the base's projections in NF4.
     pub load_in_4bit: bool,
     /// Double-quantise NF4 scales.
@@ -98,6 +102,55 @@ pub struct TrainConfig {
     /// (transformers' `gradient_checkpointing`): the same gradients with the activation memory
     /// of one block, for about a third more compute.
     pub gradient_checkpointing: bool,
+}
+
+/// A destination of training logs (transformers' `report_to` values fedtune writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// Nothing besides `train_log.jsonl`.
+    None,
+    /// TensorBoard event files.
+    Tensorboard,
+}
+
+impl std::str::FromStr for ReportTo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ReportTo::None),
+            "tensorboard" => Ok(ReportTo::Tensorboard),
+            other => Err(format!(
+                "report_to {other:?}: fedtune writes `tensorboard` event files (or `none`); \
+                 train_log.jsonl is always written"
+            )),
+        }
+    }
+}
+
+/// `report_to` as transformers takes it: one name or a list of names.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ReportTo>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    names
+        .iter()
+        .map(|n| n.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+impl TrainConfig {
+    /// Whether TensorBoard event files are written.
+    pub fn reports_to_tensorboard(&self) -> bool {
+        self.report_to.contains(&ReportTo::Tensorboard)
+    }
 }
 
 impl Default for TrainConfig {
@@ -131,6 +184,7 @@ impl Default for TrainConfig {
             save_steps: None,
             save_total_limit: None,
             logging_steps: 1,
+            report_to: Vec::new(),
             load_in_4bit: false,
             bnb_4bit_use_double_quant: false,
             bf16: false,

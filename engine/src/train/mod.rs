@@ -17,6 +17,7 @@ pub mod reward;
 pub mod sft;
 pub mod state;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -161,6 +161,10 @@ pub fn train<M: TrainModel>(
     if let Some(p) = &log_path {
         checkpoint::rewrite_log(p, &state.log_history)?;
     }
+    let mut board = match run.output {
+        Some(o) if cfg.reports_to_tensorboard() => Some(super::tensorboard::Board::open(o)?),
+        _ => None,
+    };
     let dropout = model.lora_dropout() > 0.0;
     if cfg.fp16 && state.loss_scaler.is_none() {
         state.loss_scaler = Some(LossScaler::new(cfg.fp16_init_scale));
@@ -178,14 +182,18 @@ pub fn train<M: TrainModel>(
         cancelled: false,
     };
     let cancelled = || run.cancel.is_some_and(|c| c.load(Ordering::SeqCst));
-    let emit = |entry: LogEntry, state: &mut TrainerState, cb: &mut dyn Callback| -> Result<()> {
-        if let Some(p) = &log_path {
-            checkpoint::append_log(p, &entry)?;
-        }
-        cb.on_log(&entry, state);
-        state.log_history.push(entry);
-        Ok(())
-    };
+    let mut emit =
+        |entry: LogEntry, state: &mut TrainerState, cb: &mut dyn Callback| -> Result<()> {
+            if let Some(p) = &log_path {
+                checkpoint::append_log(p, &entry)?;
+            }
+            if let Some(b) = board.as_mut() {
+                b.log(&entry)?;
+            }
+            cb.on_log(&entry, state);
+            state.log_history.push(entry);
+            Ok(())
+        };
     'epochs: while state.global_step < total {
         let order = epoch_order(n_examples, cfg.seed, state.epoch);
         let batches = objective.batches(&order);
