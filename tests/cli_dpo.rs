@@ -149,6 +149,51 @@ fn sft_then_dpo_on_the_merged_sft_model_logs_trl_metrics() {
         log.iter().any(|e| e.get("eval_rewards/margins").is_some()),
         "{log:?}"
     );
+    // The chain applies itself: on the raw base, `eval` merges the recorded SFT adapter
+    // first, and gives what the DPO adapter gives on an exported SFT-merged model.
+    let held_out = root().join("testdata/demo/bank.jsonl");
+    let eval = |model: &str| -> (f64, String) {
+        let o = ok(&[
+            "eval",
+            "--model",
+            model,
+            "--adapter",
+            dpo.to_str().unwrap(),
+            "--data",
+            held_out.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            v["loss"].as_f64().unwrap(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (chained, err) = eval(&m);
+    assert!(err.contains("merged it first"), "{err}");
+    let merged = dir.join("sft-merged");
+    ok(&[
+        "export",
+        "--model",
+        &m,
+        "--adapter",
+        sft.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    let (on_merged, err) = eval(merged.to_str().unwrap());
+    assert!(!err.contains("merged it first"), "{err}");
+    assert!(
+        (chained - on_merged).abs() < 1e-4,
+        "{chained} vs {on_merged}"
+    );
+    // Moved away from its SFT adapter, the DPO adapter is applied alone, with a warning.
+    std::fs::rename(&sft, dir.join("elsewhere")).unwrap();
+    let (_, err) = eval(&m);
+    assert!(
+        err.contains("warning") && err.contains("not found"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

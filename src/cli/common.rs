@@ -122,6 +122,19 @@ impl ModelArgs {
         if let Some(a) = &self.adapter {
             let adapter =
                 PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
+            if let Some(sft) = self.sft_chain(&adapter, a) {
+                eprintln!(
+                    "warning: {} was trained on {} with the SFT adapter {} merged; on cuda it is \
+                     applied to the base alone, which is not the model it was trained on: export \
+                     the SFT-merged model (fedtune export --model {} --adapter {} --output DIR) \
+                     and pass it as --model",
+                    a.display(),
+                    self.model.display(),
+                    sft.display(),
+                    self.model.display(),
+                    sft.display()
+                );
+            }
             model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("applying adapter {}", a.display()))?;
@@ -169,11 +182,64 @@ impl ModelArgs {
         if let Some(a) = &self.adapter {
             let adapter =
                 PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
+            if let Some(sft) = self.sft_chain(&adapter, a) {
+                // The adapter's own model is base + SFT: rebuild it before applying it.
+                let s = PeftAdapter::load(&sft)
+                    .with_context(|| format!("loading SFT adapter {}", sft.display()))?;
+                m.model
+                    .attach_adapter(&s)
+                    .with_context(|| format!("applying SFT adapter {}", sft.display()))?;
+                m.model.merge_adapter()?;
+                eprintln!(
+                    "{} was trained on {} with the SFT adapter {} merged (fedtune_adapter.json): \
+                     merged it first",
+                    a.display(),
+                    self.model.display(),
+                    sft.display()
+                );
+            }
             m.model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("applying adapter {}", a.display()))?;
         }
         Ok(m)
+    }
+
+    /// The SFT adapter to merge into `--model` before `adapter` (loaded from `dir`), when the
+    /// adapter was trained on this very model with one merged (`train dpo|kto|grpo|distill
+    /// --sft-adapter`, recorded as `merged_sft_adapter`): its path as recorded, or beside the
+    /// adapter's directory. A model other than the recorded base (an SFT-merged export) takes
+    /// the adapter as it is. A recorded adapter that cannot be found is warned about, and the
+    /// adapter applies to the base alone.
+    fn sft_chain(&self, adapter: &PeftAdapter, dir: &std::path::Path) -> Option<PathBuf> {
+        let recorded = adapter.metadata.get("merged_sft_adapter")?.as_str()?;
+        let same =
+            |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+                (Ok(x), Ok(y)) => x == y,
+                _ => a == b,
+            };
+        let base = adapter.config.base_model_name_or_path.as_deref()?;
+        if !same(std::path::Path::new(base), &self.model) {
+            return None;
+        }
+        let recorded = PathBuf::from(recorded);
+        let beside = dir
+            .parent()
+            .zip(recorded.file_name())
+            .map(|(p, n)| p.join(n));
+        let found = std::iter::once(recorded.clone())
+            .chain(beside)
+            .find(|p| p.join("adapter_model.safetensors").is_file());
+        if found.is_none() {
+            eprintln!(
+                "warning: {} was trained on {} with the SFT adapter {} merged, which is not \
+                 found: it is applied to the base alone, which is not the model it was trained on",
+                dir.display(),
+                self.model.display(),
+                recorded.display()
+            );
+        }
+        found
     }
 }
 
