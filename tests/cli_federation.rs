@@ -3,6 +3,7 @@
 //! the middle of round 1 (two updates accepted, the third client gone), restarted from its data
 //! directory, and the federation completes with both accepted updates used.
 
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,6 +192,17 @@ log = "{log}"
         .iter()
         .map(|e| e["client"].as_str().unwrap().to_string())
         .collect();
+    // `coord status` reads the running coordinator's store: round 1 open, two updates in,
+    // the third client awaited, by name.
+    let status = coord_status(&coord_toml);
+    assert_eq!(status["completed_rounds"], 0, "{status}");
+    assert_eq!(status["open_round"]["round"], 1, "{status}");
+    assert_eq!(status["open_round"]["updates"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        status["open_round"]["waiting"],
+        json!(["helpdesk"]),
+        "{status}"
+    );
     coord.kill().unwrap(); // SIGKILL
     coord.wait().unwrap();
     let mut coord = spawn(&coord_args, &dir.join("coord2.out"));
@@ -261,7 +273,36 @@ log = "{log}"
             .join("store/global/000002/adapter_model.safetensors")
             .is_file()
     );
+    // And the stopped one's: finished, every client named with its accepted rounds.
+    let status = coord_status(&coord_toml);
+    assert_eq!(status["completed_rounds"], 2, "{status}");
+    assert_eq!(status["finished"], true);
+    assert_eq!(status["global"]["round"], 2);
+    assert!(
+        status["accepted_rounds"]["helpdesk"].as_u64() >= Some(1),
+        "{status}"
+    );
+    assert_eq!(status["accepted_rounds"]["hospital"], 2, "{status}");
+    assert_eq!(status["last_closed"]["round"], 2);
+    assert!(!status["last_closed"]["used"].as_array().unwrap().is_empty());
+    let text = fedtune(&["coord", "status", "--config", coord_toml.to_str().unwrap()]);
+    assert!(
+        text.contains("federation demo: 2 of 2 rounds completed, finished"),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `fedtune coord status --json` on `config`.
+fn coord_status(config: &Path) -> serde_json::Value {
+    let out = fedtune(&[
+        "coord",
+        "status",
+        "--config",
+        config.to_str().unwrap(),
+        "--json",
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 /// `fedtune coord` with `args`; its stderr (the run must fail).

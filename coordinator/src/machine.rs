@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 pub use crate::config::CoordConfig;
 
 mod recover;
+mod status;
+
+pub use status::{OpenStatus, StoredStatus};
 
 /// Errors that stop the coordinator (never caused by network input).
 #[derive(Debug, thiserror::Error)]

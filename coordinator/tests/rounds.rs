@@ -201,3 +201,56 @@ fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
         "{closed:?}"
     );
 }
+
+/// `fedtune coord status` reads the store: the open round with the clients whose updates are
+/// stored, then after the round closes the completed count, the new global adapter and the
+/// accepted rounds per client.
+#[test]
+fn the_stored_status_follows_the_rounds() {
+    let now = 1_000_000;
+    let ids = [1u8, 2, 3].map(|k| Identity::from_seed([k; 32]));
+    let mut store = BTreeMap::new();
+    let mut c = Coordinator::new(
+        config(&ids),
+        Identity::from_seed([9; 32]),
+        adapter(0.0),
+        now,
+    )
+    .unwrap();
+    assert!(
+        Coordinator::stored_status(&store).is_err(),
+        "no state yet: an error, not a guess"
+    );
+    for id in &ids {
+        c.handle_hello(now, id.public());
+    }
+    let (_, plans) = drain(&mut c, &mut store);
+    let plan = plans.first().expect("the round opens").clone();
+    upload(&mut c, &ids[0], &plan, 0, now);
+    drain(&mut c, &mut store);
+    let s = Coordinator::stored_status(&store).unwrap();
+    assert_eq!(
+        (s.completed_rounds, s.finished, s.global_round),
+        (0, false, 0)
+    );
+    let open = s.open_round.as_ref().expect("round 1 is open");
+    assert_eq!(open.round, plan.round);
+    assert_eq!(open.sampled.len(), 3);
+    assert_eq!(open.updates, vec![ids[0].public()]);
+    assert_eq!(open.deadline_ms, plan.deadline_ms);
+    let first_global = s.global_digest.clone();
+    for (k, id) in ids[1..].iter().enumerate() {
+        upload(&mut c, id, &plan, k + 1, now);
+    }
+    drain(&mut c, &mut store);
+    let s = Coordinator::stored_status(&store).unwrap();
+    assert_eq!(s.completed_rounds, 1);
+    assert!(s.finished, "a one-round federation");
+    assert_eq!(s.global_round, 1);
+    assert_ne!(s.global_digest, first_global);
+    assert_eq!(s.global_digest.len(), 64);
+    assert_eq!(
+        s.accepted_rounds.values().copied().collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+}

@@ -250,7 +250,7 @@ fn default_accumulation() -> usize {
     1
 }
 
-fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+pub(super) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{}", path.display()))
@@ -285,10 +285,13 @@ async fn shutdown_signal() {
 
 /// Arguments of `fedtune coord`.
 #[derive(Debug, Args)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct CoordArgs {
+    #[command(subcommand)]
+    command: Option<super::status::CoordCommand>,
     /// TOML configuration.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     /// Start a new federation although `data_dir/store` holds rounds but no state file (the
     /// old store is moved aside to `store.old-<seconds>`, not deleted).
     #[arg(long)]
@@ -297,8 +300,12 @@ pub struct CoordArgs {
 
 /// Runs `fedtune coord`.
 pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
-    let f: CoordFile = read_toml(&a.config)?;
-    let file = a.config.display().to_string();
+    if let Some(super::status::CoordCommand::Status(s)) = a.command {
+        return super::status::run(s);
+    }
+    let config = a.config.context("--config is required")?;
+    let f: CoordFile = read_toml(&config)?;
+    let file = config.display().to_string();
     let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
     for c in &f.clients {
@@ -361,7 +368,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     let mut clients = BTreeMap::new();
     for c in &f.clients {
         let pk = PublicKey::from_hex(&c.key)
-            .with_context(|| format!("{}: clients.{}.key", a.config.display(), c.name))?;
+            .with_context(|| format!("{}: clients.{}.key", config.display(), c.name))?;
         admitted.insert(pk);
         clients.insert(c.name.clone(), pk);
     }

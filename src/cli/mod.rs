@@ -14,6 +14,7 @@ mod merge;
 mod mergekit;
 mod reward;
 mod sim;
+mod status;
 mod target;
 mod train;
 
