@@ -3,27 +3,17 @@
 //! median over steps 2..N.
 //!
 //! `cargo run --release -p fedtune-engine --example bench_dpo -- MODEL DATA.jsonl [BATCH] [STEPS]`
-use std::time::Instant;
-
 use burn::tensor::{DType, Device};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::load_model;
+use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
 use fedtune_engine::train::lora::init_adapter;
-use fedtune_engine::train::sft::{LogEntry, RunOptions, TrainerState, train};
-use fedtune_engine::train::{Callback, TrainConfig};
+use fedtune_engine::train::sft::train;
 
-struct Timer {
-    last: Instant,
-    steps: Vec<f64>,
-}
+mod bench_common;
 
-impl Callback for Timer {
-    fn on_log(&mut self, _: &LogEntry, _: &TrainerState) {
-        self.steps.push(self.last.elapsed().as_secs_f64());
-        self.last = Instant::now();
-    }
-}
+use bench_common::{Timer, in_memory, ms, peak_rss_mb};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -53,37 +43,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = init_adapter(&m.model, &cfg);
     m.model.attach_weights(&a, 0.0)?;
     let objective = DpoObjective::new(&m.model, opts, pairs, Vec::new(), batch, m.tokenizer.pad_id);
-    let run = RunOptions {
-        config: &cfg,
-        output: None,
-        resume: None,
-        cancel: None,
-    };
-    let mut t = Timer {
-        last: Instant::now(),
-        steps: Vec::new(),
-    };
+    let run = in_memory(&cfg);
+    let mut t = Timer::new();
     train(&mut m.model, &run, &objective, &mut t)?;
-    let mut rest = t.steps[1.min(t.steps.len() - 1)..].to_vec();
-    rest.sort_by(f64::total_cmp);
-    let secs = rest[rest.len() / 2];
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
+    let (secs, steps) = t.median_after_first();
     println!(
         "{}",
         serde_json::json!({
             "impl": "fedtune dpo",
-            "batch_pairs": batch, "steps": rest.len(),
-            "seconds_per_step": (secs * 1000.0).round() / 1000.0,
-            "pairs_per_s": (batch as f64 / secs * 1000.0).round() / 1000.0,
+            "batch_pairs": batch, "steps": steps,
+            "seconds_per_step": ms(secs),
+            "pairs_per_s": ms(batch as f64 / secs),
             "tokens_per_pair": tokens_per_pair,
-            "peak_rss_mb": rss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
         })
     );
     Ok(())

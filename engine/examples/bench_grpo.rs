@@ -4,32 +4,18 @@
 //! over steps 2..N, and the mean completion length.
 //!
 //! `cargo run --release -p fedtune-engine --example bench_grpo -- MODEL PROMPTS.jsonl [STEPS]`
-use std::sync::Arc;
-use std::time::Instant;
-
 use burn::tensor::{DType, Device};
 use fedtune_engine::load_model;
 use fedtune_engine::rewards::Rewards;
+use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, load_prompts};
 use fedtune_engine::train::lora::init_adapter;
-use fedtune_engine::train::sft::{LogEntry, RunOptions, TrainerState, train};
-use fedtune_engine::train::{Callback, TrainConfig};
+use fedtune_engine::train::sft::train;
+use std::sync::Arc;
 
-struct Timer {
-    last: Instant,
-    steps: Vec<f64>,
-    lengths: Vec<f64>,
-}
+mod bench_common;
 
-impl Callback for Timer {
-    fn on_log(&mut self, e: &LogEntry, _: &TrainerState) {
-        self.steps.push(self.last.elapsed().as_secs_f64());
-        if let Some(l) = e.metrics.get("completions/mean_length") {
-            self.lengths.push(*l);
-        }
-        self.last = Instant::now();
-    }
-}
+use bench_common::{Timer, in_memory, ms, peak_rss_mb};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -66,39 +52,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(m.tokenizer),
         cfg.seed,
     );
-    let run = RunOptions {
-        config: &cfg,
-        output: None,
-        resume: None,
-        cancel: None,
-    };
-    let mut t = Timer {
-        last: Instant::now(),
-        steps: Vec::new(),
-        lengths: Vec::new(),
-    };
+    let run = in_memory(&cfg);
+    let mut t = Timer::new();
     train(&mut m.model, &run, &objective, &mut t)?;
-    let mut rest = t.steps[1.min(t.steps.len() - 1)..].to_vec();
-    rest.sort_by(f64::total_cmp);
-    let secs = rest[rest.len() / 2];
+    let (secs, steps) = t.median_after_first();
     let mean_length = t.lengths.iter().sum::<f64>() / t.lengths.len().max(1) as f64;
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({
             "impl": "fedtune grpo",
-            "completions_per_step": batch, "steps": rest.len(),
-            "seconds_per_step": (secs * 1000.0).round() / 1000.0,
-            "completions_per_s": (batch as f64 / secs * 1000.0).round() / 1000.0,
+            "completions_per_step": batch, "steps": steps,
+            "seconds_per_step": ms(secs),
+            "completions_per_s": ms(batch as f64 / secs),
             "mean_completion_length": mean_length,
-            "peak_rss_mb": rss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
         })
     );
     Ok(())

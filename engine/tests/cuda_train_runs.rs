@@ -329,6 +329,7 @@ fn a_distillation_step_on_the_gpu_matches_the_host() {
         0,
     )
     .unwrap();
+    // The same objective with the teacher on the GPU.
     let gpu_obj = DistillObjective::new(
         &gpu_teacher,
         student.config.vocab_size,

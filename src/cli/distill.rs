@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use fedtune_engine::cuda::CudaModel;
-use fedtune_engine::data::{Dataset, EncodedCompletion};
+use fedtune_engine::data::EncodedCompletion;
 use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::train::params::TrainModel;
@@ -21,7 +21,7 @@ use fedtune_engine::{LlamaModel, Tokenizer};
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::Job;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train distill`.
 #[derive(Debug, Args)]
@@ -209,33 +209,10 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
             a.teacher.display()
         );
     }
-    let load = a.run.load_options();
-    let encode = |path: &PathBuf| -> anyhow::Result<_> {
-        let d = Dataset::load(path, load)?;
-        for e in &d.skipped {
-            eprintln!("skipped: {e}");
-        }
-        let (examples, dropped) = d.encode_completions(&tokenizer, opts.max_length)?;
-        if dropped > 0 {
-            eprintln!(
-                "dropped {dropped} examples of {}: the completion alone fills max_length {}",
-                path.display(),
-                opts.max_length
-            );
-        }
-        Ok(examples)
-    };
-    let examples = encode(&a.run.data)?;
-    let (train_set, eval_set) = match (&a.run.eval_data, cfg.eval_split) {
-        (Some(p), _) => (examples, encode(p)?),
-        (None, Some(f)) => split_eval(examples, f, cfg.seed),
-        (None, None) => (examples, Vec::new()),
-    };
-    anyhow::ensure!(
-        !train_set.is_empty(),
-        "{}: no example to train on",
-        a.run.data.display()
-    );
+    let why = format!("the completion alone fills max_length {}", opts.max_length);
+    let (train_set, eval_set) = a.run.examples(&cfg, "examples", &why, |d| {
+        d.encode_completions(&tokenizer, opts.max_length)
+    })?;
     if a.model.adapter.is_none() {
         model.attach_fresh(&cfg)?;
     }

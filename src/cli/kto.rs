@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use fedtune_engine::data::Dataset;
 use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::sft::{RunOptions, train};
@@ -16,7 +15,7 @@ use fedtune_engine::train::{Callback, TrainSummary};
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::Job;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train kto`.
 #[derive(Debug, Args)]
@@ -116,33 +115,10 @@ pub fn run(a: KtoArgs) -> anyhow::Result<()> {
     );
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
-    let load = a.run.load_options();
-    let encode = |path: &PathBuf| -> anyhow::Result<_> {
-        let d = Dataset::load(path, load)?;
-        for e in &d.skipped {
-            eprintln!("skipped: {e}");
-        }
-        let (examples, dropped) = d.encode_feedback(&tokenizer, opts.max_length)?;
-        if dropped > 0 {
-            eprintln!(
-                "dropped {dropped} examples of {}: the prompt alone fills max_length {}",
-                path.display(),
-                opts.max_length
-            );
-        }
-        Ok(examples)
-    };
-    let examples = encode(&a.run.data)?;
-    let (train_set, eval_set) = match (&a.run.eval_data, cfg.eval_split) {
-        (Some(p), _) => (examples, encode(p)?),
-        (None, Some(f)) => split_eval(examples, f, cfg.seed),
-        (None, None) => (examples, Vec::new()),
-    };
-    anyhow::ensure!(
-        !train_set.is_empty(),
-        "{}: no example to train on",
-        a.run.data.display()
-    );
+    let why = format!("the prompt alone fills max_length {}", opts.max_length);
+    let (train_set, eval_set) = a.run.examples(&cfg, "examples", &why, |d| {
+        d.encode_feedback(&tokenizer, opts.max_length)
+    })?;
     let desirable = train_set.iter().filter(|e| e.label).count();
     eprintln!(
         "{} examples: {desirable} desirable, {} undesirable",

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use fedtune_engine::data::{Dataset, RewardPair};
+use fedtune_engine::data::RewardPair;
 use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::params::TrainModel;
 use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
@@ -20,7 +20,7 @@ use fedtune_engine::train::sft::{RunOptions, train};
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::{Job, Trainee};
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train reward`.
 #[derive(Debug, Args)]
@@ -106,33 +106,13 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
     );
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
-    let load = a.run.load_options();
-    let encode = |path: &PathBuf| -> anyhow::Result<Vec<RewardPair>> {
-        let d = Dataset::load(path, load)?;
-        for e in &d.skipped {
-            eprintln!("skipped: {e}");
-        }
-        let (pairs, dropped) = d.encode_reward_pairs(&tokenizer, opts.max_length)?;
-        if dropped > 0 {
-            eprintln!(
-                "left out {dropped} pairs of {}: a side is longer than max_length {}",
-                path.display(),
-                opts.max_length.unwrap_or(0)
-            );
-        }
-        Ok(pairs)
-    };
-    let pairs = encode(&a.run.data)?;
-    let (train_set, eval_set) = match (&a.run.eval_data, cfg.eval_split) {
-        (Some(p), _) => (pairs, encode(p)?),
-        (None, Some(f)) => split_eval(pairs, f, cfg.seed),
-        (None, None) => (pairs, Vec::new()),
-    };
-    anyhow::ensure!(
-        !train_set.is_empty(),
-        "{}: no preference pair to train on",
-        a.run.data.display()
+    let why = format!(
+        "a side is longer than max_length {}",
+        opts.max_length.unwrap_or(0)
     );
+    let (train_set, eval_set) = a.run.examples(&cfg, "preference pairs", &why, |d| {
+        d.encode_reward_pairs(&tokenizer, opts.max_length)
+    })?;
     anyhow::ensure!(
         matches!(model, Trainee::Host(_)),
         "train reward runs on the CPU for now"

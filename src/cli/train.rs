@@ -250,6 +250,43 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The examples of a run: `--data` through `encode` (which returns the examples and how
+    /// many it left out, reported on stderr as `left out N <what> of FILE: <why>`), evaluated
+    /// on `--eval-data` or on the held-out share `eval_split` of them; an error when nothing
+    /// is left to train on.
+    pub(crate) fn examples<T>(
+        &self,
+        cfg: &TrainConfig,
+        what: &str,
+        why: &str,
+        encode: impl Fn(&Dataset) -> fedtune_engine::Result<(Vec<T>, usize)>,
+    ) -> anyhow::Result<(Vec<T>, Vec<T>)> {
+        let load = self.load_options();
+        let read = |path: &Path| -> anyhow::Result<Vec<T>> {
+            let d = Dataset::load(path, load)?;
+            for e in &d.skipped {
+                eprintln!("skipped: {e}");
+            }
+            let (examples, dropped) = encode(&d)?;
+            if dropped > 0 {
+                eprintln!("left out {dropped} {what} of {}: {why}", path.display());
+            }
+            Ok(examples)
+        };
+        let examples = read(&self.data)?;
+        let (train, eval) = match (&self.eval_data, cfg.eval_split) {
+            (Some(p), _) => (examples, read(p)?),
+            (None, Some(f)) => split_eval(examples, f, cfg.seed),
+            (None, None) => (examples, Vec::new()),
+        };
+        anyhow::ensure!(
+            !train.is_empty(),
+            "{}: no {what} to train on",
+            self.data.display()
+        );
+        Ok((train, eval))
+    }
+
     /// The training loop's options for `cfg`: output here, resuming from
     /// `--resume-from-checkpoint`, stopped by `cancel`.
     pub(crate) fn run_options<'a>(

@@ -8,6 +8,18 @@ use fedtune_protocol::envelope::check_payload_digest;
 
 use super::{CoordConfig, Coordinator, CoordinatorError, Durable, Result, Stored};
 
+/// The persisted `state`: the machine's durable part and the strategy's state.
+pub(super) fn read_state(stored: &BTreeMap<String, Vec<u8>>) -> Result<(Durable, StrategyState)> {
+    let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
+        key: "state".into(),
+        reason: "missing".into(),
+    })?;
+    postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
+        key: "state".into(),
+        reason: e.to_string(),
+    })
+}
+
 impl Coordinator {
     /// Rebuilds the machine from persisted values (`state` and the open round's updates).
     pub fn recover(
@@ -15,15 +27,7 @@ impl Coordinator {
         id: Identity,
         stored: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Self> {
-        let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
-            key: "state".into(),
-            reason: "missing".into(),
-        })?;
-        let (d, state): (Durable, StrategyState) =
-            postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
-                key: "state".into(),
-                reason: e.to_string(),
-            })?;
+        let (d, state) = read_state(stored)?;
         let strategy = FedStrategy::from_state(cfg.strategy.clone(), state);
         let mut c = Self::assemble(cfg, id, strategy, d);
         if let Some(open) = c.d.open.clone() {

@@ -4,11 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fedtune_aggregation::strategy::StrategyState;
 use fedtune_protocol::PublicKey;
 use serde::Serialize;
 
-use super::{Coordinator, CoordinatorError, Durable, Result};
+use super::{Coordinator, Result};
 
 /// The open round, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -47,15 +46,7 @@ pub struct StoredStatus {
 impl Coordinator {
     /// Reads the status from persisted values (what [`Coordinator::recover`] reads).
     pub fn stored_status(stored: &BTreeMap<String, Vec<u8>>) -> Result<StoredStatus> {
-        let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
-            key: "state".into(),
-            reason: "missing".into(),
-        })?;
-        let (d, _): (Durable, StrategyState) =
-            postcard::from_bytes(bytes).map_err(|e| CoordinatorError::Store {
-                key: "state".into(),
-                reason: e.to_string(),
-            })?;
+        let (d, _) = super::recover::read_state(stored)?;
         let open_round = d.open.as_ref().map(|o| {
             let prefix = format!("updates/{:06}/", o.round);
             let stored_keys: BTreeSet<String> = stored

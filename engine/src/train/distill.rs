@@ -210,10 +210,10 @@ fn chunked_divergence(
     total
 }
 
-/// The teacher's final hidden states of `batch` (no adapter of the student's, no gradients).
-fn teacher_hidden<Tc: Backend>(teacher: &Tc, batch: &StepBatch) -> Tc::T {
+/// The final hidden states of `batch` under `m` (inference: no gradients).
+fn final_hidden<B: Backend>(m: &B, batch: &StepBatch) -> B::T {
     crate::device::forward(
-        teacher,
+        m,
         &batch.ids,
         batch.batch,
         batch.len,
@@ -328,16 +328,8 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
     /// The divergence summed over `batch`'s trained positions under `model` (no gradients).
     fn divergence_sum<M: Backend>(&self, model: &M, batch: &StepBatch) -> f64 {
         let rows: Vec<usize> = batch.targets.iter().map(|t| t.pos).collect();
-        let hs = crate::device::forward(
-            model,
-            &batch.ids,
-            batch.batch,
-            batch.len,
-            &batch.positions,
-            batch.segments.as_deref(),
-            None,
-        );
-        let ht = teacher_hidden(self.teacher, batch);
+        let hs = final_hidden(model, batch);
+        let ht = final_hidden(self.teacher, batch);
         chunked_divergence(
             rows.len(),
             model.config().vocab_size,
@@ -387,7 +379,7 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
         let fwd = forward(model, batch, trainable, &opts);
         let rows: Vec<usize> = batch.targets.iter().map(|t| t.pos).collect();
         let n = rows.len();
-        let ht = teacher_hidden(self.teacher, batch);
+        let ht = final_hidden(self.teacher, batch);
         let hidden = model.config().hidden_size;
         let mut d_hidden = Vec::with_capacity(n * hidden);
         let hs = fwd
