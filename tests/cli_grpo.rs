@@ -81,6 +81,11 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
             "1",
             "--beta",
             "0.01",
+            // Held-out prompts (here the same file): fresh samples scored every 15 steps.
+            "--eval-data",
+            prompts.to_str().unwrap(),
+            "--eval-steps",
+            "15",
         ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
@@ -123,6 +128,24 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
     let last = summary["final_mean_reward"].as_f64().unwrap();
     println!("GRPO reward {first:.3} -> {last:.3}");
     assert!(last > first + 0.2, "{first} -> {last}");
+    // The evaluations: TRL's names with `eval_`, the held-out reward up from the start.
+    let evals: Vec<Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("eval_reward").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "at steps 15 and 30");
+    for k in [
+        "eval_loss",
+        "eval_reward_std",
+        "eval_rewards/regex/mean",
+        "eval_completions/mean_length",
+    ] {
+        assert!(evals[1].get(k).is_some(), "{k} missing from {}", evals[1]);
+    }
+    let held_out = evals[1]["eval_reward"].as_f64().unwrap();
+    assert!(held_out > first + 0.2, "{first} -> held out {held_out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

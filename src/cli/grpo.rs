@@ -19,7 +19,7 @@ use fedtune_engine::train::sft::train;
 use super::common::ModelArgs;
 use super::dpo::split_configs;
 use super::target::Trainee;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
+use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
 
 /// Arguments of `fedtune train grpo`.
 #[derive(Debug, Args)]
@@ -159,28 +159,34 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         a.run.format.is_none() && !a.run.skip_invalid,
         "train grpo reads prompts (JSON lines with a `prompt`): --format and --skip-invalid do not apply"
     );
-    anyhow::ensure!(
-        a.run.eval_data.is_none() && cfg.eval_split.is_none(),
-        "train grpo does not evaluate on held-out prompts yet: the log's reward is its measure"
-    );
     let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
-    let prompts = load_prompts(&a.run.data, &tokenizer)
-        .with_context(|| format!("reading prompts {}", a.run.data.display()))?;
+    let read = |path: &std::path::Path| -> anyhow::Result<Vec<_>> {
+        let prompts = load_prompts(path, &tokenizer)
+            .with_context(|| format!("reading prompts {}", path.display()))?;
+        for (f, _) in &rewards.fns {
+            let fields: Vec<(usize, &serde_json::Map<String, serde_json::Value>)> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i + 1, &p.fields))
+                .collect();
+            f.check_fields(path, &fields)?;
+        }
+        Ok(prompts)
+    };
+    let prompts = read(&a.run.data)?;
+    // Held-out prompts: --eval-data, or the eval_split share of --data.
+    let (prompts, eval_prompts) = match (&a.run.eval_data, cfg.eval_split) {
+        (Some(p), _) => (prompts, read(p)?),
+        (None, Some(f)) => split_eval(prompts, f, cfg.seed),
+        (None, None) => (prompts, Vec::new()),
+    };
     anyhow::ensure!(
         !prompts.is_empty(),
         "{}: no prompt to learn from",
         a.run.data.display()
     );
-    for (f, _) in &rewards.fns {
-        let fields: Vec<(usize, &serde_json::Map<String, serde_json::Value>)> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i + 1, &p.fields))
-            .collect();
-        f.check_fields(&a.run.data, &fields)?;
-    }
     if a.model.adapter.is_none() {
         model.attach_fresh(&cfg)?;
     }
@@ -215,7 +221,8 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         stop,
         tokenizer.clone(),
         cfg.seed,
-    );
+    )
+    .with_eval(eval_prompts);
     let cancel = cancel_on_ctrl_c();
     let run = a.run.run_options(&cfg, &cancel);
     let (finish, mut b) = Finish::start(

@@ -248,6 +248,8 @@ struct Kept {
 /// loss's gradient; the reference is the policy with its adapter disabled.
 pub struct GrpoObjective {
     prompts: Vec<GrpoPrompt>,
+    /// Held-out prompts for evaluation (fresh samples scored, and the loss on them).
+    eval_prompts: Vec<GrpoPrompt>,
     rewards: crate::rewards::Rewards,
     options: GrpoOptions,
     /// Completions per micro-batch (TRL's `per_device_train_batch_size`).
@@ -277,6 +279,7 @@ impl GrpoObjective {
     ) -> Self {
         GrpoObjective {
             prompts,
+            eval_prompts: Vec::new(),
             rewards,
             options,
             batch,
@@ -289,19 +292,69 @@ impl GrpoObjective {
         }
     }
 
+    /// Evaluates on `prompts` (held out): at each evaluation, `num_generations` fresh samples
+    /// of each are scored, with the loss on them (TRL's `eval_reward`, `eval_loss`, ...).
+    pub fn with_eval(mut self, prompts: Vec<GrpoPrompt>) -> Self {
+        self.eval_prompts = prompts;
+        self
+    }
+
     /// The mean reward of `num_generations` fresh samples of every prompt under `model`.
     pub fn mean_reward<M: TrainModel>(&self, model: &M) -> Result<f64>
     where
         M::Cache: Clone,
     {
         let all: Vec<usize> = (0..self.prompts.len()).collect();
-        let (_, m) = self.rollouts(model, &[all.as_slice()])?;
+        let (_, m) = self.rollouts(model, &self.prompts, &[all.as_slice()])?;
         Ok(m["reward"])
+    }
+
+    /// The loss and metrics of fresh samples of the held-out prompts, without gradients: the
+    /// rollouts in micro-batches of the training batch, each scored by the loss with the
+    /// policy as its own old policy (ratio 1), as TRL's evaluation computes it.
+    fn eval_on<M: TrainModel>(&self, model: &M) -> Result<(f64, BTreeMap<String, f64>)>
+    where
+        M::Cache: Clone,
+    {
+        let per = (self.batch / self.options.num_generations.max(1)).max(1);
+        let idx: Vec<usize> = (0..self.eval_prompts.len()).collect();
+        let micro: Vec<&[usize]> = idx.chunks(per).collect();
+        let (rollouts, metrics) = self.rollouts(model, &self.eval_prompts, &micro)?;
+        let o = self.options.loss();
+        let step_tokens: usize = rollouts
+            .iter()
+            .flatten()
+            .filter(|r| !r.masked)
+            .map(|r| r.completion.len())
+            .sum();
+        let mut loss = 0.0;
+        for rs in &rollouts {
+            let refs: Vec<&Rollout> = rs.iter().collect();
+            let policy = completion_logps(model, &refs, self.batch, self.pad);
+            let seqs: Vec<loss::SeqLogps<'_>> = rs
+                .iter()
+                .zip(&policy)
+                .filter(|(r, _)| !r.masked)
+                .map(|(r, p)| loss::SeqLogps {
+                    policy: p,
+                    old: None,
+                    reference: r.reference.as_deref(),
+                    advantage: r.advantage,
+                })
+                .collect();
+            loss += loss::micro_loss(&o, &seqs, step_tokens, rollouts.len()).loss;
+        }
+        Ok((loss, metrics))
     }
 
     /// Samples, scores and turns into rollouts the completions of `examples` (prompt indices)
     /// under `model`; also the step's reward and completion metrics.
-    fn rollouts<M: TrainModel>(&self, model: &M, micro: &[&[usize]]) -> Result<Sampled>
+    fn rollouts<M: TrainModel>(
+        &self,
+        model: &M,
+        prompts: &[GrpoPrompt],
+        micro: &[&[usize]],
+    ) -> Result<Sampled>
     where
         M::Cache: Clone,
     {
@@ -321,7 +374,7 @@ impl GrpoObjective {
                 seed: self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 stop_ids: self.stop_ids.clone(),
             };
-            let completions = crate::generate::generate_group(model, &self.prompts[p].ids, g, &cfg);
+            let completions = crate::generate::generate_group(model, &prompts[p].ids, g, &cfg);
             groups.push((p, completions));
         }
         // Score them.
@@ -335,10 +388,10 @@ impl GrpoObjective {
             .flat_map(|(p, cs)| cs.iter().map(move |_| *p))
             .zip(&texts)
             .map(|(p, t)| crate::rewards::RewardInput {
-                prompt: &self.prompts[p].text,
-                messages: self.prompts[p].messages.as_deref(),
+                prompt: &prompts[p].text,
+                messages: prompts[p].messages.as_deref(),
                 completion: t,
-                fields: &self.prompts[p].fields,
+                fields: &prompts[p].fields,
             })
             .collect();
         let scored = self.rewards.score(&inputs)?;
@@ -382,7 +435,7 @@ impl GrpoObjective {
                 gi += 1;
                 for c in cs {
                     rs.push(Rollout {
-                        prompt: self.prompts[*p].ids.clone(),
+                        prompt: prompts[*p].ids.clone(),
                         completion: c.clone(),
                         advantage: adv[k],
                         old: None,
@@ -466,7 +519,7 @@ where
             .is_some_and(|k| k.examples == examples && k.left > 0);
         if !reuse {
             let idx: Vec<&[usize]> = micro.iter().map(|m| m.examples.as_slice()).collect();
-            let (rollouts, metrics) = self.rollouts(model, &idx)?;
+            let (rollouts, metrics) = self.rollouts(model, &self.prompts, &idx)?;
             *kept = Some(Kept {
                 examples,
                 left: self.options.num_iterations.max(1),
@@ -489,7 +542,10 @@ where
         Ok(out)
     }
 
-    fn evaluate(&self, _model: &M) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
-        Ok(None)
+    fn evaluate(&self, model: &M) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        self.eval_on(model).map(Some)
     }
 }
