@@ -273,6 +273,25 @@ log = "{log}"
             .join("store/global/000002/adapter_model.safetensors")
             .is_file()
     );
+    // Round-log records carry their time and the clients' names; the console has a line each.
+    let closed2 = &events(&rounds, "round_closed", 2)[0];
+    assert!(
+        closed2["time"].as_str().unwrap().ends_with('Z'),
+        "{closed2}"
+    );
+    assert!(closed2["time_ms"].as_u64().is_some());
+    assert!(
+        closed2["used_names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("hospital")),
+        "{closed2}"
+    );
+    let console = std::fs::read_to_string(dir.join("coord2.out")).unwrap();
+    assert!(
+        console.contains("round 2 closed after") && console.contains("update of bank accepted"),
+        "{console}"
+    );
     // And the stopped one's: finished, every client named with its accepted rounds.
     let status = coord_status(&coord_toml);
     assert_eq!(status["completed_rounds"], 2, "{status}");

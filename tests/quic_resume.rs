@@ -158,6 +158,7 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
             clients: BTreeMap::from([("site".to_string(), id.public())]),
             linger: Duration::from_millis(500),
             limits,
+            console: false,
         },
         std::future::pending(),
     ));

@@ -77,6 +77,8 @@ pub struct DaemonOptions {
     pub linger: Duration,
     /// Limits on what one authenticated client may hold open.
     pub limits: ConnectionLimits,
+    /// Print each round-log record as a line on stdout (`fedtune coord`; not the simulator).
+    pub console: bool,
 }
 
 /// Limits on the connections of one client identity.
@@ -295,19 +297,17 @@ pub const RESET_KEY_PURPOSE: &str = "fedtune 2026-12 QUIC stateless reset key";
 
 /// Records a removed partial upload in `rounds.jsonl` (and the log).
 fn log_abandoned(
-    log: &mut std::fs::File,
+    log: &mut crate::roundlog::RoundLog,
     client: &str,
     round: u64,
     bytes: u64,
     why: &str,
 ) -> Result<(), DaemonError> {
-    use std::io::Write;
     tracing::warn!(client, round, bytes, why, "partial upload removed");
     let v = serde_json::json!({
         "event": "upload_abandoned", "round": round, "client": client, "bytes": bytes, "why": why,
     });
-    writeln!(log, "{v}").map_err(io("writing rounds.jsonl"))?;
-    log.flush().map_err(io("writing rounds.jsonl"))
+    log.write(v, now_ms()).map_err(io("writing rounds.jsonl"))
 }
 
 /// Binds the coordinator's QUIC endpoint. Its stateless-reset key is derived from the
@@ -344,11 +344,15 @@ pub async fn serve(
     std::fs::create_dir_all(&incoming_dir).map_err(io("creating incoming/"))?;
     let parts_dir = incoming_dir.clone();
     let log_path = opts.data_dir.join("rounds.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io(format!("opening {}", log_path.display())))?;
+    let mut log = crate::roundlog::RoundLog::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?,
+        &opts.clients,
+        opts.console,
+    );
     tracing::info!(addr = ?endpoint.local_addr().ok(), "coordinator listening");
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
     let admission = Admission::new(opts.limits.handshakes);
@@ -451,11 +455,7 @@ pub async fn serve(
                 Action::Persist { key, bytes } => store
                     .put(&key, &bytes)
                     .map_err(io(format!("persisting {key}")))?,
-                Action::Log(v) => {
-                    use std::io::Write;
-                    writeln!(log, "{v}").map_err(io("writing rounds.jsonl"))?;
-                    log.flush().map_err(io("writing rounds.jsonl"))?;
-                }
+                Action::Log(v) => log.write(v, now_ms()).map_err(io("writing rounds.jsonl"))?,
                 Action::Send { to, msg } => {
                     if let Some(c) = conns.get(&to) {
                         let _ = c.tx.try_send(msg);

@@ -103,6 +103,7 @@ pub fn run_quic(
             data_dir: data_dir.clone(),
             clients: (0..n).map(|k| (cn(k), p.admitted[k])).collect(),
             linger: Duration::from_secs(2),
+            console: false,
             limits: Default::default(),
         };
         let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));

@@ -465,6 +465,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
                 data_dir: f.data_dir.clone(),
                 clients,
                 linger: Duration::from_secs(5),
+                console: true,
                 limits: ConnectionLimits {
                     handshakes,
                     ..Default::default()

@@ -1,0 +1,184 @@
+//! The coordinator's round log: `rounds.jsonl` records carry a timestamp (`time_ms`, and
+//! `time`, UTC) and the configured names of the clients they mention beside their keys
+//! (`client_name`, `sampled_names`, `used_names`), and each record is also one line on
+//! stdout (`2026-12-06T04:20:01Z round 3 closed: …`), with clients named.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use fedtune_protocol::PublicKey;
+use serde_json::{Value, json};
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The round log of a running coordinator.
+pub struct RoundLog {
+    file: std::fs::File,
+    /// Key (hex) → configured name.
+    names: BTreeMap<String, String>,
+    /// Print each record as a line on stdout.
+    console: bool,
+}
+
+impl RoundLog {
+    /// Appends to `file`, naming `clients` (name → key).
+    pub fn new(file: std::fs::File, clients: &BTreeMap<String, PublicKey>, console: bool) -> Self {
+        RoundLog {
+            file,
+            names: clients
+                .iter()
+                .map(|(n, k)| (k.to_hex(), n.clone()))
+                .collect(),
+            console,
+        }
+    }
+
+    fn name(&self, hex: &Value) -> Value {
+        hex.as_str()
+            .map(|h| json!(self.names.get(h).cloned().unwrap_or_else(|| h.to_string())))
+            .unwrap_or(Value::Null)
+    }
+
+    /// `v` with its time and client names added.
+    pub fn annotate(&self, mut v: Value, now_ms: u64) -> Value {
+        let Some(o) = v.as_object_mut() else {
+            return v;
+        };
+        o.entry("time_ms").or_insert(json!(now_ms));
+        o.entry("time").or_insert(json!(utc(now_ms)));
+        if let Some(c) = o.get("client").cloned() {
+            o.insert("client_name".into(), self.name(&c));
+        }
+        for field in ["sampled", "used"] {
+            if let Some(list) = o.get(field).and_then(Value::as_array).cloned() {
+                let names: Vec<Value> = list.iter().map(|c| self.name(c)).collect();
+                o.insert(format!("{field}_names"), json!(names));
+            }
+        }
+        v
+    }
+
+    /// Writes `v` (annotated) as one JSON line, and to the console.
+    pub fn write(&mut self, v: Value, now_ms: u64) -> std::io::Result<()> {
+        let v = self.annotate(v, now_ms);
+        writeln!(self.file, "{v}")?;
+        self.file.flush()?;
+        if self.console {
+            println!("{} {}", v["time"].as_str().unwrap_or(""), describe(&v));
+        }
+        Ok(())
+    }
+}
+
+/// One line about a record: its event, round and what it says, clients by name.
+pub fn describe(v: &Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let list = |k: &str| {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let round = &v["round"];
+    match v["event"].as_str().unwrap_or("") {
+        "round_open" => format!("round {round} open: sampled {}", list("sampled_names")),
+        "accepted" => format!("round {round}: update of {} accepted", s("client_name")),
+        "rejected" => format!(
+            "round {round}: update of {} rejected: {}",
+            s("client_name"),
+            s("reason")
+        ),
+        "declined" => format!(
+            "round {round}: {} declined: {}",
+            s("client_name"),
+            s("reason")
+        ),
+        "round_closed" => format!(
+            "round {round} closed after {:.1} s: aggregated {}",
+            v["seconds"].as_f64().unwrap_or(f64::NAN),
+            list("used_names")
+        ),
+        "round_retry" => format!("round {round} sampled again: too few updates by the deadline"),
+        "upload_abandoned" => format!(
+            "round {round}: partial upload of {} removed ({})",
+            s("client_name"),
+            s("why")
+        ),
+        other => format!(
+            "{other} {}",
+            Value::Object(
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(k, _)| !matches!(k.as_str(), "event" | "time" | "time_ms"))
+                            .map(|(k, x)| (k.clone(), x.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            )
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_and_named_records() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_529_078_123), "2026-12-06T03:51:18Z");
+        let a = fedtune_protocol::Identity::from_seed([1; 32]).public();
+        let b = fedtune_protocol::Identity::from_seed([2; 32]).public();
+        let clients = BTreeMap::from([("hospital".to_string(), a)]);
+        let file = tempfile_in_target();
+        let log = RoundLog::new(file, &clients, false);
+        let v = log.annotate(
+            json!({"event": "round_closed", "round": 2, "seconds": 1.5,
+                   "sampled": [a.to_hex(), b.to_hex()], "used": [a.to_hex()]}),
+            1_796_529_078_123,
+        );
+        assert_eq!(v["sampled_names"], json!(["hospital", b.to_hex()]));
+        assert_eq!(v["used_names"], json!(["hospital"]));
+        assert_eq!(v["time"], "2026-12-06T03:51:18Z");
+        assert_eq!(
+            describe(&v),
+            "round 2 closed after 1.5 s: aggregated hospital"
+        );
+        let v = log.annotate(
+            json!({"event": "accepted", "round": 2, "client": a.to_hex()}),
+            0,
+        );
+        assert_eq!(describe(&v), "round 2: update of hospital accepted");
+    }
+
+    fn tempfile_in_target() -> std::fs::File {
+        let p = std::env::temp_dir().join(format!("fedtune-roundlog-{}", std::process::id()));
+        std::fs::File::create(p).unwrap()
+    }
+}
