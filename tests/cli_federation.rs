@@ -99,6 +99,11 @@ fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
         .local_addr()
         .unwrap()
         .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let model = root().join("testdata/tiny-llama/model");
     let data_dir = dir.join("coord-data");
     let coord_toml = dir.join("coord.toml");
@@ -120,6 +125,7 @@ target_rank = 4
 # Server momentum: its state is persisted and restored with the strategy's after the kill.
 server_optimizer = {{ kind = "fedavgm", lr = 1.0, momentum = 0.5 }}
 sampling = {{ fraction = 1.0, min_clients = 3 }}
+metrics_listen = "127.0.0.1:{metrics_port}"
 
 [local]
 learning_rate = 5e-3
@@ -202,6 +208,25 @@ log = "{log}"
         status["open_round"]["waiting"],
         json!(["helpdesk"]),
         "{status}"
+    );
+    // Prometheus metrics of the running coordinator.
+    let text = metrics(metrics_port);
+    for line in ["fedtune_round_open 1", "fedtune_rounds_completed_total 0"] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    // Two, or three while the coordinator has not yet noticed the killed client's silence.
+    let connected: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fedtune_clients_connected "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fedtune_clients_connected in\n{text}"));
+    assert!((2..=3).contains(&connected), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("fedtune_updates_accepted_total{client="))
+            .count(),
+        2,
+        "{text}"
     );
     coord.kill().unwrap(); // SIGKILL
     coord.wait().unwrap();
@@ -310,6 +335,18 @@ log = "{log}"
         "{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The text of `GET /metrics` on `127.0.0.1:port`.
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    reply
 }
 
 /// `fedtune coord status --json` on `config`.

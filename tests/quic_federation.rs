@@ -118,6 +118,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         linger: Duration::from_secs(2),
         limits: Default::default(),
         console: false,
+        metrics: None,
     };
     let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));
 

@@ -159,6 +159,7 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
             linger: Duration::from_millis(500),
             limits,
             console: false,
+            metrics: None,
         },
         std::future::pending(),
     ));

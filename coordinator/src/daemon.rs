@@ -79,6 +79,8 @@ pub struct DaemonOptions {
     pub limits: ConnectionLimits,
     /// Print each round-log record as a line on stdout (`fedtune coord`; not the simulator).
     pub console: bool,
+    /// Serve Prometheus metrics at `GET /metrics` on this address ([`crate::metrics`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Limits on the connections of one client identity.
@@ -353,6 +355,19 @@ pub async fn serve(
         &opts.clients,
         opts.console,
     );
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("metrics: listening on {addr}")))?;
+            let m = Arc::new(crate::metrics::Metrics::default());
+            tokio::spawn(crate::metrics::serve(listener, m.clone()));
+            tracing::info!(%addr, "metrics at /metrics");
+            log = log.with_metrics(m.clone());
+            Some(m)
+        }
+        None => None,
+    };
     tracing::info!(addr = ?endpoint.local_addr().ok(), "coordinator listening");
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
     let admission = Admission::new(opts.limits.handshakes);
@@ -507,6 +522,9 @@ pub async fn serve(
                     }
                 }
             },
+        }
+        if let Some(m) = &metrics {
+            m.set_connected(conns.len());
         }
     }
     accept.abort();

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 mod event;
 pub mod machine;
+pub mod metrics;
 pub mod roundlog;
 pub mod store;
 mod upload;

@@ -38,6 +38,8 @@ pub struct RoundLog {
     names: BTreeMap<String, String>,
     /// Print each record as a line on stdout.
     console: bool,
+    /// Counts each record for `/metrics`.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl RoundLog {
@@ -50,7 +52,14 @@ impl RoundLog {
                 .map(|(n, k)| (k.to_hex(), n.clone()))
                 .collect(),
             console,
+            metrics: None,
         }
+    }
+
+    /// Also counts each record in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn name(&self, hex: &Value) -> Value {
@@ -83,6 +92,9 @@ impl RoundLog {
         let v = self.annotate(v, now_ms);
         writeln!(self.file, "{v}")?;
         self.file.flush()?;
+        if let Some(m) = &self.metrics {
+            m.record(&v);
+        }
         if self.console {
             println!("{} {}", v["time"].as_str().unwrap_or(""), describe(&v));
         }

@@ -104,6 +104,7 @@ pub fn run_quic(
             clients: (0..n).map(|k| (cn(k), p.admitted[k])).collect(),
             linger: Duration::from_secs(2),
             console: false,
+            metrics: None,
             limits: Default::default(),
         };
         let coordinator = tokio::spawn(serve(machine, endpoint, opts, std::future::pending()));

@@ -169,6 +169,9 @@ struct CoordFile {
     sampling: Option<Sampling>,
     #[serde(default)]
     handshakes: HandshakeFile,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (off without it).
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     seed: u64,
     clients: Vec<ClientEntry>,
@@ -466,6 +469,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
                 clients,
                 linger: Duration::from_secs(5),
                 console: true,
+                metrics: f.metrics_listen,
                 limits: ConnectionLimits {
                     handshakes,
                     ..Default::default()

@@ -1,0 +1,249 @@
+//! Prometheus metrics of a running coordinator (`metrics_listen` in `coord.toml`), served as
+//! text at `GET /metrics`: counted from the round log's records as they are written (so the
+//! figures are those of `rounds.jsonl`) and from connections coming and going.
+//!
+//! - `fedtune_rounds_completed_total`, `fedtune_round_open` (the open round, 0 when none),
+//!   `fedtune_round_seconds` (histogram of closed rounds' durations);
+//! - `fedtune_updates_accepted_total{client}`, `fedtune_update_bytes_total{client}`,
+//!   `fedtune_updates_rejected_total{reason}`, `fedtune_declined_total{client}`,
+//!   `fedtune_uploads_abandoned_total{client}`;
+//! - `fedtune_clients_connected`;
+//! - `fedtune_round_metric{name}`: the last closed round's example-weighted metrics
+//!   (`train_loss`, `eval_loss`, ...).
+//!
+//! The HTTP side answers one request per connection, reads at most 8 KiB of it within 5 s,
+//! and anything but `GET /metrics` gets a 404: it never panics on what it reads.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Labels = Vec<(String, String)>;
+
+/// The coordinator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    rounds_completed: Counter,
+    round_open: Gauge,
+    round_seconds: Histogram,
+    accepted: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    declined: Family<Labels, Counter>,
+    abandoned: Family<Labels, Counter>,
+    connected: Gauge,
+    round_metric: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedtune");
+        let m = Metrics {
+            rounds_completed: Counter::default(),
+            round_open: Gauge::default(),
+            round_seconds: Histogram::new(
+                [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0].into_iter(),
+            ),
+            accepted: Family::default(),
+            bytes: Family::default(),
+            rejected: Family::default(),
+            declined: Family::default(),
+            abandoned: Family::default(),
+            connected: Gauge::default(),
+            round_metric: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rounds_completed",
+            "Rounds closed",
+            m.rounds_completed.clone(),
+        );
+        registry.register(
+            "round_open",
+            "The open round (0: none)",
+            m.round_open.clone(),
+        );
+        registry.register(
+            "round_seconds",
+            "Durations of closed rounds",
+            m.round_seconds.clone(),
+        );
+        registry.register("updates_accepted", "Updates accepted", m.accepted.clone());
+        registry.register("update_bytes", "Bytes of accepted updates", m.bytes.clone());
+        registry.register(
+            "updates_rejected",
+            "Updates rejected, by reason",
+            m.rejected.clone(),
+        );
+        registry.register("declined", "Plans declined by clients", m.declined.clone());
+        registry.register(
+            "uploads_abandoned",
+            "Partial uploads removed",
+            m.abandoned.clone(),
+        );
+        registry.register(
+            "clients_connected",
+            "Clients connected now",
+            m.connected.clone(),
+        );
+        registry.register(
+            "round_metric",
+            "The last closed round's example-weighted metrics",
+            m.round_metric.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+fn label(k: &str, v: &Value) -> Labels {
+    vec![(k.to_string(), v.as_str().unwrap_or("").to_string())]
+}
+
+impl Metrics {
+    /// Counts a round-log record (annotated with client names).
+    pub fn record(&self, v: &Value) {
+        let client = || {
+            let name = if v["client_name"].is_string() {
+                &v["client_name"]
+            } else {
+                &v["client"]
+            };
+            label("client", name)
+        };
+        match v["event"].as_str().unwrap_or("") {
+            "round_open" => {
+                self.round_open.set(v["round"].as_i64().unwrap_or(0));
+            }
+            "accepted" => {
+                self.accepted.get_or_create(&client()).inc();
+                if let Some(b) = v["bytes"].as_u64() {
+                    self.bytes.get_or_create(&client()).inc_by(b);
+                }
+            }
+            "rejected" => {
+                self.rejected
+                    .get_or_create(&label("reason", &v["reason"]))
+                    .inc();
+            }
+            "declined" => {
+                self.declined.get_or_create(&client()).inc();
+            }
+            "upload_abandoned" => {
+                self.abandoned.get_or_create(&client()).inc();
+            }
+            "round_closed" => {
+                self.rounds_completed.inc();
+                self.round_open.set(0);
+                if let Some(s) = v["seconds"].as_f64() {
+                    self.round_seconds.observe(s);
+                }
+                if let Some(m) = v["metrics"].as_object() {
+                    for (k, x) in m {
+                        if let Some(x) = x.as_f64() {
+                            self.round_metric
+                                .get_or_create(&vec![("name".to_string(), k.clone())])
+                                .set(x);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Clients connected now.
+    pub fn set_connected(&self, n: usize) {
+        self.connected.set(n as i64);
+    }
+
+    /// The text exposition.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String does not fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+                    ("200 OK", metrics.text())
+                } else {
+                    ("404 Not Found", "only GET /metrics\n".to_string())
+                };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_log_records_become_metrics() {
+        let m = Metrics::default();
+        m.record(&json!({"event": "round_open", "round": 3}));
+        m.record(&json!({"event": "accepted", "round": 3, "client": "ab", "client_name": "hospital", "bytes": 1000}));
+        m.record(&json!({"event": "rejected", "round": 3, "reason": "stale_round"}));
+        m.record(&json!({"event": "round_closed", "round": 3, "seconds": 12.5, "metrics": {"train_loss": 0.75}}));
+        m.set_connected(1);
+        let t = m.text();
+        for line in [
+            "fedtune_rounds_completed_total 1",
+            "fedtune_round_open 0",
+            "fedtune_updates_accepted_total{client=\"hospital\"} 1",
+            "fedtune_update_bytes_total{client=\"hospital\"} 1000",
+            "fedtune_updates_rejected_total{reason=\"stale_round\"} 1",
+            "fedtune_clients_connected 1",
+            "fedtune_round_metric{name=\"train_loss\"} 0.75",
+            "fedtune_round_seconds_count 1",
+        ] {
+            assert!(t.contains(line), "{line} missing from\n{t}");
+        }
+    }
+}
