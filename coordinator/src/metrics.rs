@@ -50,9 +50,7 @@ impl Default for Metrics {
         let m = Metrics {
             rounds_completed: Counter::default(),
             round_open: Gauge::default(),
-            round_seconds: Histogram::new(
-                [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0].into_iter(),
-            ),
+            round_seconds: Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0]),
             accepted: Family::default(),
             bytes: Family::default(),
             rejected: Family::default(),
