@@ -6,6 +6,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+#[path = "support/tensorboard.rs"]
+mod tensorboard;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -64,6 +67,29 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
     ] {
         assert!(out.join(p).is_file(), "{p} missing");
     }
+    // report_to = "tensorboard": every round's record as scalars at its round.
+    let scalars = tensorboard::scalars(&out);
+    let global: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|(t, _, _)| t == "federation/global_eval_loss")
+        .map(|(_, s, v)| (*s, *v))
+        .collect();
+    let want: Vec<(i64, f32)> = metrics
+        .iter()
+        .map(|m| {
+            (
+                m["round"].as_i64().unwrap(),
+                m["global_eval_loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    assert_eq!(global, want);
+    assert!(
+        scalars
+            .iter()
+            .any(|(t, s, _)| t == "clients/st-mary-cardiology/global_eval_loss" && *s == 3),
+        "{scalars:?}"
+    );
     let png = std::fs::read(out.join("plots/global_eval_loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();

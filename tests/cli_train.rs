@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "support/tensorboard.rs"]
+mod tensorboard;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -555,31 +558,6 @@ fn use_dora_trains_a_peft_dora_adapter_that_exports_exactly() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// The scalars of TensorBoard event files under `dir/runs/`: (tag, step, value), read back
-/// with the `tfrecord` crate's reader.
-fn tensorboard_scalars(dir: &Path) -> Vec<(String, i64, f32)> {
-    use tfrecord::protobuf::event::What;
-    use tfrecord::protobuf::summary::value::Value as V;
-    let mut out = Vec::new();
-    for f in std::fs::read_dir(dir.join("runs")).unwrap().flatten() {
-        let name = f.file_name().to_string_lossy().into_owned();
-        assert!(name.starts_with("events.out.tfevents."), "{name}");
-        let events =
-            tfrecord::RecordIter::<tfrecord::Event, _>::open(f.path(), Default::default()).unwrap();
-        for e in events {
-            let e = e.unwrap();
-            if let Some(What::Summary(s)) = e.what {
-                for v in s.value {
-                    if let Some(V::SimpleValue(x)) = v.value {
-                        out.push((v.tag, e.step, x));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// transformers' `report_to`: `--report-to tensorboard` (or `report_to = "tensorboard"` in
 /// TOML) writes TensorBoard event files under OUTPUT/runs/ with the Trainer's tags and the
 /// values of train_log.jsonl (TensorBoard 2.21's EventAccumulator read such a file back when
@@ -602,7 +580,7 @@ fn report_to_tensorboard_writes_the_logged_values() {
         ],
     );
     assert!(ok, "{err}");
-    let scalars = tensorboard_scalars(&out.join("run"));
+    let scalars = tensorboard::scalars(&out.join("run"));
     let log: Vec<Value> = std::fs::read_to_string(out.join("run/train_log.jsonl"))
         .unwrap()
         .lines()
@@ -636,7 +614,7 @@ fn report_to_tensorboard_writes_the_logged_values() {
     );
     assert!(ok, "{err}");
     assert_eq!(
-        tensorboard_scalars(&out.join("toml"))
+        tensorboard::scalars(&out.join("toml"))
             .iter()
             .filter(|(t, _, _)| t == "train/loss")
             .count(),

@@ -27,6 +27,13 @@ pub struct SimConfig {
     /// Where results go (`--output` overrides).
     #[serde(default)]
     pub output: Option<PathBuf>,
+    /// `"tensorboard"` (one name or a list, transformers' `report_to`): TensorBoard event files
+    /// of every round's record under `<output>/runs/`.
+    #[serde(
+        default,
+        deserialize_with = "fedtune_engine::train::config::one_or_many"
+    )]
+    pub report_to: Vec<fedtune_engine::train::config::ReportTo>,
     /// Training clients run side by side at most.
     #[serde(default = "one")]
     pub parallel: usize,

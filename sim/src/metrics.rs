@@ -52,6 +52,42 @@ pub(crate) fn evaluate_losses(
 pub(crate) struct Output {
     dir: Option<PathBuf>,
     metrics: Option<std::fs::File>,
+    /// TensorBoard event files of the records (`report_to = "tensorboard"`).
+    board: Option<fedtune_engine::train::tensorboard::Board>,
+}
+
+/// A round record's numbers as TensorBoard scalars: `federation/<field>` for its own numbers
+/// (one level into objects: `federation/<field>/<key>`), `clients/<name>/<field>` for each
+/// client's.
+fn record_scalars(v: &serde_json::Value) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let Some(o) = v.as_object() else {
+        return out;
+    };
+    for (k, x) in o {
+        match x {
+            serde_json::Value::Number(n) if k != "round" => {
+                out.extend(n.as_f64().map(|f| (format!("federation/{k}"), f)))
+            }
+            serde_json::Value::Object(inner) => out.extend(
+                inner
+                    .iter()
+                    .filter_map(|(k2, y)| Some((format!("federation/{k}/{k2}"), y.as_f64()?))),
+            ),
+            serde_json::Value::Array(items) if k == "clients" => {
+                for c in items {
+                    let name = c["name"].as_str().unwrap_or("?");
+                    for (k2, y) in c.as_object().into_iter().flatten() {
+                        if let Some(f) = y.as_f64() {
+                            out.push((format!("clients/{name}/{k2}"), f));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl Output {
@@ -60,6 +96,7 @@ impl Output {
             return Ok(Output {
                 dir: None,
                 metrics: None,
+                board: None,
             });
         };
         std::fs::create_dir_all(d).map_err(|e| SimError::Io(format!("{}: {e}", d.display())))?;
@@ -69,12 +106,30 @@ impl Output {
         Ok(Output {
             dir: Some(d.to_path_buf()),
             metrics: Some(f),
+            board: None,
         })
+    }
+
+    /// Also writes each record to TensorBoard event files under `<dir>/runs/` (nothing
+    /// without an output directory).
+    pub(crate) fn with_tensorboard(mut self) -> Result<Self, SimError> {
+        if let Some(d) = &self.dir {
+            self.board = Some(
+                fedtune_engine::train::tensorboard::Board::open(d)
+                    .map_err(|e| SimError::Io(e.to_string()))?,
+            );
+        }
+        Ok(self)
     }
 
     pub(crate) fn record(&mut self, v: &serde_json::Value) -> Result<(), SimError> {
         if let Some(f) = &mut self.metrics {
             writeln!(f, "{v}").map_err(|e| SimError::Io(format!("metrics.jsonl: {e}")))?;
+        }
+        if let Some(b) = &mut self.board {
+            let round = v["round"].as_u64().unwrap_or(0);
+            b.scalars(round, &record_scalars(v))
+                .map_err(|e| SimError::Io(e.to_string()))?;
         }
         Ok(())
     }

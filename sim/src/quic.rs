@@ -55,6 +55,12 @@ pub fn run_quic(
     let started = Instant::now();
     let n = clients.len();
     let mut output = Output::new(Some(out))?;
+    if cfg
+        .report_to
+        .contains(&fedtune_engine::train::config::ReportTo::Tensorboard)
+    {
+        output = output.with_tensorboard()?;
+    }
     let data_dir = out.join("coord-data");
     if data_dir.exists() {
         std::fs::remove_dir_all(&data_dir).map_err(|e| err("clearing coord-data")(&e))?;

@@ -145,6 +145,12 @@ pub fn run_memory(
     let started = Instant::now();
     let n = clients.len();
     let mut output = Output::new(out)?;
+    if cfg
+        .report_to
+        .contains(&fedtune_engine::train::config::ReportTo::Tensorboard)
+    {
+        output = output.with_tensorboard()?;
+    }
     let p = Parties::new(cfg, model, n);
     let total = p.coord.total_rounds();
     let coordinator = Coordinator::new(p.coord.clone(), p.coord_id.clone(), p.initial.clone(), T0)?;

@@ -128,8 +128,8 @@ impl std::str::FromStr for ReportTo {
     }
 }
 
-/// `report_to` as transformers takes it: one name or a list of names.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ReportTo>, D::Error> {
+/// `report_to` as transformers takes it: one name or a list of names (for `deserialize_with`).
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ReportTo>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {

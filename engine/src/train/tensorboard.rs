@@ -92,9 +92,18 @@ impl Board {
                 scalars.push((tag, *v));
             }
         }
-        for (tag, v) in scalars {
+        self.scalars_at(e.step, wall, &scalars)
+    }
+
+    /// Writes `values` (tag, value) as scalars at `step`.
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<()> {
+        self.scalars_at(step, now(), values)
+    }
+
+    fn scalars_at(&mut self, step: u64, wall: f64, values: &[(String, f64)]) -> Result<()> {
+        for (tag, v) in values.iter().filter(|(_, v)| v.is_finite()) {
             self.writer
-                .write_scalar(&tag, EventMeta::new(e.step as i64, wall), v as f32)
+                .write_scalar(tag, EventMeta::new(step as i64, wall), *v as f32)
                 .map_err(|err| {
                     Error::Invalid(format!(
                         "TensorBoard: writing {}: {err}",
