@@ -5,12 +5,14 @@
 //! the student's tokenizer. With `--adapter` the student's adapter goes on training; else a
 //! fresh one is trained (on a base with `--sft-adapter` merged, as for `train dpo`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
+use burn::tensor::{DType, Device as BurnDevice};
 use clap::Args;
 use fedtune_engine::cuda::CudaModel;
-use fedtune_engine::data::EncodedCompletion;
+use fedtune_engine::data::{Dataset, EncodedCompletion, LoadOptions};
 use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::train::params::TrainModel;
@@ -275,4 +277,56 @@ pub fn run(a: DistillArgs) -> anyhow::Result<()> {
         a.run.output.display()
     );
     Ok(())
+}
+
+/// A client's teacher (on the host) and its prompts with completions for distillation
+/// rounds (`client.toml`'s `teacher`, `teacher_adapter`): prompts with completions from `data`,
+/// held out from `eval_data`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn client_data(
+    file: &str,
+    teacher: &Path,
+    teacher_adapter: Option<&Path>,
+    data: &Path,
+    eval_data: Option<&Path>,
+    max_length: usize,
+    m: &fedtune_engine::LoadedModel,
+    opts: LoadOptions,
+) -> anyhow::Result<fedtune_client::trainer::DistillData> {
+    let mut t = fedtune_engine::load_model(teacher, &BurnDevice::flex(), DType::F32)
+        .with_context(|| format!("{file}: teacher: loading {}", teacher.display()))?;
+    if let Some(d) = m.tokenizer.vocabulary_difference(&t.tokenizer) {
+        anyhow::bail!(
+            "{file}: teacher {}: its tokenizer is not the base model's ({d}); distillation \
+             compares next-token distributions token for token",
+            teacher.display()
+        );
+    }
+    if let Some(a) = teacher_adapter {
+        let adapter = fedtune_engine::PeftAdapter::load(a)
+            .with_context(|| format!("{file}: teacher_adapter: loading {}", a.display()))?;
+        t.model
+            .attach_adapter(&adapter)
+            .with_context(|| format!("{file}: teacher_adapter: applying {}", a.display()))?;
+    }
+    let encode = |p: &Path| -> anyhow::Result<_> {
+        let (examples, dropped) =
+            Dataset::load(p, opts)?.encode_completions(&m.tokenizer, max_length)?;
+        if dropped > 0 {
+            eprintln!(
+                "{}: {dropped} examples dropped: the completion alone fills max_length {}",
+                p.display(),
+                max_length
+            );
+        }
+        Ok(examples)
+    };
+    let mut stop_ids = m.model.config.eos_token_ids.clone();
+    stop_ids.extend(m.tokenizer.eos_id);
+    Ok(fedtune_client::trainer::DistillData {
+        teacher: Some(Arc::new(t.model)),
+        examples: encode(data)?,
+        eval: eval_data.map(encode).transpose()?.unwrap_or_default(),
+        stop_ids,
+    })
 }

@@ -601,7 +601,16 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     };
     let mut data = data;
     if let Some(t) = &f.teacher {
-        data.distill = distill_data(&f, &file, t, &m, opts)?;
+        data.distill = super::distill::client_data(
+            &file,
+            t,
+            f.teacher_adapter.as_deref(),
+            f.distill_data.as_deref().unwrap_or(&f.train_data),
+            f.eval_data.as_deref(),
+            f.max_length,
+            &m,
+            opts,
+        )?;
     }
     if let Some(p) = &f.prompt_data {
         data.prompts.prompts = fedtune_engine::train::grpo::load_prompts(p, &m.tokenizer)
@@ -646,56 +655,4 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let hex = hex::encode(digest);
     println!("federation finished; final global adapter blake3 {hex}");
     Ok(())
-}
-
-/// A client's teacher (on the host) and its prompts with completions for distillation
-/// rounds: `distill_data`, else `train_data`; held out: `eval_data`.
-fn distill_data(
-    f: &ClientFile,
-    file: &str,
-    teacher: &Path,
-    m: &fedtune_engine::LoadedModel,
-    opts: LoadOptions,
-) -> anyhow::Result<fedtune_client::trainer::DistillData> {
-    let mut t = fedtune_engine::load_model(teacher, &Device::flex(), DType::F32)
-        .with_context(|| format!("{file}: teacher: loading {}", teacher.display()))?;
-    if let Some(d) = m.tokenizer.vocabulary_difference(&t.tokenizer) {
-        bail!(
-            "{file}: teacher {}: its tokenizer is not the base model's ({d}); distillation \
-             compares next-token distributions token for token",
-            teacher.display()
-        );
-    }
-    if let Some(a) = &f.teacher_adapter {
-        let adapter = fedtune_engine::PeftAdapter::load(a)
-            .with_context(|| format!("{file}: teacher_adapter: loading {}", a.display()))?;
-        t.model
-            .attach_adapter(&adapter)
-            .with_context(|| format!("{file}: teacher_adapter: applying {}", a.display()))?;
-    }
-    let encode = |p: &Path| -> anyhow::Result<_> {
-        let (examples, dropped) =
-            Dataset::load(p, opts)?.encode_completions(&m.tokenizer, f.max_length)?;
-        if dropped > 0 {
-            eprintln!(
-                "{}: {dropped} examples dropped: the completion alone fills max_length {}",
-                p.display(),
-                f.max_length
-            );
-        }
-        Ok(examples)
-    };
-    let mut stop_ids = m.model.config.eos_token_ids.clone();
-    stop_ids.extend(m.tokenizer.eos_id);
-    Ok(fedtune_client::trainer::DistillData {
-        teacher: Some(Arc::new(t.model)),
-        examples: encode(f.distill_data.as_deref().unwrap_or(&f.train_data))?,
-        eval: f
-            .eval_data
-            .as_deref()
-            .map(encode)
-            .transpose()?
-            .unwrap_or_default(),
-        stop_ids,
-    })
 }
