@@ -122,19 +122,7 @@ impl ModelArgs {
         if let Some(a) = &self.adapter {
             let adapter =
                 PeftAdapter::load(a).with_context(|| format!("loading adapter {}", a.display()))?;
-            if let Some(sft) = self.sft_chain(&adapter, a) {
-                eprintln!(
-                    "warning: {} was trained on {} with the SFT adapter {} merged; on cuda it is \
-                     applied to the base alone, which is not the model it was trained on: export \
-                     the SFT-merged model (fedtune export --model {} --adapter {} --output DIR) \
-                     and pass it as --model",
-                    a.display(),
-                    self.model.display(),
-                    sft.display(),
-                    self.model.display(),
-                    sft.display()
-                );
-            }
+            self.warn_unchained_on_gpu(&adapter, a);
             model
                 .attach_adapter(&adapter)
                 .with_context(|| format!("applying adapter {}", a.display()))?;
@@ -203,6 +191,24 @@ impl ModelArgs {
                 .with_context(|| format!("applying adapter {}", a.display()))?;
         }
         Ok(m)
+    }
+
+    /// On a GPU the recorded SFT adapter of `adapter` (loaded from `dir`) is not merged: a
+    /// warning says so, with the export command that makes the right `--model`.
+    pub(crate) fn warn_unchained_on_gpu(&self, adapter: &PeftAdapter, dir: &std::path::Path) {
+        if let Some(sft) = self.sft_chain(adapter, dir) {
+            eprintln!(
+                "warning: {} was trained on {} with the SFT adapter {} merged; on cuda it is \
+                 applied to the base alone, which is not the model it was trained on: export \
+                 the SFT-merged model (fedtune export --model {} --adapter {} --output DIR) and \
+                 pass it as --model",
+                dir.display(),
+                self.model.display(),
+                sft.display(),
+                self.model.display(),
+                sft.display()
+            );
+        }
     }
 
     /// The SFT adapter to merge into `--model` before `adapter` (loaded from `dir`), when the

@@ -76,6 +76,7 @@ impl ModelArgs {
             if let Some(a) = &self.adapter {
                 let adapter = PeftAdapter::load(a)
                     .with_context(|| format!("loading adapter {}", a.display()))?;
+                self.warn_unchained_on_gpu(&adapter, a);
                 model
                     .attach_adapter(&adapter)
                     .with_context(|| format!("applying adapter {}", a.display()))?;
