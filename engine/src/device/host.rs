@@ -7,9 +7,10 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use super::{AttnShape, Backend, Norm, Proj};
 use crate::config::ModelConfig;
 use crate::kernels;
-use crate::model::attention::{build_mask, repeat_kv};
+use crate::model::attention::build_mask;
 use crate::model::{KvCache, LlamaModel, Positions, RmsNorm};
 use crate::train::fused;
+use crate::train::ops::repeat_kv;
 use crate::train::proj::{lin_forward, lin_forward_shared};
 
 /// RoPE tables of a batch in the forms the host paths use.

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::model::cache::LayerCache;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::{Linear, Loader};
+use crate::train::ops::repeat_kv;
 
 /// Self-attention of one decoder block.
 #[derive(Debug, Clone)]
@@ -123,17 +124,6 @@ impl Attention {
         let out = out.swap_dims(1, 2).reshape([b, t, nq * d]);
         self.o_proj.forward(out)
     }
-}
-
-/// Repeats each KV head `groups` times: `[b, kv, t, d]` → `[b, kv·groups, t, d]`.
-pub(crate) fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, kv, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, kv, groups, t, d])
-        .reshape([b, kv * groups, t, d])
 }
 
 /// Builds the boolean mask (`true` = hidden) for `tq` queries that are the last `tq` of `tk`
