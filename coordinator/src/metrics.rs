@@ -176,6 +176,8 @@ impl Metrics {
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of descriptors, or the like: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let metrics = metrics.clone();
