@@ -12,7 +12,8 @@
 //!   (`train_loss`, `eval_loss`, ...).
 //!
 //! The HTTP side answers one request per connection, reads at most 8 KiB of it within 5 s,
-//! and anything but `GET /metrics` gets a 404: it never panics on what it reads.
+//! serves at most 32 connections at once, and anything but `GET /metrics` gets a 404: it
+//! never panics on what it reads.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -172,16 +173,24 @@ impl Metrics {
     }
 }
 
+/// Requests answered at once; more connections are closed unanswered.
+const MAX_REQUESTS: usize = 32;
+
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             // Out of descriptors, or the like: wait instead of spinning.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
             let read = async {
