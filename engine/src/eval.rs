@@ -31,11 +31,12 @@ pub struct TokenBatch {
 
 impl TokenBatch {
     /// Pads `seqs` on the right to their longest length.
-    pub fn pad(seqs: &[&Encoded], pad: u32) -> Self {
-        let len = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    pub fn pad<S: std::borrow::Borrow<Encoded>>(seqs: &[S], pad: u32) -> Self {
+        let len = seqs.iter().map(|s| s.borrow().ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(seqs.len() * len);
         let mut mask = Vec::with_capacity(seqs.len() * len);
         for s in seqs {
+            let s = s.borrow();
             ids.extend_from_slice(&s.ids);
             ids.resize(ids.len() + len - s.ids.len(), pad);
             mask.extend_from_slice(&s.mask);

@@ -34,12 +34,18 @@ fn targets_of(ids: &[u32], mask: &[u8], row: usize, len: usize, seq: usize, out:
     }
 }
 
-/// One right-padded batch of `seqs` (one sequence per row).
-pub fn padded(seqs: &[&Encoded], pad: u32) -> StepBatch {
-    let len = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(1);
+/// One right-padded batch of `seqs` (one sequence per row; owned or borrowed).
+pub fn padded<S: std::borrow::Borrow<Encoded>>(seqs: &[S], pad: u32) -> StepBatch {
+    let len = seqs
+        .iter()
+        .map(|s| s.borrow().ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut ids = Vec::with_capacity(seqs.len() * len);
     let mut targets = Vec::new();
     for (row, s) in seqs.iter().enumerate() {
+        let s = s.borrow();
         targets_of(&s.ids, &s.mask, row, len, row, &mut targets);
         ids.extend_from_slice(&s.ids);
         ids.resize((row + 1) * len, pad);
@@ -55,7 +61,7 @@ pub fn padded(seqs: &[&Encoded], pad: u32) -> StepBatch {
         },
         segments: None,
         targets,
-        real_tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        real_tokens: seqs.iter().map(|s| s.borrow().ids.len()).sum(),
     }
 }
 

@@ -321,8 +321,7 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
                 e.sequence_with(&completion)
             })
             .collect();
-        let refs: Vec<&Encoded> = rows.iter().collect();
-        padded(&refs, self.pad)
+        padded(&rows, self.pad)
     }
 
     /// The divergence summed over `batch`'s trained positions under `model` (no gradients).
@@ -354,8 +353,7 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in idx.chunks(self.batch_size) {
             let rows = Self::rows(set, chunk);
-            let refs: Vec<&Encoded> = rows.iter().collect();
-            let batch = padded(&refs, self.pad);
+            let batch = padded(&rows, self.pad);
             n += batch.targets.len();
             sum += self.divergence_sum(model, &batch);
         }
@@ -415,9 +413,8 @@ impl<M: TrainModel, Tc: Backend> Objective<M> for DistillObjective<'_, Tc> {
             .chunks(self.batch_size)
             .map(|idx| {
                 let rows = Self::rows(&self.examples, idx);
-                let refs: Vec<&Encoded> = rows.iter().collect();
                 MicroBatch {
-                    batch: padded(&refs, self.pad),
+                    batch: padded(&rows, self.pad),
                     examples: idx.to_vec(),
                 }
             })

@@ -294,9 +294,8 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
             .map(|idx| {
                 let pairs: Vec<&EncodedPair> = idx.iter().map(|&i| &self.pairs[i]).collect();
                 let seqs = rows(&pairs);
-                let refs: Vec<&Encoded> = seqs.iter().collect();
                 MicroBatch {
-                    batch: padded(&refs, self.pad),
+                    batch: padded(&seqs, self.pad),
                     examples: idx.to_vec(),
                 }
             })

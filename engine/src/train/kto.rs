@@ -271,8 +271,7 @@ impl<M: TrainModel> KtoObjective<M> {
             return 0.0;
         }
         let rows = self.kl_rows(set, idx);
-        let refs: Vec<&Encoded> = rows.iter().collect();
-        let batch = TokenBatch::pad(&refs, self.pad);
+        let batch = TokenBatch::pad(&rows, self.pad);
         let policy = sequence_logprobs(model, &batch).0;
         let reference = self.reference_sums(model, &batch);
         let mean = policy
@@ -293,8 +292,7 @@ impl<M: TrainModel> KtoObjective<M> {
         let chunks: Vec<&[usize]> = idx.chunks(self.batch_size.max(1)).collect();
         for chunk in &chunks {
             let rows = self.rows(set, chunk);
-            let refs: Vec<&Encoded> = rows.iter().collect();
-            let batch = TokenBatch::pad(&refs, self.pad);
+            let batch = TokenBatch::pad(&rows, self.pad);
             let scored = Scored {
                 policy: sequence_logprobs(model, &batch).0,
                 reference: self.reference_sums(model, &batch),
@@ -319,9 +317,8 @@ impl<M: TrainModel> Objective<M> for KtoObjective<M> {
             .chunks(self.batch_size.max(1))
             .map(|idx| {
                 let rows = self.rows(&self.examples, idx);
-                let refs: Vec<&Encoded> = rows.iter().collect();
                 MicroBatch {
-                    batch: padded(&refs, self.pad),
+                    batch: padded(&rows, self.pad),
                     examples: idx.to_vec(),
                 }
             })

@@ -542,8 +542,7 @@ pub fn rollout_batch(rs: &[&Rollout], pad: u32) -> StepBatch {
             Encoded { ids, mask }
         })
         .collect();
-    let refs: Vec<&Encoded> = seqs.iter().collect();
-    padded(&refs, pad)
+    padded(&seqs, pad)
 }
 
 /// Per-token log-probabilities of the rollouts' completions under `model`, without gradients
