@@ -6,14 +6,12 @@
 use burn::tensor::{DType, Device};
 use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::load_model;
-use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
-use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::sft::train;
 
 mod bench_common;
 
-use bench_common::{Timer, in_memory, ms, peak_rss_mb};
+use bench_common::{Timer, in_memory, lora_run, ms, peak_rss_mb};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -31,17 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
         .sum::<usize>() as f64
         / pairs.len() as f64;
-    let cfg = TrainConfig {
-        lora_r: 16,
-        lora_alpha: 32.0,
-        learning_rate: 1e-5,
-        max_steps: Some(steps as u64),
-        per_device_train_batch_size: batch,
-        logging_steps: 1,
-        ..TrainConfig::default()
-    };
-    let a = init_adapter(&m.model, &cfg);
-    m.model.attach_weights(&a, 0.0)?;
+    let cfg = lora_run(&mut m.model, batch, steps, 1e-5)?;
     let objective = DpoObjective::new(&m.model, opts, pairs, Vec::new(), batch, m.tokenizer.pad_id);
     let run = in_memory(&cfg);
     let mut t = Timer::new();

@@ -7,15 +7,13 @@
 use burn::tensor::{DType, Device};
 use fedtune_engine::load_model;
 use fedtune_engine::rewards::Rewards;
-use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, load_prompts};
-use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::sft::train;
 use std::sync::Arc;
 
 mod bench_common;
 
-use bench_common::{Timer, in_memory, ms, peak_rss_mb};
+use bench_common::{Timer, in_memory, lora_run, ms, peak_rss_mb};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -28,17 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..GrpoOptions::default()
     };
     let batch = 8;
-    let cfg = TrainConfig {
-        lora_r: 16,
-        lora_alpha: 32.0,
-        learning_rate: 1e-6,
-        max_steps: Some(steps as u64),
-        per_device_train_batch_size: batch,
-        logging_steps: 1,
-        ..TrainConfig::default()
-    };
-    let a = init_adapter(&m.model, &cfg);
-    m.model.attach_weights(&a, 0.0)?;
+    let cfg = lora_run(&mut m.model, batch, steps, 1e-6)?;
     let mut stop = m.model.config.eos_token_ids.clone();
     stop.extend(m.tokenizer.eos_id);
     let pad = m.tokenizer.pad_id;

@@ -56,6 +56,28 @@ pub fn peak_rss_mb() -> u64 {
         / 1024
 }
 
+/// The benchmarks' LoRA run: r=16, α 32 on all projections, `steps` steps of `batch`, logged
+/// every step; a fresh adapter (PEFT's initialisation) is attached to `model`.
+pub fn lora_run(
+    model: &mut fedtune_engine::LlamaModel,
+    batch: usize,
+    steps: usize,
+    learning_rate: f64,
+) -> fedtune_engine::Result<TrainConfig> {
+    let cfg = TrainConfig {
+        lora_r: 16,
+        lora_alpha: 32.0,
+        learning_rate,
+        max_steps: Some(steps as u64),
+        per_device_train_batch_size: batch,
+        logging_steps: 1,
+        ..TrainConfig::default()
+    };
+    let a = fedtune_engine::train::lora::init_adapter(model, &cfg);
+    model.attach_weights(&a, 0.0)?;
+    Ok(cfg)
+}
+
 /// A run of `cfg` kept in memory (no output directory).
 pub fn in_memory(cfg: &TrainConfig) -> RunOptions<'_> {
     RunOptions {
