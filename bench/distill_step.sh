@@ -10,11 +10,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 STEPS=${2:-4}
 LMBDA=${3:-0}
-GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
-HF=.cache/smollm2-hf
-cargo build --release -q --bin fedtune
-cargo build --release -q -p fedtune-engine --example bench_distill
-[ -f "$HF/model.safetensors" ] || target/release/fedtune export --model "$GGUF" --output "$HF" >/dev/null
+HF=$(bench/prepare_step.sh bench_distill)
 python3 bench/make_dpo_bench_data.py $((2 * STEPS)) 128 128
 DATA=bench/.data/distill_bench.jsonl
 # The preference pairs' prompt and chosen answer as one user/assistant conversation each

@@ -7,11 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 STEPS=${2:-4}
-GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
-HF=.cache/smollm2-hf
-cargo build --release -q --bin fedtune
-cargo build --release -q -p fedtune-engine --example bench_dpo
-[ -f "$HF/model.safetensors" ] || target/release/fedtune export --model "$GGUF" --output "$HF" >/dev/null
+HF=$(bench/prepare_step.sh bench_dpo)
 python3 bench/make_dpo_bench_data.py $((4 * STEPS)) 128 128
 DATA=bench/.data/dpo_bench.jsonl
 for round in $(seq "$ROUNDS"); do

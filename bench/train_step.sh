@@ -15,15 +15,11 @@ STEPS=${2:-4}
 MODES=${MODES:-lora qlora}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-256}
-GGUF=${GGUF:-$(bench/fetch_smollm2.sh)}
-HF=.cache/smollm2-hf
 MKL=bench/.venv/lib/libmkl_rt.so.3
 if [ -z "${FEDTUNE_BLAS:-}" ] && [ -f "$MKL" ]; then export FEDTUNE_BLAS="$PWD/$MKL"; fi
 echo "fedtune BLAS: ${FEDTUNE_BLAS:-first found (oneMKL, then OpenBLAS)}"
-cargo build --release -q --bin fedtune
-cargo build --release -q -p fedtune-engine --example bench_train
 # Both sides read the same Hugging Face directory (the GGUF dequantised to f32).
-[ -f "$HF/model.safetensors" ] || target/release/fedtune export --model "$GGUF" --output "$HF" >/dev/null
+HF=$(bench/prepare_step.sh bench_train)
 for mode in $MODES; do
   for round in $(seq "$ROUNDS"); do
     ours=$(target/release/examples/bench_train "$HF" "$BATCH" "$SEQ" 16 "$STEPS" "$mode")
