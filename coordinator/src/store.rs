@@ -73,16 +73,15 @@ impl FileStore {
         Ok(removed)
     }
 
-    /// Every stored value by key (temporary files of interrupted writes are ignored).
-    pub fn load_all(&self) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
-        let mut out = BTreeMap::new();
+    /// Every stored key with its file (temporary files of interrupted writes are ignored).
+    fn files(&self) -> std::io::Result<Vec<(String, std::path::PathBuf)>> {
+        let mut out = Vec::new();
         let mut stack = vec![self.dir.clone()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d)? {
                 let e = e?;
                 let p = e.path();
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.starts_with(".tmp") {
+                if e.file_name().to_string_lossy().starts_with(".tmp") {
                     continue;
                 }
                 if e.file_type()?.is_dir() {
@@ -93,10 +92,32 @@ impl FileStore {
                         .expect("under the store")
                         .to_string_lossy()
                         .replace(std::path::MAIN_SEPARATOR, "/");
-                    out.insert(key, std::fs::read(&p)?);
+                    out.push((key, p));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Every stored value by key (temporary files of interrupted writes are ignored).
+    pub fn load_all(&self) -> std::io::Result<BTreeMap<String, Vec<u8>>> {
+        self.files()?
+            .into_iter()
+            .map(|(k, p)| Ok((k, std::fs::read(&p)?)))
+            .collect()
+    }
+
+    /// Every stored key, without reading the values.
+    pub fn keys(&self) -> std::io::Result<Vec<String>> {
+        Ok(self.files()?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// The value of `key`, if stored.
+    pub fn get(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.dir.join(key)) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

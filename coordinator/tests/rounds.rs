@@ -202,6 +202,14 @@ fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
     );
 }
 
+/// The status read from `store`'s state and keys, as `fedtune coord status` reads a store.
+fn stored_status(
+    store: &BTreeMap<String, Vec<u8>>,
+) -> Result<fedtune_coordinator::machine::StoredStatus, fedtune_coordinator::CoordinatorError> {
+    let keys: Vec<String> = store.keys().cloned().collect();
+    Coordinator::stored_status(store.get("state").map(Vec::as_slice), &keys)
+}
+
 /// `fedtune coord status` reads the store: the open round with the clients whose updates are
 /// stored, then after the round closes the completed count, the new global adapter and the
 /// accepted rounds per client.
@@ -218,7 +226,7 @@ fn the_stored_status_follows_the_rounds() {
     )
     .unwrap();
     assert!(
-        Coordinator::stored_status(&store).is_err(),
+        stored_status(&store).is_err(),
         "no state yet: an error, not a guess"
     );
     for id in &ids {
@@ -228,7 +236,7 @@ fn the_stored_status_follows_the_rounds() {
     let plan = plans.first().expect("the round opens").clone();
     upload(&mut c, &ids[0], &plan, 0, now);
     drain(&mut c, &mut store);
-    let s = Coordinator::stored_status(&store).unwrap();
+    let s = stored_status(&store).unwrap();
     assert_eq!(
         (s.completed_rounds, s.finished, s.global_round),
         (0, false, 0)
@@ -243,7 +251,7 @@ fn the_stored_status_follows_the_rounds() {
         upload(&mut c, id, &plan, k + 1, now);
     }
     drain(&mut c, &mut store);
-    let s = Coordinator::stored_status(&store).unwrap();
+    let s = stored_status(&store).unwrap();
     assert_eq!(s.completed_rounds, 1);
     assert!(s.finished, "a one-round federation");
     assert_eq!(s.global_round, 1);

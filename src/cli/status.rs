@@ -91,10 +91,14 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         "{file}: data_dir: no store at {} (has the coordinator run?)",
         store_dir.display()
     );
-    let stored = FileStore::open(&store_dir)
-        .and_then(|s| s.load_all())
+    // The state and the keys only: stored updates can be large and are not read.
+    let store =
+        FileStore::open(&store_dir).with_context(|| format!("opening {}", store_dir.display()))?;
+    let (state, keys) = store
+        .get("state")
+        .and_then(|state| Ok((state, store.keys()?)))
         .with_context(|| format!("reading {}", store_dir.display()))?;
-    let s = Coordinator::stored_status(&stored)
+    let s = Coordinator::stored_status(state.as_deref(), &keys)
         .with_context(|| format!("reading the state in {}", store_dir.display()))?;
     let names: BTreeMap<String, String> = f
         .clients

@@ -8,9 +8,10 @@ use fedtune_protocol::envelope::check_payload_digest;
 
 use super::{CoordConfig, Coordinator, CoordinatorError, Durable, Result, Stored};
 
-/// The persisted `state`: the machine's durable part and the strategy's state.
-pub(super) fn read_state(stored: &BTreeMap<String, Vec<u8>>) -> Result<(Durable, StrategyState)> {
-    let bytes = stored.get("state").ok_or_else(|| CoordinatorError::Store {
+/// The persisted `state` (its bytes, if stored): the machine's durable part and the
+/// strategy's state.
+pub(super) fn read_state(bytes: Option<&[u8]>) -> Result<(Durable, StrategyState)> {
+    let bytes = bytes.ok_or_else(|| CoordinatorError::Store {
         key: "state".into(),
         reason: "missing".into(),
     })?;
@@ -27,7 +28,7 @@ impl Coordinator {
         id: Identity,
         stored: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Self> {
-        let (d, state) = read_state(stored)?;
+        let (d, state) = read_state(stored.get("state").map(Vec::as_slice))?;
         let strategy = FedStrategy::from_state(cfg.strategy.clone(), state);
         let mut c = Self::assemble(cfg, id, strategy, d);
         if let Some(open) = c.d.open.clone() {

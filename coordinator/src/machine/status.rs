@@ -44,15 +44,15 @@ pub struct StoredStatus {
 }
 
 impl Coordinator {
-    /// Reads the status from persisted values (what [`Coordinator::recover`] reads).
-    pub fn stored_status(stored: &BTreeMap<String, Vec<u8>>) -> Result<StoredStatus> {
-        let (d, _) = super::recover::read_state(stored)?;
+    /// Reads the status from the persisted `state` (its bytes, if stored) and the store's
+    /// keys (the open round's stored updates are listed there; their values are not read).
+    pub fn stored_status(state: Option<&[u8]>, keys: &[String]) -> Result<StoredStatus> {
+        let (d, _) = super::recover::read_state(state)?;
         let open_round = d.open.as_ref().map(|o| {
             let prefix = format!("updates/{:06}/", o.round);
-            let stored_keys: BTreeSet<String> = stored
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, _)| k[prefix.len()..].to_string())
+            let stored_keys: BTreeSet<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&prefix))
                 .collect();
             OpenStatus {
                 round: o.round,
@@ -60,7 +60,7 @@ impl Coordinator {
                 updates: o
                     .sampled
                     .iter()
-                    .filter(|c| stored_keys.contains(&c.to_hex()))
+                    .filter(|c| stored_keys.contains(c.to_hex().as_str()))
                     .copied()
                     .collect(),
                 opened_ms: o.opened_ms,
