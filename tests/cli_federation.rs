@@ -130,7 +130,11 @@ metrics_listen = "127.0.0.1:{metrics_port}"
 [local]
 learning_rate = 5e-3
 local_steps = 3
-batch_size = 4
+batch_size = 2
+# Every client trains with these (the plan carries them).
+gradient_accumulation_steps = 2
+weight_decay = 0.01
+max_grad_norm = 0.5
 
 {entries}"#,
             model = model.display(),
@@ -150,8 +154,6 @@ coordinator = "127.0.0.1:{port}"
 ca = "{ca}"
 name = "{n}"
 model = "{model}"
-rank = 4
-lora_alpha = 8.0
 train_data = "{data}"
 log = "{log}"
 {local}"#,
@@ -159,11 +161,12 @@ log = "{log}"
                 model = model.display(),
                 data = root().join(format!("testdata/demo/{n}.jsonl")).display(),
                 log = dir.join(format!("{n}.log.jsonl")).display(),
-                // One site trains its own way: QLoRA, checkpointing, accumulation, a shorter
-                // maximum length, a forced data format (its update is the same kind).
+                // One site trains its own way: QLoRA, checkpointing, a shorter maximum length,
+                // a forced data format (its update is the same kind), and pins the LoRA
+                // configuration it expects (the others take the plan's).
                 local = if n == "bank" {
                     "load_in_4bit = true\nbnb_4bit_use_double_quant = true\n\
-                     gradient_checkpointing = true\ngradient_accumulation_steps = 2\n\
+                     gradient_checkpointing = true\nrank = 4\nlora_alpha = 8.0\n\
                      max_length = 512\nformat = \"openai\"\n"
                 } else {
                     ""
@@ -388,6 +391,10 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
         ("bnb_4bit_use_double_quant = true\n", "needs load_in_4bit"),
         ("max_length = 1\n", "max_length must be at least 2"),
         (
+            "gradient_accumulation_steps = 2\n",
+            "gradient_accumulation_steps: the round plan sets it",
+        ),
+        (
             "teacher = \"/no/such/teacher\"\n",
             "teacher: loading /no/such/teacher",
         ),
@@ -489,6 +496,25 @@ batch_size = 1
         err.contains(&format!("{name}: local.distill: beta must be in [0, 1]")),
         "{err}"
     );
+    // The plan's local-training settings are checked with the table and field named.
+    for (setting, want) in [
+        ("warmup_ratio = 1.5", "local.warmup_ratio must be in [0, 1]"),
+        (
+            "gradient_accumulation_steps = 0",
+            "local.gradient_accumulation_steps must be at least 1",
+        ),
+        ("loss_type = \"nonsense\"", "local.loss_type: unknown"),
+    ] {
+        write(&model, 4, &format!("{a}\n{b}"));
+        let text = std::fs::read_to_string(&toml).unwrap();
+        std::fs::write(
+            &toml,
+            text.replace("batch_size = 1\n", &format!("batch_size = 1\n{setting}\n")),
+        )
+        .unwrap();
+        let err = coord_fails(&config);
+        assert!(err.contains(&format!("{name}: {want}")), "{setting}: {err}");
+    }
     write(&dir.join("no-such-model"), 4, &format!("{a}\n{b}"));
     let err = coord_fails(&config);
     assert!(err.contains(&format!("{name}: model: hashing")), "{err}");

@@ -13,7 +13,6 @@ use std::time::Duration;
 use burn::tensor::{DType, Device};
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
 use fedtune_client::daemon::{ClientOptions, run};
-use fedtune_client::trainer::plan_hash;
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
 use fedtune_coordinator::{CoordConfig, Coordinator};
@@ -22,7 +21,9 @@ use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::{LoadedModel, load_model};
 use fedtune_protocol::tls::{self, CertPair};
-use fedtune_protocol::{Hyper, Identity, Phase, digest, peft, quic};
+use fedtune_protocol::{
+    Hyper, Identity, LoraPlan, PROTOCOL_VERSION, Phase, digest, model_digest, peft, plan_hash, quic,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,13 +60,13 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         .iter()
         .map(|n| tls::issue(&ca, n, false, &[]).unwrap())
         .collect();
-    let hash = plan_hash(
-        &root().join("testdata/tiny-llama/model"),
-        4,
-        8.0,
-        &lora.target_modules,
-    )
-    .unwrap();
+    let model = model_digest(&root().join("testdata/tiny-llama/model")).unwrap();
+    let lora_plan = LoraPlan {
+        rank: 4,
+        lora_alpha: 8.0,
+        target_modules: lora.target_modules.clone(),
+    };
+    let hash = plan_hash(&model, &lora_plan);
     let mut strategy = StrategyConfig::new(Rule::FedAvgExact);
     strategy.target_rank = Some(4);
     strategy.sampling.min_clients = 3;
@@ -74,15 +75,10 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         Phase::Sft,
         2,
         Hyper {
-            learning_rate: 5e-3,
-            local_steps: 4,
-            batch_size: 4,
-            beta: 0.1,
             seed: 11,
-            grpo: None,
-            distill: None,
+            ..Hyper::new(5e-3, 4, 4)
         },
-        (4, 8.0),
+        lora_plan,
         strategy,
         300_000,
         hash,
@@ -127,17 +123,16 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         coordinator: addr,
         server_name: tls::COORDINATOR_NAME.into(),
         max_payload: 64 << 20,
-        lora_alpha: 8.0,
         log: None,
         max_attempts: 5,
     };
     let ccfg = ClientConfig {
         federation: "quic-test".into(),
         coordinator: coord_id.public(),
-        plan_hash: hash,
+        model_digest: model,
+        lora_pin: Default::default(),
         header_ttl_ms: 3_600_000,
         max_payload: 64 << 20,
-        lora_alpha: 8.0,
     };
     let mut data = Vec::new();
     let mut clients = Vec::new();
@@ -179,7 +174,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
                 .unwrap();
             let (mut send, _recv) = conn.open_bi().await.unwrap();
             let hello = fedtune_protocol::ToCoordinator::Hello {
-                version: 1,
+                version: PROTOCOL_VERSION,
                 client: pk,
             };
             quic::write_frame(&mut send, &fedtune_protocol::messages::encode(&hello))

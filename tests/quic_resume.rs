@@ -18,13 +18,15 @@ use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::tls::{self, CertPair};
-use fedtune_protocol::{Hyper, Identity, Phase, ToClient, ToCoordinator, digest, peft, quic};
+use fedtune_protocol::{
+    Hyper, Identity, LoraPlan, Phase, ToClient, ToCoordinator, digest, peft, quic,
+};
 
 async fn next_plan(recv: &mut quinn::RecvStream) -> (fedtune_protocol::RoundPlan, Vec<u8>) {
     loop {
         let b = read_frame(recv, 256 << 20).await.unwrap().unwrap();
         if let ToClient::Plan { plan, payload, .. } = decode(&b, 256 << 20, "m").unwrap() {
-            return (plan, payload);
+            return (*plan, payload);
         }
     }
 }
@@ -118,15 +120,14 @@ fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
         Phase::Sft,
         rounds,
         Hyper {
-            learning_rate: 1e-3,
-            local_steps: 1,
-            batch_size: 1,
-            beta: 0.1,
             seed: 0,
-            grpo: None,
-            distill: None,
+            ..Hyper::new(1e-3, 1, 1)
         },
-        (4, 8.0),
+        LoraPlan {
+            rank: 4,
+            lora_alpha: 8.0,
+            target_modules: lora.target_modules.clone(),
+        },
         strategy,
         300_000,
         [3; 32],

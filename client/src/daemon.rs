@@ -35,8 +35,6 @@ pub struct ClientOptions {
     pub server_name: String,
     /// Largest global adapter accepted.
     pub max_payload: u64,
-    /// LoRA α.
-    pub lora_alpha: f64,
     /// Local JSONL log.
     pub log: Option<PathBuf>,
     /// Give up after this many failed connection attempts in a row.
@@ -141,6 +139,14 @@ fn log(opts: &ClientOptions, v: &serde_json::Value) {
     }
 }
 
+/// Local training of `round` failed: say it on stderr and in the tracing log, and let the
+/// machine tell the coordinator.
+fn train_failed(machine: &mut Client, round: u64, error: String) {
+    tracing::error!(round, %error, "local training failed");
+    eprintln!("round {round}: local training failed: {error}");
+    machine.handle_train_failed(now_ms(), round, error);
+}
+
 async fn session(
     machine: &mut Client,
     conn: &quinn::Connection,
@@ -186,13 +192,24 @@ async fn session(
                     .await
                     .map_err(|e| e.to_string())?,
                 ClientAction::Train(job) => {
-                    let (b, d, alpha) = (base.clone(), data.clone(), opts.lora_alpha);
+                    let (b, d) = (base.clone(), data.clone());
                     let round = job.plan.round;
                     let started = std::time::Instant::now();
-                    let out = tokio::task::spawn_blocking(move || train_round(&b, &d, &job, alpha))
+                    // A failure is told to the coordinator and the log; the client stays in
+                    // the federation for the next round.
+                    let out = match tokio::task::spawn_blocking(move || train_round(&b, &d, &job))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                    {
+                        Ok(Ok(out)) => out,
+                        Ok(Err(e)) => {
+                            train_failed(machine, round, e.to_string());
+                            continue;
+                        }
+                        Err(e) => {
+                            train_failed(machine, round, format!("the training task stopped: {e}"));
+                            continue;
+                        }
+                    };
                     log(
                         opts,
                         &serde_json::json!({

@@ -7,4 +7,4 @@ pub mod daemon;
 pub mod machine;
 pub mod trainer;
 
-pub use machine::{Client, ClientAction, ClientConfig, TrainJob};
+pub use machine::{Client, ClientAction, ClientConfig, LoraPin, TrainJob};

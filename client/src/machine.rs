@@ -7,7 +7,8 @@ use std::collections::VecDeque;
 use fedtune_aggregation::Adapter;
 use fedtune_protocol::envelope::{Digest, PayloadKind, Seal, check_payload_digest, seal};
 use fedtune_protocol::{
-    Identity, PROTOCOL_VERSION, PublicKey, RoundPlan, SignedHeader, ToClient, ToCoordinator, peft,
+    DeclineReason, Identity, LoraPlan, PROTOCOL_VERSION, PublicKey, RoundPlan, SignedHeader,
+    ToClient, ToCoordinator, peft, plan_hash,
 };
 
 /// What a client knows before it connects.
@@ -17,14 +18,58 @@ pub struct ClientConfig {
     pub federation: String,
     /// The coordinator's pinned key.
     pub coordinator: PublicKey,
-    /// Hash of the base model and LoRA configuration.
-    pub plan_hash: Digest,
+    /// Digest of the local base model ([`fedtune_protocol::model_digest`]): a plan's global
+    /// adapter must be signed for it and the plan's LoRA configuration
+    /// ([`fedtune_protocol::plan_hash`]).
+    pub model_digest: Digest,
+    /// The LoRA settings this site insists on (`client.toml`'s `rank`, `lora_alpha`,
+    /// `target_modules`); the plan's are taken where it names none.
+    pub lora_pin: LoraPin,
     /// Validity of the headers it signs.
     pub header_ttl_ms: u64,
     /// Largest global adapter accepted.
     pub max_payload: u64,
-    /// LoRA α (scale α/r of decoded adapters).
-    pub lora_alpha: f64,
+}
+
+/// LoRA settings a client requires of the plans it trains; a plan with other values is
+/// declined with the setting named.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraPin {
+    /// Required rank.
+    pub rank: Option<usize>,
+    /// Required α.
+    pub lora_alpha: Option<f64>,
+    /// Required target modules (in the plan's order).
+    pub target_modules: Option<Vec<String>>,
+}
+
+impl LoraPin {
+    /// Why `plan` breaks the pin, naming the first setting that differs.
+    pub fn mismatch(&self, plan: &LoraPlan) -> Option<String> {
+        let differ = |field: &str, ours: String, theirs: String| {
+            Some(format!(
+                "the plan's LoRA {field} is {theirs}, this client requires {ours}"
+            ))
+        };
+        if let Some(r) = self.rank.filter(|&r| r != plan.rank) {
+            return differ("rank", r.to_string(), plan.rank.to_string());
+        }
+        if let Some(a) = self.lora_alpha.filter(|&a| a != plan.lora_alpha) {
+            return differ("lora_alpha", a.to_string(), plan.lora_alpha.to_string());
+        }
+        if let Some(t) = self
+            .target_modules
+            .as_ref()
+            .filter(|t| **t != plan.target_modules)
+        {
+            return differ(
+                "target_modules",
+                format!("{t:?}"),
+                format!("{:?}", plan.target_modules),
+            );
+        }
+        None
+    }
 }
 
 /// A local training job.
@@ -65,6 +110,8 @@ pub struct Client {
     /// The signed update of the current round until the coordinator answers it (sent again
     /// when the coordinator sends the round's plan again, e.g. after a dropped connection).
     pending: Option<(Box<SignedHeader>, Vec<u8>)>,
+    /// The round whose local training failed and why (told again if its plan comes again).
+    failed: Option<(u64, String)>,
 }
 
 impl Client {
@@ -79,6 +126,7 @@ impl Client {
             nonce: 0,
             accepted: Vec::new(),
             pending: None,
+            failed: None,
         }
     }
 
@@ -122,8 +170,11 @@ impl Client {
         {
             return Err("global adapter or plan of another federation".into());
         }
-        if hd.plan_hash != self.cfg.plan_hash {
+        if hd.plan_hash != plan_hash(&self.cfg.model_digest, &plan.lora) {
             return Err("global adapter for another base model or LoRA configuration".into());
+        }
+        if let Some(why) = self.cfg.lora_pin.mismatch(&plan.lora) {
+            return Err(why);
         }
         if hd.payload_len > self.cfg.max_payload {
             return Err(format!(
@@ -135,11 +186,8 @@ impl Client {
         if hd.payload_digest != plan.global_digest {
             return Err("the plan names another global adapter".into());
         }
-        let alpha = self.cfg.lora_alpha;
-        peft::decode(payload, &peft::Limits::default(), |_, r| {
-            (alpha / r.max(1) as f64) as f32
-        })
-        .map_err(|e| e.to_string())
+        peft::decode(payload, &peft::Limits::default(), |_, r| plan.lora.scale(r))
+            .map_err(|e| e.to_string())
     }
 
     /// A message from the coordinator.
@@ -178,16 +226,25 @@ impl Client {
                                 header,
                                 payload,
                             }));
+                    } else if let Some((_, error)) =
+                        self.failed.clone().filter(|(r, _)| *r == plan.round)
+                    {
+                        // Our decline may have been lost with the connection.
+                        self.actions
+                            .push_back(ClientAction::Send(ToCoordinator::Decline {
+                                round: plan.round,
+                                reason: DeclineReason::Training(error),
+                            }));
                     }
                     return;
                 }
                 match self.verify_global(&plan, &global, &payload) {
                     Ok(adapter) => {
-                        self.current = Some(plan.clone());
+                        self.current = Some((*plan).clone());
                         self.log(serde_json::json!({"event": "plan", "round": plan.round}));
                         self.actions
                             .push_back(ClientAction::Train(Box::new(TrainJob {
-                                plan,
+                                plan: *plan,
                                 global: adapter,
                             })));
                     }
@@ -196,7 +253,7 @@ impl Client {
                         self.actions
                             .push_back(ClientAction::Send(ToCoordinator::Decline {
                                 round: plan.round,
-                                reason,
+                                reason: DeclineReason::Plan(reason),
                             }));
                     }
                 }
@@ -233,6 +290,22 @@ impl Client {
         }
     }
 
+    /// Local training of `round` failed: the coordinator is told why at once (it counts the
+    /// client as a failure of the round instead of waiting for the deadline), and the local log
+    /// says it. A later plan for the same round is not trained again.
+    pub fn handle_train_failed(&mut self, _now_ms: u64, round: u64, error: String) {
+        if self.current.as_ref().is_none_or(|p| p.round != round) || self.pending.is_some() {
+            return;
+        }
+        self.log(serde_json::json!({"event": "train_failed", "round": round, "error": error}));
+        self.failed = Some((round, error.clone()));
+        self.actions
+            .push_back(ClientAction::Send(ToCoordinator::Decline {
+                round,
+                reason: DeclineReason::Training(error),
+            }));
+    }
+
     /// Local training of `round` finished: sign and send the update.
     pub fn handle_trained(
         &mut self,
@@ -256,7 +329,7 @@ impl Client {
                 kind: PayloadKind::Update,
                 federation: &self.cfg.federation,
                 round,
-                plan_hash: self.cfg.plan_hash,
+                plan_hash: plan_hash(&self.cfg.model_digest, &plan.lora),
                 parent: plan.global_digest,
                 nonce,
                 now_ms,

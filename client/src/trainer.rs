@@ -91,12 +91,10 @@ impl std::fmt::Debug for DistillData {
 }
 
 /// Local-training settings a site chooses for itself in `client.toml`: they change how its
-/// update is computed (memory, speed), not what the federation agreed on (the plan's learning
-/// rate, steps, batch size, rank and targets).
+/// update is computed (memory, speed, precision), not what the federation agreed on (the
+/// plan's [`fedtune_protocol::Hyper`] and LoRA configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalTraining {
-    /// Micro-batches per optimiser step (the plan's batch size is per micro-batch).
-    pub gradient_accumulation_steps: usize,
     /// Recompute each block in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
     /// Longest SFT sequence (longer ones are truncated on the right).
@@ -109,7 +107,6 @@ pub struct LocalTraining {
 impl Default for LocalTraining {
     fn default() -> Self {
         LocalTraining {
-            gradient_accumulation_steps: 1,
             gradient_checkpointing: false,
             max_length: 1024,
             dt: Dt::F32,
@@ -175,7 +172,6 @@ pub fn train_round(
     base: &Base,
     data: &LocalData,
     job: &TrainJob,
-    lora_alpha: f64,
 ) -> fedtune_engine::Result<TrainOutcome> {
     if job.plan.phase == Phase::Grpo {
         let Base::Host(m) = base else {
@@ -185,19 +181,19 @@ pub fn train_round(
         };
         let mut model = m.clone();
         model.attach_weights(&job.global, 0.0)?;
-        return grpo_training(&mut model, data, job, lora_alpha);
+        return grpo_training(&mut model, data, job);
     }
     let (summary, num_examples, adapter) = match base {
         Base::Host(m) => {
             let mut model = m.clone();
             model.attach_weights(&job.global, 0.0)?;
-            let (s, n) = local_training(&mut model, data, job, lora_alpha)?;
+            let (s, n) = local_training(&mut model, data, job)?;
             (s, n, model.lora_weights())
         }
         Base::Gpu(m) => {
             let mut model = m.clone();
             model.attach_weights(&job.global)?;
-            let (s, n) = local_training(&mut model, data, job, lora_alpha)?;
+            let (s, n) = local_training(&mut model, data, job)?;
             (s, n, model.lora_weights()?)
         }
     };
@@ -216,23 +212,29 @@ pub fn train_round(
     })
 }
 
-/// The round's training settings.
-fn round_config(data: &LocalData, job: &TrainJob, lora_alpha: f64) -> TrainConfig {
-    let h = &job.plan.hyper;
+/// The round's training settings: the plan's hyperparameters and LoRA configuration, and how
+/// this site computes them (`local`).
+fn round_config(local: &LocalTraining, job: &TrainJob) -> TrainConfig {
+    let (h, lora) = (&job.plan.hyper, &job.plan.lora);
     TrainConfig {
-        lora_r: job.plan.rank,
-        lora_alpha,
+        lora_r: lora.rank,
+        lora_alpha: lora.lora_alpha,
+        target_modules: lora.target_modules.clone(),
+        lora_dropout: h.lora_dropout,
         learning_rate: h.learning_rate,
         max_steps: Some(h.local_steps),
         per_device_train_batch_size: h.batch_size,
-        gradient_accumulation_steps: data.local.gradient_accumulation_steps.max(1),
-        gradient_checkpointing: data.local.gradient_checkpointing,
-        max_seq_length: data.local.max_length.max(2),
+        gradient_accumulation_steps: h.gradient_accumulation_steps.max(1) as usize,
+        warmup_ratio: h.warmup_ratio,
+        weight_decay: h.weight_decay,
+        max_grad_norm: h.max_grad_norm,
+        gradient_checkpointing: local.gradient_checkpointing,
+        max_seq_length: local.max_length.max(2),
         lr_scheduler_type: Schedule::Constant,
         seed: h.seed,
         logging_steps: 1,
-        bf16: data.local.dt == Dt::BF16,
-        fp16: data.local.dt == Dt::F16,
+        bf16: local.dt == Dt::BF16,
+        fp16: local.dt == Dt::F16,
         ..TrainConfig::default()
     }
 }
@@ -245,7 +247,6 @@ fn grpo_training(
     model: &mut LlamaModel,
     data: &LocalData,
     job: &TrainJob,
-    lora_alpha: f64,
 ) -> fedtune_engine::Result<TrainOutcome> {
     let h = &job.plan.hyper;
     let g = h.grpo.as_ref().ok_or_else(|| {
@@ -274,7 +275,7 @@ fn grpo_training(
         ..GrpoOptions::default()
     };
     opts.validate(h.batch_size).map_err(Error::Invalid)?;
-    let cfg = round_config(data, job, lora_alpha);
+    let cfg = round_config(&data.local, job);
     let run = RunOptions {
         config: &cfg,
         output: None,
@@ -314,10 +315,9 @@ fn local_training<M: TrainModel>(
     model: &mut M,
     data: &LocalData,
     job: &TrainJob,
-    lora_alpha: f64,
 ) -> fedtune_engine::Result<(TrainSummary, u64)> {
     let h = &job.plan.hyper;
-    let cfg = round_config(data, job, lora_alpha);
+    let cfg = round_config(&data.local, job);
     let run = RunOptions {
         config: &cfg,
         output: None,
@@ -334,6 +334,7 @@ fn local_training<M: TrainModel>(
         Phase::Dpo => {
             let opts = DpoOptions {
                 beta: h.beta,
+                loss_type: h.loss_type.parse().map_err(Error::Invalid)?,
                 ..DpoOptions::default()
             };
             // The reference is the global adapter the round starts from.
@@ -415,42 +416,61 @@ fn local_training<M: TrainModel>(
     Ok((summary, num_examples))
 }
 
-/// The hash every party of a federation pins: BLAKE3 over the base model's files (weights and
-/// `config.json` of a model directory, or the GGUF file) and the LoRA configuration.
-pub fn plan_hash(
-    model: &std::path::Path,
-    rank: usize,
-    lora_alpha: f64,
-    target_modules: &[String],
-) -> std::io::Result<fedtune_protocol::Digest> {
-    let mut h = blake3::Hasher::new();
-    let mut files: Vec<std::path::PathBuf> = if model.is_dir() {
-        std::fs::read_dir(model)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                n == "config.json" || n.ends_with(".safetensors")
-            })
-            .collect()
-    } else {
-        vec![model.to_path_buf()]
-    };
-    files.sort();
-    for f in files {
-        h.update(
-            f.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("")
-                .as_bytes(),
+#[cfg(test)]
+mod tests {
+    use fedtune_protocol::{Hyper, LoraPlan, RoundPlan};
+
+    use super::*;
+
+    /// Every setting of the plan reaches the trainer's configuration; the site's own settings
+    /// come from `client.toml`.
+    #[test]
+    fn the_plan_fixes_every_local_training_setting() {
+        let hyper = Hyper {
+            gradient_accumulation_steps: 3,
+            warmup_ratio: 0.25,
+            weight_decay: 0.05,
+            max_grad_norm: 0.5,
+            lora_dropout: 0.1,
+            beta: 0.2,
+            loss_type: "ipo".into(),
+            seed: 9,
+            ..Hyper::new(3e-4, 7, 5)
+        };
+        let job = TrainJob {
+            plan: RoundPlan {
+                federation: "f".into(),
+                round: 2,
+                phase: Phase::Dpo,
+                hyper,
+                lora: LoraPlan {
+                    rank: 6,
+                    lora_alpha: 12.0,
+                    target_modules: vec!["q_proj".into(), "down_proj".into()],
+                },
+                global_digest: [0; 32],
+                deadline_ms: 0,
+            },
+            global: Adapter::default(),
+        };
+        let local = LocalTraining {
+            gradient_checkpointing: true,
+            max_length: 64,
+            dt: Dt::BF16,
+        };
+        let c = round_config(&local, &job);
+        assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (6, 12.0, 0.1));
+        assert_eq!(c.target_modules, ["q_proj", "down_proj"]);
+        assert_eq!((c.learning_rate, c.max_steps, c.seed), (3e-4, Some(7), 9));
+        assert_eq!(
+            (c.per_device_train_batch_size, c.gradient_accumulation_steps),
+            (5, 3)
         );
-        h.update_reader(std::fs::File::open(&f)?)?;
+        assert_eq!(
+            (c.warmup_ratio, c.weight_decay, c.max_grad_norm),
+            (0.25, 0.05, 0.5)
+        );
+        assert!(c.gradient_checkpointing && c.bf16 && !c.fp16);
+        assert_eq!(c.max_seq_length, 64);
     }
-    h.update(
-        format!(
-            "r={rank};alpha={lora_alpha};targets={}",
-            target_modules.join(",")
-        )
-        .as_bytes(),
-    );
-    Ok(*h.finalize().as_bytes())
 }

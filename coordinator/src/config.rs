@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use fedtune_aggregation::strategy::StrategyConfig;
 use fedtune_protocol::envelope::Digest;
-use fedtune_protocol::{Hyper, Phase, PublicKey};
+use fedtune_protocol::{Hyper, LoraPlan, Phase, PublicKey};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of a federation.
@@ -21,10 +21,9 @@ pub struct CoordConfig {
     /// Later stages, run in order after the first (e.g. DPO rounds after SFT rounds).
     #[serde(default)]
     pub then: Vec<Stage>,
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA α (the scale of decoded updates is α/r).
-    pub lora_alpha: f64,
+    /// LoRA rank, α (the scale of decoded updates is α/r) and target modules, sent with every
+    /// plan.
+    pub lora: LoraPlan,
     /// Aggregation strategy (rule, sampling, DP, ...).
     pub strategy: StrategyConfig,
     /// Updates needed to close a round at its deadline.
@@ -37,7 +36,7 @@ pub struct CoordConfig {
     pub header_ttl_ms: u64,
     /// Clock skew tolerated on a header's issue time.
     pub max_skew_ms: u64,
-    /// Hash of the base model and LoRA configuration.
+    /// Hash of the base model and LoRA configuration ([`fedtune_protocol::plan_hash`]).
     pub plan_hash: Digest,
     /// Admitted client keys.
     pub admitted: BTreeSet<PublicKey>,
@@ -79,7 +78,7 @@ impl CoordConfig {
         phase: Phase,
         rounds: u64,
         hyper: Hyper,
-        (rank, lora_alpha): (usize, f64),
+        lora: LoraPlan,
         strategy: StrategyConfig,
         round_timeout_ms: u64,
         plan_hash: Digest,
@@ -91,8 +90,7 @@ impl CoordConfig {
             phase,
             hyper,
             then: Vec::new(),
-            rank,
-            lora_alpha,
+            lora,
             strategy,
             min_results: 1,
             round_timeout_ms,
@@ -133,14 +131,11 @@ mod tests {
 
     #[test]
     fn the_constructor_sets_the_documented_defaults() {
-        let hyper = Hyper {
-            learning_rate: 1e-3,
-            local_steps: 1,
-            batch_size: 1,
-            beta: 0.1,
-            seed: 0,
-            grpo: None,
-            distill: None,
+        let hyper = Hyper::new(1e-3, 1, 1);
+        let lora = LoraPlan {
+            rank: 4,
+            lora_alpha: 8.0,
+            target_modules: vec!["q_proj".into()],
         };
         let strategy = fedtune_aggregation::strategy::StrategyConfig::new(
             fedtune_aggregation::strategy::Rule::FedAvgExact,
@@ -150,7 +145,7 @@ mod tests {
             Phase::Sft,
             3,
             hyper.clone(),
-            (4, 8.0),
+            lora.clone(),
             strategy.clone(),
             60_000,
             [0; 32],
@@ -168,7 +163,7 @@ mod tests {
             Phase::Sft,
             3,
             hyper,
-            (4, 8.0),
+            lora,
             strategy,
             2 * 3_600_000,
             [0; 32],
@@ -179,19 +174,11 @@ mod tests {
 
     #[test]
     fn stages_follow_each_other_and_the_last_one_holds() {
-        let hyper = |lr| Hyper {
-            learning_rate: lr,
-            local_steps: 1,
-            batch_size: 1,
-            beta: 0.1,
-            seed: 0,
-            grpo: None,
-            distill: None,
-        };
+        let hyper = |lr| Hyper::new(lr, 1, 1);
         let cfg: CoordConfig = serde_json::from_value(serde_json::json!({
             "federation": "f", "rounds": 2, "phase": "sft", "hyper": hyper(1.0),
             "then": [{"phase": "dpo", "rounds": 3, "hyper": hyper(2.0)}],
-            "rank": 4, "lora_alpha": 8.0,
+            "lora": {"rank": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]},
             "strategy": fedtune_aggregation::strategy::StrategyConfig::new(
                 fedtune_aggregation::strategy::Rule::FedAvgExact),
             "min_results": 1, "round_timeout_ms": 1, "max_payload": 1, "header_ttl_ms": 1,

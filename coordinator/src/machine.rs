@@ -125,7 +125,7 @@ impl Coordinator {
     /// A new federation starting from `initial` (e.g. a freshly initialised adapter: `B = 0`).
     pub fn new(cfg: CoordConfig, id: Identity, initial: Adapter, now_ms: u64) -> Result<Self> {
         for (field, v) in [
-            ("rank", cfg.rank as u64),
+            ("lora.rank", cfg.lora.rank as u64),
             ("min_results", cfg.min_results as u64),
             ("rounds", cfg.total_rounds()),
         ] {
@@ -135,8 +135,19 @@ impl Coordinator {
                 )));
             }
         }
+        let stages = std::iter::once(("hyper".to_string(), &cfg.hyper)).chain(
+            cfg.then
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("then[{i}].hyper"), &s.hyper)),
+        );
+        for (field, hyper) in stages {
+            if let Some(why) = hyper.invalid() {
+                return Err(CoordinatorError::Config(format!("{field}.{why}")));
+            }
+        }
         let plan = Plan {
-            max_rank: cfg.rank,
+            max_rank: cfg.lora.rank,
             ..Plan::from_adapter(&initial)
         };
         let strategy = FedStrategy::new(cfg.strategy.clone(), initial.clone(), plan)
@@ -317,7 +328,7 @@ impl Coordinator {
     fn plan_msg(&self, round: u64, deadline_ms: u64) -> ToClient {
         let (phase, hyper) = self.cfg.stage_of(round);
         ToClient::Plan {
-            plan: RoundPlan {
+            plan: Box::new(RoundPlan {
                 federation: self.cfg.federation.clone(),
                 round,
                 phase,
@@ -325,10 +336,10 @@ impl Coordinator {
                     seed: hyper.seed ^ round,
                     ..hyper.clone()
                 },
-                rank: self.cfg.rank,
+                lora: self.cfg.lora.clone(),
                 global_digest: self.d.global_header.header.payload_digest,
                 deadline_ms,
-            },
+            }),
             global: Box::new(self.d.global_header.clone()),
             payload: self.d.global_payload.clone(),
         }
@@ -417,12 +428,11 @@ impl Coordinator {
     }
 
     fn decode(&self, payload: &[u8]) -> std::result::Result<Adapter, Rejection> {
-        let alpha = self.cfg.lora_alpha;
         let limits = peft::Limits {
             max_bytes: self.cfg.max_payload,
             ..Default::default()
         };
-        peft::decode(payload, &limits, |_, r| (alpha / r.max(1) as f64) as f32)
+        peft::decode(payload, &limits, |_, r| self.cfg.lora.scale(r))
             .map_err(|e| Rejection::BadPayload(e.to_string()))
     }
 
@@ -478,10 +488,11 @@ impl Coordinator {
                 if sampled && !answered {
                     self.failures.push(Failure {
                         client: from.to_hex(),
-                        reason: format!("declined: {reason}"),
+                        reason: format!("declined ({}): {}", reason.label(), reason.detail()),
                     });
                     self.log(serde_json::json!({
-                        "event": "declined", "round": round, "client": from.to_hex(), "reason": reason,
+                        "event": "declined", "round": round, "client": from.to_hex(),
+                        "reason": reason.label(), "detail": reason.detail(),
                     }));
                     // A decline counts at once: the round need not wait for its deadline.
                     if self.all_answered() {

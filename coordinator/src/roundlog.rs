@@ -125,9 +125,10 @@ pub fn describe(v: &Value) -> String {
             s("reason")
         ),
         "declined" => format!(
-            "round {round}: {} declined: {}",
+            "round {round}: {} declined ({}): {}",
             s("client_name"),
-            s("reason")
+            s("reason"),
+            s("detail")
         ),
         "round_closed" => format!(
             "round {round} closed after {:.1} s: aggregated {}",

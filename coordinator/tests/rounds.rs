@@ -9,7 +9,9 @@ use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_coordinator::machine::Action;
 use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
-use fedtune_protocol::{Hyper, Identity, Phase, RoundPlan, ToClient, ToCoordinator, peft};
+use fedtune_protocol::{
+    DeclineReason, Hyper, Identity, LoraPlan, Phase, RoundPlan, ToClient, ToCoordinator, peft,
+};
 
 const MODULE: &str = "model.layers.0.self_attn.q_proj";
 
@@ -34,15 +36,14 @@ fn config(ids: &[Identity]) -> CoordConfig {
         Phase::Sft,
         1,
         Hyper {
-            learning_rate: 1e-3,
-            local_steps: 1,
-            batch_size: 1,
-            beta: 0.1,
             seed: 0,
-            grpo: None,
-            distill: None,
+            ..Hyper::new(1e-3, 1, 1)
         },
-        (2, 8.0),
+        LoraPlan {
+            rank: 2,
+            lora_alpha: 8.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+        },
         strategy,
         60_000,
         [7; 32],
@@ -67,7 +68,7 @@ fn drain(
             Action::Send {
                 msg: ToClient::Plan { plan, .. },
                 ..
-            } => plans.push(plan),
+            } => plans.push(*plan),
             _ => {}
         }
     }
@@ -156,8 +157,9 @@ fn a_stored_update_damaged_on_disk_is_dropped_on_recovery_and_not_listed_as_used
     );
 }
 
-/// A client that declines the plan (its checks of the global adapter failed) counts at once:
-/// with every sampled client answered, the round closes without waiting for its deadline.
+/// A client that declines the round (here: its local training failed) counts at once: with
+/// every sampled client answered, the round closes without waiting for its deadline, and the
+/// log says why, typed.
 #[test]
 fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
     let now = 1_000_000;
@@ -181,11 +183,14 @@ fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
         ids[1].public(),
         ToCoordinator::Decline {
             round: plan.round,
-            reason: "global adapter for another base model".into(),
+            reason: DeclineReason::Training("no preference pairs for a dpo round".into()),
         },
     );
     let (logs, _) = drain(&mut c, &mut store);
-    assert_eq!(events(&logs, "declined").len(), 1, "{logs:?}");
+    let declined = events(&logs, "declined");
+    assert_eq!(declined.len(), 1, "{logs:?}");
+    assert_eq!(declined[0]["reason"], "training");
+    assert_eq!(declined[0]["detail"], "no preference pairs for a dpo round");
     let closed = events(&logs, "round_closed");
     assert_eq!(
         closed.len(),
@@ -197,7 +202,9 @@ fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
         serde_json::json!([ids[0].public().to_hex()])
     );
     assert!(
-        closed[0]["failures"].to_string().contains("declined"),
+        closed[0]["failures"]
+            .to_string()
+            .contains("declined (training): no preference pairs"),
         "{closed:?}"
     );
 }

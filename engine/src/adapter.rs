@@ -5,13 +5,13 @@
 //! A [`PeftAdapter`] is host data (no device): its weights are the workspace's one adapter
 //! type ([`fedtune_aggregation::Adapter`]), which the protocol sends and the coordinator
 //! aggregates without touching the engine. The safetensors layout is
-//! [`fedtune_protocol::peft`]'s.
+//! [`fedtune_peft`]'s.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use fedtune_aggregation::Adapter;
-use fedtune_protocol::peft;
+use fedtune_peft as peft;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -21,7 +21,6 @@ pub use adapter::{LoraConfig, PeftAdapter};
 pub mod data;
 pub mod dpo;
 pub mod eval;
-pub mod fetch;
 pub mod gguf;
 pub mod loader;
 

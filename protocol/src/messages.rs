@@ -121,17 +121,31 @@ fn default_epsilon() -> f64 {
     0.2
 }
 
-/// Local training hyperparameters sent with a round plan.
+/// Local training hyperparameters sent with a round plan: every setting the coordinator fixes
+/// for all clients (TRL's names). What a site chooses for itself (memory, speed, precision)
+/// stays in its own `client.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hyper {
-    /// Learning rate.
+    /// Learning rate (peak, after warm-up; constant afterwards within a round).
     pub learning_rate: f64,
     /// Local optimiser steps.
     pub local_steps: u64,
     /// Micro-batch size.
     pub batch_size: usize,
-    /// DPO temperature (DPO phase).
+    /// Micro-batches per optimiser step: each step averages `batch_size` × this examples.
+    pub gradient_accumulation_steps: u32,
+    /// Share of the local steps with a linear learning-rate warm-up (TRL's `warmup_ratio`).
+    pub warmup_ratio: f64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Clipping of the global gradient norm (0: none).
+    pub max_grad_norm: f64,
+    /// Dropout on the LoRA input.
+    pub lora_dropout: f64,
+    /// DPO/KTO temperature β (DPO and KTO phases).
     pub beta: f64,
+    /// DPO's loss (TRL's `loss_type`: `sigmoid`, `ipo`, `hinge`, `simpo`, `orpo`).
+    pub loss_type: String,
     /// Seed of local data order and initialisation.
     pub seed: u64,
     /// GRPO's settings (GRPO phase; boxed: most plans have none).
@@ -140,6 +154,71 @@ pub struct Hyper {
     /// Distillation's settings (distill phase).
     #[serde(default)]
     pub distill: Option<Box<DistillPlan>>,
+}
+
+impl Hyper {
+    /// `local_steps` steps of `batch_size` examples at `learning_rate`, with TRL's defaults for
+    /// the rest: no accumulation, warm-up or weight decay, clipping at norm 1, no dropout,
+    /// β 0.1 with the sigmoid DPO loss, seed 0.
+    pub fn new(learning_rate: f64, local_steps: u64, batch_size: usize) -> Self {
+        Hyper {
+            learning_rate,
+            local_steps,
+            batch_size,
+            gradient_accumulation_steps: 1,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            lora_dropout: 0.0,
+            beta: 0.1,
+            loss_type: "sigmoid".into(),
+            seed: 0,
+            grpo: None,
+            distill: None,
+        }
+    }
+
+    /// The first setting out of its range, as `field: why`.
+    pub fn invalid(&self) -> Option<String> {
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "learning_rate",
+                self.learning_rate.is_finite() && self.learning_rate > 0.0,
+                "must be positive",
+            ),
+            ("local_steps", self.local_steps > 0, "must be positive"),
+            ("batch_size", self.batch_size > 0, "must be positive"),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps > 0,
+                "must be at least 1",
+            ),
+            (
+                "warmup_ratio",
+                (0.0..=1.0).contains(&self.warmup_ratio),
+                "must be in [0, 1]",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+                "must be non-negative",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+                "must be non-negative (0: no clipping)",
+            ),
+            (
+                "lora_dropout",
+                (0.0..1.0).contains(&self.lora_dropout),
+                "must be in [0, 1)",
+            ),
+        ];
+        checks
+            .iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(f, _, why)| format!("{f} {why}"))
+    }
 }
 
 /// What a sampled client must do in a round.
@@ -153,8 +232,9 @@ pub struct RoundPlan {
     pub phase: Phase,
     /// Hyperparameters.
     pub hyper: Hyper,
-    /// LoRA rank to train at.
-    pub rank: usize,
+    /// The federation's LoRA configuration (its hash with the base model's digest is the
+    /// global header's `plan_hash`).
+    pub lora: crate::plan::LoraPlan,
     /// Digest of the global adapter to start from.
     pub global_digest: Digest,
     /// Deadline, milliseconds since the Unix epoch.
@@ -173,8 +253,8 @@ pub enum ToClient {
     },
     /// A round plan with the signed global adapter (PEFT safetensors bytes).
     Plan {
-        /// The plan.
-        plan: RoundPlan,
+        /// The plan (boxed: the other messages are small).
+        plan: Box<RoundPlan>,
         /// Signed header of the global adapter.
         global: Box<SignedHeader>,
         /// The global adapter.
@@ -221,8 +301,44 @@ pub enum ToCoordinator {
         /// Round.
         round: u64,
         /// Why.
-        reason: String,
+        reason: DeclineReason,
     },
+}
+
+/// Why a client takes no part in a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeclineReason {
+    /// The plan or its global adapter failed the client's checks (another federation, base
+    /// model or LoRA configuration, a bad signature, a setting the site pins).
+    Plan(String),
+    /// Local training failed (no data for the round's phase, a bad setting, out of memory).
+    Training(String),
+}
+
+impl DeclineReason {
+    /// A short label for logs and metrics: `plan` or `training`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeclineReason::Plan(_) => "plan",
+            DeclineReason::Training(_) => "training",
+        }
+    }
+
+    /// The client's explanation.
+    pub fn detail(&self) -> &str {
+        match self {
+            DeclineReason::Plan(s) | DeclineReason::Training(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for DeclineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeclineReason::Plan(s) => write!(f, "plan refused: {s}"),
+            DeclineReason::Training(s) => write!(f, "local training failed: {s}"),
+        }
+    }
 }
 
 /// Encodes a message.

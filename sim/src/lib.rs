@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod memory;
 pub mod metrics;
 pub mod partition;
+pub mod progress;
 pub mod quic;
 pub mod report;
 pub mod run;

@@ -87,8 +87,6 @@ pub struct Federation<'a> {
     pub log: Vec<serde_json::Value>,
     /// Simulated time (ms since the Unix epoch).
     pub now_ms: u64,
-    /// LoRA α of the federation.
-    pub lora_alpha: f64,
     /// Fault injection: rewrites what client `i` sends at time `now` (Byzantine clients,
     /// replays, forgeries); `None` sends messages unchanged.
     pub tamper: Option<Tamper<'a>>,
@@ -162,7 +160,6 @@ impl<'a> Federation<'a> {
         coordinator: Coordinator,
         clients: Vec<SimClient>,
         base: &'a Base,
-        lora_alpha: f64,
         now_ms: u64,
     ) -> Self {
         Federation {
@@ -172,7 +169,6 @@ impl<'a> Federation<'a> {
             store: BTreeMap::new(),
             log: Vec::new(),
             now_ms,
-            lora_alpha,
             tamper: None,
             fate: None,
             corrupt: None,
@@ -323,11 +319,10 @@ impl<'a> Federation<'a> {
     fn run_jobs(&mut self) -> Result<(), SimError> {
         let jobs = std::mem::take(&mut self.jobs);
         let base = self.base;
-        let alpha = self.lora_alpha;
         let clients = &self.clients;
         let train = |i: usize, job: &TrainJob| {
             let t = std::time::Instant::now();
-            let r = train_round(base, &clients[i].data, job, alpha)
+            let r = train_round(base, &clients[i].data, job)
                 .map_err(|source| SimError::Train { client: i, source });
             (r, t.elapsed().as_secs_f64())
         };

@@ -13,7 +13,7 @@ use fedtune_protocol::PublicKey;
 use crate::config::SimConfig;
 use crate::evaluate::{GenerationScores, generations, held_out_loss};
 use crate::memory::SimError;
-use crate::run::Progress;
+use crate::progress::Progress;
 
 /// Held-out loss of the model with `adapter` (or the base) for each client, and the
 /// token-weighted mean.
@@ -256,7 +256,7 @@ pub(crate) fn round_metrics(
                 }
                 Some("declined") => {
                     c["status"] = "declined".into();
-                    c["reason"] = e["reason"].clone();
+                    c["reason"] = e["detail"].clone();
                 }
                 _ => {}
             }

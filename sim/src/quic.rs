@@ -23,7 +23,8 @@ use crate::memory::SimError;
 use crate::metrics::{
     Output, base_record, evaluate_losses, generations_before_after, round_metrics,
 };
-use crate::run::{Progress, SimOutcome};
+use crate::progress::Progress;
+use crate::run::SimOutcome;
 use crate::setup::{ClientSetup, Parties};
 
 fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> SimError + '_ {
@@ -130,7 +131,6 @@ pub fn run_quic(
                     coordinator: addr,
                     server_name: tls::COORDINATOR_NAME.into(),
                     max_payload: p.coord.max_payload,
-                    lora_alpha: cfg.model.lora_alpha,
                     log: None,
                     max_attempts: 10,
                 },
@@ -163,17 +163,15 @@ pub fn run_quic(
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let alpha = cfg.model.lora_alpha;
+    let lora = p.coord.lora.clone();
     let mut global = None;
     for closed in log.iter().filter(|e| e["event"] == "round_closed") {
         let round = closed["round"].as_u64().unwrap_or(0);
         let dir = data_dir.join(format!("store/global/{round:06}"));
         let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
             .map_err(|e| err(&dir.display().to_string())(&e))?;
-        let adapter = peft::decode(&bytes, &peft::Limits::default(), |_, r| {
-            (alpha / r.max(1) as f64) as f32
-        })
-        .map_err(|e| err("stored global adapter")(&e))?;
+        let adapter = peft::decode(&bytes, &peft::Limits::default(), |_, r| lora.scale(r))
+            .map_err(|e| err("stored global adapter")(&e))?;
         let (per, mean) = evaluate_losses(model, &data_refs, Some(&adapter))?;
         let start = log
             .iter()

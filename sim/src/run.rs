@@ -98,21 +98,7 @@ pub struct SimOutcome {
     pub wall_s: f64,
 }
 
-/// Progress of a run.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// A round closed.
-    Round {
-        /// Rounds done.
-        done: u64,
-        /// Rounds in all.
-        total: u64,
-        /// Global held-out loss.
-        loss: f64,
-    },
-    /// Free text (evaluation, restarts).
-    Note(String),
-}
+pub use crate::progress::Progress;
 
 /// The base model where `cfg` trains (the `device` field): the host model itself, or a copy
 /// on the GPU shared by every client, whose jobs then run one at a time.
@@ -169,14 +155,14 @@ pub fn run_memory(
         .map(|(k, c)| {
             let mut client_cfg = p.client_config(cfg);
             if attacks.get(&k) == Some(&Attack::WrongBase) {
-                client_cfg.plan_hash = digest(b"another base model");
+                client_cfg.model_digest = digest(b"another base model");
             }
             let machine = Client::new(client_cfg, p.ids[k].clone());
             SimClient::new(machine, c.data, (cfg.faults.train_time_s * 1000.0) as u64)
         })
         .collect();
     let base = training_base(cfg, model, progress)?;
-    let mut f = Federation::new(coordinator, sim_clients, &base, cfg.model.lora_alpha, T0);
+    let mut f = Federation::new(coordinator, sim_clients, &base, T0);
     f.parallel = if base.host().is_some() {
         cfg.parallel
     } else {

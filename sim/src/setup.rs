@@ -5,15 +5,15 @@ use std::path::Path;
 
 use fedtune_aggregation::strategy::{Sampling, StrategyConfig};
 use fedtune_aggregation::update::Adapter;
-use fedtune_client::ClientConfig;
 use fedtune_client::trainer::LocalData;
+use fedtune_client::{ClientConfig, LoraPin};
 use fedtune_coordinator::{CoordConfig, Stage};
 use fedtune_engine::data::read::{RawRecord, read_records};
 use fedtune_engine::data::{Dataset, Example, LoadOptions};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::{LoadedModel, Tokenizer};
-use fedtune_protocol::{Digest, Hyper, Identity, Phase, PublicKey, digest};
+use fedtune_protocol::{Digest, Hyper, Identity, LoraPlan, Phase, PublicKey, digest, plan_hash};
 
 use crate::config::{Partition, SimConfig, StageSection};
 use crate::partition::{hold_out, split};
@@ -139,13 +139,9 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
 
 fn hyper(s: &StageSection, seed: u64) -> Hyper {
     Hyper {
-        learning_rate: s.learning_rate,
-        local_steps: s.local_steps,
-        batch_size: s.batch_size,
         beta: s.beta,
         seed,
-        grpo: None,
-        distill: None,
+        ..Hyper::new(s.learning_rate, s.local_steps, s.batch_size)
     }
 }
 
@@ -161,6 +157,7 @@ fn identity(seed: u64, k: Option<usize>) -> Identity {
 /// The coordinator's configuration for `cfg` (clients `admitted`, base pinned by `plan_hash`).
 fn coord_config(
     cfg: &SimConfig,
+    lora: LoraPlan,
     plan_hash: fedtune_protocol::Digest,
     admitted: &[PublicKey],
 ) -> CoordConfig {
@@ -201,7 +198,7 @@ fn coord_config(
         first.0,
         first.1.rounds,
         hyper(first.1, cfg.seed),
-        (cfg.model.rank, cfg.model.lora_alpha),
+        lora,
         strategy,
         timeout_ms,
         plan_hash,
@@ -217,6 +214,9 @@ fn coord_config(
 /// The parties of a run, whatever the transport: identities derived from the seed, the plan
 /// hash every party pins, the coordinator's configuration and the initial global adapter.
 pub struct Parties {
+    /// The digest every party takes for the base model (the simulator's stands for the run's
+    /// name and model path: every client shares one model).
+    pub model_digest: Digest,
     /// Hash of the base model and LoRA configuration.
     pub plan_hash: Digest,
     /// The coordinator's identity.
@@ -234,7 +234,7 @@ pub struct Parties {
 impl Parties {
     /// The parties of `cfg` with `n` clients on `model`.
     pub fn new(cfg: &SimConfig, model: &LoadedModel, n: usize) -> Self {
-        let plan_hash = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
+        let model_digest = digest(format!("{}|{:?}", cfg.name, cfg.model.path).as_bytes());
         let ids: Vec<Identity> = (0..n).map(|k| identity(cfg.seed, Some(k))).collect();
         let admitted: Vec<PublicKey> = ids.iter().map(|i| i.public()).collect();
         let lora = TrainConfig {
@@ -249,10 +249,17 @@ impl Parties {
             seed: cfg.seed,
             ..Default::default()
         };
+        let plan = LoraPlan {
+            rank: lora.lora_r,
+            lora_alpha: lora.lora_alpha,
+            target_modules: lora.target_modules.clone(),
+        };
+        let plan_hash = plan_hash(&model_digest, &plan);
         Parties {
+            model_digest,
             plan_hash,
             coord_id: identity(cfg.seed, None),
-            coord: coord_config(cfg, plan_hash, &admitted),
+            coord: coord_config(cfg, plan, plan_hash, &admitted),
             ids,
             admitted,
             initial: init_adapter(&model.model, &lora),
@@ -264,10 +271,10 @@ impl Parties {
         ClientConfig {
             federation: cfg.name.clone(),
             coordinator: self.coord_id.public(),
-            plan_hash: self.plan_hash,
+            model_digest: self.model_digest,
+            lora_pin: LoraPin::default(),
             header_ttl_ms: self.coord.header_ttl_ms,
             max_payload: self.coord.max_payload,
-            lora_alpha: cfg.model.lora_alpha,
         }
     }
 }

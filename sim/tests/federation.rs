@@ -15,7 +15,7 @@ use fedtune_engine::eval::sft_loss;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::{init_adapter, lora_config};
 use fedtune_engine::{LoadedModel, PeftAdapter};
-use fedtune_protocol::{Hyper, Identity, Phase, digest};
+use fedtune_protocol::{Digest, Hyper, Identity, LoraPlan, Phase, digest, plan_hash};
 use fedtune_sim::{Federation, SimClient};
 
 const T0: u64 = 1_700_000_000_000;
@@ -40,6 +40,7 @@ fn data(m: &LoadedModel, k: usize) -> LocalData {
 
 struct Setup {
     cfg: CoordConfig,
+    model_digest: Digest,
     coord_id: Identity,
     client_ids: Vec<Identity>,
 }
@@ -53,29 +54,31 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
     strategy.target_rank = Some(4);
     strategy.sampling.min_clients = n;
     strategy.seed = 5;
+    let model_digest = digest(b"tiny-llama");
+    let lora_plan = LoraPlan {
+        rank: 4,
+        lora_alpha: 8.0,
+        target_modules: lora().target_modules,
+    };
     let mut cfg = CoordConfig::new(
         "test-federation".into(),
         Phase::Sft,
         rounds,
         Hyper {
-            learning_rate: 5e-3,
-            local_steps: 4,
-            batch_size: 4,
-            beta: 0.1,
             seed: 11,
-            grpo: None,
-            distill: None,
+            ..Hyper::new(5e-3, 4, 4)
         },
-        (4, 8.0),
+        lora_plan.clone(),
         strategy,
         600_000,
-        digest(b"tiny-llama + r4 a8 all projections"),
+        plan_hash(&model_digest, &lora_plan),
         client_ids.iter().map(|i| i.public()).collect(),
     );
     cfg.min_results = n.div_ceil(2);
     cfg.max_payload = 64 << 20;
     Setup {
         cfg,
+        model_digest,
         coord_id,
         client_ids,
     }
@@ -94,10 +97,10 @@ fn federation<'a>(s: &Setup, m: &LoadedModel, base: &'a Base) -> Federation<'a> 
                     ClientConfig {
                         federation: s.cfg.federation.clone(),
                         coordinator: s.coord_id.public(),
-                        plan_hash: s.cfg.plan_hash,
+                        model_digest: s.model_digest,
+                        lora_pin: Default::default(),
                         header_ttl_ms: 3_600_000,
                         max_payload: 64 << 20,
-                        lora_alpha: 8.0,
                     },
                     id.clone(),
                 ),
@@ -106,7 +109,7 @@ fn federation<'a>(s: &Setup, m: &LoadedModel, base: &'a Base) -> Federation<'a> 
             )
         })
         .collect();
-    let mut f = Federation::new(coordinator, clients, base, 8.0, T0);
+    let mut f = Federation::new(coordinator, clients, base, T0);
     f.connect_all();
     f
 }

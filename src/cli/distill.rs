@@ -21,9 +21,8 @@ use fedtune_engine::train::{Callback, TrainConfig, TrainSummary};
 use fedtune_engine::{LlamaModel, Tokenizer};
 
 use super::common::ModelArgs;
-use super::dpo::split_configs;
+use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs};
 use super::target::Job;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train distill`.
 #[derive(Debug, Args)]

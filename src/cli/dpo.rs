@@ -17,8 +17,8 @@ use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, TrainConfig};
 
 use super::common::ModelArgs;
+use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs, split_eval};
 use super::target::Job;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
 
 /// Arguments of `fedtune train dpo`.
 #[derive(Debug, Args)]
@@ -89,42 +89,6 @@ pub(crate) fn aligned_adapter(
 /// the DPO default is TRL's DPOConfig's, 1e-6.
 fn read_configs(path: Option<&PathBuf>) -> anyhow::Result<(TrainConfig, DpoOptions)> {
     split_configs(path, DPO_KEYS, 1e-6)
-}
-
-/// Splits a TOML file into the training options and the method's own options (`keys`);
-/// without a learning rate the method's default `lr` applies.
-pub(crate) fn split_configs<T: serde::de::DeserializeOwned>(
-    path: Option<&PathBuf>,
-    keys: &[&str],
-    lr: f64,
-) -> anyhow::Result<(TrainConfig, T)> {
-    let mut table = match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            text.parse::<toml::Table>()
-                .with_context(|| format!("{}", p.display()))?
-        }
-        None => toml::Table::new(),
-    };
-    let mut own = toml::Table::new();
-    for k in keys {
-        if let Some(v) = table.remove(*k) {
-            own.insert(k.to_string(), v);
-        }
-    }
-    let where_ = path.map(|p| p.display().to_string()).unwrap_or_default();
-    let has_lr = table.contains_key("learning_rate");
-    let mut cfg: TrainConfig = toml::Value::Table(table)
-        .try_into()
-        .with_context(|| where_.clone())?;
-    if !has_lr {
-        cfg.learning_rate = lr;
-    }
-    let opts: T = toml::Value::Table(own)
-        .try_into()
-        .with_context(|| where_.clone())?;
-    Ok((cfg, opts))
 }
 
 /// Runs `fedtune train dpo`.

@@ -14,7 +14,8 @@ use clap::Args;
 use fedtune_aggregation::dp::DpConfig;
 use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
-use fedtune_client::trainer::{LocalData, LocalTraining, plan_hash};
+use fedtune_client::LoraPin;
+use fedtune_client::trainer::{LocalData, LocalTraining};
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::admission::HandshakeLimits;
 use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, now_ms, serve};
@@ -24,7 +25,9 @@ use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_protocol::tls;
-use fedtune_protocol::{Hyper, Identity, Phase, PublicKey, quic};
+use fedtune_protocol::{
+    Hyper, Identity, LoraPlan, Phase, PublicKey, model_digest, plan_hash, quic,
+};
 use serde::Deserialize;
 
 use super::ca::read_pair;
@@ -46,8 +49,22 @@ struct LocalFile {
     learning_rate: f64,
     local_steps: u64,
     batch_size: usize,
+    /// Micro-batches per optimiser step (the effective batch is batch_size × this).
+    #[serde(default)]
+    gradient_accumulation_steps: Option<u32>,
+    #[serde(default)]
+    warmup_ratio: Option<f64>,
+    #[serde(default)]
+    weight_decay: Option<f64>,
+    #[serde(default)]
+    max_grad_norm: Option<f64>,
+    #[serde(default)]
+    lora_dropout: Option<f64>,
     #[serde(default = "default_beta")]
     beta: f64,
+    /// DPO's loss (TRL's `loss_type`).
+    #[serde(default)]
+    loss_type: Option<String>,
     #[serde(default)]
     seed: u64,
     /// GRPO phase: the rewards and sampling every client uses (`[local.grpo]`).
@@ -67,16 +84,32 @@ struct ClientEntry {
 }
 
 impl LocalFile {
-    fn hyper(&self) -> Hyper {
-        Hyper {
-            learning_rate: self.learning_rate,
-            local_steps: self.local_steps,
-            batch_size: self.batch_size,
+    /// The plan's hyperparameters (TRL's defaults for what the file leaves out), checked:
+    /// errors name `{file}: {table}.{field}`.
+    fn hyper(&self, file: &str, table: &str) -> anyhow::Result<Hyper> {
+        let d = Hyper::new(self.learning_rate, self.local_steps, self.batch_size);
+        let h = Hyper {
+            gradient_accumulation_steps: self
+                .gradient_accumulation_steps
+                .unwrap_or(d.gradient_accumulation_steps),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: self.max_grad_norm.unwrap_or(d.max_grad_norm),
+            lora_dropout: self.lora_dropout.unwrap_or(d.lora_dropout),
             beta: self.beta,
+            loss_type: self.loss_type.clone().unwrap_or(d.loss_type.clone()),
             seed: self.seed,
             grpo: self.grpo.clone().map(Box::new),
             distill: self.distill.clone().map(Box::new),
+            ..d
+        };
+        if let Some(why) = h.invalid() {
+            anyhow::bail!("{file}: {table}.{why}");
         }
+        h.loss_type
+            .parse::<fedtune_engine::train::dpo::LossType>()
+            .map_err(|e| anyhow::anyhow!("{file}: {table}.loss_type: {e}"))?;
+        Ok(h)
     }
 }
 
@@ -187,8 +220,11 @@ struct ClientFile {
     ca: PathBuf,
     name: String,
     model: PathBuf,
-    rank: usize,
-    lora_alpha: f64,
+    /// LoRA settings this site insists on (the plan's are taken where these are absent).
+    #[serde(default)]
+    rank: Option<usize>,
+    #[serde(default)]
+    lora_alpha: Option<f64>,
     #[serde(default)]
     target_modules: Option<Vec<String>>,
     train_data: PathBuf,
@@ -232,9 +268,9 @@ struct ClientFile {
     /// `openai`, `prompt_completion`, ...).
     #[serde(default)]
     format: Option<String>,
-    /// Micro-batches per optimiser step.
-    #[serde(default = "default_accumulation")]
-    gradient_accumulation_steps: usize,
+    /// Refused with a pointer to coord.toml: the round plan sets it.
+    #[serde(default)]
+    gradient_accumulation_steps: Option<usize>,
     /// Recompute each block in backward (less memory, more compute).
     #[serde(default)]
     gradient_checkpointing: bool,
@@ -248,9 +284,6 @@ struct ClientFile {
 
 fn default_max_length() -> usize {
     1024
-}
-fn default_accumulation() -> usize {
-    1
 }
 
 pub(super) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -375,9 +408,14 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         admitted.insert(pk);
         clients.insert(c.name.clone(), pk);
     }
-    let targets = targets(&f.target_modules);
-    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets)
+    let lora = LoraPlan {
+        rank: f.rank,
+        lora_alpha: f.lora_alpha,
+        target_modules: targets(&f.target_modules),
+    };
+    let model_digest = model_digest(&f.model)
         .with_context(|| format!("{file}: model: hashing {}", f.model.display()))?;
+    let hash = plan_hash(&model_digest, &lora);
     let mut strategy = StrategyConfig::new(f.rule);
     strategy.target_rank = f.target_rank;
     strategy.norm_bound = f.norm_bound;
@@ -391,8 +429,8 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         f.federation.clone(),
         phase,
         f.rounds,
-        f.local.hyper(),
-        (f.rank, f.lora_alpha),
+        f.local.hyper(&file, "local")?,
+        lora.clone(),
         strategy,
         f.round_timeout_s * 1000,
         hash,
@@ -401,12 +439,15 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     cfg.then = f
         .then
         .iter()
-        .map(|s| Stage {
-            phase: s.phase,
-            rounds: s.rounds,
-            hyper: s.local.hyper(),
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(Stage {
+                phase: s.phase,
+                rounds: s.rounds,
+                hyper: s.local.hyper(&file, &format!("then[{i}].local"))?,
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     cfg.min_results = f.min_results;
     cfg.max_payload = f.max_payload_mb << 20;
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
@@ -444,9 +485,9 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
             .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
         let lora = TrainConfig {
-            lora_r: f.rank,
-            lora_alpha: f.lora_alpha,
-            target_modules: targets,
+            lora_r: lora.rank,
+            lora_alpha: lora.lora_alpha,
+            target_modules: lora.target_modules.clone(),
             use_dora: f.use_dora,
             seed: f.seed,
             ..TrainConfig::default()
@@ -500,8 +541,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let f: ClientFile = read_toml(&a.config)?;
     let coordinator = PublicKey::from_hex(&f.coordinator_key)
         .with_context(|| format!("{}: coordinator_key", a.config.display()))?;
-    let targets = targets(&f.target_modules);
-    let hash = plan_hash(&f.model, f.rank, f.lora_alpha, &targets).with_context(|| {
+    let model_digest = model_digest(&f.model).with_context(|| {
         format!(
             "{}: model: hashing {}",
             a.config.display(),
@@ -533,8 +573,13 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         "{file}: bf16/fp16 mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
     );
     anyhow::ensure!(
-        f.gradient_accumulation_steps >= 1,
-        "{file}: gradient_accumulation_steps must be at least 1"
+        f.gradient_accumulation_steps.is_none(),
+        "{file}: gradient_accumulation_steps: the round plan sets it for every client \
+         (gradient_accumulation_steps in coord.toml's [local]); remove it here"
+    );
+    anyhow::ensure!(
+        f.rank.is_none_or(|r| r > 0),
+        "{file}: rank must be positive"
     );
     anyhow::ensure!(
         f.load_in_4bit || !f.bnb_4bit_use_double_quant,
@@ -593,7 +638,6 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         distill: Default::default(),
         pad: m.tokenizer.pad_id,
         local: LocalTraining {
-            gradient_accumulation_steps: f.gradient_accumulation_steps,
             gradient_checkpointing: f.gradient_checkpointing,
             max_length,
             dt,
@@ -627,10 +671,14 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         ClientConfig {
             federation: f.federation.clone(),
             coordinator,
-            plan_hash: hash,
+            model_digest,
+            lora_pin: LoraPin {
+                rank: f.rank,
+                lora_alpha: f.lora_alpha,
+                target_modules: f.target_modules.clone(),
+            },
             header_ttl_ms: 24 * 3600 * 1000,
             max_payload: f.max_payload_mb << 20,
-            lora_alpha: f.lora_alpha,
         },
         id,
     );
@@ -647,7 +695,6 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             coordinator: f.coordinator,
             server_name: tls::COORDINATOR_NAME.into(),
             max_payload: f.max_payload_mb << 20,
-            lora_alpha: f.lora_alpha,
             log: f.log.clone(),
             max_attempts: 20,
         },

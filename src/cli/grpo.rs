@@ -17,9 +17,8 @@ use fedtune_engine::train::grpo::{
 use fedtune_engine::train::sft::train;
 
 use super::common::ModelArgs;
-use super::dpo::split_configs;
+use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs, split_eval};
 use super::target::Trainee;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c, split_eval};
 
 /// Arguments of `fedtune train grpo`.
 #[derive(Debug, Args)]

@@ -13,9 +13,8 @@ use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, TrainSummary};
 
 use super::common::ModelArgs;
-use super::dpo::split_configs;
+use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs};
 use super::target::Job;
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train kto`.
 #[derive(Debug, Args)]

@@ -18,9 +18,8 @@ use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{RunOptions, train};
 
 use super::common::ModelArgs;
-use super::dpo::split_configs;
+use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs};
 use super::target::{Job, Trainee};
-use super::train::{Finish, RunArgs, cancel_on_ctrl_c};
 
 /// Arguments of `fedtune train reward`.
 #[derive(Debug, Args)]

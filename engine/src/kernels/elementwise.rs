@@ -10,7 +10,7 @@ use super::{Uninit, fastmath, init};
 
 const ROWS: usize = 16;
 
-crate::simd! {
+crate::kernels::simd! {
     fn rms_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [MaybeUninit<f32>], r: &mut [MaybeUninit<f32>]) {
         let d = w.len();
         assert!(y.len() == x.len() && r.len() * d == x.len(), "rms_rows: shapes differ");
@@ -25,7 +25,7 @@ crate::simd! {
     }
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn add_rows(a: &[f32], b: &[f32], out: &mut [f32]) {
         for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
             *o = x + y;
@@ -82,7 +82,7 @@ fn weighted_dot(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn rms_back_rows(x: &[f32], r: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
         let d = w.len();
         for (((xr, &rr), dyr), dxr) in x.chunks(d).zip(r).zip(dy.chunks(d)).zip(dx.chunks_mut(d)) {
@@ -144,7 +144,7 @@ pub fn rmsnorm_backward(
     (dx, dw)
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn swiglu_chunk(g: &[f32], u: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, gv), uv) in out.iter_mut().zip(g).zip(u) {
             o.write(gv * fastmath::sigmoid(*gv) * uv);
@@ -165,7 +165,7 @@ pub fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
     unsafe { out.assume_init() }
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn swiglu_back_chunk(g: &[f32], u: &[f32], da: &[f32], dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>]) {
         for ((((gv, uv), a), dgo), duo) in g.iter().zip(u).zip(da).zip(dg.iter_mut()).zip(du.iter_mut()) {
             let s = fastmath::sigmoid(*gv);
@@ -236,7 +236,7 @@ fn rope_row(row: &mut [f32], d: usize, c: &[f32], s: &[f32], inverse: bool) {
     }
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn softmax_row(row: &mut [f32]) -> f32 {
         let max = fastmath::max(row);
         let sum = fastmath::exp_shift_sum(row, max);

@@ -4,7 +4,7 @@
 //! use the burn-op versions in [`crate::train::ops`].
 //!
 //! Hot loops are compiled three times, for baseline x86-64, AVX2+FMA and AVX-512, and
-//! dispatched at run time ([`simd!`]), so binaries stay portable. The three compute the same
+//! dispatched at run time (`simd!`), so binaries stay portable. The three compute the same
 //! IEEE operations in the same order (reductions keep explicit partial sums), so their results
 //! are bit-identical (tested).
 
@@ -138,14 +138,14 @@ pub fn available(device: &Device) -> bool {
     matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
 }
 
-/// The widest instruction set [`simd!`] may use: 2 = AVX-512, 1 = AVX2+FMA, 0 = baseline
+/// The widest instruction set `simd!` may use: 2 = AVX-512, 1 = AVX2+FMA, 0 = baseline
 /// (lowered by tests that compare the paths).
 pub(crate) static SIMD_LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
 /// Runs `$body` compiled for AVX-512 (F, VL, BW, DQ) or AVX2+FMA when the CPU has them, else
 /// for the baseline target.
 /// `$body` is a closure-free expression; locals it uses must be passed as `name: Type` pairs.
-#[macro_export]
+/// Internal to the engine (`crate::kernels::simd!`), not public API.
 macro_rules! simd {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -181,6 +181,7 @@ macro_rules! simd {
         }
     };
 }
+pub(crate) use simd;
 
 /// One term `alpha·op(a)·op(b)` of [`matmul_sum`]; `op` transposes when the flag is set.
 pub struct Term<'a> {

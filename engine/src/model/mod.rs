@@ -249,7 +249,7 @@ impl LlamaModel {
         let dtype = self.dtype;
         if let Some(name) = adapter.dense.keys().find(|k| {
             k.as_str() != crate::adapter::SCORE_KEY
-                && fedtune_protocol::peft::parse_magnitude_key(k).is_none()
+                && fedtune_peft::parse_magnitude_key(k).is_none()
         }) {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"
@@ -283,10 +283,7 @@ impl LlamaModel {
                     (&device, dtype),
                 )
             };
-            let magnitude = match adapter
-                .dense
-                .get(&fedtune_protocol::peft::magnitude_key(module))
-            {
+            let magnitude = match adapter.dense.get(&fedtune_peft::magnitude_key(module)) {
                 Some(v) if v.rows != 1 || v.cols != out => {
                     return Err(Error::Invalid(format!(
                         "adapter module `{module}`: DoRA magnitude has {} values, the \
@@ -305,8 +302,7 @@ impl LlamaModel {
             });
         }
         if let Some(key) = adapter.dense.keys().find(|k| {
-            fedtune_protocol::peft::parse_magnitude_key(k)
-                .is_some_and(|m| !adapter.modules.contains_key(m))
+            fedtune_peft::parse_magnitude_key(k).is_some_and(|m| !adapter.modules.contains_key(m))
         }) {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
@@ -518,8 +514,7 @@ impl LlamaModel {
                     fedtune_aggregation::Matrix::new(r, c, crate::weights::to_f32_vec(t.to_data()))
                 };
                 if let Some(mag) = &l.magnitude {
-                    out.dense
-                        .insert(fedtune_protocol::peft::magnitude_key(&name), m(mag));
+                    out.dense.insert(fedtune_peft::magnitude_key(&name), m(mag));
                 }
                 out.modules.insert(
                     name,

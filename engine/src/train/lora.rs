@@ -46,7 +46,7 @@ pub fn init_dora(model: &LlamaModel, adapter: &mut Adapter) {
             })
             .collect();
         adapter.dense.insert(
-            fedtune_protocol::peft::magnitude_key(name),
+            fedtune_peft::magnitude_key(name),
             Matrix::new(1, out, norms),
         );
     }
@@ -120,7 +120,7 @@ pub fn peft_adapter(weights: Adapter, cfg: &TrainConfig, base: Option<String>) -
     }
     let mut config = lora_config(cfg, base);
     // An adapter trained from a DoRA adapter is one, whatever the flags said.
-    config.use_dora |= fedtune_protocol::peft::is_dora(&weights);
+    config.use_dora |= fedtune_peft::is_dora(&weights);
     PeftAdapter {
         config,
         weights,
@@ -150,7 +150,7 @@ pub fn with_factors(
     }
     // DoRA's magnitudes.
     for (key, mag) in out.weights.dense.iter_mut() {
-        let Some(module) = fedtune_protocol::peft::parse_magnitude_key(key) else {
+        let Some(module) = fedtune_peft::parse_magnitude_key(key) else {
             continue;
         };
         let name = format!("{module}.lora_magnitude_vector");

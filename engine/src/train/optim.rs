@@ -190,7 +190,7 @@ impl Coefs {
     }
 }
 
-crate::simd! {
+crate::kernels::simd! {
     fn adamw_chunk(p: &[f32], g: &[f32], m: &[f32], v: &[f32], k: Coefs, mo: &mut [MaybeUninit<f32>], vo: &mut [MaybeUninit<f32>], po: &mut [MaybeUninit<f32>]) {
         let n = p.len();
         assert!([g.len(), m.len(), v.len(), mo.len(), vo.len(), po.len()] == [n; 6], "adamw: lengths differ");

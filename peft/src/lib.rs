@@ -6,6 +6,9 @@
 //! vectors are dense tensors named as PEFT names them ([`magnitude_key`]).
 //!
 //! Decoding is total: any byte string yields an adapter or an error, within [`Limits`].
+//!
+//! This crate has no network dependency: the engine reads and writes adapters through it, and
+//! `fedtune-protocol` re-exports it as `fedtune_protocol::peft` for the wire.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -13,7 +16,41 @@ use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::error::{ProtocolError, Result};
+/// Errors decoding an adapter: every variant says what was wrong with the input; decoding
+/// never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeftError {
+    /// The bytes are not a valid adapter.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A size limit was exceeded.
+    #[error("{what} of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl PeftError {
+    fn malformed(what: &'static str, reason: impl std::fmt::Display) -> Self {
+        PeftError::Malformed {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Result with [`PeftError`].
+pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 
 const PREFIX: &str = "base_model.model.";
 const SCALES_KEY: &str = "fedtune.scales";
@@ -85,7 +122,7 @@ fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
         [r, c] => (*r, *c),
         [n] => (1, *n),
         other => {
-            return Err(ProtocolError::malformed(
+            return Err(PeftError::malformed(
                 "adapter",
                 format!("tensor `{key}` has shape {other:?}, expected 1-D or 2-D"),
             ));
@@ -93,7 +130,7 @@ fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
     };
     let bytes = view.data();
     let Some(data) = floats(view.dtype(), bytes) else {
-        return Err(ProtocolError::malformed(
+        return Err(PeftError::malformed(
             "adapter",
             format!(
                 "tensor `{key}` has dtype {:?} (F32, BF16, F16 accepted)",
@@ -102,7 +139,7 @@ fn to_matrix(key: &str, view: &TensorView<'_>) -> Result<Matrix> {
         ));
     };
     if data.len() != rows * cols {
-        return Err(ProtocolError::malformed(
+        return Err(PeftError::malformed(
             "adapter",
             format!("tensor `{key}`: data does not match its shape"),
         ));
@@ -118,16 +155,16 @@ pub fn decode(
     scale_of: impl Fn(&str, usize) -> f32,
 ) -> Result<Adapter> {
     if bytes.len() as u64 > limits.max_bytes {
-        return Err(ProtocolError::TooLarge {
+        return Err(PeftError::TooLarge {
             what: "adapter payload",
             size: bytes.len() as u64,
             limit: limits.max_bytes,
         });
     }
     let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|e| ProtocolError::malformed("adapter", e))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| PeftError::malformed("adapter", e))?;
     if meta.tensors().len() > limits.max_tensors {
-        return Err(ProtocolError::TooLarge {
+        return Err(PeftError::TooLarge {
             what: "adapter tensor count",
             size: meta.tensors().len() as u64,
             limit: limits.max_tensors as u64,
@@ -139,9 +176,9 @@ pub fn decode(
         .and_then(|m| m.get(SCALES_KEY))
         .map(|s| serde_json::from_str(s))
         .transpose()
-        .map_err(|e| ProtocolError::malformed("adapter", format!("{SCALES_KEY}: {e}")))?
+        .map_err(|e| PeftError::malformed("adapter", format!("{SCALES_KEY}: {e}")))?
         .unwrap_or_default();
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ProtocolError::malformed("adapter", e))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| PeftError::malformed("adapter", e))?;
     let mut halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
     let mut dense = BTreeMap::new();
     for (key, view) in st.tensors() {
@@ -152,7 +189,7 @@ pub fn decode(
             None => match parse_magnitude_key(&key) {
                 Some(module) => {
                     if m.rows != 1 {
-                        return Err(ProtocolError::malformed(
+                        return Err(PeftError::malformed(
                             "adapter",
                             format!("DoRA magnitude `{key}` is not a vector"),
                         ));
@@ -168,13 +205,13 @@ pub fn decode(
     let mut modules = BTreeMap::new();
     for (module, (a, b)) in halves {
         let a = a.ok_or_else(|| {
-            ProtocolError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'A')))
+            PeftError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'A')))
         })?;
         let b = b.ok_or_else(|| {
-            ProtocolError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'B')))
+            PeftError::malformed("adapter", format!("`{}` missing", lora_key(&module, 'B')))
         })?;
         if a.rows != b.cols {
-            return Err(ProtocolError::malformed(
+            return Err(PeftError::malformed(
                 "adapter",
                 format!(
                     "module `{module}`: lora_A has rank {} but lora_B {}",
@@ -406,7 +443,7 @@ mod tests {
         };
         assert!(matches!(
             decode(&bytes, &tight, |_, _| 1.0),
-            Err(ProtocolError::TooLarge { .. })
+            Err(PeftError::TooLarge { .. })
         ));
         assert!(
             decode(
