@@ -102,6 +102,32 @@ impl CoordConfig {
         }
     }
 
+    /// The first setting out of its range, as `field: why` (positive rank, minimum results
+    /// and rounds; every stage's hyperparameters in range).
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, v) in [
+            ("lora.rank", self.lora.rank as u64),
+            ("min_results", self.min_results as u64),
+            ("rounds", self.total_rounds()),
+        ] {
+            if v == 0 {
+                return Err(format!("{field} must be positive"));
+            }
+        }
+        let stages = std::iter::once(("hyper".to_string(), &self.hyper)).chain(
+            self.then
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("then[{i}].hyper"), &s.hyper)),
+        );
+        for (field, hyper) in stages {
+            if let Some(why) = hyper.invalid() {
+                return Err(format!("{field}.{why}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Rounds of every stage together.
     pub fn total_rounds(&self) -> u64 {
         self.rounds + self.then.iter().map(|s| s.rounds).sum::<u64>()
@@ -170,6 +196,41 @@ mod tests {
             BTreeSet::new(),
         );
         assert_eq!(long.header_ttl_ms, 8 * 3_600_000, "four round timeouts");
+    }
+
+    #[test]
+    fn validation_names_the_setting_and_the_stage() {
+        let lora = LoraPlan {
+            rank: 4,
+            lora_alpha: 8.0,
+            target_modules: vec!["q_proj".into()],
+        };
+        let mut cfg = CoordConfig::new(
+            "f".into(),
+            Phase::Sft,
+            1,
+            Hyper::new(1e-3, 1, 1),
+            lora,
+            fedtune_aggregation::strategy::StrategyConfig::new(
+                fedtune_aggregation::strategy::Rule::FedAvgExact,
+            ),
+            60_000,
+            [0; 32],
+            BTreeSet::new(),
+        );
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.then.push(Stage {
+            phase: Phase::Dpo,
+            rounds: 1,
+            hyper: Hyper {
+                max_grad_norm: -1.0,
+                ..Hyper::new(1e-3, 1, 1)
+            },
+        });
+        let err = cfg.validate().unwrap_err();
+        assert!(err.starts_with("then[0].hyper.max_grad_norm"), "{err}");
+        cfg.lora.rank = 0;
+        assert_eq!(cfg.validate().unwrap_err(), "lora.rank must be positive");
     }
 
     #[test]

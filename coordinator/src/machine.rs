@@ -124,28 +124,7 @@ fn round_key(round: u64, client: &PublicKey) -> String {
 impl Coordinator {
     /// A new federation starting from `initial` (e.g. a freshly initialised adapter: `B = 0`).
     pub fn new(cfg: CoordConfig, id: Identity, initial: Adapter, now_ms: u64) -> Result<Self> {
-        for (field, v) in [
-            ("lora.rank", cfg.lora.rank as u64),
-            ("min_results", cfg.min_results as u64),
-            ("rounds", cfg.total_rounds()),
-        ] {
-            if v == 0 {
-                return Err(CoordinatorError::Config(format!(
-                    "{field} must be positive"
-                )));
-            }
-        }
-        let stages = std::iter::once(("hyper".to_string(), &cfg.hyper)).chain(
-            cfg.then
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (format!("then[{i}].hyper"), &s.hyper)),
-        );
-        for (field, hyper) in stages {
-            if let Some(why) = hyper.invalid() {
-                return Err(CoordinatorError::Config(format!("{field}.{why}")));
-            }
-        }
+        cfg.validate().map_err(CoordinatorError::Config)?;
         let plan = Plan {
             max_rank: cfg.lora.rank,
             ..Plan::from_adapter(&initial)

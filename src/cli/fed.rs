@@ -25,16 +25,12 @@ use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_protocol::tls;
-use fedtune_protocol::{
-    Hyper, Identity, LoraPlan, Phase, PublicKey, model_digest, plan_hash, quic,
-};
+use fedtune_protocol::{Identity, LoraPlan, Phase, PublicKey, model_digest, plan_hash, quic};
 use serde::Deserialize;
 
 use super::ca::read_pair;
+use super::plan::LocalFile;
 
-fn default_beta() -> f64 {
-    0.1
-}
 fn default_payload() -> u64 {
     256
 }
@@ -42,75 +38,11 @@ fn default_timeout() -> u64 {
     3600
 }
 
-/// Local training settings sent to clients.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LocalFile {
-    learning_rate: f64,
-    local_steps: u64,
-    batch_size: usize,
-    /// Micro-batches per optimiser step (the effective batch is batch_size × this).
-    #[serde(default)]
-    gradient_accumulation_steps: Option<u32>,
-    #[serde(default)]
-    warmup_ratio: Option<f64>,
-    #[serde(default)]
-    weight_decay: Option<f64>,
-    #[serde(default)]
-    max_grad_norm: Option<f64>,
-    #[serde(default)]
-    lora_dropout: Option<f64>,
-    #[serde(default = "default_beta")]
-    beta: f64,
-    /// DPO's loss (TRL's `loss_type`).
-    #[serde(default)]
-    loss_type: Option<String>,
-    #[serde(default)]
-    seed: u64,
-    /// GRPO phase: the rewards and sampling every client uses (`[local.grpo]`).
-    #[serde(default)]
-    grpo: Option<fedtune_protocol::GrpoPlan>,
-    /// Distillation phase: TRL GKDConfig's settings every client uses (`[local.distill]`;
-    /// TRL's defaults without it).
-    #[serde(default)]
-    distill: Option<fedtune_protocol::DistillPlan>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientEntry {
     name: String,
     key: String,
-}
-
-impl LocalFile {
-    /// The plan's hyperparameters (TRL's defaults for what the file leaves out), checked:
-    /// errors name `{file}: {table}.{field}`.
-    fn hyper(&self, file: &str, table: &str) -> anyhow::Result<Hyper> {
-        let d = Hyper::new(self.learning_rate, self.local_steps, self.batch_size);
-        let h = Hyper {
-            gradient_accumulation_steps: self
-                .gradient_accumulation_steps
-                .unwrap_or(d.gradient_accumulation_steps),
-            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
-            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
-            max_grad_norm: self.max_grad_norm.unwrap_or(d.max_grad_norm),
-            lora_dropout: self.lora_dropout.unwrap_or(d.lora_dropout),
-            beta: self.beta,
-            loss_type: self.loss_type.clone().unwrap_or(d.loss_type.clone()),
-            seed: self.seed,
-            grpo: self.grpo.clone().map(Box::new),
-            distill: self.distill.clone().map(Box::new),
-            ..d
-        };
-        if let Some(why) = h.invalid() {
-            anyhow::bail!("{file}: {table}.{why}");
-        }
-        h.loss_type
-            .parse::<fedtune_engine::train::dpo::LossType>()
-            .map_err(|e| anyhow::anyhow!("{file}: {table}.loss_type: {e}"))?;
-        Ok(h)
-    }
 }
 
 /// `[handshakes]` of `coord.toml`: bounds on unfinished QUIC handshakes (defaults in

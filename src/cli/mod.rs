@@ -13,6 +13,7 @@ mod grpo;
 mod kto;
 mod merge;
 mod mergekit;
+mod plan;
 mod reward;
 mod run;
 mod sim;
