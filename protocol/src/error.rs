@@ -44,18 +44,5 @@ impl ProtocolError {
     }
 }
 
-impl From<fedtune_peft::PeftError> for ProtocolError {
-    fn from(e: fedtune_peft::PeftError) -> Self {
-        match e {
-            fedtune_peft::PeftError::Malformed { what, reason } => {
-                ProtocolError::Malformed { what, reason }
-            }
-            fedtune_peft::PeftError::TooLarge { what, size, limit } => {
-                ProtocolError::TooLarge { what, size, limit }
-            }
-        }
-    }
-}
-
 /// Result with [`ProtocolError`].
 pub type Result<T, E = ProtocolError> = std::result::Result<T, E>;
