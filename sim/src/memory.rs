@@ -280,7 +280,17 @@ impl<'a> Federation<'a> {
                             decode(&bytes, limit, "message").expect("own encoding");
                         let pk = self.clients[i].machine.public_key();
                         let t = std::time::Instant::now();
-                        self.coordinator.handle_message(self.now_ms, pk, msg);
+                        // As the daemon does: an update's signed header is prechecked before
+                        // its payload is taken (a refused header is answered and logged there).
+                        let passed = match &msg {
+                            ToCoordinator::Update { header, .. } => {
+                                self.coordinator.precheck(self.now_ms, pk, header).is_ok()
+                            }
+                            _ => true,
+                        };
+                        if passed {
+                            self.coordinator.handle_message(self.now_ms, pk, msg);
+                        }
                         self.coordinator_s += t.elapsed().as_secs_f64();
                         self.drain_coordinator();
                     }
