@@ -53,6 +53,11 @@ fn config(ids: &[Identity]) -> CoordConfig {
     cfg
 }
 
+/// A new federation of `ids` at `now`, starting from a zero `B`.
+fn start(ids: &[Identity], now: u64) -> Coordinator {
+    Coordinator::new(config(ids), Identity::from_seed([9; 32]), adapter(0.0), now).unwrap()
+}
+
 /// Drains the machine's actions: stored values into `store`, log records and plans returned.
 fn drain(
     c: &mut Coordinator,
@@ -165,13 +170,7 @@ fn a_declined_plan_closes_the_round_without_waiting_for_the_deadline() {
     let now = 1_000_000;
     let ids = [1u8, 2].map(|k| Identity::from_seed([k; 32]));
     let mut store = BTreeMap::new();
-    let mut c = Coordinator::new(
-        config(&ids),
-        Identity::from_seed([9; 32]),
-        adapter(0.0),
-        now,
-    )
-    .unwrap();
+    let mut c = start(&ids, now);
     for id in &ids {
         c.handle_hello(now, id.public());
     }
@@ -225,13 +224,7 @@ fn the_stored_status_follows_the_rounds() {
     let now = 1_000_000;
     let ids = [1u8, 2, 3].map(|k| Identity::from_seed([k; 32]));
     let mut store = BTreeMap::new();
-    let mut c = Coordinator::new(
-        config(&ids),
-        Identity::from_seed([9; 32]),
-        adapter(0.0),
-        now,
-    )
-    .unwrap();
+    let mut c = start(&ids, now);
     assert!(
         stored_status(&store).is_err(),
         "no state yet: an error, not a guess"
