@@ -1,212 +1,20 @@
-//! An upload cut by a dropped connection resumes where it stopped: a client speaking the
-//! protocol directly sends half of a signed update, drops its connection, reconnects, is told
-//! how many bytes the coordinator already holds, sends only the rest, and its update is
-//! accepted.
+//! The upload path over QUIC, against the coordinator daemon: an upload cut by a dropped
+//! connection resumes where it stopped (a client speaking the protocol directly sends half of
+//! a signed update, drops its connection, reconnects, is told how many bytes the coordinator
+//! already holds, sends only the rest, and its update is accepted); the limits on connections,
+//! partial files and handshakes; and a disk that fills or fails.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use burn::tensor::{DType, Device};
-use fedtune_aggregation::strategy::{Rule, StrategyConfig};
-use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, now_ms, serve};
-use fedtune_coordinator::{CoordConfig, Coordinator};
-use fedtune_engine::load_model;
-use fedtune_engine::train::TrainConfig;
-use fedtune_engine::train::lora::init_adapter;
-use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
-use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
-use fedtune_protocol::quic::{read_frame, write_frame};
+use fedtune_coordinator::daemon::ConnectionLimits;
+use fedtune_protocol::messages::{MAX_CONTROL, decode};
+use fedtune_protocol::quic::read_frame;
 use fedtune_protocol::tls::{self, CertPair};
-use fedtune_protocol::{
-    Hyper, Identity, LoraPlan, Phase, ToClient, ToCoordinator, digest, peft, quic,
-};
+use fedtune_protocol::{ToClient, digest, quic};
 
-async fn next_plan(recv: &mut quinn::RecvStream) -> (fedtune_protocol::RoundPlan, Vec<u8>) {
-    loop {
-        let b = read_frame(recv, 256 << 20).await.unwrap().unwrap();
-        if let ToClient::Plan { plan, payload, .. } = decode(&b, 256 << 20, "m").unwrap() {
-            return (*plan, payload);
-        }
-    }
-}
-
-async fn connect(
-    addr: std::net::SocketAddr,
-    ca: &CertPair,
-    own: &CertPair,
-    id: &Identity,
-) -> (
-    quinn::Endpoint,
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-) {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(
-        quic::client_config(tls::client_config(&ca.cert_pem, own).unwrap()).unwrap(),
-    );
-    let conn = ep
-        .connect(addr, tls::COORDINATOR_NAME)
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = ToCoordinator::Hello {
-        version: fedtune_protocol::PROTOCOL_VERSION,
-        client: id.public(),
-    };
-    write_frame(&mut send, &encode(&hello)).await.unwrap();
-    (ep, conn, send, recv)
-}
-
-/// A coordinator on loopback for one client `site` (plan hash `[3; 32]`, FedIT, one result per
-/// round), and what a client needs to reach it.
-struct Fed {
-    addr: std::net::SocketAddr,
-    coordinator: tokio::task::JoinHandle<
-        Result<fedtune_coordinator::daemon::RunSummary, fedtune_coordinator::daemon::DaemonError>,
-    >,
-    data_dir: PathBuf,
-    ca: CertPair,
-    own: CertPair,
-    id: Identity,
-}
-
-impl Fed {
-    /// A connection of the client that said hello.
-    async fn client(
-        &self,
-    ) -> (
-        quinn::Endpoint,
-        quinn::Connection,
-        quinn::SendStream,
-        quinn::RecvStream,
-    ) {
-        connect(self.addr, &self.ca, &self.own, &self.id).await
-    }
-
-    /// The coordinator's summary once it finished (within a minute).
-    async fn finish(&mut self) -> fedtune_coordinator::daemon::RunSummary {
-        tokio::time::timeout(Duration::from_secs(60), &mut self.coordinator)
-            .await
-            .expect("the coordinator finishes")
-            .unwrap()
-            .unwrap()
-    }
-}
-
-fn start(name: &str, rounds: u64, limits: ConnectionLimits) -> Fed {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let m = load_model(
-        &root.join("testdata/tiny-llama/model"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    let lora = TrainConfig {
-        lora_r: 4,
-        lora_alpha: 8.0,
-        ..TrainConfig::default()
-    };
-    let ca = tls::new_ca(name).unwrap();
-    let server_pair = tls::issue(&ca, "coordinator", true, &[]).unwrap();
-    let own = tls::issue(&ca, "site", false, &[]).unwrap();
-    let id = Identity::from_seed([9; 32]);
-    let mut strategy = StrategyConfig::new(Rule::FedAvgFactors);
-    strategy.sampling.min_clients = 1;
-    let mut cfg = CoordConfig::new(
-        "resume".into(),
-        Phase::Sft,
-        rounds,
-        Hyper {
-            seed: 0,
-            ..Hyper::new(1e-3, 1, 1)
-        },
-        LoraPlan {
-            rank: 4,
-            lora_alpha: 8.0,
-            target_modules: lora.target_modules.clone(),
-        },
-        strategy,
-        300_000,
-        [3; 32],
-        BTreeSet::from([id.public()]),
-    );
-    cfg.min_results = 1;
-    cfg.max_payload = 64 << 20;
-    let machine = Coordinator::new(
-        cfg,
-        Identity::from_seed([1; 32]),
-        init_adapter(&m.model, &lora),
-        now_ms(),
-    )
-    .unwrap();
-    let data_dir = std::env::temp_dir().join(format!("fedtune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let endpoint = bind(
-        quic::server_config(tls::server_config(&ca.cert_pem, &server_pair).unwrap()).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        &Identity::from_seed([1; 32]),
-    )
-    .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let coordinator = tokio::spawn(serve(
-        machine,
-        endpoint,
-        DaemonOptions {
-            data_dir: data_dir.clone(),
-            clients: BTreeMap::from([("site".to_string(), id.public())]),
-            linger: Duration::from_millis(500),
-            limits,
-            console: false,
-            metrics: None,
-        },
-        std::future::pending(),
-    ));
-    Fed {
-        addr,
-        coordinator,
-        data_dir,
-        ca,
-        own,
-        id,
-    }
-}
-
-/// A signed update of the global adapter `global` (every `B` set to a fixed pattern plus
-/// `salt`).
-fn update(
-    salt: f32,
-    id: &Identity,
-    plan: &fedtune_protocol::RoundPlan,
-    global: &[u8],
-) -> (fedtune_protocol::SignedHeader, Vec<u8>) {
-    let mut update = peft::decode(global, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
-    for f in update.modules.values_mut() {
-        for (i, v) in f.b.data.iter_mut().enumerate() {
-            *v = (i % 7) as f32 * 1e-3 + salt;
-        }
-    }
-    let payload = peft::encode(&update);
-    let header = seal(
-        id,
-        Seal {
-            kind: PayloadKind::Update,
-            federation: "resume",
-            round: plan.round,
-            plan_hash: [3; 32],
-            parent: plan.global_digest,
-            nonce: [plan.round as u8; 16],
-            now_ms: now_ms(),
-            ttl_ms: 600_000,
-            num_examples: 5,
-            metrics: vec![],
-        },
-        &payload,
-    );
-    (header, payload)
-}
+#[path = "support/fed.rs"]
+mod fed;
+use fed::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
@@ -246,64 +54,6 @@ async fn an_upload_cut_by_a_dropped_connection_resumes_where_it_stopped() {
     // FedIT of a single update is that update.
     assert_eq!(digest(&summary.global), digest(&payload));
     let _ = std::fs::remove_dir_all(&f.data_dir);
-}
-
-/// Opens an upload stream, sends the signed header and reads the coordinator's resume offset
-/// (the receiving half is returned so that it stays open).
-async fn open_upload(
-    conn: &quinn::Connection,
-    header: &fedtune_protocol::SignedHeader,
-) -> (quinn::SendStream, quinn::RecvStream, u64) {
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    write_frame(&mut s, &encode(header)).await.unwrap();
-    let reply = read_frame(&mut r, 8).await.unwrap().unwrap();
-    (s, r, u64::from_le_bytes(reply.try_into().unwrap()))
-}
-
-/// Uploads the client's signed update of `global` whole, on a stream of its own; returns the
-/// payload.
-async fn upload_whole(
-    f: &Fed,
-    conn: &quinn::Connection,
-    plan: &fedtune_protocol::RoundPlan,
-    global: &[u8],
-) -> Vec<u8> {
-    let (header, payload) = update(0.0, &f.id, plan, global);
-    let (mut s, _r, _) = open_upload(conn, &header).await;
-    s.write_all(&payload).await.unwrap();
-    s.finish().unwrap();
-    payload
-}
-
-/// Sends the whole update again, which the coordinator must take from offset 0 (`why`), and
-/// checks that it is the one-round federation's result.
-async fn send_again_and_finish(
-    f: &mut Fed,
-    conn: &quinn::Connection,
-    header: &fedtune_protocol::SignedHeader,
-    payload: &[u8],
-    why: &str,
-) {
-    let (mut s, _r, offset) = open_upload(conn, header).await;
-    assert_eq!(offset, 0, "{why}");
-    s.write_all(payload).await.unwrap();
-    s.finish().unwrap();
-    let summary = f.finish().await;
-    assert_eq!(summary.rounds, 1);
-    assert_eq!(digest(&summary.global), digest(payload));
-    let _ = std::fs::remove_dir_all(&f.data_dir);
-}
-
-/// How the coordinator closed `conn`, as `(code, reason)`, waiting at most `secs`.
-async fn closed_by_peer(conn: &quinn::Connection, secs: u64) -> (u64, String) {
-    match tokio::time::timeout(Duration::from_secs(secs), conn.closed()).await {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
-            c.error_code.into_inner(),
-            String::from_utf8_lossy(&c.reason).into_owned(),
-        ),
-        Ok(other) => panic!("closed otherwise: {other}"),
-        Err(_) => panic!("still open after {secs} s"),
-    }
 }
 
 /// A second connection of the same client supersedes the first, cleanly: the first is closed
@@ -398,18 +148,6 @@ async fn silent_connections_time_out_and_one_identity_cannot_hoard_connections()
     assert_eq!(plan.round, 1);
     f.coordinator.abort();
     let _ = std::fs::remove_dir_all(&f.data_dir);
-}
-
-/// The `.part` files under the coordinator's `incoming/`.
-fn parts(data_dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(data_dir.join("incoming"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".part"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A listed client that starts uploads with fresh digests and stops each halfway (the
@@ -583,5 +321,152 @@ async fn a_handshake_flood_is_met_with_retries_and_honest_rounds_complete() {
         h.accepted <= limits.handshakes.retry_above as u64 + 8,
         "{h:?}"
     );
+    let _ = std::fs::remove_dir_all(&f.data_dir);
+}
+
+/// Opens an upload stream and sends the signed header; the coordinator's resume offset, or
+/// `None` when it refused the upload before taking a byte.
+async fn try_upload(
+    conn: &quinn::Connection,
+    header: &fedtune_protocol::SignedHeader,
+) -> Option<(quinn::SendStream, quinn::RecvStream, u64)> {
+    use fedtune_protocol::messages::encode;
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    fedtune_protocol::quic::write_frame(&mut s, &encode(header))
+        .await
+        .unwrap();
+    let reply = read_frame(&mut r, 8).await.ok()??;
+    Some((s, r, u64::from_le_bytes(reply.try_into().ok()?)))
+}
+
+/// Waits (at most `secs`) until `rounds.jsonl` contains `text`.
+async fn logged(f: &Fed, text: &str, secs: u64) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(f.data_dir.join("rounds.jsonl")).unwrap_or_default();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{text:?} not in the log: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Without room on the data directory's volume for twice an upload plus the reserve kept for
+/// the coordinator's own writes, the upload is refused before a byte of payload is taken
+/// (logged with the figures, not counted as a rejection), and the coordinator keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_without_room_on_the_disk_is_refused_before_its_payload() {
+    let limits = ConnectionLimits {
+        disk_reserve: u64::MAX / 4,
+        ..ConnectionLimits::default()
+    };
+    let f = start("noroom", 1, limits);
+    let (_ep, conn, _send, mut recv) = f.client().await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let (header, _) = update(0.0, &f.id, &plan, &global);
+    assert!(try_upload(&conn, &header).await.is_none(), "refused");
+    let log = logged(&f, "\"upload_refused\"", 10).await;
+    assert!(log.contains("bytes free"), "{log}");
+    assert!(!log.contains("\"rejected\""), "{log}");
+    assert!(!parts(&f.data_dir).iter().any(|_| true), "no partial file");
+    assert!(!f.coordinator.is_finished(), "still serving");
+    f.coordinator.abort();
+    let _ = std::fs::remove_dir_all(&f.data_dir);
+}
+
+/// A partial file that cannot be written (its writes fail with "No space left on device":
+/// the file is a link to /dev/full) is removed with an `upload_abandoned` line naming the
+/// error, the client is told to stop, and a second later the coordinator asks it again (the
+/// plan again); its upload then goes through and the round closes. Before, a failed write
+/// left the partial in place and the client was never asked again.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_that_cannot_be_written_is_dropped_and_its_client_asked_again() {
+    let mut f = start("fullpart", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = f.client().await;
+    let (plan, global) = next_plan(&mut recv).await;
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
+    // The partial's name: signer, round and signed digest.
+    let name = format!(
+        "{}-{}-{}.part",
+        f.id.public().to_hex(),
+        plan.round,
+        hex::encode(header.header.payload_digest)
+    );
+    let part = f.data_dir.join("incoming").join(&name);
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+    let (mut s, _r, offset) = try_upload(&conn, &header).await.expect("taken");
+    assert_eq!(offset, 0);
+    let _ = s.write_all(&payload).await;
+    let _ = s.finish();
+    let log = logged(&f, "\"upload_abandoned\"", 10).await;
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(
+        std::fs::symlink_metadata(&part).is_err(),
+        "the partial went"
+    );
+    // Asked again: the same round's plan comes once more.
+    let (again, _) = tokio::time::timeout(Duration::from_secs(10), next_plan(&mut recv))
+        .await
+        .expect("asked again");
+    assert_eq!(again.round, plan.round);
+    send_again_and_finish(&mut f, &conn, &header, &payload, "nothing of it was kept").await;
+}
+
+/// A write of the coordinator's store that fails (here the directory for stored updates cannot
+/// be made) does not end the daemon: the accepted update is neither acknowledged nor lost, the
+/// actions from the failed write on are held and tried again each second, uploads are refused
+/// meanwhile, and once the write succeeds the acknowledgement goes out and the round closes.
+/// Before, the daemon exited (`persisting updates/…: …`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_holds_the_round_and_it_resumes_when_the_write_succeeds() {
+    let mut f = start("failwrite", 1, ConnectionLimits::default());
+    let (_ep, conn, _send, mut recv) = f.client().await;
+    let (plan, global) = next_plan(&mut recv).await;
+    // A file where the store's `updates/` directory goes.
+    let blocker = f.data_dir.join("store").join("updates");
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let (header, payload) = update(0.0, &f.id, &plan, &global);
+    let (mut s, _r, _) = try_upload(&conn, &header).await.expect("taken");
+    s.write_all(&payload).await.unwrap();
+    s.finish().unwrap();
+    // No acknowledgement while the update is not stored; the daemon keeps running.
+    let ack = tokio::time::timeout(Duration::from_millis(2500), async {
+        loop {
+            let b = read_frame(&mut recv, MAX_CONTROL).await.unwrap().unwrap();
+            if let ToClient::Accepted { round } = decode(&b, MAX_CONTROL, "m").unwrap() {
+                return round;
+            }
+        }
+    })
+    .await;
+    assert!(ack.is_err(), "acknowledged before it was stored");
+    assert!(!f.coordinator.is_finished(), "the daemon is alive");
+    // Uploads are refused meanwhile (not counted against the client).
+    assert!(try_upload(&conn, &header).await.is_none());
+    logged(&f, "cannot write to its disk", 10).await;
+    // The write can succeed again: the held actions go out, the round closes.
+    std::fs::remove_file(&blocker).unwrap();
+    let accepted = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let b = read_frame(&mut recv, MAX_CONTROL).await.unwrap().unwrap();
+            if let ToClient::Accepted { round } = decode(&b, MAX_CONTROL, "m").unwrap() {
+                return round;
+            }
+        }
+    })
+    .await
+    .expect("acknowledged once stored");
+    assert_eq!(accepted, plan.round);
+    let summary = f.finish().await;
+    assert_eq!(summary.rounds, 1);
+    assert_eq!(digest(&summary.global), digest(&payload));
+    assert!(summary.rejections.is_empty(), "{:?}", summary.rejections);
+    let log = logged(&f, "\"storage_recovered\"", 5).await;
+    assert!(log.contains("\"round_closed\""), "{log}");
     let _ = std::fs::remove_dir_all(&f.data_dir);
 }

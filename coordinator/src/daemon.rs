@@ -14,7 +14,7 @@
 //! past the signed length) and handed to the machine once complete. One task owns the machine; actions are carried out in order
 //! (`Persist` through [`FileStore`] before any later `Send`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,7 +28,8 @@ use fedtune_protocol::{PublicKey, ToClient, ToCoordinator};
 use tokio::sync::mpsc;
 
 use crate::admission::{Admission, Decision, HandshakeCounts, HandshakeLimits, Pending};
-use crate::event::Event;
+use crate::disk::Disk;
+use crate::event::{Event, Refusal};
 use crate::machine::{Action, Coordinator};
 use crate::store::FileStore;
 use crate::upload::{Budget, remove_parts, upload};
@@ -98,6 +99,10 @@ pub struct ConnectionLimits {
     pub upload_memory: u64,
     /// Bounds on unfinished QUIC handshakes, before any certificate is seen.
     pub handshakes: HandshakeLimits,
+    /// Bytes of free disk kept for the coordinator's own writes (state, global adapters, the
+    /// round log): an upload is refused while the data directory's volume has less free than
+    /// twice its payload plus this, and its client is asked again once there is room.
+    pub disk_reserve: u64,
 }
 
 impl Default for ConnectionLimits {
@@ -107,6 +112,7 @@ impl Default for ConnectionLimits {
             per_client: 4,
             upload_memory: 512 << 20,
             handshakes: HandshakeLimits::default(),
+            disk_reserve: 64 << 20,
         }
     }
 }
@@ -297,6 +303,14 @@ async fn connection(
 /// What the coordinator's stateless-reset key is derived for (from its identity).
 pub const RESET_KEY_PURPOSE: &str = "fedtune 2026-12 QUIC stateless reset key";
 
+/// Writes a record of the daemon's own (not the machine's) to `rounds.jsonl`; a failed write
+/// is only warned about (these records are not part of the federation's state).
+fn log_own(log: &mut crate::roundlog::RoundLog, v: serde_json::Value) {
+    if let Err(e) = log.write(v, now_ms()) {
+        tracing::warn!(error = %e, "writing rounds.jsonl");
+    }
+}
+
 /// Records a removed partial upload in `rounds.jsonl` (and the log).
 fn log_abandoned(
     log: &mut crate::roundlog::RoundLog,
@@ -304,12 +318,42 @@ fn log_abandoned(
     round: u64,
     bytes: u64,
     why: &str,
-) -> Result<(), DaemonError> {
+) {
     tracing::warn!(client, round, bytes, why, "partial upload removed");
-    let v = serde_json::json!({
-        "event": "upload_abandoned", "round": round, "client": client, "bytes": bytes, "why": why,
-    });
-    log.write(v, now_ms()).map_err(io("writing rounds.jsonl"))
+    log_own(
+        log,
+        serde_json::json!({
+            "event": "upload_abandoned", "round": round, "client": client, "bytes": bytes, "why": why,
+        }),
+    );
+}
+
+/// Carries out one action; an error names what was being written.
+fn carry_out(
+    a: &Action,
+    store: &FileStore,
+    log: &mut crate::roundlog::RoundLog,
+    conns: &BTreeMap<PublicKey, Current>,
+    finished_at: &mut Option<tokio::time::Instant>,
+) -> Result<(), (String, std::io::Error)> {
+    match a {
+        Action::Persist { key, bytes } => store
+            .put(key, bytes)
+            .map_err(|e| (format!("persisting {key}"), e)),
+        Action::Log(v) => log
+            .write(v.clone(), now_ms())
+            .map_err(|e| ("writing rounds.jsonl".to_string(), e)),
+        Action::Send { to, msg } => {
+            if let Some(c) = conns.get(to) {
+                let _ = c.tx.try_send(msg.clone());
+            }
+            Ok(())
+        }
+        Action::Finished => {
+            finished_at.get_or_insert_with(tokio::time::Instant::now);
+            Ok(())
+        }
+    }
 }
 
 /// Binds the coordinator's QUIC endpoint. Its stateless-reset key is derived from the
@@ -420,6 +464,9 @@ pub async fn serve(
             }
         })
     };
+    let mut disk = Disk::new(&opts.data_dir, opts.limits.disk_reserve);
+    // Actions taken from the machine and not yet carried out (a write failed).
+    let mut held: VecDeque<Action> = VecDeque::new();
     // Each client's current connection: the newest that said hello.
     let mut conns: BTreeMap<PublicKey, Current> = BTreeMap::new();
     let mut finished_at: Option<tokio::time::Instant> = None;
@@ -442,7 +489,7 @@ pub async fn serve(
         if cleaned != Some(closed) {
             cleaned = Some(closed);
             for (pk, round, bytes) in remove_parts(&parts_dir, |_, r, _| r <= closed) {
-                log_abandoned(&mut log, &pk, round, bytes, "its round is closed")?;
+                log_abandoned(&mut log, &pk, round, bytes, "its round is closed");
             }
         }
         if swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
@@ -461,23 +508,48 @@ pub async fn serve(
                     round,
                     bytes,
                     "nothing received for longer than an update header lives",
-                )?;
+                );
             }
         }
-        // Carry out actions in order.
-        while let Some(a) = machine.poll_action() {
-            match a {
-                Action::Persist { key, bytes } => store
-                    .put(&key, &bytes)
-                    .map_err(io(format!("persisting {key}")))?,
-                Action::Log(v) => log.write(v, now_ms()).map_err(io("writing rounds.jsonl"))?,
-                Action::Send { to, msg } => {
-                    if let Some(c) = conns.get(&to) {
-                        let _ = c.tx.try_send(msg);
+        // Carry out actions in order. A write that fails holds it and every later action
+        // (nothing is sent before what it depends on is stored), tried again each second;
+        // uploads are refused meanwhile, and the daemon keeps running.
+        held.extend(std::iter::from_fn(|| machine.poll_action()));
+        if !held.is_empty() && disk.retry_due() {
+            while let Some(a) = held.front() {
+                match carry_out(a, &store, &mut log, &conns, &mut finished_at) {
+                    Ok(()) => {
+                        held.pop_front();
+                    }
+                    Err((what, e)) => {
+                        if disk.failed(&what, &e) {
+                            tracing::error!(%what, error = %e, held = held.len(), "a write failed: holding the actions from it on and refusing uploads until it succeeds");
+                            eprintln!(
+                                "error: {what}: {e}; retrying each second, uploads refused meanwhile"
+                            );
+                        }
+                        break;
                     }
                 }
-                Action::Finished => finished_at = Some(tokio::time::Instant::now()),
             }
+        }
+        if held.is_empty()
+            && let Some(r) = disk.succeeded()
+        {
+            if r.failed_for > Duration::ZERO {
+                tracing::info!(seconds = r.failed_for.as_secs_f64(), "writes succeed again");
+                log_own(
+                    &mut log,
+                    serde_json::json!({"event": "storage_recovered", "failed_seconds": r.failed_for.as_secs_f64()}),
+                );
+            }
+            // The clients refused meanwhile are asked again for their update.
+            for pk in r.refused {
+                if conns.contains_key(&pk) {
+                    machine.invite_again(now_ms(), pk);
+                }
+            }
+            continue;
         }
         if let Some(t) = finished_at
             && t.elapsed() >= opts.linger
@@ -488,7 +560,12 @@ pub async fn serve(
             .next_deadline()
             .map(|d| Duration::from_millis(d.saturating_sub(now_ms())))
             .unwrap_or(Duration::from_millis(500))
-            .min(Duration::from_millis(500));
+            .min(Duration::from_millis(500))
+            .min(if held.is_empty() {
+                Duration::MAX
+            } else {
+                crate::disk::RETRY
+            });
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(wake) => machine.handle_tick(now_ms()),
@@ -505,7 +582,26 @@ pub async fn serve(
                 }
                 Some(Event::Msg { pk, msg }) => machine.handle_message(now_ms(), pk, msg),
                 Some(Event::PreCheck { pk, header, reply }) => {
-                    let _ = reply.send(machine.precheck(now_ms(), pk, &header));
+                    // While writes fail, or without room for it, an upload waits (its client
+                    // is asked again); the machine does not see it, so nothing is counted.
+                    let refused = disk.refuse(pk, header.header.payload_len);
+                    let verdict = match refused {
+                        Some(why) => {
+                            tracing::warn!(client = %pk, round = header.header.round, %why, "upload refused");
+                            log_own(
+                                &mut log,
+                                serde_json::json!({
+                                    "event": "upload_refused", "round": header.header.round,
+                                    "client": pk.to_hex(), "why": why,
+                                }),
+                            );
+                            Err(Refusal::NoRoom)
+                        }
+                        None => machine
+                            .precheck(now_ms(), pk, &header)
+                            .map_err(|_| Refusal::Rejected),
+                    };
+                    let _ = reply.send(verdict);
                 }
                 Some(Event::Upload { pk, header, payload, .. }) => machine.handle_message(
                     now_ms(),
@@ -513,8 +609,9 @@ pub async fn serve(
                     ToCoordinator::Update { header: Box::new(header), payload },
                 ),
                 Some(Event::Abandoned { pk, round, bytes, why }) => {
-                    log_abandoned(&mut log, &pk.to_hex(), round, bytes, why)?;
+                    log_abandoned(&mut log, &pk.to_hex(), round, bytes, &why);
                 }
+                Some(Event::NoRoom { pk, bytes }) => disk.no_room(pk, bytes),
                 Some(Event::Gone { pk, id }) => {
                     if conns.get(&pk).is_some_and(|c| c.id == id) {
                         conns.remove(&pk);
@@ -526,6 +623,12 @@ pub async fn serve(
         if let Some(m) = &metrics {
             m.set_connected(conns.len());
         }
+    }
+    if !held.is_empty() {
+        tracing::warn!(
+            actions = held.len(),
+            "stopping with writes not done: nothing after them was sent, and a restart resumes from what is stored"
+        );
     }
     accept.abort();
     endpoint.close(0u32.into(), b"bye");

@@ -1,7 +1,7 @@
 //! What the coordinator daemon's connection and upload tasks tell the task that owns the
 //! machine.
 
-use fedtune_protocol::{PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator};
+use fedtune_protocol::{PublicKey, SignedHeader, ToClient, ToCoordinator};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 /// An event for the machine's task.
@@ -19,7 +19,7 @@ pub(crate) enum Event {
     PreCheck {
         pk: PublicKey,
         header: SignedHeader,
-        reply: oneshot::Sender<Result<(), Rejection>>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
     },
     Upload {
         pk: PublicKey,
@@ -37,6 +37,20 @@ pub(crate) enum Event {
         pk: PublicKey,
         round: u64,
         bytes: u64,
-        why: &'static str,
+        why: String,
     },
+    /// An upload of `bytes` could not be written (a full disk): its client is asked again
+    /// once there is room.
+    NoRoom {
+        pk: PublicKey,
+        bytes: u64,
+    },
+}
+
+/// Why an upload's header was not taken.
+pub(crate) enum Refusal {
+    /// The machine rejected it (answered and counted there).
+    Rejected,
+    /// The coordinator has no room for it now (logged); the client is asked again later.
+    NoRoom,
 }

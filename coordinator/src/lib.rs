@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod daemon;
+mod disk;
 mod event;
 pub mod machine;
 pub mod metrics;

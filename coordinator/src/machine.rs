@@ -289,14 +289,22 @@ impl Coordinator {
             return;
         }
         // A sampled client that reconnects during its round gets the plan again.
+        self.invite_again(now_ms, client);
+        self.handle_tick(now_ms);
+    }
+
+    /// Sends a connected client sampled for the open round, whose update is not stored, the
+    /// round's plan again (a client sends its pending update again on it). The daemon calls it
+    /// for a client whose upload it refused for lack of room, once there is room.
+    pub fn invite_again(&mut self, _now_ms: u64, client: PublicKey) {
         if let Some(open) = &self.d.open
             && open.sampled.contains(&client)
+            && self.connected.contains(&client)
             && !self.results.contains_key(&client)
         {
             let msg = self.plan_msg(open.round, open.deadline_ms);
             self.actions.push_back(Action::Send { to: client, msg });
         }
-        self.handle_tick(now_ms);
     }
 
     /// A client disconnected.

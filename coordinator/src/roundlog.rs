@@ -90,8 +90,14 @@ impl RoundLog {
     /// Writes `v` (annotated) as one JSON line, and to the console.
     pub fn write(&mut self, v: Value, now_ms: u64) -> std::io::Result<()> {
         let v = self.annotate(v, now_ms);
-        writeln!(self.file, "{v}")?;
-        self.file.flush()?;
+        // One write of the whole line; a write cut short (a full disk) is cut back off, so
+        // that the log never holds half a record and the record can be written again whole.
+        let line = format!("{v}\n");
+        let len = self.file.metadata()?.len();
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            let _ = self.file.set_len(len);
+            return Err(e);
+        }
         if let Some(m) = &self.metrics {
             m.record(&v);
         }
@@ -136,6 +142,15 @@ pub fn describe(v: &Value) -> String {
             list("used_names")
         ),
         "round_retry" => format!("round {round} sampled again: too few updates by the deadline"),
+        "upload_refused" => format!(
+            "round {round}: upload of {} refused for now ({})",
+            s("client_name"),
+            s("why")
+        ),
+        "storage_recovered" => format!(
+            "writes succeed again after {:.1} s of failing",
+            v["failed_seconds"].as_f64().unwrap_or(f64::NAN)
+        ),
         "upload_abandoned" => format!(
             "round {round}: partial upload of {} removed ({})",
             s("client_name"),
@@ -188,6 +203,23 @@ mod tests {
             0,
         );
         assert_eq!(describe(&v), "round 2: update of hospital accepted");
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_written_is_an_error_and_leaves_no_half_line() {
+        let Ok(full) = std::fs::OpenOptions::new().append(true).open("/dev/full") else {
+            return;
+        };
+        let mut log = RoundLog::new(full, &BTreeMap::new(), false);
+        let e = log.write(json!({"event": "x"}), 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        // A real file: written whole.
+        let p = std::env::temp_dir().join(format!("fedtune-roundlog-w-{}", std::process::id()));
+        let mut log = RoundLog::new(std::fs::File::create(&p).unwrap(), &BTreeMap::new(), false);
+        log.write(json!({"event": "x"}), 0).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
+        let _ = std::fs::remove_file(p);
     }
 
     fn tempfile_in_target() -> std::fs::File {

@@ -45,12 +45,17 @@ impl FileStore {
             path.file_name().and_then(|n| n.to_str()).unwrap_or("value"),
             std::process::id()
         ));
-        {
+        let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            // A write cut short (a full disk) leaves no temporary file taking space.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        std::fs::rename(&tmp, &path)?;
         std::fs::File::open(parent)?.sync_all()
     }
 

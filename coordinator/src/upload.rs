@@ -13,7 +13,7 @@ use fedtune_protocol::{PublicKey, SignedHeader};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::event::Event;
+use crate::event::{Event, Refusal};
 
 /// A partial upload's file name: signer, round and signed digest.
 fn part_name(pk: &PublicKey, round: u64, digest: &[u8; 32]) -> String {
@@ -51,6 +51,9 @@ pub(crate) fn remove_parts(
     }
     removed
 }
+
+/// The stream error code of an upload the coordinator has no room for now (it asks again).
+pub(crate) const STOP_NO_ROOM: u32 = 6;
 
 /// How long an upload stream may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -92,9 +95,16 @@ pub(crate) async fn upload(
     {
         return;
     }
-    if !matches!(verdict.await, Ok(Ok(()))) {
-        let _ = stream.stop(2u32.into());
-        return;
+    match verdict.await {
+        Ok(Ok(())) => {}
+        Ok(Err(Refusal::NoRoom)) => {
+            let _ = stream.stop(STOP_NO_ROOM.into());
+            return;
+        }
+        _ => {
+            let _ = stream.stop(2u32.into());
+            return;
+        }
     }
     // Resumable: the part file is named by signer, round and signed digest; the bytes already
     // held are announced and the client sends the rest. Never past the signed length. One
@@ -110,17 +120,31 @@ pub(crate) async fn upload(
                 pk,
                 round: r,
                 bytes,
-                why: "replaced by a newer upload of the same round",
+                why: "replaced by a newer upload of the same round".into(),
             })
             .await;
     }
-    let Ok(mut file) = tokio::fs::OpenOptions::new()
+    let mut file = match tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .await
-    else {
-        return;
+    {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = stream.stop(STOP_NO_ROOM.into());
+            let why = format!("the coordinator could not create its file: {e}");
+            let _ = events
+                .send(Event::Abandoned {
+                    pk,
+                    round,
+                    bytes: 0,
+                    why,
+                })
+                .await;
+            let _ = events.send(Event::NoRoom { pk, bytes: want }).await;
+            return;
+        }
     };
     let mut got = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     if got > want {
@@ -158,7 +182,22 @@ pub(crate) async fn upload(
                     return;
                 }
                 hasher.update(&chunk.bytes);
-                if file.write_all(&chunk.bytes).await.is_err() {
+                if let Err(e) = file.write_all(&chunk.bytes).await {
+                    // A full disk: the partial file goes (it would only hold the space), the
+                    // client is told to stop, and asked again once there is room.
+                    let _ = stream.stop(STOP_NO_ROOM.into());
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&path).await;
+                    let why = format!("the coordinator could not write it: {e}");
+                    let _ = events
+                        .send(Event::Abandoned {
+                            pk,
+                            round,
+                            bytes: got,
+                            why,
+                        })
+                        .await;
+                    let _ = events.send(Event::NoRoom { pk, bytes: want }).await;
                     return;
                 }
             }
@@ -182,7 +221,7 @@ pub(crate) async fn upload(
                 pk,
                 round,
                 bytes: got,
-                why: "its bytes do not match the signed digest",
+                why: "its bytes do not match the signed digest".into(),
             })
             .await;
         return;
