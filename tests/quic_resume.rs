@@ -339,6 +339,20 @@ async fn try_upload(
     Some((s, r, u64::from_le_bytes(reply.try_into().ok()?)))
 }
 
+/// The round of the first acknowledgement the client receives within `wait`, if one comes.
+async fn accepted_within(recv: &mut quinn::RecvStream, wait: Duration) -> Option<u64> {
+    tokio::time::timeout(wait, async {
+        loop {
+            let b = read_frame(recv, MAX_CONTROL).await.unwrap().unwrap();
+            if let ToClient::Accepted { round } = decode(&b, MAX_CONTROL, "m").unwrap() {
+                return round;
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 /// Waits (at most `secs`) until `rounds.jsonl` contains `text`.
 async fn logged(f: &Fed, text: &str, secs: u64) -> String {
     let t = std::time::Instant::now();
@@ -435,33 +449,16 @@ async fn a_failing_write_holds_the_round_and_it_resumes_when_the_write_succeeds(
     s.write_all(&payload).await.unwrap();
     s.finish().unwrap();
     // No acknowledgement while the update is not stored; the daemon keeps running.
-    let ack = tokio::time::timeout(Duration::from_millis(2500), async {
-        loop {
-            let b = read_frame(&mut recv, MAX_CONTROL).await.unwrap().unwrap();
-            if let ToClient::Accepted { round } = decode(&b, MAX_CONTROL, "m").unwrap() {
-                return round;
-            }
-        }
-    })
-    .await;
-    assert!(ack.is_err(), "acknowledged before it was stored");
+    let ack = accepted_within(&mut recv, Duration::from_millis(2500)).await;
+    assert_eq!(ack, None, "acknowledged before it was stored");
     assert!(!f.coordinator.is_finished(), "the daemon is alive");
     // Uploads are refused meanwhile (not counted against the client).
     assert!(try_upload(&conn, &header).await.is_none());
     logged(&f, "cannot write to its disk", 10).await;
     // The write can succeed again: the held actions go out, the round closes.
     std::fs::remove_file(&blocker).unwrap();
-    let accepted = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let b = read_frame(&mut recv, MAX_CONTROL).await.unwrap().unwrap();
-            if let ToClient::Accepted { round } = decode(&b, MAX_CONTROL, "m").unwrap() {
-                return round;
-            }
-        }
-    })
-    .await
-    .expect("acknowledged once stored");
-    assert_eq!(accepted, plan.round);
+    let accepted = accepted_within(&mut recv, Duration::from_secs(10)).await;
+    assert_eq!(accepted, Some(plan.round), "acknowledged once stored");
     let summary = f.finish().await;
     assert_eq!(summary.rounds, 1);
     assert_eq!(digest(&summary.global), digest(&payload));
