@@ -86,27 +86,24 @@ impl Disk {
     /// failing, or the volume has less free than twice the payload (its partial file and its
     /// stored copy) plus the reserve. The client is remembered, to be asked again.
     pub(crate) fn refuse(&mut self, client: PublicKey, bytes: u64) -> Option<String> {
-        let why =
-            if let Some(f) = &self.failing {
-                Some(format!(
-                    "the coordinator cannot write to its disk ({}: {})",
-                    f.what, f.error
-                ))
-            } else {
+        let why = match &self.failing {
+            Some(f) => format!(
+                "the coordinator cannot write to its disk ({}: {})",
+                f.what, f.error
+            ),
+            None => {
                 let need = self.need(bytes);
-                available(&self.dir).filter(|&free| free < need).map(|free| {
+                let free = available(&self.dir).filter(|&free| free < need)?;
                 format!(
                     "the coordinator's disk has {free} bytes free; an upload of {bytes} bytes \
                      needs {need} (twice its size plus the {} bytes kept for the coordinator's \
                      own writes)",
                     self.reserve
                 )
-            })
-            };
-        if why.is_some() {
-            self.no_room(client, bytes);
-        }
-        why
+            }
+        };
+        self.no_room(client, bytes);
+        Some(why)
     }
 
     /// A write (`what`) failed with `error`; true the first time (not on each retry).
