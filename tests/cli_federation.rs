@@ -479,6 +479,18 @@ batch_size = 1
         err.contains(&format!("{name}: rank must be positive")),
         "{err}"
     );
+    write(&model, 4, &format!("{a}\n{b}"));
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("rounds = 1\n", "rounds = 1\nupload_memory_mb = 0\n"),
+    )
+    .unwrap();
+    let err = coord_fails(&config);
+    assert!(
+        err.contains(&format!("{name}: upload_memory_mb must be positive")),
+        "{err}"
+    );
     // A distillation phase's settings are checked as TRL checks them.
     write(
         &model,

@@ -34,6 +34,9 @@ use super::plan::LocalFile;
 fn default_payload() -> u64 {
     256
 }
+fn default_upload_memory() -> u64 {
+    ConnectionLimits::default().upload_memory >> 20
+}
 fn default_timeout() -> u64 {
     3600
 }
@@ -120,6 +123,9 @@ struct CoordFile {
     round_timeout_s: u64,
     #[serde(default = "default_payload")]
     max_payload_mb: u64,
+    /// MiB of completed uploads held in memory at once, all connections together.
+    #[serde(default = "default_upload_memory")]
+    upload_memory_mb: u64,
     local: LocalFile,
     rule: Rule,
     #[serde(default)]
@@ -292,6 +298,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         ("rank", f.rank as u64),
         ("min_results", f.min_results as u64),
         ("rounds", f.rounds),
+        ("upload_memory_mb", f.upload_memory_mb),
     ] {
         anyhow::ensure!(v > 0, "{file}: {field} must be positive");
     }
@@ -445,6 +452,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
                 metrics: f.metrics_listen,
                 limits: ConnectionLimits {
                     handshakes,
+                    upload_memory: f.upload_memory_mb << 20,
                     ..Default::default()
                 },
             },
