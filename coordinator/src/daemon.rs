@@ -31,6 +31,7 @@ use crate::admission::{Admission, Decision, HandshakeCounts, HandshakeLimits, Pe
 use crate::disk::Disk;
 use crate::event::{Event, Refusal};
 use crate::machine::{Action, Coordinator};
+use crate::roundevent::RoundEvent;
 use crate::store::FileStore;
 use crate::upload::{Budget, remove_parts, upload};
 
@@ -305,8 +306,8 @@ pub const RESET_KEY_PURPOSE: &str = "fedtune 2026-12 QUIC stateless reset key";
 
 /// Writes a record of the daemon's own (not the machine's) to `rounds.jsonl`; a failed write
 /// is only warned about (these records are not part of the federation's state).
-fn log_own(log: &mut crate::roundlog::RoundLog, v: serde_json::Value) {
-    if let Err(e) = log.write(v, now_ms()) {
+fn log_own(log: &mut crate::roundlog::RoundLog, e: RoundEvent) {
+    if let Err(e) = log.write(&e, now_ms()) {
         tracing::warn!(error = %e, "writing rounds.jsonl");
     }
 }
@@ -314,17 +315,20 @@ fn log_own(log: &mut crate::roundlog::RoundLog, v: serde_json::Value) {
 /// Records a removed partial upload in `rounds.jsonl` (and the log).
 fn log_abandoned(
     log: &mut crate::roundlog::RoundLog,
-    client: &str,
+    client: PublicKey,
     round: u64,
     bytes: u64,
     why: &str,
 ) {
-    tracing::warn!(client, round, bytes, why, "partial upload removed");
+    tracing::warn!(%client, round, bytes, why, "partial upload removed");
     log_own(
         log,
-        serde_json::json!({
-            "event": "upload_abandoned", "round": round, "client": client, "bytes": bytes, "why": why,
-        }),
+        RoundEvent::UploadAbandoned {
+            round,
+            client,
+            bytes,
+            why: why.to_string(),
+        },
     );
 }
 
@@ -340,8 +344,8 @@ fn carry_out(
         Action::Persist { key, bytes } => store
             .put(key, bytes)
             .map_err(|e| (format!("persisting {key}"), e)),
-        Action::Log(v) => log
-            .write(v.clone(), now_ms())
+        Action::Log(e) => log
+            .write(e, now_ms())
             .map_err(|e| ("writing rounds.jsonl".to_string(), e)),
         Action::Send { to, msg } => {
             if let Some(c) = conns.get(to) {
@@ -489,7 +493,7 @@ pub async fn serve(
         if cleaned != Some(closed) {
             cleaned = Some(closed);
             for (pk, round, bytes) in remove_parts(&parts_dir, |_, r, _| r <= closed) {
-                log_abandoned(&mut log, &pk, round, bytes, "its round is closed");
+                log_abandoned(&mut log, pk, round, bytes, "its round is closed");
             }
         }
         if swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
@@ -504,7 +508,7 @@ pub async fn serve(
             for (pk, round, bytes) in remove_parts(&parts_dir, |_, _, name| idle(name)) {
                 log_abandoned(
                     &mut log,
-                    &pk,
+                    pk,
                     round,
                     bytes,
                     "nothing received for longer than an update header lives",
@@ -540,7 +544,9 @@ pub async fn serve(
                 tracing::info!(seconds = r.failed_for.as_secs_f64(), "writes succeed again");
                 log_own(
                     &mut log,
-                    serde_json::json!({"event": "storage_recovered", "failed_seconds": r.failed_for.as_secs_f64()}),
+                    RoundEvent::StorageRecovered {
+                        failed_seconds: r.failed_for.as_secs_f64(),
+                    },
                 );
             }
             // The clients refused meanwhile are asked again for their update.
@@ -590,10 +596,11 @@ pub async fn serve(
                             tracing::warn!(client = %pk, round = header.header.round, %why, "upload refused");
                             log_own(
                                 &mut log,
-                                serde_json::json!({
-                                    "event": "upload_refused", "round": header.header.round,
-                                    "client": pk.to_hex(), "why": why,
-                                }),
+                                RoundEvent::UploadRefused {
+                                    round: header.header.round,
+                                    client: pk,
+                                    why: why.clone(),
+                                },
                             );
                             Err(Refusal::NoRoom)
                         }
@@ -609,7 +616,7 @@ pub async fn serve(
                     ToCoordinator::Update { header: Box::new(header), payload },
                 ),
                 Some(Event::Abandoned { pk, round, bytes, why }) => {
-                    log_abandoned(&mut log, &pk.to_hex(), round, bytes, &why);
+                    log_abandoned(&mut log, pk, round, bytes, &why);
                 }
                 Some(Event::NoRoom { pk, bytes }) => disk.no_room(pk, bytes),
                 Some(Event::Gone { pk, id }) => {

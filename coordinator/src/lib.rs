@@ -14,9 +14,11 @@ mod disk;
 mod event;
 pub mod machine;
 pub mod metrics;
+pub mod roundevent;
 pub mod roundlog;
 pub mod store;
 mod upload;
 
 pub use config::Stage;
 pub use machine::{Action, CoordConfig, Coordinator, CoordinatorError};
+pub use roundevent::{ClientFailure, RoundClosed, RoundEvent};

@@ -24,6 +24,7 @@ use fedtune_protocol::{
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::CoordConfig;
+use crate::roundevent::{ClientFailure, RoundClosed, RoundEvent};
 
 mod recover;
 mod status;
@@ -68,8 +69,8 @@ pub enum Action {
         /// Value.
         bytes: Vec<u8>,
     },
-    /// Append a line to the round log.
-    Log(serde_json::Value),
+    /// Append a record to the round log.
+    Log(RoundEvent),
     /// The federation finished.
     Finished,
 }
@@ -111,7 +112,8 @@ pub struct Coordinator {
     d: Durable,
     /// Accepted updates of the open round.
     results: BTreeMap<PublicKey, ClientResult>,
-    failures: Vec<Failure>,
+    /// Sampled clients of the open round that declined or failed, and why.
+    failures: BTreeMap<PublicKey, String>,
     connected: BTreeSet<PublicKey>,
     actions: VecDeque<Action>,
     nonce: u64,
@@ -155,7 +157,7 @@ impl Coordinator {
             strategy,
             d,
             results: BTreeMap::new(),
-            failures: Vec::new(),
+            failures: BTreeMap::new(),
             connected: BTreeSet::new(),
             actions: VecDeque::new(),
             nonce: 0,
@@ -261,8 +263,8 @@ impl Coordinator {
         });
     }
 
-    fn log(&mut self, v: serde_json::Value) {
-        self.actions.push_back(Action::Log(v));
+    fn log(&mut self, e: RoundEvent) {
+        self.actions.push_back(Action::Log(e));
     }
 
     /// A client connected (its key authenticated by the transport) and said hello.
@@ -365,11 +367,12 @@ impl Coordinator {
                 .filter(|c| !self.results.contains_key(c))
                 .copied()
                 .collect();
-            self.log(serde_json::json!({
-                "event": "round_retry", "round": round,
-                "results": self.results.len(), "needed": self.cfg.min_results,
-                "missing": missing.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-            }));
+            self.log(RoundEvent::RoundRetry {
+                round,
+                results: self.results.len(),
+                needed: self.cfg.min_results,
+                missing,
+            });
             // Keep accepted updates; sample again with a new deadline.
             self.open_round(now_ms, round);
         }
@@ -377,20 +380,21 @@ impl Coordinator {
 
     /// Whether every sampled client of the open round has sent an update or declined.
     fn all_answered(&self) -> bool {
-        let failed: BTreeSet<&str> = self.failures.iter().map(|f| f.client.as_str()).collect();
         self.d.open.as_ref().is_some_and(|o| {
             o.sampled
                 .iter()
-                .all(|c| self.results.contains_key(c) || failed.contains(c.to_hex().as_str()))
+                .all(|c| self.results.contains_key(c) || self.failures.contains_key(c))
         })
     }
 
     fn open_round(&mut self, now_ms: u64, round: u64) {
         let available: Vec<String> = self.connected.iter().map(|c| c.to_hex()).collect();
-        let by_hex: BTreeMap<String, PublicKey> =
-            self.connected.iter().map(|c| (c.to_hex(), *c)).collect();
         let fit = self.strategy.configure_fit(round, &available);
-        let mut sampled: BTreeSet<PublicKey> = fit.iter().map(|f| by_hex[&f.client]).collect();
+        // The strategy samples among the ids it was given: every one is a key's hex.
+        let mut sampled: BTreeSet<PublicKey> = fit
+            .iter()
+            .filter_map(|f| PublicKey::from_hex(&f.client).ok())
+            .collect();
         // Clients whose update is already accepted stay in the round.
         sampled.extend(self.results.keys().copied());
         let deadline_ms = now_ms.saturating_add(self.cfg.round_timeout_ms);
@@ -401,11 +405,11 @@ impl Coordinator {
             opened_ms: now_ms,
         });
         self.persist_state();
-        self.log(serde_json::json!({
-            "event": "round_open", "round": round,
-            "sampled": sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
-            "deadline_ms": deadline_ms,
-        }));
+        self.log(RoundEvent::RoundOpen {
+            round,
+            sampled: sampled.iter().copied().collect(),
+            deadline_ms,
+        });
         for c in sampled {
             if !self.results.contains_key(&c) {
                 let msg = self.plan_msg(round, deadline_ms);
@@ -439,10 +443,12 @@ impl Coordinator {
             .entry(why.label().to_string())
             .or_insert(0) += 1;
         tracing::warn!(client = %client, reason = %why, "update rejected");
-        self.log(serde_json::json!({
-            "event": "rejected", "round": round, "client": client.to_hex(),
-            "reason": why.label(), "detail": why.to_string(),
-        }));
+        self.log(RoundEvent::Rejected {
+            round,
+            client,
+            reason: why.label().to_string(),
+            detail: why.to_string(),
+        });
         if let Some(round) = round {
             self.actions.push_back(Action::Send {
                 to: client,
@@ -470,17 +476,19 @@ impl Coordinator {
                     .open
                     .as_ref()
                     .is_some_and(|o| o.round == round && o.sampled.contains(&from));
-                let answered = self.results.contains_key(&from)
-                    || self.failures.iter().any(|f| f.client == from.to_hex());
+                let answered =
+                    self.results.contains_key(&from) || self.failures.contains_key(&from);
                 if sampled && !answered {
-                    self.failures.push(Failure {
-                        client: from.to_hex(),
-                        reason: format!("declined ({}): {}", reason.label(), reason.detail()),
+                    self.failures.insert(
+                        from,
+                        format!("declined ({}): {}", reason.label(), reason.detail()),
+                    );
+                    self.log(RoundEvent::Declined {
+                        round,
+                        client: from,
+                        reason: reason.label().to_string(),
+                        detail: reason.detail().to_string(),
                     });
-                    self.log(serde_json::json!({
-                        "event": "declined", "round": round, "client": from.to_hex(),
-                        "reason": reason.label(), "detail": reason.detail(),
-                    }));
                     // A decline counts at once: the round need not wait for its deadline.
                     if self.all_answered() {
                         self.settle(now_ms);
@@ -521,12 +529,13 @@ impl Coordinator {
                     to: from,
                     msg: ToClient::Accepted { round },
                 });
-                self.log(serde_json::json!({
-                    "event": "accepted", "round": round, "client": from.to_hex(),
-                    "num_examples": header.header.num_examples,
-                    "bytes": header.header.payload_len,
-                    "metrics": header.header.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
-                }));
+                self.log(RoundEvent::Accepted {
+                    round,
+                    client: from,
+                    num_examples: header.header.num_examples,
+                    bytes: header.header.payload_len,
+                    metrics: header.header.metrics.iter().cloned().collect(),
+                });
                 if self.all_answered() {
                     self.settle(now_ms);
                 }
@@ -611,21 +620,26 @@ impl Coordinator {
             return;
         };
         let results: Vec<ClientResult> = self.results.values().cloned().collect();
-        let mut failures = std::mem::take(&mut self.failures);
+        let mut failed = std::mem::take(&mut self.failures);
         for c in &open.sampled {
-            if !self.results.contains_key(c) && !failures.iter().any(|f| f.client == c.to_hex()) {
-                failures.push(Failure {
-                    client: c.to_hex(),
-                    reason: "no update before the deadline".into(),
-                });
+            if !self.results.contains_key(c) && !failed.contains_key(c) {
+                failed.insert(*c, "no update before the deadline".into());
             }
         }
+        let failures: Vec<Failure> = failed
+            .into_iter()
+            .map(|(c, reason)| Failure {
+                client: c.to_hex(),
+                reason,
+            })
+            .collect();
         let outcome = match self.strategy.aggregate_fit(open.round, &results, &failures) {
             Ok(o) => o,
             Err(e) => {
-                self.log(serde_json::json!({
-                    "event": "aggregation_failed", "round": open.round, "error": e.to_string(),
-                }));
+                self.log(RoundEvent::AggregationFailed {
+                    round: open.round,
+                    error: e.to_string(),
+                });
                 self.results.clear();
                 self.open_round(now_ms, open.round);
                 return;
@@ -633,7 +647,7 @@ impl Coordinator {
         };
         let parent = self.d.global_header.header.payload_digest;
         let mut metrics = BTreeMap::new();
-        let mut report = serde_json::Value::Null;
+        let mut report = None;
         if let Some(g) = &outcome.global {
             self.d.global_payload = peft::encode(&self.strategy.state.global);
             self.nonce += 1;
@@ -647,7 +661,7 @@ impl Coordinator {
                 self.nonce,
             );
             metrics = g.metrics.clone();
-            report = serde_json::to_value(&g.report).unwrap_or_default();
+            report = Some(g.report.clone());
         }
         self.d.completed = open.round;
         self.d.open = None;
@@ -655,19 +669,33 @@ impl Coordinator {
         self.d.finished = self.d.completed >= self.cfg.total_rounds();
         self.persist_global(open.round);
         self.persist_state();
-        self.log(serde_json::json!({
-            "event": "round_closed", "round": open.round,
-            "phase": self.cfg.stage_of(open.round).0,
-            "sampled": open.sampled.iter().map(|c| c.to_hex()).collect::<Vec<_>>(),
+        // The aggregation's ids are the hex of the keys it was given.
+        let key = |id: &String| PublicKey::from_hex(id).ok();
+        self.log(RoundEvent::RoundClosed(Box::new(RoundClosed {
+            round: open.round,
+            phase: self.cfg.stage_of(open.round).0,
+            sampled: open.sampled.iter().copied().collect(),
             // What the aggregate is made of (an update that failed validation is not).
-            "used": outcome.global.as_ref().map(|g| g.report.used.clone()).unwrap_or_default(),
-            "failures": outcome.failures,
-            "metrics": metrics,
-            "report": report,
-            "seconds": (now_ms.saturating_sub(open.opened_ms)) as f64 / 1000.0,
-            "global_digest": hex_digest(&self.d.global_header.header.payload_digest),
-            "rejections": self.d.rejections,
-        }));
+            used: report
+                .as_ref()
+                .map(|r| r.used.iter().filter_map(key).collect())
+                .unwrap_or_default(),
+            failures: outcome
+                .failures
+                .iter()
+                .filter_map(|f| {
+                    key(&f.client).map(|client| ClientFailure {
+                        client,
+                        reason: f.reason.clone(),
+                    })
+                })
+                .collect(),
+            metrics,
+            report,
+            seconds: (now_ms.saturating_sub(open.opened_ms)) as f64 / 1000.0,
+            global_digest: hex::encode(self.d.global_header.header.payload_digest),
+            rejections: self.d.rejections.clone(),
+        })));
         if self.d.finished {
             let global_digest = self.d.global_header.header.payload_digest;
             for c in self.connected.clone() {
@@ -681,10 +709,6 @@ impl Coordinator {
             self.handle_tick(now_ms);
         }
     }
-}
-
-fn hex_digest(d: &Digest) -> String {
-    hex::encode(d)
 }
 
 /// `digest` re-exported for drivers that name files by content.

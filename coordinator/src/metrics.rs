@@ -19,13 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use fedtune_protocol::PublicKey;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use serde_json::Value;
+
+use crate::roundevent::RoundEvent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Labels = Vec<(String, String)>;
@@ -103,56 +105,41 @@ impl Default for Metrics {
     }
 }
 
-fn label(k: &str, v: &Value) -> Labels {
-    vec![(k.to_string(), v.as_str().unwrap_or("").to_string())]
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
 }
 
 impl Metrics {
-    /// Counts a round-log record (annotated with client names).
-    pub fn record(&self, v: &Value) {
-        let client = || {
-            let name = if v["client_name"].is_string() {
-                &v["client_name"]
-            } else {
-                &v["client"]
-            };
-            label("client", name)
-        };
-        match v["event"].as_str().unwrap_or("") {
-            "round_open" => {
-                self.round_open.set(v["round"].as_i64().unwrap_or(0));
+    /// Counts a round-log record, clients by `name`.
+    pub fn record(&self, e: &RoundEvent, name: &dyn Fn(&PublicKey) -> String) {
+        let client = |c: &PublicKey| label("client", &name(c));
+        match e {
+            RoundEvent::RoundOpen { round, .. } => {
+                self.round_open.set(*round as i64);
             }
-            "accepted" => {
-                self.accepted.get_or_create(&client()).inc();
-                if let Some(b) = v["bytes"].as_u64() {
-                    self.bytes.get_or_create(&client()).inc_by(b);
-                }
+            RoundEvent::Accepted {
+                client: c, bytes, ..
+            } => {
+                self.accepted.get_or_create(&client(c)).inc();
+                self.bytes.get_or_create(&client(c)).inc_by(*bytes);
             }
-            "rejected" => {
-                self.rejected
-                    .get_or_create(&label("reason", &v["reason"]))
-                    .inc();
+            RoundEvent::Rejected { reason, .. } => {
+                self.rejected.get_or_create(&label("reason", reason)).inc();
             }
-            "declined" => {
-                self.declined.get_or_create(&client()).inc();
+            RoundEvent::Declined { client: c, .. } => {
+                self.declined.get_or_create(&client(c)).inc();
             }
-            "upload_abandoned" => {
-                self.abandoned.get_or_create(&client()).inc();
+            RoundEvent::UploadAbandoned { client: c, .. } => {
+                self.abandoned.get_or_create(&client(c)).inc();
             }
-            "round_closed" => {
+            RoundEvent::RoundClosed(c) => {
                 self.rounds_completed.inc();
                 self.round_open.set(0);
-                if let Some(s) = v["seconds"].as_f64() {
-                    self.round_seconds.observe(s);
-                }
-                if let Some(m) = v["metrics"].as_object() {
-                    for (k, x) in m {
-                        if let Some(x) = x.as_f64() {
-                            self.round_metric
-                                .get_or_create(&vec![("name".to_string(), k.clone())])
-                                .set(x);
-                        }
-                    }
+                self.round_seconds.observe(c.seconds);
+                for (k, x) in &c.metrics {
+                    self.round_metric
+                        .get_or_create(&vec![("name".to_string(), k.clone())])
+                        .set(*x);
                 }
             }
             _ => {}
@@ -231,15 +218,49 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::roundevent::RoundClosed;
+    use std::collections::BTreeMap;
 
     #[test]
     fn round_log_records_become_metrics() {
         let m = Metrics::default();
-        m.record(&json!({"event": "round_open", "round": 3}));
-        m.record(&json!({"event": "accepted", "round": 3, "client": "ab", "client_name": "hospital", "bytes": 1000}));
-        m.record(&json!({"event": "rejected", "round": 3, "reason": "stale_round"}));
-        m.record(&json!({"event": "round_closed", "round": 3, "seconds": 12.5, "metrics": {"train_loss": 0.75}}));
+        let a = fedtune_protocol::Identity::from_seed([1; 32]).public();
+        let name = |_: &PublicKey| "hospital".to_string();
+        let events = [
+            RoundEvent::RoundOpen {
+                round: 3,
+                sampled: vec![a],
+                deadline_ms: 0,
+            },
+            RoundEvent::Accepted {
+                round: 3,
+                client: a,
+                num_examples: 4,
+                bytes: 1000,
+                metrics: BTreeMap::new(),
+            },
+            RoundEvent::Rejected {
+                round: Some(3),
+                client: a,
+                reason: "stale_round".into(),
+                detail: String::new(),
+            },
+            RoundEvent::RoundClosed(Box::new(RoundClosed {
+                round: 3,
+                phase: fedtune_protocol::Phase::Sft,
+                sampled: vec![a],
+                used: vec![a],
+                failures: vec![],
+                metrics: BTreeMap::from([("train_loss".to_string(), 0.75)]),
+                report: None,
+                seconds: 12.5,
+                global_digest: String::new(),
+                rejections: BTreeMap::new(),
+            })),
+        ];
+        for e in &events {
+            m.record(e, &name);
+        }
         m.set_connected(1);
         let t = m.text();
         for line in [

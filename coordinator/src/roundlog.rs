@@ -9,6 +9,8 @@ use std::io::Write;
 use fedtune_protocol::PublicKey;
 use serde_json::{Value, json};
 
+use crate::roundevent::RoundEvent;
+
 /// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc(ms: u64) -> String {
     let secs = ms / 1000;
@@ -62,19 +64,26 @@ impl RoundLog {
         self
     }
 
+    /// A client's configured name, or its key's hex for a client not configured.
+    pub fn name_of(&self, k: &PublicKey) -> String {
+        let hex = k.to_hex();
+        self.names.get(&hex).cloned().unwrap_or(hex)
+    }
+
     fn name(&self, hex: &Value) -> Value {
         hex.as_str()
             .map(|h| json!(self.names.get(h).cloned().unwrap_or_else(|| h.to_string())))
             .unwrap_or(Value::Null)
     }
 
-    /// `v` with its time and client names added.
-    pub fn annotate(&self, mut v: Value, now_ms: u64) -> Value {
+    /// The JSON line of `e`: its record with the time and the client names added.
+    pub fn annotate(&self, e: &RoundEvent, now_ms: u64) -> Value {
+        let mut v = e.to_json();
         let Some(o) = v.as_object_mut() else {
             return v;
         };
-        o.entry("time_ms").or_insert(json!(now_ms));
-        o.entry("time").or_insert(json!(utc(now_ms)));
+        o.insert("time_ms".into(), json!(now_ms));
+        o.insert("time".into(), json!(utc(now_ms)));
         if let Some(c) = o.get("client").cloned() {
             o.insert("client_name".into(), self.name(&c));
         }
@@ -87,9 +96,9 @@ impl RoundLog {
         v
     }
 
-    /// Writes `v` (annotated) as one JSON line, and to the console.
-    pub fn write(&mut self, v: Value, now_ms: u64) -> std::io::Result<()> {
-        let v = self.annotate(v, now_ms);
+    /// Writes `e` (annotated) as one JSON line, and to the console.
+    pub fn write(&mut self, e: &RoundEvent, now_ms: u64) -> std::io::Result<()> {
+        let v = self.annotate(e, now_ms);
         // One write of the whole line; a write cut short (a full disk) is cut back off, so
         // that the log never holds half a record and the record can be written again whole.
         let line = format!("{v}\n");
@@ -98,83 +107,85 @@ impl RoundLog {
             let _ = self.file.set_len(len);
             return Err(e);
         }
+        let name = |k: &PublicKey| self.name_of(k);
         if let Some(m) = &self.metrics {
-            m.record(&v);
+            m.record(e, &name);
         }
         if self.console {
-            println!("{} {}", v["time"].as_str().unwrap_or(""), describe(&v));
+            println!("{} {}", utc(now_ms), describe(e, &name));
         }
         Ok(())
     }
 }
 
-/// One line about a record: its event, round and what it says, clients by name.
-pub fn describe(v: &Value) -> String {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-    let list = |k: &str| {
-        v[k].as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
-    let round = &v["round"];
-    match v["event"].as_str().unwrap_or("") {
-        "round_open" => format!("round {round} open: sampled {}", list("sampled_names")),
-        "accepted" => format!("round {round}: update of {} accepted", s("client_name")),
-        "rejected" => format!(
-            "round {round}: update of {} rejected: {}",
-            s("client_name"),
-            s("reason")
-        ),
-        "declined" => format!(
-            "round {round}: {} declined ({}): {}",
-            s("client_name"),
-            s("reason"),
-            s("detail")
-        ),
-        "round_closed" => format!(
-            "round {round} closed after {:.1} s: aggregated {}",
-            v["seconds"].as_f64().unwrap_or(f64::NAN),
-            list("used_names")
-        ),
-        "round_retry" => format!("round {round} sampled again: too few updates by the deadline"),
-        "upload_refused" => format!(
-            "round {round}: upload of {} refused for now ({})",
-            s("client_name"),
-            s("why")
-        ),
-        "storage_recovered" => format!(
-            "writes succeed again after {:.1} s of failing",
-            v["failed_seconds"].as_f64().unwrap_or(f64::NAN)
-        ),
-        "upload_abandoned" => format!(
-            "round {round}: partial upload of {} removed ({})",
-            s("client_name"),
-            s("why")
-        ),
-        other => format!(
-            "{other} {}",
-            Value::Object(
-                v.as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter(|(k, _)| !matches!(k.as_str(), "event" | "time" | "time_ms"))
-                            .map(|(k, x)| (k.clone(), x.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default()
+/// One line about a record: its event, round and what it says, clients by `name`.
+pub fn describe(e: &RoundEvent, name: &dyn Fn(&PublicKey) -> String) -> String {
+    let names = |l: &[PublicKey]| l.iter().map(name).collect::<Vec<_>>().join(", ");
+    match e {
+        RoundEvent::RoundOpen { round, sampled, .. } => {
+            format!("round {round} open: sampled {}", names(sampled))
+        }
+        RoundEvent::Accepted { round, client, .. } => {
+            format!("round {round}: update of {} accepted", name(client))
+        }
+        RoundEvent::Rejected {
+            round,
+            client,
+            reason,
+            ..
+        } => {
+            let round = round.map_or("-".to_string(), |r| r.to_string());
+            format!(
+                "round {round}: update of {} rejected: {reason}",
+                name(client)
             )
+        }
+        RoundEvent::Declined {
+            round,
+            client,
+            reason,
+            detail,
+        } => format!(
+            "round {round}: {} declined ({reason}): {detail}",
+            name(client)
         ),
+        RoundEvent::RoundClosed(c) => format!(
+            "round {} closed after {:.1} s: aggregated {}",
+            c.round,
+            c.seconds,
+            names(&c.used)
+        ),
+        RoundEvent::RoundRetry { round, .. } => {
+            format!("round {round} sampled again: too few updates by the deadline")
+        }
+        RoundEvent::UploadRefused { round, client, why } => {
+            format!(
+                "round {round}: upload of {} refused for now ({why})",
+                name(client)
+            )
+        }
+        RoundEvent::StorageRecovered { failed_seconds } => {
+            format!("writes succeed again after {failed_seconds:.1} s of failing")
+        }
+        RoundEvent::UploadAbandoned {
+            round, client, why, ..
+        } => format!(
+            "round {round}: partial upload of {} removed ({why})",
+            name(client)
+        ),
+        RoundEvent::AggregationFailed { round, error } => {
+            format!("round {round}: aggregation failed: {error}")
+        }
+        RoundEvent::StoredUpdateInvalid { round, key, reason } => {
+            format!("round {round}: stored update {key} dropped: {reason}")
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::roundevent::RoundClosed;
 
     #[test]
     fn utc_dates_and_named_records() {
@@ -186,23 +197,44 @@ mod tests {
         let clients = BTreeMap::from([("hospital".to_string(), a)]);
         let file = tempfile_in_target();
         let log = RoundLog::new(file, &clients, false);
-        let v = log.annotate(
-            json!({"event": "round_closed", "round": 2, "seconds": 1.5,
-                   "sampled": [a.to_hex(), b.to_hex()], "used": [a.to_hex()]}),
-            1_796_529_078_123,
-        );
+        let closed = RoundEvent::RoundClosed(Box::new(RoundClosed {
+            round: 2,
+            phase: fedtune_protocol::Phase::Sft,
+            sampled: vec![a, b],
+            used: vec![a],
+            failures: vec![],
+            metrics: BTreeMap::new(),
+            report: None,
+            seconds: 1.5,
+            global_digest: "00".into(),
+            rejections: BTreeMap::new(),
+        }));
+        let v = log.annotate(&closed, 1_796_529_078_123);
+        assert_eq!(v["event"], "round_closed");
+        assert_eq!(v["sampled"], json!([a.to_hex(), b.to_hex()]));
         assert_eq!(v["sampled_names"], json!(["hospital", b.to_hex()]));
         assert_eq!(v["used_names"], json!(["hospital"]));
+        assert_eq!(v["report"], Value::Null);
         assert_eq!(v["time"], "2026-12-06T03:51:18Z");
+        // The annotated line reads back as the event it was made of.
+        let back: RoundEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, closed);
+        let name = |k: &PublicKey| log.name_of(k);
         assert_eq!(
-            describe(&v),
+            describe(&closed, &name),
             "round 2 closed after 1.5 s: aggregated hospital"
         );
-        let v = log.annotate(
-            json!({"event": "accepted", "round": 2, "client": a.to_hex()}),
-            0,
+        let accepted = RoundEvent::Accepted {
+            round: 2,
+            client: a,
+            num_examples: 3,
+            bytes: 10,
+            metrics: BTreeMap::new(),
+        };
+        assert_eq!(
+            describe(&accepted, &name),
+            "round 2: update of hospital accepted"
         );
-        assert_eq!(describe(&v), "round 2: update of hospital accepted");
     }
 
     #[test]
@@ -211,12 +243,15 @@ mod tests {
             return;
         };
         let mut log = RoundLog::new(full, &BTreeMap::new(), false);
-        let e = log.write(json!({"event": "x"}), 0).unwrap_err();
+        let rec = RoundEvent::StorageRecovered {
+            failed_seconds: 1.0,
+        };
+        let e = log.write(&rec, 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(28), "{e}");
         // A real file: written whole.
         let p = std::env::temp_dir().join(format!("fedtune-roundlog-w-{}", std::process::id()));
         let mut log = RoundLog::new(std::fs::File::create(&p).unwrap(), &BTreeMap::new(), false);
-        log.write(json!({"event": "x"}), 0).unwrap();
+        log.write(&rec, 0).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
         let _ = std::fs::remove_file(p);

@@ -20,20 +20,23 @@ fn part_name(pk: &PublicKey, round: u64, digest: &[u8; 32]) -> String {
     format!("{}-{round}-{}.part", pk.to_hex(), hex::encode(digest))
 }
 
-/// `(signer hex, round)` of a partial upload's file name.
-fn parse_part(name: &str) -> Option<(&str, u64)> {
+/// `(signer, round)` of a partial upload's file name.
+fn parse_part(name: &str) -> Option<(PublicKey, u64)> {
     let stem = name.strip_suffix(".part")?;
     let mut it = stem.split('-');
-    let (pk, round) = (it.next()?, it.next()?.parse().ok()?);
+    let (pk, round) = (
+        PublicKey::from_hex(it.next()?).ok()?,
+        it.next()?.parse().ok()?,
+    );
     Some((pk, round))
 }
 
-/// Removes the partial uploads under `dir` that `stale(signer hex, round, name)` selects;
-/// returns `(signer hex, round, bytes)` of each.
+/// Removes the partial uploads under `dir` that `stale(signer, round, name)` selects;
+/// returns `(signer, round, bytes)` of each.
 pub(crate) fn remove_parts(
     dir: &std::path::Path,
-    stale: impl Fn(&str, u64, &str) -> bool,
-) -> Vec<(String, u64, u64)> {
+    stale: impl Fn(&PublicKey, u64, &str) -> bool,
+) -> Vec<(PublicKey, u64, u64)> {
     let mut removed = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return removed;
@@ -41,11 +44,11 @@ pub(crate) fn remove_parts(
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some((pk, round)) = parse_part(&name)
-            && stale(pk, round, &name)
+            && stale(&pk, round, &name)
         {
             let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
             if std::fs::remove_file(e.path()).is_ok() {
-                removed.push((pk.to_string(), round, bytes));
+                removed.push((pk, round, bytes));
             }
         }
     }
@@ -113,8 +116,7 @@ pub(crate) async fn upload(
     let round = header.header.round;
     let name = part_name(&pk, round, &header.header.payload_digest);
     let path = dir.join(&name);
-    let me = pk.to_hex();
-    for (_, r, bytes) in remove_parts(&dir, |p, r, n| p == me && r == round && n != name) {
+    for (_, r, bytes) in remove_parts(&dir, |p, r, n| *p == pk && r == round && n != name) {
         let _ = events
             .send(Event::Abandoned {
                 pk,
@@ -307,7 +309,7 @@ mod tests {
     fn part_file_names_round_trip() {
         let pk = PublicKey([7; 32]);
         let name = part_name(&pk, 12, &[0xab; 32]);
-        assert_eq!(parse_part(&name), Some((pk.to_hex().as_str(), 12)));
+        assert_eq!(parse_part(&name), Some((pk, 12)));
         assert_eq!(parse_part("x.part"), None);
         assert_eq!(parse_part("state"), None);
     }

@@ -69,7 +69,7 @@ fn drain(
             Action::Persist { key, bytes } => {
                 store.insert(key, bytes);
             }
-            Action::Log(v) => logs.push(v),
+            Action::Log(e) => logs.push(e.to_json()),
             Action::Send {
                 msg: ToClient::Plan { plan, .. },
                 ..

@@ -9,9 +9,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ProtocolError, Result};
 
-/// An ed25519 public key: the identity of a client or coordinator on the wire.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// An ed25519 public key: the identity of a client or coordinator on the wire. Serialised as
+/// its 32 bytes in binary formats (postcard, the wire) and as lower-case hex in text ones
+/// (JSON: the round log, status reports).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PublicKey(pub [u8; 32]);
+
+/// The binary form of [`PublicKey`] (what its derived serialisation was).
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "PublicKey")]
+struct WireKey([u8; 32]);
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            WireKey(self.0).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            PublicKey::from_hex(&s).map_err(serde::de::Error::custom)
+        } else {
+            Ok(PublicKey(WireKey::deserialize(d)?.0))
+        }
+    }
+}
 
 impl PublicKey {
     /// Lower-case hex, the form used in configs, logs and as the aggregation client id.
@@ -129,6 +157,19 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_its_bytes_on_the_wire_and_hex_in_json() {
+        let k = Identity::from_seed([7; 32]).public();
+        // The wire form is what the derived serialisation of `PublicKey([u8; 32])` was.
+        assert_eq!(postcard::to_stdvec(&k).unwrap(), k.0.to_vec());
+        assert_eq!(postcard::from_bytes::<PublicKey>(&k.0).unwrap(), k);
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(json, format!("\"{}\"", k.to_hex()));
+        assert_eq!(serde_json::from_str::<PublicKey>(&json).unwrap(), k);
+        let bad = serde_json::from_str::<PublicKey>("\"abc\"").unwrap_err();
+        assert!(bad.to_string().contains("public key"), "{bad}");
+    }
 
     #[test]
     fn a_missing_key_file_is_named_as_unreadable_and_a_bad_one_as_malformed() {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use fedtune_client::trainer::{Base, LocalData, TrainOutcome, train_round};
 use fedtune_client::{Client, ClientAction, TrainJob};
-use fedtune_coordinator::{Action, CoordConfig, Coordinator};
+use fedtune_coordinator::{Action, CoordConfig, Coordinator, RoundEvent};
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::{Identity, PublicKey, ToClient, ToCoordinator};
 
@@ -84,7 +84,7 @@ pub struct Federation<'a> {
     /// What the coordinator persisted.
     pub store: BTreeMap<String, Vec<u8>>,
     /// The coordinator's round log.
-    pub log: Vec<serde_json::Value>,
+    pub log: Vec<RoundEvent>,
     /// Simulated time (ms since the Unix epoch).
     pub now_ms: u64,
     /// Fault injection: rewrites what client `i` sends at time `now` (Byzantine clients,
@@ -486,7 +486,7 @@ impl<'a> Federation<'a> {
     pub fn run_until(
         &mut self,
         max_passes: usize,
-        mut stop: impl FnMut(&[serde_json::Value]) -> bool,
+        mut stop: impl FnMut(&[RoundEvent]) -> bool,
     ) -> Result<bool, SimError> {
         for _ in 0..max_passes {
             if self.coordinator.is_finished() {
@@ -505,7 +505,7 @@ impl<'a> Federation<'a> {
     /// from what it persisted; every client reconnects.
     pub fn crash_and_restart(&mut self, cfg: CoordConfig, id: Identity) -> Result<(), SimError> {
         self.coordinator = Coordinator::recover(cfg, id, &self.store)?;
-        self.log
+        self.events
             .push(serde_json::json!({"event": "coordinator_restart"}));
         for c in self.clients.iter_mut() {
             c.connected = false;

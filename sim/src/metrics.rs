@@ -1,11 +1,11 @@
 //! Evaluation of global adapters into `metrics.jsonl` records, and the output directory.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fedtune_aggregation::update::Adapter;
 use fedtune_client::trainer::LocalData;
+use fedtune_coordinator::{RoundClosed, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
 use fedtune_protocol::PublicKey;
@@ -209,54 +209,51 @@ pub(crate) fn generations_before_after(
 pub(crate) fn round_metrics(
     names: &[String],
     keys: &[PublicKey],
-    closed: &serde_json::Value,
-    log: &[serde_json::Value],
+    closed: &RoundClosed,
+    log: &[RoundEvent],
     events: &[serde_json::Value],
     per: &[f64],
     mean: f64,
     coordinator_s: f64,
     train_s: &[f64],
 ) -> serde_json::Value {
-    let round = closed["round"].as_u64().unwrap_or(0);
-    let index: BTreeMap<String, usize> = keys
-        .iter()
-        .enumerate()
-        .map(|(k, pk)| (pk.to_hex(), k))
-        .collect();
-    let name_of = |hex: &serde_json::Value| {
-        hex.as_str()
-            .and_then(|h| index.get(h))
-            .map(|&k| names[k].clone())
-            .unwrap_or_else(|| hex.to_string())
+    let round = closed.round;
+    let name_of = |c: &PublicKey| {
+        keys.iter()
+            .position(|k| k == c)
+            .map(|k| names[k].clone())
+            .unwrap_or_else(|| c.to_hex())
     };
-    let used: Vec<String> = closed["used"]
-        .as_array()
-        .map(|a| a.iter().map(&name_of).collect())
-        .unwrap_or_default();
+    let used: Vec<String> = closed.used.iter().map(name_of).collect();
     let mut clients = Vec::new();
     for (k, name) in names.iter().enumerate() {
-        let hex = keys[k].to_hex();
         let mut c = serde_json::json!({"name": name, "global_eval_loss": per[k]});
         if let Some(t) = train_s.get(k).filter(|t| **t > 0.0) {
             c["train_wall_s"] = (*t).into();
         }
-        for e in log.iter().filter(|e| e["client"] == hex.as_str()) {
-            match e["event"].as_str() {
-                Some("accepted") if e["round"] == round => {
+        for e in log.iter().filter(|e| e.client() == Some(keys[k])) {
+            match e {
+                RoundEvent::Accepted {
+                    round: r,
+                    num_examples,
+                    bytes,
+                    metrics,
+                    ..
+                } if *r == round => {
                     c["status"] = "accepted".into();
-                    c["num_examples"] = e["num_examples"].clone();
-                    c["upload_bytes"] = e["bytes"].clone();
-                    for (m, v) in e["metrics"].as_object().into_iter().flatten() {
-                        c[m] = v.clone();
+                    c["num_examples"] = (*num_examples).into();
+                    c["upload_bytes"] = (*bytes).into();
+                    for (m, v) in metrics {
+                        c[m] = (*v).into();
                     }
                 }
-                Some("rejected") => {
+                RoundEvent::Rejected { detail, .. } => {
                     c["status"] = "rejected".into();
-                    c["reason"] = e["detail"].clone();
+                    c["reason"] = detail.clone().into();
                 }
-                Some("declined") => {
+                RoundEvent::Declined { detail, .. } => {
                     c["status"] = "declined".into();
-                    c["reason"] = e["detail"].clone();
+                    c["reason"] = detail.clone().into();
                 }
                 _ => {}
             }
@@ -273,17 +270,17 @@ pub(crate) fn round_metrics(
     }
     serde_json::json!({
         "round": round,
-        "phase": closed["phase"],
+        "phase": closed.phase,
         "global_eval_loss": mean,
         "used": used,
-        "failures": closed["failures"].as_array().map(|a| a.iter().map(|f| serde_json::json!({
-            "client": name_of(&f["client"]), "reason": f["reason"],
-        })).collect::<Vec<_>>()),
-        "metrics": closed["metrics"],
-        "dp_epsilon": closed["report"]["epsilon"],
-        "sim_seconds": closed["seconds"],
+        "failures": closed.failures.iter().map(|f| serde_json::json!({
+            "client": name_of(&f.client), "reason": f.reason,
+        })).collect::<Vec<_>>(),
+        "metrics": closed.metrics,
+        "dp_epsilon": closed.report.as_ref().and_then(|r| r.epsilon),
+        "sim_seconds": closed.seconds,
         "coordinator_seconds": coordinator_s,
-        "rejections": closed["rejections"],
+        "rejections": closed.rejections,
         "clients": clients,
     })
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use fedtune_client::Client;
 use fedtune_client::daemon::{ClientOptions, run as run_client};
 use fedtune_client::trainer::LocalData;
-use fedtune_coordinator::Coordinator;
 use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::roundevent::parse_log;
+use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
 use fedtune_protocol::tls::{self, CertPair};
@@ -159,14 +160,15 @@ pub fn run_quic(
     // Per-round evaluation of the stored global adapters.
     let log_text = std::fs::read_to_string(data_dir.join("rounds.jsonl"))
         .map_err(|e| err("rounds.jsonl")(&e))?;
-    let log: Vec<serde_json::Value> = log_text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let log = parse_log(&log_text).map_err(|e| SimError::Io(format!("rounds.jsonl: {e}")))?;
     let lora = p.coord.lora.clone();
     let mut global = None;
-    for closed in log.iter().filter(|e| e["event"] == "round_closed") {
-        let round = closed["round"].as_u64().unwrap_or(0);
+    let closed_rounds = log.iter().filter_map(|e| match e {
+        RoundEvent::RoundClosed(c) => Some(c),
+        _ => None,
+    });
+    for closed in closed_rounds {
+        let round = closed.round;
         let dir = data_dir.join(format!("store/global/{round:06}"));
         let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
             .map_err(|e| err(&dir.display().to_string())(&e))?;
@@ -175,7 +177,7 @@ pub fn run_quic(
         let (per, mean) = evaluate_losses(model, &data_refs, Some(&adapter))?;
         let start = log
             .iter()
-            .position(|e| e["event"] == "round_open" && e["round"] == round)
+            .position(|e| matches!(e, RoundEvent::RoundOpen { round: r, .. } if *r == round))
             .unwrap_or(0);
         let rec = round_metrics(
             &names,

@@ -10,6 +10,7 @@ use base64::Engine as _;
 use plotters::prelude::*;
 
 use crate::run::SimOutcome;
+use fedtune_coordinator::RoundEvent;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
@@ -190,17 +191,22 @@ pub fn failures(o: &SimOutcome) -> Vec<(String, String, String, String)> {
         }
     }
     for e in &o.coordinator_log {
-        if e["event"] == "round_retry" {
+        if let RoundEvent::RoundRetry {
+            round,
+            results,
+            needed,
+            ..
+        } = e
+        {
             out.push((
-                e["round"].to_string(),
+                round.to_string(),
                 String::new(),
                 "round retried".into(),
-                format!(
-                    "{} of {} updates by the deadline",
-                    e["results"], e["needed"]
-                ),
+                format!("{results} of {needed} updates by the deadline"),
             ));
         }
+    }
+    for e in &o.events {
         if e["event"] == "coordinator_restart" {
             out.push((
                 String::new(),

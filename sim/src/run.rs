@@ -14,7 +14,7 @@ use std::time::Instant;
 use fedtune_aggregation::update::Adapter;
 use fedtune_client::Client;
 use fedtune_client::trainer::Base;
-use fedtune_coordinator::Coordinator;
+use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
 use fedtune_protocol::{ToCoordinator, digest};
@@ -85,7 +85,7 @@ pub struct SimOutcome {
     /// Its PEFT safetensors bytes.
     pub global_bytes: Vec<u8>,
     /// The coordinator's round log.
-    pub coordinator_log: Vec<serde_json::Value>,
+    pub coordinator_log: Vec<RoundEvent>,
     /// Injected-fault events.
     pub events: Vec<serde_json::Value>,
     /// Rejections by reason.
@@ -238,21 +238,20 @@ pub fn run_memory(
         while scanned < f.log.len() {
             let at = scanned;
             scanned += 1;
-            let e = &f.log[at];
-            let round = e["round"].as_u64().unwrap_or(0);
-            match e["event"].as_str() {
-                Some("round_open") => {
-                    opened.entry(round).or_insert(at);
+            match &f.log[at] {
+                RoundEvent::RoundOpen { round, .. } => {
+                    opened.entry(*round).or_insert(at);
                 }
                 // Mid-round: the restart round has its first accepted update.
-                Some("accepted") => restart_now |= restart == Some(round),
-                Some("round_closed") => {
+                RoundEvent::Accepted { round, .. } => restart_now |= restart == Some(*round),
+                RoundEvent::RoundClosed(closed) => {
+                    let round = closed.round;
                     let global = f.coordinator.global_adapter().clone();
                     let (per, mean) = evaluate_losses(model, &f.client_data(), Some(&global))?;
                     let round_record = round_metrics(
                         &names,
                         &p.admitted,
-                        e,
+                        closed,
                         &f.log[opened.get(&round).copied().unwrap_or(0)..=at],
                         &f.events,
                         &per,

@@ -10,12 +10,12 @@ use fedtune_aggregation::strategy::{Rule, StrategyConfig};
 use fedtune_client::trainer::Base;
 use fedtune_client::trainer::LocalData;
 use fedtune_client::{Client, ClientConfig};
-use fedtune_coordinator::{CoordConfig, Coordinator};
+use fedtune_coordinator::{CoordConfig, Coordinator, RoundClosed, RoundEvent};
 use fedtune_engine::eval::sft_loss;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::{init_adapter, lora_config};
 use fedtune_engine::{LoadedModel, PeftAdapter};
-use fedtune_protocol::{Digest, Hyper, Identity, LoraPlan, Phase, digest, plan_hash};
+use fedtune_protocol::{Digest, Hyper, Identity, LoraPlan, Phase, PublicKey, digest, plan_hash};
 use fedtune_sim::{Federation, SimClient};
 
 const T0: u64 = 1_700_000_000_000;
@@ -125,6 +125,28 @@ fn held_out_losses(m: &LoadedModel, f: &Federation<'_>, adapter: Option<&PeftAda
         .collect()
 }
 
+/// The `round_closed` records of a round log.
+fn closed_rounds(log: &[RoundEvent]) -> Vec<&RoundClosed> {
+    log.iter()
+        .filter_map(|e| match e {
+            RoundEvent::RoundClosed(c) => Some(c.as_ref()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The clients whose update of `round` a round log shows accepted.
+fn accepted_in(log: &[RoundEvent], round: u64) -> BTreeSet<PublicKey> {
+    log.iter()
+        .filter_map(|e| match e {
+            RoundEvent::Accepted {
+                round: r, client, ..
+            } if *r == round => Some(*client),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
     let m = tiny();
@@ -134,18 +156,9 @@ fn three_clients_two_rounds_beat_the_base_and_leak_nothing() {
     f.run(10_000).unwrap();
     assert!(f.coordinator.is_finished());
     assert_eq!(f.coordinator.completed_rounds(), 2);
-    let closed: Vec<&serde_json::Value> = f
-        .log
-        .iter()
-        .filter(|e| e["event"] == "round_closed")
-        .collect();
+    let closed = closed_rounds(&f.log);
     assert_eq!(closed.len(), 2);
-    assert_eq!(
-        closed[1]["used"].as_array().unwrap().len(),
-        3,
-        "{:?}",
-        closed[1]
-    );
+    assert_eq!(closed[1].used.len(), 3, "{:?}", closed[1]);
 
     // The final global adapter, written as PEFT files and read back.
     let dir = std::env::temp_dir().join(format!("fedtune-sim-global-{}", std::process::id()));
@@ -189,33 +202,16 @@ fn a_coordinator_killed_mid_round_resumes_with_no_update_lost() {
     let mut f = federation(&s, &m, &base_f);
     // Stop after the first update of round 2 is stored and acknowledged.
     let stopped = f
-        .run_until(10_000, |log| {
-            log.iter()
-                .any(|e| e["event"] == "accepted" && e["round"] == 2)
-        })
+        .run_until(10_000, |log| !accepted_in(log, 2).is_empty())
         .unwrap();
     assert!(stopped);
-    let accepted_before: BTreeSet<String> = f
-        .log
-        .iter()
-        .filter(|e| e["event"] == "accepted" && e["round"] == 2)
-        .map(|e| e["client"].as_str().unwrap().to_string())
-        .collect();
+    let accepted_before = accepted_in(&f.log, 2);
     f.crash_and_restart(s.cfg.clone(), s.coord_id.clone())
         .unwrap();
     f.run(10_000).unwrap();
     assert_eq!(f.coordinator.completed_rounds(), 2);
-    let closed = f
-        .log
-        .iter()
-        .rfind(|e| e["event"] == "round_closed")
-        .unwrap();
-    let used: BTreeSet<String> = closed["used"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let closed = closed_rounds(&f.log);
+    let used: BTreeSet<PublicKey> = closed.last().unwrap().used.iter().copied().collect();
     assert!(
         accepted_before.is_subset(&used),
         "an accepted update was lost"
@@ -339,26 +335,17 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
     }));
     f.run(100_000).unwrap();
     assert!(f.coordinator.is_finished());
-    let closed: Vec<&serde_json::Value> = f
-        .log
-        .iter()
-        .filter(|e| e["event"] == "round_closed")
-        .collect();
+    let closed = closed_rounds(&f.log);
     assert_eq!(closed.len(), 8);
-    let hostile_hex = s.client_ids[0].public().to_hex();
+    let hostile = s.client_ids[0].public();
     for (r, c) in closed.iter().enumerate() {
-        let used: Vec<&str> = c["used"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        assert!(used.len() >= 3, "round {}: {c}", r + 1);
+        assert!(c.used.len() >= 3, "round {}: {c:?}", r + 1);
         assert_eq!(
-            used.contains(&hostile_hex.as_str()),
+            c.used.contains(&hostile),
             r == 7,
-            "round {}: {used:?}",
-            r + 1
+            "round {}: {:?}",
+            r + 1,
+            c.used
         );
     }
     let rej = f.coordinator.rejections();
@@ -380,8 +367,10 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
         );
     }
     assert_eq!(rej["invalid"], 2, "NaN and shape mismatch");
-    for e in f.log.iter().filter(|e| e["event"] == "rejected") {
-        assert!(!e["detail"].as_str().unwrap().is_empty());
+    for e in &f.log {
+        if let RoundEvent::Rejected { detail, .. } = e {
+            assert!(!detail.is_empty());
+        }
     }
 }
 
@@ -403,13 +392,8 @@ fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
         }
         other => vec![other],
     }));
-    f.run_until(10_000, |log| {
-        log.iter()
-            .filter(|e| e["event"] == "accepted" && e["round"] == 1)
-            .count()
-            == 2
-    })
-    .unwrap();
+    f.run_until(10_000, |log| accepted_in(log, 1).len() == 2)
+        .unwrap();
     assert!(
         !f.coordinator.is_finished(),
         "the round waits for the third update"
@@ -417,8 +401,8 @@ fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
     f.disconnect(1);
     f.connect(1);
     f.run(10_000).unwrap();
-    let closed = f.log.iter().find(|e| e["event"] == "round_closed").unwrap();
-    assert_eq!(closed["used"].as_array().unwrap().len(), 3, "{closed}");
+    let closed = closed_rounds(&f.log);
+    assert_eq!(closed[0].used.len(), 3, "{:?}", closed[0]);
     assert!(f.clients[1].log.iter().any(|e| e["event"] == "resend"));
 }
 

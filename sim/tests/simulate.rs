@@ -231,9 +231,7 @@ fn a_coordinator_restart_mid_run_ends_as_an_uninterrupted_run() {
     let a = run(&plain, &m);
     let b = run(&restarted, &m);
     assert!(
-        b.coordinator_log
-            .iter()
-            .any(|e| e["event"] == "coordinator_restart"),
+        b.events.iter().any(|e| e["event"] == "coordinator_restart"),
         "no restart happened"
     );
     assert_eq!(a.global_bytes, b.global_bytes);

@@ -181,7 +181,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     let log: String = outcome
         .coordinator_log
         .iter()
-        .map(|v| format!("{v}\n"))
+        .map(|e| format!("{}\n", e.to_json()))
         .collect();
     std::fs::write(out.join("rounds.jsonl"), log)?;
     let events: String = outcome.events.iter().map(|v| format!("{v}\n")).collect();

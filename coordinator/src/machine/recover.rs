@@ -7,6 +7,7 @@ use fedtune_protocol::Identity;
 use fedtune_protocol::envelope::check_payload_digest;
 
 use super::{CoordConfig, Coordinator, CoordinatorError, Durable, Result, Stored};
+use crate::roundevent::RoundEvent;
 
 /// The persisted `state` (its bytes, if stored): the machine's durable part and the
 /// strategy's state.
@@ -61,10 +62,11 @@ impl Coordinator {
                         c.results
                             .insert(s.header.header.signer, Self::result_of(&s.header, adapter));
                     }
-                    Err(reason) => c.log(serde_json::json!({
-                        "event": "stored_update_invalid", "round": open.round, "key": k,
-                        "reason": reason,
-                    })),
+                    Err(reason) => c.log(RoundEvent::StoredUpdateInvalid {
+                        round: open.round,
+                        key: k.clone(),
+                        reason,
+                    }),
                 }
             }
         }
