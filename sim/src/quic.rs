@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fedtune_client::Client;
 use fedtune_client::daemon::{ClientOptions, run as run_client};
 use fedtune_client::trainer::LocalData;
-use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::daemon::{DaemonOptions, RunSummary, bind, now_ms, serve};
 use fedtune_coordinator::roundevent::parse_log;
 use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
@@ -41,19 +41,7 @@ pub fn run_quic(
     out: &Path,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SimOutcome, SimError> {
-    let f = &cfg.faults;
-    if f.dropout > 0.0
-        || f.straggler > 0.0
-        || f.crash_mid_upload > 0.0
-        || !f.byzantine.is_empty()
-        || f.coordinator_restart_round.is_some()
-    {
-        return Err(SimError::Io(
-            "faults: injected faults need transport = \"memory\" (the QUIC transport runs the \
-             daemons as deployed)"
-                .into(),
-        ));
-    }
+    no_faults(cfg)?;
     let started = Instant::now();
     let n = clients.len();
     let mut output = Output::new(Some(out))?;
@@ -68,21 +56,6 @@ pub fn run_quic(
         std::fs::remove_dir_all(&data_dir).map_err(|e| err("clearing coord-data")(&e))?;
     }
     let p = Parties::new(cfg, model, n);
-    let machine = Coordinator::new(
-        p.coord.clone(),
-        p.coord_id.clone(),
-        p.initial.clone(),
-        now_ms(),
-    )?;
-
-    let ca = tls::new_ca(&cfg.name).map_err(|e| err("CA")(&e))?;
-    let server_cert =
-        tls::issue(&ca, "coordinator", true, &["localhost".into()]).map_err(|e| err("CA")(&e))?;
-    let cn = |k: usize| format!("client-{k}");
-    let certs: Vec<CertPair> = (0..n)
-        .map(|k| tls::issue(&ca, &cn(k), false, &[]))
-        .collect::<Result<_, _>>()
-        .map_err(|e| err("CA")(&e))?;
     let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
     let eval_examples: Vec<Vec<Example>> =
         clients.iter().map(|c| c.eval_examples.clone()).collect();
@@ -92,14 +65,86 @@ pub fn run_quic(
     progress(Progress::Note(format!(
         "QUIC on loopback: coordinator and {n} client daemons, mutual TLS"
     )));
+    let base = Arc::new(crate::run::training_base(cfg, model, progress)?);
+    let summary = run_daemons(cfg, &p, &data_dir, &data, &names, base)?;
 
+    // Per-round evaluation of the stored global adapters.
+    let log_text = std::fs::read_to_string(data_dir.join("rounds.jsonl"))
+        .map_err(|e| err("rounds.jsonl")(&e))?;
+    let log = parse_log(&log_text).map_err(|e| SimError::Io(format!("rounds.jsonl: {e}")))?;
+    let stored = StoredRounds {
+        model,
+        p: &p,
+        data_dir: &data_dir,
+        data: &data_refs,
+        names: &names,
+    };
+    let global = stored.evaluate(&log, &mut rounds, &mut output, progress)?;
+    output.file("global/final/adapter_model.safetensors", &summary.global)?;
+    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
+    Ok(SimOutcome {
+        rounds,
+        global,
+        global_bytes: summary.global,
+        coordinator_log: log,
+        events: Vec::new(),
+        rejections: summary.rejections,
+        generations: gens,
+        names,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Refuses injected faults: the QUIC transport runs the daemons as deployed.
+fn no_faults(cfg: &SimConfig) -> Result<(), SimError> {
+    let f = &cfg.faults;
+    if f.dropout > 0.0
+        || f.straggler > 0.0
+        || f.crash_mid_upload > 0.0
+        || !f.byzantine.is_empty()
+        || f.coordinator_restart_round.is_some()
+    {
+        return Err(SimError::Io(
+            "faults: injected faults need transport = \"memory\" (the QUIC transport runs the \
+             daemons as deployed)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the coordinator daemon and one client daemon per client (a fresh CA, mutual TLS) on
+/// loopback until the federation finishes; checks that every client ended with the
+/// coordinator's final global adapter.
+fn run_daemons(
+    cfg: &SimConfig,
+    p: &Parties,
+    data_dir: &Path,
+    data: &[Arc<LocalData>],
+    names: &[String],
+    base: Arc<fedtune_client::trainer::Base>,
+) -> Result<RunSummary, SimError> {
+    let n = data.len();
+    let machine = Coordinator::new(
+        p.coord.clone(),
+        p.coord_id.clone(),
+        p.initial.clone(),
+        now_ms(),
+    )?;
+    let ca = tls::new_ca(&cfg.name).map_err(|e| err("CA")(&e))?;
+    let server_cert =
+        tls::issue(&ca, "coordinator", true, &["localhost".into()]).map_err(|e| err("CA")(&e))?;
+    let cn = |k: usize| format!("client-{k}");
+    let certs: Vec<CertPair> = (0..n)
+        .map(|k| tls::issue(&ca, &cn(k), false, &[]))
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("CA")(&e))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| err("tokio runtime")(&e))?;
-    let base = Arc::new(crate::run::training_base(cfg, model, progress)?);
-    let summary = rt.block_on(async {
+    rt.block_on(async {
         let server = quic::server_config(
             tls::server_config(&ca.cert_pem, &server_cert).map_err(|e| err("TLS")(&e))?,
         )
@@ -108,7 +153,7 @@ pub fn run_quic(
             .map_err(|e| err("bind")(&e))?;
         let addr = endpoint.local_addr().map_err(|e| err("bind")(&e))?;
         let opts = DaemonOptions {
-            data_dir: data_dir.clone(),
+            data_dir: data_dir.to_path_buf(),
             clients: (0..n).map(|k| (cn(k), p.admitted[k])).collect(),
             linger: Duration::from_secs(2),
             console: false,
@@ -154,70 +199,75 @@ pub fn run_quic(
                 )));
             }
         }
-        Ok::<_, SimError>(summary)
-    })?;
-
-    // Per-round evaluation of the stored global adapters.
-    let log_text = std::fs::read_to_string(data_dir.join("rounds.jsonl"))
-        .map_err(|e| err("rounds.jsonl")(&e))?;
-    let log = parse_log(&log_text).map_err(|e| SimError::Io(format!("rounds.jsonl: {e}")))?;
-    let lora = p.coord.lora.clone();
-    let mut global = None;
-    let closed_rounds = log.iter().filter_map(|e| match e {
-        RoundEvent::RoundClosed(c) => Some(c),
-        _ => None,
-    });
-    for closed in closed_rounds {
-        let round = closed.round;
-        let dir = data_dir.join(format!("store/global/{round:06}"));
-        let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
-            .map_err(|e| err(&dir.display().to_string())(&e))?;
-        let adapter = peft::decode(&bytes, &peft::Limits::default(), |_, r| lora.scale(r))
-            .map_err(|e| err("stored global adapter")(&e))?;
-        let (per, mean) = evaluate_losses(model, &data_refs, Some(&adapter))?;
-        let start = log
-            .iter()
-            .position(|e| matches!(e, RoundEvent::RoundOpen { round: r, .. } if *r == round))
-            .unwrap_or(0);
-        let rec = round_metrics(
-            &names,
-            &p.admitted,
-            closed,
-            &log[start..],
-            &[],
-            &per,
-            mean,
-            f64::NAN,
-            &[],
-        );
-        output.record(&rec)?;
-        output.file(
-            &format!("global/round-{round:03}/adapter_model.safetensors"),
-            &bytes,
-        )?;
-        if let Ok(c) = std::fs::read(dir.join("adapter_config.json")) {
-            output.file(&format!("global/round-{round:03}/adapter_config.json"), &c)?;
-        }
-        rounds.push(rec);
-        progress(Progress::Round {
-            done: round,
-            total: p.coord.total_rounds(),
-            loss: mean,
-        });
-        global = Some(adapter);
-    }
-    let global = global.ok_or_else(|| SimError::Io("no round closed".into()))?;
-    output.file("global/final/adapter_model.safetensors", &summary.global)?;
-    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
-    Ok(SimOutcome {
-        rounds,
-        global,
-        global_bytes: summary.global,
-        coordinator_log: log,
-        events: Vec::new(),
-        rejections: summary.rejections,
-        generations: gens,
-        names,
-        wall_s: started.elapsed().as_secs_f64(),
+        Ok(summary)
     })
+}
+
+/// The global adapters a finished QUIC run stored, and what they are evaluated on.
+struct StoredRounds<'a> {
+    model: &'a LoadedModel,
+    p: &'a Parties,
+    data_dir: &'a Path,
+    data: &'a [&'a LocalData],
+    names: &'a [String],
+}
+
+impl StoredRounds<'_> {
+    /// Evaluates the global adapter of every round `log` shows closed on each client's
+    /// held-out data, appends its `metrics.jsonl` record to `rounds` (also written to
+    /// `output`, with the adapter); returns the last one.
+    fn evaluate(
+        &self,
+        log: &[RoundEvent],
+        rounds: &mut Vec<serde_json::Value>,
+        output: &mut Output,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<fedtune_aggregation::update::Adapter, SimError> {
+        let lora = &self.p.coord.lora;
+        let mut global = None;
+        let closed_rounds = log.iter().filter_map(|e| match e {
+            RoundEvent::RoundClosed(c) => Some(c),
+            _ => None,
+        });
+        for closed in closed_rounds {
+            let round = closed.round;
+            let dir = self.data_dir.join(format!("store/global/{round:06}"));
+            let bytes = std::fs::read(dir.join("adapter_model.safetensors"))
+                .map_err(|e| err(&dir.display().to_string())(&e))?;
+            let adapter = peft::decode(&bytes, &peft::Limits::default(), |_, r| lora.scale(r))
+                .map_err(|e| err("stored global adapter")(&e))?;
+            let (per, mean) = evaluate_losses(self.model, self.data, Some(&adapter))?;
+            let start = log
+                .iter()
+                .position(|e| matches!(e, RoundEvent::RoundOpen { round: r, .. } if *r == round))
+                .unwrap_or(0);
+            let rec = round_metrics(
+                self.names,
+                &self.p.admitted,
+                closed,
+                &log[start..],
+                &[],
+                &per,
+                mean,
+                f64::NAN,
+                &[],
+            );
+            output.record(&rec)?;
+            output.file(
+                &format!("global/round-{round:03}/adapter_model.safetensors"),
+                &bytes,
+            )?;
+            if let Ok(c) = std::fs::read(dir.join("adapter_config.json")) {
+                output.file(&format!("global/round-{round:03}/adapter_config.json"), &c)?;
+            }
+            rounds.push(rec);
+            progress(Progress::Round {
+                done: round,
+                total: self.p.coord.total_rounds(),
+                loss: mean,
+            });
+            global = Some(adapter);
+        }
+        global.ok_or_else(|| SimError::Io("no round closed".into()))
+    }
 }

@@ -244,6 +244,36 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
         fmt(num(&first["global_eval_loss"])),
         fmt(num(&last["global_eval_loss"])),
     );
+    before_after_html(&mut h, o, &first, &last);
+    h.push_str("<h2>Plots</h2>");
+    for (caption, p) in &plots {
+        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let _ = write!(
+            h,
+            "<figure><img alt=\"{c}\" src=\"data:image/png;base64,{}\"><figcaption>{c}</figcaption></figure>",
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            c = esc(caption)
+        );
+    }
+    rounds_html(&mut h, o);
+    generations_html(&mut h, o);
+    let _ = write!(
+        h,
+        "<h2>Configuration</h2><pre>{}</pre></body></html>",
+        esc(config)
+    );
+    let p = dir.join("report.html");
+    std::fs::write(&p, h).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// The table of each client's held-out loss (and generation scores) with the base model and
+/// with the last global adapter.
+fn before_after_html(
+    h: &mut String,
+    o: &SimOutcome,
+    first: &serde_json::Value,
+    last: &serde_json::Value,
+) {
     h.push_str("<h2>Before and after, per client</h2><table><tr><th>client</th><th>held-out loss, base</th><th>held-out loss, global</th>");
     let gens = !o.generations.is_empty();
     if gens {
@@ -296,16 +326,10 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
         );
     }
     h.push_str("</table>");
-    h.push_str("<h2>Plots</h2>");
-    for (caption, p) in &plots {
-        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let _ = write!(
-            h,
-            "<figure><img alt=\"{c}\" src=\"data:image/png;base64,{}\"><figcaption>{c}</figcaption></figure>",
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            c = esc(caption)
-        );
-    }
+}
+
+/// The table of rounds and the table of failures.
+fn rounds_html(h: &mut String, o: &SimOutcome) {
     h.push_str("<h2>Rounds</h2><table><tr><th>round</th><th>phase</th><th>updates used</th><th>global held-out loss</th><th>clients' train loss</th><th>simulated s</th><th>coordinator s</th><th>DP ε</th></tr>");
     for r in o.rounds.iter().skip(1) {
         let used = r["used"].as_array().map_or(0, |a| a.len());
@@ -341,33 +365,31 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
         }
         h.push_str("</table>");
     }
-    if gens {
-        h.push_str("<h2>Example generations (greedy)</h2>");
-        for (name, before, after) in &o.generations {
-            let _ = write!(h, "<h3>{}</h3>", esc(name));
-            for (b, a) in before.samples.iter().zip(&after.samples).take(2) {
-                let _ = write!(
-                    h,
-                    "<p><b>Prompt</b></p><pre>{}</pre><p><b>Reference</b></p><pre>{}</pre>\
-                     <p><b>Base model</b> ({} of {} fields)</p><pre>{}</pre>\
-                     <p><b>Global adapter</b> ({} of {} fields)</p><pre>{}</pre>",
-                    esc(&b.prompt),
-                    esc(&b.reference),
-                    b.fields_correct,
-                    b.fields_total,
-                    esc(&b.output),
-                    a.fields_correct,
-                    a.fields_total,
-                    esc(&a.output)
-                );
-            }
+}
+
+/// Two greedy generations per client, with the base model and with the global adapter.
+fn generations_html(h: &mut String, o: &SimOutcome) {
+    if o.generations.is_empty() {
+        return;
+    }
+    h.push_str("<h2>Example generations (greedy)</h2>");
+    for (name, before, after) in &o.generations {
+        let _ = write!(h, "<h3>{}</h3>", esc(name));
+        for (b, a) in before.samples.iter().zip(&after.samples).take(2) {
+            let _ = write!(
+                h,
+                "<p><b>Prompt</b></p><pre>{}</pre><p><b>Reference</b></p><pre>{}</pre>\
+                 <p><b>Base model</b> ({} of {} fields)</p><pre>{}</pre>\
+                 <p><b>Global adapter</b> ({} of {} fields)</p><pre>{}</pre>",
+                esc(&b.prompt),
+                esc(&b.reference),
+                b.fields_correct,
+                b.fields_total,
+                esc(&b.output),
+                a.fields_correct,
+                a.fields_total,
+                esc(&a.output)
+            );
         }
     }
-    let _ = write!(
-        h,
-        "<h2>Configuration</h2><pre>{}</pre></body></html>",
-        esc(config)
-    );
-    let p = dir.join("report.html");
-    std::fs::write(&p, h).map_err(|e| format!("{}: {e}", p.display()))
 }

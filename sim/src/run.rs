@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use fedtune_aggregation::update::Adapter;
 use fedtune_client::Client;
-use fedtune_client::trainer::Base;
+use fedtune_client::trainer::{Base, LocalData};
 use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
@@ -129,7 +129,6 @@ pub fn run_memory(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SimOutcome, SimError> {
     let started = Instant::now();
-    let n = clients.len();
     let mut output = Output::new(out)?;
     if cfg
         .report_to
@@ -137,8 +136,47 @@ pub fn run_memory(
     {
         output = output.with_tensorboard()?;
     }
-    let p = Parties::new(cfg, model, n);
+    let p = Parties::new(cfg, model, clients.len());
+    let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
+    let eval_examples: Vec<Vec<Example>> =
+        clients.iter().map(|c| c.eval_examples.clone()).collect();
+    let data = clients.into_iter().map(|c| c.data).collect();
+    let base = training_base(cfg, model, progress)?;
+    let mut f = faulty_federation(cfg, &p, data, &base)?;
+    let rounds = drive(cfg, model, &mut f, &p, &names, &mut output, progress)?;
     let total = p.coord.total_rounds();
+    let global = f.coordinator.global_adapter().clone();
+    let global_bytes = f.coordinator.global().1.to_vec();
+    output.file("global/final/adapter_model.safetensors", &global_bytes)?;
+    if let Some(b) = f
+        .store
+        .get(&format!("global/{:06}/adapter_config.json", total))
+    {
+        output.file("global/final/adapter_config.json", b)?;
+    }
+    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
+    Ok(SimOutcome {
+        rounds,
+        global,
+        global_bytes,
+        coordinator_log: f.log.clone(),
+        events: f.events.clone(),
+        rejections: f.coordinator.rejections().clone(),
+        generations: gens,
+        names,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The federation of `cfg` in memory on `base`, its clients connected, with the faults `cfg`
+/// injects as hooks: dropouts, stragglers and crashes mid-upload (seeded per client and
+/// round), Byzantine updates, replays and a wrong base model.
+fn faulty_federation<'a>(
+    cfg: &SimConfig,
+    p: &Parties,
+    data: Vec<LocalData>,
+    base: &'a Base,
+) -> Result<Federation<'a>, SimError> {
     let coordinator = Coordinator::new(p.coord.clone(), p.coord_id.clone(), p.initial.clone(), T0)?;
     let attacks: BTreeMap<usize, Attack> = cfg
         .faults
@@ -146,23 +184,19 @@ pub fn run_memory(
         .iter()
         .map(|b| (b.client, b.attack))
         .collect();
-    let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
-    let eval_examples: Vec<Vec<Example>> =
-        clients.iter().map(|c| c.eval_examples.clone()).collect();
-    let sim_clients: Vec<SimClient> = clients
+    let sim_clients: Vec<SimClient> = data
         .into_iter()
         .enumerate()
-        .map(|(k, c)| {
+        .map(|(k, data)| {
             let mut client_cfg = p.client_config(cfg);
             if attacks.get(&k) == Some(&Attack::WrongBase) {
                 client_cfg.model_digest = digest(b"another base model");
             }
             let machine = Client::new(client_cfg, p.ids[k].clone());
-            SimClient::new(machine, c.data, (cfg.faults.train_time_s * 1000.0) as u64)
+            SimClient::new(machine, data, (cfg.faults.train_time_s * 1000.0) as u64)
         })
         .collect();
-    let base = training_base(cfg, model, progress)?;
-    let mut f = Federation::new(coordinator, sim_clients, &base, T0);
+    let mut f = Federation::new(coordinator, sim_clients, base, T0);
     f.parallel = if base.host().is_some() {
         cfg.parallel
     } else {
@@ -213,17 +247,33 @@ pub fn run_memory(
         }
     }));
     f.connect_all();
+    Ok(f)
+}
 
-    let mut rounds = vec![base_record(model, &f.client_data(), &names, &mut output)?];
-    let base_mean = num(&rounds[0]["global_eval_loss"]);
+/// Runs `f` until its coordinator finishes (killing and restarting the coordinator in the
+/// round `cfg` names), evaluating every closed round's global adapter on each client's
+/// held-out data; returns the rounds' `metrics.jsonl` records, the base model's first, each
+/// also written to `output` with its global adapter.
+fn drive(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    f: &mut Federation<'_>,
+    p: &Parties,
+    names: &[String],
+    output: &mut Output,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<serde_json::Value>, SimError> {
+    let total = p.coord.total_rounds();
+    let mut rounds = vec![base_record(model, &f.client_data(), names, output)?];
     progress(Progress::Round {
         done: 0,
         total,
-        loss: base_mean,
+        loss: num(&rounds[0]["global_eval_loss"]),
     });
     let mut restart = cfg.faults.coordinator_restart_round;
+    // Coordinator and training seconds at the last close, for per-round figures.
     let mut coord_s_at = 0.0;
-    let mut train_at: Vec<f64> = vec![0.0; n];
+    let mut train_at: Vec<f64> = vec![0.0; f.clients.len()];
     // Log entries read so far, and where each round first opened.
     let mut scanned = 0;
     let mut opened: BTreeMap<u64, usize> = BTreeMap::new();
@@ -248,8 +298,14 @@ pub fn run_memory(
                     let round = closed.round;
                     let global = f.coordinator.global_adapter().clone();
                     let (per, mean) = evaluate_losses(model, &f.client_data(), Some(&global))?;
+                    let train_s: Vec<f64> = f
+                        .clients
+                        .iter()
+                        .zip(&train_at)
+                        .map(|(c, t)| c.train_wall_s - t)
+                        .collect();
                     let round_record = round_metrics(
-                        &names,
+                        names,
                         &p.admitted,
                         closed,
                         &f.log[opened.get(&round).copied().unwrap_or(0)..=at],
@@ -257,11 +313,7 @@ pub fn run_memory(
                         &per,
                         mean,
                         f.coordinator_s - coord_s_at,
-                        &f.clients
-                            .iter()
-                            .zip(&train_at)
-                            .map(|(c, t)| c.train_wall_s - t)
-                            .collect::<Vec<_>>(),
+                        &train_s,
                     );
                     coord_s_at = f.coordinator_s;
                     train_at = f.clients.iter().map(|c| c.train_wall_s).collect();
@@ -282,7 +334,7 @@ pub fn run_memory(
             }
         }
         if finished {
-            break;
+            return Ok(rounds);
         }
         if restart_now {
             progress(Progress::Note(format!(
@@ -298,25 +350,4 @@ pub fn run_memory(
         }
         f.pass()?;
     }
-    let global = f.coordinator.global_adapter().clone();
-    let global_bytes = f.coordinator.global().1.to_vec();
-    output.file("global/final/adapter_model.safetensors", &global_bytes)?;
-    if let Some(b) = f
-        .store
-        .get(&format!("global/{:06}/adapter_config.json", total))
-    {
-        output.file("global/final/adapter_config.json", b)?;
-    }
-    let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
-    Ok(SimOutcome {
-        rounds,
-        global,
-        global_bytes,
-        coordinator_log: f.log.clone(),
-        events: f.events.clone(),
-        rejections: f.coordinator.rejections().clone(),
-        generations: gens,
-        names,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
 }

@@ -65,13 +65,7 @@ impl GgufFile {
                     .collect()
             })
             .unwrap_or_else(|| vec![1; tokens.len()]);
-        let id_of = |key: &str| {
-            self.metadata
-                .get(key)
-                .and_then(MetaValue::as_u64)
-                .map(|v| v as usize)
-                .filter(|&v| v < tokens.len())
-        };
+        let id_of = |key: &str| self.token_id(key, tokens.len());
         let bos = id_of("tokenizer.ggml.bos_token_id");
         let eos = id_of("tokenizer.ggml.eos_token_id");
         let add_bos = self
@@ -94,92 +88,8 @@ impl GgufFile {
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
         let mut doc = match model {
-            "gpt2" => {
-                let merges: Vec<Value> = self
-                    .strings("tokenizer.ggml.merges")
-                    .ok_or_else(|| self.tok_err("`tokenizer.ggml.merges` missing"))?
-                    .iter()
-                    .map(|m| {
-                        let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-                        json!([a, b])
-                    })
-                    .collect();
-                let pre = self
-                    .metadata
-                    .get("tokenizer.ggml.pre")
-                    .and_then(MetaValue::as_str)
-                    .unwrap_or("default");
-                let (pre_tok, ignore_merges) = match pre {
-                    "smollm" | "starcoder" | "refact" => (
-                        json!({"type": "Sequence", "pretokenizers": [
-                            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                        false,
-                    ),
-                    "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
-                    "llama-bpe" | "llama3" | "smaug-bpe" => (
-                        json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
-                        true,
-                    ),
-                    "qwen2" => (
-                        json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
-                        false,
-                    ),
-                    other => {
-                        return Err(self.tok_err(format!(
-                            "pre-tokenizer `{other}` is not supported (smollm, starcoder, gpt-2, \
-                             llama-bpe, qwen2 are); put the model's tokenizer.json beside the GGUF file"
-                        )));
-                    }
-                };
-                json!({
-                    "normalizer": null,
-                    "pre_tokenizer": pre_tok,
-                    "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                              "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
-                              "vocab": vocab, "merges": merges},
-                })
-            }
-            "llama" => {
-                let scores: Vec<f64> = self
-                    .metadata
-                    .get("tokenizer.ggml.scores")
-                    .and_then(MetaValue::as_array)
-                    .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
-                    .unwrap_or_else(|| vec![0.0; tokens.len()]);
-                let merges = spm_merges(&tokens, &scores, &types);
-                let unk = id_of("tokenizer.ggml.unknown_token_id").map(|i| tokens[i].clone());
-                let prefix = self
-                    .metadata
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .map(|v| matches!(v, MetaValue::Bool(true)))
-                    .unwrap_or(true);
-                let mut norms = Vec::new();
-                if prefix {
-                    norms.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-                }
-                norms.push(
-                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-                );
-                let mut decoders = vec![
-                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
-                if prefix {
-                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-                }
-                json!({
-                    "normalizer": {"type": "Sequence", "normalizers": norms},
-                    "pre_tokenizer": null,
-                    "decoder": {"type": "Sequence", "decoders": decoders},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": unk,
-                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                              "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                              "vocab": vocab, "merges": merges},
-                })
-            }
+            "gpt2" => self.gpt2_model(vocab)?,
+            "llama" => self.llama_model(vocab, &tokens, &types),
             other => {
                 return Err(self.tok_err(format!(
                     "tokenizer model `{other}` is not supported (gpt2, llama are)"
@@ -191,14 +101,7 @@ impl GgufFile {
         doc["padding"] = Value::Null;
         doc["added_tokens"] = Value::Array(added);
         doc["post_processor"] = match (add_bos, bos) {
-            (true, Some(b)) => {
-                let t = &tokens[b];
-                json!({"type": "TemplateProcessing",
-                       "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                       "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                       "special_tokens": {t: {"id": t, "ids": [b], "tokens": [t]}}})
-            }
+            (true, Some(b)) => bos_processor(&tokens[b], b),
             _ => Value::Null,
         };
         let text = serde_json::to_string(&doc).map_err(|e| self.tok_err(e))?;
@@ -218,6 +121,121 @@ impl GgufFile {
         }
         Ok(tok)
     }
+
+    /// The id under `key`, when it names one of the `n` tokens.
+    fn token_id(&self, key: &str, n: usize) -> Option<usize> {
+        self.metadata
+            .get(key)
+            .and_then(MetaValue::as_u64)
+            .map(|v| v as usize)
+            .filter(|&v| v < n)
+    }
+
+    /// The byte-level BPE part of a `gpt2` tokenizer (merges, and the pre-tokenizer its
+    /// `tokenizer.ggml.pre` names).
+    fn gpt2_model(&self, vocab: serde_json::Map<String, Value>) -> Result<Value> {
+        let merges: Vec<Value> = self
+            .strings("tokenizer.ggml.merges")
+            .ok_or_else(|| self.tok_err("`tokenizer.ggml.merges` missing"))?
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                json!([a, b])
+            })
+            .collect();
+        let pre = self
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("default");
+        let (pre_tok, ignore_merges) = match pre {
+            "smollm" | "starcoder" | "refact" => (
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                false,
+            ),
+            "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
+            "llama-bpe" | "llama3" | "smaug-bpe" => (
+                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+                true,
+            ),
+            "qwen2" => (
+                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+                false,
+            ),
+            other => {
+                return Err(self.tok_err(format!(
+                    "pre-tokenizer `{other}` is not supported (smollm, starcoder, gpt-2, \
+                     llama-bpe, qwen2 are); put the model's tokenizer.json beside the GGUF file"
+                )));
+            }
+        };
+        Ok(json!({
+            "normalizer": null,
+            "pre_tokenizer": pre_tok,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+                      "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// The SentencePiece-as-BPE part of a `llama` tokenizer (merges recovered from the
+    /// pieces' scores, byte fallback, the `▁` space prefix).
+    fn llama_model(
+        &self,
+        vocab: serde_json::Map<String, Value>,
+        tokens: &[String],
+        types: &[i64],
+    ) -> Value {
+        let scores: Vec<f64> = self
+            .metadata
+            .get("tokenizer.ggml.scores")
+            .and_then(MetaValue::as_array)
+            .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+            .unwrap_or_else(|| vec![0.0; tokens.len()]);
+        let merges = spm_merges(tokens, &scores, types);
+        let unk = self
+            .token_id("tokenizer.ggml.unknown_token_id", tokens.len())
+            .map(|i| tokens[i].clone());
+        let prefix = self
+            .metadata
+            .get("tokenizer.ggml.add_space_prefix")
+            .map(|v| matches!(v, MetaValue::Bool(true)))
+            .unwrap_or(true);
+        let mut norms = Vec::new();
+        if prefix {
+            norms.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        }
+        norms.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        json!({
+            "normalizer": {"type": "Sequence", "normalizers": norms},
+            "pre_tokenizer": null,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        })
+    }
+}
+
+/// The post-processor that puts the BOS token `t` (id `b`) before every sequence.
+fn bos_processor(t: &str, b: usize) -> Value {
+    json!({"type": "TemplateProcessing",
+           "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+           "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+           "special_tokens": {t: {"id": t, "ids": [b], "tokens": [t]}}})
 }
 
 /// Recovers BPE merges from SentencePiece pieces: every split of a piece into two pieces is a
