@@ -128,9 +128,6 @@ pub fn train<M: TrainModel>(
         .max_steps
         .unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64)
         .max(1);
-    let warmup = cfg
-        .warmup_steps
-        .unwrap_or_else(|| warmup_steps(cfg.warmup_ratio, total));
     let mut opt = model.new_optimizer(AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..Default::default()
@@ -157,21 +154,23 @@ pub fn train<M: TrainModel>(
             .sum(),
         model_parameters: model.config().num_parameters(),
     });
-    let log_path = run.output.map(|o| o.join("train_log.jsonl"));
-    if let Some(p) = &log_path {
-        checkpoint::rewrite_log(p, &state.log_history)?;
-    }
-    let mut board = match run.output {
-        Some(o) if cfg.reports_to_tensorboard() => Some(super::tensorboard::Board::open(o)?),
-        _ => None,
-    };
-    let dropout = model.lora_dropout() > 0.0;
+    let mut logger = Logger::open(run, &state)?;
     if cfg.fp16 && state.loss_scaler.is_none() {
         state.loss_scaler = Some(LossScaler::new(cfg.fp16_init_scale));
     }
     if !cfg.fp16 {
         state.loss_scaler = None;
     }
+    let plan = StepPlan {
+        cfg,
+        names: &names,
+        trainable: &trainable,
+        total,
+        warmup: cfg
+            .warmup_steps
+            .unwrap_or_else(|| warmup_steps(cfg.warmup_ratio, total)),
+        dropout: model.lora_dropout() > 0.0,
+    };
     let mut summary = TrainSummary {
         steps: state.global_step,
         final_loss: None,
@@ -182,18 +181,6 @@ pub fn train<M: TrainModel>(
         cancelled: false,
     };
     let cancelled = || run.cancel.is_some_and(|c| c.load(Ordering::SeqCst));
-    let mut emit =
-        |entry: LogEntry, state: &mut TrainerState, cb: &mut dyn Callback| -> Result<()> {
-            if let Some(p) = &log_path {
-                checkpoint::append_log(p, &entry)?;
-            }
-            if let Some(b) = board.as_mut() {
-                b.log(&entry)?;
-            }
-            cb.on_log(&entry, state);
-            state.log_history.push(entry);
-            Ok(())
-        };
     'epochs: while state.global_step < total {
         let order = epoch_order(n_examples, cfg.seed, state.epoch);
         let batches = objective.batches(&order);
@@ -206,88 +193,30 @@ pub fn train<M: TrainModel>(
                 break 'epochs;
             }
             let end = (state.batch_in_epoch + cfg.gradient_accumulation_steps).min(batches.len());
-            let micro = &batches[state.batch_in_epoch..end];
-            let started = Instant::now();
-            let options = StepOptions {
-                dropout_seed: dropout
-                    .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
-                gradient_checkpointing: cfg.gradient_checkpointing,
-                loss_scale_exp: state.loss_scaler.map_or(0, |s| s.exp),
-                hidden_head: false,
-            };
-            let StepOutput {
-                loss,
-                grads,
-                trained,
-                tokens,
-                metrics,
-            } = objective.step(model, micro, &trainable, &options)?;
-            let lr = cfg
-                .lr_scheduler_type
-                .lr(cfg.learning_rate, state.global_step, total, warmup);
-            let scaler = state.loss_scaler;
-            let grad_norm = model.optimizer_step(
+            let done = plan.step(
+                model,
+                objective,
                 &mut opt,
-                &names,
-                grads,
-                lr,
-                cfg.max_grad_norm,
-                scaler.map(|s| s.scale()),
+                &batches[state.batch_in_epoch..end],
+                &mut state,
             )?;
-            if let Some(s) = &mut state.loss_scaler {
-                s.update(grad_norm.is_finite(), cfg.fp16_growth_interval);
-            }
-            let secs = started.elapsed().as_secs_f64();
             state.global_step += 1;
             state.batch_in_epoch = end;
-            summary.seconds += secs;
-            summary.trained_tokens += trained;
-            summary.tokens += tokens;
-            summary.final_loss = Some(loss);
+            summary.seconds += done.secs;
+            summary.trained_tokens += done.trained;
+            summary.tokens += done.tokens;
+            summary.final_loss = Some(done.loss);
             let epoch_f = state.epoch as f64 + end as f64 / batches.len() as f64;
-            if state.global_step.is_multiple_of(cfg.logging_steps.max(1))
-                || state.global_step == total
-            {
-                emit(
-                    LogEntry {
-                        step: state.global_step,
-                        epoch: epoch_f,
-                        loss: Some(loss),
-                        learning_rate: Some(lr),
-                        grad_norm: Some(grad_norm),
-                        tokens_per_second: Some(tokens as f64 / secs.max(1e-9)),
-                        trained_tokens: Some(trained),
-                        loss_scale: scaler.map(|s| 2f64.powi(s.exp)),
-                        metrics,
-                        ..Default::default()
-                    },
-                    &mut state,
-                    cb,
-                )?;
-            }
-            let last = state.global_step == total;
-            if (cfg
-                .eval_steps
-                .is_some_and(|e| state.global_step.is_multiple_of(e))
-                || last)
-                && let Some((l, metrics)) = objective.evaluate(model)?
-            {
+            if let Some(l) = plan.log_and_evaluate(
+                &*model,
+                objective,
+                done,
+                epoch_f,
+                &mut logger,
+                &mut state,
+                cb,
+            )? {
                 summary.eval_loss = Some(l);
-                emit(
-                    LogEntry {
-                        step: state.global_step,
-                        epoch: epoch_f,
-                        eval_loss: Some(l),
-                        eval_perplexity: metrics.is_empty().then(|| l.exp()),
-                        metrics: metrics
-                            .into_iter()
-                            .map(|(k, v)| (format!("eval_{k}"), v))
-                            .collect(),
-                        ..Default::default()
-                    },
-                    &mut state,
-                    cb,
-                )?;
             }
             if let (Some(out), Some(every)) = (run.output, cfg.save_steps)
                 && state.global_step.is_multiple_of(every)
@@ -305,6 +234,181 @@ pub fn train<M: TrainModel>(
     }
     summary.steps = state.global_step;
     Ok(summary)
+}
+
+/// Where a run's log entries go: `train_log.jsonl` in the output directory, TensorBoard, the
+/// callback and the trainer state's history.
+struct Logger {
+    path: Option<PathBuf>,
+    board: Option<super::tensorboard::Board>,
+}
+
+impl Logger {
+    /// The log of `run`; a resumed run's log file is rewritten to its checkpoint's history.
+    fn open(run: &RunOptions<'_>, state: &TrainerState) -> Result<Self> {
+        let path = run.output.map(|o| o.join("train_log.jsonl"));
+        if let Some(p) = &path {
+            checkpoint::rewrite_log(p, &state.log_history)?;
+        }
+        let board = match run.output {
+            Some(o) if run.config.reports_to_tensorboard() => {
+                Some(super::tensorboard::Board::open(o)?)
+            }
+            _ => None,
+        };
+        Ok(Logger { path, board })
+    }
+
+    fn emit(
+        &mut self,
+        entry: LogEntry,
+        state: &mut TrainerState,
+        cb: &mut dyn Callback,
+    ) -> Result<()> {
+        if let Some(p) = &self.path {
+            checkpoint::append_log(p, &entry)?;
+        }
+        if let Some(b) = self.board.as_mut() {
+            b.log(&entry)?;
+        }
+        cb.on_log(&entry, state);
+        state.log_history.push(entry);
+        Ok(())
+    }
+}
+
+/// What every step of a run shares.
+struct StepPlan<'a> {
+    cfg: &'a TrainConfig,
+    names: &'a [String],
+    trainable: &'a Trainable,
+    total: u64,
+    warmup: u64,
+    dropout: bool,
+}
+
+/// What one optimiser step did.
+struct StepDone {
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    secs: f64,
+    trained: usize,
+    tokens: usize,
+    metrics: BTreeMap<String, f64>,
+    /// The fp16 loss scale the step ran with.
+    loss_scale: Option<f64>,
+}
+
+impl StepPlan<'_> {
+    /// One optimiser step over the micro-batches `micro` (gradients accumulated), at the
+    /// scheduled learning rate; the fp16 loss scaler learns whether it overflowed.
+    fn step<M: TrainModel>(
+        &self,
+        model: &mut M,
+        objective: &dyn Objective<M>,
+        opt: &mut M::Optimizer,
+        micro: &[MicroBatch],
+        state: &mut TrainerState,
+    ) -> Result<StepDone> {
+        let cfg = self.cfg;
+        let started = Instant::now();
+        let options = StepOptions {
+            dropout_seed: self
+                .dropout
+                .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
+            gradient_checkpointing: cfg.gradient_checkpointing,
+            loss_scale_exp: state.loss_scaler.map_or(0, |s| s.exp),
+            hidden_head: false,
+        };
+        let StepOutput {
+            loss,
+            grads,
+            trained,
+            tokens,
+            metrics,
+        } = objective.step(model, micro, self.trainable, &options)?;
+        let lr = cfg.lr_scheduler_type.lr(
+            cfg.learning_rate,
+            state.global_step,
+            self.total,
+            self.warmup,
+        );
+        let scaler = state.loss_scaler;
+        let grad_norm = model.optimizer_step(
+            opt,
+            self.names,
+            grads,
+            lr,
+            cfg.max_grad_norm,
+            scaler.map(|s| s.scale()),
+        )?;
+        if let Some(s) = &mut state.loss_scaler {
+            s.update(grad_norm.is_finite(), cfg.fp16_growth_interval);
+        }
+        Ok(StepDone {
+            loss,
+            lr,
+            grad_norm,
+            secs: started.elapsed().as_secs_f64(),
+            trained,
+            tokens,
+            metrics,
+            loss_scale: scaler.map(|s| 2f64.powi(s.exp)),
+        })
+    }
+
+    /// Logs the step just done (every `logging_steps` and the last), then evaluates (every
+    /// `eval_steps` and after the last) and logs that; returns the evaluation loss.
+    #[allow(clippy::too_many_arguments)]
+    fn log_and_evaluate<M: TrainModel>(
+        &self,
+        model: &M,
+        objective: &dyn Objective<M>,
+        done: StepDone,
+        epoch: f64,
+        logger: &mut Logger,
+        state: &mut TrainerState,
+        cb: &mut dyn Callback,
+    ) -> Result<Option<f64>> {
+        let cfg = self.cfg;
+        let step = state.global_step;
+        let last = step == self.total;
+        if step.is_multiple_of(cfg.logging_steps.max(1)) || last {
+            let entry = LogEntry {
+                step,
+                epoch,
+                loss: Some(done.loss),
+                learning_rate: Some(done.lr),
+                grad_norm: Some(done.grad_norm),
+                tokens_per_second: Some(done.tokens as f64 / done.secs.max(1e-9)),
+                trained_tokens: Some(done.trained),
+                loss_scale: done.loss_scale,
+                metrics: done.metrics,
+                ..Default::default()
+            };
+            logger.emit(entry, state, cb)?;
+        }
+        if !(cfg.eval_steps.is_some_and(|e| step.is_multiple_of(e)) || last) {
+            return Ok(None);
+        }
+        let Some((l, metrics)) = objective.evaluate(model)? else {
+            return Ok(None);
+        };
+        let entry = LogEntry {
+            step,
+            epoch,
+            eval_loss: Some(l),
+            eval_perplexity: metrics.is_empty().then(|| l.exp()),
+            metrics: metrics
+                .into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v))
+                .collect(),
+            ..Default::default()
+        };
+        logger.emit(entry, state, cb)?;
+        Ok(Some(l))
+    }
 }
 
 /// The checkpoint directory of `step` under `output`.
