@@ -12,7 +12,6 @@ mod generate;
 mod grpo;
 mod kto;
 mod merge;
-mod mergekit;
 mod plan;
 mod reward;
 mod run;

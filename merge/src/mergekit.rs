@@ -12,7 +12,7 @@ use fedtune_aggregation::slerp::Setting;
 use safetensors::Dtype;
 use serde::Deserialize;
 
-use super::merge::Recipe;
+use crate::Recipe;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +107,7 @@ fn rescale(method: MergeMethod, v: &serde_yaml_ng::Value) -> anyhow::Result<()> 
 }
 
 /// Reads a mergekit YAML file.
-pub(crate) fn read(path: &Path) -> anyhow::Result<Recipe> {
+pub fn read(path: &Path) -> anyhow::Result<Recipe> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cfg: Config =
