@@ -4,6 +4,8 @@
 //! directory, and the federation completes with both accepted updates used.
 
 use serde_json::json;
+#[path = "support/tensorboard.rs"]
+mod tensorboard;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -164,12 +166,17 @@ log = "{log}"
                 // One site trains its own way: QLoRA, checkpointing, a shorter maximum length,
                 // a forced data format (its update is the same kind), and pins the LoRA
                 // configuration it expects (the others take the plan's).
+                // It also keeps each round's training log, with TensorBoard event files.
                 local = if n == "bank" {
-                    "load_in_4bit = true\nbnb_4bit_use_double_quant = true\n\
-                     gradient_checkpointing = true\nrank = 4\nlora_alpha = 8.0\n\
-                     max_length = 512\nformat = \"openai\"\n"
+                    format!(
+                        "load_in_4bit = true\nbnb_4bit_use_double_quant = true\n\
+                         gradient_checkpointing = true\nrank = 4\nlora_alpha = 8.0\n\
+                         max_length = 512\nformat = \"openai\"\n\
+                         output_dir = \"{}\"\nreport_to = \"tensorboard\"\n",
+                        dir.join("bank-runs").display()
+                    )
                 } else {
-                    ""
+                    String::new()
                 },
             ),
         )
@@ -336,6 +343,33 @@ log = "{log}"
     assert!(
         text.contains("federation demo: 2 of 2 rounds completed, finished"),
         "{text}"
+    );
+    // The bank kept each round's training log, and TensorBoard has the same losses.
+    let mut rounds_logged = 0;
+    for round in 1..=2 {
+        let rd = dir.join(format!("bank-runs/round-{round:03}"));
+        let Ok(text) = std::fs::read_to_string(rd.join("train_log.jsonl")) else {
+            continue;
+        };
+        rounds_logged += 1;
+        let logged: Vec<(i64, f32)> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|e| Some((e["step"].as_i64()?, e["loss"].as_f64()? as f32)))
+            .collect();
+        assert!(!logged.is_empty(), "round {round}: {text}");
+        let board: Vec<(i64, f32)> = tensorboard::scalars(&rd)
+            .into_iter()
+            .filter(|(t, _, _)| t == "train/loss")
+            .map(|(_, s, v)| (s, v))
+            .collect();
+        for l in &logged {
+            assert!(board.contains(l), "round {round}: {l:?} not in {board:?}");
+        }
+    }
+    assert!(
+        rounds_logged >= 1,
+        "no round's training log under bank-runs"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,6 +3,8 @@
 //! the site holds) on the client's private data for the plan's local steps, then evaluation on
 //! the client's held-out data. Only the adapter and a few scalar metrics leave this function.
 
+use std::path::PathBuf;
+
 use fedtune_aggregation::Adapter;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
 use fedtune_engine::data::{EncodedCompletion, EncodedFeedback};
@@ -10,6 +12,7 @@ use fedtune_engine::device::Device;
 use fedtune_engine::error::Error;
 use fedtune_engine::rewards::Rewards;
 use fedtune_engine::tokenizer::EncodedPair;
+use fedtune_engine::train::config::ReportTo;
 use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
 use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
@@ -93,7 +96,7 @@ impl std::fmt::Debug for DistillData {
 /// Local-training settings a site chooses for itself in `client.toml`: they change how its
 /// update is computed (memory, speed, precision), not what the federation agreed on (the
 /// plan's [`fedtune_protocol::Hyper`] and LoRA configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalTraining {
     /// Recompute each block in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
@@ -102,6 +105,24 @@ pub struct LocalTraining {
     /// Compute precision on a GPU: f32, or bf16/f16 mixed precision (f32 LoRA factors,
     /// gradients and AdamW moments; f16 with dynamic loss scaling), TRL's `bf16`/`fp16`.
     pub dt: Dt,
+    /// Where each round's training log goes (TRL's `output_dir`): `round-NNN/train_log.jsonl`,
+    /// and TensorBoard event files under `round-NNN/runs/` with `report_to`. None: in memory.
+    pub output_dir: Option<PathBuf>,
+    /// `tensorboard`, or nothing (transformers' `report_to`).
+    pub report_to: Vec<ReportTo>,
+}
+
+impl LocalTraining {
+    /// The directory of `round`'s training log, created (none without `output_dir`).
+    fn round_dir(&self, round: u64) -> fedtune_engine::Result<Option<PathBuf>> {
+        let Some(d) = &self.output_dir else {
+            return Ok(None);
+        };
+        let dir = d.join(format!("round-{round:03}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
+        Ok(Some(dir))
+    }
 }
 
 impl Default for LocalTraining {
@@ -110,6 +131,8 @@ impl Default for LocalTraining {
             gradient_checkpointing: false,
             max_length: 1024,
             dt: Dt::F32,
+            output_dir: None,
+            report_to: Vec::new(),
         }
     }
 }
@@ -235,6 +258,7 @@ fn round_config(local: &LocalTraining, job: &TrainJob) -> TrainConfig {
         logging_steps: 1,
         bf16: local.dt == Dt::BF16,
         fp16: local.dt == Dt::F16,
+        report_to: local.report_to.clone(),
         ..TrainConfig::default()
     }
 }
@@ -276,9 +300,10 @@ fn grpo_training(
     };
     opts.validate(h.batch_size).map_err(Error::Invalid)?;
     let cfg = round_config(&data.local, job);
+    let dir = data.local.round_dir(job.plan.round)?;
     let run = RunOptions {
         config: &cfg,
-        output: None,
+        output: dir.as_deref(),
         resume: None,
         cancel: None,
     };
@@ -318,9 +343,10 @@ fn local_training<M: TrainModel>(
 ) -> fedtune_engine::Result<(TrainSummary, u64)> {
     let h = &job.plan.hyper;
     let cfg = round_config(&data.local, job);
+    let dir = data.local.round_dir(job.plan.round)?;
     let run = RunOptions {
         config: &cfg,
-        output: None,
+        output: dir.as_deref(),
         resume: None,
         cancel: None,
     };
@@ -457,10 +483,13 @@ mod tests {
             gradient_checkpointing: true,
             max_length: 64,
             dt: Dt::BF16,
+            output_dir: None,
+            report_to: vec![ReportTo::Tensorboard],
         };
         let c = round_config(&local, &job);
         assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (6, 12.0, 0.1));
         assert_eq!(c.target_modules, ["q_proj", "down_proj"]);
+        assert_eq!(c.report_to, [ReportTo::Tensorboard]);
         assert_eq!((c.learning_rate, c.max_steps, c.seed), (3e-4, Some(7), 9));
         assert_eq!(
             (c.per_device_train_batch_size, c.gradient_accumulation_steps),

@@ -188,6 +188,16 @@ struct ClientFile {
     distill_data: Option<PathBuf>,
     #[serde(default)]
     log: Option<PathBuf>,
+    /// Each round's local training log (TRL's `output_dir`): `round-NNN/train_log.jsonl`, and
+    /// TensorBoard event files under `round-NNN/runs/` with `report_to = "tensorboard"`.
+    #[serde(default)]
+    output_dir: Option<PathBuf>,
+    /// `"tensorboard"` (one name or a list, transformers' `report_to`); needs `output_dir`.
+    #[serde(
+        default,
+        deserialize_with = "fedtune_engine::train::config::one_or_many"
+    )]
+    report_to: Vec<fedtune_engine::train::config::ReportTo>,
     #[serde(default = "default_payload")]
     max_payload_mb: u64,
     /// Where local training runs: `cpu` (default) or `cuda[:N]`.
@@ -497,6 +507,13 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let file = a.config.display().to_string();
     anyhow::ensure!(f.max_length >= 2, "{file}: max_length must be at least 2");
     anyhow::ensure!(
+        f.output_dir.is_some()
+            || !f
+                .report_to
+                .contains(&fedtune_engine::train::config::ReportTo::Tensorboard),
+        "{file}: report_to = \"tensorboard\" needs output_dir (where each round's event files go)"
+    );
+    anyhow::ensure!(
         !(f.bf16 && f.fp16),
         "{file}: bf16 and fp16 exclude each other"
     );
@@ -581,6 +598,8 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             gradient_checkpointing: f.gradient_checkpointing,
             max_length,
             dt,
+            output_dir: f.output_dir.clone(),
+            report_to: f.report_to.clone(),
         },
     };
     let mut data = data;
