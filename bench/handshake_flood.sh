@@ -10,17 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${1:-20000}
-cargo build --release -q --bin fedtune --example handshake_flood
-BIN=$PWD/target/release/fedtune
-FLOOD=$PWD/target/release/examples/handshake_flood
-MODEL=$PWD/testdata/tiny-llama/model
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
-echo "work dir $WORK" >&2
-KEY=$("$BIN" ca init --dir "$WORK/ca" --federation flood)
-ENTRIES=""
-for n in hospital bank; do ENTRIES+="$("$BIN" ca issue --dir "$WORK/ca" --client "$n")"$'\n'; done
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+EXAMPLE=handshake_flood FEDERATION=flood CLIENTS="hospital bank"
+# shellcheck source=bench/federation_setup.sh
+source bench/federation_setup.sh
+FLOOD=$PROBE
 for n in hospital bank; do
   cat > "$WORK/$n.toml" <<EOF
 federation = "flood"

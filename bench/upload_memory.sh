@@ -11,21 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${1:-16}
 MIB=${2:-64}
-cargo build --release -q --bin fedtune --example upload_memory
-BIN=$PWD/target/release/fedtune
-PROBE=$PWD/target/release/examples/upload_memory
-MODEL=$PWD/testdata/tiny-llama/model
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
-echo "work dir $WORK" >&2
-KEY=$("$BIN" ca init --dir "$WORK/ca" --federation uploads)
-ENTRIES=""
-NAMES=""
-for i in $(seq 1 "$COUNT"); do
-  ENTRIES+="$("$BIN" ca issue --dir "$WORK/ca" --client "site$i")"$'\n'
-  NAMES+=" site$i"
-done
-PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+NAMES=$(for i in $(seq 1 "$COUNT"); do printf ' site%s' "$i"; done)
+EXAMPLE=upload_memory FEDERATION=uploads CLIENTS=$NAMES
+# shellcheck source=bench/federation_setup.sh
+source bench/federation_setup.sh
 for budget in 512 64 1000000; do
   rm -rf "$WORK/data"
   cat > "$WORK/coord.toml" <<EOF2
