@@ -15,18 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedtune_coordinator::daemon::now_ms;
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::messages::{decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::tls::{self, CertPair};
 use fedtune_protocol::{Identity, ToClient, ToCoordinator, digest, quic};
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Reads control messages until a plan comes; returns it with its global header.
 async fn plan(

@@ -113,15 +113,11 @@ pub struct LocalTraining {
 }
 
 impl LocalTraining {
-    /// The directory of `round`'s training log, created (none without `output_dir`).
-    fn round_dir(&self, round: u64) -> fedtune_engine::Result<Option<PathBuf>> {
-        let Some(d) = &self.output_dir else {
-            return Ok(None);
-        };
-        let dir = d.join(format!("round-{round:03}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
-        Ok(Some(dir))
+    /// The directory of `round`'s training log (none without `output_dir`; the training loop
+    /// creates it).
+    fn round_dir(&self, round: u64) -> Option<PathBuf> {
+        let dir = self.output_dir.as_ref()?;
+        Some(dir.join(format!("round-{round:03}")))
     }
 }
 
@@ -300,7 +296,7 @@ fn grpo_training(
     };
     opts.validate(h.batch_size).map_err(Error::Invalid)?;
     let cfg = round_config(&data.local, job);
-    let dir = data.local.round_dir(job.plan.round)?;
+    let dir = data.local.round_dir(job.plan.round);
     let run = RunOptions {
         config: &cfg,
         output: dir.as_deref(),
@@ -343,7 +339,7 @@ fn local_training<M: TrainModel>(
 ) -> fedtune_engine::Result<(TrainSummary, u64)> {
     let h = &job.plan.hyper;
     let cfg = round_config(&data.local, job);
-    let dir = data.local.round_dir(job.plan.round)?;
+    let dir = data.local.round_dir(job.plan.round);
     let run = RunOptions {
         config: &cfg,
         output: dir.as_deref(),

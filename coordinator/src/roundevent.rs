@@ -148,40 +148,6 @@ pub enum RoundEvent {
 }
 
 impl RoundEvent {
-    /// The record's `event` name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            RoundEvent::RoundOpen { .. } => "round_open",
-            RoundEvent::RoundRetry { .. } => "round_retry",
-            RoundEvent::Accepted { .. } => "accepted",
-            RoundEvent::Rejected { .. } => "rejected",
-            RoundEvent::Declined { .. } => "declined",
-            RoundEvent::AggregationFailed { .. } => "aggregation_failed",
-            RoundEvent::RoundClosed(_) => "round_closed",
-            RoundEvent::StoredUpdateInvalid { .. } => "stored_update_invalid",
-            RoundEvent::UploadAbandoned { .. } => "upload_abandoned",
-            RoundEvent::UploadRefused { .. } => "upload_refused",
-            RoundEvent::StorageRecovered { .. } => "storage_recovered",
-        }
-    }
-
-    /// The round the record is about, where it names one.
-    pub fn round(&self) -> Option<u64> {
-        match self {
-            RoundEvent::RoundOpen { round, .. }
-            | RoundEvent::RoundRetry { round, .. }
-            | RoundEvent::Accepted { round, .. }
-            | RoundEvent::Declined { round, .. }
-            | RoundEvent::AggregationFailed { round, .. }
-            | RoundEvent::StoredUpdateInvalid { round, .. }
-            | RoundEvent::UploadAbandoned { round, .. }
-            | RoundEvent::UploadRefused { round, .. } => Some(*round),
-            RoundEvent::RoundClosed(c) => Some(c.round),
-            RoundEvent::Rejected { round, .. } => *round,
-            RoundEvent::StorageRecovered { .. } => None,
-        }
-    }
-
     /// The client the record is about, where it names one.
     pub fn client(&self) -> Option<PublicKey> {
         match self {

@@ -36,8 +36,8 @@ pub fn utc(ms: u64) -> String {
 /// The round log of a running coordinator.
 pub struct RoundLog {
     file: std::fs::File,
-    /// Key (hex) → configured name.
-    names: BTreeMap<String, String>,
+    /// Key → configured name.
+    names: BTreeMap<PublicKey, String>,
     /// Print each record as a line on stdout.
     console: bool,
     /// Counts each record for `/metrics`.
@@ -49,10 +49,7 @@ impl RoundLog {
     pub fn new(file: std::fs::File, clients: &BTreeMap<String, PublicKey>, console: bool) -> Self {
         RoundLog {
             file,
-            names: clients
-                .iter()
-                .map(|(n, k)| (k.to_hex(), n.clone()))
-                .collect(),
+            names: clients.iter().map(|(n, k)| (*k, n.clone())).collect(),
             console,
             metrics: None,
         }
@@ -66,14 +63,7 @@ impl RoundLog {
 
     /// A client's configured name, or its key's hex for a client not configured.
     pub fn name_of(&self, k: &PublicKey) -> String {
-        let hex = k.to_hex();
-        self.names.get(&hex).cloned().unwrap_or(hex)
-    }
-
-    fn name(&self, hex: &Value) -> Value {
-        hex.as_str()
-            .map(|h| json!(self.names.get(h).cloned().unwrap_or_else(|| h.to_string())))
-            .unwrap_or(Value::Null)
+        self.names.get(k).cloned().unwrap_or_else(|| k.to_hex())
     }
 
     /// The JSON line of `e`: its record with the time and the client names added.
@@ -84,14 +74,17 @@ impl RoundLog {
         };
         o.insert("time_ms".into(), json!(now_ms));
         o.insert("time".into(), json!(utc(now_ms)));
-        if let Some(c) = o.get("client").cloned() {
-            o.insert("client_name".into(), self.name(&c));
+        if let Some(c) = e.client() {
+            o.insert("client_name".into(), json!(self.name_of(&c)));
         }
-        for field in ["sampled", "used"] {
-            if let Some(list) = o.get(field).and_then(Value::as_array).cloned() {
-                let names: Vec<Value> = list.iter().map(|c| self.name(c)).collect();
-                o.insert(format!("{field}_names"), json!(names));
-            }
+        let lists: Vec<(&str, &[PublicKey])> = match e {
+            RoundEvent::RoundOpen { sampled, .. } => vec![("sampled", sampled)],
+            RoundEvent::RoundClosed(c) => vec![("sampled", &c.sampled), ("used", &c.used)],
+            _ => Vec::new(),
+        };
+        for (field, keys) in lists {
+            let names: Vec<String> = keys.iter().map(|k| self.name_of(k)).collect();
+            o.insert(format!("{field}_names"), json!(names));
         }
         v
     }

@@ -58,6 +58,26 @@ pub(crate) fn remove_parts(
 /// The stream error code of an upload the coordinator has no room for now (it asks again).
 pub(crate) const STOP_NO_ROOM: u32 = 6;
 
+/// An upload the disk cannot take: its stream is stopped with [`STOP_NO_ROOM`], it is logged
+/// as abandoned (`got` bytes held, `why`), and its client is asked again once there is room
+/// for its `want` bytes.
+async fn no_room(
+    stream: &mut quinn::RecvStream,
+    events: &mpsc::Sender<Event>,
+    (pk, round, got, want): (PublicKey, u64, u64, u64),
+    why: String,
+) {
+    let _ = stream.stop(STOP_NO_ROOM.into());
+    let abandoned = Event::Abandoned {
+        pk,
+        round,
+        bytes: got,
+        why,
+    };
+    let _ = events.send(abandoned).await;
+    let _ = events.send(Event::NoRoom { pk, bytes: want }).await;
+}
+
 /// How long an upload stream may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upload may stall between chunks.
@@ -134,17 +154,8 @@ pub(crate) async fn upload(
     {
         Ok(f) => f,
         Err(e) => {
-            let _ = stream.stop(STOP_NO_ROOM.into());
             let why = format!("the coordinator could not create its file: {e}");
-            let _ = events
-                .send(Event::Abandoned {
-                    pk,
-                    round,
-                    bytes: 0,
-                    why,
-                })
-                .await;
-            let _ = events.send(Event::NoRoom { pk, bytes: want }).await;
+            no_room(&mut stream, &events, (pk, round, 0, want), why).await;
             return;
         }
     };
@@ -185,21 +196,11 @@ pub(crate) async fn upload(
                 }
                 hasher.update(&chunk.bytes);
                 if let Err(e) = file.write_all(&chunk.bytes).await {
-                    // A full disk: the partial file goes (it would only hold the space), the
-                    // client is told to stop, and asked again once there is room.
-                    let _ = stream.stop(STOP_NO_ROOM.into());
+                    // A full disk: the partial file goes (it would only hold the space).
                     drop(file);
                     let _ = tokio::fs::remove_file(&path).await;
                     let why = format!("the coordinator could not write it: {e}");
-                    let _ = events
-                        .send(Event::Abandoned {
-                            pk,
-                            round,
-                            bytes: got,
-                            why,
-                        })
-                        .await;
-                    let _ = events.send(Event::NoRoom { pk, bytes: want }).await;
+                    no_room(&mut stream, &events, (pk, round, got, want), why).await;
                     return;
                 }
             }

@@ -316,7 +316,10 @@ impl Pair {
     }
 
     fn count(&self, name: &str) -> usize {
-        self.log.iter().filter(|e| e.name() == name).count()
+        self.log
+            .iter()
+            .filter(|e| e.to_json()["event"] == name)
+            .count()
     }
 
     fn rejected(&self) -> Vec<(usize, String)> {
