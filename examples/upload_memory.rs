@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedtune_coordinator::daemon::now_ms;
+use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::messages::{decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};

@@ -14,12 +14,13 @@ use burn::tensor::{DType, Device};
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
 use fedtune_client::daemon::{ClientOptions, run};
 use fedtune_client::{Client, ClientConfig};
-use fedtune_coordinator::daemon::{DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::daemon::{DaemonOptions, bind, serve};
 use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_engine::eval::sft_loss;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::{LoadedModel, load_model};
+use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::tls::{self, CertPair};
 use fedtune_protocol::{
     Hyper, Identity, LoraPlan, PROTOCOL_VERSION, Phase, digest, model_digest, peft, plan_hash, quic,

@@ -8,23 +8,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use fedtune_protocol::clock::{now_ms, utc};
 use fedtune_protocol::envelope::Digest;
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
-use fedtune_protocol::{ToClient, ToCoordinator};
+use fedtune_protocol::{ToClient, Upload};
 
+use crate::event::ClientEvent;
 use crate::machine::{Client, ClientAction};
 use crate::trainer::{Base, LocalData, train_round};
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Where the coordinator is and what the client needs locally.
 #[derive(Clone)]
@@ -127,8 +121,15 @@ pub async fn run(
     }
 }
 
-fn log(opts: &ClientOptions, v: &serde_json::Value) {
+/// Appends `e` to the local log as one JSON line with its time (`time_ms`, and `time`, UTC).
+fn log(opts: &ClientOptions, e: &ClientEvent) {
     use std::io::Write;
+    let now = now_ms();
+    let mut v = serde_json::to_value(e).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("time_ms".into(), now.into());
+        o.insert("time".into(), utc(now).into());
+    }
     if let Some(p) = &opts.log
         && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -147,6 +148,26 @@ fn train_failed(machine: &mut Client, round: u64, error: String) {
     machine.handle_train_failed(now_ms(), round, error);
 }
 
+/// Uploads `u` on a stream of its own: the header frame, the coordinator's answer (the payload
+/// bytes it already holds), then the rest of the payload. `None`: the coordinator refused the
+/// header (a rejection comes as a message) or had no room for it.
+async fn upload(conn: &quinn::Connection, u: &Upload) -> Result<Option<u64>, String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, &encode(&*u.header))
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(b) = read_frame(&mut r, 8).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let offset = u64::from_le_bytes(b.try_into().map_err(|_| "bad offset".to_string())?)
+        .min(u.payload.len() as u64);
+    s.write_all(&u.payload[offset as usize..])
+        .await
+        .map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())?;
+    Ok(Some(offset))
+}
+
 async fn session(
     machine: &mut Client,
     conn: &quinn::Connection,
@@ -160,33 +181,15 @@ async fn session(
     loop {
         while let Some(a) = machine.poll_action() {
             match a {
-                ClientAction::Log(v) => log(opts, &v),
+                ClientAction::Log(e) => log(opts, &e),
                 ClientAction::Finished(d) => return Ok(Outcome::Finished(d)),
                 ClientAction::Stop(reason) => return Ok(Outcome::Stopped(reason)),
-                ClientAction::Send(ToCoordinator::Update { header, payload }) => {
-                    // Resumable upload: the coordinator says how much it already holds.
-                    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                    write_frame(&mut s, &encode(&*header))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let Some(b) = read_frame(&mut r, 8).await.map_err(|e| e.to_string())? else {
-                        log(
-                            opts,
-                            &serde_json::json!({"event": "upload_refused", "round": header.header.round}),
-                        );
-                        continue;
-                    };
-                    let offset =
-                        u64::from_le_bytes(b.try_into().map_err(|_| "bad offset".to_string())?)
-                            .min(payload.len() as u64) as usize;
-                    s.write_all(&payload[offset..])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    s.finish().map_err(|e| e.to_string())?;
-                    log(
-                        opts,
-                        &serde_json::json!({"event": "uploaded", "round": header.header.round, "bytes": payload.len(), "resumed_from": offset}),
-                    );
+                ClientAction::Upload(u) => {
+                    let round = u.header.header.round;
+                    match upload(conn, &u).await? {
+                        Some(offset) => machine.handle_uploaded(now_ms(), round, offset),
+                        None => machine.handle_upload_refused(now_ms(), round),
+                    }
                 }
                 ClientAction::Send(msg) => write_frame(&mut send, &encode(&msg))
                     .await
@@ -212,10 +215,11 @@ async fn session(
                     };
                     log(
                         opts,
-                        &serde_json::json!({
-                            "event": "trained", "round": round, "seconds": started.elapsed().as_secs_f64(),
-                            "metrics": out.metrics.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-                        }),
+                        &ClientEvent::Trained {
+                            round,
+                            seconds: started.elapsed().as_secs_f64(),
+                            metrics: out.metrics.iter().cloned().collect(),
+                        },
                     );
                     machine.handle_trained(
                         now_ms(),

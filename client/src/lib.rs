@@ -4,7 +4,9 @@
 //! same machine in memory.
 
 pub mod daemon;
+pub mod event;
 pub mod machine;
 pub mod trainer;
 
+pub use event::ClientEvent;
 pub use machine::{Client, ClientAction, ClientConfig, LoraPin, TrainJob};

@@ -8,8 +8,10 @@ use fedtune_aggregation::Adapter;
 use fedtune_protocol::envelope::{Digest, PayloadKind, Seal, check_payload_digest, seal};
 use fedtune_protocol::{
     DeclineReason, Identity, LoraPlan, PROTOCOL_VERSION, PublicKey, RoundPlan, SignedHeader,
-    ToClient, ToCoordinator, peft, plan_hash,
+    ToClient, ToCoordinator, Upload, peft, plan_hash,
 };
+
+use crate::event::ClientEvent;
 
 /// What a client knows before it connects.
 #[derive(Debug, Clone)]
@@ -84,12 +86,15 @@ pub struct TrainJob {
 /// What the driver must do.
 #[derive(Debug, Clone)]
 pub enum ClientAction {
-    /// Send a message to the coordinator.
+    /// Send a control message to the coordinator.
     Send(ToCoordinator),
+    /// Upload an update on a stream of its own (header, the coordinator's offset, payload),
+    /// then call [`Client::handle_uploaded`] or [`Client::handle_upload_refused`].
+    Upload(Upload),
     /// Run local training, then call [`Client::handle_trained`].
     Train(Box<TrainJob>),
     /// Append to the local log.
-    Log(serde_json::Value),
+    Log(ClientEvent),
     /// The federation finished with this global adapter digest.
     Finished(Digest),
     /// Stop: continuing cannot succeed (the coordinator is not the pinned one).
@@ -109,7 +114,7 @@ pub struct Client {
     pub accepted: Vec<u64>,
     /// The signed update of the current round until the coordinator answers it (sent again
     /// when the coordinator sends the round's plan again, e.g. after a dropped connection).
-    pending: Option<(Box<SignedHeader>, Vec<u8>)>,
+    pending: Option<Upload>,
     /// The round whose local training failed and why (told again if its plan comes again).
     failed: Option<(u64, String)>,
 }
@@ -150,7 +155,7 @@ impl Client {
         self.actions.pop_front()
     }
 
-    fn log(&mut self, v: serde_json::Value) {
+    fn log(&mut self, v: ClientEvent) {
         self.actions.push_back(ClientAction::Log(v));
     }
 
@@ -202,7 +207,9 @@ impl Client {
                         coordinator.to_hex(),
                         self.cfg.coordinator.to_hex()
                     );
-                    self.log(serde_json::json!({"event": "error", "reason": reason}));
+                    self.log(ClientEvent::Error {
+                        reason: reason.clone(),
+                    });
                     self.actions.push_back(ClientAction::Stop(reason));
                 }
             }
@@ -219,13 +226,9 @@ impl Client {
                 }
                 if self.current.as_ref().is_some_and(|p| p.round == plan.round) {
                     // The coordinator asks again: our upload did not arrive.
-                    if let Some((header, payload)) = self.pending.clone() {
-                        self.log(serde_json::json!({"event": "resend", "round": plan.round}));
-                        self.actions
-                            .push_back(ClientAction::Send(ToCoordinator::Update {
-                                header,
-                                payload,
-                            }));
+                    if let Some(upload) = self.pending.clone() {
+                        self.log(ClientEvent::Resend { round: plan.round });
+                        self.actions.push_back(ClientAction::Upload(upload));
                     } else if let Some((_, error)) =
                         self.failed.clone().filter(|(r, _)| *r == plan.round)
                     {
@@ -241,7 +244,7 @@ impl Client {
                 match self.verify_global(&plan, &global, &payload) {
                     Ok(adapter) => {
                         self.current = Some((*plan).clone());
-                        self.log(serde_json::json!({"event": "plan", "round": plan.round}));
+                        self.log(ClientEvent::Plan { round: plan.round });
                         self.actions
                             .push_back(ClientAction::Train(Box::new(TrainJob {
                                 plan: *plan,
@@ -249,7 +252,10 @@ impl Client {
                             })));
                     }
                     Err(reason) => {
-                        self.log(serde_json::json!({"event": "plan_rejected", "round": plan.round, "reason": reason}));
+                        self.log(ClientEvent::PlanRejected {
+                            round: plan.round,
+                            reason: reason.clone(),
+                        });
                         self.actions
                             .push_back(ClientAction::Send(ToCoordinator::Decline {
                                 round: plan.round,
@@ -264,16 +270,14 @@ impl Client {
                     self.current = None;
                     self.pending = None;
                 }
-                self.log(serde_json::json!({"event": "accepted", "round": round}));
+                self.log(ClientEvent::Accepted { round });
             }
             ToClient::Rejected { round, reason } => {
                 if self.current.as_ref().is_some_and(|p| p.round == round) {
                     self.current = None;
                     self.pending = None;
                 }
-                self.log(
-                    serde_json::json!({"event": "rejected", "round": round, "reason": reason}),
-                );
+                self.log(ClientEvent::Rejected { round, reason });
             }
             ToClient::Finished { global_digest } => {
                 self.actions
@@ -297,7 +301,10 @@ impl Client {
         if self.current.as_ref().is_none_or(|p| p.round != round) || self.pending.is_some() {
             return;
         }
-        self.log(serde_json::json!({"event": "train_failed", "round": round, "error": error}));
+        self.log(ClientEvent::TrainFailed {
+            round,
+            error: error.clone(),
+        });
         self.failed = Some((round, error.clone()));
         self.actions
             .push_back(ClientAction::Send(ToCoordinator::Decline {
@@ -339,12 +346,35 @@ impl Client {
             },
             &payload,
         );
-        let header = Box::new(header);
-        self.pending = Some((header.clone(), payload.clone()));
-        self.actions
-            .push_back(ClientAction::Send(ToCoordinator::Update {
-                header,
-                payload,
-            }));
+        let upload = Upload {
+            header: Box::new(header),
+            payload,
+        };
+        self.pending = Some(upload.clone());
+        self.actions.push_back(ClientAction::Upload(upload));
+    }
+
+    /// The payload of `round`'s upload was sent from `resumed_from` (the bytes the coordinator
+    /// already held); its answer comes as a message.
+    pub fn handle_uploaded(&mut self, _now_ms: u64, round: u64, resumed_from: u64) {
+        if let Some(u) = self
+            .pending
+            .as_ref()
+            .filter(|u| u.header.header.round == round)
+        {
+            let bytes = u.payload.len() as u64;
+            self.log(ClientEvent::Uploaded {
+                round,
+                bytes,
+                resumed_from,
+            });
+        }
+    }
+
+    /// The coordinator refused `round`'s upload before its payload (a rejection comes as a
+    /// message) or had no room for it: the update is kept and sent again when the round's plan
+    /// comes again.
+    pub fn handle_upload_refused(&mut self, _now_ms: u64, round: u64) {
+        self.log(ClientEvent::UploadRefused { round });
     }
 }

@@ -2,7 +2,7 @@
 
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_client::machine::ClientAction;
-use fedtune_client::{Client, ClientConfig, LoraPin};
+use fedtune_client::{Client, ClientConfig, ClientEvent, LoraPin};
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::{
     DeclineReason, Hyper, Identity, LoraPlan, Phase, RoundPlan, ToClient, ToCoordinator, digest,
@@ -239,7 +239,7 @@ fn a_failed_local_training_is_declined_with_a_typed_reason() {
     let acts = actions(&mut c);
     assert!(acts.iter().any(|a| matches!(
         a,
-        ClientAction::Log(v) if v["event"] == "train_failed" && v["error"] == "no preference pairs"
+        ClientAction::Log(ClientEvent::TrainFailed { round: 1, error }) if error == "no preference pairs"
     )));
     let declines = |acts: &[ClientAction]| -> Vec<DeclineReason> {
         acts.iter()
@@ -259,4 +259,60 @@ fn a_failed_local_training_is_declined_with_a_typed_reason() {
     let again = actions(&mut c);
     assert_eq!(declines(&again), [want]);
     assert!(!again.iter().any(|a| matches!(a, ClientAction::Train(_))));
+}
+
+/// A trained update leaves as an upload (not a control message); the client logs how the upload
+/// went, keeps a refused one, and uploads the same signed bytes again when the round's plan comes
+/// again. Once accepted, a repeated plan changes nothing.
+#[test]
+fn a_trained_update_is_an_upload_sent_again_while_unanswered() {
+    let coord = Identity::from_seed([1; 32]);
+    let mut c = client(&coord);
+    let msg = plan(&coord, lora(2, 8.0), &lora(2, 8.0));
+    assert!(outcome(&mut c, &coord, msg.clone()).is_ok());
+    c.handle_trained(
+        10,
+        1,
+        &Adapter::default(),
+        7,
+        vec![("train_loss".into(), 0.5)],
+    );
+    let uploads = |acts: &[ClientAction]| -> Vec<fedtune_protocol::Upload> {
+        acts.iter()
+            .filter_map(|a| match a {
+                ClientAction::Upload(u) => Some(u.clone()),
+                ClientAction::Send(m) => panic!("an update went as a control message: {m:?}"),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = uploads(&actions(&mut c));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].header.header.round, 1);
+    assert_eq!(first[0].header.header.num_examples, 7);
+    c.handle_upload_refused(11, 1);
+    assert!(matches!(
+        actions(&mut c)[..],
+        [ClientAction::Log(ClientEvent::UploadRefused { round: 1 })]
+    ));
+    c.handle_message(20, msg.clone());
+    let again = actions(&mut c);
+    assert!(matches!(
+        again[0],
+        ClientAction::Log(ClientEvent::Resend { round: 1 })
+    ));
+    assert_eq!(uploads(&again), first, "the same signed bytes");
+    c.handle_uploaded(21, 1, 100);
+    let bytes = first[0].payload.len() as u64;
+    assert!(matches!(
+        actions(&mut c)[..],
+        [ClientAction::Log(ClientEvent::Uploaded { round: 1, bytes: b, resumed_from: 100 })] if b == bytes
+    ));
+    c.handle_message(30, ToClient::Accepted { round: 1 });
+    c.handle_message(31, msg);
+    assert!(
+        actions(&mut c)
+            .iter()
+            .all(|a| matches!(a, ClientAction::Log(ClientEvent::Accepted { round: 1 }))),
+    );
 }

@@ -5,14 +5,15 @@
 //! for the certificate's common name. One identity holds at most
 //! [`ConnectionLimits::per_client`] connections, each must say `Hello` within
 //! [`ConnectionLimits::hello_timeout`], and the newest connection that said it is the client's
-//! only route (older ones are closed as superseded; their end changes nothing). Control messages are length-prefixed postcard frames on
-//! the connection's first bidirectional stream. Each update comes on its own bidirectional
-//! stream: a header frame, checked by [`Coordinator::precheck`] before a byte of payload is
-//! read (a rejected stream is stopped); the coordinator answers with the number of payload
-//! bytes it already holds for that (client, round, digest) — uploads resume after a dropped
-//! connection — and the client sends the rest, appended to a file under `incoming/` (never
-//! past the signed length) and handed to the machine once complete. One task owns the machine; actions are carried out in order
-//! (`Persist` through [`FileStore`] before any later `Send`).
+//! only route (older ones are closed as superseded; their end changes nothing). Control
+//! messages are length-prefixed postcard frames on the connection's first bidirectional stream.
+//! Each update comes on its own bidirectional stream: a header frame, checked by
+//! [`Coordinator::handle_upload_header`] before a byte of payload is read (a rejected stream is
+//! stopped); the coordinator answers with the number of payload bytes it already holds for that
+//! (client, round, digest) — uploads resume after a dropped connection — and the client sends
+//! the rest, appended to a file under `incoming/` (never past the signed length) and handed to
+//! [`Coordinator::handle_upload`] once complete. One task owns the machine; actions are carried
+//! out in order (`Persist` through [`FileStore`] before any later `Send`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::IntoFuture;
@@ -20,8 +21,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
 use fedtune_protocol::{PublicKey, ToClient, ToCoordinator};
@@ -55,14 +57,6 @@ pub enum DaemonError {
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let context = context.into();
     move |cause| DaemonError::Io { context, cause }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// How often partial uploads are checked for having been idle past a header's lifetime.
@@ -587,7 +581,7 @@ pub async fn serve(
                     machine.handle_hello(now_ms(), pk);
                 }
                 Some(Event::Msg { pk, msg }) => machine.handle_message(now_ms(), pk, msg),
-                Some(Event::PreCheck { pk, header, reply }) => {
+                Some(Event::UploadHeader { pk, header, reply }) => {
                     // While writes fail, or without room for it, an upload waits (its client
                     // is asked again); the machine does not see it, so nothing is counted.
                     let refused = disk.refuse(pk, header.header.payload_len);
@@ -605,16 +599,12 @@ pub async fn serve(
                             Err(Refusal::NoRoom)
                         }
                         None => machine
-                            .precheck(now_ms(), pk, &header)
+                            .handle_upload_header(now_ms(), pk, &header)
                             .map_err(|_| Refusal::Rejected),
                     };
                     let _ = reply.send(verdict);
                 }
-                Some(Event::Upload { pk, header, payload, .. }) => machine.handle_message(
-                    now_ms(),
-                    pk,
-                    ToCoordinator::Update { header: Box::new(header), payload },
-                ),
+                Some(Event::Upload { pk, upload, .. }) => machine.handle_upload(now_ms(), pk, upload),
                 Some(Event::Abandoned { pk, round, bytes, why }) => {
                     log_abandoned(&mut log, pk, round, bytes, &why);
                 }

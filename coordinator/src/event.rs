@@ -1,7 +1,7 @@
 //! What the coordinator daemon's connection and upload tasks tell the task that owns the
 //! machine.
 
-use fedtune_protocol::{PublicKey, SignedHeader, ToClient, ToCoordinator};
+use fedtune_protocol::{PublicKey, SignedHeader, ToClient, ToCoordinator, Upload};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 /// An event for the machine's task.
@@ -16,15 +16,16 @@ pub(crate) enum Event {
         pk: PublicKey,
         msg: ToCoordinator,
     },
-    PreCheck {
+    /// An upload's header, for [`Coordinator::handle_upload_header`](crate::Coordinator::handle_upload_header).
+    UploadHeader {
         pk: PublicKey,
-        header: SignedHeader,
+        header: Box<SignedHeader>,
         reply: oneshot::Sender<Result<(), Refusal>>,
     },
+    /// A whole upload, for [`Coordinator::handle_upload`](crate::Coordinator::handle_upload).
     Upload {
         pk: PublicKey,
-        header: SignedHeader,
-        payload: Vec<u8>,
+        upload: Upload,
         /// The payload's share of the upload memory budget, given back once handled.
         _permit: OwnedSemaphorePermit,
     },

@@ -17,7 +17,7 @@ use fedtune_aggregation::validate::Plan;
 use fedtune_protocol::envelope::{Digest, PayloadKind, Seal, seal};
 use fedtune_protocol::{
     Hyper, Identity, PublicKey, Rejection, RoundPlan, SignedHeader, ToClient, ToCoordinator,
-    digest, peft,
+    Upload, digest, peft,
 };
 use serde::{Deserialize, Serialize};
 
@@ -476,19 +476,30 @@ impl Coordinator {
                     }
                 }
             }
-            ToCoordinator::Update { header, payload } => {
-                self.handle_update(now_ms, from, *header, payload)
-            }
         }
     }
 
-    fn handle_update(
+    /// The signed header of an upload, before its payload: the driver takes the payload only
+    /// when this passes. A rejection is answered, logged and counted here.
+    pub fn handle_upload_header(
         &mut self,
         now_ms: u64,
         from: PublicKey,
-        header: SignedHeader,
-        payload: Vec<u8>,
-    ) {
+        header: &SignedHeader,
+    ) -> std::result::Result<(), Rejection> {
+        let r = self.check_header_only(now_ms, from, header);
+        if let Err(why) = &r {
+            self.reject(Some(header.header.round), from, why.clone());
+        }
+        r
+    }
+
+    /// A whole upload whose header passed [`Coordinator::handle_upload_header`]: the header is
+    /// checked again (time has passed), then the payload (digest, decoding, validation);
+    /// accepted, it is persisted and answered.
+    pub fn handle_upload(&mut self, now_ms: u64, from: PublicKey, upload: Upload) {
+        let Upload { header, payload } = upload;
+        let header = *header;
         let round = header.header.round;
         let verdict = self.check_update(now_ms, from, &header, &payload);
         match verdict {
@@ -522,21 +533,6 @@ impl Coordinator {
                 }
             }
         }
-    }
-
-    /// Checks an update's header before its payload is read (the driver streams the payload
-    /// only when this passes). A rejection is answered, logged and counted here.
-    pub fn precheck(
-        &mut self,
-        now_ms: u64,
-        from: PublicKey,
-        header: &SignedHeader,
-    ) -> std::result::Result<(), Rejection> {
-        let r = self.check_header_only(now_ms, from, header);
-        if let Err(why) = &r {
-            self.reject(Some(header.header.round), from, why.clone());
-        }
-        r
     }
 
     fn close(&mut self, now_ms: u64) {

@@ -7,31 +7,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use fedtune_protocol::PublicKey;
+use fedtune_protocol::clock::utc;
 use serde_json::{Value, json};
 
 use crate::roundevent::RoundEvent;
-
-/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
 
 /// The round log of a running coordinator.
 pub struct RoundLog {
@@ -181,10 +160,7 @@ mod tests {
     use crate::roundevent::RoundClosed;
 
     #[test]
-    fn utc_dates_and_named_records() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_796_529_078_123), "2026-12-06T03:51:18Z");
+    fn named_records() {
         let a = fedtune_protocol::Identity::from_seed([1; 32]).public();
         let b = fedtune_protocol::Identity::from_seed([2; 32]).public();
         let clients = BTreeMap::from([("hospital".to_string(), a)]);

@@ -1,5 +1,5 @@
-//! Update uploads, each on its own stream: the signed header is prechecked by the machine's
-//! task, the payload streams to a resumable partial file under `incoming/` (hashed as it
+//! Update uploads, each on its own stream: the signed header goes to the machine
+//! ([`Coordinator::handle_upload_header`](crate::Coordinator::handle_upload_header)), the payload streams to a resumable partial file under `incoming/` (hashed as it
 //! goes), and a complete payload whose digest is the signed one is read in, within the memory
 //! budget, and handed to the machine.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fedtune_protocol::messages::{MAX_CONTROL, decode};
 use fedtune_protocol::quic::{read_frame, write_frame};
-use fedtune_protocol::{PublicKey, SignedHeader};
+use fedtune_protocol::{PublicKey, SignedHeader, Upload};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -108,9 +108,9 @@ pub(crate) async fn upload(
     };
     let (reply, verdict) = oneshot::channel();
     if events
-        .send(Event::PreCheck {
+        .send(Event::UploadHeader {
             pk,
-            header: header.clone(),
+            header: Box::new(header.clone()),
             reply,
         })
         .await
@@ -240,8 +240,10 @@ pub(crate) async fn upload(
     let _ = events
         .send(Event::Upload {
             pk,
-            header,
-            payload,
+            upload: Upload {
+                header: Box::new(header),
+                payload,
+            },
             _permit: permit,
         })
         .await;

@@ -11,11 +11,18 @@ use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
 use fedtune_client::{Client, ClientAction, ClientConfig, LoraPin};
 use fedtune_coordinator::{Action, CoordConfig, Coordinator, RoundEvent};
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
-use fedtune_protocol::messages::{decode, encode};
+use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
 use fedtune_protocol::{
-    Digest, Hyper, Identity, LoraPlan, Phase, PublicKey, ToClient, ToCoordinator, digest, peft,
-    plan_hash,
+    Digest, Hyper, Identity, LoraPlan, Phase, PublicKey, SignedHeader, ToClient, ToCoordinator,
+    Upload, digest, peft, plan_hash,
 };
+
+/// What a client sends: a control message, or an update's upload.
+#[derive(Debug, Clone)]
+enum Sent {
+    Message(ToCoordinator),
+    Upload(Upload),
+}
 
 const MODULE: &str = "model.layers.0.self_attn.q_proj";
 const MODEL: Digest = [3; 32];
@@ -90,10 +97,10 @@ struct Pair {
     /// Milliseconds each client's training takes (`None`: it never finishes).
     train_ms: Vec<Option<u64>>,
     jobs: Vec<Job>,
-    /// Messages on their way to the coordinator, by sender.
-    to_coord: VecDeque<(usize, ToCoordinator)>,
+    /// Messages and uploads on their way to the coordinator, by sender.
+    to_coord: VecDeque<(usize, Sent)>,
     /// What each client sent, in order (for replays).
-    sent: Vec<Vec<ToCoordinator>>,
+    sent: Vec<Vec<Sent>>,
     store: BTreeMap<String, Vec<u8>>,
     log: Vec<RoundEvent>,
     finished: Vec<Option<Digest>>,
@@ -195,18 +202,45 @@ impl Pair {
         }
     }
 
-    /// A message from client `k` reaches the coordinator as the daemon hands it over: an
-    /// update's header is prechecked before its payload is taken.
-    fn deliver(&mut self, k: usize, msg: ToCoordinator) {
-        let wire = encode(&msg);
-        let msg: ToCoordinator = decode(&wire, 1 << 22, "message").unwrap();
+    /// What client `k` sent reaches the coordinator as the daemons hand it over: through the
+    /// wire encoding, an upload's header before its payload; the client hears how its upload
+    /// went.
+    fn deliver(&mut self, k: usize, sent: Sent) {
         let pk = self.key(k);
-        if let ToCoordinator::Update { header, .. } = &msg
-            && self.coord.precheck(self.now, pk, header).is_err()
-        {
-            return;
+        match sent {
+            Sent::Message(msg) => {
+                let wire = encode(&msg);
+                let msg: ToCoordinator = decode(&wire, MAX_CONTROL, "message").unwrap();
+                self.coord.handle_message(self.now, pk, msg);
+            }
+            Sent::Upload(u) => {
+                let wire = encode(&*u.header);
+                let header: SignedHeader = decode(&wire, MAX_CONTROL, "update header").unwrap();
+                let round = header.header.round;
+                if self
+                    .coord
+                    .handle_upload_header(self.now, pk, &header)
+                    .is_err()
+                {
+                    self.clients[k].handle_upload_refused(self.now, round);
+                    return;
+                }
+                let upload = Upload {
+                    header: Box::new(header),
+                    payload: u.payload,
+                };
+                self.coord.handle_upload(self.now, pk, upload);
+                self.clients[k].handle_uploaded(self.now, round, 0);
+            }
         }
-        self.coord.handle_message(self.now, pk, msg);
+    }
+
+    /// Client `k` sends `s` (lost while it is not connected).
+    fn sent_by(&mut self, k: usize, s: Sent) {
+        if self.connected[k] {
+            self.sent[k].push(s.clone());
+            self.to_coord.push_back((k, s));
+        }
     }
 
     /// Carries out every pending action of every machine until none is left.
@@ -234,12 +268,8 @@ impl Pair {
                 while let Some(a) = self.clients[k].poll_action() {
                     any = true;
                     match a {
-                        ClientAction::Send(m) => {
-                            if self.connected[k] {
-                                self.sent[k].push(m.clone());
-                                self.to_coord.push_back((k, m));
-                            }
-                        }
+                        ClientAction::Send(m) => self.sent_by(k, Sent::Message(m)),
+                        ClientAction::Upload(u) => self.sent_by(k, Sent::Upload(u)),
                         ClientAction::Train(job) => {
                             if let Some(ms) = self.train_ms[k] {
                                 self.jobs.push(Job {
@@ -462,7 +492,7 @@ fn a_replayed_update_is_rejected_and_changes_nothing() {
     p.advance_to(T0 + 1_000);
     let update = p.sent[0]
         .iter()
-        .find(|m| matches!(m, ToCoordinator::Update { .. }))
+        .find(|m| matches!(m, Sent::Upload(_)))
         .cloned()
         .expect("client 0 sent its update");
     p.deliver(0, update);
@@ -480,7 +510,7 @@ fn an_update_of_a_closed_round_is_rejected() {
     assert_eq!(p.closed().len(), 1, "round 1 closed");
     let old = p.sent[1]
         .iter()
-        .find(|m| matches!(m, ToCoordinator::Update { .. }))
+        .find(|m| matches!(m, Sent::Upload(_)))
         .cloned()
         .unwrap();
     // Round 1's update, sent again while round 2 is open.
@@ -522,10 +552,10 @@ fn an_update_trained_from_another_global_is_rejected_as_stale() {
     );
     p.deliver(
         2,
-        ToCoordinator::Update {
+        Sent::Upload(Upload {
             header: Box::new(header),
             payload,
-        },
+        }),
     );
     p.settle();
     assert_eq!(p.rejected(), vec![(2, "stale_global".to_string())]);

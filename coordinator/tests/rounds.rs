@@ -10,7 +10,8 @@ use fedtune_coordinator::machine::Action;
 use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::{
-    DeclineReason, Hyper, Identity, LoraPlan, Phase, RoundPlan, ToClient, ToCoordinator, peft,
+    DeclineReason, Hyper, Identity, LoraPlan, Phase, RoundPlan, ToClient, ToCoordinator, Upload,
+    peft,
 };
 
 const MODULE: &str = "model.layers.0.self_attn.q_proj";
@@ -103,10 +104,11 @@ fn upload(c: &mut Coordinator, id: &Identity, plan: &RoundPlan, k: usize, now: u
         },
         &payload,
     );
-    c.handle_message(
+    c.handle_upload_header(now, id.public(), &header).unwrap();
+    c.handle_upload(
         now,
         id.public(),
-        ToCoordinator::Update {
+        Upload {
             header: Box::new(header),
             payload,
         },

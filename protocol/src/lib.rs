@@ -13,6 +13,7 @@
 //! refuses to compile, and 2.0.1 is unmaintained (RUSTSEC-2025-0141) and aborts the process on
 //! a hostile length prefix.
 
+pub mod clock;
 pub mod envelope;
 pub mod error;
 pub mod identity;
@@ -28,7 +29,7 @@ pub use envelope::{Digest, Header, PayloadKind, SignedHeader, digest};
 pub use error::{ProtocolError, Result};
 pub use identity::{Identity, PublicKey};
 pub use messages::{
-    DeclineReason, DistillPlan, GrpoPlan, Hyper, Phase, RoundPlan, ToClient, ToCoordinator,
+    DeclineReason, DistillPlan, GrpoPlan, Hyper, Phase, RoundPlan, ToClient, ToCoordinator, Upload,
 };
 pub use plan::{LoraPlan, model_digest, plan_hash};
 pub use rejection::Rejection;

@@ -289,13 +289,11 @@ pub enum ToCoordinator {
         /// The client's key.
         client: PublicKey,
     },
-    /// A signed update (PEFT safetensors bytes).
-    Update {
-        /// Signed header.
-        header: Box<SignedHeader>,
-        /// The adapter.
-        payload: Vec<u8>,
-    },
+    /// Index 1 on the wire was an update carried in a control message. Updates are uploads on
+    /// streams of their own ([`Upload`]); the index stays taken so that `Decline` keeps its
+    /// encoding, and a frame that uses it fails to decode.
+    #[doc(hidden)]
+    Retired(Never),
     /// The client cannot take part in `round`.
     Decline {
         /// Round.
@@ -303,6 +301,21 @@ pub enum ToCoordinator {
         /// Why.
         reason: DeclineReason,
     },
+}
+
+/// A value that cannot exist: decoding one always fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Never {}
+
+/// An update as the client uploads it, on a stream of its own: the signed header (one frame,
+/// checked before any payload byte is read), then the payload (PEFT safetensors bytes),
+/// resumed from the offset the coordinator says it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upload {
+    /// The signed header.
+    pub header: Box<SignedHeader>,
+    /// The adapter's bytes.
+    pub payload: Vec<u8>,
 }
 
 /// Why a client takes no part in a round.

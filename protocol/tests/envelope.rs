@@ -7,7 +7,9 @@ use fedtune_protocol::envelope::{
     Expectations, PayloadKind, Seal, check_header, check_payload_digest, digest, seal,
 };
 use fedtune_protocol::messages::{FrameDecoder, MAX_CONTROL, decode, encode, frame};
-use fedtune_protocol::{Identity, PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator};
+use fedtune_protocol::{
+    DeclineReason, Identity, PublicKey, Rejection, SignedHeader, ToClient, ToCoordinator,
+};
 use proptest::prelude::*;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -147,14 +149,18 @@ fn messages_round_trip_and_frames_reassemble() {
     let (alice, _) = ids();
     let payload = vec![5u8; 100];
     let h = sealed(&alice, &payload, |_| {});
-    let msg = ToCoordinator::Update {
-        header: Box::new(h),
-        payload,
+    // An upload's header frame.
+    let bytes = encode(&h);
+    let back: SignedHeader = decode(&bytes, MAX_CONTROL, "update header").unwrap();
+    assert_eq!(back, h);
+    assert!(decode::<SignedHeader>(&bytes, 10, "update header").is_err());
+    let msg = ToCoordinator::Decline {
+        round: 3,
+        reason: DeclineReason::Training("out of memory".into()),
     };
     let bytes = encode(&msg);
     let back: ToCoordinator = decode(&bytes, MAX_CONTROL, "message").unwrap();
     assert_eq!(back, msg);
-    assert!(decode::<ToCoordinator>(&bytes, 10, "message").is_err());
     let mut d = FrameDecoder::new(1 << 16);
     let framed = [frame(&bytes), frame(b"x")].concat();
     let mut got = Vec::new();
@@ -185,13 +191,34 @@ proptest! {
     fn decoders_survive_mutated_messages(pos in any::<prop::sample::Index>(), val in any::<u8>(), cut in any::<prop::sample::Index>()) {
         let (alice, _) = ids();
         let h = sealed(&alice, b"payload", |_| {});
-        let mut bytes = encode(&ToCoordinator::Update { header: Box::new(h), payload: b"payload".to_vec() });
+        let mut bytes = encode(&h);
         let i = pos.index(bytes.len());
         bytes[i] = val;
         let n = cut.index(bytes.len() + 1);
-        if let Ok(ToCoordinator::Update { header, .. }) = decode::<ToCoordinator>(&bytes[..n], MAX_CONTROL, "m") {
+        if let Ok(header) = decode::<SignedHeader>(&bytes[..n], MAX_CONTROL, "m") {
             // A mutated header that still decodes must not verify unless it is unchanged.
             let _ = header.signature_valid();
         }
     }
+}
+
+/// Control messages keep their encodings: `Hello` is variant 0 and `Decline` variant 2 (index 1
+/// was an update carried as a control message, before uploads had streams of their own), and a
+/// frame that uses index 1 does not decode.
+#[test]
+fn control_messages_keep_their_variant_indices() {
+    let (alice, _) = ids();
+    let hello = encode(&ToCoordinator::Hello {
+        version: 2,
+        client: alice.public(),
+    });
+    assert_eq!(hello[0], 0);
+    let decline = encode(&ToCoordinator::Decline {
+        round: 1,
+        reason: DeclineReason::Plan("x".into()),
+    });
+    assert_eq!(decline[0], 2);
+    let mut old = decline.clone();
+    old[0] = 1;
+    assert!(decode::<ToCoordinator>(&old, MAX_CONTROL, "message").is_err());
 }

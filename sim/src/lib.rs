@@ -19,4 +19,4 @@ pub mod run;
 pub mod setup;
 
 pub use config::SimConfig;
-pub use memory::{Fate, Federation, SimClient, SimError};
+pub use memory::{Fate, Federation, Sent, SimClient, SimError};

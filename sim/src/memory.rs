@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 
 use fedtune_client::trainer::{Base, LocalData, TrainOutcome, train_round};
-use fedtune_client::{Client, ClientAction, TrainJob};
+use fedtune_client::{Client, ClientAction, ClientEvent, TrainJob};
 use fedtune_coordinator::{Action, CoordConfig, Coordinator, RoundEvent};
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
-use fedtune_protocol::{Identity, PublicKey, ToClient, ToCoordinator};
+use fedtune_protocol::{Identity, PublicKey, SignedHeader, ToClient, ToCoordinator, Upload};
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ pub struct SimClient {
     /// Every byte it sent (for leak checks).
     pub sent: Vec<u8>,
     /// Its local log.
-    pub log: Vec<serde_json::Value>,
+    pub log: Vec<ClientEvent>,
     /// Simulated training time per round, in milliseconds (without a fate hook).
     pub train_ms: u64,
     /// Wall-clock seconds spent training this client.
@@ -113,8 +113,17 @@ pub struct Federation<'a> {
     jobs: Vec<(usize, Box<TrainJob>, u64, Option<u64>)>,
 }
 
-/// A message rewriter: `(client index, now, message) → messages actually sent`.
-pub type Tamper<'a> = Box<dyn FnMut(usize, u64, ToCoordinator) -> Vec<ToCoordinator> + 'a>;
+/// What a client sends: a control message, or an update's upload (header, then payload).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sent {
+    /// A control message.
+    Message(ToCoordinator),
+    /// An upload.
+    Upload(Upload),
+}
+
+/// A rewriter of what clients send: `(client index, now, sent) → what is actually sent`.
+pub type Tamper<'a> = Box<dyn FnMut(usize, u64, Sent) -> Vec<Sent> + 'a>;
 /// Decides a job's fate: `(client index, job, now) → fate`.
 pub type FateHook<'a> = Box<dyn FnMut(usize, &TrainJob, u64) -> Fate + 'a>;
 /// Rewrites a job's outcome: `(client index, round, outcome)`.
@@ -264,37 +273,8 @@ impl<'a> Federation<'a> {
                 ClientAction::Stop(reason) => {
                     return Err(SimError::Io(format!("client {i} stopped: {reason}")));
                 }
-                ClientAction::Send(msg) => {
-                    if !self.clients[i].connected {
-                        continue;
-                    }
-                    let msgs = match self.tamper.as_mut() {
-                        Some(t) => t(i, self.now_ms, msg),
-                        None => vec![msg],
-                    };
-                    for msg in msgs {
-                        let bytes = encode(&msg);
-                        self.clients[i].sent.extend_from_slice(&bytes);
-                        let limit = MAX_CONTROL.max(bytes.len());
-                        let msg: ToCoordinator =
-                            decode(&bytes, limit, "message").expect("own encoding");
-                        let pk = self.clients[i].machine.public_key();
-                        let t = std::time::Instant::now();
-                        // As the daemon does: an update's signed header is prechecked before
-                        // its payload is taken (a refused header is answered and logged there).
-                        let passed = match &msg {
-                            ToCoordinator::Update { header, .. } => {
-                                self.coordinator.precheck(self.now_ms, pk, header).is_ok()
-                            }
-                            _ => true,
-                        };
-                        if passed {
-                            self.coordinator.handle_message(self.now_ms, pk, msg);
-                        }
-                        self.coordinator_s += t.elapsed().as_secs_f64();
-                        self.drain_coordinator();
-                    }
-                }
+                ClientAction::Send(msg) => self.send(i, Sent::Message(msg)),
+                ClientAction::Upload(u) => self.send(i, Sent::Upload(u)),
                 ClientAction::Train(job) => {
                     let fate = match self.fate.as_mut() {
                         Some(f) => f(i, &job, self.now_ms),
@@ -322,6 +302,60 @@ impl<'a> Federation<'a> {
             }
         }
         Ok(any)
+    }
+
+    /// Carries what client `i` sends to the coordinator as the daemons do: through the wire
+    /// encoding, an upload's header first (the payload is taken only when it passes), then the
+    /// whole upload; the client hears how its upload went.
+    fn send(&mut self, i: usize, sent: Sent) {
+        if !self.clients[i].connected {
+            return;
+        }
+        let sent = match self.tamper.as_mut() {
+            Some(t) => t(i, self.now_ms, sent),
+            None => vec![sent],
+        };
+        let pk = self.clients[i].machine.public_key();
+        for s in sent {
+            let t = std::time::Instant::now();
+            match s {
+                Sent::Message(msg) => {
+                    let bytes = encode(&msg);
+                    self.clients[i].sent.extend_from_slice(&bytes);
+                    let msg: ToCoordinator =
+                        decode(&bytes, MAX_CONTROL, "message").expect("own encoding");
+                    self.coordinator.handle_message(self.now_ms, pk, msg);
+                }
+                Sent::Upload(u) => {
+                    let bytes = encode(&*u.header);
+                    self.clients[i].sent.extend_from_slice(&bytes);
+                    let header: SignedHeader =
+                        decode(&bytes, MAX_CONTROL, "update header").expect("own encoding");
+                    let round = header.header.round;
+                    if self
+                        .coordinator
+                        .handle_upload_header(self.now_ms, pk, &header)
+                        .is_ok()
+                    {
+                        self.clients[i].sent.extend_from_slice(&u.payload);
+                        let upload = Upload {
+                            header: Box::new(header),
+                            payload: u.payload,
+                        };
+                        self.coordinator.handle_upload(self.now_ms, pk, upload);
+                        self.clients[i]
+                            .machine
+                            .handle_uploaded(self.now_ms, round, 0);
+                    } else {
+                        self.clients[i]
+                            .machine
+                            .handle_upload_refused(self.now_ms, round);
+                    }
+                }
+            }
+            self.coordinator_s += t.elapsed().as_secs_f64();
+            self.drain_coordinator();
+        }
     }
 
     /// Runs the jobs collected in this pass through the real engine (up to `parallel` at a

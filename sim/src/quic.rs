@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use fedtune_client::Client;
 use fedtune_client::daemon::{ClientOptions, run as run_client};
 use fedtune_client::trainer::LocalData;
-use fedtune_coordinator::daemon::{DaemonOptions, RunSummary, bind, now_ms, serve};
+use fedtune_coordinator::daemon::{DaemonOptions, RunSummary, bind, serve};
 use fedtune_coordinator::roundevent::parse_log;
 use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
+use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::tls::{self, CertPair};
 use fedtune_protocol::{digest, peft, quic};
 

@@ -17,14 +17,14 @@ use fedtune_client::trainer::{Base, LocalData};
 use fedtune_coordinator::{Coordinator, RoundEvent};
 use fedtune_engine::LoadedModel;
 use fedtune_engine::data::Example;
-use fedtune_protocol::{ToCoordinator, digest};
+use fedtune_protocol::digest;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
 
 use crate::config::{Attack, SimConfig};
 use crate::evaluate::GenerationScores;
-use crate::memory::{Fate, Federation, SimClient, SimError};
+use crate::memory::{Fate, Federation, Sent, SimClient, SimError};
 
 /// Passes of the simulation after which a run counts as stalled.
 const MAX_PASSES: usize = 1_000_000;
@@ -235,15 +235,15 @@ fn faulty_federation<'a>(
         .filter(|(_, a)| **a == Attack::Replay)
         .map(|(k, _)| *k)
         .collect();
-    let mut last: BTreeMap<usize, ToCoordinator> = BTreeMap::new();
-    f.tamper = Some(Box::new(move |k, _now, msg| {
-        if !replayers.contains(&k) || !matches!(msg, ToCoordinator::Update { .. }) {
-            return vec![msg];
+    let mut last: BTreeMap<usize, Sent> = BTreeMap::new();
+    f.tamper = Some(Box::new(move |k, _now, sent| {
+        if !replayers.contains(&k) || !matches!(sent, Sent::Upload(_)) {
+            return vec![sent];
         }
         // Send the previous round's signed update instead of this one.
-        match last.insert(k, msg.clone()) {
+        match last.insert(k, sent.clone()) {
             Some(old) => vec![old],
-            None => vec![msg],
+            None => vec![sent],
         }
     }));
     f.connect_all();

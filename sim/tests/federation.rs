@@ -230,7 +230,8 @@ fn a_coordinator_killed_mid_round_resumes_with_no_update_lost() {
 #[test]
 fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() {
     use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
-    use fedtune_protocol::{ToCoordinator, peft};
+    use fedtune_protocol::{Upload, peft};
+    use fedtune_sim::Sent;
     let m = tiny();
     let mut s = setup(4, 8, Rule::FedAvgExact);
     s.cfg.min_results = 3;
@@ -240,14 +241,14 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
     let outsider = Identity::from_seed([77; 32]);
     let base_f = Base::from(m.model.clone());
     let mut f = federation(&s, &m, &base_f);
-    let mut first: Option<ToCoordinator> = None;
+    let mut first: Option<Sent> = None;
     let federation_id = s.cfg.federation.clone();
-    f.tamper = Some(Box::new(move |i, now, msg| {
-        let ToCoordinator::Update { header, payload } = msg else {
-            return vec![msg];
+    f.tamper = Some(Box::new(move |i, now, sent| {
+        let Sent::Upload(Upload { header, payload }) = sent else {
+            return vec![sent];
         };
         if i != 0 {
-            return vec![ToCoordinator::Update { header, payload }];
+            return vec![Sent::Upload(Upload { header, payload })];
         }
         let h = header.header.clone();
         let resign = |payload: &[u8], f: &dyn Fn(&mut Seal<'_>)| {
@@ -266,7 +267,7 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
             f(&mut sl);
             Box::new(seal(&hostile, sl, payload))
         };
-        let upd = |header, payload| ToCoordinator::Update { header, payload };
+        let upd = |header, payload| Sent::Upload(Upload { header, payload });
         let mut adapter =
             peft::decode(&payload, &Default::default(), |_, r| 8.0 / r as f32).unwrap();
         match h.round {
@@ -379,14 +380,15 @@ fn hostile_updates_are_rejected_with_their_reasons_and_honest_ones_aggregated() 
 /// the round with every client.
 #[test]
 fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
-    use fedtune_protocol::ToCoordinator;
+    use fedtune_client::ClientEvent;
+    use fedtune_sim::Sent;
     let m = tiny();
     let s = setup(3, 1, Rule::FedAvgExact);
     let base_f = Base::from(m.model.clone());
     let mut f = federation(&s, &m, &base_f);
     let mut dropped = false;
     f.tamper = Some(Box::new(move |i, _, msg| match msg {
-        ToCoordinator::Update { .. } if i == 1 && !dropped => {
+        Sent::Upload(_) if i == 1 && !dropped => {
             dropped = true;
             Vec::new()
         }
@@ -403,7 +405,12 @@ fn an_update_lost_with_the_connection_is_sent_again_after_reconnecting() {
     f.run(10_000).unwrap();
     let closed = closed_rounds(&f.log);
     assert_eq!(closed[0].used.len(), 3, "{:?}", closed[0]);
-    assert!(f.clients[1].log.iter().any(|e| e["event"] == "resend"));
+    assert!(
+        f.clients[1]
+            .log
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Resend { round: 1 }))
+    );
 }
 
 /// A federated KTO phase: two clients, each with its own unpaired feedback, train the shared

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use fedtune_coordinator::Coordinator;
 use fedtune_coordinator::store::FileStore;
 use fedtune_protocol::PublicKey;
+use fedtune_protocol::clock::now_ms;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -53,13 +54,6 @@ struct StageView {
 struct ClientView {
     name: String,
     key: String,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `ms` (since the epoch) from now, in words.

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use burn::tensor::{DType, Device};
 use fedtune_aggregation::strategy::{Rule, StrategyConfig};
-use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, now_ms, serve};
+use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, serve};
 use fedtune_coordinator::{CoordConfig, Coordinator};
 use fedtune_engine::load_model;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
+use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::messages::{decode, encode};
 use fedtune_protocol::quic::{read_frame, write_frame};
