@@ -106,6 +106,11 @@ fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
         .local_addr()
         .unwrap()
         .port();
+    let bank_metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let model = root().join("testdata/tiny-llama/model");
     let data_dir = dir.join("coord-data");
     let coord_toml = dir.join("coord.toml");
@@ -166,13 +171,15 @@ log = "{log}"
                 // One site trains its own way: QLoRA, checkpointing, a shorter maximum length,
                 // a forced data format (its update is the same kind), and pins the LoRA
                 // configuration it expects (the others take the plan's).
-                // It also keeps each round's training log, with TensorBoard event files.
+                // It also keeps each round's training log, with TensorBoard event files, and
+                // serves its metrics.
                 local = if n == "bank" {
                     format!(
                         "load_in_4bit = true\nbnb_4bit_use_double_quant = true\n\
                          gradient_checkpointing = true\nrank = 4\nlora_alpha = 8.0\n\
                          max_length = 512\nformat = \"openai\"\n\
-                         output_dir = \"{}\"\nreport_to = \"tensorboard\"\n",
+                         output_dir = \"{}\"\nreport_to = \"tensorboard\"\n\
+                         metrics_listen = \"127.0.0.1:{bank_metrics_port}\"\n",
                         dir.join("bank-runs").display()
                     )
                 } else {
@@ -218,6 +225,40 @@ log = "{log}"
         status["open_round"]["waiting"],
         json!(["helpdesk"]),
         "{status}"
+    );
+    // The bank client's own metrics: round 1 trained, uploaded and accepted, its loss.
+    wait_for(
+        "the bank client to count its accepted update",
+        Duration::from_secs(60),
+        || {
+            try_metrics(bank_metrics_port)
+                .is_some_and(|t| t.contains("fedtune_client_updates_accepted_total 1"))
+        },
+    );
+    let text = metrics(bank_metrics_port);
+    for line in [
+        "fedtune_client_round 1",
+        "fedtune_client_rounds_trained_total 1",
+        "fedtune_client_train_seconds_count 1",
+        "fedtune_client_uploads_total 1",
+        "fedtune_client_connected 1",
+        "fedtune_client_metric{name=\"train_loss\"}",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    // Its local log has the same events, each with its time.
+    let bank_log = std::fs::read_to_string(dir.join("bank.log.jsonl")).unwrap();
+    let uploaded: Vec<serde_json::Value> = bank_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "uploaded")
+        .collect();
+    assert_eq!(uploaded.len(), 1, "{bank_log}");
+    assert_eq!(uploaded[0]["round"], 1);
+    assert!(
+        uploaded[0]["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
     );
     // Prometheus metrics of the running coordinator.
     let text = metrics(metrics_port);
@@ -376,14 +417,18 @@ log = "{log}"
 
 /// The text of `GET /metrics` on `127.0.0.1:port`.
 fn metrics(port: u16) -> String {
+    try_metrics(port).unwrap_or_else(|| panic!("no metrics on port {port}"))
+}
+
+/// The text of `GET /metrics` on `127.0.0.1:port`, if something answers 200 there.
+fn try_metrics(port: u16) -> Option<String> {
     use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
+        .ok()?;
     let mut reply = String::new();
-    c.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
-    reply
+    c.read_to_string(&mut reply).ok()?;
+    reply.starts_with("HTTP/1.1 200 OK").then_some(reply)
 }
 
 /// `fedtune coord status --json` on `config`.

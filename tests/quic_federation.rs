@@ -126,6 +126,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         max_payload: 64 << 20,
         log: None,
         max_attempts: 5,
+        metrics: None,
     };
     let ccfg = ClientConfig {
         federation: "quic-test".into(),
@@ -158,6 +159,7 @@ async fn three_clients_complete_two_rounds_over_mutual_tls_quic() {
         data[0].clone(),
         ClientOptions {
             max_attempts: 2,
+            metrics: None,
             ..client_opts.clone()
         },
     ));

@@ -18,6 +18,7 @@ use fedtune_protocol::{ToClient, Upload};
 
 use crate::event::ClientEvent;
 use crate::machine::{Client, ClientAction};
+use crate::metrics::ClientMetrics;
 use crate::trainer::{Base, LocalData, train_round};
 
 /// Where the coordinator is and what the client needs locally.
@@ -33,6 +34,8 @@ pub struct ClientOptions {
     pub log: Option<PathBuf>,
     /// Give up after this many failed connection attempts in a row.
     pub max_attempts: u32,
+    /// Serve Prometheus metrics at `GET /metrics` on this address ([`crate::metrics`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Errors that stop the client.
@@ -76,6 +79,26 @@ pub async fn run(
     } else {
         "[::]:0".parse().expect("valid")
     };
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("metrics: listening on {addr}: {e}"))
+            })?;
+            let m = Arc::new(ClientMetrics::default());
+            let text = m.clone();
+            tokio::spawn(fedtune_protocol::metrics_http::serve(
+                listener,
+                Arc::new(move || text.text()),
+            ));
+            tracing::info!(%addr, "metrics at /metrics");
+            Some(m)
+        }
+        None => None,
+    };
+    let out = Out {
+        path: opts.log.clone(),
+        metrics,
+    };
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(quic);
     let mut failures = 0u32;
@@ -89,7 +112,10 @@ pub async fn run(
                 .await
                 .map_err(|e| e.to_string())?;
             established = true;
-            session(&mut machine, &conn, &base, &data, &opts).await
+            out.connected(true);
+            let r = session(&mut machine, &conn, &base, &data, &opts, &out).await;
+            out.connected(false);
+            r
         };
         match attempt.await {
             Ok(Outcome::Finished(d)) => {
@@ -121,8 +147,32 @@ pub async fn run(
     }
 }
 
-/// Appends `e` to the local log as one JSON line with its time (`time_ms`, and `time`, UTC).
-fn log(opts: &ClientOptions, e: &ClientEvent) {
+/// Where the client's log records go: the local log file and the metrics.
+struct Out {
+    path: Option<PathBuf>,
+    metrics: Option<Arc<ClientMetrics>>,
+}
+
+impl Out {
+    fn connected(&self, up: bool) {
+        if let Some(m) = &self.metrics {
+            m.set_connected(up);
+        }
+    }
+
+    /// Counts `e` and appends it to the local log as one JSON line with its time (`time_ms`,
+    /// and `time`, UTC).
+    fn log(&self, e: &ClientEvent) {
+        if let Some(m) = &self.metrics {
+            m.record(e);
+        }
+        if let Some(p) = &self.path {
+            append(p, e);
+        }
+    }
+}
+
+fn append(p: &std::path::Path, e: &ClientEvent) {
     use std::io::Write;
     let now = now_ms();
     let mut v = serde_json::to_value(e).unwrap_or_default();
@@ -130,11 +180,10 @@ fn log(opts: &ClientOptions, e: &ClientEvent) {
         o.insert("time_ms".into(), now.into());
         o.insert("time".into(), utc(now).into());
     }
-    if let Some(p) = &opts.log
-        && let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
     {
         let _ = writeln!(f, "{v}");
     }
@@ -174,6 +223,7 @@ async fn session(
     base: &Arc<Base>,
     data: &Arc<LocalData>,
     opts: &ClientOptions,
+    out: &Out,
 ) -> Result<Outcome, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     machine.handle_connected(now_ms());
@@ -181,7 +231,7 @@ async fn session(
     loop {
         while let Some(a) = machine.poll_action() {
             match a {
-                ClientAction::Log(e) => log(opts, &e),
+                ClientAction::Log(e) => out.log(&e),
                 ClientAction::Finished(d) => return Ok(Outcome::Finished(d)),
                 ClientAction::Stop(reason) => return Ok(Outcome::Stopped(reason)),
                 ClientAction::Upload(u) => {
@@ -200,10 +250,12 @@ async fn session(
                     let started = std::time::Instant::now();
                     // A failure is told to the coordinator and the log; the client stays in
                     // the federation for the next round.
-                    let out = match tokio::task::spawn_blocking(move || train_round(&b, &d, &job))
-                        .await
+                    let trained = match tokio::task::spawn_blocking(move || {
+                        train_round(&b, &d, &job)
+                    })
+                    .await
                     {
-                        Ok(Ok(out)) => out,
+                        Ok(Ok(t)) => t,
                         Ok(Err(e)) => {
                             train_failed(machine, round, e.to_string());
                             continue;
@@ -213,20 +265,17 @@ async fn session(
                             continue;
                         }
                     };
-                    log(
-                        opts,
-                        &ClientEvent::Trained {
-                            round,
-                            seconds: started.elapsed().as_secs_f64(),
-                            metrics: out.metrics.iter().cloned().collect(),
-                        },
-                    );
+                    out.log(&ClientEvent::Trained {
+                        round,
+                        seconds: started.elapsed().as_secs_f64(),
+                        metrics: trained.metrics.iter().cloned().collect(),
+                    });
                     machine.handle_trained(
                         now_ms(),
                         round,
-                        &out.adapter,
-                        out.num_examples,
-                        out.metrics,
+                        &trained.adapter,
+                        trained.num_examples,
+                        trained.metrics,
                     );
                 }
             }

@@ -6,6 +6,7 @@
 pub mod daemon;
 pub mod event;
 pub mod machine;
+pub mod metrics;
 pub mod trainer;
 
 pub use event::ClientEvent;

@@ -403,7 +403,11 @@ pub async fn serve(
                 .await
                 .map_err(io(format!("metrics: listening on {addr}")))?;
             let m = Arc::new(crate::metrics::Metrics::default());
-            tokio::spawn(crate::metrics::serve(listener, m.clone()));
+            let text = m.clone();
+            tokio::spawn(fedtune_protocol::metrics_http::serve(
+                listener,
+                Arc::new(move || text.text()),
+            ));
             tracing::info!(%addr, "metrics at /metrics");
             log = log.with_metrics(m.clone());
             Some(m)

@@ -433,9 +433,10 @@ impl Coordinator {
         if let Some(round) = round {
             self.actions.push_back(Action::Send {
                 to: client,
+                // `label: detail`, so that a client can count rejections by label.
                 msg: ToClient::Rejected {
                     round,
-                    reason: why.to_string(),
+                    reason: format!("{}: {why}", why.label()),
                 },
             });
         }

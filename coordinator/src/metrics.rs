@@ -11,13 +11,9 @@
 //! - `fedtune_round_metric{name}`: the last closed round's example-weighted metrics
 //!   (`train_loss`, `eval_loss`, ...).
 //!
-//! The HTTP side answers one request per connection, reads at most 8 KiB of it within 5 s,
-//! serves at most 32 connections at once, and anything but `GET /metrics` gets a 404: it
-//! never panics on what it reads.
+//! The HTTP side is [`fedtune_protocol::metrics_http`], shared with the client.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use fedtune_protocol::PublicKey;
 use prometheus_client::encoding::text::encode;
@@ -28,7 +24,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::roundevent::RoundEvent;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Labels = Vec<(String, String)>;
 
@@ -157,61 +152,6 @@ impl Metrics {
         // Writing to a String does not fail.
         let _ = encode(&mut out, &self.registry);
         out
-    }
-}
-
-/// Requests answered at once; more connections are closed unanswered.
-const MAX_REQUESTS: usize = 32;
-
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            // Out of descriptors, or the like: wait instead of spinning.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut buf = vec![0u8; 8192];
-            let mut n = 0;
-            let read = async {
-                while n < buf.len() {
-                    match conn.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
-                if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                    ("200 OK", metrics.text())
-                } else {
-                    ("404 Not Found", "only GET /metrics\n".to_string())
-                };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
     }
 }
 

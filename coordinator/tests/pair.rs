@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
 use fedtune_aggregation::{Adapter, LoraFactors, Matrix};
-use fedtune_client::{Client, ClientAction, ClientConfig, LoraPin};
+use fedtune_client::{Client, ClientAction, ClientConfig, ClientEvent, LoraPin};
 use fedtune_coordinator::{Action, CoordConfig, Coordinator, RoundEvent};
 use fedtune_protocol::envelope::{PayloadKind, Seal, seal};
 use fedtune_protocol::messages::{MAX_CONTROL, decode, encode};
@@ -104,6 +104,8 @@ struct Pair {
     store: BTreeMap<String, Vec<u8>>,
     log: Vec<RoundEvent>,
     finished: Vec<Option<Digest>>,
+    /// Each client's local log.
+    client_log: Vec<Vec<ClientEvent>>,
 }
 
 impl Pair {
@@ -155,6 +157,7 @@ impl Pair {
             store: BTreeMap::new(),
             log: Vec::new(),
             finished: vec![None; n],
+            client_log: vec![Vec::new(); n],
         }
     }
 
@@ -281,7 +284,7 @@ impl Pair {
                             }
                         }
                         ClientAction::Finished(d) => self.finished[k] = Some(d),
-                        ClientAction::Log(_) => {}
+                        ClientAction::Log(e) => self.client_log[k].push(e),
                         ClientAction::Stop(why) => panic!("client {k} stopped: {why}"),
                     }
                 }
@@ -498,6 +501,17 @@ fn a_replayed_update_is_rejected_and_changes_nothing() {
     p.deliver(0, update);
     p.settle();
     assert_eq!(p.rejected(), vec![(0, "replay".to_string())]);
+    // The client hears the rejection with its label first (what its metrics count by).
+    let heard: Vec<&str> = p.client_log[0]
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Rejected { round: 1, reason } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heard.len(), 1, "{:?}", p.client_log[0]);
+    assert!(heard[0].starts_with("replay: "), "{heard:?}");
+    assert_eq!(fedtune_client::metrics::reason_label(heard[0]), "replay");
     p.run(60);
     assert_eq!(p.closed()[0].used.len(), 3);
     assert_eq!(p.coord.rejections().get("replay"), Some(&1));

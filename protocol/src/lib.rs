@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod error;
 pub mod identity;
 pub mod messages;
+pub mod metrics_http;
 pub mod plan;
 pub mod quic;
 pub mod rejection;

@@ -269,7 +269,8 @@ pub enum ToClient {
     Rejected {
         /// Round.
         round: u64,
-        /// Why.
+        /// Why: the rejection's label, a colon, and what it says (`replay: update already
+        /// seen ...`; see [`crate::Rejection::label`]).
         reason: String,
     },
     /// The federation finished; the last global adapter has this digest.

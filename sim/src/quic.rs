@@ -180,6 +180,7 @@ fn run_daemons(
                     max_payload: p.coord.max_payload,
                     log: None,
                     max_attempts: 10,
+                    metrics: None,
                 },
             )));
         }

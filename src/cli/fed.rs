@@ -201,6 +201,9 @@ struct ClientFile {
     report_to: Vec<fedtune_engine::train::config::ReportTo>,
     #[serde(default = "default_payload")]
     max_payload_mb: u64,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (off without it).
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
     /// Where local training runs: `cpu` (default) or `cuda[:N]`.
     #[serde(default)]
     device: Option<String>,
@@ -657,6 +660,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             max_payload: f.max_payload_mb << 20,
             log: f.log.clone(),
             max_attempts: 20,
+            metrics: f.metrics_listen,
         },
     ))?;
     let hex = hex::encode(digest);
