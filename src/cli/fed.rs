@@ -667,3 +667,6 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     println!("federation finished; final global adapter blake3 {hex}");
     Ok(())
 }
+
+#[cfg(test)]
+mod config_examples;
