@@ -15,13 +15,11 @@ use fedtune_aggregation::dp::DpConfig;
 use fedtune_aggregation::optim::ServerOptimizer;
 use fedtune_aggregation::strategy::{Rule, Sampling, StrategyConfig};
 use fedtune_client::LoraPin;
-use fedtune_client::trainer::{LocalData, LocalTraining};
 use fedtune_client::{Client, ClientConfig};
 use fedtune_coordinator::admission::HandshakeLimits;
 use fedtune_coordinator::daemon::{ConnectionLimits, DaemonOptions, bind, serve};
 use fedtune_coordinator::store::FileStore;
 use fedtune_coordinator::{CoordConfig, Coordinator, Stage};
-use fedtune_engine::data::{Dataset, LoadOptions};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_protocol::clock::now_ms;
@@ -294,65 +292,9 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     let config = a.config.context("--config is required")?;
     let f: CoordFile = read_toml(&config)?;
     let file = config.display().to_string();
-    let mut names = BTreeSet::new();
-    let mut keys = BTreeSet::new();
-    for c in &f.clients {
-        anyhow::ensure!(
-            names.insert(c.name.as_str()),
-            "{file}: clients: the name `{}` is listed twice",
-            c.name
-        );
-        anyhow::ensure!(
-            keys.insert(c.key.as_str()),
-            "{file}: clients.{}: its key is also another client's",
-            c.name
-        );
-    }
-    for (field, v) in [
-        ("rank", f.rank as u64),
-        ("min_results", f.min_results as u64),
-        ("rounds", f.rounds),
-        ("upload_memory_mb", f.upload_memory_mb),
-    ] {
-        anyhow::ensure!(v > 0, "{file}: {field} must be positive");
-    }
+    checks::check_coord_file(&f, &file)?;
     let handshakes = f.handshakes.limits(&file)?;
     let phase = f.phase.unwrap_or(Phase::Sft);
-    let stages = std::iter::once((phase, &f.local, "local".to_string())).chain(
-        f.then
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.phase, &s.local, format!("then[{i}].local"))),
-    );
-    for (p, local, where_) in stages {
-        if p == Phase::Distill {
-            let d = local.distill.clone().unwrap_or_default();
-            fedtune_engine::train::distill::DistillOptions {
-                beta: d.beta,
-                lmbda: d.lmbda,
-                temperature: d.temperature,
-                max_new_tokens: d.max_new_tokens as usize,
-                ..Default::default()
-            }
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{file}: {where_}.distill: {e}"))?;
-        }
-        if p == Phase::Grpo {
-            let g = local.grpo.as_ref().with_context(|| {
-                format!("{file}: phase grpo needs [{where_}.grpo] with its rewards")
-            })?;
-            anyhow::ensure!(
-                !g.rewards.is_empty(),
-                "{file}: {where_}.grpo.rewards: name at least one reward"
-            );
-            anyhow::ensure!(
-                g.num_generations >= 2 && local.batch_size % g.num_generations as usize == 0,
-                "{file}: {where_}: batch_size ({}, completions) must be a multiple of grpo.num_generations ({}, at least 2)",
-                local.batch_size,
-                g.num_generations
-            );
-        }
-    }
     let mut admitted = BTreeSet::new();
     let mut clients = BTreeMap::new();
     for c in &f.clients {
@@ -502,130 +444,14 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
             f.model.display()
         )
     })?;
-    let device: fedtune_engine::device::Device = f
-        .device
-        .as_deref()
-        .unwrap_or("cpu")
-        .parse()
-        .with_context(|| format!("{}: device", a.config.display()))?;
     let file = a.config.display().to_string();
-    anyhow::ensure!(f.max_length >= 2, "{file}: max_length must be at least 2");
-    anyhow::ensure!(
-        f.output_dir.is_some()
-            || !f
-                .report_to
-                .contains(&fedtune_engine::train::config::ReportTo::Tensorboard),
-        "{file}: report_to = \"tensorboard\" needs output_dir (where each round's event files go)"
-    );
-    anyhow::ensure!(
-        !(f.bf16 && f.fp16),
-        "{file}: bf16 and fp16 exclude each other"
-    );
-    let dt = if f.bf16 {
-        fedtune_engine::cuda::Dt::BF16
-    } else if f.fp16 {
-        fedtune_engine::cuda::Dt::F16
-    } else {
-        fedtune_engine::cuda::Dt::F32
-    };
-    anyhow::ensure!(
-        dt == fedtune_engine::cuda::Dt::F32
-            || matches!(device, fedtune_engine::device::Device::Cuda(_)),
-        "{file}: bf16/fp16 mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
-    );
-    anyhow::ensure!(
-        f.gradient_accumulation_steps.is_none(),
-        "{file}: gradient_accumulation_steps: the round plan sets it for every client \
-         (gradient_accumulation_steps in coord.toml's [local]); remove it here"
-    );
-    anyhow::ensure!(
-        f.rank.is_none_or(|r| r > 0),
-        "{file}: rank must be positive"
-    );
-    anyhow::ensure!(
-        f.load_in_4bit || !f.bnb_4bit_use_double_quant,
-        "{file}: bnb_4bit_use_double_quant needs load_in_4bit = true"
-    );
-    let format = f
-        .format
-        .as_deref()
-        .map(str::parse::<fedtune_engine::data::Format>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("{file}: format: {e}"))?;
+    let (device, dt, format) = checks::check_client_file(&f, &file)?;
     let mut m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
         .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
     if f.load_in_4bit {
         m.model.quantize_nf4(f.bnb_4bit_use_double_quant);
     }
-    let opts = LoadOptions {
-        format,
-        ..LoadOptions::default()
-    };
-    let max_length = f.max_length;
-    let sft = |p: &Path| -> anyhow::Result<_> {
-        Ok(Dataset::load(p, opts)?.encode_sft(&m.tokenizer, Some(max_length))?)
-    };
-    let pairs = |p: &Path| -> anyhow::Result<_> {
-        Ok(Dataset::load(p, opts)?
-            .encode_pairs(&m.tokenizer, Some(max_length / 2), Some(max_length))?
-            .0)
-    };
-    let data = LocalData {
-        train: sft(&f.train_data)?,
-        eval: f
-            .eval_data
-            .as_deref()
-            .map(sft)
-            .transpose()?
-            .unwrap_or_default(),
-        pairs: f
-            .preference_data
-            .as_deref()
-            .map(pairs)
-            .transpose()?
-            .unwrap_or_default(),
-        eval_pairs: Vec::new(),
-        feedback: f
-            .feedback_data
-            .as_deref()
-            .map(|p| -> anyhow::Result<_> {
-                Ok(Dataset::load(p, opts)?
-                    .encode_feedback(&m.tokenizer, max_length)?
-                    .0)
-            })
-            .transpose()?
-            .unwrap_or_default(),
-        prompts: Default::default(),
-        distill: Default::default(),
-        pad: m.tokenizer.pad_id,
-        local: LocalTraining {
-            gradient_checkpointing: f.gradient_checkpointing,
-            max_length,
-            dt,
-            output_dir: f.output_dir.clone(),
-            report_to: f.report_to.clone(),
-        },
-    };
-    let mut data = data;
-    if let Some(t) = &f.teacher {
-        data.distill = super::distill::client_data(
-            &file,
-            t,
-            f.teacher_adapter.as_deref(),
-            f.distill_data.as_deref().unwrap_or(&f.train_data),
-            f.eval_data.as_deref(),
-            f.max_length,
-            &m,
-            opts,
-        )?;
-    }
-    if let Some(p) = &f.prompt_data {
-        data.prompts.prompts = fedtune_engine::train::grpo::load_prompts(p, &m.tokenizer)
-            .with_context(|| format!("{file}: prompt_data"))?;
-        data.prompts.stop_ids = m.model.config.eos_token_ids.clone();
-        data.prompts.stop_ids.extend(m.tokenizer.eos_id);
-        data.prompts.tokenizer = Some(std::sync::Arc::new(m.tokenizer));
-    }
+    let (data, model) = checks::local_data(&f, &file, m, format, dt)?;
     let id = Identity::load(&f.ca.join(format!("{}.id", f.name)))?;
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
         .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
@@ -647,7 +473,7 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     );
     println!("client {} of {} → {}", f.name, f.federation, f.coordinator);
     let rt = tokio::runtime::Runtime::new()?;
-    let base = fedtune_client::trainer::Base::on(m.model, device, dt)
+    let base = fedtune_client::trainer::Base::on(model, device, dt)
         .with_context(|| format!("{}: device", a.config.display()))?;
     let digest = rt.block_on(fedtune_client::daemon::run(
         machine,
@@ -668,5 +494,6 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+mod checks;
 #[cfg(test)]
 mod config_examples;
