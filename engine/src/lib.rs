@@ -24,7 +24,7 @@ pub mod eval;
 pub mod gguf;
 pub mod loader;
 
-pub use loader::{LoadedModel, load_model};
+pub use loader::{LoadedModel, load_model, load_model_half};
 pub mod cuda;
 pub mod device;
 pub mod generate;

@@ -117,6 +117,20 @@ pub fn load_model(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMo
     })
 }
 
+/// [`load_model`] in f32 with the projections' frozen weights held in bf16 (`bf16`) or f16 as
+/// they are read, never all in f32 at once (training on the CPU with `--dtype bf16`).
+pub fn load_model_half(path: &Path, device: &Device, bf16: bool) -> Result<LoadedModel> {
+    let files = ModelFiles::locate(path)?;
+    let (source, config) = files.open()?;
+    let model = LlamaModel::load_with(source.as_ref(), config, device, DType::F32, Some(bf16))?;
+    let tokenizer = files.tokenizer()?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: path.to_path_buf(),
+    })
+}
+
 /// Loads a model straight onto GPU `gpu` in `dt` (NF4 projections with `nf4 = Some(double)`),
 /// and its tokenizer.
 pub fn load_model_cuda(

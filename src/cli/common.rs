@@ -19,7 +19,8 @@ pub struct ModelArgs {
     /// Device: `cpu`, or `cuda[:N]` (an NVIDIA GPU; `eval` and `generate`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: f32, bf16 or f16.
+    /// Compute dtype: f32, bf16 or f16 (`eval`, `generate`). Training on the CPU: bf16 or f16
+    /// holds the frozen base projections in 16 bits (f32 arithmetic, f32 LoRA factors).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Chat template when the model has none, or to override it: chatml, llama3, llama2,
@@ -69,17 +70,33 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 impl ModelArgs {
-    /// Training computes in f32 for now: `--dtype bf16|f16` is refused with a message (the
-    /// training step's CPU kernels are f32; `eval` and `generate` run in every dtype).
-    pub fn ensure_f32_training(&self) -> anyhow::Result<()> {
+    /// What `--dtype` means for training: on the CPU, `bf16` or `f16` holds the frozen base
+    /// projections in 16 bits (`Some(true)` for bf16), widened to f32 for each product, for
+    /// LoRA; the arithmetic, the LoRA factors, gradients and optimiser state stay f32. On a GPU
+    /// the precision is `--bf16`/`--fp16` and `--dtype` stays f32.
+    pub fn half_base(
+        &self,
+        cfg: &fedtune_engine::train::TrainConfig,
+    ) -> anyhow::Result<Option<bool>> {
+        let half = match parse_dtype(&self.dtype)? {
+            DType::BF16 => Some(true),
+            DType::F16 => Some(false),
+            _ => None,
+        };
+        let Some(bf16) = half else { return Ok(None) };
         anyhow::ensure!(
-            parse_dtype(&self.dtype)? == DType::F32,
-            "--dtype {}: training loads the model in f32 (checkpoints in bf16 or f16 load fine); for \
-             bf16 mixed precision on a GPU use --bf16 --device cuda; `fedtune eval` and \
-             `fedtune generate` run in bf16 and f16",
+            self.engine_device()? == fedtune_engine::device::Device::Cpu,
+            "--dtype {}: on a GPU training's precision is --bf16 or --fp16 (mixed precision with \
+             f32 masters of the LoRA factors); --dtype bf16|f16 is the CPU's",
             self.dtype
         );
-        Ok(())
+        anyhow::ensure!(
+            cfg.is_lora(),
+            "--dtype {}: the frozen base is held in 16 bits for LoRA training; --full and \
+             --train-last-layers train the weights themselves, in f32",
+            self.dtype
+        );
+        Ok(Some(bf16))
     }
 
     /// `--bf16`, `--fp16` (mixed precision) and `--tf32` need `--device cuda`.
@@ -87,7 +104,8 @@ impl ModelArgs {
         let cpu = self.engine_device()? == fedtune_engine::device::Device::Cpu;
         anyhow::ensure!(
             !(cpu && cfg.bf16),
-            "--bf16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"
+            "--bf16: mixed precision trains on the GPU (--device cuda); on the CPU, --dtype bf16 \
+             holds the frozen base in bf16 and computes in f32"
         );
         anyhow::ensure!(
             !(cpu && cfg.fp16),
@@ -163,9 +181,17 @@ impl ModelArgs {
     /// [`ModelArgs::load`] on the host whatever `--device` says (training runs that need the
     /// host model, then train a GPU copy with `--device cuda`: [`gpu_copy`]).
     pub fn load_on(&self, device: &Device) -> anyhow::Result<LoadedModel> {
-        let dtype = parse_dtype(&self.dtype)?;
-        let mut m = load_model(&self.model, device, dtype)
-            .with_context(|| format!("loading model {}", self.model.display()))?;
+        self.load_with(device, None)
+    }
+
+    /// [`ModelArgs::load_on`]; with `half = Some(bf16)`, in f32 with the projections' frozen
+    /// weights held in bf16 or f16 as they are read (`--dtype` is then not read).
+    pub fn load_with(&self, device: &Device, half: Option<bool>) -> anyhow::Result<LoadedModel> {
+        let mut m = match half {
+            Some(bf16) => fedtune_engine::load_model_half(&self.model, device, bf16),
+            None => load_model(&self.model, device, parse_dtype(&self.dtype)?),
+        }
+        .with_context(|| format!("loading model {}", self.model.display()))?;
         self.apply_template(&mut m.tokenizer)?;
         if let Some(a) = &self.adapter {
             let adapter =

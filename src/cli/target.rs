@@ -37,14 +37,15 @@ pub trait Job {
 impl ModelArgs {
     /// Loads what `cfg` trains on `--device`, with its tokenizer: `--adapter` attached (its
     /// dropout), `merge` (an SFT adapter for DPO) merged into the base first, the base in NF4
-    /// with `--load-in-4bit`. LoRA on a GPU without `merge` loads straight onto the device, in
-    /// the precision `cfg` asks (`bf16`, `fp16`, else f32).
+    /// with `--load-in-4bit`, in bf16 or f16 with `--dtype` on the CPU. LoRA on a GPU without
+    /// `merge` loads straight onto the device, in the precision `cfg` asks (`bf16`, `fp16`,
+    /// else f32).
     pub fn load_trainee(
         &self,
         cfg: &TrainConfig,
         merge: Option<&std::path::Path>,
     ) -> anyhow::Result<(Trainee, Tokenizer)> {
-        self.ensure_f32_training()?;
+        let half = self.half_base(cfg)?;
         anyhow::ensure!(
             !cfg.load_in_4bit || cfg.is_lora(),
             "--load-in-4bit trains LoRA adapters on a frozen NF4 base; it excludes --full and --train-last-layers"
@@ -84,7 +85,14 @@ impl ModelArgs {
             }
             return Ok((Trainee::Gpu(Box::new(model)), tokenizer));
         }
-        let mut m = self.load_on(&burn::tensor::Device::flex())?;
+        // A 16-bit base is held so as it loads, unless an SFT adapter is merged into it first
+        // (in f32; it is rounded after) or it becomes NF4.
+        let at_load = half.filter(|_| merge.is_none() && !cfg.load_in_4bit);
+        let f32_load = ModelArgs {
+            dtype: "f32".into(),
+            ..self.clone()
+        };
+        let mut m = f32_load.load_with(&burn::tensor::Device::flex(), at_load)?;
         if let Some(p) = merge {
             let sft = PeftAdapter::load(p)
                 .with_context(|| format!("loading SFT adapter {}", p.display()))?;
@@ -98,6 +106,13 @@ impl ModelArgs {
             tracing::info!(
                 "NF4 base: {params} parameters in {bytes} bytes ({:.3} bits each)",
                 bytes as f64 * 8.0 / params as f64
+            );
+        } else if let Some(bf16) = half {
+            // Already 16-bit when held so at load; rounds the merged f32 base otherwise.
+            let (params, bytes) = m.model.store_half(bf16);
+            tracing::info!(
+                "{} base: {params} projection parameters in {bytes} bytes",
+                if bf16 { "bf16" } else { "f16" }
             );
         }
         let host = Box::new(m.model);

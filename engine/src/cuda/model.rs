@@ -296,6 +296,7 @@ impl CudaModel {
             for (_, lin) in l.projections() {
                 let base = match &lin.base {
                     BaseWeight::Dense(w) => GBase::Dense(up(w)?),
+                    BaseWeight::Half { .. } => GBase::Dense(up(&lin.weight())?),
                     BaseWeight::Nf4 { q, .. } => GBase::Nf4(Arc::new(Nf4Gpu::upload(&gpu, q)?)),
                 };
                 let lora = match &lin.lora {

@@ -21,11 +21,21 @@ use crate::kernels::{Term, matmul_sum};
 use crate::model::Loader;
 use crate::nf4::Nf4Tensor;
 
-/// A frozen base weight: dense, or NF4-quantised (QLoRA) and dequantised on each use.
+/// A frozen base weight: dense, held in bf16 or f16 (`--dtype bf16` training on the CPU) and
+/// widened to f32 on each use, or NF4-quantised (QLoRA) and dequantised on each use.
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
     /// `[out, in]` in the compute dtype.
     Dense(Tensor<2>),
+    /// `[out, in]` in 16 bits on the host.
+    Half {
+        /// The values.
+        data: Arc<HalfData>,
+        /// `(out, in)`.
+        shape: (usize, usize),
+        /// Where widened copies go.
+        device: Device,
+    },
     /// Packed NF4 codes and block scales on the host; `[out, in]` when dequantised.
     Nf4 {
         /// The quantised weight.
@@ -33,6 +43,43 @@ pub enum BaseWeight {
         /// Where dequantised copies go.
         device: Device,
     },
+}
+
+/// A 16-bit weight's values.
+#[derive(Debug, Clone)]
+pub enum HalfData {
+    /// bfloat16.
+    Bf16(Vec<half::bf16>),
+    /// IEEE half precision.
+    F16(Vec<half::f16>),
+}
+
+impl HalfData {
+    /// `values` rounded to the nearest bf16 (`bf16`) or f16.
+    pub fn round(values: &[f32], bf16: bool) -> HalfData {
+        if bf16 {
+            HalfData::Bf16(values.iter().map(|&v| half::bf16::from_f32(v)).collect())
+        } else {
+            HalfData::F16(values.iter().map(|&v| half::f16::from_f32(v)).collect())
+        }
+    }
+
+    /// The values widened to f32 (exactly).
+    pub fn to_f32(&self) -> Vec<f32> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            HalfData::Bf16(v) => v.to_f32_vec(),
+            HalfData::F16(v) => v.to_f32_vec(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            HalfData::Bf16(v) => v.len() * 2,
+            HalfData::F16(v) => v.len() * 2,
+        }
+    }
 }
 
 /// The low-rank adapter of one projection.
@@ -133,25 +180,41 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = loader.tensor::<2>(&format!("{prefix}.weight"), [out, inp])?;
+        let name = format!("{prefix}.weight");
+        let base = match loader.half {
+            Some(bf16) => {
+                let values = crate::weights::to_f32_vec(loader.source.require(&name, &[out, inp])?);
+                BaseWeight::Half {
+                    data: Arc::new(HalfData::round(&values, bf16)),
+                    shape: (out, inp),
+                    device: loader.device.clone(),
+                }
+            }
+            None => BaseWeight::Dense(loader.tensor::<2>(&name, [out, inp])?),
+        };
         let bias = if bias {
             Some(loader.tensor::<1>(&format!("{prefix}.bias"), [out])?)
         } else {
             None
         };
         Ok(Linear {
-            base: BaseWeight::Dense(weight),
+            base,
             bias,
             lora: None,
             training: false,
         })
     }
 
-    /// The base weight `[out, in]`: the tensor itself, or a fresh dequantised copy (freed by
-    /// the caller after use, so NF4 weights are never kept dense).
+    /// The base weight `[out, in]`: the tensor itself, or a fresh widened or dequantised copy
+    /// (freed by the caller after use, so 16-bit and NF4 weights are never kept in f32).
     pub fn weight(&self) -> Tensor<2> {
         match &self.base {
             BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Half {
+                data,
+                shape: (o, i),
+                device,
+            } => crate::kernels::tensor(data.to_f32(), [*o, *i], device),
             BaseWeight::Nf4 { q, device } => {
                 let (o, i) = q.shape;
                 crate::kernels::tensor(q.dequantize(), [o, i], device)
@@ -166,6 +229,7 @@ impl Linear {
                 let [o, i] = w.dims();
                 (o, i)
             }
+            BaseWeight::Half { shape, .. } => *shape,
             BaseWeight::Nf4 { q, .. } => q.shape,
         }
     }
@@ -182,7 +246,8 @@ impl Linear {
 
     /// Quantises the base weight to NF4 (QLoRA); returns the bytes it now takes.
     pub fn quantize_nf4(&mut self, double_quant: bool) -> usize {
-        if let BaseWeight::Dense(w) = &self.base {
+        if !matches!(self.base, BaseWeight::Nf4 { .. }) {
+            let w = self.weight();
             let [o, i] = w.dims();
             let device = w.device();
             let values = crate::weights::to_f32_vec(w.to_data());
@@ -192,8 +257,30 @@ impl Linear {
                 device,
             };
         }
+        self.base_bytes()
+    }
+
+    /// Holds a dense base weight in bf16 (`bf16`) or f16, rounded to nearest; returns the
+    /// bytes it now takes. NF4 and 16-bit bases stay as they are.
+    pub fn store_half(&mut self, bf16: bool) -> usize {
+        if let BaseWeight::Dense(w) = &self.base {
+            let [o, i] = w.dims();
+            let device = w.device();
+            let values = crate::weights::to_f32_vec(w.to_data());
+            self.base = BaseWeight::Half {
+                data: Arc::new(HalfData::round(&values, bf16)),
+                shape: (o, i),
+                device,
+            };
+        }
+        self.base_bytes()
+    }
+
+    /// Bytes the base weight takes at rest.
+    pub fn base_bytes(&self) -> usize {
         match &self.base {
             BaseWeight::Nf4 { q, .. } => q.bytes_at_rest(),
+            BaseWeight::Half { data, .. } => data.bytes(),
             BaseWeight::Dense(w) => w.shape().num_elements() * 4,
         }
     }

@@ -37,6 +37,9 @@ pub struct Loader<'a> {
     pub device: &'a Device,
     /// Compute dtype.
     pub dtype: DType,
+    /// Hold the projections' weights in bf16 (`Some(true)`) or f16 as they load (one
+    /// projection in f32 at a time), the rest in `dtype`.
+    pub half: Option<bool>,
 }
 
 impl Loader<'_> {
@@ -80,10 +83,23 @@ impl LlamaModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_with(source, config, device, dtype, None)
+    }
+
+    /// [`LlamaModel::load`], the projections' weights held in bf16 (`half = Some(true)`) or
+    /// f16 as they are read (see [`LlamaModel::store_half`]).
+    pub fn load_with(
+        source: &dyn TensorSource,
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+        half: Option<bool>,
+    ) -> Result<Self> {
         let loader = Loader {
             source,
             device,
             dtype,
+            half,
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = loader.tensor::<2>("model.embed_tokens.weight", [v, h])?;
@@ -544,16 +560,31 @@ impl LlamaModel {
         (params, bytes)
     }
 
+    /// Holds every projection's frozen base weight in bf16 (`bf16`) or f16, widened to f32 on
+    /// each use (training on the CPU with `--dtype bf16`): half the bytes of f32. Returns the
+    /// projections' parameters and the bytes they now take.
+    pub fn store_half(&mut self, bf16: bool) -> (usize, usize) {
+        let mut params = 0;
+        let mut bytes = 0;
+        for (_, lin) in self.linears_mut() {
+            params += lin.out_features() * lin.in_features();
+            bytes += lin.store_half(bf16);
+        }
+        (params, bytes)
+    }
+
     /// Merges every LoRA branch into its base weight (`W ← W + s·B·A`, PEFT's
     /// `merge_and_unload`; with DoRA each row of that is rescaled to its magnitude). Fails on NF4 bases, which cannot hold the merged weight.
     pub fn merge_adapter(&mut self) -> Result<()> {
         for (name, lin) in self.linears_mut() {
             let Some(l) = lin.lora.take() else { continue };
-            let BaseWeight::Dense(w) = &lin.base else {
+            if let BaseWeight::Nf4 { .. } = &lin.base {
                 return Err(Error::Invalid(format!(
                     "{name}: cannot merge an adapter into an NF4 base; load the model unquantised"
                 )));
-            };
+            }
+            // A 16-bit base is merged in f32 (and stays f32).
+            let w = &lin.weight();
             let merged = w.clone() + l.b.clone().matmul(l.a.clone()) * l.scale;
             // DoRA (PEFT): each row of W + s·B·A rescaled to its magnitude.
             lin.base = BaseWeight::Dense(match l.dora_factor(w) {
