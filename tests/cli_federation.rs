@@ -182,6 +182,9 @@ log = "{log}"
                          metrics_listen = \"127.0.0.1:{bank_metrics_port}\"\n",
                         dir.join("bank-runs").display()
                     )
+                } else if n == "hospital" {
+                    // Another trains on a bf16 base (the CPU's 16-bit training).
+                    "dtype = \"bf16\"\n".to_string()
                 } else {
                     String::new()
                 },
@@ -324,6 +327,8 @@ log = "{log}"
             std::fs::read_to_string(dir.join(format!("client{i}.out"))).unwrap()
         );
     }
+    let hospital = std::fs::read_to_string(dir.join("client0.out")).unwrap();
+    assert!(hospital.contains("frozen base in bf16"), "{hospital}");
     let closed = events(&rounds, "round_closed", 1);
     assert_eq!(closed.len(), 1);
     let used: Vec<String> = closed[0]["used"]
@@ -469,6 +474,14 @@ fn coordinator_config_mistakes_name_the_file_and_field_and_a_store_without_state
         ("format = \"nonsense\"\n", "format"),
         ("bnb_4bit_use_double_quant = true\n", "needs load_in_4bit"),
         ("max_length = 1\n", "max_length must be at least 2"),
+        (
+            "dtype = \"int8\"\n",
+            "dtype = \"int8\": expected f32, bf16 or f16",
+        ),
+        (
+            "dtype = \"bf16\"\ndevice = \"cuda\"\n",
+            "dtype holds the frozen base in 16 bits on the CPU",
+        ),
         (
             "gradient_accumulation_steps = 2\n",
             "gradient_accumulation_steps: the round plan sets it",

@@ -202,6 +202,10 @@ struct ClientFile {
     /// Serve Prometheus metrics at `GET /metrics` on this address (off without it).
     #[serde(default)]
     metrics_listen: Option<SocketAddr>,
+    /// On the CPU, `bf16` or `f16` holds the frozen base projections in 16 bits (f32
+    /// arithmetic, f32 LoRA factors); `f32` (default).
+    #[serde(default)]
+    dtype: Option<String>,
     /// Where local training runs: `cpu` (default) or `cuda[:N]`.
     #[serde(default)]
     device: Option<String>,
@@ -445,9 +449,18 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         )
     })?;
     let file = a.config.display().to_string();
-    let (device, dt, format) = checks::check_client_file(&f, &file)?;
-    let mut m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
-        .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
+    let checks::Training {
+        device,
+        dt,
+        half,
+        format,
+    } = checks::check_client_file(&f, &file)?;
+    let half = half.filter(|_| !f.load_in_4bit);
+    let mut m = match half {
+        Some(bf16) => fedtune_engine::load_model_half(&f.model, &Device::flex(), bf16),
+        None => fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32),
+    }
+    .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
     if f.load_in_4bit {
         m.model.quantize_nf4(f.bnb_4bit_use_double_quant);
     }
@@ -471,7 +484,15 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         },
         id,
     );
-    println!("client {} of {} → {}", f.name, f.federation, f.coordinator);
+    let held = match half {
+        Some(true) => "; frozen base in bf16",
+        Some(false) => "; frozen base in f16",
+        None => "",
+    };
+    println!(
+        "client {} of {} → {}{held}",
+        f.name, f.federation, f.coordinator
+    );
     let rt = tokio::runtime::Runtime::new()?;
     let base = fedtune_client::trainer::Base::on(model, device, dt)
         .with_context(|| format!("{}: device", a.config.display()))?;

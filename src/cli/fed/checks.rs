@@ -77,14 +77,19 @@ pub(super) fn check_coord_file(f: &CoordFile, file: &str) -> anyhow::Result<()> 
 
 /// The checks of `client.toml` (`file`) that need no other file; the training device, its
 /// precision and the data format they name.
-pub(super) fn check_client_file(
-    f: &ClientFile,
-    file: &str,
-) -> anyhow::Result<(
-    fedtune_engine::device::Device,
-    fedtune_engine::cuda::Dt,
-    Option<fedtune_engine::data::Format>,
-)> {
+/// How a client trains, from its `client.toml`.
+pub(super) struct Training {
+    /// Where.
+    pub device: fedtune_engine::device::Device,
+    /// The GPU's precision (`bf16`, `fp16`; f32 otherwise).
+    pub dt: fedtune_engine::cuda::Dt,
+    /// On the CPU, the frozen base held in bf16 (`Some(true)`) or f16 (`dtype`).
+    pub half: Option<bool>,
+    /// The data files' format, when not detected.
+    pub format: Option<fedtune_engine::data::Format>,
+}
+
+pub(super) fn check_client_file(f: &ClientFile, file: &str) -> anyhow::Result<Training> {
     let device: fedtune_engine::device::Device = f
         .device
         .as_deref()
@@ -115,6 +120,17 @@ pub(super) fn check_client_file(
             || matches!(device, fedtune_engine::device::Device::Cuda(_)),
         "{file}: bf16/fp16 mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
     );
+    let half = match f.dtype.as_deref() {
+        None | Some("f32" | "float32") => None,
+        Some("bf16" | "bfloat16") => Some(true),
+        Some("f16" | "float16") => Some(false),
+        Some(other) => anyhow::bail!("{file}: dtype = {other:?}: expected f32, bf16 or f16"),
+    };
+    anyhow::ensure!(
+        half.is_none() || device == fedtune_engine::device::Device::Cpu,
+        "{file}: dtype holds the frozen base in 16 bits on the CPU; on a GPU set bf16 = true \
+         (or fp16 = true) for mixed precision"
+    );
     anyhow::ensure!(
         f.gradient_accumulation_steps.is_none(),
         "{file}: gradient_accumulation_steps: the round plan sets it for every client \
@@ -134,7 +150,12 @@ pub(super) fn check_client_file(
         .map(str::parse::<fedtune_engine::data::Format>)
         .transpose()
         .map_err(|e| anyhow::anyhow!("{file}: format: {e}"))?;
-    Ok((device, dt, format))
+    Ok(Training {
+        device,
+        dt,
+        half,
+        format,
+    })
 }
 
 /// The client's local data for every kind of round, encoded with `m`'s tokenizer (which GRPO
