@@ -551,24 +551,24 @@ impl LlamaModel {
     /// stay in the compute dtype, as bitsandbytes does). Returns `(quantised parameters,
     /// bytes at rest)`.
     pub fn quantize_nf4(&mut self, double_quant: bool) -> (usize, usize) {
-        let mut params = 0;
-        let mut bytes = 0;
-        for (_, lin) in self.linears_mut() {
-            params += lin.out_features() * lin.in_features();
-            bytes += lin.quantize_nf4(double_quant);
-        }
-        (params, bytes)
+        self.rebase(|lin| lin.quantize_nf4(double_quant))
     }
 
     /// Holds every projection's frozen base weight in bf16 (`bf16`) or f16, widened to f32 on
     /// each use (training on the CPU with `--dtype bf16`): half the bytes of f32. Returns the
     /// projections' parameters and the bytes they now take.
     pub fn store_half(&mut self, bf16: bool) -> (usize, usize) {
+        self.rebase(|lin| lin.store_half(bf16))
+    }
+
+    /// Applies `to` (which changes how a base weight is held and returns its bytes) to every
+    /// projection; returns the projections' parameters and bytes.
+    fn rebase(&mut self, mut to: impl FnMut(&mut Linear) -> usize) -> (usize, usize) {
         let mut params = 0;
         let mut bytes = 0;
         for (_, lin) in self.linears_mut() {
             params += lin.out_features() * lin.in_features();
-            bytes += lin.store_half(bf16);
+            bytes += to(lin);
         }
         (params, bytes)
     }
