@@ -81,15 +81,13 @@ pub async fn run(
     };
     let metrics = match opts.metrics {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("metrics: listening on {addr}: {e}"))
-            })?;
             let m = Arc::new(ClientMetrics::default());
             let text = m.clone();
-            tokio::spawn(fedtune_protocol::metrics_http::serve(
-                listener,
-                Arc::new(move || text.text()),
-            ));
+            fedtune_protocol::metrics_http::listen(addr, Arc::new(move || text.text()))
+                .await
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("metrics: listening on {addr}: {e}"))
+                })?;
             tracing::info!(%addr, "metrics at /metrics");
             Some(m)
         }

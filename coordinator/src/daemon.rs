@@ -399,15 +399,11 @@ pub async fn serve(
     );
     let metrics = match opts.metrics {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(io(format!("metrics: listening on {addr}")))?;
             let m = Arc::new(crate::metrics::Metrics::default());
             let text = m.clone();
-            tokio::spawn(fedtune_protocol::metrics_http::serve(
-                listener,
-                Arc::new(move || text.text()),
-            ));
+            fedtune_protocol::metrics_http::listen(addr, Arc::new(move || text.text()))
+                .await
+                .map_err(io(format!("metrics: listening on {addr}")))?;
             tracing::info!(%addr, "metrics at /metrics");
             log = log.with_metrics(m.clone());
             Some(m)

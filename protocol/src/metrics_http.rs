@@ -15,6 +15,13 @@ const MAX_REQUESTS: usize = 32;
 /// Renders the metrics' text exposition.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Listens on `addr` and serves `render` there on a task of its own (see [`serve`]).
+pub async fn listen(addr: std::net::SocketAddr, render: Render) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(serve(listener, render));
+    Ok(())
+}
+
 /// Serves `GET /metrics` on `listener` with what `render` returns, until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, render: Render) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
