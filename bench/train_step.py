@@ -26,6 +26,8 @@ mode = sys.argv[6] if len(sys.argv) > 6 else "lora"
 qlora = mode.startswith("qlora")
 dora = mode.startswith("dora")
 gc = mode.endswith("-gc")
+# lora-bf16: TRL's bf16=True on a CPU, f32 weights under torch.autocast("cpu", bfloat16).
+bf16 = mode.endswith("-bf16")
 torch.set_num_threads(os.cpu_count())
 torch.manual_seed(0)
 kwargs = {"dtype": torch.float32}
@@ -52,7 +54,8 @@ for step in range(steps):
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     t = time.perf_counter()
-    loss = model(input_ids=ids, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()

@@ -4,7 +4,8 @@
 # quantisation), alternating in the same run. Needs bench/.venv (bench/setup.sh).
 #   bench/train_step.sh [ROUNDS] [STEPS]
 # MODES="lora-gc qlora-gc" measures gradient checkpointing on both sides, MODES=dora DoRA
-# (use_dora) on both; BATCH and SEQ change
+# (use_dora) on both, MODES=lora-bf16 bf16 (fedtune's --dtype bf16 against TRL's bf16=True
+# on a CPU: f32 weights under torch.autocast("cpu", bfloat16)); BATCH and SEQ change
 # the shape (default 4 x 256).
 # fedtune's products go through oneMKL from bench/.venv (the BLAS PyTorch is built with) when
 # it is there; FEDTUNE_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 measures OpenBLAS.

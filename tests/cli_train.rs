@@ -200,6 +200,11 @@ fn qlora_trains_on_an_nf4_base_from_a_toml_config_with_flag_overrides() {
 /// `fedtune train sft --model <tiny> --data <data> --output <out> <extra…>`: its exit status and
 /// stderr.
 fn train_sft(data: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    train_sft_env(data, out, extra, &[])
+}
+
+/// [`train_sft`] with extra environment variables.
+fn train_sft_env(data: &Path, out: &Path, extra: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let model = model();
     let mut args = vec![
         "train",
@@ -214,6 +219,7 @@ fn train_sft(data: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
     args.extend_from_slice(extra);
     let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
         .args(&args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -233,11 +239,6 @@ fn bad_options_and_data_are_clear_errors() {
     );
     let (ok, err) = train_sft(&data(), &out.join("b"), &["--full", "--load-in-4bit"]);
     assert!(!ok && err.contains("--load-in-4bit"), "{err}");
-    let (ok, err) = train_sft(&data(), &out.join("c"), &["--bf16"]);
-    assert!(
-        !ok && err.contains("--bf16") && err.contains("--device cuda"),
-        "{err}"
-    );
     let (ok, err) = train_sft(&data(), &out.join("d"), &["--tf32"]);
     assert!(
         !ok && err.contains("--tf32") && err.contains("--device cuda"),
@@ -632,38 +633,80 @@ fn report_to_tensorboard_writes_the_logged_values() {
 #[test]
 fn dtype_bf16_trains_lora_on_a_16_bit_base_on_the_cpu() {
     let out = tmpdir("half");
-    let losses = |name: &str, dtype: &str| -> Vec<f64> {
-        let args = [
+    // `precision`: `--dtype D`, or `--bf16`.
+    let losses_with = |name: &str, precision: &str, env: &[(&str, &str)]| -> (Vec<f64>, String) {
+        let mut args = vec![
+            "-v",
             "--max-steps",
             "4",
             "--per-device-train-batch-size",
             "2",
             "--learning-rate",
             "5e-3",
-            "--dtype",
-            dtype,
         ];
-        let (ok, err) = train_sft(&data(), &out.join(name), &args);
+        args.extend(match precision {
+            "--bf16" => vec!["--bf16"],
+            dtype => vec!["--dtype", dtype],
+        });
+        let (ok, err) = train_sft_env(&data(), &out.join(name), &args, env);
         assert!(ok, "{err}");
         let log = std::fs::read_to_string(out.join(name).join("train_log.jsonl")).unwrap();
-        log.lines()
+        let losses = log
+            .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
             .filter_map(|v| v["loss"].as_f64())
-            .collect()
+            .collect();
+        (losses, err)
     };
+    let losses = |name: &str, dtype: &str| losses_with(name, dtype, &[]).0;
     let full = losses("f32", "f32");
-    for dtype in ["bf16", "f16"] {
-        let half = losses(dtype, dtype);
+    let near_f32 = |what: &str, half: &[f64]| {
         assert_eq!(half.len(), full.len());
-        assert_ne!(half, full, "{dtype}: the base must be rounded");
-        for (a, b) in full.iter().zip(&half) {
+        assert_ne!(half, full, "{what}: the base must be rounded");
+        for (a, b) in full.iter().zip(half) {
             assert!(
                 (a - b).abs() <= 0.01 * a.abs(),
-                "{dtype}: loss {b} vs f32 {a}"
+                "{what}: loss {b} vs f32 {a}"
             );
         }
+    };
+    for dtype in ["bf16", "f16"] {
+        near_f32(dtype, &losses(dtype, dtype));
         assert!(eval_loss(&model(), Some(&out.join(dtype))).is_finite());
     }
+    // Without a bf16 matrix product (no BLAS here) the 16-bit base is widened for each product;
+    // with oneMKL's (FEDTUNE_TEST_BLAS, where .ci/run puts it) the products are bf16 with f32
+    // accumulation, as under PyTorch's autocast: other losses, still within 1% of f32's.
+    let (widened, log) = losses_with("bf16-wide", "bf16", &[("FEDTUNE_BLAS", "off")]);
+    near_f32("bf16 widened", &widened);
+    assert!(log.contains("widened to f32"), "{log}");
+    let mkl = std::env::var("FEDTUNE_TEST_BLAS")
+        .unwrap_or_default()
+        .split(':')
+        .find(|p| p.contains("mkl_rt"))
+        .map(String::from);
+    match mkl {
+        Some(mkl) => {
+            let (bf16, log) = losses_with("bf16-mkl", "bf16", &[("FEDTUNE_BLAS", &mkl)]);
+            assert!(log.contains("products in bf16"), "{log}");
+            near_f32("bf16 products", &bf16);
+            assert_ne!(bf16, widened, "the activations must be rounded too");
+        }
+        None => eprintln!("no oneMKL in FEDTUNE_TEST_BLAS: bf16 products not checked end to end"),
+    }
+    // TRL's --bf16 on the CPU is --dtype bf16.
+    let (flag, _) = losses_with("bf16-flag", "--bf16", &[("FEDTUNE_BLAS", "off")]);
+    assert_eq!(flag, widened, "--bf16 trains as --dtype bf16");
+    let (ok, err) = train_sft(&data(), &out.join("z"), &["--bf16", "--full"]);
+    assert!(
+        !ok && err.contains("--bf16") && err.contains("--full"),
+        "{err}"
+    );
+    let (ok, err) = train_sft(&data(), &out.join("w"), &["--bf16", "--dtype", "f16"]);
+    assert!(
+        !ok && err.contains("--bf16") && err.contains("f16"),
+        "{err}"
+    );
     let (ok, err) = train_sft(&data(), &out.join("x"), &["--dtype", "bf16", "--full"]);
     assert!(
         !ok && err.contains("--dtype bf16") && err.contains("--full"),

@@ -37,6 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let qlora = mode.starts_with("qlora");
     let dora = mode.starts_with("dora");
     let gc = mode.ends_with("-gc");
+    // `lora-bf16`: the frozen base in bf16, as `--dtype bf16` (bf16 products with oneMKL).
+    let bf16 = mode.ends_with("-bf16");
     let mut m = load_model(args[1].as_ref(), &Device::flex(), DType::F32)?;
     let cfg = TrainConfig {
         lora_r: rank,
@@ -53,6 +55,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     if qlora {
         m.model.quantize_nf4(true);
+    } else if bf16 {
+        m.model.store_half(true);
     }
     let adapter = init_adapter(&m.model, &cfg);
     m.model.attach_weights(&adapter, 0.0)?;

@@ -20,7 +20,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype: f32, bf16 or f16 (`eval`, `generate`). Training on the CPU: bf16 or f16
-    /// holds the frozen base projections in 16 bits (f32 arithmetic, f32 LoRA factors).
+    /// holds the frozen base projections in 16 bits, bf16 ones multiplied in bf16 with f32
+    /// accumulation where the BLAS can (oneMKL), else widened to f32; LoRA factors in f32.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Chat template when the model has none, or to override it: chatml, llama3, llama2,
@@ -71,42 +72,50 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 
 impl ModelArgs {
     /// What `--dtype` means for training: on the CPU, `bf16` or `f16` holds the frozen base
-    /// projections in 16 bits (`Some(true)` for bf16), widened to f32 for each product, for
-    /// LoRA; the arithmetic, the LoRA factors, gradients and optimiser state stay f32. On a GPU
-    /// the precision is `--bf16`/`--fp16` and `--dtype` stays f32.
+    /// projections in 16 bits (`Some(true)` for bf16) for LoRA, their products in bf16 where
+    /// the BLAS has a bf16 product (bf16 only) and widened to f32 otherwise; the LoRA factors,
+    /// gradients and optimiser state stay f32. `--bf16` on the CPU (TRL's flag) is
+    /// `--dtype bf16`. On a GPU the precision is `--bf16`/`--fp16` and `--dtype` stays f32.
     pub fn half_base(
         &self,
         cfg: &fedtune_engine::train::TrainConfig,
     ) -> anyhow::Result<Option<bool>> {
+        let cpu = self.engine_device()? == fedtune_engine::device::Device::Cpu;
         let half = match parse_dtype(&self.dtype)? {
             DType::BF16 => Some(true),
             DType::F16 => Some(false),
             _ => None,
         };
-        let Some(bf16) = half else { return Ok(None) };
+        let flag = if cpu && cfg.bf16 {
+            anyhow::ensure!(
+                half != Some(false),
+                "--bf16 with --dtype f16: pick one 16-bit type for the frozen base"
+            );
+            "--bf16".to_string()
+        } else {
+            format!("--dtype {}", self.dtype)
+        };
+        let Some(bf16) = half.or((cpu && cfg.bf16).then_some(true)) else {
+            return Ok(None);
+        };
         anyhow::ensure!(
-            self.engine_device()? == fedtune_engine::device::Device::Cpu,
+            cpu,
             "--dtype {}: on a GPU training's precision is --bf16 or --fp16 (mixed precision with \
              f32 masters of the LoRA factors); --dtype bf16|f16 is the CPU's",
             self.dtype
         );
         anyhow::ensure!(
             cfg.is_lora(),
-            "--dtype {}: the frozen base is held in 16 bits for LoRA training; --full and \
-             --train-last-layers train the weights themselves, in f32",
-            self.dtype
+            "{flag}: on the CPU the frozen base is held in 16 bits for LoRA training; --full \
+             and --train-last-layers train the weights themselves, in f32"
         );
         Ok(Some(bf16))
     }
 
-    /// `--bf16`, `--fp16` (mixed precision) and `--tf32` need `--device cuda`.
+    /// `--fp16` (mixed precision) and `--tf32` need `--device cuda`; `--bf16` on the CPU is
+    /// `--dtype bf16` ([`ModelArgs::half_base`]).
     pub fn check_precision(&self, cfg: &fedtune_engine::train::TrainConfig) -> anyhow::Result<()> {
         let cpu = self.engine_device()? == fedtune_engine::device::Device::Cpu;
-        anyhow::ensure!(
-            !(cpu && cfg.bf16),
-            "--bf16: mixed precision trains on the GPU (--device cuda); on the CPU, --dtype bf16 \
-             holds the frozen base in bf16 and computes in f32"
-        );
         anyhow::ensure!(
             !(cpu && cfg.fp16),
             "--fp16: mixed precision trains on the GPU (--device cuda); the CPU trains in f32"

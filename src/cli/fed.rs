@@ -485,9 +485,12 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
         id,
     );
     let held = match half {
-        Some(true) => "; frozen base in bf16",
-        Some(false) => "; frozen base in f16",
-        None => "",
+        Some(bf16) => format!(
+            "; frozen base in {}, {}",
+            if bf16 { "bf16" } else { "f16" },
+            fedtune_engine::kernels::blas::half_products(bf16)
+        ),
+        None => String::new(),
     };
     println!(
         "client {} of {} → {}{held}",

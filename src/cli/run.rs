@@ -116,8 +116,8 @@ pub struct TrainOverrides {
     /// Double-quantise NF4 scales.
     #[arg(long)]
     pub bnb_4bit_use_double_quant: bool,
-    /// Mixed precision on the GPU (TRL's `bf16`): bf16 base and activations, f32 LoRA factors,
-    /// gradients and optimiser state.
+    /// Mixed precision (TRL's `bf16`): on the GPU bf16 base and activations, f32 LoRA factors,
+    /// gradients and optimiser state; on the CPU the same as `--dtype bf16` (LoRA).
     #[arg(long, conflicts_with = "fp16")]
     pub bf16: bool,
     /// Mixed precision on the GPU (TRL's `fp16`): f16 base and activations, f32 LoRA factors,

@@ -111,8 +111,9 @@ impl ModelArgs {
             // Already 16-bit when held so at load; rounds the merged f32 base otherwise.
             let (params, bytes) = m.model.store_half(bf16);
             tracing::info!(
-                "{} base: {params} projection parameters in {bytes} bytes",
-                if bf16 { "bf16" } else { "f16" }
+                "{} base: {params} projection parameters in {bytes} bytes; {}",
+                if bf16 { "bf16" } else { "f16" },
+                fedtune_engine::kernels::blas::half_products(bf16)
             );
         }
         let host = Box::new(m.model);

@@ -103,7 +103,7 @@ fn gemm(
     if let Some(blas) = super::blas::get() {
         // Row-major operands: unit column stride as stored, unit row stride as a transpose.
         let op = |data, rs: usize, cs: usize| super::blas::Operand {
-            data,
+            data: super::blas::Values::F32(data),
             ld: if cs == 1 { rs } else { cs },
             trans: cs != 1,
         };

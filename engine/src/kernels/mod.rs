@@ -259,6 +259,44 @@ pub fn matmul_sum(terms: &[Term<'_>]) -> Tensor<2> {
 }
 
 fn matmul_sum_with(blas: Option<&blas::Blas>, terms: &[Term<'_>], m: usize, n: usize) -> Tensor<2> {
+    use burn::tensor::DType;
+    let f32 = DType::F32;
+    // A term that mixes f32 with a 16-bit weight is a bf16 product when the BLAS has one;
+    // otherwise its 16-bit operand is widened to f32 (exactly) for this sum. Terms whose
+    // operands share a dtype (a model run in bf16 through burn) keep it.
+    let bf16 = blas.is_some_and(blas::Blas::has_bf16);
+    let widened = |t: &Term<'_>| {
+        let (a, b) = (t.a.dtype(), t.b.dtype());
+        a != b
+            && !(bf16
+                && matches!(
+                    (a, b),
+                    (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+                ))
+    };
+    if terms.iter().any(widened) {
+        let widen = |x: &Tensor<2>| {
+            if x.dtype() == f32 {
+                x.clone()
+            } else {
+                x.clone().cast(f32)
+            }
+        };
+        let wide: Vec<(Tensor<2>, Tensor<2>)> =
+            terms.iter().map(|t| (widen(t.a), widen(t.b))).collect();
+        let terms: Vec<Term<'_>> = terms
+            .iter()
+            .zip(&wide)
+            .map(|(t, (a, b))| Term {
+                a,
+                ta: t.ta,
+                b,
+                tb: t.tb,
+                alpha: t.alpha,
+            })
+            .collect();
+        return matmul_sum_with(blas, &terms, m, n);
+    }
     if let Some(out) = blas.and_then(|b| blas_sum(b, terms, m, n)) {
         return tensor(out, [m, n], &terms[0].a.device());
     }
@@ -273,10 +311,71 @@ fn matmul_sum_with(blas: Option<&blas::Blas>, terms: &[Term<'_>], m: usize, n: u
         .expect("non-empty")
 }
 
+/// One operand of [`blas_sum`]: a flex tensor's contiguous storage (f32 or bf16), or an f32
+/// operand rounded to bf16 to meet a bf16 partner.
+enum Store {
+    Flex(FlexTensor),
+    Rounded(Vec<half::bf16>),
+}
+
+impl Store {
+    /// `t`'s storage when it is an f32 or bf16 tensor on the flex backend.
+    fn of(t: &Tensor<2>) -> Option<Store> {
+        use burn::tensor::DType;
+        if !matches!(t.dtype(), DType::F32 | DType::BF16) {
+            return None;
+        }
+        let p: FlexTensor = t.clone().try_into_primitive::<Flex>().ok()?;
+        let p = if p.is_contiguous() {
+            p
+        } else {
+            p.to_contiguous()
+        };
+        let s = Store::Flex(p);
+        s.values().is_some().then_some(s)
+    }
+
+    fn values(&self) -> Option<blas::Values<'_>> {
+        match self {
+            Store::Flex(p) => p
+                .as_slice::<f32>()
+                .map(blas::Values::F32)
+                .or_else(|| p.as_slice::<half::bf16>().map(blas::Values::Bf16)),
+            Store::Rounded(v) => Some(blas::Values::Bf16(v)),
+        }
+    }
+
+    fn is_bf16(&self) -> bool {
+        matches!(self.values(), Some(blas::Values::Bf16(_)))
+    }
+
+    /// The values rounded to the nearest bf16 (as PyTorch's autocast rounds activations).
+    fn rounded(self) -> Store {
+        use rayon::prelude::*;
+        match self.values() {
+            Some(blas::Values::F32(v)) => {
+                Store::Rounded(v.par_iter().map(|&x| half::bf16::from_f32(x)).collect())
+            }
+            _ => self,
+        }
+    }
+}
+
 fn blas_sum(b: &blas::Blas, terms: &[Term<'_>], m: usize, n: usize) -> Option<Vec<f32>> {
-    let hosts: Vec<(Host, Host)> = terms
+    // A term with one bf16 operand (a 16-bit base weight) is a bf16 product: its other
+    // operand is rounded to bf16 and the library accumulates in f32.
+    let stores: Vec<(Store, Store)> = terms
         .iter()
-        .map(|t| Some((host(t.a)?, host(t.b)?)))
+        .map(|t| {
+            let (sa, sb) = (Store::of(t.a)?, Store::of(t.b)?);
+            match (sa.is_bf16(), sb.is_bf16()) {
+                (true, false) => Some((sa, sb.rounded())),
+                (false, true) => Some((sa.rounded(), sb)),
+                (false, false) => Some((sa, sb)),
+                // A bf16 model's own product stays in burn, in bf16.
+                (true, true) => None,
+            }
+        })
         .collect::<Option<_>>()?;
     // Thinnest term first: it writes the buffer (the rank-r LoRA terms, a pass over memory),
     // and the large products then accumulate onto it, where reading C hides under their
@@ -286,19 +385,19 @@ fn blas_sum(b: &blas::Blas, terms: &[Term<'_>], m: usize, n: usize) -> Option<Ve
     let parts: Vec<blas::Part<'_>> = order
         .iter()
         .map(|&i| {
-            let (t, (ha, hb)) = (&terms[i], &hosts[i]);
+            let (t, (sa, sb)) = (&terms[i], &stores[i]);
             let [_, ac] = t.a.dims();
             let [_, bc] = t.b.dims();
             blas::Part {
                 k: t.dims().1,
                 alpha: t.alpha,
                 a: blas::Operand {
-                    data: ha.data(),
+                    data: sa.values().expect("checked in Store::of"),
                     ld: ac,
                     trans: t.ta,
                 },
                 b: blas::Operand {
-                    data: hb.data(),
+                    data: sb.values().expect("checked in Store::of"),
                     ld: bc,
                     trans: t.tb,
                 },
@@ -339,6 +438,50 @@ mod tests {
             let ours = matmul_sum_with(Some(b), terms, m, n).into_data();
             let burn = matmul_sum_with(None, terms, m, n).into_data();
             ours.assert_approx_eq::<f32>(&burn, burn::tensor::Tolerance::absolute(1e-4));
+        }
+    }
+
+    #[test]
+    fn a_bf16_weight_is_a_bf16_product_or_widened_without_one() {
+        use burn::tensor::{DType, Tolerance};
+        let dev = Device::flex();
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        let (x, w, u, bm, dy) = (
+            r([130, 48]),
+            r([70, 48]),
+            r([130, 8]),
+            r([70, 8]),
+            r([130, 70]),
+        );
+        let wb = w.cast(DType::BF16);
+        assert_eq!(wb.dtype(), DType::BF16);
+        let rounded = |t: &Tensor<2>| t.clone().cast(DType::BF16).cast(DType::F32);
+        let (xr, dyr, wr) = (rounded(&x), rounded(&dy), wb.clone().cast(DType::F32));
+        // (terms with the bf16 weight, autocast's f32 equivalent, the widened equivalent)
+        let forward = (
+            vec![Term::nt(&x, &wb, 1.0), Term::nt(&u, &bm, 0.5)],
+            vec![Term::nt(&xr, &wr, 1.0), Term::nt(&u, &bm, 0.5)],
+            vec![Term::nt(&x, &wr, 1.0), Term::nt(&u, &bm, 0.5)],
+        );
+        let backward = (
+            vec![Term::nn(&dy, &wb, 1.0)],
+            vec![Term::nn(&dyr, &wr, 1.0)],
+            vec![Term::nn(&dy, &wr, 1.0)],
+        );
+        let mut libraries: Vec<Option<blas::Blas>> = vec![None];
+        libraries.extend(blas::every_blas().into_iter().map(Some));
+        let xb = x.clone().cast(DType::BF16);
+        for lib in &libraries {
+            // A model run in bf16 (`eval --dtype bf16`) keeps its dtype.
+            let own = matmul_sum_with(lib.as_ref(), &[Term::nt(&xb, &wb, 1.0)], 130, 70);
+            assert_eq!(own.dtype(), DType::BF16);
+            for (half, autocast, widened) in [&forward, &backward] {
+                let (m, _, n) = half[0].dims();
+                let got = matmul_sum_with(lib.as_ref(), half, m, n).into_data();
+                let bf16 = lib.as_ref().is_some_and(blas::Blas::has_bf16);
+                let want = matmul_sum_with(None, if bf16 { autocast } else { widened }, m, n);
+                got.assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-4));
+            }
         }
     }
 }

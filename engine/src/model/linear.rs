@@ -146,7 +146,11 @@ impl LoraWeights {
     /// from the current factors and not differentiated (PEFT detaches it).
     pub fn dora_factor(&self, w: &Tensor<2>) -> Option<(Tensor<2>, Tensor<2>)> {
         let m = self.magnitude.as_ref()?;
-        let full = w.clone() + matmul_sum(&[Term::nn(&self.b, &self.a, self.scale as f32)]);
+        let w = match w.dtype() {
+            burn::tensor::DType::F32 => w.clone(),
+            _ => w.clone().cast(burn::tensor::DType::F32),
+        };
+        let full = w + matmul_sum(&[Term::nn(&self.b, &self.a, self.scale as f32)]);
         let [out, _] = full.dims();
         let inv = (full.clone() * full)
             .sum_dim(1)
@@ -222,6 +226,32 @@ impl Linear {
         }
     }
 
+    /// The base weight as the matrix products take it: a bf16 base stays bf16 (a copy of its
+    /// 16-bit values, no widening) when the BLAS multiplies bf16 matrices with f32
+    /// accumulation, so that `x·Wᵀ` and `dy·W` are bf16 products as under PyTorch's bf16
+    /// autocast ([`crate::kernels::matmul_sum`] rounds the other operand to bf16); otherwise
+    /// [`Linear::weight`].
+    pub fn weight_for_products(&self) -> Tensor<2> {
+        match &self.base {
+            BaseWeight::Half {
+                data,
+                shape: (o, i),
+                device,
+            } if crate::kernels::blas::get().is_some_and(|b| b.has_bf16())
+                && crate::kernels::available(device) =>
+            {
+                match data.as_ref() {
+                    HalfData::Bf16(v) => Tensor::from_data(
+                        burn::tensor::TensorData::new(v.clone(), [*o, *i]),
+                        (device, burn::tensor::DType::BF16),
+                    ),
+                    HalfData::F16(_) => self.weight(),
+                }
+            }
+            _ => self.weight(),
+        }
+    }
+
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
         match &self.base {
@@ -289,7 +319,7 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, inp] = x.dims();
         let x2 = x.reshape([b * t, inp]);
-        let w = self.weight();
+        let w = self.weight_for_products();
         let mut y = match &self.lora {
             None => matmul_sum(&[Term::nt(&x2, &w, 1.0)]),
             Some(lora) => {

@@ -82,7 +82,7 @@ pub struct TrainConfig {
     pub bnb_4bit_use_double_quant: bool,
     /// Mixed precision as transformers' `bf16=True` with PEFT: the frozen base and the
     /// activations in bf16 (f32 accumulation), the LoRA factors, their gradients and AdamW's
-    /// moments in f32. GPU only.
+    /// moments in f32. On the GPU; the CLI makes it `--dtype bf16` on the CPU.
     pub bf16: bool,
     /// Mixed precision as transformers' `fp16=True` with PEFT: the base and the activations in
     /// f16, the LoRA factors, their gradients and AdamW's moments in f32, with dynamic loss

@@ -32,7 +32,7 @@ pub(crate) fn lin_forward(
     x: &Tensor<2>,
     dropout_seed: Option<u64>,
 ) -> (Tensor<2>, Option<LoraIn>) {
-    let w = lin.weight();
+    let w = lin.weight_for_products();
     let (mut y, saved) = match &lin.lora {
         None => (matmul_sum(&[Term::nt(x, &w, 1.0)]), None),
         Some(lora) => {
@@ -76,7 +76,7 @@ pub(crate) fn lin_forward_shared<const N: usize>(
         let r = lora.a.dims()[0];
         let u = contiguous(u_all.clone().slice([0..n, start..start + r]));
         start += r;
-        let w = lin.weight();
+        let w = lin.weight_for_products();
         let (mut y, dora) = lora.output(&w, x, None, &u);
         if let Some(b) = &lin.bias {
             y = y + b.clone().unsqueeze::<2>();
@@ -263,7 +263,7 @@ pub(crate) fn input_grad(
     if !want_dx {
         return None;
     }
-    let weights: Vec<Tensor<2>> = parts.iter().map(|p| p.lin.weight()).collect();
+    let weights: Vec<Tensor<2>> = parts.iter().map(|p| p.lin.weight_for_products()).collect();
     let mut terms: Vec<Term<'_>> = parts
         .iter()
         .zip(&weights)

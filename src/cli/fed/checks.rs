@@ -81,9 +81,10 @@ pub(super) fn check_coord_file(f: &CoordFile, file: &str) -> anyhow::Result<()> 
 pub(super) struct Training {
     /// Where.
     pub device: fedtune_engine::device::Device,
-    /// The GPU's precision (`bf16`, `fp16`; f32 otherwise).
+    /// The GPU's precision (`bf16`, `fp16`; f32 otherwise, and on the CPU).
     pub dt: fedtune_engine::cuda::Dt,
-    /// On the CPU, the frozen base held in bf16 (`Some(true)`) or f16 (`dtype`).
+    /// On the CPU, the frozen base held in bf16 (`Some(true)`: `dtype = "bf16"` or
+    /// `bf16 = true`) or f16 (`dtype = "f16"`).
     pub half: Option<bool>,
     /// The data files' format, when not detected.
     pub format: Option<fedtune_engine::data::Format>,
@@ -108,7 +109,10 @@ pub(super) fn check_client_file(f: &ClientFile, file: &str) -> anyhow::Result<Tr
         !(f.bf16 && f.fp16),
         "{file}: bf16 and fp16 exclude each other"
     );
-    let dt = if f.bf16 {
+    let cpu = device == fedtune_engine::device::Device::Cpu;
+    let dt = if cpu {
+        fedtune_engine::cuda::Dt::F32
+    } else if f.bf16 {
         fedtune_engine::cuda::Dt::BF16
     } else if f.fp16 {
         fedtune_engine::cuda::Dt::F16
@@ -116,9 +120,9 @@ pub(super) fn check_client_file(f: &ClientFile, file: &str) -> anyhow::Result<Tr
         fedtune_engine::cuda::Dt::F32
     };
     anyhow::ensure!(
-        dt == fedtune_engine::cuda::Dt::F32
-            || matches!(device, fedtune_engine::device::Device::Cuda(_)),
-        "{file}: bf16/fp16 mixed precision trains on a GPU (device = \"cuda\"); the CPU trains in f32"
+        !(cpu && f.fp16),
+        "{file}: fp16 mixed precision trains on a GPU (device = \"cuda\"); on the CPU, \
+         bf16 = true (or dtype = \"bf16\") holds the frozen base in bf16"
     );
     let half = match f.dtype.as_deref() {
         None | Some("f32" | "float32") => None,
@@ -127,10 +131,16 @@ pub(super) fn check_client_file(f: &ClientFile, file: &str) -> anyhow::Result<Tr
         Some(other) => anyhow::bail!("{file}: dtype = {other:?}: expected f32, bf16 or f16"),
     };
     anyhow::ensure!(
-        half.is_none() || device == fedtune_engine::device::Device::Cpu,
+        half.is_none() || cpu,
         "{file}: dtype holds the frozen base in 16 bits on the CPU; on a GPU set bf16 = true \
          (or fp16 = true) for mixed precision"
     );
+    // TRL's bf16 on the CPU: the same as dtype = "bf16".
+    anyhow::ensure!(
+        !(cpu && f.bf16 && half == Some(false)),
+        "{file}: bf16 = true with dtype = \"f16\": pick one 16-bit type for the frozen base"
+    );
+    let half = half.or((cpu && f.bf16).then_some(true));
     anyhow::ensure!(
         f.gradient_accumulation_steps.is_none(),
         "{file}: gradient_accumulation_steps: the round plan sets it for every client \
@@ -236,4 +246,50 @@ pub(super) fn local_data(
         data.prompts.tokenizer = Some(std::sync::Arc::new(m.tokenizer));
     }
     Ok((data, m.model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_engine::cuda::Dt;
+
+    fn training(extra: &str) -> anyhow::Result<Training> {
+        let text = format!(
+            "federation = \"demo\"\ncoordinator = \"127.0.0.1:9\"\nca = \"ca\"\nname = \"a\"\n\
+             coordinator_key = \"k\"\nmodel = \"m\"\ntrain_data = \"d.jsonl\"\n{extra}"
+        );
+        let f: ClientFile = toml::from_str(&text).expect("parses");
+        check_client_file(&f, "a.toml")
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_is_a_bf16_base_and_mixed_precision_on_a_gpu() {
+        let t = training("bf16 = true\n").unwrap();
+        assert_eq!((t.dt, t.half), (Dt::F32, Some(true)));
+        let t = training("dtype = \"bf16\"\n").unwrap();
+        assert_eq!((t.dt, t.half), (Dt::F32, Some(true)));
+        let t = training("dtype = \"f16\"\n").unwrap();
+        assert_eq!((t.dt, t.half), (Dt::F32, Some(false)));
+        let t = training("bf16 = true\ndevice = \"cuda\"\n").unwrap();
+        assert_eq!((t.dt, t.half), (Dt::BF16, None));
+        let t = training("").unwrap();
+        assert_eq!((t.dt, t.half), (Dt::F32, None));
+        for (extra, want) in [
+            (
+                "fp16 = true\n",
+                "a.toml: fp16 mixed precision trains on a GPU",
+            ),
+            (
+                "bf16 = true\ndtype = \"f16\"\n",
+                "a.toml: bf16 = true with dtype",
+            ),
+            (
+                "bf16 = true\nfp16 = true\n",
+                "a.toml: bf16 and fp16 exclude",
+            ),
+        ] {
+            let e = training(extra).err().expect(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! (its sequential layer, one thread per call), then OpenBLAS with `OPENBLAS_CORETYPE` set to
 //! the CPU's kernel family (see the parent module).
 
-use super::{Blas, Sgemm};
+use super::{Blas, GemmBf16, Sgemm};
 
 type SetThreads = unsafe extern "C" fn(n: i32);
 type SetLayer = unsafe extern "C" fn(layer: i32) -> i32;
@@ -46,6 +46,11 @@ pub(super) fn load(path: &str) -> Result<Blas, String> {
         unsafe { set(1) };
     }
     let mkl = setup_mkl(&lib);
+    // SAFETY: oneMKL's `cblas_gemm_bf16bf16f32` and OpenBLAS's `cblas_sbgemm` (present when
+    // it is built with bf16 support) share this C signature (LP64, bf16 as 16-bit words).
+    let gemm_bf16 = [&b"cblas_gemm_bf16bf16f32\0"[..], b"cblas_sbgemm\0"]
+        .into_iter()
+        .find_map(|sym| unsafe { lib.get::<GemmBf16>(sym) }.ok().map(|f| *f));
     // SAFETY: OpenBLAS's `char* openblas_get_corename(void)` returns a static C string.
     let core = unsafe { lib.get::<CoreName>(b"openblas_get_corename\0") }
         .ok()
@@ -59,6 +64,7 @@ pub(super) fn load(path: &str) -> Result<Blas, String> {
         });
     Ok(Blas {
         sgemm,
+        gemm_bf16,
         name: path.to_string(),
         core,
         mkl,

@@ -56,6 +56,25 @@ type Sgemm = unsafe extern "C" fn(
     ldc: i32,
 );
 
+/// oneMKL's `cblas_gemm_bf16bf16f32` (and OpenBLAS's `cblas_sbgemm` where it is built with
+/// bf16 support): bf16 operands, f32 `alpha`, `beta` and output, f32 accumulation.
+type GemmBf16 = unsafe extern "C" fn(
+    order: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const u16,
+    lda: i32,
+    b: *const u16,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
@@ -63,6 +82,7 @@ const TRANS: i32 = 112;
 /// A loaded BLAS.
 pub struct Blas {
     sgemm: Sgemm,
+    gemm_bf16: Option<GemmBf16>,
     /// Where it was loaded from.
     pub name: String,
     /// The kernel family OpenBLAS reports (`openblas_get_corename`), when it is OpenBLAS.
@@ -93,12 +113,47 @@ pub fn get() -> Option<&'static Blas> {
     .as_ref()
 }
 
+/// How the products of a 16-bit base run, in words for logs: bf16 products through the BLAS
+/// when it has them (`bf16`), else widened to f32.
+pub fn half_products(bf16: bool) -> String {
+    match get() {
+        Some(b) if bf16 && b.has_bf16() => {
+            format!("its products in bf16 with f32 accumulation ({})", b.name)
+        }
+        Some(b) => format!(
+            "widened to f32 for each product ({} has no {} matrix product)",
+            b.name,
+            if bf16 { "bf16" } else { "f16" }
+        ),
+        None => "widened to f32 for each product (no BLAS loaded)".into(),
+    }
+}
+
+/// An operand's stored values: f32, or bf16 for the mixed-precision products of
+/// [`Blas::has_bf16`] (both operands of one part have the same type).
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    /// Single precision.
+    F32(&'a [f32]),
+    /// bfloat16.
+    Bf16(&'a [half::bf16]),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+}
+
 /// A row-major operand: `data` holds the matrix `[rows, cols]` with row stride `ld`, used as
 /// is or transposed.
 #[derive(Clone, Copy)]
 pub struct Operand<'a> {
     /// Values.
-    pub data: &'a [f32],
+    pub data: Values<'a>,
     /// Row stride of the stored matrix.
     pub ld: usize,
     /// Whether the product uses the transpose of the stored matrix.
@@ -109,7 +164,7 @@ impl<'a> Operand<'a> {
     /// A contiguous `[_, cols]` matrix used as is.
     pub fn plain(data: &'a [f32], cols: usize) -> Self {
         Operand {
-            data,
+            data: Values::F32(data),
             ld: cols,
             trans: false,
         }
@@ -118,7 +173,7 @@ impl<'a> Operand<'a> {
     /// A contiguous `[_, cols]` matrix used transposed.
     pub fn transposed(data: &'a [f32], cols: usize) -> Self {
         Operand {
-            data,
+            data: Values::F32(data),
             ld: cols,
             trans: true,
         }
@@ -144,6 +199,13 @@ pub struct Part<'a> {
 const MIN_BLOCK: usize = 64;
 
 impl Blas {
+    /// Whether the library multiplies bf16 matrices with f32 accumulation (oneMKL's
+    /// `cblas_gemm_bf16bf16f32`, on AMX or AVX-512-BF16 where the CPU has them), so that
+    /// [`Values::Bf16`] parts run.
+    pub fn has_bf16(&self) -> bool {
+        self.gemm_bf16.is_some()
+    }
+
     /// `c[m×n] = alpha·op(a)·op(b) + beta·c`, row-major, `c` contiguous with row stride `n`.
     ///
     /// # Panics
@@ -273,6 +335,13 @@ impl Blas {
             sr == 0 || sc == 0 || (op.ld >= sc && (sr - 1) * op.ld + sc <= op.data.len())
         };
         for Part { k, a, b, .. } in parts {
+            match (a.data, b.data) {
+                (Values::F32(_), Values::F32(_)) => {}
+                (Values::Bf16(_), Values::Bf16(_)) => {
+                    assert!(self.has_bf16(), "{}: no bf16 matrix product", self.name)
+                }
+                _ => panic!("sgemm: operands of one part differ in type"),
+            }
             assert!(fits(a, m, *k), "sgemm: left operand too short");
             assert!(fits(b, *k, n), "sgemm: right operand too short");
             for v in [m, n, *k, a.ld, b.ld, ldc] {
@@ -306,25 +375,52 @@ impl Blas {
                     let b_off = if b.trans { start * b.ld } else { start };
                     (m, end - start, 0, b_off, start)
                 };
-                // SAFETY: bounds were checked for the whole product above; this block reads
-                // its rows of op(a) (or columns of op(b)) and writes only its own part of c.
+                // SAFETY: bounds and types were checked for the whole product above; this
+                // block reads its rows of op(a) (or columns of op(b)) and writes only its own
+                // part of c.
                 unsafe {
-                    (self.sgemm)(
-                        ROW_MAJOR,
+                    let (ta, tb) = (
                         if a.trans { TRANS } else { NO_TRANS },
                         if b.trans { TRANS } else { NO_TRANS },
-                        mi as i32,
-                        ni as i32,
-                        k as i32,
-                        alpha,
-                        a.data.as_ptr().add(a_off),
-                        a.ld.max(1) as i32,
-                        b.data.as_ptr().add(b_off),
-                        b.ld.max(1) as i32,
-                        if i == 0 { beta } else { 1.0 },
-                        out.at(c_off),
-                        ldc as i32,
-                    )
+                    );
+                    let (lda, ldb) = (a.ld.max(1) as i32, b.ld.max(1) as i32);
+                    let beta = if i == 0 { beta } else { 1.0 };
+                    let (mi, ni, k) = (mi as i32, ni as i32, k as i32);
+                    match (a.data, b.data, self.gemm_bf16) {
+                        (Values::Bf16(ad), Values::Bf16(bd), Some(gemm)) => gemm(
+                            ROW_MAJOR,
+                            ta,
+                            tb,
+                            mi,
+                            ni,
+                            k,
+                            alpha,
+                            ad.as_ptr().add(a_off).cast(),
+                            lda,
+                            bd.as_ptr().add(b_off).cast(),
+                            ldb,
+                            beta,
+                            out.at(c_off),
+                            ldc as i32,
+                        ),
+                        (Values::F32(ad), Values::F32(bd), _) => (self.sgemm)(
+                            ROW_MAJOR,
+                            ta,
+                            tb,
+                            mi,
+                            ni,
+                            k,
+                            alpha,
+                            ad.as_ptr().add(a_off),
+                            lda,
+                            bd.as_ptr().add(b_off),
+                            ldb,
+                            beta,
+                            out.at(c_off),
+                            ldc as i32,
+                        ),
+                        _ => unreachable!("operand types checked above"),
+                    }
                 }
             }
         };
@@ -336,9 +432,26 @@ impl Blas {
     }
 }
 
+/// Every BLAS this machine can load among the oneMKL and OpenBLAS names fedtune looks for
+/// and the paths in `FEDTUNE_TEST_BLAS` (colon-separated; `.ci/run` puts oneMKL there), one
+/// per library kind, so that both are checked where both are present.
+#[cfg(test)]
+pub(crate) fn every_blas() -> Vec<Blas> {
+    // Sets OPENBLAS_CORETYPE once, as users get it, before any library loads here.
+    let _ = get();
+    let extra = std::env::var("FEDTUNE_TEST_BLAS").unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    load::candidates()
+        .into_iter()
+        .chain(extra.split(':').filter(|s| !s.is_empty()).map(String::from))
+        .filter_map(|p| load::load(&p).ok())
+        .filter(|b| seen.insert((b.mkl.is_some(), b.core.clone())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::load::{candidates, load, openblas_coretype};
+    use super::load::openblas_coretype;
     use super::*;
 
     fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
@@ -380,22 +493,6 @@ mod tests {
             !generic.contains(&core.to_lowercase().as_str()),
             "OpenBLAS runs its generic {core} kernels on a CPU that has {want}'s"
         );
-    }
-
-    /// Every BLAS this machine can load among the oneMKL and OpenBLAS names fedtune looks
-    /// for and the paths in `FEDTUNE_TEST_BLAS` (colon-separated; `.ci/run` puts oneMKL
-    /// there), one per library kind, so that both are checked where both are present.
-    fn every_blas() -> Vec<Blas> {
-        // Sets OPENBLAS_CORETYPE once, as users get it, before any library loads here.
-        let _ = get();
-        let extra = std::env::var("FEDTUNE_TEST_BLAS").unwrap_or_default();
-        let mut seen = std::collections::BTreeSet::new();
-        candidates()
-            .into_iter()
-            .chain(extra.split(':').filter(|s| !s.is_empty()).map(String::from))
-            .filter_map(|p| load(&p).ok())
-            .filter(|b| seen.insert((b.mkl.is_some(), b.core.clone())))
-            .collect()
     }
 
     #[test]
@@ -502,12 +599,12 @@ mod tests {
                         k: *k,
                         alpha: *alpha,
                         a: Operand {
-                            data: a,
+                            data: Values::F32(a),
                             ld: if *ta { m } else { *k },
                             trans: *ta,
                         },
                         b: Operand {
-                            data: b,
+                            data: Values::F32(b),
                             ld: if *tb { *k } else { n },
                             trans: *tb,
                         },
@@ -538,6 +635,71 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bf16_parts_multiply_the_rounded_values_with_f32_accumulation() {
+        let all: Vec<Blas> = every_blas().into_iter().filter(Blas::has_bf16).collect();
+        if all.is_empty() {
+            eprintln!("no BLAS with a bf16 product here; nothing to check");
+        }
+        let round =
+            |v: &[f32]| -> Vec<half::bf16> { v.iter().map(|&x| half::bf16::from_f32(x)).collect() };
+        let widen = |v: &[half::bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+        for blas in &all {
+            eprintln!("checking bf16 products of {}", blas.name);
+            // Row blocks, column blocks.
+            for (m, n, k) in [(197, 35, 70), (16, 300, 40), (150, 260, 33)] {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.1) / 5.3)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 5 % 11) as f32 - 5.2) / 3.1)
+                    .collect();
+                let (ab, bb) = (round(&a), round(&b));
+                // An f32 rank-4 part accumulated with the bf16 one, as a LoRA term is.
+                let u: Vec<f32> = (0..m * 4).map(|i| (i % 7) as f32 / 7.0).collect();
+                let v: Vec<f32> = (0..4 * n).map(|i| (i % 5) as f32 / 5.0).collect();
+                let lora = naive(m, n, 4, &u, false, &v, false);
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let parts = [
+                        Part {
+                            k: 4,
+                            alpha: 1.0,
+                            a: Operand::plain(&u, 4),
+                            b: Operand::plain(&v, n),
+                        },
+                        Part {
+                            k,
+                            alpha: 0.5,
+                            a: Operand {
+                                data: Values::Bf16(&ab),
+                                ld: if ta { m } else { k },
+                                trans: ta,
+                            },
+                            b: Operand {
+                                data: Values::Bf16(&bb),
+                                ld: if tb { k } else { n },
+                                trans: tb,
+                            },
+                        },
+                    ];
+                    let got = blas.product_sum(m, n, &parts);
+                    let exact = naive(m, n, k, &widen(&ab), ta, &widen(&bb), tb);
+                    let unrounded = naive(m, n, k, &a, ta, &b, tb);
+                    let mut off_exact = 0f32;
+                    let mut off_f32 = 0f32;
+                    for i in 0..m * n {
+                        off_exact = off_exact.max((got[i] - (0.5 * exact[i] + lora[i])).abs());
+                        off_f32 = off_f32.max((got[i] - (0.5 * unrounded[i] + lora[i])).abs());
+                    }
+                    // Products of bf16 values are exact in f32; only the sums round.
+                    assert!(off_exact < 1e-4, "{}: {ta} {tb}: {off_exact}", blas.name);
+                    // And the operands were rounded to bf16, not read as f32.
+                    assert!(off_f32 > 1e-3, "{}: {ta} {tb}: not bf16", blas.name);
+                }
+            }
+        }
+    }
+
     fn check_products(blas: &Blas) {
         // Row blocks, column blocks (also with many rows: the LM head's shape), nothing.
         for (m, n, k) in [(197, 35, 70), (16, 300, 40), (150, 260, 33), (3, 2, 0)] {
@@ -549,12 +711,12 @@ mod tests {
                 .collect();
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let oa = Operand {
-                    data: &a,
+                    data: Values::F32(&a),
                     ld: if ta { m } else { k },
                     trans: ta,
                 };
                 let ob = Operand {
-                    data: &b,
+                    data: Values::F32(&b),
                     ld: if tb { k } else { n },
                     trans: tb,
                 };
