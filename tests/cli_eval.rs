@@ -216,3 +216,113 @@ fn bf16_and_f16_eval_run_on_the_cpu_and_bf16_full_training_is_refused_with_a_mes
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn eval_generate_scores_each_prompts_completion_with_the_rewards() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = testdata().join("model");
+    let prompts = root.join("testdata/grpo/prompts.jsonl");
+    let dir = std::env::temp_dir().join(format!("fedtune-eval-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let completions = dir.join("completions.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            prompts.to_str().unwrap(),
+            "--generate",
+            "--reward",
+            "json_valid",
+            "--reward",
+            "length:0:40",
+            "--reward",
+            "regex:Czech",
+            "--reward-weights",
+            "2,1,0.5",
+            "--max-new-tokens",
+            "6",
+        ];
+        args.extend_from_slice(extra);
+        eval(&args)
+    };
+    let m = run(&["--completions", completions.to_str().unwrap()]);
+    assert_eq!(m["prompts"], 4, "{m}");
+    let lines: Vec<Value> = std::fs::read_to_string(&completions)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    // Every score recomputed here from the written completion.
+    let mut sums = [0f64; 4];
+    let mut passes = [0usize; 3];
+    for l in &lines {
+        let c = l["completion"].as_str().unwrap();
+        let valid = serde_json::from_str::<Value>(c.trim()).is_ok() as u8 as f64;
+        let n = c.chars().count();
+        let length = -((n.saturating_sub(40)) as f64 / 40.0).min(1.0);
+        let czech = c.contains("Czech") as u8 as f64;
+        let total = 2.0 * valid + length + 0.5 * czech;
+        for (k, (name, want)) in [("json_valid", valid), ("length", length), ("regex", czech)]
+            .into_iter()
+            .enumerate()
+        {
+            let got = l["rewards"][name].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{name}: {got} vs {want} for {c:?}"
+            );
+            sums[k] += want;
+            passes[k] += usize::from(if name == "length" {
+                want >= 0.0
+            } else {
+                want >= 1.0
+            });
+        }
+        assert!((l["reward"].as_f64().unwrap() - total).abs() < 1e-5, "{l}");
+        sums[3] += total;
+    }
+    for (k, name) in ["json_valid", "length", "regex"].into_iter().enumerate() {
+        let mean = m[format!("rewards/{name}/mean")].as_f64().unwrap();
+        assert!((mean - sums[k] / 4.0).abs() < 1e-6, "{name} mean: {m}");
+        let pass = m[format!("rewards/{name}/pass_rate")].as_f64().unwrap();
+        assert!(
+            (pass - passes[k] as f64 / 4.0).abs() < 1e-12,
+            "{name} pass rate: {m}"
+        );
+    }
+    assert!(
+        (m["reward"].as_f64().unwrap() - sums[3] / 4.0).abs() < 1e-5,
+        "{m}"
+    );
+    let longest = m["completions/max_length"].as_f64().unwrap();
+    assert!((1.0..=6.0).contains(&longest), "{m}");
+    // Greedy decoding repeats.
+    assert_eq!(run(&[]), m);
+    // Mistakes are named.
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(["eval", "--model", model.to_str().unwrap()])
+        .args(["--data", prompts.to_str().unwrap(), "--generate"])
+        .args(["--reward", "no_such_reward"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no_such_reward"),
+        "{err}"
+    );
+    let conv = testdata().join("conversation.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(["eval", "--model", model.to_str().unwrap()])
+        .args(["--data", conv.to_str().unwrap(), "--generate"])
+        .args(["--reward", "json_valid"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("conversation.jsonl") && err.contains("prompt"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

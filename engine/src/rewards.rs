@@ -24,6 +24,7 @@
 //! A completion wrapped in a Markdown code fence (```` ```json … ``` ````) is read without it by
 //! the JSON rewards.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -209,6 +210,21 @@ impl RewardFn {
             RewardFn::Length { .. } => "length",
             RewardFn::Command { .. } => "command",
             RewardFn::Model { .. } => "reward_model",
+        }
+    }
+
+    /// The score of a completion that fully passes: 1 for the yes/no checks and
+    /// `field_match` (every field equal), 0 (no penalty) for `length`; `None` for commands
+    /// and reward models, whose scale is their own.
+    pub fn full_score(&self) -> Option<f32> {
+        match self {
+            RewardFn::JsonValid
+            | RewardFn::JsonSchema { .. }
+            | RewardFn::FieldMatch { .. }
+            | RewardFn::ExactMatch { .. }
+            | RewardFn::Regex(_) => Some(1.0),
+            RewardFn::Length { .. } => Some(0.0),
+            RewardFn::Command { .. } | RewardFn::Model { .. } => None,
         }
     }
 
@@ -398,6 +414,78 @@ pub struct Scored {
     pub total: Vec<f32>,
     /// Per function (in order): its rewards.
     pub each: Vec<Vec<f32>>,
+}
+
+impl Scored {
+    /// Metrics with TRL's names: `reward` and `reward_std` of the weighted total, and
+    /// `rewards/<name>/mean` and `rewards/<name>/std` per function of `rewards` (which scored
+    /// this batch).
+    pub fn metrics(&self, rewards: &Rewards) -> BTreeMap<String, f64> {
+        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| f64::from(*x)).collect() };
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let total = wide(&self.total);
+        let mut m = BTreeMap::new();
+        m.insert("reward".into(), mean(&total));
+        m.insert("reward_std".into(), std_dev(&total));
+        for ((f, _), r) in rewards.fns.iter().zip(&self.each) {
+            let r = wide(r);
+            m.insert(format!("rewards/{}/mean", f.name()), mean(&r));
+            m.insert(format!("rewards/{}/std", f.name()), std_dev(&r));
+        }
+        m
+    }
+
+    /// `rewards/<name>/pass_rate`: the share of completions that reach a function's full score
+    /// ([`RewardFn::full_score`]), for every function that has one.
+    pub fn pass_rates(&self, rewards: &Rewards) -> BTreeMap<String, f64> {
+        rewards
+            .fns
+            .iter()
+            .zip(&self.each)
+            .filter_map(|((f, _), r)| {
+                let full = f.full_score()?;
+                let passed = r.iter().filter(|&&x| x >= full).count();
+                Some((
+                    format!("rewards/{}/pass_rate", f.name()),
+                    passed as f64 / r.len().max(1) as f64,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Unbiased standard deviation (TRL's `nanstd` without NaNs); 0 for fewer than two values.
+pub(crate) fn std_dev(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+/// Completion metrics with TRL's names: `completions/mean_length`, `min_length`,
+/// `max_length` (tokens) and `clipped_ratio` (the share that ended without a stop id).
+pub fn completion_metrics(completions: &[&Vec<u32>], stop_ids: &[u32]) -> BTreeMap<String, f64> {
+    let ended = |c: &Vec<u32>| c.last().is_some_and(|t| stop_ids.contains(t));
+    let lens: Vec<f64> = completions.iter().map(|c| c.len() as f64).collect();
+    let mut m = BTreeMap::new();
+    m.insert(
+        "completions/mean_length".into(),
+        lens.iter().sum::<f64>() / lens.len().max(1) as f64,
+    );
+    m.insert(
+        "completions/min_length".into(),
+        lens.iter().copied().fold(f64::INFINITY, f64::min),
+    );
+    m.insert(
+        "completions/max_length".into(),
+        lens.iter().copied().fold(0.0, f64::max),
+    );
+    m.insert(
+        "completions/clipped_ratio".into(),
+        completions.iter().filter(|c| !ended(c)).count() as f64 / completions.len().max(1) as f64,
+    );
+    m
 }
 
 impl Rewards {

@@ -1,4 +1,5 @@
-//! `fedtune eval`: loss, perplexity and, for preference data with `--beta`, DPO metrics.
+//! `fedtune eval`: loss, perplexity and, for preference data with `--beta`, DPO metrics; with
+//! `--generate --reward`, completions of held-out prompts scored by reward functions.
 //! With `--json` the last line of stdout is one JSON object (a stable contract).
 
 use std::path::PathBuf;
@@ -41,6 +42,28 @@ pub struct EvalArgs {
     /// `--max-length` are left out, as TRL filters them.
     #[arg(long)]
     reward_model: bool,
+    /// Generate a completion for every prompt of `--data` (JSON lines with a `prompt` and the
+    /// fields rewards read, as `train grpo` takes them) and score it with `--reward`: the
+    /// weighted reward, each function's mean, std and pass rate, and completion lengths.
+    #[arg(long, requires = "rewards")]
+    generate: bool,
+    /// A reward function for `--generate`, repeatable: json_valid, json_schema:FILE,
+    /// field_match[:FIELD], exact_match[:FIELD], regex:PATTERN, length:MIN:MAX,
+    /// command:PROGRAM, reward_model:DIR.
+    #[arg(long = "reward", requires = "generate")]
+    rewards: Vec<String>,
+    /// One weight per reward, comma-separated (TRL's `reward_weights`; default 1 each).
+    #[arg(long, value_delimiter = ',', requires = "generate")]
+    reward_weights: Vec<f64>,
+    /// Longest completion in tokens with `--generate`.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature with `--generate` (0: greedy decoding).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// With `--generate`, write each prompt, its completion and its rewards here as JSON lines.
+    #[arg(long, requires = "generate")]
+    completions: Option<PathBuf>,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -65,6 +88,9 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.reward_model {
         return evaluate_reward_model(&a);
+    }
+    if a.generate {
+        return evaluate_generations(&a);
     }
     match a.model.engine_device()? {
         Device::Cpu => {
@@ -144,6 +170,98 @@ fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
     });
     if let Some(o) = out.as_object_mut() {
         o.extend(metrics.into_iter().map(|(k, v)| (k, json!(v))));
+    }
+    print_metrics(a, &out)
+}
+
+/// `--generate --reward`: one completion per prompt, scored; on the CPU.
+fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
+    use fedtune_engine::generate::{GenerationConfig, generate};
+    use fedtune_engine::rewards::{RewardInput, Rewards, completion_metrics};
+    anyhow::ensure!(
+        a.model.engine_device()? == Device::Cpu,
+        "--generate runs on the CPU for now"
+    );
+    anyhow::ensure!(
+        a.temperature.is_finite() && a.temperature >= 0.0 && a.max_new_tokens > 0,
+        "--temperature must be 0 (greedy) or positive and --max-new-tokens positive"
+    );
+    let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
+    let m = a.model.load_quantized(a.quant.nf4())?;
+    let prompts = fedtune_engine::train::grpo::load_prompts(&a.data, &m.tokenizer)
+        .with_context(|| format!("reading prompts {}", a.data.display()))?;
+    anyhow::ensure!(!prompts.is_empty(), "{}: no prompt", a.data.display());
+    let fields: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i + 1, &p.fields))
+        .collect();
+    for (f, _) in &rewards.fns {
+        f.check_fields(&a.data, &fields)?;
+    }
+    let tokenizer = std::sync::Arc::new(m.tokenizer);
+    rewards.load_models(&m.model, &tokenizer)?;
+    let mut stop_ids = m.model.config.eos_token_ids.clone();
+    stop_ids.extend(tokenizer.eos_id);
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        stop_ids: stop_ids.clone(),
+        ..GenerationConfig::default()
+    };
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64);
+    let mut ids = Vec::with_capacity(prompts.len());
+    let mut texts = Vec::with_capacity(prompts.len());
+    for (k, p) in prompts.iter().enumerate() {
+        let cfg = GenerationConfig {
+            seed: k as u64,
+            ..cfg.clone()
+        };
+        let out = generate(&m.model, &p.ids, &cfg, |_| {});
+        texts.push(tokenizer.decode(&out, true)?);
+        ids.push(out);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let inputs: Vec<RewardInput<'_>> = prompts
+        .iter()
+        .zip(&texts)
+        .map(|(p, t)| RewardInput {
+            prompt: &p.text,
+            messages: p.messages.as_deref(),
+            completion: t,
+            fields: &p.fields,
+        })
+        .collect();
+    let scored = rewards.score(&inputs)?;
+    if let Some(path) = &a.completions {
+        let lines: Vec<String> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, i)| {
+                let each: serde_json::Map<_, _> = rewards
+                    .fns
+                    .iter()
+                    .zip(&scored.each)
+                    .map(|((f, _), r)| (f.name().to_string(), json!(r[k])))
+                    .collect();
+                json!({"prompt": i.prompt, "completion": i.completion,
+                       "reward": scored.total[k], "rewards": each})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let refs: Vec<&Vec<u32>> = ids.iter().collect();
+    let mut out = json!({"prompts": prompts.len()});
+    if let Some(o) = out.as_object_mut() {
+        let metrics = scored
+            .metrics(&rewards)
+            .into_iter()
+            .chain(scored.pass_rates(&rewards))
+            .chain(completion_metrics(&refs, &stop_ids));
+        o.extend(metrics.map(|(k, v)| (k, json!(v))));
     }
     print_metrics(a, &out)
 }

@@ -186,14 +186,7 @@ impl GrpoLossOptions {
     }
 }
 
-/// Unbiased standard deviation (TRL's `nanstd` without NaNs); 0 for fewer than two values.
-pub(super) fn std_dev(v: &[f64]) -> f64 {
-    if v.len() < 2 {
-        return 0.0;
-    }
-    let m = v.iter().sum::<f64>() / v.len() as f64;
-    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-}
+pub(super) use crate::rewards::std_dev;
 
 /// Advantages of `rewards` laid out as consecutive groups of `group` completions of one prompt
 /// (TRL's `sum_then_normalize`): reward minus its group's mean, divided by the group's (or the

@@ -398,32 +398,11 @@ impl GrpoObjective {
         let total: Vec<f64> = scored.total.iter().map(|v| f64::from(*v)).collect();
         let (adv, zero_std) = advantages(&total, g, o.scale_rewards);
         // Metrics with TRL's names.
-        let mut m = BTreeMap::new();
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        m.insert("reward".into(), mean(&total));
-        m.insert("reward_std".into(), std_dev(&total));
+        let mut m = scored.metrics(&self.rewards);
         m.insert("frac_reward_zero_std".into(), zero_std);
-        for ((f, _), r) in self.rewards.fns.iter().zip(&scored.each) {
-            let r: Vec<f64> = r.iter().map(|v| f64::from(*v)).collect();
-            m.insert(format!("rewards/{}/mean", f.name()), mean(&r));
-            m.insert(format!("rewards/{}/std", f.name()), std_dev(&r));
-        }
         let comps: Vec<&Vec<u32>> = groups.iter().flat_map(|(_, cs)| cs.iter()).collect();
+        m.extend(crate::rewards::completion_metrics(&comps, &self.stop_ids));
         let ended = |c: &Vec<u32>| c.last().is_some_and(|t| self.stop_ids.contains(t));
-        let lens: Vec<f64> = comps.iter().map(|c| c.len() as f64).collect();
-        m.insert("completions/mean_length".into(), mean(&lens));
-        m.insert(
-            "completions/min_length".into(),
-            lens.iter().copied().fold(f64::INFINITY, f64::min),
-        );
-        m.insert(
-            "completions/max_length".into(),
-            lens.iter().copied().fold(0.0, f64::max),
-        );
-        m.insert(
-            "completions/clipped_ratio".into(),
-            comps.iter().filter(|c| !ended(c)).count() as f64 / comps.len().max(1) as f64,
-        );
         // Rollouts, laid out per micro-batch.
         let mut k = 0;
         let mut out = Vec::with_capacity(micro.len());
