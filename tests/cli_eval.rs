@@ -301,27 +301,21 @@ fn eval_generate_scores_each_prompts_completion_with_the_rewards() {
     // Greedy decoding repeats.
     assert_eq!(run(&[]), m);
     // Mistakes are named.
-    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(["eval", "--model", model.to_str().unwrap()])
-        .args(["--data", prompts.to_str().unwrap(), "--generate"])
-        .args(["--reward", "no_such_reward"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = |data: &std::path::Path, reward: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+            .args(["eval", "--model", model.to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap(), "--generate"])
+            .args(["--reward", reward])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&prompts, "no_such_reward");
+    assert!(err.contains("no_such_reward"), "{err}");
+    let err = refused(&testdata().join("conversation.jsonl"), "json_valid");
     assert!(
-        !out.status.success() && err.contains("no_such_reward"),
-        "{err}"
-    );
-    let conv = testdata().join("conversation.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(["eval", "--model", model.to_str().unwrap()])
-        .args(["--data", conv.to_str().unwrap(), "--generate"])
-        .args(["--reward", "json_valid"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("conversation.jsonl") && err.contains("prompt"),
+        err.contains("conversation.jsonl") && err.contains("prompt"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -98,6 +98,8 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
         "st-mary-cardiology",
         "Failures",
         "JSON validity",
+        // Each percentage beside its number of held-out examples.
+        "% of 8</td>",
     ] {
         assert!(html.contains(s), "report lacks {s}");
     }

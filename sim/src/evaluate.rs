@@ -1,6 +1,6 @@
-//! Evaluation of a (global) adapter on the clients' held-out data: loss, and for tasks whose
-//! answers are JSON objects, greedy generations scored for JSON validity and exact field
-//! accuracy.
+//! Evaluation of a (global) adapter on the clients' held-out data: loss, and greedy
+//! generations scored with GRPO's reward functions (`json_valid`, and `field_match` when the
+//! answers are JSON objects).
 
 use fedtune_engine::data::{Example, Prompt};
 use fedtune_engine::eval::sft_loss;
@@ -26,7 +26,7 @@ pub struct Generation {
     pub reference: String,
     /// What the model wrote.
     pub output: String,
-    /// Whether the output parses as a JSON object.
+    /// Whether the output is valid JSON (the `json_valid` reward).
     pub valid_json: bool,
     /// Fields of the reference with exactly the same value in the output.
     pub fields_correct: usize,
@@ -37,10 +37,13 @@ pub struct Generation {
 /// Scores of a set of generations.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GenerationScores {
-    /// Share of outputs that parse as JSON objects.
+    /// Share of outputs that are valid JSON (the `json_valid` reward's mean).
     pub json_validity: f64,
-    /// Share of reference fields reproduced exactly.
+    /// Mean share of each reference's fields reproduced (the `field_match` reward's mean over
+    /// the outputs whose reference is a JSON object).
     pub field_accuracy: f64,
+    /// Outputs with a JSON-object reference (those `field_accuracy` averages over).
+    pub with_fields: usize,
     /// The generations.
     pub samples: Vec<Generation>,
 }
@@ -63,27 +66,38 @@ pub fn prompt_and_reference(ex: &Example) -> Option<(Prompt, String)> {
     }
 }
 
-/// The first JSON object in `text` (models sometimes wrap it in prose or code fences).
-fn parse_object(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let t = text.trim();
-    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(t) {
-        return Some(o);
-    }
-    None
-}
-
-/// Scores `output` against `reference` (a JSON object; strict parsing of the whole output).
+/// Scores `output` against `reference` with GRPO's reward functions: `json_valid` (the
+/// output, without a Markdown code fence, parses as JSON) and, when the reference is a JSON
+/// object, `field_match` (the share of its fields the output's object has equal). Returns
+/// validity and the fields reproduced out of the reference's.
 pub fn score(reference: &str, output: &str) -> (bool, usize, usize) {
-    let Some(want) = parse_object(reference) else {
-        return (parse_object(output).is_some(), 0, 0);
-    };
-    match parse_object(output) {
-        None => (false, 0, want.len()),
-        Some(got) => {
-            let correct = want.iter().filter(|(k, v)| got.get(*k) == Some(v)).count();
-            (true, correct, want.len())
+    use fedtune_engine::rewards::{RewardFn, RewardInput};
+    use serde_json::Value;
+    let mut fields = serde_json::Map::new();
+    let total = match serde_json::from_str::<Value>(reference.trim()) {
+        Ok(Value::Object(o)) => {
+            let n = o.len();
+            fields.insert("reference".into(), Value::Object(o));
+            n
         }
+        _ => 0,
+    };
+    let input = [RewardInput {
+        prompt: "",
+        messages: None,
+        completion: output,
+        fields: &fields,
+    }];
+    // Neither function fails (only commands and reward models can).
+    let first = |f: RewardFn| f.score(&input).map_or(0.0, |v| v[0]);
+    let valid = first(RewardFn::JsonValid) >= 1.0;
+    if total == 0 {
+        return (valid, 0, 0);
     }
+    let share = first(RewardFn::FieldMatch {
+        field: "reference".into(),
+    });
+    (valid, (share * total as f32).round() as usize, total)
 }
 
 /// Greedy generations for `examples` (at most `limit`), scored.
@@ -95,7 +109,7 @@ pub fn generations(
     max_new_tokens: usize,
 ) -> fedtune_engine::Result<GenerationScores> {
     let mut out = GenerationScores::default();
-    let (mut valid, mut correct, mut total) = (0usize, 0usize, 0usize);
+    let (mut valid, mut shares) = (0usize, 0f64);
     for ex in examples.iter().take(limit) {
         let Some((prompt, reference)) = prompt_and_reference(ex) else {
             continue;
@@ -122,8 +136,10 @@ pub fn generations(
         let text = tok.decode(&new, true)?;
         let (v, c, t) = score(&reference, &text);
         valid += v as usize;
-        correct += c;
-        total += t;
+        if t > 0 {
+            shares += c as f64 / t as f64;
+            out.with_fields += 1;
+        }
         out.samples.push(Generation {
             prompt: shown,
             reference,
@@ -136,8 +152,8 @@ pub fn generations(
     if !out.samples.is_empty() {
         out.json_validity = valid as f64 / out.samples.len() as f64;
     }
-    if total > 0 {
-        out.field_accuracy = correct as f64 / total as f64;
+    if out.with_fields > 0 {
+        out.field_accuracy = shares / out.with_fields as f64;
     }
     Ok(out)
 }
@@ -157,5 +173,10 @@ mod tests {
         assert_eq!(score(r, r#"Sure! {"age": 54}"#), (false, 0, 3));
         assert_eq!(score(r, "{\"age\": 54,"), (false, 0, 3));
         assert_eq!(score("plain text", "{}"), (true, 0, 0));
+        // The reward functions' rules: a fenced object counts, numbers compare as numbers.
+        assert_eq!(
+            score(r, "```json\n{\"age\": 54.0, \"sex\": \"F\"}\n```"),
+            (true, 2, 3)
+        );
     }
 }

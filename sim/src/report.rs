@@ -294,11 +294,13 @@ fn before_after_html(
         if let Some((_, before, after)) = o.generations.iter().find(|g| &g.0 == name) {
             let _ = write!(
                 h,
-                "<td>{:.0}% → {:.0}%</td><td>{:.0}% → {:.0}%</td>",
+                "<td>{:.0}% → {:.0}% of {}</td><td>{:.0}% → {:.0}% of {}</td>",
                 before.json_validity * 100.0,
                 after.json_validity * 100.0,
+                after.samples.len(),
                 before.field_accuracy * 100.0,
-                after.field_accuracy * 100.0
+                after.field_accuracy * 100.0,
+                after.with_fields
             );
         } else if gens {
             h.push_str("<td></td><td></td>");
@@ -314,9 +316,11 @@ fn before_after_html(
                 .collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64 * 100.0
         };
+        let n: usize = o.generations.iter().map(|g| g.2.samples.len()).sum();
+        let nf: usize = o.generations.iter().map(|g| g.2.with_fields).sum();
         let _ = write!(
             h,
-            "<tr><th>all clients</th><th>{}</th><th>{}</th><th>{:.0}% → {:.0}%</th><th>{:.0}% → {:.0}%</th></tr>",
+            "<tr><th>all clients</th><th>{}</th><th>{}</th><th>{:.0}% → {:.0}% of {n}</th><th>{:.0}% → {:.0}% of {nf}</th></tr>",
             fmt(num(&first["global_eval_loss"])),
             fmt(num(&last["global_eval_loss"])),
             all(|g| g.json_validity, false),

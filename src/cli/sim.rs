@@ -199,11 +199,13 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     );
     for (name, before, after) in &outcome.generations {
         println!(
-            "{name}: JSON validity {:.0}% -> {:.0}%, field accuracy {:.0}% -> {:.0}%",
+            "{name}: JSON validity {:.0}% -> {:.0}% of {}, field accuracy {:.0}% -> {:.0}% of {}",
             before.json_validity * 100.0,
             after.json_validity * 100.0,
+            after.samples.len(),
             before.field_accuracy * 100.0,
-            after.field_accuracy * 100.0
+            after.field_accuracy * 100.0,
+            after.with_fields
         );
     }
     println!("report: {}", out.join("report.html").display());

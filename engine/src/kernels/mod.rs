@@ -412,21 +412,27 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
+    /// A projection's `x` `[130, 48]`, `W` `[70, 48]`, LoRA's `u` `[130, 8]` and `B`
+    /// `[70, 8]`, and an output gradient `dy` `[130, 70]`, random.
+    fn operands() -> (Tensor<2>, Tensor<2>, Tensor<2>, Tensor<2>, Tensor<2>) {
+        let dev = Device::flex();
+        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        (
+            r([130, 48]),
+            r([70, 48]),
+            r([130, 8]),
+            r([70, 8]),
+            r([130, 70]),
+        )
+    }
+
     #[test]
     fn blas_and_burn_sums_agree() {
         let Some(b) = blas::get() else {
             eprintln!("no BLAS installed; nothing to compare");
             return;
         };
-        let dev = Device::flex();
-        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &dev);
-        let (x, w, u, bm, dy) = (
-            r([130, 48]),
-            r([70, 48]),
-            r([130, 8]),
-            r([70, 8]),
-            r([130, 70]),
-        );
+        let (x, w, u, bm, dy) = operands();
         let cases: Vec<Vec<Term<'_>>> = vec![
             vec![Term::nt(&x, &w, 1.0), Term::nt(&u, &bm, 0.5)],
             vec![Term::nn(&dy, &w, 1.0)],
@@ -444,15 +450,7 @@ mod tests {
     #[test]
     fn a_bf16_weight_is_a_bf16_product_or_widened_without_one() {
         use burn::tensor::{DType, Tolerance};
-        let dev = Device::flex();
-        let r = |s: [usize; 2]| Tensor::<2>::random(s, Distribution::Normal(0.0, 1.0), &dev);
-        let (x, w, u, bm, dy) = (
-            r([130, 48]),
-            r([70, 48]),
-            r([130, 8]),
-            r([70, 8]),
-            r([130, 70]),
-        );
+        let (x, w, u, bm, dy) = operands();
         let wb = w.cast(DType::BF16);
         assert_eq!(wb.dtype(), DType::BF16);
         let rounded = |t: &Tensor<2>| t.clone().cast(DType::BF16).cast(DType::F32);
