@@ -47,6 +47,36 @@ pub fn host<const D: usize>(t: &Tensor<D>) -> Option<Host> {
     Some(Host { t: p })
 }
 
+/// A contiguous bf16 flex tensor borrowed as a slice.
+pub struct HostBf16 {
+    t: FlexTensor,
+}
+
+impl HostBf16 {
+    /// The values, row-major.
+    pub fn data(&self) -> &[half::bf16] {
+        self.t
+            .as_slice::<half::bf16>()
+            .expect("made contiguous bf16 in `host_bf16`")
+    }
+}
+
+/// Borrows `t`'s storage when it is a bf16 tensor on the flex backend (made contiguous if it
+/// is a strided view); `None` on other devices or dtypes.
+pub fn host_bf16<const D: usize>(t: &Tensor<D>) -> Option<HostBf16> {
+    if t.dtype() != burn::tensor::DType::BF16 {
+        return None;
+    }
+    let p: FlexTensor = t.clone().try_into_primitive::<Flex>().ok()?;
+    let p = if p.is_contiguous() {
+        p
+    } else {
+        p.to_contiguous()
+    };
+    p.as_slice::<half::bf16>()?;
+    Some(HostBf16 { t: p })
+}
+
 /// Output storage of `len` values that parallel tasks initialise: nothing is zeroed on the
 /// calling thread (that pass would leave the other cores idle).
 pub(crate) struct Uninit {

@@ -48,17 +48,23 @@ pub enum BaseWeight {
 /// A 16-bit weight's values.
 #[derive(Debug, Clone)]
 pub enum HalfData {
-    /// bfloat16.
-    Bf16(Vec<half::bf16>),
+    /// bfloat16, held as a bf16 tensor so that bf16 products take it without a copy
+    /// ([`Linear::weight_for_products`]).
+    Bf16(Box<Tensor<2>>),
     /// IEEE half precision.
     F16(Vec<half::f16>),
 }
 
 impl HalfData {
-    /// `values` rounded to the nearest bf16 (`bf16`) or f16.
-    pub fn round(values: &[f32], bf16: bool) -> HalfData {
+    /// `values` (`[out, in]` = `shape`) rounded to the nearest bf16 (`bf16`) or f16; a bf16
+    /// weight lives on `device`.
+    pub fn round(values: &[f32], shape: (usize, usize), device: &Device, bf16: bool) -> HalfData {
         if bf16 {
-            HalfData::Bf16(values.iter().map(|&v| half::bf16::from_f32(v)).collect())
+            let v: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            HalfData::Bf16(Box::new(Tensor::from_data(
+                burn::tensor::TensorData::new(v, [shape.0, shape.1]),
+                (device, burn::tensor::DType::BF16),
+            )))
         } else {
             HalfData::F16(values.iter().map(|&v| half::f16::from_f32(v)).collect())
         }
@@ -68,7 +74,10 @@ impl HalfData {
     pub fn to_f32(&self) -> Vec<f32> {
         use half::slice::HalfFloatSliceExt;
         match self {
-            HalfData::Bf16(v) => v.to_f32_vec(),
+            HalfData::Bf16(t) => match crate::kernels::host_bf16(t.as_ref()) {
+                Some(h) => h.data().to_f32_vec(),
+                None => crate::weights::to_f32_vec(t.to_data()),
+            },
             HalfData::F16(v) => v.to_f32_vec(),
         }
     }
@@ -76,7 +85,7 @@ impl HalfData {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            HalfData::Bf16(v) => v.len() * 2,
+            HalfData::Bf16(t) => t.shape().num_elements() * 2,
             HalfData::F16(v) => v.len() * 2,
         }
     }
@@ -189,7 +198,7 @@ impl Linear {
             Some(bf16) => {
                 let values = crate::weights::to_f32_vec(loader.source.require(&name, &[out, inp])?);
                 BaseWeight::Half {
-                    data: Arc::new(HalfData::round(&values, bf16)),
+                    data: Arc::new(HalfData::round(&values, (out, inp), loader.device, bf16)),
                     shape: (out, inp),
                     device: loader.device.clone(),
                 }
@@ -241,10 +250,7 @@ impl Linear {
                 && crate::kernels::available(device) =>
             {
                 match data.as_ref() {
-                    HalfData::Bf16(v) => Tensor::from_data(
-                        burn::tensor::TensorData::new(v.clone(), [*o, *i]),
-                        (device, burn::tensor::DType::BF16),
-                    ),
+                    HalfData::Bf16(t) => t.as_ref().clone(),
                     HalfData::F16(_) => self.weight(),
                 }
             }
@@ -298,7 +304,7 @@ impl Linear {
             let device = w.device();
             let values = crate::weights::to_f32_vec(w.to_data());
             self.base = BaseWeight::Half {
-                data: Arc::new(HalfData::round(&values, bf16)),
+                data: Arc::new(HalfData::round(&values, (o, i), &device, bf16)),
                 shape: (o, i),
                 device,
             };
