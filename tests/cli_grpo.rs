@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "support/train.rs"]
+mod train;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -19,22 +22,7 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn grpo(data: &Path, out: &Path, extra: &[&str]) -> Output {
-    let model = root().join("testdata/tiny-llama/model");
-    let mut args = vec![
-        "train",
-        "grpo",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(&args)
-        .output()
-        .unwrap()
+    train::train("grpo", data, out, extra, &[])
 }
 
 fn log(out: &Path) -> Vec<Value> {

@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "support/train.rs"]
+mod train;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -26,20 +29,7 @@ fn fedtune(args: &[&str]) -> Output {
 }
 
 fn kto(data: &str, out: &std::path::Path, extra: &[&str]) -> Output {
-    let model = root().join("testdata/tiny-llama/model");
-    let data = root().join(data);
-    let mut args = vec![
-        "train",
-        "kto",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    fedtune(&args)
+    train::train("kto", &root().join(data), out, extra, &[])
 }
 
 #[test]

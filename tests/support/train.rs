@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,10 +37,26 @@ pub fn train_sft_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String) {
+    let o = train("sft", data, out, extra, env);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// `fedtune train <method> --model <tiny> --data <data> --output <out> <extra…>` with extra
+/// environment variables.
+pub fn train(
+    method: &str,
+    data: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let model = model();
     let mut args = vec![
         "train",
-        "sft",
+        method,
         "--model",
         model.to_str().unwrap(),
         "--data",
@@ -49,13 +65,9 @@ pub fn train_sft_env(
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+    Command::new(env!("CARGO_BIN_EXE_fedtune"))
         .args(&args)
         .envs(env.iter().copied())
         .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+        .unwrap()
 }
