@@ -600,6 +600,28 @@ batch_size = 1
         err.contains(&format!("{name}: local.distill: beta must be in [0, 1]")),
         "{err}"
     );
+    // A policy stage after a reward-model stage would train from the reward model.
+    write(
+        &model,
+        4,
+        &format!(
+            "[[then]]\nphase = \"dpo\"\nrounds = 1\n[then.local]\nlearning_rate = 1e-5\n\
+             local_steps = 1\nbatch_size = 1\n\n{a}\n{b}"
+        ),
+    );
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replacen("rounds = 1\n", "rounds = 1\nphase = \"reward\"\n", 1),
+    )
+    .unwrap();
+    let err = coord_fails(&config);
+    assert!(
+        err.contains(&format!(
+            "{name}: then[0].phase: a dpo stage cannot follow a reward stage"
+        )),
+        "{err}"
+    );
     // The plan's local-training settings are checked with the table and field named.
     for (setting, want) in [
         ("warmup_ratio = 1.5", "local.warmup_ratio must be in [0, 1]"),

@@ -1,13 +1,14 @@
 //! The local training job of a round, through the real engine: the shared read-only base
-//! model with the global adapter attached, SFT, DPO, KTO, GRPO or distillation (from a teacher
-//! the site holds) on the client's private data for the plan's local steps, then evaluation on
-//! the client's held-out data. Only the adapter and a few scalar metrics leave this function.
+//! model with the global adapter attached, SFT, DPO, KTO, GRPO, distillation (from a teacher
+//! the site holds) or reward-model training on the client's private data for the plan's local
+//! steps, then evaluation on the client's held-out data. Only the adapter and a few scalar metrics leave this function.
 
 use std::path::PathBuf;
 
 use fedtune_aggregation::Adapter;
+use fedtune_engine::adapter::SCORE_KEY;
 use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
-use fedtune_engine::data::{EncodedCompletion, EncodedFeedback};
+use fedtune_engine::data::{EncodedCompletion, EncodedFeedback, RewardPair};
 use fedtune_engine::device::Device;
 use fedtune_engine::error::Error;
 use fedtune_engine::rewards::Rewards;
@@ -19,6 +20,7 @@ use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
 use fedtune_engine::train::kto::{KtoObjective, KtoOptions};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{NoCallback, RunOptions, SftObjective, train};
 use fedtune_engine::train::{TrainConfig, TrainSummary};
 use fedtune_engine::{Encoded, LlamaModel};
@@ -37,6 +39,11 @@ pub struct LocalData {
     pub pairs: Vec<EncodedPair>,
     /// Held-out preference pairs.
     pub eval_pairs: Vec<EncodedPair>,
+    /// The preference pairs as reward-model rounds read them (each side one whole sequence,
+    /// as TRL's `RewardTrainer` tokenises it).
+    pub reward_pairs: Vec<RewardPair>,
+    /// Held-out pairs for reward-model rounds.
+    pub eval_reward_pairs: Vec<RewardPair>,
     /// Unpaired feedback (prompt, completion, label) for KTO rounds.
     pub feedback: Vec<EncodedFeedback>,
     /// Prompts for GRPO rounds.
@@ -192,15 +199,39 @@ pub fn train_round(
     data: &LocalData,
     job: &TrainJob,
 ) -> fedtune_engine::Result<TrainOutcome> {
-    if job.plan.phase == Phase::Grpo {
+    // A federation that ends in reward-model stages carries the score head from its first
+    // round: stages before them leave it as it is.
+    if job.plan.phase != Phase::Reward
+        && let Some(score) = job.global.dense.get(SCORE_KEY)
+    {
+        let mut global = job.global.clone();
+        global.dense.remove(SCORE_KEY);
+        let policy = TrainJob {
+            plan: job.plan.clone(),
+            global,
+        };
+        let mut out = train_round(base, data, &policy)?;
+        out.adapter.dense.insert(SCORE_KEY.into(), score.clone());
+        return Ok(out);
+    }
+    if matches!(job.plan.phase, Phase::Grpo | Phase::Reward) {
+        let what = if job.plan.phase == Phase::Grpo {
+            "GRPO"
+        } else {
+            "reward-model"
+        };
         let Base::Host(m) = base else {
-            return Err(Error::Invalid(
-                "GRPO rounds train on the CPU for now (device = \"cpu\" in client.toml)".into(),
-            ));
+            return Err(Error::Invalid(format!(
+                "{what} rounds train on the CPU for now (device = \"cpu\" in client.toml)"
+            )));
         };
         let mut model = m.clone();
         model.attach_weights(&job.global, 0.0)?;
-        return grpo_training(&mut model, data, job);
+        return if job.plan.phase == Phase::Grpo {
+            grpo_training(&mut model, data, job)
+        } else {
+            reward_training(&mut model, data, job)
+        };
     }
     let (summary, num_examples, adapter) = match base {
         Base::Host(m) => {
@@ -330,6 +361,69 @@ fn grpo_training(
     })
 }
 
+/// A reward-model round on the host model (the global LoRA factors and score head attached):
+/// TRL `RewardTrainer`'s Bradley–Terry loss on this client's preference pairs, the score head
+/// trained in full. Metrics: `train_loss`, `eval_loss` (held-out pairs), and the trained
+/// model's `accuracy` and `margin` on the held-out pairs, or on the training pairs without any.
+fn reward_training(
+    model: &mut LlamaModel,
+    data: &LocalData,
+    job: &TrainJob,
+) -> fedtune_engine::Result<TrainOutcome> {
+    if model.score.is_none() {
+        return Err(Error::Invalid(
+            "the global adapter of a reward-model round has no score head (a coordinator \
+             whose plan has a reward stage starts the federation with one)"
+                .into(),
+        ));
+    }
+    if data.reward_pairs.is_empty() {
+        return Err(Error::Invalid(
+            "this client has no preference pairs for reward-model rounds (preference_data in \
+             client.toml)"
+                .into(),
+        ));
+    }
+    let h = &job.plan.hyper;
+    let cfg = round_config(&data.local, job);
+    let dir = data.local.round_dir(job.plan.round);
+    let run = RunOptions {
+        config: &cfg,
+        output: dir.as_deref(),
+        resume: None,
+        cancel: None,
+    };
+    let options = RewardOptions {
+        max_length: Some(data.local.max_length.max(2)),
+        ..RewardOptions::default()
+    };
+    let objective = RewardObjective::new(
+        options,
+        data.reward_pairs.clone(),
+        data.eval_reward_pairs.clone(),
+        h.batch_size,
+        data.pad,
+    );
+    let summary = train(model, &run, &objective, &mut NoCallback)?;
+    let (_, m) = objective.metrics_on(&*model, !data.eval_reward_pairs.is_empty())?;
+    let mut metrics = vec![(
+        "train_loss".to_string(),
+        summary.final_loss.unwrap_or(f64::NAN),
+    )];
+    if let Some(l) = summary.eval_loss {
+        metrics.push(("eval_loss".into(), l));
+    }
+    for name in ["accuracy", "margin"] {
+        metrics.push((name.to_string(), m.get(name).copied().unwrap_or(f64::NAN)));
+    }
+    metrics.retain(|(_, v)| v.is_finite());
+    Ok(TrainOutcome {
+        adapter: model.lora_weights(),
+        num_examples: data.reward_pairs.len() as u64,
+        metrics,
+    })
+}
+
 /// The round's SFT, DPO, KTO or distillation on `model` (the global adapter attached): the run's summary and
 /// the number of examples (the FedAvg weight).
 fn local_training<M: TrainModel>(
@@ -429,9 +523,9 @@ fn local_training<M: TrainModel>(
             let s = train(model, &run, &objective, &mut NoCallback)?;
             (s, d.examples.len() as u64)
         }
-        Phase::Grpo => {
+        Phase::Grpo | Phase::Reward => {
             return Err(Error::Invalid(
-                "GRPO rounds train through grpo_training".into(),
+                "GRPO and reward-model rounds train on the host model (train_round)".into(),
             ));
         }
     };

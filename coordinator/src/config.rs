@@ -125,7 +125,34 @@ impl CoordConfig {
                 return Err(format!("{field}.{why}"));
             }
         }
+        // A reward stage turns the global adapter into a reward model (LoRA + score head):
+        // training a policy from it afterwards would start from the wrong model.
+        let phases = std::iter::once(self.phase).chain(self.then.iter().map(|s| s.phase));
+        let mut reward = false;
+        for (i, p) in phases.enumerate() {
+            if reward && p != Phase::Reward {
+                return Err(format!(
+                    "then[{}].phase: a {} stage cannot follow a reward stage (a reward stage's \
+                     rounds train a reward model, which is the federation's result: run \
+                     policy training in a federation of its own, its GRPO rewards naming the \
+                     exported reward model)",
+                    i - 1,
+                    serde_json::to_value(p)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ));
+            }
+            reward |= p == Phase::Reward;
+        }
         Ok(())
+    }
+
+    /// Whether a stage trains a reward model: then the global adapter carries a `score` head
+    /// from the start (the same initial head for every client), which earlier stages pass
+    /// through unchanged.
+    pub fn trains_reward_model(&self) -> bool {
+        self.phase == Phase::Reward || self.then.iter().any(|s| s.phase == Phase::Reward)
     }
 
     /// Rounds of every stage together.
@@ -229,6 +256,28 @@ mod tests {
         });
         let err = cfg.validate().unwrap_err();
         assert!(err.starts_with("then[0].hyper.max_grad_norm"), "{err}");
+        // SFT then a reward model is fine; a policy stage after a reward stage is not.
+        cfg.then[0].hyper.max_grad_norm = 1.0;
+        cfg.then[0].phase = Phase::Reward;
+        assert!(
+            !CoordConfig {
+                then: vec![],
+                ..cfg.clone()
+            }
+            .trains_reward_model()
+        );
+        assert!(cfg.trains_reward_model());
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.then.push(Stage {
+            phase: Phase::Dpo,
+            ..cfg.then[0].clone()
+        });
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.starts_with("then[1].phase: a dpo stage cannot follow a reward stage"),
+            "{err}"
+        );
+        cfg.then.clear();
         cfg.lora.rank = 0;
         assert_eq!(cfg.validate().unwrap_err(), "lora.rank must be positive");
     }

@@ -118,9 +118,7 @@ pub struct PeftAdapter {
     pub metadata: serde_json::Map<String, Value>,
 }
 
-/// The key of a reward model's score head in the adapter file: PEFT saves a module of
-/// `modules_to_save` whole under the module's own name.
-pub const SCORE_KEY: &str = "base_model.model.score.weight";
+pub use fedtune_peft::SCORE_KEY;
 
 /// The file beside `adapter_config.json` that holds [`PeftAdapter::metadata`].
 pub const METADATA_FILE: &str = "fedtune_adapter.json";
@@ -231,11 +229,7 @@ impl PeftAdapter {
                 alpha_pattern.insert(module.clone(), alpha);
             }
         }
-        let (task_type, modules_to_save) = if self.score().is_some() {
-            ("SEQ_CLS", serde_json::json!(["classifier", "score"]))
-        } else {
-            ("CAUSAL_LM", Value::Null)
-        };
+        let (task_type, modules_to_save) = fedtune_peft::task_type(&self.weights);
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": task_type,

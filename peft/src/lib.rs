@@ -108,6 +108,21 @@ pub fn parse_magnitude_key(key: &str) -> Option<&str> {
         .or_else(|| rest.strip_suffix(".lora_magnitude_vector.default.weight"))
 }
 
+/// The key of a reward model's score head `[1, hidden]` (PEFT saves a module of
+/// `modules_to_save` whole under the module's own name).
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
+
+/// PEFT's `task_type` and `modules_to_save` of `adapter`: a sequence classifier's (`SEQ_CLS`,
+/// the head among the modules saved whole, as PEFT writes it) when it has a score head, else a
+/// causal LM's.
+pub fn task_type(adapter: &Adapter) -> (&'static str, serde_json::Value) {
+    if adapter.dense.contains_key(SCORE_KEY) {
+        ("SEQ_CLS", serde_json::json!(["classifier", "score"]))
+    } else {
+        ("CAUSAL_LM", serde_json::Value::Null)
+    }
+}
+
 /// Whether an adapter is weight-decomposed (DoRA): it holds magnitude vectors.
 pub fn is_dora(adapter: &Adapter) -> bool {
     adapter
@@ -307,9 +322,10 @@ pub fn adapter_config(adapter: &Adapter, base_model: Option<&str>) -> serde_json
             alpha_pattern.insert(k.to_string(), (*ka).into());
         }
     }
+    let (task_type, modules_to_save) = task_type(adapter);
     serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
@@ -322,7 +338,7 @@ pub fn adapter_config(adapter: &Adapter, base_model: Option<&str>) -> serde_json
         "use_dora": is_dora(adapter),
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "base_model_name_or_path": base_model,
     })
 }
@@ -405,6 +421,25 @@ mod tests {
             },
         );
         a
+    }
+
+    #[test]
+    fn a_score_head_makes_the_config_a_sequence_classifiers() {
+        let mut a = sample();
+        assert_eq!(adapter_config(&a, None)["task_type"], "CAUSAL_LM");
+        assert!(adapter_config(&a, None)["modules_to_save"].is_null());
+        a.dense
+            .insert(SCORE_KEY.into(), Matrix::new(1, 3, vec![0.1, 0.2, 0.3]));
+        let c = adapter_config(&a, None);
+        assert_eq!(c["task_type"], "SEQ_CLS");
+        assert_eq!(
+            c["modules_to_save"],
+            serde_json::json!(["classifier", "score"])
+        );
+        assert_eq!(
+            decode(&encode(&a), &Limits::default(), |_, _| 4.0).unwrap(),
+            a
+        );
     }
 
     #[test]

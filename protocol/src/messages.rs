@@ -25,6 +25,9 @@ pub enum Phase {
     Grpo,
     /// Knowledge distillation from a teacher each client holds locally (appended last).
     Distill,
+    /// Reward-model training on each client's preference pairs (TRL's `RewardTrainer`): the
+    /// LoRA factors and the `score` head are aggregated (appended last).
+    Reward,
 }
 
 /// The distillation settings every client of a `distill` phase uses (TRL `GKDConfig`'s names

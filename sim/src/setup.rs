@@ -79,11 +79,8 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             eval,
             pairs,
             eval_pairs,
-            feedback: Vec::new(),
-            prompts: Default::default(),
-            distill: Default::default(),
             pad: tok.pad_id,
-            local: Default::default(),
+            ..Default::default()
         },
         eval_examples,
     };

@@ -85,7 +85,16 @@ fn setup(n: usize, rounds: u64, rule: Rule) -> Setup {
 }
 
 fn federation<'a>(s: &Setup, m: &LoadedModel, base: &'a Base) -> Federation<'a> {
-    let initial = init_adapter(&m.model, &lora());
+    federation_from(s, m, base, init_adapter(&m.model, &lora()))
+}
+
+/// A federation whose global adapter starts as `initial`.
+fn federation_from<'a>(
+    s: &Setup,
+    m: &LoadedModel,
+    base: &'a Base,
+    initial: fedtune_aggregation::Adapter,
+) -> Federation<'a> {
     let coordinator = Coordinator::new(s.cfg.clone(), s.coord_id.clone(), initial, T0).unwrap();
     let clients = s
         .client_ids
@@ -594,4 +603,93 @@ fn a_distill_phase_brings_the_global_adapter_closer_to_each_sites_teacher() {
     let end = divergence(f.coordinator.global_adapter());
     println!("held-out divergence to the teacher: {start:.4} -> {end:.4}");
     assert!(end < start - 0.03, "{start} -> {end}");
+}
+
+/// A federation that trains a reward model: one SFT round, then two reward-model rounds on
+/// each client's own preference pairs. The coordinator starts from one score head (every
+/// client the same), the SFT round passes it through, the reward rounds train it with the
+/// LoRA factors, and the global reward model ranks the pairs better than the start did.
+#[test]
+fn a_reward_phase_trains_a_shared_reward_model_on_each_clients_pairs() {
+    use fedtune_coordinator::Stage;
+    use fedtune_engine::adapter::SCORE_KEY;
+    use fedtune_engine::data::{Dataset, LoadOptions};
+    use fedtune_engine::train::reward::{
+        RewardObjective, RewardOptions, add_score_head, score_head,
+    };
+    let m = tiny();
+    let mut s = setup(2, 1, Rule::FedAvgExact);
+    s.cfg.then.push(Stage {
+        phase: Phase::Reward,
+        rounds: 2,
+        hyper: Hyper {
+            seed: 11,
+            ..Hyper::new(1e-2, 6, 4)
+        },
+    });
+    assert!(s.cfg.trains_reward_model());
+    let pairs = Dataset::load(
+        &root().join("testdata/demo/prefs.jsonl"),
+        LoadOptions::default(),
+    )
+    .unwrap()
+    .encode_reward_pairs(&m.tokenizer, None)
+    .unwrap()
+    .0;
+    assert_eq!(pairs.len(), 24);
+    let mut initial = init_adapter(&m.model, &lora());
+    add_score_head(&mut initial, &m.model.config, 7);
+    let base_f = Base::from(m.model.clone());
+    let mut f = federation_from(&s, &m, &base_f, initial.clone());
+    for (k, c) in f.clients.iter_mut().enumerate() {
+        c.data.reward_pairs = pairs[10 * k..10 * k + 10].to_vec();
+    }
+    f.run(10_000).unwrap();
+    assert!(f.coordinator.is_finished());
+    assert_eq!(f.coordinator.completed_rounds(), 3);
+    let end = f.coordinator.global_adapter();
+    let (h0, h1) = (&initial.dense[SCORE_KEY], &end.dense[SCORE_KEY]);
+    assert_eq!(h0, &score_head(m.model.config.hidden_size, 7));
+    assert_ne!(h0, h1, "the reward rounds train the score head");
+    // The clients' 20 pairs, and 4 pairs no client trained on.
+    let objective = RewardObjective::new(
+        RewardOptions::default(),
+        pairs[..20].to_vec(),
+        pairs[20..].to_vec(),
+        8,
+        m.tokenizer.pad_id,
+    );
+    let metrics = |adapter: &fedtune_aggregation::Adapter, eval: bool| {
+        let mut model = m.model.clone();
+        model.attach_weights(adapter, 0.0).unwrap();
+        objective.metrics_on(&model, eval).unwrap()
+    };
+    for (eval, what) in [(false, "the clients' pairs"), (true, "held-out pairs")] {
+        let ((l0, m0), (l1, m1)) = (metrics(&initial, eval), metrics(end, eval));
+        println!(
+            "reward model on {what}: loss {l0:.4} -> {l1:.4}, accuracy {:.3} -> {:.3}, \
+             margin {:.4} -> {:.4}",
+            m0["accuracy"], m1["accuracy"], m0["margin"], m1["margin"]
+        );
+        assert!(l1 < l0 - 0.05, "{what}: {l0} -> {l1}");
+        assert!(m1["margin"] > m0["margin"], "{what}: {m0:?} -> {m1:?}");
+    }
+    // The global reward model is a PEFT sequence classifier's adapter, as the coordinator
+    // stores it and as `PeftAdapter` saves it.
+    let stored = fedtune_protocol::peft::adapter_config(end, None);
+    assert_eq!(stored["task_type"], "SEQ_CLS", "{stored}");
+    let dir = std::env::temp_dir().join(format!("fedtune-sim-reward-{}", std::process::id()));
+    let peft = PeftAdapter {
+        config: lora_config(&lora(), None),
+        weights: end.clone(),
+        metadata: Default::default(),
+    };
+    peft.save(&dir).unwrap();
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    assert!(
+        text.contains("SEQ_CLS") && text.contains("\"score\""),
+        "{text}"
+    );
+    assert_eq!(PeftAdapter::load(&dir).unwrap().score(), Some(h1));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -22,6 +22,7 @@ use fedtune_coordinator::store::FileStore;
 use fedtune_coordinator::{CoordConfig, Coordinator, Stage};
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::init_adapter;
+use fedtune_engine::train::reward::add_score_head;
 use fedtune_protocol::clock::now_ms;
 use fedtune_protocol::tls;
 use fedtune_protocol::{Identity, LoraPlan, Phase, PublicKey, model_digest, plan_hash, quic};
@@ -349,6 +350,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     cfg.min_results = f.min_results;
     cfg.max_payload = f.max_payload_mb << 20;
+    cfg.validate().map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
     let id = Identity::load(&f.ca.join("coordinator.id"))?;
     let reset_id = id.clone();
     let store_dir = f.data_dir.join("store");
@@ -391,8 +393,11 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
             seed: f.seed,
             ..TrainConfig::default()
         };
-        Coordinator::new(cfg, id, init_adapter(&m.model, &lora), now_ms())
-            .with_context(|| file.clone())?
+        let mut initial = init_adapter(&m.model, &lora);
+        if cfg.trains_reward_model() {
+            add_score_head(&mut initial, &m.model.config, f.seed);
+        }
+        Coordinator::new(cfg, id, initial, now_ms()).with_context(|| file.clone())?
     };
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
         .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;

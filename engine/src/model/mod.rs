@@ -489,22 +489,12 @@ impl LlamaModel {
         true
     }
 
-    /// A fresh score head `[1, hidden]` (a reward model's), drawn as transformers initialises
-    /// a linear layer's weight: normal with standard deviation 0.02 (`initializer_range`),
-    /// from `seed`.
+    /// A fresh score head `[1, hidden]` (a reward model's), drawn from `seed` as
+    /// [`crate::train::reward::score_head`] draws it.
     pub fn init_score(&mut self, seed: u64) {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5C0E_5C0E);
-        let h = self.config.hidden_size;
-        // Box–Muller.
-        let w: Vec<f32> = (0..h)
-            .map(|_| {
-                let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
-                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * 0.02) as f32
-            })
-            .collect();
+        let h = crate::train::reward::score_head(self.config.hidden_size, seed);
         self.score = Some(Tensor::<2>::from_data(
-            TensorData::new(w, [1, h]),
+            TensorData::new(h.data, [1, h.cols]),
             (&self.device, self.dtype),
         ));
     }

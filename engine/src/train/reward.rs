@@ -97,6 +97,34 @@ pub fn score_weights<M: TrainModel>(model: &M) -> Result<Vec<f32>> {
     Ok(crate::weights::to_f32_vec(t.into_data()))
 }
 
+/// A fresh score head `[1, hidden]`, drawn as transformers initialises a linear layer's
+/// weight: normal with standard deviation 0.02 (`initializer_range`), from `seed`.
+pub fn score_head(hidden: usize, seed: u64) -> fedtune_aggregation::Matrix {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5C0E_5C0E);
+    // Box–Muller.
+    let w: Vec<f32> = (0..hidden)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * 0.02) as f32
+        })
+        .collect();
+    fedtune_aggregation::Matrix::new(1, hidden, w)
+}
+
+/// `adapter` with a fresh score head for a model of `config` (a federation that trains a
+/// reward model starts every client from this one head; see [`score_head`]).
+pub fn add_score_head(
+    adapter: &mut fedtune_aggregation::Adapter,
+    config: &crate::config::ModelConfig,
+    seed: u64,
+) {
+    adapter.dense.insert(
+        crate::adapter::SCORE_KEY.into(),
+        score_head(config.hidden_size, seed),
+    );
+}
+
 /// `(loss, metrics)` of rewards `(r_c, r_r)` per pair, with TRL's metric names (`accuracy`,
 /// `margin`, `min_reward`, `mean_reward`, `max_reward`).
 pub fn reward_metrics(

@@ -205,6 +205,17 @@ pub(super) fn local_data(
             .transpose()?
             .unwrap_or_default(),
         eval_pairs: Vec::new(),
+        reward_pairs: f
+            .preference_data
+            .as_deref()
+            .map(|p| -> anyhow::Result<_> {
+                Ok(Dataset::load(p, opts)?
+                    .encode_reward_pairs(&m.tokenizer, Some(max_length))?
+                    .0)
+            })
+            .transpose()?
+            .unwrap_or_default(),
+        eval_reward_pairs: Vec::new(),
         feedback: f
             .feedback_data
             .as_deref()
