@@ -97,6 +97,7 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
         "completions/mean_length",
         "completions/clipped_ratio",
         "kl",
+        "entropy",
         "clip_ratio/region_mean",
     ] {
         assert!(
@@ -104,6 +105,11 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
             "{k} missing from {}",
             entries[0]
         );
+    }
+    // The policy's entropy over the completion tokens: between 0 and log(vocabulary).
+    for e in &entries {
+        let h = e["entropy"].as_f64().unwrap();
+        assert!(h > 0.0 && h < (49152f64).ln(), "{e}");
     }
     let first: f64 = entries[..5]
         .iter()
@@ -129,6 +135,7 @@ fn grpo_raises_the_reward_and_logs_trls_metrics() {
         "eval_reward_std",
         "eval_rewards/regex/mean",
         "eval_completions/mean_length",
+        "eval_entropy",
     ] {
         assert!(evals[1].get(k).is_some(), "{k} missing from {}", evals[1]);
     }

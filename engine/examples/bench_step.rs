@@ -78,8 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dropout_seed: None,
         gradient_checkpointing: std::env::var("FEDTUNE_GRADIENT_CHECKPOINTING")
             .is_ok_and(|v| v == "1"),
-        loss_scale_exp: 0,
-        hidden_head: false,
+        ..StepOptions::default()
     };
     for i in 0..=steps {
         let t = Instant::now();

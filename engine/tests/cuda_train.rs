@@ -499,9 +499,7 @@ fn gradient_checkpointing_on_the_gpu_gives_the_plain_gradients() {
         for trainable in [Trainable::lora(), Trainable::last_layers(1, layers)] {
             let plain = StepOptions {
                 dropout_seed: Some(3),
-                gradient_checkpointing: false,
-                loss_scale_exp: 0,
-                hidden_head: false,
+                ..StepOptions::default()
             };
             let ckpt = StepOptions {
                 gradient_checkpointing: true,

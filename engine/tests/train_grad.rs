@@ -77,6 +77,11 @@ fn batch(packed: bool) -> (StepBatch, Vec<f32>) {
 
 /// Σ gᵢ·log p(targetᵢ) through the inference forward pass (differentiable under autodiff).
 fn reference_objective(m: &LlamaModel, batch: &StepBatch, g: &[f32]) -> Tensor<1> {
+    tempered_objective(m, batch, g, 1.0)
+}
+
+/// [`reference_objective`] with the logits divided by `temperature` before the softmax.
+fn tempered_objective(m: &LlamaModel, batch: &StepBatch, g: &[f32], temperature: f32) -> Tensor<1> {
     let device = Device::flex().autodiff();
     let hidden = m.forward_hidden(
         m.ids_tensor(&batch.ids, batch.batch, batch.len),
@@ -92,7 +97,7 @@ fn reference_objective(m: &LlamaModel, batch: &StepBatch, g: &[f32]) -> Tensor<1
         TensorData::new(rows, [batch.targets.len()]),
         &Device::flex(),
     );
-    let logits = flat.select(0, rows).matmul(m.lm_head_weight().transpose());
+    let logits = flat.select(0, rows).matmul(m.lm_head_weight().transpose()) / temperature;
     let lp = burn::tensor::activation::log_softmax(logits, 1);
     let ids: Vec<i64> = batch.targets.iter().map(|t| t.id as i64).collect();
     let idx = Tensor::<2, Int>::from_data(
@@ -158,11 +163,27 @@ fn lora_gradients_equal_autodiff_with_packed_sequences() {
 
 #[test]
 fn full_finetuning_gradients_equal_autodiff() {
+    check_full(1.0);
+}
+
+/// GRPO's log-probabilities at its sampling temperature: the logits divided by it, through the
+/// hidden states' gradient and the (tied) head weight's.
+#[test]
+fn full_finetuning_gradients_at_a_temperature_equal_autodiff() {
+    check_full(0.7);
+}
+
+fn check_full(temperature: f32) {
     let mut m = model();
     m.detach_adapter();
     let (batch, g) = batch(false);
     let trainable = Trainable::full();
-    let fwd = forward(&m, &batch, &trainable, &StepOptions::default());
+    let options = StepOptions {
+        temperature: Some(temperature),
+        ..StepOptions::default()
+    };
+    let fwd = forward(&m, &batch, &trainable, &options);
+    let lp = fwd.target_logps.clone();
     let grads = backward(&m, fwd, &g, &trainable);
     let mut r = m.clone();
     r.embed_tokens = r.embed_tokens.clone().autodiff().require_grad();
@@ -179,7 +200,14 @@ fn full_finetuning_gradients_equal_autodiff() {
     for (_, lin) in r.linears_mut() {
         lin.base = BaseWeight::Dense(lin.weight().autodiff().require_grad());
     }
-    let gr = reference_objective(&r, &batch, &g).backward();
+    // The log-probabilities themselves: one-hot upstream gradients pick each out.
+    for (i, want) in lp.iter().enumerate().step_by(5) {
+        let mut one = vec![0.0; g.len()];
+        one[i] = 1.0;
+        let got = to_f32_vec(tempered_objective(&m, &batch, &one, temperature).into_data())[0];
+        assert!((got - want).abs() < 1e-4, "target {i}: {got} vs {want}");
+    }
+    let gr = tempered_objective(&r, &batch, &g, temperature).backward();
     let mut worst = 0f32;
     for (name, lin) in r.linears() {
         worst = worst.max(rel_err(
@@ -212,7 +240,7 @@ fn full_finetuning_gradients_equal_autodiff() {
         &grads["model.embed_tokens.weight"],
         &r.embed_tokens.grad(&gr).unwrap(),
     ));
-    println!("worst relative full-FT gradient error {worst:e}");
+    println!("temperature {temperature}: worst relative full-FT gradient error {worst:e}");
     assert!(worst < 1e-3, "{worst}");
 }
 
@@ -399,9 +427,7 @@ fn gradient_checkpointing_keeps_block_inputs_only_and_gives_the_same_gradients()
         let (batch, g) = batch(packed);
         let plain = StepOptions {
             dropout_seed: Some(5),
-            gradient_checkpointing: false,
-            loss_scale_exp: 0,
-            hidden_head: false,
+            ..StepOptions::default()
         };
         let ckpt = StepOptions {
             gradient_checkpointing: true,

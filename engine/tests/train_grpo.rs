@@ -1,8 +1,9 @@
 //! GRPO's loss on the tiny reference model against TRL 1.16's own `GRPOTrainer._compute_loss`
 //! (`testdata/grpo/make_reference.py`): for every loss type, with and without the KL
-//! term, token- and sequence-level ratios, asymmetric clipping and `delta` — the per-token
-//! log-probabilities of the policy and of the reference (the adapter disabled), the loss,
-//! TRL's clipping and KL metrics, and the gradients of LoRA factors.
+//! term, token- and sequence-level ratios, asymmetric clipping, `delta` and sampling
+//! temperatures other than 1 — the per-token log-probabilities of the policy and of the
+//! reference (the adapter disabled), the loss, TRL's clipping, KL and entropy metrics, and the
+//! gradients of LoRA factors.
 
 use burn::tensor::{DType, Device};
 use fedtune_engine::train::grpo::{GrpoLossOptions, Rollout, completion_logps, grpo_step};
@@ -48,7 +49,7 @@ fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
     model.attach_adapter(&adapter).unwrap();
     let base = model.without_adapter();
     let cases = reference["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 11);
     for case in cases {
         let opts = GrpoLossOptions {
             loss_type: case["loss_type"].as_str().unwrap().parse().unwrap(),
@@ -61,11 +62,12 @@ fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
             epsilon_high: case["epsilon_high"].as_f64(),
             delta: case["delta"].as_f64(),
             max_completion_length: case["max_completion_length"].as_u64().unwrap() as usize,
+            temperature: case["temperature"].as_f64().unwrap(),
             ..Default::default()
         };
         let what = format!(
-            "{:?} beta {} {:?}",
-            opts.loss_type, opts.beta, opts.importance_sampling_level
+            "{:?} beta {} {:?} temperature {}",
+            opts.loss_type, opts.beta, opts.importance_sampling_level, opts.temperature
         );
         let n = case["advantages"].as_array().unwrap().len();
         let mut rollouts: Vec<Rollout> = (0..n)
@@ -81,8 +83,8 @@ fn loss_metrics_and_gradients_equal_trls_grpo_trainer() {
         // The policy's and the reference's per-token log-probabilities, as TRL computed them
         // (TRL left-pads the prompts: positions shift, RoPE's scores do not).
         let refs: Vec<&Rollout> = rollouts.iter().collect();
-        let policy = completion_logps(&model, &refs, 4, pad);
-        let reference_lp = completion_logps(&base, &refs, 4, pad);
+        let policy = completion_logps(&model, &refs, 4, pad, opts.temperature);
+        let reference_lp = completion_logps(&base, &refs, 4, pad, opts.temperature);
         for i in 0..n {
             for (got, want) in [
                 (&policy[i], floats(&case["policy_logps"][i])),

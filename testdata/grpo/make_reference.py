@@ -5,9 +5,11 @@ The policy is testdata/tiny-llama/model with the PEFT adapter testdata/kto/polic
 One fixed batch of 2 prompts × 2 completions (TRL's layout: prompts left-padded, completions
 right-padded, the shorter completion masked) with given advantages, and "old" log-probabilities
 that are the policy's own moved by 0.4·sin(3·index) so that ratios fall inside and outside the
-clipping range. For each case (loss_type, beta, importance_sampling_level, epsilons, delta):
-TRL's `_compute_loss` on that batch — the loss, TRL's logged metrics and the first gradients of
-two LoRA factors. Also the policy's and the reference's per-token log-probabilities.
+clipping range. For each case (loss_type, beta, importance_sampling_level, epsilons, delta,
+temperature): TRL's `_compute_loss` on that batch — the loss, TRL's logged metrics (`entropy`
+included) and the first gradients of two LoRA factors. Also the policy's and the reference's
+per-token log-probabilities (TRL computes them, and the entropy, from the logits divided by the
+sampling temperature).
 
     bench/.venv/bin/python testdata/grpo/make_reference.py      # writes testdata/grpo/reference.json
 """
@@ -31,16 +33,18 @@ COMPLETIONS = [' {"age": 71, "sex": "F"}', " I cannot help.", ' {"age": 45}', ' 
 ADVANTAGES = [0.9, -0.9, 0.7, -0.7]
 MAX_COMPLETION = 16
 CASES = [
-    # loss_type, beta, importance_sampling_level, epsilon, epsilon_high, delta
-    ("dapo", 0.0, "token", 0.2, None, None),
-    ("grpo", 0.04, "token", 0.2, None, None),
-    ("bnpo", 0.04, "token", 0.2, 0.28, None),
-    ("dr_grpo", 0.0, "token", 0.2, None, 1.1),
-    ("cispo", 0.0, "token", 0.2, 1.1, None),
-    ("sapo", 0.04, "token", 0.2, None, None),
-    ("luspo", 0.0, "sequence", 0.2, None, None),
-    ("grpo", 0.0, "sequence", 0.05, None, None),
-    ("vespo", 0.04, "token", 0.2, None, None),
+    # loss_type, beta, importance_sampling_level, epsilon, epsilon_high, delta, temperature
+    ("dapo", 0.0, "token", 0.2, None, None, 1.0),
+    ("grpo", 0.04, "token", 0.2, None, None, 1.0),
+    ("bnpo", 0.04, "token", 0.2, 0.28, None, 1.0),
+    ("dr_grpo", 0.0, "token", 0.2, None, 1.1, 1.0),
+    ("cispo", 0.0, "token", 0.2, 1.1, None, 1.0),
+    ("sapo", 0.04, "token", 0.2, None, None, 1.0),
+    ("luspo", 0.0, "sequence", 0.2, None, None, 1.0),
+    ("grpo", 0.0, "sequence", 0.05, None, None, 1.0),
+    ("vespo", 0.04, "token", 0.2, None, None, 1.0),
+    ("dapo", 0.04, "token", 0.2, None, None, 0.7),
+    ("grpo", 0.0, "token", 0.2, 0.28, None, 1.6),
 ]
 
 
@@ -61,7 +65,7 @@ def batch(tok):
 
 
 def run(case, tok):
-    loss_type, beta, level, eps, eps_high, delta = case
+    loss_type, beta, level, eps, eps_high, delta, temperature = case
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(os.path.join(TINY, "model"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, os.path.join(HERE, "..", "kto", "policy_adapter"), is_trainable=True)
@@ -69,7 +73,7 @@ def run(case, tok):
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=2, beta=beta,
                          loss_type=loss_type, importance_sampling_level=level, epsilon=eps, epsilon_high=eps_high,
-                         delta=delta, max_completion_length=MAX_COMPLETION, use_cpu=True, report_to="none",
+                         delta=delta, temperature=temperature, max_completion_length=MAX_COMPLETION, use_cpu=True, report_to="none",
                          disable_dropout=True, bf16=False)
         trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
                               args=cfg, train_dataset=data, processing_class=tok)
@@ -98,14 +102,16 @@ def run(case, tok):
         lens = [int(m.sum()) for m in mask]
         return {
             "loss_type": loss_type, "beta": beta, "importance_sampling_level": level, "epsilon": eps,
-            "epsilon_high": eps_high, "delta": delta, "max_completion_length": MAX_COMPLETION,
+            "epsilon_high": eps_high, "delta": delta, "temperature": temperature,
+            "max_completion_length": MAX_COMPLETION,
             "prompt_ids": prompt_ids, "completion_ids": completion_ids, "advantages": ADVANTAGES,
             "policy_logps": [policy[i, :n].tolist() for i, n in enumerate(lens)],
             "reference_logps": [ref[i, :n].tolist() for i, n in enumerate(lens)],
             "old_logps": [old[i, :n].tolist() for i, n in enumerate(lens)],
             "loss": loss.item(),
             "metrics": {k: v[-1] for k, v in trainer._metrics["train"].items()
-                        if v and (k in ("kl", "cispo_clip_ratio", "vespo/phi_seq_mean") or k.startswith("clip_ratio/"))
+                        if v and (k in ("kl", "entropy", "cispo_clip_ratio", "vespo/phi_seq_mean")
+                                  or k.startswith("clip_ratio/"))
                         and not math.isnan(v[-1])},
             "grads": {g.split("base_model.model.")[1].replace(".default", ""): params[g].grad.flatten()[:32].tolist()
                       for g in GRADS},
@@ -123,7 +129,8 @@ def main():
     with open(os.path.join(HERE, "reference.json"), "w") as f:
         json.dump(out, f, indent=1)
     for c in out["cases"]:
-        print(c["loss_type"], c["beta"], c["importance_sampling_level"], round(c["loss"], 7), c["metrics"])
+        print(c["loss_type"], c["beta"], c["importance_sampling_level"], c["temperature"], round(c["loss"], 7),
+              c["metrics"])
 
 
 if __name__ == "__main__":

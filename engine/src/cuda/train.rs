@@ -308,8 +308,14 @@ impl TrainBackend for CudaModel {
     }
 
     /// Logits in f32 chunks; the softmax gradient formed in place, then multiplied by the
-    /// head weight.
-    fn head_train(&self, h: &GTensor, ids: &[u32]) -> (Vec<f32>, GTensor) {
+    /// head weight. No entropy: no kernel computes it yet (GRPO, its only reader, trains on
+    /// the CPU).
+    fn head_train(
+        &self,
+        h: &GTensor,
+        ids: &[u32],
+        _entropy: bool,
+    ) -> (Vec<f32>, GTensor, Option<Vec<f32>>) {
         let g = &self.gpu;
         assert_eq!(h.rows, ids.len(), "one target per row");
         let n = ids.len();
@@ -327,7 +333,7 @@ impl TrainBackend for CudaModel {
             let part = ok(g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt));
             g.copy_rows(&part, 0, end - start, &dirs, start);
         }
-        (logps, dirs)
+        (logps, dirs, None)
     }
 
     fn scatter_rows(&self, dirs: GTensor, scale: &[f32], rows: &[usize], n: usize) -> GTensor {

@@ -178,10 +178,16 @@ impl TrainBackend for LlamaModel {
         x.clone().select(0, self.rows_tensor(rows))
     }
 
-    fn head_train(&self, h: &Tensor<2>, ids: &[u32]) -> (Vec<f32>, Tensor<2>) {
+    fn head_train(
+        &self,
+        h: &Tensor<2>,
+        ids: &[u32],
+        entropy: bool,
+    ) -> (Vec<f32>, Tensor<2>, Option<Vec<f32>>) {
         let chunk = head_chunk(self.config.vocab_size);
-        let (lp, dirs) = ops::target_logprobs_with_grad(h, &self.lm_head_weight(), ids, chunk);
-        (crate::weights::to_f32_vec(lp.into_data()), dirs)
+        let (lp, dirs, e) =
+            ops::target_logprobs_with_grad(h, &self.lm_head_weight(), ids, chunk, entropy);
+        (crate::weights::to_f32_vec(lp.into_data()), dirs, e)
     }
 
     fn scatter_rows(&self, dirs: Tensor<2>, scale: &[f32], rows: &[usize], n: usize) -> Tensor<2> {

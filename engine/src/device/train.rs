@@ -109,9 +109,15 @@ pub trait TrainBackend: Backend {
     fn swiglu_backward(&self, g: &Self::T, u: &Self::T, da: Self::T) -> (Self::T, Self::T);
     /// Rows `rows` of `x`.
     fn gather(&self, x: &Self::T, rows: &[usize]) -> Self::T;
-    /// `log p(ids[i])` under the LM head for hidden rows `h` `[n, hidden]`, and
-    /// `∂ log p(ids[i]) / ∂hᵢ` per row `[n, hidden]`.
-    fn head_train(&self, h: &Self::T, ids: &[u32]) -> (Vec<f32>, Self::T);
+    /// `log p(ids[i])` under the LM head for hidden rows `h` `[n, hidden]`,
+    /// `∂ log p(ids[i]) / ∂hᵢ` per row `[n, hidden]`, and with `entropy` each row's entropy
+    /// `−Σ p·log p` where the backend computes it (the host does; `None` on the GPU for now).
+    fn head_train(
+        &self,
+        h: &Self::T,
+        ids: &[u32],
+        entropy: bool,
+    ) -> (Vec<f32>, Self::T, Option<Vec<f32>>);
     /// `Σᵢ scale[i]·dirs[i]` into row `rows[i]` of a zero `[n, hidden]` matrix (the hidden
     /// states' gradient from the head's).
     fn scatter_rows(&self, dirs: Self::T, scale: &[f32], rows: &[usize], n: usize) -> Self::T;

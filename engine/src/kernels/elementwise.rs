@@ -253,6 +253,28 @@ pub fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
     logits.par_chunks_mut(vocab).map(softmax_row).collect()
 }
 
+crate::kernels::simd! {
+    fn softmax_row_entropy(row: &mut [f32]) -> (f32, f32) {
+        let max = fastmath::max(row);
+        let (sum, dot) = fastmath::exp_shift_sum_dot(row, max);
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+        // H = −Σ p·log p, log p = (z − max) − ln S.
+        (max + sum.ln(), sum.ln() - dot * inv)
+    }
+}
+
+/// [`softmax_rows`] that also returns each row's entropy `−Σ p·log p`: `(logsumexp,
+/// entropy)` per row, from the same pass over the logits.
+pub fn softmax_rows_entropy(logits: &mut [f32], vocab: usize) -> Vec<(f32, f32)> {
+    logits
+        .par_chunks_mut(vocab)
+        .map(softmax_row_entropy)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +283,30 @@ mod tests {
         (0..n)
             .map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 17.0)
             .collect()
+    }
+
+    #[test]
+    fn softmax_entropy_is_minus_sum_p_log_p() {
+        // 3 rows of 37: not a multiple of the SIMD lanes.
+        let mut x = vals(3 * 37, 9);
+        let rows = x.clone();
+        let mut plain = x.clone();
+        let both = softmax_rows_entropy(&mut x, 37);
+        assert_eq!(
+            softmax_rows(&mut plain, 37),
+            both.iter().map(|b| b.0).collect::<Vec<_>>()
+        );
+        assert_eq!(x, plain, "the same probabilities");
+        for (row, (lse, h)) in rows.chunks(37).zip(&both) {
+            let want: f64 = -row
+                .iter()
+                .map(|&z| {
+                    let lp = f64::from(z) - f64::from(*lse);
+                    lp.exp() * lp
+                })
+                .sum::<f64>();
+            assert!((f64::from(*h) - want).abs() < 1e-5, "{h} vs {want}");
+        }
     }
 
     #[test]

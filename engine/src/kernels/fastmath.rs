@@ -104,6 +104,35 @@ pub fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `x ← exp(x − m)` in place, returning `(Σ exp(x − m), Σ exp(x − m)·(x − m))` (a softmax's
+/// normaliser and what its entropy needs, in the same pass).
+#[inline(always)]
+pub fn exp_shift_sum_dot(x: &mut [f32], m: f32) -> (f32, f32) {
+    let (mut acc, mut dot) = ([0f32; LANES], [0f32; LANES]);
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let z = c[i] - m;
+            let e = exp(z);
+            c[i] = e;
+            acc[i] += e;
+            dot[i] += e * z;
+        }
+    }
+    let (mut tail, mut tail_dot) = (0.0, 0.0);
+    for v in chunks.into_remainder() {
+        let z = *v - m;
+        let e = exp(z);
+        *v = e;
+        tail += e;
+        tail_dot += e * z;
+    }
+    (
+        acc.iter().sum::<f32>() + tail,
+        dot.iter().sum::<f32>() + tail_dot,
+    )
+}
+
 /// `σ(x) = 1/(1+e⁻ˣ)`.
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {

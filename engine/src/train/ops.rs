@@ -138,16 +138,22 @@ pub fn swiglu_backward(g: &Tensor<2>, u: &Tensor<2>, da: Tensor<2>) -> (Tensor<2
     (dg, du)
 }
 
+/// What [`target_logprobs_with_grad`] gives: `log p(target)` per row, `∂ log p/∂h` per row, and
+/// (when asked) each row's entropy `−Σ p·log p` over the vocabulary.
+pub type HeadRows = (Tensor<1>, Tensor<2>, Option<Vec<f32>>);
+
 /// Log-probabilities of `targets` for hidden rows `h` `[n, hidden]` under the LM head `w`
-/// `[vocab, hidden]`, with `dℓ/dh` per row, in chunks of `chunk` rows.
+/// `[vocab, hidden]`, with `dℓ/dh` per row, in chunks of `chunk` rows; with `entropy`, each
+/// row's entropy too.
 pub fn target_logprobs_with_grad(
     h: &Tensor<2>,
     w: &Tensor<2>,
     targets: &[u32],
     chunk: usize,
-) -> (Tensor<1>, Tensor<2>) {
-    target_logprobs_cpu(h, w, targets, chunk)
-        .unwrap_or_else(|| target_logprobs_burn(h, w, targets, chunk))
+    entropy: bool,
+) -> HeadRows {
+    target_logprobs_cpu(h, w, targets, chunk, entropy)
+        .unwrap_or_else(|| target_logprobs_burn(h, w, targets, chunk, entropy))
 }
 
 /// [`target_logprobs_with_grad`] in burn operations (any device).
@@ -156,12 +162,14 @@ fn target_logprobs_burn(
     w: &Tensor<2>,
     targets: &[u32],
     chunk: usize,
-) -> (Tensor<1>, Tensor<2>) {
+    entropy: bool,
+) -> HeadRows {
     let n = targets.len();
     let hidden = h.dims()[1];
     let device = h.device();
     let mut lps = Vec::new();
     let mut grads = Vec::new();
+    let mut entropies = Vec::new();
     let mut start = 0;
     while start < n {
         let end = (start + chunk).min(n);
@@ -175,12 +183,21 @@ fn target_logprobs_burn(
         // log p(y) = logit_y − logsumexp; logsumexp = max + log Σ exp(· − max)
         let max = logits.clone().max_dim(1);
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        if entropy {
+            // H = logsumexp − Σ p·z.
+            let h = lse.clone() - (p.clone() * logits.clone()).sum_dim(1);
+            entropies.extend(crate::weights::to_f32_vec(h.into_data()));
+        }
         lps.push((logits.gather(1, idx2) - lse).reshape([end - start]));
         let wy = w.clone().select(0, idx1);
         grads.push(wy - matmul_sum(&[Term::nn(&p, w, 1.0)]));
         start = end;
     }
-    (Tensor::cat(lps, 0), Tensor::cat(grads, 0))
+    (
+        Tensor::cat(lps, 0),
+        Tensor::cat(grads, 0),
+        entropy.then_some(entropies),
+    )
 }
 
 /// [`target_logprobs_with_grad`] on host memory through BLAS: each chunk's logits become
@@ -191,7 +208,8 @@ fn target_logprobs_cpu(
     w: &Tensor<2>,
     targets: &[u32],
     chunk: usize,
-) -> Option<(Tensor<1>, Tensor<2>)> {
+    entropy: bool,
+) -> Option<HeadRows> {
     let blas = kernels::blas::get()?;
     if !kernels::available(&h.device()) {
         return None;
@@ -202,6 +220,7 @@ fn target_logprobs_cpu(
     let n = targets.len();
     let mut lps = Vec::with_capacity(n);
     let mut grads = Vec::with_capacity(n * hidden);
+    let mut entropies = Vec::with_capacity(if entropy { n } else { 0 });
     for start in (0..n).step_by(chunk.max(1)) {
         let end = (start + chunk).min(n);
         let rows = end - start;
@@ -219,7 +238,13 @@ fn target_logprobs_cpu(
             .enumerate()
             .map(|(i, &y)| p[i * vocab + y as usize])
             .collect();
-        let lse = kernels::elementwise::softmax_rows(&mut p, vocab);
+        let lse = if entropy {
+            let both = kernels::elementwise::softmax_rows_entropy(&mut p, vocab);
+            entropies.extend(both.iter().map(|b| b.1));
+            both.into_iter().map(|b| b.0).collect()
+        } else {
+            kernels::elementwise::softmax_rows(&mut p, vocab)
+        };
         lps.extend(picked.iter().zip(&lse).map(|(l, s)| l - s));
         // This chunk's rows of the result: W_y, then − p·W accumulated onto them in place.
         let base = grads.len();
@@ -241,6 +266,7 @@ fn target_logprobs_cpu(
     Some((
         kernels::tensor(lps, [n], &dev),
         kernels::tensor(grads, [n, hidden], &dev),
+        entropy.then_some(entropies),
     ))
 }
 
@@ -255,14 +281,37 @@ mod tests {
         let h = Tensor::<2>::random([37, 24], Distribution::Normal(0.0, 1.0), &dev);
         let w = Tensor::<2>::random([301, 24], Distribution::Normal(0.0, 1.0), &dev);
         let targets: Vec<u32> = (0..37).map(|i| (i * 41 % 301) as u32).collect();
-        let Some((lp, g)) = target_logprobs_cpu(&h, &w, &targets, 16) else {
+        // The entropy against its definition, −Σ p·log p, from the burn path's logits.
+        let (lp2, g2, e2) = target_logprobs_burn(&h, &w, &targets, 16, true);
+        let logits = crate::weights::to_f32_vec(matmul_sum(&[Term::nt(&h, &w, 1.0)]).into_data());
+        let e2 = e2.expect("asked for");
+        for (row, e) in logits.chunks(301).zip(&e2) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let s: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
+            let want: f64 = -row
+                .iter()
+                .map(|&z| {
+                    let lp = z as f64 - max - s.ln();
+                    lp.exp() * lp
+                })
+                .sum::<f64>();
+            assert!((*e as f64 - want).abs() < 1e-4, "{e} vs {want}");
+        }
+        assert!(
+            target_logprobs_burn(&h, &w, &targets, 16, false)
+                .2
+                .is_none()
+        );
+        let Some((lp, g, e)) = target_logprobs_cpu(&h, &w, &targets, 16, true) else {
             eprintln!("no BLAS installed; nothing to compare");
             return;
         };
-        let (lp2, g2) = target_logprobs_burn(&h, &w, &targets, 16);
         lp.into_data()
             .assert_approx_eq::<f32>(&lp2.into_data(), Tolerance::absolute(1e-4));
         g.into_data()
             .assert_approx_eq::<f32>(&g2.into_data(), Tolerance::absolute(1e-4));
+        for (a, b) in e.expect("asked for").iter().zip(&e2) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
     }
 }

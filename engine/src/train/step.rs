@@ -174,6 +174,11 @@ pub struct Forward<B: TrainBackend> {
     loss_scale: f32,
     /// `log p(target)` per target (empty when [`StepOptions::hidden_head`]).
     pub target_logps: Vec<f32>,
+    /// The entropy of the distribution at each target (with [`StepOptions::entropy`], where
+    /// the backend computes it).
+    pub target_entropy: Option<Vec<f32>>,
+    /// `1 / temperature` of the head's logits ([`StepOptions::temperature`]).
+    inv_temperature: f32,
     /// `∂ log p / ∂h` per target `[n_targets, hidden]` (`None` when
     /// [`StepOptions::hidden_head`]).
     grad_dirs: Option<B::T>,
@@ -237,7 +242,7 @@ fn take1<T>(v: Vec<T>) -> T {
 }
 
 /// How a forward pass runs, apart from what it trains.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepOptions {
     /// Seeds LoRA dropout (`None`: off).
     pub dropout_seed: Option<u64>,
@@ -253,6 +258,11 @@ pub struct StepOptions {
     /// ([`Forward::target_hidden`]) and backward starts from their gradient
     /// ([`backward_hidden`]).
     pub hidden_head: bool,
+    /// The LM head's logits are divided by this before the softmax (TRL's GRPO computes its
+    /// log-probabilities, and their entropy, at the sampling temperature); `None`: 1.
+    pub temperature: Option<f32>,
+    /// Compute the entropy of the distribution at each target ([`Forward::target_entropy`]).
+    pub entropy: bool,
 }
 
 impl StepOptions {
@@ -384,13 +394,22 @@ pub fn forward<B: TrainBackend>(
     let (x, hidden, r_final) = m.norm_train(Norm::Final, x, pending);
     let rows: Vec<usize> = batch.targets.iter().map(|t| t.pos).collect();
     let target_ids: Vec<u32> = batch.targets.iter().map(|t| t.id).collect();
-    let target_h = m.gather(&hidden, &rows);
+    let mut target_h = m.gather(&hidden, &rows);
     drop(hidden);
-    let (target_logps, grad_dirs) = if options.hidden_head {
-        (Vec::new(), None)
+    let temperature = options
+        .temperature
+        .filter(|&t| t != 1.0 && !options.hidden_head);
+    if let Some(t) = temperature {
+        // logits / t = W·(h / t): the head (and its weight's gradient) reads the scaled rows.
+        let mut v = m.rows_to_host(&target_h);
+        v.iter_mut().for_each(|x| *x /= t);
+        target_h = m.rows_from_host(&v, rows.len(), m.config().hidden_size);
+    }
+    let (target_logps, grad_dirs, target_entropy) = if options.hidden_head {
+        (Vec::new(), None, None)
     } else {
-        let (lp, dirs) = m.head_train(&target_h, &target_ids);
-        (lp, Some(dirs))
+        let (lp, dirs, e) = m.head_train(&target_h, &target_ids, options.entropy);
+        (lp, Some(dirs), e)
     };
     let keep_hidden = options.hidden_head || trainable.head;
     Forward {
@@ -404,6 +423,8 @@ pub fn forward<B: TrainBackend>(
         dropout_seed: options.dropout_seed,
         loss_scale: options.loss_scale(),
         target_logps,
+        target_entropy,
+        inv_temperature: temperature.map_or(1.0, |t| 1.0 / t),
         grad_dirs,
         target_hidden: keep_hidden.then_some(target_h),
         rows,
@@ -447,7 +468,15 @@ pub fn backward<B: TrainBackend>(
         };
         grads.insert(key.into(), m.head_weight_grad(h, &fwd.target_ids, d_logps));
     }
-    let d_hidden = m.scatter_rows(grad_dirs, d_logps, &fwd.rows, fwd.batch * fwd.len);
+    // The head read h / temperature: the hidden rows' gradient carries 1 / temperature.
+    let tempered: Vec<f32>;
+    let d_rows = if fwd.inv_temperature == 1.0 {
+        d_logps
+    } else {
+        tempered = d_logps.iter().map(|d| d * fwd.inv_temperature).collect();
+        &tempered
+    };
+    let d_hidden = m.scatter_rows(grad_dirs, d_rows, &fwd.rows, fwd.batch * fwd.len);
     backward_body(m, fwd, d_hidden, grads, trainable)
 }
 

@@ -319,7 +319,7 @@ impl StepPlan<'_> {
                 .then(|| cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ state.global_step),
             gradient_checkpointing: cfg.gradient_checkpointing,
             loss_scale_exp: state.loss_scaler.map_or(0, |s| s.exp),
-            hidden_head: false,
+            ..StepOptions::default()
         };
         let StepOutput {
             loss,

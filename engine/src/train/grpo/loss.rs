@@ -25,12 +25,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::tokenizer::Encoded;
-use crate::train::batches::padded;
-use crate::train::params::TrainModel;
-use crate::train::step::{Grads, StepBatch, StepOptions, Trainable, backward, forward};
-use crate::train::trainer::{StepOutput, add_grads};
+use crate::error::Result;
 
 /// TRL's `loss_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +152,9 @@ pub struct GrpoLossOptions {
     pub vespo_k_neg: f64,
     /// VESPO's λ for negative advantages.
     pub vespo_lambda_neg: f64,
+    /// The sampling temperature: log-probabilities (and the entropy metric) are those of the
+    /// logits divided by it, as TRL computes them (default 1).
+    pub temperature: f64,
 }
 
 impl Default for GrpoLossOptions {
@@ -176,6 +174,7 @@ impl Default for GrpoLossOptions {
             vespo_lambda_pos: 3.0,
             vespo_k_neg: 3.0,
             vespo_lambda_neg: 2.0,
+            temperature: 1.0,
         }
     }
 }
@@ -502,175 +501,4 @@ mod tests {
             }
         }
     }
-}
-
-/// One generated completion of a prompt, ready for training steps.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollout {
-    /// The prompt's ids.
-    pub prompt: Vec<u32>,
-    /// The completion's ids (its end of turn included when it stopped).
-    pub completion: Vec<u32>,
-    /// Its group-relative advantage.
-    pub advantage: f64,
-    /// Per-token log-probabilities under the policy that generated it, when training on it
-    /// more than once (`num_iterations > 1`); `None`: the current policy's, not differentiated.
-    pub old: Option<Vec<f32>>,
-    /// Per-token log-probabilities under the reference (`beta ≠ 0`).
-    pub reference: Option<Vec<f32>>,
-    /// Left out of the loss (a truncated completion with `mask_truncated_completions`).
-    pub masked: bool,
-}
-
-/// Rows `prompt + completion`, right-padded with `pad`, the completion's tokens (of rollouts
-/// not masked) as the targets.
-pub fn rollout_batch(rs: &[&Rollout], pad: u32) -> StepBatch {
-    let seqs: Vec<Encoded> = rs
-        .iter()
-        .map(|r| {
-            let mut ids = r.prompt.clone();
-            ids.extend_from_slice(&r.completion);
-            let mut mask = vec![0u8; r.prompt.len()];
-            mask.resize(ids.len(), u8::from(!r.masked));
-            Encoded { ids, mask }
-        })
-        .collect();
-    padded(&seqs, pad)
-}
-
-/// Per-token log-probabilities of the rollouts' completions under `model`, without gradients
-/// (`batch_size` rollouts per pass).
-pub fn completion_logps<M: TrainModel>(
-    model: &M,
-    rs: &[&Rollout],
-    batch_size: usize,
-    pad: u32,
-) -> Vec<Vec<f32>> {
-    let nothing = Trainable {
-        lora: false,
-        first_full_layer: None,
-        final_norm: false,
-        head: false,
-        embedding: false,
-    };
-    let mut out = Vec::with_capacity(rs.len());
-    for chunk in rs.chunks(batch_size.max(1)) {
-        let unmasked: Vec<Rollout> = chunk
-            .iter()
-            .map(|r| Rollout {
-                masked: false,
-                ..(*r).clone()
-            })
-            .collect();
-        let refs: Vec<&Rollout> = unmasked.iter().collect();
-        let b = rollout_batch(&refs, pad);
-        let fwd = forward(model, &b, &nothing, &StepOptions::default());
-        let mut per = vec![Vec::new(); chunk.len()];
-        for (t, lp) in b.targets.iter().zip(&fwd.target_logps) {
-            per[t.seq].push(*lp);
-        }
-        out.extend(per);
-    }
-    out
-}
-
-/// GRPO's loss, gradients and TRL's metrics (`kl`, `clip_ratio/*`, `cispo_clip_ratio`) for
-/// one optimiser step over `micro` (micro-batches of rollouts).
-pub fn grpo_step<M: TrainModel>(
-    model: &M,
-    micro: &[Vec<&Rollout>],
-    o: &GrpoLossOptions,
-    trainable: &Trainable,
-    options: &StepOptions,
-    pad: u32,
-) -> Result<StepOutput<M::T>> {
-    let step_tokens: usize = micro
-        .iter()
-        .flatten()
-        .filter(|r| !r.masked)
-        .map(|r| r.completion.len())
-        .sum();
-    let mut grads = Grads::new();
-    let (mut loss, mut trained, mut tokens) = (0.0, 0, 0);
-    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    let (mut low_min, mut high_max): (Option<f64>, Option<f64>) = (None, None);
-    for (i, rs) in micro.iter().enumerate() {
-        let b = rollout_batch(rs, pad);
-        trained += b.targets.len();
-        tokens += b.real_tokens;
-        let fwd = forward(model, &b, trainable, &options.micro(i));
-        let mut policy = vec![Vec::new(); rs.len()];
-        for (t, lp) in b.targets.iter().zip(&fwd.target_logps) {
-            policy[t.seq].push(*lp);
-        }
-        let seqs: Vec<SeqLogps<'_>> = rs
-            .iter()
-            .zip(&policy)
-            .filter(|(r, _)| !r.masked)
-            .map(|(r, p)| SeqLogps {
-                policy: p,
-                old: r.old.as_deref(),
-                reference: r.reference.as_deref(),
-                advantage: r.advantage,
-            })
-            .collect();
-        if o.beta != 0.0 && seqs.iter().any(|s| s.reference.is_none()) {
-            return Err(Error::Invalid(
-                "GRPO with beta ≠ 0 needs the reference's log-probabilities".into(),
-            ));
-        }
-        let m = micro_loss(o, &seqs, step_tokens, micro.len());
-        loss += m.loss;
-        for (k, (v, n)) in m.sums {
-            let e = sums.entry(k).or_insert((0.0, 0.0));
-            e.0 += v;
-            e.1 += n;
-        }
-        low_min = match (low_min, m.low_min) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        high_max = match (high_max, m.high_max) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        // Gradients back onto the targets, in the batch's target order (masked rows have none).
-        let mut d_seq = m.d_policy.into_iter();
-        let mut per_row: Vec<Vec<f64>> = Vec::with_capacity(rs.len());
-        for r in rs.iter() {
-            per_row.push(if r.masked {
-                Vec::new()
-            } else {
-                d_seq.next().expect("one gradient per active rollout")
-            });
-        }
-        let mut next = vec![0usize; rs.len()];
-        let d: Vec<f32> = b
-            .targets
-            .iter()
-            .map(|t| {
-                let k = next[t.seq];
-                next[t.seq] += 1;
-                per_row[t.seq][k] as f32
-            })
-            .collect();
-        add_grads(model, &mut grads, backward(model, fwd, &d, trainable));
-    }
-    let mut metrics: BTreeMap<String, f64> = sums
-        .into_iter()
-        .map(|(k, (v, n))| (k, v / n.max(1.0)))
-        .collect();
-    if let Some(v) = low_min {
-        metrics.insert("clip_ratio/low_min".into(), v);
-    }
-    if let Some(v) = high_max {
-        metrics.insert("clip_ratio/high_max".into(), v);
-    }
-    Ok(StepOutput {
-        loss,
-        grads,
-        trained,
-        tokens,
-        metrics,
-    })
 }

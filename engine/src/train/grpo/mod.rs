@@ -12,8 +12,10 @@ use crate::train::step::{StepBatch, StepOptions, Trainable};
 use crate::train::trainer::{MicroBatch, Objective, StepOutput};
 
 pub mod loss;
+pub mod rollout;
 
 pub use loss::*;
+pub use rollout::*;
 
 /// GRPO's options beyond the loss (TRL's names and defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -110,6 +112,7 @@ impl GrpoOptions {
             vespo_lambda_pos: self.vespo_lambda_pos,
             vespo_k_neg: self.vespo_k_neg,
             vespo_lambda_neg: self.vespo_lambda_neg,
+            temperature: self.temperature,
         }
     }
 
@@ -327,10 +330,20 @@ impl GrpoObjective {
             .filter(|r| !r.masked)
             .map(|r| r.completion.len())
             .sum();
-        let mut loss = 0.0;
+        let (mut loss, mut entropy, mut with_entropy) = (0.0, 0.0, false);
         for rs in &rollouts {
             let refs: Vec<&Rollout> = rs.iter().collect();
-            let policy = completion_logps(model, &refs, self.batch, self.pad);
+            let (policy, ent) =
+                logps_and_entropy(model, &refs, self.batch, self.pad, o.temperature, true);
+            if ent.iter().any(|e| !e.is_empty()) {
+                with_entropy = true;
+                entropy += mean_entropy(
+                    rs.iter()
+                        .zip(&ent)
+                        .filter(|(r, _)| !r.masked)
+                        .map(|(_, e)| e.as_slice()),
+                );
+            }
             let seqs: Vec<loss::SeqLogps<'_>> = rs
                 .iter()
                 .zip(&policy)
@@ -343,6 +356,10 @@ impl GrpoObjective {
                 })
                 .collect();
             loss += loss::micro_loss(&o, &seqs, step_tokens, rollouts.len()).loss;
+        }
+        let mut metrics = metrics;
+        if with_entropy {
+            metrics.insert("entropy".into(), entropy / rollouts.len().max(1) as f64);
         }
         Ok((loss, metrics))
     }
@@ -431,11 +448,12 @@ impl GrpoObjective {
         let base = (o.beta != 0.0).then(|| model.without_adapter());
         for rs in out.iter_mut() {
             let refs: Vec<&Rollout> = rs.iter().collect();
+            let t = o.temperature;
             let reference = base
                 .as_ref()
-                .map(|b| completion_logps(b, &refs, self.batch, self.pad));
+                .map(|b| completion_logps(b, &refs, self.batch, self.pad, t));
             let old = (o.num_iterations > 1)
-                .then(|| completion_logps(model, &refs, self.batch, self.pad));
+                .then(|| completion_logps(model, &refs, self.batch, self.pad, t));
             for (i, r) in rs.iter_mut().enumerate() {
                 r.reference = reference.as_ref().map(|v| v[i].clone());
                 r.old = old.as_ref().map(|v| v[i].clone());
