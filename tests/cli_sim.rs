@@ -45,11 +45,20 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(metrics.len(), 4, "base + 2 SFT rounds + 1 DPO round");
+    assert_eq!(
+        metrics.len(),
+        5,
+        "base + 2 SFT rounds + 1 DPO round + 1 GRPO round"
+    );
     assert_eq!(metrics[1]["phase"], "sft");
     assert_eq!(metrics[3]["phase"], "dpo");
+    assert_eq!(metrics[4]["phase"], "grpo");
+    // Every hospital trained its GRPO round on its own notes, scored by the plan's rewards.
+    let grpo = &metrics[4];
+    assert_eq!(grpo["used"].as_array().unwrap().len(), 4, "{grpo}");
+    assert!(grpo["metrics"]["reward"].as_f64().is_some(), "{grpo}");
     let base = &metrics[0]["clients"];
-    let last = &metrics[3]["clients"];
+    let last = &metrics[4]["clients"];
     for k in 0..4 {
         let (b, a) = (
             base[k]["global_eval_loss"].as_f64().unwrap(),
@@ -62,7 +71,7 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
         "plots/global_eval_loss.png",
         "plots/client_eval_loss.png",
         "global/final/adapter_model.safetensors",
-        "global/round-003/adapter_config.json",
+        "global/round-004/adapter_config.json",
         "rounds.jsonl",
     ] {
         assert!(out.join(p).is_file(), "{p} missing");
@@ -87,7 +96,7 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
     assert!(
         scalars
             .iter()
-            .any(|(t, s, _)| t == "clients/st-mary-cardiology/global_eval_loss" && *s == 3),
+            .any(|(t, s, _)| t == "clients/st-mary-cardiology/global_eval_loss" && *s == 4),
         "{scalars:?}"
     );
     let png = std::fs::read(out.join("plots/global_eval_loss.png")).unwrap();
@@ -98,8 +107,10 @@ fn the_quickstart_runs_on_the_tiny_model_and_beats_the_base_everywhere() {
         "st-mary-cardiology",
         "Failures",
         "JSON validity",
-        // Each percentage beside its number of held-out examples.
+        // Each percentage beside its number of held-out examples, from the base model through
+        // each stage's last global adapter.
         "% of 8</td>",
+        "field accuracy, base → SFT → DPO → GRPO",
     ] {
         assert!(html.contains(s), "report lacks {s}");
     }

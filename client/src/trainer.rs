@@ -292,8 +292,9 @@ fn round_config(local: &LocalTraining, job: &TrainJob) -> TrainConfig {
 
 /// A GRPO round on the host model (the global adapter attached): the plan's rewards score
 /// this client's own completions of its own prompts; the reference is the global adapter the
-/// round starts from. Metrics: `train_loss` and `reward` (the mean reward of fresh samples
-/// after training).
+/// round starts from. Metrics: `train_loss`, and the means over the round's steps of TRL's
+/// logged `reward`, `entropy` and `completions/mean_length` (of the samples each step trained
+/// on: no extra sampling pass).
 fn grpo_training(
     model: &mut LlamaModel,
     data: &LocalData,
@@ -344,21 +345,59 @@ fn grpo_training(
         tokenizer,
         h.seed,
     );
-    let summary = train(model, &run, &objective, &mut NoCallback)?;
-    let reward = objective.mean_reward(&*model)?;
-    let mut metrics = vec![
-        (
-            "train_loss".to_string(),
-            summary.final_loss.unwrap_or(f64::NAN),
-        ),
-        ("reward".to_string(), reward),
-    ];
+    let mut steps = StepMeans::new(&["reward", "entropy", "completions/mean_length"]);
+    let summary = train(model, &run, &objective, &mut steps)?;
+    let mut metrics = vec![(
+        "train_loss".to_string(),
+        summary.final_loss.unwrap_or(f64::NAN),
+    )];
+    metrics.extend(steps.means());
     metrics.retain(|(_, v)| v.is_finite());
     Ok(TrainOutcome {
         adapter: model.lora_weights(),
         num_examples: p.prompts.len() as u64,
         metrics,
     })
+}
+
+/// Means of some of the metrics the training steps log (evaluations left out).
+struct StepMeans {
+    sums: Vec<(String, f64, usize)>,
+}
+
+impl StepMeans {
+    fn new(names: &[&str]) -> Self {
+        StepMeans {
+            sums: names.iter().map(|n| (n.to_string(), 0.0, 0)).collect(),
+        }
+    }
+
+    /// `(name, mean)` of each metric some step logged.
+    fn means(&self) -> Vec<(String, f64)> {
+        self.sums
+            .iter()
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(k, s, n)| (k.clone(), s / *n as f64))
+            .collect()
+    }
+}
+
+impl fedtune_engine::train::Callback for StepMeans {
+    fn on_log(
+        &mut self,
+        entry: &fedtune_engine::train::LogEntry,
+        _state: &fedtune_engine::train::TrainerState,
+    ) {
+        if entry.loss.is_none() {
+            return;
+        }
+        for (k, s, n) in &mut self.sums {
+            if let Some(v) = entry.metrics.get(k.as_str()) {
+                *s += v;
+                *n += 1;
+            }
+        }
+    }
 }
 
 /// A reward-model round on the host model (the global LoRA factors and score head attached):

@@ -51,6 +51,7 @@ pub fn named_template(name: &str) -> Option<&'static str> {
 }
 
 /// A compiled chat template with the special tokens it may refer to.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// The Jinja source.

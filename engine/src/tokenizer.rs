@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::template::{ChatTemplate, Message, named_template};
 
 /// A tokenizer with its special tokens and chat template.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,

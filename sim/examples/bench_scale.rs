@@ -84,7 +84,7 @@ rule = {{ kind = "fed_avg_exact" }}
         );
         let cfg: SimConfig = toml::from_str(&text).unwrap();
         cfg.check().unwrap();
-        let clients = prepare_clients(&cfg, &m.tokenizer).unwrap();
+        let clients = prepare_clients(&cfg, &m).unwrap();
         let mut marks = vec![std::time::Instant::now()];
         let o = run_memory(&cfg, &m, clients, None, &mut |p| {
             if let fedtune_sim::run::Progress::Round { .. } = p {

@@ -54,6 +54,10 @@ pub struct SimConfig {
     /// DPO rounds after the SFT rounds.
     #[serde(default)]
     pub dpo: Option<StageSection>,
+    /// GRPO rounds after the SFT and DPO rounds, on prompts made from each client's SFT
+    /// examples (the conversation up to the answer, the answer as the `reference` field).
+    #[serde(default)]
+    pub grpo: Option<GrpoSection>,
     /// Aggregation and round rules.
     pub strategy: StrategySection,
     /// Injected faults.
@@ -202,6 +206,105 @@ pub struct StageSection {
     /// DPO β.
     #[serde(default = "default_beta")]
     pub beta: f64,
+}
+
+/// GRPO rounds: the stage's settings and TRL `GRPOConfig`'s (the plan's `GrpoPlan`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    /// Rounds.
+    pub rounds: u64,
+    /// Local learning rate.
+    pub learning_rate: f64,
+    /// Local optimiser steps per round.
+    pub local_steps: u64,
+    /// Completions per micro-batch (a multiple of `num_generations`).
+    #[serde(default = "default_grpo_batch")]
+    pub batch_size: usize,
+    /// Reward functions (`json_valid`, `field_match`, ... as `fedtune train grpo --reward`).
+    pub rewards: Vec<String>,
+    /// One weight per reward (empty: 1 each).
+    #[serde(default)]
+    pub reward_weights: Vec<f64>,
+    /// Completions per prompt.
+    #[serde(default = "default_generations")]
+    pub num_generations: u32,
+    /// Longest completion in tokens.
+    #[serde(default = "default_completion_length")]
+    pub max_completion_length: u32,
+    /// Sampling temperature.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// TRL's `loss_type`.
+    #[serde(default = "default_grpo_loss")]
+    pub loss_type: String,
+    /// Clipping range ε.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// KL coefficient against the round's starting global adapter.
+    #[serde(default)]
+    pub beta: f64,
+}
+
+impl GrpoSection {
+    /// The plan every client trains its GRPO rounds with.
+    pub fn plan(&self) -> fedtune_protocol::GrpoPlan {
+        fedtune_protocol::GrpoPlan {
+            rewards: self.rewards.clone(),
+            reward_weights: self.reward_weights.clone(),
+            num_generations: self.num_generations,
+            max_completion_length: self.max_completion_length,
+            temperature: self.temperature,
+            loss_type: self.loss_type.clone(),
+            epsilon: self.epsilon,
+            beta: self.beta,
+        }
+    }
+
+    /// The first setting out of range, as `field: why`.
+    fn check(&self) -> Result<(), String> {
+        if self.rewards.is_empty() {
+            return Err("grpo.rewards: name at least one reward".into());
+        }
+        fedtune_engine::rewards::Rewards::parse(&self.rewards, &self.reward_weights)
+            .map_err(|e| format!("grpo.rewards: {e}"))?;
+        let g = self.num_generations as usize;
+        if g < 2 || !self.batch_size.is_multiple_of(g) {
+            return Err(format!(
+                "grpo.batch_size: {} completions must be a multiple of num_generations ({g}, at least 2)",
+                self.batch_size
+            ));
+        }
+        self.loss_type
+            .parse::<fedtune_engine::train::grpo::GrpoLoss>()
+            .map_err(|e| format!("grpo.loss_type: {e}"))?;
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(format!(
+                "grpo.temperature: {} must be positive",
+                self.temperature
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_grpo_batch() -> usize {
+    8
+}
+fn default_generations() -> u32 {
+    8
+}
+fn default_completion_length() -> u32 {
+    512
+}
+fn default_temperature() -> f64 {
+    1.0
+}
+fn default_grpo_loss() -> String {
+    "dapo".into()
+}
+fn default_epsilon() -> f64 {
+    0.2
 }
 
 fn default_batch() -> usize {
@@ -470,8 +573,12 @@ impl SimConfig {
         if let Some(opt) = &self.strategy.server_optimizer {
             opt.validate().map_err(|e| format!("strategy.{e}"))?;
         }
-        if self.sft.rounds + self.dpo.as_ref().map_or(0, |d| d.rounds) == 0 {
+        let grpo_rounds = self.grpo.as_ref().map_or(0, |g| g.rounds);
+        if self.sft.rounds + self.dpo.as_ref().map_or(0, |d| d.rounds) + grpo_rounds == 0 {
             return Err("sft.rounds: no rounds to run".into());
+        }
+        if let Some(g) = &self.grpo {
+            g.check()?;
         }
         if self.dpo.as_ref().is_some_and(|d| d.rounds > 0)
             && self.data.preferences.is_none()

@@ -204,6 +204,71 @@ pub(crate) fn generations_before_after(
     Ok(gens)
 }
 
+/// Each stage's label and its last global adapter (the stages before the final one).
+pub(crate) type StageGlobals = Vec<(String, Adapter)>;
+
+/// The last round of every stage but the final one, with the stage's phase as a label
+/// (`SFT`, `DPO`, ...): the rounds whose global adapter the report also scores.
+pub(crate) fn stage_ends(coord: &fedtune_coordinator::CoordConfig) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut end = coord.rounds;
+    let label = |p: fedtune_protocol::Phase| {
+        serde_json::to_value(p)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_uppercase))
+            .unwrap_or_default()
+    };
+    let mut phase = coord.phase;
+    for s in &coord.then {
+        if end > 0 {
+            out.push((end, label(phase)));
+        }
+        end += s.rounds;
+        phase = s.phase;
+    }
+    out
+}
+
+/// Generation scores of each of `globals` (a stage's label and its last global adapter), per
+/// client, on the same held-out prompts as [`generations_before_after`].
+pub(crate) fn generations_by_stage(
+    cfg: &SimConfig,
+    model: &LoadedModel,
+    globals: &StageGlobals,
+    eval_examples: &[Vec<Example>],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<(String, Vec<GenerationScores>)>, SimError> {
+    if cfg.eval.generations == 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(globals.len());
+    for (label, global) in globals {
+        progress(Progress::Note(format!(
+            "generating on held-out prompts after the {label} rounds"
+        )));
+        let mut tuned = model.model.clone();
+        tuned
+            .attach_weights(global, 0.0)
+            .map_err(|source| SimError::Train { client: 0, source })?;
+        let scores = eval_examples
+            .iter()
+            .enumerate()
+            .map(|(k, ex)| {
+                generations(
+                    &tuned,
+                    &model.tokenizer,
+                    ex,
+                    cfg.eval.generations,
+                    cfg.eval.max_new_tokens,
+                )
+                .map_err(|source| SimError::Train { client: k, source })
+            })
+            .collect::<Result<_, _>>()?;
+        out.push((label.clone(), scores));
+    }
+    Ok(out)
+}
+
 /// The `metrics.jsonl` record of one closed round.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn round_metrics(

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedtune_aggregation::update::Adapter;
 use fedtune_client::Client;
 use fedtune_client::daemon::{ClientOptions, run as run_client};
 use fedtune_client::trainer::LocalData;
@@ -23,7 +24,8 @@ use fedtune_protocol::{digest, peft, quic};
 use crate::config::SimConfig;
 use crate::memory::SimError;
 use crate::metrics::{
-    Output, base_record, evaluate_losses, generations_before_after, round_metrics,
+    Output, StageGlobals, base_record, evaluate_losses, generations_before_after,
+    generations_by_stage, round_metrics, stage_ends,
 };
 use crate::progress::Progress;
 use crate::run::SimOutcome;
@@ -80,9 +82,10 @@ pub fn run_quic(
         data: &data_refs,
         names: &names,
     };
-    let global = stored.evaluate(&log, &mut rounds, &mut output, progress)?;
+    let (global, stage_globals) = stored.evaluate(&log, &mut rounds, &mut output, progress)?;
     output.file("global/final/adapter_model.safetensors", &summary.global)?;
     let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
+    let stages = generations_by_stage(cfg, model, &stage_globals, &eval_examples, progress)?;
     Ok(SimOutcome {
         rounds,
         global,
@@ -91,6 +94,7 @@ pub fn run_quic(
         events: Vec::new(),
         rejections: summary.rejections,
         generations: gens,
+        stages,
         names,
         wall_s: started.elapsed().as_secs_f64(),
     })
@@ -217,15 +221,19 @@ struct StoredRounds<'a> {
 impl StoredRounds<'_> {
     /// Evaluates the global adapter of every round `log` shows closed on each client's
     /// held-out data, appends its `metrics.jsonl` record to `rounds` (also written to
-    /// `output`, with the adapter); returns the last one.
+    /// `output`, with the adapter); returns the last one, and the last of each stage but the
+    /// final one with its label.
     fn evaluate(
         &self,
         log: &[RoundEvent],
         rounds: &mut Vec<serde_json::Value>,
         output: &mut Output,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<fedtune_aggregation::update::Adapter, SimError> {
+    ) -> Result<(Adapter, StageGlobals), SimError> {
         let lora = &self.p.coord.lora;
+        let ends: std::collections::BTreeMap<u64, String> =
+            stage_ends(&self.p.coord).into_iter().collect();
+        let mut stage_globals = Vec::new();
         let mut global = None;
         let closed_rounds = log.iter().filter_map(|e| match e {
             RoundEvent::RoundClosed(c) => Some(c),
@@ -268,8 +276,12 @@ impl StoredRounds<'_> {
                 total: self.p.coord.total_rounds(),
                 loss: mean,
             });
+            if let Some(label) = ends.get(&round) {
+                stage_globals.push((label.clone(), adapter.clone()));
+            }
             global = Some(adapter);
         }
-        global.ok_or_else(|| SimError::Io("no round closed".into()))
+        let global = global.ok_or_else(|| SimError::Io("no round closed".into()))?;
+        Ok((global, stage_globals))
     }
 }

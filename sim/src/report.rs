@@ -9,6 +9,7 @@ use std::path::Path;
 use base64::Engine as _;
 use plotters::prelude::*;
 
+use crate::evaluate::GenerationScores;
 use crate::run::SimOutcome;
 use fedtune_coordinator::RoundEvent;
 
@@ -266,8 +267,61 @@ pub fn write_html(o: &SimOutcome, config: &str, title: &str, dir: &Path) -> Resu
     std::fs::write(&p, h).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// The path of a score from the base model through each stage's last global adapter to the
+/// final one: `38% → 90% → 100%`.
+fn score_path(before: f64, stages: &[f64], after: f64) -> String {
+    std::iter::once(before)
+        .chain(stages.iter().copied())
+        .chain(std::iter::once(after))
+        .map(|v| format!("{:.0}%", v * 100.0))
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// The columns of [`score_path`]: `base → global`, or with stages `base → SFT → DPO → GRPO`.
+pub fn path_labels(o: &SimOutcome) -> String {
+    if o.stages.is_empty() {
+        return "base → global".into();
+    }
+    let last = o
+        .rounds
+        .last()
+        .and_then(|r| r["phase"].as_str())
+        .unwrap_or("global")
+        .to_uppercase();
+    std::iter::once("base".to_string())
+        .chain(o.stages.iter().map(|s| s.0.clone()))
+        .chain(std::iter::once(last))
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// Client `k`'s JSON validity and field accuracy paths ([`score_path`]).
+pub fn client_paths(
+    o: &SimOutcome,
+    k: usize,
+    before: &GenerationScores,
+    after: &GenerationScores,
+) -> (String, String) {
+    let at = |f: fn(&GenerationScores) -> f64| -> Vec<f64> {
+        o.stages.iter().filter_map(|s| s.1.get(k)).map(f).collect()
+    };
+    (
+        score_path(
+            before.json_validity,
+            &at(|g| g.json_validity),
+            after.json_validity,
+        ),
+        score_path(
+            before.field_accuracy,
+            &at(|g| g.field_accuracy),
+            after.field_accuracy,
+        ),
+    )
+}
+
 /// The table of each client's held-out loss (and generation scores) with the base model and
-/// with the last global adapter.
+/// with the last global adapter (and each earlier stage's).
 fn before_after_html(
     h: &mut String,
     o: &SimOutcome,
@@ -277,7 +331,11 @@ fn before_after_html(
     h.push_str("<h2>Before and after, per client</h2><table><tr><th>client</th><th>held-out loss, base</th><th>held-out loss, global</th>");
     let gens = !o.generations.is_empty();
     if gens {
-        h.push_str("<th>JSON validity, base → global</th><th>field accuracy, base → global</th>");
+        let labels = esc(&path_labels(o));
+        let _ = write!(
+            h,
+            "<th>JSON validity, {labels}</th><th>field accuracy, {labels}</th>"
+        );
     }
     h.push_str("</tr>");
     for (k, name) in o.names.iter().enumerate() {
@@ -292,14 +350,11 @@ fn before_after_html(
             fmt(a)
         );
         if let Some((_, before, after)) = o.generations.iter().find(|g| &g.0 == name) {
+            let (valid, fields) = client_paths(o, k, before, after);
             let _ = write!(
                 h,
-                "<td>{:.0}% → {:.0}% of {}</td><td>{:.0}% → {:.0}% of {}</td>",
-                before.json_validity * 100.0,
-                after.json_validity * 100.0,
+                "<td>{valid} of {}</td><td>{fields} of {}</td>",
                 after.samples.len(),
-                before.field_accuracy * 100.0,
-                after.field_accuracy * 100.0,
                 after.with_fields
             );
         } else if gens {
@@ -308,25 +363,26 @@ fn before_after_html(
         h.push_str("</tr>");
     }
     if gens {
-        let all = |f: fn(&crate::evaluate::GenerationScores) -> f64, after: bool| {
-            let v: Vec<f64> = o
-                .generations
-                .iter()
-                .map(|g| f(if after { &g.2 } else { &g.1 }))
-                .collect();
-            v.iter().sum::<f64>() / v.len().max(1) as f64 * 100.0
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let all = |f: fn(&GenerationScores) -> f64| {
+            score_path(
+                mean(o.generations.iter().map(|g| f(&g.1)).collect()),
+                &o.stages
+                    .iter()
+                    .map(|s| mean(s.1.iter().map(f).collect()))
+                    .collect::<Vec<_>>(),
+                mean(o.generations.iter().map(|g| f(&g.2)).collect()),
+            )
         };
         let n: usize = o.generations.iter().map(|g| g.2.samples.len()).sum();
         let nf: usize = o.generations.iter().map(|g| g.2.with_fields).sum();
         let _ = write!(
             h,
-            "<tr><th>all clients</th><th>{}</th><th>{}</th><th>{:.0}% → {:.0}% of {n}</th><th>{:.0}% → {:.0}% of {nf}</th></tr>",
+            "<tr><th>all clients</th><th>{}</th><th>{}</th><th>{} of {n}</th><th>{} of {nf}</th></tr>",
             fmt(num(&first["global_eval_loss"])),
             fmt(num(&last["global_eval_loss"])),
-            all(|g| g.json_validity, false),
-            all(|g| g.json_validity, true),
-            all(|g| g.field_accuracy, false),
-            all(|g| g.field_accuracy, true),
+            all(|g| g.json_validity),
+            all(|g| g.field_accuracy),
         );
     }
     h.push_str("</table>");

@@ -3,7 +3,8 @@
 //! global adapter on every client's held-out data into `metrics.jsonl`.
 
 use crate::metrics::{
-    Output, base_record, evaluate_losses, generations_before_after, num, round_metrics,
+    Output, StageGlobals, base_record, evaluate_losses, generations_before_after,
+    generations_by_stage, num, round_metrics, stage_ends,
 };
 pub use crate::setup::{ClientSetup, Parties, prepare_clients};
 
@@ -92,6 +93,9 @@ pub struct SimOutcome {
     pub rejections: BTreeMap<String, u64>,
     /// Generations before (base) and after (final global), per client.
     pub generations: Vec<(String, GenerationScores, GenerationScores)>,
+    /// The same scores for the global adapter at the end of each stage before the last
+    /// (`SFT`, `DPO`, ...), per client in [`SimOutcome::names`]' order.
+    pub stages: Vec<(String, Vec<GenerationScores>)>,
     /// Client names.
     pub names: Vec<String>,
     /// Wall-clock seconds of the whole run.
@@ -143,7 +147,7 @@ pub fn run_memory(
     let data = clients.into_iter().map(|c| c.data).collect();
     let base = training_base(cfg, model, progress)?;
     let mut f = faulty_federation(cfg, &p, data, &base)?;
-    let rounds = drive(cfg, model, &mut f, &p, &names, &mut output, progress)?;
+    let (rounds, stage_globals) = drive(cfg, model, &mut f, &p, &names, &mut output, progress)?;
     let total = p.coord.total_rounds();
     let global = f.coordinator.global_adapter().clone();
     let global_bytes = f.coordinator.global().1.to_vec();
@@ -155,6 +159,7 @@ pub fn run_memory(
         output.file("global/final/adapter_config.json", b)?;
     }
     let gens = generations_before_after(cfg, model, &global, &names, &eval_examples, progress)?;
+    let stages = generations_by_stage(cfg, model, &stage_globals, &eval_examples, progress)?;
     Ok(SimOutcome {
         rounds,
         global,
@@ -163,6 +168,7 @@ pub fn run_memory(
         events: f.events.clone(),
         rejections: f.coordinator.rejections().clone(),
         generations: gens,
+        stages,
         names,
         wall_s: started.elapsed().as_secs_f64(),
     })
@@ -253,7 +259,8 @@ fn faulty_federation<'a>(
 /// Runs `f` until its coordinator finishes (killing and restarting the coordinator in the
 /// round `cfg` names), evaluating every closed round's global adapter on each client's
 /// held-out data; returns the rounds' `metrics.jsonl` records, the base model's first, each
-/// also written to `output` with its global adapter.
+/// also written to `output` with its global adapter, and the global adapter at the end of each
+/// stage but the last, with its label.
 fn drive(
     cfg: &SimConfig,
     model: &LoadedModel,
@@ -262,9 +269,11 @@ fn drive(
     names: &[String],
     output: &mut Output,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Vec<serde_json::Value>, SimError> {
+) -> Result<(Vec<serde_json::Value>, StageGlobals), SimError> {
     let total = p.coord.total_rounds();
     let mut rounds = vec![base_record(model, &f.client_data(), names, output)?];
+    let ends: BTreeMap<u64, String> = stage_ends(&p.coord).into_iter().collect();
+    let mut stage_globals = Vec::new();
     progress(Progress::Round {
         done: 0,
         total,
@@ -298,6 +307,9 @@ fn drive(
                     let round = closed.round;
                     let global = f.coordinator.global_adapter().clone();
                     let (per, mean) = evaluate_losses(model, &f.client_data(), Some(&global))?;
+                    if let Some(label) = ends.get(&round) {
+                        stage_globals.push((label.clone(), global));
+                    }
                     let train_s: Vec<f64> = f
                         .clients
                         .iter()
@@ -334,7 +346,7 @@ fn drive(
             }
         }
         if finished {
-            return Ok(rounds);
+            return Ok((rounds, stage_globals));
         }
         if restart_now {
             progress(Progress::Note(format!(

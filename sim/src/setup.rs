@@ -5,14 +5,15 @@ use std::path::Path;
 
 use fedtune_aggregation::strategy::{Sampling, StrategyConfig};
 use fedtune_aggregation::update::Adapter;
-use fedtune_client::trainer::LocalData;
+use fedtune_client::trainer::{LocalData, PromptData};
 use fedtune_client::{ClientConfig, LoraPin};
 use fedtune_coordinator::{CoordConfig, Stage};
+use fedtune_engine::LoadedModel;
 use fedtune_engine::data::read::{RawRecord, read_records};
-use fedtune_engine::data::{Dataset, Example, LoadOptions};
+use fedtune_engine::data::{Dataset, Example, LoadOptions, Prompt};
 use fedtune_engine::train::TrainConfig;
+use fedtune_engine::train::grpo::GrpoPrompt;
 use fedtune_engine::train::lora::init_adapter;
-use fedtune_engine::{LoadedModel, Tokenizer};
 use fedtune_protocol::{Digest, Hyper, Identity, LoraPlan, Phase, PublicKey, digest, plan_hash};
 
 use crate::config::{Partition, SimConfig, StageSection};
@@ -54,8 +55,39 @@ fn shares(cfg: &SimConfig, path: &Path, n: usize, salt: u64) -> Result<Vec<Share
         .collect())
 }
 
-/// Every client's data, tokenised with `tok`.
-pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSetup>, String> {
+/// GRPO prompts from SFT examples: each conversation up to its answer (or a prompt/completion
+/// example's prompt), the answer as the `reference` field that `field_match` and
+/// `exact_match` read; other kinds of examples are left out.
+pub fn grpo_prompts(
+    m: &LoadedModel,
+    examples: &[Example],
+) -> Result<PromptData, fedtune_engine::Error> {
+    let tok = &m.tokenizer;
+    let mut prompts = Vec::new();
+    for ex in examples {
+        let Some((prompt, reference)) = crate::evaluate::prompt_and_reference(ex) else {
+            continue;
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert("reference".into(), reference.into());
+        prompts.push(match prompt {
+            Prompt::Chat(messages) => GrpoPrompt::chat(messages, fields, tok)?,
+            Prompt::Text(text) => GrpoPrompt::text(text, fields, tok)?,
+        });
+    }
+    let mut stop_ids = m.model.config.eos_token_ids.clone();
+    stop_ids.extend(tok.eos_id);
+    Ok(PromptData {
+        prompts,
+        tokenizer: Some(std::sync::Arc::new(tok.clone())),
+        stop_ids,
+    })
+}
+
+/// Every client's data, tokenised with `m`'s tokenizer (GRPO prompts from its SFT training
+/// examples when the run has GRPO rounds).
+pub fn prepare_clients(cfg: &SimConfig, m: &LoadedModel) -> Result<Vec<ClientSetup>, String> {
+    let tok = &m.tokenizer;
     let n = cfg.num_clients();
     let max_len = Some(cfg.data.max_seq_length);
     let sft = |path: &Path, recs: Vec<RawRecord>| -> Result<(Vec<_>, Vec<Example>), String> {
@@ -72,13 +104,21 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             .map(|(p, _)| p)
             .map_err(|e| e.to_string())
     };
-    let client = |name, (train, eval), (pairs, eval_pairs), eval_examples| ClientSetup {
+    let with_grpo = cfg.grpo.as_ref().is_some_and(|g| g.rounds > 0);
+    let prompts = |examples: &[Example]| -> Result<PromptData, String> {
+        if !with_grpo {
+            return Ok(PromptData::default());
+        }
+        grpo_prompts(m, examples).map_err(|e| format!("grpo prompts: {e}"))
+    };
+    let client = |name, (train, eval), (pairs, eval_pairs), eval_examples, prompts| ClientSetup {
         name,
         data: LocalData {
             train,
             eval,
             pairs,
             eval_pairs,
+            prompts,
             pad: tok.pad_id,
             ..Default::default()
         },
@@ -91,7 +131,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
                 Some(e) => (read(&c.train)?, read(e)?),
                 None => hold_out(read(&c.train)?, cfg.data.eval_fraction),
             };
-            let (train_enc, _) = sft(&c.train, train)?;
+            let (train_enc, train_examples) = sft(&c.train, train)?;
             let eval_path = c.eval.as_ref().unwrap_or(&c.train);
             let (eval_enc, eval_examples) = sft(eval_path, eval)?;
             let (p, ep) = match (&c.preferences, &c.eval_preferences) {
@@ -107,6 +147,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
                 (train_enc, eval_enc),
                 (p, ep),
                 eval_examples,
+                prompts(&train_examples)?,
             ));
         }
         return Ok(out);
@@ -118,7 +159,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
         None => None,
     };
     for (k, (train, eval)) in sft_shares.into_iter().enumerate() {
-        let (train_enc, _) = sft(path, train)?;
+        let (train_enc, train_examples) = sft(path, train)?;
         let (eval_enc, eval_examples) = sft(path, eval)?;
         let (p, ep) = match &pref_shares {
             Some((pp, s)) => (pairs(pp, s[k].0.clone())?, pairs(pp, s[k].1.clone())?),
@@ -129,6 +170,7 @@ pub fn prepare_clients(cfg: &SimConfig, tok: &Tokenizer) -> Result<Vec<ClientSet
             (train_enc, eval_enc),
             (p, ep),
             eval_examples,
+            prompts(&train_examples)?,
         ));
     }
     Ok(out)
@@ -140,6 +182,36 @@ fn hyper(s: &StageSection, seed: u64) -> Hyper {
         seed,
         ..Hyper::new(s.learning_rate, s.local_steps, s.batch_size)
     }
+}
+
+/// The stages of `cfg` with rounds, in order: SFT, DPO, GRPO.
+fn stages(cfg: &SimConfig) -> Vec<Stage> {
+    let mut out = Vec::new();
+    let mut push = |phase, s: &StageSection| {
+        if s.rounds > 0 {
+            out.push(Stage {
+                phase,
+                rounds: s.rounds,
+                hyper: hyper(s, cfg.seed),
+            });
+        }
+    };
+    push(Phase::Sft, &cfg.sft);
+    if let Some(d) = &cfg.dpo {
+        push(Phase::Dpo, d);
+    }
+    if let Some(g) = cfg.grpo.as_ref().filter(|g| g.rounds > 0) {
+        out.push(Stage {
+            phase: Phase::Grpo,
+            rounds: g.rounds,
+            hyper: Hyper {
+                seed: cfg.seed,
+                grpo: Some(Box::new(g.plan())),
+                ..Hyper::new(g.learning_rate, g.local_steps, g.batch_size)
+            },
+        });
+    }
+    out
 }
 
 /// The identity of the coordinator (`None`) or of client `k`, derived from the seed.
@@ -177,31 +249,21 @@ fn coord_config(
         max_clients: s.max_clients,
     };
     let sampled = expected.max(min_clients);
-    let (first, then) = match (&cfg.dpo, cfg.sft.rounds) {
-        (Some(d), 0) => ((Phase::Dpo, d), Vec::new()),
-        (Some(d), _) if d.rounds > 0 => (
-            (Phase::Sft, &cfg.sft),
-            vec![Stage {
-                phase: Phase::Dpo,
-                rounds: d.rounds,
-                hyper: hyper(d, cfg.seed),
-            }],
-        ),
-        _ => ((Phase::Sft, &cfg.sft), Vec::new()),
-    };
+    let mut stages = stages(cfg).into_iter();
+    let first = stages.next().expect("checked: some stage has rounds");
     let timeout_ms = (s.round_timeout_s * 1000.0) as u64;
     let mut coord = CoordConfig::new(
         cfg.name.clone(),
-        first.0,
-        first.1.rounds,
-        hyper(first.1, cfg.seed),
+        first.phase,
+        first.rounds,
+        first.hyper,
         lora,
         strategy,
         timeout_ms,
         plan_hash,
         admitted.iter().copied().collect(),
     );
-    coord.then = then;
+    coord.then = stages.collect();
     coord.min_results = s.min_results.unwrap_or(sampled.div_ceil(2)).max(1);
     // Simulated clients' updates are held in memory, not streamed: no transport limit.
     coord.max_payload = 1 << 30;

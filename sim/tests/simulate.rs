@@ -51,7 +51,7 @@ rule = {rule}
 }
 
 fn run(cfg: &SimConfig, m: &LoadedModel) -> SimOutcome {
-    let clients = prepare_clients(cfg, &m.tokenizer).unwrap();
+    let clients = prepare_clients(cfg, m).unwrap();
     run_memory(cfg, m, clients, None, &mut |_| {}).unwrap()
 }
 
@@ -200,7 +200,7 @@ fn three_clients_over_quic_complete_and_beat_the_base() {
     let mut cfg = config(3, 2, r#"{ kind = "fed_avg_exact" }"#, "");
     cfg.transport = fedtune_sim::config::Transport::Quic;
     let out = std::env::temp_dir().join(format!("fedtune-sim-quic-{}", std::process::id()));
-    let clients = prepare_clients(&cfg, &m.tokenizer).unwrap();
+    let clients = prepare_clients(&cfg, &m).unwrap();
     let o = fedtune_sim::quic::run_quic(&cfg, &m, clients, &out, &mut |_| {}).unwrap();
     assert_eq!(o.rounds.len(), 3);
     for r in &o.rounds[1..] {
@@ -212,7 +212,7 @@ fn three_clients_over_quic_complete_and_beat_the_base() {
     // Faults are the memory transport's: asking for them over QUIC is an error.
     let mut faulty = cfg.clone();
     faulty.faults.dropout = 0.1;
-    let clients = prepare_clients(&faulty, &m.tokenizer).unwrap();
+    let clients = prepare_clients(&faulty, &m).unwrap();
     let e = fedtune_sim::quic::run_quic(&faulty, &m, clients, &out, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("memory"), "{e}");
     let _ = std::fs::remove_dir_all(&out);
@@ -258,7 +258,7 @@ fn a_negative_noise_std_and_an_unknown_device_are_config_errors_and_cuda_trains_
     c.device = Some("cuda".into());
     c.check().unwrap();
     let m = tiny();
-    let clients = prepare_clients(&c, &m.tokenizer).unwrap();
+    let clients = prepare_clients(&c, &m).unwrap();
     match run_memory(&c, &m, clients, None, &mut |_| {}) {
         Ok(o) => assert!(final_loss(&o).is_finite()),
         Err(e) => assert!(e.to_string().starts_with("device:"), "{e}"),
@@ -377,4 +377,56 @@ fn a_dora_federation_trains_magnitudes_and_directions_and_beats_the_base() {
     )
     .unwrap();
     assert!(fedtune_protocol::peft::is_dora(&back));
+}
+
+/// `[grpo]`: its settings are checked with the field named, and each client's GRPO prompts are
+/// its SFT training examples up to the answer, the answer as the `reference` field.
+#[test]
+fn grpo_settings_are_checked_and_prompts_come_from_each_clients_sft_examples() {
+    let grpo = |extra: &str| -> fedtune_sim::config::GrpoSection {
+        toml::from_str(&format!(
+            "rounds = 1\nlearning_rate = 1e-5\nlocal_steps = 1\nnum_generations = 4\n{extra}"
+        ))
+        .unwrap()
+    };
+    let mut c = config(2, 1, r#"{ kind = "fed_avg_exact" }"#, "");
+    for (extra, want) in [
+        (
+            "rewards = [\"json_valid\"]\nbatch_size = 6\n",
+            "grpo.batch_size: 6 completions must be a multiple of num_generations (4",
+        ),
+        ("rewards = [\"nonsense\"]\n", "grpo.rewards: "),
+        ("rewards = []\n", "grpo.rewards: name at least one reward"),
+        (
+            "rewards = [\"json_valid\"]\nloss_type = \"ppo\"\n",
+            "grpo.loss_type: unknown loss_type `ppo`",
+        ),
+    ] {
+        c.grpo = Some(grpo(extra));
+        let e = c.check().unwrap_err();
+        assert!(e.starts_with(want), "{extra}: {e}");
+    }
+    c.grpo = Some(grpo("rewards = [\"json_valid\", \"field_match\"]\n"));
+    c.check().unwrap();
+    let m = tiny();
+    let clients = prepare_clients(&c, &m).unwrap();
+    for cl in &clients {
+        let p = &cl.data.prompts;
+        assert!(!p.prompts.is_empty(), "{}", cl.name);
+        assert_eq!(p.prompts.len(), cl.data.train.len(), "{}", cl.name);
+        assert!(p.tokenizer.is_some() && !p.stop_ids.is_empty());
+        for g in &p.prompts {
+            let reference = g.fields["reference"].as_str().unwrap();
+            assert!(!reference.is_empty());
+            assert!(
+                !g.text.contains(reference),
+                "the answer is not in the prompt"
+            );
+            assert_eq!(g.ids, m.tokenizer.encode(&g.text).unwrap());
+        }
+    }
+    // Without GRPO rounds no prompts are made.
+    c.grpo = None;
+    let clients = prepare_clients(&c, &m).unwrap();
+    assert!(clients.iter().all(|cl| cl.data.prompts.prompts.is_empty()));
 }

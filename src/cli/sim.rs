@@ -137,7 +137,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     if cfg.model.load_in_4bit {
         m.model.quantize_nf4(true);
     }
-    let clients = prepare_clients(&cfg, &m.tokenizer).map_err(anyhow::Error::msg)?;
+    let clients = prepare_clients(&cfg, &m).map_err(anyhow::Error::msg)?;
     let total = cfg.sft.rounds + cfg.dpo.as_ref().map_or(0, |d| d.rounds);
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -197,14 +197,19 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
         outcome.wall_s,
         outcome.rejections
     );
-    for (name, before, after) in &outcome.generations {
+    if !outcome.generations.is_empty() {
         println!(
-            "{name}: JSON validity {:.0}% -> {:.0}% of {}, field accuracy {:.0}% -> {:.0}% of {}",
-            before.json_validity * 100.0,
-            after.json_validity * 100.0,
+            "generation scores, {}:",
+            fedtune_sim::report::path_labels(&outcome).replace('→', "->")
+        );
+    }
+    for (k, (name, before, after)) in outcome.generations.iter().enumerate() {
+        let (valid, fields) = fedtune_sim::report::client_paths(&outcome, k, before, after);
+        println!(
+            "{name}: JSON validity {} of {}, field accuracy {} of {}",
+            valid.replace('→', "->"),
             after.samples.len(),
-            before.field_accuracy * 100.0,
-            after.field_accuracy * 100.0,
+            fields.replace('→', "->"),
             after.with_fields
         );
     }

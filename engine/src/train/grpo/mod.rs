@@ -159,6 +159,45 @@ pub struct GrpoPrompt {
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
+impl GrpoPrompt {
+    /// A conversation's prompt: `messages` rendered with the generation prompt, with the
+    /// example's other `fields` (which rewards read).
+    pub fn chat(
+        messages: Vec<crate::template::Message>,
+        fields: serde_json::Map<String, serde_json::Value>,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> Result<Self> {
+        let text = tok.render(&messages, true)?;
+        Self::checked(tok.encode(&text)?, text, Some(messages), fields)
+    }
+
+    /// A text prompt, tokenised with the tokenizer's special tokens.
+    pub fn text(
+        text: String,
+        fields: serde_json::Map<String, serde_json::Value>,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> Result<Self> {
+        Self::checked(tok.encode_with_special(&text)?, text, None, fields)
+    }
+
+    fn checked(
+        ids: Vec<u32>,
+        text: String,
+        messages: Option<Vec<crate::template::Message>>,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        if ids.is_empty() {
+            return Err(Error::Invalid("the prompt is empty".into()));
+        }
+        Ok(GrpoPrompt {
+            ids,
+            text,
+            messages,
+            fields,
+        })
+    }
+}
+
 /// Reads prompts for GRPO: JSON lines (or a JSON array) of objects with a `prompt` — text, or
 /// a conversation's messages (rendered with the generation prompt) — and any other fields,
 /// which reward functions read (a reference answer, ...). Errors name the file and line.
@@ -202,17 +241,14 @@ pub fn load_prompts(
         let prompt = fields
             .remove("prompt")
             .ok_or_else(|| data_err(line, "no `prompt` field".into()))?;
-        let (ids, text, messages) = match prompt {
-            serde_json::Value::String(s) => (tok.encode_with_special(&s)?, s, None),
+        let p = match prompt {
+            serde_json::Value::String(s) => GrpoPrompt::text(s, fields, tok),
             serde_json::Value::Array(_) => {
                 let msgs: Vec<crate::template::Message> =
                     serde_json::from_value(prompt).map_err(|e| {
                         data_err(line, format!("`prompt`: not a list of messages: {e}"))
                     })?;
-                let text = tok
-                    .render(&msgs, true)
-                    .map_err(|e| data_err(line, e.to_string()))?;
-                (tok.encode(&text)?, text, Some(msgs))
+                GrpoPrompt::chat(msgs, fields, tok)
             }
             _ => {
                 return Err(data_err(
@@ -221,15 +257,7 @@ pub fn load_prompts(
                 ));
             }
         };
-        if ids.is_empty() {
-            return Err(data_err(line, "the prompt is empty".into()));
-        }
-        out.push(GrpoPrompt {
-            ids,
-            text,
-            messages,
-            fields,
-        });
+        out.push(p.map_err(|e| data_err(line, e.to_string()))?);
     }
     Ok(out)
 }
