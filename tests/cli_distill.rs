@@ -12,43 +12,26 @@ use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::{PeftAdapter, load_model};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+#[path = "support/train.rs"]
+mod train;
+
+use train::{root, tmpdir};
 
 fn tiny() -> PathBuf {
-    root().join("testdata/tiny-llama/model")
+    train::model()
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fedtune-cli-distill-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
+/// `fedtune train distill` from `teacher` (with the reference adapter as its own) on `data`.
 fn distill(teacher: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let adapter = root().join("testdata/tiny-llama/adapter");
-    let model = tiny();
     let mut args = vec![
-        "train",
-        "distill",
-        "--model",
-        model.to_str().unwrap(),
         "--teacher",
         teacher.to_str().unwrap(),
         "--teacher-adapter",
         adapter.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(&args)
-        .output()
-        .unwrap()
+    train::train("distill", data, out, &args, &[])
 }
 
 /// The held-out divergence of the base model (a fresh adapter) from the teacher.

@@ -289,22 +289,17 @@ pub struct CoordArgs {
     new_federation: bool,
 }
 
-/// Runs `fedtune coord`.
-pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
-    if let Some(super::status::CoordCommand::Status(s)) = a.command {
-        return super::status::run(s);
-    }
-    let config = a.config.context("--config is required")?;
-    let f: CoordFile = read_toml(&config)?;
-    let file = config.display().to_string();
-    checks::check_coord_file(&f, &file)?;
-    let handshakes = f.handshakes.limits(&file)?;
-    let phase = f.phase.unwrap_or(Phase::Sft);
+/// The coordinator's configuration from `coord.toml` (checked), and the admitted clients by
+/// name.
+fn coord_config(
+    f: &CoordFile,
+    file: &str,
+) -> anyhow::Result<(CoordConfig, BTreeMap<String, PublicKey>)> {
     let mut admitted = BTreeSet::new();
     let mut clients = BTreeMap::new();
     for c in &f.clients {
         let pk = PublicKey::from_hex(&c.key)
-            .with_context(|| format!("{}: clients.{}.key", config.display(), c.name))?;
+            .with_context(|| format!("{file}: clients.{}.key", c.name))?;
         admitted.insert(pk);
         clients.insert(c.name.clone(), pk);
     }
@@ -327,10 +322,10 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
     }
     let mut cfg = CoordConfig::new(
         f.federation.clone(),
-        phase,
+        f.phase.unwrap_or(Phase::Sft),
         f.rounds,
-        f.local.hyper(&file, "local")?,
-        lora.clone(),
+        f.local.hyper(file, "local")?,
+        lora,
         strategy,
         f.round_timeout_s * 1000,
         hash,
@@ -344,15 +339,27 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
             Ok(Stage {
                 phase: s.phase,
                 rounds: s.rounds,
-                hyper: s.local.hyper(&file, &format!("then[{i}].local"))?,
+                hyper: s.local.hyper(file, &format!("then[{i}].local"))?,
             })
         })
         .collect::<anyhow::Result<_>>()?;
     cfg.min_results = f.min_results;
     cfg.max_payload = f.max_payload_mb << 20;
     cfg.validate().map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
-    let id = Identity::load(&f.ca.join("coordinator.id"))?;
-    let reset_id = id.clone();
+    Ok((cfg, clients))
+}
+
+/// The coordinator's state machine: resumed from `data_dir/store`, or a new federation from
+/// the base model's freshly initialised adapter (with a score head when a stage trains a
+/// reward model). A store with rounds but no state is refused unless `new_federation`, which
+/// moves it aside.
+fn coord_machine(
+    f: &CoordFile,
+    file: &str,
+    cfg: CoordConfig,
+    id: Identity,
+    new_federation: bool,
+) -> anyhow::Result<Coordinator> {
     let store_dir = f.data_dir.join("store");
     let store = FileStore::open(&store_dir)
         .with_context(|| format!("{file}: data_dir: opening {}", store_dir.display()))?;
@@ -363,7 +370,7 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         // Rounds without the state that says where the federation stands: starting over would
         // silently begin again at round 1 beside them.
         anyhow::ensure!(
-            a.new_federation,
+            new_federation,
             "{}: holds {} stored files (global adapters, updates) but no `state` file: refusing to \
              start a new federation over them. Restore {} from a backup, or pass --new-federation \
              to move the old store aside and start at round 1",
@@ -378,27 +385,42 @@ pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
         // The daemon opens (creates) the new store.
         stored.clear();
     }
-    let machine = if stored.contains_key("state") {
+    if stored.contains_key("state") {
         eprintln!("resuming from {}", f.data_dir.display());
-        Coordinator::recover(cfg, id, &stored)
-            .with_context(|| format!("resuming from {}", store_dir.display()))?
-    } else {
-        let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
-            .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
-        let lora = TrainConfig {
-            lora_r: lora.rank,
-            lora_alpha: lora.lora_alpha,
-            target_modules: lora.target_modules.clone(),
-            use_dora: f.use_dora,
-            seed: f.seed,
-            ..TrainConfig::default()
-        };
-        let mut initial = init_adapter(&m.model, &lora);
-        if cfg.trains_reward_model() {
-            add_score_head(&mut initial, &m.model.config, f.seed);
-        }
-        Coordinator::new(cfg, id, initial, now_ms()).with_context(|| file.clone())?
+        return Coordinator::recover(cfg, id, &stored)
+            .with_context(|| format!("resuming from {}", store_dir.display()));
+    }
+    let m = fedtune_engine::load_model(&f.model, &Device::flex(), DType::F32)
+        .with_context(|| format!("{file}: model: loading {}", f.model.display()))?;
+    let lora = TrainConfig {
+        lora_r: cfg.lora.rank,
+        lora_alpha: cfg.lora.lora_alpha,
+        target_modules: cfg.lora.target_modules.clone(),
+        use_dora: f.use_dora,
+        seed: f.seed,
+        ..TrainConfig::default()
     };
+    let mut initial = init_adapter(&m.model, &lora);
+    if cfg.trains_reward_model() {
+        add_score_head(&mut initial, &m.model.config, f.seed);
+    }
+    Coordinator::new(cfg, id, initial, now_ms()).with_context(|| file.to_string())
+}
+
+/// Runs `fedtune coord`.
+pub fn run_coord(a: CoordArgs) -> anyhow::Result<()> {
+    if let Some(super::status::CoordCommand::Status(s)) = a.command {
+        return super::status::run(s);
+    }
+    let config = a.config.context("--config is required")?;
+    let f: CoordFile = read_toml(&config)?;
+    let file = config.display().to_string();
+    checks::check_coord_file(&f, &file)?;
+    let handshakes = f.handshakes.limits(&file)?;
+    let (cfg, clients) = coord_config(&f, &file)?;
+    let id = Identity::load(&f.ca.join("coordinator.id"))?;
+    let reset_id = id.clone();
+    let machine = coord_machine(&f, &file, cfg, id, a.new_federation)?;
     let ca = std::fs::read_to_string(f.ca.join("ca.pem"))
         .with_context(|| format!("reading {}", f.ca.join("ca.pem").display()))?;
     let server = quic::server_config(tls::server_config(&ca, &read_pair(&f.ca, "coordinator")?)?)?;

@@ -252,6 +252,61 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// VESPO's weight φ of a sequence's summed log-ratio (not differentiated), for advantage `a`.
+fn vespo_phi(o: &GrpoLossOptions, log_ratio: &[f64], a: f64) -> f64 {
+    let lower = 1e-8f64.ln();
+    let sum: f64 = log_ratio.iter().map(|l| l.clamp(-20.0, 20.0)).sum();
+    let log_w = sum.clamp(lower, 20.0);
+    let (k, lambda) = if a >= 0.0 {
+        (o.vespo_k_pos, o.vespo_lambda_pos)
+    } else {
+        (o.vespo_k_neg, o.vespo_lambda_neg)
+    };
+    let lambda = lambda.max(1e-4);
+    let v = (lambda + k * log_w - lambda * log_w.exp()).exp();
+    if v.is_finite() { v } else { 0.0 }
+}
+
+/// One token's policy loss for ratio `c1`, advantage `a`, log-probability `p` (and VESPO's
+/// `phi`): `(ℓ, ∂ℓ/∂log c₁, ∂ℓ/∂p directly)`.
+fn policy_term(o: &GrpoLossOptions, c1: f64, a: f64, p: f64, phi: f64) -> (f64, f64, f64) {
+    let (lo, hi) = (1.0 - o.epsilon, 1.0 + o.eps_high());
+    match o.loss_type {
+        GrpoLoss::Cispo => {
+            let weight = c1.min(o.eps_high());
+            (-weight * a * p, 0.0, -weight * a)
+        }
+        GrpoLoss::Vespo => (-phi * a * p, 0.0, -phi * a),
+        GrpoLoss::Sapo => {
+            let tau = if a > 0.0 {
+                o.sapo_temperature_pos
+            } else {
+                o.sapo_temperature_neg
+            };
+            let sg = sigmoid(tau * (c1 - 1.0));
+            (-sg * 4.0 / tau * a, -4.0 * a * sg * (1.0 - sg) * c1, 0.0)
+        }
+        _ => {
+            let c2 = c1.clamp(lo, hi);
+            let d_c2 = if (lo..=hi).contains(&c1) { c1 } else { 0.0 };
+            let (c1c, d_c1) = match o.delta {
+                Some(delta) if c1 > delta => (delta, 0.0),
+                _ => (c1, c1),
+            };
+            let (u1, u2) = (c1c * a, c2 * a);
+            // torch.min's gradient: to the smaller, split evenly on a tie.
+            let d = if u1 < u2 {
+                -a * d_c1
+            } else if u2 < u1 {
+                -a * d_c2
+            } else {
+                -a * 0.5 * (d_c1 + d_c2)
+            };
+            (-u1.min(u2), d, 0.0)
+        }
+    }
+}
+
 /// GRPO's loss on one micro-batch of `seqs`: `step_tokens` is the number of active tokens in
 /// the whole optimiser step (`dapo`, `cispo`), `micro_batches` the number of micro-batches in it.
 pub fn micro_loss(
@@ -293,20 +348,7 @@ pub fn micro_loss(
         // log c₁ per token, or the sequence's masked mean at sequence level.
         let log_ratio: Vec<f64> = p.iter().zip(&old).map(|(a, b)| a - b).collect();
         let seq_log = log_ratio.iter().sum::<f64>() / len.max(1) as f64;
-        // VESPO's weight φ of the sequence's summed log-ratio (not differentiated).
-        let phi = {
-            let lower = 1e-8f64.ln();
-            let sum: f64 = log_ratio.iter().map(|l| l.clamp(-20.0, 20.0)).sum();
-            let log_w = sum.clamp(lower, 20.0);
-            let (k, lambda) = if a >= 0.0 {
-                (o.vespo_k_pos, o.vespo_lambda_pos)
-            } else {
-                (o.vespo_k_neg, o.vespo_lambda_neg)
-            };
-            let lambda = lambda.max(1e-4);
-            let v = (lambda + k * log_w - lambda * log_w.exp()).exp();
-            if v.is_finite() { v } else { 0.0 }
-        };
+        let phi = vespo_phi(o, &log_ratio, a);
         let mut d = vec![0f64; len];
         // ∂ℓ_t/∂(log c₁) per token (at sequence level, summed onto the sequence's ratio).
         let mut d_log_seq = 0.0;
@@ -318,42 +360,7 @@ pub fn micro_loss(
                 log_ratio[t]
             };
             let c1 = log_c1.exp();
-            let (l, dl_dlogc1, dl_dp_direct) = match o.loss_type {
-                GrpoLoss::Cispo => {
-                    let weight = c1.min(o.eps_high());
-                    (-weight * a * p[t], 0.0, -weight * a)
-                }
-                GrpoLoss::Vespo => (-phi * a * p[t], 0.0, -phi * a),
-                GrpoLoss::Sapo => {
-                    let tau = if a > 0.0 {
-                        o.sapo_temperature_pos
-                    } else {
-                        o.sapo_temperature_neg
-                    };
-                    let sg = sigmoid(tau * (c1 - 1.0));
-                    (-sg * 4.0 / tau * a, -4.0 * a * sg * (1.0 - sg) * c1, 0.0)
-                }
-                _ => {
-                    let c2 = c1.clamp(lo, hi);
-                    let d_c2 = if (lo..=hi).contains(&c1) { c1 } else { 0.0 };
-                    let (c1c, d_c1) = match o.delta {
-                        Some(delta) if c1 > delta => (delta, 0.0),
-                        _ => (c1, c1),
-                    };
-                    let (u1, u2) = (c1c * a, c2 * a);
-                    // torch.min's gradient: to the smaller, split evenly on a tie.
-                    let d = if u1 < u2 {
-                        -a * d_c1
-                    } else if u2 < u1 {
-                        -a * d_c2
-                    } else {
-                        -a * 0.5 * (d_c1 + d_c2)
-                    };
-                    (-u1.min(u2), d, 0.0)
-                }
-            };
-            let (mut l, mut dl_dlogc1) = (l, dl_dlogc1);
-            let mut dp = dl_dp_direct;
+            let (mut l, mut dl_dlogc1, mut dp) = policy_term(o, c1, a, p[t], phi);
             if o.beta != 0.0 {
                 let r = f64::from(s.reference.expect("reference log-probabilities with beta")[t]);
                 let x = r - p[t];
