@@ -290,6 +290,22 @@ fn round_config(local: &LocalTraining, job: &TrainJob) -> TrainConfig {
     }
 }
 
+/// Where the round's training log goes (none without `output_dir`).
+fn round_dir(data: &LocalData, job: &TrainJob) -> Option<PathBuf> {
+    data.local.round_dir(job.plan.round)
+}
+
+/// The training loop's options for a round: its configuration and log directory, no resume,
+/// no cancellation (a round runs to its end).
+fn run_options<'a>(cfg: &'a TrainConfig, dir: &'a Option<PathBuf>) -> RunOptions<'a> {
+    RunOptions {
+        config: cfg,
+        output: dir.as_deref(),
+        resume: None,
+        cancel: None,
+    }
+}
+
 /// A GRPO round on the host model (the global adapter attached): the plan's rewards score
 /// this client's own completions of its own prompts; the reference is the global adapter the
 /// round starts from. Metrics: `train_loss`, and the means over the round's steps of TRL's
@@ -327,14 +343,8 @@ fn grpo_training(
         ..GrpoOptions::default()
     };
     opts.validate(h.batch_size).map_err(Error::Invalid)?;
-    let cfg = round_config(&data.local, job);
-    let dir = data.local.round_dir(job.plan.round);
-    let run = RunOptions {
-        config: &cfg,
-        output: dir.as_deref(),
-        resume: None,
-        cancel: None,
-    };
+    let (cfg, dir) = (round_config(&data.local, job), round_dir(data, job));
+    let run = run_options(&cfg, &dir);
     let objective = GrpoObjective::new(
         p.prompts.clone(),
         rewards,
@@ -424,14 +434,8 @@ fn reward_training(
         ));
     }
     let h = &job.plan.hyper;
-    let cfg = round_config(&data.local, job);
-    let dir = data.local.round_dir(job.plan.round);
-    let run = RunOptions {
-        config: &cfg,
-        output: dir.as_deref(),
-        resume: None,
-        cancel: None,
-    };
+    let (cfg, dir) = (round_config(&data.local, job), round_dir(data, job));
+    let run = run_options(&cfg, &dir);
     let options = RewardOptions {
         max_length: Some(data.local.max_length.max(2)),
         ..RewardOptions::default()
@@ -471,14 +475,8 @@ fn local_training<M: TrainModel>(
     job: &TrainJob,
 ) -> fedtune_engine::Result<(TrainSummary, u64)> {
     let h = &job.plan.hyper;
-    let cfg = round_config(&data.local, job);
-    let dir = data.local.round_dir(job.plan.round);
-    let run = RunOptions {
-        config: &cfg,
-        output: dir.as_deref(),
-        resume: None,
-        cancel: None,
-    };
+    let (cfg, dir) = (round_config(&data.local, job), round_dir(data, job));
+    let run = run_options(&cfg, &dir);
     // The loop evaluates on the held-out data after its last step: that is the eval_loss.
     let (summary, num_examples) = match job.plan.phase {
         Phase::Sft => {

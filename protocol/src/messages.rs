@@ -108,19 +108,24 @@ pub struct GrpoPlan {
     pub beta: f64,
 }
 
-fn default_generations() -> u32 {
+/// TRL's default `num_generations` (8).
+pub fn default_generations() -> u32 {
     8
 }
-fn default_completion_length() -> u32 {
+/// TRL's default `max_completion_length` (512).
+pub fn default_completion_length() -> u32 {
     512
 }
-fn one() -> f64 {
+/// 1 (TRL's default sampling temperature).
+pub fn one() -> f64 {
     1.0
 }
-fn default_loss() -> String {
+/// TRL's default GRPO `loss_type` (`dapo`).
+pub fn default_loss() -> String {
     "dapo".into()
 }
-fn default_epsilon() -> f64 {
+/// TRL's default clipping range ε (0.2).
+pub fn default_epsilon() -> f64 {
     0.2
 }
 

@@ -227,19 +227,19 @@ pub struct GrpoSection {
     #[serde(default)]
     pub reward_weights: Vec<f64>,
     /// Completions per prompt.
-    #[serde(default = "default_generations")]
+    #[serde(default = "fedtune_protocol::messages::default_generations")]
     pub num_generations: u32,
     /// Longest completion in tokens.
-    #[serde(default = "default_completion_length")]
+    #[serde(default = "fedtune_protocol::messages::default_completion_length")]
     pub max_completion_length: u32,
     /// Sampling temperature.
-    #[serde(default = "default_temperature")]
+    #[serde(default = "fedtune_protocol::messages::one")]
     pub temperature: f64,
     /// TRL's `loss_type`.
-    #[serde(default = "default_grpo_loss")]
+    #[serde(default = "fedtune_protocol::messages::default_loss")]
     pub loss_type: String,
     /// Clipping range ε.
-    #[serde(default = "default_epsilon")]
+    #[serde(default = "fedtune_protocol::messages::default_epsilon")]
     pub epsilon: f64,
     /// KL coefficient against the round's starting global adapter.
     #[serde(default)]
@@ -290,21 +290,6 @@ impl GrpoSection {
 
 fn default_grpo_batch() -> usize {
     8
-}
-fn default_generations() -> u32 {
-    8
-}
-fn default_completion_length() -> u32 {
-    512
-}
-fn default_temperature() -> f64 {
-    1.0
-}
-fn default_grpo_loss() -> String {
-    "dapo".into()
-}
-fn default_epsilon() -> f64 {
-    0.2
 }
 
 fn default_batch() -> usize {

@@ -223,13 +223,7 @@ impl RewardObjective {
 /// The rewards of the rows of `b` (one target per row) under the score head `w`, without
 /// gradients.
 fn batch_rewards<M: TrainModel>(model: &M, b: &StepBatch, w: &[f32]) -> Vec<f64> {
-    let nothing = Trainable {
-        lora: false,
-        first_full_layer: None,
-        final_norm: false,
-        head: false,
-        embedding: false,
-    };
+    let nothing = Trainable::nothing();
     let options = StepOptions {
         hidden_head: true,
         ..StepOptions::default()

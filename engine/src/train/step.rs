@@ -34,6 +34,15 @@ pub struct Trainable {
 }
 
 impl Trainable {
+    /// Nothing: a forward pass without gradients (reference and old log-probabilities,
+    /// rewards, evaluation).
+    pub fn nothing() -> Self {
+        Trainable {
+            lora: false,
+            ..Trainable::lora()
+        }
+    }
+
     /// LoRA only.
     pub fn lora() -> Self {
         Trainable {

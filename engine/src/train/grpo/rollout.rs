@@ -68,13 +68,7 @@ pub fn logps_and_entropy<M: TrainModel>(
     temperature: f64,
     entropy: bool,
 ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let nothing = Trainable {
-        lora: false,
-        first_full_layer: None,
-        final_norm: false,
-        head: false,
-        embedding: false,
-    };
+    let nothing = Trainable::nothing();
     let options = StepOptions {
         temperature: Some(temperature as f32),
         entropy,
