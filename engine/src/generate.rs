@@ -57,10 +57,30 @@ pub fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> u32
         .filter(|(_, v)| v.is_finite())
         .map(|(i, &v)| (i as u32, v as f64 / cfg.temperature))
         .collect();
-    cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-    if cfg.top_k > 0 {
+    if cand.is_empty() {
+        return argmax();
+    }
+    let by_value =
+        |a: &(u32, f64), b: &(u32, f64)| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal);
+    if cfg.top_p >= 1.0 && (cfg.top_k == 0 || cfg.top_k >= cand.len()) {
+        // No filter: draw from the whole distribution in vocabulary order (sorting the
+        // vocabulary for every token was a tenth of decoding's time).
+        let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+        let probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let mut u = rng.random::<f64>() * probs.iter().sum::<f64>();
+        for (c, p) in cand.iter().zip(&probs) {
+            if u < *p {
+                return c.0;
+            }
+            u -= p;
+        }
+        return cand[cand.len() - 1].0;
+    }
+    if cfg.top_k > 0 && cfg.top_k < cand.len() {
+        cand.select_nth_unstable_by(cfg.top_k - 1, by_value);
         cand.truncate(cfg.top_k);
     }
+    cand.sort_by(by_value);
     let max = cand.first().map_or(0.0, |c| c.1);
     let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
     let sum: f64 = probs.iter().sum();
@@ -123,106 +143,201 @@ pub fn generate<B: Backend>(
     out
 }
 
-/// `n` sampled continuations of `prompt` (GRPO's group): the prompt is run once and its KV
-/// cache shared by every continuation; each stops at a stop id (kept) or after
-/// `cfg.max_new_tokens`. Where the device repeats a cache ([`Backend::cache_repeat`]: the host)
-/// the `n` continuations decode together as one batch of `n` rows, one token each per forward
-/// pass (finished rows run along until every row is done, as transformers' `generate` pads
-/// them); one RNG stream from `cfg.seed` draws each step's tokens in row order. Elsewhere they
-/// decode one after the other from a copy of the prompt's cache.
+/// `n` sampled continuations of `prompt` (GRPO's group): [`generate_groups`] for one prompt
+/// with `cfg.seed`.
 pub fn generate_group<B: Backend>(
     model: &B,
     prompt: &[u32],
     n: usize,
     cfg: &GenerationConfig,
-) -> Vec<Vec<u32>>
-where
-    B::Cache: Clone,
-{
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut prefilled = model.new_cache();
-    let len = prompt.len();
-    if len == 0 || cfg.max_new_tokens == 0 || n == 0 {
-        return vec![Vec::new(); n];
+) -> Vec<Vec<u32>> {
+    generate_groups(model, &[prompt], &[cfg.seed], n, cfg)
+        .pop()
+        .unwrap_or_default()
+}
+
+/// `n` continuations of each of `prompts`, the `p`-th drawn from its own RNG stream seeded
+/// with `seeds[p]` (so a prompt's group does not depend on the others in the batch). Each
+/// prompt is run once and its KV cache shared by its `n` continuations; each continuation
+/// stops at a stop id (kept) or after `cfg.max_new_tokens`. Where the device stacks caches
+/// ([`Backend::cache_stack`]: the host) all `prompts.len()·n` continuations decode together as
+/// one batch, one token per row per forward pass, shorter prompts left-padded (finished rows
+/// run along until every row is done, as transformers' `generate` pads them); a prompt's
+/// stream draws each step's tokens for its live rows in row order. Elsewhere each prompt's
+/// continuations decode one after the other, each from the prompt's cache. More than
+/// [`BATCH_ROWS`] rows go in several batches of whole groups.
+pub fn generate_groups<B: Backend>(
+    model: &B,
+    prompts: &[&[u32]],
+    seeds: &[u64],
+    n: usize,
+    cfg: &GenerationConfig,
+) -> Vec<Vec<Vec<u32>>> {
+    assert_eq!(prompts.len(), seeds.len(), "one seed per prompt");
+    // Batches of at most BATCH_ROWS rows (whole groups), so that the caches stay small.
+    let per = (BATCH_ROWS / n.max(1)).max(1);
+    if prompts.len() > per {
+        return prompts
+            .chunks(per)
+            .zip(seeds.chunks(per))
+            .flat_map(|(p, s)| generate_groups(model, p, s, n, cfg))
+            .collect();
     }
+    let mut out = vec![vec![Vec::new(); n]; prompts.len()];
+    // Prompts that generate at all.
+    let active: Vec<usize> = (0..prompts.len())
+        .filter(|&p| !prompts[p].is_empty() && cfg.max_new_tokens > 0 && n > 0)
+        .collect();
+    if active.is_empty() {
+        return out;
+    }
+    let mut rngs: Vec<ChaCha8Rng> = active
+        .iter()
+        .map(|&p| ChaCha8Rng::seed_from_u64(seeds[p]))
+        .collect();
+    let mut caches = Vec::with_capacity(active.len());
+    let mut first = Vec::with_capacity(active.len());
+    for &p in &active {
+        let (cache, logits) = prefill(model, prompts[p]);
+        caches.push(cache);
+        first.push(logits);
+    }
+    let parts: Vec<&B::Cache> = caches.iter().collect();
+    if let Some(cache) = model.cache_stack(&parts, n) {
+        let lens: Vec<usize> = active.iter().map(|&p| prompts[p].len()).collect();
+        let batch = Batch {
+            lens: &lens,
+            first: &first,
+            n,
+        };
+        for (a, rows) in active
+            .iter()
+            .zip(decode_together(model, cache, &batch, cfg, &mut rngs))
+        {
+            out[*a] = rows;
+        }
+        return out;
+    }
+    for ((cache, (logits, rng)), &p) in caches
+        .into_iter()
+        .zip(first.iter().zip(&mut rngs))
+        .zip(&active)
+    {
+        // The first row continues the prefilled cache; the others run the prompt again (the
+        // devices without stacking do not copy caches either).
+        let mut cache = Some(cache);
+        out[p] = (0..n)
+            .map(|_| {
+                let c = cache.take().unwrap_or_else(|| prefill(model, prompts[p]).0);
+                decode_alone(model, c, logits, cfg, rng)
+            })
+            .collect();
+    }
+    out
+}
+
+/// The most rows decoded as one batch (more prompts go in several batches): decoding is bound
+/// by reading the weights once per step, so rows are nearly free up to here, while each row
+/// holds its own keys and values.
+pub const BATCH_ROWS: usize = 16;
+
+/// Runs `prompt` into a fresh cache; the cache and the logits after its last token.
+fn prefill<B: Backend>(model: &B, prompt: &[u32]) -> (B::Cache, Vec<f32>) {
+    let mut cache = model.new_cache();
+    let len = prompt.len();
     let positions = Positions::Range {
         start: 0,
         len,
         batch: 1,
     };
-    let hidden = forward(
-        model,
-        prompt,
-        1,
-        len,
-        &positions,
-        None,
-        Some(&mut prefilled),
-    );
-    let first_logits = model.row_logits(&hidden, &[len - 1]);
-    if let Some(cache) = model.cache_repeat(&prefilled, n) {
-        return decode_together(model, cache, &first_logits, n, cfg, &mut rng);
-    }
-    (0..n)
-        .map(|_| {
-            let mut cache = prefilled.clone();
-            let mut out = Vec::new();
-            let mut next = sample(&first_logits, cfg, &mut rng);
-            loop {
-                out.push(next);
-                if cfg.stop_ids.contains(&next) || out.len() >= cfg.max_new_tokens {
-                    break;
-                }
-                let positions = Positions::Range {
-                    start: B::cache_seen(&cache),
-                    len: 1,
-                    batch: 1,
-                };
-                let hidden = forward(model, &[next], 1, 1, &positions, None, Some(&mut cache));
-                let logits = model.row_logits(&hidden, &[0]);
-                next = sample(&logits, cfg, &mut rng);
-            }
-            out
-        })
-        .collect()
+    let hidden = forward(model, prompt, 1, len, &positions, None, Some(&mut cache));
+    let logits = model.row_logits(&hidden, &[len - 1]);
+    (cache, logits)
 }
 
-/// The `n` rows of a group decoded as one batch from `cache` (the prompt's, repeated), each
-/// starting from a sample of `first_logits`.
-fn decode_together<B: Backend>(
+/// One continuation from `cache` (a prompt's), starting from a sample of `first`.
+fn decode_alone<B: Backend>(
     model: &B,
     mut cache: B::Cache,
-    first_logits: &[f32],
-    n: usize,
+    first: &[f32],
     cfg: &GenerationConfig,
     rng: &mut ChaCha8Rng,
-) -> Vec<Vec<u32>> {
-    let vocab = first_logits.len();
-    let mut out = vec![Vec::new(); n];
-    let mut done = vec![false; n];
-    let mut next: Vec<u32> = (0..n).map(|_| sample(first_logits, cfg, rng)).collect();
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut next = sample(first, cfg, rng);
     loop {
-        for k in 0..n {
-            if !done[k] {
-                out[k].push(next[k]);
-                done[k] = cfg.stop_ids.contains(&next[k]) || out[k].len() >= cfg.max_new_tokens;
-            }
-        }
-        let live: Vec<usize> = (0..n).filter(|&k| !done[k]).collect();
-        if live.is_empty() {
+        out.push(next);
+        if cfg.stop_ids.contains(&next) || out.len() >= cfg.max_new_tokens {
             return out;
         }
         let positions = Positions::Range {
             start: B::cache_seen(&cache),
             len: 1,
-            batch: n,
+            batch: 1,
         };
-        let hidden = forward(model, &next, n, 1, &positions, None, Some(&mut cache));
+        let hidden = forward(model, &[next], 1, 1, &positions, None, Some(&mut cache));
+        next = sample(&model.row_logits(&hidden, &[0]), cfg, rng);
+    }
+}
+
+/// The prompts of a stacked batch.
+struct Batch<'a> {
+    /// Each prompt's length.
+    lens: &'a [usize],
+    /// Each prompt's logits after its last token.
+    first: &'a [Vec<f32>],
+    /// Rows per prompt.
+    n: usize,
+}
+
+/// The rows of `batch` decoded together from `cache` (the prompts' caches, stacked), each
+/// starting from a sample of its prompt's logits; prompt `p`'s rows draw from `rngs[p]`.
+fn decode_together<B: Backend>(
+    model: &B,
+    mut cache: B::Cache,
+    batch: &Batch<'_>,
+    cfg: &GenerationConfig,
+    rngs: &mut [ChaCha8Rng],
+) -> Vec<Vec<Vec<u32>>> {
+    let n = batch.n;
+    let rows = batch.lens.len() * n;
+    let vocab = batch.first.first().map_or(0, Vec::len);
+    let mut out = vec![Vec::new(); rows];
+    let mut done = vec![false; rows];
+    let mut next: Vec<u32> = (0..rows)
+        .map(|r| sample(&batch.first[r / n], cfg, &mut rngs[r / n]))
+        .collect();
+    loop {
+        for r in 0..rows {
+            if !done[r] {
+                out[r].push(next[r]);
+                done[r] = cfg.stop_ids.contains(&next[r]) || out[r].len() >= cfg.max_new_tokens;
+            }
+        }
+        let live: Vec<usize> = (0..rows).filter(|&r| !done[r]).collect();
+        if live.is_empty() {
+            break;
+        }
+        // Row r's token goes to its own position: its prompt's length plus what it has.
+        let positions = Positions::Explicit {
+            ids: (0..rows)
+                .map(|r| batch.lens[r / n] + out[r].len() - 1)
+                .collect(),
+            batch: rows,
+            len: 1,
+        };
+        let hidden = forward(model, &next, rows, 1, &positions, None, Some(&mut cache));
         let logits = model.row_logits(&hidden, &live);
-        for (j, &k) in live.iter().enumerate() {
-            next[k] = sample(&logits[j * vocab..(j + 1) * vocab], cfg, rng);
+        for (j, &r) in live.iter().enumerate() {
+            next[r] = sample(&logits[j * vocab..(j + 1) * vocab], cfg, &mut rngs[r / n]);
         }
     }
+    let mut grouped = Vec::with_capacity(batch.lens.len());
+    let mut it = out.into_iter();
+    for _ in batch.lens {
+        grouped.push(it.by_ref().take(n).collect());
+    }
+    grouped
 }
 
 #[cfg(test)]
@@ -260,6 +375,55 @@ mod tests {
         }
         assert!(
             seen[0] > 0 && seen[1] > 0 && seen[2] == 0 && seen[3] == 0,
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn unfiltered_samples_follow_the_softmax_and_top_k_keeps_the_k_largest() {
+        // softmax([0, ln 3, -inf, ln 6] / 1) = [0.1, 0.3, 0, 0.6].
+        let logits = [0.0, 3f32.ln(), f32::NEG_INFINITY, 6f32.ln()];
+        let cfg = GenerationConfig {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut seen = [0usize; 4];
+        let draws = 20_000;
+        for _ in 0..draws {
+            seen[sample(&logits, &cfg, &mut rng) as usize] += 1;
+        }
+        for (i, want) in [0.1, 0.3, 0.0, 0.6].into_iter().enumerate() {
+            let got = seen[i] as f64 / draws as f64;
+            assert!((got - want).abs() < 0.015, "token {i}: {got} vs {want}");
+        }
+        // Temperature 2 flattens: [1, √3, 0, √6] / (1 + √3 + √6).
+        let hot = GenerationConfig {
+            temperature: 2.0,
+            ..Default::default()
+        };
+        let mut seen = [0usize; 4];
+        for _ in 0..draws {
+            seen[sample(&logits, &hot, &mut rng) as usize] += 1;
+        }
+        let z = 1.0 + 3f64.sqrt() + 6f64.sqrt();
+        assert!(
+            (seen[0] as f64 / draws as f64 - 1.0 / z).abs() < 0.015,
+            "{seen:?}"
+        );
+        // top_k 2 keeps tokens 3 and 1 only, renormalised to [1/3, 2/3].
+        let top2 = GenerationConfig {
+            temperature: 1.0,
+            top_k: 2,
+            ..Default::default()
+        };
+        let mut seen = [0usize; 4];
+        for _ in 0..draws {
+            seen[sample(&logits, &top2, &mut rng) as usize] += 1;
+        }
+        assert_eq!(seen[0] + seen[2], 0, "{seen:?}");
+        assert!(
+            (seen[1] as f64 / draws as f64 - 1.0 / 3.0).abs() < 0.015,
             "{seen:?}"
         );
     }

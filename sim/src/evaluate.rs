@@ -4,7 +4,7 @@
 
 use fedtune_engine::data::{Example, Prompt};
 use fedtune_engine::eval::sft_loss;
-use fedtune_engine::generate::{GenerationConfig, generate};
+use fedtune_engine::generate::{GenerationConfig, generate_groups};
 use fedtune_engine::{Encoded, LlamaModel, Message, Tokenizer};
 use serde::Serialize;
 
@@ -110,6 +110,7 @@ pub fn generations(
 ) -> fedtune_engine::Result<GenerationScores> {
     let mut out = GenerationScores::default();
     let (mut valid, mut shares) = (0usize, 0f64);
+    let mut asked = Vec::new();
     for ex in examples.iter().take(limit) {
         let Some((prompt, reference)) = prompt_and_reference(ex) else {
             continue;
@@ -123,13 +124,20 @@ pub fn generations(
             ),
             Prompt::Text(p) => (tok.encode_with_special(p)?, p.clone()),
         };
-        let cfg = GenerationConfig {
-            max_new_tokens,
-            stop_ids: model.config.eos_token_ids.clone(),
-            ..GenerationConfig::default()
-        };
-        let new = generate(model, &ids, &cfg, |_| {});
+        asked.push((ids, shown, reference));
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        stop_ids: model.config.eos_token_ids.clone(),
+        ..GenerationConfig::default()
+    };
+    // Greedy, every prompt in one batch (the seeds are not drawn from).
+    let prompts: Vec<&[u32]> = asked.iter().map(|(ids, _, _)| &ids[..]).collect();
+    let outputs = generate_groups(model, &prompts, &vec![0; prompts.len()], 1, &cfg);
+    for ((_, shown, reference), mut new) in asked.into_iter().zip(outputs) {
         let new: Vec<u32> = new
+            .pop()
+            .unwrap_or_default()
             .into_iter()
             .filter(|t| !cfg.stop_ids.contains(t))
             .collect();

@@ -176,7 +176,7 @@ fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
 
 /// `--generate --reward`: one completion per prompt, scored; on the CPU.
 fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
-    use fedtune_engine::generate::{GenerationConfig, generate};
+    use fedtune_engine::generate::{BATCH_ROWS, GenerationConfig, generate_groups};
     use fedtune_engine::rewards::{RewardInput, Rewards, completion_metrics};
     anyhow::ensure!(
         a.model.engine_device()? == Device::Cpu,
@@ -212,15 +212,18 @@ fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
     let mut ids = Vec::with_capacity(prompts.len());
     let mut texts = Vec::with_capacity(prompts.len());
-    for (k, p) in prompts.iter().enumerate() {
-        let cfg = GenerationConfig {
-            seed: k as u64,
-            ..cfg.clone()
-        };
-        let out = generate(&m.model, &p.ids, &cfg, |_| {});
-        texts.push(tokenizer.decode(&out, true)?);
-        ids.push(out);
-        bar.inc(1);
+    // Batches of prompts decode together; prompt k samples from seed k.
+    for (c, chunk) in prompts.chunks(BATCH_ROWS).enumerate() {
+        let asked: Vec<&[u32]> = chunk.iter().map(|p| &p.ids[..]).collect();
+        let seeds: Vec<u64> = (0..chunk.len())
+            .map(|k| (c * BATCH_ROWS + k) as u64)
+            .collect();
+        for mut out in generate_groups(&m.model, &asked, &seeds, 1, &cfg) {
+            let out = out.pop().unwrap_or_default();
+            texts.push(tokenizer.decode(&out, true)?);
+            ids.push(out);
+        }
+        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     let inputs: Vec<RewardInput<'_>> = prompts

@@ -55,7 +55,7 @@ impl LlamaModel {
             window: shape.window,
             scale: 1.0 / (shape.d as f64).sqrt(),
             mask: (!cpu)
-                .then(|| build_mask(b, shape.hq, t, t, segments, shape.window, &self.device)),
+                .then(|| build_mask(b, shape.hq, t, t, segments, shape.window, &[], &self.device)),
             cpu,
         }
     }
@@ -118,11 +118,8 @@ impl Backend for LlamaModel {
         cache.seen += len;
     }
 
-    fn cache_repeat(&self, cache: &KvCache, n: usize) -> Option<KvCache> {
-        Some(KvCache {
-            layers: cache.layers.iter().map(|l| l.repeat(n)).collect(),
-            seen: cache.seen,
-        })
+    fn cache_stack(&self, caches: &[&KvCache], n: usize) -> Option<KvCache> {
+        Some(KvCache::stack(caches, n))
     }
 
     fn rope_tables(&self, positions: &Positions) -> HostRope {
@@ -235,8 +232,9 @@ impl Backend for LlamaModel {
         let tk = k.dims()[2];
         let q = heads(q, b, t, hq, d);
         let (k, v) = (repeat_kv(k, hq / hkv), repeat_kv(v, hq / hkv));
-        let explicit = segments.is_some() || window.is_some_and(|w| w < tk);
-        let mask = explicit.then(|| build_mask(b, hq, t, tk, segments, window, &self.device));
+        let pads = &cache.pads;
+        let explicit = !pads.is_empty() || segments.is_some() || window.is_some_and(|w| w < tk);
+        let mask = explicit.then(|| build_mask(b, hq, t, tk, segments, window, pads, &self.device));
         let options = burn::tensor::ops::AttentionModuleOptions {
             scale: Some(1.0 / (d as f64).sqrt()),
             softcap: None,

@@ -156,9 +156,12 @@ pub trait Backend {
     fn cache_seen(cache: &Self::Cache) -> usize;
     /// Marks `len` more positions as held (after every layer appended them).
     fn cache_advance(cache: &mut Self::Cache, len: usize);
-    /// `cache` (of one row) repeated as `n` rows, for rows that continue the same prefix in
-    /// one batch; `None` where the device does not do it (decoding then goes row by row).
-    fn cache_repeat(&self, _cache: &Self::Cache, _n: usize) -> Option<Self::Cache> {
+    /// `caches` (of one row each) as one batch: each repeated `n` times, in order, for rows
+    /// that continue those prompts together; shorter prompts are left-padded and their padding
+    /// hidden from every query. Decoding such a batch needs explicit per-row positions (each
+    /// row's own length). `None` where the device does not do it (decoding then goes row by
+    /// row).
+    fn cache_stack(&self, _caches: &[&Self::Cache], _n: usize) -> Option<Self::Cache> {
         None
     }
     /// RoPE tables for `positions`.

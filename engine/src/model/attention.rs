@@ -112,6 +112,7 @@ impl Attention {
                 tk,
                 mask.segments,
                 self.sliding_window,
+                &[],
                 &q.device(),
             )
         });
@@ -127,7 +128,9 @@ impl Attention {
 }
 
 /// Builds the boolean mask (`true` = hidden) for `tq` queries that are the last `tq` of `tk`
-/// positions: causal, within-segment, and within the sliding window.
+/// positions: causal, within-segment, within the sliding window, and past each row's leading
+/// padding (`pads[row]` keys; empty = none).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build_mask(
     b: usize,
     heads: usize,
@@ -135,6 +138,7 @@ pub(crate) fn build_mask(
     tk: usize,
     segments: Option<&[u32]>,
     window: Option<usize>,
+    pads: &[usize],
     device: &Device,
 ) -> Tensor<4, Bool> {
     let offset = tk - tq;
@@ -143,7 +147,7 @@ pub(crate) fn build_mask(
         for qi in 0..tq {
             let qpos = qi + offset;
             for ki in 0..tk {
-                let mut hide = ki > qpos;
+                let mut hide = ki > qpos || pads.get(bi).is_some_and(|&p| ki < p);
                 if let Some(w) = window {
                     hide |= qpos - ki.min(qpos) >= w;
                 }

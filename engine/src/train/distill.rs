@@ -33,7 +33,7 @@ use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
 use crate::data::EncodedCompletion;
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::generate::{GenerationConfig, generate};
+use crate::generate::{GenerationConfig, generate_groups};
 use crate::tokenizer::Encoded;
 
 /// Options of distillation (TRL's `GKDConfig` names and defaults).
@@ -304,22 +304,23 @@ impl<'t, Tc: Backend> DistillObjective<'t, Tc> {
     /// The examples `idx` with completions `by` samples (the student or the teacher).
     fn generated<B: Backend>(&self, by: &B, idx: &[usize], seed: u64) -> StepBatch {
         let o = &self.options;
-        let rows: Vec<Encoded> = idx
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                let cfg = GenerationConfig {
-                    max_new_tokens: o.max_new_tokens,
-                    temperature: o.temperature,
-                    top_k: 0,
-                    top_p: 1.0,
-                    seed: seed ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
-                    stop_ids: self.stop_ids.clone(),
-                };
-                let e = &self.examples[i];
-                let completion = generate(by, &e.prompt, &cfg, |_| {});
-                e.sequence_with(&completion)
-            })
+        let cfg = GenerationConfig {
+            max_new_tokens: o.max_new_tokens,
+            temperature: o.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed,
+            stop_ids: self.stop_ids.clone(),
+        };
+        // The batch's prompts decode together, each from its own seed.
+        let seeds: Vec<u64> = (0..idx.len())
+            .map(|k| seed ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+            .collect();
+        let prompts: Vec<&[u32]> = idx.iter().map(|&i| &self.examples[i].prompt[..]).collect();
+        let rows: Vec<Encoded> = generate_groups(by, &prompts, &seeds, 1, &cfg)
+            .into_iter()
+            .zip(idx)
+            .map(|(mut c, &i)| self.examples[i].sequence_with(&c.pop().unwrap_or_default()))
             .collect();
         padded(&rows, self.pad)
     }

@@ -331,10 +331,7 @@ impl GrpoObjective {
     }
 
     /// The mean reward of `num_generations` fresh samples of every prompt under `model`.
-    pub fn mean_reward<M: TrainModel>(&self, model: &M) -> Result<f64>
-    where
-        M::Cache: Clone,
-    {
+    pub fn mean_reward<M: TrainModel>(&self, model: &M) -> Result<f64> {
         let all: Vec<usize> = (0..self.prompts.len()).collect();
         let (_, m) = self.rollouts(model, &self.prompts, &[all.as_slice()])?;
         Ok(m["reward"])
@@ -343,10 +340,7 @@ impl GrpoObjective {
     /// The loss and metrics of fresh samples of the held-out prompts, without gradients: the
     /// rollouts in micro-batches of the training batch, each scored by the loss with the
     /// policy as its own old policy (ratio 1), as TRL's evaluation computes it.
-    fn eval_on<M: TrainModel>(&self, model: &M) -> Result<(f64, BTreeMap<String, f64>)>
-    where
-        M::Cache: Clone,
-    {
+    fn eval_on<M: TrainModel>(&self, model: &M) -> Result<(f64, BTreeMap<String, f64>)> {
         let per = (self.batch / self.options.num_generations.max(1)).max(1);
         let idx: Vec<usize> = (0..self.eval_prompts.len()).collect();
         let micro: Vec<&[usize]> = idx.chunks(per).collect();
@@ -399,29 +393,31 @@ impl GrpoObjective {
         model: &M,
         prompts: &[GrpoPrompt],
         micro: &[&[usize]],
-    ) -> Result<Sampled>
-    where
-        M::Cache: Clone,
-    {
+    ) -> Result<Sampled> {
         let g = self.options.num_generations;
         let o = &self.options;
-        // Sample every group of the step.
-        let mut groups: Vec<(usize, Vec<Vec<u32>>)> = Vec::new();
-        for &p in micro.iter().flat_map(|m| m.iter()) {
-            let draw = self
-                .draws
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let cfg = crate::generate::GenerationConfig {
-                max_new_tokens: o.max_completion_length,
-                temperature: o.temperature,
-                top_k: o.top_k,
-                top_p: o.top_p,
-                seed: self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                stop_ids: self.stop_ids.clone(),
-            };
-            let completions = crate::generate::generate_group(model, &prompts[p].ids, g, &cfg);
-            groups.push((p, completions));
-        }
+        // Sample every group of the step as one batch, each prompt from its own seed.
+        let picked: Vec<usize> = micro.iter().flat_map(|m| m.iter().copied()).collect();
+        let seeds: Vec<u64> = picked
+            .iter()
+            .map(|_| {
+                let draw = self
+                    .draws
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            })
+            .collect();
+        let cfg = crate::generate::GenerationConfig {
+            max_new_tokens: o.max_completion_length,
+            temperature: o.temperature,
+            top_k: o.top_k,
+            top_p: o.top_p,
+            seed: self.seed,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let ids: Vec<&[u32]> = picked.iter().map(|&p| &prompts[p].ids[..]).collect();
+        let sampled = crate::generate::generate_groups(model, &ids, &seeds, g, &cfg);
+        let groups: Vec<(usize, Vec<Vec<u32>>)> = picked.into_iter().zip(sampled).collect();
         // Score them.
         let texts: Vec<String> = groups
             .iter()
@@ -491,10 +487,7 @@ impl GrpoObjective {
     }
 }
 
-impl<M: TrainModel> Objective<M> for GrpoObjective
-where
-    M::Cache: Clone,
-{
+impl<M: TrainModel> Objective<M> for GrpoObjective {
     fn num_examples(&self) -> usize {
         self.prompts.len()
     }
