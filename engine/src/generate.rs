@@ -203,7 +203,7 @@ pub fn generate_groups<B: Backend>(
         first.push(logits);
     }
     let parts: Vec<&B::Cache> = caches.iter().collect();
-    if let Some(cache) = model.cache_stack(&parts, n) {
+    if let Some(cache) = model.cache_stack(&parts, n, cfg.max_new_tokens) {
         let lens: Vec<usize> = active.iter().map(|&p| prompts[p].len()).collect();
         let batch = Batch {
             lens: &lens,

@@ -50,7 +50,7 @@ fn rows_decoded_together_get_the_logits_of_rows_decoded_alone_and_of_full_passes
     );
     let n = 3;
     let mut together = m
-        .cache_stack(&[&prefilled], n)
+        .cache_stack(&[&prefilled], n, 0)
         .expect("the host stacks caches");
     let mut alone: Vec<_> = (0..n).map(|_| prefilled.clone()).collect();
     let mut rows: Vec<Vec<u32>> = vec![prompt.clone(); n];
@@ -139,7 +139,7 @@ fn prompts_of_different_lengths_decoded_as_one_batch_match_each_alone() {
     let alone_caches: Vec<_> = prompts.iter().map(|p| prefill(p)).collect();
     let parts: Vec<_> = alone_caches.iter().collect();
     let n = 2;
-    let mut together = m.cache_stack(&parts, n).expect("the host stacks caches");
+    let mut together = m.cache_stack(&parts, n, 2).expect("the host stacks caches");
     assert_eq!(together.pads, vec![0, 0, 4, 4, 3, 3]);
     let mut alone: Vec<_> = (0..3 * n).map(|r| alone_caches[r / n].clone()).collect();
     let mut lens: Vec<usize> = (0..3 * n).map(|r| prompts[r / n].len()).collect();
@@ -194,4 +194,46 @@ fn prompts_of_different_lengths_decoded_as_one_batch_match_each_alone() {
     let with_empty = generate_groups(&m, &[&long[..], &[]], &[0, 0], 1, &cfg);
     assert_eq!(with_empty[0], vec![generate(&m, &long, &cfg, |_| {})]);
     assert_eq!(with_empty[1], vec![Vec::<u32>::new()]);
+}
+
+#[test]
+fn cached_decoding_keeps_the_sliding_window_and_the_padding_hidden() {
+    let (mut m, long) = model();
+    let layers = m.config.num_hidden_layers;
+    m.config.sliding_window = vec![Some(4); layers];
+    let vocab = m.config.vocab_size;
+    let short = long[2..].to_vec();
+    let prompts = [&long[..], &short[..]];
+    let caches: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = m.new_cache();
+            forward(&m, p, 1, p.len(), &range(0, p.len(), 1), None, Some(&mut c));
+            c
+        })
+        .collect();
+    let parts: Vec<_> = caches.iter().collect();
+    let mut together = m.cache_stack(&parts, 1, 0).expect("the host stacks caches");
+    let mut rows: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    for step in 0..3 {
+        let next: Vec<u32> = (0..2).map(|r| (200 + 7 * r + 5 * step) as u32).collect();
+        let positions = Positions::Explicit {
+            ids: rows.iter().map(Vec::len).collect(),
+            batch: 2,
+            len: 1,
+        };
+        let h = forward(&m, &next, 2, 1, &positions, None, Some(&mut together));
+        let batched = m.row_logits(&h, &[0, 1]);
+        for r in 0..2 {
+            rows[r].push(next[r]);
+            let t = rows[r].len();
+            let hf = forward(&m, &rows[r], 1, t, &range(0, t, 1), None, None);
+            let full = m.row_logits(&hf, &[t - 1]);
+            let d = max_diff(&batched[r * vocab..(r + 1) * vocab], &full);
+            assert!(
+                d < 1e-4,
+                "step {step} row {r}: windowed batch vs full pass: {d}"
+            );
+        }
+    }
 }

@@ -10,7 +10,6 @@ use crate::kernels;
 use crate::model::attention::build_mask;
 use crate::model::{KvCache, LlamaModel, Positions, RmsNorm};
 use crate::train::fused;
-use crate::train::ops::repeat_kv;
 use crate::train::proj::{lin_forward, lin_forward_shared};
 
 /// RoPE tables of a batch in the forms the host paths use.
@@ -92,11 +91,6 @@ impl LlamaModel {
     }
 }
 
-/// `[b·t, h·d]` rows → `[b, h, t, d]`.
-fn heads(x: Tensor<2>, b: usize, t: usize, h: usize, d: usize) -> Tensor<4> {
-    x.reshape([b, t, h, d]).swap_dims(1, 2)
-}
-
 impl Backend for LlamaModel {
     type T = Tensor<2>;
     type Rope = HostRope;
@@ -118,8 +112,8 @@ impl Backend for LlamaModel {
         cache.seen += len;
     }
 
-    fn cache_stack(&self, caches: &[&KvCache], n: usize) -> Option<KvCache> {
-        Some(KvCache::stack(caches, n))
+    fn cache_stack(&self, caches: &[&KvCache], n: usize, room: usize) -> Option<KvCache> {
+        Some(KvCache::stack(caches, n, room))
     }
 
     fn rope_tables(&self, positions: &Positions) -> HostRope {
@@ -219,7 +213,9 @@ impl Backend for LlamaModel {
             let ctx = self.attn_ctx(shape, segments, cpu);
             return fused::attention(&q, &k, &v, &ctx).0;
         };
-        // Incremental decoding: burn's attention over the cached keys and values.
+        // Incremental decoding: the keys and values go into the cache (f32, in place);
+        // the first call on an empty cache is the prompt's plain causal attention, later ones
+        // attend from the new queries over everything cached.
         let AttnShape {
             batch: b,
             len: t,
@@ -228,21 +224,42 @@ impl Backend for LlamaModel {
             d,
             window,
         } = shape;
-        let (k, v) = cache.layers[layer].append(heads(k, b, t, hkv, d), heads(v, b, t, hkv, d));
-        let tk = k.dims()[2];
-        let q = heads(q, b, t, hq, d);
-        let (k, v) = (repeat_kv(k, hq / hkv), repeat_kv(v, hq / hkv));
-        let pads = &cache.pads;
-        let explicit = !pads.is_empty() || segments.is_some() || window.is_some_and(|w| w < tk);
-        let mask = explicit.then(|| build_mask(b, hq, t, tk, segments, window, pads, &self.device));
-        let options = burn::tensor::ops::AttentionModuleOptions {
-            scale: Some(1.0 / (d as f64).sqrt()),
-            softcap: None,
-            is_causal: !explicit,
+        let rows = |x: &Tensor<2>| match kernels::host(x) {
+            Some(h) => h.data().to_vec(),
+            None => crate::weights::to_f32_vec(x.clone().into_data()),
         };
-        burn::tensor::module::attention(q, k, v, mask, None, options)
-            .swap_dims(1, 2)
-            .reshape([b * t, hq * d])
+        let pads = &cache.pads;
+        let layer = &mut cache.layers[layer];
+        let prompt = layer.is_empty() && pads.is_empty();
+        layer.append(&rows(&k), &rows(&v), b, t, hkv * d);
+        if prompt {
+            let cpu = self.kernels_run() && kernels::host(&q).is_some();
+            let ctx = self.attn_ctx(shape, segments, cpu);
+            return fused::attention(&q, &k, &v, &ctx).0;
+        }
+        assert!(segments.is_none(), "packing segments with a KV cache");
+        let kv = kernels::attention::Cached {
+            k: layer.keys(),
+            v: layer.values(),
+            cap: layer.cap(),
+            len: layer.len(),
+            pads,
+        };
+        let sh = kernels::attention::Shape {
+            batch: b,
+            len: t,
+            hq,
+            hkv,
+            d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = kernels::attention::cached(&rows(&q), kv, sh, window, scale);
+        let o = kernels::tensor(o, [b * t, hq * d], &self.device);
+        if self.dtype == DType::F32 {
+            o
+        } else {
+            o.cast(self.dtype)
+        }
     }
 
     fn swiglu(&self, g: &Tensor<2>, u: &Tensor<2>) -> Tensor<2> {
@@ -256,6 +273,12 @@ impl Backend for LlamaModel {
 
     fn row_logits(&self, hidden: &Tensor<2>, rows: &[usize]) -> Vec<f32> {
         let selected = hidden.clone().select(0, self.rows_tensor(rows));
+        if rows.len() <= kernels::skinny::MAX_ROWS {
+            // Decoding's few rows: the head read once (kernels::skinny), not packed.
+            let head = self.lm_head_weight();
+            let logits = kernels::matmul_sum(&[kernels::Term::nt(&selected, &head, 1.0)]);
+            return crate::weights::to_f32_vec(logits.into_data());
+        }
         let h = self.config.hidden_size;
         crate::weights::to_f32_vec(
             self.logits(selected.reshape([1, rows.len(), h]))

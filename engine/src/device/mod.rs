@@ -160,8 +160,13 @@ pub trait Backend {
     /// that continue those prompts together; shorter prompts are left-padded and their padding
     /// hidden from every query. Decoding such a batch needs explicit per-row positions (each
     /// row's own length). `None` where the device does not do it (decoding then goes row by
-    /// row).
-    fn cache_stack(&self, _caches: &[&Self::Cache], _n: usize) -> Option<Self::Cache> {
+    /// row). `room`: positions to reserve per row for what follows.
+    fn cache_stack(
+        &self,
+        _caches: &[&Self::Cache],
+        _n: usize,
+        _room: usize,
+    ) -> Option<Self::Cache> {
         None
     }
     /// RoPE tables for `positions`.

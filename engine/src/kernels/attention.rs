@@ -279,6 +279,81 @@ pub fn forward(
     unsafe { (o_all.assume_init(), lse_all.assume_init()) }
 }
 
+/// The keys and values of a KV cache, as [`cached`] reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct Cached<'a> {
+    /// Keys `[batch, cap, hkv·d]`.
+    pub k: &'a [f32],
+    /// Values, laid out as the keys.
+    pub v: &'a [f32],
+    /// Rows held per sequence.
+    pub cap: usize,
+    /// Rows filled per sequence (the new queries' keys included).
+    pub len: usize,
+    /// Per sequence, the leading rows that are padding (empty: none).
+    pub pads: &'a [usize],
+}
+
+/// Attention of `sh.len` new queries per sequence over a KV cache (decoding): the queries
+/// `q` `[batch·len, hq·d]` are the last `len` of the cache's `kv.len` positions; a query sees
+/// the keys up to itself, none of its sequence's padding, and with `window` only the keys
+/// less than `window` behind it. Query heads sharing a KV head run as the rows of one product.
+/// Returns `o` `[batch·len, hq·d]`.
+pub fn cached(q: &[f32], kv: Cached<'_>, sh: Shape, window: Option<usize>, scale: f32) -> Vec<f32> {
+    let Shape {
+        batch,
+        len: tq,
+        hq,
+        hkv,
+        d,
+    } = sh;
+    let groups = hq / hkv;
+    let (qs, ks, tk) = (hq * d, hkv * d, kv.len);
+    assert!(
+        tq <= tk && tk <= kv.cap,
+        "cached attention: {tq} queries over {tk} keys"
+    );
+    assert!(kv.k.len() >= batch * kv.cap * ks && kv.v.len() >= batch * kv.cap * ks);
+    assert!(
+        q.len() >= batch * tq * qs,
+        "cached attention: queries too short"
+    );
+    let tasks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+        .collect();
+    let mut o_all = Uninit::new(batch * tq * qs);
+    let o_out = o_all.shared();
+    tasks.par_iter().for_each(|&(b, kh)| {
+        let kb = &kv.k[b * kv.cap * ks + kh * d..];
+        let vb = &kv.v[b * kv.cap * ks + kh * d..];
+        let pad = kv.pads.get(b).copied().unwrap_or(0);
+        let mut s = vec![0f32; groups * tk];
+        let mut o = vec![0f32; groups * d];
+        let mut lse = vec![0f32; groups];
+        for t in 0..tq {
+            let qpos = tk - tq + t;
+            let kmax = qpos + 1;
+            let mut lo = pad.min(qpos);
+            if let Some(w) = window {
+                lo = lo.max(kmax.saturating_sub(w));
+            }
+            let row = (b * tq + t) * qs + kh * groups * d;
+            let s = &mut s[..groups * kmax];
+            // The group's query heads are adjacent d-wide rows of the token's row.
+            scores(s, groups, kmax, d, &q[row..], d, kb, ks, scale);
+            softmax_block(s, kmax, &vec![(lo, qpos); groups], &mut lse);
+            gemm(
+                groups, d, kmax, &mut o, d, false, s, kmax, 1, vb, ks, 1, 1.0,
+            );
+            // SAFETY: task (b, kh) alone writes the columns of its query heads in sequence
+            // b's rows; the tasks together write every element.
+            unsafe { o_out.put(row, &o) };
+        }
+    });
+    // SAFETY: every element was written above.
+    unsafe { o_all.assume_init() }
+}
+
 /// Backward: returns `(dq, dk, dv)` in the row layouts of `q`, `k`, `v`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod blas;
 pub mod elementwise;
 pub mod fastmath;
+pub mod skinny;
 
 use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -327,6 +328,9 @@ fn matmul_sum_with(blas: Option<&blas::Blas>, terms: &[Term<'_>], m: usize, n: u
             .collect();
         return matmul_sum_with(blas, &terms, m, n);
     }
+    if let Some(out) = skinny_sum(terms, m, n) {
+        return tensor(out, [m, n], &terms[0].a.device());
+    }
     if let Some(out) = blas.and_then(|b| blas_sum(b, terms, m, n)) {
         return tensor(out, [m, n], &terms[0].a.device());
     }
@@ -339,6 +343,29 @@ fn matmul_sum_with(blas: Option<&blas::Blas>, terms: &[Term<'_>], m: usize, n: u
         })
         .reduce(|x, y| x + y)
         .expect("non-empty")
+}
+
+/// Products of at most [`skinny::MAX_ROWS`] rows against weights (`x·Wᵀ` terms, f32 on the
+/// flex backend): [`skinny::product_nt`], which reads each weight once.
+fn skinny_sum(terms: &[Term<'_>], m: usize, n: usize) -> Option<Vec<f32>> {
+    if m > skinny::MAX_ROWS || terms.iter().any(|t| t.ta || !t.tb) {
+        return None;
+    }
+    let stores: Vec<(Host, Host)> = terms
+        .iter()
+        .map(|t| Some((host(t.a)?, host(t.b)?)))
+        .collect::<Option<_>>()?;
+    let parts: Vec<skinny::Part<'_>> = terms
+        .iter()
+        .zip(&stores)
+        .map(|(t, (a, b))| skinny::Part {
+            alpha: t.alpha,
+            x: a.data(),
+            w: b.data(),
+            k: t.dims().1,
+        })
+        .collect();
+    Some(skinny::product_nt(m, n, &parts))
 }
 
 /// One operand of [`blas_sum`]: a flex tensor's contiguous storage (f32 or bf16), or an f32

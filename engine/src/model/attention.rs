@@ -12,7 +12,6 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::cache::LayerCache;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::{Linear, Loader};
 use crate::train::ops::repeat_kv;
@@ -75,7 +74,6 @@ impl Attention {
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         mask: MaskSpec<'_>,
-        cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (d, nq, nkv) = (self.head_dim, self.heads, self.kv_heads);
@@ -96,10 +94,6 @@ impl Attention {
             .swap_dims(1, 2);
         let q = RotaryEmbedding::apply(q, cos, sin);
         let k = RotaryEmbedding::apply(k, cos, sin);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k, v),
-        };
         let tk = k.dims()[2];
         let k = repeat_kv(k, nq / nkv);
         let v = repeat_kv(v, nq / nkv);

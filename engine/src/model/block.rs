@@ -11,7 +11,6 @@ use crate::device::Proj;
 use crate::error::Result;
 use crate::model::Loader;
 use crate::model::attention::{Attention, MaskSpec};
-use crate::model::cache::LayerCache;
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::model::norm::RmsNorm;
@@ -93,15 +92,10 @@ impl Block {
         cos: &Tensor<4>,
         sin: &Tensor<4>,
         mask: MaskSpec<'_>,
-        cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
-        let attn = self.self_attn.forward(
-            self.input_layernorm.forward(x.clone()),
-            cos,
-            sin,
-            mask,
-            cache,
-        );
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), cos, sin, mask);
         let h = x + attn;
         let mlp = self
             .mlp
