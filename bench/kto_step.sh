@@ -6,6 +6,7 @@
 #   bench/kto_step.sh [ROUNDS] [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/use_mkl.sh
 ROUNDS=${1:-2}
 STEPS=${2:-4}
 HF=$(bench/prepare_step.sh bench_kto)

@@ -7,8 +7,7 @@
 # (use_dora) on both, MODES=lora-bf16 bf16 (fedtune's --dtype bf16 against TRL's bf16=True
 # on a CPU: f32 weights under torch.autocast("cpu", bfloat16)); BATCH and SEQ change
 # the shape (default 4 x 256).
-# fedtune's products go through oneMKL from bench/.venv (the BLAS PyTorch is built with) when
-# it is there; FEDTUNE_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 measures OpenBLAS.
+# fedtune's products go through oneMKL from bench/.venv when it is there (bench/use_mkl.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
@@ -16,9 +15,7 @@ STEPS=${2:-4}
 MODES=${MODES:-lora qlora}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-256}
-MKL=bench/.venv/lib/libmkl_rt.so.3
-if [ -z "${FEDTUNE_BLAS:-}" ] && [ -f "$MKL" ]; then export FEDTUNE_BLAS="$PWD/$MKL"; fi
-echo "fedtune BLAS: ${FEDTUNE_BLAS:-first found (oneMKL, then OpenBLAS)}"
+. bench/use_mkl.sh
 # Both sides read the same Hugging Face directory (the GGUF dequantised to f32).
 HF=$(bench/prepare_step.sh bench_train)
 for mode in $MODES; do
