@@ -204,3 +204,92 @@ fn grpo_training_raises_the_reward() {
     println!("GRPO mean reward {before:.3} -> {after:.3}");
     assert!(after > before + 0.1, "{before} -> {after}");
 }
+
+/// A group's rollouts packed in one row that runs their prompt once (each completion sees the
+/// prompt and itself) get the log-probabilities and LoRA gradients of separate rows, with the
+/// masked rollout left out of both and fewer tokens run.
+#[test]
+fn a_group_sharing_its_prompt_in_one_row_gets_the_numbers_of_separate_rows() {
+    use fedtune_engine::train::grpo::rollout_batch;
+    use fedtune_engine::train::step::{backward, forward};
+    use fedtune_engine::weights::to_f32_vec;
+    let loaded = load_model(
+        &testdata().join("tiny-llama/model"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    let tok = &loaded.tokenizer;
+    let pad = tok.pad_id;
+    let mut model: LlamaModel = loaded.model.clone();
+    let adapter = PeftAdapter::load(&testdata().join("kto/policy_adapter")).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    let a = tok
+        .encode("Note: fever for two days, cough. Extract JSON:")
+        .unwrap();
+    let b = tok.encode("Triage: chest pain.").unwrap();
+    let c = |s: &str| tok.encode(s).unwrap();
+    let rollout = |prompt: &Vec<u32>, completion: Vec<u32>, masked: bool| Rollout {
+        prompt: prompt.clone(),
+        completion,
+        advantage: 0.0,
+        old: None,
+        reference: None,
+        masked,
+    };
+    let rollouts = [
+        rollout(&a, c(r#"{"dx": "flu"}"#), false),
+        rollout(&a, c(r#"{"dx": "pneumonia", "days": 2}"#), false),
+        rollout(&a, c("no"), true),
+        rollout(&a, c(r#"{"dx""#), false),
+        rollout(&b, c(r#"{"dx": "angina"}"#), false),
+        rollout(&b, c("ECG now"), false),
+    ];
+    let refs: Vec<&Rollout> = rollouts.iter().collect();
+    let run = |share: bool| {
+        let batch = rollout_batch(&refs, pad, share);
+        let fwd = forward(&model, &batch, &Trainable::lora(), &StepOptions::default());
+        let mut logps = vec![Vec::new(); refs.len()];
+        for (t, lp) in batch.targets.iter().zip(&fwd.target_logps) {
+            logps[t.seq].push(*lp);
+        }
+        // A different upstream gradient per rollout and token (the same in both layouts).
+        let mut seen = vec![0usize; refs.len()];
+        let d: Vec<f32> = batch
+            .targets
+            .iter()
+            .map(|t| {
+                seen[t.seq] += 1;
+                0.1 * (t.seq as f32 + 1.0) - 0.01 * (seen[t.seq] % 7) as f32
+            })
+            .collect();
+        let grads = backward(&model, fwd, &d, &Trainable::lora());
+        (batch.batch * batch.len, logps, grads)
+    };
+    let (separate_tokens, separate, g_sep) = run(false);
+    let (shared_tokens, shared, g_shared) = run(true);
+    assert!(
+        shared_tokens < separate_tokens,
+        "{shared_tokens} vs {separate_tokens} tokens"
+    );
+    assert!(separate[2].is_empty() && shared[2].is_empty(), "masked");
+    for (k, (s, p)) in separate.iter().zip(&shared).enumerate() {
+        assert_eq!(s.len(), p.len(), "rollout {k}");
+        for (x, y) in s.iter().zip(p) {
+            assert!((x - y).abs() < 1e-5, "rollout {k}: {x} vs {y}");
+        }
+    }
+    assert_eq!(g_sep.len(), g_shared.len());
+    for (name, gs) in &g_sep {
+        let (gs, gp) = (
+            to_f32_vec(gs.clone().into_data()),
+            to_f32_vec(g_shared[name].clone().into_data()),
+        );
+        let scale = gs.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = gs
+            .iter()
+            .zip(&gp)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale, "{name}: {diff} of {scale}");
+    }
+}

@@ -270,6 +270,14 @@ impl TrainBackend for CudaModel {
         shape: AttnShape,
         segments: Option<&[u32]>,
     ) -> (GTensor, CudaSlice<f32>) {
+        // The device's kernels know contiguous segments only (GRPO, which packs shared
+        // prompts, is refused on the GPU before a step runs).
+        assert!(
+            segments.is_none_or(|s| s
+                .iter()
+                .all(|&g| crate::kernels::attention::segment::prefix(g) == 0)),
+            "shared-prefix segments on the GPU"
+        );
         let scale = 1.0 / (shape.d as f32).sqrt();
         let (o, lse) = ok(self.gpu.attention(
             q,

@@ -31,40 +31,92 @@ pub struct Shape {
     pub d: usize,
 }
 
+/// Segment ids with a shared prefix: a token's segment id may name, in its high 16 bits, a
+/// second segment whose keys it also sees (a prompt packed once in a row, followed by several
+/// completions of it that each see the prompt but not each other); the low 16 bits are its own
+/// segment. Plain packing uses ids below `1 << 16`.
+pub mod segment {
+    /// Bits of the own segment.
+    pub const SHIFT: u32 = 16;
+
+    /// The id of a token of segment `own` that also sees segment `prefix`.
+    pub fn with_prefix(own: u32, prefix: u32) -> u32 {
+        assert!(
+            own > 0 && own < 1 << SHIFT && prefix < 1 << SHIFT,
+            "segment ids below 2^16"
+        );
+        (prefix << SHIFT) | own
+    }
+
+    /// The token's own segment.
+    pub fn own(id: u32) -> u32 {
+        id & ((1 << SHIFT) - 1)
+    }
+
+    /// The segment it also sees (0: none).
+    pub fn prefix(id: u32) -> u32 {
+        id >> SHIFT
+    }
+}
+
 /// Which keys each query may see beyond causality.
 #[derive(Debug, Clone, Copy)]
 pub struct Mask<'a> {
-    /// Segment per token `[batch·len]` (0 = padding), or all one segment.
+    /// Segment per token `[batch·len]` (0 = padding; [`segment`] for shared prefixes), or all
+    /// one segment.
     pub segments: Option<&'a [u32]>,
     /// Sliding window.
     pub window: Option<usize>,
 }
 
+/// The keys a query sees: its shared prefix `pre.0..pre.1` (empty: `pre.0 == pre.1 == lo`) and
+/// `lo..=hi`.
+type Vis = (usize, usize, usize, usize);
+
 impl Mask<'_> {
     /// The keys query `qi` of sequence `b` sees: a contiguous range `lo..=qi` (segments are
-    /// contiguous runs; padding sees only itself; the window bounds `lo`).
-    fn visible(&self, b: usize, len: usize, qi: usize) -> (usize, usize) {
+    /// contiguous runs; padding sees only itself; the window bounds `lo`), and the run of its
+    /// shared prefix's segment before its own run, when it has one.
+    fn visible(&self, b: usize, len: usize, qi: usize) -> Vis {
         let mut lo = 0;
         if let Some(w) = self.window {
             lo = (qi + 1).saturating_sub(w);
         }
-        if let Some(seg) = self.segments {
-            let row = &seg[b * len..(b + 1) * len];
-            let sq = row[qi];
-            if sq == 0 {
-                return (qi, qi);
-            }
-            let mut start = qi;
-            while start > lo && row[start - 1] == sq {
-                start -= 1;
-            }
-            lo = lo.max(start);
+        let Some(seg) = self.segments else {
+            return (lo, lo, lo, qi);
+        };
+        let row = &seg[b * len..(b + 1) * len];
+        let sq = row[qi];
+        if sq == 0 {
+            return (qi, qi, qi, qi);
         }
-        (lo, qi)
+        let mut start = qi;
+        while start > lo && row[start - 1] == sq {
+            start -= 1;
+        }
+        let own_lo = lo.max(start);
+        let p = segment::prefix(sq);
+        if p == 0 {
+            return (own_lo, own_lo, own_lo, qi);
+        }
+        // The prefix's run: the last run of segment p before this one.
+        let mut end = start;
+        while end > 0 && row[end - 1] != p {
+            end -= 1;
+        }
+        let mut first = end;
+        while first > 0 && row[first - 1] == p {
+            first -= 1;
+        }
+        let (plo, phi) = (first.max(lo), end.max(lo));
+        if plo >= phi {
+            return (own_lo, own_lo, own_lo, qi);
+        }
+        (plo, phi, own_lo, qi)
     }
 
     /// Visible ranges of queries `q0..q0+rows`.
-    fn ranges(&self, b: usize, len: usize, q0: usize, rows: usize) -> Vec<(usize, usize)> {
+    fn ranges(&self, b: usize, len: usize, q0: usize, rows: usize) -> Vec<Vis> {
         (q0..q0 + rows).map(|qi| self.visible(b, len, qi)).collect()
     }
 }
@@ -168,18 +220,27 @@ fn scores(
 }
 
 crate::kernels::simd! {
-    /// Softmax of score rows `[rows, cols]` over each row's visible range `lo..=hi` (zero
-    /// elsewhere), in place; writes the log-sum-exp per row.
-    fn softmax_block(s: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &mut [f32]) {
-        for ((row, &(lo, hi)), l) in s.chunks_mut(cols).zip(ranges).zip(lse.iter_mut()) {
-            let vis = &mut row[lo..=hi];
-            let max = fastmath::max(vis);
-            let sum = fastmath::exp_shift_sum(vis, max);
+    /// Softmax of score rows `[rows, cols]` over each row's visible keys (its shared prefix
+    /// and `lo..=hi`; zero elsewhere), in place; writes the log-sum-exp per row.
+    fn softmax_block(s: &mut [f32], cols: usize, ranges: &[Vis], lse: &mut [f32]) {
+        for ((row, &(plo, phi, lo, hi)), l) in s.chunks_mut(cols).zip(ranges).zip(lse.iter_mut()) {
+            let mut max = fastmath::max(&row[lo..=hi]);
+            if phi > plo {
+                max = max.max(fastmath::max(&row[plo..phi]));
+            }
+            let mut sum = fastmath::exp_shift_sum(&mut row[lo..=hi], max);
+            if phi > plo {
+                sum += fastmath::exp_shift_sum(&mut row[plo..phi], max);
+            }
             let inv = 1.0 / sum;
-            for v in vis.iter_mut() {
+            for v in row[lo..=hi].iter_mut() {
                 *v *= inv;
             }
-            row[..lo].fill(0.0);
+            for v in row[plo..phi].iter_mut() {
+                *v *= inv;
+            }
+            row[..plo].fill(0.0);
+            row[phi..lo].fill(0.0);
             row[hi + 1..].fill(0.0);
             *l = max + sum.ln();
         }
@@ -187,10 +248,10 @@ crate::kernels::simd! {
 }
 
 crate::kernels::simd! {
-    /// `P = exp(S − lse)` on visible ranges (0 elsewhere), then `dS = P ⊙ (dP − D)` in place
+    /// `P = exp(S − lse)` on visible keys (0 elsewhere), then `dS = P ⊙ (dP − D)` in place
     /// of `dp`.
-    fn probs_and_ds(s: &mut [f32], dp: &mut [f32], cols: usize, ranges: &[(usize, usize)], lse: &[f32], dsum: &[f32]) {
-        for ((((row, drow), &(lo, hi)), &l), &dd) in s
+    fn probs_and_ds(s: &mut [f32], dp: &mut [f32], cols: usize, ranges: &[Vis], lse: &[f32], dsum: &[f32]) {
+        for ((((row, drow), &(plo, phi, lo, hi)), &l), &dd) in s
             .chunks_mut(cols)
             .zip(dp.chunks_mut(cols))
             .zip(ranges)
@@ -202,9 +263,16 @@ crate::kernels::simd! {
                 *p = e;
                 *g = e * (*g - dd);
             }
-            row[..lo].fill(0.0);
+            for (p, g) in row[plo..phi].iter_mut().zip(drow[plo..phi].iter_mut()) {
+                let e = fastmath::exp(*p - l);
+                *p = e;
+                *g = e * (*g - dd);
+            }
+            row[..plo].fill(0.0);
+            row[phi..lo].fill(0.0);
             row[hi + 1..].fill(0.0);
-            drow[..lo].fill(0.0);
+            drow[..plo].fill(0.0);
+            drow[phi..lo].fill(0.0);
             drow[hi + 1..].fill(0.0);
         }
     }
@@ -341,7 +409,7 @@ pub fn cached(q: &[f32], kv: Cached<'_>, sh: Shape, window: Option<usize>, scale
             let s = &mut s[..groups * kmax];
             // The group's query heads are adjacent d-wide rows of the token's row.
             scores(s, groups, kmax, d, &q[row..], d, kb, ks, scale);
-            softmax_block(s, kmax, &vec![(lo, qpos); groups], &mut lse);
+            softmax_block(s, kmax, &vec![(lo, lo, lo, qpos); groups], &mut lse);
             gemm(
                 groups, d, kmax, &mut o, d, false, s, kmax, 1, vb, ks, 1, 1.0,
             );

@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::attention::segment;
 use crate::model::rope::RotaryEmbedding;
 use crate::model::{Linear, Loader};
 use crate::train::ops::repeat_kv;
@@ -146,10 +147,12 @@ pub(crate) fn build_mask(
                     hide |= qpos - ki.min(qpos) >= w;
                 }
                 if let Some(seg) = segments {
-                    // Segments describe the current tokens only (no cache with packing).
+                    // Segments describe the current tokens only (no cache with packing); a
+                    // query also sees its shared prefix's segment (kernels::attention::segment).
                     let sq = seg[bi * tq + qi];
                     let sk = seg[bi * tk + ki];
-                    hide |= sk == 0 || (sq != sk);
+                    let prefix = segment::prefix(sq);
+                    hide |= sk == 0 || (sq != sk && (prefix == 0 || sk != prefix));
                     // A padding query sees only itself so that its softmax row stays finite.
                     if sq == 0 {
                         hide = ki != qpos;
@@ -161,4 +164,25 @@ pub(crate) fn build_mask(
     }
     Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, tq, tk]), device)
         .expand([b, heads, tq, tk])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_prefix_segments_see_the_prompt_and_themselves() {
+        // A prompt of two tokens, then a one-token and a two-token continuation, then padding.
+        let c1 = segment::with_prefix(2, 1);
+        let c2 = segment::with_prefix(3, 1);
+        let seg = [1, 1, c1, c2, c2, 0];
+        let mask = build_mask(1, 1, 6, 6, Some(&seg), None, &[], &Device::flex());
+        let hidden: Vec<bool> = mask.into_data().try_to_vec::<bool>().unwrap();
+        let seen = |q: usize| -> Vec<usize> { (0..6).filter(|&k| !hidden[q * 6 + k]).collect() };
+        assert_eq!(seen(1), vec![0, 1]);
+        assert_eq!(seen(2), vec![0, 1, 2]);
+        assert_eq!(seen(3), vec![0, 1, 3]);
+        assert_eq!(seen(4), vec![0, 1, 3, 4]);
+        assert_eq!(seen(5), vec![5]);
+    }
 }

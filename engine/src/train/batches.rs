@@ -34,6 +34,78 @@ fn targets_of(ids: &[u32], mask: &[u8], row: usize, len: usize, seq: usize, out:
     }
 }
 
+/// A prompt and its continuations, for [`shared_prefix`]: each continuation is
+/// `(seq, ids, trained)`.
+pub type PrefixGroup<'a> = (&'a [u32], Vec<(usize, &'a [u32], bool)>);
+
+/// Rows that each hold one prompt followed by its continuations: the prompt is run once, and
+/// each continuation sees the prompt and itself but not the others (segment ids with a shared
+/// prefix, `kernels::attention::segment`), at the positions it would have after the prompt
+/// alone, so every continuation gets exactly what a row `prompt + continuation` of its own
+/// would. Targets: the tokens of each trained continuation (the first predicted at the
+/// prompt's last position), with the `seq` given, in order. Right-padded to the longest row.
+/// Not for models with a sliding window (distances in the row are not positions).
+pub fn shared_prefix(groups: &[PrefixGroup<'_>], pad: u32) -> StepBatch {
+    use crate::kernels::attention::segment;
+    let len = groups
+        .iter()
+        .map(|(p, cs)| p.len() + cs.iter().map(|c| c.1.len()).sum::<usize>())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let n = groups.len() * len;
+    let (mut ids, mut segments, mut positions) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut targets = Vec::new();
+    for (row, (prompt, conts)) in groups.iter().enumerate() {
+        let base = row * len;
+        let p = prompt.len();
+        ids.extend_from_slice(prompt);
+        segments.resize(segments.len() + p, 1);
+        positions.extend(0..p);
+        for (i, &(seq, c, trained)) in conts.iter().enumerate() {
+            let start = ids.len() - base;
+            let seg = segment::with_prefix(i as u32 + 2, 1);
+            for (j, &tok) in c.iter().enumerate() {
+                let from = if j == 0 {
+                    p.checked_sub(1)
+                } else {
+                    Some(start + j - 1)
+                };
+                if let (true, Some(from)) = (trained, from) {
+                    targets.push(Target {
+                        pos: base + from,
+                        id: tok,
+                        seq,
+                    });
+                }
+            }
+            ids.extend_from_slice(c);
+            segments.resize(segments.len() + c.len(), seg);
+            positions.extend(p..p + c.len());
+        }
+        ids.resize(base + len, pad);
+        segments.resize(base + len, 0);
+        positions.resize(base + len, 0);
+    }
+    StepBatch {
+        ids,
+        batch: groups.len(),
+        len,
+        positions: Positions::Explicit {
+            ids: positions,
+            batch: groups.len(),
+            len,
+        },
+        real_tokens: segments.iter().filter(|&&g| g != 0).count(),
+        segments: Some(segments),
+        targets,
+    }
+}
+
 /// One right-padded batch of `seqs` (one sequence per row; owned or borrowed).
 pub fn padded<S: std::borrow::Borrow<Encoded>>(seqs: &[S], pad: u32) -> StepBatch {
     let len = seqs

@@ -129,7 +129,17 @@ pub struct StepBatch {
 impl StepBatch {
     /// The same rows as an evaluation batch (trained positions as its mask), for passes
     /// without gradients over a step's rows (a preference loss's reference).
+    ///
+    /// # Panics
+    /// On a batch whose rows share prefixes (`batches::shared_prefix`: a target is not always
+    /// the token after its position there).
     pub fn token_batch(&self) -> crate::eval::TokenBatch {
+        assert!(
+            self.segments.as_ref().is_none_or(|s| s
+                .iter()
+                .all(|&g| crate::kernels::attention::segment::prefix(g) == 0)),
+            "token_batch of a batch with shared prefixes"
+        );
         let mut mask = vec![0u8; self.ids.len()];
         for t in &self.targets {
             mask[t.pos + 1] = 1;

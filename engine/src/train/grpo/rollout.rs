@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::loss::{GrpoLossOptions, SeqLogps, micro_loss};
 use crate::error::{Error, Result};
 use crate::tokenizer::Encoded;
-use crate::train::batches::padded;
+use crate::train::batches::{PrefixGroup, padded, shared_prefix};
 use crate::train::params::TrainModel;
 use crate::train::step::{Grads, StepBatch, StepOptions, Trainable, backward, forward};
 use crate::train::trainer::{StepOutput, add_grads};
@@ -29,9 +29,23 @@ pub struct Rollout {
     pub masked: bool,
 }
 
-/// Rows `prompt + completion`, right-padded with `pad`, the completion's tokens (of rollouts
-/// not masked) as the targets.
-pub fn rollout_batch(rs: &[&Rollout], pad: u32) -> StepBatch {
+/// The rollouts as a training batch, the completion's tokens (of rollouts not masked) as the
+/// targets (`seq`: the rollout's index). With `share`, consecutive rollouts of one prompt
+/// (a group) go in one row that runs the prompt once ([`shared_prefix`]: each completion sees
+/// the prompt and itself, so the numbers are those of separate rows, at about half the tokens
+/// for GRPO's groups); otherwise rows `prompt + completion`, right-padded with `pad`.
+pub fn rollout_batch(rs: &[&Rollout], pad: u32, share: bool) -> StepBatch {
+    if share {
+        let mut groups: Vec<PrefixGroup<'_>> = Vec::new();
+        for (k, r) in rs.iter().enumerate() {
+            let c = (k, r.completion.as_slice(), !r.masked);
+            match groups.last_mut() {
+                Some((p, cs)) if *p == r.prompt.as_slice() => cs.push(c),
+                _ => groups.push((r.prompt.as_slice(), vec![c])),
+            }
+        }
+        return shared_prefix(&groups, pad);
+    }
     let seqs: Vec<Encoded> = rs
         .iter()
         .map(|r| {
@@ -43,6 +57,12 @@ pub fn rollout_batch(rs: &[&Rollout], pad: u32) -> StepBatch {
         })
         .collect();
     padded(&seqs, pad)
+}
+
+/// Whether `model`'s rollouts of one prompt can share a row: no layer has a sliding window
+/// (within a shared row, distances are not positions).
+pub fn shares_prefixes<M: TrainModel>(model: &M) -> bool {
+    model.config().sliding_window.iter().all(Option::is_none)
 }
 
 /// Per-token log-probabilities of the rollouts' completions under `model` at `temperature`
@@ -84,7 +104,7 @@ pub fn logps_and_entropy<M: TrainModel>(
             })
             .collect();
         let refs: Vec<&Rollout> = unmasked.iter().collect();
-        let b = rollout_batch(&refs, pad);
+        let b = rollout_batch(&refs, pad, shares_prefixes(model));
         let fwd = forward(model, &b, &nothing, &options);
         let mut per = vec![Vec::new(); chunk.len()];
         let mut per_e = vec![Vec::new(); chunk.len()];
@@ -132,7 +152,7 @@ pub fn grpo_step<M: TrainModel>(
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let (mut low_min, mut high_max): (Option<f64>, Option<f64>) = (None, None);
     for (i, rs) in micro.iter().enumerate() {
-        let b = rollout_batch(rs, pad);
+        let b = rollout_batch(rs, pad, shares_prefixes(model));
         trained += b.targets.len();
         tokens += b.real_tokens;
         let step_options = StepOptions {
