@@ -106,6 +106,12 @@ pub fn shared_prefix(groups: &[PrefixGroup<'_>], pad: u32) -> StepBatch {
     }
 }
 
+/// Whether `model`'s rows of one prompt can share a row ([`shared_prefix`]): no layer has a
+/// sliding window (within a shared row, distances are not positions).
+pub fn shares_prefixes<M: crate::device::Backend>(model: &M) -> bool {
+    model.config().sliding_window.iter().all(Option::is_none)
+}
+
 /// One right-padded batch of `seqs` (one sequence per row; owned or borrowed).
 pub fn padded<S: std::borrow::Borrow<Encoded>>(seqs: &[S], pad: u32) -> StepBatch {
     let len = seqs

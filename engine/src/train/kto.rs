@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::batches::padded;
+use super::batches::{PrefixGroup, padded, shared_prefix, shares_prefixes};
 use super::params::TrainModel;
 use super::step::{Grads, StepOptions, Trainable, backward, forward};
 use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
@@ -99,6 +99,12 @@ impl KtoOptions {
         }
         Ok(())
     }
+}
+
+/// The first `room` tokens of `c` (a completion cut as `sequence_with` cuts it after its
+/// prompt).
+fn cut(c: &[u32], room: usize) -> &[u32] {
+    &c[..c.len().min(room)]
 }
 
 /// Unpaired feedback as a training objective.
@@ -258,25 +264,86 @@ impl<M: TrainModel> KtoObjective<M> {
             .collect()
     }
 
-    fn reference_sums(&self, model: &M, batch: &TokenBatch) -> Vec<f64> {
-        match &self.reference_model {
-            Some(r) => sequence_logprobs(r, batch).0,
-            None => sequence_logprobs(&model.without_adapter(), batch).0,
+    /// The reference's summed log-probabilities of the examples `idx` of `set` and (with the
+    /// KL term; empty otherwise) of their mismatched KL rows. Where rows can share a prompt
+    /// (no sliding window) the two rows of each prompt go in one row that runs the prompt once
+    /// ([`shared_prefix`]), each completion cut to the same `max_length` as alone.
+    fn references(
+        &self,
+        model: &M,
+        set: &[EncodedFeedback],
+        idx: &[usize],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let with_kl = self.options.loss_type == KtoLoss::Kto;
+        let base;
+        let reference = match &self.reference_model {
+            Some(r) => r,
+            None => {
+                base = model.without_adapter();
+                &base
+            }
+        };
+        if !with_kl || !shares_prefixes(reference) {
+            let sums = |rows: Vec<Encoded>| {
+                sequence_logprobs(reference, &TokenBatch::pad(&rows, self.pad)).0
+            };
+            let kl = if with_kl {
+                sums(self.kl_rows(set, idx))
+            } else {
+                Vec::new()
+            };
+            return (sums(self.rows(set, idx)), kl);
         }
+        let n = idx.len();
+        let groups: Vec<PrefixGroup<'_>> = idx
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let e = &set[i];
+                let room = self.options.max_length.saturating_sub(e.prompt.len());
+                let other = &set[idx[(k + n - 1) % n]].completion;
+                (
+                    e.prompt.as_slice(),
+                    vec![
+                        (k, cut(&e.completion, room), true),
+                        (n + k, cut(other, room), true),
+                    ],
+                )
+            })
+            .collect();
+        let batch = shared_prefix(&groups, self.pad);
+        let fwd = forward(
+            reference,
+            &batch,
+            &Trainable::nothing(),
+            &StepOptions::default(),
+        );
+        let mut sums = vec![0f64; 2 * n];
+        for (t, lp) in batch.targets.iter().zip(&fwd.target_logps) {
+            sums[t.seq] += f64::from(*lp);
+        }
+        let kl = sums.split_off(n);
+        (sums, kl)
     }
 
-    /// The KL reference point of the micro-batch `idx` of `set` (no gradients).
-    fn kl_point(&self, model: &M, set: &[EncodedFeedback], idx: &[usize]) -> f64 {
+    /// The KL reference point of the micro-batch `idx` of `set` (no gradients), from the
+    /// reference's sums of its KL rows.
+    fn kl_point(
+        &self,
+        model: &M,
+        set: &[EncodedFeedback],
+        idx: &[usize],
+        reference: &[f64],
+    ) -> f64 {
         if self.options.loss_type != KtoLoss::Kto {
             return 0.0;
         }
         let rows = self.kl_rows(set, idx);
         let batch = TokenBatch::pad(&rows, self.pad);
         let policy = sequence_logprobs(model, &batch).0;
-        let reference = self.reference_sums(model, &batch);
         let mean = policy
             .iter()
-            .zip(&reference)
+            .zip(reference)
             .map(|(p, r)| p - r)
             .sum::<f64>()
             / idx.len().max(1) as f64;
@@ -293,10 +360,11 @@ impl<M: TrainModel> KtoObjective<M> {
         for chunk in &chunks {
             let rows = self.rows(set, chunk);
             let batch = TokenBatch::pad(&rows, self.pad);
+            let (reference, reference_kl) = self.references(model, set, chunk);
             let scored = Scored {
                 policy: sequence_logprobs(model, &batch).0,
-                reference: self.reference_sums(model, &batch),
-                kl: self.kl_point(model, set, chunk),
+                reference,
+                kl: self.kl_point(model, set, chunk, &reference_kl),
             };
             let labels: Vec<bool> = chunk.iter().map(|&i| set[i].label).collect();
             let (l, _, m) = micro_loss(&self.options, &labels, &scored);
@@ -341,9 +409,8 @@ impl<M: TrainModel> Objective<M> for KtoObjective<M> {
             let b = &m.batch;
             trained += b.targets.len();
             tokens += b.real_tokens;
-            let tb = b.token_batch();
-            let reference = self.reference_sums(model, &tb);
-            let kl = self.kl_point(model, &self.examples, &m.examples);
+            let (reference, reference_kl) = self.references(model, &self.examples, &m.examples);
+            let kl = self.kl_point(model, &self.examples, &m.examples, &reference_kl);
             let fwd = forward(model, b, trainable, &options.micro(i));
             let mut policy = vec![0f64; b.batch];
             for (t, v) in b.targets.iter().zip(&fwd.target_logps) {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::loss::{GrpoLossOptions, SeqLogps, micro_loss};
 use crate::error::{Error, Result};
 use crate::tokenizer::Encoded;
-use crate::train::batches::{PrefixGroup, padded, shared_prefix};
+use crate::train::batches::{PrefixGroup, padded, shared_prefix, shares_prefixes};
 use crate::train::params::TrainModel;
 use crate::train::step::{Grads, StepBatch, StepOptions, Trainable, backward, forward};
 use crate::train::trainer::{StepOutput, add_grads};
@@ -57,12 +57,6 @@ pub fn rollout_batch(rs: &[&Rollout], pad: u32, share: bool) -> StepBatch {
         })
         .collect();
     padded(&seqs, pad)
-}
-
-/// Whether `model`'s rollouts of one prompt can share a row: no layer has a sliding window
-/// (within a shared row, distances are not positions).
-pub fn shares_prefixes<M: TrainModel>(model: &M) -> bool {
-    model.config().sliding_window.iter().all(Option::is_none)
 }
 
 /// Per-token log-probabilities of the rollouts' completions under `model` at `temperature`
