@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::batches::padded;
+use super::batches::{PrefixGroup, padded, shared_prefix, shares_prefixes};
 use super::params::TrainModel;
-use super::step::{Grads, StepOptions, Trainable, backward, forward};
+use super::step::{Grads, StepBatch, StepOptions, Trainable, backward, forward, sequence_sums};
 use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
 use crate::dpo::{PairStats, PreferenceLoss, batch_metrics, pair_loss};
 use crate::error::Result;
@@ -144,6 +144,8 @@ pub struct DpoObjective<M> {
     reference: Option<Precomputed>,
     /// The reference model when it is not the policy with its adapter disabled.
     reference_model: Option<M>,
+    /// Whether a pair's two sequences share one row that runs the prompt once.
+    share: bool,
 }
 
 fn rows(pairs: &[&EncodedPair]) -> Vec<Encoded> {
@@ -233,7 +235,32 @@ impl<M: TrainModel> DpoObjective<M> {
             pad,
             reference: precomputed,
             reference_model,
+            share: shares_prefixes(reference),
         }
+    }
+
+    /// The training batch of `pairs`: with `share`, one row per pair that runs the prompt once
+    /// for both completions ([`shared_prefix`]: each sees the prompt and itself); otherwise
+    /// rows `prompt + chosen`, `prompt + rejected`. Sequence `2k` is pair k's chosen, `2k + 1`
+    /// its rejected, either way.
+    fn batch_of(&self, pairs: &[&EncodedPair]) -> StepBatch {
+        if !self.share {
+            return padded(&rows(pairs), self.pad);
+        }
+        let groups: Vec<PrefixGroup<'_>> = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                (
+                    p.prompt.as_slice(),
+                    vec![
+                        (2 * k, p.chosen.as_slice(), true),
+                        (2 * k + 1, p.rejected.as_slice(), true),
+                    ],
+                )
+            })
+            .collect();
+        shared_prefix(&groups, self.pad)
     }
 
     /// Pair statistics of `pairs` (indices into `set`) under `model`, without gradients.
@@ -293,9 +320,8 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
             .chunks(self.batch_size.max(1))
             .map(|idx| {
                 let pairs: Vec<&EncodedPair> = idx.iter().map(|&i| &self.pairs[i]).collect();
-                let seqs = rows(&pairs);
                 MicroBatch {
-                    batch: padded(&seqs, self.pad),
+                    batch: self.batch_of(&pairs),
                     examples: idx.to_vec(),
                 }
             })
@@ -324,22 +350,28 @@ impl<M: TrainModel> Objective<M> for DpoObjective<M> {
             let b = &m.batch;
             trained += b.targets.len();
             tokens += b.real_tokens;
-            let tb = b.token_batch();
-            let reference = self.reference_for(
-                model,
-                &tb,
-                self.reference.as_ref().map(|r| &r.train),
-                &m.examples,
-            );
+            let seqs = 2 * m.examples.len();
+            let reference = match (&self.reference, self.options.loss().needs_reference()) {
+                (_, false) => vec![0.0; seqs],
+                (Some(p), true) => m
+                    .examples
+                    .iter()
+                    .flat_map(|&k| [p.train[k].0, p.train[k].1])
+                    .collect(),
+                (None, true) => match &self.reference_model {
+                    Some(r) => sequence_sums(r, b, seqs),
+                    None => sequence_sums(&model.without_adapter(), b, seqs),
+                },
+            };
             let fwd = forward(model, b, trainable, &options.micro(i));
             let lp = fwd.target_logps.clone();
-            let mut sums = vec![0f64; b.batch];
-            let mut counts = vec![0usize; b.batch];
+            let mut sums = vec![0f64; seqs];
+            let mut counts = vec![0usize; seqs];
             for (t, v) in b.targets.iter().zip(&lp) {
                 sums[t.seq] += *v as f64;
                 counts[t.seq] += 1;
             }
-            let mut d_row = vec![0f64; b.batch];
+            let mut d_row = vec![0f64; seqs];
             for k in 0..m.examples.len() {
                 let s = PairStats {
                     policy_chosen: sums[2 * k],

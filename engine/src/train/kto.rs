@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batches::{PrefixGroup, padded, shared_prefix, shares_prefixes};
 use super::params::TrainModel;
-use super::step::{Grads, StepOptions, Trainable, backward, forward};
+use super::step::{Grads, StepOptions, Trainable, backward, forward, sequence_sums};
 use super::trainer::{MicroBatch, Objective, StepOutput, add_grads};
 use crate::data::EncodedFeedback;
 use crate::error::Result;
@@ -311,17 +311,7 @@ impl<M: TrainModel> KtoObjective<M> {
                 )
             })
             .collect();
-        let batch = shared_prefix(&groups, self.pad);
-        let fwd = forward(
-            reference,
-            &batch,
-            &Trainable::nothing(),
-            &StepOptions::default(),
-        );
-        let mut sums = vec![0f64; 2 * n];
-        for (t, lp) in batch.targets.iter().zip(&fwd.target_logps) {
-            sums[t.seq] += f64::from(*lp);
-        }
+        let mut sums = sequence_sums(reference, &shared_prefix(&groups, self.pad), 2 * n);
         let kl = sums.split_off(n);
         (sums, kl)
     }

@@ -452,6 +452,18 @@ pub fn forward<B: TrainBackend>(
     }
 }
 
+/// Summed `log p` of each sequence's targets (`seqs` sequences, by [`Target::seq`]) under `m`,
+/// without gradients: the train step's forward on `batch` as it is laid out (rows of one
+/// sequence, packed or with shared prefixes alike).
+pub fn sequence_sums<B: TrainBackend>(m: &B, batch: &StepBatch, seqs: usize) -> Vec<f64> {
+    let fwd = forward(m, batch, &Trainable::nothing(), &StepOptions::default());
+    let mut sums = vec![0f64; seqs];
+    for (t, lp) in batch.targets.iter().zip(&fwd.target_logps) {
+        sums[t.seq] += f64::from(*lp);
+    }
+    sums
+}
+
 /// The backward pass for upstream gradients `d_logps` (one per target, `∂loss/∂log p`).
 pub fn backward<B: TrainBackend>(
     m: &B,
