@@ -5,6 +5,7 @@
 #   bench/dpo_step.sh [ROUNDS] [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/use_mkl.sh
 ROUNDS=${1:-2}
 STEPS=${2:-4}
 HF=$(bench/prepare_step.sh bench_dpo)

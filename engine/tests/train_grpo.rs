@@ -210,6 +210,7 @@ fn grpo_training_raises_the_reward() {
 /// masked rollout left out of both and fewer tokens run.
 #[test]
 fn a_group_sharing_its_prompt_in_one_row_gets_the_numbers_of_separate_rows() {
+    use fedtune_engine::train::batches::shares_prefixes;
     use fedtune_engine::train::grpo::rollout_batch;
     use fedtune_engine::train::step::{backward, forward};
     use fedtune_engine::weights::to_f32_vec;
@@ -266,6 +267,11 @@ fn a_group_sharing_its_prompt_in_one_row_gets_the_numbers_of_separate_rows() {
         let grads = backward(&model, fwd, &d, &Trainable::lora());
         (batch.batch * batch.len, logps, grads)
     };
+    // The host's attention takes shared prefixes; a sliding window rules them out.
+    assert!(shares_prefixes(&model));
+    let mut windowed = model.clone();
+    windowed.config.sliding_window = vec![Some(8); windowed.config.num_hidden_layers];
+    assert!(!shares_prefixes(&windowed));
     let (separate_tokens, separate, g_sep) = run(false);
     let (shared_tokens, shared, g_shared) = run(true);
     assert!(

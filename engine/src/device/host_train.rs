@@ -38,6 +38,10 @@ impl TrainBackend for LlamaModel {
     type Lse = Option<Vec<f32>>;
     type Rms = Tensor<2>;
 
+    fn takes_shared_prefixes(&self) -> bool {
+        true
+    }
+
     fn can_train(&self, _weights: bool) -> Result<()> {
         Ok(())
     }

@@ -39,6 +39,11 @@ pub trait TrainBackend: Backend {
     /// Whether this model can be trained on its device and dtype, LoRA factors only or also
     /// `weights` (full or partial fine-tuning); an error names what cannot.
     fn can_train(&self, weights: bool) -> Result<()>;
+    /// Whether its attention takes segment ids with a shared prefix
+    /// (`kernels::attention::segment`, `train::batches::shared_prefix`); the GPU's does not.
+    fn takes_shared_prefixes(&self) -> bool {
+        false
+    }
     /// `(h, norm(h), 1/rms(h))` with `h = x + pending` (or `x`).
     fn norm_train(
         &self,

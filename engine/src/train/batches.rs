@@ -106,10 +106,11 @@ pub fn shared_prefix(groups: &[PrefixGroup<'_>], pad: u32) -> StepBatch {
     }
 }
 
-/// Whether `model`'s rows of one prompt can share a row ([`shared_prefix`]): no layer has a
-/// sliding window (within a shared row, distances are not positions).
-pub fn shares_prefixes<M: crate::device::Backend>(model: &M) -> bool {
-    model.config().sliding_window.iter().all(Option::is_none)
+/// Whether `model`'s rows of one prompt can share a row ([`shared_prefix`]): its device's
+/// attention takes shared prefixes (the host's) and no layer has a sliding window (within a
+/// shared row, distances are not positions).
+pub fn shares_prefixes<M: crate::device::TrainBackend>(model: &M) -> bool {
+    model.takes_shared_prefixes() && model.config().sliding_window.iter().all(Option::is_none)
 }
 
 /// One right-padded batch of `seqs` (one sequence per row; owned or borrowed).
