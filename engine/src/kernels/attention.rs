@@ -115,9 +115,13 @@ impl Mask<'_> {
         (plo, phi, own_lo, qi)
     }
 
-    /// Visible ranges of queries `q0..q0+rows`.
-    fn ranges(&self, b: usize, len: usize, q0: usize, rows: usize) -> Vec<Vis> {
-        (q0..q0 + rows).map(|qi| self.visible(b, len, qi)).collect()
+    /// Visible keys of every query `[batch·len]`, computed once per call (every head of a
+    /// sequence shares them; a query's prefix lookup walks back over the row).
+    fn all(&self, batch: usize, len: usize) -> Vec<Vis> {
+        (0..batch)
+            .flat_map(|b| (0..len).map(move |qi| (b, qi)))
+            .map(|(b, qi)| self.visible(b, len, qi))
+            .collect()
     }
 }
 
@@ -302,6 +306,7 @@ pub fn forward(
     let (n_o, n_lse) = (batch * len * qs, batch * hq * len);
     let (mut o_all, mut lse_all) = (Uninit::new(n_o), Uninit::new(n_lse));
     let (o_out, lse_out) = (o_all.shared(), lse_all.shared());
+    let vis = mask.all(batch, len);
     tasks.par_iter().for_each(|&(b, h)| {
         let kh = h / groups;
         let qb = &q[b * len * qs + h * d..];
@@ -315,8 +320,8 @@ pub fn forward(
             let kmax = q0 + rows; // causal: keys up to the block's last query
             let s = &mut s[..rows * kmax];
             scores(s, rows, kmax, d, &qb[q0 * qs..], qs, kb, ks, scale);
-            let ranges = mask.ranges(b, len, q0, rows);
-            softmax_block(s, kmax, &ranges, &mut lse[q0..q0 + rows]);
+            let ranges = &vis[b * len + q0..b * len + q0 + rows];
+            softmax_block(s, kmax, ranges, &mut lse[q0..q0 + rows]);
             // O_blk = P · V
             gemm(
                 rows,
@@ -451,6 +456,7 @@ pub fn backward(
     let (mut dq_all, mut dk_all, mut dv_all) =
         (Uninit::new(n_q), Uninit::new(n_k), Uninit::new(n_k));
     let (dq_out, dk_out, dv_out) = (dq_all.shared(), dk_all.shared(), dv_all.shared());
+    let vis = mask.all(batch, len);
     tasks.par_iter().for_each(|&(b, kh)| {
         let kb = &k[b * len * ks + kh * d..];
         let vb = &v[b * len * ks + kh * d..];
@@ -492,8 +498,8 @@ pub fn backward(
                     ks,
                     1.0,
                 );
-                let ranges = mask.ranges(b, len, q0, rows);
-                probs_and_ds(s, dp, kmax, &ranges, &lb[q0..q0 + rows], &dsum[..rows]);
+                let ranges = &vis[b * len + q0..b * len + q0 + rows];
+                probs_and_ds(s, dp, kmax, ranges, &lb[q0..q0 + rows], &dsum[..rows]);
                 // dV[0..kmax] += Pᵀ · dO_blk
                 gemm(
                     kmax,
