@@ -12,7 +12,8 @@
 #      resumed across devices, bf16 against f32, a distillation step against the host.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
 #   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file;
-#      train sft --device cuda for 20 steps and the same on the CPU, each adapter evaluated.
+#      train sft --device cuda for 20 steps and the same on the CPU, each adapter evaluated;
+#      fedtune sim on the GPU (scripts/gpu_sim.toml) with 1 and 4 jobs side by side, compared.
 #   4. a random-weight Llama-3.2-1B shape made with transformers: log-probabilities against
 #      the host engine (f32), the forward's parts, the forward throughput against transformers
 #      (alternating rounds), the NF4 forward, and greedy decoding against transformers.
@@ -59,6 +60,16 @@ step cli_train_cuda_tf32 90 gpu-bin/fedtune train sft --model testdata/tiny-llam
 step cli_train_cuda_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/gpu-train-sft --data testdata/demo/hospital.jsonl --json
 step cli_train_cpu 120 gpu-bin/fedtune train sft --model testdata/tiny-llama/model --data testdata/demo/hospital.jsonl --output /tmp/cpu-train-sft --max-steps 20
 step cli_train_cpu_eval 45 gpu-bin/fedtune eval --model testdata/tiny-llama/model --adapter /tmp/cpu-train-sft --data testdata/demo/hospital.jsonl --json
+# The simulator's clients on the GPU, one job at a time and four side by side: the same
+# global adapters byte for byte, and one job's measured pool peak (events.jsonl).
+step sim_cuda_p1 120 gpu-bin/fedtune sim --config scripts/gpu_sim.toml --tiny --parallel 1 --output /tmp/gpu-sim-p1
+step sim_cuda_p4 120 gpu-bin/fedtune sim --config scripts/gpu_sim.toml --tiny --parallel 4 --output /tmp/gpu-sim-p4
+if cmp -s /tmp/gpu-sim-p1/global/final/adapter_model.safetensors /tmp/gpu-sim-p4/global/final/adapter_model.safetensors; then
+  log "sim_cuda: parallel 4 trains the same global adapter as parallel 1, byte for byte"
+else
+  log "sim_cuda: FAILED: parallel 4 and parallel 1 global adapters differ (or are missing)"
+fi
+grep -h job_memory /tmp/gpu-sim-p1/events.jsonl /tmp/gpu-sim-p4/events.jsonl | tee -a "$OUT/summary.txt"
 step cli_generate_gguf_cpu 45 gpu-bin/fedtune generate --model testdata/gguf/tiny.gguf --prompt "The patient" --max-new-tokens 12
 M1B=/tmp/llama-1b
 step make_1b 90 python3 bench/gpu_forward.py make $M1B 1b

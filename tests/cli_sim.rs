@@ -164,3 +164,56 @@ fn a_bad_config_names_the_file_and_field() {
     assert!(!o.status.success() && err.contains("bogus"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scripts/gpu_sim.toml` (what scripts/gpu_check.sh runs on a GPU with 1 and 4 jobs side by
+/// side) runs here with `--device cpu`: two jobs side by side train the same global adapter as
+/// one at a time, byte for byte; `--device` and `--parallel` are checked like the config's
+/// fields.
+#[test]
+fn the_gpu_check_federation_runs_with_device_and_parallel_overrides() {
+    let run = |parallel: &str| {
+        let out = tmpdir(&format!("gpu-sim-{parallel}"));
+        let o = fedtune(&[
+            "sim",
+            "--config",
+            "scripts/gpu_sim.toml",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--parallel",
+            parallel,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let adapter = std::fs::read(out.join("global/final/adapter_model.safetensors")).unwrap();
+        let rounds = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count();
+        let _ = std::fs::remove_dir_all(&out);
+        (adapter, rounds)
+    };
+    let (one, rounds) = run("1");
+    assert_eq!(rounds, 4, "base + 2 SFT rounds + 1 DPO round");
+    let (two, _) = run("2");
+    assert!(one == two, "parallel 2 trained a different global adapter");
+    for (flag, value, says) in [
+        ("--device", "tpu", "device"),
+        ("--parallel", "0", "parallel"),
+    ] {
+        let o = fedtune(&[
+            "sim",
+            "--config",
+            "scripts/gpu_sim.toml",
+            "--tiny",
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says) && err.contains(flag),
+            "{flag} {value}: {err}"
+        );
+    }
+}

@@ -241,6 +241,8 @@ pub fn train_round(
             (s, n, model.lora_weights())
         }
         Base::Gpu(m) => {
+            // Jobs may run on threads of their own, side by side on the one stream.
+            m.gpu.bind()?;
             let mut model = m.clone();
             model.attach_weights(&job.global)?;
             let (s, n) = local_training(&mut model, data, job)?;

@@ -377,3 +377,58 @@ fn a_distillation_step_on_the_gpu_matches_the_host() {
         );
     }
 }
+
+/// Clients of a simulated federation train side by side on one GPU from threads of their own
+/// (one stream, a shared read-only base): each job's trained adapter is bit for bit the one it
+/// trains alone, and the pool's peak for three jobs together stays within three single jobs.
+#[test]
+fn jobs_training_side_by_side_on_one_gpu_get_what_they_get_alone() {
+    let Some(g) = gpu() else { return };
+    let loaded = tiny_loaded();
+    let seqs = sft_data(&loaded);
+    let cfg = TrainConfig {
+        max_steps: Some(6),
+        ..twenty_steps()
+    };
+    let mut host_base = loaded.model.clone();
+    let adapter = init_adapter(&host_base, &cfg);
+    host_base.attach_weights(&adapter, 0.0).unwrap();
+    let base = CudaModel::from_host(&host_base, g.clone(), Dt::F32).unwrap();
+    let parts: Vec<Vec<Encoded>> = (0..3)
+        .map(|k| seqs.iter().skip(k).step_by(3).cloned().collect())
+        .collect();
+    let job = |data: &[Encoded]| -> Vec<Vec<u32>> {
+        g.bind().unwrap();
+        let mut m = base.clone();
+        run_sft(&mut m, data, &cfg, None, None);
+        let names = m.trainable_names(&Trainable::lora());
+        names
+            .iter()
+            .map(|n| {
+                let v = g.download(m.param(n).unwrap()).unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            })
+            .collect()
+    };
+    g.synchronize().unwrap();
+    g.reset_peak().unwrap();
+    let before = g.used_bytes().unwrap();
+    let alone: Vec<_> = parts.iter().map(|d| job(d)).collect();
+    let one = g.peak_bytes().unwrap().saturating_sub(before);
+    g.synchronize().unwrap();
+    g.reset_peak().unwrap();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = parts.iter().map(|d| s.spawn(|| job(d))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let three = g.peak_bytes().unwrap().saturating_sub(before);
+    for (k, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(a == t, "job {k}: the adapter trained side by side differs");
+    }
+    assert_ne!(alone[0], alone[1], "different data, different adapters");
+    eprintln!("pool peak: one job {one} B, three side by side {three} B");
+    assert!(
+        three <= 3 * one + (64 << 20),
+        "{three} B for three jobs, {one} B for one"
+    );
+}

@@ -38,11 +38,13 @@ pub struct SimConfig {
     #[serde(default = "one")]
     pub parallel: usize,
     /// Where clients train: `cpu` (default) or `cuda[:N]` (clients share one read-only base
-    /// model on the GPU; their jobs run one at a time there).
+    /// model on the GPU; up to `parallel` jobs run side by side there, as many as its free
+    /// memory holds after one job's peak is measured).
     #[serde(default)]
     pub device: Option<String>,
-    /// Resident memory (MiB) that side-by-side training may fill: one job runs alone first and
-    /// its measured peak caps how many run together.
+    /// Memory (MiB) that side-by-side training may fill, resident memory on the host and device
+    /// memory on a GPU: one job runs alone first and its measured peak caps how many run
+    /// together.
     #[serde(default)]
     pub memory_budget_mb: Option<u64>,
     /// The base model and LoRA.

@@ -102,7 +102,8 @@ pub struct Federation<'a> {
     pub parallel: usize,
     /// Wall-clock seconds spent inside the coordinator's state machine.
     pub coordinator_s: f64,
-    /// Bytes of resident memory that parallel training may fill (`None`: no cap).
+    /// Bytes of memory that parallel training may fill (`None`: no cap): resident memory on
+    /// the host, the device's memory on a GPU.
     pub memory_budget: Option<u64>,
     /// One training job's measured peak memory.
     pub per_job_bytes: Option<u64>,
@@ -285,7 +286,7 @@ impl<'a> Federation<'a> {
                     let round = job.plan.round;
                     let (ms, crash) = match fate {
                         Fate::DropOut => {
-                            self.event(serde_json::json!({
+                            self.events.push(serde_json::json!({
                                 "event": "dropout", "round": round, "client": i,
                             }));
                             self.clients[i].machine.handle_abandoned(round);
@@ -376,13 +377,23 @@ impl<'a> Federation<'a> {
             let width = self.width().min(jobs.len() - next);
             let chunk = &jobs[next..next + width];
             next += width;
-            if chunk.len() == 1 && self.memory_budget.is_some() && self.per_job_bytes.is_none() {
+            let meter = Meter::of(base);
+            if chunk.len() == 1
+                && meter.measures(self.memory_budget)
+                && self.per_job_bytes.is_none()
+            {
                 // Measure one job's peak memory before running jobs side by side.
-                let before = reset_peak_rss();
+                let before = meter.reset_peak();
                 let (i, job, ..) = &chunk[0];
                 results.push(train(*i, job));
-                if let (Some(b), Some(peak)) = (before, peak_rss()) {
-                    self.per_job_bytes = Some(peak.saturating_sub(b).max(1));
+                if let (Some(b), Some(peak)) = (before, meter.peak()) {
+                    let per = peak.saturating_sub(b).max(1);
+                    self.per_job_bytes = Some(per);
+                    let width = self.width();
+                    self.events.push(serde_json::json!({
+                        "event": "job_memory", "device": meter.name(), "bytes": per,
+                        "side_by_side": width,
+                    }));
                 }
                 continue;
             }
@@ -422,18 +433,17 @@ impl<'a> Federation<'a> {
         Ok(())
     }
 
-    /// How many jobs may run side by side now: `parallel`, capped by the memory budget once
-    /// one job's peak has been measured (one at a time until then).
+    /// How many jobs may run side by side now: `parallel`, capped by the room left for them
+    /// once one job's peak has been measured (one at a time until then, where jobs are
+    /// measured: under a memory budget, and always on a GPU).
     fn width(&self) -> usize {
-        let p = self.parallel.max(1);
-        match (self.memory_budget, self.per_job_bytes) {
-            (None, _) => p,
-            (Some(_), None) => 1,
-            (Some(budget), Some(per)) => {
-                let used = current_rss().unwrap_or(0);
-                p.min((budget.saturating_sub(used) / per) as usize).max(1)
-            }
-        }
+        let meter = Meter::of(self.base);
+        side_by_side(
+            self.parallel,
+            meter.measures(self.memory_budget),
+            self.per_job_bytes,
+            meter.room(self.memory_budget),
+        )
     }
 
     /// Carries out a scheduled event at its time.
@@ -549,6 +559,85 @@ impl<'a> Federation<'a> {
     }
 }
 
+/// How many jobs run side by side: `parallel`, capped by how many jobs of `per_job` bytes fit
+/// in `room`; where jobs are measured (`measures`), one until a job's peak is known.
+fn side_by_side(parallel: usize, measures: bool, per_job: Option<u64>, room: Option<u64>) -> usize {
+    let p = parallel.max(1);
+    if !measures {
+        return p;
+    }
+    match (per_job, room) {
+        (None, _) => 1,
+        (Some(_), None) => p,
+        (Some(per), Some(room)) => p.min((room / per.max(1)) as usize).max(1),
+    }
+}
+
+/// Where a training job's memory is counted: the process's resident memory when clients
+/// train on the host, the device's memory pool when they train on a GPU.
+enum Meter<'m> {
+    Host,
+    Gpu(&'m fedtune_engine::cuda::Gpu),
+}
+
+impl Meter<'_> {
+    fn of(base: &Base) -> Meter<'_> {
+        match base {
+            Base::Host(_) => Meter::Host,
+            Base::Gpu(m) => Meter::Gpu(&m.gpu),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Meter::Host => "host",
+            Meter::Gpu(_) => "cuda",
+        }
+    }
+
+    /// Whether jobs run side by side only after one job's peak is measured: under a budget,
+    /// and always on a GPU, whose memory is fixed and not swapped.
+    fn measures(&self, budget: Option<u64>) -> bool {
+        matches!(self, Meter::Gpu(_)) || budget.is_some()
+    }
+
+    /// Resets the peak; the bytes in use now (`None`: not measurable here).
+    fn reset_peak(&self) -> Option<u64> {
+        match self {
+            Meter::Host => reset_peak_rss(),
+            Meter::Gpu(g) => {
+                g.synchronize().ok()?;
+                g.reset_peak().ok()?;
+                g.used_bytes().ok()
+            }
+        }
+    }
+
+    /// The peak since [`Meter::reset_peak`].
+    fn peak(&self) -> Option<u64> {
+        match self {
+            Meter::Host => peak_rss(),
+            Meter::Gpu(g) => g.peak_bytes().ok(),
+        }
+    }
+
+    /// Bytes more jobs may fill now: what is left of `budget` (bytes in use in all), and on a
+    /// GPU no more than 90% of what the device can still allocate (`None`: no limit known).
+    fn room(&self, budget: Option<u64>) -> Option<u64> {
+        match self {
+            Meter::Host => budget.map(|b| b.saturating_sub(current_rss().unwrap_or(0))),
+            Meter::Gpu(g) => {
+                let free = g.available_bytes().ok().map(|a| a / 10 * 9);
+                let left = budget.map(|b| b.saturating_sub(g.used_bytes().unwrap_or(0)));
+                match (free, left) {
+                    (Some(f), Some(l)) => Some(f.min(l)),
+                    (f, l) => f.or(l),
+                }
+            }
+        }
+    }
+}
+
 fn status_kb(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
@@ -570,4 +659,23 @@ fn peak_rss() -> Option<u64> {
 fn reset_peak_rss() -> Option<u64> {
     std::fs::write("/proc/self/clear_refs", "5").ok()?;
     current_rss()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::side_by_side;
+
+    #[test]
+    fn jobs_side_by_side_are_capped_by_the_room_for_measured_jobs() {
+        // Unmeasured (host without a budget): `parallel` as asked.
+        assert_eq!(side_by_side(4, false, None, None), 4);
+        assert_eq!(side_by_side(0, false, None, None), 1);
+        // Measured: one at a time until a job's peak is known.
+        assert_eq!(side_by_side(4, true, None, Some(1 << 40)), 1);
+        // Then as many as fit, at most `parallel`, at least one.
+        assert_eq!(side_by_side(4, true, Some(100), Some(250)), 2);
+        assert_eq!(side_by_side(4, true, Some(100), Some(10_000)), 4);
+        assert_eq!(side_by_side(4, true, Some(100), Some(50)), 1);
+        assert_eq!(side_by_side(4, true, Some(100), None), 4);
+    }
 }

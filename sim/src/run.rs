@@ -105,7 +105,8 @@ pub struct SimOutcome {
 pub use crate::progress::Progress;
 
 /// The base model where `cfg` trains (the `device` field): the host model itself, or a copy
-/// on the GPU shared by every client, whose jobs then run one at a time.
+/// on the GPU shared by every client, whose jobs run side by side there as `parallel` and the
+/// device's memory allow.
 pub fn training_base(
     cfg: &SimConfig,
     model: &LoadedModel,
@@ -116,8 +117,9 @@ pub fn training_base(
         .map_err(|e| SimError::Io(format!("device: {e}")))?;
     if base.host().is_none() {
         progress(Progress::Note(format!(
-            "clients train on {} (one base model on the device; jobs one at a time)",
-            cfg.device.as_deref().unwrap_or("cuda")
+            "clients train on {} (one base model on the device; up to {} jobs side by side as its memory allows)",
+            cfg.device.as_deref().unwrap_or("cuda"),
+            cfg.parallel
         )));
     }
     Ok(base)
@@ -203,11 +205,7 @@ fn faulty_federation<'a>(
         })
         .collect();
     let mut f = Federation::new(coordinator, sim_clients, base, T0);
-    f.parallel = if base.host().is_some() {
-        cfg.parallel
-    } else {
-        1
-    };
+    f.parallel = cfg.parallel;
     f.memory_budget = cfg.memory_budget_mb.map(|m| m << 20);
     let faults = cfg.faults.clone();
     let seed = cfg.seed;

@@ -29,6 +29,12 @@ pub struct SimArgs {
     /// Override the config's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Override the config's `device` (`cpu`, `cuda`, `cuda:N`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Override the config's `parallel` (training jobs side by side at most).
+    #[arg(long)]
+    parallel: Option<usize>,
 }
 
 /// Arguments of `fedtune gen-clinical`.
@@ -120,6 +126,16 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     let config_text = std::fs::read_to_string(&a.config)?;
     if let Some(s) = a.seed {
         cfg.seed = s;
+    }
+    if a.device.is_some() {
+        cfg.device = a.device.clone();
+    }
+    if let Some(p) = a.parallel {
+        cfg.parallel = p;
+    }
+    if a.device.is_some() || a.parallel.is_some() {
+        cfg.check()
+            .map_err(|e| anyhow::anyhow!("{e} (from --device/--parallel)"))?;
     }
     if a.tiny {
         cfg.model.path = tiny_model()?;

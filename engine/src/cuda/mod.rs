@@ -136,6 +136,31 @@ impl Gpu {
         Ok(free as u64)
     }
 
+    /// Bytes a new allocation can still get: the driver's free memory plus what the pool holds
+    /// cached and unused.
+    pub fn available_bytes(&self) -> Result<u64> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        let cached = pool_attr(&self.ctx, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?
+            .saturating_sub(pool_attr(&self.ctx, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?);
+        Ok(self.free_bytes()? + cached)
+    }
+
+    /// Bytes allocated from the memory pool now.
+    pub fn used_bytes(&self) -> Result<u64> {
+        pool_attr(
+            &self.ctx,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )
+    }
+
+    /// Makes this GPU's context current on the calling thread. Work from several threads goes
+    /// to the one stream in each thread's program order, so jobs that share only read-only
+    /// tensors (a base model) may run side by side; a thread calls this before its first
+    /// operation (cuBLASLt and the pool's attributes need the context current).
+    pub fn bind(&self) -> Result<()> {
+        drv("binding the CUDA context", self.ctx.bind_to_thread())
+    }
+
     /// The stream every operation runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
