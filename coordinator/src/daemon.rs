@@ -326,29 +326,35 @@ fn log_abandoned(
     );
 }
 
+/// Where the machine's actions are carried out.
+struct Out<'a> {
+    store: &'a FileStore,
+    log: &'a mut crate::roundlog::RoundLog,
+    conns: &'a BTreeMap<PublicKey, Current>,
+    /// When the last round finished.
+    finished_at: &'a mut Option<tokio::time::Instant>,
+}
+
 /// Carries out one action; an error names what was being written.
-fn carry_out(
-    a: &Action,
-    store: &FileStore,
-    log: &mut crate::roundlog::RoundLog,
-    conns: &BTreeMap<PublicKey, Current>,
-    finished_at: &mut Option<tokio::time::Instant>,
-) -> Result<(), (String, std::io::Error)> {
+fn carry_out(a: &Action, out: &mut Out<'_>) -> Result<(), (String, std::io::Error)> {
     match a {
-        Action::Persist { key, bytes } => store
+        Action::Persist { key, bytes } => out
+            .store
             .put(key, bytes)
             .map_err(|e| (format!("persisting {key}"), e)),
-        Action::Log(e) => log
+        Action::Log(e) => out
+            .log
             .write(e, now_ms())
             .map_err(|e| ("writing rounds.jsonl".to_string(), e)),
         Action::Send { to, msg } => {
-            if let Some(c) = conns.get(to) {
+            if let Some(c) = out.conns.get(to) {
                 let _ = c.tx.try_send(msg.clone());
             }
             Ok(())
         }
         Action::Finished => {
-            finished_at.get_or_insert_with(tokio::time::Instant::now);
+            out.finished_at
+                .get_or_insert_with(tokio::time::Instant::now);
             Ok(())
         }
     }
@@ -374,186 +380,52 @@ pub async fn serve(
     opts: DaemonOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<RunSummary, DaemonError> {
-    let store = FileStore::open(&opts.data_dir.join("store")).map_err(io("opening the store"))?;
-    let stale = store
-        .remove_stale_temporaries()
-        .map_err(io("removing the store's stale temporary files"))?;
-    if stale > 0 {
-        tracing::info!(
-            files = stale,
-            "removed temporary files of interrupted writes"
-        );
-    }
+    let store = open_store(&opts)?;
     let incoming_dir = opts.data_dir.join("incoming");
     std::fs::create_dir_all(&incoming_dir).map_err(io("creating incoming/"))?;
-    let parts_dir = incoming_dir.clone();
-    let log_path = opts.data_dir.join("rounds.jsonl");
-    let mut log = crate::roundlog::RoundLog::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?,
-        &opts.clients,
-        opts.console,
-    );
-    let metrics = match opts.metrics {
-        Some(addr) => {
-            let m = Arc::new(crate::metrics::Metrics::default());
-            let text = m.clone();
-            fedtune_protocol::metrics_http::listen(addr, Arc::new(move || text.text()))
-                .await
-                .map_err(io(format!("metrics: listening on {addr}")))?;
-            tracing::info!(%addr, "metrics at /metrics");
-            log = log.with_metrics(m.clone());
-            Some(m)
-        }
-        None => None,
-    };
+    let (mut log, metrics) = round_log(&opts).await?;
     tracing::info!(addr = ?endpoint.local_addr().ok(), "coordinator listening");
+    // The daemon keeps a sender itself, so the channel stays open while it runs.
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
     let admission = Admission::new(opts.limits.handshakes);
-    let accept = {
-        let endpoint = endpoint.clone();
-        let clients = opts.clients.clone();
-        let ev_tx = ev_tx.clone();
-        let counts = Counts::default();
-        let limits = opts.limits;
-        let budget = Arc::new(Budget::new(limits.upload_memory));
-        let admission = admission.clone();
-        tokio::spawn(async move {
-            let mut shed_logged = (0u64, tokio::time::Instant::now());
-            while let Some(inc) = endpoint.accept().await {
-                let ip = inc.remote_address().ip();
-                match admission.decide(ip, inc.remote_address_validated(), inc.may_retry()) {
-                    (Decision::Accept, Some(pending)) => {
-                        tokio::spawn(connection(
-                            inc,
-                            pending,
-                            admission.clone(),
-                            clients.clone(),
-                            ev_tx.clone(),
-                            incoming_dir.clone(),
-                            limits,
-                            counts.clone(),
-                            budget.clone(),
-                        ));
-                    }
-                    (Decision::Retry, _) => {
-                        if let Err(e) = inc.retry() {
-                            e.into_incoming().refuse();
-                        }
-                    }
-                    _ => inc.refuse(),
-                }
-                // Shedding is logged at most once a second, with the totals.
-                let c = admission.stats().snapshot();
-                let shed = c.retried + c.refused;
-                if shed > shed_logged.0 && shed_logged.1.elapsed() >= Duration::from_secs(1) {
-                    tracing::warn!(
-                        pending = admission.pending(),
-                        retried = c.retried,
-                        refused = c.refused,
-                        timed_out = c.timed_out,
-                        "many unfinished QUIC handshakes: answering with Retry, refusing beyond the caps"
-                    );
-                    shed_logged = (shed, tokio::time::Instant::now());
-                }
-            }
-        })
-    };
+    let accept = spawn_accept(
+        endpoint.clone(),
+        &opts,
+        ev_tx.clone(),
+        admission.clone(),
+        incoming_dir.clone(),
+    );
     let mut disk = Disk::new(&opts.data_dir, opts.limits.disk_reserve);
+    let mut parts = Parts::new(incoming_dir, &machine);
     // Actions taken from the machine and not yet carried out (a write failed).
     let mut held: VecDeque<Action> = VecDeque::new();
     // Each client's current connection: the newest that said hello.
     let mut conns: BTreeMap<PublicKey, Current> = BTreeMap::new();
     let mut finished_at: Option<tokio::time::Instant> = None;
-    // Partial uploads of closed rounds are removed (at start, and as rounds close), and so are
-    // partials that received nothing for longer than a header lives (the coordinator's header
-    // lifetime plus the clock skew it allows: an honest client's header has expired by then,
-    // and a client that comes back sends its update again from the start).
-    let mut cleaned: Option<u64> = None;
-    let idle_limit = Duration::from_millis(
-        machine
-            .config()
-            .header_ttl_ms
-            .saturating_add(machine.config().max_skew_ms),
-    );
-    let mut swept: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     machine.handle_tick(now_ms());
     loop {
-        let closed = machine.completed_rounds();
-        if cleaned != Some(closed) {
-            cleaned = Some(closed);
-            for (pk, round, bytes) in remove_parts(&parts_dir, |_, r, _| r <= closed) {
-                log_abandoned(&mut log, pk, round, bytes, "its round is closed");
-            }
-        }
-        if swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
-            swept = Some(tokio::time::Instant::now());
-            let idle = |name: &str| {
-                std::fs::metadata(parts_dir.join(name))
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > idle_limit)
-            };
-            for (pk, round, bytes) in remove_parts(&parts_dir, |_, _, name| idle(name)) {
-                log_abandoned(
-                    &mut log,
-                    pk,
-                    round,
-                    bytes,
-                    "nothing received for longer than an update header lives",
-                );
-            }
-        }
+        parts.tidy(machine.completed_rounds(), &mut log);
         // Carry out actions in order. A write that fails holds it and every later action
         // (nothing is sent before what it depends on is stored), tried again each second;
         // uploads are refused meanwhile, and the daemon keeps running.
         held.extend(std::iter::from_fn(|| machine.poll_action()));
         if !held.is_empty() && disk.retry_due() {
-            while let Some(a) = held.front() {
-                match carry_out(a, &store, &mut log, &conns, &mut finished_at) {
-                    Ok(()) => {
-                        held.pop_front();
-                    }
-                    Err((what, e)) => {
-                        if disk.failed(&what, &e) {
-                            tracing::error!(%what, error = %e, held = held.len(), "a write failed: holding the actions from it on and refusing uploads until it succeeds");
-                            eprintln!(
-                                "error: {what}: {e}; retrying each second, uploads refused meanwhile"
-                            );
-                        }
-                        break;
-                    }
-                }
-            }
+            let mut out = Out {
+                store: &store,
+                log: &mut log,
+                conns: &conns,
+                finished_at: &mut finished_at,
+            };
+            carry_out_held(&mut held, &mut out, &mut disk);
         }
         if held.is_empty()
             && let Some(r) = disk.succeeded()
         {
-            if r.failed_for > Duration::ZERO {
-                tracing::info!(seconds = r.failed_for.as_secs_f64(), "writes succeed again");
-                log_own(
-                    &mut log,
-                    RoundEvent::StorageRecovered {
-                        failed_seconds: r.failed_for.as_secs_f64(),
-                    },
-                );
-            }
-            // The clients refused meanwhile are asked again for their update.
-            for pk in r.refused {
-                if conns.contains_key(&pk) {
-                    machine.invite_again(now_ms(), pk);
-                }
-            }
+            writes_recovered(r, &mut machine, &mut log, &conns);
             continue;
         }
-        if let Some(t) = finished_at
-            && t.elapsed() >= opts.linger
-        {
+        if finished_at.is_some_and(|t| t.elapsed() >= opts.linger) {
             break;
         }
         let wake = machine
@@ -571,50 +443,7 @@ pub async fn serve(
             _ = tokio::time::sleep(wake) => machine.handle_tick(now_ms()),
             ev = ev_rx.recv() => match ev {
                 None => break,
-                Some(Event::Hello { pk, id, conn, tx }) => {
-                    // A newer connection of the same client supersedes the older one, which is
-                    // closed; the older one's end then changes nothing.
-                    if let Some(old) = conns.insert(pk, Current { id, conn, tx }) {
-                        tracing::info!(client = %pk, "a newer connection supersedes the older one");
-                        old.conn.close(6u32.into(), b"superseded by a newer connection");
-                    }
-                    machine.handle_hello(now_ms(), pk);
-                }
-                Some(Event::Msg { pk, msg }) => machine.handle_message(now_ms(), pk, msg),
-                Some(Event::UploadHeader { pk, header, reply }) => {
-                    // While writes fail, or without room for it, an upload waits (its client
-                    // is asked again); the machine does not see it, so nothing is counted.
-                    let refused = disk.refuse(pk, header.header.payload_len);
-                    let verdict = match refused {
-                        Some(why) => {
-                            tracing::warn!(client = %pk, round = header.header.round, %why, "upload refused");
-                            log_own(
-                                &mut log,
-                                RoundEvent::UploadRefused {
-                                    round: header.header.round,
-                                    client: pk,
-                                    why: why.clone(),
-                                },
-                            );
-                            Err(Refusal::NoRoom)
-                        }
-                        None => machine
-                            .handle_upload_header(now_ms(), pk, &header)
-                            .map_err(|_| Refusal::Rejected),
-                    };
-                    let _ = reply.send(verdict);
-                }
-                Some(Event::Upload { pk, upload, .. }) => machine.handle_upload(now_ms(), pk, upload),
-                Some(Event::Abandoned { pk, round, bytes, why }) => {
-                    log_abandoned(&mut log, pk, round, bytes, &why);
-                }
-                Some(Event::NoRoom { pk, bytes }) => disk.no_room(pk, bytes),
-                Some(Event::Gone { pk, id }) => {
-                    if conns.get(&pk).is_some_and(|c| c.id == id) {
-                        conns.remove(&pk);
-                        machine.handle_disconnect(now_ms(), pk);
-                    }
-                }
+                Some(ev) => on_event(ev, &mut machine, &mut conns, &mut disk, &mut log),
             },
         }
         if let Some(m) = &metrics {
@@ -635,6 +464,270 @@ pub async fn serve(
         global: machine.global().1.to_vec(),
         handshakes: admission.stats().snapshot(),
     })
+}
+
+/// The durable store under `store/`, without the temporary files of interrupted writes.
+fn open_store(opts: &DaemonOptions) -> Result<FileStore, DaemonError> {
+    let store = FileStore::open(&opts.data_dir.join("store")).map_err(io("opening the store"))?;
+    let stale = store
+        .remove_stale_temporaries()
+        .map_err(io("removing the store's stale temporary files"))?;
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary files of interrupted writes"
+        );
+    }
+    Ok(store)
+}
+
+/// The round log (`rounds.jsonl`, appended to), and the Prometheus metrics it also feeds when
+/// `opts.metrics` names an address (served from now on).
+async fn round_log(
+    opts: &DaemonOptions,
+) -> Result<
+    (
+        crate::roundlog::RoundLog,
+        Option<Arc<crate::metrics::Metrics>>,
+    ),
+    DaemonError,
+> {
+    let log_path = opts.data_dir.join("rounds.jsonl");
+    let log = crate::roundlog::RoundLog::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?,
+        &opts.clients,
+        opts.console,
+    );
+    let Some(addr) = opts.metrics else {
+        return Ok((log, None));
+    };
+    let m = Arc::new(crate::metrics::Metrics::default());
+    let text = m.clone();
+    fedtune_protocol::metrics_http::listen(addr, Arc::new(move || text.text()))
+        .await
+        .map_err(io(format!("metrics: listening on {addr}")))?;
+    tracing::info!(%addr, "metrics at /metrics");
+    Ok((log.with_metrics(m.clone()), Some(m)))
+}
+
+/// The accepting task: each incoming QUIC connection is accepted, asked to retry (address
+/// validation under a handshake flood) or refused, as `admission` decides; accepted ones run
+/// [`connection`] on tasks of their own, sending their events to `ev_tx`.
+fn spawn_accept(
+    endpoint: quinn::Endpoint,
+    opts: &DaemonOptions,
+    ev_tx: mpsc::Sender<Event>,
+    admission: Admission,
+    incoming_dir: PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    let clients = opts.clients.clone();
+    let counts = Counts::default();
+    let limits = opts.limits;
+    let budget = Arc::new(Budget::new(limits.upload_memory));
+    tokio::spawn(async move {
+        let mut shed_logged = (0u64, tokio::time::Instant::now());
+        while let Some(inc) = endpoint.accept().await {
+            let ip = inc.remote_address().ip();
+            match admission.decide(ip, inc.remote_address_validated(), inc.may_retry()) {
+                (Decision::Accept, Some(pending)) => {
+                    tokio::spawn(connection(
+                        inc,
+                        pending,
+                        admission.clone(),
+                        clients.clone(),
+                        ev_tx.clone(),
+                        incoming_dir.clone(),
+                        limits,
+                        counts.clone(),
+                        budget.clone(),
+                    ));
+                }
+                (Decision::Retry, _) => {
+                    if let Err(e) = inc.retry() {
+                        e.into_incoming().refuse();
+                    }
+                }
+                _ => inc.refuse(),
+            }
+            // Shedding is logged at most once a second, with the totals.
+            let c = admission.stats().snapshot();
+            let shed = c.retried + c.refused;
+            if shed > shed_logged.0 && shed_logged.1.elapsed() >= Duration::from_secs(1) {
+                tracing::warn!(
+                    pending = admission.pending(),
+                    retried = c.retried,
+                    refused = c.refused,
+                    timed_out = c.timed_out,
+                    "many unfinished QUIC handshakes: answering with Retry, refusing beyond the caps"
+                );
+                shed_logged = (shed, tokio::time::Instant::now());
+            }
+        }
+    })
+}
+
+/// Partial uploads under `incoming/`: those of closed rounds are removed (at start, and as
+/// rounds close), and so are those that received nothing for longer than a header lives (the
+/// coordinator's header lifetime plus the clock skew it allows: an honest client's header has
+/// expired by then, and a client that comes back sends its update again from the start).
+struct Parts {
+    dir: PathBuf,
+    /// Rounds closed when closed rounds' parts were last removed.
+    cleaned: Option<u64>,
+    /// When idle parts were last looked for.
+    swept: Option<tokio::time::Instant>,
+    idle_limit: Duration,
+}
+
+impl Parts {
+    fn new(dir: PathBuf, machine: &Coordinator) -> Parts {
+        let c = machine.config();
+        Parts {
+            dir,
+            cleaned: None,
+            swept: None,
+            idle_limit: Duration::from_millis(c.header_ttl_ms.saturating_add(c.max_skew_ms)),
+        }
+    }
+
+    /// Removes the parts of rounds up to `closed` when that changed, and idle parts every
+    /// [`PART_SWEEP`]; each removal is logged.
+    fn tidy(&mut self, closed: u64, log: &mut crate::roundlog::RoundLog) {
+        if self.cleaned != Some(closed) {
+            self.cleaned = Some(closed);
+            for (pk, round, bytes) in remove_parts(&self.dir, |_, r, _| r <= closed) {
+                log_abandoned(log, pk, round, bytes, "its round is closed");
+            }
+        }
+        if self.swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
+            self.swept = Some(tokio::time::Instant::now());
+            let idle = |name: &str| {
+                std::fs::metadata(self.dir.join(name))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > self.idle_limit)
+            };
+            for (pk, round, bytes) in remove_parts(&self.dir, |_, _, name| idle(name)) {
+                log_abandoned(
+                    log,
+                    pk,
+                    round,
+                    bytes,
+                    "nothing received for longer than an update header lives",
+                );
+            }
+        }
+    }
+}
+
+/// Carries out `held` actions in order until one fails (it and the rest stay held; the
+/// failure is reported once per outage).
+fn carry_out_held(held: &mut VecDeque<Action>, out: &mut Out<'_>, disk: &mut Disk) {
+    while let Some(a) = held.front() {
+        match carry_out(a, out) {
+            Ok(()) => {
+                held.pop_front();
+            }
+            Err((what, e)) => {
+                if disk.failed(&what, &e) {
+                    tracing::error!(%what, error = %e, held = held.len(), "a write failed: holding the actions from it on and refusing uploads until it succeeds");
+                    eprintln!(
+                        "error: {what}: {e}; retrying each second, uploads refused meanwhile"
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Writes succeed again after failing: logged, and the clients refused meanwhile are asked
+/// again for their update.
+fn writes_recovered(
+    r: crate::disk::Recovered,
+    machine: &mut Coordinator,
+    log: &mut crate::roundlog::RoundLog,
+    conns: &BTreeMap<PublicKey, Current>,
+) {
+    if r.failed_for > Duration::ZERO {
+        tracing::info!(seconds = r.failed_for.as_secs_f64(), "writes succeed again");
+        log_own(
+            log,
+            RoundEvent::StorageRecovered {
+                failed_seconds: r.failed_for.as_secs_f64(),
+            },
+        );
+    }
+    for pk in r.refused {
+        if conns.contains_key(&pk) {
+            machine.invite_again(now_ms(), pk);
+        }
+    }
+}
+
+/// Hands one connection event to the machine (or, for an upload while writes fail or without
+/// room for it, refuses it before the machine sees it).
+fn on_event(
+    ev: Event,
+    machine: &mut Coordinator,
+    conns: &mut BTreeMap<PublicKey, Current>,
+    disk: &mut Disk,
+    log: &mut crate::roundlog::RoundLog,
+) {
+    match ev {
+        Event::Hello { pk, id, conn, tx } => {
+            // A newer connection of the same client supersedes the older one, which is
+            // closed; the older one's end then changes nothing.
+            if let Some(old) = conns.insert(pk, Current { id, conn, tx }) {
+                tracing::info!(client = %pk, "a newer connection supersedes the older one");
+                old.conn
+                    .close(6u32.into(), b"superseded by a newer connection");
+            }
+            machine.handle_hello(now_ms(), pk);
+        }
+        Event::Msg { pk, msg } => machine.handle_message(now_ms(), pk, msg),
+        Event::UploadHeader { pk, header, reply } => {
+            // While writes fail, or without room for it, an upload waits (its client is asked
+            // again); the machine does not see it, so nothing is counted.
+            let verdict = match disk.refuse(pk, header.header.payload_len) {
+                Some(why) => {
+                    tracing::warn!(client = %pk, round = header.header.round, %why, "upload refused");
+                    log_own(
+                        log,
+                        RoundEvent::UploadRefused {
+                            round: header.header.round,
+                            client: pk,
+                            why: why.clone(),
+                        },
+                    );
+                    Err(Refusal::NoRoom)
+                }
+                None => machine
+                    .handle_upload_header(now_ms(), pk, &header)
+                    .map_err(|_| Refusal::Rejected),
+            };
+            let _ = reply.send(verdict);
+        }
+        Event::Upload { pk, upload, .. } => machine.handle_upload(now_ms(), pk, upload),
+        Event::Abandoned {
+            pk,
+            round,
+            bytes,
+            why,
+        } => log_abandoned(log, pk, round, bytes, &why),
+        Event::NoRoom { pk, bytes } => disk.no_room(pk, bytes),
+        Event::Gone { pk, id } => {
+            if conns.get(&pk).is_some_and(|c| c.id == id) {
+                conns.remove(&pk);
+                machine.handle_disconnect(now_ms(), pk);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
