@@ -106,14 +106,15 @@ const GRPO_KEYS: &[&str] = &[
     "vespo_lambda_neg",
 ];
 
-/// Runs `fedtune train grpo`.
-pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
+/// The run's training configuration and GRPO options: the TOML file, then the flags, checked
+/// together (what `train grpo` can train, and where).
+fn configs(a: &GrpoArgs) -> anyhow::Result<(fedtune_engine::train::TrainConfig, GrpoOptions)> {
     // TRL's GRPOConfig trains at 1e-6 by default.
     let (mut cfg, mut opts): (_, GrpoOptions) =
         split_configs(a.run.config.as_ref(), GRPO_KEYS, 1e-6)?;
     a.run.overrides.apply(&mut cfg);
     macro_rules! set {
-        ($($f:ident),*) => { $(if let Some(v) = a.$f { opts.$f = v; })* };
+        ($($f:ident),*) => { $(if let Some(v) = a.$f.clone() { opts.$f = v; })* };
     }
     set!(
         num_generations,
@@ -158,6 +159,12 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         a.run.format.is_none() && !a.run.skip_invalid,
         "train grpo reads prompts (JSON lines with a `prompt`): --format and --skip-invalid do not apply"
     );
+    Ok((cfg, opts))
+}
+
+/// Runs `fedtune train grpo`.
+pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
+    let (cfg, opts) = configs(&a)?;
     let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
