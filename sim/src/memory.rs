@@ -286,7 +286,7 @@ impl<'a> Federation<'a> {
                     let round = job.plan.round;
                     let (ms, crash) = match fate {
                         Fate::DropOut => {
-                            self.events.push(serde_json::json!({
+                            self.event(serde_json::json!({
                                 "event": "dropout", "round": round, "client": i,
                             }));
                             self.clients[i].machine.handle_abandoned(round);
