@@ -316,8 +316,9 @@ impl TrainBackend for CudaModel {
     }
 
     /// Logits in f32 chunks; the softmax gradient formed in place, then multiplied by the
-    /// head weight. No entropy: no kernel computes it yet (GRPO, its only reader, trains on
-    /// the CPU).
+    /// head weight. The chunks' log-probabilities are read back once, after the last chunk is
+    /// queued (one synchronisation per call, not one per chunk). No entropy: no kernel
+    /// computes it yet (GRPO, its only reader, trains on the CPU).
     fn head_train(
         &self,
         h: &GTensor,
@@ -328,18 +329,21 @@ impl TrainBackend for CudaModel {
         assert_eq!(h.rows, ids.len(), "one target per row");
         let n = ids.len();
         let dirs = g.alloc(n, h.cols, self.dt);
-        let mut logps = Vec::with_capacity(n);
+        let mut chunks = Vec::new();
         let head = self.head();
         let chunk = self.head_chunk().max(1);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
             let hc = self.rows(h, start, end);
             let logits = ok(g.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
-            let lp = ok(g.logprob_grad(&logits, &ids[start..end]));
-            logps.extend(ok(g.download(&lp)));
+            chunks.push(ok(g.logprob_grad(&logits, &ids[start..end])));
             let dlogits = self.in_model_dtype(logits);
             let part = ok(g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt));
             g.copy_rows(&part, 0, end - start, &dirs, start);
+        }
+        let mut logps = Vec::with_capacity(n);
+        for lp in &chunks {
+            logps.extend(ok(g.download(lp)));
         }
         (logps, dirs, None)
     }
