@@ -35,7 +35,7 @@ use crate::event::{Event, Refusal};
 use crate::machine::{Action, Coordinator};
 use crate::roundevent::RoundEvent;
 use crate::store::FileStore;
-use crate::upload::{Budget, remove_parts, upload};
+use crate::upload::{Budget, Parts, upload};
 
 /// Errors that stop the daemon (never caused by a peer).
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +58,6 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError 
     let context = context.into();
     move |cause| DaemonError::Io { context, cause }
 }
-
-/// How often partial uploads are checked for having been idle past a header's lifetime.
-const PART_SWEEP: Duration = Duration::from_secs(5);
 
 /// Where and how the daemon runs.
 #[derive(Debug, Clone)]
@@ -396,7 +393,12 @@ pub async fn serve(
         incoming_dir.clone(),
     );
     let mut disk = Disk::new(&opts.data_dir, opts.limits.disk_reserve);
-    let mut parts = Parts::new(incoming_dir, &machine);
+    // A partial upload idle for longer than a header lives (the coordinator's header lifetime
+    // plus the clock skew it allows) is abandoned: an honest client's header has expired by
+    // then, and a client that comes back sends its update again from the start.
+    let c = machine.config();
+    let idle = Duration::from_millis(c.header_ttl_ms.saturating_add(c.max_skew_ms));
+    let mut parts = Parts::new(incoming_dir, idle);
     // Actions taken from the machine and not yet carried out (a write failed).
     let mut held: VecDeque<Action> = VecDeque::new();
     // Each client's current connection: the newest that said hello.
@@ -405,7 +407,9 @@ pub async fn serve(
     tokio::pin!(shutdown);
     machine.handle_tick(now_ms());
     loop {
-        parts.tidy(machine.completed_rounds(), &mut log);
+        for (pk, round, bytes, why) in parts.tidy(machine.completed_rounds()) {
+            log_abandoned(&mut log, pk, round, bytes, why);
+        }
         // Carry out actions in order. A write that fails holds it and every later action
         // (nothing is sent before what it depends on is stored), tried again each second;
         // uploads are refused meanwhile, and the daemon keeps running.
@@ -568,61 +572,6 @@ fn spawn_accept(
             }
         }
     })
-}
-
-/// Partial uploads under `incoming/`: those of closed rounds are removed (at start, and as
-/// rounds close), and so are those that received nothing for longer than a header lives (the
-/// coordinator's header lifetime plus the clock skew it allows: an honest client's header has
-/// expired by then, and a client that comes back sends its update again from the start).
-struct Parts {
-    dir: PathBuf,
-    /// Rounds closed when closed rounds' parts were last removed.
-    cleaned: Option<u64>,
-    /// When idle parts were last looked for.
-    swept: Option<tokio::time::Instant>,
-    idle_limit: Duration,
-}
-
-impl Parts {
-    fn new(dir: PathBuf, machine: &Coordinator) -> Parts {
-        let c = machine.config();
-        Parts {
-            dir,
-            cleaned: None,
-            swept: None,
-            idle_limit: Duration::from_millis(c.header_ttl_ms.saturating_add(c.max_skew_ms)),
-        }
-    }
-
-    /// Removes the parts of rounds up to `closed` when that changed, and idle parts every
-    /// [`PART_SWEEP`]; each removal is logged.
-    fn tidy(&mut self, closed: u64, log: &mut crate::roundlog::RoundLog) {
-        if self.cleaned != Some(closed) {
-            self.cleaned = Some(closed);
-            for (pk, round, bytes) in remove_parts(&self.dir, |_, r, _| r <= closed) {
-                log_abandoned(log, pk, round, bytes, "its round is closed");
-            }
-        }
-        if self.swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
-            self.swept = Some(tokio::time::Instant::now());
-            let idle = |name: &str| {
-                std::fs::metadata(self.dir.join(name))
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > self.idle_limit)
-            };
-            for (pk, round, bytes) in remove_parts(&self.dir, |_, _, name| idle(name)) {
-                log_abandoned(
-                    log,
-                    pk,
-                    round,
-                    bytes,
-                    "nothing received for longer than an update header lives",
-                );
-            }
-        }
-    }
 }
 
 /// Carries out `held` actions in order until one fails (it and the rest stay held; the

@@ -31,6 +31,62 @@ fn parse_part(name: &str) -> Option<(PublicKey, u64)> {
     Some((pk, round))
 }
 
+/// How often partial uploads are checked for having been idle too long.
+const PART_SWEEP: Duration = Duration::from_secs(5);
+
+/// Partial uploads under `incoming/`: those of closed rounds are removed (at start, and as
+/// rounds close), and so are those that received nothing for longer than `idle_limit`.
+pub(crate) struct Parts {
+    dir: PathBuf,
+    /// Rounds closed when closed rounds' parts were last removed.
+    cleaned: Option<u64>,
+    /// When idle parts were last looked for.
+    swept: Option<tokio::time::Instant>,
+    idle_limit: Duration,
+}
+
+impl Parts {
+    pub(crate) fn new(dir: PathBuf, idle_limit: Duration) -> Parts {
+        Parts {
+            dir,
+            cleaned: None,
+            swept: None,
+            idle_limit,
+        }
+    }
+
+    /// Removes the parts of rounds up to `closed` when that changed, and idle parts every
+    /// [`PART_SWEEP`]: each removed part as (client, round, bytes, why).
+    pub(crate) fn tidy(&mut self, closed: u64) -> Vec<(PublicKey, u64, u64, &'static str)> {
+        let mut removed = Vec::new();
+        if self.cleaned != Some(closed) {
+            self.cleaned = Some(closed);
+            for (pk, round, bytes) in remove_parts(&self.dir, |_, r, _| r <= closed) {
+                removed.push((pk, round, bytes, "its round is closed"));
+            }
+        }
+        if self.swept.is_none_or(|t| t.elapsed() >= PART_SWEEP) {
+            self.swept = Some(tokio::time::Instant::now());
+            let idle = |name: &str| {
+                std::fs::metadata(self.dir.join(name))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > self.idle_limit)
+            };
+            for (pk, round, bytes) in remove_parts(&self.dir, |_, _, name| idle(name)) {
+                removed.push((
+                    pk,
+                    round,
+                    bytes,
+                    "nothing received for longer than an update header lives",
+                ));
+            }
+        }
+        removed
+    }
+}
+
 /// Removes the partial uploads under `dir` that `stale(signer, round, name)` selects;
 /// returns `(signer, round, bytes)` of each.
 pub(crate) fn remove_parts(
