@@ -285,6 +285,8 @@ fn drive(
     let mut scanned = 0;
     let mut opened: BTreeMap<u64, usize> = BTreeMap::new();
     let mut passes = 0usize;
+    // One job's measured memory is said once (runs that measure it: a budget, or a GPU).
+    let mut memory_said = false;
     loop {
         let finished = f.coordinator.is_finished();
         if finished {
@@ -359,5 +361,14 @@ fn drive(
             return Err(SimError::Stalled(MAX_PASSES));
         }
         f.pass()?;
+        if !memory_said && let Some(e) = f.events.iter().find(|e| e["event"] == "job_memory") {
+            memory_said = true;
+            progress(Progress::Note(format!(
+                "one training job peaks at {:.0} MiB of {} memory: up to {} side by side",
+                e["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64,
+                e["device"].as_str().unwrap_or("host"),
+                e["side_by_side"]
+            )));
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use fedtune_engine::LoadedModel;
 use fedtune_sim::SimConfig;
-use fedtune_sim::run::{SimOutcome, prepare_clients, run_memory};
+use fedtune_sim::run::{Progress, SimOutcome, prepare_clients, run_memory};
 
 mod common;
 
@@ -103,8 +103,35 @@ fn clients_trained_side_by_side_under_a_memory_budget_give_the_same_adapters() {
     side_by_side.parallel = 2;
     side_by_side.memory_budget_mb = Some(16 << 10);
     let a = run(&serial, &m);
-    let b = run(&side_by_side, &m);
+    let mut notes = Vec::new();
+    let clients = prepare_clients(&side_by_side, &m).unwrap();
+    let b = run_memory(&side_by_side, &m, clients, None, &mut |p| {
+        if let Progress::Note(s) = p {
+            notes.push(s);
+        }
+    })
+    .unwrap();
     assert_eq!(a.global_bytes, b.global_bytes);
+    // The first job ran alone and its measured peak is recorded and said once (where the
+    // peak can be reset: Linux's /proc/self/clear_refs).
+    if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+        let measured: Vec<_> = b
+            .events
+            .iter()
+            .filter(|e| e["event"] == "job_memory")
+            .collect();
+        assert_eq!(measured.len(), 1, "{:?}", b.events);
+        assert_eq!(measured[0]["device"], "host");
+        assert!(measured[0]["bytes"].as_u64().unwrap() > 0);
+        let k = measured[0]["side_by_side"].as_u64().unwrap();
+        assert!((1..=2).contains(&k), "{k}");
+        let said: Vec<_> = notes
+            .iter()
+            .filter(|n| n.starts_with("one training job peaks at"))
+            .collect();
+        assert_eq!(said.len(), 1, "{notes:?}");
+        assert!(said[0].ends_with(&format!("host memory: up to {k} side by side")));
+    }
 }
 
 #[test]
