@@ -52,6 +52,16 @@ fn twenty_steps() -> TrainConfig {
     }
 }
 
+/// `base` with a fresh LoRA adapter of `cfg` attached.
+fn with_fresh_adapter(
+    mut base: fedtune_engine::LlamaModel,
+    cfg: &TrainConfig,
+) -> fedtune_engine::LlamaModel {
+    let adapter = init_adapter(&base, cfg);
+    base.attach_weights(&adapter, 0.0).unwrap();
+    base
+}
+
 fn run_sft<M: TrainModel>(
     model: &mut M,
     seqs: &[Encoded],
@@ -116,9 +126,7 @@ fn twenty_sft_steps_on_the_gpu_follow_the_host_and_checkpoints_cross_devices() {
         save_steps: Some(10),
         ..twenty_steps()
     };
-    let mut base = loaded.model.clone();
-    let adapter = init_adapter(&base, &cfg);
-    base.attach_weights(&adapter, 0.0).unwrap();
+    let base = with_fresh_adapter(loaded.model.clone(), &cfg);
     let mut host_model = base.clone();
     let host_log = run_sft(&mut host_model, &seqs, &cfg, None, None);
     let gpu_out = tmp("sft");
@@ -246,8 +254,7 @@ fn twenty_bf16_and_fp16_sft_steps_follow_the_f32_curve_for_lora_and_qlora() {
         if nf4 {
             base.quantize_nf4(true);
         }
-        let adapter = init_adapter(&base, &cfg);
-        base.attach_weights(&adapter, 0.0).unwrap();
+        let base = with_fresh_adapter(base, &cfg);
         let mut f = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
         let want = curve(&run_sft(&mut f, &seqs, &cfg, None, None));
         // bf16, and fp16 with dynamic loss scaling (the loop's GradScaler).
@@ -390,9 +397,7 @@ fn jobs_training_side_by_side_on_one_gpu_get_what_they_get_alone() {
         max_steps: Some(6),
         ..twenty_steps()
     };
-    let mut host_base = loaded.model.clone();
-    let adapter = init_adapter(&host_base, &cfg);
-    host_base.attach_weights(&adapter, 0.0).unwrap();
+    let host_base = with_fresh_adapter(loaded.model.clone(), &cfg);
     let base = CudaModel::from_host(&host_base, g.clone(), Dt::F32).unwrap();
     let parts: Vec<Vec<Encoded>> = (0..3)
         .map(|k| seqs.iter().skip(k).step_by(3).cloned().collect())

@@ -361,7 +361,11 @@ fn drive(
             return Err(SimError::Stalled(MAX_PASSES));
         }
         f.pass()?;
-        if !memory_said && let Some(e) = f.events.iter().find(|e| e["event"] == "job_memory") {
+        // Known once `per_job_bytes` is set: the events are not searched on every pass.
+        if !memory_said
+            && f.per_job_bytes.is_some()
+            && let Some(e) = f.events.iter().find(|e| e["event"] == "job_memory")
+        {
             memory_said = true;
             progress(Progress::Note(format!(
                 "one training job peaks at {:.0} MiB of {} memory: up to {} side by side",
