@@ -2,6 +2,8 @@
 //! matrices, uploads and comparisons.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod emu;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,7 +20,19 @@ pub fn repo() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
+/// The GPU of the tests: the real one, or with `FEDTUNE_CUDA_EMULATOR=1` (and no
+/// `FEDTUNE_REQUIRE_GPU`) the emulated one of [`emu`]; `None` (the test passes) without either.
 pub fn gpu() -> Option<Arc<Gpu>> {
+    if emu::requested() && std::env::var("FEDTUNE_REQUIRE_GPU").is_err() {
+        let dir = emu::load().unwrap_or_else(|e| panic!("FEDTUNE_CUDA_EMULATOR=1: {e}"));
+        let g = Gpu::open(0).unwrap_or_else(|e| {
+            panic!(
+                "FEDTUNE_CUDA_EMULATOR=1: the emulated GPU ({}) did not open: {e}",
+                dir.display()
+            )
+        });
+        return Some(g);
+    }
     match Gpu::open(0) {
         Ok(g) => Some(g),
         Err(e) => {

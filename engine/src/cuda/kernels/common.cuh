@@ -1,5 +1,7 @@
 // Shared by every fedtune kernel source: element types, conversions and reductions.
 // Self-contained (no CUDA headers), so NVRTC needs nothing beyond its own library at run time.
+// FEDTUNE_HOST_EMULATION: compiled as host C++ for the tests' emulated GPU
+// (engine/tests/cuda_emu), where the few inline PTX instructions have host definitions.
 // Element types: float, bf16 and f16 (16-bit storage, f32 arithmetic).
 
 #ifndef INFINITY
@@ -12,9 +14,13 @@ struct f16 { unsigned short v; };
 __device__ __forceinline__ float ld(float x) { return x; }
 __device__ __forceinline__ float ld(bf16 x) { return __uint_as_float(((unsigned)x.v) << 16); }
 __device__ __forceinline__ float ld(f16 x) {
+#ifdef FEDTUNE_HOST_EMULATION
+    return ft_f16_to_f32(x.v);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.v));
     return f;
+#endif
 }
 
 template <typename T> __device__ __forceinline__ T st(float f);
@@ -33,7 +39,11 @@ template <> __device__ __forceinline__ bf16 st<bf16>(float f) {
 }
 template <> __device__ __forceinline__ f16 st<f16>(float f) {
     f16 r;
+#ifdef FEDTUNE_HOST_EMULATION
+    r.v = ft_f32_to_f16(f);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.v) : "f"(f));
+#endif
     return r;
 }
 
