@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -123,30 +124,41 @@ struct Fiber {
     void* sp = nullptr;
     char* stack = nullptr;  // mmap'd, lowest page inaccessible
     int state = DONE;
+    unsigned index = 0;
     ft_dim3 tid{};
     int lane = 0, warp = 0;
+    // Warp operations this thread has begun: their parity picks the half of the warp's
+    // exchange buffers, the count stamps what it wrote there.
+    uint64_t seq = 0;
 };
 
-// What one host thread needs to run a launch.
+struct Warp {
+    int live = 0, at_warp = 0;
+};
+
+// What one host thread needs to run a launch. Threads switch to one another directly; the
+// scheduler's context is resumed when the block is finished or has failed.
 struct Launch {
     std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    unsigned n = 0;
+    int live = 0, at_block = 0;
     void* sched_sp = nullptr;
     Fiber* cur = nullptr;
     void (*invoke)(void**) = nullptr;
     void** params = nullptr;
-    std::vector<uint64_t> slots;  // one value per lane, for shuffles
-    std::vector<unsigned> mma_a, mma_b;
+    // Warp exchange buffers, two halves used alternately: a lane can only reuse a half after
+    // every lane of its warp has passed the barrier of the operation in between.
+    std::vector<uint64_t> slots;    // [2][warps·32]
+    std::vector<uint64_t> stamps;   // [2][warps·32]: the writer's operation count
+    std::vector<unsigned> mma_a;    // [2][warps·32·4]
+    std::vector<unsigned> mma_b;    // [2][warps·32·2]
     std::vector<char> smem;
     std::string error;
 };
 thread_local Launch L;
 
-void fiber_main(Fiber* f) {
-    L.invoke(L.params);
-    f->state = DONE;
-    ft_switch(&f->sp, L.sched_sp);
-    abort();  // never resumed
-}
+void fiber_main(Fiber* f);
 
 void prepare(Fiber& f) {
     if (!f.stack) {
@@ -165,116 +177,157 @@ void prepare(Fiber& f) {
     uint32_t* ctl = (uint32_t*)sp;
     ctl[0] = 0x1f80;  // mxcsr
     ctl[1] = 0x037f;  // x87 control word
-    sp[1] = 0;                     // r15
-    sp[2] = 0;                     // r14
-    sp[3] = (uint64_t)&fiber_main; // r13: entry
-    sp[4] = (uint64_t)&f;          // r12: argument
-    sp[5] = 0;                     // rbx
-    sp[6] = 0;                     // rbp
+    sp[1] = 0;                      // r15
+    sp[2] = 0;                      // r14
+    sp[3] = (uint64_t)&fiber_main;  // r13: entry
+    sp[4] = (uint64_t)&f;           // r12: argument
+    sp[5] = 0;                      // rbx
+    sp[6] = 0;                      // rbp
     f.sp = sp;
     f.state = RUN;
+    f.seq = 0;
 }
 
-void wait_at(int state) {
-    Fiber* f = L.cur;
+void release_warp(Launch& l, int w) {
+    unsigned end = std::min(l.n, (unsigned)w * 32 + 32);
+    for (unsigned i = (unsigned)w * 32; i < end; i++)
+        if (l.fibers[i].state == AT_WARP) l.fibers[i].state = RUN;
+    l.warps[w].at_warp = 0;
+}
+
+void release_block(Launch& l) {
+    for (unsigned i = 0; i < l.n; i++)
+        if (l.fibers[i].state == AT_BLOCK) l.fibers[i].state = RUN;
+    l.at_block = 0;
+}
+
+// Leaves `from` (which has just waited or finished) for the next runnable thread after it, or
+// for the scheduler when the block is done or stuck.
+void switch_from(Launch& l, Fiber* from) {
+    Fiber* next = nullptr;
+    for (unsigned k = 1; k <= l.n; k++) {
+        Fiber& f = l.fibers[(from->index + k) % l.n];
+        if (f.state == RUN) {
+            next = &f;
+            break;
+        }
+    }
+    if (next == from) return;
+    void** save = &from->sp;
+    if (!next) {
+        if (l.live > 0 && l.error.empty()) {
+            char buf[256];
+            snprintf(buf, sizeof buf,
+                     "deadlock: of %d live threads, %d wait at __syncthreads() and the others at "
+                     "a warp-wide operation (shuffle or mma) that not all lanes of their warp reach",
+                     l.live, l.at_block);
+            l.error = buf;
+        }
+        l.cur = nullptr;
+        ft_switch(save, l.sched_sp);
+        return;
+    }
+    l.cur = next;
+    ft_thread_idx = next->tid;
+    ft_switch(save, next->sp);
+}
+
+void wait_at(Launch& l, int state) {
+    Fiber* f = l.cur;
     f->state = state;
-    ft_switch(&f->sp, L.sched_sp);
+    if (state == AT_WARP) {
+        Warp& w = l.warps[f->warp];
+        if (++w.at_warp == w.live) release_warp(l, f->warp);
+    } else {
+        if (++l.at_block == l.live) release_block(l);
+    }
+    switch_from(l, f);
 }
 
-// Runs one block; false (with L.error) on a deadlock or a bad shuffle.
-bool run_block(unsigned nthreads) {
-    if (L.fibers.size() < nthreads) L.fibers.resize(nthreads);
+void fiber_main(Fiber* f) {
+    Launch& l = L;
+    l.invoke(l.params);
+    f->state = DONE;
+    Warp& w = l.warps[f->warp];
+    w.live--;
+    l.live--;
+    if (w.live > 0 && w.at_warp == w.live) release_warp(l, f->warp);
+    if (l.live > 0 && l.at_block == l.live) release_block(l);
+    switch_from(l, f);
+    abort();  // never resumed
+}
+
+// Runs one block; false (with L.error) on a deadlock or a bad warp operation.
+bool run_block(Launch& l, unsigned nthreads) {
+    if (l.fibers.size() < nthreads) l.fibers.resize(nthreads);
+    l.n = nthreads;
+    l.warps.assign((nthreads + 31) / 32, Warp{});
+    l.live = (int)nthreads;
+    l.at_block = 0;
+    std::fill(l.stamps.begin(), l.stamps.end(), 0);
     for (unsigned i = 0; i < nthreads; i++) {
-        Fiber& f = L.fibers[i];
+        Fiber& f = l.fibers[i];
         prepare(f);
+        f.index = i;
         f.tid.x = i % ft_block_dim.x;
         f.tid.y = (i / ft_block_dim.x) % ft_block_dim.y;
         f.tid.z = i / (ft_block_dim.x * ft_block_dim.y);
         f.lane = i & 31;
         f.warp = i >> 5;
+        l.warps[f.warp].live++;
     }
-    const unsigned warps = (nthreads + 31) / 32;
-    for (;;) {
-        for (unsigned i = 0; i < nthreads; i++) {
-            Fiber& f = L.fibers[i];
-            if (f.state != RUN) continue;
-            L.cur = &f;
-            ft_thread_idx = f.tid;
-            ft_switch(&L.sched_sp, f.sp);
-            if (!L.error.empty()) return false;
-        }
-        L.cur = nullptr;
-        bool released = false;
-        unsigned live = 0, at_block = 0;
-        for (unsigned w = 0; w < warps; w++) {
-            unsigned wl = 0, ww = 0;
-            for (unsigned i = w * 32; i < nthreads && i < w * 32 + 32; i++) {
-                int s = L.fibers[i].state;
-                if (s != DONE) wl++;
-                if (s == AT_WARP) ww++;
-                if (s == AT_BLOCK) at_block++;
-            }
-            live += wl;
-            if (wl > 0 && ww == wl) {
-                for (unsigned i = w * 32; i < nthreads && i < w * 32 + 32; i++)
-                    L.fibers[i].state = RUN;
-                released = true;
-            }
-        }
-        if (released) continue;
-        if (live == 0) return true;
-        if (at_block == live) {
-            for (unsigned i = 0; i < nthreads; i++)
-                if (L.fibers[i].state == AT_BLOCK) L.fibers[i].state = RUN;
-            continue;
-        }
-        char buf[256];
-        snprintf(buf, sizeof buf,
-                 "deadlock: of %u live threads, %u wait at __syncthreads() and the others at a "
-                 "warp-wide operation (shuffle or mma) that not all lanes of their warp reach",
-                 live, at_block);
-        L.error = buf;
-        return false;
-    }
+    l.cur = &l.fibers[0];
+    ft_thread_idx = l.fibers[0].tid;
+    ft_switch(&l.sched_sp, l.fibers[0].sp);
+    return l.error.empty();
+}
+
+// Begins a warp operation of the current thread: its half of the buffers, its stamp written.
+size_t begin_warp_op(Launch& l, Fiber* f) {
+    const size_t at = (f->seq & 1) * l.warps.size() * 32 + (size_t)f->warp * 32;
+    f->seq++;
+    l.stamps[at + f->lane] = f->seq;
+    return at;
+}
+
+// Whether `lane` of the current thread's warp took part in the same warp operation.
+bool took_part(const Launch& l, const Fiber* f, size_t at, int lane) {
+    return (unsigned)f->warp * 32 + lane < l.n && l.stamps[at + lane] == f->seq;
+}
+
+[[noreturn]] void fail_in_fiber(Launch& l, const std::string& msg) {
+    if (l.error.empty()) l.error = msg;
+    Fiber* f = l.cur;
+    f->state = DONE;
+    l.cur = nullptr;
+    ft_switch(&f->sp, l.sched_sp);
+    abort();
 }
 
 }  // namespace
 
 thread_local ft_dim3 ft_thread_idx, ft_block_idx, ft_block_dim, ft_grid_dim;
 
-extern "C" void ft_syncthreads() { wait_at(AT_BLOCK); }
+extern "C" void ft_syncthreads() { wait_at(L, AT_BLOCK); }
 
 extern "C" void* ft_dynamic_smem() { return L.smem.data(); }
 
-static bool lane_live(int warp, int lane) {
-    size_t i = (size_t)warp * 32 + lane;
-    return i < L.fibers.size() && i < (size_t)ft_block_dim.x * ft_block_dim.y * ft_block_dim.z &&
-           L.fibers[i].state != DONE;
-}
-
-static void fail_in_fiber(const std::string& msg) {
-    if (L.error.empty()) L.error = msg;
-    Fiber* f = L.cur;
-    f->state = DONE;
-    ft_switch(&f->sp, L.sched_sp);
-    abort();
-}
-
 extern "C" uint64_t ft_shfl(uint64_t v, int src, int xor_mode) {
-    Fiber* f = L.cur;
-    uint64_t* slot = &L.slots[(size_t)f->warp * 32];
+    Launch& l = L;
+    Fiber* f = l.cur;
+    const size_t at = begin_warp_op(l, f);
+    uint64_t* slot = &l.slots[at];
     slot[f->lane] = v;
-    wait_at(AT_WARP);
+    wait_at(l, AT_WARP);
     int s = (xor_mode ? (f->lane ^ src) : src) & 31;
-    if (!lane_live(f->warp, s)) {
+    if (!took_part(l, f, at, s)) {
         char buf[160];
-        snprintf(buf, sizeof buf, "warp %d lane %d shuffles from lane %d, which has exited or does not exist",
+        snprintf(buf, sizeof buf,
+                 "warp %d lane %d shuffles from lane %d, which has exited or does not exist",
                  f->warp, f->lane, s);
-        fail_in_fiber(buf);
+        fail_in_fiber(l, buf);
     }
-    uint64_t r = slot[s];
-    wait_at(AT_WARP);
-    return r;
+    return slot[s];
 }
 
 static float half_to_f32(unsigned h, int is_bf16) {
@@ -288,37 +341,36 @@ static float half_to_f32(unsigned h, int is_bf16) {
 // (+8 for a4..a7); B (16×8) b0..b3 in 2 registers, row tig·2 + (i & 1) (+8 for b2,b3),
 // column groupID; C/D (16×8) c0..c3, row groupID (+8 for c2,c3), column tig·2 + (i & 1).
 extern "C" void ft_mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1, int is_bf16) {
-    Fiber* f = L.cur;
-    const size_t w = (size_t)f->warp * 32;
-    for (int r = 0; r < 4; r++) L.mma_a[(w + f->lane) * 4 + r] = a[r];
-    L.mma_b[(w + f->lane) * 2] = b0;
-    L.mma_b[(w + f->lane) * 2 + 1] = b1;
-    wait_at(AT_WARP);
-    for (int l = 0; l < 32; l++) {
-        if (!lane_live(f->warp, l)) {
+    Launch& l = L;
+    Fiber* f = l.cur;
+    const size_t at = begin_warp_op(l, f);
+    unsigned* ma = &l.mma_a[at * 4];
+    unsigned* mb = &l.mma_b[at * 2];
+    for (int r = 0; r < 4; r++) ma[f->lane * 4 + r] = a[r];
+    mb[f->lane * 2] = b0;
+    mb[f->lane * 2 + 1] = b1;
+    wait_at(l, AT_WARP);
+    for (int lane = 0; lane < 32; lane++) {
+        if (!took_part(l, f, at, lane)) {
             char buf[128];
-            snprintf(buf, sizeof buf, "mma.sync in warp %d without lane %d (every lane must take part)",
-                     f->warp, l);
-            fail_in_fiber(buf);
+            snprintf(buf, sizeof buf, "mma.sync in warp %d without lane %d (all 32 must take part)",
+                     f->warp, lane);
+            fail_in_fiber(l, buf);
         }
     }
     const int gid = f->lane >> 2, tig = f->lane & 3;
-    float d[4];
     for (int e = 0; e < 4; e++) {
         const int row = gid + (e >= 2 ? 8 : 0), col = tig * 2 + (e & 1);
         float acc = 0.f;
         for (int k = 0; k < 16; k++) {
             const int kl = (k & 7) >> 1, hi = k & 1;
-            const unsigned ar = L.mma_a[(w + (row & 7) * 4 + kl) * 4 + (row >= 8) + (k >= 8 ? 2 : 0)];
-            const unsigned br = L.mma_b[(w + col * 4 + kl) * 2 + (k >= 8)];
+            const unsigned ar = ma[((row & 7) * 4 + kl) * 4 + (row >= 8) + (k >= 8 ? 2 : 0)];
+            const unsigned br = mb[(col * 4 + kl) * 2 + (k >= 8)];
             acc += half_to_f32(hi ? ar >> 16 : ar, is_bf16) * half_to_f32(hi ? br >> 16 : br, is_bf16);
         }
-        d[e] = c[e] + acc;
+        c[e] += acc;
     }
-    wait_at(AT_WARP);
-    for (int e = 0; e < 4; e++) c[e] = d[e];
 }
-
 // ---------------------------------------------------------------------------------------------
 // The device.
 
@@ -759,24 +811,26 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
         return ERR_INVALID_VALUE;
     }
     std::lock_guard<std::mutex> g(stream_of(s)->lock);
-    L.invoke = f->invoke;
-    L.params = params;
-    L.error.clear();
+    Launch& l = L;
+    l.invoke = f->invoke;
+    l.params = params;
+    l.error.clear();
     const unsigned warps = (unsigned)((threads + 31) / 32);
-    L.slots.assign((size_t)warps * 32, 0);
-    L.mma_a.assign((size_t)warps * 32 * 4, 0);
-    L.mma_b.assign((size_t)warps * 32 * 2, 0);
-    L.smem.assign(smem ? smem : 16, (char)0xff);
+    l.slots.assign((size_t)warps * 32 * 2, 0);
+    l.stamps.assign((size_t)warps * 32 * 2, 0);
+    l.mma_a.assign((size_t)warps * 32 * 4 * 2, 0);
+    l.mma_b.assign((size_t)warps * 32 * 2 * 2, 0);
+    l.smem.assign(smem ? smem : 16, (char)0xff);
     ft_block_dim = ft_dim3{bx, by, bz};
     ft_grid_dim = ft_dim3{gx, gy, gz};
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)
             for (unsigned x = 0; x < gx; x++) {
                 ft_block_idx = ft_dim3{x, y, z};
-                memset(L.smem.data(), 0xff, L.smem.size());
-                if (!run_block((unsigned)threads)) {
+                memset(l.smem.data(), 0xff, l.smem.size());
+                if (!run_block(l, (unsigned)threads)) {
                     say("%s: block (%u, %u, %u) of grid (%u, %u, %u), %llu threads per block: %s",
-                        f->name.c_str(), x, y, z, gx, gy, gz, threads, L.error.c_str());
+                        f->name.c_str(), x, y, z, gx, gy, gz, threads, l.error.c_str());
                     return ERR_LAUNCH_FAILED;
                 }
             }

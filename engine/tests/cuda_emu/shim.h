@@ -27,7 +27,11 @@
 struct ft_dim3 {
     unsigned x, y, z;
 };
-extern thread_local ft_dim3 ft_thread_idx, ft_block_idx, ft_block_dim, ft_grid_dim;
+// Hidden: the kernels reach them without a lookup through the dynamic linker.
+extern thread_local ft_dim3 ft_thread_idx __attribute__((visibility("hidden")));
+extern thread_local ft_dim3 ft_block_idx __attribute__((visibility("hidden")));
+extern thread_local ft_dim3 ft_block_dim __attribute__((visibility("hidden")));
+extern thread_local ft_dim3 ft_grid_dim __attribute__((visibility("hidden")));
 #define threadIdx ft_thread_idx
 #define blockIdx ft_block_idx
 #define blockDim ft_block_dim
