@@ -71,7 +71,8 @@ static void say(const char* fmt, ...) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fibers: a context switch saves the callee-saved registers and the stack pointer (x86-64).
+// Fibers: a context switch saves the callee-saved registers and the stack pointer (x86-64;
+// the floating-point control registers are shared, nothing here changes them).
 
 extern "C" void ft_switch(void** save_sp, void* to_sp);
 extern "C" void ft_fiber_start();
@@ -87,14 +88,8 @@ ft_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -173,16 +168,13 @@ void prepare(Fiber& f) {
     uintptr_t top = ((uintptr_t)(f.stack + STACK)) & ~(uintptr_t)15;
     uint64_t* ret = (uint64_t*)(top - 24);  // after `ret`, rsp = top - 16 (16-aligned)
     ret[0] = (uint64_t)&ft_fiber_start;
-    uint64_t* sp = ret - 7;
-    uint32_t* ctl = (uint32_t*)sp;
-    ctl[0] = 0x1f80;  // mxcsr
-    ctl[1] = 0x037f;  // x87 control word
-    sp[1] = 0;                      // r15
-    sp[2] = 0;                      // r14
-    sp[3] = (uint64_t)&fiber_main;  // r13: entry
-    sp[4] = (uint64_t)&f;           // r12: argument
-    sp[5] = 0;                      // rbx
-    sp[6] = 0;                      // rbp
+    uint64_t* sp = ret - 6;
+    sp[0] = 0;                      // r15
+    sp[1] = 0;                      // r14
+    sp[2] = (uint64_t)&fiber_main;  // r13: entry
+    sp[3] = (uint64_t)&f;           // r12: argument
+    sp[4] = 0;                      // rbx
+    sp[5] = 0;                      // rbp
     f.sp = sp;
     f.state = RUN;
     f.seq = 0;
@@ -205,10 +197,11 @@ void release_block(Launch& l) {
 // for the scheduler when the block is done or stuck.
 void switch_from(Launch& l, Fiber* from) {
     Fiber* next = nullptr;
-    for (unsigned k = 1; k <= l.n; k++) {
-        Fiber& f = l.fibers[(from->index + k) % l.n];
-        if (f.state == RUN) {
-            next = &f;
+    unsigned i = from->index;
+    for (unsigned k = 0; k < l.n; k++) {
+        if (++i == l.n) i = 0;
+        if (l.fibers[i].state == RUN) {
+            next = &l.fibers[i];
             break;
         }
     }
