@@ -526,6 +526,9 @@ pub fn run_client(a: DaemonArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let base = fedtune_client::trainer::Base::on(model, device, dt)
         .with_context(|| format!("{}: device", a.config.display()))?;
+    if let fedtune_client::trainer::Base::Gpu(m) = &base {
+        println!("training on {:?} in {:?}", m.gpu, m.dt);
+    }
     let digest = rt.block_on(fedtune_client::daemon::run(
         machine,
         quic,

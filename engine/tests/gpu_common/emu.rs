@@ -4,8 +4,10 @@
 //! the host definitions of its few inline PTX instructions). NVRTC itself is the real one (it
 //! needs no GPU): the driver checks that every kernel of its PTX has a host build. The
 //! libraries are built once per source hash under the tests' target directory with the host's
-//! C++ compiler (`$CXX`, else `c++`) and loaded before cudarc opens the driver by name.
+//! C++ compiler (`$CXX`, else `c++`) and loaded before cudarc opens the driver by name (shared
+//! with `tests/cli_gpu_emulated.rs`, which runs the CLI on it).
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -175,28 +177,22 @@ fn build(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// Builds (once per source hash) and loads the emulated driver and cuBLASLt, so that cudarc's
-/// opens by name find them. Errors name what failed.
-pub fn load() -> Result<&'static Path, String> {
+/// The directory of the emulated `libcuda.so.1`, `libcublasLt.so.13` and `libcublas.so.13`,
+/// built once per source hash (a process that runs `fedtune` finds them through
+/// `LD_LIBRARY_PATH`; the tests' own process loads them, see `gpu_common::gpu`). Errors name
+/// what failed.
+pub fn dir() -> Result<&'static Path, String> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let mut h = blake3::Hasher::new();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
         for s in [SHIM, DRIVER, CUBLASLT, &host_program()] {
-            h.update(s.as_bytes());
+            s.hash(&mut h);
         }
-        let key = h.finalize().to_hex();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join("cuda-emu")
-            .join(&key.as_str()[..16]);
+            .join(format!("{:016x}", h.finish()));
         if !dir.join("libcuda.so.1").is_file() {
             build(&dir)?;
-        }
-        for lib in ["libcuda.so.1", "libcublasLt.so.13", "libcublas.so.13"] {
-            // SAFETY: the emulator's initialisers only set up its own state; the handle is kept
-            // for the life of the process, so later opens by name find it.
-            let l = unsafe { libloading::Library::new(dir.join(lib)) }
-                .map_err(|e| format!("loading the emulated {lib}: {e}"))?;
-            std::mem::forget(l);
         }
         Ok(dir)
     })
@@ -204,3 +200,8 @@ pub fn load() -> Result<&'static Path, String> {
     .map(|p| p.as_path())
     .map_err(|e| e.clone())
 }
+
+/// The libraries in [`dir`], in load order (loaded by `gpu_common`; the CLI tests' commands
+/// find them through `LD_LIBRARY_PATH`).
+#[allow(dead_code)]
+pub const LIBS: [&str; 3] = ["libcuda.so.1", "libcublasLt.so.13", "libcublas.so.13"];

@@ -24,7 +24,7 @@ pub fn repo() -> PathBuf {
 /// `FEDTUNE_REQUIRE_GPU`) the emulated one of [`emu`]; `None` (the test passes) without either.
 pub fn gpu() -> Option<Arc<Gpu>> {
     if emu::requested() && std::env::var("FEDTUNE_REQUIRE_GPU").is_err() {
-        let dir = emu::load().unwrap_or_else(|e| panic!("FEDTUNE_CUDA_EMULATOR=1: {e}"));
+        let dir = load_emulator().unwrap_or_else(|e| panic!("FEDTUNE_CUDA_EMULATOR=1: {e}"));
         let g = Gpu::open(0).unwrap_or_else(|e| {
             panic!(
                 "FEDTUNE_CUDA_EMULATOR=1: the emulated GPU ({}) did not open: {e}",
@@ -44,6 +44,25 @@ pub fn gpu() -> Option<Arc<Gpu>> {
             None
         }
     }
+}
+
+/// Builds and loads the emulated GPU's libraries, so that cudarc's opens by name find them.
+fn load_emulator() -> Result<&'static std::path::Path, String> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let dir = emu::dir()?;
+    LOADED
+        .get_or_init(|| {
+            for lib in emu::LIBS {
+                // SAFETY: the emulator's initialisers only set up its own state; the handle is
+                // kept for the life of the process, so later opens by name find it.
+                let l = unsafe { libloading::Library::new(dir.join(lib)) }
+                    .map_err(|e| format!("loading the emulated {lib}: {e}"))?;
+                std::mem::forget(l);
+            }
+            Ok(())
+        })
+        .clone()?;
+    Ok(dir)
 }
 
 pub fn rand(shape: [usize; 2]) -> Tensor<2> {

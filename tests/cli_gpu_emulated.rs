@@ -1,0 +1,448 @@
+//! The CLI with `--device cuda`, in CI: `fedtune train sft`, `eval`, `generate` and `sim` on the
+//! emulated CUDA device of `engine/tests/cuda_emu` (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run`
+//! sets; the commands open the emulated driver through `LD_LIBRARY_PATH`), against the same
+//! commands on the CPU. Without `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU
+//! machine `scripts/gpu_check.sh` runs the same commands on the real device.
+
+#[path = "../engine/tests/gpu_common/emu.rs"]
+mod emu;
+#[path = "support/train.rs"]
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use train::{data, model, root, tmpdir};
+
+/// The emulated GPU's library directory, or `None` (the test passes) when not asked for.
+fn emulator() -> Option<PathBuf> {
+    if !emu::requested() {
+        eprintln!("FEDTUNE_CUDA_EMULATOR is not 1: the emulated GPU is not used");
+        return None;
+    }
+    Some(
+        emu::dir()
+            .unwrap_or_else(|e| panic!("FEDTUNE_CUDA_EMULATOR=1: {e}"))
+            .to_path_buf(),
+    )
+}
+
+/// `fedtune <args>`, on the emulated GPU's libraries when `gpu` is given (the kernels' PTX is
+/// cached under the tests' target directory, so NVRTC compiles it once).
+fn fedtune(args: &[&str], gpu: Option<&Path>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedtune"));
+    c.args(args).env(
+        "FEDTUNE_CACHE_DIR",
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
+    );
+    if let Some(dir) = gpu {
+        let mut paths = vec![dir.to_path_buf()];
+        if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+            paths.extend(std::env::split_paths(&old));
+        }
+        c.env("LD_LIBRARY_PATH", std::env::join_paths(paths).unwrap());
+    }
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "fedtune {args:?} ({}): {}",
+        if gpu.is_some() { "emulated GPU" } else { "CPU" },
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// `train sft` on the tiny model and the demo data for `steps` steps: the log's `(loss,
+/// grad_norm)` per step.
+fn sft(out: &Path, steps: &str, extra: &[&str], gpu: Option<&Path>) -> Vec<(f64, f64)> {
+    let (m, d) = (model(), data());
+    let mut args = vec![
+        "train",
+        "sft",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-steps",
+        steps,
+    ];
+    args.extend_from_slice(extra);
+    if gpu.is_some() {
+        args.extend_from_slice(&["--device", "cuda"]);
+    }
+    fedtune(&args, gpu);
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn close(what: &str, got: &[(f64, f64)], want: &[(f64, f64)], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: steps logged");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        for (name, a, b) in [("loss", g.0, w.0), ("grad_norm", g.1, w.1)] {
+            let r = (a - b).abs() / b.abs().max(1e-12);
+            println!("{what}: step {} {name} {a} vs {b} ({r:.1e})", i + 1);
+            assert!(r <= rel, "{what}: step {} {name}: {a} vs {b}", i + 1);
+        }
+    }
+}
+
+fn eval_loss(adapter: &Path, gpu: Option<&Path>) -> f64 {
+    let (m, d) = (model(), data());
+    let mut args = vec![
+        "eval",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--json",
+    ];
+    if gpu.is_some() {
+        args.extend_from_slice(&["--device", "cuda"]);
+    }
+    let o = fedtune(&args, gpu);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-sft");
+    let (cpu_out, gpu_out) = (dir.join("cpu"), dir.join("gpu"));
+    let cpu = sft(&cpu_out, "3", &[], None);
+    let on_gpu = sft(&gpu_out, "3", &[], Some(&gpu));
+    close("f32 SFT, GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    // The adapter trained on the GPU scores like the CPU's, on either device.
+    let want = eval_loss(&cpu_out, None);
+    for (what, got) in [
+        ("GPU adapter, CPU eval", eval_loss(&gpu_out, None)),
+        ("GPU adapter, GPU eval", eval_loss(&gpu_out, Some(&gpu))),
+    ] {
+        println!("{what}: {got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{what}: {got} vs {want}"
+        );
+    }
+    // Greedy generation from the GGUF file: the same tokens.
+    let gguf = root().join("testdata/gguf/tiny.gguf");
+    let generate = |gpu: Option<&Path>| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "The patient",
+            "--max-new-tokens",
+            "8",
+        ];
+        if gpu.is_some() {
+            args.extend_from_slice(&["--device", "cuda"]);
+        }
+        String::from_utf8(fedtune(&args, gpu).stdout).unwrap()
+    };
+    assert_eq!(generate(Some(&gpu)), generate(None), "greedy generation");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mixed_precision_checkpointing_and_tf32_train_on_the_emulated_gpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-flags");
+    let f32 = sft(&dir.join("f32"), "2", &[], Some(&gpu));
+    // Recomputing each block's forward in backward gives the same numbers.
+    let ckpt = sft(
+        &dir.join("ckpt"),
+        "2",
+        &["--gradient-checkpointing"],
+        Some(&gpu),
+    );
+    close("gradient checkpointing vs f32", &ckpt, &f32, 1e-5);
+    // TF32 products round their inputs to 10 bits; bf16 and fp16 (loss scaling) train a bf16 or
+    // f16 base with f32 LoRA factors: near the f32 run, not equal to it.
+    for (flag, rel) in [("--tf32", 2e-3), ("--fp16", 2e-2), ("--bf16", 5e-2)] {
+        let got = sft(&dir.join(&flag[2..]), "2", &[flag], Some(&gpu));
+        close(&format!("{flag} vs f32"), &got, &f32, rel);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_simulated_federation_trains_side_by_side_on_the_emulated_gpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-sim");
+    let data = root().join("examples/quickstart/data");
+    let mut clients = String::new();
+    for name in ["st-mary-cardiology", "riverside-pediatrics"] {
+        let d = data.join(name);
+        clients += &format!(
+            "[[data.clients]]\nname = \"{name}\"\ntrain = \"{}\"\neval = \"{}\"\npreferences = \"{}\"\n\n",
+            d.join("train.jsonl").display(),
+            d.join("eval.jsonl").display(),
+            d.join("prefs.jsonl").display()
+        );
+    }
+    let config = dir.join("sim.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "emulated-gpu"
+seed = 7
+device = "cuda"
+
+[model]
+path = "smollm2"
+rank = 4
+lora_alpha = 8
+
+[data]
+partition = {{ kind = "per_file" }}
+max_seq_length = 256
+
+{clients}[sft]
+rounds = 1
+learning_rate = 1e-3
+local_steps = 2
+batch_size = 2
+
+[dpo]
+rounds = 1
+learning_rate = 5e-4
+local_steps = 1
+batch_size = 1
+beta = 0.1
+
+[strategy]
+rule = {{ kind = "fed_avg_exact" }}
+min_results = 2
+round_timeout_s = 3600
+
+[faults]
+train_time_s = 3600
+"#
+        ),
+    )
+    .unwrap();
+    let run = |device: &str, parallel: &str| {
+        let out = dir.join(format!("{device}-{parallel}"));
+        let gpu = (device == "cuda").then_some(gpu.as_path());
+        let o = fedtune(
+            &[
+                "sim",
+                "--config",
+                config.to_str().unwrap(),
+                "--tiny",
+                "--device",
+                device,
+                "--parallel",
+                parallel,
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            gpu,
+        );
+        let adapter = std::fs::read(out.join("global/final/adapter_model.safetensors")).unwrap();
+        let metrics: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (adapter, metrics, events, said)
+    };
+    let (one, metrics, _, _) = run("cuda", "1");
+    assert_eq!(metrics.len(), 3, "base + 1 SFT round + 1 DPO round");
+    let (two, _, events_two, stdout) = run("cuda", "2");
+    assert!(
+        one == two,
+        "two jobs side by side on the GPU trained another global adapter"
+    );
+    // The first job is measured alone on the device; its peak sets how many fit.
+    let memory: Vec<Value> = events_two
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "job_memory")
+        .collect();
+    assert_eq!(memory.len(), 1, "{events_two}");
+    assert_eq!(memory[0]["device"], "cuda", "{}", memory[0]);
+    assert!(memory[0]["bytes"].as_u64().unwrap() > 0, "{}", memory[0]);
+    assert!(stdout.contains("MiB of cuda memory"), "{stdout}");
+    // The same federation on the CPU: the same held-out losses, round by round.
+    let (_, cpu_metrics, _, _) = run("cpu", "1");
+    for (g, c) in metrics.iter().zip(&cpu_metrics) {
+        let (g, c) = (
+            g["global_eval_loss"].as_f64().unwrap(),
+            c["global_eval_loss"].as_f64().unwrap(),
+        );
+        println!("global held-out loss: GPU {g}, CPU {c}");
+        assert!((g - c).abs() <= 1e-4 * c.abs(), "GPU {g} vs CPU {c}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `fedtune ca …` (must succeed): its stdout.
+fn ca(args: &[&str]) -> String {
+    String::from_utf8(fedtune(args, None).stdout).unwrap()
+}
+
+#[test]
+fn a_cpu_client_and_a_gpu_client_federate_over_quic() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-fed");
+    let ca_dir = dir.join("ca");
+    let ca_path = ca_dir.to_str().unwrap();
+    let key = ca(&["ca", "init", "--dir", ca_path, "--federation", "demo"]);
+    let names = ["hospital", "bank"];
+    let mut entries = String::new();
+    for n in names {
+        entries += &ca(&["ca", "issue", "--dir", ca_path, "--client", n]);
+        entries += "\n";
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let model = model();
+    let data_dir = dir.join("coord-data");
+    let coord_toml = dir.join("coord.toml");
+    std::fs::write(
+        &coord_toml,
+        format!(
+            r#"federation = "demo"
+model = "{model}"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+ca = "{ca}"
+rounds = 1
+rank = 4
+lora_alpha = 8.0
+min_results = 2
+round_timeout_s = 1800
+rule = {{ kind = "fed_avg_exact" }}
+sampling = {{ fraction = 1.0, min_clients = 2 }}
+
+[local]
+learning_rate = 5e-3
+local_steps = 2
+batch_size = 2
+
+{entries}"#,
+            model = model.display(),
+            data = data_dir.display(),
+            ca = ca_dir.display(),
+        ),
+    )
+    .unwrap();
+    let spawn = |args: &[&str], log: &Path, gpu: Option<&Path>| {
+        let out = std::fs::File::create(log).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fedtune"));
+        c.args(args)
+            .env(
+                "FEDTUNE_CACHE_DIR",
+                PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
+            )
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if let Some(d) = gpu {
+            c.env("LD_LIBRARY_PATH", d);
+        }
+        c.spawn().unwrap()
+    };
+    let mut coord = spawn(
+        &["coord", "--config", coord_toml.to_str().unwrap()],
+        &dir.join("coord.out"),
+        None,
+    );
+    let mut clients = Vec::new();
+    for n in names {
+        let toml = dir.join(format!("{n}.toml"));
+        // The bank trains on the GPU, the hospital on the CPU.
+        let device = if n == "bank" {
+            "device = \"cuda\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &toml,
+            format!(
+                "federation = \"demo\"\ncoordinator = \"127.0.0.1:{port}\"\n{key}\nca = \"{}\"\n\
+                 name = \"{n}\"\nmodel = \"{}\"\ntrain_data = \"{}\"\n{device}",
+                ca_dir.display(),
+                model.display(),
+                root().join(format!("testdata/demo/{n}.jsonl")).display(),
+                key = key.trim(),
+            ),
+        )
+        .unwrap();
+        let gpu = (n == "bank").then_some(gpu.as_path());
+        clients.push(spawn(
+            &["client", "--config", toml.to_str().unwrap()],
+            &dir.join(format!("{n}.out")),
+            gpu,
+        ));
+    }
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = coord.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(900) {
+            let _ = coord.kill();
+            for c in &mut clients {
+                let _ = c.kill();
+            }
+            panic!(
+                "the federation did not finish: {}",
+                std::fs::read_to_string(dir.join("coord.out")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let log = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert!(status.success(), "{}", log("coord.out"));
+    for (n, c) in names.iter().zip(&mut clients) {
+        assert!(
+            c.wait().unwrap().success(),
+            "{n}: {}",
+            log(&format!("{n}.out"))
+        );
+    }
+    // Both updates were accepted into the round's aggregate.
+    let coord_out = log("coord.out");
+    for n in names {
+        assert!(
+            coord_out.contains(&format!("round 1: update of {n} accepted")),
+            "{coord_out}"
+        );
+    }
+    assert!(coord_out.contains("round 1 closed"), "{coord_out}");
+    // The bank's daemon trained on the (emulated) GPU, the hospital's on the CPU.
+    let bank = log("bank.out");
+    assert!(
+        bank.contains("training on cuda:0 (fedtune CUDA emulator"),
+        "{bank}"
+    );
+    assert!(!log("hospital.out").contains("training on cuda"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
