@@ -7,7 +7,9 @@
 //   ends against an inaccessible page, so a kernel that writes past its buffer stops the test;
 // - a stream runs each operation synchronously, in order, under the stream's lock;
 // - a launch runs its blocks one after another on the calling thread and each block's threads
-//   as fibers (own stacks, switched at barriers): __syncthreads() releases when every live
+//   as fibers (own stacks, switched at barriers), every other launch in reverse order (blocks,
+//   and threads between barriers), so a result that depends on either order shows up as a
+//   mismatch in the tests: __syncthreads() releases when every live
 //   thread of the block waits there, a warp shuffle or mma.sync when every live lane of the
 //   warp does; anything else (a barrier inside divergent code, a shuffle reading a lane that
 //   has exited) fails the launch with a message on stderr, as it would hang or read garbage on
@@ -22,6 +24,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -55,11 +58,6 @@ enum {
     ERR_NOT_SUPPORTED = 801,
 };
 
-struct FtKernel {
-    const char* name;
-    void (*invoke)(void** params);
-};
-extern "C" const FtKernel* ft_kernels(size_t* count);
 
 static void say(const char* fmt, ...) {
     va_list ap;
@@ -138,6 +136,8 @@ struct Launch {
     std::vector<Warp> warps;
     unsigned n = 0;
     int live = 0, at_block = 0;
+    // Where the threads waiting at the block barrier called __syncthreads() from.
+    void* barrier_site = nullptr;
     void* sched_sp = nullptr;
     Fiber* cur = nullptr;
     void (*invoke)(void**) = nullptr;
@@ -150,6 +150,9 @@ struct Launch {
     std::vector<unsigned> mma_b;    // [2][warps·32·2]
     std::vector<char> smem;
     std::string error;
+    // Threads and blocks run in reverse order (every other launch): a kernel whose result
+    // depends on the order of threads between barriers, or of blocks, shows it.
+    bool reverse = false;
 };
 thread_local Launch L;
 
@@ -199,7 +202,11 @@ void switch_from(Launch& l, Fiber* from) {
     Fiber* next = nullptr;
     unsigned i = from->index;
     for (unsigned k = 0; k < l.n; k++) {
-        if (++i == l.n) i = 0;
+        if (l.reverse) {
+            i = (i == 0 ? l.n : i) - 1;
+        } else if (++i == l.n) {
+            i = 0;
+        }
         if (l.fibers[i].state == RUN) {
             next = &l.fibers[i];
             break;
@@ -241,6 +248,16 @@ void fiber_main(Fiber* f) {
     Launch& l = L;
     l.invoke(l.params);
     f->state = DONE;
+    if (l.at_block > 0 && l.error.empty()) {
+        char buf[160];
+        snprintf(buf, sizeof buf,
+                 "thread %u returned while %d threads of its block wait at __syncthreads() "
+                 "(every thread must reach it, or none)",
+                 f->index, l.at_block);
+        l.error = buf;
+        l.cur = nullptr;
+        ft_switch(&f->sp, l.sched_sp);
+    }
     Warp& w = l.warps[f->warp];
     w.live--;
     l.live--;
@@ -269,9 +286,10 @@ bool run_block(Launch& l, unsigned nthreads) {
         f.warp = i >> 5;
         l.warps[f.warp].live++;
     }
-    l.cur = &l.fibers[0];
-    ft_thread_idx = l.fibers[0].tid;
-    ft_switch(&l.sched_sp, l.fibers[0].sp);
+    Fiber& first = l.fibers[l.reverse ? nthreads - 1 : 0];
+    l.cur = &first;
+    ft_thread_idx = first.tid;
+    ft_switch(&l.sched_sp, first.sp);
     return l.error.empty();
 }
 
@@ -301,7 +319,26 @@ bool took_part(const Launch& l, const Fiber* f, size_t at, int lane) {
 
 thread_local ft_dim3 ft_thread_idx, ft_block_idx, ft_block_dim, ft_grid_dim;
 
-extern "C" void ft_syncthreads() { wait_at(L, AT_BLOCK); }
+// Every thread of the block must reach the same __syncthreads() call, or none: a barrier some
+// threads skip (by returning first, or waiting at another call) hangs or misbehaves on a GPU.
+extern "C" void ft_syncthreads() {
+    Launch& l = L;
+    void* site = __builtin_return_address(0);
+    if (l.live < (int)l.n) {
+        char buf[160];
+        snprintf(buf, sizeof buf,
+                 "thread %u reached __syncthreads() after %d of the block's %u threads returned "
+                 "(every thread must reach it, or none)",
+                 l.cur->index, (int)l.n - l.live, l.n);
+        fail_in_fiber(l, buf);
+    }
+    if (l.at_block == 0) {
+        l.barrier_site = site;
+    } else if (site != l.barrier_site) {
+        fail_in_fiber(l, "threads of the block wait at two different __syncthreads() calls");
+    }
+    wait_at(l, AT_BLOCK);
+}
 
 extern "C" void* ft_dynamic_smem() { return L.smem.data(); }
 
@@ -816,17 +853,21 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     l.smem.assign(smem ? smem : 16, (char)0xff);
     ft_block_dim = ft_dim3{bx, by, bz};
     ft_grid_dim = ft_dim3{gx, gy, gz};
-    for (unsigned z = 0; z < gz; z++)
-        for (unsigned y = 0; y < gy; y++)
-            for (unsigned x = 0; x < gx; x++) {
-                ft_block_idx = ft_dim3{x, y, z};
-                memset(l.smem.data(), 0xff, l.smem.size());
-                if (!run_block(l, (unsigned)threads)) {
-                    say("%s: block (%u, %u, %u) of grid (%u, %u, %u), %llu threads per block: %s",
-                        f->name.c_str(), x, y, z, gx, gy, gz, threads, l.error.c_str());
-                    return ERR_LAUNCH_FAILED;
-                }
-            }
+    static std::atomic<unsigned long long> launches{0};
+    l.reverse = (launches++ & 1) != 0;
+    const unsigned long long blocks = (unsigned long long)gx * gy * gz;
+    for (unsigned long long b = 0; b < blocks; b++) {
+        const unsigned long long at = l.reverse ? blocks - 1 - b : b;
+        const unsigned x = (unsigned)(at % gx), y = (unsigned)(at / gx % gy),
+                       z = (unsigned)(at / ((unsigned long long)gx * gy));
+        ft_block_idx = ft_dim3{x, y, z};
+        memset(l.smem.data(), 0xff, l.smem.size());
+        if (!run_block(l, (unsigned)threads)) {
+            say("%s: block (%u, %u, %u) of grid (%u, %u, %u), %llu threads per block: %s",
+                f->name.c_str(), x, y, z, gx, gy, gz, threads, l.error.c_str());
+            return ERR_LAUNCH_FAILED;
+        }
+    }
     return OK;
 }
 

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <utility>
+
 #define FEDTUNE_HOST_EMULATION 1
 
 // Kernel entry points are marked so that the build can list them (see emu.rs); the mark is
@@ -103,3 +105,28 @@ static inline unsigned short ft_f32_to_f16(float f) {
     memcpy(&h, &v, 2);
     return h;
 }
+
+// The kernels a program provides to the driver: name and a launcher that unpacks cuLaunchKernel's
+// argument array into the kernel's parameters.
+struct FtKernel {
+    const char* name;
+    void (*invoke)(void** params);
+};
+extern "C" const FtKernel* ft_kernels(size_t* count);
+
+template <typename F> struct FtInvoke;
+template <typename... A> struct FtInvoke<void (*)(A...)> {
+    template <void (*F)(A...), size_t... I> static void call(void** p, std::index_sequence<I...>) {
+        F(*static_cast<A*>(p[I])...);
+    }
+    template <void (*F)(A...)> static void invoke(void** p) {
+        call<F>(p, std::index_sequence_for<A...>{});
+    }
+};
+#define FT_KERNEL(name) {#name, &FtInvoke<decltype(&name)>::invoke<&name>}
+#define FT_KERNEL_TABLE(...)                                                                     \
+    static const FtKernel FT_KERNELS[] = {__VA_ARGS__};                                          \
+    extern "C" const FtKernel* ft_kernels(size_t* n) {                                           \
+        *n = sizeof FT_KERNELS / sizeof FT_KERNELS[0];                                           \
+        return FT_KERNELS;                                                                       \
+    }

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 const SHIM: &str = include_str!("../cuda_emu/shim.h");
 const DRIVER: &str = include_str!("../cuda_emu/driver.cpp");
 const CUBLASLT: &str = include_str!("../cuda_emu/cublaslt.cpp");
+const SELFTEST: &str = include_str!("../cuda_emu/selftest.cpp");
 
 /// Whether the tests are asked to use the emulated GPU.
 pub fn requested() -> bool {
@@ -85,6 +86,7 @@ fn build(dir: &Path) -> Result<(), String> {
     write("shim.h", SHIM)?;
     write("driver.cpp", DRIVER)?;
     write("cublaslt.cpp", CUBLASLT)?;
+    write("selftest.cpp", SELFTEST)?;
     write(
         "cublas.cpp",
         "extern \"C\" int ft_cublas_placeholder = 0;\n",
@@ -108,24 +110,13 @@ fn build(dir: &Path) -> Result<(), String> {
     }
     let mut kernels = String::from("#include \"shim.h\"\n#define __ft_kernel__\n");
     kernels.push_str(&host_program());
-    kernels.push_str(
-        "\n#include <utility>\n\
-         struct FtKernel { const char* name; void (*invoke)(void**); };\n\
-         template <typename F> struct FtInvoke;\n\
-         template <typename... A> struct FtInvoke<void (*)(A...)> {\n\
-         template <void (*F)(A...), size_t... I> static void call(void** p, std::index_sequence<I...>) { F(*static_cast<A*>(p[I])...); }\n\
-         template <void (*F)(A...)> static void invoke(void** p) { call<F>(p, std::index_sequence_for<A...>{}); }\n\
-         };\n\
-         static const FtKernel FT_KERNELS[] = {\n",
-    );
-    for n in &names {
-        kernels.push_str(&format!(
-            "    {{\"{n}\", &FtInvoke<decltype(&{n})>::invoke<&{n}>}},\n"
-        ));
-    }
-    kernels.push_str(
-        "};\nextern \"C\" const FtKernel* ft_kernels(size_t* n) { *n = sizeof FT_KERNELS / sizeof FT_KERNELS[0]; return FT_KERNELS; }\n",
-    );
+    kernels.push_str("\nFT_KERNEL_TABLE(\n");
+    let entries: Vec<String> = names
+        .iter()
+        .map(|n| format!("    FT_KERNEL({n})"))
+        .collect();
+    kernels.push_str(&entries.join(",\n"));
+    kernels.push_str(")\n");
     write("kernels.cpp", &kernels)?;
     let lib = |out: &str, srcs: &[&str]| {
         let mut c = Command::new(&cxx);
@@ -166,10 +157,25 @@ fn build(dir: &Path) -> Result<(), String> {
         &mut lib("libcublas.so.13", &["cublas.cpp"]),
         "compiling the cuBLAS placeholder",
     )?;
+    // The driver's checks against kernels that break their rules (cuda_emu_checks.rs).
+    run(
+        Command::new(&cxx).current_dir(&tmp).args([
+            "-O1",
+            "-std=c++17",
+            "-ffp-contract=off",
+            "-Wno-unknown-pragmas",
+            "-o",
+            "selftest",
+            "driver.cpp",
+            "selftest.cpp",
+            "-lpthread",
+        ]),
+        "compiling the emulator's self-test",
+    )?;
     match std::fs::rename(&tmp, dir) {
         Ok(()) => Ok(()),
         // Another process built the same sources first.
-        Err(_) if dir.join("libcuda.so.1").is_file() => {
+        Err(_) if dir.join("selftest").is_file() => {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(())
         }
@@ -185,13 +191,13 @@ pub fn dir() -> Result<&'static Path, String> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        for s in [SHIM, DRIVER, CUBLASLT, &host_program()] {
+        for s in [SHIM, DRIVER, CUBLASLT, SELFTEST, &host_program()] {
             s.hash(&mut h);
         }
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join("cuda-emu")
             .join(format!("{:016x}", h.finish()));
-        if !dir.join("libcuda.so.1").is_file() {
+        if !dir.join("selftest").is_file() {
             build(&dir)?;
         }
         Ok(dir)
