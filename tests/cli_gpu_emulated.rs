@@ -1,7 +1,7 @@
-//! The CLI with `--device cuda`, in CI: `fedtune train sft`, `eval`, `generate` and `sim` on the
-//! emulated CUDA device of `engine/tests/cuda_emu` (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run`
-//! sets; the commands open the emulated driver through `LD_LIBRARY_PATH`), against the same
-//! commands on the CPU. Without `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU
+//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo`, `eval`, `generate`, `sim` and
+//! the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
+//! (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets; the commands open the emulated driver
+//! through `LD_LIBRARY_PATH`), against the same commands on the CPU. Without `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU
 //! machine `scripts/gpu_check.sh` runs the same commands on the real device.
 
 #[path = "../engine/tests/gpu_common/emu.rs"]
@@ -157,6 +157,75 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
         String::from_utf8(fedtune(&args, gpu).stdout).unwrap()
     };
     assert_eq!(generate(Some(&gpu)), generate(None), "greedy generation");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-qlora-dpo");
+    // NF4 with double quantisation (the same codes on both devices), packed sequences, two
+    // micro-batches per step.
+    let flags = [
+        "--load-in-4bit",
+        "--bnb-4bit-use-double-quant",
+        "--packing",
+        "--max-seq-length",
+        "256",
+        "--gradient-accumulation-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "2",
+    ];
+    let cpu = sft(&dir.join("q-cpu"), "2", &flags, None);
+    let on_gpu = sft(&dir.join("q-gpu"), "2", &flags, Some(&gpu));
+    close(
+        "QLoRA, packing, accumulation: GPU vs CPU",
+        &on_gpu,
+        &cpu,
+        1e-5,
+    );
+    // DPO: the reference is the model with the adapter disabled, on the same device.
+    let dpo = |out: &Path, gpu: Option<&Path>| {
+        let (m, d) = (model(), root().join("testdata/demo/prefs.jsonl"));
+        let mut args = vec![
+            "train",
+            "dpo",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            d.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--per-device-train-batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "1",
+        ];
+        if gpu.is_some() {
+            args.extend_from_slice(&["--device", "cuda"]);
+        }
+        fedtune(&args, gpu);
+        std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
+            .map(|v| {
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let cpu = dpo(&dir.join("dpo-cpu"), None);
+    let on_gpu = dpo(&dir.join("dpo-gpu"), Some(&gpu));
+    close("DPO: GPU vs CPU", &on_gpu, &cpu, 1e-5);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
