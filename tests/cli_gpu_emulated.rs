@@ -160,6 +160,79 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The emulated device's counters of a `train sft --device cuda` run of `steps` steps
+/// (`FEDTUNE_CUDA_EMU_STATS=1`): launches, host-to-device copies, device-to-host copies, waits,
+/// allocations.
+fn device_counters(gpu: &Path, out: &Path, steps: &str) -> [u64; 5] {
+    let (m, d) = (model(), data());
+    let mut paths = vec![gpu.to_path_buf()];
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        paths.extend(std::env::split_paths(&old));
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args([
+            "train",
+            "sft",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            d.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            steps,
+            "--max-seq-length",
+            "128",
+            "--device",
+            "cuda",
+        ])
+        .env("LD_LIBRARY_PATH", std::env::join_paths(paths).unwrap())
+        .env(
+            "FEDTUNE_CACHE_DIR",
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
+        )
+        .env("FEDTUNE_CUDA_EMU_STATS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("cuda-emu: ") && l.contains(" launches, "))
+        .unwrap_or_else(|| panic!("no counters in\n{err}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    nums.try_into()
+        .unwrap_or_else(|_| panic!("five counters expected: {line}"))
+}
+
+/// What a training step asks of the device, from the difference between a 1-step and a 3-step
+/// run: it reads from the device only for what it logs (the loss and the gradient norm) and
+/// never waits for the device otherwise, so a GPU never stalls inside a step.
+#[test]
+fn a_gpu_training_step_reads_back_only_its_loss_and_gradient_norm() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-syncs");
+    let one = device_counters(&gpu, &dir.join("one"), "1");
+    let three = device_counters(&gpu, &dir.join("three"), "3");
+    let per_step: Vec<u64> = three.iter().zip(&one).map(|(t, o)| (t - o) / 2).collect();
+    println!(
+        "per LoRA SFT step on the tiny model: {} kernel launches (products not counted), {} \
+         host-to-device copies, {} device-to-host copies, {} waits, {} allocations",
+        per_step[0], per_step[1], per_step[2], per_step[3], per_step[4]
+    );
+    assert!(per_step[0] > 0, "no kernel launched: {one:?} {three:?}");
+    assert!(
+        per_step[2] <= 2,
+        "{} device-to-host copies per step",
+        per_step[2]
+    );
+    assert_eq!(per_step[3], 0, "waits for the device per step");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cpu() {
     let Some(gpu) = emulator() else { return };

@@ -454,8 +454,14 @@ int cc() {
 
 Stream* stream_of(void* s) { return s ? (Stream*)s : &null_stream; }
 
+// What the process asked of the device (ft_emu_counters; FEDTUNE_CUDA_EMU_STATS=1 prints them
+// at exit): kernel launches, host-to-device and device-to-host copies, waits for the device
+// (stream, context and event synchronisation), allocations.
+std::atomic<uint64_t> n_launches{0}, n_htod{0}, n_dtoh{0}, n_waits{0}, n_allocs{0};
+
 CUresult allocate(CUdeviceptr* out, size_t size) {
     if (!out) return ERR_INVALID_VALUE;
+    n_allocs++;
     const size_t page = 4096;
     size_t body = (size + 255) & ~(size_t)255;
     if (body == 0) body = 256;
@@ -517,7 +523,29 @@ CUresult check_range(const char* what, CUdeviceptr p, size_t n) {
 
 extern "C" {
 
+static void print_counters() {
+    fprintf(stderr,
+            "cuda-emu: %llu launches, %llu host-to-device copies, %llu device-to-host copies, "
+            "%llu waits, %llu allocations\n",
+            (unsigned long long)n_launches, (unsigned long long)n_htod,
+            (unsigned long long)n_dtoh, (unsigned long long)n_waits,
+            (unsigned long long)n_allocs);
+}
+
+// Counters so far: launches, host-to-device copies, device-to-host copies, waits, allocations.
+void ft_emu_counters(uint64_t* out) {
+    out[0] = n_launches;
+    out[1] = n_htod;
+    out[2] = n_dtoh;
+    out[3] = n_waits;
+    out[4] = n_allocs;
+}
+
 CUresult cuInit(unsigned) {
+    if (!initialised) {
+        const char* v = getenv("FEDTUNE_CUDA_EMU_STATS");
+        if (v && strcmp(v, "1") == 0) atexit(print_counters);
+    }
     initialised = true;
     return OK;
 }
@@ -598,7 +626,10 @@ CUresult cuCtxPopCurrent_v2(void** ctx) {
     if (!ctx_stack.empty()) ctx_stack.pop_back();
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() {
+    n_waits++;
+    return OK;
+}
 CUresult cuCtxSetFlags(unsigned) { return OK; }
 CUresult cuCtxSetLimit(int, size_t) { return OK; }
 CUresult cuCtxGetLimit(size_t* v, int) {
@@ -615,7 +646,10 @@ CUresult cuStreamDestroy_v2(void* s) {
     delete (Stream*)s;
     return OK;
 }
-CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamSynchronize(void*) {
+    n_waits++;
+    return OK;
+}
 CUresult cuStreamQuery(void*) { return OK; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 CUresult cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
@@ -638,7 +672,10 @@ CUresult cuEventRecord(void* e, void* s) {
     ((Event*)e)->recorded = true;
     return OK;
 }
-CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventSynchronize(void*) {
+    n_waits++;
+    return OK;
+}
 CUresult cuEventQuery(void*) { return OK; }
 CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     Event* x = (Event*)a;
@@ -680,6 +717,7 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 }
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* s) {
+    n_htod++;
     std::lock_guard<std::mutex> g(stream_of(s)->lock);
     if (CUresult r = check_range("host-to-device copy", dst, n)) return r;
     memcpy((void*)(uintptr_t)dst, src, n);
@@ -689,6 +727,7 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* s) {
+    n_dtoh++;
     std::lock_guard<std::mutex> g(stream_of(s)->lock);
     if (CUresult r = check_range("device-to-host copy", src, n)) return r;
     memcpy(dst, (const void*)(uintptr_t)src, n);
@@ -823,6 +862,7 @@ CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, void* s, void** params, void** extra) {
     Func* f = (Func*)fn;
+    n_launches++;
     if (extra) {
         say("%s: launch with `extra` arguments is not supported", f->name.c_str());
         return ERR_NOT_SUPPORTED;
