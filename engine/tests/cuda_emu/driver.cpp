@@ -454,8 +454,7 @@ int cc() {
 
 Stream* stream_of(void* s) { return s ? (Stream*)s : &null_stream; }
 
-// What the process asked of the device (ft_emu_counters; FEDTUNE_CUDA_EMU_STATS=1 prints them
-// at exit): kernel launches, host-to-device and device-to-host copies, waits for the device
+// What the process asked of the device (FEDTUNE_CUDA_EMU_STATS=1 prints it at exit): kernel launches, host-to-device and device-to-host copies, waits for the device
 // (stream, context and event synchronisation), allocations.
 std::atomic<uint64_t> n_launches{0}, n_htod{0}, n_dtoh{0}, n_waits{0}, n_allocs{0};
 
@@ -530,15 +529,6 @@ static void print_counters() {
             (unsigned long long)n_launches, (unsigned long long)n_htod,
             (unsigned long long)n_dtoh, (unsigned long long)n_waits,
             (unsigned long long)n_allocs);
-}
-
-// Counters so far: launches, host-to-device copies, device-to-host copies, waits, allocations.
-void ft_emu_counters(uint64_t* out) {
-    out[0] = n_launches;
-    out[1] = n_htod;
-    out[2] = n_dtoh;
-    out[3] = n_waits;
-    out[4] = n_allocs;
 }
 
 CUresult cuInit(unsigned) {
