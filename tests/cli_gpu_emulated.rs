@@ -588,3 +588,119 @@ batch_size = 2
     assert!(!log("hospital.out").contains("training on cuda"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ctrl-C during `train sft --device cuda` checkpoints after the current step and says how to
+/// resume; the checkpoint resumes on the CPU and the steps after it are the steps of an
+/// uninterrupted CPU run.
+#[test]
+fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-ctrl-c");
+    let (m, d) = (model(), data());
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "sft",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            d.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "4",
+            "--max-seq-length",
+            "128",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let interrupted = dir.join("gpu");
+    let mut args = common(&interrupted);
+    args.extend(["--device".into(), "cuda".into()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+        .args(&args)
+        .env("LD_LIBRARY_PATH", &gpu)
+        .env(
+            "FEDTUNE_CACHE_DIR",
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first step is logged.
+    let log = interrupted.join("train_log.jsonl");
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"step\":1")) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(300),
+            "no step logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("interrupted: saving a checkpoint"), "{err}");
+    let stopped: u64 = err
+        .split("stopped at step ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no 'stopped at step' in {err}"));
+    assert!((1..4).contains(&stopped), "{err}");
+    let checkpoint = interrupted.join(format!("checkpoint-{stopped}"));
+    assert!(checkpoint.is_dir(), "{err}");
+    // Resumed on the CPU, against an uninterrupted CPU run.
+    let resumed = dir.join("resumed");
+    let mut args = common(&resumed);
+    args.extend([
+        "--resume-from-checkpoint".into(),
+        checkpoint.to_str().unwrap().into(),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    fedtune(&a, None);
+    let whole = dir.join("whole");
+    let args = common(&whole);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    fedtune(&a, None);
+    let steps = |dir: &Path| -> Vec<(u64, f64, f64)> {
+        std::fs::read_to_string(dir.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
+            .map(|v| {
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let after: Vec<(f64, f64)> = steps(&resumed)
+        .into_iter()
+        .filter(|s| s.0 > stopped)
+        .map(|s| (s.1, s.2))
+        .collect();
+    let want: Vec<(f64, f64)> = steps(&whole)
+        .into_iter()
+        .filter(|s| s.0 > stopped)
+        .map(|s| (s.1, s.2))
+        .collect();
+    assert!(!want.is_empty());
+    close(
+        &format!("steps after a GPU checkpoint at step {stopped}, resumed on the CPU"),
+        &after,
+        &want,
+        1e-5,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

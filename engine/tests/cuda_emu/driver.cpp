@@ -454,8 +454,9 @@ int cc() {
 
 Stream* stream_of(void* s) { return s ? (Stream*)s : &null_stream; }
 
-// What the process asked of the device (FEDTUNE_CUDA_EMU_STATS=1 prints it at exit): kernel launches, host-to-device and device-to-host copies, waits for the device
-// (stream, context and event synchronisation), allocations.
+// What the process asked of the device (FEDTUNE_CUDA_EMU_STATS=1 prints it at exit): kernel
+// launches, host-to-device and device-to-host copies, waits for the device (stream, context and
+// event synchronisation), allocations.
 std::atomic<uint64_t> n_launches{0}, n_htod{0}, n_dtoh{0}, n_waits{0}, n_allocs{0};
 
 CUresult allocate(CUdeviceptr* out, size_t size) {
