@@ -619,7 +619,7 @@ fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
     let interrupted = dir.join("gpu");
     let mut args = common(&interrupted);
     args.extend(["--device".into(), "cuda".into()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+    let child = Command::new(env!("CARGO_BIN_EXE_fedtune"))
         .args(&args)
         .env("LD_LIBRARY_PATH", &gpu)
         .env(
