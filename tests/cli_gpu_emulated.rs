@@ -1,8 +1,9 @@
 //! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo`, `eval`, `generate`, `sim` and
 //! the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
 //! (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets; the commands open the emulated driver
-//! through `LD_LIBRARY_PATH`), against the same commands on the CPU. Without `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU
-//! machine `scripts/gpu_check.sh` runs the same commands on the real device.
+//! through `LD_LIBRARY_PATH`), against the same commands on the CPU. Without
+//! `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU machine
+//! `scripts/gpu_check.sh` runs the same commands on the real device.
 
 #[path = "../engine/tests/gpu_common/emu.rs"]
 mod emu;
@@ -28,11 +29,11 @@ fn emulator() -> Option<PathBuf> {
     )
 }
 
-/// `fedtune <args>`, on the emulated GPU's libraries when `gpu` is given (the kernels' PTX is
-/// cached under the tests' target directory, so NVRTC compiles it once).
-fn fedtune(args: &[&str], gpu: Option<&Path>) -> Output {
+/// A `fedtune` command, on the emulated GPU's libraries when `gpu` is given (the kernels' PTX
+/// is cached under the tests' target directory, so NVRTC compiles it once).
+fn command(gpu: Option<&Path>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fedtune"));
-    c.args(args).env(
+    c.env(
         "FEDTUNE_CACHE_DIR",
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
     );
@@ -43,7 +44,12 @@ fn fedtune(args: &[&str], gpu: Option<&Path>) -> Output {
         }
         c.env("LD_LIBRARY_PATH", std::env::join_paths(paths).unwrap());
     }
-    let o = c.output().unwrap();
+    c
+}
+
+/// `fedtune <args>` (see [`command`]), which must succeed.
+fn fedtune(args: &[&str], gpu: Option<&Path>) -> Output {
+    let o = command(gpu).args(args).output().unwrap();
     assert!(
         o.status.success(),
         "fedtune {args:?} ({}): {}",
@@ -53,13 +59,43 @@ fn fedtune(args: &[&str], gpu: Option<&Path>) -> Output {
     o
 }
 
+/// A training log's `(step, loss, grad_norm)` entries.
+fn logged(out: &Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// `train sft` on the tiny model and the demo data for `steps` steps: the log's `(loss,
 /// grad_norm)` per step.
 fn sft(out: &Path, steps: &str, extra: &[&str], gpu: Option<&Path>) -> Vec<(f64, f64)> {
-    let (m, d) = (model(), data());
+    run_train("sft", &data(), out, steps, extra, gpu)
+}
+
+/// `train <method>` on the tiny model and `data` for `steps` steps: the log's `(loss,
+/// grad_norm)` per step.
+fn run_train(
+    method: &str,
+    data: &Path,
+    out: &Path,
+    steps: &str,
+    extra: &[&str],
+    gpu: Option<&Path>,
+) -> Vec<(f64, f64)> {
+    let (m, d) = (model(), data);
     let mut args = vec![
         "train",
-        "sft",
+        method,
         "--model",
         m.to_str().unwrap(),
         "--data",
@@ -74,18 +110,7 @@ fn sft(out: &Path, steps: &str, extra: &[&str], gpu: Option<&Path>) -> Vec<(f64,
         args.extend_from_slice(&["--device", "cuda"]);
     }
     fedtune(&args, gpu);
-    std::fs::read_to_string(out.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
-        .map(|v| {
-            (
-                v["loss"].as_f64().unwrap(),
-                v["grad_norm"].as_f64().unwrap(),
-            )
-        })
-        .collect()
+    logged(out).into_iter().map(|s| (s.1, s.2)).collect()
 }
 
 fn close(what: &str, got: &[(f64, f64)], want: &[(f64, f64)], rel: f64) {
@@ -165,11 +190,7 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
 /// allocations.
 fn device_counters(gpu: &Path, out: &Path, steps: &str) -> [u64; 5] {
     let (m, d) = (model(), data());
-    let mut paths = vec![gpu.to_path_buf()];
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
-        paths.extend(std::env::split_paths(&old));
-    }
-    let o = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+    let o = command(Some(gpu))
         .args([
             "train",
             "sft",
@@ -186,11 +207,6 @@ fn device_counters(gpu: &Path, out: &Path, steps: &str) -> [u64; 5] {
             "--device",
             "cuda",
         ])
-        .env("LD_LIBRARY_PATH", std::env::join_paths(paths).unwrap())
-        .env(
-            "FEDTUNE_CACHE_DIR",
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
-        )
         .env("FEDTUNE_CUDA_EMU_STATS", "1")
         .output()
         .unwrap();
@@ -259,19 +275,9 @@ fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cp
         1e-5,
     );
     // DPO: the reference is the model with the adapter disabled, on the same device.
+    let prefs = root().join("testdata/demo/prefs.jsonl");
     let dpo = |out: &Path, gpu: Option<&Path>| {
-        let (m, d) = (model(), root().join("testdata/demo/prefs.jsonl"));
-        let mut args = vec![
-            "train",
-            "dpo",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            d.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "2",
+        let flags = [
             "--learning-rate",
             "1e-3",
             "--per-device-train-batch-size",
@@ -279,22 +285,7 @@ fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cp
             "--gradient-accumulation-steps",
             "1",
         ];
-        if gpu.is_some() {
-            args.extend_from_slice(&["--device", "cuda"]);
-        }
-        fedtune(&args, gpu);
-        std::fs::read_to_string(out.join("train_log.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
-            .map(|v| {
-                (
-                    v["loss"].as_f64().unwrap(),
-                    v["grad_norm"].as_f64().unwrap(),
-                )
-            })
-            .collect::<Vec<_>>()
+        run_train("dpo", &prefs, out, "2", &flags, gpu)
     };
     let cpu = dpo(&dir.join("dpo-cpu"), None);
     let on_gpu = dpo(&dir.join("dpo-gpu"), Some(&gpu));
@@ -498,18 +489,12 @@ batch_size = 2
     .unwrap();
     let spawn = |args: &[&str], log: &Path, gpu: Option<&Path>| {
         let out = std::fs::File::create(log).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fedtune"));
-        c.args(args)
-            .env(
-                "FEDTUNE_CACHE_DIR",
-                PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
-            )
+        command(gpu)
+            .args(args)
             .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        if let Some(d) = gpu {
-            c.env("LD_LIBRARY_PATH", d);
-        }
-        c.spawn().unwrap()
+            .stderr(out)
+            .spawn()
+            .unwrap()
     };
     let mut coord = spawn(
         &["coord", "--config", coord_toml.to_str().unwrap()],
@@ -619,13 +604,8 @@ fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
     let interrupted = dir.join("gpu");
     let mut args = common(&interrupted);
     args.extend(["--device".into(), "cuda".into()]);
-    let child = Command::new(env!("CARGO_BIN_EXE_fedtune"))
+    let child = command(Some(&gpu))
         .args(&args)
-        .env("LD_LIBRARY_PATH", &gpu)
-        .env(
-            "FEDTUNE_CACHE_DIR",
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-cache"),
-        )
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -670,27 +650,12 @@ fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
     let args = common(&whole);
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     fedtune(&a, None);
-    let steps = |dir: &Path| -> Vec<(u64, f64, f64)> {
-        std::fs::read_to_string(dir.join("train_log.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v.get("loss").is_some() && v.get("grad_norm").is_some())
-            .map(|v| {
-                (
-                    v["step"].as_u64().unwrap(),
-                    v["loss"].as_f64().unwrap(),
-                    v["grad_norm"].as_f64().unwrap(),
-                )
-            })
-            .collect()
-    };
-    let after: Vec<(f64, f64)> = steps(&resumed)
+    let after: Vec<(f64, f64)> = logged(&resumed)
         .into_iter()
         .filter(|s| s.0 > stopped)
         .map(|s| (s.1, s.2))
         .collect();
-    let want: Vec<(f64, f64)> = steps(&whole)
+    let want: Vec<(f64, f64)> = logged(&whole)
         .into_iter()
         .filter(|s| s.0 > stopped)
         .map(|s| (s.1, s.2))

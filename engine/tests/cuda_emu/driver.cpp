@@ -52,8 +52,6 @@ enum {
     ERR_INVALID_CONTEXT = 201,
     ERR_INVALID_HANDLE = 400,
     ERR_NOT_FOUND = 500,
-    ERR_NOT_READY = 600,
-    ERR_LAUNCH_OUT_OF_RESOURCES = 701,
     ERR_LAUNCH_FAILED = 719,
     ERR_NOT_SUPPORTED = 801,
 };
@@ -908,38 +906,35 @@ CUresult cuGetExportTable(const void** table, const void*) {
     return ERR_NOT_FOUND;
 }
 
+static const struct {
+    CUresult code;
+    const char* name;
+    const char* text;
+} ERRORS[] = {
+    {OK, "CUDA_SUCCESS", "no error"},
+    {ERR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {ERR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {ERR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {ERR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {ERR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {ERR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {ERR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {ERR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {ERR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED",
+     "unspecified launch failure (see the cuda-emu message)"},
+    {ERR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+};
+
 CUresult cuGetErrorString(CUresult r, const char** s) {
-    switch (r) {
-        case OK: *s = "no error"; break;
-        case ERR_INVALID_VALUE: *s = "invalid argument"; break;
-        case ERR_OUT_OF_MEMORY: *s = "out of memory"; break;
-        case ERR_NOT_INITIALIZED: *s = "initialization error"; break;
-        case ERR_INVALID_DEVICE: *s = "invalid device ordinal"; break;
-        case ERR_INVALID_IMAGE: *s = "device kernel image is invalid"; break;
-        case ERR_INVALID_CONTEXT: *s = "invalid device context"; break;
-        case ERR_INVALID_HANDLE: *s = "invalid resource handle"; break;
-        case ERR_NOT_FOUND: *s = "named symbol not found"; break;
-        case ERR_LAUNCH_FAILED: *s = "unspecified launch failure (see the cuda-emu message)"; break;
-        case ERR_NOT_SUPPORTED: *s = "operation not supported"; break;
-        default: *s = "unknown error";
-    }
+    *s = "unknown error";
+    for (const auto& e : ERRORS)
+        if (e.code == r) *s = e.text;
     return OK;
 }
 CUresult cuGetErrorName(CUresult r, const char** s) {
-    switch (r) {
-        case OK: *s = "CUDA_SUCCESS"; break;
-        case ERR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-        case ERR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case ERR_NOT_INITIALIZED: *s = "CUDA_ERROR_NOT_INITIALIZED"; break;
-        case ERR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
-        case ERR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
-        case ERR_INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
-        case ERR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
-        case ERR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
-        case ERR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
-        case ERR_NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
-        default: *s = "CUDA_ERROR_UNKNOWN";
-    }
+    *s = "CUDA_ERROR_UNKNOWN";
+    for (const auto& e : ERRORS)
+        if (e.code == r) *s = e.name;
     return OK;
 }
 
