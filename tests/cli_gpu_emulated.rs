@@ -92,25 +92,37 @@ fn run_train(
     extra: &[&str],
     gpu: Option<&Path>,
 ) -> Vec<(f64, f64)> {
-    let (m, d) = (model(), data);
-    let mut args = vec![
+    let mut args = train_args(method, data, out, steps);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    if gpu.is_some() {
+        args.extend(["--device".into(), "cuda".into()]);
+    }
+    fedtune(&strs(&args), gpu);
+    logged(out).into_iter().map(|s| (s.1, s.2)).collect()
+}
+
+/// `train <method> --model <tiny> --data <data> --output <out> --max-steps <steps>`.
+fn train_args(method: &str, data: &Path, out: &Path, steps: &str) -> Vec<String> {
+    let m = model();
+    [
         "train",
         method,
         "--model",
         m.to_str().unwrap(),
         "--data",
-        d.to_str().unwrap(),
+        data.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
         "--max-steps",
         steps,
-    ];
-    args.extend_from_slice(extra);
-    if gpu.is_some() {
-        args.extend_from_slice(&["--device", "cuda"]);
-    }
-    fedtune(&args, gpu);
-    logged(out).into_iter().map(|s| (s.1, s.2)).collect()
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(|s| s.as_str()).collect()
 }
 
 fn close(what: &str, got: &[(f64, f64)], want: &[(f64, f64)], rel: f64) {
@@ -189,24 +201,10 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
 /// (`FEDTUNE_CUDA_EMU_STATS=1`): launches, host-to-device copies, device-to-host copies, waits,
 /// allocations.
 fn device_counters(gpu: &Path, out: &Path, steps: &str) -> [u64; 5] {
-    let (m, d) = (model(), data());
+    let mut args = train_args("sft", &data(), out, steps);
+    args.extend(["--max-seq-length", "128", "--device", "cuda"].map(String::from));
     let o = command(Some(gpu))
-        .args([
-            "train",
-            "sft",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            d.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            steps,
-            "--max-seq-length",
-            "128",
-            "--device",
-            "cuda",
-        ])
+        .args(&args)
         .env("FEDTUNE_CUDA_EMU_STATS", "1")
         .output()
         .unwrap();
@@ -581,25 +579,10 @@ batch_size = 2
 fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
     let Some(gpu) = emulator() else { return };
     let dir = tmpdir("emulated-gpu-ctrl-c");
-    let (m, d) = (model(), data());
     let common = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "sft",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            d.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "4",
-            "--max-seq-length",
-            "128",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args = train_args("sft", &data(), out, "4");
+        args.extend(["--max-seq-length", "128"].map(String::from));
+        args
     };
     let interrupted = dir.join("gpu");
     let mut args = common(&interrupted);
@@ -644,12 +627,10 @@ fn ctrl_c_on_the_gpu_checkpoints_and_the_cpu_resumes_exactly() {
         "--resume-from-checkpoint".into(),
         checkpoint.to_str().unwrap().into(),
     ]);
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    fedtune(&a, None);
+    fedtune(&strs(&args), None);
     let whole = dir.join("whole");
     let args = common(&whole);
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    fedtune(&a, None);
+    fedtune(&strs(&args), None);
     let after: Vec<(f64, f64)> = logged(&resumed)
         .into_iter()
         .filter(|s| s.0 > stopped)
