@@ -1,5 +1,5 @@
-//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo`, `eval`, `generate`, `sim` and
-//! the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
+//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo|kto|distill`, `eval`, `generate`,
+//! `sim` and the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
 //! (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets; the commands open the emulated driver
 //! through `LD_LIBRARY_PATH`), against the same commands on the CPU. Without
 //! `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes; on a GPU machine
@@ -288,6 +288,37 @@ fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cp
     let cpu = dpo(&dir.join("dpo-cpu"), None);
     let on_gpu = dpo(&dir.join("dpo-gpu"), Some(&gpu));
     close("DPO: GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kto_and_distillation_on_the_emulated_gpu_follow_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-kto-distill");
+    let kto = root().join("testdata/kto/chat.jsonl");
+    let cpu = run_train("kto", &kto, &dir.join("kto-cpu"), "2", &[], None);
+    let on_gpu = run_train("kto", &kto, &dir.join("kto-gpu"), "2", &[], Some(&gpu));
+    close("KTO: GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    // Distillation from the tiny model with the reference adapter as the teacher (on the same
+    // device as the student).
+    let (teacher, adapter) = (model(), root().join("testdata/tiny-llama/adapter"));
+    let flags = [
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--teacher-adapter",
+        adapter.to_str().unwrap(),
+    ];
+    let chat = root().join("testdata/gkd/chat.jsonl");
+    let cpu = run_train("distill", &chat, &dir.join("gkd-cpu"), "2", &flags, None);
+    let on_gpu = run_train(
+        "distill",
+        &chat,
+        &dir.join("gkd-gpu"),
+        "2",
+        &flags,
+        Some(&gpu),
+    );
+    close("distillation: GPU vs CPU", &on_gpu, &cpu, 1e-5);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
