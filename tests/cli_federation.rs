@@ -4,57 +4,17 @@
 //! directory, and the federation completes with both accepted updates used.
 
 use serde_json::json;
+#[path = "support/fed_cli.rs"]
+mod fed_cli;
 #[path = "support/tensorboard.rs"]
 mod tensorboard;
+use fed_cli::{federation_dir, fedtune, free_udp_port, issue};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fedtune(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedtune"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fedtune {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A fresh temporary directory with a federation CA `demo` in `ca/`: `(dir, ca, the printed
-/// coordinator_key line)`.
-fn federation_dir(name: &str) -> (PathBuf, PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!("fedtune-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    let init = fedtune(&[
-        "ca",
-        "init",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--federation",
-        "demo",
-    ]);
-    (dir, ca, init)
-}
-
-/// `fedtune ca issue` for client `name`: its `[[clients]]` entry.
-fn issue(ca: &Path, name: &str) -> String {
-    fedtune(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca.to_str().unwrap(),
-        "--client",
-        name,
-    ])
 }
 
 fn spawn(args: &[&str], log: &Path) -> Child {
@@ -96,11 +56,7 @@ fn coordinator_killed_mid_round_resumes_and_the_federation_completes() {
         entries += &issue(&ca, n);
         entries += "\n";
     }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_udp_port();
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -7,6 +7,8 @@
 
 #[path = "../engine/tests/gpu_common/emu.rs"]
 mod emu;
+#[path = "support/fed_cli.rs"]
+mod fed_cli;
 #[path = "support/train.rs"]
 mod train;
 
@@ -462,29 +464,17 @@ train_time_s = 3600
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `fedtune ca …` (must succeed): its stdout.
-fn ca(args: &[&str]) -> String {
-    String::from_utf8(fedtune(args, None).stdout).unwrap()
-}
-
 #[test]
 fn a_cpu_client_and_a_gpu_client_federate_over_quic() {
     let Some(gpu) = emulator() else { return };
-    let dir = tmpdir("emulated-gpu-fed");
-    let ca_dir = dir.join("ca");
-    let ca_path = ca_dir.to_str().unwrap();
-    let key = ca(&["ca", "init", "--dir", ca_path, "--federation", "demo"]);
+    let (dir, ca_dir, key) = fed_cli::federation_dir("emulated-gpu-fed");
     let names = ["hospital", "bank"];
     let mut entries = String::new();
     for n in names {
-        entries += &ca(&["ca", "issue", "--dir", ca_path, "--client", n]);
+        entries += &fed_cli::issue(&ca_dir, n);
         entries += "\n";
     }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = fed_cli::free_udp_port();
     let model = model();
     let data_dir = dir.join("coord-data");
     let coord_toml = dir.join("coord.toml");
