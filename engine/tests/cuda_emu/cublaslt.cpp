@@ -15,10 +15,11 @@
 #include <thread>
 #include <vector>
 
+#include "shim.h"  // the half-precision conversions and bit casts the kernels use
+
 typedef int Status;
 enum {
     S_OK = 0,
-    S_NOT_INITIALIZED = 1,
     S_INVALID_VALUE = 7,
     S_NOT_SUPPORTED = 15,
 };
@@ -31,7 +32,7 @@ struct Layout {
     int64_t ld;
 };
 struct Desc {
-    int compute, scale;
+    int compute;
     int transa = 0, transb = 0;
 };
 struct Pref {
@@ -56,15 +57,7 @@ static void say(const char* msg, long v) { fprintf(stderr, "cuda-emu cuBLASLt: %
 static float load(const void* p, int type, size_t i) {
     if (type == R_32F) return ((const float*)p)[i];
     uint16_t h = ((const uint16_t*)p)[i];
-    if (type == R_16BF) {
-        uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
+    return type == R_16BF ? __uint_as_float((unsigned)h << 16) : ft_f16_to_f32(h);
 }
 
 static void store(void* p, int type, size_t i, float f) {
@@ -74,8 +67,7 @@ static void store(void* p, int type, size_t i, float f) {
     }
     uint16_t h;
     if (type == R_16BF) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
+        uint32_t u = __float_as_uint(f);
         if ((u & 0x7fffffffu) > 0x7f800000u) {
             h = 0x7fc0;
         } else {
@@ -83,22 +75,19 @@ static void store(void* p, int type, size_t i, float f) {
             h = (uint16_t)(u >> 16);
         }
     } else {
-        _Float16 v = (_Float16)f;
-        memcpy(&h, &v, 2);
+        h = ft_f32_to_f16(f);
     }
     ((uint16_t*)p)[i] = h;
 }
 
 // f32 to TF32 (10-bit mantissa), round to nearest even; infinities and NaN unchanged.
 static float tf32(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = __float_as_uint(f);
     if ((u & 0x7f800000u) != 0x7f800000u) {
         u += 0xfffu + ((u >> 13) & 1u);
         u &= ~0x1fffu;
     }
-    memcpy(&f, &u, 4);
-    return f;
+    return __uint_as_float(u);
 }
 
 static bool valid_type(int t) { return t == R_32F || t == R_16F || t == R_16BF; }
@@ -145,7 +134,7 @@ Status cublasLtMatmulDescCreate(void** d, int compute, int scale) {
         say("scale type not emulated", scale);
         return S_NOT_SUPPORTED;
     }
-    *d = new Desc{compute, scale};
+    *d = new Desc{compute};
     return S_OK;
 }
 Status cublasLtMatmulDescDestroy(void* d) {

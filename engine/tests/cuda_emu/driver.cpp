@@ -21,7 +21,6 @@
 // FEDTUNE_CUDA_EMU_CC says otherwise (e.g. 80), 80 GiB of memory.
 
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,7 +31,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -55,7 +53,6 @@ enum {
     ERR_LAUNCH_FAILED = 719,
     ERR_NOT_SUPPORTED = 801,
 };
-
 
 static void say(const char* fmt, ...) {
     va_list ap;
@@ -273,6 +270,7 @@ bool run_block(Launch& l, unsigned nthreads) {
     l.live = (int)nthreads;
     l.at_block = 0;
     std::fill(l.stamps.begin(), l.stamps.end(), 0);
+    std::fill(l.smem.begin(), l.smem.end(), (char)0xff);
     for (unsigned i = 0; i < nthreads; i++) {
         Fiber& f = l.fibers[i];
         prepare(f);
@@ -420,7 +418,7 @@ struct Func {
     int max_dynamic_smem = 48 << 10;
 };
 struct Module {
-    std::map<std::string, Func*> funcs;
+    std::map<std::string, Func> funcs;  // node-based: each Func keeps its address
 };
 struct Pool {
     int dummy;
@@ -443,7 +441,8 @@ Pool the_pool;
 Stream null_stream;
 thread_local Ctx* current = nullptr;
 thread_local std::vector<Ctx*> ctx_stack;
-bool initialised = false;
+std::atomic<bool> initialised{false};
+std::once_flag stats_once;
 
 int cc() {
     const char* v = getenv("FEDTUNE_CUDA_EMU_CC");
@@ -501,7 +500,7 @@ CUresult release(CUdeviceptr p) {
     return OK;
 }
 
-// The allocation holding [p, p + n), if any; n = 0 checks p only.
+// Whether [p, p + n) lies inside one allocation.
 bool inside(CUdeviceptr p, size_t n) {
     std::lock_guard<std::mutex> g(mem_lock);
     auto it = allocs.upper_bound((uintptr_t)p);
@@ -530,11 +529,12 @@ static void print_counters() {
             (unsigned long long)n_allocs);
 }
 
+// cudarc and NVRTC both initialise the driver, possibly on different threads.
 CUresult cuInit(unsigned) {
-    if (!initialised) {
+    std::call_once(stats_once, [] {
         const char* v = getenv("FEDTUNE_CUDA_EMU_STATS");
         if (v && strcmp(v, "1") == 0) atexit(print_counters);
-    }
+    });
     initialised = true;
     return OK;
 }
@@ -803,7 +803,7 @@ CUresult cuModuleLoadData(void** module, const void* image) {
             missing.push_back(name);
             continue;
         }
-        m->funcs[name] = new Func{name, it->second};
+        m->funcs[name] = Func{name, it->second};
     }
     if (!missing.empty()) {
         std::string list;
@@ -828,7 +828,7 @@ CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
     Module* m = (Module*)module;
     auto it = m->funcs.find(name);
     if (it == m->funcs.end()) return ERR_NOT_FOUND;
-    *f = it->second;
+    *f = &it->second;
     return OK;
 }
 CUresult cuFuncSetAttribute(void* f, int attr, int value) {
@@ -874,12 +874,14 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     l.invoke = f->invoke;
     l.params = params;
     l.error.clear();
+    // Sized for the launch: run_block clears the stamps and fills the shared memory with NaN
+    // bytes for each block; the rest is written before it is read.
     const unsigned warps = (unsigned)((threads + 31) / 32);
-    l.slots.assign((size_t)warps * 32 * 2, 0);
-    l.stamps.assign((size_t)warps * 32 * 2, 0);
-    l.mma_a.assign((size_t)warps * 32 * 4 * 2, 0);
-    l.mma_b.assign((size_t)warps * 32 * 2 * 2, 0);
-    l.smem.assign(smem ? smem : 16, (char)0xff);
+    l.slots.resize((size_t)warps * 32 * 2);
+    l.stamps.resize((size_t)warps * 32 * 2);
+    l.mma_a.resize((size_t)warps * 32 * 4 * 2);
+    l.mma_b.resize((size_t)warps * 32 * 2 * 2);
+    l.smem.resize(smem ? smem : 16);
     ft_block_dim = ft_dim3{bx, by, bz};
     ft_grid_dim = ft_dim3{gx, gy, gz};
     static std::atomic<unsigned long long> launches{0};
@@ -890,7 +892,6 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
         const unsigned x = (unsigned)(at % gx), y = (unsigned)(at / gx % gy),
                        z = (unsigned)(at / ((unsigned long long)gx * gy));
         ft_block_idx = ft_dim3{x, y, z};
-        memset(l.smem.data(), 0xff, l.smem.size());
         if (!run_block(l, (unsigned)threads)) {
             say("%s: block (%u, %u, %u) of grid (%u, %u, %u), %llu threads per block: %s",
                 f->name.c_str(), x, y, z, gx, gy, gz, threads, l.error.c_str());

@@ -1,9 +1,9 @@
 // The CUDA C++ that fedtune's kernels use, defined for the host CPU: the kernel sources of
 // engine/src/cuda/kernels compile with this header as ordinary C++ (FEDTUNE_HOST_EMULATION) and
 // run in the emulated driver (driver.cpp), which executes each block's threads as fibers on
-// one host thread. __syncthreads() waits for every live thread of the block, a warp shuffle or
-// mma.sync for every live lane of the warp; a thread waiting at a different barrier than the
-// others of its block or warp is reported as a deadlock, as is a shuffle reading an exited lane.
+// one host thread. __syncthreads() waits for every thread of the block, a warp shuffle or
+// mma.sync for every live lane of the warp; a barrier not every thread reaches, a shuffle
+// reading an exited lane or an mma.sync without the whole warp fails the launch (driver.cpp).
 #pragma once
 
 #include <math.h>
@@ -15,8 +15,8 @@
 
 #define FEDTUNE_HOST_EMULATION 1
 
-// Kernel entry points are marked so that the build can list them (see emu.rs); the mark is
-// defined empty when the preprocessed program is compiled.
+// Kernel entry points are marked so that the build can list them from the preprocessed program
+// (see emu.rs); the mark is defined empty where the program is compiled.
 #define __global__ __ft_kernel__
 #define __device__
 #define __host__

@@ -75,7 +75,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
-fn build(dir: &Path) -> Result<(), String> {
+/// Builds the libraries and the self-test of `program` (the host kernel program) into `dir`.
+fn build(dir: &Path, program: &str) -> Result<(), String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -91,8 +92,7 @@ fn build(dir: &Path) -> Result<(), String> {
         "cublas.cpp",
         "extern \"C\" int ft_cublas_placeholder = 0;\n",
     )?;
-    let program = format!("#include \"shim.h\"\n{}", host_program());
-    write("program.cpp", &program)?;
+    write("program.cpp", &format!("#include \"shim.h\"\n{program}"))?;
     let pre = run(
         Command::new(&cxx).current_dir(&tmp).args([
             "-E",
@@ -109,7 +109,7 @@ fn build(dir: &Path) -> Result<(), String> {
         return Err(format!("only {} kernels found in the program", names.len()));
     }
     let mut kernels = String::from("#include \"shim.h\"\n#define __ft_kernel__\n");
-    kernels.push_str(&host_program());
+    kernels.push_str(program);
     kernels.push_str("\nFT_KERNEL_TABLE(\n");
     let entries: Vec<String> = names
         .iter()
@@ -190,15 +190,16 @@ fn build(dir: &Path) -> Result<(), String> {
 pub fn dir() -> Result<&'static Path, String> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
+        let program = host_program();
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        for s in [SHIM, DRIVER, CUBLASLT, SELFTEST, &host_program()] {
+        for s in [SHIM, DRIVER, CUBLASLT, SELFTEST, &program] {
             s.hash(&mut h);
         }
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join("cuda-emu")
             .join(format!("{:016x}", h.finish()));
         if !dir.join("selftest").is_file() {
-            build(&dir)?;
+            build(&dir, &program)?;
         }
         Ok(dir)
     })
