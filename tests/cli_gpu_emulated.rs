@@ -78,6 +78,15 @@ fn logged(out: &Path) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
+/// `fedtune <args>` on the CPU, or with `--device cuda` on the emulated GPU when `gpu` is given.
+fn on_device(args: &[&str], gpu: Option<&Path>) -> Output {
+    let mut args = args.to_vec();
+    if gpu.is_some() {
+        args.extend_from_slice(&["--device", "cuda"]);
+    }
+    fedtune(&args, gpu)
+}
+
 /// `train sft` on the tiny model and the demo data for `steps` steps: the log's `(loss,
 /// grad_norm)` per step.
 fn sft(out: &Path, steps: &str, extra: &[&str], gpu: Option<&Path>) -> Vec<(f64, f64)> {
@@ -96,11 +105,26 @@ fn run_train(
 ) -> Vec<(f64, f64)> {
     let mut args = train_args(method, data, out, steps);
     args.extend(extra.iter().map(|s| s.to_string()));
-    if gpu.is_some() {
-        args.extend(["--device".into(), "cuda".into()]);
-    }
-    fedtune(&strs(&args), gpu);
+    on_device(&strs(&args), gpu);
     logged(out).into_iter().map(|s| (s.1, s.2)).collect()
+}
+
+/// `train <method>` for `steps` steps on the CPU and on the emulated GPU (into
+/// `<dir>/<name>-cpu` and `<dir>/<name>-gpu`): each step's loss and gradient norm agree within
+/// 1e-5.
+fn gpu_follows_cpu(
+    gpu: &Path,
+    dir: &Path,
+    name: &str,
+    method: &str,
+    data: &Path,
+    steps: &str,
+    flags: &[&str],
+) {
+    let out = |device: &str| dir.join(format!("{name}-{device}"));
+    let cpu = run_train(method, data, &out("cpu"), steps, flags, None);
+    let on_gpu = run_train(method, data, &out("gpu"), steps, flags, Some(gpu));
+    close(&format!("{name}: GPU vs CPU"), &on_gpu, &cpu, 1e-5);
 }
 
 /// `train <method> --model <tiny> --data <data> --output <out> --max-steps <steps>`.
@@ -140,7 +164,7 @@ fn close(what: &str, got: &[(f64, f64)], want: &[(f64, f64)], rel: f64) {
 
 fn eval_loss(adapter: &Path, gpu: Option<&Path>) -> f64 {
     let (m, d) = (model(), data());
-    let mut args = vec![
+    let args = [
         "eval",
         "--model",
         m.to_str().unwrap(),
@@ -150,10 +174,7 @@ fn eval_loss(adapter: &Path, gpu: Option<&Path>) -> f64 {
         d.to_str().unwrap(),
         "--json",
     ];
-    if gpu.is_some() {
-        args.extend_from_slice(&["--device", "cuda"]);
-    }
-    let o = fedtune(&args, gpu);
+    let o = on_device(&args, gpu);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     v["loss"].as_f64().unwrap()
 }
@@ -162,10 +183,8 @@ fn eval_loss(adapter: &Path, gpu: Option<&Path>) -> f64 {
 fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
     let Some(gpu) = emulator() else { return };
     let dir = tmpdir("emulated-gpu-sft");
-    let (cpu_out, gpu_out) = (dir.join("cpu"), dir.join("gpu"));
-    let cpu = sft(&cpu_out, "3", &[], None);
-    let on_gpu = sft(&gpu_out, "3", &[], Some(&gpu));
-    close("f32 SFT, GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    gpu_follows_cpu(&gpu, &dir, "sft", "sft", &data(), "3", &[]);
+    let (cpu_out, gpu_out) = (dir.join("sft-cpu"), dir.join("sft-gpu"));
     // The adapter trained on the GPU scores like the CPU's, on either device.
     let want = eval_loss(&cpu_out, None);
     for (what, got) in [
@@ -181,7 +200,7 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
     // Greedy generation from the GGUF file: the same tokens.
     let gguf = root().join("testdata/gguf/tiny.gguf");
     let generate = |gpu: Option<&Path>| {
-        let mut args = vec![
+        let args = [
             "generate",
             "--model",
             gguf.to_str().unwrap(),
@@ -190,10 +209,7 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
             "--max-new-tokens",
             "8",
         ];
-        if gpu.is_some() {
-            args.extend_from_slice(&["--device", "cuda"]);
-        }
-        String::from_utf8(fedtune(&args, gpu).stdout).unwrap()
+        String::from_utf8(on_device(&args, gpu).stdout).unwrap()
     };
     assert_eq!(generate(Some(&gpu)), generate(None), "greedy generation");
     let _ = std::fs::remove_dir_all(&dir);
@@ -266,30 +282,18 @@ fn qlora_with_packing_and_accumulation_and_dpo_on_the_emulated_gpu_follow_the_cp
         "--per-device-train-batch-size",
         "2",
     ];
-    let cpu = sft(&dir.join("q-cpu"), "2", &flags, None);
-    let on_gpu = sft(&dir.join("q-gpu"), "2", &flags, Some(&gpu));
-    close(
-        "QLoRA, packing, accumulation: GPU vs CPU",
-        &on_gpu,
-        &cpu,
-        1e-5,
-    );
+    gpu_follows_cpu(&gpu, &dir, "qlora", "sft", &data(), "2", &flags);
     // DPO: the reference is the model with the adapter disabled, on the same device.
+    let flags = [
+        "--learning-rate",
+        "1e-3",
+        "--per-device-train-batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "1",
+    ];
     let prefs = root().join("testdata/demo/prefs.jsonl");
-    let dpo = |out: &Path, gpu: Option<&Path>| {
-        let flags = [
-            "--learning-rate",
-            "1e-3",
-            "--per-device-train-batch-size",
-            "2",
-            "--gradient-accumulation-steps",
-            "1",
-        ];
-        run_train("dpo", &prefs, out, "2", &flags, gpu)
-    };
-    let cpu = dpo(&dir.join("dpo-cpu"), None);
-    let on_gpu = dpo(&dir.join("dpo-gpu"), Some(&gpu));
-    close("DPO: GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    gpu_follows_cpu(&gpu, &dir, "dpo", "dpo", &prefs, "2", &flags);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -298,9 +302,7 @@ fn kto_and_distillation_on_the_emulated_gpu_follow_the_cpu() {
     let Some(gpu) = emulator() else { return };
     let dir = tmpdir("emulated-gpu-kto-distill");
     let kto = root().join("testdata/kto/chat.jsonl");
-    let cpu = run_train("kto", &kto, &dir.join("kto-cpu"), "2", &[], None);
-    let on_gpu = run_train("kto", &kto, &dir.join("kto-gpu"), "2", &[], Some(&gpu));
-    close("KTO: GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    gpu_follows_cpu(&gpu, &dir, "kto", "kto", &kto, "2", &[]);
     // Distillation from the tiny model with the reference adapter as the teacher (on the same
     // device as the student).
     let (teacher, adapter) = (model(), root().join("testdata/tiny-llama/adapter"));
@@ -311,16 +313,7 @@ fn kto_and_distillation_on_the_emulated_gpu_follow_the_cpu() {
         adapter.to_str().unwrap(),
     ];
     let chat = root().join("testdata/gkd/chat.jsonl");
-    let cpu = run_train("distill", &chat, &dir.join("gkd-cpu"), "2", &flags, None);
-    let on_gpu = run_train(
-        "distill",
-        &chat,
-        &dir.join("gkd-gpu"),
-        "2",
-        &flags,
-        Some(&gpu),
-    );
-    close("distillation: GPU vs CPU", &on_gpu, &cpu, 1e-5);
+    gpu_follows_cpu(&gpu, &dir, "distill", "distill", &chat, "2", &flags);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
