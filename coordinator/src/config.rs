@@ -145,7 +145,25 @@ impl CoordConfig {
             }
             reward |= p == Phase::Reward;
         }
+        if let Some(t) = self.strategy.target_rank
+            && (t == 0 || t > self.lora.rank)
+        {
+            return Err(format!(
+                "target_rank {t}: must be 1..={} (rank): the next round's clients train from \
+                 the global adapter and send updates of its rank, which the plan caps at rank",
+                self.lora.rank
+            ));
+        }
         Ok(())
+    }
+
+    /// The strategy the machine aggregates with: `strategy`, its `target_rank` the plan's
+    /// rank unless set. (FedAvg-exact's stacked sum has rank Σ rₖ; clients train the next
+    /// round from the global adapter, so it is re-factorised to a rank the plan admits.)
+    pub fn effective_strategy(&self) -> StrategyConfig {
+        let mut s = self.strategy.clone();
+        s.target_rank.get_or_insert(self.lora.rank);
+        s
     }
 
     /// Whether a stage trains a reward model: then the global adapter carries a `score` head

@@ -130,7 +130,7 @@ impl Coordinator {
             max_rank: cfg.lora.rank,
             ..Plan::from_adapter(&initial)
         };
-        let strategy = FedStrategy::new(cfg.strategy.clone(), initial.clone(), plan)
+        let strategy = FedStrategy::new(cfg.effective_strategy(), initial.clone(), plan)
             .map_err(|e| CoordinatorError::Config(e.to_string()))?;
         let payload = peft::encode(&initial);
         let header = Self::sign_global(&cfg, &id, 0, [0; 32], &payload, now_ms, 0);

@@ -87,7 +87,19 @@ fn events<'a>(logs: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json:
 
 /// Client `id` sends a signed update for `plan` (its `B` filled with `0.1·(k+1)`).
 fn upload(c: &mut Coordinator, id: &Identity, plan: &RoundPlan, k: usize, now: u64) {
-    let payload = peft::encode(&adapter(0.1 * (k + 1) as f32));
+    upload_of(c, id, plan, k, now, &adapter(0.1 * (k + 1) as f32));
+}
+
+/// Client `id` sends `update`, signed, for `plan`.
+fn upload_of(
+    c: &mut Coordinator,
+    id: &Identity,
+    plan: &RoundPlan,
+    k: usize,
+    now: u64,
+    update: &Adapter,
+) {
+    let payload = peft::encode(update);
     let header = seal(
         id,
         Seal {
@@ -263,4 +275,55 @@ fn the_stored_status_follows_the_rounds() {
         s.accepted_rounds.values().copied().collect::<Vec<_>>(),
         [1, 1, 1]
     );
+}
+
+/// FedAvg-exact's sum of two rank-2 updates has rank 4; the coordinator re-factorises it to
+/// the plan's rank (unless `target_rank` says less), so that the next round's clients, which
+/// train from the global adapter and send updates of its rank, are not refused.
+#[test]
+fn fedavg_exact_keeps_the_global_at_the_plans_rank_so_the_next_round_trains_from_it() {
+    let now = 1_000_000;
+    let ids = [1u8, 2].map(|k| Identity::from_seed([k; 32]));
+    let mut cfg = config(&ids);
+    cfg.strategy.rule = Rule::FedAvgExact;
+    cfg.rounds = 2;
+    let mut wide = cfg.clone();
+    wide.strategy.target_rank = Some(3);
+    let e = wide.validate().unwrap_err();
+    assert!(e.contains("target_rank 3") && e.contains("1..=2"), "{e}");
+    let mut c = Coordinator::new(cfg, Identity::from_seed([9; 32]), adapter(0.0), now).unwrap();
+    let mut store = BTreeMap::new();
+    for id in &ids {
+        c.handle_hello(now, id.public());
+    }
+    for round in 1..=2u64 {
+        let (_, plans) = drain(&mut c, &mut store);
+        assert_eq!(plans.len(), 2, "round {round}: {plans:?}");
+        let global = c.global_adapter().clone();
+        for (k, (id, plan)) in ids.iter().zip(&plans).enumerate() {
+            // A client's update: the global adapter it trained from, moved.
+            let mut update = global.clone();
+            for m in update.modules.values_mut() {
+                m.b.data.iter_mut().for_each(|v| *v += 0.1 * (k + 1) as f32);
+            }
+            upload_of(&mut c, id, plan, k, now + round, &update);
+        }
+        let (logs, _) = drain(&mut c, &mut store);
+        assert!(
+            events(&logs, "rejected").is_empty(),
+            "round {round}: {logs:?}"
+        );
+        let closed = events(&logs, "round_closed");
+        assert_eq!(closed.len(), 1, "round {round}: {logs:?}");
+        assert_eq!(
+            c.global_adapter().modules[MODULE].rank(),
+            2,
+            "round {round}"
+        );
+        // Replay the hellos so the next round's plans go out.
+        for id in &ids {
+            c.handle_hello(now + round, id.public());
+        }
+    }
+    assert_eq!(c.completed_rounds(), 2);
 }

@@ -30,7 +30,7 @@ impl Coordinator {
         stored: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Self> {
         let (d, state) = read_state(stored.get("state").map(Vec::as_slice))?;
-        let strategy = FedStrategy::from_state(cfg.strategy.clone(), state);
+        let strategy = FedStrategy::from_state(cfg.effective_strategy(), state);
         let mut c = Self::assemble(cfg, id, strategy, d);
         if let Some(open) = c.d.open.clone() {
             let prefix = format!("updates/{:06}/", open.round);
