@@ -1,4 +1,5 @@
-//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo|kto|distill`, `eval`, `generate`,
+//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo|kto|distill|reward|grpo`, `eval`
+//! (with `--reward-model` and `--generate`), `generate`,
 //! `sim` and the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
 //! (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets; the commands open the emulated driver
 //! through `LD_LIBRARY_PATH`), against the same commands on the CPU. Without
@@ -317,6 +318,124 @@ fn kto_and_distillation_on_the_emulated_gpu_follow_the_cpu() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `fedtune eval <args> --json` on the CPU or the emulated GPU: its JSON object.
+fn eval_json(args: &[&str], gpu: Option<&Path>) -> Value {
+    let mut all = vec!["eval", "--json"];
+    all.extend_from_slice(args);
+    let o = on_device(&all, gpu);
+    let out = String::from_utf8(o.stdout).unwrap();
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+/// Every number of `got` within `rel` of `want`'s, the other values equal.
+fn same_json(what: &str, got: &Value, want: &Value, rel: f64) {
+    let (g, w) = (got.as_object().unwrap(), want.as_object().unwrap());
+    assert_eq!(
+        g.keys().collect::<Vec<_>>(),
+        w.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (k, wv) in w {
+        match (g[k].as_f64(), wv.as_f64()) {
+            (Some(a), Some(b)) => assert!(
+                (a - b).abs() <= rel * b.abs().max(1e-3),
+                "{what}: {k} {a} vs {b}"
+            ),
+            _ => assert_eq!(&g[k], wv, "{what}: {k}"),
+        }
+    }
+    println!("{what}: {} values agree", w.len());
+}
+
+#[test]
+fn reward_models_grpo_and_their_evaluations_on_the_emulated_gpu_follow_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-reward-grpo");
+    let prefs = root().join("testdata/demo/prefs.jsonl");
+    // A reward model (LoRA and the score head) trained on each device.
+    let flags = ["--center-rewards-coefficient", "0.01"];
+    gpu_follows_cpu(&gpu, &dir, "reward", "reward", &prefs, "2", &flags);
+    let m = model();
+    let (cpu_rm, gpu_rm) = (dir.join("reward-cpu"), dir.join("reward-gpu"));
+    // Each scores the pairs alike, on either device.
+    let score = |adapter: &Path, gpu: Option<&Path>| {
+        let args = [
+            "--reward-model",
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            prefs.to_str().unwrap(),
+        ];
+        eval_json(&args, gpu)
+    };
+    let want = score(&cpu_rm, None);
+    same_json(
+        "GPU reward model, CPU eval",
+        &score(&gpu_rm, None),
+        &want,
+        1e-4,
+    );
+    same_json(
+        "GPU reward model, GPU eval",
+        &score(&gpu_rm, Some(&gpu)),
+        &want,
+        1e-4,
+    );
+    // GRPO with a rule and that reward model (on the policy's device), sampling at 0.9.
+    let prompts = root().join("testdata/grpo/prompts.jsonl");
+    let rm = format!("reward_model:{}", cpu_rm.display());
+    let flags = [
+        "--reward",
+        "regex:^\\s*[A-Z]",
+        "--reward",
+        &rm,
+        "--num-generations",
+        "4",
+        "--per-device-train-batch-size",
+        "4",
+        "--max-completion-length",
+        "3",
+        "--temperature",
+        "0.9",
+        "--beta",
+        "0.04",
+        "--learning-rate",
+        "1e-2",
+    ];
+    gpu_follows_cpu(&gpu, &dir, "grpo", "grpo", &prompts, "2", &flags);
+    // Completions of held-out prompts, sampled and scored on each device: the same numbers.
+    let policy = dir.join("grpo-cpu");
+    let generated = |gpu: Option<&Path>| {
+        let args = [
+            "--generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            policy.to_str().unwrap(),
+            "--data",
+            prompts.to_str().unwrap(),
+            "--reward",
+            "regex:^\\s*[A-Z]",
+            "--reward",
+            &rm,
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.7",
+        ];
+        eval_json(&args, gpu)
+    };
+    same_json(
+        "eval --generate",
+        &generated(Some(&gpu)),
+        &generated(None),
+        1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn mixed_precision_checkpointing_and_tf32_train_on_the_emulated_gpu() {
     let Some(gpu) = emulator() else { return };
@@ -457,6 +576,7 @@ train_time_s = 3600
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SFT, GRPO and reward-model rounds with one client on the CPU and one on the GPU.
 #[test]
 fn a_cpu_client_and_a_gpu_client_federate_over_quic() {
     let Some(gpu) = emulator() else { return };
@@ -492,7 +612,28 @@ learning_rate = 5e-3
 local_steps = 2
 batch_size = 2
 
-{entries}"#,
+{entries}
+[[then]]
+phase = "grpo"
+rounds = 1
+[then.local]
+learning_rate = 1e-2
+local_steps = 1
+batch_size = 4
+[then.local.grpo]
+rewards = ['regex:^\s*[A-Z]']
+num_generations = 4
+max_completion_length = 3
+beta = 0.04
+
+[[then]]
+phase = "reward"
+rounds = 1
+[then.local]
+learning_rate = 1e-3
+local_steps = 1
+batch_size = 4
+"#,
             model = model.display(),
             data = data_dir.display(),
             ca = ca_dir.display(),
@@ -526,10 +667,13 @@ batch_size = 2
             &toml,
             format!(
                 "federation = \"demo\"\ncoordinator = \"127.0.0.1:{port}\"\n{key}\nca = \"{}\"\n\
-                 name = \"{n}\"\nmodel = \"{}\"\ntrain_data = \"{}\"\n{device}",
+                 name = \"{n}\"\nmodel = \"{}\"\ntrain_data = \"{}\"\n\
+                 preference_data = \"{}\"\nprompt_data = \"{}\"\n{device}",
                 ca_dir.display(),
                 model.display(),
                 root().join(format!("testdata/demo/{n}.jsonl")).display(),
+                root().join("testdata/demo/prefs.jsonl").display(),
+                root().join("testdata/grpo/prompts.jsonl").display(),
                 key = key.trim(),
             ),
         )
@@ -567,15 +711,25 @@ batch_size = 2
             log(&format!("{n}.out"))
         );
     }
-    // Both updates were accepted into the round's aggregate.
+    // Both updates of every round (SFT, GRPO, reward model) were accepted into its aggregate.
     let coord_out = log("coord.out");
-    for n in names {
+    for round in 1..=3 {
+        for n in names {
+            assert!(
+                coord_out.contains(&format!("round {round}: update of {n} accepted")),
+                "{coord_out}"
+            );
+        }
         assert!(
-            coord_out.contains(&format!("round 1: update of {n} accepted")),
+            coord_out.contains(&format!("round {round} closed")),
             "{coord_out}"
         );
     }
-    assert!(coord_out.contains("round 1 closed"), "{coord_out}");
+    // The last global adapter is a reward model: LoRA factors and the score head.
+    let cfg: Value =
+        serde_json::from_str(&log("coord-data/store/global/000003/adapter_config.json"))
+            .unwrap_or_else(|e| panic!("round 3's global adapter: {e}"));
+    assert_eq!(cfg["task_type"], "SEQ_CLS", "{cfg}");
     // The bank's daemon trained on the (emulated) GPU, the hospital's on the CPU.
     let bank = log("bank.out");
     assert!(

@@ -218,11 +218,6 @@ fn grpo_mistakes_are_clear_errors() {
         ),
         (
             &prompts,
-            vec!["--reward", "json_valid", "--device", "cuda"],
-            "CPU",
-        ),
-        (
-            &prompts,
             vec!["--reward", "json_valid", "--format", "alpaca"],
             "--format",
         ),

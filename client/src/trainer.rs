@@ -20,7 +20,7 @@ use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
 use fedtune_engine::train::kto::{KtoObjective, KtoOptions};
 use fedtune_engine::train::optim::Schedule;
 use fedtune_engine::train::params::TrainModel;
-use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
+use fedtune_engine::train::reward::{RewardBase, RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{NoCallback, RunOptions, SftObjective, train};
 use fedtune_engine::train::{TrainConfig, TrainSummary};
 use fedtune_engine::{Encoded, LlamaModel};
@@ -214,41 +214,52 @@ pub fn train_round(
         out.adapter.dense.insert(SCORE_KEY.into(), score.clone());
         return Ok(out);
     }
-    if matches!(job.plan.phase, Phase::Grpo | Phase::Reward) {
-        let what = if job.plan.phase == Phase::Grpo {
-            "GRPO"
-        } else {
-            "reward-model"
-        };
-        let Base::Host(m) = base else {
-            return Err(Error::Invalid(format!(
-                "{what} rounds train on the CPU for now (device = \"cpu\" in client.toml)"
-            )));
-        };
-        let mut model = m.clone();
-        model.attach_weights(&job.global, 0.0)?;
-        return if job.plan.phase == Phase::Grpo {
-            grpo_training(&mut model, data, job)
-        } else {
-            reward_training(&mut model, data, job)
-        };
-    }
-    let (summary, num_examples, adapter) = match base {
+    match base {
         Base::Host(m) => {
             let mut model = m.clone();
             model.attach_weights(&job.global, 0.0)?;
-            let (s, n) = local_training(&mut model, data, job)?;
-            (s, n, model.lora_weights())
+            round_on(&mut model, data, job)
         }
         Base::Gpu(m) => {
             // Jobs may run on threads of their own, side by side on the one stream.
             m.gpu.bind()?;
             let mut model = m.clone();
             model.attach_weights(&job.global)?;
-            let (s, n) = local_training(&mut model, data, job)?;
-            (s, n, model.lora_weights()?)
+            round_on(&mut model, data, job)
         }
-    };
+    }
+}
+
+/// A model a round trains, on either device, and the adapter it sends back.
+trait RoundModel: TrainModel + RewardBase {
+    /// The trained LoRA factors (f32), with a reward model's score head.
+    fn adapter(&self) -> fedtune_engine::Result<Adapter>;
+}
+
+impl RoundModel for LlamaModel {
+    fn adapter(&self) -> fedtune_engine::Result<Adapter> {
+        Ok(self.lora_weights())
+    }
+}
+
+impl RoundModel for CudaModel {
+    fn adapter(&self) -> fedtune_engine::Result<Adapter> {
+        self.lora_weights()
+    }
+}
+
+/// The round's training on `model` (the global adapter attached), wherever it lives.
+fn round_on<M: RoundModel>(
+    model: &mut M,
+    data: &LocalData,
+    job: &TrainJob,
+) -> fedtune_engine::Result<TrainOutcome> {
+    match job.plan.phase {
+        Phase::Reward => return reward_training(model, data, job),
+        Phase::Grpo => return grpo_training(model, data, job),
+        _ => {}
+    }
+    let (summary, num_examples) = local_training(model, data, job)?;
     let mut metrics = vec![(
         "train_loss".to_string(),
         summary.final_loss.unwrap_or(f64::NAN),
@@ -258,7 +269,7 @@ pub fn train_round(
     }
     metrics.retain(|(_, v)| v.is_finite());
     Ok(TrainOutcome {
-        adapter,
+        adapter: model.adapter()?,
         num_examples,
         metrics,
     })
@@ -308,13 +319,13 @@ fn run_options<'a>(cfg: &'a TrainConfig, dir: &'a Option<PathBuf>) -> RunOptions
     }
 }
 
-/// A GRPO round on the host model (the global adapter attached): the plan's rewards score
-/// this client's own completions of its own prompts; the reference is the global adapter the
-/// round starts from. Metrics: `train_loss`, and the means over the round's steps of TRL's
+/// A GRPO round on `model` (the global adapter attached), on either device: the plan's
+/// rewards score this client's own completions of its own prompts (a reward model on the
+/// model's device); the reference is the global adapter the round starts from. Metrics: `train_loss`, and the means over the round's steps of TRL's
 /// logged `reward`, `entropy` and `completions/mean_length` (of the samples each step trained
 /// on: no extra sampling pass).
-fn grpo_training(
-    model: &mut LlamaModel,
+fn grpo_training<M: RoundModel>(
+    model: &mut M,
     data: &LocalData,
     job: &TrainJob,
 ) -> fedtune_engine::Result<TrainOutcome> {
@@ -334,7 +345,7 @@ fn grpo_training(
         })?;
     let mut rewards = Rewards::parse(&g.rewards, &g.reward_weights)?;
     // A reward model the plan names is this site's own copy, on the base model.
-    rewards.load_models(&model.without_adapter(), &tokenizer)?;
+    rewards.load_models(&*model, &tokenizer)?;
     let opts = GrpoOptions {
         num_generations: g.num_generations as usize,
         max_completion_length: g.max_completion_length as usize,
@@ -366,7 +377,7 @@ fn grpo_training(
     metrics.extend(steps.means());
     metrics.retain(|(_, v)| v.is_finite());
     Ok(TrainOutcome {
-        adapter: model.lora_weights(),
+        adapter: model.adapter()?,
         num_examples: p.prompts.len() as u64,
         metrics,
     })
@@ -412,16 +423,17 @@ impl fedtune_engine::train::Callback for StepMeans {
     }
 }
 
-/// A reward-model round on the host model (the global LoRA factors and score head attached):
-/// TRL `RewardTrainer`'s Bradley–Terry loss on this client's preference pairs, the score head
-/// trained in full. Metrics: `train_loss`, `eval_loss` (held-out pairs), and the trained
-/// model's `accuracy` and `margin` on the held-out pairs, or on the training pairs without any.
-fn reward_training(
-    model: &mut LlamaModel,
+/// A reward-model round on `model` (the global LoRA factors and score head attached), on
+/// either device: TRL `RewardTrainer`'s Bradley–Terry loss on this client's preference pairs,
+/// the score head trained in full. Metrics: `train_loss`, `eval_loss` (held-out pairs), and
+/// the trained model's `accuracy` and `margin` on the held-out pairs, or on the training
+/// pairs without any.
+fn reward_training<M: RoundModel>(
+    model: &mut M,
     data: &LocalData,
     job: &TrainJob,
 ) -> fedtune_engine::Result<TrainOutcome> {
-    if model.score.is_none() {
+    if model.param_shape("score.weight").is_none() {
         return Err(Error::Invalid(
             "the global adapter of a reward-model round has no score head (a coordinator \
              whose plan has a reward stage starts the federation with one)"
@@ -463,7 +475,7 @@ fn reward_training(
     }
     metrics.retain(|(_, v)| v.is_finite());
     Ok(TrainOutcome {
-        adapter: model.lora_weights(),
+        adapter: model.adapter()?,
         num_examples: data.reward_pairs.len() as u64,
         metrics,
     })
@@ -564,7 +576,7 @@ fn local_training<M: TrainModel>(
         }
         Phase::Grpo | Phase::Reward => {
             return Err(Error::Invalid(
-                "GRPO and reward-model rounds train on the host model (train_round)".into(),
+                "GRPO and reward-model rounds have loops of their own (train_round)".into(),
             ));
         }
     };

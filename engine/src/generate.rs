@@ -156,16 +156,17 @@ pub fn generate_group<B: Backend>(
         .unwrap_or_default()
 }
 
-/// `n` continuations of each of `prompts`, the `p`-th drawn from its own RNG stream seeded
-/// with `seeds[p]` (so a prompt's group does not depend on the others in the batch). Each
-/// prompt is run once and its KV cache shared by its `n` continuations; each continuation
-/// stops at a stop id (kept) or after `cfg.max_new_tokens`. Where the device stacks caches
-/// ([`Backend::cache_stack`]: the host) all `prompts.len()·n` continuations decode together as
-/// one batch, one token per row per forward pass, shorter prompts left-padded (finished rows
-/// run along until every row is done, as transformers' `generate` pads them); a prompt's
-/// stream draws each step's tokens for its live rows in row order. Elsewhere each prompt's
-/// continuations decode one after the other, each from the prompt's cache. More than
-/// [`BATCH_ROWS`] rows go in several batches of whole groups.
+/// `n` continuations of each of `prompts`, continuation `r` of the `p`-th drawn from its own
+/// RNG stream: ChaCha8 seeded with `seeds[p]`, stream `r` (so a prompt's group depends
+/// neither on the others in the batch nor on how the device batches its rows: the host and a
+/// GPU draw the same tokens from the same logits). Each prompt is run once and its KV cache
+/// shared by its `n` continuations; each continuation stops at a stop id (kept) or after
+/// `cfg.max_new_tokens`. Where the device stacks caches ([`Backend::cache_stack`]: the host)
+/// all `prompts.len()·n` continuations decode together as one batch, one token per row per
+/// forward pass, shorter prompts left-padded (finished rows run along until every row is
+/// done, as transformers' `generate` pads them). Elsewhere each prompt's continuations decode
+/// one after the other, each from the prompt's cache. More than [`BATCH_ROWS`] rows go in
+/// several batches of whole groups.
 pub fn generate_groups<B: Backend>(
     model: &B,
     prompts: &[&[u32]],
@@ -191,9 +192,16 @@ pub fn generate_groups<B: Backend>(
     if active.is_empty() {
         return out;
     }
+    // Row r of the a-th active prompt draws from rngs[a·n + r].
     let mut rngs: Vec<ChaCha8Rng> = active
         .iter()
-        .map(|&p| ChaCha8Rng::seed_from_u64(seeds[p]))
+        .flat_map(|&p| {
+            (0..n as u64).map(move |r| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seeds[p]);
+                rng.set_stream(r);
+                rng
+            })
+        })
         .collect();
     let mut caches = Vec::with_capacity(active.len());
     let mut first = Vec::with_capacity(active.len());
@@ -218,16 +226,17 @@ pub fn generate_groups<B: Backend>(
         }
         return out;
     }
-    for ((cache, (logits, rng)), &p) in caches
+    for ((cache, (logits, rngs)), &p) in caches
         .into_iter()
-        .zip(first.iter().zip(&mut rngs))
+        .zip(first.iter().zip(rngs.chunks_mut(n)))
         .zip(&active)
     {
         // The first row continues the prefilled cache; the others run the prompt again (the
         // devices without stacking do not copy caches either).
         let mut cache = Some(cache);
-        out[p] = (0..n)
-            .map(|_| {
+        out[p] = rngs
+            .iter_mut()
+            .map(|rng| {
                 let c = cache.take().unwrap_or_else(|| prefill(model, prompts[p]).0);
                 decode_alone(model, c, logits, cfg, rng)
             })
@@ -291,7 +300,7 @@ struct Batch<'a> {
 }
 
 /// The rows of `batch` decoded together from `cache` (the prompts' caches, stacked), each
-/// starting from a sample of its prompt's logits; prompt `p`'s rows draw from `rngs[p]`.
+/// starting from a sample of its prompt's logits; row `r` draws from `rngs[r]`.
 fn decode_together<B: Backend>(
     model: &B,
     mut cache: B::Cache,
@@ -305,7 +314,7 @@ fn decode_together<B: Backend>(
     let mut out = vec![Vec::new(); rows];
     let mut done = vec![false; rows];
     let mut next: Vec<u32> = (0..rows)
-        .map(|r| sample(&batch.first[r / n], cfg, &mut rngs[r / n]))
+        .map(|r| sample(&batch.first[r / n], cfg, &mut rngs[r]))
         .collect();
     loop {
         for r in 0..rows {
@@ -329,7 +338,7 @@ fn decode_together<B: Backend>(
         let hidden = forward(model, &next, rows, 1, &positions, None, Some(&mut cache));
         let logits = model.row_logits(&hidden, &live);
         for (j, &r) in live.iter().enumerate() {
-            next[r] = sample(&logits[j * vocab..(j + 1) * vocab], cfg, &mut rngs[r / n]);
+            next[r] = sample(&logits[j * vocab..(j + 1) * vocab], cfg, &mut rngs[r]);
         }
     }
     let mut grouped = Vec::with_capacity(batch.lens.len());

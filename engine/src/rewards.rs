@@ -511,9 +511,9 @@ impl Rewards {
 
     /// Loads every `reward_model:DIR` reward onto `base` (the run's base model; its own
     /// adapter is left out), tokenising with `tokenizer`.
-    pub fn load_models(
+    pub fn load_models<B: crate::train::reward::RewardBase + ?Sized>(
         &mut self,
-        base: &crate::LlamaModel,
+        base: &B,
         tokenizer: &std::sync::Arc<crate::Tokenizer>,
     ) -> Result<()> {
         for (f, _) in &mut self.fns {

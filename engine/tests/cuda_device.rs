@@ -286,18 +286,20 @@ fn backward_kernels_match_the_host_kernels() {
     let logits = rand([rows, vocab]);
     let targets: Vec<u32> = (0..rows as u32).map(|i| i * 193 % vocab as u32).collect();
     let lh = host(&logits);
-    let (mut want_lp, mut want_grad) = (Vec::new(), Vec::new());
+    let (mut want_lp, mut want_grad, mut want_h) = (Vec::new(), Vec::new(), Vec::new());
     for (row, &t) in lh.chunks(vocab).zip(&targets) {
         let mx = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
         let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
         want_lp.push((row[t as usize] as f64 - lse) as f32);
+        let logp = |v: f32| v as f64 - lse;
+        want_h.push(-row.iter().map(|&v| logp(v).exp() * logp(v)).sum::<f64>() as f32);
         for (i, &v) in row.iter().enumerate() {
             let onehot = if i == t as usize { 1.0 } else { 0.0 };
             want_grad.push((onehot - (v as f64 - lse).exp()) as f32);
         }
     }
     let gl = up(&g, &logits);
-    let lp = g.logprob_grad(&gl, &targets).unwrap();
+    let (lp, entropy) = g.logprob_grad(&gl, &targets, true).unwrap();
     check(
         "logprob_grad log p",
         &g.download(&lp).unwrap(),
@@ -305,12 +307,27 @@ fn backward_kernels_match_the_host_kernels() {
         1e-5,
     );
     check(
+        "logprob_grad entropy",
+        &g.download(&entropy.unwrap()).unwrap(),
+        &want_h,
+        1e-5,
+    );
+    // Without entropy: the same log-probabilities and gradient, no entropy.
+    let again = up(&g, &logits);
+    let (lp2, none) = g.logprob_grad(&again, &targets, false).unwrap();
+    assert!(none.is_none());
+    assert_eq!(g.download(&lp2).unwrap(), g.download(&lp).unwrap());
+    assert_eq!(g.download(&again).unwrap(), g.download(&gl).unwrap());
+    check(
         "logprob_grad e_y − p",
         &g.download(&gl).unwrap(),
         &want_grad,
         1e-5,
     );
-    assert!(g.logprob_grad(&gl, &[0, 1, 2, 3, vocab as u32]).is_err());
+    assert!(
+        g.logprob_grad(&gl, &[0, 1, 2, 3, vocab as u32], false)
+            .is_err()
+    );
 }
 
 #[test]
@@ -562,6 +579,17 @@ fn tiny_llama_logits_losses_adapter_nf4_and_generation_match_the_host() {
             "greedy generation (adapter {adapter}): {} identical tokens",
             gg.len()
         );
+        // Sampled groups: the host decodes a group's rows as one batch, the GPU one after
+        // the other; each row's own RNG stream draws the same tokens from the same logits.
+        let cfg = fedtune_engine::generate::GenerationConfig {
+            max_new_tokens: 8,
+            temperature: 1.3,
+            ..Default::default()
+        };
+        let prompts = [&ids[..5], &ids[..9]];
+        let hg = fedtune_engine::generate::generate_groups(&model, &prompts, &[3, 4], 3, &cfg);
+        let gg = fedtune_engine::generate::generate_groups(&cm, &prompts, &[3, 4], 3, &cfg);
+        assert_eq!(gg, hg, "sampled groups differ (adapter {adapter})");
     }
     model.quantize_nf4(true);
     let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();

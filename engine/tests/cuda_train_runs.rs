@@ -13,6 +13,7 @@ use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions};
 use fedtune_engine::train::lora::init_adapter;
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::{RewardObjective, RewardOptions, score_pairs};
 use fedtune_engine::train::sft::{
     Callback, LogEntry, RunOptions, SftObjective, TrainerState, train,
 };
@@ -226,6 +227,224 @@ fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
         };
         check(
             &format!("DPO {key}"),
+            &get(&gpu_log.0),
+            &get(&host_log.0),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn a_reward_model_trains_on_the_gpu_as_on_the_host_with_its_score_head() {
+    let Some(g) = gpu() else { return };
+    let m = tiny_loaded();
+    let d = Dataset::load(
+        &repo().join("testdata/demo/prefs.jsonl"),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let (pairs, _) = d.encode_reward_pairs(&m.tokenizer, None).unwrap();
+    let pairs: Vec<_> = pairs.into_iter().take(12).collect();
+    let cfg = TrainConfig {
+        learning_rate: 1e-3,
+        max_steps: Some(6),
+        per_device_train_batch_size: 4,
+        ..twenty_steps()
+    };
+    let run = RunOptions {
+        config: &cfg,
+        output: None,
+        resume: None,
+        cancel: None,
+    };
+    let pad = m.tokenizer.pad_id;
+    let mut base = with_fresh_adapter(m.model.clone(), &cfg);
+    base.init_score(7);
+    let objective = || {
+        let options = RewardOptions {
+            center_rewards_coefficient: Some(0.01),
+            ..RewardOptions::default()
+        };
+        RewardObjective::new(options, pairs.clone(), pairs[..4].to_vec(), 4, pad)
+    };
+    let mut host_model = base.clone();
+    let mut host_log = Keep(Vec::new());
+    train(&mut host_model, &run, &objective(), &mut host_log).unwrap();
+    // A fresh GPU model given the same head from the seed, and one copied from the host.
+    let mut fresh = CudaModel::from_host(&m.model, g.clone(), Dt::F32).unwrap();
+    let mut no_score = base.clone();
+    no_score.score = None;
+    fresh.attach_weights(&no_score.lora_weights()).unwrap();
+    assert!(!fresh.has_score());
+    fresh.init_score(7).unwrap();
+    let mut cm = CudaModel::from_host(&base, g.clone(), Dt::F32).unwrap();
+    let key = fedtune_engine::adapter::SCORE_KEY;
+    assert_eq!(
+        fresh.lora_weights().unwrap().dense[key],
+        cm.lora_weights().unwrap().dense[key],
+        "init_score draws the host's head"
+    );
+    assert!(
+        cm.trainable_names(&Trainable::lora())
+            .contains(&"score.weight".to_string())
+    );
+    let mut gpu_log = Keep(Vec::new());
+    train(&mut cm, &run, &objective(), &mut gpu_log).unwrap();
+    same_curve(
+        "reward model, 6 steps",
+        &curve(&gpu_log.0),
+        &curve(&host_log.0),
+    );
+    for key in ["accuracy", "margin", "mean_reward"] {
+        let get = |l: &[LogEntry]| {
+            l.iter()
+                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
+                .collect::<Vec<_>>()
+        };
+        assert!(!get(&host_log.0).is_empty(), "{key} logged");
+        check(
+            &format!("reward {key}"),
+            &get(&gpu_log.0),
+            &get(&host_log.0),
+            1e-4,
+        );
+    }
+    // The trained head and factors, and the rewards the trained models give.
+    let (got, want) = (cm.lora_weights().unwrap(), host_model.lora_weights());
+    assert_eq!(got.dense.keys().collect::<Vec<_>>(), [key]);
+    check(
+        "trained score head",
+        &got.dense[key].data,
+        &want.dense[key].data,
+        1e-4,
+    );
+    for (name, f) in &want.modules {
+        check(
+            &format!("{name}.lora_B"),
+            &got.modules[name].b.data,
+            &f.b.data,
+            1e-3,
+        );
+    }
+    let rewards = |r: Vec<(f64, f64)>| -> Vec<f32> {
+        r.into_iter()
+            .flat_map(|(c, r)| [c as f32, r as f32])
+            .collect()
+    };
+    check(
+        "rewards of the trained model",
+        &rewards(score_pairs(&cm, &pairs, 4, pad).unwrap()),
+        &rewards(score_pairs(&host_model, &pairs, 4, pad).unwrap()),
+        1e-4,
+    );
+    // The adapter it writes attaches on either device; a head of another width is refused.
+    let mut back = CudaModel::from_host(&m.model, g.clone(), Dt::F32).unwrap();
+    back.attach_weights(&got).unwrap();
+    assert_eq!(back.lora_weights().unwrap().dense[key], got.dense[key]);
+    let mut bad = got.clone();
+    bad.dense.insert(
+        key.into(),
+        fedtune_aggregation::Matrix::new(1, 3, vec![0.0; 3]),
+    );
+    let e = back.attach_weights(&bad).unwrap_err().to_string();
+    assert!(e.contains("score head is [1, 3]"), "{e}");
+    // bf16 mixed precision: the head and its gradient stay f32.
+    let mut half = CudaModel::from_host(&base, g, Dt::BF16).unwrap();
+    let mut half_log = Keep(Vec::new());
+    train(&mut half, &run, &objective(), &mut half_log).unwrap();
+    let (h, f) = (curve(&half_log.0), curve(&host_log.0));
+    for (a, b) in h.iter().zip(&f) {
+        assert!(
+            (a.1 - b.1).abs() < 2e-2 * b.1.abs().max(1.0),
+            "bf16 loss {a:?} vs f32 {b:?}"
+        );
+    }
+}
+
+#[test]
+fn grpo_steps_on_the_gpu_follow_the_host_with_the_reward_model_on_the_device() {
+    use fedtune_engine::rewards::Rewards;
+    use fedtune_engine::train::grpo::{GrpoObjective, GrpoOptions, GrpoPrompt};
+    use fedtune_engine::train::reward::RewardBase;
+    let Some(g) = gpu() else { return };
+    let m = tiny_loaded();
+    let tok = std::sync::Arc::new(m.tokenizer.clone());
+    let prompts: Vec<GrpoPrompt> = ["Clinical note: fever.", "Note: cough.", "Patient: rash."]
+        .iter()
+        .map(|t| GrpoPrompt {
+            ids: tok.encode_with_special(t).unwrap(),
+            text: t.to_string(),
+            messages: None,
+            fields: Default::default(),
+        })
+        .collect();
+    let cfg = TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(3),
+        per_device_train_batch_size: 8,
+        ..twenty_steps()
+    };
+    let options = GrpoOptions {
+        num_generations: 4,
+        max_completion_length: 4,
+        temperature: 0.9,
+        beta: 0.04,
+        ..Default::default()
+    };
+    let reward_model = repo().join("testdata/reward/start_adapter");
+    // The same rewards on each device: a rule, and the reward model on the policy's device.
+    let objective = |base: &dyn RewardBase| {
+        let mut rewards = Rewards::parse(
+            &[
+                "regex:^\\s*[A-Z]".into(),
+                format!("reward_model:{}", reward_model.display()),
+            ],
+            &[1.0, 0.5],
+        )
+        .unwrap();
+        rewards.load_models(base, &tok).unwrap();
+        GrpoObjective::new(
+            prompts.clone(),
+            rewards,
+            options,
+            8,
+            tok.pad_id,
+            tok.eos_id.into_iter().collect(),
+            tok.clone(),
+            5,
+        )
+    };
+    let run = RunOptions {
+        config: &cfg,
+        output: None,
+        resume: None,
+        cancel: None,
+    };
+    let base = with_fresh_adapter(m.model.clone(), &cfg);
+    let mut host_model = base.clone();
+    let mut host_log = Keep(Vec::new());
+    let host_objective = objective(&base);
+    train(&mut host_model, &run, &host_objective, &mut host_log).unwrap();
+    let mut cm = CudaModel::from_host(&base, g, Dt::F32).unwrap();
+    let mut gpu_log = Keep(Vec::new());
+    let gpu_objective = objective(&cm);
+    train(&mut cm, &run, &gpu_objective, &mut gpu_log).unwrap();
+    same_curve("GRPO, 3 steps", &curve(&gpu_log.0), &curve(&host_log.0));
+    for key in [
+        "reward",
+        "rewards/reward_model/mean",
+        "entropy",
+        "kl",
+        "completions/mean_length",
+    ] {
+        let get = |l: &[LogEntry]| {
+            l.iter()
+                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get(&host_log.0).len(), 3, "{key} logged every step");
+        check(
+            &format!("GRPO {key}"),
             &get(&gpu_log.0),
             &get(&host_log.0),
             1e-4,

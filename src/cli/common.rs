@@ -16,7 +16,7 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Device: `cpu`, or `cuda[:N]` (an NVIDIA GPU; `eval` and `generate`).
+    /// Device: `cpu`, or `cuda[:N]` (an NVIDIA GPU: training, `eval`, `generate`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute dtype: f32, bf16 or f16 (`eval`, `generate`). Training on the CPU: bf16 or f16
@@ -55,7 +55,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     match s.parse::<fedtune_engine::device::Device>()? {
         fedtune_engine::device::Device::Cpu => Ok(Device::flex()),
         fedtune_engine::device::Device::Cuda(_) => anyhow::bail!(
-            "--device {s}: this command runs on the CPU for now; `fedtune eval` and `fedtune generate` run on cuda"
+            "--device {s}: this command runs on the CPU; training, `fedtune eval` and `fedtune generate` run on cuda"
         ),
     }
 }

@@ -16,6 +16,7 @@ use fedtune_engine::data::{Dataset, EncodedCompletion, LoadOptions};
 use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::train::distill::{DistillObjective, DistillOptions};
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, TrainConfig, TrainSummary};
 use fedtune_engine::{LlamaModel, Tokenizer};
@@ -157,7 +158,7 @@ impl Fit<'_, '_> {
 impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64);
 
-    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel + RewardBase>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         match self.teacher {
             Teacher::Host(t) => self.with_teacher(model, t.as_ref()),
             Teacher::Gpu(t) => self.with_teacher(model, t.as_ref()),

@@ -13,6 +13,7 @@ use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::dpo::{DpoObjective, DpoOptions, LossType};
 use fedtune_engine::train::lora::peft_adapter;
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, TrainConfig};
 
@@ -218,7 +219,7 @@ struct Fit<'a, 'r> {
 impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
 
-    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel + RewardBase>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         let (opts, train_pairs, eval_pairs, pad) = self.data;
         let objective = DpoObjective::new(
             model,

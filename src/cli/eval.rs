@@ -11,6 +11,8 @@ use fedtune_engine::data::{Dataset, Format, LoadOptions};
 use fedtune_engine::device::{Backend, Device};
 use fedtune_engine::dpo::{DpoMetrics, PairLogps};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs, sft_loss};
+use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use serde_json::json;
 
 use super::common::{ModelArgs, QuantArgs};
@@ -87,14 +89,25 @@ pub struct EvalArgs {
 /// Runs `fedtune eval`.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.reward_model {
-        return evaluate_reward_model(&a);
+        a.model.adapter.as_ref().context(
+            "--reward-model needs --adapter: a reward model trained with `fedtune train reward`",
+        )?;
     }
     if a.generate {
-        return evaluate_generations(&a);
+        anyhow::ensure!(
+            a.temperature.is_finite() && a.temperature >= 0.0 && a.max_new_tokens > 0,
+            "--temperature must be 0 (greedy) or positive and --max-new-tokens positive"
+        );
     }
     match a.model.engine_device()? {
         Device::Cpu => {
             let m = a.model.load_quantized(a.quant.nf4())?;
+            if a.reward_model {
+                return evaluate_reward_model(&a, &m.model, &m.tokenizer);
+            }
+            if a.generate {
+                return evaluate_generations(&a, &m.model, m.tokenizer);
+            }
             let reference = match &a.ref_model {
                 Some(p) => Some(
                     fedtune_engine::load_model(
@@ -111,6 +124,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
         Device::Cuda(i) => {
             let (model, tokenizer) = a.model.load_cuda(i, a.quant.nf4())?;
+            if a.reward_model {
+                return evaluate_reward_model(&a, &model, &tokenizer);
+            }
+            if a.generate {
+                return evaluate_generations(&a, &model, tokenizer);
+            }
             let reference = match &a.ref_model {
                 Some(p) => Some(
                     fedtune_engine::loader::load_model_cuda(p, model.gpu.clone(), model.dt, None)
@@ -124,20 +143,21 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `--reward-model`: the rewards of both sides of every pair, on the CPU.
-fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
+/// `--reward-model`: the rewards of both sides of every pair, under `model` (the reward
+/// model's adapter attached) on its device.
+fn evaluate_reward_model<M: TrainModel>(
+    a: &EvalArgs,
+    model: &M,
+    tokenizer: &Tokenizer,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.model.engine_device()? == Device::Cpu,
-        "--reward-model runs on the CPU for now"
-    );
-    let adapter = a.model.adapter.as_ref().context(
-        "--reward-model needs --adapter: a reward model trained with `fedtune train reward`",
-    )?;
-    let m = a.model.load_quantized(a.quant.nf4())?;
-    anyhow::ensure!(
-        m.model.score.is_some(),
+        model.param_shape("score.weight").is_some(),
         "--reward-model: {} has no score head (train one with `fedtune train reward`)",
-        adapter.display()
+        a.model
+            .adapter
+            .as_deref()
+            .unwrap_or(a.model.model.as_path())
+            .display()
     );
     let data = Dataset::load(
         &a.data,
@@ -153,13 +173,13 @@ fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
         max_length: a.max_length.or(Some(1024)),
         ..Default::default()
     };
-    let (pairs, dropped) = data.encode_reward_pairs(&m.tokenizer, options.max_length)?;
+    let (pairs, dropped) = data.encode_reward_pairs(tokenizer, options.max_length)?;
     anyhow::ensure!(!pairs.is_empty(), "{}: no pair to score", a.data.display());
     let rewards = fedtune_engine::train::reward::score_pairs(
-        &m.model,
+        model,
         &pairs,
         (a.batch_size / 2).max(1),
-        m.tokenizer.pad_id,
+        tokenizer.pad_id,
     )?;
     let (loss, metrics) = fedtune_engine::train::reward::reward_metrics(&rewards, &options);
     let mut out = json!({
@@ -174,21 +194,17 @@ fn evaluate_reward_model(a: &EvalArgs) -> anyhow::Result<()> {
     print_metrics(a, &out)
 }
 
-/// `--generate --reward`: one completion per prompt, scored; on the CPU.
-fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
+/// `--generate --reward`: one completion per prompt under `model`, scored (reward models on
+/// the model's device).
+fn evaluate_generations<M: TrainModel + RewardBase>(
+    a: &EvalArgs,
+    model: &M,
+    tokenizer: Tokenizer,
+) -> anyhow::Result<()> {
     use fedtune_engine::generate::{BATCH_ROWS, GenerationConfig, generate_groups};
     use fedtune_engine::rewards::{RewardInput, Rewards, completion_metrics};
-    anyhow::ensure!(
-        a.model.engine_device()? == Device::Cpu,
-        "--generate runs on the CPU for now"
-    );
-    anyhow::ensure!(
-        a.temperature.is_finite() && a.temperature >= 0.0 && a.max_new_tokens > 0,
-        "--temperature must be 0 (greedy) or positive and --max-new-tokens positive"
-    );
     let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
-    let m = a.model.load_quantized(a.quant.nf4())?;
-    let prompts = fedtune_engine::train::grpo::load_prompts(&a.data, &m.tokenizer)
+    let prompts = fedtune_engine::train::grpo::load_prompts(&a.data, &tokenizer)
         .with_context(|| format!("reading prompts {}", a.data.display()))?;
     anyhow::ensure!(!prompts.is_empty(), "{}: no prompt", a.data.display());
     let fields: Vec<_> = prompts
@@ -199,9 +215,9 @@ fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
     for (f, _) in &rewards.fns {
         f.check_fields(&a.data, &fields)?;
     }
-    let tokenizer = std::sync::Arc::new(m.tokenizer);
-    rewards.load_models(&m.model, &tokenizer)?;
-    let mut stop_ids = m.model.config.eos_token_ids.clone();
+    let tokenizer = std::sync::Arc::new(tokenizer);
+    rewards.load_models(model, &tokenizer)?;
+    let mut stop_ids = model.config().eos_token_ids.clone();
     stop_ids.extend(tokenizer.eos_id);
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
@@ -218,7 +234,7 @@ fn evaluate_generations(a: &EvalArgs) -> anyhow::Result<()> {
         let seeds: Vec<u64> = (0..chunk.len())
             .map(|k| (c * BATCH_ROWS + k) as u64)
             .collect();
-        for mut out in generate_groups(&m.model, &asked, &seeds, 1, &cfg) {
+        for mut out in generate_groups(model, &asked, &seeds, 1, &cfg) {
             let out = out.pop().unwrap_or_default();
             texts.push(tokenizer.decode(&out, true)?);
             ids.push(out);

@@ -11,14 +11,17 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use fedtune_engine::rewards::Rewards;
+use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::grpo::{
-    GrpoLoss, GrpoObjective, GrpoOptions, SamplingLevel, ScaleRewards, load_prompts,
+    GrpoLoss, GrpoObjective, GrpoOptions, GrpoPrompt, SamplingLevel, ScaleRewards, load_prompts,
 };
-use fedtune_engine::train::sft::train;
+use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
+use fedtune_engine::train::sft::{RunOptions, train};
 
 use super::common::ModelArgs;
 use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs, split_eval};
-use super::target::Trainee;
+use super::target::Job;
 
 /// Arguments of `fedtune train grpo`.
 #[derive(Debug, Args)]
@@ -151,21 +154,58 @@ fn configs(a: &GrpoArgs) -> anyhow::Result<(fedtune_engine::train::TrainConfig, 
         "train grpo trains a LoRA adapter: --full, --train-last-layers and --packing do not apply"
     );
     anyhow::ensure!(
-        a.model.device == "cpu",
-        "--device {}: train grpo runs on the CPU for now",
-        a.model.device
-    );
-    anyhow::ensure!(
         a.run.format.is_none() && !a.run.skip_invalid,
         "train grpo reads prompts (JSON lines with a `prompt`): --format and --skip-invalid do not apply"
     );
     Ok((cfg, opts))
 }
 
+/// The GRPO loop where the model lives, then the mean reward of fresh samples.
+struct Fit<'a, 'r> {
+    run: &'a RunOptions<'r>,
+    rewards: Rewards,
+    opts: GrpoOptions,
+    prompts: Vec<GrpoPrompt>,
+    eval_prompts: Vec<GrpoPrompt>,
+    pad: u32,
+    stop: Vec<u32>,
+    tokenizer: Arc<fedtune_engine::Tokenizer>,
+    cb: &'a mut dyn fedtune_engine::train::Callback,
+}
+
+impl Job for Fit<'_, '_> {
+    type Out = (TrainSummary, f64);
+
+    fn run<M: TrainModel + RewardBase>(mut self, model: &mut M) -> anyhow::Result<Self::Out> {
+        let cfg = self.run.config;
+        // Reward models score on the run's base (the SFT adapter merged, the policy's left
+        // out), on the device the policy trains on.
+        self.rewards.load_models(model, &self.tokenizer)?;
+        let objective = GrpoObjective::new(
+            self.prompts,
+            self.rewards,
+            self.opts,
+            cfg.per_device_train_batch_size,
+            self.pad,
+            self.stop,
+            self.tokenizer,
+            cfg.seed,
+        )
+        .with_eval(self.eval_prompts);
+        let summary = train(model, self.run, &objective, self.cb)?;
+        let final_reward = if summary.cancelled {
+            f64::NAN
+        } else {
+            objective.mean_reward(model)?
+        };
+        Ok((summary, final_reward))
+    }
+}
+
 /// Runs `fedtune train grpo`.
 pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
     let (cfg, opts) = configs(&a)?;
-    let mut rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
+    let rewards = Rewards::parse(&a.rewards, &a.reward_weights)?;
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
     let read = |path: &std::path::Path| -> anyhow::Result<Vec<_>> {
@@ -196,12 +236,9 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
     if a.model.adapter.is_none() {
         model.attach_fresh(&cfg)?;
     }
-    let Trainee::Host(host) = &mut model else {
-        anyhow::bail!("train grpo runs on the CPU for now");
-    };
     std::fs::create_dir_all(&a.run.output)
         .with_context(|| format!("creating {}", a.run.output.display()))?;
-    let mut stop: Vec<u32> = host.config.eos_token_ids.clone();
+    let mut stop: Vec<u32> = model.config().eos_token_ids.clone();
     stop.extend(tokenizer.eos_id);
     let pad = tokenizer.pad_id;
     let n_prompts = prompts.len();
@@ -216,19 +253,6 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
             .join(" + ")
     );
     let tokenizer = Arc::new(tokenizer);
-    // Reward models score on the run's base (the SFT adapter merged, the policy's left out).
-    rewards.load_models(host, &tokenizer)?;
-    let objective = GrpoObjective::new(
-        prompts,
-        rewards,
-        opts,
-        cfg.per_device_train_batch_size,
-        pad,
-        stop,
-        tokenizer.clone(),
-        cfg.seed,
-    )
-    .with_eval(eval_prompts);
     let cancel = cancel_on_ctrl_c();
     let run = a.run.run_options(&cfg, &cancel);
     let (finish, mut b) = Finish::start(
@@ -236,15 +260,23 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         &cfg,
         &a.model.model,
         a.sft_adapter.as_deref(),
-        host.lora_weights(),
+        model.lora_weights()?,
     );
-    let summary = train(host.as_mut(), &run, &objective, &mut b)?;
+    let (summary, final_reward) = model.train(
+        &cfg,
+        Fit {
+            run: &run,
+            rewards,
+            opts,
+            prompts,
+            eval_prompts,
+            pad,
+            stop,
+            tokenizer: tokenizer.clone(),
+            cb: &mut b,
+        },
+    )?;
     b.bar.finish_and_clear();
-    let final_reward = if summary.cancelled {
-        f64::NAN
-    } else {
-        objective.mean_reward(host.as_ref())?
-    };
     let extra = serde_json::json!({
         "grpo": opts,
         "rewards": a.rewards,
@@ -252,8 +284,8 @@ pub fn run(a: GrpoArgs) -> anyhow::Result<()> {
         "prompts": n_prompts,
         "final_mean_reward": final_reward,
     });
-    let adapter = finish.adapter(host.lora_weights());
-    if !finish.write(&summary, adapter, &tokenizer, &host.config, extra)? {
+    let adapter = finish.adapter(model.lora_weights()?);
+    if !finish.write(&summary, adapter, &tokenizer, model.config(), extra)? {
         return Ok(());
     }
     println!(

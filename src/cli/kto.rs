@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use fedtune_engine::train::kto::{KtoLoss, KtoObjective, KtoOptions};
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::train::sft::{RunOptions, train};
 use fedtune_engine::train::{Callback, TrainSummary};
 
@@ -64,7 +65,7 @@ struct Fit<'a, 'r> {
 impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64, std::collections::BTreeMap<String, f64>);
 
-    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel + RewardBase>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         let objective = KtoObjective::new(
             self.options,
             self.train,

@@ -14,12 +14,13 @@ use clap::Args;
 use fedtune_engine::data::RewardPair;
 use fedtune_engine::train::TrainSummary;
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::train::reward::{RewardObjective, RewardOptions};
 use fedtune_engine::train::sft::{RunOptions, train};
 
 use super::common::ModelArgs;
 use super::run::{Finish, RunArgs, cancel_on_ctrl_c, split_configs};
-use super::target::{Job, Trainee};
+use super::target::Job;
 
 /// Arguments of `fedtune train reward`.
 #[derive(Debug, Args)]
@@ -56,7 +57,7 @@ struct Fit<'a, 'r> {
 impl Job for Fit<'_, '_> {
     type Out = (TrainSummary, f64, BTreeMap<String, f64>);
 
-    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out> {
+    fn run<M: TrainModel + RewardBase>(self, model: &mut M) -> anyhow::Result<Self::Out> {
         let objective = RewardObjective::new(
             self.options,
             self.train,
@@ -98,11 +99,6 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
         "train reward trains a LoRA adapter and the score head: --full, --train-last-layers \
          and --packing do not apply"
     );
-    anyhow::ensure!(
-        a.model.device == "cpu",
-        "--device {}: train reward runs on the CPU for now",
-        a.model.device
-    );
     a.model.check_precision(&cfg)?;
     let (mut model, tokenizer) = a.model.load_trainee(&cfg, a.sft_adapter.as_deref())?;
     let why = format!(
@@ -112,20 +108,12 @@ pub fn run(a: RewardArgs) -> anyhow::Result<()> {
     let (train_set, eval_set) = a.run.examples(&cfg, "preference pairs", &why, |d| {
         d.encode_reward_pairs(&tokenizer, opts.max_length)
     })?;
-    anyhow::ensure!(
-        matches!(model, Trainee::Host(_)),
-        "train reward runs on the CPU for now"
-    );
     // `--adapter` continues a reward model (its score head included); otherwise a fresh
     // adapter and a fresh head.
     if a.model.adapter.is_none() {
         model.attach_fresh(&cfg)?;
     }
-    if let Trainee::Host(host) = &mut model
-        && host.score.is_none()
-    {
-        host.init_score(cfg.seed);
-    }
+    model.ensure_score(cfg.seed)?;
     std::fs::create_dir_all(&a.run.output)
         .with_context(|| format!("creating {}", a.run.output.display()))?;
     let (n_train, n_eval) = (train_set.len(), eval_set.len());

@@ -12,6 +12,7 @@ use fedtune_engine::device::Device;
 use fedtune_engine::train::TrainConfig;
 use fedtune_engine::train::lora::{init_adapter_for, init_dora};
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::{LlamaModel, ModelConfig, PeftAdapter, Tokenizer};
 
 use super::common::{ModelArgs, copy_back, gpu_copy};
@@ -31,7 +32,7 @@ pub trait Job {
     /// What the run returns.
     type Out;
     /// Runs on `model`.
-    fn run<M: TrainModel>(self, model: &mut M) -> anyhow::Result<Self::Out>;
+    fn run<M: TrainModel + RewardBase>(self, model: &mut M) -> anyhow::Result<Self::Out>;
 }
 
 impl ModelArgs {
@@ -158,7 +159,20 @@ impl Trainee {
         Ok(())
     }
 
-    /// The attached LoRA factors (f32 masters on a GPU).
+    /// Gives the model a fresh reward-model score head drawn from `seed`, unless it has one
+    /// (an adapter that continues a reward model brings its own).
+    pub fn ensure_score(&mut self, seed: u64) -> anyhow::Result<()> {
+        match self {
+            Trainee::Host(m) | Trainee::HostThenGpu(m, _) if m.score.is_none() => {
+                m.init_score(seed)
+            }
+            Trainee::Gpu(m) if !m.has_score() => m.init_score(seed)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The attached LoRA factors (f32 masters on a GPU), with a reward model's score head.
     pub fn lora_weights(&self) -> anyhow::Result<Adapter> {
         Ok(match self {
             Trainee::Host(m) | Trainee::HostThenGpu(m, _) => m.lora_weights(),

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use fedtune_engine::data::Dataset;
 use fedtune_engine::train::lora::peft_adapter;
 use fedtune_engine::train::params::TrainModel;
+use fedtune_engine::train::reward::RewardBase;
 use fedtune_engine::train::{SftRun, TrainConfig, train_sft};
 
 use super::common::ModelArgs;
@@ -127,7 +128,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     struct Sft<'a, 'r>(&'a SftRun<'r>, &'a mut Bar);
     impl Job for Sft<'_, '_> {
         type Out = fedtune_engine::train::TrainSummary;
-        fn run<M: TrainModel>(self, m: &mut M) -> anyhow::Result<Self::Out> {
+        fn run<M: TrainModel + RewardBase>(self, m: &mut M) -> anyhow::Result<Self::Out> {
             Ok(train_sft(m, self.0, self.1)?)
         }
     }

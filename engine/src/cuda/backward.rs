@@ -165,8 +165,14 @@ impl Gpu {
     }
 
     /// The LM head's `log p(target)` per row of f32 `logits` `[rows, vocab]`, overwriting each
-    /// row with `e_target − softmax` (∂ log p / ∂ logits).
-    pub fn logprob_grad(&self, logits: &GTensor, targets: &[u32]) -> Result<GTensor> {
+    /// row with `e_target − softmax` (∂ log p / ∂ logits); with `entropy`, each row's entropy
+    /// `−Σ p·log p` too (GRPO logs it).
+    pub fn logprob_grad(
+        &self,
+        logits: &GTensor,
+        targets: &[u32],
+        entropy: bool,
+    ) -> Result<(GTensor, Option<GTensor>)> {
         assert_eq!(logits.dt, Dt::F32, "logprob_grad reads f32 logits");
         assert_eq!(logits.rows, targets.len(), "one target per row");
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= logits.cols) {
@@ -176,8 +182,9 @@ impl Gpu {
             )));
         }
         let out = self.alloc(1, targets.len(), Dt::F32);
+        let ent = entropy.then(|| self.alloc(1, targets.len(), Dt::F32));
         if targets.is_empty() {
-            return Ok(out);
+            return Ok((out, ent));
         }
         let t = self.upload_u32(targets)?;
         self.run(
@@ -191,11 +198,12 @@ impl Gpu {
                 A::P(logits.ptr()),
                 A::P(t.device_ptr(&self.stream).0),
                 A::P(out.ptr()),
+                A::P(ent.as_ref().map_or(0, GTensor::ptr)),
                 A::I(logits.rows as i32),
                 A::I(logits.cols as i32),
             ],
         );
-        Ok(out)
+        Ok((out, ent))
     }
 
     /// Attention backward for training (`tq = tk`, no cache): `(dq, dk, dv)` in the row

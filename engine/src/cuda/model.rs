@@ -125,6 +125,8 @@ pub struct CudaModel {
     pub(super) layers: Vec<GLayer>,
     pub(super) norm: GTensor,
     pub(super) head: Option<GTensor>,
+    /// A reward model's score head `[1, hidden]`, f32 (read on the host, trained in full).
+    pub(super) score: Option<GTensor>,
 }
 
 /// Bytes the weights of `config` take on the device in `dt`, with NF4 projections when `nf4`
@@ -267,17 +269,13 @@ impl CudaModel {
             layers,
             norm,
             head,
+            score: None,
         })
     }
 
     /// A copy of a host model on the GPU, with the same values (NF4 projections keep their
     /// codes; the adapter comes along). Used to check the GPU against the host engine.
     pub fn from_host(model: &LlamaModel, gpu: Arc<Gpu>, dt: Dt) -> Result<Self> {
-        if model.score.is_some() {
-            return Err(Error::Invalid(
-                "a reward model (score head) runs on the CPU for now: use --device cpu".into(),
-            ));
-        }
         if model
             .linears()
             .iter()
@@ -339,6 +337,11 @@ impl CudaModel {
             layers,
             norm: vec(&model.norm.weight)?,
             head: model.lm_head.as_ref().map(up).transpose()?,
+            score: model
+                .score
+                .as_ref()
+                .map(|t| gpu.upload(&to_f32_vec(t.to_data()), 1, t.dims()[1], Dt::F32))
+                .transpose()?,
             gpu,
         })
     }
@@ -349,10 +352,24 @@ impl CudaModel {
         if fedtune_peft::is_dora(adapter) {
             return Err(Error::Invalid(DORA_ON_CPU.into()));
         }
-        if let Some(name) = adapter.dense.keys().next() {
+        if let Some(name) = adapter
+            .dense
+            .keys()
+            .find(|k| k.as_str() != crate::adapter::SCORE_KEY)
+        {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"
             )));
+        }
+        if let Some(s) = adapter.dense.get(crate::adapter::SCORE_KEY) {
+            let h = self.config.hidden_size;
+            if s.rows != 1 || s.cols != h {
+                return Err(Error::Invalid(format!(
+                    "the adapter's score head is [{}, {}]; this model needs [1, {h}]",
+                    s.rows, s.cols
+                )));
+            }
+            self.score = Some(self.gpu.upload(&s.data, 1, h, Dt::F32)?);
         }
         for (module, m) in &adapter.modules {
             let parsed = module.strip_prefix("model.layers.").and_then(|r| {

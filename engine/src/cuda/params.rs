@@ -39,6 +39,7 @@ enum Param {
     LoraB(usize, Proj),
     Weight(usize, Proj),
     Bias(usize, Proj),
+    Score,
 }
 
 impl Param {
@@ -47,6 +48,7 @@ impl Param {
             "model.embed_tokens.weight" => return Some(Param::Embed),
             "lm_head.weight" => return Some(Param::Head),
             "model.norm.weight" => return Some(Param::FinalNorm),
+            "score.weight" => return Some(Param::Score),
             _ => {}
         }
         let (i, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
@@ -83,9 +85,29 @@ impl CudaModel {
         }
     }
 
-    /// The attached LoRA factors, downloaded (f32), under their module names.
+    /// A fresh score head `[1, hidden]` (a reward model's), drawn from `seed` as
+    /// [`crate::train::reward::score_head`] draws it (the host's, value for value).
+    pub fn init_score(&mut self, seed: u64) -> Result<()> {
+        let h = crate::train::reward::score_head(self.config.hidden_size, seed);
+        self.score = Some(self.gpu.upload(&h.data, 1, h.cols, Dt::F32)?);
+        Ok(())
+    }
+
+    /// Whether the model has a reward model's score head.
+    pub fn has_score(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// The attached LoRA factors, downloaded (f32), under their module names, with a reward
+    /// model's score head when it has one.
     pub fn lora_weights(&self) -> Result<fedtune_aggregation::Adapter> {
         let mut out = fedtune_aggregation::Adapter::default();
+        if let Some(s) = &self.score {
+            out.dense.insert(
+                crate::adapter::SCORE_KEY.into(),
+                fedtune_aggregation::Matrix::new(1, s.cols, self.gpu.download(s)?),
+            );
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             for (p, proj) in Proj::ALL.iter().zip(&layer.proj) {
                 let Some(l) = &proj.lora else { continue };
@@ -133,6 +155,7 @@ impl CudaModel {
                 GBase::Nf4(_) => None,
             },
             Param::Bias(i, p) => proj(i, p)?.bias.as_ref(),
+            Param::Score => self.score.as_ref(),
         }
     }
 
@@ -143,6 +166,7 @@ impl CudaModel {
             Param::Embed => Some(&mut self.embed),
             Param::Head => self.head.as_mut(),
             Param::FinalNorm => Some(&mut self.norm),
+            Param::Score => self.score.as_mut(),
             Param::Norm1(i) => layers.get_mut(i).map(|l| &mut l.ln1),
             Param::Norm2(i) => layers.get_mut(i).map(|l| &mut l.ln2),
             Param::LoraA(i, p) | Param::LoraB(i, p) | Param::Weight(i, p) | Param::Bias(i, p) => {
@@ -225,8 +249,7 @@ impl TrainModel for CudaModel {
             &|_, _| false,
             &|i, p| layers[i].proj[p.index()].bias.is_some(),
             self.head.is_some(),
-            // Reward models train on the host for now (`CudaModel::from_host` takes no score).
-            false,
+            self.score.is_some(),
         )
     }
 

@@ -323,20 +323,23 @@ impl TrainBackend for CudaModel {
         &self,
         h: &GTensor,
         ids: &[u32],
-        _entropy: bool,
+        entropy: bool,
     ) -> (Vec<f32>, GTensor, Option<Vec<f32>>) {
         let g = &self.gpu;
         assert_eq!(h.rows, ids.len(), "one target per row");
         let n = ids.len();
         let dirs = g.alloc(n, h.cols, self.dt);
         let mut chunks = Vec::new();
+        let mut entropies = Vec::new();
         let head = self.head();
         let chunk = self.head_chunk().max(1);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
             let hc = self.rows(h, start, end);
             let logits = ok(g.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
-            chunks.push(ok(g.logprob_grad(&logits, &ids[start..end])));
+            let (lp, e) = ok(g.logprob_grad(&logits, &ids[start..end], entropy));
+            chunks.push(lp);
+            entropies.extend(e);
             let dlogits = self.in_model_dtype(logits);
             let part = ok(g.matmul_sum(&[(&dlogits, false, head, false, 1.0)], self.dt));
             g.copy_rows(&part, 0, end - start, &dirs, start);
@@ -345,7 +348,14 @@ impl TrainBackend for CudaModel {
         for lp in &chunks {
             logps.extend(ok(g.download(lp)));
         }
-        (logps, dirs, None)
+        let entropy = entropy.then(|| {
+            let mut all = Vec::with_capacity(n);
+            for e in &entropies {
+                all.extend(ok(g.download(e)));
+            }
+            all
+        });
+        (logps, dirs, entropy)
     }
 
     fn scatter_rows(&self, dirs: GTensor, scale: &[f32], rows: &[usize], n: usize) -> GTensor {
@@ -363,7 +373,7 @@ impl TrainBackend for CudaModel {
             let end = (start + chunk).min(ids.len());
             let hc = self.rows(h, start, end);
             let logits = ok(gpu.matmul_sum(&[(&hc, false, head, true, 1.0)], Dt::F32));
-            ok(gpu.logprob_grad(&logits, &ids[start..end]));
+            ok(gpu.logprob_grad(&logits, &ids[start..end], false));
             let dlogits = self.in_model_dtype(logits);
             let identity: Vec<usize> = (0..end - start).collect();
             let hs = ok(gpu.scatter_rows(&hc, Some(&g[start..end]), &identity, end - start));
@@ -403,5 +413,9 @@ impl TrainBackend for CudaModel {
 
     fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> GTensor {
         ok(self.gpu.upload(values, n, d, self.dt))
+    }
+
+    fn grad_from_host(&self, values: &[f32], n: usize, d: usize) -> GTensor {
+        ok(self.gpu.upload(values, n, d, Dt::F32))
     }
 }

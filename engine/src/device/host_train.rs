@@ -272,6 +272,10 @@ impl TrainBackend for LlamaModel {
     fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> Tensor<2> {
         Tensor::<2>::from_data(TensorData::new(values.to_vec(), [n, d]), &self.device)
     }
+
+    fn grad_from_host(&self, values: &[f32], n: usize, d: usize) -> Tensor<2> {
+        self.rows_from_host(values, n, d)
+    }
 }
 
 #[cfg(test)]

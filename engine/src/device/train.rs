@@ -116,7 +116,7 @@ pub trait TrainBackend: Backend {
     fn gather(&self, x: &Self::T, rows: &[usize]) -> Self::T;
     /// `log p(ids[i])` under the LM head for hidden rows `h` `[n, hidden]`,
     /// `∂ log p(ids[i]) / ∂hᵢ` per row `[n, hidden]`, and with `entropy` each row's entropy
-    /// `−Σ p·log p` where the backend computes it (the host does; `None` on the GPU for now).
+    /// `−Σ p·log p` (`None` without).
     fn head_train(
         &self,
         h: &Self::T,
@@ -143,4 +143,7 @@ pub trait TrainBackend: Backend {
     fn rows_to_host(&self, x: &Self::T) -> Vec<f32>;
     /// `[n, d]` from host values, row-major, in the dtype the step computes in.
     fn rows_from_host(&self, values: &[f32], n: usize, d: usize) -> Self::T;
+    /// A parameter's gradient `[n, d]` from host values, row-major, in f32 (the optimiser's
+    /// dtype; a head of the caller's own computes it on the host).
+    fn grad_from_host(&self, values: &[f32], n: usize, d: usize) -> Self::T;
 }

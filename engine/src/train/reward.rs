@@ -269,14 +269,50 @@ pub fn score_sequences<M: TrainModel>(
     Ok(out)
 }
 
+/// A model that scores token sequences with its score head: a reward model, on its device.
+pub trait SequenceScorer: Send + Sync {
+    /// The rewards of `seqs`, `batch_size` at a time ([`score_sequences`]).
+    fn score_sequences(&self, seqs: &[Vec<u32>], batch_size: usize, pad: u32) -> Result<Vec<f64>>;
+}
+
+impl<M: TrainModel + Send + Sync> SequenceScorer for M {
+    fn score_sequences(&self, seqs: &[Vec<u32>], batch_size: usize, pad: u32) -> Result<Vec<f64>> {
+        score_sequences(self, seqs, batch_size, pad)
+    }
+}
+
+/// A base model that a reward model's adapter attaches to, on the base's device (the host
+/// engine, or a GPU: a GRPO run scores its completions where it trains).
+pub trait RewardBase {
+    /// The base (its own adapter left out) with `adapter`'s LoRA factors and score head.
+    fn with_reward_adapter(&self, adapter: &crate::PeftAdapter) -> Result<Box<dyn SequenceScorer>>;
+}
+
+impl RewardBase for crate::LlamaModel {
+    fn with_reward_adapter(&self, adapter: &crate::PeftAdapter) -> Result<Box<dyn SequenceScorer>> {
+        let mut model = self.without_adapter();
+        model.attach_adapter(adapter)?;
+        Ok(Box::new(model))
+    }
+}
+
+impl RewardBase for crate::cuda::CudaModel {
+    fn with_reward_adapter(&self, adapter: &crate::PeftAdapter) -> Result<Box<dyn SequenceScorer>> {
+        use crate::device::Backend;
+        let mut model = self.without_adapter();
+        model.attach_adapter(adapter)?;
+        Ok(Box::new(model))
+    }
+}
+
 /// A reward model as a reward function of GRPO (TRL's `reward_funcs` given a sequence
 /// classifier): the base model with a `fedtune train reward` adapter (LoRA factors and score
-/// head). A completion's reward is the score of its prompt and itself, tokenised as TRL's
-/// `GRPOTrainer` tokenises them for a reward model: a conversation's messages with the
-/// completion as the assistant's turn through the chat template, or prompt text + completion
-/// text, without special tokens added.
+/// head), on the base's device. A completion's reward is the score of its prompt and itself,
+/// tokenised as TRL's `GRPOTrainer` tokenises them for a reward model: a conversation's
+/// messages with the completion as the assistant's turn through the chat template, or prompt
+/// text + completion text, without special tokens added.
 pub struct RewardModel {
-    model: crate::LlamaModel,
+    model: Box<dyn SequenceScorer>,
     tokenizer: std::sync::Arc<crate::Tokenizer>,
     /// Where the adapter came from (for messages).
     pub path: std::path::PathBuf,
@@ -293,8 +329,8 @@ impl std::fmt::Debug for RewardModel {
 impl RewardModel {
     /// The reward model of the adapter at `path` on `base` (its own adapter, if any, left
     /// out), tokenising with `tokenizer`.
-    pub fn load(
-        base: &crate::LlamaModel,
+    pub fn load<B: RewardBase + ?Sized>(
+        base: &B,
         tokenizer: std::sync::Arc<crate::Tokenizer>,
         path: &std::path::Path,
     ) -> Result<Self> {
@@ -305,8 +341,7 @@ impl RewardModel {
                 path.display()
             )));
         }
-        let mut model = base.without_adapter();
-        model.attach_adapter(&adapter).map_err(|e| {
+        let model = base.with_reward_adapter(&adapter).map_err(|e| {
             Error::Invalid(format!(
                 "{}: applying the reward model: {e}",
                 path.display()
@@ -336,7 +371,9 @@ impl RewardModel {
                 None => tok.encode(&format!("{}{}", i.prompt, i.completion)),
             })
             .collect::<Result<_>>()?;
-        Ok(score_sequences(&self.model, &seqs, 8, tok.pad_id)?
+        Ok(self
+            .model
+            .score_sequences(&seqs, 8, tok.pad_id)?
             .into_iter()
             .map(|r| r as f32)
             .collect())
@@ -421,7 +458,7 @@ impl<M: TrainModel> Objective<M> for RewardObjective {
         // The head's gradient, at the same loss scale as the body's.
         let scale = f64::from(options.loss_scale());
         let dw: Vec<f32> = dw.iter().map(|g| (g * scale) as f32).collect();
-        grads.insert("score.weight".into(), model.rows_from_host(&dw, 1, hidden));
+        grads.insert("score.weight".into(), model.grad_from_host(&dw, 1, hidden));
         let (loss, metrics) = reward_metrics(&all, &self.options);
         Ok(StepOutput {
             loss,

@@ -193,8 +193,7 @@ pub struct Forward<B: TrainBackend> {
     loss_scale: f32,
     /// `log p(target)` per target (empty when [`StepOptions::hidden_head`]).
     pub target_logps: Vec<f32>,
-    /// The entropy of the distribution at each target (with [`StepOptions::entropy`], where
-    /// the backend computes it).
+    /// The entropy of the distribution at each target (with [`StepOptions::entropy`]).
     pub target_entropy: Option<Vec<f32>>,
     /// `1 / temperature` of the head's logits ([`StepOptions::temperature`]).
     inv_temperature: f32,

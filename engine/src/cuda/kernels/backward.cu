@@ -140,15 +140,23 @@ extern "C" __global__ void col_sum_f32(const float* part, float* out, int chunks
 
 // The LM head's log-probabilities and their gradient direction, one block per row of f32
 // logits: logp[i] = logits[i, y] − lse, and the row is overwritten with e_y − softmax (the
-// gradient of logp with respect to the logits; the caller multiplies by W for dℓ/dh).
+// gradient of logp with respect to the logits; the caller multiplies by W for dℓ/dh); with
+// `entropy` (else null), each row's entropy too.
 extern "C" __global__ void logprob_grad(float* logits, const unsigned* targets, float* logp,
-                                        int rows, int vocab) {
+                                        float* entropy, int rows, int vocab) {
     __shared__ float scratch[32];
     int row = blockIdx.x;
     if (row >= rows) return;
     float* x = logits + (size_t)row * vocab;
     const float lse = row_logsumexp(x, vocab, scratch);
     const unsigned y = targets[row];
+    if (entropy) {
+        // H = −Σ p·log p = lse − Σ p·x, from the logits before they are overwritten.
+        float px = 0.f;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) px += expf(x[i] - lse) * x[i];
+        px = block_sum(px, scratch);
+        if (threadIdx.x == 0) entropy[row] = lse - px;
+    }
     if (threadIdx.x == 0) logp[row] = x[y] - lse;
     __syncthreads();  // every thread read x[y] (thread 0) before it is overwritten
     for (int i = threadIdx.x; i < vocab; i += blockDim.x)
