@@ -9,7 +9,8 @@
 #      for LoRA, QLoRA, full and last-layer training, gradient checkpointing; the device
 #      optimiser against the host's.
 #   1c. tests/cuda_train_runs: 20 SFT and 5 DPO steps against the host's curve, checkpoints
-#      resumed across devices, bf16 against f32, a distillation step against the host.
+#      resumed across devices, bf16 against f32, a distillation step, 6 reward-model steps
+#      and 3 GRPO steps (a reward model on the device) against the host.
 #   2. tests/cuda_kernels: NVRTC compile for sm_80/sm_90 and no spills (with ptxas if found).
 #   3. the CLI: fedtune eval and generate --device cuda on an HF directory and a GGUF file;
 #      train sft --device cuda for 20 steps and the same on the CPU, each adapter evaluated;

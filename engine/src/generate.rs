@@ -164,9 +164,10 @@ pub fn generate_group<B: Backend>(
 /// `cfg.max_new_tokens`. Where the device stacks caches ([`Backend::cache_stack`]: the host)
 /// all `prompts.len()·n` continuations decode together as one batch, one token per row per
 /// forward pass, shorter prompts left-padded (finished rows run along until every row is
-/// done, as transformers' `generate` pads them). Elsewhere each prompt's continuations decode
-/// one after the other, each from the prompt's cache. More than [`BATCH_ROWS`] rows go in
-/// several batches of whole groups.
+/// done, as transformers' `generate` pads them). Where the device stacks caches of one length
+/// only (a GPU), prompts of one length decode together, else each prompt's rows as one batch;
+/// elsewhere each prompt's continuations decode one after the other, each from the prompt's
+/// cache. More than [`BATCH_ROWS`] rows go in several batches of whole groups.
 pub fn generate_groups<B: Backend>(
     model: &B,
     prompts: &[&[u32]],
@@ -231,6 +232,19 @@ pub fn generate_groups<B: Backend>(
         .zip(first.iter().zip(rngs.chunks_mut(n)))
         .zip(&active)
     {
+        // The prompt's own rows as one batch, where the device stacks one cache alone.
+        if let Some(stacked) = model.cache_stack(&[&cache], n, cfg.max_new_tokens) {
+            let lens = [prompts[p].len()];
+            let batch = Batch {
+                lens: &lens,
+                first: std::slice::from_ref(logits),
+                n,
+            };
+            out[p] = decode_together(model, stacked, &batch, cfg, rngs)
+                .pop()
+                .unwrap_or_default();
+            continue;
+        }
         // The first row continues the prefilled cache; the others run the prompt again (the
         // devices without stacking do not copy caches either).
         let mut cache = Some(cache);

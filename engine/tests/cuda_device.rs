@@ -579,17 +579,37 @@ fn tiny_llama_logits_losses_adapter_nf4_and_generation_match_the_host() {
             "greedy generation (adapter {adapter}): {} identical tokens",
             gg.len()
         );
-        // Sampled groups: the host decodes a group's rows as one batch, the GPU one after
-        // the other; each row's own RNG stream draws the same tokens from the same logits.
+        // Sampled groups: the host decodes every row as one batch (shorter prompts padded);
+        // the GPU stacks prompts of one length together, else each prompt's rows alone. Each
+        // row's own RNG stream draws the same tokens from the same logits.
         let cfg = fedtune_engine::generate::GenerationConfig {
             max_new_tokens: 8,
             temperature: 1.3,
             ..Default::default()
         };
-        let prompts = [&ids[..5], &ids[..9]];
-        let hg = fedtune_engine::generate::generate_groups(&model, &prompts, &[3, 4], 3, &cfg);
-        let gg = fedtune_engine::generate::generate_groups(&cm, &prompts, &[3, 4], 3, &cfg);
-        assert_eq!(gg, hg, "sampled groups differ (adapter {adapter})");
+        for prompts in [[&ids[..5], &ids[..9]], [&ids[..5], &ids[4..9]]] {
+            let seeds = [3, 4];
+            let hg = fedtune_engine::generate::generate_groups(&model, &prompts, &seeds, 3, &cfg);
+            let gg = fedtune_engine::generate::generate_groups(&cm, &prompts, &seeds, 3, &cfg);
+            assert_eq!(gg, hg, "sampled groups differ (adapter {adapter})");
+        }
+        // The GPU stacks caches of one length, not others.
+        let prefilled = |len: usize| {
+            let mut c = cm.new_cache();
+            let at = Positions::Range {
+                start: 0,
+                len,
+                batch: 1,
+            };
+            forward(&cm, &ids[..len], 1, len, &at, None, Some(&mut c));
+            c
+        };
+        let (c5, c9) = (prefilled(5), prefilled(9));
+        let stacked = cm
+            .cache_stack(&[&c5, &c5], 3, 8)
+            .expect("one length stacks");
+        assert_eq!(CudaModel::cache_seen(&stacked), 5);
+        assert!(cm.cache_stack(&[&c5, &c9], 3, 8).is_none());
     }
     model.quantize_nf4(true);
     let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();

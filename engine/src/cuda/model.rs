@@ -512,6 +512,36 @@ impl Backend for CudaModel {
         cache.seen += len;
     }
 
+    /// Stacks caches of one length only (no padding mask in the GPU's attention): a GRPO
+    /// group's rows, which share their prompt, decode as one batch.
+    fn cache_stack(&self, caches: &[&GCache], n: usize, room: usize) -> Option<GCache> {
+        let seen = caches.first()?.seen;
+        let filled = |c: &GCache| c.seen == seen && c.layers.iter().all(Option::is_some);
+        if n == 0 || !caches.iter().all(|c| filled(c)) {
+            return None;
+        }
+        let g = &self.gpu;
+        let rows = caches.len() * n;
+        let cap = (seen + room).next_power_of_two().max(64);
+        let layers = (0..self.layers.len())
+            .map(|l| {
+                let stack = |pick: &dyn Fn(&(GTensor, GTensor)) -> &GTensor| {
+                    let first = pick(caches[0].layers[l].as_ref().expect("checked"));
+                    let out = g.alloc(rows * cap, first.cols, first.dt);
+                    for (i, c) in caches.iter().enumerate() {
+                        let src = pick(c.layers[l].as_ref().expect("checked"));
+                        for r in 0..n {
+                            g.copy_rows(src, 0, seen, &out, (i * n + r) * cap);
+                        }
+                    }
+                    out
+                };
+                Some((stack(&|kv| &kv.0), stack(&|kv| &kv.1)))
+            })
+            .collect();
+        Some(GCache { layers, cap, seen })
+    }
+
     fn rope_tables(&self, positions: &Positions) -> GRope {
         let (cos, sin) = self.rope.rows(positions);
         let up = |v: &[f32]| self.gpu.upload_f32(v).unwrap_or_else(|e| panic!("{e}"));

@@ -159,8 +159,9 @@ pub trait Backend {
     /// `caches` (of one row each) as one batch: each repeated `n` times, in order, for rows
     /// that continue those prompts together; shorter prompts are left-padded and their padding
     /// hidden from every query. Decoding such a batch needs explicit per-row positions (each
-    /// row's own length). `None` where the device does not do it (decoding then goes row by
-    /// row). `room`: positions to reserve per row for what follows.
+    /// row's own length). `None` where the device does not do it (the GPU stacks caches of
+    /// one length only; decoding then stacks each prompt's rows alone, or goes row by row).
+    /// `room`: positions to reserve per row for what follows.
     fn cache_stack(
         &self,
         _caches: &[&Self::Cache],
