@@ -1,4 +1,5 @@
-//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo|kto|distill|reward|grpo`, `eval`
+//! The CLI with `--device cuda`, in CI: `fedtune train sft|dpo|kto|distill|reward|grpo` (DoRA
+//! too), `eval`
 //! (with `--reward-model` and `--generate`), `generate`,
 //! `sim` and the client daemon on the emulated CUDA device of `engine/tests/cuda_emu`
 //! (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets; the commands open the emulated driver
@@ -185,6 +186,8 @@ fn sft_eval_and_generation_on_the_emulated_gpu_give_what_the_cpu_gives() {
     let Some(gpu) = emulator() else { return };
     let dir = tmpdir("emulated-gpu-sft");
     gpu_follows_cpu(&gpu, &dir, "sft", "sft", &data(), "3", &[]);
+    // DoRA: the magnitudes start from norms computed on the device and train with the factors.
+    gpu_follows_cpu(&gpu, &dir, "dora", "sft", &data(), "2", &["--use-dora"]);
     let (cpu_out, gpu_out) = (dir.join("sft-cpu"), dir.join("sft-gpu"));
     // The adapter trained on the GPU scores like the CPU's, on either device.
     let want = eval_loss(&cpu_out, None);

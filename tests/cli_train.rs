@@ -496,18 +496,9 @@ fn use_dora_trains_a_peft_dora_adapter_that_exports_exactly() {
         losses.last().unwrap() < &(losses[0] * 0.9),
         "QLoRA + DoRA loss did not fall: {losses:?}"
     );
-    // What DoRA does not do (yet) is refused by name.
+    // What DoRA does not do is refused by name.
     let (ok, err) = train_sft(&data(), &out.join("x"), &["--use-dora", "--full"]);
     assert!(!ok && err.contains("use_dora"), "{err}");
-    let (ok, err) = train_sft(
-        &data(),
-        &out.join("y"),
-        &["--use-dora", "--device", "cuda", "--max-steps", "1"],
-    );
-    assert!(
-        !ok && err.contains("--use-dora") && err.contains("--device cpu"),
-        "{err}"
-    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -91,6 +91,8 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             "scatter_rows",
             "add",
             "dropout",
+            "scale_cols",
+            "col_dot",
         ] {
             for t in ["f32", "bf16", "f16"] {
                 let entry = format!(".entry {k}_{t}(");
@@ -103,6 +105,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         for k in [
             "target_logprobs",
             "logprob_grad",
+            "dora_norm",
             "col_sum_f32",
             "opt_sumsq",
             "opt_norm",

@@ -117,10 +117,35 @@ fn same_step(
     trainable: &Trainable,
 ) {
     let cm = CudaModel::from_host(model, g.clone(), Dt::F32).unwrap();
+    same_step_on(
+        what,
+        model,
+        &cm,
+        g,
+        t,
+        packed,
+        trainable,
+        &StepOptions::default(),
+    );
+}
+
+/// [`same_step`] against a given GPU model, with `gpu_options` for its step (the host's has
+/// the defaults).
+#[allow(clippy::too_many_arguments)]
+fn same_step_on(
+    what: &str,
+    model: &LlamaModel,
+    cm: &CudaModel,
+    g: &std::sync::Arc<Gpu>,
+    t: usize,
+    packed: bool,
+    trainable: &Trainable,
+    gpu_options: &StepOptions,
+) {
     cm.can_train(trainable.trains_weights()).unwrap();
     let (sb, d) = batch(model.config.vocab_size, t, packed);
     let hf = forward(model, &sb, trainable, &StepOptions::default());
-    let gf = forward(&cm, &sb, trainable, &StepOptions::default());
+    let gf = forward(cm, &sb, trainable, gpu_options);
     check(
         &format!("{what}: log p"),
         &gf.target_logps,
@@ -128,7 +153,7 @@ fn same_step(
         1e-5,
     );
     let want: Grads = backward(model, hf, &d, trainable);
-    let got: Grads<GTensor> = backward(&cm, gf, &d, trainable);
+    let got: Grads<GTensor> = backward(cm, gf, &d, trainable);
     let keys = |m: &dyn Fn() -> Vec<String>| m().into_iter().collect::<BTreeSet<_>>();
     assert_eq!(
         keys(&|| got.keys().cloned().collect()),
@@ -308,6 +333,58 @@ fn dropout_keeps_one_minus_p_of_the_values_scaled_and_repeats_for_a_seed() {
     );
 }
 
+/// The analytic gradients of `Σ d·log p` under dropout (seed 99) on the GPU against central
+/// differences of step `eps`, for entries `idx` of each parameter of `names`.
+fn dropout_gradients_agree_with_finite_differences(
+    cm: &mut CudaModel,
+    g: &std::sync::Arc<Gpu>,
+    names: &[&str],
+    idx: &[usize],
+    eps: f32,
+) {
+    let (sb, d) = batch(cm.config.vocab_size, 24, true);
+    let trainable = Trainable::lora();
+    let seed = &StepOptions {
+        dropout_seed: Some(99),
+        ..Default::default()
+    };
+    let weighted = |lp: Vec<f32>| -> f64 {
+        lp.iter()
+            .zip(&d)
+            .map(|(l, g)| f64::from(*l) * f64::from(*g))
+            .sum()
+    };
+    let objective = |m: &CudaModel| weighted(forward(m, &sb, &trainable, seed).target_logps);
+    let plain = weighted(forward(&*cm, &sb, &trainable, &StepOptions::default()).target_logps);
+    assert!(
+        (objective(cm) - plain).abs() > 1e-6,
+        "dropout changes the objective"
+    );
+    let grads = backward(&*cm, forward(&*cm, &sb, &trainable, seed), &d, &trainable);
+    for name in names {
+        let analytic = g.download(&grads[*name]).unwrap();
+        let p0 = cm.host_params(&[name.to_string()]).unwrap().remove(0).1;
+        for &i in idx {
+            let mut shifted = |delta: f32| {
+                let mut v = host(&p0);
+                v[i] += delta;
+                let t =
+                    Tensor::from_data(burn::tensor::TensorData::new(v, p0.dims()), &Device::flex());
+                cm.set_params(vec![(name.to_string(), t)]).unwrap();
+                objective(cm)
+            };
+            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * f64::from(eps));
+            let an = f64::from(analytic[i]);
+            println!("{name}[{i}]: analytic {an:.6} numeric {numeric:.6}");
+            assert!(
+                (an - numeric).abs() <= 2e-2 * an.abs().max(0.05),
+                "{name}[{i}]: {an} vs {numeric}"
+            );
+        }
+        cm.set_params(vec![(name.to_string(), p0)]).unwrap();
+    }
+}
+
 #[test]
 fn lora_dropout_gradients_on_the_gpu_agree_with_finite_differences() {
     let Some(g) = gpu() else { return };
@@ -316,50 +393,102 @@ fn lora_dropout_gradients_on_the_gpu_agree_with_finite_differences() {
     model.attach_weights(&a, 0.1).unwrap();
     let mut cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
     assert!((cm.lora_dropout() - 0.1).abs() < 1e-6);
-    let (sb, d) = batch(model.config.vocab_size, 24, true);
-    let trainable = Trainable::lora();
-    let seed = &StepOptions {
-        dropout_seed: Some(99),
-        ..Default::default()
-    };
-    let objective = |m: &CudaModel| -> f64 {
-        let lp = forward(m, &sb, &trainable, seed).target_logps;
-        lp.iter()
-            .zip(&d)
-            .map(|(l, g)| f64::from(*l) * f64::from(*g))
-            .sum()
-    };
-    let plain: f64 = forward(&cm, &sb, &trainable, &StepOptions::default())
-        .target_logps
-        .iter()
-        .zip(&d)
-        .map(|(l, g)| f64::from(*l) * f64::from(*g))
-        .sum();
-    assert!(
-        (objective(&cm) - plain).abs() > 1e-6,
-        "dropout changes the objective"
-    );
-    let grads = backward(&cm, forward(&cm, &sb, &trainable, seed), &d, &trainable);
     let name = "model.layers.0.self_attn.k_proj.lora_A";
-    let analytic = g.download(&grads[name]).unwrap();
-    let a0 = cm.host_params(&[name.to_string()]).unwrap().remove(0).1;
-    let eps = 1e-3f32;
-    for idx in [0usize, 7, 33, 101] {
-        let mut shifted = |delta: f32| {
-            let mut v = host(&a0);
-            v[idx] += delta;
-            let t = Tensor::from_data(burn::tensor::TensorData::new(v, a0.dims()), &Device::flex());
-            cm.set_params(vec![(name.to_string(), t)]).unwrap();
-            objective(&cm)
-        };
-        let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * f64::from(eps));
-        let an = f64::from(analytic[idx]);
-        println!("{name}[{idx}]: analytic {an:.6} numeric {numeric:.6}");
-        assert!(
-            (an - numeric).abs() <= 2e-2 * an.abs().max(0.05),
-            "{name}[{idx}]: {an} vs {numeric}"
+    dropout_gradients_agree_with_finite_differences(&mut cm, &g, &[name], &[0, 7, 33, 101], 1e-3);
+}
+
+/// DoRA on the GPU: PEFT's initial magnitudes (the norms of `W + s·B·A`, computed on the
+/// device) equal the host's; a step's gradients (magnitudes included) equal the host's; with
+/// dropout, they agree with finite differences.
+#[test]
+fn dora_steps_on_the_gpu_match_the_host_and_agree_with_finite_differences() {
+    use fedtune_engine::train::lora::init_dora;
+    let Some(g) = gpu() else { return };
+    let (mut model, _) = tiny("testdata/tiny-llama/model");
+    let mut adapter = random_adapter(&model, 4, 31);
+    let mut on_host = adapter.clone();
+    init_dora(&model, &mut on_host);
+    CudaModel::from_host(&model, g.clone(), Dt::F32)
+        .unwrap()
+        .init_dora(&mut adapter)
+        .unwrap();
+    assert_eq!(
+        adapter.dense.len(),
+        14,
+        "one magnitude per adapted projection"
+    );
+    for (k, want) in &on_host.dense {
+        check(
+            &format!("initial {k}"),
+            &adapter.dense[k].data,
+            &want.data,
+            1e-5,
         );
     }
+    // Magnitudes away from the norms, so that m/‖·‖ is not 1.
+    for v in adapter.dense.values_mut() {
+        for (i, x) in v.data.iter_mut().enumerate() {
+            *x *= 1.0 + 0.1 * ((i % 5) as f32 - 2.0);
+        }
+    }
+    model.attach_weights(&adapter, 0.0).unwrap();
+    same_step("DoRA, packed", &model, &g, 48, true, &Trainable::lora());
+    // The GPU model writes the magnitudes it trains, and its inference forward (eval,
+    // generation) gives the host's logits.
+    let cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    let back = cm.lora_weights().unwrap();
+    assert_eq!(back.dense, adapter.dense);
+    {
+        use fedtune_engine::device::{Backend, forward as infer};
+        let vocab = model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % vocab).collect();
+        let at = Positions::Range {
+            start: 0,
+            len: 20,
+            batch: 1,
+        };
+        let rows: Vec<usize> = (0..20).collect();
+        let want = model.row_logits(&infer(&model, &ids, 1, 20, &at, None, None), &rows);
+        let got = cm.row_logits(&infer(&cm, &ids, 1, 20, &at, None, None), &rows);
+        check("DoRA logits", &got, &want, 1e-5);
+    }
+    // The dropout path's algebra (x·Wᵀ − x̃·Wᵀ + c⊙p forward; the masked (c − 1)⊙dy·W term
+    // backward): with a drop probability of 1e-9 every value is kept, and the step is the
+    // host's step without dropout.
+    let mut keep_all = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    keep_all.set_lora_dropout(1e-9);
+    let seeded = StepOptions {
+        dropout_seed: Some(5),
+        ..Default::default()
+    };
+    let lora = Trainable::lora();
+    same_step_on(
+        "DoRA, dropout path",
+        &model,
+        &keep_all,
+        &g,
+        48,
+        true,
+        &lora,
+        &seeded,
+    );
+    // Real dropout: the GPU's masks are its own; the magnitudes' gradients follow its
+    // objective (the factors' do not: PEFT's norm is a constant in backward, not in the
+    // objective's finite differences).
+    model.attach_weights(&adapter, 0.1).unwrap();
+    let mut cm = CudaModel::from_host(&model, g.clone(), Dt::F32).unwrap();
+    let names = [
+        "model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+        "model.layers.1.mlp.up_proj.lora_magnitude_vector",
+    ];
+    // (Magnitudes are row norms, of order 1: a wider step keeps f32 rounding out.)
+    dropout_gradients_agree_with_finite_differences(&mut cm, &g, &names, &[0, 7, 33], 1e-2);
+    // A magnitude of the wrong length, or for a module without factors, is refused.
+    let mut bad = adapter.clone();
+    let key = fedtune_peft::magnitude_key("model.layers.0.self_attn.q_proj");
+    bad.dense.insert(key, Matrix::new(1, 3, vec![1.0; 3]));
+    let e = cm.attach_weights(&bad).unwrap_err().to_string();
+    assert!(e.contains("DoRA magnitude has 3 values"), "{e}");
 }
 
 #[test]

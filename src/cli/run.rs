@@ -35,7 +35,7 @@ pub struct TrainOverrides {
     #[arg(long)]
     pub use_rslora: bool,
     /// DoRA (PEFT's use_dora): weight-decomposed LoRA, a trained magnitude per output row
-    /// times the row-normalised W + s·B·A. CPU only for now.
+    /// times the row-normalised W + s·B·A, on the CPU or a GPU.
     #[arg(long)]
     pub use_dora: bool,
     /// Full fine-tuning.

@@ -52,10 +52,6 @@ impl ModelArgs {
             "--load-in-4bit trains LoRA adapters on a frozen NF4 base; it excludes --full and --train-last-layers"
         );
         let device = self.engine_device()?;
-        anyhow::ensure!(
-            !(cfg.use_dora && matches!(device, Device::Cuda(_))),
-            "--use-dora trains on the CPU for now: use --device cpu"
-        );
         if let Device::Cuda(n) = device
             && cfg.is_lora()
             && merge.is_none()
@@ -144,7 +140,7 @@ impl Trainee {
         if cfg.use_dora {
             match self {
                 Trainee::Host(m) | Trainee::HostThenGpu(m, _) => init_dora(m, &mut adapter),
-                Trainee::Gpu(_) => anyhow::bail!("--use-dora trains on the CPU for now"),
+                Trainee::Gpu(m) => m.init_dora(&mut adapter)?,
             }
         }
         match self {

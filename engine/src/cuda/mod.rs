@@ -10,6 +10,7 @@
 
 pub mod backward;
 pub mod compile;
+pub mod dora;
 pub mod libs;
 pub mod lt;
 pub mod model;

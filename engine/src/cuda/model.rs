@@ -87,6 +87,18 @@ pub struct GLora {
     /// as PEFT keeps adapter weights in f32): the optimiser updates these and `a`/`b` are
     /// refreshed from them.
     pub master: Option<(GTensor, GTensor)>,
+    /// DoRA's magnitude `[1, out]`, f32 (PEFT's `lora_magnitude_vector`), when the adapter is
+    /// weight-decomposed.
+    pub magnitude: Option<GTensor>,
+}
+
+impl GLora {
+    /// The f32 factors (the masters in mixed precision).
+    pub fn f32_factors(&self) -> (&GTensor, &GTensor) {
+        self.master
+            .as_ref()
+            .map_or((&self.a, &self.b), |(a, b)| (a, b))
+    }
 }
 
 /// One projection.
@@ -157,9 +169,6 @@ pub fn weight_bytes(config: &ModelConfig, dt: Dt, nf4: Option<bool>) -> u64 {
     let head = if config.tie_word_embeddings { 0 } else { v * h };
     config.num_hidden_layers as u64 * per_layer + (v * h + head + h) * e
 }
-
-/// Why a DoRA adapter does not go to the GPU.
-const DORA_ON_CPU: &str = "DoRA adapters (use_dora) run on the CPU for now: use --device cpu";
 
 impl CudaModel {
     /// Loads the model from `source` straight to `gpu` in `dt`; with `nf4 = Some(double)`
@@ -276,13 +285,6 @@ impl CudaModel {
     /// A copy of a host model on the GPU, with the same values (NF4 projections keep their
     /// codes; the adapter comes along). Used to check the GPU against the host engine.
     pub fn from_host(model: &LlamaModel, gpu: Arc<Gpu>, dt: Dt) -> Result<Self> {
-        if model
-            .linears()
-            .iter()
-            .any(|(_, l)| l.lora.as_ref().is_some_and(|l| l.magnitude.is_some()))
-        {
-            return Err(Error::Invalid(DORA_ON_CPU.into()));
-        }
         let up = |t: &burn::tensor::Tensor<2>| -> Result<GTensor> {
             let [r, c] = t.dims();
             gpu.upload(&to_f32_vec(t.to_data()), r, c, dt)
@@ -311,6 +313,7 @@ impl CudaModel {
                             master: (dt != Dt::F32)
                                 .then(|| Ok::<_, Error>((master(&lw.a)?, master(&lw.b)?)))
                                 .transpose()?,
+                            magnitude: lw.magnitude.as_ref().map(master).transpose()?,
                         })
                     }
                     None => None,
@@ -349,14 +352,10 @@ impl CudaModel {
     /// Attaches LoRA factors (replacing any attached), checking module names and shapes.
     pub fn attach_weights(&mut self, adapter: &fedtune_aggregation::Adapter) -> Result<()> {
         self.detach_adapter();
-        if fedtune_peft::is_dora(adapter) {
-            return Err(Error::Invalid(DORA_ON_CPU.into()));
-        }
-        if let Some(name) = adapter
-            .dense
-            .keys()
-            .find(|k| k.as_str() != crate::adapter::SCORE_KEY)
-        {
+        if let Some(name) = adapter.dense.keys().find(|k| {
+            k.as_str() != crate::adapter::SCORE_KEY
+                && fedtune_peft::parse_magnitude_key(k).is_none()
+        }) {
             return Err(Error::Invalid(format!(
                 "adapter tensor `{name}` is not a LoRA factor"
             )));
@@ -372,13 +371,7 @@ impl CudaModel {
             self.score = Some(self.gpu.upload(&s.data, 1, h, Dt::F32)?);
         }
         for (module, m) in &adapter.modules {
-            let parsed = module.strip_prefix("model.layers.").and_then(|r| {
-                let (i, tail) = r.split_once('.')?;
-                let li: usize = i.parse().ok()?;
-                let pi = Proj::ALL.iter().position(|p| p.path() == tail)?;
-                Some((li, pi))
-            });
-            let Some((li, pi)) = parsed.filter(|(li, _)| *li < self.layers.len()) else {
+            let Some((li, pi)) = self.module_index(module) else {
                 return Err(Error::Invalid(format!(
                     "adapter module `{module}` is not a projection of this model"
                 )));
@@ -396,15 +389,69 @@ impl CudaModel {
                     self.gpu.upload(&m.b.data, out, r, Dt::F32)?,
                 ))
             };
+            let magnitude = match adapter.dense.get(&fedtune_peft::magnitude_key(module)) {
+                Some(v) if v.rows != 1 || v.cols != out => {
+                    return Err(Error::Invalid(format!(
+                        "adapter module `{module}`: DoRA magnitude has {} values, the \
+                         projection {out} outputs",
+                        v.data.len()
+                    )));
+                }
+                Some(v) => Some(self.gpu.upload(&v.data, 1, out, Dt::F32)?),
+                None => None,
+            };
             self.layers[li].proj[pi].lora = Some(GLora {
                 a,
                 b,
                 scale: m.scale,
                 dropout: 0.0,
                 master,
+                magnitude,
             });
         }
+        if let Some(key) = adapter.dense.keys().find(|k| {
+            fedtune_peft::parse_magnitude_key(k).is_some_and(|m| !adapter.modules.contains_key(m))
+        }) {
+            return Err(Error::Invalid(format!(
+                "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
+            )));
+        }
         Ok(())
+    }
+
+    /// Gives `adapter` (LoRA factors for this model) DoRA magnitudes as PEFT initialises them:
+    /// the row norms `‖W + s·B·A‖` of each adapted projection, computed on the device.
+    pub fn init_dora(&self, adapter: &mut fedtune_aggregation::Adapter) -> Result<()> {
+        for (module, m) in &adapter.modules {
+            let Some((li, pi)) = self.module_index(module) else {
+                return Err(Error::Invalid(format!(
+                    "adapter module `{module}` is not a projection of this model"
+                )));
+            };
+            let (out, inp) = self.proj_shape(li, pi);
+            crate::model::check_lora_shape(module, m, out, inp)?;
+            let r = m.rank();
+            let a = self.gpu.upload(&m.a.data, r, inp, Dt::F32)?;
+            let b = self.gpu.upload(&m.b.data, out, r, Dt::F32)?;
+            let w = match &self.layers[li].proj[pi].base {
+                GBase::Dense(w) => w.clone(),
+                GBase::Nf4(q) => self.gpu.nf4_dequant(q, self.dt),
+            };
+            let (norms, _) = self.gpu.dora_factor(&w, &a, &b, m.scale, None)?;
+            let norms = fedtune_aggregation::Matrix::new(1, out, self.gpu.download(&norms)?);
+            adapter
+                .dense
+                .insert(fedtune_peft::magnitude_key(module), norms);
+        }
+        Ok(())
+    }
+
+    /// `(layer, projection index)` of a module name `model.layers.{i}.{path}`.
+    fn module_index(&self, module: &str) -> Option<(usize, usize)> {
+        let (i, tail) = module.strip_prefix("model.layers.")?.split_once('.')?;
+        let li: usize = i.parse().ok()?;
+        let pi = Proj::ALL.iter().position(|p| p.path() == tail)?;
+        (li < self.layers.len()).then_some((li, pi))
     }
 
     /// Attaches a PEFT adapter.
@@ -426,6 +473,19 @@ impl CudaModel {
             GBase::Dense(w) => (w.rows, w.cols),
             GBase::Nf4(q) => (q.rows, q.cols),
         }
+    }
+
+    /// DoRA's `(c, inv)` `[1, out]` of projection `p` with base weight `w`, when its adapter
+    /// has a magnitude (computed from the current f32 factors).
+    pub(super) fn dora_factor(&self, p: &GProj, w: &GTensor) -> Option<(GTensor, GTensor)> {
+        let l = p.lora.as_ref()?;
+        let m = l.magnitude.as_ref()?;
+        let (a, b) = l.f32_factors();
+        Some(
+            self.gpu
+                .dora_factor(w, a, b, l.scale, Some(m))
+                .unwrap_or_else(|e| panic!("GPU: {e}")),
+        )
     }
 
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
@@ -466,6 +526,10 @@ impl CudaModel {
             }
         }
         .unwrap_or_else(|e| panic!("{e}"));
+        // DoRA: c ⊙ (x·Wᵀ + s·u·Bᵀ).
+        if let Some((c, _)) = self.dora_factor(p, w) {
+            g.scale_cols(&mut y, &c, 0.0);
+        }
         if let Some(b) = &p.bias {
             g.add_bias(&mut y, b);
         }

@@ -37,6 +37,7 @@ enum Param {
     Norm2(usize),
     LoraA(usize, Proj),
     LoraB(usize, Proj),
+    Magnitude(usize, Proj),
     Weight(usize, Proj),
     Bias(usize, Proj),
     Score,
@@ -66,6 +67,7 @@ impl Param {
         match part {
             "lora_A" => Some(Param::LoraA(i, p)),
             "lora_B" => Some(Param::LoraB(i, p)),
+            "lora_magnitude_vector" => Some(Param::Magnitude(i, p)),
             "weight" => Some(Param::Weight(i, p)),
             "bias" => Some(Param::Bias(i, p)),
             _ => None,
@@ -98,8 +100,8 @@ impl CudaModel {
         self.score.is_some()
     }
 
-    /// The attached LoRA factors, downloaded (f32), under their module names, with a reward
-    /// model's score head when it has one.
+    /// The attached LoRA factors, downloaded (f32), under their module names, with DoRA
+    /// magnitudes and a reward model's score head where the model has them.
     pub fn lora_weights(&self) -> Result<fedtune_aggregation::Adapter> {
         let mut out = fedtune_aggregation::Adapter::default();
         if let Some(s) = &self.score {
@@ -120,8 +122,13 @@ impl CudaModel {
                         self.gpu.download(t)?,
                     ))
                 };
+                let module = format!("model.layers.{li}.{}", p.path());
+                if let Some(mag) = &l.magnitude {
+                    out.dense
+                        .insert(fedtune_peft::magnitude_key(&module), m(mag)?);
+                }
                 out.modules.insert(
-                    format!("model.layers.{li}.{}", p.path()),
+                    module,
                     fedtune_aggregation::LoraFactors {
                         a: m(a)?,
                         b: m(b)?,
@@ -150,6 +157,7 @@ impl CudaModel {
                 .lora
                 .as_ref()
                 .map(|l| l.master.as_ref().map_or(&l.b, |m| &m.1)),
+            Param::Magnitude(i, p) => proj(i, p)?.lora.as_ref()?.magnitude.as_ref(),
             Param::Weight(i, p) => match &proj(i, p)?.base {
                 GBase::Dense(w) => Some(w),
                 GBase::Nf4(_) => None,
@@ -169,7 +177,11 @@ impl CudaModel {
             Param::Score => self.score.as_mut(),
             Param::Norm1(i) => layers.get_mut(i).map(|l| &mut l.ln1),
             Param::Norm2(i) => layers.get_mut(i).map(|l| &mut l.ln2),
-            Param::LoraA(i, p) | Param::LoraB(i, p) | Param::Weight(i, p) | Param::Bias(i, p) => {
+            Param::LoraA(i, p)
+            | Param::LoraB(i, p)
+            | Param::Magnitude(i, p)
+            | Param::Weight(i, p)
+            | Param::Bias(i, p) => {
                 let proj = &mut layers.get_mut(i)?.proj[p.index()];
                 match param {
                     Param::LoraA(..) => proj
@@ -180,6 +192,7 @@ impl CudaModel {
                         .lora
                         .as_mut()
                         .map(|l| l.master.as_mut().map_or(&mut l.b, |m| &mut m.1)),
+                    Param::Magnitude(..) => proj.lora.as_mut()?.magnitude.as_mut(),
                     Param::Bias(..) => proj.bias.as_mut(),
                     _ => match &mut proj.base {
                         GBase::Dense(w) => Some(w),
@@ -245,8 +258,12 @@ impl TrainModel for CudaModel {
             trainable,
             layers.len(),
             &|i, p| layers[i].proj[p.index()].lora.is_some(),
-            // DoRA trains on the host for now (`CudaModel` refuses magnitudes).
-            &|_, _| false,
+            &|i, p| {
+                layers[i].proj[p.index()]
+                    .lora
+                    .as_ref()
+                    .is_some_and(|l| l.magnitude.is_some())
+            },
             &|i, p| layers[i].proj[p.index()].bias.is_some(),
             self.head.is_some(),
             self.score.is_some(),

@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 pub struct GSaved {
     u: GTensor,
     dropout: Option<(f32, u64)>,
+    /// DoRA's `(c, inv, p)`: the factor `m/‖W + s·B·A‖`, the reciprocal norm (both f32
+    /// `[1, out]`) and the undecomposed output `x̃·Wᵀ + s·u·Bᵀ` `[n, out]`.
+    dora: Option<(GTensor, GTensor, GTensor)>,
 }
 
 /// A device error inside the step (out of memory, a failed launch): fatal, as in the forward.
@@ -158,18 +161,46 @@ impl TrainBackend for CudaModel {
                     ),
                     Some(l) => {
                         let drop = seed.filter(|_| l.dropout > 0.0).map(|s| (l.dropout, s));
-                        let u = match drop {
-                            Some((prob, s)) => {
-                                let xin = g.dropout(x, prob, s);
-                                ok(g.matmul_sum(&[(&xin, false, &l.a, true, 1.0)], self.dt))
+                        let xin = drop.map(|(prob, s)| g.dropout(x, prob, s));
+                        let xd = xin.as_ref().unwrap_or(x);
+                        let u = ok(g.matmul_sum(&[(xd, false, &l.a, true, 1.0)], self.dt));
+                        match self.dora_factor(proj, &w) {
+                            None => {
+                                let y = ok(g.matmul_sum(
+                                    &[(x, false, &w, true, 1.0), (&u, false, &l.b, true, l.scale)],
+                                    self.dt,
+                                ));
+                                let saved = GSaved {
+                                    u,
+                                    dropout: drop,
+                                    dora: None,
+                                };
+                                (y, Some(saved))
                             }
-                            None => ok(g.matmul_sum(&[(x, false, &l.a, true, 1.0)], self.dt)),
-                        };
-                        let y = ok(g.matmul_sum(
-                            &[(x, false, &w, true, 1.0), (&u, false, &l.b, true, l.scale)],
-                            self.dt,
-                        ));
-                        (y, Some(GSaved { u, dropout: drop }))
+                            // DoRA: x·Wᵀ − x̃·Wᵀ + c⊙p with p = x̃·Wᵀ + s·u·Bᵀ (c⊙p without
+                            // dropout), as PEFT computes it.
+                            Some((c, inv)) => {
+                                let p = ok(g.matmul_sum(
+                                    &[(xd, false, &w, true, 1.0), (&u, false, &l.b, true, l.scale)],
+                                    self.dt,
+                                ));
+                                let mut y = g.copy(&p);
+                                g.scale_cols(&mut y, &c, 0.0);
+                                if let Some(xin) = &xin {
+                                    let base = ok(g.matmul_sum(
+                                        &[(x, false, &w, true, 1.0), (xin, false, &w, true, -1.0)],
+                                        self.dt,
+                                    ));
+                                    g.add_assign(&mut y, &base);
+                                }
+                                let saved = GSaved {
+                                    u,
+                                    dropout: drop,
+                                    dora: Some((c, inv, p)),
+                                };
+                                (y, Some(saved))
+                            }
+                        }
                     }
                 };
                 if let Some(b) = &proj.bias {
@@ -196,6 +227,10 @@ impl TrainBackend for CudaModel {
         );
         let g = &self.gpu;
         let mut dybs = Vec::with_capacity(which.len());
+        // The gradient each base product sees (DoRA without dropout: c⊙dy), and DoRA with
+        // dropout's (c − 1)⊙dy, whose product with W joins the masked terms.
+        let mut base_dys = Vec::with_capacity(which.len());
+        let mut dora_masked = Vec::with_capacity(which.len());
         for ((&p, sv), dy) in which.iter().zip(saved).zip(&dys) {
             let proj = self.proj(layer, p);
             let name = format!("model.layers.{layer}.{}", p.path());
@@ -206,17 +241,41 @@ impl TrainBackend for CudaModel {
                     grads.insert(format!("{name}.bias"), g.col_sum(dy));
                 }
             }
+            let (mut base_dy, mut masked) = (dy.clone(), None);
             match (&proj.lora, sv) {
                 (Some(l), Some(sv)) => {
+                    // The gradient the LoRA branch sees: c⊙dy with DoRA.
+                    let dy_lora = match &sv.dora {
+                        None => dy.clone(),
+                        Some((c, inv, p)) => {
+                            if want.lora {
+                                grads.insert(
+                                    format!("{name}.lora_magnitude_vector"),
+                                    g.col_dot(dy, p, inv),
+                                );
+                            }
+                            let mut scaled = g.copy(dy);
+                            g.scale_cols(&mut scaled, c, 0.0);
+                            if sv.dropout.is_some() {
+                                let mut m = g.copy(dy);
+                                g.scale_cols(&mut m, c, -1.0);
+                                masked = Some(m);
+                            } else {
+                                base_dy = scaled.clone();
+                            }
+                            scaled
+                        }
+                    };
                     // dy·B [n, r], shared by the A gradient and the input gradient.
-                    let dyb = ok(g.matmul_sum(&[(dy, false, &l.b, false, 1.0)], self.dt));
+                    let dyb = ok(g.matmul_sum(&[(&dy_lora, false, &l.b, false, 1.0)], self.dt));
                     if want.lora {
                         // A's gradient reads the input the forward multiplied: x after dropout.
                         let xin = sv.dropout.map(|(prob, seed)| g.dropout(x, prob, seed));
                         let xa = xin.as_ref().unwrap_or(x);
                         // Gradients in f32 whatever the compute dtype (the optimiser's).
                         let da = ok(g.matmul_sum(&[(&dyb, true, xa, false, l.scale)], Dt::F32));
-                        let db = ok(g.matmul_sum(&[(dy, true, &sv.u, false, l.scale)], Dt::F32));
+                        let db =
+                            ok(g.matmul_sum(&[(&dy_lora, true, &sv.u, false, l.scale)], Dt::F32));
                         grads.insert(format!("{name}.lora_A"), da);
                         grads.insert(format!("{name}.lora_B"), db);
                     }
@@ -224,6 +283,8 @@ impl TrainBackend for CudaModel {
                 }
                 _ => dybs.push(None),
             }
+            base_dys.push(base_dy);
+            dora_masked.push(masked);
         }
         if !want.input {
             return None;
@@ -232,20 +293,24 @@ impl TrainBackend for CudaModel {
             .iter()
             .map(|&p| self.dense_weight(self.proj(layer, p)))
             .collect();
-        let mut terms: Vec<(&GTensor, bool, &GTensor, bool, f32)> = dys
+        let mut terms: Vec<(&GTensor, bool, &GTensor, bool, f32)> = base_dys
             .iter()
             .zip(&weights)
             .map(|(dy, w)| (dy, false, w, false, 1.0))
             .collect();
         // Without dropout the LoRA term joins the one accumulated product; with dropout it is
-        // formed apart, masked like the forward's input, and added.
+        // formed apart (with DoRA's (c − 1)⊙dy·W), masked like the forward's input, and added.
         let mut masked = Vec::new();
-        for ((&p, dyb), sv) in which.iter().zip(&dybs).zip(saved) {
+        for (k, ((&p, dyb), sv)) in which.iter().zip(&dybs).zip(saved).enumerate() {
             if let (Some(dyb), Some(l)) = (dyb, &self.proj(layer, p).lora) {
                 match sv.as_ref().and_then(|s| s.dropout) {
                     None => terms.push((dyb, false, &l.a, false, l.scale)),
                     Some((prob, seed)) => {
-                        let t = ok(g.matmul_sum(&[(dyb, false, &l.a, false, l.scale)], self.dt));
+                        let mut parts = vec![(dyb, false, &l.a, false, l.scale)];
+                        if let Some(m) = &dora_masked[k] {
+                            parts.push((m, false, &weights[k], false, 1.0));
+                        }
+                        let t = ok(g.matmul_sum(&parts, self.dt));
                         masked.push(g.dropout(&t, prob, seed));
                     }
                 }

@@ -21,7 +21,7 @@ pub struct TrainConfig {
     /// Scale α/√r (rsLoRA).
     pub use_rslora: bool,
     /// Weight-decomposed LoRA (PEFT's `use_dora`): a trained magnitude per output row times
-    /// the row-normalised `W + s·B·A`. Host only for now.
+    /// the row-normalised `W + s·B·A`, on either device.
     pub use_dora: bool,
     /// Full fine-tuning instead of LoRA.
     pub full: bool,

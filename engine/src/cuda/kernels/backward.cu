@@ -138,6 +138,24 @@ extern "C" __global__ void col_sum_f32(const float* part, float* out, int chunks
     out[j] = s;
 }
 
+// DoRA's norms, one block per row of W' = W + s·B·A (f32 [rows, cols]): inv[j] = 1/‖W'_j‖ and
+// c[j] = m[j]·inv[j], or with m null c[j] = ‖W'_j‖ (a fresh adapter's magnitude).
+extern "C" __global__ void dora_norm(const float* full, const float* m, float* c, float* inv,
+                                     int rows, int cols) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* x = full + (size_t)row * cols;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += x[i] * x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) {
+        const float norm = sqrtf(s);
+        inv[row] = 1.f / norm;
+        c[row] = m ? m[row] / norm : norm;
+    }
+}
+
 // The LM head's log-probabilities and their gradient direction, one block per row of f32
 // logits: logp[i] = logits[i, y] − lse, and the row is overwritten with e_y − softmax (the
 // gradient of logp with respect to the logits; the caller multiplies by W for dℓ/dh); with

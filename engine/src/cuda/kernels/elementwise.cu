@@ -33,6 +33,24 @@ __device__ void copy_rows_impl(const T* src, long long src_rs, T* dst, long long
     }
 }
 
+// y[i, j] *= c[j] + add (DoRA's per-output factor; add = −1 gives (c − 1)⊙y).
+template <typename T>
+__device__ void scale_cols_impl(T* y, const float* c, float add, int n, int cols) {
+    GRID_STRIDE(i, (size_t)n * cols) { y[i] = st<T>(ld(y[i]) * (c[i % cols] + add)); }
+}
+
+// out[j] = inv[j]·Σ_i a[i, j]·b[i, j], one thread per column, rows in order (deterministic):
+// DoRA's magnitude gradient.
+template <typename T>
+__device__ void col_dot_impl(const T* a, const T* b, const float* inv, float* out, int rows,
+                             int cols) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    float s = 0.f;
+    for (int r = 0; r < rows; r++) s += ld(a[(size_t)r * cols + j]) * ld(b[(size_t)r * cols + j]);
+    out[j] = s * inv[j];
+}
+
 // out[i, :] = x[rows[i], :] (also the embedding lookup)
 template <typename T>
 __device__ void gather_rows_impl(const T* x, const unsigned* rows, T* out, int n, int cols) {
@@ -63,6 +81,14 @@ __device__ void gather_rows_impl(const T* x, const unsigned* rows, T* out, int n
     extern "C" __global__ void gather_rows_##S(const void* x, const unsigned* rows, void* out, \
                                                int n, int cols) {                              \
         gather_rows_impl<T>((const T*)x, rows, (T*)out, n, cols);                              \
+    }                                                                                          \
+    extern "C" __global__ void scale_cols_##S(void* y, const float* c, float add, int n,       \
+                                              int cols) {                                      \
+        scale_cols_impl<T>((T*)y, c, add, n, cols);                                            \
+    }                                                                                          \
+    extern "C" __global__ void col_dot_##S(const void* a, const void* b, const float* inv,     \
+                                           float* out, int rows, int cols) {                   \
+        col_dot_impl<T>((const T*)a, (const T*)b, inv, out, rows, cols);                       \
     }
 EACH_TYPE(ELEMENTWISE)
 
