@@ -90,6 +90,10 @@ pub struct GLora {
     /// DoRA's magnitude `[1, out]`, f32 (PEFT's `lora_magnitude_vector`), when the adapter is
     /// weight-decomposed.
     pub magnitude: Option<GTensor>,
+    /// DoRA's `(c, inv)` for the current factors and magnitude, computed on first use: every
+    /// forward until they change (each decoded token, a recomputed block) reads it. A new
+    /// cell replaces it whenever they change (clones keep the one of their own values).
+    pub(super) dora_cache: Arc<std::sync::OnceLock<(GTensor, GTensor)>>,
 }
 
 impl GLora {
@@ -314,6 +318,7 @@ impl CudaModel {
                                 .then(|| Ok::<_, Error>((master(&lw.a)?, master(&lw.b)?)))
                                 .transpose()?,
                             magnitude: lw.magnitude.as_ref().map(master).transpose()?,
+                            dora_cache: Default::default(),
                         })
                     }
                     None => None,
@@ -407,6 +412,7 @@ impl CudaModel {
                 dropout: 0.0,
                 master,
                 magnitude,
+                dora_cache: Default::default(),
             });
         }
         if let Some(key) = adapter.dense.keys().find(|k| {
@@ -476,16 +482,17 @@ impl CudaModel {
     }
 
     /// DoRA's `(c, inv)` `[1, out]` of projection `p` with base weight `w`, when its adapter
-    /// has a magnitude (computed from the current f32 factors).
+    /// has a magnitude (from the current f32 factors; computed once until they change).
     pub(super) fn dora_factor(&self, p: &GProj, w: &GTensor) -> Option<(GTensor, GTensor)> {
         let l = p.lora.as_ref()?;
         let m = l.magnitude.as_ref()?;
         let (a, b) = l.f32_factors();
-        Some(
+        let factor = l.dora_cache.get_or_init(|| {
             self.gpu
                 .dora_factor(w, a, b, l.scale, Some(m))
-                .unwrap_or_else(|e| panic!("GPU: {e}")),
-        )
+                .unwrap_or_else(|e| panic!("GPU: {e}"))
+        });
+        Some(factor.clone())
     }
 
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).

@@ -203,14 +203,16 @@ impl CudaModel {
         }
     }
 
-    /// After LoRA masters changed: their compute-dtype copies, cast again.
+    /// After LoRA factors or DoRA magnitudes changed: the masters' compute-dtype copies cast
+    /// again, and DoRA's cached factor dropped.
     fn refresh_compute_copies(&mut self, names: &[&String]) {
         let gpu = self.gpu.clone();
         let dt = self.dt;
         for name in names {
             let (i, p, is_a) = match Param::parse(name) {
-                Some(Param::LoraA(i, p)) => (i, p, true),
-                Some(Param::LoraB(i, p)) => (i, p, false),
+                Some(Param::LoraA(i, p)) => (i, p, Some(true)),
+                Some(Param::LoraB(i, p)) => (i, p, Some(false)),
+                Some(Param::Magnitude(i, p)) => (i, p, None),
                 _ => continue,
             };
             let Some(l) = self
@@ -220,10 +222,11 @@ impl CudaModel {
             else {
                 continue;
             };
+            l.dora_cache = Default::default();
             match (&l.master, is_a) {
-                (Some((ma, _)), true) => l.a = gpu.cast(ma, dt),
-                (Some((_, mb)), false) => l.b = gpu.cast(mb, dt),
-                (None, _) => {}
+                (Some((ma, _)), Some(true)) => l.a = gpu.cast(ma, dt),
+                (Some((_, mb)), Some(false)) => l.b = gpu.cast(mb, dt),
+                _ => {}
             }
         }
     }
