@@ -111,6 +111,19 @@ fn same_curve(what: &str, got: &[(u64, f32, f32)], want: &[(u64, f32, f32)]) {
     );
 }
 
+/// Each of `keys`, logged at every one of `steps` steps, within 1e-4 of the host's values.
+fn same_metrics(what: &str, keys: &[&str], got: &[LogEntry], want: &[LogEntry], steps: usize) {
+    for key in keys {
+        let get = |l: &[LogEntry]| {
+            l.iter()
+                .filter_map(|e| e.metrics.get(*key).map(|v| *v as f32))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get(want).len(), steps, "{what}: {key} logged every step");
+        check(&format!("{what} {key}"), &get(got), &get(want), 1e-4);
+    }
+}
+
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("fedtune-gpu-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -219,19 +232,8 @@ fn dpo_steps_on_the_gpu_match_the_host_loss_and_rewards() {
     let mut gpu_log = Keep(Vec::new());
     train(&mut cm, &run, &obj, &mut gpu_log).unwrap();
     same_curve("DPO, 5 steps", &curve(&gpu_log.0), &curve(&host_log.0));
-    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
-        let get = |l: &[LogEntry]| {
-            l.iter()
-                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
-                .collect::<Vec<_>>()
-        };
-        check(
-            &format!("DPO {key}"),
-            &get(&gpu_log.0),
-            &get(&host_log.0),
-            1e-4,
-        );
-    }
+    let keys = ["rewards/chosen", "rewards/rejected", "rewards/margins"];
+    same_metrics("DPO", &keys, &gpu_log.0, &host_log.0, 5);
 }
 
 #[test]
@@ -295,20 +297,8 @@ fn a_reward_model_trains_on_the_gpu_as_on_the_host_with_its_score_head() {
         &curve(&gpu_log.0),
         &curve(&host_log.0),
     );
-    for key in ["accuracy", "margin", "mean_reward"] {
-        let get = |l: &[LogEntry]| {
-            l.iter()
-                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
-                .collect::<Vec<_>>()
-        };
-        assert!(!get(&host_log.0).is_empty(), "{key} logged");
-        check(
-            &format!("reward {key}"),
-            &get(&gpu_log.0),
-            &get(&host_log.0),
-            1e-4,
-        );
-    }
+    let keys = ["accuracy", "margin", "mean_reward"];
+    same_metrics("reward", &keys, &gpu_log.0, &host_log.0, 6);
     // The trained head and factors, and the rewards the trained models give.
     let (got, want) = (cm.lora_weights().unwrap(), host_model.lora_weights());
     assert_eq!(got.dense.keys().collect::<Vec<_>>(), [key]);
@@ -430,26 +420,14 @@ fn grpo_steps_on_the_gpu_follow_the_host_with_the_reward_model_on_the_device() {
     let gpu_objective = objective(&cm);
     train(&mut cm, &run, &gpu_objective, &mut gpu_log).unwrap();
     same_curve("GRPO, 3 steps", &curve(&gpu_log.0), &curve(&host_log.0));
-    for key in [
+    let keys = [
         "reward",
         "rewards/reward_model/mean",
         "entropy",
         "kl",
         "completions/mean_length",
-    ] {
-        let get = |l: &[LogEntry]| {
-            l.iter()
-                .filter_map(|e| e.metrics.get(key).map(|v| *v as f32))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(get(&host_log.0).len(), 3, "{key} logged every step");
-        check(
-            &format!("GRPO {key}"),
-            &get(&gpu_log.0),
-            &get(&host_log.0),
-            1e-4,
-        );
-    }
+    ];
+    same_metrics("GRPO", &keys, &gpu_log.0, &host_log.0, 3);
 }
 
 #[test]

@@ -376,13 +376,7 @@ impl CudaModel {
             self.score = Some(self.gpu.upload(&s.data, 1, h, Dt::F32)?);
         }
         for (module, m) in &adapter.modules {
-            let Some((li, pi)) = self.module_index(module) else {
-                return Err(Error::Invalid(format!(
-                    "adapter module `{module}` is not a projection of this model"
-                )));
-            };
-            let (out, inp) = self.proj_shape(li, pi);
-            crate::model::check_lora_shape(module, m, out, inp)?;
+            let (li, pi, out, inp) = self.checked_module(module, m)?;
             let r = m.rank();
             let a = self.gpu.upload(&m.a.data, r, inp, self.dt)?;
             let b = self.gpu.upload(&m.b.data, out, r, self.dt)?;
@@ -394,17 +388,9 @@ impl CudaModel {
                     self.gpu.upload(&m.b.data, out, r, Dt::F32)?,
                 ))
             };
-            let magnitude = match adapter.dense.get(&fedtune_peft::magnitude_key(module)) {
-                Some(v) if v.rows != 1 || v.cols != out => {
-                    return Err(Error::Invalid(format!(
-                        "adapter module `{module}`: DoRA magnitude has {} values, the \
-                         projection {out} outputs",
-                        v.data.len()
-                    )));
-                }
-                Some(v) => Some(self.gpu.upload(&v.data, 1, out, Dt::F32)?),
-                None => None,
-            };
+            let magnitude = crate::model::dora_magnitude(adapter, module, out)?
+                .map(|v| self.gpu.upload(&v.data, 1, out, Dt::F32))
+                .transpose()?;
             self.layers[li].proj[pi].lora = Some(GLora {
                 a,
                 b,
@@ -429,13 +415,7 @@ impl CudaModel {
     /// the row norms `‖W + s·B·A‖` of each adapted projection, computed on the device.
     pub fn init_dora(&self, adapter: &mut fedtune_aggregation::Adapter) -> Result<()> {
         for (module, m) in &adapter.modules {
-            let Some((li, pi)) = self.module_index(module) else {
-                return Err(Error::Invalid(format!(
-                    "adapter module `{module}` is not a projection of this model"
-                )));
-            };
-            let (out, inp) = self.proj_shape(li, pi);
-            crate::model::check_lora_shape(module, m, out, inp)?;
+            let (li, pi, out, inp) = self.checked_module(module, m)?;
             let r = m.rank();
             let a = self.gpu.upload(&m.a.data, r, inp, Dt::F32)?;
             let b = self.gpu.upload(&m.b.data, out, r, Dt::F32)?;
@@ -452,12 +432,27 @@ impl CudaModel {
         Ok(())
     }
 
-    /// `(layer, projection index)` of a module name `model.layers.{i}.{path}`.
-    fn module_index(&self, module: &str) -> Option<(usize, usize)> {
-        let (i, tail) = module.strip_prefix("model.layers.")?.split_once('.')?;
-        let li: usize = i.parse().ok()?;
-        let pi = Proj::ALL.iter().position(|p| p.path() == tail)?;
-        (li < self.layers.len()).then_some((li, pi))
+    /// `(layer, projection index, out, in)` of module `model.layers.{i}.{path}`, whose LoRA
+    /// factors `m` are checked to fit it.
+    fn checked_module(
+        &self,
+        module: &str,
+        m: &fedtune_aggregation::LoraFactors,
+    ) -> Result<(usize, usize, usize, usize)> {
+        let index = || {
+            let (i, tail) = module.strip_prefix("model.layers.")?.split_once('.')?;
+            let li: usize = i.parse().ok()?;
+            let pi = Proj::ALL.iter().position(|p| p.path() == tail)?;
+            (li < self.layers.len()).then_some((li, pi))
+        };
+        let Some((li, pi)) = index() else {
+            return Err(Error::Invalid(format!(
+                "adapter module `{module}` is not a projection of this model"
+            )));
+        };
+        let (out, inp) = self.proj_shape(li, pi);
+        crate::model::check_lora_shape(module, m, out, inp)?;
+        Ok((li, pi, out, inp))
     }
 
     /// Attaches a PEFT adapter.

@@ -299,16 +299,7 @@ impl LlamaModel {
                     (&device, dtype),
                 )
             };
-            let magnitude = match adapter.dense.get(&fedtune_peft::magnitude_key(module)) {
-                Some(v) if v.rows != 1 || v.cols != out => {
-                    return Err(Error::Invalid(format!(
-                        "adapter module `{module}`: DoRA magnitude has {} values, the \
-                         projection {out} outputs",
-                        v.data.len()
-                    )));
-                }
-                v => v.map(t),
-            };
+            let magnitude = dora_magnitude(adapter, module, out)?.map(t);
             lin.lora = Some(LoraWeights {
                 a: t(&m.a),
                 b: t(&m.b),
@@ -339,6 +330,23 @@ impl LlamaModel {
         let mut m = self.clone();
         m.detach_adapter();
         m
+    }
+}
+
+/// `adapter`'s DoRA magnitude of `module`, checked to have one value per output of its
+/// `out`-row projection (every device attaches magnitudes through this check).
+pub(crate) fn dora_magnitude<'a>(
+    adapter: &'a fedtune_aggregation::Adapter,
+    module: &str,
+    out: usize,
+) -> Result<Option<&'a fedtune_aggregation::Matrix>> {
+    match adapter.dense.get(&fedtune_peft::magnitude_key(module)) {
+        Some(v) if v.rows != 1 || v.cols != out => Err(Error::Invalid(format!(
+            "adapter module `{module}`: DoRA magnitude has {} values, the projection {out} \
+             outputs",
+            v.data.len()
+        ))),
+        v => Ok(v),
     }
 }
 
