@@ -6,7 +6,7 @@
 #   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
 #      against the host engine and transformers (f32), bf16/f16 deviation.
 #   1b. tests/cuda_train: the training step (every gradient) on the GPU against the host step
-#      for LoRA, QLoRA, full and last-layer training, gradient checkpointing; the device
+#      for LoRA, QLoRA, DoRA, full and last-layer training, gradient checkpointing; the device
 #      optimiser against the host's.
 #   1c. tests/cuda_train_runs: 20 SFT and 5 DPO steps against the host's curve, checkpoints
 #      resumed across devices, bf16 against f32, a distillation step, 6 reward-model steps
