@@ -8,6 +8,7 @@
 //! blocks are reused by later allocations instead of being returned to the driver, so a step
 //! does not call `cudaMalloc` per operation.
 
+pub mod adapter;
 pub mod backward;
 pub mod compile;
 pub mod dora;
