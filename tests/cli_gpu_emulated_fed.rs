@@ -1,7 +1,8 @@
 //! The simulator and the daemons with `--device cuda` / `device = "cuda"` on the emulated CUDA
 //! device of `engine/tests/cuda_emu` (`FEDTUNE_CUDA_EMULATOR=1`, which `.ci/run` sets), against
-//! the same federations on the CPU: `sim` with jobs side by side, and a GPU client federating
-//! with a CPU client over QUIC. Without `FEDTUNE_CUDA_EMULATOR=1` each test says so and passes.
+//! the same federations on the CPU: `sim` with jobs side by side, a DoRA federation, and a GPU
+//! client federating with a CPU client over QUIC. Without `FEDTUNE_CUDA_EMULATOR=1` each test
+//! says so and passes.
 
 #[path = "../engine/tests/gpu_common/emu.rs"]
 mod emu;
@@ -18,10 +19,9 @@ use gpu_cli::{command, emulator, fedtune};
 use serde_json::Value;
 use train::{model, root, tmpdir};
 
-#[test]
-fn a_simulated_federation_trains_side_by_side_on_the_emulated_gpu() {
-    let Some(gpu) = emulator() else { return };
-    let dir = tmpdir("emulated-gpu-sim");
+/// The simulator's config of the emulated-GPU tests, written into `dir`: two quickstart
+/// hospitals, one SFT and one DPO round of the tiny model, FedAvg-exact; DoRA with `dora`.
+fn sim_config(dir: &Path, dora: bool) -> std::path::PathBuf {
     let data = root().join("examples/quickstart/data");
     let mut clients = String::new();
     for name in ["st-mary-cardiology", "riverside-pediatrics"] {
@@ -45,6 +45,7 @@ device = "cuda"
 path = "smollm2"
 rank = 4
 lora_alpha = 8
+use_dora = {dora}
 
 [data]
 partition = {{ kind = "per_file" }}
@@ -74,6 +75,14 @@ train_time_s = 3600
         ),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn a_simulated_federation_trains_side_by_side_on_the_emulated_gpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-sim");
+    let config = sim_config(&dir, false);
     let run = |device: &str, parallel: &str| {
         let out = dir.join(format!("{device}-{parallel}"));
         let gpu = (device == "cuda").then_some(gpu.as_path());
@@ -132,6 +141,44 @@ train_time_s = 3600
         );
         println!("global held-out loss: GPU {g}, CPU {c}");
         assert!((g - c).abs() <= 1e-4 * c.abs(), "GPU {g} vs CPU {c}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A DoRA federation (magnitudes in the global adapter) trained by GPU clients: the global
+/// held-out loss of every round is the CPU federation's.
+#[test]
+fn a_dora_federation_on_the_emulated_gpu_follows_the_cpu() {
+    let Some(gpu) = emulator() else { return };
+    let dir = tmpdir("emulated-gpu-sim-dora");
+    let config = sim_config(&dir, true);
+    let run = |device: &str| {
+        let out = dir.join(device);
+        let args = [
+            "sim",
+            "--config",
+            config.to_str().unwrap(),
+            "--tiny",
+            "--device",
+            device,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        fedtune(&args, (device == "cuda").then_some(gpu.as_path()));
+        let cfg = std::fs::read_to_string(out.join("global/final/adapter_config.json")).unwrap();
+        assert!(cfg.contains("\"use_dora\": true"), "{cfg}");
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["global_eval_loss"].as_f64())
+            .collect::<Option<Vec<f64>>>()
+            .unwrap()
+    };
+    let (on_gpu, on_cpu) = (run("cuda"), run("cpu"));
+    assert_eq!(on_gpu.len(), 3, "base + SFT round + DPO round");
+    for (g, c) in on_gpu.iter().zip(&on_cpu) {
+        println!("DoRA global held-out loss: GPU {g}, CPU {c}");
+        assert!((g - c).abs() <= 1e-6 * c.abs(), "GPU {g} vs CPU {c}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
