@@ -11,22 +11,8 @@ impl CudaModel {
     /// Attaches LoRA factors (replacing any attached), checking module names and shapes.
     pub fn attach_weights(&mut self, adapter: &fedtune_aggregation::Adapter) -> Result<()> {
         self.detach_adapter();
-        if let Some(name) = adapter.dense.keys().find(|k| {
-            k.as_str() != crate::adapter::SCORE_KEY
-                && fedtune_peft::parse_magnitude_key(k).is_none()
-        }) {
-            return Err(Error::Invalid(format!(
-                "adapter tensor `{name}` is not a LoRA factor"
-            )));
-        }
-        if let Some(s) = adapter.dense.get(crate::adapter::SCORE_KEY) {
-            let h = self.config.hidden_size;
-            if s.rows != 1 || s.cols != h {
-                return Err(Error::Invalid(format!(
-                    "the adapter's score head is [{}, {}]; this model needs [1, {h}]",
-                    s.rows, s.cols
-                )));
-            }
+        let h = self.config.hidden_size;
+        if let Some(s) = crate::model::adapter_score(adapter, h)? {
             self.score = Some(self.gpu.upload(&s.data, 1, h, Dt::F32)?);
         }
         for (module, m) in &adapter.modules {
@@ -54,13 +40,6 @@ impl CudaModel {
                 magnitude,
                 dora_cache: Default::default(),
             });
-        }
-        if let Some(key) = adapter.dense.keys().find(|k| {
-            fedtune_peft::parse_magnitude_key(k).is_some_and(|m| !adapter.modules.contains_key(m))
-        }) {
-            return Err(Error::Invalid(format!(
-                "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
-            )));
         }
         Ok(())
     }

@@ -263,21 +263,7 @@ impl LlamaModel {
         self.detach_adapter();
         let device = self.device.clone();
         let dtype = self.dtype;
-        if let Some(name) = adapter.dense.keys().find(|k| {
-            k.as_str() != crate::adapter::SCORE_KEY
-                && fedtune_peft::parse_magnitude_key(k).is_none()
-        }) {
-            return Err(Error::Invalid(format!(
-                "adapter tensor `{name}` is not a LoRA factor"
-            )));
-        }
-        if let Some(s) = adapter.dense.get(crate::adapter::SCORE_KEY) {
-            if s.rows != 1 || s.cols != self.config.hidden_size {
-                return Err(Error::Invalid(format!(
-                    "the adapter's score head is [{}, {}]; this model needs [1, {}]",
-                    s.rows, s.cols, self.config.hidden_size
-                )));
-            }
+        if let Some(s) = adapter_score(adapter, self.config.hidden_size)? {
             self.score = Some(Tensor::<2>::from_data(
                 TensorData::new(s.data.clone(), [1, s.cols]),
                 (&device, dtype),
@@ -308,13 +294,6 @@ impl LlamaModel {
                 magnitude,
             });
         }
-        if let Some(key) = adapter.dense.keys().find(|k| {
-            fedtune_peft::parse_magnitude_key(k).is_some_and(|m| !adapter.modules.contains_key(m))
-        }) {
-            return Err(Error::Invalid(format!(
-                "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
-            )));
-        }
         Ok(())
     }
 
@@ -330,6 +309,36 @@ impl LlamaModel {
         let mut m = self.clone();
         m.detach_adapter();
         m
+    }
+}
+
+/// What every device checks of an adapter's dense tensors before attaching it: each is a
+/// reward model's score head `[1, hidden]` or the DoRA magnitude of a module with LoRA
+/// factors. Returns the score head, if any.
+pub(crate) fn adapter_score(
+    adapter: &fedtune_aggregation::Adapter,
+    hidden: usize,
+) -> Result<Option<&fedtune_aggregation::Matrix>> {
+    if let Some(name) = adapter.dense.keys().find(|k| {
+        k.as_str() != crate::adapter::SCORE_KEY && fedtune_peft::parse_magnitude_key(k).is_none()
+    }) {
+        return Err(Error::Invalid(format!(
+            "adapter tensor `{name}` is not a LoRA factor"
+        )));
+    }
+    if let Some(key) = adapter.dense.keys().find(|k| {
+        fedtune_peft::parse_magnitude_key(k).is_some_and(|m| !adapter.modules.contains_key(m))
+    }) {
+        return Err(Error::Invalid(format!(
+            "adapter tensor `{key}` is a DoRA magnitude for a module without LoRA factors"
+        )));
+    }
+    match adapter.dense.get(crate::adapter::SCORE_KEY) {
+        Some(s) if s.rows != 1 || s.cols != hidden => Err(Error::Invalid(format!(
+            "the adapter's score head is [{}, {}]; this model needs [1, {hidden}]",
+            s.rows, s.cols
+        ))),
+        s => Ok(s),
     }
 }
 
