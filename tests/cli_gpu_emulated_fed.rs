@@ -14,6 +14,7 @@ mod gpu_cli;
 mod train;
 
 use std::path::Path;
+use std::process::Output;
 
 use gpu_cli::{command, emulator, fedtune};
 use serde_json::Value;
@@ -78,6 +79,24 @@ train_time_s = 3600
     config
 }
 
+/// `fedtune sim --config <config> --tiny --device <device> --parallel <parallel>` into `out`,
+/// on the emulated GPU's libraries (`gpu`) when `device` is `cuda`.
+fn sim(config: &Path, out: &Path, device: &str, parallel: &str, gpu: &Path) -> Output {
+    let args = [
+        "sim",
+        "--config",
+        config.to_str().unwrap(),
+        "--tiny",
+        "--device",
+        device,
+        "--parallel",
+        parallel,
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    fedtune(&args, (device == "cuda").then_some(gpu))
+}
+
 #[test]
 fn a_simulated_federation_trains_side_by_side_on_the_emulated_gpu() {
     let Some(gpu) = emulator() else { return };
@@ -85,22 +104,7 @@ fn a_simulated_federation_trains_side_by_side_on_the_emulated_gpu() {
     let config = sim_config(&dir, false);
     let run = |device: &str, parallel: &str| {
         let out = dir.join(format!("{device}-{parallel}"));
-        let gpu = (device == "cuda").then_some(gpu.as_path());
-        let o = fedtune(
-            &[
-                "sim",
-                "--config",
-                config.to_str().unwrap(),
-                "--tiny",
-                "--device",
-                device,
-                "--parallel",
-                parallel,
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            gpu,
-        );
+        let o = sim(&config, &out, device, parallel, &gpu);
         let adapter = std::fs::read(out.join("global/final/adapter_model.safetensors")).unwrap();
         let metrics: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
@@ -154,17 +158,7 @@ fn a_dora_federation_on_the_emulated_gpu_follows_the_cpu() {
     let config = sim_config(&dir, true);
     let run = |device: &str| {
         let out = dir.join(device);
-        let args = [
-            "sim",
-            "--config",
-            config.to_str().unwrap(),
-            "--tiny",
-            "--device",
-            device,
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        fedtune(&args, (device == "cuda").then_some(gpu.as_path()));
+        sim(&config, &out, device, "1", &gpu);
         let cfg = std::fs::read_to_string(out.join("global/final/adapter_config.json")).unwrap();
         assert!(cfg.contains("\"use_dora\": true"), "{cfg}");
         std::fs::read_to_string(out.join("metrics.jsonl"))
