@@ -7,7 +7,7 @@
 mod gpu_common;
 
 use burn::tensor::{DType, Device, Tensor};
-use fedtune_engine::cuda::{CudaModel, Dt, Gpu};
+use fedtune_engine::cuda::{CudaModel, Dt, GTensor, Gpu};
 use fedtune_engine::device::{Backend, forward};
 use fedtune_engine::eval::{TokenBatch, sequence_logprobs};
 use fedtune_engine::kernels::{self, Term, matmul_sum};
@@ -384,97 +384,167 @@ fn attention_backward_matches_the_host_kernel_with_gqa_segments_and_window() {
 #[test]
 fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
     let Some(g) = gpu() else { return };
-    let (b, t, hq, hkv, d) = (2, 75, 6, 2, 64);
-    let (q, k, v) = (
-        rand([b * t, hq * d]),
-        rand([b * t, hkv * d]),
-        rand([b * t, hkv * d]),
-    );
-    let segments = packed_segments(b, t);
-    for dt in [Dt::BF16, Dt::F16] {
-        assert!(
-            g.use_mma_attention(dt, d),
-            "sm_80+ runs attention on tensor cores"
+    // d = 64 and d = 128: the kernel has a build for each bound.
+    for (b, t, hq, hkv, d) in [(2, 75, 6, 2, 64), (2, 70, 4, 2, 128)] {
+        let (q, k, v) = (
+            rand([b * t, hq * d]),
+            rand([b * t, hkv * d]),
+            rand([b * t, hkv * d]),
         );
-        // The same 16-bit inputs in f32 for the reference kernel.
-        let (q16, k16, v16) = (
-            g.cast(&up(&g, &q), dt),
-            g.cast(&up(&g, &k), dt),
-            g.cast(&up(&g, &v), dt),
-        );
-        let (q32, k32, v32) = (
-            g.cast(&q16, Dt::F32),
-            g.cast(&k16, Dt::F32),
-            g.cast(&v16, Dt::F32),
-        );
-        for (label, segs, window, tq) in [
-            ("causal", None, None, t),
-            ("segments", Some(&segments[..]), None, t),
-            ("window 17", None, Some(17), t),
-        ] {
+        let segments = packed_segments(b, t);
+        for dt in [Dt::BF16, Dt::F16] {
+            assert!(
+                g.use_mma_attention(dt, d),
+                "sm_80+ runs attention on tensor cores"
+            );
+            // The same 16-bit inputs in f32 for the reference kernel.
+            let (q16, k16, v16) = (
+                g.cast(&up(&g, &q), dt),
+                g.cast(&up(&g, &k), dt),
+                g.cast(&up(&g, &v), dt),
+            );
+            let (q32, k32, v32) = (
+                g.cast(&q16, Dt::F32),
+                g.cast(&k16, Dt::F32),
+                g.cast(&v16, Dt::F32),
+            );
+            for (label, segs, window, tq) in [
+                ("causal", None, None, t),
+                ("segments", Some(&segments[..]), None, t),
+                ("window 17", None, Some(17), t),
+            ] {
+                let geom = fedtune_engine::cuda::ops::AttnGeom {
+                    batch: b,
+                    tq,
+                    tk: t,
+                    hq,
+                    hkv,
+                    d,
+                    k_bs: t * hkv * d,
+                    k_rs: hkv * d,
+                    window: window.unwrap_or(0),
+                };
+                let scale = 1.0 / (d as f32).sqrt();
+                let (o, lse) = g
+                    .attention(&q16, k16.ptr(), v16.ptr(), geom, segs, scale, true)
+                    .unwrap();
+                let (want_o, want_lse) = g
+                    .attention(&q32, k32.ptr(), v32.ptr(), geom, segs, scale, true)
+                    .unwrap();
+                check(
+                    &format!("{dt:?} tensor-core attention {label} o"),
+                    &g.download(&o).unwrap(),
+                    &g.download(&want_o).unwrap(),
+                    2e-2,
+                );
+                check(
+                    &format!("{dt:?} tensor-core attention {label} lse"),
+                    &g.download_f32(&lse.unwrap()).unwrap(),
+                    &g.download_f32(&want_lse.unwrap()).unwrap(),
+                    5e-3,
+                );
+            }
+            // Decoding with a cache: the last 5 positions of each sequence query all 75 keys.
+            let tail: Vec<u32> = (0..b)
+                .flat_map(|s| (t - 5..t).map(move |p| (s * t + p) as u32))
+                .collect();
+            let (qt16, qt32) = (
+                g.gather_rows(&q16, &tail).unwrap(),
+                g.gather_rows(&q32, &tail).unwrap(),
+            );
             let geom = fedtune_engine::cuda::ops::AttnGeom {
                 batch: b,
-                tq,
+                tq: 5,
                 tk: t,
                 hq,
                 hkv,
                 d,
                 k_bs: t * hkv * d,
                 k_rs: hkv * d,
-                window: window.unwrap_or(0),
+                window: 0,
             };
             let scale = 1.0 / (d as f32).sqrt();
-            let (o, lse) = g
-                .attention(&q16, k16.ptr(), v16.ptr(), geom, segs, scale, true)
+            let (o, _) = g
+                .attention(&qt16, k16.ptr(), v16.ptr(), geom, None, scale, false)
                 .unwrap();
-            let (want_o, want_lse) = g
-                .attention(&q32, k32.ptr(), v32.ptr(), geom, segs, scale, true)
+            let (want, _) = g
+                .attention(&qt32, k32.ptr(), v32.ptr(), geom, None, scale, false)
                 .unwrap();
             check(
-                &format!("{dt:?} tensor-core attention {label} o"),
+                &format!("{dt:?} tensor-core attention, 5 queries on a cache of 75"),
                 &g.download(&o).unwrap(),
-                &g.download(&want_o).unwrap(),
+                &g.download(&want).unwrap(),
                 2e-2,
             );
-            check(
-                &format!("{dt:?} tensor-core attention {label} lse"),
-                &g.download_f32(&lse.unwrap()).unwrap(),
-                &g.download_f32(&want_lse.unwrap()).unwrap(),
-                5e-3,
-            );
         }
-        // Decoding with a cache: the last 5 positions of each sequence query all 75 keys.
-        let tail: Vec<u32> = (0..b)
-            .flat_map(|s| (t - 5..t).map(move |p| (s * t + p) as u32))
-            .collect();
-        let (qt16, qt32) = (
-            g.gather_rows(&q16, &tail).unwrap(),
-            g.gather_rows(&q32, &tail).unwrap(),
+    }
+}
+
+#[test]
+fn tensor_core_attention_backward_matches_the_f32_kernel_within_bf16_rounding() {
+    let Some(g) = gpu() else { return };
+    // d = 64 (4 warps of keys per block) and d = 128 (2 warps), GQA and plain heads.
+    for (b, t, hq, hkv, d) in [(2, 75, 6, 2, 64), (1, 70, 4, 4, 128)] {
+        let segments = packed_segments(b, t);
+        let (q, k, v, d_o) = (
+            rand([b * t, hq * d]),
+            rand([b * t, hkv * d]),
+            rand([b * t, hkv * d]),
+            rand([b * t, hq * d]),
         );
-        let geom = fedtune_engine::cuda::ops::AttnGeom {
-            batch: b,
-            tq: 5,
-            tk: t,
-            hq,
-            hkv,
-            d,
-            k_bs: t * hkv * d,
-            k_rs: hkv * d,
-            window: 0,
-        };
-        let scale = 1.0 / (d as f32).sqrt();
-        let (o, _) = g
-            .attention(&qt16, k16.ptr(), v16.ptr(), geom, None, scale, false)
-            .unwrap();
-        let (want, _) = g
-            .attention(&qt32, k32.ptr(), v32.ptr(), geom, None, scale, false)
-            .unwrap();
-        check(
-            &format!("{dt:?} tensor-core attention, 5 queries on a cache of 75"),
-            &g.download(&o).unwrap(),
-            &g.download(&want).unwrap(),
-            2e-2,
-        );
+        for dt in [Dt::BF16, Dt::F16] {
+            assert!(g.use_mma_attention(dt, d), "sm_80+ runs it on tensor cores");
+            // The same 16-bit inputs, and their f32 values for the reference kernel.
+            let half: Vec<GTensor> = [&q, &k, &v, &d_o]
+                .iter()
+                .map(|t| g.cast(&up(&g, t), dt))
+                .collect();
+            let full: Vec<GTensor> = half.iter().map(|t| g.cast(t, Dt::F32)).collect();
+            for (label, segs, window) in [
+                ("causal", None, None),
+                ("segments", Some(&segments[..]), None),
+                ("window 17", None, Some(17)),
+            ] {
+                let (_, geom) = attn_case(b, t, hq, hkv, d, segs, window);
+                let scale = 1.0 / (d as f32).sqrt();
+                let (o32, lse) = g
+                    .attention(
+                        &full[0],
+                        full[1].ptr(),
+                        full[2].ptr(),
+                        geom,
+                        segs,
+                        scale,
+                        true,
+                    )
+                    .unwrap();
+                let lse = lse.unwrap();
+                let o16 = g.cast(&o32, dt);
+                let o = g.cast(&o16, Dt::F32);
+                let got = g
+                    .attention_backward(
+                        &half[0], &half[1], &half[2], &o16, &half[3], &lse, geom, segs, scale,
+                    )
+                    .unwrap();
+                let want = g
+                    .attention_backward(
+                        &full[0], &full[1], &full[2], &o, &full[3], &lse, geom, segs, scale,
+                    )
+                    .unwrap();
+                for (what, got, want) in [
+                    ("dq", got.0, want.0),
+                    ("dk", got.1, want.1),
+                    ("dv", got.2, want.2),
+                ] {
+                    check(
+                        &format!("{dt:?} tensor-core attention backward d={d} {label} {what}"),
+                        &g.download(&got).unwrap(),
+                        &g.download(&want).unwrap(),
+                        if dt == Dt::BF16 { 8e-3 } else { 1.5e-3 },
+                    );
+                }
+            }
+        }
     }
 }
 

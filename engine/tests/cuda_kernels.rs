@@ -135,7 +135,7 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
         assert!(out.status.success(), "ptxas {sm} failed:\n{log}");
         let kernels = spills(&log);
         assert!(
-            kernels.len() >= 65,
+            kernels.len() >= 82,
             "ptxas reported {} kernels:\n{log}",
             kernels.len()
         );
@@ -144,6 +144,10 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                 within_budget(*spilled),
                 "{sm}: {k} spills {spilled} bytes ({regs} registers)"
             );
+        }
+        // Registers bound occupancy: every kernel's count is in the test's output.
+        for (k, _, regs) in &kernels {
+            println!("{sm}: {k}: {regs} registers");
         }
         let max = kernels.iter().max_by_key(|k| k.2).unwrap();
         eprintln!(

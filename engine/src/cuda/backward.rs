@@ -299,6 +299,31 @@ impl Gpu {
             a.extend(tail);
             a
         };
+        if self.use_mma_attention(q.dt, d) {
+            // Tensor cores (kernels/attention_mma_bwd.cu), built for d ≤ 64 and d ≤ 128: 16
+            // keys per warp, 4 warps up to d = 64 and 2 above (shared memory at most 35 KiB).
+            let (bound, warps) = if d <= 64 { (64, 4) } else { (128, 2) };
+            let kv_smem = (2 * 16 * warps + 2 * 32) * (d + 8) * 2 + 2 * 32 * 4;
+            self.run(
+                &format!("attn_bwd_kv_mma{bound}_{sfx}"),
+                LaunchConfig {
+                    grid_dim: (len.div_ceil(16 * warps) as u32, hkv as u32, b as u32),
+                    block_dim: (32 * warps as u32, 1, 1),
+                    shared_mem_bytes: kv_smem as u32,
+                },
+                &args(&[dk.ptr(), dv.ptr()]),
+            );
+            self.run(
+                &format!("attn_bwd_q_mma{bound}_{sfx}"),
+                LaunchConfig {
+                    grid_dim: (len.div_ceil(64) as u32, hq as u32, b as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: (2 * 32 * (d + 8) * 2) as u32,
+                },
+                &args(&[dq.ptr()]),
+            );
+            return Ok((dq, dk, dv));
+        }
         // Shared memory: kernels/backward.cu's layouts (at most 41 KiB at d = 128).
         let kv_smem = (2 * 32 * d + 2 * 8 * d + 2 * 8) * 4;
         self.run(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 
 /// Every kernel source file, in program order (`common.cuh` first: the others use it).
-pub const SOURCES: [(&str, &str); 9] = [
+pub const SOURCES: [(&str, &str); 10] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("norm.cu", include_str!("kernels/norm.cu")),
     ("rope.cu", include_str!("kernels/rope.cu")),
@@ -17,6 +17,10 @@ pub const SOURCES: [(&str, &str); 9] = [
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("nf4.cu", include_str!("kernels/nf4.cu")),
     ("backward.cu", include_str!("kernels/backward.cu")),
+    (
+        "attention_mma_bwd.cu",
+        include_str!("kernels/attention_mma_bwd.cu"),
+    ),
     ("optim.cu", include_str!("kernels/optim.cu")),
 ];
 

@@ -477,7 +477,9 @@ impl Gpu {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            (format!("attn_mma_{}", q.dt.suffix()), cfg)
+            // Built for d ≤ 64 and d ≤ 128 (registers: accumulators for the bound).
+            let bound = if g.d <= 64 { 64 } else { 128 };
+            (format!("attn_mma{bound}_{}", q.dt.suffix()), cfg)
         } else {
             let smem = (16 * g.d + 32 * (g.d + 1) + 32 * g.d) * 4;
             let cfg = LaunchConfig {

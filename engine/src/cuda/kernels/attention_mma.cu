@@ -3,11 +3,10 @@
 // through shared memory; S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 products, and the
 // online softmax works on the S accumulators in registers (P is re-packed from them as the A
 // operand of the second product, with no trip through shared memory). Same layout, masks and
-// lse as attention.cu (see there); needs sm_80+, head_dim a multiple of 16, at most 128.
+// lse as attention.cu (see there); needs sm_80+, head_dim a multiple of 16, at most DM (64 or 128).
 #define ATTM_WARPS 4
 #define ATTM_BQ (16 * ATTM_WARPS)
 #define ATTM_BK 64
-#define ATTM_DMAX 128
 
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
 template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -41,7 +40,7 @@ template <typename T> __device__ __forceinline__ unsigned ld2(const T* p) {
     return (unsigned)p[0].v | ((unsigned)p[1].v << 16);
 }
 
-template <typename T>
+template <typename T, int DM>
 __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* lse,
                               const unsigned* seg, int tq, int tk, int q_off, int hq, int hkv,
                               int d, long long q_rs, long long k_bs, long long k_rs, float scale,
@@ -59,9 +58,9 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     // This thread's two query rows (gid and gid + 8 of the warp's 16).
     const int r0 = q0 + warp * 16 + gid, r1 = r0 + 8;
     // Q as A fragments, one per 16 columns of d.
-    unsigned qa[ATTM_DMAX / 16][4];
+    unsigned qa[DM / 16][4];
 #pragma unroll
-    for (int s = 0; s < ATTM_DMAX / 16; s++) {
+    for (int s = 0; s < DM / 16; s++) {
         if (s < ksteps) {
             const int c = s * 16 + tig * 2;
             const T* p0 = q + (size_t)(b * tq + min(r0, tq - 1)) * q_rs + (size_t)h * d;
@@ -72,9 +71,9 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
             qa[s][3] = ld2(p1 + c + 8);
         }
     }
-    float oacc[ATTM_DMAX / 8][4];
+    float oacc[DM / 8][4];
 #pragma unroll
-    for (int n = 0; n < ATTM_DMAX / 8; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    for (int n = 0; n < DM / 8; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     const int s0 = q_off + r0, s1 = q_off + r1;  // key positions the two rows stand at
     const unsigned sq0 = (seg && r0 < tq) ? seg[b * tq + r0] : 1u;
@@ -105,7 +104,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         for (int n = 0; n < ATTM_BK / 8; n++) {
             sacc[n][0] = sacc[n][1] = sacc[n][2] = sacc[n][3] = 0.f;
 #pragma unroll
-            for (int s = 0; s < ATTM_DMAX / 16; s++) {
+            for (int s = 0; s < DM / 16; s++) {
                 if (s < ksteps) {
                     const T* kr = ks + (n * 8 + gid) * kld + s * 16 + tig * 2;
                     mma16816<T>(sacc[n], qa[s], ld2(kr), ld2(kr + 8));
@@ -173,7 +172,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         m1 = mn1;
         // O = a·O + P·V.
 #pragma unroll
-        for (int n = 0; n < ATTM_DMAX / 8; n++) {
+        for (int n = 0; n < DM / 8; n++) {
             if (n < ntiles_d) {
                 oacc[n][0] *= a0;
                 oacc[n][1] *= a0;
@@ -190,7 +189,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     // l sums over the group of four threads are complete in every thread of the group.
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
 #pragma unroll
-    for (int n = 0; n < ATTM_DMAX / 8; n++) {
+    for (int n = 0; n < DM / 8; n++) {
         if (n < ntiles_d) {
             const int c = n * 8 + tig * 2;
             if (r0 < tq) {
@@ -211,13 +210,18 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     }
 }
 
-#define ATTN_MMA(T, S)                                                                         \
+// One build per head-dimension bound DM (64: the 1B/8B shapes; 128), so that a d ≤ 64 run keeps
+// half the accumulators in registers.
+#define ATTN_MMA(T, S, DM)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTM_WARPS * 32)                              \
-        attn_mma_##S(const void* q, const void* k, const void* v, void* o, float* lse,         \
-                     const unsigned* seg, int tq, int tk, int q_off, int hq, int hkv, int d,   \
-                     long long q_rs, long long k_bs, long long k_rs, float scale, int window) { \
-        attn_mma_impl<T>((const T*)q, (const T*)k, (const T*)v, (T*)o, lse, seg, tq, tk,       \
-                         q_off, hq, hkv, d, q_rs, k_bs, k_rs, scale, window);                  \
+        attn_mma##DM##_##S(const void* q, const void* k, const void* v, void* o, float* lse,   \
+                           const unsigned* seg, int tq, int tk, int q_off, int hq, int hkv,    \
+                           int d, long long q_rs, long long k_bs, long long k_rs, float scale, \
+                           int window) {                                                       \
+        attn_mma_impl<T, DM>((const T*)q, (const T*)k, (const T*)v, (T*)o, lse, seg, tq, tk,   \
+                             q_off, hq, hkv, d, q_rs, k_bs, k_rs, scale, window);              \
     }
-ATTN_MMA(bf16, bf16)
-ATTN_MMA(f16, f16)
+ATTN_MMA(bf16, bf16, 64)
+ATTN_MMA(f16, f16, 64)
+ATTN_MMA(bf16, bf16, 128)
+ATTN_MMA(f16, f16, 128)

@@ -1,0 +1,303 @@
+// Attention backward on tensor cores (bf16/f16 inputs, f32 accumulation), FlashAttention-2
+// style: probabilities recomputed from the forward's lse, every product an mma.sync m16n8k16
+// (attention_mma.cu's helpers), and, as backward.cu's f32 kernels, dK/dV and dQ in two kernels
+// so that there are no atomics and every run gives the same bits. As FlashAttention-2 does, P
+// and dS are rounded to T as the operands of their second products. Visibility, layouts, lse
+// and dsum are backward.cu's; needs sm_80+, head_dim a multiple of 16, at most DM (64 or 128).
+//
+//   S = q·kᵀ;  P = exp(scale·S − lse);  dP = dO·vᵀ;  dS = P ⊙ (dP − dsum)
+//   dV = Pᵀ·dO;  dK = scale·dSᵀ·Q;  dQ = scale·dS·K
+#define ATBM_BQ 32  // queries per step of the dK/dV kernel
+#define ATBM_BK 32  // keys per step of the dQ kernel
+
+// Two T of one column, at rows r and r + 1 of a row-major tile of row stride ld: the B operand
+// of a product whose k runs down the tile's rows (a transposed load, as ldmatrix.trans).
+template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, int ld) {
+    return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
+}
+
+// Rows r0 .. r0 + rows of sequence bi (row i at (bi·len + i)·rs, columns col0 .. col0 + d) into
+// a shared tile of row stride ld; rows at or past len are zeros.
+template <typename T>
+__device__ __forceinline__ void copy_tile(const T* src, T* dst, int rows, int r0, int len, int bi,
+                                          size_t rs, size_t col0, int d, int ld) {
+    for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
+        const int r = i / d, c = i % d, p = r0 + r;
+        T x;
+        x.v = 0;
+        if (p < len) x = src[(size_t)(bi * len + p) * rs + col0 + c];
+        dst[r * ld + c] = x;
+    }
+}
+
+// P and dS of one accumulator element (row `row`, key `p`), given S and dP; 0 where invisible.
+__device__ __forceinline__ void p_ds(float s, float dp, float l, float dsum, bool vis, float scale,
+                                     float* pr, float* ds) {
+    const float e = vis ? expf(s * scale - l) : 0.f;
+    *pr = e;
+    *ds = e * (dp - dsum);
+}
+
+// dK and dV of 16·warps keys of one KV head: grid (ceil(len / (16·warps)), hkv, batch), one
+// warp per 16 keys. Each warp computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for ATBM_BQ queries at a time
+// (every query head of the group, every query that can see one of the block's keys), then
+// dV += Pᵀ·dO and dK += dSᵀ·Q with Pᵀ and dSᵀ re-packed from the accumulators as A operands.
+template <typename T, int DM>
+__device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T* d_o,
+                                     const float* lse, const float* dsum, const unsigned* seg,
+                                     T* dk, T* dv, int len, int hq, int hkv, int d, float scale,
+                                     int window) {
+    extern __shared__ unsigned short smem_u16[];
+    const int warps = blockDim.x >> 5, kb = 16 * warps, ldt = d + 8;
+    T* ks = (T*)smem_u16;          // [kb][d + 8]
+    T* vs = ks + kb * ldt;         // [kb][d + 8]
+    T* qs = vs + kb * ldt;         // [BQ][d + 8]
+    T* dos = qs + ATBM_BQ * ldt;   // [BQ][d + 8]
+    float* ls = (float*)(dos + ATBM_BQ * ldt);  // [BQ] lse
+    float* dss = ls + ATBM_BQ;                  // [BQ] dsum
+    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * kb;
+    const int groups = hq / hkv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int ksteps = d / 16, ntiles_d = d / 8;
+    const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
+    copy_tile(k, ks, kb, k0, len, b, krs, (size_t)g * d, d, ldt);
+    copy_tile(v, vs, kb, k0, len, b, krs, (size_t)g * d, d, ldt);
+    // This thread's two keys (rows gid and gid + 8 of the warp's 16), and its A fragments' rows.
+    const int w0 = k0 + warp * 16, p0 = w0 + gid, p1 = p0 + 8;
+    const T* kw = ks + (warp * 16 + gid) * ldt + tig * 2;
+    const T* vw = vs + (warp * 16 + gid) * ldt + tig * 2;
+    float dka[DM / 8][4], dva[DM / 8][4];
+#pragma unroll
+    for (int n = 0; n < DM / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
+    // Queries before the block see none of its keys; with a window (no segments) neither do
+    // queries window or more past its last key.
+    int qend = len;
+    if (window > 0 && !seg) qend = min(len, k0 + kb - 1 + window);
+    for (int hh = 0; hh < groups; hh++) {
+        const int h = g * groups + hh;
+        for (int q0 = k0; q0 < qend; q0 += ATBM_BQ) {
+            __syncthreads();
+            copy_tile(q, qs, ATBM_BQ, q0, len, b, qrs, (size_t)h * d, d, ldt);
+            copy_tile(d_o, dos, ATBM_BQ, q0, len, b, qrs, (size_t)h * d, d, ldt);
+            if (threadIdx.x < ATBM_BQ) {
+                const int qi = q0 + threadIdx.x;
+                const size_t li = ((size_t)b * hq + h) * len + qi;
+                ls[threadIdx.x] = qi < len ? lse[li] : 0.f;
+                dss[threadIdx.x] = qi < len ? dsum[li] : 0.f;
+            }
+            __syncthreads();
+            // A warp whose keys all come after the tile's last query has nothing here.
+            if (w0 >= len || w0 > min(q0 + ATBM_BQ, len) - 1) continue;
+            float sa[ATBM_BQ / 8][4], dpa[ATBM_BQ / 8][4];
+#pragma unroll
+            for (int n = 0; n < ATBM_BQ / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) sa[n][e] = dpa[n][e] = 0.f;
+#pragma unroll
+            for (int s = 0; s < DM / 16; s++) {
+                if (s < ksteps) {
+                    const unsigned ka[4] = {ld2(kw + s * 16), ld2(kw + 8 * ldt + s * 16),
+                                            ld2(kw + s * 16 + 8), ld2(kw + 8 * ldt + s * 16 + 8)};
+                    const unsigned va[4] = {ld2(vw + s * 16), ld2(vw + 8 * ldt + s * 16),
+                                            ld2(vw + s * 16 + 8), ld2(vw + 8 * ldt + s * 16 + 8)};
+#pragma unroll
+                    for (int n = 0; n < ATBM_BQ / 8; n++) {
+                        const T* qr = qs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                        const T* dr = dos + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                        mma16816<T>(sa[n], ka, ld2(qr), ld2(qr + 8));
+                        mma16816<T>(dpa[n], va, ld2(dr), ld2(dr + 8));
+                    }
+                }
+            }
+            // Pᵀ and dSᵀ, packed as A fragments (keys × queries) for the second products.
+            unsigned pa[ATBM_BQ / 16][4], dsa[ATBM_BQ / 16][4];
+#pragma unroll
+            for (int n = 0; n < ATBM_BQ / 8; n++) {
+                float pr[4], ds[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int c = n * 8 + tig * 2 + (e & 1), qi = q0 + c;
+                    const int p = e < 2 ? p0 : p1;
+                    const bool vis = qi < len && p < len && att_visible(seg, b, len, qi, p, window);
+                    p_ds(sa[n][e], dpa[n][e], ls[c], dss[c], vis, scale, &pr[e], &ds[e]);
+                }
+                pa[n / 2][(n & 1) * 2 + 0] = pack2<T>(pr[0], pr[1]);
+                pa[n / 2][(n & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
+                dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
+                dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < DM / 8; nt++) {
+                if (nt < ntiles_d) {
+#pragma unroll
+                    for (int s = 0; s < ATBM_BQ / 16; s++) {
+                        const T* dc = dos + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
+                        const T* qc = qs + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
+                        mma16816<T>(dva[nt], pa[s], ld2_col(dc, ldt), ld2_col(dc + 8 * ldt, ldt));
+                        mma16816<T>(dka[nt], dsa[s], ld2_col(qc, ldt), ld2_col(qc + 8 * ldt, ldt));
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < DM / 8; nt++) {
+        if (nt < ntiles_d) {
+            const int c = nt * 8 + tig * 2;
+            if (p0 < len) {
+                const size_t off = (size_t)(b * len + p0) * krs + (size_t)g * d + c;
+                dk[off] = st<T>(dka[nt][0] * scale);
+                dk[off + 1] = st<T>(dka[nt][1] * scale);
+                dv[off] = st<T>(dva[nt][0]);
+                dv[off + 1] = st<T>(dva[nt][1]);
+            }
+            if (p1 < len) {
+                const size_t off = (size_t)(b * len + p1) * krs + (size_t)g * d + c;
+                dk[off] = st<T>(dka[nt][2] * scale);
+                dk[off + 1] = st<T>(dka[nt][3] * scale);
+                dv[off] = st<T>(dva[nt][2]);
+                dv[off + 1] = st<T>(dva[nt][3]);
+            }
+        }
+    }
+}
+
+// dQ for ATTM_BQ queries of one head: grid (ceil(len / ATTM_BQ), hq, batch), ATTM_WARPS warps of
+// 16 queries. Q and dO stay in registers as A fragments; keys and values stream through shared
+// memory ATBM_BK at a time: S = Q·Kᵀ, dP = dO·Vᵀ, then dQ += dS·K with dS re-packed.
+template <typename T, int DM>
+__device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T* d_o,
+                                    const float* lse, const float* dsum, const unsigned* seg,
+                                    T* dq, int len, int hq, int hkv, int d, float scale,
+                                    int window) {
+    extern __shared__ unsigned short smem_u16[];
+    const int ldt = d + 8;
+    T* ks = (T*)smem_u16;        // [BK][d + 8]
+    T* vs = ks + ATBM_BK * ldt;  // [BK][d + 8]
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
+    const int g = h / (hq / hkv);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int ksteps = d / 16, ntiles_d = d / 8;
+    const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
+    const int w0 = q0 + warp * 16, r0 = w0 + gid, r1 = r0 + 8;
+    unsigned qa[DM / 16][4], oa[DM / 16][4];
+    const size_t o0 = (size_t)(b * len + min(r0, len - 1)) * qrs + (size_t)h * d;
+    const size_t o1 = (size_t)(b * len + min(r1, len - 1)) * qrs + (size_t)h * d;
+#pragma unroll
+    for (int s = 0; s < DM / 16; s++) {
+        if (s < ksteps) {
+            const int c = s * 16 + tig * 2;
+            qa[s][0] = ld2(q + o0 + c);
+            qa[s][1] = ld2(q + o1 + c);
+            qa[s][2] = ld2(q + o0 + c + 8);
+            qa[s][3] = ld2(q + o1 + c + 8);
+            oa[s][0] = ld2(d_o + o0 + c);
+            oa[s][1] = ld2(d_o + o1 + c);
+            oa[s][2] = ld2(d_o + o0 + c + 8);
+            oa[s][3] = ld2(d_o + o1 + c + 8);
+        }
+    }
+    const size_t l0 = ((size_t)b * hq + h) * len + r0, l1 = l0 + 8;
+    const float lr0 = r0 < len ? lse[l0] : 0.f, lr1 = r1 < len ? lse[l1] : 0.f;
+    const float dr0 = r0 < len ? dsum[l0] : 0.f, dr1 = r1 < len ? dsum[l1] : 0.f;
+    float dqa[DM / 8][4];
+#pragma unroll
+    for (int n = 0; n < DM / 8; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.f;
+    const int kend = min(q0 + ATTM_BQ, len);  // exclusive: the last query's position + 1
+    int kbegin = 0;
+    if (window > 0 && !seg) kbegin = max(0, q0 - window + 1);
+    for (int k0 = (kbegin / ATBM_BK) * ATBM_BK; k0 < kend; k0 += ATBM_BK) {
+        __syncthreads();
+        copy_tile(k, ks, ATBM_BK, k0, len, b, krs, (size_t)g * d, d, ldt);
+        copy_tile(v, vs, ATBM_BK, k0, len, b, krs, (size_t)g * d, d, ldt);
+        __syncthreads();
+        // A warp past the end, or whose queries all come before the tile's keys, has nothing.
+        if (w0 >= len || k0 > w0 + 15) continue;
+        float sa[ATBM_BK / 8][4], dpa[ATBM_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATBM_BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sa[n][e] = dpa[n][e] = 0.f;
+#pragma unroll
+        for (int s = 0; s < DM / 16; s++) {
+            if (s < ksteps) {
+#pragma unroll
+                for (int n = 0; n < ATBM_BK / 8; n++) {
+                    const T* kr = ks + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                    const T* vr = vs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                    mma16816<T>(sa[n], qa[s], ld2(kr), ld2(kr + 8));
+                    mma16816<T>(dpa[n], oa[s], ld2(vr), ld2(vr + 8));
+                }
+            }
+        }
+        unsigned dsa[ATBM_BK / 16][4];
+#pragma unroll
+        for (int n = 0; n < ATBM_BK / 8; n++) {
+            float pr[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int p = k0 + n * 8 + tig * 2 + (e & 1), row = e < 2 ? r0 : r1;
+                const bool vis = row < len && p < len && att_visible(seg, b, len, row, p, window);
+                p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, scale,
+                     &pr[e], &ds[e]);
+            }
+            dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
+            dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < DM / 8; nt++) {
+            if (nt < ntiles_d) {
+#pragma unroll
+                for (int s = 0; s < ATBM_BK / 16; s++) {
+                    const T* kc = ks + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
+                    mma16816<T>(dqa[nt], dsa[s], ld2_col(kc, ldt), ld2_col(kc + 8 * ldt, ldt));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < DM / 8; nt++) {
+        if (nt < ntiles_d) {
+            const int c = nt * 8 + tig * 2;
+            if (r0 < len) {
+                T* out = dq + (size_t)(b * len + r0) * qrs + (size_t)h * d + c;
+                out[0] = st<T>(dqa[nt][0] * scale);
+                out[1] = st<T>(dqa[nt][1] * scale);
+            }
+            if (r1 < len) {
+                T* out = dq + (size_t)(b * len + r1) * qrs + (size_t)h * d + c;
+                out[0] = st<T>(dqa[nt][2] * scale);
+                out[1] = st<T>(dqa[nt][3] * scale);
+            }
+        }
+    }
+}
+
+// One build per head-dimension bound DM (64: the 1B/8B shapes; 128), so that a d ≤ 64 run keeps
+// half the accumulators in registers.
+#define ATTN_BWD_MMA(T, S, DM)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        attn_bwd_kv_mma##DM##_##S(const void* q, const void* k, const void* v,                 \
+                                  const void* d_o, const float* lse, const float* dsum,        \
+                                  const unsigned* seg, void* dk, void* dv, int len, int hq,    \
+                                  int hkv, int d, float scale, int window) {                   \
+        attn_bwd_kv_mma_impl<T, DM>((const T*)q, (const T*)k, (const T*)v, (const T*)d_o, lse, \
+                                    dsum, seg, (T*)dk, (T*)dv, len, hq, hkv, d, scale,         \
+                                    window);                                                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATTM_WARPS * 32)                              \
+        attn_bwd_q_mma##DM##_##S(const void* q, const void* k, const void* v, const void* d_o, \
+                                 const float* lse, const float* dsum, const unsigned* seg,     \
+                                 void* dq, int len, int hq, int hkv, int d, float scale,       \
+                                 int window) {                                                 \
+        attn_bwd_q_mma_impl<T, DM>((const T*)q, (const T*)k, (const T*)v, (const T*)d_o, lse,  \
+                                   dsum, seg, (T*)dq, len, hq, hkv, d, scale, window);         \
+    }
+ATTN_BWD_MMA(bf16, bf16, 64)
+ATTN_BWD_MMA(f16, f16, 64)
+ATTN_BWD_MMA(bf16, bf16, 128)
+ATTN_BWD_MMA(f16, f16, 128)
