@@ -444,6 +444,29 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                     5e-3,
                 );
             }
+            // Keys and values one element past a 16-byte boundary: the tiles are copied element
+            // by element instead of 16 bytes at a time, with the same result.
+            let shifted = |t: &Tensor<2>| {
+                let mut vals = vec![0.0];
+                vals.extend(host(t));
+                g.upload(&vals, 1, vals.len(), dt).unwrap()
+            };
+            let (ks, vs) = (shifted(&k), shifted(&v));
+            let (geom, scale) = (
+                attn_case(b, t, hq, hkv, d, None, None).1,
+                1.0 / (d as f32).sqrt(),
+            );
+            let (aligned, _) = g
+                .attention(&q16, k16.ptr(), v16.ptr(), geom, None, scale, false)
+                .unwrap();
+            let (unaligned, _) = g
+                .attention(&q16, ks.ptr() + 2, vs.ptr() + 2, geom, None, scale, false)
+                .unwrap();
+            assert_eq!(
+                g.download(&unaligned).unwrap(),
+                g.download(&aligned).unwrap(),
+                "{dt:?} attention with unaligned keys"
+            );
             // Decoding with a cache: the last 5 positions of each sequence query all 75 keys.
             let tail: Vec<u32> = (0..b)
                 .flat_map(|s| (t - 5..t).map(move |p| (s * t + p) as u32))

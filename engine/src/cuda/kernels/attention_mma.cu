@@ -39,6 +39,41 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
 template <typename T> __device__ __forceinline__ unsigned ld2(const T* p) {
     return (unsigned)p[0].v | ((unsigned)p[1].v << 16);
 }
+// Two T of one column, at rows r and r + 1 of a row-major tile of row stride ld: the B operand
+// of a product whose k runs down the tile's rows (a transposed load, as ldmatrix.trans).
+template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, int ld) {
+    return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
+}
+
+struct alignas(16) u16x8 { unsigned w[4]; };
+
+// Rows p0 .. p0 + rows of a row-major matrix of T at src (row stride rs; rows at or past lim
+// read as zeros), columns 0 .. d, into a shared tile of row stride ld: 16 bytes per access
+// where both sides are 16-byte aligned (one division per 8 elements), else element by element.
+template <typename T>
+__device__ __forceinline__ void tile_copy(const T* src, size_t rs, int p0, int lim, int rows,
+                                          int d, T* dst, int ld) {
+    const unsigned long long a = (unsigned long long)src | (unsigned long long)dst |
+                                 (unsigned long long)(rs * 2) | (unsigned long long)(ld * 2) |
+                                 (unsigned long long)(d * 2);
+    if ((a & 15) == 0) {
+        const int per = d >> 3;
+        for (int i = threadIdx.x; i < rows * per; i += blockDim.x) {
+            const int r = i / per, c = (i - r * per) << 3, p = p0 + r;
+            u16x8 x = {{0u, 0u, 0u, 0u}};
+            if (p < lim) x = *(const u16x8*)(src + (size_t)p * rs + c);
+            *(u16x8*)(dst + r * ld + c) = x;
+        }
+    } else {
+        for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
+            const int r = i / d, c = i - r * d, p = p0 + r;
+            T x;
+            x.v = 0;
+            if (p < lim) x = src[(size_t)p * rs + c];
+            dst[r * ld + c] = x;
+        }
+    }
+}
 
 template <typename T, int DM>
 __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* lse,
@@ -46,10 +81,9 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                               int d, long long q_rs, long long k_bs, long long k_rs, float scale,
                               int window) {
     extern __shared__ unsigned short smem_u16[];
-    const int kld = d + 8;          // K tile [BK][d + 8]
-    const int vld = ATTM_BK + 8;    // Vᵀ tile [d][BK + 8]
+    const int kld = d + 8;          // K and V tiles [BK][d + 8]
     T* ks = (T*)smem_u16;
-    T* vt = ks + ATTM_BK * kld;
+    T* vs = ks + ATTM_BK * kld;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -84,19 +118,8 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     if (window > 0 && !seg) kbegin = max(0, q_off + q0 - window + 1);
     for (int k0 = (kbegin / ATTM_BK) * ATTM_BK; k0 < kend; k0 += ATTM_BK) {
         __syncthreads();
-        for (int i = threadIdx.x; i < ATTM_BK * d; i += blockDim.x) {
-            const int r = i / d, c = i % d, p = k0 + r;
-            T kv, vv;
-            kv.v = 0;
-            vv.v = 0;
-            if (p < tk) {
-                const size_t off = (size_t)b * k_bs + (size_t)p * k_rs + (size_t)g * d + c;
-                kv = k[off];
-                vv = v[off];
-            }
-            ks[r * kld + c] = kv;
-            vt[c * vld + r] = vv;
-        }
+        tile_copy(k + (size_t)b * k_bs + (size_t)g * d, (size_t)k_rs, k0, tk, ATTM_BK, d, ks, kld);
+        tile_copy(v + (size_t)b * k_bs + (size_t)g * d, (size_t)k_rs, k0, tk, ATTM_BK, d, vs, kld);
         __syncthreads();
         // S = Q·Kᵀ for 16 rows × 64 keys: 8 tiles of 8 keys.
         float sacc[ATTM_BK / 8][4];
@@ -180,8 +203,8 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                 oacc[n][3] *= a1;
 #pragma unroll
                 for (int s = 0; s < ATTM_BK / 16; s++) {
-                    const T* vr = vt + (n * 8 + gid) * vld + s * 16 + tig * 2;
-                    mma16816<T>(oacc[n], pa[s], ld2(vr), ld2(vr + 8));
+                    const T* vc = vs + (s * 16 + tig * 2) * kld + n * 8 + gid;
+                    mma16816<T>(oacc[n], pa[s], ld2_col(vc, kld), ld2_col(vc + 8 * kld, kld));
                 }
             }
         }
@@ -210,8 +233,8 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     }
 }
 
-// One build per head-dimension bound DM (64: the 1B/8B shapes; 128), so that a d ≤ 64 run keeps
-// half the accumulators in registers.
+// One build per head-dimension bound DM (64: the 1B shape; 128: the 8B shape), so that a d ≤ 64
+// run keeps half the accumulators in registers.
 #define ATTN_MMA(T, S, DM)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTM_WARPS * 32)                              \
         attn_mma##DM##_##S(const void* q, const void* k, const void* v, void* o, float* lse,   \

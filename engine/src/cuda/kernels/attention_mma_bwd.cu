@@ -10,26 +10,6 @@
 #define ATBM_BQ 32  // queries per step of the dK/dV kernel
 #define ATBM_BK 32  // keys per step of the dQ kernel
 
-// Two T of one column, at rows r and r + 1 of a row-major tile of row stride ld: the B operand
-// of a product whose k runs down the tile's rows (a transposed load, as ldmatrix.trans).
-template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, int ld) {
-    return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
-}
-
-// Rows r0 .. r0 + rows of sequence bi (row i at (bi·len + i)·rs, columns col0 .. col0 + d) into
-// a shared tile of row stride ld; rows at or past len are zeros.
-template <typename T>
-__device__ __forceinline__ void copy_tile(const T* src, T* dst, int rows, int r0, int len, int bi,
-                                          size_t rs, size_t col0, int d, int ld) {
-    for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
-        const int r = i / d, c = i % d, p = r0 + r;
-        T x;
-        x.v = 0;
-        if (p < len) x = src[(size_t)(bi * len + p) * rs + col0 + c];
-        dst[r * ld + c] = x;
-    }
-}
-
 // P and dS of one accumulator element (row `row`, key `p`), given S and dP; 0 where invisible.
 __device__ __forceinline__ void p_ds(float s, float dp, float l, float dsum, bool vis, float scale,
                                      float* pr, float* ds) {
@@ -61,8 +41,8 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     const int gid = lane >> 2, tig = lane & 3;
     const int ksteps = d / 16, ntiles_d = d / 8;
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
-    copy_tile(k, ks, kb, k0, len, b, krs, (size_t)g * d, d, ldt);
-    copy_tile(v, vs, kb, k0, len, b, krs, (size_t)g * d, d, ldt);
+    tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, ks, ldt);
+    tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, vs, ldt);
     // This thread's two keys (rows gid and gid + 8 of the warp's 16), and its A fragments' rows.
     const int w0 = k0 + warp * 16, p0 = w0 + gid, p1 = p0 + 8;
     const T* kw = ks + (warp * 16 + gid) * ldt + tig * 2;
@@ -80,8 +60,8 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
         const int h = g * groups + hh;
         for (int q0 = k0; q0 < qend; q0 += ATBM_BQ) {
             __syncthreads();
-            copy_tile(q, qs, ATBM_BQ, q0, len, b, qrs, (size_t)h * d, d, ldt);
-            copy_tile(d_o, dos, ATBM_BQ, q0, len, b, qrs, (size_t)h * d, d, ldt);
+            tile_copy(q + (size_t)b * len * qrs + (size_t)h * d, qrs, q0, len, ATBM_BQ, d, qs, ldt);
+            tile_copy(d_o + (size_t)b * len * qrs + (size_t)h * d, qrs, q0, len, ATBM_BQ, d, dos, ldt);
             if (threadIdx.x < ATBM_BQ) {
                 const int qi = q0 + threadIdx.x;
                 const size_t li = ((size_t)b * hq + h) * len + qi;
@@ -212,8 +192,8 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     if (window > 0 && !seg) kbegin = max(0, q0 - window + 1);
     for (int k0 = (kbegin / ATBM_BK) * ATBM_BK; k0 < kend; k0 += ATBM_BK) {
         __syncthreads();
-        copy_tile(k, ks, ATBM_BK, k0, len, b, krs, (size_t)g * d, d, ldt);
-        copy_tile(v, vs, ATBM_BK, k0, len, b, krs, (size_t)g * d, d, ldt);
+        tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, ATBM_BK, d, ks, ldt);
+        tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, ATBM_BK, d, vs, ldt);
         __syncthreads();
         // A warp past the end, or whose queries all come before the tile's keys, has nothing.
         if (w0 >= len || k0 > w0 + 15) continue;
