@@ -8,8 +8,9 @@
 //! `gpu_forward gen MODEL DTYPE PROMPT NEW`: greedy decoding speed with the KV cache (new tokens
 //! per second after a prompt of PROMPT random ids), one JSON line.
 //! `gpu_forward parts BATCH SEQ`: milliseconds of the forward's parts on the Llama-3.2-1B
-//! shape (attention on CUDA cores and on tensor cores, one layer's seven products, the LM
-//! head), bf16, each timed alone after a warm-up; one JSON line.
+//! shape (attention on CUDA cores or on tensor cores, one layer's seven products, the LM
+//! head) and of the training step's attention backward, bf16, each timed alone after a
+//! warm-up, with attention's TFLOP/s; one JSON line.
 //! `gpu_forward compare MODEL BATCH SEQ`: log-probabilities of random ids on the host engine
 //! (f32) and on the GPU in f32 and bf16; prints the largest differences as one JSON line.
 use std::time::Instant;
@@ -138,6 +139,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .expect("attention");
             };
             let mma = time(&mut attn);
+            // The training step's attention backward (dQ, dK, dV from the forward's lse).
+            let (o, lse) = gpu
+                .attention(&q, kk.ptr(), vv.ptr(), geom, None, scale, true)
+                .expect("attention");
+            let (lse, d_o) = (lse.expect("lse"), rnd(nrows, hq * d));
+            let mut attn_bwd = || {
+                let _ = gpu
+                    .attention_backward(&q, &kk, &vv, &o, &d_o, &lse, geom, None, scale)
+                    .expect("attention backward");
+            };
+            let bwd = time(&mut attn_bwd);
+            // Causal attention's forward FLOPs (two products over half the score matrix); the
+            // backward counted as 2.5 times that, as FlashAttention-2's paper does (its five
+            // products; fedtune's two atomic-free kernels compute seven).
+            let flops = 2.0 * (b * t * t * hq * d) as f64;
+            let (tf_fwd, tf_bwd) = (flops / mma / 1e9, 2.5 * flops / bwd / 1e9);
             let x = rnd(nrows, h);
             let ws: Vec<_> = [
                 (hq * d, h),
@@ -188,7 +205,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let headms = time(&mut headf);
             println!(
-                "{{\"parts\": \"bf16 ms, batch {b} x {t}\", \"attention_kernel\": \"{}\", \"attention_per_layer\": {mma:.3}, \"products_per_layer\": {prod:.3}, \"lm_head\": {headms:.3}, \"layers\": {layers}, \"estimate_total\": {:.1}}}",
+                "{{\"parts\": \"bf16 ms, batch {b} x {t}\", \"attention_kernel\": \"{}\", \"attention_per_layer\": {mma:.3}, \"attention_tflops\": {tf_fwd:.1}, \"attention_backward_per_layer\": {bwd:.3}, \"attention_backward_tflops\": {tf_bwd:.1}, \"products_per_layer\": {prod:.3}, \"lm_head\": {headms:.3}, \"layers\": {layers}, \"estimate_total\": {:.1}}}",
                 if gpu.use_mma_attention(dt, d) {
                     "tensor cores"
                 } else {

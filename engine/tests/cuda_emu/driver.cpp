@@ -118,6 +118,16 @@ struct Fiber {
     // Warp operations this thread has begun: their parity picks the half of the warp's
     // exchange buffers, the count stamps what it wrote there.
     uint64_t seq = 0;
+    // cp.async copies this thread has issued and not yet completed, with their group (the
+    // number of groups committed before them), and the groups committed so far.
+    struct Copy {
+        char* dst;
+        const char* src;
+        unsigned size, src_size;
+        uint64_t group;
+    };
+    std::vector<Copy> copies;
+    uint64_t committed = 0;
 };
 
 struct Warp {
@@ -280,6 +290,8 @@ bool run_block(Launch& l, unsigned nthreads) {
         f.tid.z = i / (ft_block_dim.x * ft_block_dim.y);
         f.lane = i & 31;
         f.warp = i >> 5;
+        f.copies.clear();
+        f.committed = 0;
         l.warps[f.warp].live++;
     }
     Fiber& first = l.fibers[l.reverse ? nthreads - 1 : 0];
@@ -354,6 +366,43 @@ extern "C" uint64_t ft_shfl(uint64_t v, int src, int xor_mode) {
         fail_in_fiber(l, buf);
     }
     return slot[s];
+}
+
+// cp.async.cg.shared.global [dst], [src], size, src_size: queued in the thread's open group and
+// carried out (src_size bytes copied, zeros after them) only when a cp.async.wait_group covers
+// its group, so a kernel that reads the tile before waiting (and a barrier) finds the old
+// contents there, as it may on a GPU.
+extern "C" void ft_cp_async(void* dst, const void* src, unsigned size, unsigned src_size) {
+    Launch& l = L;
+    char* d = (char*)dst;
+    if (((uintptr_t)dst | (uintptr_t)src) % size != 0) {
+        fail_in_fiber(l, "cp.async with a source or destination not aligned to its size");
+    }
+    if (d < l.smem.data() || d + size > l.smem.data() + l.smem.size()) {
+        fail_in_fiber(l, "cp.async to an address outside the block's dynamic shared memory");
+    }
+    if (src_size > size) fail_in_fiber(l, "cp.async with src_size over its size");
+    Fiber* f = l.cur;
+    f->copies.push_back({d, (const char*)src, size, src_size, f->committed});
+}
+
+extern "C" void ft_cp_async_commit() { L.cur->committed++; }
+
+// cp.async.wait_group n: every group but the newest n committed is complete.
+extern "C" void ft_cp_async_wait(int n) {
+    Fiber* f = L.cur;
+    const uint64_t below = f->committed > (uint64_t)n ? f->committed - (uint64_t)n : 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < f->copies.size(); i++) {
+        const Fiber::Copy& c = f->copies[i];
+        if (c.group < below) {
+            memcpy(c.dst, c.src, c.src_size);
+            memset(c.dst + c.src_size, 0, c.size - c.src_size);
+        } else {
+            f->copies[kept++] = c;
+        }
+    }
+    f->copies.resize(kept);
 }
 
 static float half_to_f32(unsigned h, int is_bf16) {

@@ -94,9 +94,23 @@ extern "C" __global__ void big_smem(float* out, int n) {
     if (threadIdx.x == 0) out[0] = s[n - 1];
 }
 
+// cp.async: 16 threads copy 16 bytes each from buf[64..128) into shared memory; a tile is there
+// only once a wait covers its group (before, the old contents), with zeros past src_size.
+extern "C" __global__ void cp_async_tile(float* buf, int misalign) {
+    float* s = (float*)ft_dynamic_smem();
+    const int i = threadIdx.x;
+    ft_cp_async((char*)(s + 4 * i) + misalign, buf + 64 + 4 * i, 16, i < 8 ? 16 : 8);
+    ft_cp_async_commit();
+    buf[4 * i] = s[4 * i];  // before the wait
+    ft_cp_async_wait(0);
+    __syncthreads();
+    buf[128 + 4 * i] = s[4 * i + 2];  // after: the value (threads < 8) or a zero
+}
+
 FT_KERNEL_TABLE(FT_KERNEL(block_sum_kernel), FT_KERNEL(divergent_sync), FT_KERNEL(two_barriers),
                 FT_KERNEL(shuffle_from_exited), FT_KERNEL(missing_barrier),
-                FT_KERNEL(with_barrier), FT_KERNEL(mma_tile), FT_KERNEL(big_smem))
+                FT_KERNEL(with_barrier), FT_KERNEL(mma_tile), FT_KERNEL(big_smem),
+                FT_KERNEL(cp_async_tile))
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -156,7 +170,8 @@ int main() {
     const char* ptx =
         ".entry block_sum_kernel(\n.entry divergent_sync(\n.entry two_barriers(\n"
         ".entry shuffle_from_exited(\n"
-        ".entry missing_barrier(\n.entry with_barrier(\n.entry mma_tile(\n.entry big_smem(\n";
+        ".entry missing_barrier(\n.entry with_barrier(\n.entry mma_tile(\n.entry big_smem(\n"
+        ".entry cp_async_tile(\n";
     if (cuModuleLoadData(&module, ptx) != 0) {
         printf("FAIL loading the module\n");
         return 1;
@@ -227,6 +242,28 @@ int main() {
     check(r == 0 && one[0] == 1.f, "after cuFuncSetAttribute it runs", "launch failed");
     check(launch("block_sum_kernel", 1, 2048, out) != 0, "2048 threads per block fail",
           "launch succeeded");
+
+    // cp.async: not there before the wait, there (zero-filled past src_size) after it.
+    std::vector<float> cb(192, 0.f), cgot(192);
+    for (int i = 64; i < 128; i++) cb[i] = (float)i;
+    CUdeviceptr dc;
+    cuMemAlloc_v2(&dc, 192 * 4);
+    cuMemcpyHtoD_v2(dc, cb.data(), 192 * 4);
+    int aligned = 0, misaligned = 4;
+    void* cp[2] = {&dc, &aligned};
+    r = cuLaunchKernel(fn("cp_async_tile"), 1, 1, 1, 16, 1, 1, 256, nullptr, cp, nullptr);
+    cuMemcpyDtoH_v2(cgot.data(), dc, 192 * 4);
+    bool copied = r == 0;
+    for (int i = 0; i < 16; i++) {
+        copied = copied && isnan(cgot[4 * i]);
+        copied = copied && cgot[128 + 4 * i] == (i < 8 ? (float)(64 + 4 * i + 2) : 0.f);
+    }
+    check(copied, "cp.async lands at the wait, zero-filled past src_size",
+          "tile visible before the wait, or wrong after it");
+    void* cpm[2] = {&dc, &misaligned};
+    check(cuLaunchKernel(fn("cp_async_tile"), 1, 1, 1, 16, 1, 1, 256, nullptr, cpm, nullptr) != 0,
+          "a misaligned cp.async fails", "launch succeeded");
+    cuMemFree_v2(dc);
 
     // New memory reads as NaN until written.
     CUdeviceptr fresh;

@@ -43,6 +43,9 @@ extern thread_local ft_dim3 ft_grid_dim __attribute__((visibility("hidden")));
 extern "C" void ft_syncthreads();
 extern "C" uint64_t ft_shfl(uint64_t v, int src_lane, int xor_mode);
 extern "C" void* ft_dynamic_smem();
+extern "C" void ft_cp_async(void* dst, const void* src, unsigned size, unsigned src_size);
+extern "C" void ft_cp_async_commit();
+extern "C" void ft_cp_async_wait(int n);
 extern "C" void ft_mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1, int is_bf16);
 
 #define __syncthreads() ft_syncthreads()
