@@ -471,7 +471,9 @@ impl Gpu {
         let longs = [q.cols, g.k_bs, g.k_rs].map(|v| v as i64);
         let window = g.window as i32;
         let (name, cfg) = if self.use_mma_attention(q.dt, g.d) {
-            let smem = 2 * 64 * (g.d + 8) * 2; // K and V tiles [64][d + 8]
+            // K and V tiles [2][BK][d + 8], BK = 64 keys at d ≤ 64 and 32 above.
+            let bk = if g.d <= 64 { 64 } else { 32 };
+            let smem = 2 * 2 * bk * (g.d + 8) * 2;
             let cfg = LaunchConfig {
                 grid_dim: (g.tq.div_ceil(64) as u32, g.hq as u32, g.batch as u32),
                 block_dim: (128, 1, 1),

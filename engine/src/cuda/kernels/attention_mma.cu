@@ -1,12 +1,12 @@
 // Causal attention on tensor cores (bf16/f16 inputs, f32 accumulation), FlashAttention-2
-// style: each warp owns 16 query rows, a block of ATTM_WARPS warps streams 64 keys at a time
-// through shared memory; S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 products, and the
+// style: each warp owns 16 query rows, a block of ATTM_WARPS warps streams keys through shared
+// memory a tile at a time (64 keys at d ≤ 64, 32 above), copying the next tile with cp.async
+// while it computes on this one; S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 products, and the
 // online softmax works on the S accumulators in registers (P is re-packed from them as the A
 // operand of the second product, with no trip through shared memory). Same layout, masks and
 // lse as attention.cu (see there); needs sm_80+, head_dim a multiple of 16, at most DM (64 or 128).
 #define ATTM_WARPS 4
 #define ATTM_BQ (16 * ATTM_WARPS)
-#define ATTM_BK 64
 
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
 template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -45,11 +45,42 @@ template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, in
     return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
 }
 
-struct alignas(16) u16x8 { unsigned w[4]; };
+// cp.async (sm_80+): 16 bytes from global to shared memory without a trip through registers,
+// zero-filled past src_size; complete once cp_async_wait<N>() (every committed group but the
+// newest N) has returned, and visible to the block after the barrier that follows.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, unsigned src_size) {
+#ifdef FEDTUNE_HOST_EMULATION
+    ft_cp_async(dst, src, 16, src_size);
+#else
+    unsigned s;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+                 : "=r"(s)
+                 : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src),
+                 "r"(src_size)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef FEDTUNE_HOST_EMULATION
+    ft_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#ifdef FEDTUNE_HOST_EMULATION
+    ft_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
 
 // Rows p0 .. p0 + rows of a row-major matrix of T at src (row stride rs; rows at or past lim
-// read as zeros), columns 0 .. d, into a shared tile of row stride ld: 16 bytes per access
-// where both sides are 16-byte aligned (one division per 8 elements), else element by element.
+// read as zeros), columns 0 .. d, into a shared tile of row stride ld. Where both sides are
+// 16-byte aligned the copy is a cp.async of 16 bytes at a time (one division per 8 elements),
+// in place after the caller's cp_async_commit(), cp_async_wait and __syncthreads(); otherwise
+// the tile is copied element by element at once.
 template <typename T>
 __device__ __forceinline__ void tile_copy(const T* src, size_t rs, int p0, int lim, int rows,
                                           int d, T* dst, int ld) {
@@ -60,9 +91,8 @@ __device__ __forceinline__ void tile_copy(const T* src, size_t rs, int p0, int l
         const int per = d >> 3;
         for (int i = threadIdx.x; i < rows * per; i += blockDim.x) {
             const int r = i / per, c = (i - r * per) << 3, p = p0 + r;
-            u16x8 x = {{0u, 0u, 0u, 0u}};
-            if (p < lim) x = *(const u16x8*)(src + (size_t)p * rs + c);
-            *(u16x8*)(dst + r * ld + c) = x;
+            const bool in = p < lim;
+            cp_async16(dst + r * ld + c, in ? src + (size_t)p * rs + c : src, in ? 16u : 0u);
         }
     } else {
         for (int i = threadIdx.x; i < rows * d; i += blockDim.x) {
@@ -81,9 +111,11 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                               int d, long long q_rs, long long k_bs, long long k_rs, float scale,
                               int window) {
     extern __shared__ unsigned short smem_u16[];
-    const int kld = d + 8;          // K and V tiles [BK][d + 8]
-    T* ks = (T*)smem_u16;
-    T* vs = ks + ATTM_BK * kld;
+    // Keys per tile: 64 at d ≤ 64, 32 at d ≤ 128 (K and V tiles, double-buffered, within 48 KiB).
+    constexpr int BK = DM == 64 ? 64 : 32;
+    const int kld = d + 8;  // K and V tiles [2][BK][d + 8]
+    T* kbuf = (T*)smem_u16;
+    T* vbuf = kbuf + 2 * BK * kld;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -116,15 +148,30 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     const int kend = min(q_off + qlast + 1, tk);
     int kbegin = 0;
     if (window > 0 && !seg) kbegin = max(0, q_off + q0 - window + 1);
-    for (int k0 = (kbegin / ATTM_BK) * ATTM_BK; k0 < kend; k0 += ATTM_BK) {
+    // Tile i + 1 is copied (cp.async) while tile i is computed on.
+    const T* kg = k + (size_t)b * k_bs + (size_t)g * d;
+    const T* vg = v + (size_t)b * k_bs + (size_t)g * d;
+    const int kfirst = (kbegin / BK) * BK;
+    if (kfirst < kend) {
+        tile_copy(kg, (size_t)k_rs, kfirst, tk, BK, d, kbuf, kld);
+        tile_copy(vg, (size_t)k_rs, kfirst, tk, BK, d, vbuf, kld);
+    }
+    cp_async_commit();
+    for (int k0 = kfirst, it = 0; k0 < kend; k0 += BK, it++) {
+        const int cur = it & 1;
+        if (k0 + BK < kend) {
+            tile_copy(kg, (size_t)k_rs, k0 + BK, tk, BK, d, kbuf + (cur ^ 1) * BK * kld, kld);
+            tile_copy(vg, (size_t)k_rs, k0 + BK, tk, BK, d, vbuf + (cur ^ 1) * BK * kld, kld);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        tile_copy(k + (size_t)b * k_bs + (size_t)g * d, (size_t)k_rs, k0, tk, ATTM_BK, d, ks, kld);
-        tile_copy(v + (size_t)b * k_bs + (size_t)g * d, (size_t)k_rs, k0, tk, ATTM_BK, d, vs, kld);
-        __syncthreads();
-        // S = Q·Kᵀ for 16 rows × 64 keys: 8 tiles of 8 keys.
-        float sacc[ATTM_BK / 8][4];
+        const T* ks = kbuf + cur * BK * kld;
+        const T* vs = vbuf + cur * BK * kld;
+        // S = Q·Kᵀ for 16 rows × BK keys: tiles of 8 keys.
+        float sacc[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < ATTM_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             sacc[n][0] = sacc[n][1] = sacc[n][2] = sacc[n][3] = 0.f;
 #pragma unroll
             for (int s = 0; s < DM / 16; s++) {
@@ -137,7 +184,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         // Mask, scale, running max.
         float tmax0 = -INFINITY, tmax1 = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < ATTM_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int p = k0 + n * 8 + tig * 2 + (e & 1);
@@ -167,9 +214,9 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         const float a0 = mn0 == -INFINITY ? 1.f : expf(m0 - mn0);
         const float a1 = mn1 == -INFINITY ? 1.f : expf(m1 - mn1);
         float ls0 = 0.f, ls1 = 0.f;
-        unsigned pa[ATTM_BK / 16][4];
+        unsigned pa[BK / 16][4];
 #pragma unroll
-        for (int n = 0; n < ATTM_BK / 8; n++) {
+        for (int n = 0; n < BK / 8; n++) {
             const float p0 = mn0 == -INFINITY ? 0.f : expf(sacc[n][0] - mn0);
             const float p1 = mn0 == -INFINITY ? 0.f : expf(sacc[n][1] - mn0);
             const float p2 = mn1 == -INFINITY ? 0.f : expf(sacc[n][2] - mn1);
@@ -202,12 +249,13 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                 oacc[n][2] *= a1;
                 oacc[n][3] *= a1;
 #pragma unroll
-                for (int s = 0; s < ATTM_BK / 16; s++) {
+                for (int s = 0; s < BK / 16; s++) {
                     const T* vc = vs + (s * 16 + tig * 2) * kld + n * 8 + gid;
                     mma16816<T>(oacc[n], pa[s], ld2_col(vc, kld), ld2_col(vc + 8 * kld, kld));
                 }
             }
         }
+        __syncthreads();  // every warp is done with this tile before it is copied over
     }
     // l sums over the group of four threads are complete in every thread of the group.
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;

@@ -4,10 +4,10 @@
 // so that there are no atomics and every run gives the same bits. As FlashAttention-2 does, P
 // and dS are rounded to T as the operands of their second products. Visibility, layouts, lse
 // and dsum are backward.cu's; needs sm_80+, head_dim a multiple of 16, at most DM (64 or 128).
+// Each kernel copies its next tile with cp.async while it computes on the current one.
 //
 //   S = q·kᵀ;  P = exp(scale·S − lse);  dP = dO·vᵀ;  dS = P ⊙ (dP − dsum)
 //   dV = Pᵀ·dO;  dK = scale·dSᵀ·Q;  dQ = scale·dS·K
-#define ATBM_BQ 32  // queries per step of the dK/dV kernel
 #define ATBM_BK 32  // keys per step of the dQ kernel
 
 // P and dS of one accumulator element (row `row`, key `p`), given S and dP; 0 where invisible.
@@ -19,7 +19,7 @@ __device__ __forceinline__ void p_ds(float s, float dp, float l, float dsum, boo
 }
 
 // dK and dV of 16·warps keys of one KV head: grid (ceil(len / (16·warps)), hkv, batch), one
-// warp per 16 keys. Each warp computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for ATBM_BQ queries at a time
+// warp per 16 keys. Each warp computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for BQ queries at a time
 // (every query head of the group, every query that can see one of the block's keys), then
 // dV += Pᵀ·dO and dK += dSᵀ·Q with Pᵀ and dSᵀ re-packed from the accumulators as A operands.
 template <typename T, int DM>
@@ -28,13 +28,16 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                                      T* dk, T* dv, int len, int hq, int hkv, int d, float scale,
                                      int window) {
     extern __shared__ unsigned short smem_u16[];
+    // Queries per tile: 32 at d ≤ 64, 16 at d ≤ 128 (double-buffered Q and dO tiles beside
+    // the block's K and V within 48 KiB).
+    constexpr int BQ = DM == 64 ? 32 : 16;
     const int warps = blockDim.x >> 5, kb = 16 * warps, ldt = d + 8;
-    T* ks = (T*)smem_u16;          // [kb][d + 8]
-    T* vs = ks + kb * ldt;         // [kb][d + 8]
-    T* qs = vs + kb * ldt;         // [BQ][d + 8]
-    T* dos = qs + ATBM_BQ * ldt;   // [BQ][d + 8]
-    float* ls = (float*)(dos + ATBM_BQ * ldt);  // [BQ] lse
-    float* dss = ls + ATBM_BQ;                  // [BQ] dsum
+    T* ks = (T*)smem_u16;            // [kb][d + 8]
+    T* vs = ks + kb * ldt;           // [kb][d + 8]
+    T* qbuf = vs + kb * ldt;         // [2][BQ][d + 8]
+    T* dobuf = qbuf + 2 * BQ * ldt;  // [2][BQ][d + 8]
+    float* lbuf = (float*)(dobuf + 2 * BQ * ldt);  // [2][BQ] lse
+    float* dbuf = lbuf + 2 * BQ;                   // [2][BQ] dsum
     const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * kb;
     const int groups = hq / hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -53,27 +56,42 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
 #pragma unroll
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.f;
     // Queries before the block see none of its keys; with a window (no segments) neither do
-    // queries window or more past its last key.
+    // queries window or more past its last key. Tile t is query tile t % nq of the group's
+    // head t / nq; tile t + 1 is copied (cp.async) while tile t is computed on.
     int qend = len;
     if (window > 0 && !seg) qend = min(len, k0 + kb - 1 + window);
-    for (int hh = 0; hh < groups; hh++) {
-        const int h = g * groups + hh;
-        for (int q0 = k0; q0 < qend; q0 += ATBM_BQ) {
-            __syncthreads();
-            tile_copy(q + (size_t)b * len * qrs + (size_t)h * d, qrs, q0, len, ATBM_BQ, d, qs, ldt);
-            tile_copy(d_o + (size_t)b * len * qrs + (size_t)h * d, qrs, q0, len, ATBM_BQ, d, dos, ldt);
-            if (threadIdx.x < ATBM_BQ) {
-                const int qi = q0 + threadIdx.x;
-                const size_t li = ((size_t)b * hq + h) * len + qi;
-                ls[threadIdx.x] = qi < len ? lse[li] : 0.f;
-                dss[threadIdx.x] = qi < len ? dsum[li] : 0.f;
-            }
-            __syncthreads();
-            // A warp whose keys all come after the tile's last query has nothing here.
-            if (w0 >= len || w0 > min(q0 + ATBM_BQ, len) - 1) continue;
-            float sa[ATBM_BQ / 8][4], dpa[ATBM_BQ / 8][4];
+    const int nq = (qend - k0 + BQ - 1) / BQ, tiles = groups * nq;
+    auto issue = [&](int t, int buf) {
+        const int h = g * groups + t / nq, q0 = k0 + (t % nq) * BQ;
+        const size_t col = (size_t)b * len * qrs + (size_t)h * d;
+        tile_copy(q + col, qrs, q0, len, BQ, d, qbuf + buf * BQ * ldt, ldt);
+        tile_copy(d_o + col, qrs, q0, len, BQ, d, dobuf + buf * BQ * ldt, ldt);
+        if (threadIdx.x < BQ) {
+            const int qi = q0 + threadIdx.x;
+            const size_t li = ((size_t)b * hq + h) * len + qi;
+            lbuf[buf * BQ + threadIdx.x] = qi < len ? lse[li] : 0.f;
+            dbuf[buf * BQ + threadIdx.x] = qi < len ? dsum[li] : 0.f;
+        }
+    };
+    issue(0, 0);
+    cp_async_commit();
+    for (int t = 0; t < tiles; t++) {
+        const int cur = t & 1, q0 = k0 + (t % nq) * BQ;
+        if (t + 1 < tiles) issue(t + 1, cur ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const T* qs = qbuf + cur * BQ * ldt;
+        const T* dos = dobuf + cur * BQ * ldt;
+        const float* ls = lbuf + cur * BQ;
+        const float* dss = dbuf + cur * BQ;
+        // Every warp computes every tile: a warp whose keys all come after the tile's queries
+        // gets P = 0 (a diagonal tile's few wasted products, and no branch around the barrier
+        // below).
+        {
+            float sa[BQ / 8][4], dpa[BQ / 8][4];
 #pragma unroll
-            for (int n = 0; n < ATBM_BQ / 8; n++)
+            for (int n = 0; n < BQ / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) sa[n][e] = dpa[n][e] = 0.f;
 #pragma unroll
@@ -84,7 +102,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                     const unsigned va[4] = {ld2(vw + s * 16), ld2(vw + 8 * ldt + s * 16),
                                             ld2(vw + s * 16 + 8), ld2(vw + 8 * ldt + s * 16 + 8)};
 #pragma unroll
-                    for (int n = 0; n < ATBM_BQ / 8; n++) {
+                    for (int n = 0; n < BQ / 8; n++) {
                         const T* qr = qs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
                         const T* dr = dos + (n * 8 + gid) * ldt + s * 16 + tig * 2;
                         mma16816<T>(sa[n], ka, ld2(qr), ld2(qr + 8));
@@ -93,9 +111,9 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                 }
             }
             // Pᵀ and dSᵀ, packed as A fragments (keys × queries) for the second products.
-            unsigned pa[ATBM_BQ / 16][4], dsa[ATBM_BQ / 16][4];
+            unsigned pa[BQ / 16][4], dsa[BQ / 16][4];
 #pragma unroll
-            for (int n = 0; n < ATBM_BQ / 8; n++) {
+            for (int n = 0; n < BQ / 8; n++) {
                 float pr[4], ds[4];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -113,7 +131,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
             for (int nt = 0; nt < DM / 8; nt++) {
                 if (nt < ntiles_d) {
 #pragma unroll
-                    for (int s = 0; s < ATBM_BQ / 16; s++) {
+                    for (int s = 0; s < BQ / 16; s++) {
                         const T* dc = dos + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
                         const T* qc = qs + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
                         mma16816<T>(dva[nt], pa[s], ld2_col(dc, ldt), ld2_col(dc + 8 * ldt, ldt));
@@ -122,6 +140,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                 }
             }
         }
+        __syncthreads();  // every warp is done with this tile before it is copied over
     }
 #pragma unroll
     for (int nt = 0; nt < DM / 8; nt++) {
@@ -155,8 +174,8 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
                                     int window) {
     extern __shared__ unsigned short smem_u16[];
     const int ldt = d + 8;
-    T* ks = (T*)smem_u16;        // [BK][d + 8]
-    T* vs = ks + ATBM_BK * ldt;  // [BK][d + 8]
+    T* kbuf = (T*)smem_u16;             // [2][BK][d + 8]
+    T* vbuf = kbuf + 2 * ATBM_BK * ldt;  // [2][BK][d + 8]
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -190,54 +209,73 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     const int kend = min(q0 + ATTM_BQ, len);  // exclusive: the last query's position + 1
     int kbegin = 0;
     if (window > 0 && !seg) kbegin = max(0, q0 - window + 1);
-    for (int k0 = (kbegin / ATBM_BK) * ATBM_BK; k0 < kend; k0 += ATBM_BK) {
+    // Tile i + 1 is copied (cp.async) while tile i is computed on.
+    const T* kg = k + (size_t)b * len * krs + (size_t)g * d;
+    const T* vg = v + (size_t)b * len * krs + (size_t)g * d;
+    const int kfirst = (kbegin / ATBM_BK) * ATBM_BK;
+    if (kfirst < kend) {
+        tile_copy(kg, krs, kfirst, len, ATBM_BK, d, kbuf, ldt);
+        tile_copy(vg, krs, kfirst, len, ATBM_BK, d, vbuf, ldt);
+    }
+    cp_async_commit();
+    for (int k0 = kfirst, it = 0; k0 < kend; k0 += ATBM_BK, it++) {
+        const int cur = it & 1;
+        if (k0 + ATBM_BK < kend) {
+            tile_copy(kg, krs, k0 + ATBM_BK, len, ATBM_BK, d, kbuf + (cur ^ 1) * ATBM_BK * ldt, ldt);
+            tile_copy(vg, krs, k0 + ATBM_BK, len, ATBM_BK, d, vbuf + (cur ^ 1) * ATBM_BK * ldt, ldt);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, ATBM_BK, d, ks, ldt);
-        tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, ATBM_BK, d, vs, ldt);
-        __syncthreads();
-        // A warp past the end, or whose queries all come before the tile's keys, has nothing.
-        if (w0 >= len || k0 > w0 + 15) continue;
-        float sa[ATBM_BK / 8][4], dpa[ATBM_BK / 8][4];
+        const T* ks = kbuf + cur * ATBM_BK * ldt;
+        const T* vs = vbuf + cur * ATBM_BK * ldt;
+        // Every warp computes every tile: a warp whose queries all come before the tile's keys
+        // gets dS = 0, one past the end rows it does not store (a diagonal tile's few wasted
+        // products, and no branch around the barrier below).
+        {
+            float sa[ATBM_BK / 8][4], dpa[ATBM_BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < ATBM_BK / 8; n++)
+            for (int n = 0; n < ATBM_BK / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) sa[n][e] = dpa[n][e] = 0.f;
+                for (int e = 0; e < 4; e++) sa[n][e] = dpa[n][e] = 0.f;
 #pragma unroll
-        for (int s = 0; s < DM / 16; s++) {
-            if (s < ksteps) {
+            for (int s = 0; s < DM / 16; s++) {
+                if (s < ksteps) {
 #pragma unroll
-                for (int n = 0; n < ATBM_BK / 8; n++) {
-                    const T* kr = ks + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                    const T* vr = vs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                    mma16816<T>(sa[n], qa[s], ld2(kr), ld2(kr + 8));
-                    mma16816<T>(dpa[n], oa[s], ld2(vr), ld2(vr + 8));
+                    for (int n = 0; n < ATBM_BK / 8; n++) {
+                        const T* kr = ks + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                        const T* vr = vs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
+                        mma16816<T>(sa[n], qa[s], ld2(kr), ld2(kr + 8));
+                        mma16816<T>(dpa[n], oa[s], ld2(vr), ld2(vr + 8));
+                    }
+                }
+            }
+            unsigned dsa[ATBM_BK / 16][4];
+#pragma unroll
+            for (int n = 0; n < ATBM_BK / 8; n++) {
+                float pr[4], ds[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int p = k0 + n * 8 + tig * 2 + (e & 1), row = e < 2 ? r0 : r1;
+                    const bool vis = row < len && p < len && att_visible(seg, b, len, row, p, window);
+                    p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, scale,
+                         &pr[e], &ds[e]);
+                }
+                dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
+                dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < DM / 8; nt++) {
+                if (nt < ntiles_d) {
+#pragma unroll
+                    for (int s = 0; s < ATBM_BK / 16; s++) {
+                        const T* kc = ks + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
+                        mma16816<T>(dqa[nt], dsa[s], ld2_col(kc, ldt), ld2_col(kc + 8 * ldt, ldt));
+                    }
                 }
             }
         }
-        unsigned dsa[ATBM_BK / 16][4];
-#pragma unroll
-        for (int n = 0; n < ATBM_BK / 8; n++) {
-            float pr[4], ds[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int p = k0 + n * 8 + tig * 2 + (e & 1), row = e < 2 ? r0 : r1;
-                const bool vis = row < len && p < len && att_visible(seg, b, len, row, p, window);
-                p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, scale,
-                     &pr[e], &ds[e]);
-            }
-            dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
-            dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
-        }
-#pragma unroll
-        for (int nt = 0; nt < DM / 8; nt++) {
-            if (nt < ntiles_d) {
-#pragma unroll
-                for (int s = 0; s < ATBM_BK / 16; s++) {
-                    const T* kc = ks + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
-                    mma16816<T>(dqa[nt], dsa[s], ld2_col(kc, ldt), ld2_col(kc + 8 * ldt, ldt));
-                }
-            }
-        }
+        __syncthreads();  // every warp is done with this tile before it is copied over
     }
 #pragma unroll
     for (int nt = 0; nt < DM / 8; nt++) {
