@@ -45,6 +45,48 @@ template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, in
     return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
 }
 
+// acc[nt] += A·B over the head dimension's column tiles nt (nt < ntiles_d), where A is STEPS
+// k-steps of packed 16×16 fragments (P or dS re-packed from accumulators) and B is the shared
+// tile `tile` read down its rows (rows s·16 .., columns nt·8 ..): P·V, dS·K, Pᵀ·dO and dSᵀ·Q.
+template <typename T, int DM, int STEPS>
+__device__ __forceinline__ void mma_down(float (*acc)[4], unsigned (*a)[4], const T* tile,
+                                         int ld, int ntiles_d, int gid, int tig) {
+#pragma unroll
+    for (int nt = 0; nt < DM / 8; nt++) {
+        if (nt < ntiles_d) {
+#pragma unroll
+            for (int s = 0; s < STEPS; s++) {
+                const T* c = tile + (s * 16 + tig * 2) * ld + nt * 8 + gid;
+                mma16816<T>(acc[nt], a[s], ld2_col(c, ld), ld2_col(c + 8 * ld, ld));
+            }
+        }
+    }
+}
+
+// A 16-row accumulator fragment (this thread's rows r0 and r0 + 8, columns nt·8 + tig·2 and
+// the next, for nt < ntiles_d) into rows of `out` (row r at out + r·rs), the first row times
+// mul0 and the second times mul1; rows at or past n are not stored.
+template <typename T, int DM>
+__device__ __forceinline__ void store_frag(T* out, size_t rs, int r0, int n, float (*acc)[4],
+                                           float mul0, float mul1, int ntiles_d, int tig) {
+#pragma unroll
+    for (int nt = 0; nt < DM / 8; nt++) {
+        if (nt < ntiles_d) {
+            const int c = nt * 8 + tig * 2;
+            if (r0 < n) {
+                T* row = out + (size_t)r0 * rs + c;
+                row[0] = st<T>(acc[nt][0] * mul0);
+                row[1] = st<T>(acc[nt][1] * mul0);
+            }
+            if (r0 + 8 < n) {
+                T* row = out + (size_t)(r0 + 8) * rs + c;
+                row[0] = st<T>(acc[nt][2] * mul1);
+                row[1] = st<T>(acc[nt][3] * mul1);
+            }
+        }
+    }
+}
+
 // cp.async (sm_80+): 16 bytes from global to shared memory without a trip through registers,
 // zero-filled past src_size; complete once cp_async_wait<N>() (every committed group but the
 // newest N) has returned, and visible to the block after the barrier that follows.
@@ -243,38 +285,17 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         // O = a·O + P·V.
 #pragma unroll
         for (int n = 0; n < DM / 8; n++) {
-            if (n < ntiles_d) {
-                oacc[n][0] *= a0;
-                oacc[n][1] *= a0;
-                oacc[n][2] *= a1;
-                oacc[n][3] *= a1;
-#pragma unroll
-                for (int s = 0; s < BK / 16; s++) {
-                    const T* vc = vs + (s * 16 + tig * 2) * kld + n * 8 + gid;
-                    mma16816<T>(oacc[n], pa[s], ld2_col(vc, kld), ld2_col(vc + 8 * kld, kld));
-                }
-            }
+            oacc[n][0] *= a0;
+            oacc[n][1] *= a0;
+            oacc[n][2] *= a1;
+            oacc[n][3] *= a1;
         }
+        mma_down<T, DM, BK / 16>(oacc, pa, vs, kld, ntiles_d, gid, tig);
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
     // l sums over the group of four threads are complete in every thread of the group.
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-#pragma unroll
-    for (int n = 0; n < DM / 8; n++) {
-        if (n < ntiles_d) {
-            const int c = n * 8 + tig * 2;
-            if (r0 < tq) {
-                T* out = o + (size_t)(b * tq + r0) * q_rs + (size_t)h * d + c;
-                out[0] = st<T>(oacc[n][0] * inv0);
-                out[1] = st<T>(oacc[n][1] * inv0);
-            }
-            if (r1 < tq) {
-                T* out = o + (size_t)(b * tq + r1) * q_rs + (size_t)h * d + c;
-                out[0] = st<T>(oacc[n][2] * inv1);
-                out[1] = st<T>(oacc[n][3] * inv1);
-            }
-        }
-    }
+    store_frag<T, DM>(o + (size_t)b * tq * q_rs + (size_t)h * d, (size_t)q_rs, r0, tq, oacc,
+                      1.f / l0, 1.f / l1, ntiles_d, tig);
     if (lse && tig == 0) {
         if (r0 < tq) lse[((size_t)b * hq + h) * tq + r0] = m0 + logf(l0);
         if (r1 < tq) lse[((size_t)b * hq + h) * tq + r1] = m1 + logf(l1);

@@ -127,41 +127,14 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                 dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
                 dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
             }
-#pragma unroll
-            for (int nt = 0; nt < DM / 8; nt++) {
-                if (nt < ntiles_d) {
-#pragma unroll
-                    for (int s = 0; s < BQ / 16; s++) {
-                        const T* dc = dos + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
-                        const T* qc = qs + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
-                        mma16816<T>(dva[nt], pa[s], ld2_col(dc, ldt), ld2_col(dc + 8 * ldt, ldt));
-                        mma16816<T>(dka[nt], dsa[s], ld2_col(qc, ldt), ld2_col(qc + 8 * ldt, ldt));
-                    }
-                }
-            }
+            mma_down<T, DM, BQ / 16>(dva, pa, dos, ldt, ntiles_d, gid, tig);
+            mma_down<T, DM, BQ / 16>(dka, dsa, qs, ldt, ntiles_d, gid, tig);
         }
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
-#pragma unroll
-    for (int nt = 0; nt < DM / 8; nt++) {
-        if (nt < ntiles_d) {
-            const int c = nt * 8 + tig * 2;
-            if (p0 < len) {
-                const size_t off = (size_t)(b * len + p0) * krs + (size_t)g * d + c;
-                dk[off] = st<T>(dka[nt][0] * scale);
-                dk[off + 1] = st<T>(dka[nt][1] * scale);
-                dv[off] = st<T>(dva[nt][0]);
-                dv[off + 1] = st<T>(dva[nt][1]);
-            }
-            if (p1 < len) {
-                const size_t off = (size_t)(b * len + p1) * krs + (size_t)g * d + c;
-                dk[off] = st<T>(dka[nt][2] * scale);
-                dk[off + 1] = st<T>(dka[nt][3] * scale);
-                dv[off] = st<T>(dva[nt][2]);
-                dv[off + 1] = st<T>(dva[nt][3]);
-            }
-        }
-    }
+    const size_t kcol = (size_t)b * len * krs + (size_t)g * d;
+    store_frag<T, DM>(dk + kcol, krs, p0, len, dka, scale, scale, ntiles_d, tig);
+    store_frag<T, DM>(dv + kcol, krs, p0, len, dva, 1.f, 1.f, ntiles_d, tig);
 }
 
 // dQ for ATTM_BQ queries of one head: grid (ceil(len / ATTM_BQ), hq, batch), ATTM_WARPS warps of
@@ -264,39 +237,14 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
                 dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
                 dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
             }
-#pragma unroll
-            for (int nt = 0; nt < DM / 8; nt++) {
-                if (nt < ntiles_d) {
-#pragma unroll
-                    for (int s = 0; s < ATBM_BK / 16; s++) {
-                        const T* kc = ks + (s * 16 + tig * 2) * ldt + nt * 8 + gid;
-                        mma16816<T>(dqa[nt], dsa[s], ld2_col(kc, ldt), ld2_col(kc + 8 * ldt, ldt));
-                    }
-                }
-            }
+            mma_down<T, DM, ATBM_BK / 16>(dqa, dsa, ks, ldt, ntiles_d, gid, tig);
         }
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
-#pragma unroll
-    for (int nt = 0; nt < DM / 8; nt++) {
-        if (nt < ntiles_d) {
-            const int c = nt * 8 + tig * 2;
-            if (r0 < len) {
-                T* out = dq + (size_t)(b * len + r0) * qrs + (size_t)h * d + c;
-                out[0] = st<T>(dqa[nt][0] * scale);
-                out[1] = st<T>(dqa[nt][1] * scale);
-            }
-            if (r1 < len) {
-                T* out = dq + (size_t)(b * len + r1) * qrs + (size_t)h * d + c;
-                out[0] = st<T>(dqa[nt][2] * scale);
-                out[1] = st<T>(dqa[nt][3] * scale);
-            }
-        }
-    }
+    store_frag<T, DM>(dq + (size_t)b * len * qrs + (size_t)h * d, qrs, r0, len, dqa, scale, scale,
+                      ntiles_d, tig);
 }
 
-// One build per head-dimension bound DM (64: the 1B/8B shapes; 128), so that a d ≤ 64 run keeps
-// half the accumulators in registers.
 #define ATTN_BWD_MMA(T, S, DM)                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                          \
         attn_bwd_kv_mma##DM##_##S(const void* q, const void* k, const void* v,                 \
