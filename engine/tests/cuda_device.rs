@@ -408,6 +408,20 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                 g.cast(&k16, Dt::F32),
                 g.cast(&v16, Dt::F32),
             );
+            // Attention on the 16-bit inputs and on their f32 values: (o, lse) of each.
+            let scale = 1.0 / (d as f32).sqrt();
+            let both = |q16: &GTensor, q32: &GTensor, geom, segs: Option<&[u32]>| {
+                let run = |q: &GTensor, k: &GTensor, v: &GTensor| {
+                    let (o, lse) = g
+                        .attention(q, k.ptr(), v.ptr(), geom, segs, scale, true)
+                        .unwrap();
+                    (
+                        g.download(&o).unwrap(),
+                        g.download_f32(&lse.unwrap()).unwrap(),
+                    )
+                };
+                (run(q16, &k16, &v16), run(q32, &k32, &v32))
+            };
             for (label, segs, window, tq) in [
                 ("causal", None, None, t),
                 ("segments", Some(&segments[..]), None, t),
@@ -424,23 +438,17 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                     k_rs: hkv * d,
                     window: window.unwrap_or(0),
                 };
-                let scale = 1.0 / (d as f32).sqrt();
-                let (o, lse) = g
-                    .attention(&q16, k16.ptr(), v16.ptr(), geom, segs, scale, true)
-                    .unwrap();
-                let (want_o, want_lse) = g
-                    .attention(&q32, k32.ptr(), v32.ptr(), geom, segs, scale, true)
-                    .unwrap();
+                let ((o, lse), (want_o, want_lse)) = both(&q16, &q32, geom, segs);
                 check(
                     &format!("{dt:?} tensor-core attention {label} o"),
-                    &g.download(&o).unwrap(),
-                    &g.download(&want_o).unwrap(),
+                    &o,
+                    &want_o,
                     2e-2,
                 );
                 check(
                     &format!("{dt:?} tensor-core attention {label} lse"),
-                    &g.download_f32(&lse.unwrap()).unwrap(),
-                    &g.download_f32(&want_lse.unwrap()).unwrap(),
+                    &lse,
+                    &want_lse,
                     5e-3,
                 );
             }
@@ -452,10 +460,7 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                 g.upload(&vals, 1, vals.len(), dt).unwrap()
             };
             let (ks, vs) = (shifted(&k), shifted(&v));
-            let (geom, scale) = (
-                attn_case(b, t, hq, hkv, d, None, None).1,
-                1.0 / (d as f32).sqrt(),
-            );
+            let geom = attn_case(b, t, hq, hkv, d, None, None).1;
             let (aligned, _) = g
                 .attention(&q16, k16.ptr(), v16.ptr(), geom, None, scale, false)
                 .unwrap();
@@ -486,17 +491,11 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                 k_rs: hkv * d,
                 window: 0,
             };
-            let scale = 1.0 / (d as f32).sqrt();
-            let (o, _) = g
-                .attention(&qt16, k16.ptr(), v16.ptr(), geom, None, scale, false)
-                .unwrap();
-            let (want, _) = g
-                .attention(&qt32, k32.ptr(), v32.ptr(), geom, None, scale, false)
-                .unwrap();
+            let ((o, _), (want, _)) = both(&qt16, &qt32, geom, None);
             check(
                 &format!("{dt:?} tensor-core attention, 5 queries on a cache of 75"),
-                &g.download(&o).unwrap(),
-                &g.download(&want).unwrap(),
+                &o,
+                &want,
                 2e-2,
             );
         }
