@@ -422,22 +422,12 @@ fn tensor_core_attention_matches_the_f32_kernel_within_bf16_rounding() {
                 };
                 (run(q16, &k16, &v16), run(q32, &k32, &v32))
             };
-            for (label, segs, window, tq) in [
-                ("causal", None, None, t),
-                ("segments", Some(&segments[..]), None, t),
-                ("window 17", None, Some(17), t),
+            for (label, segs, window) in [
+                ("causal", None, None),
+                ("segments", Some(&segments[..]), None),
+                ("window 17", None, Some(17)),
             ] {
-                let geom = fedtune_engine::cuda::ops::AttnGeom {
-                    batch: b,
-                    tq,
-                    tk: t,
-                    hq,
-                    hkv,
-                    d,
-                    k_bs: t * hkv * d,
-                    k_rs: hkv * d,
-                    window: window.unwrap_or(0),
-                };
+                let geom = attn_case(b, t, hq, hkv, d, segs, window).1;
                 let ((o, lse), (want_o, want_lse)) = both(&q16, &q32, geom, segs);
                 check(
                     &format!("{dt:?} tensor-core attention {label} o"),
