@@ -3,9 +3,10 @@
 //! `__syncthreads` only some threads reach (or two different ones), a shuffle from an exited lane, a missing barrier
 //! (the result changes between the two thread orders), an `mma.sync` without the whole warp,
 //! dynamic shared memory over the limit, too many threads, a copy past an allocation, a kernel
-//! without a host build, a misaligned `cp.async` — and stays quiet on correct kernels (a block
-//! reduction, the barrier present, an `mma.sync` tile against a plain product, a `cp.async`
-//! tile that lands at its wait and not before, new memory reading as NaN).
+//! without a host build, a misaligned `cp.async`, an `ldmatrix` without the whole warp — and
+//! stays quiet on correct kernels (a block reduction, the barrier present, an `mma.sync` tile
+//! against a plain product, the same with `ldmatrix` fragments (plain and `.trans`), a
+//! `cp.async` tile that lands at its wait and not before, new memory reading as NaN).
 
 mod gpu_common;
 
@@ -25,7 +26,7 @@ fn the_emulator_fails_kernels_that_break_the_rules_and_runs_correct_ones() {
     println!("{report}");
     assert!(out.status.success(), "{report}");
     let ok = report.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(ok, 16, "{report}");
+    assert_eq!(ok, 18, "{report}");
     assert!(!report.contains("FAIL"), "{report}");
     // The broken kernels' launches said why on stderr.
     let said = String::from_utf8_lossy(&out.stderr);
@@ -38,6 +39,7 @@ fn the_emulator_fails_kernels_that_break_the_rules_and_runs_correct_ones() {
         "is not inside one device allocation",
         "not built with: not_built",
         "cp.async with a source or destination not aligned",
+        "ldmatrix in warp 0 without lane 16",
     ] {
         assert!(said.contains(why), "{why} missing from\n{said}");
     }

@@ -405,6 +405,45 @@ extern "C" void ft_cp_async_wait(int n) {
     f->copies.resize(kept);
 }
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for the warp: lane l gives the address of
+// row l % 8 of 8×8 matrix l / 8 (16 bytes, 16-byte aligned, in dynamic shared memory); r[i]
+// gets matrix i's elements at row l / 4, columns 2(l % 4) and 2(l % 4) + 1 (lower column in
+// the low half), or with trans those of the transposed matrix (rows 2(l % 4) and + 1 of
+// column l / 4).
+extern "C" void ft_ldmatrix4(unsigned* r, const void* row, int trans) {
+    Launch& l = L;
+    Fiber* f = l.cur;
+    const char* a = (const char*)row;
+    if ((uintptr_t)a % 16 != 0 || a < l.smem.data() || a + 16 > l.smem.data() + l.smem.size()) {
+        fail_in_fiber(l, "ldmatrix row address not 16-byte aligned inside dynamic shared memory");
+    }
+    const size_t at = begin_warp_op(l, f);
+    uint64_t* slot = &l.slots[at];
+    slot[f->lane] = (uint64_t)(uintptr_t)a;
+    wait_at(l, AT_WARP);
+    for (int lane = 0; lane < 32; lane++) {
+        if (!took_part(l, f, at, lane)) {
+            char buf[128];
+            snprintf(buf, sizeof buf, "ldmatrix in warp %d without lane %d (all 32 must take part)",
+                     f->warp, lane);
+            fail_in_fiber(l, buf);
+        }
+    }
+    const int g = f->lane >> 2, t = f->lane & 3;
+    for (int i = 0; i < 4; i++) {
+        unsigned short lo, hi;
+        if (trans) {
+            memcpy(&lo, (const char*)(uintptr_t)slot[8 * i + 2 * t] + 2 * g, 2);
+            memcpy(&hi, (const char*)(uintptr_t)slot[8 * i + 2 * t + 1] + 2 * g, 2);
+        } else {
+            const char* rowp = (const char*)(uintptr_t)slot[8 * i + g];
+            memcpy(&lo, rowp + 4 * t, 2);
+            memcpy(&hi, rowp + 4 * t + 2, 2);
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+}
+
 static float half_to_f32(unsigned h, int is_bf16) {
     h &= 0xffff;
     return is_bf16 ? __uint_as_float(h << 16) : ft_f16_to_f32((unsigned short)h);

@@ -107,10 +107,37 @@ extern "C" __global__ void cp_async_tile(float* buf, int misalign) {
     buf[128 + 4 * i] = s[4 * i + 2];  // after: the value (threads < 8) or a zero
 }
 
+// D (16×16) = A·B of bf16 A and B (16×16, both row major) with the fragments loaded by
+// ldmatrix: A's as four 8×8 matrices, B's down its rows with .trans, as the attention kernels
+// load them (one warp; the tiles staged in shared memory, rows padded to 24 elements).
+extern "C" __global__ void ldmatrix_tile(const unsigned short* a, const unsigned short* b,
+                                         float* d) {
+    unsigned short* s = (unsigned short*)ft_dynamic_smem();
+    unsigned short* sa = s;            // [16][24]
+    unsigned short* sb = s + 16 * 24;  // [16][24]
+    const int l = threadIdx.x, gid = l >> 2, tig = l & 3;
+    for (int i = l; i < 256; i += 32) {
+        sa[(i / 16) * 24 + i % 16] = a[i];
+        sb[(i / 16) * 24 + i % 16] = b[i];
+    }
+    __syncthreads();
+    unsigned af[4], bf[4];
+    ft_ldmatrix4(af, sa + ((l & 7) + ((l >> 3) & 1) * 8) * 24 + (l >> 4) * 8, 0);
+    ft_ldmatrix4(bf, sb + ((l & 7) + ((l >> 3) & 1) * 8) * 24 + (l >> 4) * 8, 1);
+    for (int n = 0; n < 2; n++) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        ft_mma16816(c, af, bf[2 * n], bf[2 * n + 1], 1);
+        d[gid * 16 + n * 8 + tig * 2] = c[0];
+        d[gid * 16 + n * 8 + tig * 2 + 1] = c[1];
+        d[(gid + 8) * 16 + n * 8 + tig * 2] = c[2];
+        d[(gid + 8) * 16 + n * 8 + tig * 2 + 1] = c[3];
+    }
+}
+
 FT_KERNEL_TABLE(FT_KERNEL(block_sum_kernel), FT_KERNEL(divergent_sync), FT_KERNEL(two_barriers),
                 FT_KERNEL(shuffle_from_exited), FT_KERNEL(missing_barrier),
                 FT_KERNEL(with_barrier), FT_KERNEL(mma_tile), FT_KERNEL(big_smem),
-                FT_KERNEL(cp_async_tile))
+                FT_KERNEL(cp_async_tile), FT_KERNEL(ldmatrix_tile))
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -171,7 +198,7 @@ int main() {
         ".entry block_sum_kernel(\n.entry divergent_sync(\n.entry two_barriers(\n"
         ".entry shuffle_from_exited(\n"
         ".entry missing_barrier(\n.entry with_barrier(\n.entry mma_tile(\n.entry big_smem(\n"
-        ".entry cp_async_tile(\n";
+        ".entry cp_async_tile(\n.entry ldmatrix_tile(\n";
     if (cuModuleLoadData(&module, ptx) != 0) {
         printf("FAIL loading the module\n");
         return 1;
@@ -231,6 +258,29 @@ int main() {
     check(r == 0 && got == want, "mma.sync m16n8k16 gives the product", "product differs");
     r = cuLaunchKernel(fn("mma_tile"), 1, 1, 1, 16, 1, 1, 0, nullptr, mp, nullptr);
     check(r != 0, "mma.sync with half a warp fails", "launch succeeded");
+
+    // ldmatrix (A, and B with .trans) feeding mma.sync gives the product too.
+    std::vector<unsigned short> a2(256), b2(256);
+    std::vector<float> a2f(256), b2f(256), want2(256, 0.f), got2(256);
+    for (int i = 0; i < 256; i++) a2f[i] = (float)((i * 5) % 9 - 4) / 2.f;
+    for (int i = 0; i < 256; i++) b2f[i] = (float)((i * 3) % 7 - 3) / 4.f;
+    for (int i = 0; i < 256; i++) a2[i] = bf16(a2f[i]), b2[i] = bf16(b2f[i]);
+    for (int r2 = 0; r2 < 16; r2++)
+        for (int c = 0; c < 16; c++)
+            for (int k = 0; k < 16; k++) want2[r2 * 16 + c] += a2f[r2 * 16 + k] * b2f[k * 16 + c];
+    CUdeviceptr la, lb, ldd;
+    cuMemAlloc_v2(&la, 512);
+    cuMemAlloc_v2(&lb, 512);
+    cuMemAlloc_v2(&ldd, 1024);
+    cuMemcpyHtoD_v2(la, a2.data(), 512);
+    cuMemcpyHtoD_v2(lb, b2.data(), 512);
+    void* lp[3] = {&la, &lb, &ldd};
+    r = cuLaunchKernel(fn("ldmatrix_tile"), 1, 1, 1, 32, 1, 1, 2 * 16 * 24 * 2, nullptr, lp, nullptr);
+    cuMemcpyDtoH_v2(got2.data(), ldd, 1024);
+    check(r == 0 && got2 == want2, "ldmatrix fragments (plain and .trans) give mma.sync's product",
+          "product differs");
+    r = cuLaunchKernel(fn("ldmatrix_tile"), 1, 1, 1, 16, 1, 1, 2 * 16 * 24 * 2, nullptr, lp, nullptr);
+    check(r != 0, "ldmatrix with half a warp fails", "launch succeeded");
 
     // Dynamic shared memory over 48 KiB needs the kernel's limit raised first.
     const int n = 60 * 1024 / 4;

@@ -46,6 +46,7 @@ extern "C" void* ft_dynamic_smem();
 extern "C" void ft_cp_async(void* dst, const void* src, unsigned size, unsigned src_size);
 extern "C" void ft_cp_async_commit();
 extern "C" void ft_cp_async_wait(int n);
+extern "C" void ft_ldmatrix4(unsigned* r, const void* row, int trans);
 extern "C" void ft_mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1, int is_bf16);
 
 #define __syncthreads() ft_syncthreads()

@@ -39,25 +39,81 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
 template <typename T> __device__ __forceinline__ unsigned ld2(const T* p) {
     return (unsigned)p[0].v | ((unsigned)p[1].v << 16);
 }
-// Two T of one column, at rows r and r + 1 of a row-major tile of row stride ld: the B operand
-// of a product whose k runs down the tile's rows (a transposed load, as ldmatrix.trans).
-template <typename T> __device__ __forceinline__ unsigned ld2_col(const T* p, int ld) {
-    return (unsigned)p[0].v | ((unsigned)p[ld].v << 16);
+// The shared-memory address (32-bit, as PTX's .shared instructions take it) of a pointer into
+// dynamic shared memory.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+#ifdef FEDTUNE_HOST_EMULATION
+    return (unsigned)(uintptr_t)p;
+#else
+    unsigned s;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+    return s;
+#endif
 }
 
-// acc[nt] += A·B over the head dimension's column tiles nt (nt < ntiles_d), where A is STEPS
-// k-steps of packed 16×16 fragments (P or dS re-packed from accumulators) and B is the shared
-// tile `tile` read down its rows (rows s·16 .., columns nt·8 ..): P·V, dS·K, Pᵀ·dO and dSᵀ·Q.
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: four 8×8 matrices of 16-bit values from
+// shared memory in one instruction for the warp. Lane l gives the address of row l % 8 of
+// matrix l / 8 (16 bytes, 16-byte aligned); r[i] gets matrix i's row l / 4, columns 2(l % 4)
+// and 2(l % 4) + 1 (TRANS: the transposed matrix's), which is mma.sync's fragment layout.
+template <bool TRANS> __device__ __forceinline__ void ldsm4(unsigned* r, const void* row) {
+#ifdef FEDTUNE_HOST_EMULATION
+    ft_ldmatrix4(r, row, TRANS ? 1 : 0);
+#else
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row))
+                     : "memory");
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(row))
+                     : "memory");
+    }
+#endif
+}
+
+// The A fragment of the 16×16 block at row r0, column c0 of a row-major shared tile (row
+// stride ld, a multiple of 8; c0 a multiple of 8).
+template <typename T>
+__device__ __forceinline__ void frag_a(unsigned* a, const T* tile, int ld, int r0, int c0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<false>(a, tile + (r0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + c0 + (l >> 4) * 8);
+}
+
+// B fragments for k = c0 .. c0 + 15 of two 8-column tiles, n0 and n0 + 8, where B[k][n] is
+// tile[n][k] (Kᵀ from a row-major K tile): b[0], b[1] for n0 and b[2], b[3] for n0 + 8.
+template <typename T>
+__device__ __forceinline__ void frag_b_rows(unsigned* b, const T* tile, int ld, int n0, int c0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<false>(b, tile + (n0 + (l & 7) + (l >> 4) * 8) * ld + c0 + ((l >> 3) & 1) * 8);
+}
+
+// B fragments for k = k0 .. k0 + 15 of two 8-column tiles, n0 and n0 + 8, where B[k][n] is
+// tile[k][n] (down the rows of a row-major tile, such as V for P·V): b[0], b[1] for n0 and
+// b[2], b[3] for n0 + 8.
+template <typename T>
+__device__ __forceinline__ void frag_b_down(unsigned* b, const T* tile, int ld, int k0, int n0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<true>(b, tile + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+// acc[nt] += A·B over the head dimension's column tiles nt (nt < ntiles_d, an even count), where
+// A is STEPS k-steps of packed 16×16 fragments (P or dS re-packed from accumulators) and B is
+// the shared tile `tile` read down its rows (rows s·16 .., columns nt·8 ..): P·V, dS·K, Pᵀ·dO
+// and dSᵀ·Q.
 template <typename T, int DM, int STEPS>
 __device__ __forceinline__ void mma_down(float (*acc)[4], unsigned (*a)[4], const T* tile,
-                                         int ld, int ntiles_d, int gid, int tig) {
+                                         int ld, int ntiles_d) {
 #pragma unroll
-    for (int nt = 0; nt < DM / 8; nt++) {
+    for (int nt = 0; nt < DM / 8; nt += 2) {
         if (nt < ntiles_d) {
 #pragma unroll
             for (int s = 0; s < STEPS; s++) {
-                const T* c = tile + (s * 16 + tig * 2) * ld + nt * 8 + gid;
-                mma16816<T>(acc[nt], a[s], ld2_col(c, ld), ld2_col(c + 8 * ld, ld));
+                unsigned bb[4];
+                frag_b_down(bb, tile, ld, s * 16, nt * 8);
+                mma16816<T>(acc[nt], a[s], bb[0], bb[1]);
+                mma16816<T>(acc[nt + 1], a[s], bb[2], bb[3]);
             }
         }
     }
@@ -94,11 +150,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, unsigned 
 #ifdef FEDTUNE_HOST_EMULATION
     ft_cp_async(dst, src, 16, src_size);
 #else
-    unsigned s;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
-                 : "=r"(s)
-                 : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(src_size)
                  : "memory");
 #endif
@@ -213,13 +265,16 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         // S = Q·Kᵀ for 16 rows × BK keys: tiles of 8 keys.
         float sacc[BK / 8][4];
 #pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-            sacc[n][0] = sacc[n][1] = sacc[n][2] = sacc[n][3] = 0.f;
+        for (int n = 0; n < BK / 8; n++) sacc[n][0] = sacc[n][1] = sacc[n][2] = sacc[n][3] = 0.f;
+#pragma unroll
+        for (int n = 0; n < BK / 8; n += 2) {
 #pragma unroll
             for (int s = 0; s < DM / 16; s++) {
                 if (s < ksteps) {
-                    const T* kr = ks + (n * 8 + gid) * kld + s * 16 + tig * 2;
-                    mma16816<T>(sacc[n], qa[s], ld2(kr), ld2(kr + 8));
+                    unsigned bb[4];
+                    frag_b_rows(bb, ks, kld, n * 8, s * 16);
+                    mma16816<T>(sacc[n], qa[s], bb[0], bb[1]);
+                    mma16816<T>(sacc[n + 1], qa[s], bb[2], bb[3]);
                 }
             }
         }
@@ -290,7 +345,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
             oacc[n][2] *= a1;
             oacc[n][3] *= a1;
         }
-        mma_down<T, DM, BK / 16>(oacc, pa, vs, kld, ntiles_d, gid, tig);
+        mma_down<T, DM, BK / 16>(oacc, pa, vs, kld, ntiles_d);
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
     // l sums over the group of four threads are complete in every thread of the group.

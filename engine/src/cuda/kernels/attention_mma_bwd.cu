@@ -46,10 +46,8 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
     tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, ks, ldt);
     tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, vs, ldt);
-    // This thread's two keys (rows gid and gid + 8 of the warp's 16), and its A fragments' rows.
+    // This thread's two keys (rows gid and gid + 8 of the warp's 16).
     const int w0 = k0 + warp * 16, p0 = w0 + gid, p1 = p0 + 8;
-    const T* kw = ks + (warp * 16 + gid) * ldt + tig * 2;
-    const T* vw = vs + (warp * 16 + gid) * ldt + tig * 2;
     float dka[DM / 8][4], dva[DM / 8][4];
 #pragma unroll
     for (int n = 0; n < DM / 8; n++)
@@ -97,16 +95,18 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
 #pragma unroll
             for (int s = 0; s < DM / 16; s++) {
                 if (s < ksteps) {
-                    const unsigned ka[4] = {ld2(kw + s * 16), ld2(kw + 8 * ldt + s * 16),
-                                            ld2(kw + s * 16 + 8), ld2(kw + 8 * ldt + s * 16 + 8)};
-                    const unsigned va[4] = {ld2(vw + s * 16), ld2(vw + 8 * ldt + s * 16),
-                                            ld2(vw + s * 16 + 8), ld2(vw + 8 * ldt + s * 16 + 8)};
+                    unsigned ka[4], va[4];
+                    frag_a(ka, ks, ldt, warp * 16, s * 16);
+                    frag_a(va, vs, ldt, warp * 16, s * 16);
 #pragma unroll
-                    for (int n = 0; n < BQ / 8; n++) {
-                        const T* qr = qs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                        const T* dr = dos + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                        mma16816<T>(sa[n], ka, ld2(qr), ld2(qr + 8));
-                        mma16816<T>(dpa[n], va, ld2(dr), ld2(dr + 8));
+                    for (int n = 0; n < BQ / 8; n += 2) {
+                        unsigned bq[4], bd[4];
+                        frag_b_rows(bq, qs, ldt, n * 8, s * 16);
+                        frag_b_rows(bd, dos, ldt, n * 8, s * 16);
+                        mma16816<T>(sa[n], ka, bq[0], bq[1]);
+                        mma16816<T>(sa[n + 1], ka, bq[2], bq[3]);
+                        mma16816<T>(dpa[n], va, bd[0], bd[1]);
+                        mma16816<T>(dpa[n + 1], va, bd[2], bd[3]);
                     }
                 }
             }
@@ -127,8 +127,8 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                 dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
                 dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
             }
-            mma_down<T, DM, BQ / 16>(dva, pa, dos, ldt, ntiles_d, gid, tig);
-            mma_down<T, DM, BQ / 16>(dka, dsa, qs, ldt, ntiles_d, gid, tig);
+            mma_down<T, DM, BQ / 16>(dva, pa, dos, ldt, ntiles_d);
+            mma_down<T, DM, BQ / 16>(dka, dsa, qs, ldt, ntiles_d);
         }
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
@@ -215,11 +215,14 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
             for (int s = 0; s < DM / 16; s++) {
                 if (s < ksteps) {
 #pragma unroll
-                    for (int n = 0; n < ATBM_BK / 8; n++) {
-                        const T* kr = ks + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                        const T* vr = vs + (n * 8 + gid) * ldt + s * 16 + tig * 2;
-                        mma16816<T>(sa[n], qa[s], ld2(kr), ld2(kr + 8));
-                        mma16816<T>(dpa[n], oa[s], ld2(vr), ld2(vr + 8));
+                    for (int n = 0; n < ATBM_BK / 8; n += 2) {
+                        unsigned bk[4], bv[4];
+                        frag_b_rows(bk, ks, ldt, n * 8, s * 16);
+                        frag_b_rows(bv, vs, ldt, n * 8, s * 16);
+                        mma16816<T>(sa[n], qa[s], bk[0], bk[1]);
+                        mma16816<T>(sa[n + 1], qa[s], bk[2], bk[3]);
+                        mma16816<T>(dpa[n], oa[s], bv[0], bv[1]);
+                        mma16816<T>(dpa[n + 1], oa[s], bv[2], bv[3]);
                     }
                 }
             }
@@ -237,7 +240,7 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
                 dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
                 dsa[n / 2][(n & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
             }
-            mma_down<T, DM, ATBM_BK / 16>(dqa, dsa, ks, ldt, ntiles_d, gid, tig);
+            mma_down<T, DM, ATBM_BK / 16>(dqa, dsa, ks, ldt, ntiles_d);
         }
         __syncthreads();  // every warp is done with this tile before it is copied over
     }
