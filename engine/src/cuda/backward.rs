@@ -303,9 +303,10 @@ impl Gpu {
             // Tensor cores (kernels/attention_mma_bwd.cu), built for d ≤ 64 and d ≤ 128: 16
             // keys per warp, 4 warps and query tiles of 32 up to d = 64, 2 warps and tiles of 16
             // above; the K and V tiles of the dQ kernel 32 keys. Shared memory (tiles of d + 8
-            // columns, the streamed ones double-buffered) at most 36.5 KiB.
+            // columns, the streamed ones double-buffered) at most 37 KiB.
             let (bound, warps, bq) = if d <= 64 { (64, 4, 32) } else { (128, 2, 16) };
-            let kv_smem = (2 * 16 * warps + 4 * bq) * (d + 8) * 2 + 4 * bq * 4;
+            // ... plus lse, dsum and segments: [2][bq] f32 twice, [kb] + [2][bq] u32.
+            let kv_smem = (2 * 16 * warps + 4 * bq) * (d + 8) * 2 + (6 * bq + 16 * warps) * 4;
             self.run(
                 &format!("attn_bwd_kv_mma{bound}_{sfx}"),
                 LaunchConfig {
@@ -320,7 +321,7 @@ impl Gpu {
                 LaunchConfig {
                     grid_dim: (len.div_ceil(64) as u32, hq as u32, b as u32),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (4 * 32 * (d + 8) * 2) as u32,
+                    shared_mem_bytes: (4 * 32 * (d + 8) * 2 + 2 * 32 * 4) as u32,
                 },
                 &args(&[dq.ptr()]),
             );

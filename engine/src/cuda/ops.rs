@@ -473,7 +473,7 @@ impl Gpu {
         let (name, cfg) = if self.use_mma_attention(q.dt, g.d) {
             // K and V tiles [2][BK][d + 8], BK = 64 keys at d ≤ 64 and 32 above.
             let bk = if g.d <= 64 { 64 } else { 32 };
-            let smem = 2 * 2 * bk * (g.d + 8) * 2;
+            let smem = 2 * 2 * bk * (g.d + 8) * 2 + 2 * bk * 4; // and [2][BK] key segments
             let cfg = LaunchConfig {
                 grid_dim: (g.tq.div_ceil(64) as u32, g.hq as u32, g.batch as u32),
                 block_dim: (128, 1, 1),

@@ -210,6 +210,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     const int kld = d + 8;  // K and V tiles [2][BK][d + 8]
     T* kbuf = (T*)smem_u16;
     T* vbuf = kbuf + 2 * BK * kld;
+    unsigned* kseg = (unsigned*)(vbuf + 2 * BK * kld);  // [2][BK] the keys' segments, if any
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -245,21 +246,23 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     // Tile i + 1 is copied (cp.async) while tile i is computed on.
     const T* kg = k + (size_t)b * k_bs + (size_t)g * d;
     const T* vg = v + (size_t)b * k_bs + (size_t)g * d;
+    auto load = [&](int p0, int buf) {
+        tile_copy(kg, (size_t)k_rs, p0, tk, BK, d, kbuf + buf * BK * kld, kld);
+        tile_copy(vg, (size_t)k_rs, p0, tk, BK, d, vbuf + buf * BK * kld, kld);
+        if (seg)
+            for (int i = threadIdx.x; i < BK; i += blockDim.x)
+                kseg[buf * BK + i] = p0 + i < tk ? seg[b * tk + p0 + i] : 0u;
+    };
     const int kfirst = (kbegin / BK) * BK;
-    if (kfirst < kend) {
-        tile_copy(kg, (size_t)k_rs, kfirst, tk, BK, d, kbuf, kld);
-        tile_copy(vg, (size_t)k_rs, kfirst, tk, BK, d, vbuf, kld);
-    }
+    if (kfirst < kend) load(kfirst, 0);
     cp_async_commit();
     for (int k0 = kfirst, it = 0; k0 < kend; k0 += BK, it++) {
         const int cur = it & 1;
-        if (k0 + BK < kend) {
-            tile_copy(kg, (size_t)k_rs, k0 + BK, tk, BK, d, kbuf + (cur ^ 1) * BK * kld, kld);
-            tile_copy(vg, (size_t)k_rs, k0 + BK, tk, BK, d, vbuf + (cur ^ 1) * BK * kld, kld);
-        }
+        if (k0 + BK < kend) load(k0 + BK, cur ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
+        const unsigned* ksg = kseg + cur * BK;
         const T* ks = kbuf + cur * BK * kld;
         const T* vs = vbuf + cur * BK * kld;
         // S = Q·Kᵀ for 16 rows × BK keys: tiles of 8 keys.
@@ -278,7 +281,11 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                 }
             }
         }
-        // Mask, scale, running max.
+        // Mask, scale, running max. A tile wholly visible to the warp's 16 rows (no segments or
+        // window, every key at or before the warp's first row) needs no mask: most tiles of a
+        // long causal sequence.
+        const bool full =
+            !seg && window == 0 && k0 + BK <= tk && k0 + BK - 1 <= q_off + q0 + warp * 16;
         float tmax0 = -INFINITY, tmax1 = -INFINITY;
 #pragma unroll
         for (int n = 0; n < BK / 8; n++) {
@@ -288,13 +295,13 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                 const int sp = e < 2 ? s0 : s1;
                 const int row = e < 2 ? r0 : r1;
                 const unsigned sq = e < 2 ? sq0 : sq1;
-                bool vis = row < tq && p < tk && p <= sp;
-                if (vis && window > 0 && sp - p >= window) vis = false;
-                if (seg && row < tq) {
+                bool vis = full || (row < tq && p < tk && p <= sp);
+                if (!full && vis && window > 0 && sp - p >= window) vis = false;
+                if (!full && seg && row < tq) {
                     if (sq == 0) {
                         vis = p == sp;
                     } else if (vis) {
-                        vis = seg[b * tk + p] == sq;
+                        vis = ksg[p - k0] == sq;
                     }
                 }
                 const float sv = vis ? sacc[n][e] * scale : -INFINITY;

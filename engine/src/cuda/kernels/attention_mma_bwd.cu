@@ -10,6 +10,16 @@
 //   dV = Pᵀ·dO;  dK = scale·dSᵀ·Q;  dQ = scale·dS·K
 #define ATBM_BK 32  // keys per step of the dQ kernel
 
+// backward.cu's att_visible with the segments of the query (sq, at s) and the key (sp, at p) at
+// hand; `segs` says whether there are segments.
+__device__ __forceinline__ bool att_visible_s(bool segs, unsigned sq, unsigned sp, int s, int p,
+                                              int window) {
+    if (p > s) return false;
+    if (window > 0 && s - p >= window) return false;
+    if (segs) return sq == 0 ? p == s : sp == sq;
+    return true;
+}
+
 // P and dS of one accumulator element (row `row`, key `p`), given S and dP; 0 where invisible.
 __device__ __forceinline__ void p_ds(float s, float dp, float l, float dsum, bool vis, float scale,
                                      float* pr, float* ds) {
@@ -38,6 +48,8 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     T* dobuf = qbuf + 2 * BQ * ldt;  // [2][BQ][d + 8]
     float* lbuf = (float*)(dobuf + 2 * BQ * ldt);  // [2][BQ] lse
     float* dbuf = lbuf + 2 * BQ;                   // [2][BQ] dsum
+    unsigned* kseg = (unsigned*)(dbuf + 2 * BQ);   // [kb] the keys' segments, if any
+    unsigned* qseg = kseg + kb;                    // [2][BQ] the queries' segments
     const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * kb;
     const int groups = hq / hkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -46,6 +58,9 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
     tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, ks, ldt);
     tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, vs, ldt);
+    if (seg)
+        for (int i = threadIdx.x; i < kb; i += blockDim.x)
+            kseg[i] = k0 + i < len ? seg[b * len + k0 + i] : 0u;
     // This thread's two keys (rows gid and gid + 8 of the warp's 16).
     const int w0 = k0 + warp * 16, p0 = w0 + gid, p1 = p0 + 8;
     float dka[DM / 8][4], dva[DM / 8][4];
@@ -69,6 +84,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
             const size_t li = ((size_t)b * hq + h) * len + qi;
             lbuf[buf * BQ + threadIdx.x] = qi < len ? lse[li] : 0.f;
             dbuf[buf * BQ + threadIdx.x] = qi < len ? dsum[li] : 0.f;
+            if (seg) qseg[buf * BQ + threadIdx.x] = qi < len ? seg[b * len + qi] : 0u;
         }
     };
     issue(0, 0);
@@ -83,6 +99,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
         const T* dos = dobuf + cur * BQ * ldt;
         const float* ls = lbuf + cur * BQ;
         const float* dss = dbuf + cur * BQ;
+        const unsigned* qsg = qseg + cur * BQ;
         // Every warp computes every tile: a warp whose keys all come after the tile's queries
         // gets P = 0 (a diagonal tile's few wasted products, and no branch around the barrier
         // below).
@@ -110,7 +127,10 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                     }
                 }
             }
-            // Pᵀ and dSᵀ, packed as A fragments (keys × queries) for the second products.
+            // Pᵀ and dSᵀ, packed as A fragments (keys × queries) for the second products. A tile
+            // whose queries all see all the warp's keys (no segments or window) needs no mask.
+            const bool full = !seg && window == 0 && w0 + 15 <= q0 && q0 + BQ <= len &&
+                              w0 + 16 <= len;
             unsigned pa[BQ / 16][4], dsa[BQ / 16][4];
 #pragma unroll
             for (int n = 0; n < BQ / 8; n++) {
@@ -119,7 +139,10 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                 for (int e = 0; e < 4; e++) {
                     const int c = n * 8 + tig * 2 + (e & 1), qi = q0 + c;
                     const int p = e < 2 ? p0 : p1;
-                    const bool vis = qi < len && p < len && att_visible(seg, b, len, qi, p, window);
+                    const unsigned sp = seg ? kseg[p - k0] : 0u;
+                    const bool vis =
+                        full || (qi < len && p < len &&
+                                 att_visible_s(seg != nullptr, qsg[c], sp, qi, p, window));
                     p_ds(sa[n][e], dpa[n][e], ls[c], dss[c], vis, scale, &pr[e], &ds[e]);
                 }
                 pa[n / 2][(n & 1) * 2 + 0] = pack2<T>(pr[0], pr[1]);
@@ -149,6 +172,7 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     const int ldt = d + 8;
     T* kbuf = (T*)smem_u16;             // [2][BK][d + 8]
     T* vbuf = kbuf + 2 * ATBM_BK * ldt;  // [2][BK][d + 8]
+    unsigned* kseg = (unsigned*)(vbuf + 2 * ATBM_BK * ldt);  // [2][BK] the keys' segments
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTM_BQ;
     const int g = h / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -185,21 +209,26 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     // Tile i + 1 is copied (cp.async) while tile i is computed on.
     const T* kg = k + (size_t)b * len * krs + (size_t)g * d;
     const T* vg = v + (size_t)b * len * krs + (size_t)g * d;
+    auto load = [&](int p0, int buf) {
+        tile_copy(kg, krs, p0, len, ATBM_BK, d, kbuf + buf * ATBM_BK * ldt, ldt);
+        tile_copy(vg, krs, p0, len, ATBM_BK, d, vbuf + buf * ATBM_BK * ldt, ldt);
+        if (seg)
+            for (int i = threadIdx.x; i < ATBM_BK; i += blockDim.x)
+                kseg[buf * ATBM_BK + i] = p0 + i < len ? seg[b * len + p0 + i] : 0u;
+    };
+    // The segments of this thread's two queries.
+    const unsigned qs0 = (seg && r0 < len) ? seg[b * len + r0] : 0u;
+    const unsigned qs1 = (seg && r1 < len) ? seg[b * len + r1] : 0u;
     const int kfirst = (kbegin / ATBM_BK) * ATBM_BK;
-    if (kfirst < kend) {
-        tile_copy(kg, krs, kfirst, len, ATBM_BK, d, kbuf, ldt);
-        tile_copy(vg, krs, kfirst, len, ATBM_BK, d, vbuf, ldt);
-    }
+    if (kfirst < kend) load(kfirst, 0);
     cp_async_commit();
     for (int k0 = kfirst, it = 0; k0 < kend; k0 += ATBM_BK, it++) {
         const int cur = it & 1;
-        if (k0 + ATBM_BK < kend) {
-            tile_copy(kg, krs, k0 + ATBM_BK, len, ATBM_BK, d, kbuf + (cur ^ 1) * ATBM_BK * ldt, ldt);
-            tile_copy(vg, krs, k0 + ATBM_BK, len, ATBM_BK, d, vbuf + (cur ^ 1) * ATBM_BK * ldt, ldt);
-        }
+        if (k0 + ATBM_BK < kend) load(k0 + ATBM_BK, cur ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
+        const unsigned* ksg = kseg + cur * ATBM_BK;
         const T* ks = kbuf + cur * ATBM_BK * ldt;
         const T* vs = vbuf + cur * ATBM_BK * ldt;
         // Every warp computes every tile: a warp whose queries all come before the tile's keys
@@ -226,6 +255,10 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
                     }
                 }
             }
+            // A tile whose keys all come at or before the warp's first query (no segments or
+            // window) needs no mask.
+            const bool full = !seg && window == 0 && k0 + ATBM_BK - 1 <= w0 &&
+                              k0 + ATBM_BK <= len && w0 + 16 <= len;
             unsigned dsa[ATBM_BK / 16][4];
 #pragma unroll
             for (int n = 0; n < ATBM_BK / 8; n++) {
@@ -233,7 +266,10 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int p = k0 + n * 8 + tig * 2 + (e & 1), row = e < 2 ? r0 : r1;
-                    const bool vis = row < len && p < len && att_visible(seg, b, len, row, p, window);
+                    const unsigned sq = e < 2 ? qs0 : qs1, sp = seg ? ksg[p - k0] : 0u;
+                    const bool vis =
+                        full || (row < len && p < len &&
+                                 att_visible_s(seg != nullptr, sq, sp, row, p, window));
                     p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, scale,
                          &pr[e], &ds[e]);
                 }
