@@ -6,6 +6,8 @@
 // operand of the second product, with no trip through shared memory). Same layout, masks and
 // lse as attention.cu (see there); needs sm_80+, head_dim a multiple of 16, at most DM (64 or 128).
 #define ATTM_WARPS 4
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 #define ATTM_BQ (16 * ATTM_WARPS)
 
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1);
@@ -239,6 +241,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     const int s0 = q_off + r0, s1 = q_off + r1;  // key positions the two rows stand at
     const unsigned sq0 = (seg && r0 < tq) ? seg[b * tq + r0] : 1u;
     const unsigned sq1 = (seg && r1 < tq) ? seg[b * tq + r1] : 1u;
+    const float sl2 = scale * LOG2E;  // scores in base 2
     const int qlast = min(q0 + ATTM_BQ, tq) - 1;
     const int kend = min(q_off + qlast + 1, tk);
     int kbegin = 0;
@@ -281,9 +284,10 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                 }
             }
         }
-        // Mask, scale, running max. A tile wholly visible to the warp's 16 rows (no segments or
-        // window, every key at or before the warp's first row) needs no mask: most tiles of a
-        // long causal sequence.
+        // Mask, scale (to base 2: scores and maxima are logarithms to base 2, so that each
+        // exponential is one exp2), running max. A tile wholly visible to the warp's 16 rows
+        // (no segments or window, every key at or before the warp's first row) needs no mask:
+        // most tiles of a long causal sequence.
         const bool full =
             !seg && window == 0 && k0 + BK <= tk && k0 + BK - 1 <= q_off + q0 + warp * 16;
         float tmax0 = -INFINITY, tmax1 = -INFINITY;
@@ -304,7 +308,7 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
                         vis = ksg[p - k0] == sq;
                     }
                 }
-                const float sv = vis ? sacc[n][e] * scale : -INFINITY;
+                const float sv = vis ? sacc[n][e] * sl2 : -INFINITY;
                 sacc[n][e] = sv;
                 if (e < 2) tmax0 = fmaxf(tmax0, sv); else tmax1 = fmaxf(tmax1, sv);
             }
@@ -315,16 +319,16 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
         tmax1 = fmaxf(tmax1, __shfl_xor_sync(0xffffffffu, tmax1, 2));
         const float mn0 = fmaxf(m0, tmax0), mn1 = fmaxf(m1, tmax1);
         // Rows with nothing visible yet keep weight 0 (their max stays -inf).
-        const float a0 = mn0 == -INFINITY ? 1.f : expf(m0 - mn0);
-        const float a1 = mn1 == -INFINITY ? 1.f : expf(m1 - mn1);
+        const float a0 = mn0 == -INFINITY ? 1.f : exp2f(m0 - mn0);
+        const float a1 = mn1 == -INFINITY ? 1.f : exp2f(m1 - mn1);
         float ls0 = 0.f, ls1 = 0.f;
         unsigned pa[BK / 16][4];
 #pragma unroll
         for (int n = 0; n < BK / 8; n++) {
-            const float p0 = mn0 == -INFINITY ? 0.f : expf(sacc[n][0] - mn0);
-            const float p1 = mn0 == -INFINITY ? 0.f : expf(sacc[n][1] - mn0);
-            const float p2 = mn1 == -INFINITY ? 0.f : expf(sacc[n][2] - mn1);
-            const float p3 = mn1 == -INFINITY ? 0.f : expf(sacc[n][3] - mn1);
+            const float p0 = mn0 == -INFINITY ? 0.f : exp2f(sacc[n][0] - mn0);
+            const float p1 = mn0 == -INFINITY ? 0.f : exp2f(sacc[n][1] - mn0);
+            const float p2 = mn1 == -INFINITY ? 0.f : exp2f(sacc[n][2] - mn1);
+            const float p3 = mn1 == -INFINITY ? 0.f : exp2f(sacc[n][3] - mn1);
             // Sum what the product will use: P rounded to T.
             const unsigned lo = pack2<T>(p0, p1), hi = pack2<T>(p2, p3);
             T t;
@@ -359,8 +363,8 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     store_frag<T, DM>(o + (size_t)b * tq * q_rs + (size_t)h * d, (size_t)q_rs, r0, tq, oacc,
                       1.f / l0, 1.f / l1, ntiles_d, tig);
     if (lse && tig == 0) {
-        if (r0 < tq) lse[((size_t)b * hq + h) * tq + r0] = m0 + logf(l0);
-        if (r1 < tq) lse[((size_t)b * hq + h) * tq + r1] = m1 + logf(l1);
+        if (r0 < tq) lse[((size_t)b * hq + h) * tq + r0] = (m0 + log2f(l0)) * LN2;
+        if (r1 < tq) lse[((size_t)b * hq + h) * tq + r1] = (m1 + log2f(l1)) * LN2;
     }
 }
 

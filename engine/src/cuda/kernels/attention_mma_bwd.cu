@@ -20,10 +20,12 @@ __device__ __forceinline__ bool att_visible_s(bool segs, unsigned sq, unsigned s
     return true;
 }
 
-// P and dS of one accumulator element (row `row`, key `p`), given S and dP; 0 where invisible.
-__device__ __forceinline__ void p_ds(float s, float dp, float l, float dsum, bool vis, float scale,
+// P and dS of one accumulator element (row `row`, key `p`), given S and dP, in base 2: sl2 is
+// the scale times log2(e) and l2 the row's lse times log2(e), so that P = exp2(S·sl2 − l2)
+// = exp(scale·S − lse) is one exp2; 0 where invisible.
+__device__ __forceinline__ void p_ds(float s, float dp, float l2, float dsum, bool vis, float sl2,
                                      float* pr, float* ds) {
-    const float e = vis ? expf(s * scale - l) : 0.f;
+    const float e = vis ? exp2f(fmaf(s, sl2, -l2)) : 0.f;
     *pr = e;
     *ds = e * (dp - dsum);
 }
@@ -46,7 +48,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     T* vs = ks + kb * ldt;           // [kb][d + 8]
     T* qbuf = vs + kb * ldt;         // [2][BQ][d + 8]
     T* dobuf = qbuf + 2 * BQ * ldt;  // [2][BQ][d + 8]
-    float* lbuf = (float*)(dobuf + 2 * BQ * ldt);  // [2][BQ] lse
+    float* lbuf = (float*)(dobuf + 2 * BQ * ldt);  // [2][BQ] lse·log2(e)
     float* dbuf = lbuf + 2 * BQ;                   // [2][BQ] dsum
     unsigned* kseg = (unsigned*)(dbuf + 2 * BQ);   // [kb] the keys' segments, if any
     unsigned* qseg = kseg + kb;                    // [2][BQ] the queries' segments
@@ -55,6 +57,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int ksteps = d / 16, ntiles_d = d / 8;
+    const float sl2 = scale * LOG2E;  // scores in base 2 (see p_ds)
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
     tile_copy(k + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, ks, ldt);
     tile_copy(v + (size_t)b * len * krs + (size_t)g * d, krs, k0, len, kb, d, vs, ldt);
@@ -82,7 +85,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
         if (threadIdx.x < BQ) {
             const int qi = q0 + threadIdx.x;
             const size_t li = ((size_t)b * hq + h) * len + qi;
-            lbuf[buf * BQ + threadIdx.x] = qi < len ? lse[li] : 0.f;
+            lbuf[buf * BQ + threadIdx.x] = qi < len ? lse[li] * LOG2E : 0.f;
             dbuf[buf * BQ + threadIdx.x] = qi < len ? dsum[li] : 0.f;
             if (seg) qseg[buf * BQ + threadIdx.x] = qi < len ? seg[b * len + qi] : 0u;
         }
@@ -143,7 +146,7 @@ __device__ void attn_bwd_kv_mma_impl(const T* q, const T* k, const T* v, const T
                     const bool vis =
                         full || (qi < len && p < len &&
                                  att_visible_s(seg != nullptr, qsg[c], sp, qi, p, window));
-                    p_ds(sa[n][e], dpa[n][e], ls[c], dss[c], vis, scale, &pr[e], &ds[e]);
+                    p_ds(sa[n][e], dpa[n][e], ls[c], dss[c], vis, sl2, &pr[e], &ds[e]);
                 }
                 pa[n / 2][(n & 1) * 2 + 0] = pack2<T>(pr[0], pr[1]);
                 pa[n / 2][(n & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
@@ -178,6 +181,7 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int ksteps = d / 16, ntiles_d = d / 8;
+    const float sl2 = scale * LOG2E;  // scores in base 2 (see p_ds)
     const size_t qrs = (size_t)hq * d, krs = (size_t)hkv * d;
     const int w0 = q0 + warp * 16, r0 = w0 + gid, r1 = r0 + 8;
     unsigned qa[DM / 16][4], oa[DM / 16][4];
@@ -198,7 +202,7 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
         }
     }
     const size_t l0 = ((size_t)b * hq + h) * len + r0, l1 = l0 + 8;
-    const float lr0 = r0 < len ? lse[l0] : 0.f, lr1 = r1 < len ? lse[l1] : 0.f;
+    const float lr0 = r0 < len ? lse[l0] * LOG2E : 0.f, lr1 = r1 < len ? lse[l1] * LOG2E : 0.f;
     const float dr0 = r0 < len ? dsum[l0] : 0.f, dr1 = r1 < len ? dsum[l1] : 0.f;
     float dqa[DM / 8][4];
 #pragma unroll
@@ -270,7 +274,7 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
                     const bool vis =
                         full || (row < len && p < len &&
                                  att_visible_s(seg != nullptr, sq, sp, row, p, window));
-                    p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, scale,
+                    p_ds(sa[n][e], dpa[n][e], e < 2 ? lr0 : lr1, e < 2 ? dr0 : dr1, vis, sl2,
                          &pr[e], &ds[e]);
                 }
                 dsa[n / 2][(n & 1) * 2 + 0] = pack2<T>(ds[0], ds[1]);
