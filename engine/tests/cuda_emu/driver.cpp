@@ -368,6 +368,19 @@ extern "C" uint64_t ft_shfl(uint64_t v, int src, int xor_mode) {
     return slot[s];
 }
 
+// Fails the launch unless every lane of the current thread's warp took part in the warp
+// operation at `at` (mma.sync and ldmatrix are .aligned: the whole warp executes them).
+static void require_whole_warp(Launch& l, Fiber* f, size_t at, const char* what) {
+    for (int lane = 0; lane < 32; lane++) {
+        if (!took_part(l, f, at, lane)) {
+            char buf[128];
+            snprintf(buf, sizeof buf, "%s in warp %d without lane %d (all 32 must take part)", what,
+                     f->warp, lane);
+            fail_in_fiber(l, buf);
+        }
+    }
+}
+
 // cp.async.cg.shared.global [dst], [src], size, src_size: queued in the thread's open group and
 // carried out (src_size bytes copied, zeros after them) only when a cp.async.wait_group covers
 // its group, so a kernel that reads the tile before waiting (and a barrier) finds the old
@@ -421,14 +434,7 @@ extern "C" void ft_ldmatrix4(unsigned* r, const void* row, int trans) {
     uint64_t* slot = &l.slots[at];
     slot[f->lane] = (uint64_t)(uintptr_t)a;
     wait_at(l, AT_WARP);
-    for (int lane = 0; lane < 32; lane++) {
-        if (!took_part(l, f, at, lane)) {
-            char buf[128];
-            snprintf(buf, sizeof buf, "ldmatrix in warp %d without lane %d (all 32 must take part)",
-                     f->warp, lane);
-            fail_in_fiber(l, buf);
-        }
-    }
+    require_whole_warp(l, f, at, "ldmatrix");
     const int g = f->lane >> 2, t = f->lane & 3;
     for (int i = 0; i < 4; i++) {
         unsigned short lo, hi;
@@ -464,14 +470,7 @@ extern "C" void ft_mma16816(float* c, const unsigned* a, unsigned b0, unsigned b
     mb[f->lane * 2] = b0;
     mb[f->lane * 2 + 1] = b1;
     wait_at(l, AT_WARP);
-    for (int lane = 0; lane < 32; lane++) {
-        if (!took_part(l, f, at, lane)) {
-            char buf[128];
-            snprintf(buf, sizeof buf, "mma.sync in warp %d without lane %d (all 32 must take part)",
-                     f->warp, lane);
-            fail_in_fiber(l, buf);
-        }
-    }
+    require_whole_warp(l, f, at, "mma.sync");
     const int gid = f->lane >> 2, tig = f->lane & 3;
     for (int e = 0; e < 4; e++) {
         const int row = gid + (e >= 2 ? 8 : 0), col = tig * 2 + (e & 1);
