@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 mkdir -p gpu-bin
 cargo build --release --bin fedtune
 cargo build --release -p fedtune-engine --example gpu_forward --example gpu_step
-json=$(cargo test --release -p fedtune-engine --test cuda_device --test cuda_train --test cuda_train_runs --test cuda_kernels --no-run --message-format=json 2>/dev/null)
-for t in cuda_device cuda_train cuda_train_runs cuda_kernels; do
+json=$(cargo test --release -p fedtune-engine --test cuda_device --test cuda_attention --test cuda_train --test cuda_train_runs --test cuda_kernels --no-run --message-format=json 2>/dev/null)
+for t in cuda_device cuda_attention cuda_train cuda_train_runs cuda_kernels; do
   exe=$(printf '%s\n' "$json" | python3 -c "import json,sys
 for l in sys.stdin:
     try: m=json.loads(l)

@@ -5,6 +5,8 @@
 # step's output) and results.jsonl to $OUT (or gpu-out/); under 8 minutes on an H200.
 #   1. tests/cuda_device: every kernel against the host kernel on awkward shapes; whole models
 #      against the host engine and transformers (f32), bf16/f16 deviation.
+#   1a. tests/cuda_attention: attention forward and backward against the host kernels (f32)
+#      and the tensor-core kernels against the f32 one (bf16/f16).
 #   1b. tests/cuda_train: the training step (every gradient) on the GPU against the host step
 #      for LoRA, QLoRA, DoRA, full and last-layer training, gradient checkpointing; the device
 #      optimiser against the host's.
@@ -44,7 +46,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 step half_reference 60 python3 bench/gpu_forward.py bf16 testdata/tiny-llama/model /tmp/half_reference.json
 export FEDTUNE_HALF_REFERENCE=/tmp/half_reference.json
-step tests_device 150 gpu-bin/cuda_device --test-threads=1 --nocapture
+step tests_device 120 gpu-bin/cuda_device --test-threads=1 --nocapture
+step tests_attention 60 gpu-bin/cuda_attention --test-threads=1 --nocapture
 step tests_train 90 gpu-bin/cuda_train --test-threads=1 --nocapture
 step tests_train_runs 120 gpu-bin/cuda_train_runs --test-threads=1 --nocapture
 if [ "${SKIP_KERNEL_COMPILE:-}" != 1 ]; then
