@@ -75,6 +75,23 @@ template <bool TRANS> __device__ __forceinline__ void ldsm4(unsigned* r, const v
 #endif
 }
 
+// The A fragments (one per 16 columns, s < ksteps) of a warp's 16 rows read straight from
+// global memory: this thread's rows (gid and gid + 8 of the 16) start at row0 and row8.
+template <typename T, int DM>
+__device__ __forceinline__ void frags_a_rows(unsigned (*a)[4], const T* row0, const T* row8,
+                                             int ksteps, int tig) {
+#pragma unroll
+    for (int s = 0; s < DM / 16; s++) {
+        if (s < ksteps) {
+            const int c = s * 16 + tig * 2;
+            a[s][0] = ld2(row0 + c);
+            a[s][1] = ld2(row8 + c);
+            a[s][2] = ld2(row0 + c + 8);
+            a[s][3] = ld2(row8 + c + 8);
+        }
+    }
+}
+
 // The A fragment of the 16×16 block at row r0, column c0 of a row-major shared tile (row
 // stride ld, a multiple of 8; c0 a multiple of 8).
 template <typename T>
@@ -222,18 +239,8 @@ __device__ void attn_mma_impl(const T* q, const T* k, const T* v, T* o, float* l
     const int r0 = q0 + warp * 16 + gid, r1 = r0 + 8;
     // Q as A fragments, one per 16 columns of d.
     unsigned qa[DM / 16][4];
-#pragma unroll
-    for (int s = 0; s < DM / 16; s++) {
-        if (s < ksteps) {
-            const int c = s * 16 + tig * 2;
-            const T* p0 = q + (size_t)(b * tq + min(r0, tq - 1)) * q_rs + (size_t)h * d;
-            const T* p1 = q + (size_t)(b * tq + min(r1, tq - 1)) * q_rs + (size_t)h * d;
-            qa[s][0] = ld2(p0 + c);
-            qa[s][1] = ld2(p1 + c);
-            qa[s][2] = ld2(p0 + c + 8);
-            qa[s][3] = ld2(p1 + c + 8);
-        }
-    }
+    frags_a_rows<T, DM>(qa, q + (size_t)(b * tq + min(r0, tq - 1)) * q_rs + (size_t)h * d,
+                        q + (size_t)(b * tq + min(r1, tq - 1)) * q_rs + (size_t)h * d, ksteps, tig);
     float oacc[DM / 8][4];
 #pragma unroll
     for (int n = 0; n < DM / 8; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;

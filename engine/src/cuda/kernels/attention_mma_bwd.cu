@@ -187,20 +187,8 @@ __device__ void attn_bwd_q_mma_impl(const T* q, const T* k, const T* v, const T*
     unsigned qa[DM / 16][4], oa[DM / 16][4];
     const size_t o0 = (size_t)(b * len + min(r0, len - 1)) * qrs + (size_t)h * d;
     const size_t o1 = (size_t)(b * len + min(r1, len - 1)) * qrs + (size_t)h * d;
-#pragma unroll
-    for (int s = 0; s < DM / 16; s++) {
-        if (s < ksteps) {
-            const int c = s * 16 + tig * 2;
-            qa[s][0] = ld2(q + o0 + c);
-            qa[s][1] = ld2(q + o1 + c);
-            qa[s][2] = ld2(q + o0 + c + 8);
-            qa[s][3] = ld2(q + o1 + c + 8);
-            oa[s][0] = ld2(d_o + o0 + c);
-            oa[s][1] = ld2(d_o + o1 + c);
-            oa[s][2] = ld2(d_o + o0 + c + 8);
-            oa[s][3] = ld2(d_o + o1 + c + 8);
-        }
-    }
+    frags_a_rows<T, DM>(qa, q + o0, q + o1, ksteps, tig);
+    frags_a_rows<T, DM>(oa, d_o + o0, d_o + o1, ksteps, tig);
     const size_t l0 = ((size_t)b * hq + h) * len + r0, l1 = l0 + 8;
     const float lr0 = r0 < len ? lse[l0] * LOG2E : 0.f, lr1 = r1 < len ? lse[l1] * LOG2E : 0.f;
     const float dr0 = r0 < len ? dsum[l0] : 0.f, dr1 = r1 < len ? dsum[l1] : 0.f;
